@@ -1,0 +1,27 @@
+//! Device models. Every device implements [`mem::BusDevice`]; it sees the
+//! current tick and the requests list of its [`mem::AccessCtx`], never KVM,
+//! so each is unit-tested with a fake clock and no VM at all. Every device is
+//! written for a hostile guest: any offset, any size, any value.
+
+pub mod simops;
+pub mod uart;
+
+pub use simops::SimOps;
+pub use uart::Uart16550;
+
+/// Writes `value` little-endian into `data` (bytes beyond 8 are zero).
+pub(crate) fn put_le_value(data: &mut [u8], value: u64) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = if i < 8 { (value >> (8 * i)) as u8 } else { 0 };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn le_helpers() {
+        let mut d = [0u8; 10];
+        super::put_le_value(&mut d, 0x0807_0605_0403_0201);
+        assert_eq!(d, [1, 2, 3, 4, 5, 6, 7, 8, 0, 0]);
+    }
+}

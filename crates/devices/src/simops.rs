@@ -1,0 +1,274 @@
+//! The sim-ops device: guest-to-simulator operations, binary compatible with
+//! gem5's "address" m5ops.
+//!
+//! The guest reads (or writes) at `base + (func << 8)`; arguments are in the
+//! first six argument registers (x86-64: RDI, RSI, RDX, RCX, R8, R9) and the
+//! result comes back as the read's data (so a `mov` lands it in RAX, as
+//! gem5's `m5` library expects). Delays and periods are in simulated
+//! nanoseconds, counted from the tick at which the operation is serviced.
+
+use std::collections::HashSet;
+
+use mem::{AccessCtx, BusDevice, Space};
+use sim::tick::ns_to_ticks;
+use sim::{Counter, Request, Stats, Tick, Value};
+
+/// The default base address of the window (gem5's `m5ops_base` on x86).
+pub const SIMOPS_BASE: u64 = 0xFFFF_0000;
+/// Size of the window: 256 functions of 256 bytes.
+pub const SIMOPS_SIZE: u64 = 0x1_0000;
+
+/// Function numbers (gem5's `include/gem5/asm/generic/m5ops.h`).
+pub mod func {
+    pub const EXIT: u8 = 0x21;
+    pub const FAIL: u8 = 0x22;
+    pub const SUM: u8 = 0x23;
+    pub const RESET_STATS: u8 = 0x40;
+    pub const DUMP_STATS: u8 = 0x41;
+    pub const DUMP_RESET_STATS: u8 = 0x42;
+    pub const WORK_BEGIN: u8 = 0x5a;
+    pub const WORK_END: u8 = 0x5b;
+}
+
+/// Latency of one operation.
+pub const SIMOPS_LATENCY: Tick = sim::tick::TICKS_PER_NS;
+
+/// The sim-ops device and its statistics.
+pub struct SimOps {
+    ops: Counter,
+    unknown: Counter,
+    work_items: Counter,
+    work_ticks: Value,
+    reported: HashSet<u8>,
+    /// Open work items: (work id, thread id) -> begin tick.
+    open_work: Vec<((u64, u64), Tick)>,
+}
+
+impl SimOps {
+    /// A device whose statistics live under `prefix` (e.g. `system.simops`).
+    pub fn new(stats: &mut Stats, prefix: &str) -> Result<Self, sim::stats::StatsError> {
+        Ok(SimOps {
+            ops: stats.counter(&format!("{prefix}.numOps"), "Sim-ops serviced", "Count")?,
+            unknown: stats.counter(
+                &format!("{prefix}.numUnknownOps"),
+                "Sim-ops with an unknown function number (returned 0)",
+                "Count",
+            )?,
+            work_items: stats.counter(
+                &format!("{prefix}.workItems"),
+                "Work items completed (work_begin followed by work_end)",
+                "Count",
+            )?,
+            work_ticks: stats.value(
+                &format!("{prefix}.workItemSeconds"),
+                "Simulated time spent inside completed work items",
+                "Second",
+            )?,
+            reported: HashSet::new(),
+            open_work: Vec::new(),
+        })
+    }
+
+    /// Services function `func` with `args`; returns the result.
+    fn call(&mut self, func: u8, args: [u64; 6], ctx: &mut AccessCtx) -> u64 {
+        self.ops.inc();
+        let now = ctx.now;
+        match func {
+            func::EXIT => {
+                ctx.requests.push(Request::Exit {
+                    delay: ns_to_ticks(args[0]),
+                    code: 0,
+                });
+                0
+            }
+            func::FAIL => {
+                ctx.requests.push(Request::Exit {
+                    delay: ns_to_ticks(args[0]),
+                    code: args[1] as i64,
+                });
+                0
+            }
+            func::SUM => args.iter().fold(0u64, |a, &b| a.wrapping_add(b)),
+            func::RESET_STATS => {
+                ctx.requests.push(Request::ResetStats {
+                    delay: ns_to_ticks(args[0]),
+                    period: ns_to_ticks(args[1]),
+                });
+                0
+            }
+            func::DUMP_STATS | func::DUMP_RESET_STATS => {
+                ctx.requests.push(Request::DumpStats {
+                    delay: ns_to_ticks(args[0]),
+                    period: ns_to_ticks(args[1]),
+                    reset: func == func::DUMP_RESET_STATS,
+                });
+                0
+            }
+            func::WORK_BEGIN => {
+                let key = (args[0], args[1]);
+                self.open_work.retain(|(k, _)| *k != key);
+                // Bound the table: a guest that never ends its items cannot grow it forever.
+                if self.open_work.len() >= 1024 {
+                    self.open_work.remove(0);
+                }
+                self.open_work.push((key, now));
+                0
+            }
+            func::WORK_END => {
+                let key = (args[0], args[1]);
+                if let Some(pos) = self.open_work.iter().position(|(k, _)| *k == key) {
+                    let (_, begin) = self.open_work.remove(pos);
+                    self.work_items.inc();
+                    self.work_ticks
+                        .add(sim::tick::ticks_to_seconds(now.saturating_sub(begin)));
+                }
+                0
+            }
+            other => {
+                self.unknown.inc();
+                if self.reported.insert(other) {
+                    tracing::warn!(
+                        "sim-ops: unknown function {other:#04x} (reported once; it returns 0)"
+                    );
+                }
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SimOps {
+    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
+        let args = ctx.call_args();
+        let result = self.call((offset >> 8) as u8, args, ctx);
+        crate::put_le_value(data, result);
+        SIMOPS_LATENCY
+    }
+
+    fn write(&mut self, _: Space, offset: u64, _data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        let args = ctx.call_args();
+        self.call((offset >> 8) as u8, args, ctx);
+        SIMOPS_LATENCY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mem::CallArgs;
+    use sim::tick::TICKS_PER_NS;
+
+    struct Regs([u64; 6]);
+    impl CallArgs for Regs {
+        fn call_args(&mut self) -> [u64; 6] {
+            self.0
+        }
+    }
+
+    fn op(dev: &mut SimOps, now: Tick, func: u8, args: [u64; 6]) -> (u64, Vec<Request>) {
+        let mut reqs = vec![];
+        let mut regs = Regs(args);
+        let mut ctx = AccessCtx {
+            now,
+            cpu: Some(&mut regs),
+            requests: &mut reqs,
+        };
+        let mut data = [0u8; 8];
+        assert_eq!(
+            dev.read(Space::Mmio, u64::from(func) << 8, &mut data, &mut ctx),
+            SIMOPS_LATENCY
+        );
+        (u64::from_le_bytes(data), reqs)
+    }
+
+    #[test]
+    fn sum_returns_the_sum_of_six_args() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        assert_eq!(op(&mut d, 0, func::SUM, [1, 2, 3, 4, 5, 6]).0, 21);
+        assert_eq!(op(&mut d, 0, func::SUM, [u64::MAX, 2, 0, 0, 0, 0]).0, 1);
+    }
+
+    #[test]
+    fn exit_and_fail_request_an_exit_after_the_delay() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        let (_, r) = op(&mut d, 5, func::EXIT, [10, 99, 0, 0, 0, 0]);
+        assert_eq!(
+            r,
+            vec![Request::Exit {
+                delay: 10 * TICKS_PER_NS,
+                code: 0
+            }]
+        );
+        let (_, r) = op(&mut d, 5, func::FAIL, [0, 3, 0, 0, 0, 0]);
+        assert_eq!(r, vec![Request::Exit { delay: 0, code: 3 }]);
+    }
+
+    #[test]
+    fn stats_ops() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        let (_, r) = op(&mut d, 0, func::DUMP_RESET_STATS, [1, 2, 0, 0, 0, 0]);
+        assert_eq!(
+            r,
+            vec![Request::DumpStats {
+                delay: 1000,
+                period: 2000,
+                reset: true
+            }]
+        );
+        let (_, r) = op(&mut d, 0, func::DUMP_STATS, [0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            r,
+            vec![Request::DumpStats {
+                delay: 0,
+                period: 0,
+                reset: false
+            }]
+        );
+        let (_, r) = op(&mut d, 0, func::RESET_STATS, [3, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            r,
+            vec![Request::ResetStats {
+                delay: 3000,
+                period: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn work_items_measure_simulated_time() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        op(&mut d, 1_000, func::WORK_BEGIN, [7, 0, 0, 0, 0, 0]);
+        op(&mut d, 2_000, func::WORK_END, [8, 0, 0, 0, 0, 0]); // never begun: ignored
+        op(&mut d, 3_000_000, func::WORK_END, [7, 0, 0, 0, 0, 0]);
+        let dump = stats.dump(0);
+        assert_eq!(dump.get("s.workItems").unwrap().as_f64(), 1.0);
+        assert!((dump.get("s.workItemSeconds").unwrap().as_f64() - 2.999e-6).abs() < 1e-15);
+    }
+
+    #[test]
+    fn unknown_functions_return_zero_and_are_counted() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        assert_eq!(op(&mut d, 0, 0x99, [1; 6]), (0, vec![]));
+        assert_eq!(op(&mut d, 0, 0x99, [1; 6]), (0, vec![]));
+        assert_eq!(stats.dump(0).get("s.numUnknownOps").unwrap().as_f64(), 2.0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_access_is_safe(off in 0u64..SIMOPS_SIZE, len in 0usize..16, write: bool, args: [u64; 6]) {
+            let mut stats = Stats::new();
+            let mut d = SimOps::new(&mut stats, "s").unwrap();
+            let mut reqs = vec![];
+            let mut regs = Regs(args);
+            let mut ctx = AccessCtx { now: 0, cpu: Some(&mut regs), requests: &mut reqs };
+            let mut data = vec![0u8; len];
+            if write { d.write(Space::Mmio, off, &data, &mut ctx); } else { d.read(Space::Mmio, off, &mut data, &mut ctx); }
+            proptest::prop_assert!(reqs.len() <= 1);
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! A 16550A UART (the PC's COM1 at port 0x3F8).
+//!
+//! Transmission is instantaneous: every byte written to THR goes straight to
+//! the output sink, and the line status always shows an empty transmitter.
+//! Received bytes come from a shared input queue (fed, for example, by a
+//! thread reading the host's stdin). Loopback mode (MCR bit 4) is modelled
+//! because drivers probe with it. The interrupt output is a level that an
+//! interrupt controller can sample ([`Uart16550::irq_level`]).
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use mem::{AccessCtx, BusDevice, Space};
+use sim::{Counter, Stats, Tick};
+
+/// COM1's base port.
+pub const COM1_BASE: u64 = 0x3f8;
+/// Number of ports a UART decodes.
+pub const UART_PORTS: u64 = 8;
+/// Latency of one register access (gem5's default PIO latency).
+pub const UART_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
+
+/// Bytes waiting to be received by the guest.
+pub type InputQueue = Arc<Mutex<VecDeque<u8>>>;
+
+const IER_RDA: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+const LCR_DLAB: u8 = 0x80;
+const MCR_LOOP: u8 = 0x10;
+const LSR_DR: u8 = 0x01;
+const LSR_THRE: u8 = 0x20;
+const LSR_TEMT: u8 = 0x40;
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RDA: u8 = 0x04;
+const IIR_FIFO: u8 = 0xc0;
+const RX_FIFO: usize = 16;
+
+/// The UART.
+pub struct Uart16550 {
+    out: Box<dyn Write + Send>,
+    input: Option<InputQueue>,
+    rx: VecDeque<u8>,
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+    scr: u8,
+    fcr: u8,
+    dll: u8,
+    dlm: u8,
+    thre_pending: bool,
+    tx_bytes: Counter,
+    rx_bytes: Counter,
+}
+
+impl Uart16550 {
+    /// A UART writing to `out` and reading from `input`, with statistics under `prefix`.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        input: Option<InputQueue>,
+        stats: &mut Stats,
+        prefix: &str,
+    ) -> Result<Self, sim::stats::StatsError> {
+        Ok(Uart16550 {
+            out,
+            input,
+            rx: VecDeque::new(),
+            ier: 0,
+            lcr: 0x03,
+            mcr: 0x08,
+            scr: 0,
+            fcr: 0,
+            dll: 0x0c,
+            dlm: 0,
+            thre_pending: false,
+            tx_bytes: stats.counter(
+                &format!("{prefix}.txBytes"),
+                "Bytes transmitted by the guest",
+                "Byte",
+            )?,
+            rx_bytes: stats.counter(
+                &format!("{prefix}.rxBytes"),
+                "Bytes received by the guest",
+                "Byte",
+            )?,
+        })
+    }
+
+    /// Moves waiting input into the receive FIFO.
+    fn refill(&mut self) {
+        if self.mcr & MCR_LOOP != 0 || self.rx.len() >= RX_FIFO {
+            return;
+        }
+        if let Some(q) = &self.input {
+            let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
+            while self.rx.len() < RX_FIFO {
+                match q.pop_front() {
+                    Some(b) => self.rx.push_back(b),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// True while the UART asserts its interrupt line.
+    pub fn irq_level(&mut self) -> bool {
+        self.refill();
+        self.iir() & IIR_NONE == 0
+    }
+
+    fn iir(&self) -> u8 {
+        let fifo = if self.fcr & 1 != 0 { IIR_FIFO } else { 0 };
+        let id = if self.ier & IER_RDA != 0 && !self.rx.is_empty() {
+            IIR_RDA
+        } else if self.ier & IER_THRE != 0 && self.thre_pending {
+            IIR_THRE
+        } else {
+            IIR_NONE
+        };
+        fifo | id
+    }
+
+    fn transmit(&mut self, b: u8) {
+        if self.mcr & MCR_LOOP != 0 {
+            if self.rx.len() < RX_FIFO {
+                self.rx.push_back(b);
+            }
+        } else {
+            self.tx_bytes.inc();
+            // A broken sink (closed stdout, full disk) must not hurt the guest.
+            let _ = self.out.write_all(&[b]);
+            if b == b'\n' {
+                let _ = self.out.flush();
+            }
+        }
+        self.thre_pending = true;
+    }
+
+    fn read_reg(&mut self, reg: u64) -> u8 {
+        let dlab = self.lcr & LCR_DLAB != 0;
+        match reg {
+            0 if dlab => self.dll,
+            0 => {
+                self.refill();
+                match self.rx.pop_front() {
+                    Some(b) => {
+                        self.rx_bytes.inc();
+                        b
+                    }
+                    None => 0,
+                }
+            }
+            1 if dlab => self.dlm,
+            1 => self.ier,
+            2 => {
+                self.refill();
+                let v = self.iir();
+                if v & 0x0f == IIR_THRE {
+                    // Reading IIR clears a THRE interrupt.
+                    self.thre_pending = false;
+                }
+                v
+            }
+            3 => self.lcr,
+            4 => self.mcr,
+            5 => {
+                self.refill();
+                let dr = if self.rx.is_empty() { 0 } else { LSR_DR };
+                LSR_THRE | LSR_TEMT | dr
+            }
+            6 => {
+                if self.mcr & MCR_LOOP != 0 {
+                    // DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD.
+                    let m = self.mcr;
+                    ((m & 0x01) << 5) | ((m & 0x02) << 3) | ((m & 0x04) << 4) | ((m & 0x08) << 4)
+                } else {
+                    0xb0 // DCD, DSR, CTS: a cable with someone at the other end.
+                }
+            }
+            _ => self.scr,
+        }
+    }
+
+    fn write_reg(&mut self, reg: u64, v: u8) {
+        let dlab = self.lcr & LCR_DLAB != 0;
+        match reg {
+            0 if dlab => self.dll = v,
+            0 => self.transmit(v),
+            1 if dlab => self.dlm = v,
+            1 => {
+                let enabling_thre = v & IER_THRE != 0 && self.ier & IER_THRE == 0;
+                self.ier = v & 0x0f;
+                if enabling_thre {
+                    // The transmitter is always empty: enabling THRE raises it at once.
+                    self.thre_pending = true;
+                }
+            }
+            2 => {
+                self.fcr = v;
+                if v & 0x02 != 0 {
+                    self.rx.clear();
+                }
+            }
+            3 => self.lcr = v,
+            4 => self.mcr = v & 0x1f,
+            5 | 6 => {} // read-only
+            _ => self.scr = v,
+        }
+    }
+}
+
+impl BusDevice for Uart16550 {
+    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
+        // Byte registers; wider accesses read consecutive registers.
+        for (i, b) in data.iter_mut().enumerate() {
+            let reg = offset.wrapping_add(i as u64);
+            *b = if reg < UART_PORTS {
+                self.read_reg(reg)
+            } else {
+                0xff
+            };
+        }
+        UART_LATENCY
+    }
+
+    fn write(&mut self, _: Space, offset: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
+        for (i, &b) in data.iter().enumerate() {
+            let reg = offset.wrapping_add(i as u64);
+            if reg < UART_PORTS {
+                self.write_reg(reg, b);
+            }
+        }
+        UART_LATENCY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink the test can read back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn uart() -> (Uart16550, Sink, InputQueue, Stats) {
+        let mut stats = Stats::new();
+        let sink = Sink::default();
+        let input: InputQueue = Arc::default();
+        let u =
+            Uart16550::new(Box::new(sink.clone()), Some(input.clone()), &mut stats, "u").unwrap();
+        (u, sink, input, stats)
+    }
+
+    fn rd(u: &mut Uart16550, reg: u64) -> u8 {
+        let mut reqs = vec![];
+        let mut d = [0u8];
+        u.read(Space::Pio, reg, &mut d, &mut AccessCtx::new(0, &mut reqs));
+        d[0]
+    }
+
+    fn wr(u: &mut Uart16550, reg: u64, v: u8) {
+        let mut reqs = vec![];
+        u.write(Space::Pio, reg, &[v], &mut AccessCtx::new(0, &mut reqs));
+    }
+
+    #[test]
+    fn transmits_to_the_sink() {
+        let (mut u, sink, _, stats) = uart();
+        assert_eq!(rd(&mut u, 5) & (LSR_THRE | LSR_TEMT), LSR_THRE | LSR_TEMT);
+        for b in b"hi\n" {
+            wr(&mut u, 0, *b);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        assert_eq!(stats.dump(0).get("u.txBytes").unwrap().as_f64(), 3.0);
+    }
+
+    #[test]
+    fn receives_from_the_input_queue() {
+        let (mut u, _, input, _) = uart();
+        assert_eq!(rd(&mut u, 5) & LSR_DR, 0);
+        input.lock().unwrap().extend(b"ab");
+        assert_eq!(rd(&mut u, 5) & LSR_DR, LSR_DR);
+        assert_eq!(rd(&mut u, 0), b'a');
+        assert_eq!(rd(&mut u, 0), b'b');
+        assert_eq!(rd(&mut u, 5) & LSR_DR, 0);
+    }
+
+    #[test]
+    fn divisor_latch_and_scratch() {
+        let (mut u, sink, _, _) = uart();
+        wr(&mut u, 3, 0x83);
+        wr(&mut u, 0, 0x01);
+        wr(&mut u, 1, 0x02);
+        assert_eq!((rd(&mut u, 0), rd(&mut u, 1)), (1, 2));
+        wr(&mut u, 3, 0x03);
+        assert!(sink.0.lock().unwrap().is_empty(), "DLL write is not data");
+        wr(&mut u, 7, 0x5a);
+        assert_eq!(rd(&mut u, 7), 0x5a);
+    }
+
+    #[test]
+    fn interrupts_and_loopback() {
+        let (mut u, sink, input, _) = uart();
+        assert!(!u.irq_level());
+        wr(&mut u, 1, IER_THRE);
+        assert!(
+            u.irq_level(),
+            "enabling THRE with an empty transmitter interrupts"
+        );
+        assert_eq!(rd(&mut u, 2) & 0x0f, IIR_THRE);
+        assert!(!u.irq_level(), "reading IIR clears THRE");
+        wr(&mut u, 1, IER_RDA);
+        input.lock().unwrap().push_back(b'x');
+        assert!(u.irq_level());
+        assert_eq!(rd(&mut u, 2) & 0x0f, IIR_RDA);
+        assert_eq!(rd(&mut u, 0), b'x');
+        assert!(!u.irq_level());
+        // Loopback: written bytes come back, nothing leaves.
+        wr(&mut u, 4, MCR_LOOP | 0x0f);
+        wr(&mut u, 0, b'L');
+        assert_eq!(rd(&mut u, 0), b'L');
+        assert_eq!(rd(&mut u, 6), 0xf0);
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_access_sequence_is_safe(ops in proptest::collection::vec((0u64..16, proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()), 0..200)) {
+            let (mut u, _, input, _) = uart();
+            input.lock().unwrap().extend(0..100u8);
+            for (reg, v, w) in ops {
+                if w { wr(&mut u, reg, v) } else { rd(&mut u, reg); }
+                proptest::prop_assert!(u.rx.len() <= RX_FIFO);
+            }
+        }
+    }
+}

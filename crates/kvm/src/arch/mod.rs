@@ -1,0 +1,36 @@
+//! Architecture hooks of the KVM CPU (gem5's `updateKvmState`,
+//! `updateThreadContext`, `dump`, `getHostCycles`).
+
+pub mod x86_64;
+
+use kvm_ioctls::VcpuFd;
+
+use crate::Result;
+
+/// What the generic KVM CPU needs from an architecture.
+///
+/// The architecture keeps the *thread context* (the CPU state as the
+/// simulator sees it) and synchronises it with KVM lazily: after a run the
+/// context is stale and is pulled only when someone reads it; changes are
+/// pushed only before the next entry, and only if someone made them.
+pub trait Arch: Send {
+    /// Reads the counter that `host_freq` describes (x86: the TSC).
+    fn host_cycles(&self) -> u64;
+
+    /// KVM ran: every cached part of the context is stale.
+    fn kvm_state_changed(&mut self);
+
+    /// Pushes every part of the context that the simulator changed to KVM
+    /// (gem5's `updateKvmState`). Called before each entry.
+    fn update_kvm_state(&mut self, vcpu: &VcpuFd) -> Result<()>;
+
+    /// Pulls the whole context from KVM (gem5's `updateThreadContext`).
+    fn update_thread_context(&mut self, vcpu: &VcpuFd) -> Result<()>;
+
+    /// The first six integer argument registers of the guest's calling
+    /// convention, read through the lazy context.
+    fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]>;
+
+    /// A readable dump of the CPU state.
+    fn dump(&mut self, vcpu: &VcpuFd) -> String;
+}

@@ -1,0 +1,258 @@
+//! Direct 64-bit entry for bare-metal guests.
+//!
+//! The loader writes a GDT (Linux's selector layout), a TSS and identity page
+//! tables for the first 4 GiB (2 MiB pages, user-accessible, the device hole
+//! at 3-4 GiB uncached) into low guest memory and starts the vCPU in long
+//! mode at CPL0 with paging on, so that device windows below 4 GiB (sim-ops
+//! at 0xFFFF0000) are reachable from ring 0 and ring 3.
+//!
+//! Layout of the boot area (all below [`BOOT_AREA_END`]):
+//!
+//! | address | what |
+//! |---|---|
+//! | 0x1000 | GDT (10 entries) |
+//! | 0x1080 | TSS (RSP0 = [`INT_STACK_TOP`]) |
+//! | 0x2000 | PML4 |
+//! | 0x3000 | PDPT |
+//! | 0x4000..0x8000 | four page directories (4 x 1 GiB) |
+//! | 0x8000..0x9000 | stack for interrupts taken at ring 3 (TSS.RSP0) |
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::X86_64;
+use crate::{KvmError, Result};
+
+pub const GDT_ADDR: u64 = 0x1000;
+pub const TSS_ADDR: u64 = 0x1080;
+pub const PML4_ADDR: u64 = 0x2000;
+pub const PDPT_ADDR: u64 = 0x3000;
+pub const PD_ADDR: u64 = 0x4000;
+pub const INT_STACK_TOP: u64 = 0x9000;
+/// Everything below this address belongs to the boot structures.
+pub const BOOT_AREA_END: u64 = 0x9000;
+/// The default initial stack pointer (the stack grows down from here).
+pub const DEFAULT_STACK_TOP: u64 = 0x8_0000;
+/// Bare-metal images must load at or above this address.
+pub const MIN_LOAD_ADDR: u64 = 0x10_0000;
+
+/// Kernel code (64-bit), Linux's `__KERNEL_CS`.
+pub const KERNEL_CS: u16 = 0x10;
+/// Kernel data, `__KERNEL_DS`.
+pub const KERNEL_DS: u16 = 0x18;
+/// User data, `__USER_DS` (RPL 3).
+pub const USER_DS: u16 = 0x2b;
+/// User code (64-bit), `__USER_CS` (RPL 3).
+pub const USER_CS: u16 = 0x33;
+/// The TSS selector.
+pub const TSS_SEL: u16 = 0x40;
+
+const TSS_SIZE: u64 = 0x68;
+
+/// A GDT descriptor from access byte, flags nibble, base and limit.
+pub fn gdt_entry(access: u8, flags: u8, base: u32, limit: u32) -> u64 {
+    (u64::from(limit) & 0xffff)
+        | ((u64::from(base) & 0xff_ffff) << 16)
+        | (u64::from(access) << 40)
+        | ((u64::from(limit >> 16) & 0xf) << 48)
+        | ((u64::from(flags) & 0xf) << 52)
+        | ((u64::from(base) >> 24) << 56)
+}
+
+/// The KVM view of the descriptor `entry` loaded with `selector`.
+pub fn segment_from_entry(selector: u16, entry: u64) -> kvm_segment {
+    let access = (entry >> 40) as u8;
+    let flags = ((entry >> 52) & 0xf) as u8;
+    let base = ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24);
+    let raw_limit = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
+    let g = flags & 0x8 != 0;
+    kvm_segment {
+        base,
+        limit: if g {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
+        selector,
+        type_: access & 0xf,
+        present: access >> 7,
+        dpl: (access >> 5) & 3,
+        db: (flags >> 2) & 1,
+        s: (access >> 4) & 1,
+        l: (flags >> 1) & 1,
+        g: u8::from(g),
+        avl: flags & 1,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// The boot GDT, indexed by selector / 8. Accessed bits are set: an
+/// emulated far jump to a descriptor without it looped forever on a
+/// software-assisted KVM.
+pub fn gdt() -> [u64; 10] {
+    let tss_low = gdt_entry(0x8b, 0, TSS_ADDR as u32, (TSS_SIZE - 1) as u32);
+    [
+        0,
+        gdt_entry(0x9b, 0xc, 0, 0xfffff), // 0x08 kernel code, 32-bit
+        gdt_entry(0x9b, 0xa, 0, 0xfffff), // 0x10 kernel code, 64-bit
+        gdt_entry(0x93, 0xc, 0, 0xfffff), // 0x18 kernel data
+        gdt_entry(0xfb, 0xc, 0, 0xfffff), // 0x20 user code, 32-bit
+        gdt_entry(0xf3, 0xc, 0, 0xfffff), // 0x28 user data
+        gdt_entry(0xfb, 0xa, 0, 0xfffff), // 0x30 user code, 64-bit
+        0,
+        tss_low, // 0x40 TSS (busy), low half
+        TSS_ADDR >> 32,
+    ]
+}
+
+fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, addr: u64, v: T) -> Result<()> {
+    mem.write_obj(v, GuestAddress(addr))
+        .map_err(|source| KvmError::Memory {
+            what: "writing the boot structures",
+            source,
+        })
+}
+
+/// Writes GDT, TSS and page tables into guest memory.
+pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, e) in gdt().iter().enumerate() {
+        write(mem, GDT_ADDR + 8 * i as u64, *e)?;
+    }
+    // TSS: zeroed, RSP0 at offset 4, I/O map base past the end (no bitmap).
+    for off in (0..TSS_SIZE).step_by(8) {
+        write(mem, TSS_ADDR + off, 0u64)?;
+    }
+    write(mem, TSS_ADDR + 4, INT_STACK_TOP)?;
+    write(mem, TSS_ADDR + 0x66, TSS_SIZE as u16)?;
+    // Present | writable | user.
+    const PTE: u64 = 0x7;
+    const PS: u64 = 1 << 7;
+    const PWT_PCD: u64 = 0x18;
+    write(mem, PML4_ADDR, PDPT_ADDR | PTE)?;
+    for i in 1..512u64 {
+        write(mem, PML4_ADDR + 8 * i, 0u64)?;
+    }
+    for i in 0..512u64 {
+        let e = if i < 4 {
+            (PD_ADDR + 0x1000 * i) | PTE
+        } else {
+            0
+        };
+        write(mem, PDPT_ADDR + 8 * i, e)?;
+    }
+    for i in 0..(4 * 512u64) {
+        let addr = i << 21;
+        let uncached = if addr >= mem::ram::MMIO_HOLE_START {
+            PWT_PCD
+        } else {
+            0
+        };
+        write(mem, PD_ADDR + 8 * i, addr | PTE | PS | uncached)?;
+    }
+    Ok(())
+}
+
+/// Puts the vCPU in 64-bit mode at CPL0: RIP = `entry`, RSP = `stack`,
+/// boot arguments in RDI, RSI, RDX, RCX, R8, R9. The boot structures must
+/// have been written with [`write_boot_structures`].
+pub fn enter_long_mode(
+    arch: &mut X86_64,
+    vcpu: &VcpuFd,
+    entry: u64,
+    stack: u64,
+    args: &[u64],
+) -> Result<()> {
+    let gdt = gdt();
+    let sregs = arch.sregs_mut(vcpu)?;
+    sregs.cs = segment_from_entry(KERNEL_CS, gdt[usize::from(KERNEL_CS / 8)]);
+    let ds = segment_from_entry(KERNEL_DS, gdt[usize::from(KERNEL_DS / 8)]);
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = segment_from_entry(TSS_SEL, gdt[usize::from(TSS_SEL / 8)]);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    // PE | MP | ET | NE | WP | AM | PG.
+    sregs.cr0 = 0x8005_0033;
+    // PAE | OSFXSR | OSXMMEXCPT.
+    sregs.cr4 = 0x620;
+    sregs.cr3 = PML4_ADDR;
+    // LME | LMA.
+    sregs.efer = 0x500;
+
+    let mut regs = kvm_regs {
+        rip: entry,
+        rsp: stack,
+        rbp: stack,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    let slots = [
+        &mut regs.rdi,
+        &mut regs.rsi,
+        &mut regs.rdx,
+        &mut regs.rcx,
+        &mut regs.r8,
+        &mut regs.r9,
+    ];
+    for (slot, v) in slots.into_iter().zip(args) {
+        *slot = *v;
+    }
+    *arch.regs_mut(vcpu)? = regs;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(KvmError::ioctl("KVM_SET_FPU"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_decode_to_what_they_encode() {
+        let g = gdt();
+        let cs = segment_from_entry(KERNEL_CS, g[2]);
+        assert_eq!(
+            (cs.l, cs.db, cs.dpl, cs.type_, cs.present, cs.s),
+            (1, 0, 0, 0xb, 1, 1)
+        );
+        assert_eq!(cs.limit, 0xffff_ffff);
+        let ucs = segment_from_entry(USER_CS, g[6]);
+        assert_eq!((ucs.l, ucs.dpl), (1, 3));
+        let uds = segment_from_entry(USER_DS, g[5]);
+        assert_eq!((uds.db, uds.dpl, uds.type_), (1, 3, 3));
+        let tr = segment_from_entry(TSS_SEL, g[8]);
+        assert_eq!(
+            (tr.base, tr.limit, tr.type_, tr.s),
+            (TSS_ADDR, 0x67, 0xb, 0)
+        );
+        assert_eq!(g[2], 0x00af_9b00_0000_ffff);
+        assert_eq!(g[3], 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn page_tables_map_4gib_identity() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_boot_structures(&mem).unwrap();
+        let rd = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(rd(PML4_ADDR), PDPT_ADDR | 7);
+        assert_eq!(rd(PDPT_ADDR + 8 * 3), (PD_ADDR + 0x3000) | 7);
+        assert_eq!(rd(PDPT_ADDR + 8 * 4), 0);
+        // 2 MiB page 1 maps 2 MiB.
+        assert_eq!(rd(PD_ADDR + 8), (2 << 20) | 0x87);
+        // The last page (0xFFE00000, containing sim-ops) is uncached.
+        assert_eq!(rd(PD_ADDR + 8 * 2047), 0xffe0_0000 | 0x87 | 0x18);
+        assert_eq!(rd(TSS_ADDR + 4), INT_STACK_TOP);
+    }
+}

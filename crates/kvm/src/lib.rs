@@ -1,0 +1,57 @@
+//! The KVM layer: a [`KvmVm`] per simulated system and a KVM-backed CPU
+//! ([`KvmCpu`]) whose architecture-specific parts sit behind the [`Arch`]
+//! trait ([`arch::x86_64::X86_64`] on x86-64 hosts).
+//!
+//! Everything unsafe and every ioctl that kvm-ioctls lacks lives in [`sys`].
+
+pub mod arch;
+pub mod cpu;
+pub mod sys;
+pub mod vm;
+
+pub use arch::Arch;
+pub use cpu::{CpuConfig, CpuState, KvmCpu, TickOutcome};
+pub use vm::KvmVm;
+
+/// Errors of the KVM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    #[error("{} does not exist: this host has no KVM. Load the kvm module (modprobe kvm_intel or kvm_amd) or run on a machine with virtualization enabled", .0.display())]
+    NoDevice(std::path::PathBuf),
+    #[error("permission denied opening {}: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or run as root", .0.display())]
+    NoPermission(std::path::PathBuf),
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM API version {0} is not supported (12 is required)")]
+    ApiVersion(i32),
+    #[error("the host's KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("{what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("guest memory access failed while {what}: {source}")]
+    Memory {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl KvmError {
+    /// Wraps a failed ioctl.
+    pub fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+        move |source| KvmError::Ioctl { what, source }
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, KvmError>;

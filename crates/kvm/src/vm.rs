@@ -1,0 +1,140 @@
+//! KvmVm: one KVM virtual machine per simulated system.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use mem::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::{KvmError, Result};
+
+/// Where KVM may put its TSS pages (needed on Intel without unrestricted
+/// guest); inside the device hole, below the sim-ops window.
+pub const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A KVM VM: the `/dev/kvm` handle and the VM file descriptor. RAM regions
+/// are mapped into memory slots; the holes between them are left unmapped, so
+/// guest accesses there exit to the simulator as MMIO.
+pub struct KvmVm {
+    // Field order matters on drop: the VM goes before the /dev/kvm handle.
+    vm: VmFd,
+    kvm: Kvm,
+    vcpu_mmap_size: usize,
+    slots: u32,
+}
+
+impl KvmVm {
+    /// The KVM device: `/dev/kvm`, or the path in `KVMSIM_KVM_DEVICE`.
+    pub fn device_path() -> std::path::PathBuf {
+        std::env::var_os("KVMSIM_KVM_DEVICE")
+            .map(Into::into)
+            .unwrap_or_else(|| "/dev/kvm".into())
+    }
+
+    /// Opens the KVM device and creates a VM, with an error that says what to
+    /// do when KVM is missing or not accessible.
+    pub fn new() -> Result<Self> {
+        let path = Self::device_path();
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+            KvmError::Setup(format!(
+                "KVM device path {} contains a NUL byte",
+                path.display()
+            ))
+        })?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+            libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmError::NoDevice(path.clone()),
+            libc::EACCES | libc::EPERM => KvmError::NoPermission(path.clone()),
+            _ => KvmError::Open {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        let api = kvm.get_api_version();
+        if api < 0 {
+            return Err(KvmError::Setup(format!(
+                "{} is not a KVM device (KVM_GET_API_VERSION failed)",
+                path.display()
+            )));
+        }
+        if api != 12 {
+            return Err(KvmError::ApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(KvmError::ioctl("KVM_SET_TSS_ADDR"))?;
+        let vcpu_mmap_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_MMAP_SIZE"))?;
+        Ok(KvmVm {
+            vm,
+            kvm,
+            vcpu_mmap_size,
+            slots: 0,
+        })
+    }
+
+    /// True if `/dev/kvm` can be opened by this process.
+    pub fn available() -> std::result::Result<(), KvmError> {
+        Self::new().map(|_| ())
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Size of each vCPU's shared `kvm_run` mapping.
+    pub fn vcpu_mmap_size(&self) -> usize {
+        self.vcpu_mmap_size
+    }
+
+    /// Maps every RAM region of `ram` into its own memory slot. `ram` must
+    /// outlive this VM.
+    pub fn map_ram(&mut self, ram: &GuestRam) -> Result<()> {
+        for region in ram.memory().iter() {
+            let host = ram
+                .memory()
+                .get_host_address(region.start_addr())
+                .map_err(|source| KvmError::Memory {
+                    what: "mapping RAM into the VM",
+                    source,
+                })?;
+            let slot = kvm_userspace_memory_region {
+                slot: self.slots,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` points to a live anonymous mapping of
+            // `region.len()` bytes owned by `ram`, which the caller keeps
+            // alive for as long as this VM exists (the platform drops the VM
+            // first). Slots never overlap: each region gets a fresh slot
+            // number and vm-memory guarantees regions do not overlap.
+            unsafe { self.vm.set_user_memory_region(slot) }
+                .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+            self.slots += 1;
+        }
+        Ok(())
+    }
+
+    /// Creates vCPU `id`.
+    pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd> {
+        self.vm
+            .create_vcpu(id)
+            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))
+    }
+}

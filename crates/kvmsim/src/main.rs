@@ -1,0 +1,267 @@
+//! kvmsim: run a guest on a KVM CPU inside a discrete-event simulator.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use platform::units::{Duration, Size};
+use platform::{exit_status, status, Config, OutDir, PlatformError, System};
+use sim::tick::ticks_to_seconds;
+
+#[derive(Parser)]
+#[command(
+    name = "kvmsim",
+    version,
+    about = "A full-system simulator whose CPU runs guest code natively through KVM, in simulated time"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a simulation from a config file, or from --kernel.
+    Run(RunArgs),
+    /// List the built-in guests, or write them out as ELF files.
+    Guests {
+        /// Write every built-in guest to DIR/NAME.elf.
+        #[arg(long, value_name = "DIR")]
+        extract: Option<PathBuf>,
+    },
+    /// Benchmarks, measured side by side in one run.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The config file (TOML). Without it, --kernel is required.
+    config: Option<PathBuf>,
+    /// The guest image: a static x86-64 ELF, or builtin:NAME (overrides the config).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Guest RAM, e.g. 128MiB (overrides the config).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Boot argument passed in RDI, RSI, ... (repeat for more; overrides the config).
+    #[arg(long = "arg", value_name = "N")]
+    args: Vec<u64>,
+    /// Stop after this much simulated time, e.g. 10s (overrides the config).
+    #[arg(long)]
+    max_time: Option<String>,
+    /// The output folder.
+    #[arg(long, default_value = "kvmsim-out")]
+    outdir: PathBuf,
+    /// Do not echo the guest's console to stdout (it still goes to serial.log).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// The `compute` guest's loop, natively and inside kvmsim, side by side.
+    Compute {
+        /// Loop iterations.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMSIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Guests { extract } => guests_cmd(extract),
+        Command::Bench(Bench::Compute { iterations, runs }) => bench_compute(iterations, runs),
+    };
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("kvmsim: error: {msg}");
+    status::SIM_ERROR
+}
+
+/// Builds the config from the file and the flags.
+fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
+    let cli = Path::new("command line");
+    let mut cfg = match (&a.config, &a.kernel) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(k)) => Config::for_kernel(k),
+        (None, None) => {
+            return Err(PlatformError::Setup(
+                "nothing to run: give a config file (kvmsim run CONFIG.toml) or --kernel FILE"
+                    .into(),
+            ))
+        }
+    };
+    let bad = |field: &'static str, value: &str, message: String| platform::ConfigError::Invalid {
+        path: cli.into(),
+        field,
+        value: value.into(),
+        message,
+    };
+    if let Some(k) = &a.kernel {
+        cfg.system.kernel = k.clone();
+    }
+    if let Some(m) = &a.memory {
+        cfg.system.memory =
+            Size(platform::units::parse_size(m).map_err(|e| bad("--memory", m, e))?);
+    }
+    if let Some(t) = &a.max_time {
+        cfg.sim.max_time = Some(Duration(
+            platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
+        ));
+    }
+    if !a.args.is_empty() {
+        cfg.system.args = a.args.clone();
+    }
+    if a.quiet {
+        cfg.system.serial.stdout = false;
+    }
+    let source = a.config.as_deref().unwrap_or(cli);
+    cfg.validate(source)?;
+    Ok(cfg)
+}
+
+fn run(a: RunArgs) -> i32 {
+    let mut cfg = match make_config(&a) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let out = match OutDir::create(&a.outdir) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    platform::console::install_interrupt_handler();
+    let host_start = Instant::now();
+    let mut system = match System::build(&mut cfg, out) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let resolved = serde_json::json!({
+        "kvmsim_version": env!("CARGO_PKG_VERSION"),
+        "config_file": a.config.as_ref().map(|p| p.display().to_string()),
+        "sim": cfg.sim,
+        "system": cfg.system,
+    });
+    if let Err(e) = system.out().write_json("config.json", &resolved) {
+        return fail(e);
+    }
+    let exit = match system.run() {
+        Ok(e) => e,
+        Err(e) => {
+            // Keep what the run produced: stats up to now.
+            let now = system.cur_tick();
+            let _ = system.dump_stats(now);
+            return fail(format!("simulation failed at tick {now}: {e}"));
+        }
+    };
+    let st = exit_status(exit.cause, exit.code);
+    if let Err(e) = system.finish(&exit, st) {
+        return fail(e);
+    }
+    let code = if exit.cause == sim::ExitCause::GuestExit {
+        format!(" (code {})", exit.code)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "kvmsim: exiting @ tick {} ({:.6} s simulated, {:.3} s host) because {}{}",
+        exit.tick,
+        ticks_to_seconds(exit.tick),
+        host_start.elapsed().as_secs_f64(),
+        exit.cause.describe(),
+        code
+    );
+    if !exit.message.is_empty() {
+        eprintln!("{}", exit.message.trim_end());
+    }
+    st
+}
+
+fn guests_cmd(extract: Option<PathBuf>) -> i32 {
+    match extract {
+        None => {
+            for (name, elf) in guests::GUESTS {
+                println!("builtin:{name}\t{} bytes", elf.len());
+            }
+            0
+        }
+        Some(dir) => {
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                return fail(format!("cannot create {}: {e}", dir.display()));
+            }
+            for (name, elf) in guests::GUESTS {
+                let p = dir.join(format!("{name}.elf"));
+                if let Err(e) = std::fs::write(&p, elf) {
+                    return fail(format!("cannot write {}: {e}", p.display()));
+                }
+                println!("{}", p.display());
+            }
+            0
+        }
+    }
+}
+
+/// Runs the compute loop natively and in kvmsim; prints both and the ratio.
+fn bench_compute(iterations: u64, runs: u32) -> i32 {
+    let runs = runs.max(1);
+    let mut native_best = f64::INFINITY;
+    let mut native_result;
+    let mut sim_best = f64::INFINITY;
+    let mut sim_seconds = 0.0;
+    let outdir = std::env::temp_dir().join(format!("kvmsim-bench-{}", std::process::id()));
+    for _ in 0..runs {
+        let t = Instant::now();
+        native_result = guests::compute_loop_native(std::hint::black_box(iterations));
+        native_best = native_best.min(t.elapsed().as_secs_f64());
+
+        let mut cfg = Config::for_kernel("builtin:compute");
+        cfg.system.args = vec![iterations];
+        cfg.system.serial.stdout = false;
+        cfg.system.serial.stdin = false;
+        let t = Instant::now();
+        let out = match OutDir::create(&outdir) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        let exit = match System::build(&mut cfg, out).and_then(|mut s| s.run()) {
+            Ok(e) => e,
+            Err(e) => return fail(e),
+        };
+        sim_best = sim_best.min(t.elapsed().as_secs_f64());
+        sim_seconds = ticks_to_seconds(exit.tick);
+        if exit.cause != sim::ExitCause::GuestExit {
+            return fail(format!("the compute guest did not exit cleanly: {exit:?}"));
+        }
+        let log = std::fs::read_to_string(outdir.join("serial.log")).unwrap_or_default();
+        let want = format!("result=0x{native_result:016x}");
+        if !log.contains(&want) {
+            return fail(format!(
+                "the guest's result differs from the native one ({want}); serial.log: {log}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&outdir);
+    println!("compute loop, {iterations} iterations, best of {runs}:");
+    println!("  native on the host:   {native_best:.3} s");
+    println!(
+        "  kvmsim (whole run):   {sim_best:.3} s  (guest reported {sim_seconds:.3} s simulated)"
+    );
+    println!("  ratio kvmsim/native:  {:.3}", sim_best / native_best);
+    0
+}

@@ -1,0 +1,97 @@
+//! Helpers for tests that run the real kvmsim binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// True if KVM can be used here. Without KVM the test is skipped with a
+/// printed reason, unless KVMSIM_REQUIRE_KVM=1, where that is a failure.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm::KvmVm::available() {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var("KVMSIM_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: KVM is required (KVMSIM_REQUIRE_KVM=1) but unusable: {e}");
+            }
+            eprintln!("SKIPPED {test}: KVM is not usable here: {e}");
+            false
+        }
+    }
+}
+
+/// The repository's root folder.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fresh, empty folder for one test's output.
+pub fn outdir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kvmsim-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// The result of one kvmsim run.
+pub struct Run {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub out: PathBuf,
+}
+
+impl Run {
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.out.join(name))
+            .unwrap_or_else(|e| panic!("{name} in {}: {e}", self.out.display()))
+    }
+
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.file(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    /// The value of `stat` in the last dump of stats.json.
+    pub fn stat(&self, stat: &str) -> serde_json::Value {
+        let dumps = self.json("stats.json");
+        let last = dumps.as_array().and_then(|a| a.last()).expect("no dump");
+        last["stats"][stat].clone()
+    }
+
+    /// Asserts that nothing panicked.
+    pub fn no_panic(&self) -> &Self {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "kvmsim panicked:\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `kvmsim ARGS` with stdin closed; the output folder is `out`.
+pub fn kvmsim(args: &[&str], out: &Path) -> Run {
+    kvmsim_env(args, out, &[])
+}
+
+/// Like [`kvmsim`], with extra environment variables.
+pub fn kvmsim_env(args: &[&str], out: &Path, env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmsim"));
+    cmd.args(args)
+        .arg("--outdir")
+        .arg(out)
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("cannot start kvmsim");
+    Run {
+        status: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        out: out.to_path_buf(),
+    }
+}

@@ -1,0 +1,235 @@
+//! Boots each built-in guest through the real kvmsim binary on /dev/kvm.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn hello_example_prints_exits_0_and_writes_outputs() {
+    if !kvm_or_skip("hello_example") {
+        return;
+    }
+    let out = outdir("hello");
+    let ex = repo().join("examples/hello.toml");
+    let r = kvmsim(&["run", ex.to_str().unwrap()], &out);
+    r.no_panic();
+    assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+    assert!(
+        r.stdout.contains("Hello from the guest"),
+        "stdout: {}",
+        r.stdout
+    );
+    assert_eq!(r.file("serial.log"), "Hello from the guest\n");
+    let stats = r.file("stats.txt");
+    assert!(stats.contains("---------- Begin Simulation Statistics ----------"));
+    for name in [
+        "system.cpu.numVMExits",
+        "system.cpu.numIO",
+        "system.cpu.numMMIO",
+        "system.cpu.numHalt",
+        "simSeconds",
+        "hostSeconds",
+    ] {
+        assert!(
+            stats.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing from stats.txt:\n{stats}"
+        );
+    }
+    // 21 characters, each an LSR poll and a THR write: at least 42 port IOs;
+    // one sim-ops MMIO read.
+    assert!(r.stat("system.cpu.numIO").as_u64().unwrap() >= 42);
+    assert_eq!(r.stat("system.cpu.numMMIO"), 1);
+    assert_eq!(r.stat("system.uart.txBytes"), 21);
+    assert!(r.stat("simSeconds").as_f64().unwrap() > 0.0);
+    let cfg = r.json("config.json");
+    assert_eq!(cfg["system"]["kernel"], "builtin:hello");
+    assert!(
+        cfg["system"]["cpu"]["host_freq"].as_f64().unwrap() > 1e6,
+        "resolved host_freq"
+    );
+    let exit = r.json("exit.json");
+    assert_eq!(exit["cause"], "guest_exit");
+    assert_eq!(exit["status"], 0);
+}
+
+#[test]
+fn compute_guest_matches_the_native_loop() {
+    if !kvm_or_skip("compute") {
+        return;
+    }
+    let n: u64 = 20_000_000;
+    let out = outdir("compute");
+    let ex = repo().join("examples/compute.toml");
+    let r = kvmsim(
+        &["run", ex.to_str().unwrap(), "--arg", &n.to_string()],
+        &out,
+    );
+    r.no_panic();
+    assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+    let want = format!(
+        "compute: iterations={n} result=0x{:016x}\n",
+        guests::compute_loop_reference(n)
+    );
+    assert_eq!(r.file("serial.log"), want);
+    assert_eq!(
+        guests::compute_loop_native(n),
+        guests::compute_loop_reference(n)
+    );
+}
+
+#[test]
+fn fault_guest_ends_with_a_register_dump() {
+    if !kvm_or_skip("fault") {
+        return;
+    }
+    let out = outdir("fault");
+    let r = kvmsim(&["run", "--kernel", "builtin:fault"], &out);
+    r.no_panic();
+    assert_eq!(r.status, 252, "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("because guest fault"), "{}", r.stderr);
+    assert!(r.stderr.contains("KVM_EXIT_SHUTDOWN"), "{}", r.stderr);
+    for reg in [
+        "rip=",
+        "rflags=",
+        "cr0=",
+        "cr3=",
+        "cr4=",
+        "efer=",
+        "cs=sel 0010",
+        "gdt=",
+    ] {
+        assert!(
+            r.stderr.contains(reg),
+            "{reg} missing from the dump:\n{}",
+            r.stderr
+        );
+    }
+    assert!(
+        r.stderr.contains("r15=000000001234abcd"),
+        "the guest's marker register"
+    );
+    // What the guest printed and the stats survive the fault.
+    assert_eq!(r.file("serial.log"), "fault: about to triple fault\n");
+    assert!(r.file("stats.txt").contains("system.cpu.numVMExits"));
+    let exit = r.json("exit.json");
+    assert_eq!(exit["cause"], "guest_fault");
+    assert!(exit["message"].as_str().unwrap().contains("rip="));
+}
+
+#[test]
+fn simops_fail_code_delay_and_stats_dumps() {
+    if !kvm_or_skip("simops") {
+        return;
+    }
+    let out = outdir("simops");
+    // fail(delay = 5 ms, code = 7)
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:simops",
+            "--arg",
+            "5000000",
+            "--arg",
+            "7",
+        ],
+        &out,
+    );
+    r.no_panic();
+    assert_eq!(r.status, 7, "stderr:\n{}", r.stderr);
+    assert!(r.file("serial.log").contains("simops: sum and unknown ok"));
+    assert!(r.stderr.contains("unknown function 0x99"), "{}", r.stderr);
+    let exit = r.json("exit.json");
+    assert_eq!(exit["code"], 7);
+    let tick = exit["tick"].as_u64().unwrap();
+    // The exit comes 5 ms of simulated time after the op; the guest halted
+    // meanwhile, so time jumped there without the host waiting.
+    assert!(
+        (5_000_000_000..6_000_000_000).contains(&tick),
+        "exit at tick {tick}"
+    );
+    // Two dumps: the guest's dump_reset_stats, then the final one.
+    let dumps = r.json("stats.json");
+    let dumps = dumps.as_array().unwrap();
+    assert_eq!(dumps.len(), 2);
+    assert_eq!(dumps[0]["stats"]["system.simops.workItems"], 1);
+    assert_eq!(dumps[0]["stats"]["system.simops.numUnknownOps"], 1);
+    // Reset after the first dump: the final dump counts only what followed.
+    assert_eq!(dumps[1]["stats"]["system.simops.workItems"], 0);
+    assert_eq!(
+        dumps[1]["stats"]["system.simops.numOps"], 1,
+        "only the fail op"
+    );
+    assert_eq!(dumps[1]["stats"]["system.cpu.numHalt"], 1);
+    assert_eq!(
+        r.file("stats.txt")
+            .matches("Begin Simulation Statistics")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn simops_exit_returns_0() {
+    if !kvm_or_skip("simops_exit") {
+        return;
+    }
+    let out = outdir("simops-exit");
+    let r = kvmsim(&["run", "--kernel", "builtin:simops"], &out);
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+}
+
+#[test]
+fn max_time_stops_the_run() {
+    if !kvm_or_skip("max_time") {
+        return;
+    }
+    let out = outdir("max-time");
+    // The guest asks to exit after 1 s; the limit is 2 ms.
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:simops",
+            "--arg",
+            "1000000000",
+            "--max-time",
+            "2ms",
+        ],
+        &out,
+    );
+    r.no_panic();
+    assert_eq!(r.status, 250, "stderr:\n{}", r.stderr);
+    let exit = r.json("exit.json");
+    assert_eq!(exit["cause"], "max_tick");
+    assert_eq!(exit["tick"], 2_000_000_000u64);
+}
+
+#[test]
+fn extracted_guest_runs_from_a_file() {
+    if !kvm_or_skip("extracted") {
+        return;
+    }
+    let dir = outdir("extract");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["guests", "--extract"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let elf = dir.join("hello.elf");
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "16MiB",
+            "--quiet",
+        ],
+        &dir.join("out"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(r.stdout.is_empty(), "--quiet keeps the console off stdout");
+    assert_eq!(r.file("serial.log"), "Hello from the guest\n");
+}

@@ -1,0 +1,323 @@
+//! The IO bus: routes port-IO and MMIO accesses to devices by address range.
+//!
+//! A device claims one or more ranges in either space. An access is handed to
+//! the device with the offset inside its range and an [`AccessCtx`]: the
+//! current tick, the calling CPU's argument registers (for sim-ops) and a list
+//! where the device may leave [`Request`]s for the simulator. The device
+//! returns the access latency in ticks.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use sim::{Counter, Request, Stats, Tick};
+
+/// The two x86 address spaces a device can live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Space {
+    /// Port IO (`in`/`out`), 64 KiB of ports.
+    Pio,
+    /// Memory-mapped IO: physical addresses that are not RAM.
+    Mmio,
+}
+
+/// Access to the registers that carry call arguments, for devices that
+/// implement guest calls (sim-ops). The CPU supplies it; devices never see
+/// the CPU itself.
+pub trait CallArgs {
+    /// The first six integer arguments of the guest's calling convention
+    /// (x86-64: RDI, RSI, RDX, RCX, R8, R9).
+    fn call_args(&mut self) -> [u64; 6];
+}
+
+/// What a device sees of the world during one access.
+pub struct AccessCtx<'a> {
+    /// The tick at which the access is serviced.
+    pub now: Tick,
+    /// The calling CPU's argument registers, when the access comes from a CPU.
+    pub cpu: Option<&'a mut dyn CallArgs>,
+    /// Requests for the simulator, serviced after the access.
+    pub requests: &'a mut Vec<Request>,
+}
+
+impl<'a> AccessCtx<'a> {
+    /// A context with no CPU attached.
+    pub fn new(now: Tick, requests: &'a mut Vec<Request>) -> Self {
+        AccessCtx {
+            now,
+            cpu: None,
+            requests,
+        }
+    }
+
+    /// The calling CPU's arguments, or zeros when there is no CPU.
+    pub fn call_args(&mut self) -> [u64; 6] {
+        self.cpu.as_mut().map(|c| c.call_args()).unwrap_or([0; 6])
+    }
+}
+
+/// A device on the bus. Implementations must accept any offset inside their
+/// claimed range and any access size, since the guest chooses both.
+pub trait BusDevice: Send {
+    /// Fills `data` for a read at `offset` (relative to the claimed range's
+    /// base) and returns the latency in ticks.
+    fn read(&mut self, space: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick;
+    /// Takes a write at `offset` and returns the latency in ticks.
+    fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick;
+}
+
+/// A shared handle to a device.
+pub type DeviceHandle = Arc<Mutex<dyn BusDevice>>;
+
+/// Errors registering devices.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("{space:?} range [{base:#x}, {end:#x}) of {name} overlaps {other}")]
+    Overlap {
+        space: Space,
+        base: u64,
+        end: u64,
+        name: String,
+        other: String,
+    },
+    #[error("{space:?} range of {name} at {base:#x} has length 0 or wraps around")]
+    BadRange {
+        space: Space,
+        base: u64,
+        name: String,
+    },
+}
+
+struct Mapping {
+    end: u64,
+    name: String,
+    dev: DeviceHandle,
+}
+
+/// Latency charged for an access nobody claims.
+pub const UNCLAIMED_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
+
+/// The IO bus of one system.
+pub struct IoBus {
+    maps: BTreeMap<(Space, u64), Mapping>,
+    unclaimed_pio: Counter,
+    unclaimed_mmio: Counter,
+}
+
+impl IoBus {
+    /// A bus whose statistics are registered under `prefix` (e.g. `system.iobus`).
+    pub fn new(stats: &mut Stats, prefix: &str) -> Result<Self, sim::stats::StatsError> {
+        Ok(IoBus {
+            maps: BTreeMap::new(),
+            unclaimed_pio: stats.counter(
+                &format!("{prefix}.unclaimedPio"),
+                "Port-IO accesses no device claims (reads return all-ones, writes are dropped)",
+                "Count",
+            )?,
+            unclaimed_mmio: stats.counter(
+                &format!("{prefix}.unclaimedMmio"),
+                "MMIO accesses no device claims (reads return all-ones, writes are dropped)",
+                "Count",
+            )?,
+        })
+    }
+
+    /// Attaches `dev` at `[base, base+len)` in `space`.
+    pub fn insert(
+        &mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        name: &str,
+        dev: DeviceHandle,
+    ) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::BadRange {
+                space,
+                base,
+                name: name.into(),
+            })?;
+        // The mapping starting at or before `base`, and the one after it.
+        let before = self.maps.range(..=(space, base)).next_back();
+        let after = self.maps.range((space, base)..).next();
+        for (&(s, b), m) in before.into_iter().chain(after) {
+            if s == space && b < end && base < m.end {
+                return Err(BusError::Overlap {
+                    space,
+                    base,
+                    end,
+                    name: name.into(),
+                    other: m.name.clone(),
+                });
+            }
+        }
+        self.maps.insert(
+            (space, base),
+            Mapping {
+                end,
+                name: name.into(),
+                dev,
+            },
+        );
+        Ok(())
+    }
+
+    fn find(&self, space: Space, addr: u64, len: u64) -> Option<(u64, &Mapping)> {
+        let (&(s, base), m) = self.maps.range(..=(space, addr)).next_back()?;
+        let last = addr.checked_add(len.max(1) - 1)?;
+        (s == space && last < m.end).then_some((base, m))
+    }
+
+    /// The name of the device that claims `addr`, if any.
+    pub fn claimant(&self, space: Space, addr: u64) -> Option<&str> {
+        self.find(space, addr, 1).map(|(_, m)| m.name.as_str())
+    }
+
+    fn unclaimed(&self, space: Space) -> &Counter {
+        match space {
+            Space::Pio => &self.unclaimed_pio,
+            Space::Mmio => &self.unclaimed_mmio,
+        }
+    }
+
+    /// Reads `data.len()` bytes at `addr`. Unclaimed: all-ones.
+    pub fn read(&self, space: Space, addr: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
+        match self.find(space, addr, data.len() as u64) {
+            Some((base, m)) => lock(&m.dev).read(space, addr - base, data, ctx),
+            None => {
+                self.unclaimed(space).inc();
+                data.fill(0xff);
+                UNCLAIMED_LATENCY
+            }
+        }
+    }
+
+    /// Writes `data` at `addr`. Unclaimed: dropped.
+    pub fn write(&self, space: Space, addr: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        match self.find(space, addr, data.len() as u64) {
+            Some((base, m)) => lock(&m.dev).write(space, addr - base, data, ctx),
+            None => {
+                self.unclaimed(space).inc();
+                UNCLAIMED_LATENCY
+            }
+        }
+    }
+}
+
+/// Locks a device. A device that panicked while locked is still usable: its
+/// state is whatever it was, which is all a guest could observe anyway.
+fn lock(dev: &DeviceHandle) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+    dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records accesses; reads return the offset's low byte.
+    struct Probe {
+        log: Vec<(Space, u64, usize, bool)>,
+        latency: Tick,
+    }
+
+    impl BusDevice for Probe {
+        fn read(&mut self, s: Space, off: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
+            self.log.push((s, off, data.len(), false));
+            data.fill(off as u8);
+            self.latency
+        }
+        fn write(&mut self, s: Space, off: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
+            self.log.push((s, off, data.len(), true));
+            self.latency
+        }
+    }
+
+    fn probe(latency: Tick) -> Arc<Mutex<Probe>> {
+        Arc::new(Mutex::new(Probe {
+            log: vec![],
+            latency,
+        }))
+    }
+
+    #[test]
+    fn routes_by_space_and_range() {
+        let mut stats = Stats::new();
+        let mut bus = IoBus::new(&mut stats, "system.iobus").unwrap();
+        let a = probe(7);
+        let b = probe(9);
+        bus.insert(Space::Pio, 0x3f8, 8, "uart", a.clone()).unwrap();
+        bus.insert(Space::Mmio, 0x3f8, 8, "other", b.clone())
+            .unwrap();
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        let mut d = [0u8; 1];
+        assert_eq!(bus.read(Space::Pio, 0x3fd, &mut d, &mut ctx), 7);
+        assert_eq!(d, [5]);
+        assert_eq!(bus.write(Space::Mmio, 0x3f8, &[1, 2], &mut ctx), 9);
+        assert_eq!(a.lock().unwrap().log, vec![(Space::Pio, 5, 1, false)]);
+        assert_eq!(b.lock().unwrap().log, vec![(Space::Mmio, 0, 2, true)]);
+        assert_eq!(bus.claimant(Space::Pio, 0x3ff), Some("uart"));
+        assert_eq!(bus.claimant(Space::Pio, 0x400), None);
+    }
+
+    #[test]
+    fn unclaimed_reads_all_ones_and_counts() {
+        let mut stats = Stats::new();
+        let bus = IoBus::new(&mut stats, "system.iobus").unwrap();
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        let mut d = [0u8; 4];
+        bus.read(Space::Pio, 0x80, &mut d, &mut ctx);
+        assert_eq!(d, [0xff; 4]);
+        bus.write(Space::Pio, 0x80, &[1], &mut ctx);
+        bus.read(Space::Mmio, 0xfee0_0000, &mut d, &mut ctx);
+        let dump = stats.dump(0);
+        assert_eq!(dump.get("system.iobus.unclaimedPio").unwrap().as_f64(), 2.0);
+        assert_eq!(
+            dump.get("system.iobus.unclaimedMmio").unwrap().as_f64(),
+            1.0
+        );
+    }
+
+    #[test]
+    fn access_straddling_the_end_is_unclaimed() {
+        let mut stats = Stats::new();
+        let mut bus = IoBus::new(&mut stats, "b").unwrap();
+        let a = probe(1);
+        bus.insert(Space::Mmio, 0x1000, 0x10, "a", a.clone())
+            .unwrap();
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        let mut d = [0u8; 8];
+        bus.read(Space::Mmio, 0x100c, &mut d, &mut ctx);
+        assert_eq!(d, [0xff; 8]);
+        bus.read(Space::Mmio, u64::MAX, &mut d, &mut ctx);
+        assert!(a.lock().unwrap().log.is_empty());
+    }
+
+    #[test]
+    fn rejects_overlaps_and_empty_ranges() {
+        let mut stats = Stats::new();
+        let mut bus = IoBus::new(&mut stats, "b").unwrap();
+        bus.insert(Space::Pio, 0x40, 4, "pit", probe(1)).unwrap();
+        assert!(matches!(
+            bus.insert(Space::Pio, 0x42, 4, "x", probe(1)),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(Space::Pio, 0x3c, 5, "y", probe(1)),
+            Err(BusError::Overlap { .. })
+        ));
+        bus.insert(Space::Pio, 0x3c, 4, "z", probe(1)).unwrap();
+        bus.insert(Space::Pio, 0x44, 4, "w", probe(1)).unwrap();
+        assert!(matches!(
+            bus.insert(Space::Pio, 0x50, 0, "e", probe(1)),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(Space::Mmio, u64::MAX, 2, "e", probe(1)),
+            Err(BusError::BadRange { .. })
+        ));
+    }
+}

@@ -1,0 +1,319 @@
+//! The run configuration: a TOML file (unknown keys are errors), or the same
+//! structure built from command-line flags. After the host has been probed
+//! every default is filled in and the result is written as `config.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Duration, Frequency, Size};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Simulation-wide settings.
+    #[serde(default)]
+    pub sim: SimConfig,
+    /// The simulated system.
+    pub system: SystemConfig,
+}
+
+/// Simulation-wide settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// Stop after this much simulated time (exit cause "max tick").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_time: Option<Duration>,
+}
+
+/// One simulated system.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: Size,
+    /// The guest image: a path to a static x86-64 ELF (relative to the config
+    /// file), or `builtin:NAME` for a guest built into kvmsim.
+    pub kernel: String,
+    /// Boot arguments, passed in RDI, RSI, RDX, RCX, R8, R9 (at most six).
+    #[serde(default)]
+    pub args: Vec<u64>,
+    /// Initial stack pointer (default 0x80000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<u64>,
+    #[serde(default)]
+    pub cpu: CpuConfig,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+fn default_memory() -> Size {
+    Size(128 << 20)
+}
+
+/// The KVM CPU.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuConfig {
+    /// The simulated CPU clock.
+    #[serde(default = "default_clock")]
+    pub clock: Frequency,
+    /// Rate of the host counter used for time accounting (the TSC). Default:
+    /// what KVM reports (KVM_GET_TSC_KHZ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_freq: Option<Frequency>,
+    /// Simulated time per host time inside KVM (target CPI / host CPI).
+    #[serde(default = "default_host_factor")]
+    pub host_factor: f64,
+}
+
+impl Default for CpuConfig {
+    fn default() -> Self {
+        CpuConfig {
+            clock: default_clock(),
+            host_freq: None,
+            host_factor: default_host_factor(),
+        }
+    }
+}
+
+fn default_clock() -> Frequency {
+    Frequency(2e9)
+}
+
+fn default_host_factor() -> f64 {
+    1.0
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Echo the guest's console to kvmsim's stdout (it always goes to serial.log).
+    #[serde(default = "yes")]
+    pub stdout: bool,
+    /// Feed kvmsim's stdin to the guest when it is a terminal or a pipe.
+    #[serde(default = "yes")]
+    pub stdin: bool,
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        SerialConfig {
+            stdout: true,
+            stdin: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field} = {value}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// A config for `kernel` with every other setting at its default.
+    pub fn for_kernel(kernel: &str) -> Self {
+        Config {
+            sim: SimConfig::default(),
+            system: SystemConfig {
+                memory: default_memory(),
+                kernel: kernel.into(),
+                args: vec![],
+                stack: None,
+                cpu: CpuConfig::default(),
+                serial: SerialConfig::default(),
+            },
+        }
+    }
+
+    /// Parses TOML `text` read from `path` (used in messages and to resolve
+    /// relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            // toml's message names the line, the column and the key.
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Makes a relative kernel path relative to `base` (the config's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let k = &self.system.kernel;
+        if !k.starts_with("builtin:") && Path::new(k).is_relative() && !base.as_os_str().is_empty()
+        {
+            self.system.kernel = base.join(k).to_string_lossy().into_owned();
+        }
+    }
+
+    /// Checks values that parse but cannot be used. `path` names the source.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field, value: String, message: &str| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            value,
+            message: message.into(),
+        };
+        let s = &self.system;
+        if s.args.len() > 6 {
+            return Err(bad(
+                "system.args",
+                format!("{:?}", s.args),
+                "at most six boot arguments fit in registers",
+            ));
+        }
+        if let Err(e) = mem::MemoryMap::for_size(s.memory.0) {
+            return Err(bad("system.memory", s.memory.0.to_string(), &e.to_string()));
+        }
+        let hf = s.cpu.host_factor;
+        if !(hf.is_finite() && hf > 0.0) {
+            return Err(bad(
+                "system.cpu.host_factor",
+                hf.to_string(),
+                "must be a positive number",
+            ));
+        }
+        if let Some(name) = s.kernel.strip_prefix("builtin:") {
+            if guests::builtin(name).is_none() {
+                let known: Vec<&str> = guests::GUESTS.iter().map(|(n, _)| *n).collect();
+                return Err(bad(
+                    "system.kernel",
+                    format!("{:?}", s.kernel),
+                    &format!("no such built-in guest (built-in: {})", known.join(", ")),
+                ));
+            }
+        }
+        if let Some(Duration(0)) = self.sim.max_time {
+            return Err(bad("sim.max_time", "0".into(), "must be longer than zero"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("dir/test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("[system]\nkernel = \"builtin:hello\"\n").unwrap();
+        assert_eq!(c.system.memory, Size(128 << 20));
+        assert_eq!(c.system.cpu.clock, Frequency(2e9));
+        assert_eq!(c.system.cpu.host_factor, 1.0);
+        assert!(c.system.serial.stdout);
+        assert_eq!(c.sim.max_time, None);
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+            [sim]
+            max_time = "2s"
+            [system]
+            memory = "64MiB"
+            kernel = "guest.elf"
+            args = [1, 2]
+            stack = 0x70000
+            [system.cpu]
+            clock = "3GHz"
+            host_freq = "2.5GHz"
+            host_factor = 2.0
+            [system.serial]
+            stdout = false
+            stdin = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.sim.max_time, Some(Duration(2_000_000_000_000)));
+        assert_eq!(c.system.kernel, "dir/guest.elf");
+        assert_eq!(c.system.stack, Some(0x70000));
+        assert_eq!(c.system.cpu.host_freq, Some(Frequency(2.5e9)));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("[system]\nkernel = \"builtin:hello\"\nmemroy = \"1G\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("dir/test.toml: "), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_line_and_problem() {
+        let e = parse("[system]\nkernel = \"builtin:hello\"\nmemory = \"12XB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("unknown size unit"),
+            "{e}"
+        );
+        let e = parse("[system]\n").unwrap_err().to_string();
+        assert!(e.contains("kernel"), "{e}");
+        let e = parse("[system\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let e = parse("[system]\nkernel = \"builtin:nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("system.kernel") && e.contains("hello"), "{e}");
+        let e = parse("[system]\nkernel = \"builtin:hello\"\nargs = [1,2,3,4,5,6,7]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("system.args"), "{e}");
+        let e = parse("[system]\nkernel = \"builtin:hello\"\nmemory = 4096\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("system.memory") && e.contains("too small"),
+            "{e}"
+        );
+        let e = parse("[system]\nkernel = \"builtin:hello\"\n[system.cpu]\nhost_factor = -1.0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host_factor"), "{e}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The host side of the guest console and of user interrupts.
+
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use devices::uart::InputQueue;
+
+/// The console's output: serial.log, plus kvmsim's stdout if asked.
+pub struct SerialSink {
+    log: File,
+    stdout: bool,
+}
+
+impl SerialSink {
+    pub fn new(log: File, stdout: bool) -> Self {
+        SerialSink { log, stdout }
+    }
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // serial.log is unbuffered: nothing is lost if the run dies.
+        self.log.write_all(buf)?;
+        if self.stdout {
+            let _ = std::io::stdout().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.stdout {
+            let _ = std::io::stdout().flush();
+        }
+        Ok(())
+    }
+}
+
+/// True when stdin is a terminal or a pipe (not a file, not /dev/null).
+pub fn stdin_is_interactive() -> bool {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return true;
+    }
+    let fd = stdin.as_fd().try_clone_to_owned();
+    fd.ok()
+        .and_then(|fd| File::from(fd).metadata().ok())
+        .is_some_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_fifo()
+        })
+}
+
+/// Starts a thread copying stdin into a queue the UART reads, when stdin is
+/// a terminal or a pipe. The thread blocks the control signals so that they
+/// reach the simulation thread.
+pub fn spawn_stdin_reader() -> Option<InputQueue> {
+    if !stdin_is_interactive() {
+        return None;
+    }
+    let queue = InputQueue::default();
+    let q = queue.clone();
+    std::thread::Builder::new()
+        .name("kvmsim-stdin".into())
+        .spawn(move || {
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                let _ = vmm_sys_util::signal::block_signal(sig);
+            }
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                q.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(&buf[..n]);
+            }
+        })
+        .ok()?;
+    Some(queue)
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set a flag (and interrupt KVM_RUN) instead of
+/// killing the process, so an interrupted run still writes its stats.
+pub fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_interrupt) {
+            tracing::warn!("cannot install a handler for signal {sig}: {e}");
+        }
+    }
+}
+
+/// True once the user asked the run to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}

@@ -1,0 +1,88 @@
+//! The platform layer: turns a [`Config`] into a running [`System`] (memory
+//! map, KVM VM and CPU, devices on the IO bus, the guest image) and writes
+//! the results into an output folder.
+
+pub mod config;
+pub mod console;
+pub mod loader;
+pub mod output;
+pub mod system;
+pub mod units;
+
+pub use config::{Config, ConfigError};
+pub use output::OutDir;
+pub use system::System;
+
+use sim::ExitCause;
+
+/// Errors building or running a system (everything that is not the guest's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    #[error("guest memory: {0}")]
+    Ram(#[source] mem::RamError),
+    #[error("{0}")]
+    Kernel(String),
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Output(#[from] output::OutputError),
+    #[error("device setup: {0}")]
+    Bus(#[from] mem::BusError),
+    #[error("statistics: {0}")]
+    Stats(#[from] sim::stats::StatsError),
+    #[error("event queue: {0}")]
+    Schedule(#[from] sim::ScheduleError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Process exit statuses (documented in README.md).
+pub mod status {
+    /// The guest called sim-ops exit.
+    pub const OK: i32 = 0;
+    /// The simulated-time limit was reached before the guest exited.
+    pub const MAX_TICK: i32 = 250;
+    /// The guest halted with nothing left to wake it.
+    pub const HALTED: i32 = 251;
+    /// The guest faulted (triple fault, failed entry, emulation failure, ...).
+    pub const GUEST_FAULT: i32 = 252;
+    /// kvmsim itself failed: bad config or image, no KVM, I/O error.
+    pub const SIM_ERROR: i32 = 254;
+    /// The user interrupted the run (128 + SIGINT).
+    pub const USER_INTERRUPT: i32 = 130;
+}
+
+/// The process exit status for an exit cause and code. A guest's fail code
+/// is passed through modulo 256, except that a non-zero code never becomes 0.
+pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
+    match cause {
+        ExitCause::GuestExit if code == 0 => status::OK,
+        ExitCause::GuestExit => match (code & 0xff) as i32 {
+            0 => 1,
+            s => s,
+        },
+        ExitCause::MaxTick => status::MAX_TICK,
+        ExitCause::GuestHalted => status::HALTED,
+        ExitCause::GuestFault => status::GUEST_FAULT,
+        ExitCause::UserInterrupt => status::USER_INTERRUPT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(exit_status(ExitCause::GuestExit, 0), 0);
+        assert_eq!(exit_status(ExitCause::GuestExit, 3), 3);
+        assert_eq!(exit_status(ExitCause::GuestExit, 256), 1);
+        assert_eq!(exit_status(ExitCause::GuestExit, -1), 255);
+        assert_eq!(exit_status(ExitCause::GuestFault, 0), 252);
+        assert_eq!(exit_status(ExitCause::MaxTick, 0), 250);
+    }
+}

@@ -1,0 +1,328 @@
+//! A simulated system: RAM, a KVM VM and CPU, the IO bus with its devices,
+//! statistics and one event queue that drives them all.
+
+use std::sync::{Arc, Mutex};
+
+use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
+use devices::uart::{COM1_BASE, UART_PORTS};
+use devices::{SimOps, Uart16550};
+use kvm::arch::x86_64::{boot, cpuid, X86_64};
+use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome};
+use mem::{GuestRam, IoBus, MemoryMap, Space};
+use sim::eventq::{CPU_TICK_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
+use sim::{ClockDomain, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
+
+use crate::config::Config;
+use crate::console::{self, SerialSink};
+use crate::loader;
+use crate::output::OutDir;
+use crate::units::Frequency;
+use crate::PlatformError;
+
+/// Events of a system's queue.
+#[derive(Debug, Clone, PartialEq)]
+enum Event {
+    CpuTick,
+    Exit { code: i64 },
+    DumpStats { reset: bool, period: Tick },
+    ResetStats { period: Tick },
+    MaxTick,
+}
+
+/// One simulated system.
+pub struct System {
+    name: String,
+    // Drop order: the vCPU, then the VM, then the RAM it maps.
+    cpu: KvmCpu<X86_64>,
+    _vm: KvmVm,
+    _ram: GuestRam,
+    bus: IoBus,
+    stats: Stats,
+    queue: EventQueue<Event>,
+    cpu_event: Option<EventId>,
+    periodic_dump: Option<EventId>,
+    periodic_reset: Option<EventId>,
+    requests: Vec<Request>,
+    out: OutDir,
+}
+
+/// Reads the image named by `kernel`: `builtin:NAME` or a file path.
+pub fn read_image(kernel: &str) -> Result<Vec<u8>, PlatformError> {
+    match kernel.strip_prefix("builtin:") {
+        Some(name) => guests::builtin(name)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| PlatformError::Kernel(format!("{kernel}: no such built-in guest"))),
+        None => std::fs::read(kernel)
+            .map_err(|e| PlatformError::Kernel(format!("cannot read kernel {kernel}: {e}"))),
+    }
+}
+
+impl System {
+    /// Builds the system described by `cfg`, writing into `out`. Fills in
+    /// the defaults that depend on the host (host_freq, stack) in `cfg`.
+    pub fn build(cfg: &mut Config, out: OutDir) -> Result<System, PlatformError> {
+        let name = "system".to_string();
+        let sc = &mut cfg.system;
+        let image = read_image(&sc.kernel)?;
+        let info = loader::inspect(&image, &sc.kernel)?;
+
+        let mut stats = Stats::new();
+        let map = MemoryMap::for_size(sc.memory.0).map_err(PlatformError::Ram)?;
+        let ram = GuestRam::new(map).map_err(PlatformError::Ram)?;
+        let entry = loader::load(&ram, &image, &info, &sc.kernel)?;
+
+        let mut vm = KvmVm::new()?;
+        vm.map_ram(&ram)?;
+        let vcpu = vm.create_vcpu(0)?;
+        let supported = vm
+            .kvm()
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm::KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let table = kvm_bindings::CpuId::from_entries(&cpuid::filter(&supported, 0))
+            .map_err(|e| PlatformError::Setup(format!("CPUID table: {e:?}")))?;
+        vcpu.set_cpuid2(&table)
+            .map_err(kvm::KvmError::ioctl("KVM_SET_CPUID2"))?;
+
+        let host_freq = match sc.cpu.host_freq {
+            Some(f) => f.0,
+            None => {
+                let khz = vcpu.get_tsc_khz().map_err(|e| {
+                    PlatformError::Setup(format!(
+                        "KVM_GET_TSC_KHZ failed ({e}); set system.cpu.host_freq in the config"
+                    ))
+                })?;
+                let hz = f64::from(khz) * 1e3;
+                sc.cpu.host_freq = Some(Frequency(hz));
+                hz
+            }
+        };
+        let stack = *sc.stack.get_or_insert(boot::DEFAULT_STACK_TOP);
+
+        let mut arch = X86_64::new();
+        boot::write_boot_structures(ram.memory())?;
+        boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &sc.args)?;
+        let cpu = KvmCpu::new(
+            &format!("{name}.cpu"),
+            vcpu,
+            arch,
+            vm.vcpu_mmap_size(),
+            KvmCpuConfig {
+                clock: ClockDomain::from_hz(sc.cpu.clock.0),
+                host_freq_hz: host_freq,
+                host_factor: sc.cpu.host_factor,
+            },
+            &mut stats,
+        )?;
+
+        let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
+        let input = if sc.serial.stdin {
+            console::spawn_stdin_reader()
+        } else {
+            None
+        };
+        let sink = SerialSink::new(out.serial_log()?, sc.serial.stdout);
+        let uart = Uart16550::new(Box::new(sink), input, &mut stats, &format!("{name}.uart"))?;
+        bus.insert(
+            Space::Pio,
+            COM1_BASE,
+            UART_PORTS,
+            "uart",
+            Arc::new(Mutex::new(uart)),
+        )?;
+        let simops = SimOps::new(&mut stats, &format!("{name}.simops"))?;
+        bus.insert(
+            Space::Mmio,
+            SIMOPS_BASE,
+            SIMOPS_SIZE,
+            "simops",
+            Arc::new(Mutex::new(simops)),
+        )?;
+
+        let mut queue = EventQueue::new();
+        if let Some(max) = cfg.sim.max_time {
+            queue.schedule(max.0, SIM_EXIT_PRI, Event::MaxTick)?;
+        }
+        let cpu_event = Some(queue.schedule(0, CPU_TICK_PRI, Event::CpuTick)?);
+        tracing::debug!("{name}: entry {entry:#x}, stack {stack:#x}, host_freq {host_freq} Hz");
+        Ok(System {
+            name,
+            cpu,
+            _vm: vm,
+            _ram: ram,
+            bus,
+            stats,
+            queue,
+            cpu_event,
+            periodic_dump: None,
+            periodic_reset: None,
+            requests: Vec::new(),
+            out,
+        })
+    }
+
+    /// The system's dotted name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current simulated tick.
+    pub fn cur_tick(&self) -> Tick {
+        self.queue.cur_tick()
+    }
+
+    /// The output folder.
+    pub fn out(&self) -> &OutDir {
+        &self.out
+    }
+
+    /// A dump of the CPU state.
+    pub fn dump_cpu(&mut self) -> String {
+        self.cpu.dump()
+    }
+
+    /// Runs until something ends the simulation.
+    pub fn run(&mut self) -> Result<ExitEvent, PlatformError> {
+        loop {
+            if console::interrupted() {
+                return Ok(ExitEvent::new(
+                    ExitCause::UserInterrupt,
+                    0,
+                    self.cur_tick(),
+                    "interrupted by the user (SIGINT/SIGTERM)",
+                ));
+            }
+            let Some((tick, id, ev)) = self.queue.pop() else {
+                return Ok(ExitEvent::new(
+                    ExitCause::GuestHalted,
+                    0,
+                    self.cur_tick(),
+                    "the CPU halted and no event is left that could wake it",
+                ));
+            };
+            match ev {
+                Event::CpuTick => {
+                    self.cpu_event = None;
+                    let outcome = self.cpu.tick(tick, &self.bus, &mut self.requests)?;
+                    self.service_requests(tick)?;
+                    match outcome {
+                        TickOutcome::Next(t) => {
+                            self.cpu_event =
+                                Some(self.queue.schedule(t, CPU_TICK_PRI, Event::CpuTick)?);
+                        }
+                        TickOutcome::Idle => {}
+                        TickOutcome::Fault(report) => {
+                            return Ok(ExitEvent::new(ExitCause::GuestFault, 0, tick, report));
+                        }
+                    }
+                }
+                Event::Exit { code } => {
+                    return Ok(ExitEvent::new(ExitCause::GuestExit, code, tick, ""));
+                }
+                Event::MaxTick => {
+                    return Ok(ExitEvent::new(
+                        ExitCause::MaxTick,
+                        0,
+                        tick,
+                        "the simulated-time limit (sim.max_time) was reached",
+                    ));
+                }
+                Event::DumpStats { reset, period } => {
+                    self.dump_stats(tick)?;
+                    if reset {
+                        self.stats.reset(tick);
+                    }
+                    if period > 0 {
+                        let next = self.queue.schedule(
+                            tick.saturating_add(period),
+                            STAT_EVENT_PRI,
+                            Event::DumpStats { reset, period },
+                        )?;
+                        if self.periodic_dump == Some(id) {
+                            self.periodic_dump = Some(next);
+                        }
+                    }
+                }
+                Event::ResetStats { period } => {
+                    self.stats.reset(tick);
+                    if period > 0 {
+                        let next = self.queue.schedule(
+                            tick.saturating_add(period),
+                            STAT_EVENT_PRI,
+                            Event::ResetStats { period },
+                        )?;
+                        if self.periodic_reset == Some(id) {
+                            self.periodic_reset = Some(next);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on the guest's requests made during the last access.
+    fn service_requests(&mut self, now: Tick) -> Result<(), PlatformError> {
+        for req in std::mem::take(&mut self.requests) {
+            match req {
+                Request::Exit { delay, code } => {
+                    self.queue.schedule(
+                        now.saturating_add(delay),
+                        SIM_EXIT_PRI,
+                        Event::Exit { code },
+                    )?;
+                }
+                Request::DumpStats {
+                    delay,
+                    period,
+                    reset,
+                } => {
+                    let id = self.queue.schedule(
+                        now.saturating_add(delay),
+                        STAT_EVENT_PRI,
+                        Event::DumpStats { reset, period },
+                    )?;
+                    // One periodic dump stream at a time: a new one replaces the old.
+                    if period > 0 {
+                        if let Some(old) = self.periodic_dump.replace(id) {
+                            let _ = self.queue.deschedule(old);
+                        }
+                    }
+                }
+                Request::ResetStats { delay, period } => {
+                    let id = self.queue.schedule(
+                        now.saturating_add(delay),
+                        STAT_EVENT_PRI,
+                        Event::ResetStats { period },
+                    )?;
+                    if period > 0 {
+                        if let Some(old) = self.periodic_reset.replace(id) {
+                            let _ = self.queue.deschedule(old);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a stats dump at `now` to stats.txt and stats.json.
+    pub fn dump_stats(&mut self, now: Tick) -> Result<(), PlatformError> {
+        let dump = self.stats.dump(now);
+        self.out.write_dump(&dump)?;
+        Ok(())
+    }
+
+    /// Final statistics and exit.json after `exit`.
+    pub fn finish(&mut self, exit: &ExitEvent, status: i32) -> Result<(), PlatformError> {
+        self.dump_stats(exit.tick)?;
+        let v = serde_json::json!({
+            "cause": exit.cause,
+            "code": exit.code,
+            "tick": exit.tick,
+            "sim_seconds": sim::tick::ticks_to_seconds(exit.tick),
+            "status": status,
+            "message": exit.message,
+        });
+        self.out.write_json("exit.json", &v)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! Why a simulation stopped.
+
+use serde::Serialize;
+
+use crate::tick::Tick;
+
+/// The cause of a simulation exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitCause {
+    /// The guest asked to stop (sim-ops exit or fail); the code is the guest's.
+    GuestExit,
+    /// The configured simulated-time limit was reached.
+    MaxTick,
+    /// The guest did something the CPU cannot continue from (triple fault,
+    /// failed entry, emulation failure, ...).
+    GuestFault,
+    /// The CPU halted and nothing was left that could wake it.
+    GuestHalted,
+    /// The user interrupted the run (SIGINT / SIGTERM).
+    UserInterrupt,
+}
+
+impl ExitCause {
+    /// A short human-readable description (as printed at the end of a run).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            ExitCause::GuestExit => "the guest called sim-ops exit/fail",
+            ExitCause::MaxTick => "the simulated-time limit was reached",
+            ExitCause::GuestFault => "guest fault",
+            ExitCause::GuestHalted => "the guest halted with nothing left to wake it",
+            ExitCause::UserInterrupt => "user interrupt",
+        }
+    }
+}
+
+/// A simulation exit: cause, code and the tick at which it happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExitEvent {
+    pub cause: ExitCause,
+    /// The guest's exit code for [`ExitCause::GuestExit`]; 0 otherwise.
+    pub code: i64,
+    pub tick: Tick,
+    /// Details (for example a register dump for a guest fault).
+    pub message: String,
+}
+
+impl ExitEvent {
+    pub fn new(cause: ExitCause, code: i64, tick: Tick, message: impl Into<String>) -> Self {
+        ExitEvent {
+            cause,
+            code,
+            tick,
+            message: message.into(),
+        }
+    }
+}

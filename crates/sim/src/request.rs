@@ -1,0 +1,23 @@
+//! Requests the guest makes of the simulator through sim-ops.
+//!
+//! Devices never act on the simulation themselves: they push requests that
+//! the system services after the access, in simulated time.
+
+use crate::tick::Tick;
+
+/// A guest's request to the simulator. Delays and periods are in ticks,
+/// counted from the tick at which the request was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// End the simulation after `delay` with the guest's `code` (0 = success).
+    Exit { delay: Tick, code: i64 },
+    /// Dump statistics after `delay`, then every `period` if it is non-zero;
+    /// reset them after each dump if `reset`.
+    DumpStats {
+        delay: Tick,
+        period: Tick,
+        reset: bool,
+    },
+    /// Reset statistics after `delay`, then every `period` if it is non-zero.
+    ResetStats { delay: Tick, period: Tick },
+}
