@@ -3,10 +3,14 @@
 //! so each is unit-tested with a fake clock and no VM at all. Every device is
 //! written for a hostile guest: any offset, any size, any value.
 
+pub mod intc;
 pub mod simops;
+pub mod timer;
 pub mod uart;
 
+pub use intc::VectorIntc;
 pub use simops::SimOps;
+pub use timer::IntervalTimer;
 pub use uart::Uart16550;
 
 /// Writes `value` little-endian into `data` (bytes beyond 8 are zero).

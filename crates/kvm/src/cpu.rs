@@ -2,30 +2,39 @@
 //!
 //! State machine (gem5's BaseKvmCPU):
 //!
-//! * **Running**: the CPU's tick enters KVM. When KVM returns, the host
-//!   cycles spent inside become simulated ticks
-//!   (`cycles * host_factor / host_freq`); the exit is *not* serviced now but
-//!   on the next tick, after that simulated time has passed
+//! * **Running**: the CPU's tick delivers pending interrupts, arms the run
+//!   timer for the span until the next event in its own queue, and enters
+//!   KVM. When KVM returns, the host cycles spent inside become simulated
+//!   ticks (`cycles * host_factor / host_freq`). The exit is *not* serviced
+//!   now but on the next tick, after that simulated time has passed
 //!   (**RunningService**), so that devices see the access at the simulated
-//!   time the guest made it. An exit forced by a signal needs no service and
-//!   stays Running.
+//!   time the guest made it. A signal exit (run timer, kick) needs no
+//!   service and stays Running; if the run timer expired, time moves just
+//!   past the next pending event.
 //! * **RunningService**: the exit is serviced (port IO and MMIO go through
-//!   the bus, whose devices return a latency). The next tick comes after that
-//!   latency. A read leaves **RunningServiceCompletion**: KVM completes the
-//!   instruction with the device's value on the next entry.
-//! * **Idle**: the guest halted. The CPU is not ticked until woken; simulated
-//!   time jumps to the next event without the host waiting.
+//!   the bus, whose devices return a latency); the next tick comes after
+//!   that latency. A read leaves **RunningServiceCompletion**: KVM completes
+//!   the instruction with the device's value on the next entry.
+//! * **Idle**: the guest halted. The CPU is not ticked until woken;
+//!   simulated time jumps to the next event without the host waiting.
 //!
-//! A fatal exit (triple fault, failed entry, internal error, ...) ends in
-//! [`TickOutcome::Fault`] with a register dump.
+//! While draining, a pending read is completed with a *half entry*
+//! (`immediate_exit`: KVM finishes the instruction and returns without
+//! running the guest), and the CPU refuses to report drained while KVM
+//! holds an injected or pending event (it requests an interrupt window and
+//! runs briefly instead).
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use mem::{AccessCtx, CallArgs, IoBus, Space};
-use sim::{ClockDomain, Counter, Request, Stats, Tick, Value};
+use sim::intr::InterruptController;
+use sim::{Availability, ClockDomain, Counter, Request, Stats, Tick, Value};
 
 use crate::arch::Arch;
+use crate::perf::{self, InstCounter, PerfEvent};
+use crate::timer::{kick_signal, KickHandle, ThreadSignals, TimerKind};
 use crate::{sys, KvmError, Result};
 
 /// How a KVM CPU converts between host and simulated time.
@@ -50,6 +59,43 @@ impl CpuConfig {
     pub fn ticks_to_host_ns(&self, ticks: Tick) -> u64 {
         (ticks as f64 / (sim::tick::TICKS_PER_NS as f64 * self.host_factor)) as u64
     }
+
+    /// Simulated ticks to host cycles (of `host_freq`).
+    pub fn ticks_to_host_cycles(&self, ticks: Tick) -> u64 {
+        (sim::tick::ticks_to_seconds(ticks) * self.host_freq_hz / self.host_factor) as u64
+    }
+}
+
+/// Options of a KVM CPU beyond time conversion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// What forces exits at the end of each run.
+    pub timer: TimerKind,
+    /// Stop after this many guest instructions.
+    pub max_insts: Option<u64>,
+    /// Drain the coalesced-MMIO ring after every run.
+    pub coalesced_mmio: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions {
+            timer: TimerKind::Posix,
+            max_insts: None,
+            coalesced_mmio: false,
+        }
+    }
+}
+
+/// How guest instructions are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstMethod {
+    /// Not counted (no PMU, no exact stop requested): stats say `nan`.
+    Unavailable = 0,
+    /// A hardware performance counter (guest only).
+    PerfCounter = 1,
+    /// KVM single-stepping: exact, one exit per instruction.
+    SingleStep = 2,
 }
 
 /// The CPU's state.
@@ -68,6 +114,13 @@ pub enum TickOutcome {
     Next(Tick),
     /// The CPU is idle (halted) until [`KvmCpu::wake`].
     Idle,
+    /// Draining is complete: the CPU is consistent and not ticked until
+    /// [`KvmCpu::drain_resume`].
+    Drained,
+    /// The instruction limit was reached: the count and a register dump.
+    InstLimit(u64, String),
+    /// Something this host cannot do was required (explained).
+    Unsupported(String),
     /// The guest cannot continue: a description and register dump.
     Fault(String),
 }
@@ -96,11 +149,13 @@ enum Exit {
         data: [u8; 8],
     },
     Hlt,
-    /// A signal interrupted KVM_RUN.
+    /// A signal interrupted KVM_RUN (run timer, kick, or immediate_exit).
     Intr,
     /// KVM_RUN asked to be retried (EAGAIN).
     Retry,
     IrqWindowOpen,
+    /// A single-step (or other debug) exit.
+    Debug,
     Hypercall(u64),
     /// Anything the CPU cannot continue from.
     Fatal(String),
@@ -109,12 +164,18 @@ enum Exit {
 /// The CPU's statistics (gem5's names).
 struct CpuStats {
     num_vm_exits: Counter,
+    num_vm_half_entries: Counter,
     num_exit_signal: Counter,
     num_io: Counter,
     num_mmio: Counter,
+    num_coalesced_mmio: Counter,
     num_halt: Counter,
+    num_interrupts: Counter,
     num_hypercalls: Counter,
     num_cycles: Counter,
+    num_insts: Counter,
+    insts_available: Availability,
+    inst_method: Value,
     kvm_host_seconds: Value,
 }
 
@@ -122,13 +183,8 @@ impl CpuStats {
     fn new(stats: &mut Stats, p: &str) -> std::result::Result<Self, sim::stats::StatsError> {
         let exits = stats.counter(
             &format!("{p}.numVMExits"),
-            "Number of VM exits (returns from KVM_RUN)",
+            "Number of VM exits (returns from KVM_RUN, half entries included)",
             "Count",
-        )?;
-        let kvm_host_seconds = stats.value(
-            &format!("{p}.kvmHostSeconds"),
-            "Host time spent inside KVM_RUN",
-            "Second",
         )?;
         let e = exits.clone();
         stats.formula(
@@ -137,27 +193,52 @@ impl CpuStats {
             "Count/Second",
             move |ctx| e.get() as f64 / ctx.host_seconds,
         )?;
+        let c =
+            |stats: &mut Stats, n: &str, d: &str| stats.counter(&format!("{p}.{n}"), d, "Count");
+        let (num_insts, insts_available) = stats.maybe_counter(
+            &format!("{p}.numInsts"),
+            "Guest instructions executed (nan: not countable here; see instCountMethod)",
+            "Count",
+        )?;
         Ok(CpuStats {
             num_vm_exits: exits,
-            num_exit_signal: stats.counter(
-                &format!("{p}.numExitSignal"),
-                "Exits due to signals (timer, kick, user interrupt)",
-                "Count",
+            num_vm_half_entries: c(
+                stats,
+                "numVMHalfEntries",
+                "Entries that only completed pending IO without running guest code",
             )?,
-            num_io: stats.counter(&format!("{p}.numIO"), "Port-IO exits", "Count")?,
-            num_mmio: stats.counter(&format!("{p}.numMMIO"), "MMIO exits", "Count")?,
-            num_halt: stats.counter(&format!("{p}.numHalt"), "HLT exits", "Count")?,
-            num_hypercalls: stats.counter(
-                &format!("{p}.numHypercalls"),
-                "Hypercall exits",
-                "Count",
+            num_exit_signal: c(
+                stats,
+                "numExitSignal",
+                "Exits forced by a signal (run timer, kick, user interrupt)",
             )?,
+            num_io: c(stats, "numIO", "Port-IO exits")?,
+            num_mmio: c(stats, "numMMIO", "MMIO exits")?,
+            num_coalesced_mmio: c(
+                stats,
+                "numCoalescedMMIO",
+                "MMIO writes taken from the coalesced-MMIO ring",
+            )?,
+            num_halt: c(stats, "numHalt", "HLT exits")?,
+            num_interrupts: c(stats, "numInterrupts", "Interrupts and NMIs injected")?,
+            num_hypercalls: c(stats, "numHypercalls", "Hypercall exits")?,
             num_cycles: stats.counter(
                 &format!("{p}.numCycles"),
-                "Simulated CPU cycles spent in the guest (host cycles x host_factor, in CPU clock cycles)",
+                "Simulated CPU cycles spent in the guest (host time x host_factor, in CPU clock cycles)",
                 "Cycle",
             )?,
-            kvm_host_seconds,
+            num_insts,
+            insts_available,
+            inst_method: stats.value(
+                &format!("{p}.instCountMethod"),
+                "How instructions are counted: 0 unavailable (no PMU), 1 hardware perf counter, 2 KVM single-step (exact)",
+                "Unspecified",
+            )?,
+            kvm_host_seconds: stats.value(
+                &format!("{p}.kvmHostSeconds"),
+                "Host time spent inside KVM_RUN",
+                "Second",
+            )?,
         })
     }
 }
@@ -177,6 +258,12 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
     }
 }
 
+/// A shared interrupt controller, as the CPU holds it.
+pub type IntcHandle = Arc<Mutex<dyn InterruptController>>;
+
+/// Longest a draining CPU runs while waiting for KVM to deliver an event.
+const DRAIN_RUN_LIMIT: Tick = sim::tick::TICKS_PER_MS;
+
 /// A CPU backed by a KVM vCPU.
 pub struct KvmCpu<A: Arch> {
     name: String,
@@ -184,10 +271,22 @@ pub struct KvmCpu<A: Arch> {
     arch: A,
     mmap_size: usize,
     cfg: CpuConfig,
+    opts: CpuOptions,
     state: CpuState,
     pending: Option<Exit>,
     io_buf: Vec<u8>,
     stats: CpuStats,
+    kick: KickHandle,
+    signals: Option<ThreadSignals>,
+    intc: Option<IntcHandle>,
+    draining: bool,
+    /// Guest instructions executed so far (absolute, never reset).
+    insts: u64,
+    inst_counter: Option<InstCounter>,
+    inst_method: InstMethod,
+    stepping: bool,
+    /// The system-wide instruction count, updated on every exit.
+    total_insts: Option<(Counter, Availability)>,
 }
 
 impl<A: Arch> KvmCpu<A> {
@@ -198,19 +297,45 @@ impl<A: Arch> KvmCpu<A> {
         arch: A,
         mmap_size: usize,
         cfg: CpuConfig,
+        opts: CpuOptions,
         stats: &mut Stats,
     ) -> Result<Self> {
+        let mut vcpu = vcpu;
+        if opts.coalesced_mmio {
+            vcpu.map_coalesced_mmio_ring()
+                .map_err(KvmError::ioctl("mapping the coalesced-MMIO ring"))?;
+        }
         Ok(KvmCpu {
             name: name.into(),
             vcpu,
             arch,
             mmap_size,
             cfg,
+            opts,
             state: CpuState::Running,
             pending: None,
             io_buf: Vec::new(),
             stats: CpuStats::new(stats, name).map_err(|e| KvmError::Setup(e.to_string()))?,
+            kick: KickHandle::default(),
+            signals: None,
+            intc: None,
+            draining: false,
+            insts: 0,
+            inst_counter: None,
+            inst_method: InstMethod::Unavailable,
+            stepping: false,
+            total_insts: None,
         })
+    }
+
+    /// Connects the interrupt controller asked before each entry.
+    pub fn set_interrupt_controller(&mut self, intc: IntcHandle) {
+        self.intc = Some(intc);
+    }
+
+    /// Connects the system-wide instruction count.
+    pub fn set_total_insts(&mut self, total: Counter, available: Availability) {
+        self.total_insts = Some((total, available));
     }
 
     pub fn name(&self) -> &str {
@@ -229,14 +354,70 @@ impl<A: Arch> KvmCpu<A> {
         &self.vcpu
     }
 
+    /// Guest instructions executed so far, if they are counted.
+    pub fn insts(&self) -> Option<u64> {
+        (self.inst_method != InstMethod::Unavailable).then_some(self.insts)
+    }
+
+    /// How instructions are counted.
+    pub fn inst_method(&self) -> InstMethod {
+        self.inst_method
+    }
+
+    /// A handle that forces this CPU out of KVM from any thread.
+    pub fn kick_handle(&self) -> KickHandle {
+        self.kick.clone()
+    }
+
     /// The architecture state, with the vCPU to sync it through.
     pub fn arch_mut(&mut self) -> (&mut A, &VcpuFd) {
         (&mut self.arch, &self.vcpu)
     }
 
-    /// A readable dump of the CPU state.
+    /// A readable dump of the whole CPU state.
     pub fn dump(&mut self) -> String {
         self.arch.dump(&self.vcpu)
+    }
+
+    /// Per-thread setup, run from the CPU's startup event on the thread that
+    /// executes its queue: kick handling, the run timer, the instruction
+    /// counter. Must run before the first tick.
+    pub fn startup_thread(&mut self) -> Result<()> {
+        let signals =
+            ThreadSignals::setup(&self.vcpu, self.opts.timer, &self.kick).map_err(|e| {
+                KvmError::Setup(format!(
+                    "{}: setting up the run timer ({:?}) and kick signal: {e}",
+                    self.name, self.opts.timer
+                ))
+            })?;
+        self.signals = Some(signals);
+        if perf::pmu_available() {
+            let mut c =
+                InstCounter::new(PerfEvent::GuestInstructions, sys::gettid(), kick_signal())
+                    .map_err(|e| KvmError::Setup(format!("guest instruction counter: {e}")))?;
+            if let Some(max) = self.opts.max_insts {
+                c.set_stop(Some(max.max(1)))
+                    .map_err(|e| KvmError::Setup(format!("instruction stop: {e}")))?;
+            }
+            self.inst_counter = Some(c);
+            self.inst_method = InstMethod::PerfCounter;
+        } else if self.opts.max_insts.is_some() {
+            self.arch.set_single_step(&self.vcpu, true)?;
+            self.stepping = true;
+            self.inst_method = InstMethod::SingleStep;
+            tracing::warn!(
+                "{}: max_insts without a hardware PMU: counting by single-stepping every \
+                 instruction (exact, about one exit per instruction)",
+                self.name
+            );
+        }
+        let available = self.inst_method != InstMethod::Unavailable;
+        self.stats.insts_available.set(available);
+        if let Some((_, a)) = &self.total_insts {
+            a.set(available);
+        }
+        self.stats.inst_method.set(self.inst_method as u32 as f64);
+        Ok(())
     }
 
     /// Wakes an idle CPU. Returns true if it was idle (the owner must then
@@ -249,11 +430,33 @@ impl<A: Arch> KvmCpu<A> {
         was_idle
     }
 
-    /// One tick of the CPU at `now`. `bus` services IO; devices' requests
-    /// for the simulator are appended to `requests`.
+    /// Starts draining. Returns true if the CPU is drained already.
+    pub fn drain(&mut self) -> Result<bool> {
+        self.draining = true;
+        Ok(match self.state {
+            CpuState::Idle => true,
+            CpuState::Running => self.arch.is_drained(&self.vcpu)?,
+            CpuState::RunningService | CpuState::RunningServiceCompletion => false,
+        })
+    }
+
+    /// Ends a drain; the owner schedules a tick if the CPU is not idle.
+    pub fn drain_resume(&mut self) {
+        self.draining = false;
+    }
+
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// One tick of the CPU at `now`. `next_event` is the tick of the next
+    /// event in the CPU's queue (the run ends there); `bus` services IO;
+    /// devices' requests for the simulator are appended to `requests`.
     pub fn tick(
         &mut self,
         now: Tick,
+        next_event: Option<Tick>,
         bus: &IoBus,
         requests: &mut Vec<Request>,
     ) -> Result<TickOutcome> {
@@ -268,28 +471,151 @@ impl<A: Arch> KvmCpu<A> {
                 self.service(now, exit, bus, requests)
             }
             CpuState::Running | CpuState::RunningServiceCompletion => {
-                let (ticks, exit) = self.run_kvm()?;
-                match exit {
-                    Exit::Intr => {
-                        self.stats.num_exit_signal.inc();
-                        self.state = CpuState::Running;
+                if self.draining {
+                    if let Some(outcome) = self.drain_step(now, bus)? {
+                        return Ok(outcome);
                     }
-                    Exit::Retry => self.state = CpuState::Running,
-                    other => {
-                        self.pending = Some(other);
-                        self.state = CpuState::RunningService;
-                    }
+                    // Not drained: run briefly so KVM delivers its event.
+                    let (ticks, exit, _) =
+                        self.run_kvm(Some(DRAIN_RUN_LIMIT.min(self.span(now, next_event))), bus)?;
+                    return Ok(self.after_run(now, next_event, ticks, exit, false));
                 }
-                // At least one cycle passes, so the next tick is in the future.
-                let cycles = clock.ticks_to_cycles(ticks).max(1);
-                Ok(TickOutcome::Next(clock.clock_edge(now, cycles)))
+                if let Some(o) = self.check_step_allowed()? {
+                    return Ok(o);
+                }
+                let span = next_event.map(|t| t.saturating_sub(now));
+                let (ticks, exit, expired) = self.run_kvm(span, bus)?;
+                if let Some(o) = self.check_inst_limit()? {
+                    return Ok(o);
+                }
+                Ok(self.after_run(now, next_event, ticks, exit, expired))
             }
+        }
+        .inspect(|o| {
+            if let TickOutcome::Next(t) = o {
+                debug_assert!(*t >= now && *t >= clock.clock_edge(now, 0));
+            }
+        })
+    }
+
+    fn span(&self, now: Tick, next_event: Option<Tick>) -> Tick {
+        next_event.map_or(Tick::MAX, |t| t.saturating_sub(now))
+    }
+
+    /// Decides the next tick after a run that used `ticks`.
+    fn after_run(
+        &mut self,
+        now: Tick,
+        next_event: Option<Tick>,
+        ticks: Tick,
+        exit: Exit,
+        expired: bool,
+    ) -> TickOutcome {
+        let clock = self.cfg.clock;
+        match exit {
+            Exit::Intr => {
+                self.stats.num_exit_signal.inc();
+                self.state = CpuState::Running;
+            }
+            Exit::Retry | Exit::Debug => self.state = CpuState::Running,
+            other => {
+                self.pending = Some(other);
+                self.state = CpuState::RunningService;
+            }
+        }
+        let cycles = match (expired, next_event) {
+            // The run timer expired: time moves just past the next event,
+            // whatever the host measured (gem5's rule).
+            (true, Some(t)) => clock.ticks_to_cycles(t.saturating_sub(now).saturating_add(1)),
+            _ => clock.ticks_to_cycles(ticks),
+        };
+        // At least one cycle passes, so the next tick is in the future.
+        TickOutcome::Next(clock.clock_edge(now, cycles.max(1)))
+    }
+
+    /// One drain step before a run: a pending read is completed with a half
+    /// entry; a CPU with no injected or pending events is drained.
+    fn drain_step(&mut self, now: Tick, bus: &IoBus) -> Result<Option<TickOutcome>> {
+        if !self.arch.is_drained(&self.vcpu)? {
+            return Ok(None);
+        }
+        if self.state == CpuState::RunningServiceCompletion {
+            self.half_entry(bus)?;
+            self.state = CpuState::Running;
+            let clock = self.cfg.clock;
+            return Ok(Some(TickOutcome::Next(clock.clock_edge(now, 1))));
+        }
+        Ok(Some(TickOutcome::Drained))
+    }
+
+    /// Enters KVM only to complete a pending IO instruction (immediate_exit).
+    fn half_entry(&mut self, bus: &IoBus) -> Result<()> {
+        self.arch.update_kvm_state(&self.vcpu)?;
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
+        self.vcpu.set_kvm_immediate_exit(0);
+        self.arch.kvm_state_changed();
+        self.stats.num_vm_exits.inc();
+        self.stats.num_vm_half_entries.inc();
+        self.flush_coalesced(bus);
+        match r {
+            Err(libc::EINTR) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) => Err(KvmError::Setup(format!(
+                "half entry (KVM_RUN with immediate_exit) failed: {}",
+                std::io::Error::from_raw_os_error(e)
+            ))),
         }
     }
 
-    /// Enters KVM once; returns the simulated time used and the exit.
-    fn run_kvm(&mut self) -> Result<(Tick, Exit)> {
+    /// Before a single-step: refuses to step where this host cannot.
+    fn check_step_allowed(&mut self) -> Result<Option<TickOutcome>> {
+        if !self.stepping {
+            return Ok(None);
+        }
+        let cpl = self.arch.privilege_level(&self.vcpu)?;
+        if crate::probe::single_step_works(cpl)? {
+            return Ok(None);
+        }
+        let dump = self.dump();
+        Ok(Some(TickOutcome::Unsupported(format!(
+            "max_insts: after {} instructions the guest is at CPL{cpl}, where this host's KVM does not \
+             single-step (it runs that code natively to the next exit), and there is no hardware PMU \
+             to count instructions: an exact instruction stop is impossible here\n{dump}",
+            self.insts
+        ))))
+    }
+
+    /// After a run: the instruction limit.
+    fn check_inst_limit(&mut self) -> Result<Option<TickOutcome>> {
+        match self.opts.max_insts {
+            Some(max) if self.inst_method != InstMethod::Unavailable && self.insts >= max => {
+                let dump = self.dump();
+                Ok(Some(TickOutcome::InstLimit(self.insts, dump)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Enters KVM once for at most `span` ticks; returns the simulated time
+    /// used, the exit, and whether the run timer expired.
+    fn run_kvm(&mut self, span: Option<Tick>, bus: &IoBus) -> Result<(Tick, Exit, bool)> {
+        if let Some(intc) = &self.intc {
+            let mut intc = mem::lock(intc);
+            let d = self.arch.deliver_interrupts(&mut self.vcpu, &mut *intc)?;
+            self.stats.num_interrupts.add(u64::from(d.injected));
+        }
         self.arch.update_kvm_state(&self.vcpu)?;
+        let timer = self.signals.as_ref().map(|s| &s.timer);
+        let armed = match (timer, span) {
+            (Some(t), Some(span)) if !self.stepping && span < Tick::MAX => {
+                let span = span.max(t.resolution(&self.cfg));
+                t.arm(span, &self.cfg)
+                    .map_err(|e| KvmError::Setup(format!("arming the run timer: {e}")))?;
+                true
+            }
+            _ => false,
+        };
         let host_start = Instant::now();
         let start = self.arch.host_cycles();
         let exit = match self.vcpu.run() {
@@ -324,6 +650,7 @@ impl<A: Arch> KvmCpu<A> {
             Ok(VcpuExit::Hlt) => Exit::Hlt,
             Ok(VcpuExit::Intr) => Exit::Intr,
             Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
+            Ok(VcpuExit::Debug(_)) => Exit::Debug,
             Ok(VcpuExit::Hypercall(h)) => Exit::Hypercall(h.nr),
             Ok(VcpuExit::Shutdown) => {
                 Exit::Fatal("KVM_EXIT_SHUTDOWN: the guest shut down (triple fault)".into())
@@ -347,9 +674,7 @@ impl<A: Arch> KvmCpu<A> {
             }
             Ok(VcpuExit::Unknown) => {
                 let hw = sys::unknown_hw_reason(self.vcpu.get_kvm_run()).unwrap_or(0);
-                Exit::Fatal(format!(
-                    "KVM_EXIT_UNKNOWN: hardware exit reason {hw:#x}"
-                ))
+                Exit::Fatal(format!("KVM_EXIT_UNKNOWN: hardware exit reason {hw:#x}"))
             }
             Ok(VcpuExit::Exception) => {
                 let (nr, code) = sys::exception(self.vcpu.get_kvm_run()).unwrap_or((0, 0));
@@ -366,9 +691,16 @@ impl<A: Arch> KvmCpu<A> {
             Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
         };
         let cycles = self.arch.host_cycles().wrapping_sub(start);
-        self.stats
-            .kvm_host_seconds
-            .add(host_start.elapsed().as_secs_f64());
+        let elapsed = host_start.elapsed();
+        let expired = match (armed, timer) {
+            (true, Some(t)) => t
+                .disarm()
+                .map_err(|e| KvmError::Setup(format!("disarming the run timer: {e}")))?,
+            _ => false,
+        };
+        // A kick or timer signal that arrived late must not end the next run.
+        sys::discard_pending(kick_signal());
+        self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
         self.arch.kvm_state_changed();
         self.stats.num_vm_exits.inc();
 
@@ -384,11 +716,70 @@ impl<A: Arch> KvmCpu<A> {
             }
             e => e,
         };
-        let ticks = self.cfg.host_cycles_to_ticks(cycles);
+        self.account_insts(&exit)?;
+        let ticks = self
+            .cfg
+            .host_cycles_to_ticks(cycles)
+            .saturating_add(self.flush_coalesced(bus));
         self.stats
             .num_cycles
             .add(self.cfg.clock.ticks_to_cycles(ticks));
-        Ok((ticks, exit))
+        Ok((ticks, exit, expired))
+    }
+
+    /// Updates the instruction counts after a run.
+    fn account_insts(&mut self, exit: &Exit) -> Result<()> {
+        let before = self.insts;
+        match self.inst_method {
+            InstMethod::PerfCounter => {
+                if let Some(c) = &self.inst_counter {
+                    self.insts = c.total().map_err(|e| {
+                        KvmError::Setup(format!("reading the instruction counter: {e}"))
+                    })?;
+                }
+            }
+            InstMethod::SingleStep => {
+                // One instruction per debug exit; HLT completes without one.
+                if matches!(exit, Exit::Debug | Exit::Hlt) {
+                    self.insts += 1;
+                }
+            }
+            InstMethod::Unavailable => return Ok(()),
+        }
+        let delta = self.insts.saturating_sub(before);
+        self.stats.num_insts.add(delta);
+        if let Some((total, _)) = &self.total_insts {
+            total.add(delta);
+        }
+        Ok(())
+    }
+
+    /// Replays the writes buffered in the coalesced-MMIO ring through the
+    /// bus; returns their summed latency.
+    fn flush_coalesced(&mut self, bus: &IoBus) -> Tick {
+        if !self.opts.coalesced_mmio {
+            return 0;
+        }
+        let mut latency: Tick = 0;
+        let mut reqs = Vec::new();
+        while let Ok(Some(e)) = self.vcpu.coalesced_mmio_read() {
+            self.stats.num_coalesced_mmio.inc();
+            let len = (e.len as usize).min(e.data.len());
+            let mut ctx = AccessCtx::new(0, &mut reqs);
+            latency = latency.saturating_add(bus.write(
+                Space::Mmio,
+                e.phys_addr,
+                &e.data[..len],
+                &mut ctx,
+            ));
+        }
+        if !reqs.is_empty() {
+            tracing::warn!(
+                "{}: requests from coalesced MMIO writes are ignored",
+                self.name
+            );
+        }
+        latency
     }
 
     /// Services an exit at `now`.
@@ -505,9 +896,13 @@ impl<A: Arch> KvmCpu<A> {
             Exit::Hlt => {
                 self.stats.num_halt.inc();
                 self.state = CpuState::Idle;
-                return Ok(TickOutcome::Idle);
+                return Ok(if self.draining {
+                    TickOutcome::Drained
+                } else {
+                    TickOutcome::Idle
+                });
             }
-            Exit::IrqWindowOpen | Exit::Intr | Exit::Retry => 0,
+            Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug => 0,
             Exit::Hypercall(nr) => {
                 self.stats.num_hypercalls.inc();
                 return Ok(self.fault(format!(

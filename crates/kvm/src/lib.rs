@@ -6,7 +6,10 @@
 
 pub mod arch;
 pub mod cpu;
+pub mod perf;
+pub mod probe;
 pub mod sys;
+pub mod timer;
 pub mod vm;
 
 pub use arch::Arch;

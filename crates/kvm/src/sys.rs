@@ -97,3 +97,357 @@ pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; every x86-64 CPU has it.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+// ---------------------------------------------------------------------------
+// Signals, threads and timers.
+
+use std::io;
+use std::mem::MaybeUninit;
+
+use kvm_bindings::{kvm_interrupt, kvm_signal_mask, KVMIO};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+ioctl_iow_nr!(KVM_SET_SIGNAL_MASK, KVMIO, 0x8b, kvm_signal_mask);
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `pthread_*` functions return the error number instead of setting errno.
+fn check_pthread(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(ret))
+    }
+}
+
+/// An empty signal set.
+pub fn empty_sigset() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the whole set it is given.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        set.assume_init()
+    }
+}
+
+/// Adds or removes `sig` in `set`.
+pub fn sigset_change(set: &mut libc::sigset_t, sig: libc::c_int, add: bool) {
+    // SAFETY: `set` is a valid, initialised sigset; invalid signal numbers
+    // only make these return EINVAL.
+    unsafe {
+        if add {
+            libc::sigaddset(set, sig);
+        } else {
+            libc::sigdelset(set, sig);
+        }
+    }
+}
+
+/// True if `sig` is in `set`.
+pub fn sigset_has(set: &libc::sigset_t, sig: libc::c_int) -> bool {
+    // SAFETY: `set` is a valid, initialised sigset.
+    unsafe { libc::sigismember(set, sig) == 1 }
+}
+
+/// Changes the calling thread's signal mask (`how` = SIG_BLOCK, SIG_UNBLOCK,
+/// SIG_SETMASK) and returns the previous one.
+pub fn thread_sigmask(
+    how: libc::c_int,
+    set: Option<&libc::sigset_t>,
+) -> io::Result<libc::sigset_t> {
+    let mut old = empty_sigset();
+    let new = set.map_or(std::ptr::null(), |s| s as *const libc::sigset_t);
+    // SAFETY: both pointers are valid for the call (or null for "no change").
+    check_pthread(unsafe { libc::pthread_sigmask(how, new, &mut old) })?;
+    Ok(old)
+}
+
+/// Sets the signal mask KVM applies while the vCPU runs inside KVM_RUN.
+pub fn set_kvm_signal_mask(vcpu: &VcpuFd, set: &libc::sigset_t) -> io::Result<()> {
+    /// `struct kvm_signal_mask` with the 8-byte kernel sigset the kernel
+    /// insists on (`len` must be 8, not glibc's 128-byte sigset_t).
+    #[repr(C)]
+    struct KernelMask {
+        len: u32,
+        sigset: [u8; 8],
+    }
+    let mut mask = KernelMask {
+        len: 8,
+        sigset: [0; 8],
+    };
+    // The kernel's sigset for signals 1..=64 is the first 64 bits of glibc's.
+    for sig in 1..=64 {
+        if sigset_has(set, sig) {
+            let bit = (sig - 1) as usize;
+            mask.sigset[bit / 8] |= 1 << (bit % 8);
+        }
+    }
+    // SAFETY: KVM_SET_SIGNAL_MASK reads a kvm_signal_mask header followed by
+    // `len` (8) bytes of mask; KernelMask is exactly that, and it outlives
+    // the call. The fd is a vCPU fd.
+    check(unsafe { ioctl_with_ref(vcpu, KVM_SET_SIGNAL_MASK(), &mask) })?;
+    Ok(())
+}
+
+/// Discards every pending instance of `sig` for the calling thread (the
+/// signal must be blocked). Returns how many were discarded.
+pub fn discard_pending(sig: libc::c_int) -> u32 {
+    let mut set = empty_sigset();
+    sigset_change(&mut set, sig, true);
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let mut n = 0;
+    loop {
+        // SAFETY: valid set and timeout; a null siginfo is allowed.
+        let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) };
+        if r == sig {
+            n += 1;
+        } else if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        } else {
+            return n;
+        }
+    }
+}
+
+/// True if `sig` is pending for the calling thread or the process.
+pub fn is_pending(sig: libc::c_int) -> bool {
+    let mut set = empty_sigset();
+    // SAFETY: sigpending fills the valid set it is given.
+    unsafe { libc::sigpending(&mut set) };
+    sigset_has(&set, sig)
+}
+
+/// The calling thread's kernel thread id.
+pub fn gettid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// The calling thread's pthread handle.
+pub fn pthread_self() -> libc::pthread_t {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() }
+}
+
+/// Sends `sig` to thread `t`, which must be alive.
+pub fn pthread_kill(t: libc::pthread_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: the caller guarantees `t` names a live thread of this process
+    // (kvmsim clears its kick handles before the thread ends).
+    check_pthread(unsafe { libc::pthread_kill(t, sig) })
+}
+
+/// Injects external interrupt `vector` (KVM_INTERRUPT; no in-kernel irqchip).
+pub fn interrupt(vcpu: &VcpuFd, vector: u8) -> io::Result<()> {
+    let irq = kvm_interrupt {
+        irq: u32::from(vector),
+    };
+    // SAFETY: KVM_INTERRUPT reads one kvm_interrupt, which lives across the call.
+    check(unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) })?;
+    Ok(())
+}
+
+/// Restores the FPU/SSE/AVX state with KVM_SET_XSAVE.
+pub fn set_xsave(vcpu: &VcpuFd, xsave: &kvm_bindings::kvm_xsave) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: the caller passes an area obtained from KVM_GET_XSAVE on a vCPU
+    // of this host (the only way kvmsim builds one), so its size and layout
+    // are what KVM_SET_XSAVE expects; kvm-ioctls marks the call unsafe only
+    // because a larger XSAVE2 area would be read past the struct.
+    unsafe { vcpu.set_xsave(xsave) }
+}
+
+/// A POSIX timer on CLOCK_MONOTONIC that signals one thread.
+#[derive(Debug)]
+pub struct PosixTimer(libc::timer_t);
+
+// SAFETY: a timer_t is a process-wide handle; any thread may arm, disarm or
+// delete it. The signal goes to the thread named at creation.
+unsafe impl Send for PosixTimer {}
+
+impl PosixTimer {
+    /// Creates a timer that sends `sig` to the kernel thread `tid`.
+    pub fn new(sig: libc::c_int, tid: libc::pid_t) -> io::Result<Self> {
+        // SAFETY: sigevent is plain data; all-zero is a valid start.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = sig;
+        sev.sigev_notify_thread_id = tid;
+        let mut id = MaybeUninit::<libc::timer_t>::uninit();
+        loop {
+            // SAFETY: valid sigevent and output pointer.
+            let r = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, id.as_mut_ptr()) };
+            if r == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(e);
+            }
+        }
+        // SAFETY: timer_create succeeded and wrote the id.
+        Ok(PosixTimer(unsafe { id.assume_init() }))
+    }
+
+    fn settime(&self, ns: u64) -> io::Result<libc::itimerspec> {
+        let new = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: an all-zero itimerspec is valid plain data.
+        let mut old: libc::itimerspec = unsafe { std::mem::zeroed() };
+        // SAFETY: self.0 is a live timer; both structs are valid.
+        check(unsafe { libc::timer_settime(self.0, 0, &new, &mut old) })?;
+        Ok(old)
+    }
+
+    /// Arms a one-shot expiry `ns` nanoseconds from now (at least 1 ns: 0
+    /// would disarm).
+    pub fn arm(&self, ns: u64) -> io::Result<()> {
+        self.settime(ns.max(1)).map(|_| ())
+    }
+
+    /// Disarms; returns true if the timer had expired (nothing was left).
+    pub fn disarm(&self) -> io::Result<bool> {
+        let old = self.settime(0)?;
+        Ok(old.it_value.tv_sec == 0 && old.it_value.tv_nsec == 0)
+    }
+}
+
+impl Drop for PosixTimer {
+    fn drop(&mut self) {
+        // SAFETY: self.0 is a live timer, deleted exactly once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+/// Resolution of CLOCK_MONOTONIC in nanoseconds.
+pub fn monotonic_resolution_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid output pointer.
+    unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+// ---------------------------------------------------------------------------
+// perf_event_open.
+
+use perf_event_open_sys as perf;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Opens a perf event for thread `tid` on any CPU, in group `group` (-1 for
+/// a new group).
+pub fn perf_open(
+    attr: &mut perf::bindings::perf_event_attr,
+    tid: libc::pid_t,
+    group: libc::c_int,
+) -> io::Result<OwnedFd> {
+    attr.size = std::mem::size_of::<perf::bindings::perf_event_attr>() as u32;
+    // SAFETY: `attr` is a fully initialised perf_event_attr with its size set.
+    let fd = unsafe {
+        perf::perf_event_open(
+            attr,
+            tid,
+            -1,
+            group,
+            perf::bindings::PERF_FLAG_FD_CLOEXEC as _,
+        )
+    };
+    check(fd)?;
+    // SAFETY: perf_event_open returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The perf ioctls kvmsim uses.
+#[derive(Debug, Clone, Copy)]
+pub enum PerfIoctl {
+    Enable,
+    Disable,
+    Reset,
+    /// Reload the overflow counter and allow this many more overflows.
+    Refresh(i32),
+    /// Set the sample period (overflow every N events).
+    Period(u64),
+}
+
+/// Issues a perf ioctl on a perf event fd.
+pub fn perf_ioctl(fd: &OwnedFd, op: PerfIoctl) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: `fd` is a perf event fd; each ioctl takes the argument type
+    // its wrapper declares (PERIOD reads a u64 through the pointer we pass).
+    let r = unsafe {
+        match op {
+            PerfIoctl::Enable => perf::ioctls::ENABLE(fd, 0),
+            PerfIoctl::Disable => perf::ioctls::DISABLE(fd, 0),
+            PerfIoctl::Reset => perf::ioctls::RESET(fd, 0),
+            PerfIoctl::Refresh(n) => perf::ioctls::REFRESH(fd, n),
+            PerfIoctl::Period(p) => {
+                let p = p.max(1);
+                libc::ioctl(fd, perf::bindings::PERIOD as _, &p as *const u64)
+            }
+        }
+    };
+    check(r).map(|_| ())
+}
+
+/// Reads a perf counter's value.
+pub fn perf_read(fd: &OwnedFd) -> io::Result<u64> {
+    let mut v = 0u64;
+    // SAFETY: reads 8 bytes into `v` from a perf fd (read_format 0).
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    if n != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+// From <bits/fcntl-linux.h>; the libc crate does not export them.
+const F_SETSIG: libc::c_int = 10;
+const F_SETOWN_EX: libc::c_int = 15;
+const F_OWNER_TID: libc::c_int = 0;
+
+/// `struct f_owner_ex`.
+#[repr(C)]
+struct FOwnerEx {
+    type_: libc::c_int,
+    pid: libc::pid_t,
+}
+
+/// Routes a perf fd's overflow notifications to thread `tid` as signal `sig`.
+pub fn perf_signal_to_thread(fd: &OwnedFd, sig: libc::c_int, tid: libc::pid_t) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    let owner = FOwnerEx {
+        type_: F_OWNER_TID,
+        pid: tid,
+    };
+    // SAFETY: fcntl on a valid fd with a valid f_owner_ex pointer / int args.
+    unsafe {
+        check(libc::fcntl(raw, F_SETOWN_EX, &owner as *const FOwnerEx))?;
+        check(libc::fcntl(raw, F_SETSIG, sig))?;
+        let flags = check(libc::fcntl(raw, libc::F_GETFL))?;
+        check(libc::fcntl(
+            raw,
+            libc::F_SETFL,
+            flags | libc::O_ASYNC | libc::O_NONBLOCK,
+        ))?;
+    }
+    Ok(())
+}

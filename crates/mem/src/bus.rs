@@ -68,6 +68,20 @@ pub trait BusDevice: Send {
 /// A shared handle to a device.
 pub type DeviceHandle = Arc<Mutex<dyn BusDevice>>;
 
+/// A device that acts at simulated times of its own (timers). Devices keep
+/// time lazily: they compute their state from elapsed ticks and name only the
+/// next tick at which something must happen; the system schedules one event
+/// for it and asks again after every access.
+pub trait TimedDevice: Send {
+    /// The tick of the next thing this device must do, if any.
+    fn next_deadline(&self) -> Option<Tick>;
+    /// Does what is due at `ctx.now`.
+    fn on_deadline(&mut self, ctx: &mut AccessCtx);
+}
+
+/// A shared handle to a timed device.
+pub type TimedHandle = Arc<Mutex<dyn TimedDevice>>;
+
 /// Errors registering devices.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -207,7 +221,7 @@ impl IoBus {
 
 /// Locks a device. A device that panicked while locked is still usable: its
 /// state is whatever it was, which is all a guest could observe anyway.
-fn lock(dev: &DeviceHandle) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+pub fn lock<T: ?Sized>(dev: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     dev.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -9,5 +9,8 @@
 pub mod bus;
 pub mod ram;
 
-pub use bus::{AccessCtx, BusDevice, BusError, CallArgs, IoBus, Space};
+pub use bus::{
+    lock, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus, Space, TimedDevice,
+    TimedHandle,
+};
 pub use ram::{GuestRam, MemoryMap, RamError, Region};

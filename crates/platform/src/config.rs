@@ -26,6 +26,10 @@ pub struct SimConfig {
     /// Stop after this much simulated time (exit cause "max tick").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_time: Option<Duration>,
+    /// Drain and resume every CPU this often (simulated time). A testing aid
+    /// for the drain path that checkpoints use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_period: Option<Duration>,
 }
 
 /// One simulated system.
@@ -48,6 +52,10 @@ pub struct SystemConfig {
     pub cpu: CpuConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// MMIO ranges `[base, size]` whose writes KVM buffers in the
+    /// coalesced-MMIO ring instead of exiting (drained after every run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coalesced_mmio: Vec<[u64; 2]>,
 }
 
 fn default_memory() -> Size {
@@ -68,7 +76,21 @@ pub struct CpuConfig {
     /// Simulated time per host time inside KVM (target CPI / host CPI).
     #[serde(default = "default_host_factor")]
     pub host_factor: f64,
+    /// What forces exits from KVM: "auto" (a perf cycle counter with a PMU,
+    /// else a POSIX timer), "posix", "perf-cycles", "perf-task-clock".
+    #[serde(default = "default_timer")]
+    pub timer: String,
+    /// Stop after this many guest instructions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_insts: Option<u64>,
 }
+
+fn default_timer() -> String {
+    "auto".into()
+}
+
+/// The accepted values of `system.cpu.timer`.
+pub const TIMERS: &[&str] = &["auto", "posix", "perf-cycles", "perf-task-clock"];
 
 impl Default for CpuConfig {
     fn default() -> Self {
@@ -76,6 +98,8 @@ impl Default for CpuConfig {
             clock: default_clock(),
             host_freq: None,
             host_factor: default_host_factor(),
+            timer: default_timer(),
+            max_insts: None,
         }
     }
 }
@@ -145,6 +169,7 @@ impl Config {
                 stack: None,
                 cpu: CpuConfig::default(),
                 serial: SerialConfig::default(),
+                coalesced_mmio: vec![],
             },
         }
     }
@@ -219,6 +244,46 @@ impl Config {
         }
         if let Some(Duration(0)) = self.sim.max_time {
             return Err(bad("sim.max_time", "0".into(), "must be longer than zero"));
+        }
+        if let Some(Duration(0)) = self.sim.drain_period {
+            return Err(bad(
+                "sim.drain_period",
+                "0".into(),
+                "must be longer than zero",
+            ));
+        }
+        if !TIMERS.contains(&s.cpu.timer.as_str()) {
+            return Err(bad(
+                "system.cpu.timer",
+                format!("{:?}", s.cpu.timer),
+                &format!("unknown timer (one of: {})", TIMERS.join(", ")),
+            ));
+        }
+        if s.cpu.max_insts == Some(0) {
+            return Err(bad(
+                "system.cpu.max_insts",
+                "0".into(),
+                "must be at least 1",
+            ));
+        }
+        for r in &s.coalesced_mmio {
+            let [base, size] = *r;
+            let ok = size > 0
+                && base.checked_add(size).is_some()
+                && !mem::MemoryMap::for_size(s.memory.0)
+                    .map(|m| {
+                        m.regions()
+                            .iter()
+                            .any(|g| base < g.end() && g.base < base + size)
+                    })
+                    .unwrap_or(true);
+            if !ok {
+                return Err(bad(
+                    "system.coalesced_mmio",
+                    format!("[{base:#x}, {size:#x}]"),
+                    "must be a non-empty range outside RAM",
+                ));
+            }
         }
         Ok(())
     }

@@ -44,7 +44,9 @@ pub enum PlatformError {
 pub mod status {
     /// The guest called sim-ops exit.
     pub const OK: i32 = 0;
-    /// The simulated-time limit was reached before the guest exited.
+    /// The host cannot do what the run needs (e.g. an exact instruction stop).
+    pub const UNSUPPORTED: i32 = 249;
+    /// The simulated-time or instruction limit was reached before the guest exited.
     pub const MAX_TICK: i32 = 250;
     /// The guest halted with nothing left to wake it.
     pub const HALTED: i32 = 251;
@@ -65,7 +67,8 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
             0 => 1,
             s => s,
         },
-        ExitCause::MaxTick => status::MAX_TICK,
+        ExitCause::MaxTick | ExitCause::MaxInsts => status::MAX_TICK,
+        ExitCause::Unsupported => status::UNSUPPORTED,
         ExitCause::GuestHalted => status::HALTED,
         ExitCause::GuestFault => status::GUEST_FAULT,
         ExitCause::UserInterrupt => status::USER_INTERRUPT,

@@ -3,14 +3,19 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::intc::{IntcHandle, VectorIntc};
 use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
+use devices::timer::{TIMER_BASE, TIMER_SIZE};
 use devices::uart::{COM1_BASE, UART_PORTS};
-use devices::{SimOps, Uart16550};
+use devices::{IntervalTimer, SimOps, Uart16550};
 use kvm::arch::x86_64::{boot, cpuid, X86_64};
+use kvm::cpu::CpuOptions;
+use kvm::timer::TimerKind;
 use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome};
-use mem::{GuestRam, IoBus, MemoryMap, Space};
-use sim::eventq::{CPU_TICK_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
-use sim::{ClockDomain, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
+use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Space, TimedHandle};
+use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
+use sim::intr::{InterruptController, Pending};
+use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
 
 use crate::config::Config;
 use crate::console::{self, SerialSink};
@@ -19,14 +24,37 @@ use crate::output::OutDir;
 use crate::units::Frequency;
 use crate::PlatformError;
 
+/// Priority of the CPU's startup event: before anything else at tick 0.
+const STARTUP_PRI: i32 = i32::MIN;
+
 /// Events of a system's queue.
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
+    /// Per-thread CPU setup, on the thread that runs this queue.
+    CpuStartup,
     CpuTick,
-    Exit { code: i64 },
-    DumpStats { reset: bool, period: Tick },
-    ResetStats { period: Tick },
+    /// A timed device's deadline (index into `timed`).
+    Device(usize),
+    Exit {
+        code: i64,
+    },
+    DumpStats {
+        reset: bool,
+        period: Tick,
+    },
+    ResetStats {
+        period: Tick,
+    },
+    Drain {
+        period: Tick,
+    },
     MaxTick,
+}
+
+/// A timed device and its scheduled event.
+struct Timed {
+    dev: TimedHandle,
+    event: Option<(EventId, Tick)>,
 }
 
 /// One simulated system.
@@ -37,11 +65,15 @@ pub struct System {
     _vm: KvmVm,
     _ram: GuestRam,
     bus: IoBus,
+    intc: IntcHandle,
+    timed: Vec<Timed>,
     stats: Stats,
     queue: EventQueue<Event>,
     cpu_event: Option<EventId>,
     periodic_dump: Option<EventId>,
     periodic_reset: Option<EventId>,
+    draining: bool,
+    drains: Counter,
     requests: Vec<Request>,
     out: OutDir,
 }
@@ -54,6 +86,22 @@ pub fn read_image(kernel: &str) -> Result<Vec<u8>, PlatformError> {
             .ok_or_else(|| PlatformError::Kernel(format!("{kernel}: no such built-in guest"))),
         None => std::fs::read(kernel)
             .map_err(|e| PlatformError::Kernel(format!("cannot read kernel {kernel}: {e}"))),
+    }
+}
+
+/// The run timer for `system.cpu.timer`, falling back (with a warning) when
+/// the host lacks a PMU.
+fn timer_kind(name: &str) -> TimerKind {
+    match name {
+        "posix" => TimerKind::Posix,
+        "perf-task-clock" => TimerKind::PerfTaskClock,
+        "perf-cycles" if kvm::perf::pmu_available() => TimerKind::PerfCycles,
+        "perf-cycles" => {
+            tracing::warn!("system.cpu.timer = \"perf-cycles\" needs a hardware PMU, which this host lacks: using a POSIX timer");
+            TimerKind::Posix
+        }
+        _ if kvm::perf::pmu_available() => TimerKind::PerfCycles,
+        _ => TimerKind::Posix,
     }
 }
 
@@ -73,6 +121,14 @@ impl System {
 
         let mut vm = KvmVm::new()?;
         vm.map_ram(&ram)?;
+        for &[base, size] in &sc.coalesced_mmio {
+            vm.fd()
+                .register_coalesced_mmio(
+                    kvm_ioctls::IoEventAddress::Mmio(base),
+                    u32::try_from(size).unwrap_or(u32::MAX),
+                )
+                .map_err(kvm::KvmError::ioctl("KVM_REGISTER_COALESCED_MMIO"))?;
+        }
         let vcpu = vm.create_vcpu(0)?;
         let supported = vm
             .kvm()
@@ -97,11 +153,18 @@ impl System {
             }
         };
         let stack = *sc.stack.get_or_insert(boot::DEFAULT_STACK_TOP);
+        let timer = timer_kind(&sc.cpu.timer);
+        sc.cpu.timer = match timer {
+            TimerKind::Posix => "posix",
+            TimerKind::PerfCycles => "perf-cycles",
+            TimerKind::PerfTaskClock => "perf-task-clock",
+        }
+        .into();
 
         let mut arch = X86_64::new();
         boot::write_boot_structures(ram.memory())?;
         boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &sc.args)?;
-        let cpu = KvmCpu::new(
+        let mut cpu = KvmCpu::new(
             &format!("{name}.cpu"),
             vcpu,
             arch,
@@ -111,8 +174,22 @@ impl System {
                 host_freq_hz: host_freq,
                 host_factor: sc.cpu.host_factor,
             },
+            CpuOptions {
+                timer,
+                max_insts: sc.cpu.max_insts,
+                coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+            },
             &mut stats,
         )?;
+        let (total, avail) = stats.maybe_counter(
+            &format!("{name}.totalNumInsts"),
+            "Guest instructions executed by all CPUs of the system (nan: not countable here)",
+            "Count",
+        )?;
+        cpu.set_total_insts(total, avail);
+
+        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        cpu.set_interrupt_controller(intc.clone());
 
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
         let input = if sc.serial.stdin {
@@ -137,24 +214,56 @@ impl System {
             "simops",
             Arc::new(Mutex::new(simops)),
         )?;
+        let timer_dev = Arc::new(Mutex::new(IntervalTimer::new(
+            intc.clone(),
+            &mut stats,
+            &format!("{name}.timer"),
+        )?));
+        bus.insert(
+            Space::Mmio,
+            TIMER_BASE,
+            TIMER_SIZE,
+            "timer",
+            timer_dev.clone(),
+        )?;
+        let timed = vec![Timed {
+            dev: timer_dev,
+            event: None,
+        }];
+
+        let drains = stats.counter(
+            &format!("{name}.numDrains"),
+            "Completed drains (every CPU consistent)",
+            "Count",
+        )?;
 
         let mut queue = EventQueue::new();
+        queue.schedule(0, STARTUP_PRI, Event::CpuStartup)?;
         if let Some(max) = cfg.sim.max_time {
             queue.schedule(max.0, SIM_EXIT_PRI, Event::MaxTick)?;
         }
+        if let Some(p) = cfg.sim.drain_period {
+            queue.schedule(p.0, DEFAULT_PRI, Event::Drain { period: p.0 })?;
+        }
         let cpu_event = Some(queue.schedule(0, CPU_TICK_PRI, Event::CpuTick)?);
-        tracing::debug!("{name}: entry {entry:#x}, stack {stack:#x}, host_freq {host_freq} Hz");
+        tracing::debug!(
+            "{name}: entry {entry:#x}, stack {stack:#x}, host_freq {host_freq} Hz, timer {timer:?}"
+        );
         Ok(System {
             name,
             cpu,
             _vm: vm,
             _ram: ram,
             bus,
+            intc,
+            timed,
             stats,
             queue,
             cpu_event,
             periodic_dump: None,
             periodic_reset: None,
+            draining: false,
+            drains,
             requests: Vec::new(),
             out,
         })
@@ -199,64 +308,165 @@ impl System {
                     "the CPU halted and no event is left that could wake it",
                 ));
             };
-            match ev {
-                Event::CpuTick => {
-                    self.cpu_event = None;
-                    let outcome = self.cpu.tick(tick, &self.bus, &mut self.requests)?;
-                    self.service_requests(tick)?;
-                    match outcome {
-                        TickOutcome::Next(t) => {
-                            self.cpu_event =
-                                Some(self.queue.schedule(t, CPU_TICK_PRI, Event::CpuTick)?);
-                        }
-                        TickOutcome::Idle => {}
-                        TickOutcome::Fault(report) => {
-                            return Ok(ExitEvent::new(ExitCause::GuestFault, 0, tick, report));
-                        }
+            if let Some(exit) = self.handle(tick, id, ev)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        tick: Tick,
+        id: EventId,
+        ev: Event,
+    ) -> Result<Option<ExitEvent>, PlatformError> {
+        match ev {
+            Event::CpuStartup => self.cpu.startup_thread()?,
+            Event::CpuTick => {
+                self.cpu_event = None;
+                let next = self.queue.next_tick();
+                let outcome = self.cpu.tick(tick, next, &self.bus, &mut self.requests)?;
+                self.service_requests(tick)?;
+                self.refresh_deadlines()?;
+                match outcome {
+                    TickOutcome::Next(t) => self.schedule_cpu(t)?,
+                    TickOutcome::Idle => self.wake_if_pending(tick)?,
+                    TickOutcome::Drained => self.drained(tick)?,
+                    TickOutcome::InstLimit(n, dump) => {
+                        return Ok(Some(ExitEvent::new(
+                            ExitCause::MaxInsts,
+                            0,
+                            tick,
+                            format!(
+                            "stopped after {n} guest instructions (system.cpu.max_insts)\n{dump}"
+                        ),
+                        )))
+                    }
+                    TickOutcome::Unsupported(msg) => {
+                        return Ok(Some(ExitEvent::new(ExitCause::Unsupported, 0, tick, msg)))
+                    }
+                    TickOutcome::Fault(report) => {
+                        return Ok(Some(ExitEvent::new(ExitCause::GuestFault, 0, tick, report)));
                     }
                 }
-                Event::Exit { code } => {
-                    return Ok(ExitEvent::new(ExitCause::GuestExit, code, tick, ""));
+            }
+            Event::Device(i) => {
+                if let Some(t) = self.timed.get_mut(i) {
+                    t.event = None;
+                    let mut ctx = AccessCtx::new(tick, &mut self.requests);
+                    mem::lock(&t.dev).on_deadline(&mut ctx);
                 }
-                Event::MaxTick => {
-                    return Ok(ExitEvent::new(
-                        ExitCause::MaxTick,
-                        0,
-                        tick,
-                        "the simulated-time limit (sim.max_time) was reached",
-                    ));
-                }
-                Event::DumpStats { reset, period } => {
-                    self.dump_stats(tick)?;
-                    if reset {
-                        self.stats.reset(tick);
-                    }
-                    if period > 0 {
-                        let next = self.queue.schedule(
-                            tick.saturating_add(period),
-                            STAT_EVENT_PRI,
-                            Event::DumpStats { reset, period },
-                        )?;
-                        if self.periodic_dump == Some(id) {
-                            self.periodic_dump = Some(next);
-                        }
-                    }
-                }
-                Event::ResetStats { period } => {
+                self.service_requests(tick)?;
+                self.refresh_deadlines()?;
+                self.wake_if_pending(tick)?;
+            }
+            Event::Exit { code } => {
+                return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
+            }
+            Event::MaxTick => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::MaxTick,
+                    0,
+                    tick,
+                    "the simulated-time limit (sim.max_time) was reached",
+                )));
+            }
+            Event::DumpStats { reset, period } => {
+                self.dump_stats(tick)?;
+                if reset {
                     self.stats.reset(tick);
-                    if period > 0 {
-                        let next = self.queue.schedule(
-                            tick.saturating_add(period),
-                            STAT_EVENT_PRI,
-                            Event::ResetStats { period },
-                        )?;
-                        if self.periodic_reset == Some(id) {
-                            self.periodic_reset = Some(next);
-                        }
+                }
+                if period > 0 {
+                    let next = self.queue.schedule(
+                        tick.saturating_add(period),
+                        STAT_EVENT_PRI,
+                        Event::DumpStats { reset, period },
+                    )?;
+                    if self.periodic_dump == Some(id) {
+                        self.periodic_dump = Some(next);
+                    }
+                }
+            }
+            Event::ResetStats { period } => {
+                self.stats.reset(tick);
+                if period > 0 {
+                    let next = self.queue.schedule(
+                        tick.saturating_add(period),
+                        STAT_EVENT_PRI,
+                        Event::ResetStats { period },
+                    )?;
+                    if self.periodic_reset == Some(id) {
+                        self.periodic_reset = Some(next);
+                    }
+                }
+            }
+            Event::Drain { period } => {
+                self.queue.schedule(
+                    tick.saturating_add(period),
+                    DEFAULT_PRI,
+                    Event::Drain { period },
+                )?;
+                if !self.draining {
+                    self.draining = true;
+                    if self.cpu.drain()? {
+                        self.drained(tick)?;
                     }
                 }
             }
         }
+        Ok(None)
+    }
+
+    fn schedule_cpu(&mut self, at: Tick) -> Result<(), PlatformError> {
+        if let Some(old) = self.cpu_event.take() {
+            let _ = self.queue.deschedule(old);
+        }
+        self.cpu_event = Some(self.queue.schedule(at, CPU_TICK_PRI, Event::CpuTick)?);
+        Ok(())
+    }
+
+    /// Every CPU is consistent: count the drain and resume.
+    fn drained(&mut self, now: Tick) -> Result<(), PlatformError> {
+        self.drains.inc();
+        self.draining = false;
+        self.cpu.drain_resume();
+        if self.cpu.state() != kvm::CpuState::Idle {
+            self.schedule_cpu(now)?;
+        } else {
+            self.wake_if_pending(now)?;
+        }
+        Ok(())
+    }
+
+    /// Wakes an idle CPU that has an interrupt waiting.
+    fn wake_if_pending(&mut self, now: Tick) -> Result<(), PlatformError> {
+        if self.cpu.state() == kvm::CpuState::Idle
+            && mem::lock(&self.intc).pending() != Pending::None
+            && self.cpu.wake()
+        {
+            self.schedule_cpu(now)?;
+        }
+        Ok(())
+    }
+
+    /// Schedules each timed device's next deadline (devices change theirs
+    /// when the guest programs them).
+    fn refresh_deadlines(&mut self) -> Result<(), PlatformError> {
+        for (i, t) in self.timed.iter_mut().enumerate() {
+            let want = mem::lock(&t.dev)
+                .next_deadline()
+                .map(|d| d.max(self.queue.cur_tick()));
+            if t.event.map(|(_, at)| at) == want {
+                continue;
+            }
+            if let Some((old, _)) = t.event.take() {
+                let _ = self.queue.deschedule(old);
+            }
+            if let Some(at) = want {
+                t.event = Some((self.queue.schedule(at, DEFAULT_PRI, Event::Device(i))?, at));
+            }
+        }
+        Ok(())
     }
 
     /// Acts on the guest's requests made during the last access.

@@ -12,6 +12,10 @@ pub enum ExitCause {
     GuestExit,
     /// The configured simulated-time limit was reached.
     MaxTick,
+    /// The configured guest-instruction limit was reached.
+    MaxInsts,
+    /// The run needed something this host cannot do (explained in the message).
+    Unsupported,
     /// The guest did something the CPU cannot continue from (triple fault,
     /// failed entry, emulation failure, ...).
     GuestFault,
@@ -27,6 +31,8 @@ impl ExitCause {
         match self {
             ExitCause::GuestExit => "the guest called sim-ops exit/fail",
             ExitCause::MaxTick => "the simulated-time limit was reached",
+            ExitCause::MaxInsts => "the instruction limit was reached",
+            ExitCause::Unsupported => "the host cannot do what the run needs",
             ExitCause::GuestFault => "guest fault",
             ExitCause::GuestHalted => "the guest halted with nothing left to wake it",
             ExitCause::UserInterrupt => "user interrupt",

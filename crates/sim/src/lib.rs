@@ -9,6 +9,7 @@
 pub mod clock;
 pub mod eventq;
 pub mod exit;
+pub mod intr;
 pub mod object;
 pub mod request;
 pub mod stats;
@@ -19,5 +20,5 @@ pub use eventq::{EventId, EventQueue, Priority, ScheduleError};
 pub use exit::{ExitCause, ExitEvent};
 pub use object::{DrainState, SimObject};
 pub use request::Request;
-pub use stats::{Counter, Stats, Value, Vector};
+pub use stats::{Availability, Counter, Stats, Value, Vector};
 pub use tick::Tick;

@@ -7,7 +7,7 @@
 //! a stats.txt block in gem5's text layout or as JSON, and resets them.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -118,8 +118,23 @@ pub struct FormulaCtx {
 
 type Formula = Box<dyn Fn(&FormulaCtx) -> f64 + Send + Sync>;
 
+/// Whether a statistic can be measured on this host. An unavailable
+/// statistic is dumped as `nan` (text) and `null` (JSON), never as 0.
+#[derive(Debug, Clone, Default)]
+pub struct Availability(Arc<AtomicBool>);
+
+impl Availability {
+    pub fn set(&self, available: bool) {
+        self.0.store(available, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 enum Kind {
     Counter(Counter),
+    MaybeCounter(Counter, Availability),
     Value(Value),
     Vector(Vector, Vec<String>),
     Formula(Formula),
@@ -305,6 +320,19 @@ impl Stats {
         Ok(c)
     }
 
+    /// Registers a counter that may be unavailable on this host (starts unavailable).
+    pub fn maybe_counter(
+        &mut self,
+        name: &str,
+        desc: &str,
+        unit: &'static str,
+    ) -> Result<(Counter, Availability), StatsError> {
+        let c = Counter::default();
+        let a = Availability::default();
+        self.add(name, desc, unit, Kind::MaybeCounter(c.clone(), a.clone()))?;
+        Ok((c, a))
+    }
+
     /// Registers a floating-point value.
     pub fn value(
         &mut self,
@@ -351,7 +379,7 @@ impl Stats {
     pub fn reset(&mut self, now: Tick) {
         for e in &self.entries {
             match &e.kind {
-                Kind::Counter(c) => c.reset(),
+                Kind::Counter(c) | Kind::MaybeCounter(c, _) => c.reset(),
                 Kind::Value(v) => v.reset(),
                 Kind::Vector(v, _) => v.reset(),
                 Kind::Formula(_) => {}
@@ -417,6 +445,14 @@ impl Stats {
         for e in &self.entries {
             match &e.kind {
                 Kind::Counter(c) => push(&e.name, StatValue::Int(c.get()), &e.desc, e.unit),
+                Kind::MaybeCounter(c, a) => {
+                    let v = if a.get() {
+                        StatValue::Int(c.get())
+                    } else {
+                        StatValue::Float(f64::NAN)
+                    };
+                    push(&e.name, v, &e.desc, e.unit)
+                }
                 Kind::Value(v) => push(&e.name, StatValue::Float(v.get()), &e.desc, e.unit),
                 Kind::Formula(f) => push(&e.name, StatValue::Float(f(&ctx)), &e.desc, e.unit),
                 Kind::Vector(v, subs) => {
@@ -523,6 +559,28 @@ mod tests {
         assert!(s.counter("a..b", "", "Count").is_err());
         assert!(s.counter("a b", "", "Count").is_err());
         assert!(s.counter("", "", "Count").is_err());
+    }
+
+    #[test]
+    fn unavailable_counters_are_nan_not_zero() {
+        let mut s = Stats::new();
+        let (c, a) = s
+            .maybe_counter("system.cpu.numInsts", "insts", "Count")
+            .unwrap();
+        c.add(5);
+        let d = s.dump(0);
+        assert!(d.get("system.cpu.numInsts").unwrap().as_f64().is_nan());
+        assert!(d.to_json()["stats"]["system.cpu.numInsts"].is_null());
+        a.set(true);
+        assert_eq!(
+            s.dump(0).get("system.cpu.numInsts"),
+            Some(StatValue::Int(5))
+        );
+        s.reset(0);
+        assert_eq!(
+            s.dump(0).get("system.cpu.numInsts"),
+            Some(StatValue::Int(0))
+        );
     }
 
     #[test]

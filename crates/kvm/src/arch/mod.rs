@@ -4,8 +4,18 @@
 pub mod x86_64;
 
 use kvm_ioctls::VcpuFd;
+use sim::intr::InterruptController;
 
 use crate::Result;
+
+/// What [`Arch::deliver_interrupts`] did before an entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Interrupts injected (maskable and NMI).
+    pub injected: u32,
+    /// An interrupt waits for the guest to accept it (window requested).
+    pub waiting: bool,
+}
 
 /// What the generic KVM CPU needs from an architecture.
 ///
@@ -33,4 +43,22 @@ pub trait Arch: Send {
 
     /// A readable dump of the CPU state.
     fn dump(&mut self, vcpu: &VcpuFd) -> String;
+
+    /// Before an entry: injects what `intc` has pending if the guest can
+    /// take it now, otherwise asks KVM to exit as soon as it can.
+    fn deliver_interrupts(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        intc: &mut dyn InterruptController,
+    ) -> Result<Delivery>;
+
+    /// True when KVM holds no injected or pending event (exception,
+    /// interrupt, NMI), so the state can be saved or handed over.
+    fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool>;
+
+    /// The current privilege level (0 = kernel, 3 = user).
+    fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8>;
+
+    /// Turns single-stepping (one exit per instruction) on or off.
+    fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()>;
 }

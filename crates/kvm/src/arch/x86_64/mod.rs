@@ -6,11 +6,31 @@ pub mod cpuid;
 
 use std::fmt::Write as _;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{
+    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+};
 use kvm_ioctls::VcpuFd;
+use sim::intr::{InterruptController, Pending};
 
-use super::Arch;
-use crate::{KvmError, Result};
+use super::{Arch, Delivery};
+use crate::{sys, KvmError, Result};
+
+/// The MSRs kept in the thread context (those a bare-metal or Linux guest
+/// sets up; KVM holds the rest).
+pub const CONTEXT_MSRS: &[(u32, &str)] = &[
+    (0x10, "TSC"),
+    (0x174, "SYSENTER_CS"),
+    (0x175, "SYSENTER_ESP"),
+    (0x176, "SYSENTER_EIP"),
+    (0x277, "PAT"),
+    (0xc000_0081, "STAR"),
+    (0xc000_0082, "LSTAR"),
+    (0xc000_0083, "CSTAR"),
+    (0xc000_0084, "SFMASK"),
+    (0xc000_0102, "KERNEL_GS_BASE"),
+    (0xc000_0103, "TSC_AUX"),
+];
 
 /// One cached part of the context.
 #[derive(Debug, Default)]
@@ -39,12 +59,81 @@ pub struct SyncCounts {
     pub pushes: u64,
 }
 
-/// The x86-64 side of a KVM CPU.
-#[derive(Debug, Default)]
+/// The x86-64 side of a KVM CPU: the thread context, cached part by part.
+#[derive(Default)]
 pub struct X86_64 {
     regs: Part<kvm_regs>,
     sregs: Part<kvm_sregs>,
+    xsave: Part<Option<Box<kvm_xsave>>>,
+    xcrs: Part<kvm_xcrs>,
+    events: Part<kvm_vcpu_events>,
+    msrs: Part<Vec<(u32, u64)>>,
     counts: SyncCounts,
+}
+
+impl std::fmt::Debug for X86_64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X86_64")
+            .field("counts", &self.counts)
+            .finish()
+    }
+}
+
+macro_rules! part_accessors {
+    ($get:ident, $get_mut:ident, $field:ident, $ty:ty, $pull:expr) => {
+        #[doc = concat!("The `", stringify!($field), "` part of the context, pulled from KVM if stale.")]
+        pub fn $get(&mut self, vcpu: &VcpuFd) -> Result<&$ty> {
+            let counts = &mut self.counts;
+            self.$field
+                .get(|| {
+                    counts.pulls += 1;
+                    $pull(vcpu)
+                })
+                .map(|r| &*r)
+        }
+
+        #[doc = concat!("The `", stringify!($field), "` part for modification; pushed before the next entry.")]
+        pub fn $get_mut(&mut self, vcpu: &VcpuFd) -> Result<&mut $ty> {
+            self.$get(vcpu)?;
+            self.$field.dirty = true;
+            Ok(&mut self.$field.value)
+        }
+    };
+}
+
+fn pull_xsave(vcpu: &VcpuFd) -> Result<Option<Box<kvm_xsave>>> {
+    // Hosts without KVM_CAP_XSAVE fail here; the FPU is then not kept in
+    // the context (KVM still holds it).
+    Ok(vcpu.get_xsave().ok().map(Box::new))
+}
+
+fn pull_xcrs(vcpu: &VcpuFd) -> Result<kvm_xcrs> {
+    Ok(vcpu.get_xcrs().unwrap_or_default())
+}
+
+fn pull_events(vcpu: &VcpuFd) -> Result<kvm_vcpu_events> {
+    vcpu.get_vcpu_events()
+        .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))
+}
+
+fn pull_msrs(vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
+    let entries: Vec<kvm_msr_entry> = CONTEXT_MSRS
+        .iter()
+        .map(|&(index, _)| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+    let n = vcpu
+        .get_msrs(&mut msrs)
+        .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
+    // KVM stops at the first MSR it does not know; keep what it read.
+    Ok(msrs.as_slice()[..n]
+        .iter()
+        .map(|e| (e.index, e.data))
+        .collect())
 }
 
 impl X86_64 {
@@ -88,6 +177,11 @@ impl X86_64 {
         Ok(&mut self.sregs.value)
     }
 
+    part_accessors!(xsave, xsave_mut, xsave, Option<Box<kvm_xsave>>, pull_xsave);
+    part_accessors!(xcrs, xcrs_mut, xcrs, kvm_xcrs, pull_xcrs);
+    part_accessors!(events, events_mut, events, kvm_vcpu_events, pull_events);
+    part_accessors!(msrs, msrs_mut, msrs, Vec<(u32, u64)>, pull_msrs);
+
     /// How often the context was pulled from and pushed to KVM.
     pub fn sync_counts(&self) -> SyncCounts {
         self.counts
@@ -105,6 +199,10 @@ impl Arch for X86_64 {
         debug_assert!(!self.regs.dirty && !self.sregs.dirty, "unpushed context");
         self.regs.valid = false;
         self.sregs.valid = false;
+        self.xsave.valid = false;
+        self.xcrs.valid = false;
+        self.events.valid = false;
+        self.msrs.valid = false;
     }
 
     fn update_kvm_state(&mut self, vcpu: &VcpuFd) -> Result<()> {
@@ -120,13 +218,112 @@ impl Arch for X86_64 {
             self.regs.dirty = false;
             self.counts.pushes += 1;
         }
+        if self.xcrs.dirty {
+            vcpu.set_xcrs(&self.xcrs.value)
+                .map_err(KvmError::ioctl("KVM_SET_XCRS"))?;
+            self.xcrs.dirty = false;
+            self.counts.pushes += 1;
+        }
+        if self.xsave.dirty {
+            if let Some(x) = &self.xsave.value {
+                sys::set_xsave(vcpu, x).map_err(KvmError::ioctl("KVM_SET_XSAVE"))?;
+            }
+            self.xsave.dirty = false;
+            self.counts.pushes += 1;
+        }
+        if self.msrs.dirty {
+            let entries: Vec<kvm_msr_entry> = self
+                .msrs
+                .value
+                .iter()
+                .map(|&(index, data)| kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect();
+            let msrs = Msrs::from_entries(&entries)
+                .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+            vcpu.set_msrs(&msrs)
+                .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+            self.msrs.dirty = false;
+            self.counts.pushes += 1;
+        }
+        if self.events.dirty {
+            vcpu.set_vcpu_events(&self.events.value)
+                .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+            self.events.dirty = false;
+            self.counts.pushes += 1;
+        }
         Ok(())
     }
 
     fn update_thread_context(&mut self, vcpu: &VcpuFd) -> Result<()> {
         self.regs(vcpu)?;
         self.sregs(vcpu)?;
+        self.xsave(vcpu)?;
+        self.xcrs(vcpu)?;
+        self.events(vcpu)?;
+        self.msrs(vcpu)?;
         Ok(())
+    }
+
+    fn deliver_interrupts(
+        &mut self,
+        vcpu: &mut VcpuFd,
+        intc: &mut dyn InterruptController,
+    ) -> Result<Delivery> {
+        let mut d = Delivery::default();
+        match intc.pending() {
+            Pending::None => vcpu.get_kvm_run().request_interrupt_window = 0,
+            Pending::Nmi => {
+                if intc.take_nmi() {
+                    vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+                    d.injected += 1;
+                }
+            }
+            Pending::Maskable => {
+                let run = vcpu.get_kvm_run();
+                if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+                    run.request_interrupt_window = 0;
+                    if let Some(v) = intc.acknowledge() {
+                        sys::interrupt(vcpu, v).map_err(|e| {
+                            KvmError::Setup(format!("KVM_INTERRUPT (vector {v:#x}) failed: {e}"))
+                        })?;
+                        d.injected += 1;
+                    }
+                } else {
+                    run.request_interrupt_window = 1;
+                    d.waiting = true;
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool> {
+        let e = self.events(vcpu)?;
+        Ok(e.exception.injected == 0
+            && e.interrupt.injected == 0
+            && e.nmi.injected == 0
+            && e.nmi.pending == 0)
+    }
+
+    fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8> {
+        Ok(self.sregs(vcpu)?.cs.dpl)
+    }
+
+    fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()> {
+        let dbg = kvm_guest_debug {
+            control: if on {
+                KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        vcpu.set_guest_debug(&dbg)
+            .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))
     }
 
     fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]> {
@@ -213,19 +410,68 @@ impl Arch for X86_64 {
                 let _ = writeln!(s, "(special registers unavailable: {e})");
             }
         }
-        if let Ok(ev) = vcpu.get_vcpu_events() {
+        if let Ok(ev) = self.events(vcpu) {
+            let ev = *ev;
             let _ = writeln!(
                 s,
-                "events: exception injected={} nr={} has_error={} error={:#x}; interrupt injected={} nr={}; nmi injected={} pending={}",
+                "events: exception injected={} nr={} has_error={} error={:#x}; interrupt injected={} nr={} shadow={}; nmi injected={} pending={} masked={}",
                 ev.exception.injected,
                 ev.exception.nr,
                 ev.exception.has_error_code,
                 ev.exception.error_code,
                 ev.interrupt.injected,
                 ev.interrupt.nr,
+                ev.interrupt.shadow,
                 ev.nmi.injected,
-                ev.nmi.pending
+                ev.nmi.pending,
+                ev.nmi.masked
             );
+        }
+        if let Ok(msrs) = self.msrs(vcpu) {
+            let line: Vec<String> = msrs
+                .iter()
+                .map(|(i, v)| {
+                    let name = CONTEXT_MSRS
+                        .iter()
+                        .find(|(n, _)| n == i)
+                        .map_or("?", |(_, n)| n);
+                    format!("{name}={v:x}")
+                })
+                .collect();
+            let _ = writeln!(s, "msrs: {}", line.join(" "));
+        }
+        if let Ok(x) = self.xcrs(vcpu) {
+            let x = *x;
+            let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+            for xcr in &x.xcrs[..n] {
+                let _ = write!(s, "xcr{}={:x} ", xcr.xcr, xcr.value);
+            }
+            if n > 0 {
+                s.push('\n');
+            }
+        }
+        if let Ok(Some(xs)) = self.xsave(vcpu) {
+            // The legacy FXSAVE area: FCW, FSW, MXCSR and XMM0-15.
+            let r = &xs.region;
+            let fcw = r[0] & 0xffff;
+            let fsw = r[0] >> 16;
+            let mxcsr = r[6];
+            let _ = writeln!(s, "fpu: fcw={fcw:04x} fsw={fsw:04x} mxcsr={mxcsr:08x}");
+            for i in 0..16 {
+                let base = 40 + 4 * i;
+                let _ = write!(
+                    s,
+                    "xmm{i:<2}={:08x}{:08x}{:08x}{:08x}{}",
+                    r[base + 3],
+                    r[base + 2],
+                    r[base + 1],
+                    r[base],
+                    if i % 2 == 1 { "\n" } else { " " }
+                );
+            }
+        }
+        if let Ok(dr) = vcpu.get_debug_regs() {
+            let _ = writeln!(s, "dr0-3={:x?} dr6={:x} dr7={:x}", dr.db, dr.dr6, dr.dr7);
         }
         s
     }

@@ -1,0 +1,27 @@
+//! The interface between a CPU and its interrupt controller.
+//!
+//! The CPU asks before every entry into the guest: is something pending? If
+//! a maskable interrupt is pending and the guest can take it, the CPU
+//! acknowledges it (the controller moves it into service and returns its
+//! vector) and injects it; otherwise it asks to be told when the guest can.
+//! NMIs are taken regardless of the guest's interrupt flag.
+
+/// The highest-priority thing a controller has for its CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    None,
+    /// A maskable (external) interrupt.
+    Maskable,
+    /// A non-maskable interrupt.
+    Nmi,
+}
+
+/// An interrupt controller as a CPU sees it.
+pub trait InterruptController: Send {
+    /// What is pending, without changing anything.
+    fn pending(&mut self) -> Pending;
+    /// Takes the highest-priority maskable interrupt and returns its vector.
+    fn acknowledge(&mut self) -> Option<u8>;
+    /// Takes a pending NMI; true if there was one.
+    fn take_nmi(&mut self) -> bool;
+}
