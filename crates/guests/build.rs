@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: &[&str] = &["hello", "compute", "fault", "simops"];
+const GUESTS: &[&str] = &[
+    "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream",
+];
 
 fn run(cmd: &mut Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| {

@@ -18,6 +18,7 @@ _start:
         call    set_gate
         call    load_idt
         lea     user(%rip), %rax
+        mov     $0x2, %esi              # interrupts off
         call    to_user
 user:
         mov     %r12, %rdi

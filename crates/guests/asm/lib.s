@@ -62,14 +62,14 @@ puthex:
         ret
 
 # to_user: continues at the address in RAX at CPL3 (user code 0x33, user
-# data 0x2b, interrupts off), on the current stack. IOPL 3 is requested,
-# but a KVM may refuse it (a software-assisted one does): do port IO at CPL0.
+# data 0x2b) with RFLAGS = RSI (0x2: interrupts off, 0x202: on), on the
+# current stack. Port IO needs CPL0: not every KVM lets ring 3 have IOPL 3.
 to_user:
         pop     %rdx                    # our return address is not needed
         mov     %rsp, %rcx
         push    $0x2b                   # SS
         push    %rcx                    # RSP
-        push    $0x3002                 # RFLAGS: IOPL 3, reserved bit 1
+        push    %rsi                    # RFLAGS
         push    $0x33                   # CS
         push    %rax                    # RIP
         iretq

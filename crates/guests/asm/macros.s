@@ -10,3 +10,22 @@
         mov     (%rax), %rax
         .endm
 
+
+        .set    TIMER, 0xfeb00000       # kvmsim interval timer
+        .set    TIMER_PERIOD, TIMER + 0x00
+        .set    TIMER_CTRL, TIMER + 0x08
+        .set    TIMER_VECTOR, TIMER + 0x10
+        .set    TIMER_COUNT, TIMER + 0x18
+        .set    TIMER_NOW, TIMER + 0x20
+        .set    TICK_VECTOR, 0x40
+
+# MMIO64 addr: RAX = the 64-bit value at MMIO address `addr`.
+        .macro  MMIO_RD addr
+        mov     $\addr, %eax
+        mov     (%rax), %rax
+        .endm
+# MMIO_WR addr: writes RDX to the 64-bit MMIO register `addr`. Clobbers RAX.
+        .macro  MMIO_WR addr
+        mov     $\addr, %eax
+        mov     %rdx, (%rax)
+        .endm

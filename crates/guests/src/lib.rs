@@ -7,11 +7,19 @@
 //!
 //! * `hello`: prints `Hello from the guest` on COM1, then sim-ops exit.
 //! * `compute`: drops to ring 3, runs [`compute_loop_native`]'s loop for
-//!   RDI iterations (default 100,000,000), prints the count and the result,
-//!   then sim-ops exit.
+//!   RDI iterations (default 100,000,000), returns to ring 0 through a page
+//!   fault, prints the count and the result, then sim-ops exit.
 //! * `fault`: triple faults on purpose.
 //! * `simops`: checks sum and an unknown op, times a work item, dumps and
 //!   resets stats, then exit(RDI delay ns) or, if RSI != 0, fail(RDI, RSI).
+//! * `ticks`: counts interval-timer interrupts (period RDI ns) taken while
+//!   ring 3 runs the compute loop (RSI iterations); prints the counts and
+//!   the simulated time elapsed.
+//! * `sleep`: halts until RSI (10) interrupts of period RDI (1 s) arrived.
+//! * `steps`: an endless loop whose instruction count shows in RAX
+//!   ((N - 2) / 2 after N instructions at ring 0); at ring 3 if RDI != 0.
+//! * `iostream`: RDI (2000) port writes and reads of the UART scratch
+//!   register, summed; prints the sum.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -28,6 +36,10 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("compute"),
     guest!("fault"),
     guest!("simops"),
+    guest!("ticks"),
+    guest!("sleep"),
+    guest!("steps"),
+    guest!("iostream"),
 ];
 
 /// The ELF image of built-in guest `name`.

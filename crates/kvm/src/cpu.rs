@@ -263,6 +263,8 @@ pub type IntcHandle = Arc<Mutex<dyn InterruptController>>;
 
 /// Longest a draining CPU runs while waiting for KVM to deliver an event.
 const DRAIN_RUN_LIMIT: Tick = sim::tick::TICKS_PER_MS;
+/// Longest one single-step entry may run (a step that did not stop).
+const STEP_SAFETY_SPAN: Tick = 10 * sim::tick::TICKS_PER_MS;
 
 /// A CPU backed by a KVM vCPU.
 pub struct KvmCpu<A: Arch> {
@@ -476,19 +478,22 @@ impl<A: Arch> KvmCpu<A> {
                         return Ok(outcome);
                     }
                     // Not drained: run briefly so KVM delivers its event.
-                    let (ticks, exit, _) =
-                        self.run_kvm(Some(DRAIN_RUN_LIMIT.min(self.span(now, next_event))), bus)?;
-                    return Ok(self.after_run(now, next_event, ticks, exit, false));
+                    let (ticks, exit, _) = self.run_kvm(
+                        now,
+                        Some(DRAIN_RUN_LIMIT.min(self.span(now, next_event))),
+                        bus,
+                    )?;
+                    return Ok(self.after_run(now, ticks, exit, None));
                 }
                 if let Some(o) = self.check_step_allowed()? {
                     return Ok(o);
                 }
                 let span = next_event.map(|t| t.saturating_sub(now));
-                let (ticks, exit, expired) = self.run_kvm(span, bus)?;
+                let (ticks, exit, expired) = self.run_kvm(now, span, bus)?;
                 if let Some(o) = self.check_inst_limit()? {
                     return Ok(o);
                 }
-                Ok(self.after_run(now, next_event, ticks, exit, expired))
+                Ok(self.after_run(now, ticks, exit, expired))
             }
         }
         .inspect(|o| {
@@ -506,10 +511,9 @@ impl<A: Arch> KvmCpu<A> {
     fn after_run(
         &mut self,
         now: Tick,
-        next_event: Option<Tick>,
         ticks: Tick,
         exit: Exit,
-        expired: bool,
+        expired: Option<Tick>,
     ) -> TickOutcome {
         let clock = self.cfg.clock;
         match exit {
@@ -523,11 +527,12 @@ impl<A: Arch> KvmCpu<A> {
                 self.state = CpuState::RunningService;
             }
         }
-        let cycles = match (expired, next_event) {
-            // The run timer expired: time moves just past the next event,
-            // whatever the host measured (gem5's rule).
-            (true, Some(t)) => clock.ticks_to_cycles(t.saturating_sub(now).saturating_add(1)),
-            _ => clock.ticks_to_cycles(ticks),
+        let cycles = match expired {
+            // The run timer expired: time moves just past the end of the span
+            // it was armed for (normally the next event), whatever the host
+            // measured (gem5's rule).
+            Some(span) => clock.ticks_to_cycles(span.saturating_add(1)),
+            None => clock.ticks_to_cycles(ticks),
         };
         // At least one cycle passes, so the next tick is in the future.
         TickOutcome::Next(clock.clock_edge(now, cycles.max(1)))
@@ -540,7 +545,7 @@ impl<A: Arch> KvmCpu<A> {
             return Ok(None);
         }
         if self.state == CpuState::RunningServiceCompletion {
-            self.half_entry(bus)?;
+            self.half_entry(now, bus)?;
             self.state = CpuState::Running;
             let clock = self.cfg.clock;
             return Ok(Some(TickOutcome::Next(clock.clock_edge(now, 1))));
@@ -549,7 +554,7 @@ impl<A: Arch> KvmCpu<A> {
     }
 
     /// Enters KVM only to complete a pending IO instruction (immediate_exit).
-    fn half_entry(&mut self, bus: &IoBus) -> Result<()> {
+    fn half_entry(&mut self, now: Tick, bus: &IoBus) -> Result<()> {
         self.arch.update_kvm_state(&self.vcpu)?;
         self.vcpu.set_kvm_immediate_exit(1);
         let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
@@ -557,7 +562,7 @@ impl<A: Arch> KvmCpu<A> {
         self.arch.kvm_state_changed();
         self.stats.num_vm_exits.inc();
         self.stats.num_vm_half_entries.inc();
-        self.flush_coalesced(bus);
+        self.flush_coalesced(now, bus);
         match r {
             Err(libc::EINTR) => Ok(()),
             Ok(()) => Ok(()),
@@ -579,9 +584,10 @@ impl<A: Arch> KvmCpu<A> {
         }
         let dump = self.dump();
         Ok(Some(TickOutcome::Unsupported(format!(
-            "max_insts: after {} instructions the guest is at CPL{cpl}, where this host's KVM does not \
-             single-step (it runs that code natively to the next exit), and there is no hardware PMU \
-             to count instructions: an exact instruction stop is impossible here\n{dump}",
+            "max_insts: the guest entered CPL{cpl} after {} counted instructions; this host's KVM \
+             does not single-step CPL{cpl} code (it runs it natively to the next exit) and there is \
+             no hardware PMU, so an exact instruction stop is impossible here (the count is exact \
+             only up to that point)\n{dump}",
             self.insts
         ))))
     }
@@ -598,8 +604,13 @@ impl<A: Arch> KvmCpu<A> {
     }
 
     /// Enters KVM once for at most `span` ticks; returns the simulated time
-    /// used, the exit, and whether the run timer expired.
-    fn run_kvm(&mut self, span: Option<Tick>, bus: &IoBus) -> Result<(Tick, Exit, bool)> {
+    /// used, the exit, and the span the run timer expired on (if it did).
+    fn run_kvm(
+        &mut self,
+        now: Tick,
+        span: Option<Tick>,
+        bus: &IoBus,
+    ) -> Result<(Tick, Exit, Option<Tick>)> {
         if let Some(intc) = &self.intc {
             let mut intc = mem::lock(intc);
             let d = self.arch.deliver_interrupts(&mut self.vcpu, &mut *intc)?;
@@ -607,14 +618,22 @@ impl<A: Arch> KvmCpu<A> {
         }
         self.arch.update_kvm_state(&self.vcpu)?;
         let timer = self.signals.as_ref().map(|s| &s.timer);
+        // While single-stepping each entry should stop after one
+        // instruction; the timer still bounds it, in case KVM does not step
+        // the code (native user mode on a software-assisted KVM).
+        let span = if self.stepping {
+            Some(span.unwrap_or(STEP_SAFETY_SPAN).min(STEP_SAFETY_SPAN))
+        } else {
+            span
+        };
         let armed = match (timer, span) {
-            (Some(t), Some(span)) if !self.stepping && span < Tick::MAX => {
+            (Some(t), Some(span)) if span < Tick::MAX => {
                 let span = span.max(t.resolution(&self.cfg));
                 t.arm(span, &self.cfg)
                     .map_err(|e| KvmError::Setup(format!("arming the run timer: {e}")))?;
-                true
+                Some(span)
             }
-            _ => false,
+            _ => None,
         };
         let host_start = Instant::now();
         let start = self.arch.host_cycles();
@@ -692,11 +711,13 @@ impl<A: Arch> KvmCpu<A> {
         };
         let cycles = self.arch.host_cycles().wrapping_sub(start);
         let elapsed = host_start.elapsed();
+        // The span the timer ran out on, if it expired.
         let expired = match (armed, timer) {
-            (true, Some(t)) => t
+            (Some(span), Some(t)) => t
                 .disarm()
-                .map_err(|e| KvmError::Setup(format!("disarming the run timer: {e}")))?,
-            _ => false,
+                .map_err(|e| KvmError::Setup(format!("disarming the run timer: {e}")))?
+                .then_some(span),
+            _ => None,
         };
         // A kick or timer signal that arrived late must not end the next run.
         sys::discard_pending(kick_signal());
@@ -720,7 +741,7 @@ impl<A: Arch> KvmCpu<A> {
         let ticks = self
             .cfg
             .host_cycles_to_ticks(cycles)
-            .saturating_add(self.flush_coalesced(bus));
+            .saturating_add(self.flush_coalesced(now, bus));
         self.stats
             .num_cycles
             .add(self.cfg.clock.ticks_to_cycles(ticks));
@@ -755,8 +776,8 @@ impl<A: Arch> KvmCpu<A> {
     }
 
     /// Replays the writes buffered in the coalesced-MMIO ring through the
-    /// bus; returns their summed latency.
-    fn flush_coalesced(&mut self, bus: &IoBus) -> Tick {
+    /// bus at `now` (the tick the run started); returns their summed latency.
+    fn flush_coalesced(&mut self, now: Tick, bus: &IoBus) -> Tick {
         if !self.opts.coalesced_mmio {
             return 0;
         }
@@ -765,7 +786,7 @@ impl<A: Arch> KvmCpu<A> {
         while let Ok(Some(e)) = self.vcpu.coalesced_mmio_read() {
             self.stats.num_coalesced_mmio.inc();
             let len = (e.len as usize).min(e.data.len());
-            let mut ctx = AccessCtx::new(0, &mut reqs);
+            let mut ctx = AccessCtx::new(now, &mut reqs);
             latency = latency.saturating_add(bus.write(
                 Space::Mmio,
                 e.phys_addr,

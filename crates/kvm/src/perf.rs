@@ -103,19 +103,23 @@ impl PerfCounter {
 /// once; the answer and the reason are logged once.
 pub fn pmu_available() -> bool {
     static PMU: OnceLock<bool> = OnceLock::new();
-    *PMU.get_or_init(|| match PerfCounter::open(PerfEvent::GuestInstructions, 0, None) {
-        Ok(_) => {
-            tracing::info!("hardware PMU found: guest instruction and cycle counters available");
-            true
-        }
-        Err(e) => {
-            tracing::warn!(
-                "no hardware PMU usable for guest counting ({e}): instruction counts are unavailable, \
+    *PMU.get_or_init(
+        || match PerfCounter::open(PerfEvent::GuestInstructions, 0, None) {
+            Ok(_) => {
+                tracing::info!(
+                    "hardware PMU found: guest instructions are counted by a perf counter"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::info!(
+                "no hardware PMU ({e}): guest instruction counts are unavailable (nan in stats), \
                  the run timer is a POSIX timer, and max_insts needs single-stepping"
             );
-            false
-        }
-    })
+                false
+            }
+        },
+    )
 }
 
 /// A guest instruction counter that can force an exit after a given number

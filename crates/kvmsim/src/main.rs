@@ -57,6 +57,9 @@ struct RunArgs {
     /// Do not echo the guest's console to stdout (it still goes to serial.log).
     #[arg(long)]
     quiet: bool,
+    /// At the end, print the full vCPU state (also written to cpu-dump.txt).
+    #[arg(long)]
+    dump_on_exit: bool,
 }
 
 #[derive(Subcommand)]
@@ -189,6 +192,14 @@ fn run(a: RunArgs) -> i32 {
     );
     if !exit.message.is_empty() {
         eprintln!("{}", exit.message.trim_end());
+    }
+    if a.dump_on_exit {
+        let dump = system.dump_cpu();
+        let path = system.out().file("cpu-dump.txt");
+        if let Err(e) = std::fs::write(&path, &dump) {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+        eprintln!("kvmsim: CPU state at exit:\n{}", dump.trim_end());
     }
     st
 }

@@ -284,9 +284,14 @@ impl System {
         &self.out
     }
 
-    /// A dump of the CPU state.
+    /// A dump of the whole CPU state.
     pub fn dump_cpu(&mut self) -> String {
         self.cpu.dump()
+    }
+
+    /// A handle that forces the CPU out of KVM from any thread.
+    pub fn kick_handle(&self) -> kvm::timer::KickHandle {
+        self.cpu.kick_handle()
     }
 
     /// Runs until something ends the simulation.

@@ -95,3 +95,32 @@ pub fn kvmsim_env(args: &[&str], out: &Path, env: &[(&str, &str)]) -> Run {
         out: out.to_path_buf(),
     }
 }
+
+/// Writes a config file into a fresh folder for `test` and returns the
+/// folder and the config's path.
+pub fn config(test: &str, text: &str) -> (PathBuf, String) {
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    (dir, p.to_string_lossy().into_owned())
+}
+
+/// Parses `key=value` fields of a guest's report line.
+pub fn field(line: &str, key: &str) -> u64 {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing from {line:?}"));
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).unwrap(),
+        None => v.parse().unwrap(),
+    }
+}
+
+impl Run {
+    /// A statistic as a float (NaN when the stat is null/unavailable).
+    pub fn statf(&self, stat: &str) -> f64 {
+        self.stat(stat).as_f64().unwrap_or(f64::NAN)
+    }
+}

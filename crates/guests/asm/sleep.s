@@ -1,0 +1,63 @@
+# sleep: halts until N timer interrupts have arrived.
+# RDI = timer period in ns (default 1,000,000,000), RSI = N (default 10).
+# Prints the simulated ns elapsed, then sim-ops exit.
+        .code64
+        .include "macros.s"
+        .text
+        .globl  _start
+_start:
+        mov     %rdi, %r12
+        test    %r12, %r12
+        jnz     1f
+        mov     $1000000000, %r12
+1:      mov     %rsi, %r13
+        test    %r13, %r13
+        jnz     2f
+        mov     $10, %r13
+2:      mov     $TICK_VECTOR, %edi
+        lea     on_tick(%rip), %rsi
+        call    set_gate
+        call    load_idt
+        mov     $TICK_VECTOR, %edx
+        MMIO_WR TIMER_VECTOR
+        mov     %r12, %rdx
+        MMIO_WR TIMER_PERIOD
+        MMIO_RD TIMER_NOW
+        mov     %rax, %r14
+        mov     $3, %edx
+        MMIO_WR TIMER_CTRL
+3:      sti
+        hlt
+        cli
+        cmp     %r13, ticks(%rip)
+        jb      3b
+        MMIO_RD TIMER_NOW
+        sub     %r14, %rax
+        mov     %rax, %r14
+        lea     m_slept(%rip), %rsi
+        call    puts
+        mov     %r14, %rax
+        call    putdec
+        lea     m_ticks(%rip), %rsi
+        call    puts
+        mov     ticks(%rip), %rax
+        call    putdec
+        lea     nl(%rip), %rsi
+        call    puts
+        xor     %edi, %edi
+        SIMOP   0x21
+4:      hlt
+        jmp     4b
+
+on_tick:
+        incq    ticks(%rip)
+        iretq
+
+        .include "lib.s"
+
+        .data
+        .balign 8
+ticks:  .quad   0
+m_slept: .asciz "sleep: slept_ns="
+m_ticks: .asciz " ticks="
+nl:     .asciz  "\n"

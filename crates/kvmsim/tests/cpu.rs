@@ -1,0 +1,304 @@
+//! The KVM CPU as the reference describes it: simulated time, run timer and
+//! signals, interrupts, drain, instruction counts. Real /dev/kvm.
+
+mod common;
+
+use common::*;
+
+/// Runs the `ticks` guest (periodic interrupts while ring 3 computes).
+fn ticks(test: &str, timer: &str, period_ns: u64, iterations: u64) -> (Run, String) {
+    let (dir, cfg) = config(
+        test,
+        &format!(
+            "[system]\nkernel = \"builtin:ticks\"\nargs = [{period_ns}, {iterations}]\n\
+             [system.cpu]\ntimer = \"{timer}\"\n[system.serial]\nstdout = false\n"
+        ),
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    r.no_panic();
+    assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+    let line = r.file("serial.log");
+    (r, line)
+}
+
+fn check_periodic_interrupts(r: &Run, line: &str, period_ns: u64) {
+    let taken = field(line, "interrupts");
+    let count = field(line, "count");
+    let elapsed = field(line, "elapsed_ns");
+    assert_eq!(
+        field(line, "result"),
+        guests::compute_loop_reference(20_000_000)
+    );
+    // Interrupts arrive at the rate the timer sets, in simulated time...
+    assert!(count >= 20, "too few periods for a meaningful test: {line}");
+    assert!(count.abs_diff(elapsed / period_ns) <= 1, "{line}");
+    // ...and every one reaches the guest (at most one still in flight).
+    assert!(taken + 1 >= count && taken <= count, "{line}");
+    // The last injection may still be queued in KVM when the guest, now at
+    // ring 0 with interrupts off, reads its counter.
+    let injected = r.stat("system.cpu.numInterrupts").as_u64().unwrap();
+    assert!(
+        injected == taken || injected == taken + 1,
+        "injected {injected}, taken {taken}"
+    );
+    // One more period may end between the guest's COUNT read and its stop.
+    let raised = r.stat("system.timer.interrupts").as_u64().unwrap();
+    assert!(
+        raised == count || raised == count + 1,
+        "raised {raised}, count {count}"
+    );
+    // Ring 3 never exits by itself: each period needs a forced exit.
+    let signals = r.stat("system.cpu.numExitSignal").as_u64().unwrap();
+    assert!(
+        signals + 2 >= count && signals <= count + count / 10 + 5,
+        "numExitSignal {signals} for {count} periods"
+    );
+}
+
+#[test]
+fn interrupts_arrive_at_the_rate_the_timer_sets() {
+    if !kvm_or_skip("interrupts") {
+        return;
+    }
+    let (r, line) = ticks("interrupts", "posix", 100_000, 20_000_000);
+    check_periodic_interrupts(&r, &line, 100_000);
+}
+
+#[test]
+fn perf_timer_forces_exits_too() {
+    if !kvm_or_skip("perf_timer") {
+        return;
+    }
+    // A software perf clock event: the perf overflow path runs even
+    // without a PMU.
+    let (r, line) = ticks("perf-timer", "perf-task-clock", 100_000, 20_000_000);
+    check_periodic_interrupts(&r, &line, 100_000);
+    assert_eq!(
+        r.json("config.json")["system"]["cpu"]["timer"],
+        "perf-task-clock"
+    );
+}
+
+#[test]
+fn io_is_serviced_after_the_guests_time() {
+    if !kvm_or_skip("io_after") {
+        return;
+    }
+    // A period far beyond the run: no interrupts, no forced exits. The
+    // guest reads the simulated time before and after its ring-3 loop; the
+    // second read is serviced only after the loop's time has been added.
+    let (r, line) = ticks("io-after", "posix", 100_000_000_000, 20_000_000);
+    let elapsed = field(&line, "elapsed_ns") as f64 * 1e-9;
+    assert_eq!(field(&line, "interrupts"), 0);
+    let in_kvm = r.statf("system.cpu.kvmHostSeconds");
+    assert!(
+        elapsed > 0.5 * in_kvm && elapsed <= r.statf("simSeconds"),
+        "elapsed {elapsed} s, host seconds in KVM {in_kvm}"
+    );
+}
+
+#[test]
+fn host_factor_scales_host_time_into_simulated_time() {
+    if !kvm_or_skip("host_factor") {
+        return;
+    }
+    for factor in [1.0, 2.0] {
+        let (dir, cfg) = config(
+            &format!("factor-{factor}"),
+            &format!(
+                "[system]\nkernel = \"builtin:compute\"\nargs = [30000000]\n\
+                 [system.cpu]\nhost_factor = {factor:?}\n[system.serial]\nstdout = false\n"
+            ),
+        );
+        let r = kvmsim(&["run", &cfg], &dir.join("out"));
+        assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+        // No events are pending while the guest computes, so simulated time
+        // is the time measured inside KVM (TSC) times the factor.
+        let ratio = r.statf("simSeconds") / r.statf("system.cpu.kvmHostSeconds");
+        assert!(
+            (ratio / factor - 1.0).abs() < 0.1,
+            "factor {factor}: simulated/host-in-KVM = {ratio}"
+        );
+    }
+}
+
+#[test]
+fn hlt_advances_simulated_time_without_host_waiting() {
+    if !kvm_or_skip("hlt") {
+        return;
+    }
+    let out = outdir("hlt");
+    // Ten 1-second timer periods, halted in between.
+    let r = kvmsim(&["run", "--kernel", "builtin:sleep", "--quiet"], &out);
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let line = r.file("serial.log");
+    assert_eq!(field(&line, "ticks"), 10);
+    assert!(field(&line, "slept_ns") >= 10_000_000_000, "{line}");
+    assert!(r.statf("simSeconds") >= 10.0);
+    // 10 simulated seconds cost (far) less than 5 host seconds.
+    assert!(
+        r.statf("hostSeconds") < 5.0,
+        "host {}",
+        r.statf("hostSeconds")
+    );
+    assert!(r.stat("system.cpu.numHalt").as_u64().unwrap() >= 10);
+    assert_eq!(
+        r.stat("system.cpu.numExitSignal"),
+        0,
+        "halting needs no forced exits"
+    );
+}
+
+#[test]
+fn drain_during_port_reads_uses_half_entries_and_keeps_the_result() {
+    if !kvm_or_skip("drain") {
+        return;
+    }
+    let n: u64 = 2000;
+    let want: u64 = (0..n).map(|i| i % 256).sum();
+    let (dir, cfg) = config(
+        "drain",
+        &format!(
+            "[sim]\ndrain_period = \"20us\"\n[system]\nkernel = \"builtin:iostream\"\nargs = [{n}]\n\
+             [system.serial]\nstdout = false\n"
+        ),
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(
+        r.file("serial.log"),
+        format!("iostream: n={n} sum={want}\n")
+    );
+    assert!(r.stat("system.numDrains").as_u64().unwrap() > 100);
+    assert!(r.stat("system.cpu.numVMHalfEntries").as_u64().unwrap() > 0);
+    // Without drains: the same result and no half entries.
+    let out = dir.join("plain");
+    let r = kvmsim(&["run", "--kernel", "builtin:iostream", "--quiet"], &out);
+    assert_eq!(
+        r.file("serial.log"),
+        format!("iostream: n={n} sum={want}\n")
+    );
+    assert_eq!(r.stat("system.cpu.numVMHalfEntries"), 0);
+}
+
+#[test]
+fn max_insts_stops_exactly_in_kernel_mode() {
+    if !kvm_or_skip("max_insts") {
+        return;
+    }
+    let n: u64 = 1001;
+    let (dir, cfg) = config(
+        "max-insts",
+        &format!("[system]\nkernel = \"builtin:steps\"\n[system.cpu]\nmax_insts = {n}\n"),
+    );
+    let r = kvmsim(&["run", &cfg, "--max-time", "60s"], &dir.join("out"));
+    r.no_panic();
+    assert_eq!(r.status, 250, "stderr:\n{}", r.stderr);
+    assert_eq!(r.json("exit.json")["cause"], "max_insts");
+    assert_eq!(r.stat("system.cpu.numInsts").as_u64(), Some(n));
+    assert_eq!(r.stat("system.totalNumInsts").as_u64(), Some(n));
+    if r.statf("system.cpu.instCountMethod") == 2.0 {
+        // Single-stepping is exact: RAX = (N - 2) / 2 (see steps.s).
+        let rax = format!("rax={:016x}", (n - 2) / 2);
+        assert!(r.stderr.contains(&rax), "{rax} not in:\n{}", r.stderr);
+    }
+}
+
+#[test]
+fn max_insts_in_user_mode_says_when_it_cannot_be_exact() {
+    if !kvm_or_skip("max_insts_cpl3") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "max-insts-cpl3",
+        "[system]\nkernel = \"builtin:steps\"\nargs = [1]\n[system.cpu]\nmax_insts = 5000\n",
+    );
+    let r = kvmsim(&["run", &cfg, "--max-time", "60s"], &dir.join("out"));
+    r.no_panic();
+    let pmu = kvm::perf::pmu_available();
+    let steps_cpl3 = kvm::probe::single_step_works(3).unwrap();
+    if pmu || steps_cpl3 {
+        assert_eq!(r.status, 250, "stderr:\n{}", r.stderr);
+    } else {
+        // No PMU and no single-step at CPL3: refused, not a wrong count.
+        assert_eq!(r.status, 249, "stderr:\n{}", r.stderr);
+        assert!(
+            r.stderr.contains("does not single-step CPL3"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(r.json("exit.json")["cause"], "unsupported");
+    }
+}
+
+#[test]
+fn instruction_counts_are_unavailable_not_zero_without_a_pmu() {
+    if !kvm_or_skip("insts_unavailable") {
+        return;
+    }
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:hello", "--quiet"],
+        &outdir("insts-nan"),
+    );
+    assert_eq!(r.no_panic().status, 0);
+    if kvm::perf::pmu_available() {
+        assert!(r.stat("system.cpu.numInsts").as_u64().unwrap() > 0);
+        assert_eq!(r.statf("system.cpu.instCountMethod"), 1.0);
+    } else {
+        assert!(r.stat("system.cpu.numInsts").is_null());
+        assert!(r.stat("system.totalNumInsts").is_null());
+        assert_eq!(r.statf("system.cpu.instCountMethod"), 0.0);
+        let line = r
+            .file("stats.txt")
+            .lines()
+            .find(|l| l.starts_with("system.cpu.numInsts "))
+            .unwrap()
+            .to_string();
+        assert!(line.contains(" nan "), "{line}");
+    }
+}
+
+#[test]
+fn coalesced_mmio_writes_go_through_the_ring() {
+    if !kvm_or_skip("coalesced") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "coalesced",
+        "[system]\nkernel = \"builtin:ticks\"\nargs = [100000, 20000000]\n\
+         coalesced_mmio = [[0xFEB00000, 0x1000]]\n[system.serial]\nstdout = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    // The guest writes VECTOR, PERIOD, CTRL, CTRL: buffered, not exits.
+    assert_eq!(r.stat("system.cpu.numCoalescedMMIO"), 4);
+    assert_eq!(r.stat("system.cpu.numMMIO"), 4, "only the reads exit");
+    // The buffered writes took effect (the timer ran).
+    assert!(field(&r.file("serial.log"), "count") > 0);
+}
+
+#[test]
+fn dump_on_exit_prints_the_whole_cpu_state() {
+    if !kvm_or_skip("dump_on_exit") {
+        return;
+    }
+    let out = outdir("dump-on-exit");
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--dump-on-exit",
+            "--quiet",
+        ],
+        &out,
+    );
+    assert_eq!(r.no_panic().status, 0);
+    let dump = r.file("cpu-dump.txt");
+    for part in [
+        "rip=", "cr0=", "efer=", "events:", "msrs:", "LSTAR=", "fpu:", "xmm15=", "dr7=",
+    ] {
+        assert!(dump.contains(part), "{part} missing from:\n{dump}");
+    }
+    assert!(r.stderr.contains("CPU state at exit"));
+}
