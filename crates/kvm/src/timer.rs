@@ -175,6 +175,22 @@ impl ThreadSignals {
     }
 }
 
+impl ThreadSignals {
+    /// Arms the run timer for `ns` host units (nanoseconds, or events of a
+    /// perf timer), bypassing the CPU model (for benchmarks).
+    pub fn arm_timer_ns(&self, ns: u64) -> io::Result<()> {
+        match &self.timer {
+            RunTimer::Posix(t) => t.arm(ns),
+            RunTimer::Perf(c) => c.arm_overflow(ns),
+        }
+    }
+
+    /// Disarms the run timer; true if it expired.
+    pub fn disarm_timer(&self) -> io::Result<bool> {
+        self.timer.disarm()
+    }
+}
+
 impl Drop for ThreadSignals {
     fn drop(&mut self) {
         // Nobody may signal this thread through the handle any more.

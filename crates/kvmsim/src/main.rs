@@ -9,6 +9,8 @@ use platform::units::{Duration, Size};
 use platform::{exit_status, status, Config, OutDir, PlatformError, System};
 use sim::tick::ticks_to_seconds;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "kvmsim",
@@ -64,6 +66,19 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Cost of one forced exit (timer kick + interrupt) in kvmsim against a
+    /// bare kvm-ioctls run loop doing the same, side by side.
+    Kick {
+        /// Timer period in simulated (and host) microseconds.
+        #[arg(long, default_value_t = 100)]
+        period_us: u64,
+        /// Loop iterations of the guest (about 1 ns each at native speed).
+        #[arg(long, default_value_t = 300_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// The `compute` guest's loop, natively and inside kvmsim, side by side.
     Compute {
         /// Loop iterations.
@@ -89,6 +104,14 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Guests { extract } => guests_cmd(extract),
         Command::Bench(Bench::Compute { iterations, runs }) => bench_compute(iterations, runs),
+        Command::Bench(Bench::Kick {
+            period_us,
+            iterations,
+            runs,
+        }) => match bench::kick(period_us, iterations, runs) {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        },
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
