@@ -7,7 +7,7 @@
 //! | offset | name | |
 //! |---|---|---|
 //! | 0x00 | PERIOD_NS | period in simulated ns (write restarts the timer) |
-//! | 0x08 | CTRL | bit 0: run, bit 1: interrupt enable (write restarts) |
+//! | 0x08 | CTRL | bit 0: run, bit 1: interrupt enable, bit 2: deliver as NMI (write restarts) |
 //! | 0x10 | VECTOR | interrupt vector (16..255) |
 //! | 0x18 | COUNT | periods elapsed since the last restart (read-only) |
 //! | 0x20 | NOW_NS | the current simulated time in ns (read-only) |
@@ -30,6 +30,7 @@ pub const TIMER_LATENCY: Tick = 100 * TICKS_PER_NS;
 
 const CTRL_RUN: u64 = 1;
 const CTRL_IRQ: u64 = 2;
+const CTRL_NMI: u64 = 4;
 
 /// The interval timer.
 pub struct IntervalTimer {
@@ -117,7 +118,7 @@ impl BusDevice for IntervalTimer {
                 self.restart(ctx.now);
             }
             0x08 => {
-                self.ctrl = v & (CTRL_RUN | CTRL_IRQ);
+                self.ctrl = v & (CTRL_RUN | CTRL_IRQ | CTRL_NMI);
                 self.restart(ctx.now);
             }
             0x10 => self.vector = v as u8,
@@ -139,7 +140,12 @@ impl TimedDevice for IntervalTimer {
     fn on_deadline(&mut self, ctx: &mut AccessCtx) {
         let due = self.count(ctx.now);
         if self.ctrl & CTRL_IRQ != 0 && due > self.fired {
-            mem::lock(&self.intc).raise(self.vector);
+            let mut intc = mem::lock(&self.intc);
+            if self.ctrl & CTRL_NMI != 0 {
+                intc.raise_nmi();
+            } else {
+                intc.raise(self.vector);
+            }
             self.interrupts.inc();
         }
         self.fired = due;
@@ -199,6 +205,11 @@ mod tests {
         assert_eq!(t.next_deadline(), Some(6_001_000));
         assert_eq!(read(&mut t, 5_001_000, 0x18), 5);
         assert_eq!(stats.dump(0).get("t.interrupts").unwrap().as_f64(), 2.0);
+        // As NMIs.
+        write(&mut t, 5_001_000, 0x08, 7);
+        t.on_deadline(&mut AccessCtx::new(6_001_000, &mut reqs));
+        assert_eq!(intc.lock().unwrap().pending(), sim::intr::Pending::Nmi);
+        assert!(intc.lock().unwrap().take_nmi());
         // Stopping removes the deadline.
         write(&mut t, 6_000_000, 0x08, 0);
         assert_eq!(t.next_deadline(), None);

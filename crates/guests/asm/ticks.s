@@ -1,6 +1,6 @@
 # ticks: counts periodic interrupts while ring 3 computes.
 # RDI = timer period in ns (default 100,000), RSI = loop iterations (default
-# 50,000,000). Programs the interval timer (vector 0x40), runs the compute
+# 50,000,000), RDX != 0: the timer delivers NMIs instead of vector 0x40. Programs the interval timer (vector 0x40), runs the compute
 # loop at ring 3 with interrupts on (each tick is taken by a ring-0 handler
 # that counts it), returns to ring 0 by a page fault, stops the timer and
 # prints: interrupts taken, the timer's COUNT, the simulated ns elapsed, the
@@ -18,7 +18,14 @@ _start:
         test    %r13, %r13
         jnz     2f
         mov     $50000000, %r13
-2:      mov     $TICK_VECTOR, %edi
+2:      mov     $3, %ebp                # CTRL: run, interrupt enable
+        test    %rdx, %rdx
+        jz      4f
+        mov     $7, %ebp                # ... as NMI
+4:      mov     $TICK_VECTOR, %edi
+        lea     on_tick(%rip), %rsi
+        call    set_gate
+        mov     $2, %edi                # NMI
         lea     on_tick(%rip), %rsi
         call    set_gate
         mov     $14, %edi
@@ -31,7 +38,7 @@ _start:
         MMIO_WR TIMER_PERIOD
         MMIO_RD TIMER_NOW
         mov     %rax, %r14              # start time
-        mov     $3, %edx                # run, interrupt enable
+        mov     %rbp, %rdx
         MMIO_WR TIMER_CTRL
         lea     user(%rip), %rax
         mov     $0x202, %esi            # interrupts on at ring 3

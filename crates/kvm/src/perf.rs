@@ -176,11 +176,12 @@ impl InstCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
-    fn spin(d: Duration) {
-        let t = Instant::now();
-        while t.elapsed() < d {
+    /// Spins until this thread has used `ns` of CPU time (wall time would
+    /// not do: on a loaded machine the thread may wait).
+    fn spin_cpu(ns: u64) {
+        let t = sys::thread_cpu_time_ns();
+        while sys::thread_cpu_time_ns() - t < ns {
             std::hint::black_box(0);
         }
     }
@@ -195,9 +196,12 @@ mod tests {
         sys::discard_pending(sig);
 
         let mut c = InstCounter::new(PerfEvent::TaskClock, tid, sig).unwrap();
-        spin(Duration::from_millis(5));
+        spin_cpu(5_000_000);
         let t1 = c.total().unwrap();
-        assert!(t1 >= 4_000_000, "task clock counted {t1} ns in 5 ms");
+        assert!(
+            t1 >= 4_000_000,
+            "task clock counted {t1} ns in 5 ms of CPU time"
+        );
         // Stop after 2 ms more of CPU time: the overflow signal arrives.
         c.set_stop(Some(2_000_000)).unwrap();
         assert!(!sys::is_pending(sig));

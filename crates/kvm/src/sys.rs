@@ -336,6 +336,17 @@ impl Drop for PosixTimer {
     }
 }
 
+/// CPU time consumed by the calling thread, in nanoseconds.
+pub fn thread_cpu_time_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid output pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Resolution of CLOCK_MONOTONIC in nanoseconds.
 pub fn monotonic_resolution_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -54,7 +54,10 @@ pub enum TimerKind {
 /// The run timer of one CPU.
 pub enum RunTimer {
     Posix(PosixTimer),
-    Perf(PerfCounter),
+    /// A perf counter, with the count and span of the current arming
+    /// (expiry is read from the counter: the overflow signal itself is
+    /// consumed by its handler inside KVM_RUN).
+    Perf(PerfCounter, std::cell::Cell<(u64, u64)>),
 }
 
 /// Fewest host cycles (of `host_freq`) a run is armed for (gem5: 1000).
@@ -74,7 +77,7 @@ impl RunTimer {
                 };
                 let c = PerfCounter::open(event, tid, Some(u64::MAX / 2))?;
                 c.signal_overflow_to(kick_signal(), tid)?;
-                RunTimer::Perf(c)
+                RunTimer::Perf(c, Default::default())
             }
         })
     }
@@ -88,7 +91,7 @@ impl RunTimer {
                     * sim::tick::TICKS_PER_NS as f64
                     * cfg.host_factor) as Tick,
             ),
-            RunTimer::Perf(_) => min,
+            RunTimer::Perf(..) => min,
         }
     }
 
@@ -96,13 +99,15 @@ impl RunTimer {
     pub fn arm(&self, ticks: Tick, cfg: &CpuConfig) -> io::Result<()> {
         match self {
             RunTimer::Posix(t) => t.arm(cfg.ticks_to_host_ns(ticks)),
-            RunTimer::Perf(c) => {
+            RunTimer::Perf(c, armed) => {
                 let units = match c.event() {
                     // Task clock counts nanoseconds.
                     PerfEvent::TaskClock => cfg.ticks_to_host_ns(ticks),
                     _ => cfg.ticks_to_host_cycles(ticks),
-                };
-                c.arm_overflow(units.max(1))
+                }
+                .max(1);
+                armed.set((c.read()?, units));
+                c.arm_overflow(units)
             }
         }
     }
@@ -111,10 +116,10 @@ impl RunTimer {
     pub fn disarm(&self) -> io::Result<bool> {
         match self {
             RunTimer::Posix(t) => t.disarm(),
-            RunTimer::Perf(c) => {
+            RunTimer::Perf(c, armed) => {
                 c.disable()?;
-                // An overflow leaves the kick pending (it is blocked here).
-                Ok(sys::is_pending(kick_signal()))
+                let (start, units) = armed.get();
+                Ok(c.read()?.saturating_sub(start) >= units)
             }
         }
     }
@@ -181,7 +186,10 @@ impl ThreadSignals {
     pub fn arm_timer_ns(&self, ns: u64) -> io::Result<()> {
         match &self.timer {
             RunTimer::Posix(t) => t.arm(ns),
-            RunTimer::Perf(c) => c.arm_overflow(ns),
+            RunTimer::Perf(c, armed) => {
+                armed.set((c.read()?, ns.max(1)));
+                c.arm_overflow(ns.max(1))
+            }
         }
     }
 
