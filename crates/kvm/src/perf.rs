@@ -205,7 +205,7 @@ mod tests {
         // Stop after 2 ms more of CPU time: the overflow signal arrives.
         c.set_stop(Some(2_000_000)).unwrap();
         assert!(!sys::is_pending(sig));
-        spin(Duration::from_millis(20));
+        spin_cpu(20_000_000);
         assert!(
             sys::is_pending(sig),
             "overflow signal not delivered to this thread"

@@ -143,9 +143,11 @@ fn simops_fail_code_delay_and_stats_dumps() {
     assert_eq!(exit["code"], 7);
     let tick = exit["tick"].as_u64().unwrap();
     // The exit comes 5 ms of simulated time after the op; the guest halted
-    // meanwhile, so time jumped there without the host waiting.
+    // meanwhile, so time jumped there without the host waiting. Before the
+    // op the guest printed a line: its simulated time is host time spent in
+    // KVM, which a loaded machine stretches, hence the generous bound.
     assert!(
-        (5_000_000_000..6_000_000_000).contains(&tick),
+        (5_000_000_000..105_000_000_000).contains(&tick),
         "exit at tick {tick}"
     );
     // Two dumps: the guest's dump_reset_stats, then the final one.
