@@ -4,11 +4,13 @@
 //! written for a hostile guest: any offset, any size, any value.
 
 pub mod intc;
+pub mod mailbox;
 pub mod simops;
 pub mod timer;
 pub mod uart;
 
 pub use intc::VectorIntc;
+pub use mailbox::Mailbox;
 pub use simops::SimOps;
 pub use timer::IntervalTimer;
 pub use uart::Uart16550;

@@ -30,10 +30,11 @@ struct Sample {
 fn kvmsim_run(period_us: u64, iterations: u64) -> Result<Sample, String> {
     let dir = std::env::temp_dir().join(format!("kvmsim-bench-kick-{}", std::process::id()));
     let mut cfg = Config::for_kernel("builtin:ticks");
-    cfg.system.args = vec![period_us * 1000, iterations];
-    cfg.system.serial.stdout = false;
-    cfg.system.serial.stdin = false;
-    cfg.system.cpu.timer = "posix".into();
+    let sc = &mut cfg.system[0];
+    sc.args = vec![period_us * 1000, iterations];
+    sc.serial.stdout = false;
+    sc.serial.stdin = false;
+    sc.cpu.timer = "posix".into();
     let t = Instant::now();
     let out = OutDir::create(&dir).map_err(|e| e.to_string())?;
     let mut sys = System::build(&mut cfg, out).map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use platform::units::{Duration, Size};
-use platform::{exit_status, status, Config, OutDir, PlatformError, System};
+use platform::{status, Config, OutDir, PlatformError, Simulation, System};
 use sim::tick::ticks_to_seconds;
 
 mod bench;
@@ -134,29 +134,32 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
             ))
         }
     };
-    let bad = |field: &'static str, value: &str, message: String| platform::ConfigError::Invalid {
+    let bad = |field: &str, value: &str, message: String| platform::ConfigError::Invalid {
         path: cli.into(),
-        field,
+        field: field.into(),
         value: value.into(),
         message,
     };
+    // Flags apply to every system of the config.
     if let Some(k) = &a.kernel {
-        cfg.system.kernel = k.clone();
+        cfg.system.iter_mut().for_each(|s| s.kernel = k.clone());
     }
     if let Some(m) = &a.memory {
-        cfg.system.memory =
-            Size(platform::units::parse_size(m).map_err(|e| bad("--memory", m, e))?);
+        let size = Size(platform::units::parse_size(m).map_err(|e| bad("--memory", m, e))?);
+        cfg.system.iter_mut().for_each(|s| s.memory = size);
     }
     if let Some(t) = &a.max_time {
         cfg.sim.max_time = Some(Duration(
             platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
         ));
     }
-    if !a.args.is_empty() {
-        cfg.system.args = a.args.clone();
-    }
-    if a.quiet {
-        cfg.system.serial.stdout = false;
+    for s in &mut cfg.system {
+        if !a.args.is_empty() {
+            s.args = a.args.clone();
+        }
+        if a.quiet {
+            s.serial.stdout = false;
+        }
     }
     let source = a.config.as_deref().unwrap_or(cli);
     cfg.validate(source)?;
@@ -174,7 +177,7 @@ fn run(a: RunArgs) -> i32 {
     };
     platform::console::install_interrupt_handler();
     let host_start = Instant::now();
-    let mut system = match System::build(&mut cfg, out) {
+    let mut simulation = match Simulation::build(&mut cfg, out.clone()) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -183,46 +186,64 @@ fn run(a: RunArgs) -> i32 {
         "config_file": a.config.as_ref().map(|p| p.display().to_string()),
         "sim": cfg.sim,
         "system": cfg.system,
+        "link": cfg.link,
     });
-    if let Err(e) = system.out().write_json("config.json", &resolved) {
+    if let Err(e) = out.write_json("config.json", &resolved) {
         return fail(e);
     }
-    let exit = match system.run() {
+    let exits = match simulation.run() {
         Ok(e) => e,
         Err(e) => {
             // Keep what the run produced: stats up to now.
-            let now = system.cur_tick();
-            let _ = system.dump_stats(now);
-            return fail(format!("simulation failed at tick {now}: {e}"));
+            for sys in simulation.systems_mut() {
+                let now = sys.cur_tick();
+                let _ = sys.dump_stats(now);
+            }
+            return fail(format!("simulation failed: {e}"));
         }
     };
-    let st = exit_status(exit.cause, exit.code);
-    if let Err(e) = system.finish(&exit, st) {
+    let (st, deciding) = Simulation::status(&exits);
+    if let Err(e) = simulation.finish(&exits, st) {
         return fail(e);
     }
-    let code = if exit.cause == sim::ExitCause::GuestExit {
-        format!(" (code {})", exit.code)
-    } else {
-        String::new()
-    };
-    eprintln!(
-        "kvmsim: exiting @ tick {} ({:.6} s simulated, {:.3} s host) because {}{}",
-        exit.tick,
-        ticks_to_seconds(exit.tick),
-        host_start.elapsed().as_secs_f64(),
-        exit.cause.describe(),
-        code
-    );
-    if !exit.message.is_empty() {
-        eprintln!("{}", exit.message.trim_end());
+    let names = simulation.names().to_vec();
+    let many = names.len() > 1;
+    for (name, exit) in names.iter().zip(&exits) {
+        let code = if exit.cause == sim::ExitCause::GuestExit {
+            format!(" (code {})", exit.code)
+        } else {
+            String::new()
+        };
+        let who = if many {
+            format!("{name} ")
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "kvmsim: {who}exiting @ tick {} ({:.6} s simulated, {:.3} s host) because {}{}",
+            exit.tick,
+            ticks_to_seconds(exit.tick),
+            host_start.elapsed().as_secs_f64(),
+            exit.cause.describe(),
+            code
+        );
+        if !exit.message.is_empty() {
+            eprintln!("{}", exit.message.trim_end());
+        }
+    }
+    if let (true, Some(i)) = (many, deciding) {
+        eprintln!("kvmsim: status {st} comes from {}", names[i]);
     }
     if a.dump_on_exit {
-        let dump = system.dump_cpu();
-        let path = system.out().file("cpu-dump.txt");
-        if let Err(e) = std::fs::write(&path, &dump) {
+        let mut all = String::new();
+        for (name, sys) in names.iter().zip(simulation.systems_mut()) {
+            all.push_str(&format!("{name}.cpu:\n{}", sys.dump_cpu()));
+        }
+        let path = out.file("cpu-dump.txt");
+        if let Err(e) = std::fs::write(&path, &all) {
             return fail(format!("cannot write {}: {e}", path.display()));
         }
-        eprintln!("kvmsim: CPU state at exit:\n{}", dump.trim_end());
+        eprintln!("kvmsim: CPU state at exit:\n{}", all.trim_end());
     }
     st
 }
@@ -265,9 +286,9 @@ fn bench_compute(iterations: u64, runs: u32) -> i32 {
         native_best = native_best.min(t.elapsed().as_secs_f64());
 
         let mut cfg = Config::for_kernel("builtin:compute");
-        cfg.system.args = vec![iterations];
-        cfg.system.serial.stdout = false;
-        cfg.system.serial.stdin = false;
+        cfg.system[0].args = vec![iterations];
+        cfg.system[0].serial.stdout = false;
+        cfg.system[0].serial.stdin = false;
         let t = Instant::now();
         let out = match OutDir::create(&outdir) {
             Ok(o) => o,

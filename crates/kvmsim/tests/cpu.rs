@@ -95,7 +95,7 @@ fn perf_timer_forces_exits_too() {
     let (r, line) = ticks("perf-timer", "perf-task-clock", 100_000, 20_000_000);
     check_periodic_interrupts(&r, &line, 100_000);
     assert_eq!(
-        r.json("config.json")["system"]["cpu"]["timer"],
+        r.json("config.json")["system"][0]["cpu"]["timer"],
         "perf-task-clock"
     );
 }

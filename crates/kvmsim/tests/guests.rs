@@ -42,9 +42,9 @@ fn hello_example_prints_exits_0_and_writes_outputs() {
     assert_eq!(r.stat("system.uart.txBytes"), 21);
     assert!(r.stat("simSeconds").as_f64().unwrap() > 0.0);
     let cfg = r.json("config.json");
-    assert_eq!(cfg["system"]["kernel"], "builtin:hello");
+    assert_eq!(cfg["system"][0]["kernel"], "builtin:hello");
     assert!(
-        cfg["system"]["cpu"]["host_freq"].as_f64().unwrap() > 1e6,
+        cfg["system"][0]["cpu"]["host_freq"].as_f64().unwrap() > 1e6,
         "resolved host_freq"
     );
     let exit = r.json("exit.json");

@@ -15,8 +15,42 @@ pub struct Config {
     /// Simulation-wide settings.
     #[serde(default)]
     pub sim: SimConfig,
-    /// The simulated system.
-    pub system: SystemConfig,
+    /// The simulated systems: one `[system]` table or several `[[system]]`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub system: Vec<SystemConfig>,
+    /// Links between systems (`[[link]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<LinkConfig>,
+}
+
+/// A link between two systems: a mailbox device in each, carrying values
+/// with `latency` of simulated time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    /// The two systems, by index in the `[[system]]` list.
+    pub systems: [usize; 2],
+    /// One-way latency (at least `sim.quantum`, the lookahead).
+    pub latency: Duration,
+}
+
+/// Accepts one table (`[system]`) or an array of tables (`[[system]]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SystemConfig>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<SystemConfig>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a [system] table or [[system]] tables")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            SystemConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                .map(|s| vec![s])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::<SystemConfig>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(V)
 }
 
 /// Simulation-wide settings.
@@ -30,6 +64,14 @@ pub struct SimConfig {
     /// for the drain path that checkpoints use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_period: Option<Duration>,
+    /// With several systems: the lock-step window (gem5's sim_quantum).
+    /// Default: the shortest link latency, or 1 ms without links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantum: Option<Duration>,
+    /// With several systems: end the whole run at the first system that
+    /// faults (default: run until every system has exited).
+    #[serde(default)]
+    pub stop_on_fault: bool,
 }
 
 /// One simulated system.
@@ -151,7 +193,7 @@ pub enum ConfigError {
     #[error("{path}: {field} = {value}: {message}")]
     Invalid {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         value: String,
         message: String,
     },
@@ -162,7 +204,8 @@ impl Config {
     pub fn for_kernel(kernel: &str) -> Self {
         Config {
             sim: SimConfig::default(),
-            system: SystemConfig {
+            link: vec![],
+            system: vec![SystemConfig {
                 memory: default_memory(),
                 kernel: kernel.into(),
                 args: vec![],
@@ -170,8 +213,28 @@ impl Config {
                 cpu: CpuConfig::default(),
                 serial: SerialConfig::default(),
                 coalesced_mmio: vec![],
-            },
+            }],
         }
+    }
+
+    /// The systems' dotted names: `system` alone, else `system0`, `system1`, ...
+    pub fn system_names(&self) -> Vec<String> {
+        if self.system.len() == 1 {
+            vec!["system".into()]
+        } else {
+            (0..self.system.len())
+                .map(|i| format!("system{i}"))
+                .collect()
+        }
+    }
+
+    /// The lock-step window of a multi-system run.
+    pub fn quantum(&self) -> sim::Tick {
+        self.sim
+            .quantum
+            .map(|d| d.0)
+            .or_else(|| self.link.iter().map(|l| l.latency.0).min())
+            .unwrap_or(sim::tick::TICKS_PER_MS)
     }
 
     /// Parses TOML `text` read from `path` (used in messages and to resolve
@@ -196,92 +259,128 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Makes a relative kernel path relative to `base` (the config's folder).
+    /// Makes relative kernel paths relative to `base` (the config's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        let k = &self.system.kernel;
-        if !k.starts_with("builtin:") && Path::new(k).is_relative() && !base.as_os_str().is_empty()
-        {
-            self.system.kernel = base.join(k).to_string_lossy().into_owned();
+        for s in &mut self.system {
+            let k = &s.kernel;
+            if !k.starts_with("builtin:")
+                && Path::new(k).is_relative()
+                && !base.as_os_str().is_empty()
+            {
+                s.kernel = base.join(k).to_string_lossy().into_owned();
+            }
         }
     }
 
     /// Checks values that parse but cannot be used. `path` names the source.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |field, value: String, message: &str| ConfigError::Invalid {
+        let bad = |field: String, value: String, message: &str| ConfigError::Invalid {
             path: path.into(),
             field,
             value,
             message: message.into(),
         };
-        let s = &self.system;
-        if s.args.len() > 6 {
+        if self.system.is_empty() {
             return Err(bad(
-                "system.args",
-                format!("{:?}", s.args),
-                "at most six boot arguments fit in registers",
+                "system".into(),
+                "[]".into(),
+                "at least one system is needed",
             ));
         }
-        if let Err(e) = mem::MemoryMap::for_size(s.memory.0) {
-            return Err(bad("system.memory", s.memory.0.to_string(), &e.to_string()));
-        }
-        let hf = s.cpu.host_factor;
-        if !(hf.is_finite() && hf > 0.0) {
-            return Err(bad(
-                "system.cpu.host_factor",
-                hf.to_string(),
-                "must be a positive number",
-            ));
-        }
-        if let Some(name) = s.kernel.strip_prefix("builtin:") {
-            if guests::builtin(name).is_none() {
-                let known: Vec<&str> = guests::GUESTS.iter().map(|(n, _)| *n).collect();
+        let many = self.system.len() > 1;
+        for (i, s) in self.system.iter().enumerate() {
+            let f = |name: &str| {
+                if many {
+                    format!("system[{i}].{name}")
+                } else {
+                    format!("system.{name}")
+                }
+            };
+            if s.args.len() > 6 {
                 return Err(bad(
-                    "system.kernel",
-                    format!("{:?}", s.kernel),
-                    &format!("no such built-in guest (built-in: {})", known.join(", ")),
+                    f("args"),
+                    format!("{:?}", s.args),
+                    "at most six boot arguments fit in registers",
                 ));
             }
-        }
-        if let Some(Duration(0)) = self.sim.max_time {
-            return Err(bad("sim.max_time", "0".into(), "must be longer than zero"));
-        }
-        if let Some(Duration(0)) = self.sim.drain_period {
-            return Err(bad(
-                "sim.drain_period",
-                "0".into(),
-                "must be longer than zero",
-            ));
-        }
-        if !TIMERS.contains(&s.cpu.timer.as_str()) {
-            return Err(bad(
-                "system.cpu.timer",
-                format!("{:?}", s.cpu.timer),
-                &format!("unknown timer (one of: {})", TIMERS.join(", ")),
-            ));
-        }
-        if s.cpu.max_insts == Some(0) {
-            return Err(bad(
-                "system.cpu.max_insts",
-                "0".into(),
-                "must be at least 1",
-            ));
-        }
-        for r in &s.coalesced_mmio {
-            let [base, size] = *r;
-            let ok = size > 0
-                && base.checked_add(size).is_some()
-                && !mem::MemoryMap::for_size(s.memory.0)
-                    .map(|m| {
-                        m.regions()
-                            .iter()
-                            .any(|g| base < g.end() && g.base < base + size)
-                    })
-                    .unwrap_or(true);
-            if !ok {
+            if let Err(e) = mem::MemoryMap::for_size(s.memory.0) {
+                return Err(bad(f("memory"), s.memory.0.to_string(), &e.to_string()));
+            }
+            let hf = s.cpu.host_factor;
+            if !(hf.is_finite() && hf > 0.0) {
                 return Err(bad(
-                    "system.coalesced_mmio",
-                    format!("[{base:#x}, {size:#x}]"),
-                    "must be a non-empty range outside RAM",
+                    f("cpu.host_factor"),
+                    hf.to_string(),
+                    "must be a positive number",
+                ));
+            }
+            if let Some(name) = s.kernel.strip_prefix("builtin:") {
+                if guests::builtin(name).is_none() {
+                    let known: Vec<&str> = guests::GUESTS.iter().map(|(n, _)| *n).collect();
+                    return Err(bad(
+                        f("kernel"),
+                        format!("{:?}", s.kernel),
+                        &format!("no such built-in guest (built-in: {})", known.join(", ")),
+                    ));
+                }
+            }
+            if !TIMERS.contains(&s.cpu.timer.as_str()) {
+                return Err(bad(
+                    f("cpu.timer"),
+                    format!("{:?}", s.cpu.timer),
+                    &format!("unknown timer (one of: {})", TIMERS.join(", ")),
+                ));
+            }
+            if s.cpu.max_insts == Some(0) {
+                return Err(bad(f("cpu.max_insts"), "0".into(), "must be at least 1"));
+            }
+            for r in &s.coalesced_mmio {
+                let [base, size] = *r;
+                let ok = size > 0
+                    && base.checked_add(size).is_some()
+                    && !mem::MemoryMap::for_size(s.memory.0)
+                        .map(|m| {
+                            m.regions()
+                                .iter()
+                                .any(|g| base < g.end() && g.base < base + size)
+                        })
+                        .unwrap_or(true);
+                if !ok {
+                    return Err(bad(
+                        f("coalesced_mmio"),
+                        format!("[{base:#x}, {size:#x}]"),
+                        "must be a non-empty range outside RAM",
+                    ));
+                }
+            }
+        }
+        for (name, d) in [
+            ("sim.max_time", self.sim.max_time),
+            ("sim.drain_period", self.sim.drain_period),
+            ("sim.quantum", self.sim.quantum),
+        ] {
+            if let Some(Duration(0)) = d {
+                return Err(bad(name.into(), "0".into(), "must be longer than zero"));
+            }
+        }
+        let quantum = self.quantum();
+        for (i, l) in self.link.iter().enumerate() {
+            let [a, b] = l.systems;
+            if a >= self.system.len() || b >= self.system.len() || a == b {
+                return Err(bad(
+                    format!("link[{i}].systems"),
+                    format!("{:?}", l.systems),
+                    &format!("must name two different systems (0..{})", self.system.len()),
+                ));
+            }
+            if l.latency.0 < quantum {
+                return Err(bad(
+                    format!("link[{i}].latency"),
+                    format!("{} ps", l.latency.0),
+                    &format!(
+                        "must be at least sim.quantum ({quantum} ps): the quantum is the lookahead \
+                         that lets systems run in parallel"
+                    ),
                 ));
             }
         }
@@ -300,10 +399,12 @@ mod tests {
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[system]\nkernel = \"builtin:hello\"\n").unwrap();
-        assert_eq!(c.system.memory, Size(128 << 20));
-        assert_eq!(c.system.cpu.clock, Frequency(2e9));
-        assert_eq!(c.system.cpu.host_factor, 1.0);
-        assert!(c.system.serial.stdout);
+        assert_eq!(c.system.len(), 1);
+        assert_eq!(c.system[0].memory, Size(128 << 20));
+        assert_eq!(c.system[0].cpu.clock, Frequency(2e9));
+        assert_eq!(c.system[0].cpu.host_factor, 1.0);
+        assert!(c.system[0].serial.stdout);
+        assert_eq!(c.system_names(), vec!["system"]);
         assert_eq!(c.sim.max_time, None);
     }
 
@@ -329,9 +430,69 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.sim.max_time, Some(Duration(2_000_000_000_000)));
-        assert_eq!(c.system.kernel, "dir/guest.elf");
-        assert_eq!(c.system.stack, Some(0x70000));
-        assert_eq!(c.system.cpu.host_freq, Some(Frequency(2.5e9)));
+        assert_eq!(c.system[0].kernel, "dir/guest.elf");
+        assert_eq!(c.system[0].stack, Some(0x70000));
+        assert_eq!(c.system[0].cpu.host_freq, Some(Frequency(2.5e9)));
+    }
+
+    #[test]
+    fn several_systems_and_links() {
+        let c = parse(
+            r#"
+            [sim]
+            quantum = "100us"
+            [[system]]
+            kernel = "builtin:hello"
+            [[system]]
+            kernel = "builtin:compute"
+            memory = "32MiB"
+            [[link]]
+            systems = [0, 1]
+            latency = "1ms"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.system.len(), 2);
+        assert_eq!(c.system[1].memory, Size(32 << 20));
+        assert_eq!(c.system_names(), vec!["system0", "system1"]);
+        assert_eq!(c.quantum(), 100_000_000);
+        assert_eq!(c.link[0].latency, Duration(1_000_000_000));
+        // The quantum defaults to the shortest link latency.
+        let c = parse(
+            "[[system]]\nkernel = \"builtin:hello\"\n[[system]]\nkernel = \"builtin:hello\"\n\
+             [[link]]\nsystems = [1, 0]\nlatency = \"50us\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.quantum(), 50_000_000);
+    }
+
+    #[test]
+    fn bad_links_and_systems() {
+        let two =
+            "[[system]]\nkernel = \"builtin:hello\"\n[[system]]\nkernel = \"builtin:hello\"\n";
+        let e = parse(&format!(
+            "{two}[[link]]\nsystems = [0, 2]\nlatency = \"1ms\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("link[0].systems"), "{e}");
+        let e = parse(&format!(
+            "[sim]\nquantum = \"2ms\"\n{two}[[link]]\nsystems = [0, 1]\nlatency = \"1ms\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("link[0].latency") && e.contains("lookahead"),
+            "{e}"
+        );
+        let e = parse(&format!("{two}[[system]]\nkernel = \"builtin:nope\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("system[2].kernel"), "{e}");
+        let e = parse("[[system]]\nkernel = \"builtin:hello\"\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus") && e.contains("line 3"), "{e}");
     }
 
     #[test]

@@ -7,24 +7,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use devices::uart::InputQueue;
 
-/// The console's output: serial.log, plus kvmsim's stdout if asked.
+/// The console's output: the system's serial log, plus kvmsim's stdout if
+/// asked (each line prefixed with the system's name when several share it).
 pub struct SerialSink {
     log: File,
     stdout: bool,
+    prefix: Option<String>,
+    line: Vec<u8>,
 }
 
 impl SerialSink {
-    pub fn new(log: File, stdout: bool) -> Self {
-        SerialSink { log, stdout }
+    pub fn new(log: File, stdout: bool, prefix: Option<String>) -> Self {
+        SerialSink {
+            log,
+            stdout,
+            prefix,
+            line: Vec::new(),
+        }
     }
 }
 
 impl Write for SerialSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // serial.log is unbuffered: nothing is lost if the run dies.
+        // The log is unbuffered: nothing is lost if the run dies.
         self.log.write_all(buf)?;
         if self.stdout {
-            let _ = std::io::stdout().write_all(buf);
+            match &self.prefix {
+                None => {
+                    let _ = std::io::stdout().write_all(buf);
+                }
+                Some(p) => {
+                    // Whole lines, so that systems' outputs do not interleave mid-line.
+                    for &b in buf {
+                        self.line.push(b);
+                        if b == b'\n' || self.line.len() >= 4096 {
+                            let mut out = std::io::stdout().lock();
+                            let _ = out.write_all(p.as_bytes());
+                            let _ = out.write_all(&self.line);
+                            self.line.clear();
+                        }
+                    }
+                }
+            }
         }
         Ok(buf.len())
     }

@@ -6,11 +6,13 @@ pub mod config;
 pub mod console;
 pub mod loader;
 pub mod output;
+pub mod simulation;
 pub mod system;
 pub mod units;
 
 pub use config::{Config, ConfigError};
 pub use output::OutDir;
+pub use simulation::Simulation;
 pub use system::System;
 
 use sim::ExitCause;

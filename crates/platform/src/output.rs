@@ -18,11 +18,12 @@ pub struct OutputError {
     pub source: std::io::Error,
 }
 
-/// The output folder of one run.
-#[derive(Debug)]
+/// The output folder of one run. Clones share it (systems on several
+/// threads write into one folder; writes are serialised).
+#[derive(Debug, Clone)]
 pub struct OutDir {
     dir: PathBuf,
-    dumps: Vec<serde_json::Value>,
+    dumps: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 fn err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -36,13 +37,13 @@ impl OutDir {
     /// Creates (or reuses) `dir`, truncating the files of an earlier run.
     pub fn create(dir: &Path) -> Result<Self, OutputError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
-        for f in ["stats.txt", "stats.json", "serial.log", "exit.json"] {
+        for f in ["stats.txt", "stats.json", "exit.json"] {
             let p = dir.join(f);
             File::create(&p).map_err(err(&p))?;
         }
         Ok(OutDir {
             dir: dir.into(),
-            dumps: Vec::new(),
+            dumps: Default::default(),
         })
     }
 
@@ -65,7 +66,8 @@ impl OutDir {
     }
 
     /// Appends a stats dump to stats.txt and rewrites stats.json.
-    pub fn write_dump(&mut self, dump: &Dump) -> Result<(), OutputError> {
+    pub fn write_dump(&self, dump: &Dump) -> Result<(), OutputError> {
+        let mut dumps = self.dumps.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.file("stats.txt");
         let mut f = OpenOptions::new()
             .append(true)
@@ -73,18 +75,14 @@ impl OutDir {
             .open(&path)
             .map_err(err(&path))?;
         f.write_all(dump.to_text().as_bytes()).map_err(err(&path))?;
-        self.dumps.push(dump.to_json());
-        self.write_json("stats.json", &serde_json::Value::Array(self.dumps.clone()))
+        dumps.push(dump.to_json());
+        self.write_json("stats.json", &serde_json::Value::Array(dumps.clone()))
     }
 
-    /// Opens serial.log for the console.
-    pub fn serial_log(&self) -> Result<File, OutputError> {
-        let path = self.file("serial.log");
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(err(&path))
+    /// Creates (truncating) a console log for a system.
+    pub fn serial_log(&self, name: &str) -> Result<File, OutputError> {
+        let path = self.file(name);
+        File::create(&path).map_err(err(&path))
     }
 }
 
@@ -95,7 +93,7 @@ mod tests {
     #[test]
     fn dumps_accumulate() {
         let dir = std::env::temp_dir().join(format!("kvmsim-outdir-{}", std::process::id()));
-        let mut out = OutDir::create(&dir).unwrap();
+        let out = OutDir::create(&dir).unwrap();
         let mut stats = sim::Stats::new();
         let c = stats.counter("system.x", "x", "Count").unwrap();
         c.inc();

@@ -4,10 +4,11 @@
 use std::sync::{Arc, Mutex};
 
 use devices::intc::{IntcHandle, VectorIntc};
+use devices::mailbox::{MAILBOX_BASE, MAILBOX_SIZE};
 use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
 use devices::timer::{TIMER_BASE, TIMER_SIZE};
 use devices::uart::{COM1_BASE, UART_PORTS};
-use devices::{IntervalTimer, SimOps, Uart16550};
+use devices::{IntervalTimer, Mailbox, SimOps, Uart16550};
 use kvm::arch::x86_64::{boot, cpuid, X86_64};
 use kvm::cpu::CpuOptions;
 use kvm::timer::TimerKind;
@@ -17,7 +18,7 @@ use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
 use sim::intr::{InterruptController, Pending};
 use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
 
-use crate::config::Config;
+use crate::config::{SimConfig, SystemConfig};
 use crate::console::{self, SerialSink};
 use crate::loader;
 use crate::output::OutDir;
@@ -26,6 +27,9 @@ use crate::PlatformError;
 
 /// Priority of the CPU's startup event: before anything else at tick 0.
 const STARTUP_PRI: i32 = i32::MIN;
+/// Priority of a window's end: first in its tick (that tick belongs to the
+/// next window).
+const WINDOW_PRI: i32 = i32::MIN + 1;
 
 /// Events of a system's queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +53,28 @@ enum Event {
         period: Tick,
     },
     MaxTick,
+    /// The end of a lock-step window (multi-system runs).
+    WindowEnd,
+    /// A value arrives on link port `port`.
+    LinkDeliver {
+        port: u32,
+        data: u64,
+    },
+}
+
+/// One end of a link in a system: its mailbox port and the link's latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkEnd {
+    pub port: u32,
+    pub latency: Tick,
+}
+
+/// A value sent out of a link port, to arrive at `at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outgoing {
+    pub port: u32,
+    pub at: Tick,
+    pub data: u64,
 }
 
 /// A timed device and its scheduled event.
@@ -75,6 +101,8 @@ pub struct System {
     draining: bool,
     drains: Counter,
     requests: Vec<Request>,
+    mailboxes: Vec<Arc<Mutex<Mailbox>>>,
+    outgoing: Vec<Outgoing>,
     out: OutDir,
 }
 
@@ -106,11 +134,27 @@ fn timer_kind(name: &str) -> TimerKind {
 }
 
 impl System {
-    /// Builds the system described by `cfg`, writing into `out`. Fills in
-    /// the defaults that depend on the host (host_freq, stack) in `cfg`.
-    pub fn build(cfg: &mut Config, out: OutDir) -> Result<System, PlatformError> {
-        let name = "system".to_string();
-        let sc = &mut cfg.system;
+    /// Builds a single system from a whole config (its first system).
+    pub fn build(cfg: &mut crate::Config, out: OutDir) -> Result<System, PlatformError> {
+        let sim = cfg.sim.clone();
+        let sc = cfg
+            .system
+            .first_mut()
+            .ok_or_else(|| PlatformError::Setup("the config has no system".into()))?;
+        Self::build_named("system", sc, &sim, &[], out)
+    }
+
+    /// Builds system `name` described by `sc`, with mailboxes for `links`,
+    /// writing into `out`. Fills in the defaults that depend on the host
+    /// (host_freq, stack, timer) in `sc`.
+    pub fn build_named(
+        name: &str,
+        sc: &mut SystemConfig,
+        sim: &SimConfig,
+        links: &[LinkEnd],
+        out: OutDir,
+    ) -> Result<System, PlatformError> {
+        let name = name.to_string();
         let image = read_image(&sc.kernel)?;
         let info = loader::inspect(&image, &sc.kernel)?;
 
@@ -197,7 +241,12 @@ impl System {
         } else {
             None
         };
-        let sink = SerialSink::new(out.serial_log()?, sc.serial.stdout);
+        let (log, prefix) = if name == "system" {
+            ("serial.log".to_string(), None)
+        } else {
+            (format!("serial.{name}.log"), Some(format!("[{name}] ")))
+        };
+        let sink = SerialSink::new(out.serial_log(&log)?, sc.serial.stdout, prefix);
         let uart = Uart16550::new(Box::new(sink), input, &mut stats, &format!("{name}.uart"))?;
         bus.insert(
             Space::Pio,
@@ -230,6 +279,24 @@ impl System {
             dev: timer_dev,
             event: None,
         }];
+        let mut mailboxes = Vec::new();
+        for l in links {
+            let mb = Arc::new(Mutex::new(Mailbox::new(
+                l.port,
+                l.latency,
+                intc.clone(),
+                &mut stats,
+                &format!("{name}.link{}", l.port),
+            )?));
+            bus.insert(
+                Space::Mmio,
+                MAILBOX_BASE + MAILBOX_SIZE * u64::from(l.port),
+                MAILBOX_SIZE,
+                &format!("link{}", l.port),
+                mb.clone(),
+            )?;
+            mailboxes.push(mb);
+        }
 
         let drains = stats.counter(
             &format!("{name}.numDrains"),
@@ -239,10 +306,10 @@ impl System {
 
         let mut queue = EventQueue::new();
         queue.schedule(0, STARTUP_PRI, Event::CpuStartup)?;
-        if let Some(max) = cfg.sim.max_time {
+        if let Some(max) = sim.max_time {
             queue.schedule(max.0, SIM_EXIT_PRI, Event::MaxTick)?;
         }
-        if let Some(p) = cfg.sim.drain_period {
+        if let Some(p) = sim.drain_period {
             queue.schedule(p.0, DEFAULT_PRI, Event::Drain { period: p.0 })?;
         }
         let cpu_event = Some(queue.schedule(0, CPU_TICK_PRI, Event::CpuTick)?);
@@ -265,8 +332,33 @@ impl System {
             draining: false,
             drains,
             requests: Vec::new(),
+            mailboxes,
+            outgoing: Vec::new(),
             out,
         })
+    }
+
+    /// Takes the values sent on links since the last call.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
+        std::mem::take(&mut self.outgoing)
+    }
+
+    /// Schedules the arrival of `data` on link port `port` at `at`, which
+    /// must not lie before the current tick.
+    pub fn schedule_delivery(
+        &mut self,
+        port: u32,
+        at: Tick,
+        data: u64,
+    ) -> Result<(), PlatformError> {
+        self.queue
+            .schedule(at, DEFAULT_PRI, Event::LinkDeliver { port, data })?;
+        Ok(())
+    }
+
+    /// The system's statistics at `now`.
+    pub fn stats_dump(&self, now: Tick) -> sim::stats::Dump {
+        self.stats.dump(now)
     }
 
     /// The system's dotted name.
@@ -297,24 +389,49 @@ impl System {
     /// Runs until something ends the simulation.
     pub fn run(&mut self) -> Result<ExitEvent, PlatformError> {
         loop {
+            if let Some(exit) = self.run_window(None)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Runs the events before `end` (all of them if `None`); returns the
+    /// exit if the system exits in that window.
+    pub fn run_window(&mut self, end: Option<Tick>) -> Result<Option<ExitEvent>, PlatformError> {
+        let window = match end {
+            Some(end) => Some(self.queue.schedule(end, WINDOW_PRI, Event::WindowEnd)?),
+            None => None,
+        };
+        let exit = self.run_events();
+        if let (Some(id), Ok(Some(_)) | Err(_)) = (window, &exit) {
+            let _ = self.queue.deschedule(id);
+        }
+        exit
+    }
+
+    fn run_events(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
+        loop {
             if console::interrupted() {
-                return Ok(ExitEvent::new(
+                return Ok(Some(ExitEvent::new(
                     ExitCause::UserInterrupt,
                     0,
                     self.cur_tick(),
                     "interrupted by the user (SIGINT/SIGTERM)",
-                ));
+                )));
             }
             let Some((tick, id, ev)) = self.queue.pop() else {
-                return Ok(ExitEvent::new(
+                return Ok(Some(ExitEvent::new(
                     ExitCause::GuestHalted,
                     0,
                     self.cur_tick(),
                     "the CPU halted and no event is left that could wake it",
-                ));
+                )));
             };
+            if ev == Event::WindowEnd {
+                return Ok(None);
+            }
             if let Some(exit) = self.handle(tick, id, ev)? {
-                return Ok(exit);
+                return Ok(Some(exit));
             }
         }
     }
@@ -367,6 +484,13 @@ impl System {
             }
             Event::Exit { code } => {
                 return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
+            }
+            Event::WindowEnd => {}
+            Event::LinkDeliver { port, data } => {
+                if let Some(mb) = self.mailboxes.get(port as usize) {
+                    mem::lock(mb).deliver(data);
+                }
+                self.wake_if_pending(tick)?;
             }
             Event::MaxTick => {
                 return Ok(Some(ExitEvent::new(
@@ -502,6 +626,13 @@ impl System {
                         }
                     }
                 }
+                Request::LinkSend { port, delay, data } => {
+                    self.outgoing.push(Outgoing {
+                        port,
+                        at: now.saturating_add(delay),
+                        data,
+                    });
+                }
                 Request::ResetStats { delay, period } => {
                     let id = self.queue.schedule(
                         now.saturating_add(delay),
@@ -526,18 +657,9 @@ impl System {
         Ok(())
     }
 
-    /// Final statistics and exit.json after `exit`.
+    /// Final statistics and exit.json after `exit` (a single-system run).
     pub fn finish(&mut self, exit: &ExitEvent, status: i32) -> Result<(), PlatformError> {
         self.dump_stats(exit.tick)?;
-        let v = serde_json::json!({
-            "cause": exit.cause,
-            "code": exit.code,
-            "tick": exit.tick,
-            "sim_seconds": sim::tick::ticks_to_seconds(exit.tick),
-            "status": status,
-            "message": exit.message,
-        });
-        self.out.write_json("exit.json", &v)?;
-        Ok(())
+        crate::simulation::write_exit_json(&self.out, &[(self.name.clone(), exit.clone())], status)
     }
 }

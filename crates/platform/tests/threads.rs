@@ -54,10 +54,11 @@ fn run_here(
 ) -> Result {
     let dir = std::env::temp_dir().join(format!("kvmsim-threads-{}-{test}", std::process::id()));
     let mut cfg = Config::for_kernel(&format!("builtin:{guest}"));
-    cfg.system.args = args.to_vec();
-    cfg.system.serial.stdout = false;
-    cfg.system.serial.stdin = false;
-    cfg.system.cpu.timer = "posix".into();
+    let sc = &mut cfg.system[0];
+    sc.args = args.to_vec();
+    sc.serial.stdout = false;
+    sc.serial.stdin = false;
+    sc.cpu.timer = "posix".into();
     let mut sys = System::build(&mut cfg, OutDir::create(&dir).unwrap()).unwrap();
     if let Some(tx) = ready {
         tx.send(sys.kick_handle()).unwrap();

@@ -20,4 +20,7 @@ pub enum Request {
     },
     /// Reset statistics after `delay`, then every `period` if it is non-zero.
     ResetStats { delay: Tick, period: Tick },
+    /// Send `data` out of link port `port`; it arrives at the other end
+    /// `delay` later.
+    LinkSend { port: u32, delay: Tick, data: u64 },
 }

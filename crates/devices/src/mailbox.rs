@@ -1,0 +1,206 @@
+//! A link endpoint: a small MMIO mailbox through which two simulated
+//! systems exchange 64-bit values with a latency in simulated time.
+//!
+//! Registers (64-bit) at [`MAILBOX_BASE`]:
+//!
+//! | offset | name | |
+//! |---|---|---|
+//! | 0x00 | TX | write: send the value to the other end |
+//! | 0x08 | RX | read: take the oldest received value (0 if none) |
+//! | 0x10 | RX_COUNT | values waiting |
+//! | 0x18 | VECTOR | interrupt vector raised when a value arrives (0: none) |
+//! | 0x20 | LATENCY_NS | the link's latency |
+//! | 0x28 | SENT | values sent |
+//! | 0x30 | RECEIVED | values received |
+//!
+//! Sending leaves a [`sim::Request::LinkSend`]; the simulation carries it to
+//! the other system as an event at send time + latency and calls
+//! [`Mailbox::deliver`] there.
+
+use std::collections::VecDeque;
+
+use mem::{AccessCtx, BusDevice, Space};
+use sim::tick::TICKS_PER_NS;
+use sim::{Counter, Request, Stats, Tick};
+
+use crate::intc::IntcHandle;
+
+/// Default MMIO base of the mailbox.
+pub const MAILBOX_BASE: u64 = 0xFEB0_1000;
+/// Size of the register window.
+pub const MAILBOX_SIZE: u64 = 0x1000;
+/// Access latency.
+pub const MAILBOX_LATENCY: Tick = 100 * TICKS_PER_NS;
+/// Values kept waiting at most; more are dropped (and counted).
+pub const RX_CAPACITY: usize = 4096;
+
+/// One end of a link.
+pub struct Mailbox {
+    port: u32,
+    latency: Tick,
+    intc: IntcHandle,
+    vector: u8,
+    rx: VecDeque<u64>,
+    sent: Counter,
+    received: Counter,
+    dropped: Counter,
+}
+
+impl Mailbox {
+    /// Link port `port` with `latency`, statistics under `prefix`.
+    pub fn new(
+        port: u32,
+        latency: Tick,
+        intc: IntcHandle,
+        stats: &mut Stats,
+        prefix: &str,
+    ) -> Result<Self, sim::stats::StatsError> {
+        Ok(Mailbox {
+            port,
+            latency,
+            intc,
+            vector: 0,
+            rx: VecDeque::new(),
+            sent: stats.counter(
+                &format!("{prefix}.sent"),
+                "Values sent on the link",
+                "Count",
+            )?,
+            received: stats.counter(
+                &format!("{prefix}.received"),
+                "Values received from the link",
+                "Count",
+            )?,
+            dropped: stats.counter(
+                &format!("{prefix}.dropped"),
+                "Values dropped because the receive queue was full",
+                "Count",
+            )?,
+        })
+    }
+
+    /// A value arrives from the other end.
+    pub fn deliver(&mut self, value: u64) {
+        if self.rx.len() >= RX_CAPACITY {
+            self.dropped.inc();
+            return;
+        }
+        self.rx.push_back(value);
+        self.received.inc();
+        if self.vector >= 16 {
+            mem::lock(&self.intc).raise(self.vector);
+        }
+    }
+
+    fn reg(&mut self, off: u64) -> u64 {
+        match off {
+            0x08 => self.rx.pop_front().unwrap_or(0),
+            0x10 => self.rx.len() as u64,
+            0x18 => u64::from(self.vector),
+            0x20 => self.latency / TICKS_PER_NS,
+            0x28 => self.sent.get(),
+            0x30 => self.received.get(),
+            _ => 0,
+        }
+    }
+}
+
+impl BusDevice for Mailbox {
+    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
+        let v = if offset & 7 == 0 { self.reg(offset) } else { 0 };
+        crate::put_le_value(data, v);
+        MAILBOX_LATENCY
+    }
+
+    fn write(&mut self, _: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        let v = data
+            .iter()
+            .take(8)
+            .rev()
+            .fold(0u64, |a, &b| (a << 8) | u64::from(b));
+        match offset {
+            0x00 => {
+                self.sent.inc();
+                ctx.requests.push(Request::LinkSend {
+                    port: self.port,
+                    delay: self.latency,
+                    data: v,
+                });
+            }
+            0x18 => self.vector = v as u8,
+            _ => {}
+        }
+        MAILBOX_LATENCY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intc::VectorIntc;
+    use sim::intr::InterruptController;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn send_receive_and_interrupt() {
+        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut m = Mailbox::new(3, 5_000, intc.clone(), &mut stats, "m").unwrap();
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        m.write(Space::Mmio, 0x18, &0x50u64.to_le_bytes(), &mut ctx);
+        m.write(Space::Mmio, 0x00, &42u64.to_le_bytes(), &mut ctx);
+        assert_eq!(
+            reqs,
+            vec![Request::LinkSend {
+                port: 3,
+                delay: 5_000,
+                data: 42
+            }]
+        );
+        m.deliver(7);
+        m.deliver(8);
+        assert_eq!(intc.lock().unwrap().acknowledge(), Some(0x50));
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        let mut d = [0u8; 8];
+        m.read(Space::Mmio, 0x10, &mut d, &mut ctx);
+        assert_eq!(u64::from_le_bytes(d), 2);
+        m.read(Space::Mmio, 0x08, &mut d, &mut ctx);
+        assert_eq!(u64::from_le_bytes(d), 7);
+        m.read(Space::Mmio, 0x08, &mut d, &mut ctx);
+        assert_eq!(u64::from_le_bytes(d), 8);
+        m.read(Space::Mmio, 0x08, &mut d, &mut ctx);
+        assert_eq!(u64::from_le_bytes(d), 0);
+        m.read(Space::Mmio, 0x20, &mut d, &mut ctx);
+        assert_eq!(u64::from_le_bytes(d), 5);
+    }
+
+    #[test]
+    fn receive_queue_is_bounded() {
+        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut m = Mailbox::new(0, 1, intc, &mut stats, "m").unwrap();
+        for i in 0..(RX_CAPACITY as u64 + 10) {
+            m.deliver(i);
+        }
+        assert_eq!(m.rx.len(), RX_CAPACITY);
+        assert_eq!(stats.dump(0).get("m.dropped").unwrap().as_f64(), 10.0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_access_is_safe(ops in proptest::collection::vec((0u64..0x1000, proptest::prelude::any::<u64>(), 0usize..9, proptest::prelude::any::<bool>()), 0..64)) {
+            let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+            let mut stats = Stats::new();
+            let mut m = Mailbox::new(0, 1, intc, &mut stats, "m").unwrap();
+            let mut reqs = vec![];
+            for (off, v, len, w) in ops {
+                let mut ctx = AccessCtx::new(0, &mut reqs);
+                if w { m.write(Space::Mmio, off, &v.to_le_bytes()[..len.min(8)], &mut ctx); }
+                else { let mut d = vec![0u8; len]; m.read(Space::Mmio, off, &mut d, &mut ctx); }
+            }
+            proptest::prop_assert!(reqs.len() <= 64);
+        }
+    }
+}
