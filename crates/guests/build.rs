@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream",
+    "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream", "pingpong",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

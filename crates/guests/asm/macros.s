@@ -29,3 +29,11 @@
         mov     $\addr, %eax
         mov     %rdx, (%rax)
         .endm
+
+        .set    MAILBOX, 0xfeb01000     # link port 0
+        .set    MB_TX, MAILBOX + 0x00
+        .set    MB_RX, MAILBOX + 0x08
+        .set    MB_RX_COUNT, MAILBOX + 0x10
+        .set    MB_VECTOR, MAILBOX + 0x18
+        .set    MB_LATENCY, MAILBOX + 0x20
+        .set    MSG_VECTOR, 0x50

@@ -20,6 +20,9 @@
 //!   ((N - 2) / 2 after N instructions at ring 0); at ring 3 if RDI != 0.
 //! * `iostream`: RDI (2000) port writes and reads of the UART scratch
 //!   register, summed; prints the sum.
+//! * `pingpong`: bounces a counter RSI (100) times over link port 0 with a
+//!   peer; RDI = 0 initiates and sums round-trip times, RDI = 1 answers and
+//!   sums its processing time.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -40,6 +43,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("sleep"),
     guest!("steps"),
     guest!("iostream"),
+    guest!("pingpong"),
 ];
 
 /// The ELF image of built-in guest `name`.

@@ -166,3 +166,56 @@ pub fn kick(period_us: u64, iterations: u64, runs: u32) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Wall time of one run of `systems` independent `compute` systems.
+fn compute_systems_wall(systems: usize, iterations: u64) -> Result<f64, String> {
+    // The default quantum (no links: 10 ms), as a user gets it.
+    let mut text = String::new();
+    for _ in 0..systems {
+        text.push_str(&format!(
+            "[[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:compute\"\nargs = [{iterations}]\n\
+             [system.serial]\nstdout = false\nstdin = false\n[system.cpu]\ntimer = \"posix\"\n"
+        ));
+    }
+    let mut cfg = Config::parse(&text, std::path::Path::new("bench")).map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("kvmsim-bench-par-{}", std::process::id()));
+    let t = Instant::now();
+    let out = OutDir::create(&dir).map_err(|e| e.to_string())?;
+    let mut s = platform::Simulation::build(&mut cfg, out).map_err(|e| e.to_string())?;
+    let exits = s.run().map_err(|e| e.to_string())?;
+    let wall = t.elapsed().as_secs_f64();
+    if let Some(e) = exits.iter().find(|e| e.cause != sim::ExitCause::GuestExit) {
+        return Err(format!("a compute system did not exit cleanly: {e:?}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(wall)
+}
+
+/// Aggregate guest throughput of 2 independent systems against 1.
+pub fn parallel(iterations: u64, runs: u32) -> Result<(), String> {
+    let runs = runs.max(1);
+    let (mut one, mut two) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..runs {
+        one = one.min(compute_systems_wall(1, iterations)?);
+        two = two.min(compute_systems_wall(2, iterations)?);
+    }
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "aggregate guest throughput, compute loop of {iterations} iterations per system, best of {runs}, \
+         {host_cpus} host CPUs, quantum {} ms:",
+        platform::config::DEFAULT_QUANTUM / sim::tick::TICKS_PER_MS
+    );
+    println!(
+        "  1 system:   {one:.3} s  ({:.0} M iterations/s)",
+        iterations as f64 / one / 1e6
+    );
+    println!(
+        "  2 systems:  {two:.3} s  ({:.0} M iterations/s)",
+        2.0 * iterations as f64 / two / 1e6
+    );
+    println!(
+        "  ratio 2 systems / 1 system: {:.2} (goal: at least 1.8)",
+        2.0 * one / two
+    );
+    Ok(())
+}

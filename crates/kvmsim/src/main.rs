@@ -66,6 +66,16 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Aggregate guest throughput of 2 independent systems (one thread
+    /// each) as a ratio to 1 system, side by side.
+    Parallel {
+        /// Loop iterations per system.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// Cost of one forced exit (timer kick + interrupt) in kvmsim against a
     /// bare kvm-ioctls run loop doing the same, side by side.
     Kick {
@@ -104,6 +114,12 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Guests { extract } => guests_cmd(extract),
         Command::Bench(Bench::Compute { iterations, runs }) => bench_compute(iterations, runs),
+        Command::Bench(Bench::Parallel { iterations, runs }) => {
+            match bench::parallel(iterations, runs) {
+                Ok(()) => 0,
+                Err(e) => fail(e),
+            }
+        }
         Command::Bench(Bench::Kick {
             period_us,
             iterations,

@@ -65,7 +65,8 @@ pub struct SimConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_period: Option<Duration>,
     /// With several systems: the lock-step window (gem5's sim_quantum).
-    /// Default: the shortest link latency, or 1 ms without links.
+    /// Default: the shortest link latency, or 10 ms without links (then it
+    /// only bounds how far the systems drift apart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantum: Option<Duration>,
     /// With several systems: end the whole run at the first system that
@@ -130,6 +131,9 @@ pub struct CpuConfig {
 fn default_timer() -> String {
     "auto".into()
 }
+
+/// The lock-step window of systems without links.
+pub const DEFAULT_QUANTUM: sim::Tick = 10 * sim::tick::TICKS_PER_MS;
 
 /// The accepted values of `system.cpu.timer`.
 pub const TIMERS: &[&str] = &["auto", "posix", "perf-cycles", "perf-task-clock"];
@@ -234,7 +238,7 @@ impl Config {
             .quantum
             .map(|d| d.0)
             .or_else(|| self.link.iter().map(|l| l.latency.0).min())
-            .unwrap_or(sim::tick::TICKS_PER_MS)
+            .unwrap_or(DEFAULT_QUANTUM)
     }
 
     /// Parses TOML `text` read from `path` (used in messages and to resolve

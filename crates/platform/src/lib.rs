@@ -74,6 +74,8 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         ExitCause::GuestHalted => status::HALTED,
         ExitCause::GuestFault => status::GUEST_FAULT,
         ExitCause::UserInterrupt => status::USER_INTERRUPT,
+        // The system that ended the run decides the status.
+        ExitCause::Stopped => status::OK,
     }
 }
 

@@ -287,7 +287,11 @@ fn run_windows(
     }
     Ok(exit.unwrap_or_else(|| {
         ExitEvent::new(
-            ExitCause::UserInterrupt,
+            if crate::console::interrupted() {
+                ExitCause::UserInterrupt
+            } else {
+                ExitCause::Stopped
+            },
             0,
             sys.cur_tick(),
             "stopped because another system ended the run",

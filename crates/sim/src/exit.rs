@@ -23,6 +23,8 @@ pub enum ExitCause {
     GuestHalted,
     /// The user interrupted the run (SIGINT / SIGTERM).
     UserInterrupt,
+    /// Another system of the same run ended it (`sim.stop_on_fault`).
+    Stopped,
 }
 
 impl ExitCause {
@@ -36,6 +38,7 @@ impl ExitCause {
             ExitCause::GuestFault => "guest fault",
             ExitCause::GuestHalted => "the guest halted with nothing left to wake it",
             ExitCause::UserInterrupt => "user interrupt",
+            ExitCause::Stopped => "another system ended the run",
         }
     }
 }

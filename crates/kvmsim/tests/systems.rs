@@ -1,0 +1,217 @@
+//! Several simulated systems in one process: parallel queues in lock-step
+//! windows, links between systems, per-system stats, logs and exits.
+
+mod common;
+
+use common::*;
+
+fn compute_systems(n: usize, iterations: u64) -> String {
+    let mut t = String::from("[sim]\nquantum = \"1ms\"\n");
+    for _ in 0..n {
+        t.push_str(&format!(
+            "[[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:compute\"\nargs = [{iterations}]\n\
+             [system.serial]\nstdout = false\n"
+        ));
+    }
+    t
+}
+
+fn check_compute_systems(n: usize) {
+    if !kvm_or_skip(&format!("compute_x{n}")) {
+        return;
+    }
+    let iterations = 40_000_000;
+    let (dir, cfg) = config(&format!("compute-x{n}"), &compute_systems(n, iterations));
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let want = format!(
+        "compute: iterations={iterations} result=0x{:016x}\n",
+        guests::compute_loop_reference(iterations)
+    );
+    let stats = r.file("stats.txt");
+    for i in 0..n {
+        assert_eq!(r.file(&format!("serial.system{i}.log")), want);
+        // Each system has its own counters in the one stats.txt.
+        assert!(
+            stats.contains(&format!("system{i}.cpu.numVMExits ")),
+            "system{i}"
+        );
+        // The lock-step windows (1 ms) force exits on every system.
+        let sim = r.json("exit.json")["systems"][i]["sim_seconds"]
+            .as_f64()
+            .unwrap();
+        let signals = r
+            .stat(&format!("system{i}.cpu.numExitSignal"))
+            .as_u64()
+            .unwrap();
+        let windows = (sim / 1e-3) as u64;
+        assert!(
+            signals + 2 >= windows && signals <= windows + windows / 5 + 5,
+            "system{i}: {signals} forced exits in {windows} windows"
+        );
+    }
+    assert!(!stats.contains(&format!("system{n}.")));
+    assert_eq!(r.json("exit.json")["systems"].as_array().unwrap().len(), n);
+}
+
+#[test]
+fn two_compute_systems() {
+    check_compute_systems(2);
+}
+
+#[test]
+fn four_compute_systems() {
+    check_compute_systems(4);
+}
+
+fn pingpong(test: &str, host_factor: f64) -> (Run, u64, u64, u64) {
+    let text = std::fs::read_to_string(repo().join("examples/pingpong.toml"))
+        .unwrap()
+        .replace(
+            "kernel = \"builtin:pingpong\"",
+            &format!("kernel = \"builtin:pingpong\"\ncpu = {{ host_factor = {host_factor:?} }}\nserial = {{ stdout = false }}"),
+        );
+    let (dir, cfg) = config(test, &text);
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let init = r.file("serial.system0.log");
+    let resp = r.file("serial.system1.log");
+    assert_eq!(field(&init, "n"), 100);
+    assert_eq!(field(&resp, "n"), 100);
+    let latency = field(&init, "latency_ns");
+    (
+        r,
+        field(&init, "rtt_sum_ns"),
+        field(&resp, "proc_sum_ns"),
+        latency,
+    )
+}
+
+#[test]
+fn pingpong_example_round_trips_are_twice_the_latency_plus_processing() {
+    if !kvm_or_skip("pingpong") {
+        return;
+    }
+    let (r, rtt, proc, latency) = pingpong("pingpong", 1.0);
+    assert_eq!(latency, 100_000);
+    // Every round trip: two link crossings, the responder's processing, and
+    // the guests' own work around them (never less).
+    assert!(rtt >= 100 * 2 * latency + proc, "rtt {rtt}, proc {proc}");
+    assert_eq!(r.stat("system0.link0.sent"), 100);
+    assert_eq!(r.stat("system1.link0.received"), 100);
+    assert_eq!(r.stat("system1.link0.sent"), 100);
+    assert_eq!(r.stat("system0.link0.received"), 100);
+}
+
+#[test]
+fn pingpong_times_are_exact_and_repeatable_when_host_time_does_not_count() {
+    if !kvm_or_skip("pingpong_exact") {
+        return;
+    }
+    // With a tiny host_factor, time inside KVM adds almost nothing: what is
+    // left is the link latency and the devices' access latencies, which are
+    // deterministic.
+    let (r1, rtt1, proc1, latency) = pingpong("pingpong-exact-1", 1e-6);
+    let (r2, rtt2, proc2, _) = pingpong("pingpong-exact-2", 1e-6);
+    let two_l = 100 * 2 * latency;
+    // The rest per round trip: a few 100 ns device accesses on each side.
+    assert!(
+        rtt1 >= two_l + proc1 && rtt1 < two_l + proc1 + 100 * 2_000,
+        "rtt {rtt1}"
+    );
+    assert!(rtt1.abs_diff(rtt2) < 1_000, "runs differ: {rtt1} vs {rtt2}");
+    assert!(
+        proc1.abs_diff(proc2) < 1_000,
+        "runs differ: {proc1} vs {proc2}"
+    );
+    for i in 0..2 {
+        let t1 = r1.json("exit.json")["systems"][i]["tick"].as_u64().unwrap();
+        let t2 = r2.json("exit.json")["systems"][i]["tick"].as_u64().unwrap();
+        assert!(
+            t1.abs_diff(t2) < 1_000_000,
+            "system{i} exit ticks {t1} vs {t2}"
+        );
+    }
+}
+
+#[test]
+fn each_cpu_gets_its_own_timer_exits() {
+    if !kvm_or_skip("own_quanta") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "own-quanta",
+        "[sim]\nquantum = \"1ms\"\n\
+         [[system]]\nkernel = \"builtin:ticks\"\nargs = [50000, 30000000]\nserial = { stdout = false }\n\
+         [[system]]\nkernel = \"builtin:ticks\"\nargs = [200000, 30000000]\nserial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let mut counts = vec![];
+    for i in 0..2 {
+        let line = r.file(&format!("serial.system{i}.log"));
+        let count = field(&line, "count");
+        let sim = field(&line, "elapsed_ns") as f64 * 1e-9;
+        let signals = r
+            .stat(&format!("system{i}.cpu.numExitSignal"))
+            .as_u64()
+            .unwrap();
+        // Its own periods plus the windows' ends, and neither starved.
+        let windows = (sim / 1e-3) as u64 + 2;
+        assert!(
+            signals + 2 >= count && signals <= count + windows + count / 10 + 5,
+            "system{i}: {signals} forced exits, {count} periods, {windows} windows"
+        );
+        assert_eq!(
+            field(&line, "result"),
+            guests::compute_loop_reference(30_000_000)
+        );
+        counts.push(count);
+    }
+    assert!(counts[0] > 2 * counts[1], "{counts:?}");
+}
+
+#[test]
+fn the_status_says_which_system_failed() {
+    if !kvm_or_skip("which_failed") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "which-failed",
+        "[[system]]\nkernel = \"builtin:hello\"\nserial = { stdout = false }\n\
+         [[system]]\nkernel = \"builtin:fault\"\nserial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    r.no_panic();
+    assert_eq!(r.status, 252, "stderr:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("status 252 comes from system1"),
+        "{}",
+        r.stderr
+    );
+    let exit = r.json("exit.json");
+    assert_eq!(exit["system"], "system1");
+    assert_eq!(exit["systems"][0]["cause"], "guest_exit");
+    assert_eq!(exit["systems"][1]["cause"], "guest_fault");
+    assert_eq!(r.file("serial.system0.log"), "Hello from the guest\n");
+}
+
+#[test]
+fn stop_on_fault_ends_the_whole_run() {
+    if !kvm_or_skip("stop_on_fault") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "stop-on-fault",
+        "[sim]\nstop_on_fault = true\n\
+         [[system]]\nkernel = \"builtin:sleep\"\nargs = [1000000000, 1000]\nserial = { stdout = false }\n\
+         [[system]]\nkernel = \"builtin:fault\"\nserial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    r.no_panic();
+    assert_eq!(r.status, 252, "stderr:\n{}", r.stderr);
+    let exit = r.json("exit.json");
+    assert_eq!(exit["systems"][0]["cause"], "stopped");
+    // The sleeper (1000 s of simulated time) was stopped early.
+    assert!(exit["systems"][0]["sim_seconds"].as_f64().unwrap() < 1.0);
+}
