@@ -272,7 +272,20 @@ fn run_windows(
         if exit.is_none() && error.is_none() {
             msgs.sort();
             for m in msgs {
-                if let Err(e) = sys.schedule_delivery(m.port, m.at, m.data) {
+                // The lookahead: nothing sent in window k may arrive in it.
+                let next = end;
+                let r = if m.at < next {
+                    Err(PlatformError::Setup(format!(
+                        "{}: a link message from system {} arrives at tick {} inside the window it \
+                         was sent in (ending at {next}): link latency below sim.quantum",
+                        sys.name(),
+                        m.src,
+                        m.at
+                    )))
+                } else {
+                    sys.schedule_delivery(m.port, m.at, m.data)
+                };
+                if let Err(e) = r {
                     error = Some(e);
                     stop.store(true, Ordering::SeqCst);
                     done.fetch_add(1, Ordering::SeqCst);
