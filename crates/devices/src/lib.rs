@@ -4,7 +4,11 @@
 //! written for a hostile guest: any offset, any size, any value.
 
 pub mod intc;
+pub mod irq;
 pub mod mailbox;
+pub mod pic;
+pub mod pit;
+pub mod rtc;
 pub mod simops;
 pub mod timer;
 pub mod uart;
