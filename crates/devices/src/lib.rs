@@ -3,6 +3,7 @@
 //! so each is unit-tested with a fake clock and no VM at all. Every device is
 //! written for a hostile guest: any offset, any size, any value.
 
+pub mod i8042;
 pub mod intc;
 pub mod irq;
 pub mod mailbox;

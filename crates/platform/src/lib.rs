@@ -54,6 +54,8 @@ pub mod status {
     pub const HALTED: i32 = 251;
     /// The guest faulted (triple fault, failed entry, emulation failure, ...).
     pub const GUEST_FAULT: i32 = 252;
+    /// The guest reset the machine (keyboard-controller reset).
+    pub const GUEST_RESET: i32 = 253;
     /// kvmsim itself failed: bad config or image, no KVM, I/O error.
     pub const SIM_ERROR: i32 = 254;
     /// The user interrupted the run (128 + SIGINT).
@@ -73,6 +75,7 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         ExitCause::Unsupported => status::UNSUPPORTED,
         ExitCause::GuestHalted => status::HALTED,
         ExitCause::GuestFault => status::GUEST_FAULT,
+        ExitCause::GuestReset => status::GUEST_RESET,
         ExitCause::UserInterrupt => status::USER_INTERRUPT,
         // The system that ended the run decides the status.
         ExitCause::Stopped => status::OK,

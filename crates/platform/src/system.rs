@@ -42,6 +42,8 @@ enum Event {
     Exit {
         code: i64,
     },
+    /// The guest reset the machine.
+    Reset,
     DumpStats {
         reset: bool,
         period: Tick,
@@ -486,6 +488,14 @@ impl System {
                 return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
             }
             Event::WindowEnd => {}
+            Event::Reset => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::GuestReset,
+                    0,
+                    tick,
+                    "the guest reset the machine (keyboard-controller reset line)",
+                )));
+            }
             Event::LinkDeliver { port, data } => {
                 if let Some(mb) = self.mailboxes.get(port as usize) {
                     mem::lock(mb).deliver(data);
@@ -625,6 +635,9 @@ impl System {
                             let _ = self.queue.deschedule(old);
                         }
                     }
+                }
+                Request::Reset => {
+                    self.queue.schedule(now, SIM_EXIT_PRI, Event::Reset)?;
                 }
                 Request::LinkSend { port, delay, data } => {
                     self.outgoing.push(Outgoing {

@@ -25,6 +25,8 @@ pub enum ExitCause {
     UserInterrupt,
     /// Another system of the same run ended it (`sim.stop_on_fault`).
     Stopped,
+    /// The guest reset the machine (e.g. Linux's `reboot=k`).
+    GuestReset,
 }
 
 impl ExitCause {
@@ -39,6 +41,7 @@ impl ExitCause {
             ExitCause::GuestHalted => "the guest halted with nothing left to wake it",
             ExitCause::UserInterrupt => "user interrupt",
             ExitCause::Stopped => "another system ended the run",
+            ExitCause::GuestReset => "the guest reset the machine",
         }
     }
 }

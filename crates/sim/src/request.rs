@@ -20,6 +20,9 @@ pub enum Request {
     },
     /// Reset statistics after `delay`, then every `period` if it is non-zero.
     ResetStats { delay: Tick, period: Tick },
+    /// The guest reset the machine (keyboard controller, reset register).
+    /// kvmsim ends the run with cause "guest reset".
+    Reset,
     /// Send `data` out of link port `port`; it arrives at the other end
     /// `delay` later.
     LinkSend { port: u32, delay: Tick, data: u64 },
