@@ -5,7 +5,9 @@
 
 pub mod i8042;
 pub mod intc;
+pub mod ioapic;
 pub mod irq;
+pub mod lapic;
 pub mod mailbox;
 pub mod pic;
 pub mod pit;

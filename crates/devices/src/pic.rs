@@ -263,6 +263,11 @@ impl PicPair {
         u16::from(self.chips[0].isr) | (u16::from(self.chips[1].isr) << 8)
     }
 
+    /// Writes a port directly (tests and firmware set-up).
+    pub fn write_port_for_test(&mut self, port: u64, v: u8) {
+        self.port_write(port, v);
+    }
+
     fn port_read(&mut self, port: u64) -> u8 {
         let v = match port {
             0x20 | 0xa0 => {

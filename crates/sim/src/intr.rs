@@ -24,4 +24,14 @@ pub trait InterruptController: Send {
     fn acknowledge(&mut self) -> Option<u8>;
     /// Takes a pending NMI; true if there was one.
     fn take_nmi(&mut self) -> bool;
+
+    /// The task priority (x86: the local APIC's TPR, mirrored in CR8 as
+    /// TPR >> 4). Controllers without one report 0.
+    fn task_priority(&self) -> u8 {
+        0
+    }
+
+    /// The guest changed the task priority behind the controller's back
+    /// (x86: `mov %reg, %cr8`).
+    fn set_task_priority(&mut self, _tpr: u8) {}
 }

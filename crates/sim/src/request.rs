@@ -20,6 +20,9 @@ pub enum Request {
     },
     /// Reset statistics after `delay`, then every `period` if it is non-zero.
     ResetStats { delay: Tick, period: Tick },
+    /// End of interrupt for a level-triggered `vector`: the I/O APIC may
+    /// deliver again from the pins that carry it (EOI broadcast).
+    Eoi { vector: u8 },
     /// The guest reset the machine (keyboard controller, reset register).
     /// kvmsim ends the run with cause "guest reset".
     Reset,

@@ -1,0 +1,354 @@
+//! The I/O APIC (82093AA, MMIO at 0xFEC00000): 24 input pins, each routed by
+//! its redirection entry to local APICs.
+//!
+//! Modelled: IOREGSEL/IOWIN and the EOI register, ID, version (0x11, 24
+//! entries), arbitration ID, the redirection table (vector, delivery mode
+//! fixed/lowest-priority/NMI/INIT/ExtINT, physical or logical destination,
+//! polarity, edge or level trigger, mask, remote IRR, delivery status),
+//! edge detection, and for level-triggered pins remote IRR cleared by the
+//! local APIC's EOI broadcast, re-delivering a pin still asserted.
+
+use std::sync::{Arc, Mutex};
+
+use mem::{AccessCtx, BusDevice, Space};
+use sim::{Counter, Stats, Tick};
+
+use crate::irq::InterruptSink;
+use crate::lapic::Lapic;
+
+/// Default MMIO base.
+pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
+/// Size of the register window.
+pub const IOAPIC_SIZE: u64 = 0x1000;
+/// Number of pins.
+pub const IOAPIC_PINS: usize = 24;
+/// Version register: version 0x11, 24 redirection entries.
+pub const IOAPIC_VERSION: u32 = 0x0017_0011;
+/// Access latency.
+pub const IOAPIC_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
+
+const MASKED: u64 = 1 << 16;
+const LEVEL: u64 = 1 << 15;
+const REMOTE_IRR: u64 = 1 << 14;
+const ACTIVE_LOW: u64 = 1 << 13;
+
+/// The I/O APIC.
+pub struct IoApic {
+    id: u8,
+    sel: u8,
+    redir: [u64; IOAPIC_PINS],
+    /// Pin levels as driven (before polarity).
+    levels: u32,
+    lapics: Vec<Arc<Mutex<Lapic>>>,
+    /// Interrupts that found no destination.
+    pub undeliverable: u64,
+    delivered: Counter,
+}
+
+impl IoApic {
+    /// An I/O APIC with ID `id` delivering to `lapics`.
+    pub fn new(
+        id: u8,
+        lapics: Vec<Arc<Mutex<Lapic>>>,
+        stats: &mut Stats,
+        prefix: &str,
+    ) -> Result<Self, sim::stats::StatsError> {
+        Ok(IoApic {
+            id,
+            sel: 0,
+            redir: [MASKED; IOAPIC_PINS],
+            levels: 0,
+            lapics,
+            undeliverable: 0,
+            delivered: stats.counter(
+                &format!("{prefix}.interrupts"),
+                "Interrupts the I/O APIC delivered",
+                "Count",
+            )?,
+        })
+    }
+
+    fn asserted(&self, pin: usize) -> bool {
+        let level = self.levels & (1 << pin) != 0;
+        level != (self.redir[pin] & ACTIVE_LOW != 0)
+    }
+
+    /// Sends pin `pin`'s interrupt to its destination(s).
+    fn deliver(&mut self, pin: usize) {
+        let e = self.redir[pin];
+        let vector = e as u8;
+        let mode = (e >> 8) & 7;
+        let logical = e & (1 << 11) != 0;
+        let dest = (e >> 56) as u8;
+        let level = e & LEVEL != 0;
+        let mut hit = false;
+        for lapic in &self.lapics {
+            let mut a = mem::lock(lapic);
+            if !a.accepts(dest, logical) {
+                continue;
+            }
+            hit = true;
+            match mode {
+                0 | 1 => a.deliver(vector, level),
+                4 => a.deliver_nmi(),
+                5 => a.deliver_init(),
+                // ExtINT: the 8259 behind it answers INTA; the local APIC's
+                // LINT0 path models that, so nothing is queued here.
+                7 => {}
+                _ => {}
+            }
+            if mode == 1 {
+                break; // lowest priority: one CPU
+            }
+        }
+        if hit {
+            self.delivered.inc();
+            if level {
+                self.redir[pin] |= REMOTE_IRR;
+            }
+        } else {
+            self.undeliverable += 1;
+        }
+    }
+
+    /// EOI for `vector` from a local APIC: clears remote IRR of the level
+    /// pins that carry it and re-delivers those still asserted.
+    pub fn eoi(&mut self, vector: u8) {
+        for pin in 0..IOAPIC_PINS {
+            let e = self.redir[pin];
+            if e as u8 == vector && e & REMOTE_IRR != 0 {
+                self.redir[pin] &= !REMOTE_IRR;
+                if e & LEVEL != 0 && e & MASKED == 0 && self.asserted(pin) {
+                    self.deliver(pin);
+                }
+            }
+        }
+    }
+
+    fn read_reg(&self) -> u32 {
+        match self.sel {
+            0x00 => u32::from(self.id & 0xf) << 24,
+            0x01 => IOAPIC_VERSION,
+            0x02 => u32::from(self.id & 0xf) << 24,
+            r @ 0x10..=0x3f => {
+                let pin = usize::from((r - 0x10) / 2);
+                let e = self.redir[pin];
+                if r % 2 == 0 {
+                    e as u32
+                } else {
+                    (e >> 32) as u32
+                }
+            }
+            _ => 0xffff_ffff,
+        }
+    }
+
+    fn write_reg(&mut self, v: u32) {
+        match self.sel {
+            0x00 => self.id = ((v >> 24) & 0xf) as u8,
+            r @ 0x10..=0x3f => {
+                let pin = usize::from((r - 0x10) / 2);
+                let old = self.redir[pin];
+                // Delivery status (12) and remote IRR (14) are read-only.
+                let ro = (1 << 12) | REMOTE_IRR;
+                let new = if r % 2 == 0 {
+                    (old & !0xffff_ffff) | (u64::from(v) & !ro) | (old & ro)
+                } else {
+                    (old & 0xffff_ffff) | (u64::from(v) << 32)
+                };
+                self.redir[pin] = new;
+                // Unmasking a level pin that is asserted delivers it.
+                if new & MASKED == 0
+                    && new & LEVEL != 0
+                    && new & REMOTE_IRR == 0
+                    && self.asserted(pin)
+                {
+                    self.deliver(pin);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl InterruptSink for IoApic {
+    fn set_line(&mut self, line: u32, level: bool) {
+        let pin = line as usize;
+        if pin >= IOAPIC_PINS {
+            return;
+        }
+        let was = self.asserted(pin);
+        if level {
+            self.levels |= 1 << pin;
+        } else {
+            self.levels &= !(1 << pin);
+        }
+        let now = self.asserted(pin);
+        let e = self.redir[pin];
+        if e & MASKED != 0 || !now {
+            return;
+        }
+        if e & LEVEL != 0 {
+            if e & REMOTE_IRR == 0 {
+                self.deliver(pin);
+            }
+        } else if !was {
+            self.deliver(pin);
+        }
+    }
+}
+
+impl BusDevice for IoApic {
+    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
+        let v = match offset {
+            0x00 => u32::from(self.sel),
+            0x10 => self.read_reg(),
+            _ => 0,
+        };
+        crate::put_le_value(data, u64::from(v));
+        IOAPIC_LATENCY
+    }
+
+    fn write(&mut self, _: Space, offset: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
+        let v = data
+            .iter()
+            .take(4)
+            .rev()
+            .fold(0u32, |a, &b| (a << 8) | u32::from(b));
+        match offset {
+            0x00 => self.sel = v as u8,
+            0x10 => self.write_reg(v),
+            0x40 => self.eoi(v as u8),
+            _ => {}
+        }
+        IOAPIC_LATENCY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sim::intr::{InterruptController, Pending};
+
+    fn setup() -> (IoApic, Arc<Mutex<Lapic>>) {
+        let mut stats = Stats::new();
+        let lapic = Arc::new(Mutex::new(
+            Lapic::new(0, 1_000_000_000, None, &mut stats, "apic").unwrap(),
+        ));
+        {
+            let mut a = mem::lock(&lapic);
+            let mut reqs = vec![];
+            a.write(
+                Space::Mmio,
+                0xf0,
+                &0x1ffu32.to_le_bytes(),
+                &mut AccessCtx::new(0, &mut reqs),
+            );
+        }
+        (
+            IoApic::new(1, vec![lapic.clone()], &mut stats, "ioapic").unwrap(),
+            lapic,
+        )
+    }
+
+    fn reg(io: &mut IoApic, sel: u8, v: Option<u32>) -> u32 {
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx::new(0, &mut reqs);
+        io.write(Space::Mmio, 0, &[sel], &mut ctx);
+        match v {
+            Some(v) => {
+                io.write(Space::Mmio, 0x10, &v.to_le_bytes(), &mut ctx);
+                0
+            }
+            None => {
+                let mut d = [0u8; 4];
+                io.read(Space::Mmio, 0x10, &mut d, &mut ctx);
+                u32::from_le_bytes(d)
+            }
+        }
+    }
+
+    #[test]
+    fn identification() {
+        let (mut io, _) = setup();
+        assert_eq!(reg(&mut io, 1, None), IOAPIC_VERSION);
+        assert_eq!(reg(&mut io, 0, None), 1 << 24);
+        assert_eq!(reg(&mut io, 0x10, None), 1 << 16, "masked at reset");
+    }
+
+    #[test]
+    fn edge_pin_delivers_on_rising_edges() {
+        let (mut io, lapic) = setup();
+        reg(&mut io, 0x14, Some(0x31)); // pin 2: vector 0x31, edge, unmasked
+        reg(&mut io, 0x15, Some(0));
+        io.set_line(2, true);
+        io.set_line(2, true); // no new edge
+        io.set_line(2, false);
+        let mut a = mem::lock(&lapic);
+        assert_eq!(a.acknowledge(), Some(0x31));
+        assert_eq!(a.pending(), Pending::None);
+    }
+
+    #[test]
+    fn level_pin_remote_irr_and_eoi() {
+        let (mut io, lapic) = setup();
+        reg(&mut io, 0x20, Some(0x8000 | 0x2000 | 0x41)); // pin 8: level, active low
+        io.set_line(8, false); // active low: asserted
+        assert_eq!(reg(&mut io, 0x20, None) & (1 << 14), 1 << 14, "remote IRR");
+        assert_eq!(mem::lock(&lapic).acknowledge(), Some(0x41));
+        // Still asserted: EOI re-delivers.
+        io.eoi(0x41);
+        assert_eq!(reg(&mut io, 0x20, None) & (1 << 14), 1 << 14);
+        // Deassert, EOI: quiet.
+        io.set_line(8, true);
+        io.eoi(0x41);
+        assert_eq!(reg(&mut io, 0x20, None) & (1 << 14), 0);
+        let mut a = mem::lock(&lapic);
+        let mut reqs = vec![];
+        a.write(
+            Space::Mmio,
+            0xb0,
+            &0u32.to_le_bytes(),
+            &mut AccessCtx::new(0, &mut reqs),
+        );
+        assert_eq!(a.acknowledge(), Some(0x41), "the re-delivered one");
+    }
+
+    #[test]
+    fn masked_pins_and_unmasking_asserted_level_pins() {
+        let (mut io, lapic) = setup();
+        reg(&mut io, 0x12, Some(0x1_8000 | 0x51)); // pin 1: level, masked
+        io.set_line(1, true);
+        assert_eq!(mem::lock(&lapic).pending(), Pending::None);
+        reg(&mut io, 0x12, Some(0x8000 | 0x51));
+        assert_eq!(mem::lock(&lapic).acknowledge(), Some(0x51));
+        // A destination nobody has.
+        reg(&mut io, 0x17, Some(0x5 << 24));
+        reg(&mut io, 0x16, Some(0x52));
+        io.set_line(3, true);
+        assert_eq!(io.undeliverable, 1);
+    }
+
+    #[test]
+    fn nmi_delivery_mode() {
+        let (mut io, lapic) = setup();
+        reg(&mut io, 0x10, Some(0x400));
+        io.set_line(0, true);
+        assert_eq!(mem::lock(&lapic).pending(), Pending::Nmi);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_access_sequence_is_safe(ops in proptest::collection::vec((0u64..0x100, proptest::prelude::any::<u32>(), 0usize..6, proptest::prelude::any::<bool>(), 0u32..30), 0..100)) {
+            let (mut io, lapic) = setup();
+            let mut reqs = vec![];
+            for (off, v, len, w, pin) in ops {
+                let mut ctx = AccessCtx::new(0, &mut reqs);
+                if w { io.write(Space::Mmio, off, &v.to_le_bytes()[..len.min(4)], &mut ctx); }
+                else { let mut d = vec![0u8; len]; io.read(Space::Mmio, off, &mut d, &mut ctx); }
+                io.set_line(pin, v & 1 != 0);
+                if let Some(v) = mem::lock(&lapic).acknowledge() { io.eoi(v); }
+            }
+        }
+    }
+}

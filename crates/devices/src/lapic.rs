@@ -1,0 +1,652 @@
+//! The local APIC in xAPIC mode (MMIO at 0xFEE00000), in simulated time.
+//!
+//! Modelled: ID, version, TPR (mirrored in CR8 by the CPU), APR/PPR, EOI
+//! (with EOI broadcast of level-triggered vectors to the I/O APIC through
+//! [`Request::Eoi`]), LDR/DFR, spurious vector and software enable, ISR,
+//! TMR and IRR, ESR, the LVT (timer, thermal, performance, LINT0, LINT1,
+//! error), the timer in one-shot and periodic mode with its divider, LINT0
+//! in ExtINT mode (the 8259 pair behind it), LINT1 as NMI, and the ICR for
+//! fixed, NMI, INIT and SIPI messages with shorthands. Messages for other
+//! CPUs are queued for the platform ([`Lapic::take_ipis`]); this APIC
+//! handles those addressed to itself. TSC-deadline mode is not offered
+//! (the CPUID bit is cleared).
+//!
+//! The APIC is the CPU's [`InterruptController`].
+
+use std::sync::{Arc, Mutex};
+
+use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use sim::intr::{InterruptController, Pending};
+use sim::tick::TICKS_PER_SECOND;
+use sim::{Counter, Request, Stats, Tick};
+
+use crate::pic::PicPair;
+
+/// Default MMIO base.
+pub const LAPIC_BASE: u64 = 0xFEE0_0000;
+/// Size of the register page.
+pub const LAPIC_SIZE: u64 = 0x1000;
+/// Access latency.
+pub const LAPIC_LATENCY: Tick = 20 * sim::tick::TICKS_PER_NS;
+/// Version register: version 0x14, six LVT entries (max LVT index 5).
+pub const LAPIC_VERSION: u32 = 0x0005_0014;
+
+const LVT_MASKED: u32 = 1 << 16;
+const SVR_ENABLE: u32 = 1 << 8;
+
+/// LVT indexes.
+const LVT_TIMER: usize = 0;
+const LVT_LINT0: usize = 3;
+const LVT_LINT1: usize = 4;
+
+/// An inter-processor message addressed to other CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipi {
+    /// 0 fixed, 1 lowest priority, 4 NMI, 5 INIT, 6 SIPI.
+    pub mode: u8,
+    pub vector: u8,
+    /// Destination APIC ID (physical) or logical mask, per `logical`.
+    pub dest: u8,
+    pub logical: bool,
+    /// Shorthand: 0 none, 2 all including self, 3 all excluding self.
+    pub shorthand: u8,
+}
+
+/// One CPU's local APIC.
+pub struct Lapic {
+    id: u8,
+    tpr: u8,
+    ldr: u32,
+    dfr: u32,
+    svr: u32,
+    isr: [u32; 8],
+    tmr: [u32; 8],
+    irr: [u32; 8],
+    esr: u32,
+    icr_lo: u32,
+    icr_hi: u32,
+    lvt: [u32; 6],
+    timer_initial: u32,
+    timer_divide: u32,
+    timer_start: Tick,
+    /// Periods of a periodic timer already delivered.
+    timer_fired: u64,
+    /// The timer's input clock (before the divider).
+    bus_hz: u64,
+    pic: Option<Arc<Mutex<PicPair>>>,
+    nmi: bool,
+    ipis: Vec<Ipi>,
+    /// INIT and SIPI addressed to this CPU.
+    init_received: bool,
+    sipi_vector: Option<u8>,
+    interrupts: Counter,
+    timer_irqs: Counter,
+}
+
+fn bit(regs: &[u32; 8], v: u8) -> bool {
+    regs[usize::from(v / 32)] & (1 << (v % 32)) != 0
+}
+
+fn set_bit(regs: &mut [u32; 8], v: u8, on: bool) {
+    let w = &mut regs[usize::from(v / 32)];
+    if on {
+        *w |= 1 << (v % 32);
+    } else {
+        *w &= !(1 << (v % 32));
+    }
+}
+
+fn highest(regs: &[u32; 8]) -> Option<u8> {
+    (0..8)
+        .rev()
+        .find(|&w| regs[w] != 0)
+        .map(|w| (w * 32 + 31 - regs[w].leading_zeros() as usize) as u8)
+}
+
+impl Lapic {
+    /// The APIC of CPU `id`, whose timer counts `bus_hz` before the divider.
+    /// `pic` is the 8259 pair behind LINT0, if any.
+    pub fn new(
+        id: u8,
+        bus_hz: u64,
+        pic: Option<Arc<Mutex<PicPair>>>,
+        stats: &mut Stats,
+        prefix: &str,
+    ) -> Result<Self, sim::stats::StatsError> {
+        let mut a = Lapic {
+            id,
+            tpr: 0,
+            ldr: 0,
+            dfr: 0xffff_ffff,
+            svr: 0xff,
+            isr: [0; 8],
+            tmr: [0; 8],
+            irr: [0; 8],
+            esr: 0,
+            icr_lo: 0,
+            icr_hi: 0,
+            lvt: [LVT_MASKED; 6],
+            timer_initial: 0,
+            timer_divide: 0,
+            timer_start: 0,
+            timer_fired: 0,
+            bus_hz: bus_hz.max(1),
+            pic,
+            nmi: false,
+            ipis: Vec::new(),
+            init_received: false,
+            sipi_vector: None,
+            interrupts: stats.counter(
+                &format!("{prefix}.interrupts"),
+                "Interrupts delivered to the CPU by the local APIC",
+                "Count",
+            )?,
+            timer_irqs: stats.counter(
+                &format!("{prefix}.timerInterrupts"),
+                "Local APIC timer interrupts",
+                "Count",
+            )?,
+        };
+        // The BSP's reset state of a PC: LINT0 ExtINT (virtual wire), LINT1 NMI.
+        a.lvt[LVT_LINT0] = 0x700;
+        a.lvt[LVT_LINT1] = 0x400;
+        Ok(a)
+    }
+
+    /// The APIC ID.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// True if a message for `dest` (logical or physical) reaches this APIC.
+    pub fn accepts(&self, dest: u8, logical: bool) -> bool {
+        if logical {
+            dest & (self.ldr >> 24) as u8 != 0
+        } else {
+            dest == self.id || dest == 0xff
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.svr & SVR_ENABLE != 0
+    }
+
+    /// The processor priority: the higher of TPR and the in-service class.
+    fn ppr(&self) -> u8 {
+        let isrv = highest(&self.isr).unwrap_or(0);
+        if self.tpr >> 4 >= isrv >> 4 {
+            self.tpr
+        } else {
+            isrv & 0xf0
+        }
+    }
+
+    /// A fixed interrupt arrives (from the I/O APIC, an IPI or the timer).
+    pub fn deliver(&mut self, vector: u8, level_triggered: bool) {
+        if vector < 16 {
+            self.esr |= 0x40; // received illegal vector
+            return;
+        }
+        set_bit(&mut self.irr, vector, true);
+        set_bit(&mut self.tmr, vector, level_triggered);
+    }
+
+    /// An NMI arrives.
+    pub fn deliver_nmi(&mut self) {
+        self.nmi = true;
+    }
+
+    /// INIT arrives: the CPU must be reset and wait for SIPI.
+    pub fn deliver_init(&mut self) {
+        self.init_received = true;
+        self.sipi_vector = None;
+    }
+
+    /// SIPI arrives (after INIT): the CPU starts in real mode at vector << 12.
+    pub fn deliver_sipi(&mut self, vector: u8) {
+        if self.init_received {
+            self.sipi_vector = Some(vector);
+        }
+    }
+
+    /// INIT/SIPI state: (INIT seen, SIPI vector).
+    pub fn startup_state(&self) -> (bool, Option<u8>) {
+        (self.init_received, self.sipi_vector)
+    }
+
+    /// Messages for other CPUs since the last call.
+    pub fn take_ipis(&mut self) -> Vec<Ipi> {
+        std::mem::take(&mut self.ipis)
+    }
+
+    fn divisor(&self) -> u64 {
+        let d = (self.timer_divide & 3) | ((self.timer_divide & 8) >> 1);
+        if d == 7 {
+            1
+        } else {
+            2 << d
+        }
+    }
+
+    /// Ticks per timer count.
+    fn count_ticks(&self) -> u128 {
+        u128::from(TICKS_PER_SECOND) * u128::from(self.divisor()) / u128::from(self.bus_hz)
+    }
+
+    fn timer_periodic(&self) -> bool {
+        (self.lvt[LVT_TIMER] >> 17) & 3 == 1
+    }
+
+    fn timer_current(&self, now: Tick) -> u32 {
+        if self.timer_initial == 0 {
+            return 0;
+        }
+        let per = self.count_ticks().max(1);
+        let counts = u128::from(now.saturating_sub(self.timer_start)) / per;
+        let init = u128::from(self.timer_initial);
+        if self.timer_periodic() {
+            (init - counts % init) as u32
+        } else {
+            init.saturating_sub(counts) as u32
+        }
+    }
+
+    fn timer_expiry(&self, n: u64) -> Option<Tick> {
+        if self.timer_initial == 0 {
+            return None;
+        }
+        let t = self.count_ticks() * u128::from(self.timer_initial) * u128::from(n);
+        Some(
+            self.timer_start
+                .saturating_add(t.min(u128::from(u64::MAX)) as u64),
+        )
+    }
+
+    fn send_ipi(&mut self) {
+        let lo = self.icr_lo;
+        let ipi = Ipi {
+            mode: ((lo >> 8) & 7) as u8,
+            vector: lo as u8,
+            dest: (self.icr_hi >> 24) as u8,
+            logical: lo & (1 << 11) != 0,
+            shorthand: ((lo >> 18) & 3) as u8,
+        };
+        let to_self = match ipi.shorthand {
+            1 | 2 => true,
+            3 => false,
+            _ if ipi.logical => {
+                // Flat model: the destination is a mask of logical IDs.
+                ipi.dest & (self.ldr >> 24) as u8 != 0
+            }
+            _ => ipi.dest == self.id || ipi.dest == 0xff,
+        };
+        let to_others = match ipi.shorthand {
+            1 => false,
+            2 | 3 => true,
+            _ => !(ipi.dest == self.id && !ipi.logical),
+        };
+        if to_self {
+            match ipi.mode {
+                0 | 1 => self.deliver(ipi.vector, false),
+                4 => self.deliver_nmi(),
+                5 => {} // INIT to ourselves: a BSP ignores it here
+                _ => {}
+            }
+        }
+        if to_others && self.ipis.len() < 256 {
+            self.ipis.push(ipi);
+        }
+    }
+
+    fn eoi(&mut self, requests: &mut Vec<Request>) {
+        if let Some(v) = highest(&self.isr) {
+            set_bit(&mut self.isr, v, false);
+            if bit(&self.tmr, v) {
+                requests.push(Request::Eoi { vector: v });
+            }
+        }
+    }
+
+    fn read_reg(&self, reg: u64, now: Tick) -> u32 {
+        match reg {
+            0x20 => u32::from(self.id) << 24,
+            0x30 => LAPIC_VERSION,
+            0x80 => u32::from(self.tpr),
+            0x90 => u32::from(self.tpr), // APR: arbitration priority
+            0xa0 => u32::from(self.ppr()),
+            0xd0 => self.ldr,
+            0xe0 => self.dfr,
+            0xf0 => self.svr,
+            0x100..=0x170 => self.isr[((reg - 0x100) / 0x10) as usize],
+            0x180..=0x1f0 => self.tmr[((reg - 0x180) / 0x10) as usize],
+            0x200..=0x270 => self.irr[((reg - 0x200) / 0x10) as usize],
+            0x280 => self.esr,
+            0x300 => self.icr_lo & !(1 << 12), // delivery status: idle
+            0x310 => self.icr_hi,
+            0x320..=0x370 => self.lvt[((reg - 0x320) / 0x10) as usize],
+            0x380 => self.timer_initial,
+            0x390 => self.timer_current(now),
+            0x3e0 => self.timer_divide,
+            _ => 0,
+        }
+    }
+
+    fn write_reg(&mut self, reg: u64, v: u32, now: Tick, requests: &mut Vec<Request>) {
+        match reg {
+            0x20 => self.id = (v >> 24) as u8,
+            0x80 => self.tpr = v as u8,
+            0xb0 => self.eoi(requests),
+            0xd0 => self.ldr = v & 0xff00_0000,
+            0xe0 => self.dfr = v | 0x0fff_ffff,
+            0xf0 => {
+                self.svr = v & 0x13ff;
+                if !self.enabled() {
+                    for l in &mut self.lvt {
+                        *l |= LVT_MASKED;
+                    }
+                }
+            }
+            0x280 => self.esr = 0,
+            0x300 => {
+                self.icr_lo = v;
+                self.send_ipi();
+            }
+            0x310 => self.icr_hi = v,
+            0x320..=0x370 => {
+                let i = ((reg - 0x320) / 0x10) as usize;
+                let mut v = v;
+                if !self.enabled() {
+                    v |= LVT_MASKED;
+                }
+                self.lvt[i] = v;
+                if i == LVT_TIMER {
+                    self.timer_fired = 0;
+                    self.timer_start = now;
+                }
+            }
+            0x380 => {
+                self.timer_initial = v;
+                self.timer_start = now;
+                self.timer_fired = 0;
+            }
+            0x3e0 => self.timer_divide = v & 0xb,
+            _ => {}
+        }
+    }
+
+    fn extint_pending(&self) -> bool {
+        let lint0 = self.lvt[LVT_LINT0];
+        lint0 & LVT_MASKED == 0
+            && (lint0 >> 8) & 7 == 7
+            && self.pic.as_ref().is_some_and(|p| mem::lock(p).intr())
+    }
+
+    fn fixed_pending(&self) -> Option<u8> {
+        if !self.enabled() {
+            return None;
+        }
+        let v = highest(&self.irr)?;
+        (v >> 4 > self.ppr() >> 4).then_some(v)
+    }
+}
+
+impl InterruptController for Lapic {
+    fn pending(&mut self) -> Pending {
+        if self.nmi {
+            Pending::Nmi
+        } else if self.fixed_pending().is_some() || self.extint_pending() {
+            Pending::Maskable
+        } else {
+            Pending::None
+        }
+    }
+
+    fn acknowledge(&mut self) -> Option<u8> {
+        if let Some(v) = self.fixed_pending() {
+            set_bit(&mut self.irr, v, false);
+            set_bit(&mut self.isr, v, true);
+            self.interrupts.inc();
+            return Some(v);
+        }
+        if self.extint_pending() {
+            self.interrupts.inc();
+            return self.pic.as_ref().map(|p| mem::lock(p).acknowledge_vector());
+        }
+        None
+    }
+
+    fn take_nmi(&mut self) -> bool {
+        std::mem::take(&mut self.nmi)
+    }
+
+    fn task_priority(&self) -> u8 {
+        self.tpr
+    }
+
+    fn set_task_priority(&mut self, tpr: u8) {
+        self.tpr = tpr;
+    }
+}
+
+impl BusDevice for Lapic {
+    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
+        let v = self.read_reg(offset & 0xff0, ctx.now);
+        let shifted = u64::from(v) >> (8 * (offset & 3));
+        crate::put_le_value(data, shifted);
+        LAPIC_LATENCY
+    }
+
+    fn write(&mut self, _: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        // Registers are 32-bit at 16-byte boundaries; other writes are ignored.
+        if offset & 0xf == 0 && data.len() >= 4 {
+            let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            self.write_reg(offset & 0xff0, v, ctx.now, ctx.requests);
+        } else {
+            self.esr |= 0x80; // illegal register address
+        }
+        LAPIC_LATENCY
+    }
+}
+
+impl TimedDevice for Lapic {
+    fn next_deadline(&self) -> Option<Tick> {
+        // A one-shot timer fires once per start.
+        if !self.timer_periodic() && self.timer_fired > 0 {
+            return None;
+        }
+        self.timer_expiry(self.timer_fired + 1)
+    }
+
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        let Some(at) = self.next_deadline() else {
+            return;
+        };
+        if at > ctx.now {
+            return;
+        }
+        self.timer_fired += 1;
+        let lvt = self.lvt[LVT_TIMER];
+        if lvt & LVT_MASKED == 0 {
+            self.timer_irqs.inc();
+            self.deliver(lvt as u8, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lapic() -> Lapic {
+        let mut stats = Stats::new();
+        Lapic::new(0, 1_000_000_000, None, &mut stats, "apic").unwrap()
+    }
+
+    fn w(a: &mut Lapic, now: Tick, reg: u64, v: u32) -> Vec<Request> {
+        let mut reqs = vec![];
+        a.write(
+            Space::Mmio,
+            reg,
+            &v.to_le_bytes(),
+            &mut AccessCtx::new(now, &mut reqs),
+        );
+        reqs
+    }
+
+    fn r(a: &mut Lapic, now: Tick, reg: u64) -> u32 {
+        let mut reqs = vec![];
+        let mut d = [0u8; 4];
+        a.read(
+            Space::Mmio,
+            reg,
+            &mut d,
+            &mut AccessCtx::new(now, &mut reqs),
+        );
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn identity_and_reset_state() {
+        let mut a = lapic();
+        assert_eq!(r(&mut a, 0, 0x30), LAPIC_VERSION);
+        assert_eq!(r(&mut a, 0, 0x20), 0);
+        assert_eq!(r(&mut a, 0, 0xf0), 0xff, "software disabled at reset");
+        assert_eq!(r(&mut a, 0, 0x350), 0x700, "LINT0 ExtINT");
+        assert_eq!(r(&mut a, 0, 0x360), 0x400, "LINT1 NMI");
+        assert_eq!(r(&mut a, 0, 0xe0), 0xffff_ffff);
+    }
+
+    #[test]
+    fn priorities_isr_and_eoi() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff); // enable, spurious 0xff
+        a.deliver(0x41, false);
+        a.deliver(0x62, true);
+        assert_eq!(a.pending(), Pending::Maskable);
+        assert_eq!(a.acknowledge(), Some(0x62));
+        // 0x41 is in a lower class than 0x62 in service: it waits.
+        assert_eq!(a.pending(), Pending::None);
+        assert_eq!(r(&mut a, 0, 0xa0), 0x60, "PPR");
+        let reqs = w(&mut a, 0, 0xb0, 0);
+        assert_eq!(
+            reqs,
+            vec![Request::Eoi { vector: 0x62 }],
+            "level: EOI broadcast"
+        );
+        assert_eq!(a.acknowledge(), Some(0x41));
+        assert_eq!(w(&mut a, 0, 0xb0, 0), vec![], "edge: no broadcast");
+        // TPR blocks lower classes.
+        a.set_task_priority(0x50);
+        a.deliver(0x45, false);
+        assert_eq!(a.pending(), Pending::None);
+        a.deliver(0x65, false);
+        assert_eq!(a.acknowledge(), Some(0x65));
+    }
+
+    #[test]
+    fn timer_one_shot_and_periodic_with_divider() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x3e0, 0x3); // divide by 16
+        w(&mut a, 0, 0x320, 0x30); // one-shot, vector 0x30
+        w(&mut a, 0, 0x380, 1000); // 1000 counts x 16 ns = 16 us
+        assert_eq!(a.next_deadline(), Some(16_000_000));
+        assert_eq!(r(&mut a, 8_000_000, 0x390), 500);
+        let mut reqs = vec![];
+        a.on_deadline(&mut AccessCtx::new(16_000_000, &mut reqs));
+        assert_eq!(a.acknowledge(), Some(0x30));
+        w(&mut a, 16_000_000, 0xb0, 0);
+        assert_eq!(a.next_deadline(), None, "one-shot fires once");
+        assert_eq!(r(&mut a, 20_000_000, 0x390), 0);
+        // Periodic.
+        w(&mut a, 30_000_000, 0x320, 0x20031);
+        w(&mut a, 30_000_000, 0x380, 1000);
+        assert_eq!(a.next_deadline(), Some(46_000_000));
+        a.on_deadline(&mut AccessCtx::new(46_000_000, &mut reqs));
+        assert_eq!(a.next_deadline(), Some(62_000_000));
+        assert_eq!(r(&mut a, 54_000_000, 0x390), 500);
+        assert_eq!(a.acknowledge(), Some(0x31));
+        w(&mut a, 54_000_000, 0xb0, 0);
+        // Masked: counts but delivers nothing.
+        w(&mut a, 70_000_000, 0x320, 0x30031);
+        w(&mut a, 70_000_000, 0x380, 10);
+        a.on_deadline(&mut AccessCtx::new(70_160_000, &mut reqs));
+        assert_eq!(a.irr, [0; 8]);
+    }
+
+    #[test]
+    fn self_ipis_and_messages_for_others() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x300, 0x4_0050); // fixed, shorthand self, vector 0x50
+        assert_eq!(a.acknowledge(), Some(0x50));
+        w(&mut a, 0, 0x300, 0x4_0400); // NMI to self
+        assert_eq!(a.pending(), Pending::Nmi);
+        assert!(a.take_nmi());
+        // INIT then SIPI to APIC 1.
+        w(&mut a, 0, 0x310, 1 << 24);
+        w(&mut a, 0, 0x300, 0x4500);
+        w(&mut a, 0, 0x300, 0x4608);
+        let ipis = a.take_ipis();
+        assert_eq!(ipis.len(), 2);
+        assert_eq!((ipis[0].mode, ipis[0].dest), (5, 1));
+        assert_eq!((ipis[1].mode, ipis[1].vector), (6, 8));
+        assert_eq!(r(&mut a, 0, 0x300) & (1 << 12), 0, "delivery status idle");
+        a.deliver_init();
+        a.deliver_sipi(0x9a);
+        assert_eq!(a.startup_state(), (true, Some(0x9a)));
+    }
+
+    #[test]
+    fn extint_from_the_pic_through_lint0() {
+        let pic = Arc::new(Mutex::new(PicPair::new()));
+        {
+            let mut p = mem::lock(&pic);
+            for (port, v) in [
+                (0x20u64, 0x11u8),
+                (0x21, 0x30),
+                (0x21, 0x04),
+                (0x21, 0x01),
+                (0x21, 0x00),
+            ] {
+                p.write_port_for_test(port, v);
+            }
+            use crate::irq::InterruptSink;
+            p.set_line(0, true);
+        }
+        let mut stats = Stats::new();
+        let mut a = Lapic::new(0, 1_000_000_000, Some(pic.clone()), &mut stats, "apic").unwrap();
+        // Virtual-wire mode works even with the APIC software-disabled.
+        assert_eq!(a.pending(), Pending::Maskable);
+        assert_eq!(a.acknowledge(), Some(0x30));
+        assert_eq!(a.pending(), Pending::None);
+        // Masking LINT0 hides the PIC.
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x350, 0x10700);
+        mem::lock(&pic).write_port_for_test(0x20, 0x20);
+        use crate::irq::InterruptSink;
+        mem::lock(&pic).set_line(1, true);
+        assert_eq!(a.pending(), Pending::None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_access_sequence_is_safe(ops in proptest::collection::vec((0u64..0x1000, proptest::prelude::any::<u32>(), 0usize..9, proptest::prelude::any::<bool>(), 0u64..1_000_000_000), 0..100)) {
+            let mut a = lapic();
+            let mut now = 0;
+            let mut reqs = vec![];
+            for (off, v, len, wr, dt) in ops {
+                now += dt;
+                let mut ctx = AccessCtx::new(now, &mut reqs);
+                if wr { a.write(Space::Mmio, off, &v.to_le_bytes()[..len.min(4)], &mut ctx); }
+                else { let mut d = vec![0u8; len]; a.read(Space::Mmio, off, &mut d, &mut ctx); }
+                if let Some(d) = a.next_deadline() { if d <= now { a.on_deadline(&mut AccessCtx::new(now, &mut reqs)); } }
+                if a.pending() == Pending::Maskable {
+                    let v = a.acknowledge();
+                    proptest::prop_assert!(v.is_some_and(|v| v >= 16));
+                }
+                proptest::prop_assert!(a.ipis.len() <= 256);
+            }
+        }
+    }
+}
