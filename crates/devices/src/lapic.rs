@@ -283,7 +283,7 @@ impl Lapic {
         let to_others = match ipi.shorthand {
             1 => false,
             2 | 3 => true,
-            _ => !(ipi.dest == self.id && !ipi.logical),
+            _ => ipi.dest != self.id || ipi.logical,
         };
         if to_self {
             match ipi.mode {
