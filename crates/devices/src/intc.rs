@@ -16,8 +16,35 @@ pub struct VectorIntc {
     pub merged: u64,
 }
 
-/// A shared handle, as devices and the CPU hold it.
-pub type IntcHandle = Arc<Mutex<VectorIntc>>;
+/// Where a device sends vectored interrupts: the minimal controller on a
+/// bare machine, the local APIC on a PC.
+pub trait VectorSink: Send {
+    /// A fixed, edge-triggered interrupt with `vector`.
+    fn raise_vector(&mut self, vector: u8);
+    /// A non-maskable interrupt.
+    fn raise_nmi(&mut self);
+}
+
+/// A shared handle, as devices hold it.
+pub type IntcHandle = Arc<Mutex<dyn VectorSink>>;
+
+impl VectorSink for VectorIntc {
+    fn raise_vector(&mut self, vector: u8) {
+        self.raise(vector);
+    }
+    fn raise_nmi(&mut self) {
+        VectorIntc::raise_nmi(self);
+    }
+}
+
+impl VectorSink for crate::lapic::Lapic {
+    fn raise_vector(&mut self, vector: u8) {
+        self.deliver(vector, false);
+    }
+    fn raise_nmi(&mut self) {
+        self.deliver_nmi();
+    }
+}
 
 impl VectorIntc {
     pub fn new() -> Self {

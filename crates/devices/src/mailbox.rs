@@ -88,7 +88,7 @@ impl Mailbox {
         self.rx.push_back(value);
         self.received.inc();
         if self.vector >= 16 {
-            mem::lock(&self.intc).raise(self.vector);
+            mem::lock(&self.intc).raise_vector(self.vector);
         }
     }
 
@@ -143,7 +143,7 @@ mod tests {
 
     #[test]
     fn send_receive_and_interrupt() {
-        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
         let mut stats = Stats::new();
         let mut m = Mailbox::new(3, 5_000, intc.clone(), &mut stats, "m").unwrap();
         let mut reqs = vec![];
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn receive_queue_is_bounded() {
-        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
         let mut stats = Stats::new();
         let mut m = Mailbox::new(0, 1, intc, &mut stats, "m").unwrap();
         for i in 0..(RX_CAPACITY as u64 + 10) {
@@ -191,7 +191,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_access_is_safe(ops in proptest::collection::vec((0u64..0x1000, proptest::prelude::any::<u64>(), 0usize..9, proptest::prelude::any::<bool>()), 0..64)) {
-            let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+            let intc = Arc::new(Mutex::new(VectorIntc::new()));
             let mut stats = Stats::new();
             let mut m = Mailbox::new(0, 1, intc, &mut stats, "m").unwrap();
             let mut reqs = vec![];

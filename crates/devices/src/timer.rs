@@ -144,7 +144,7 @@ impl TimedDevice for IntervalTimer {
             if self.ctrl & CTRL_NMI != 0 {
                 intc.raise_nmi();
             } else {
-                intc.raise(self.vector);
+                intc.raise_vector(self.vector);
             }
             self.interrupts.inc();
         }
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn periodic_interrupts_in_simulated_time() {
-        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
         let mut stats = Stats::new();
         let mut t = IntervalTimer::new(intc.clone(), &mut stats, "t").unwrap();
         assert_eq!(t.next_deadline(), None);
@@ -219,7 +219,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn any_access_is_safe(ops in proptest::collection::vec((0u64..0x1000, proptest::prelude::any::<u64>(), 0usize..9, proptest::prelude::any::<bool>()), 0..64)) {
-            let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
+            let intc = Arc::new(Mutex::new(VectorIntc::new()));
             let mut stats = Stats::new();
             let mut t = IntervalTimer::new(intc, &mut stats, "t").unwrap();
             let mut reqs = vec![];

@@ -50,6 +50,7 @@ pub struct Uart16550 {
     dll: u8,
     dlm: u8,
     thre_pending: bool,
+    irq: crate::irq::IrqLine,
     tx_bytes: Counter,
     rx_bytes: Counter,
 }
@@ -74,6 +75,7 @@ impl Uart16550 {
             dll: 0x0c,
             dlm: 0,
             thre_pending: false,
+            irq: crate::irq::IrqLine::none(),
             tx_bytes: stats.counter(
                 &format!("{prefix}.txBytes"),
                 "Bytes transmitted by the guest",
@@ -85,6 +87,16 @@ impl Uart16550 {
                 "Byte",
             )?,
         })
+    }
+
+    /// Wires the interrupt output (COM1: IRQ4), driven after every access.
+    pub fn set_irq_line(&mut self, irq: crate::irq::IrqLine) {
+        self.irq = irq;
+    }
+
+    fn update_irq(&mut self) {
+        let level = self.irq_level();
+        self.irq.set(level);
     }
 
     /// Moves waiting input into the receive FIFO.
@@ -231,6 +243,7 @@ impl BusDevice for Uart16550 {
                 self.write_reg(reg, b);
             }
         }
+        self.update_irq();
         UART_LATENCY
     }
 }

@@ -721,6 +721,9 @@ impl<A: Arch> KvmCpu<A> {
         };
         // A kick or timer signal that arrived late must not end the next run.
         sys::discard_pending(kick_signal());
+        if let Some(intc) = &self.intc {
+            self.arch.after_run(&mut self.vcpu, &mut *mem::lock(intc));
+        }
         self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
         self.arch.kvm_state_changed();
         self.stats.num_vm_exits.inc();

@@ -68,6 +68,23 @@ pub trait BusDevice: Send {
 /// A shared handle to a device.
 pub type DeviceHandle = Arc<Mutex<dyn BusDevice>>;
 
+/// Gives a device a second (or third) port range: accesses are passed on
+/// with `add` added to their offset, so the device sees offsets relative to
+/// its main range (for example the i8042's 0x64 as offset 4 of 0x60).
+pub struct Rebased {
+    pub dev: DeviceHandle,
+    pub add: u64,
+}
+
+impl BusDevice for Rebased {
+    fn read(&mut self, space: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
+        lock(&self.dev).read(space, offset.wrapping_add(self.add), data, ctx)
+    }
+    fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        lock(&self.dev).write(space, offset.wrapping_add(self.add), data, ctx)
+    }
+}
+
 /// A device that acts at simulated times of its own (timers). Devices keep
 /// time lazily: they compute their state from elapsed ticks and name only the
 /// next tick at which something must happen; the system schedules one event

@@ -99,7 +99,23 @@ pub struct SystemConfig {
     /// coalesced-MMIO ring instead of exiting (drained after every run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub coalesced_mmio: Vec<[u64; 2]>,
+    /// The machine: "bare" (UART, sim-ops, interval timer, a minimal
+    /// interrupt controller) or "pc" (adds the 8259 pair, PIT, RTC, i8042,
+    /// port 0x80, I/O APIC and a local APIC).
+    #[serde(default = "default_platform")]
+    pub platform: String,
+    /// The RTC's date and time at tick 0, in Unix seconds (default: the
+    /// host's clock when the run starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtc_start: Option<i64>,
 }
+
+fn default_platform() -> String {
+    "bare".into()
+}
+
+/// The accepted values of `system.platform`.
+pub const PLATFORMS: &[&str] = &["bare", "pc"];
 
 fn default_memory() -> Size {
     Size(128 << 20)
@@ -217,6 +233,8 @@ impl Config {
                 cpu: CpuConfig::default(),
                 serial: SerialConfig::default(),
                 coalesced_mmio: vec![],
+                platform: default_platform(),
+                rtc_start: None,
             }],
         }
     }
@@ -333,6 +351,13 @@ impl Config {
                     f("cpu.timer"),
                     format!("{:?}", s.cpu.timer),
                     &format!("unknown timer (one of: {})", TIMERS.join(", ")),
+                ));
+            }
+            if !PLATFORMS.contains(&s.platform.as_str()) {
+                return Err(bad(
+                    f("platform"),
+                    format!("{:?}", s.platform),
+                    &format!("unknown platform (one of: {})", PLATFORMS.join(", ")),
                 ));
             }
             if s.cpu.max_insts == Some(0) {

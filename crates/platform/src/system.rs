@@ -3,8 +3,15 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::i8042::{PostPort, I8042, I8042_DATA, POST_PORT};
 use devices::intc::{IntcHandle, VectorIntc};
+use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
+use devices::irq::IrqLine;
+use devices::lapic::{Lapic, LAPIC_BASE, LAPIC_SIZE};
 use devices::mailbox::{MAILBOX_BASE, MAILBOX_SIZE};
+use devices::pic::{PicPair, PicPorts, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
+use devices::pit::{Pit, PortB, PIT_BASE, PORT_B};
+use devices::rtc::{Rtc, RTC_BASE};
 use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
 use devices::timer::{TIMER_BASE, TIMER_SIZE};
 use devices::uart::{COM1_BASE, UART_PORTS};
@@ -13,7 +20,7 @@ use kvm::arch::x86_64::{boot, cpuid, X86_64};
 use kvm::cpu::CpuOptions;
 use kvm::timer::TimerKind;
 use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome};
-use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Space, TimedHandle};
+use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Rebased, Space, TimedHandle};
 use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
 use sim::intr::{InterruptController, Pending};
 use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
@@ -93,7 +100,9 @@ pub struct System {
     _vm: KvmVm,
     _ram: GuestRam,
     bus: IoBus,
-    intc: IntcHandle,
+    /// The CPU's interrupt controller (the local APIC on a PC).
+    intc: Arc<Mutex<dyn InterruptController>>,
+    ioapic: Option<Arc<Mutex<IoApic>>>,
     timed: Vec<Timed>,
     stats: Stats,
     queue: EventQueue<Event>,
@@ -234,10 +243,22 @@ impl System {
         )?;
         cpu.set_total_insts(total, avail);
 
-        let intc: IntcHandle = Arc::new(Mutex::new(VectorIntc::new()));
-        cpu.set_interrupt_controller(intc.clone());
-
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
+        let mut timed: Vec<TimedHandle> = Vec::new();
+        // The CPU's controller and where vectored device interrupts go.
+        let (intc, vectors, ioapic, irqs): (
+            Arc<Mutex<dyn InterruptController>>,
+            IntcHandle,
+            _,
+            Option<Vec<IrqLine>>,
+        ) = if sc.platform == "pc" {
+            let pc = build_pc(&name, sc, &mut bus, &mut stats, &mut timed)?;
+            (pc.lapic.clone(), pc.lapic, Some(pc.ioapic), Some(pc.isa))
+        } else {
+            let v = Arc::new(Mutex::new(VectorIntc::new()));
+            (v.clone(), v, None, None)
+        };
+        cpu.set_interrupt_controller(intc.clone());
         let input = if sc.serial.stdin {
             console::spawn_stdin_reader()
         } else {
@@ -249,7 +270,10 @@ impl System {
             (format!("serial.{name}.log"), Some(format!("[{name}] ")))
         };
         let sink = SerialSink::new(out.serial_log(&log)?, sc.serial.stdout, prefix);
-        let uart = Uart16550::new(Box::new(sink), input, &mut stats, &format!("{name}.uart"))?;
+        let mut uart = Uart16550::new(Box::new(sink), input, &mut stats, &format!("{name}.uart"))?;
+        if let Some(isa) = &irqs {
+            uart.set_irq_line(isa[4].clone());
+        }
         bus.insert(
             Space::Pio,
             COM1_BASE,
@@ -266,7 +290,7 @@ impl System {
             Arc::new(Mutex::new(simops)),
         )?;
         let timer_dev = Arc::new(Mutex::new(IntervalTimer::new(
-            intc.clone(),
+            vectors.clone(),
             &mut stats,
             &format!("{name}.timer"),
         )?));
@@ -277,16 +301,17 @@ impl System {
             "timer",
             timer_dev.clone(),
         )?;
-        let timed = vec![Timed {
-            dev: timer_dev,
-            event: None,
-        }];
+        timed.push(timer_dev);
+        let timed: Vec<Timed> = timed
+            .into_iter()
+            .map(|dev| Timed { dev, event: None })
+            .collect();
         let mut mailboxes = Vec::new();
         for l in links {
             let mb = Arc::new(Mutex::new(Mailbox::new(
                 l.port,
                 l.latency,
-                intc.clone(),
+                vectors.clone(),
                 &mut stats,
                 &format!("{name}.link{}", l.port),
             )?));
@@ -325,6 +350,7 @@ impl System {
             _ram: ram,
             bus,
             intc,
+            ioapic,
             timed,
             stats,
             queue,
@@ -636,6 +662,11 @@ impl System {
                         }
                     }
                 }
+                Request::Eoi { vector } => {
+                    if let Some(io) = &self.ioapic {
+                        mem::lock(io).eoi(vector);
+                    }
+                }
                 Request::Reset => {
                     self.queue.schedule(now, SIM_EXIT_PRI, Event::Reset)?;
                 }
@@ -675,4 +706,111 @@ impl System {
         self.dump_stats(exit.tick)?;
         crate::simulation::write_exit_json(&self.out, &[(self.name.clone(), exit.clone())], status)
     }
+}
+
+/// The PC devices of a system.
+struct Pc {
+    lapic: Arc<Mutex<Lapic>>,
+    ioapic: Arc<Mutex<IoApic>>,
+    /// ISA IRQ lines 0..16, each wired to the 8259 pair and the I/O APIC.
+    isa: Vec<IrqLine>,
+}
+
+/// The local APIC timer's input clock.
+pub const APIC_BUS_HZ: u64 = 1_000_000_000;
+
+/// Builds and wires the PC devices: the 8259 pair, I/O APIC and local APIC,
+/// the PIT (IRQ0 -> PIC input 0 and I/O APIC pin 2), the RTC (IRQ8), the
+/// i8042 (IRQ1) and the POST port.
+fn build_pc(
+    name: &str,
+    sc: &mut SystemConfig,
+    bus: &mut IoBus,
+    stats: &mut Stats,
+    timed: &mut Vec<TimedHandle>,
+) -> Result<Pc, PlatformError> {
+    let pic = Arc::new(Mutex::new(PicPair::new()));
+    for (base, len, what) in [
+        (MASTER_BASE, 2, "pic-master"),
+        (SLAVE_BASE, 2, "pic-slave"),
+        (ELCR_BASE, 2, "elcr"),
+    ] {
+        let ports = PicPorts {
+            pic: pic.clone(),
+            base,
+        };
+        bus.insert(Space::Pio, base, len, what, Arc::new(Mutex::new(ports)))?;
+    }
+    let lapic = Arc::new(Mutex::new(Lapic::new(
+        0,
+        APIC_BUS_HZ,
+        Some(pic.clone()),
+        stats,
+        &format!("{name}.apic"),
+    )?));
+    bus.insert(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", lapic.clone())?;
+    timed.push(lapic.clone());
+    let ioapic = Arc::new(Mutex::new(IoApic::new(
+        1,
+        vec![lapic.clone()],
+        stats,
+        &format!("{name}.ioapic"),
+    )?));
+    bus.insert(
+        Space::Mmio,
+        IOAPIC_BASE,
+        IOAPIC_SIZE,
+        "ioapic",
+        ioapic.clone(),
+    )?;
+
+    // ISA IRQ n -> PIC input n and I/O APIC pin n, except IRQ0 -> pin 2.
+    let isa: Vec<IrqLine> = (0..16u32)
+        .map(|n| {
+            let pin = if n == 0 { 2 } else { n };
+            IrqLine::none().to(pic.clone(), n).to(ioapic.clone(), pin)
+        })
+        .collect();
+
+    let pit = Arc::new(Mutex::new(Pit::new(
+        isa[0].clone(),
+        stats,
+        &format!("{name}.pit"),
+    )?));
+    bus.insert(Space::Pio, PIT_BASE, 4, "pit", pit.clone())?;
+    bus.insert(
+        Space::Pio,
+        PORT_B,
+        1,
+        "port61",
+        Arc::new(Mutex::new(PortB(pit.clone()))),
+    )?;
+    timed.push(pit);
+
+    let start = *sc.rtc_start.get_or_insert_with(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    });
+    let rtc = Arc::new(Mutex::new(Rtc::new(
+        start,
+        isa[8].clone(),
+        stats,
+        &format!("{name}.rtc"),
+    )?));
+    bus.insert(Space::Pio, RTC_BASE, 2, "rtc", rtc.clone())?;
+    timed.push(rtc);
+
+    let kbd: mem::DeviceHandle = Arc::new(Mutex::new(I8042::new(isa[1].clone())));
+    bus.insert(Space::Pio, I8042_DATA, 1, "i8042", kbd.clone())?;
+    bus.insert(
+        Space::Pio,
+        I8042_DATA + 4,
+        1,
+        "i8042-cmd",
+        Arc::new(Mutex::new(Rebased { dev: kbd, add: 4 })),
+    )?;
+    let post = PostPort::new(stats, &format!("{name}.post"))?;
+    bus.insert(Space::Pio, POST_PORT, 1, "post", Arc::new(Mutex::new(post)))?;
+    Ok(Pc { lapic, ioapic, isa })
 }

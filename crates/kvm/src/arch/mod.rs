@@ -52,6 +52,10 @@ pub trait Arch: Send {
         intc: &mut dyn InterruptController,
     ) -> Result<Delivery>;
 
+    /// After an exit: picks up what the guest changed that the interrupt
+    /// controller mirrors (x86: CR8 = TPR >> 4).
+    fn after_run(&mut self, _vcpu: &mut VcpuFd, _intc: &mut dyn InterruptController) {}
+
     /// True when KVM holds no injected or pending event (exception,
     /// interrupt, NMI), so the state can be saved or handed over.
     fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool>;

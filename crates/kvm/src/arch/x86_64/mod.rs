@@ -68,6 +68,8 @@ pub struct X86_64 {
     xcrs: Part<kvm_xcrs>,
     events: Part<kvm_vcpu_events>,
     msrs: Part<Vec<(u32, u64)>>,
+    /// CR8 as given to KVM at the last entry.
+    cr8_entry: u64,
     counts: SyncCounts,
 }
 
@@ -274,6 +276,10 @@ impl Arch for X86_64 {
         intc: &mut dyn InterruptController,
     ) -> Result<Delivery> {
         let mut d = Delivery::default();
+        // KVM loads CR8 from kvm_run on entry: keep it equal to TPR >> 4.
+        let cr8 = u64::from(intc.task_priority() >> 4);
+        vcpu.get_kvm_run().cr8 = cr8;
+        self.cr8_entry = cr8;
         match intc.pending() {
             Pending::None => vcpu.get_kvm_run().request_interrupt_window = 0,
             Pending::Nmi => {
@@ -299,6 +305,15 @@ impl Arch for X86_64 {
             }
         }
         Ok(d)
+    }
+
+    fn after_run(&mut self, vcpu: &mut VcpuFd, intc: &mut dyn InterruptController) {
+        let cr8 = vcpu.get_kvm_run().cr8 & 0xf;
+        if cr8 != self.cr8_entry {
+            // The guest wrote CR8 natively: that is a TPR write.
+            intc.set_task_priority((cr8 << 4) as u8);
+            self.cr8_entry = cr8;
+        }
     }
 
     fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool> {
