@@ -32,6 +32,9 @@ use crate::output::OutDir;
 use crate::units::Frequency;
 use crate::PlatformError;
 
+/// The CPU's interrupt controller, as the system holds it.
+type CpuIntc = Arc<Mutex<dyn InterruptController>>;
+
 /// Priority of the CPU's startup event: before anything else at tick 0.
 const STARTUP_PRI: i32 = i32::MIN;
 /// Priority of a window's end: first in its tick (that tick belongs to the
@@ -101,7 +104,7 @@ pub struct System {
     _ram: GuestRam,
     bus: IoBus,
     /// The CPU's interrupt controller (the local APIC on a PC).
-    intc: Arc<Mutex<dyn InterruptController>>,
+    intc: CpuIntc,
     ioapic: Option<Arc<Mutex<IoApic>>>,
     timed: Vec<Timed>,
     stats: Stats,
@@ -246,18 +249,14 @@ impl System {
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
         let mut timed: Vec<TimedHandle> = Vec::new();
         // The CPU's controller and where vectored device interrupts go.
-        let (intc, vectors, ioapic, irqs): (
-            Arc<Mutex<dyn InterruptController>>,
-            IntcHandle,
-            _,
-            Option<Vec<IrqLine>>,
-        ) = if sc.platform == "pc" {
-            let pc = build_pc(&name, sc, &mut bus, &mut stats, &mut timed)?;
-            (pc.lapic.clone(), pc.lapic, Some(pc.ioapic), Some(pc.isa))
-        } else {
-            let v = Arc::new(Mutex::new(VectorIntc::new()));
-            (v.clone(), v, None, None)
-        };
+        let (intc, vectors, ioapic, irqs): (CpuIntc, IntcHandle, _, Option<Vec<IrqLine>>) =
+            if sc.platform == "pc" {
+                let pc = build_pc(&name, sc, &mut bus, &mut stats, &mut timed)?;
+                (pc.lapic.clone(), pc.lapic, Some(pc.ioapic), Some(pc.isa))
+            } else {
+                let v = Arc::new(Mutex::new(VectorIntc::new()));
+                (v.clone(), v, None, None)
+            };
         cpu.set_interrupt_controller(intc.clone());
         let input = if sc.serial.stdin {
             console::spawn_stdin_reader()
