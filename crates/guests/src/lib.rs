@@ -23,6 +23,9 @@
 //! * `pingpong`: bounces a counter RSI (100) times over link port 0 with a
 //!   peer; RDI = 0 initiates and sums round-trip times, RDI = 1 answers and
 //!   sums its processing time.
+//! * `pcirq` (platform "pc"): times 10 interrupts each through the 8259
+//!   pair in virtual-wire mode, through the I/O APIC, and from the local
+//!   APIC timer.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -44,6 +47,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("steps"),
     guest!("iostream"),
     guest!("pingpong"),
+    guest!("pcirq"),
 ];
 
 /// The ELF image of built-in guest `name`.
