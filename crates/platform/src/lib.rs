@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod console;
+pub mod firmware;
+pub mod linux;
 pub mod loader;
 pub mod output;
 pub mod simulation;

@@ -1,0 +1,312 @@
+//! Linux kernel images: a bzImage's setup header and compressed payload, or
+//! a plain vmlinux ELF.
+//!
+//! A bzImage is not run as shipped: its payload (the compressed vmlinux ELF)
+//! is decompressed on the host and the kernel is entered directly at its
+//! 64-bit entry, because a guest decompressing itself in emulated kernel
+//! mode takes minutes on a software-assisted KVM. Every parser here treats
+//! the image as hostile: bounds-checked, with a cap on decompressed size.
+
+use std::io::Read;
+
+/// Largest decompressed kernel accepted (a defence against decompression bombs).
+pub const MAX_KERNEL: usize = 512 << 20;
+
+/// A payload compression format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Xz,
+    Lzma,
+    Zstd,
+    Lz4,
+    Bzip2,
+    Lzo,
+}
+
+impl Compression {
+    /// Recognises the format by its magic bytes.
+    pub fn detect(data: &[u8]) -> Option<Self> {
+        let m = |magic: &[u8]| data.starts_with(magic);
+        Some(if m(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if m(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+            Compression::Xz
+        } else if m(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else if m(&[0x02, 0x21, 0x4c, 0x18]) {
+            Compression::Lz4
+        } else if m(b"BZh") {
+            Compression::Bzip2
+        } else if m(&[0x89, b'L', b'Z', b'O']) {
+            Compression::Lzo
+        } else if m(&[0x5d, 0x00, 0x00]) {
+            Compression::Lzma
+        } else {
+            return None;
+        })
+    }
+}
+
+/// A kernel image that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    #[error("{0}: not a bzImage (no \"HdrS\" setup header) and not an ELF file")]
+    Unknown(String),
+    #[error("{0}: bzImage boot protocol {1}.{2:02} is too old (2.08 or later is needed for the payload fields)")]
+    OldProtocol(String, u8, u8),
+    #[error("{0}: the setup header's payload [{1:#x}, +{2:#x}) lies outside the file")]
+    BadPayload(String, u64, u64),
+    #[error("{0}: the payload is compressed with {1:?}, which kvmsim does not decompress (gzip, xz, lzma, zstd and lz4 are supported)")]
+    Unsupported(String, Compression),
+    #[error("{0}: the payload's compression is not recognised (magic {1:02x?})")]
+    UnknownCompression(String, Vec<u8>),
+    #[error("{0}: decompressing the {1:?} payload failed: {2}")]
+    Decompress(String, Compression, String),
+    #[error("{0}: the decompressed kernel exceeds the 512 MiB limit")]
+    TooLarge(String),
+}
+
+/// What a kernel image contained.
+#[derive(Debug, Clone)]
+pub struct KernelImage {
+    /// The vmlinux ELF to load.
+    pub elf: Vec<u8>,
+    /// The bzImage's setup header (bytes 0x1F1 up to its end), if any.
+    pub setup_header: Option<Vec<u8>>,
+    /// How the payload was compressed (None for a plain ELF).
+    pub compression: Option<Compression>,
+    /// The boot protocol version (e.g. 0x020f).
+    pub protocol: u16,
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+/// True if `image` looks like a bzImage.
+pub fn is_bzimage(image: &[u8]) -> bool {
+    image.get(0x202..0x206) == Some(b"HdrS")
+}
+
+/// Reads at most [`MAX_KERNEL`] bytes from `r`.
+fn read_capped(mut r: impl Read, name: &str, c: Compression) -> Result<Vec<u8>, KernelError> {
+    let mut out = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_KERNEL as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| KernelError::Decompress(name.into(), c, e.to_string()))?;
+    if n > MAX_KERNEL {
+        return Err(KernelError::TooLarge(name.into()));
+    }
+    Ok(out)
+}
+
+/// Decompresses a kernel payload.
+pub fn decompress(data: &[u8], name: &str) -> Result<(Compression, Vec<u8>), KernelError> {
+    let c = Compression::detect(data).ok_or_else(|| {
+        KernelError::UnknownCompression(name.into(), data.iter().take(6).copied().collect())
+    })?;
+    let err = |e: String| KernelError::Decompress(name.into(), c, e);
+    let out = match c {
+        Compression::Gzip => read_capped(flate2::read::GzDecoder::new(data), name, c)?,
+        Compression::Zstd => {
+            let d =
+                ruzstd::decoding::StreamingDecoder::new(data).map_err(|e| err(e.to_string()))?;
+            read_capped(d, name, c)?
+        }
+        Compression::Xz | Compression::Lzma => {
+            let mut out = Vec::new();
+            let mut input = std::io::BufReader::new(data);
+            let r = if c == Compression::Xz {
+                lzma_rs::xz_decompress(&mut input, &mut out)
+            } else {
+                lzma_rs::lzma_decompress(&mut input, &mut out)
+            };
+            r.map_err(|e| err(format!("{e:?}")))?;
+            if out.len() > MAX_KERNEL {
+                return Err(KernelError::TooLarge(name.into()));
+            }
+            out
+        }
+        Compression::Lz4 => lz4_legacy(data).map_err(err)?,
+        Compression::Bzip2 | Compression::Lzo => {
+            return Err(KernelError::Unsupported(name.into(), c))
+        }
+    };
+    Ok((c, out))
+}
+
+/// The LZ4 "legacy" frame the kernel uses: magic, then blocks of
+/// (u32 compressed size, data), each decompressing to at most 8 MiB.
+fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
+    const BLOCK: usize = 8 << 20;
+    let mut out = Vec::new();
+    let mut pos = 4;
+    while pos + 4 <= data.len() {
+        let size = u32_at(data, pos).unwrap_or(0) as usize;
+        // The kernel appends the uncompressed size (or a new magic) after
+        // the last block; a size that is a magic or overruns ends the stream.
+        if size == 0x184c_2102 || size == 0 {
+            break;
+        }
+        pos += 4;
+        let Some(block) = data.get(pos..pos + size) else {
+            break;
+        };
+        let mut buf = vec![0u8; BLOCK];
+        let n = lz4_flex::block::decompress_into(block, &mut buf).map_err(|e| e.to_string())?;
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > MAX_KERNEL {
+            return Err(format!("more than {} MiB", MAX_KERNEL >> 20));
+        }
+        pos += size;
+    }
+    if out.is_empty() {
+        return Err("no LZ4 blocks".into());
+    }
+    Ok(out)
+}
+
+/// Parses a kernel image: a bzImage (decompressing its payload) or an ELF.
+pub fn parse(image: &[u8], name: &str) -> Result<KernelImage, KernelError> {
+    if image.starts_with(b"\x7fELF") {
+        return Ok(KernelImage {
+            elf: image.to_vec(),
+            setup_header: None,
+            compression: None,
+            protocol: 0x020f,
+        });
+    }
+    if !is_bzimage(image) {
+        return Err(KernelError::Unknown(name.into()));
+    }
+    let protocol = u16_at(image, 0x206).unwrap_or(0);
+    if protocol < 0x0208 {
+        return Err(KernelError::OldProtocol(
+            name.into(),
+            (protocol >> 8) as u8,
+            protocol as u8,
+        ));
+    }
+    let setup_sects = match image.get(0x1f1).copied().unwrap_or(0) {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let pm_start = (setup_sects + 1) * 512;
+    let off = u64::from(u32_at(image, 0x248).unwrap_or(0));
+    let len = u64::from(u32_at(image, 0x24c).unwrap_or(0));
+    let start = pm_start as u64 + off;
+    let payload = usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(start + len).ok())
+        .and_then(|(s, e)| image.get(s..e))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| KernelError::BadPayload(name.into(), start, len))?;
+    let (compression, elf) = decompress(payload, name)?;
+    // The setup header runs from 0x1F1 to 0x202 + the byte at 0x201.
+    let hdr_end = (0x202 + usize::from(image.get(0x201).copied().unwrap_or(0))).min(image.len());
+    Ok(KernelImage {
+        elf,
+        setup_header: image.get(0x1f1..hdr_end).map(<[u8]>::to_vec),
+        compression: Some(compression),
+        protocol,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fake_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 5 * 512];
+        img[0x1f1] = 4; // setup sectors
+        img[0x201] = 0x62; // header length
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
+        img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        img.extend_from_slice(&[0u8; 16]);
+        img.extend_from_slice(payload);
+        img
+    }
+
+    const KERNEL: &[u8] = b"\x7fELF pretend this is a vmlinux, repeated repeated repeated";
+
+    #[test]
+    fn gzip_payload() {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(KERNEL).unwrap();
+        let img = fake_bzimage(&e.finish().unwrap());
+        let k = parse(&img, "k").unwrap();
+        assert_eq!(k.elf, KERNEL);
+        assert_eq!(k.compression, Some(Compression::Gzip));
+        assert_eq!(k.protocol, 0x020f);
+        assert_eq!(
+            &k.setup_header.unwrap()[0x202 - 0x1f1..0x206 - 0x1f1],
+            b"HdrS"
+        );
+    }
+
+    #[test]
+    fn lz4_legacy_payload() {
+        let block = lz4_flex::block::compress(KERNEL);
+        let mut p = vec![0x02, 0x21, 0x4c, 0x18];
+        p.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        p.extend_from_slice(&block);
+        p.extend_from_slice(&(KERNEL.len() as u32).to_le_bytes()); // trailing size
+        let k = parse(&fake_bzimage(&p), "k").unwrap();
+        assert_eq!(k.elf, KERNEL);
+        assert_eq!(k.compression, Some(Compression::Lz4));
+    }
+
+    #[test]
+    fn xz_and_lzma_payloads() {
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut std::io::BufReader::new(KERNEL), &mut xz).unwrap();
+        assert_eq!(parse(&fake_bzimage(&xz), "k").unwrap().elf, KERNEL);
+        let mut lz = Vec::new();
+        lzma_rs::lzma_compress(&mut std::io::BufReader::new(KERNEL), &mut lz).unwrap();
+        let (c, out) = decompress(&lz, "k").unwrap();
+        assert_eq!((c, out.as_slice()), (Compression::Lzma, KERNEL));
+    }
+
+    #[test]
+    fn bad_images_are_clear_errors() {
+        assert!(matches!(
+            parse(b"nothing", "k"),
+            Err(KernelError::Unknown(_))
+        ));
+        let mut img = fake_bzimage(b"BZh91AY&SY");
+        assert!(matches!(
+            parse(&img, "k"),
+            Err(KernelError::Unsupported(_, Compression::Bzip2))
+        ));
+        img[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(parse(&img, "k"), Err(KernelError::BadPayload(..))));
+        let img = fake_bzimage(&[0x1f, 0x8b, 1, 2, 3]);
+        assert!(matches!(parse(&img, "k"), Err(KernelError::Decompress(..))));
+        let mut old = fake_bzimage(&[0x1f, 0x8b]);
+        old[0x206..0x208].copy_from_slice(&0x0204u16.to_le_bytes());
+        assert!(matches!(
+            parse(&old, "k"),
+            Err(KernelError::OldProtocol(..))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096), flip in 0usize..4096, v: u8) {
+            let _ = parse(&bytes, "fuzz");
+            let mut img = fake_bzimage(&[0x02, 0x21, 0x4c, 0x18, 9, 0, 0, 0, 1, 2, 3]);
+            let i = flip % img.len();
+            img[i] = v;
+            let _ = parse(&img, "fuzz");
+        }
+    }
+}
