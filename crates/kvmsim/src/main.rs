@@ -47,6 +47,12 @@ struct RunArgs {
     /// Guest RAM, e.g. 128MiB (overrides the config).
     #[arg(long)]
     memory: Option<String>,
+    /// An initramfs for a Linux kernel (overrides the config).
+    #[arg(long)]
+    initrd: Option<String>,
+    /// Text appended to the Linux command line (overrides the config).
+    #[arg(long)]
+    append: Option<String>,
     /// Boot argument passed in RDI, RSI, ... (repeat for more; overrides the config).
     #[arg(long = "arg", value_name = "N")]
     args: Vec<u64>,
@@ -170,6 +176,12 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
         ));
     }
     for s in &mut cfg.system {
+        if let Some(i) = &a.initrd {
+            s.initrd = Some(i.clone());
+        }
+        if let Some(x) = &a.append {
+            s.append = Some(x.clone());
+        }
         if !a.args.is_empty() {
             s.args = a.args.clone();
         }

@@ -100,10 +100,20 @@ pub struct SystemConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub coalesced_mmio: Vec<[u64; 2]>,
     /// The machine: "bare" (UART, sim-ops, interval timer, a minimal
-    /// interrupt controller) or "pc" (adds the 8259 pair, PIT, RTC, i8042,
-    /// port 0x80, I/O APIC and a local APIC).
+    /// interrupt controller), "pc" (adds the 8259 pair, PIT, RTC, i8042,
+    /// port 0x80, I/O APIC and a local APIC), or "auto" (default: "pc" for
+    /// a Linux kernel, "bare" otherwise).
     #[serde(default = "default_platform")]
     pub platform: String,
+    /// An initramfs for a Linux kernel (path relative to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Text appended to the Linux command line kvmsim builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+    /// The Linux command line used (filled in by kvmsim; not an input).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
     /// The RTC's date and time at tick 0, in Unix seconds (default: the
     /// host's clock when the run starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,11 +121,12 @@ pub struct SystemConfig {
 }
 
 fn default_platform() -> String {
-    "bare".into()
+    "auto".into()
 }
 
-/// The accepted values of `system.platform`.
-pub const PLATFORMS: &[&str] = &["bare", "pc"];
+/// The accepted values of `system.platform` ("auto": "pc" for a Linux
+/// kernel, "bare" otherwise).
+pub const PLATFORMS: &[&str] = &["auto", "bare", "pc"];
 
 fn default_memory() -> Size {
     Size(128 << 20)
@@ -235,6 +246,9 @@ impl Config {
                 coalesced_mmio: vec![],
                 platform: default_platform(),
                 rtc_start: None,
+                initrd: None,
+                append: None,
+                cmdline: None,
             }],
         }
     }
@@ -281,15 +295,21 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Makes relative kernel paths relative to `base` (the config's folder).
+    /// Makes relative kernel and initrd paths relative to `base` (the
+    /// config's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
+        if base.as_os_str().is_empty() {
+            return;
+        }
+        let fix = |p: &mut String| {
+            if !p.starts_with("builtin:") && Path::new(p.as_str()).is_relative() {
+                *p = base.join(&*p).to_string_lossy().into_owned();
+            }
+        };
         for s in &mut self.system {
-            let k = &s.kernel;
-            if !k.starts_with("builtin:")
-                && Path::new(k).is_relative()
-                && !base.as_os_str().is_empty()
-            {
-                s.kernel = base.join(k).to_string_lossy().into_owned();
+            fix(&mut s.kernel);
+            if let Some(i) = &mut s.initrd {
+                fix(i);
             }
         }
     }

@@ -24,6 +24,7 @@ use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Rebased, Space, TimedHandle};
 use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
 use sim::intr::{InterruptController, Pending};
 use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
+use vm_memory::Bytes;
 
 use crate::config::{SimConfig, SystemConfig};
 use crate::console::{self, SerialSink};
@@ -170,6 +171,20 @@ impl System {
     ) -> Result<System, PlatformError> {
         let name = name.to_string();
         let image = read_image(&sc.kernel)?;
+        let is_linux =
+            crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some();
+        if sc.platform == "auto" {
+            sc.platform = if is_linux { "pc" } else { "bare" }.into();
+        }
+        let kernel = if is_linux {
+            Some(
+                crate::linux::parse(&image, &sc.kernel)
+                    .map_err(|e| PlatformError::Kernel(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let image = kernel.as_ref().map_or(image, |k| k.elf.clone());
         let info = loader::inspect(&image, &sc.kernel)?;
 
         let mut stats = Stats::new();
@@ -221,7 +236,17 @@ impl System {
 
         let mut arch = X86_64::new();
         boot::write_boot_structures(ram.memory())?;
-        boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &sc.args)?;
+        let args = match &kernel {
+            Some(k) => {
+                let line = setup_linux(sc, k, &info, &ram, host_freq)?;
+                tracing::info!("{name}: Linux command line: {line}");
+                boot::set_boot_msrs(&vcpu)?;
+                // The 64-bit boot protocol: RSI points to the zero page.
+                vec![0, crate::firmware::ZERO_PAGE]
+            }
+            None => sc.args.clone(),
+        };
+        boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &args)?;
         let mut cpu = KvmCpu::new(
             &format!("{name}.cpu"),
             vcpu,
@@ -812,4 +837,73 @@ fn build_pc(
     let post = PostPort::new(stats, &format!("{name}.post"))?;
     bus.insert(Space::Pio, POST_PORT, 1, "post", Arc::new(Mutex::new(post)))?;
     Ok(Pc { lapic, ioapic, isa })
+}
+
+/// The Linux command line kvmsim gives every kernel on a PC: the platform as
+/// it is (no ACPI, no PCI, no x2APIC, the TSC rate known, the serial
+/// console, reboot through the keyboard controller) and no slow probing.
+pub fn linux_cmdline(tsc_khz: u64, initrd: bool, append: Option<&str>) -> String {
+    let mut c = format!(
+        "console=ttyS0 reboot=k panic=-1 acpi=off pci=off nox2apic no_timer_check \
+         tsc_early_khz={tsc_khz} tsc=reliable io_delay=none i8042.noaux i8042.nomux \
+         i8042.dumbkbd nokaslr nomodule"
+    );
+    if initrd {
+        c.push_str(" rdinit=/init");
+    }
+    if let Some(a) = append.filter(|a| !a.trim().is_empty()) {
+        c.push(' ');
+        c.push_str(a.trim());
+    }
+    c
+}
+
+/// Writes everything a Linux kernel needs besides itself: initrd, command
+/// line, zero page (with E820) and MP table. Returns the command line.
+fn setup_linux(
+    sc: &mut SystemConfig,
+    k: &crate::linux::KernelImage,
+    info: &loader::ElfInfo,
+    ram: &GuestRam,
+    host_freq: f64,
+) -> Result<String, PlatformError> {
+    use crate::firmware as fw;
+    let fwerr = |e: fw::FirmwareError| PlatformError::Kernel(format!("{}: {e}", sc.kernel));
+    let hdr_u32 = |off: usize| {
+        k.setup_header
+            .as_ref()
+            .and_then(|h| h.get(off - 0x1f1..off - 0x1f1 + 4))
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let kernel_end = info
+        .segments
+        .iter()
+        .map(|s| s.paddr.saturating_add(s.memsz))
+        .max()
+        .unwrap_or(0);
+    let initrd = match &sc.initrd {
+        None => None,
+        Some(path) => {
+            let data = std::fs::read(path)
+                .map_err(|e| PlatformError::Kernel(format!("cannot read initrd {path}: {e}")))?;
+            let limit = u64::from(hdr_u32(0x22c).filter(|&v| v != 0).unwrap_or(0x37ff_ffff));
+            let addr = fw::initrd_address(ram.map(), data.len() as u64, kernel_end, limit)
+                .map_err(|e| PlatformError::Kernel(format!("initrd {path}: {e}")))?;
+            ram.memory()
+                .write_slice(&data, vm_memory::GuestAddress(addr))
+                .map_err(|e| PlatformError::Kernel(format!("initrd {path}: {e}")))?;
+            Some((addr, data.len() as u64))
+        }
+    };
+    let line = linux_cmdline(
+        (host_freq / 1e3) as u64,
+        initrd.is_some(),
+        sc.append.as_deref(),
+    );
+    let max = hdr_u32(0x238).filter(|&v| v != 0).unwrap_or(2048) as usize + 1;
+    fw::write_cmdline(ram.memory(), &line, max).map_err(fwerr)?;
+    fw::write_zero_page(ram.memory(), k, initrd, &fw::e820(ram.map())).map_err(fwerr)?;
+    fw::write_mp_table(ram.memory(), 1, 1).map_err(fwerr)?;
+    sc.cmdline = Some(line.clone());
+    Ok(line)
 }

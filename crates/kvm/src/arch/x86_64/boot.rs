@@ -215,6 +215,33 @@ pub fn enter_long_mode(
     Ok(())
 }
 
+/// The MSRs a booting Linux kernel expects firmware to have set: fast
+/// strings enabled (IA32_MISC_ENABLE) and write-back as the default memory
+/// type with MTRRs enabled (IA32_MTRR_DEF_TYPE).
+pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<()> {
+    let entries = [
+        kvm_bindings::kvm_msr_entry {
+            index: 0x1a0,
+            data: 1,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: 0x2ff,
+            data: (1 << 11) | 6,
+            ..Default::default()
+        },
+    ];
+    let msrs = kvm_bindings::Msrs::from_entries(&entries)
+        .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+    let n = vcpu
+        .set_msrs(&msrs)
+        .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        tracing::warn!("KVM accepted {n} of {} boot MSRs", entries.len());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
