@@ -26,6 +26,7 @@
 //! * `pcirq` (platform "pc"): times 10 interrupts each through the 8259
 //!   pair in virtual-wire mode, through the I/O APIC, and from the local
 //!   APIC timer.
+//! * `int3`: three `int3` traps under a #BP handler; prints the count.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -48,6 +49,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("iostream"),
     guest!("pingpong"),
     guest!("pcirq"),
+    guest!("int3"),
 ];
 
 /// The ELF image of built-in guest `name`.

@@ -156,6 +156,8 @@ enum Exit {
     IrqWindowOpen,
     /// A single-step (or other debug) exit.
     Debug,
+    /// KVM could not emulate an instruction (its bytes, when KVM gave them).
+    EmulationFailure(Option<Vec<u8>>),
     Hypercall(u64),
     /// Anything the CPU cannot continue from.
     Fatal(String),
@@ -177,10 +179,15 @@ struct CpuStats {
     insts_available: Availability,
     inst_method: Value,
     kvm_host_seconds: Value,
+    completed: sim::Vector,
 }
 
 impl CpuStats {
-    fn new(stats: &mut Stats, p: &str) -> std::result::Result<Self, sim::stats::StatsError> {
+    fn new(
+        stats: &mut Stats,
+        p: &str,
+        completable: &[&str],
+    ) -> std::result::Result<Self, sim::stats::StatsError> {
         let exits = stats.counter(
             &format!("{p}.numVMExits"),
             "Number of VM exits (returns from KVM_RUN, half entries included)",
@@ -239,6 +246,12 @@ impl CpuStats {
                 "Host time spent inside KVM_RUN",
                 "Second",
             )?,
+            completed: stats.vector(
+                &format!("{p}.completedInstructions"),
+                "Instructions the host's KVM could not emulate and kvmsim completed",
+                "Count",
+                completable,
+            )?,
         })
     }
 }
@@ -289,6 +302,8 @@ pub struct KvmCpu<A: Arch> {
     stepping: bool,
     /// The system-wide instruction count, updated on every exit.
     total_insts: Option<(Counter, Availability)>,
+    /// Guest memory, to read instructions KVM could not emulate.
+    mem: Option<vm_memory::GuestMemoryMmap>,
 }
 
 impl<A: Arch> KvmCpu<A> {
@@ -302,6 +317,8 @@ impl<A: Arch> KvmCpu<A> {
         opts: CpuOptions,
         stats: &mut Stats,
     ) -> Result<Self> {
+        let cpu_stats = CpuStats::new(stats, name, arch.completable())
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
         let mut vcpu = vcpu;
         if opts.coalesced_mmio {
             vcpu.map_coalesced_mmio_ring()
@@ -317,7 +334,7 @@ impl<A: Arch> KvmCpu<A> {
             state: CpuState::Running,
             pending: None,
             io_buf: Vec::new(),
-            stats: CpuStats::new(stats, name).map_err(|e| KvmError::Setup(e.to_string()))?,
+            stats: cpu_stats,
             kick: KickHandle::default(),
             signals: None,
             intc: None,
@@ -327,7 +344,14 @@ impl<A: Arch> KvmCpu<A> {
             inst_method: InstMethod::Unavailable,
             stepping: false,
             total_insts: None,
+            mem: None,
         })
+    }
+
+    /// Gives the CPU read access to guest memory (to decode instructions
+    /// KVM could not emulate).
+    pub fn set_guest_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
+        self.mem = Some(mem);
     }
 
     /// Connects the interrupt controller asked before each entry.
@@ -678,6 +702,12 @@ impl<A: Arch> KvmCpu<A> {
                 "KVM_EXIT_FAIL_ENTRY: KVM could not enter the guest (hardware entry failure reason {reason:#x}, host cpu {cpu})"
             )),
             Ok(VcpuExit::InternalError) => {
+                let run = self.vcpu.get_kvm_run();
+                if sys::internal_error(run).map(|(s, _)| s)
+                    == Some(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION)
+                {
+                    Exit::EmulationFailure(sys::emulation_failure_bytes(run))
+                } else {
                 let detail = sys::internal_error(self.vcpu.get_kvm_run())
                     .map(|(sub, data)| {
                         let what = match sub {
@@ -690,6 +720,7 @@ impl<A: Arch> KvmCpu<A> {
                     })
                     .unwrap_or_default();
                 Exit::Fatal(format!("KVM_EXIT_INTERNAL_ERROR: {detail}"))
+                }
             }
             Ok(VcpuExit::Unknown) => {
                 let hw = sys::unknown_hw_reason(self.vcpu.get_kvm_run()).unwrap_or(0);
@@ -927,6 +958,25 @@ impl<A: Arch> KvmCpu<A> {
                 });
             }
             Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug => 0,
+            Exit::EmulationFailure(bytes) => {
+                let bytes = match bytes {
+                    Some(b) if !b.is_empty() => b,
+                    _ => self.read_instruction()?,
+                };
+                match self.arch.complete_instruction(&self.vcpu, &bytes)? {
+                    Ok(i) => {
+                        self.stats.completed.add(i, 1);
+                        0
+                    }
+                    Err(disasm) => {
+                        return Ok(self.fault(format!(
+                            "KVM_EXIT_INTERNAL_ERROR (emulation failure): the host's KVM cannot emulate \
+                             `{disasm}` (bytes {bytes:02x?}) and kvmsim does not complete it (it completes: {})",
+                            self.arch.completable().join(", ")
+                        )));
+                    }
+                }
+            }
             Exit::Hypercall(nr) => {
                 self.stats.num_hypercalls.inc();
                 return Ok(self.fault(format!(
@@ -943,6 +993,25 @@ impl<A: Arch> KvmCpu<A> {
         Ok(TickOutcome::Next(
             clock.clock_edge(now, clock.ticks_to_cycles(latency)),
         ))
+    }
+
+    /// The bytes of the current instruction, read through the guest's page
+    /// tables (up to 15; fewer at the end of RAM).
+    fn read_instruction(&mut self) -> Result<Vec<u8>> {
+        use vm_memory::{Bytes, GuestAddress};
+        let (Some(mem), Some(addr)) = (&self.mem, self.arch.instruction_address(&self.vcpu)?)
+        else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; 15];
+        let n = (0..15)
+            .take_while(|&i| {
+                mem.read_slice(&mut buf[i..=i], GuestAddress(addr + i as u64))
+                    .is_ok()
+            })
+            .count();
+        buf.truncate(n);
+        Ok(buf)
     }
 
     fn fault(&mut self, what: String) -> TickOutcome {

@@ -73,6 +73,27 @@ pub fn internal_error(run: &kvm_run) -> Option<(u32, Vec<u64>)> {
     Some((ie.suberror, ie.data[..n].to_vec()))
 }
 
+/// The instruction bytes KVM reports with an emulation failure
+/// (KVM_INTERNAL_ERROR_EMULATION with the instruction-bytes flag), if any.
+pub fn emulation_failure_bytes(run: &kvm_run) -> Option<Vec<u8>> {
+    if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        return None;
+    }
+    // SAFETY: exit_reason says the internal-error member is live; the
+    // emulation-failure view is the same memory with a defined layout.
+    let ef = unsafe { run.__bindgen_anon_1.emulation_failure };
+    if ef.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION
+        || ef.flags & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+            == 0
+    {
+        return None;
+    }
+    // SAFETY: the flag says the instruction bytes are valid.
+    let b = unsafe { ef.__bindgen_anon_1.__bindgen_anon_1 };
+    let n = usize::from(b.insn_size).min(b.insn_bytes.len());
+    Some(b.insn_bytes[..n].to_vec())
+}
+
 /// The hardware exit reason of a KVM_EXIT_UNKNOWN.
 pub fn unknown_hw_reason(run: &kvm_run) -> Option<u64> {
     if run.exit_reason != kvm_bindings::KVM_EXIT_UNKNOWN {

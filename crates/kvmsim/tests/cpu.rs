@@ -323,3 +323,23 @@ fn dump_on_exit_prints_the_whole_cpu_state() {
     }
     assert!(r.stderr.contains("CPU state at exit"));
 }
+
+#[test]
+fn int3_that_kvm_cannot_emulate_is_completed() {
+    if !kvm_or_skip("int3") {
+        return;
+    }
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:int3", "--quiet"],
+        &outdir("int3"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(r.file("serial.log"), "int3: traps=3\n");
+    // A software-assisted KVM fails on every int3 and kvmsim completes it;
+    // with VMX/SVM the CPU executes it and nothing needs completing.
+    let done = r
+        .stat("system.cpu.completedInstructions::int3")
+        .as_u64()
+        .unwrap();
+    assert!(done == 3 || done == 0, "completed {done}");
+}

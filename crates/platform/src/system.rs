@@ -270,6 +270,7 @@ impl System {
             "Count",
         )?;
         cpu.set_total_insts(total, avail);
+        cpu.set_guest_memory(ram.memory().clone());
 
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
         let mut timed: Vec<TimedHandle> = Vec::new();

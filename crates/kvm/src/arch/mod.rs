@@ -65,4 +65,20 @@ pub trait Arch: Send {
 
     /// Turns single-stepping (one exit per instruction) on or off.
     fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()>;
+
+    /// The names of the instructions [`Arch::complete_instruction`] can complete.
+    fn completable(&self) -> &'static [&'static str];
+
+    /// KVM could not emulate the instruction `bytes` at the current RIP:
+    /// completes it if kvmsim knows how (returns its index in
+    /// [`Arch::completable`]), else returns its disassembly as the error.
+    fn complete_instruction(
+        &mut self,
+        vcpu: &VcpuFd,
+        bytes: &[u8],
+    ) -> Result<std::result::Result<usize, String>>;
+
+    /// The address of the current instruction, for reading its bytes
+    /// (x86: RIP translated through the guest's page tables).
+    fn instruction_address(&mut self, vcpu: &VcpuFd) -> Result<Option<u64>>;
 }

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod emulate;
 
 use std::fmt::Write as _;
 
@@ -326,6 +327,29 @@ impl Arch for X86_64 {
 
     fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8> {
         Ok(self.sregs(vcpu)?.cs.dpl)
+    }
+
+    fn completable(&self) -> &'static [&'static str] {
+        emulate::SUPPORTED
+    }
+
+    fn complete_instruction(
+        &mut self,
+        vcpu: &VcpuFd,
+        bytes: &[u8],
+    ) -> Result<std::result::Result<usize, String>> {
+        Ok(match emulate::complete(self, vcpu, bytes)? {
+            emulate::Emulated::Completed(i) => Ok(i),
+            emulate::Emulated::Unsupported(d) => Err(d),
+        })
+    }
+
+    fn instruction_address(&mut self, vcpu: &VcpuFd) -> Result<Option<u64>> {
+        let rip = self.regs(vcpu)?.rip;
+        let t = vcpu
+            .translate_gva(rip)
+            .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
     }
 
     fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()> {

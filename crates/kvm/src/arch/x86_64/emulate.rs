@@ -1,0 +1,84 @@
+//! Completing in user space the instructions a host's KVM cannot emulate.
+//!
+//! A software-assisted KVM emulates guest kernel-mode code and lacks some
+//! instructions. On such an emulation failure kvmsim decodes the
+//! instruction (iced-x86) and completes it here when it knows how; each
+//! supported instruction is named in [`SUPPORTED`] and counted. Anything
+//! else is reported with its bytes and disassembly. On a host with VMX/SVM
+//! these failures do not happen and this code is never reached.
+
+use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
+use kvm_ioctls::VcpuFd;
+
+use super::X86_64;
+use crate::Result;
+
+/// The instructions kvmsim completes, by name (the index is the stat's).
+pub const SUPPORTED: &[&str] = &["int3"];
+
+/// What became of an instruction KVM could not emulate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emulated {
+    /// Completed: the index into [`SUPPORTED`].
+    Completed(usize),
+    /// Not supported: its disassembly.
+    Unsupported(String),
+}
+
+/// Disassembles `bytes` at `rip` (Intel syntax); `bitness` 16, 32 or 64.
+pub fn disassemble(bytes: &[u8], rip: u64, bitness: u32) -> String {
+    let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
+    let insn = d.decode();
+    if insn.is_invalid() {
+        return format!("(undecodable: {bytes:02x?})");
+    }
+    let mut s = String::new();
+    IntelFormatter::new().format(&insn, &mut s);
+    s
+}
+
+/// Completes the instruction `bytes` at the vCPU's RIP if kvmsim knows how.
+pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulated> {
+    let rip = arch.regs(vcpu)?.rip;
+    let sregs = arch.sregs(vcpu)?;
+    let bitness = if sregs.cs.l != 0 {
+        64
+    } else if sregs.cs.db != 0 {
+        32
+    } else {
+        16
+    };
+    let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
+    let insn = d.decode();
+    if insn.is_invalid() {
+        return Ok(Emulated::Unsupported(disassemble(bytes, rip, bitness)));
+    }
+    match insn.mnemonic() {
+        Mnemonic::Int3 => {
+            // A trap: #BP is delivered with RIP after the instruction.
+            arch.regs_mut(vcpu)?.rip = rip.wrapping_add(insn.len() as u64);
+            let ev = arch.events_mut(vcpu)?;
+            ev.exception.injected = 1;
+            ev.exception.nr = 3;
+            ev.exception.has_error_code = 0;
+            ev.exception.error_code = 0;
+            Ok(Emulated::Completed(0))
+        }
+        _ => Ok(Emulated::Unsupported(disassemble(bytes, rip, bitness))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disassembly() {
+        assert_eq!(disassemble(&[0xcc], 0x1000, 64), "int3");
+        assert_eq!(
+            disassemble(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], 0, 64),
+            "lock cmpxchg16b [rdi]"
+        );
+        assert!(disassemble(&[0x0f], 0, 64).starts_with("(undecodable"));
+    }
+}
