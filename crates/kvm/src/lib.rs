@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod cpu;
+pub mod doctor;
 pub mod perf;
 pub mod probe;
 pub mod sys;

@@ -57,3 +57,128 @@ fn probe_single_step(cpl: u8) -> Result<bool> {
     tracing::debug!("single-step probe at CPL{cpl}: debug exit {stepped}, rip {rip:#x}: {works}");
     Ok(works)
 }
+
+/// How a probe snippet ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeExit {
+    /// An MMIO read (the snippets end with one: `mov (0xffff0000), %rax`).
+    Mmio,
+    Hlt,
+    Shutdown,
+    /// KVM could not emulate an instruction.
+    EmulationFailure,
+    /// The time limit.
+    Timeout,
+    Other(String),
+}
+
+/// What a probe snippet did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRun {
+    pub exit: ProbeExit,
+    pub rip: u64,
+    pub cpl: u8,
+    pub host_ns: u64,
+    /// RAX, RBX, RCX, RDX after the run.
+    pub regs: [u64; 4],
+}
+
+/// Where probe code is loaded.
+pub const PROBE_CODE: u64 = 0x10_0000;
+
+/// Runs `code` at CPL `cpl` (0 or 3) on a fresh VM with `regs` (RAX, RBX,
+/// RCX, RDX) and `msrs` set, for at most `limit_ms` of host time.
+pub fn run_snippet(
+    code: &[u8],
+    cpl: u8,
+    regs: [u64; 4],
+    msrs: &[(u32, u64)],
+    limit_ms: u64,
+) -> Result<ProbeRun> {
+    use std::time::Instant;
+    let ram =
+        GuestRam::new(MemoryMap::for_size(4 << 20).map_err(|e| KvmError::Setup(e.to_string()))?)
+            .map_err(|e| KvmError::Setup(e.to_string()))?;
+    ram.memory()
+        .write_slice(code, GuestAddress(PROBE_CODE))
+        .map_err(|source| KvmError::Memory {
+            what: "writing the probe guest",
+            source,
+        })?;
+    let mut vm = KvmVm::new()?;
+    vm.map_ram(&ram)?;
+    let mut vcpu = vm.create_vcpu(0)?;
+    if let Ok(cpuid) = vm
+        .kvm()
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+    {
+        if let Ok(t) =
+            kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(&cpuid, 0))
+        {
+            let _ = vcpu.set_cpuid2(&t);
+        }
+    }
+    let mut arch = X86_64::new();
+    boot::write_boot_structures(ram.memory())?;
+    boot::enter_long_mode(&mut arch, &vcpu, PROBE_CODE, boot::DEFAULT_STACK_TOP, &[])?;
+    {
+        let r = arch.regs_mut(&vcpu)?;
+        r.rax = regs[0];
+        r.rbx = regs[1];
+        r.rcx = regs[2];
+        r.rdx = regs[3];
+    }
+    if cpl == 3 {
+        let gdt = boot::gdt();
+        let sregs = arch.sregs_mut(&vcpu)?;
+        sregs.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
+        sregs.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
+    }
+    arch.update_kvm_state(&vcpu)?;
+    if !msrs.is_empty() {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let m = kvm_bindings::Msrs::from_entries(&entries)
+            .map_err(|e| KvmError::Setup(format!("{e:?}")))?;
+        vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+    }
+    // The run timer: a kick after the limit, to this thread.
+    let signals = crate::timer::ThreadSignals::setup(
+        &vcpu,
+        crate::timer::TimerKind::Posix,
+        &crate::timer::KickHandle::default(),
+    )
+    .map_err(|e| KvmError::Setup(format!("probe timer: {e}")))?;
+    signals
+        .arm_timer_ns(limit_ms * 1_000_000)
+        .map_err(|e| KvmError::Setup(format!("probe timer: {e}")))?;
+    let t = Instant::now();
+    let exit = match vcpu.run() {
+        Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => ProbeExit::Mmio,
+        Ok(VcpuExit::Hlt) => ProbeExit::Hlt,
+        Ok(VcpuExit::Shutdown) => ProbeExit::Shutdown,
+        Ok(VcpuExit::InternalError) => ProbeExit::EmulationFailure,
+        Ok(other) => ProbeExit::Other(format!("{other:?}")),
+        Err(e) if e.errno() == libc::EINTR => ProbeExit::Timeout,
+        Err(e) => ProbeExit::Other(e.to_string()),
+    };
+    let host_ns = t.elapsed().as_nanos() as u64;
+    let _ = signals.disarm_timer();
+    crate::sys::discard_pending(crate::timer::kick_signal());
+    arch.kvm_state_changed();
+    let r = *arch.regs(&vcpu)?;
+    let cpl = arch.privilege_level(&vcpu)?;
+    Ok(ProbeRun {
+        exit,
+        rip: r.rip,
+        cpl,
+        host_ns,
+        regs: [r.rax, r.rbx, r.rcx, r.rdx],
+    })
+}

@@ -32,6 +32,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         extract: Option<PathBuf>,
     },
+    /// Probe what this host's KVM can do, and what kvmsim adds or repairs.
+    Doctor {
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks, measured side by side in one run.
     #[command(subcommand)]
     Bench(Bench),
@@ -119,6 +125,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Guests { extract } => guests_cmd(extract),
+        Command::Doctor { json } => doctor(json),
         Command::Bench(Bench::Compute { iterations, runs }) => bench_compute(iterations, runs),
         Command::Bench(Bench::Parallel { iterations, runs }) => {
             match bench::parallel(iterations, runs) {
@@ -274,6 +281,46 @@ fn run(a: RunArgs) -> i32 {
         eprintln!("kvmsim: CPU state at exit:\n{}", all.trim_end());
     }
     st
+}
+
+fn doctor(json: bool) -> i32 {
+    let rep = kvm::doctor::run();
+    if json {
+        let findings: Vec<serde_json::Value> = rep
+            .findings
+            .iter()
+            .map(|f| {
+                serde_json::json!({"probe": f.name, "ok": f.ok, "detail": f.detail, "consequence": f.consequence})
+            })
+            .collect();
+        let v = serde_json::json!({"findings": findings, "linux_flags": rep.linux_flags});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for f in &rep.findings {
+            let mark = if f.ok { "ok  " } else { "NO  " };
+            println!("{mark} {:<32} {}", f.name, f.detail);
+            if !f.ok && !f.consequence.is_empty() {
+                println!("     {:<32} -> {}", "", f.consequence);
+            }
+        }
+        if rep.linux_flags.is_empty() {
+            println!("\nLinux needs no extra kernel command-line flags on this host.");
+        } else {
+            println!(
+                "\nkvmsim will add to a Linux command line on this host: {}",
+                rep.linux_flags.join(" ")
+            );
+        }
+    }
+    if rep
+        .findings
+        .first()
+        .is_some_and(|f| f.name == "kvm" && !f.ok)
+    {
+        status::SIM_ERROR
+    } else {
+        0
+    }
 }
 
 fn guests_cmd(extract: Option<PathBuf>) -> i32 {

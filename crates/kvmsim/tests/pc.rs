@@ -30,3 +30,73 @@ fn pc_interrupt_paths_tick_in_simulated_time() {
     assert_eq!(r.stat("system.ioapic.interrupts"), 10);
     assert_eq!(r.stat("system.cpu.numInterrupts"), 30);
 }
+
+#[test]
+fn doctor_reports_every_probe() {
+    if !kvm_or_skip("doctor") {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["probe"].as_str().unwrap())
+        .collect();
+    for probe in [
+        "kvm",
+        "hardware virtualization",
+        "native speed at CPL0 and CPL3",
+        "hardware PMU",
+        "TSC rate",
+        "TSC scaling",
+        "single-step at CPL0",
+        "single-step at CPL3",
+        "guest CPUID is KVM's table",
+        "emulator: int3",
+        "emulator: lock cmpxchg16b",
+        "emulator: popcnt",
+        "syscall from CPL3 enters CPL0",
+    ] {
+        assert!(names.contains(&probe), "{probe} missing: {names:?}");
+    }
+    let find = |n: &str| {
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["probe"] == n)
+            .unwrap()
+            .clone()
+    };
+    // Consistency with what the rest of kvmsim measures.
+    assert_eq!(find("hardware PMU")["ok"], kvm::perf::pmu_available());
+    assert_eq!(
+        find("single-step at CPL3")["ok"],
+        kvm::probe::single_step_works(3).unwrap()
+    );
+    // A failing cmpxchg16b probe puts CX16 (bit 141) into the Linux flags.
+    let flags: Vec<String> = v["linux_flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    if find("emulator: lock cmpxchg16b")["ok"] == false {
+        assert!(
+            flags
+                .iter()
+                .any(|f| f.starts_with("clearcpuid=") && f.contains("141")),
+            "{flags:?}"
+        );
+    }
+}

@@ -842,8 +842,10 @@ fn build_pc(
 
 /// The Linux command line kvmsim gives every kernel on a PC: the platform as
 /// it is (no ACPI, no PCI, no x2APIC, the TSC rate known, the serial
-/// console, reboot through the keyboard controller) and no slow probing.
-pub fn linux_cmdline(tsc_khz: u64, initrd: bool, append: Option<&str>) -> String {
+/// console, reboot through the keyboard controller), no slow probing, the
+/// flags `host` says this host's KVM needs (from `kvmsim doctor`'s probes),
+/// then the user's `append`.
+pub fn linux_cmdline(tsc_khz: u64, initrd: bool, host: &[String], append: Option<&str>) -> String {
     let mut c = format!(
         "console=ttyS0 reboot=k panic=-1 acpi=off pci=off nox2apic no_timer_check \
          tsc_early_khz={tsc_khz} tsc=reliable io_delay=none i8042.noaux i8042.nomux \
@@ -851,6 +853,10 @@ pub fn linux_cmdline(tsc_khz: u64, initrd: bool, append: Option<&str>) -> String
     );
     if initrd {
         c.push_str(" rdinit=/init");
+    }
+    for f in host {
+        c.push(' ');
+        c.push_str(f);
     }
     if let Some(a) = append.filter(|a| !a.trim().is_empty()) {
         c.push(' ');
@@ -896,9 +902,17 @@ fn setup_linux(
             Some((addr, data.len() as u64))
         }
     };
+    let host = &kvm::doctor::cached().linux_flags;
+    if !host.is_empty() {
+        tracing::info!(
+            "this host's KVM needs Linux flags (from kvmsim doctor's probes): {}",
+            host.join(" ")
+        );
+    }
     let line = linux_cmdline(
         (host_freq / 1e3) as u64,
         initrd.is_some(),
+        host,
         sc.append.as_deref(),
     );
     let max = hdr_u32(0x238).filter(|&v| v != 0).unwrap_or(2048) as usize + 1;

@@ -1,0 +1,316 @@
+//! `kvmsim doctor`: probes what this host's KVM can do, with tiny guests,
+//! and derives what kvmsim must add for a Linux guest (kernel command-line
+//! flags) and which repairs it applies. Every finding is measured here.
+
+use crate::probe::{run_snippet, ProbeExit, PROBE_CODE};
+use crate::{perf, KvmVm};
+
+/// One probe's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub name: &'static str,
+    /// True when the host behaves like hardware virtualization here.
+    pub ok: bool,
+    pub detail: String,
+    /// What a failure disables or which repair kvmsim applies.
+    pub consequence: String,
+}
+
+/// All findings and what follows from them.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    /// Flags kvmsim adds to a Linux command line on this host.
+    pub linux_flags: Vec<String>,
+}
+
+/// The MMIO read every snippet ends with: `mov 0xffff0000, %rax` (via EAX).
+const END: [u8; 8] = [0xb8, 0x00, 0x00, 0xff, 0xff, 0x48, 0x8b, 0x00];
+
+fn snippet(body: &[u8]) -> Vec<u8> {
+    let mut v = body.to_vec();
+    v.extend_from_slice(&END);
+    v
+}
+
+/// A loop of `n` iterations of `dec %rcx; jnz`: RCX holds n.
+const LOOP: [u8; 5] = [0x48, 0xff, 0xc9, 0x75, 0xfb];
+
+/// Nanoseconds per loop iteration at privilege level `cpl`.
+fn loop_speed(cpl: u8, n: u64) -> Option<f64> {
+    let r = run_snippet(&snippet(&LOOP), cpl, [0, 0, n, 0], &[], 20_000).ok()?;
+    (r.exit == ProbeExit::Mmio).then(|| r.host_ns as f64 / n as f64)
+}
+
+fn cpuinfo_flags() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// The probes' report, run once per process.
+pub fn cached() -> &'static Report {
+    static REPORT: std::sync::OnceLock<Report> = std::sync::OnceLock::new();
+    REPORT.get_or_init(run)
+}
+
+/// Runs every probe.
+pub fn run() -> Report {
+    let mut rep = Report::default();
+    fn add(v: &mut Vec<Finding>, name: &'static str, ok: bool, detail: String, consequence: &str) {
+        v.push(Finding {
+            name,
+            ok,
+            detail,
+            consequence: consequence.into(),
+        })
+    }
+    if let Err(e) = KvmVm::available() {
+        add(
+            &mut rep.findings,
+            "kvm",
+            false,
+            e.to_string(),
+            "kvmsim cannot run guests",
+        );
+        return rep;
+    }
+    add(
+        &mut rep.findings,
+        "kvm",
+        true,
+        format!("{} usable", KvmVm::device_path().display()),
+        "",
+    );
+
+    let flags = cpuinfo_flags();
+    let hw = flags.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    add(
+        &mut rep.findings,
+        "hardware virtualization",
+        hw,
+        if hw {
+            "vmx/svm in /proc/cpuinfo".into()
+        } else {
+            "no vmx/svm in /proc/cpuinfo".into()
+        },
+        "without it KVM may be software-assisted: see the speed probes",
+    );
+
+    let cpl3 = loop_speed(3, 20_000_000);
+    let cpl0 = loop_speed(0, 20_000);
+    let (emulated, detail) = match (cpl0, cpl3) {
+        (Some(k), Some(u)) => (
+            k > 20.0 * u,
+            format!("{k:.2} ns/iteration at CPL0, {u:.2} at CPL3"),
+        ),
+        _ => (true, "the speed probes did not complete".into()),
+    };
+    add(
+        &mut rep.findings,
+        "native speed at CPL0 and CPL3",
+        !emulated,
+        detail,
+        "kernel-mode code is emulated: keep guest kernel work short; Linux boots slowly",
+    );
+
+    let pmu = perf::pmu_available();
+    add(
+        &mut rep.findings,
+        "hardware PMU",
+        pmu,
+        if pmu { "guest instruction counter opens".into() } else { "perf hardware events unavailable".into() },
+        "instruction counts unavailable (nan); the run timer is a POSIX timer; max_insts single-steps",
+    );
+
+    if let Ok(vm) = KvmVm::new() {
+        let khz = vm.create_vcpu(0).ok().and_then(|v| v.get_tsc_khz().ok());
+        add(
+            &mut rep.findings,
+            "TSC rate",
+            khz.is_some(),
+            khz.map_or("KVM_GET_TSC_KHZ failed".into(), |k| {
+                format!("{k} kHz (KVM_GET_TSC_KHZ)")
+            }),
+            "set system.cpu.host_freq by hand",
+        );
+        let scaling = vm.kvm().check_extension(kvm_ioctls::Cap::TscControl);
+        add(
+            &mut rep.findings,
+            "TSC scaling",
+            scaling,
+            format!(
+                "KVM_CAP_TSC_CONTROL {}",
+                if scaling { "present" } else { "absent" }
+            ),
+            "the guest TSC runs at the host rate",
+        );
+    }
+
+    for cpl in [0u8, 3] {
+        let ok = crate::probe::single_step_works(cpl).unwrap_or(false);
+        add(
+            &mut rep.findings,
+            if cpl == 0 {
+                "single-step at CPL0"
+            } else {
+                "single-step at CPL3"
+            },
+            ok,
+            format!(
+                "KVM_GUESTDBG_SINGLESTEP {} one instruction",
+                if ok {
+                    "stops after"
+                } else {
+                    "does not stop after"
+                }
+            ),
+            "exact max_insts impossible at that privilege level without a PMU",
+        );
+    }
+
+    // CPUID as the guest sees it (leaf 1 ECX, leaf 7 EBX) against KVM's table.
+    let guest = |leaf: u64| {
+        run_snippet(&snippet(&[0x0f, 0xa2]), 0, [leaf, 0, 0, 0], &[], 5_000)
+            .ok()
+            .filter(|r| r.exit == ProbeExit::Mmio)
+            .map(|r| r.regs)
+    };
+    let supported = KvmVm::new().ok().and_then(|vm| {
+        vm.kvm()
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .ok()
+    });
+    let table = |leaf: u32, reg: usize| {
+        supported.as_ref().and_then(|c| {
+            let e = c
+                .as_slice()
+                .iter()
+                .find(|e| e.function == leaf && e.index == 0)?;
+            Some(u64::from([e.eax, e.ebx, e.ecx, e.edx][reg]))
+        })
+    };
+    let mut extra: Vec<u32> = Vec::new();
+    // (leaf, register index in [rax, rbx, rcx, rdx], Linux cpufeature word)
+    for (leaf, reg, word) in [(1u32, 2usize, 4u32), (7, 1, 9)] {
+        if let (Some(g), Some(t)) = (guest(u64::from(leaf)), table(leaf, reg)) {
+            let seen = g[reg] & 0xffff_ffff;
+            let unsupported = seen & !t;
+            for bit in 0..32 {
+                if unsupported & (1 << bit) != 0 {
+                    extra.push(word * 32 + bit);
+                }
+            }
+        }
+    }
+    // Bits that are paravirt/virtualization flags rather than instructions.
+    extra.retain(|&b| b != 4 * 32 + 31 && b != 4 * 32 + 21 && b != 4 * 32 + 24);
+    add(
+        &mut rep.findings,
+        "guest CPUID is KVM's table",
+        extra.is_empty(),
+        if extra.is_empty() {
+            "the guest sees the filtered table".into()
+        } else {
+            format!(
+                "the guest sees {} feature bits KVM does not support: {extra:?}",
+                extra.len()
+            )
+        },
+        "features are hidden from Linux with clearcpuid=/noxsave/nofsgsbase",
+    );
+
+    // Instructions the emulator lacks (at CPL0, where it emulates).
+    let gap = |name: &'static str, body: &[u8], rbx: u64| {
+        let r = run_snippet(&snippet(body), 0, [0, rbx, 0, 0], &[], 5_000).ok();
+        let failed = r
+            .as_ref()
+            .is_some_and(|r| r.exit == ProbeExit::EmulationFailure);
+        (name, failed)
+    };
+    let gaps = [
+        gap("int3", &[0xcc], 0),
+        // lock cmpxchg16b [rbx], rbx = 0x200000 (16-byte aligned RAM).
+        gap("cmpxchg16b", &[0xf0, 0x48, 0x0f, 0xc7, 0x0b], 0x20_0000),
+        gap("popcnt", &[0xf3, 0x48, 0x0f, 0xb8, 0xc0], 0),
+    ];
+    for (name, failed) in gaps {
+        let consequence = match name {
+            "int3" => "kvmsim completes it (advance RIP, inject #BP)",
+            "cmpxchg16b" => "Linux: clearcpuid=141 (CX16)",
+            _ => "Linux: clearcpuid=151 (POPCNT)",
+        };
+        rep.findings.push(Finding {
+            name: match name {
+                "int3" => "emulator: int3",
+                "cmpxchg16b" => "emulator: lock cmpxchg16b",
+                _ => "emulator: popcnt",
+            },
+            ok: !failed,
+            detail: if failed {
+                "emulation failure at CPL0".into()
+            } else {
+                "executes".into()
+            },
+            consequence: consequence.into(),
+        });
+        match (name, failed) {
+            ("cmpxchg16b", true) => extra.push(141),
+            ("popcnt", true) => extra.push(151),
+            _ => {}
+        }
+    }
+
+    // SYSCALL from CPL3: STAR selects kernel CS 0x10; LSTAR = the landing pad.
+    let mut code = vec![0x0f, 0x05]; // syscall
+    code.resize(16, 0x90);
+    code.extend_from_slice(&END);
+    let msrs = [
+        (0xc000_0080, 0xd01), // EFER: LME | LMA | SCE | NXE
+        (0xc000_0081, (0x10u64 << 32) | (0x23u64 << 48)),
+        (0xc000_0082, PROBE_CODE + 16),
+    ];
+    let sys = run_snippet(&code, 3, [0; 4], &msrs, 5_000).ok();
+    let enters = sys
+        .as_ref()
+        .is_some_and(|r| r.exit == ProbeExit::Mmio && r.cpl == 0);
+    add(
+        &mut rep.findings,
+        "syscall from CPL3 enters CPL0",
+        enters,
+        match &sys {
+            Some(r) => format!(
+                "after syscall: rip {:#x}, CPL {}, exit {:?}",
+                r.rip, r.cpl, r.exit
+            ),
+            None => "the probe did not run".into(),
+        },
+        "a Linux user space needs the LSTAR breakpoint repair (not built yet)",
+    );
+
+    extra.sort_unstable();
+    extra.dedup();
+    let xsave = 4 * 32 + 26;
+    let fsgsbase = 9 * 32;
+    if extra.contains(&xsave) {
+        rep.linux_flags.push("noxsave".into());
+    }
+    if extra.contains(&fsgsbase) {
+        rep.linux_flags.push("nofsgsbase".into());
+    }
+    let clear: Vec<String> = extra
+        .iter()
+        .filter(|&&b| b != xsave && b != fsgsbase)
+        .map(u32::to_string)
+        .collect();
+    if !clear.is_empty() {
+        rep.linux_flags
+            .push(format!("clearcpuid={}", clear.join(",")));
+    }
+    rep
+}
