@@ -343,3 +343,28 @@ fn int3_that_kvm_cannot_emulate_is_completed() {
         .unwrap();
     assert!(done == 3 || done == 0, "completed {done}");
 }
+
+#[test]
+fn cpu_samples_record_where_the_guest_is() {
+    if !kvm_or_skip("samples") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "samples",
+        "[sim]\nsample_period = \"1ms\"\nmax_time = \"20ms\"\n\
+         [system]\nkernel = \"builtin:compute\"\nargs = [4000000000]\nserial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 250, "stderr:\n{}", r.stderr);
+    let samples = r.file("cpu-samples.txt");
+    let lines: Vec<&str> = samples.lines().collect();
+    // One sample per simulated millisecond; the guest computes at ring 3.
+    assert!((19..=20).contains(&lines.len()), "{samples}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" cpl=3 ") && l.contains("rip=0x1")),
+        "{samples}"
+    );
+    assert!(lines[0].starts_with("1000000000 "), "{}", lines[0]);
+}

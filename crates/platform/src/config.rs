@@ -64,6 +64,11 @@ pub struct SimConfig {
     /// for the drain path that checkpoints use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_period: Option<Duration>,
+    /// Record the CPU's RIP, CPL, RFLAGS and pending events into
+    /// cpu-samples.txt this often (simulated time): a debugging aid for
+    /// guests that go quiet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_period: Option<Duration>,
     /// With several systems: the lock-step window (gem5's sim_quantum).
     /// Default: the shortest link latency, or 10 ms without links (then it
     /// only bounds how far the systems drift apart).
@@ -406,6 +411,7 @@ impl Config {
         for (name, d) in [
             ("sim.max_time", self.sim.max_time),
             ("sim.drain_period", self.sim.drain_period),
+            ("sim.sample_period", self.sim.sample_period),
             ("sim.quantum", self.sim.quantum),
         ] {
             if let Some(Duration(0)) = d {

@@ -68,6 +68,10 @@ enum Event {
     MaxTick,
     /// The end of a lock-step window (multi-system runs).
     WindowEnd,
+    /// Record a CPU sample (sim.sample_period).
+    Sample {
+        period: Tick,
+    },
     /// A value arrives on link port `port`.
     LinkDeliver {
         port: u32,
@@ -361,6 +365,9 @@ impl System {
         if let Some(max) = sim.max_time {
             queue.schedule(max.0, SIM_EXIT_PRI, Event::MaxTick)?;
         }
+        if let Some(p) = sim.sample_period {
+            queue.schedule(p.0, DEFAULT_PRI, Event::Sample { period: p.0 })?;
+        }
         if let Some(p) = sim.drain_period {
             queue.schedule(p.0, DEFAULT_PRI, Event::Drain { period: p.0 })?;
         }
@@ -432,6 +439,29 @@ impl System {
     /// A dump of the whole CPU state.
     pub fn dump_cpu(&mut self) -> String {
         self.cpu.dump()
+    }
+
+    /// One line of CPU state: RIP, RSP, CPL, RFLAGS, CR2 and KVM's pending events.
+    pub fn cpu_sample(&mut self) -> String {
+        let (arch, vcpu) = self.cpu.arch_mut();
+        let regs = arch.regs(vcpu).map(|r| (r.rip, r.rsp, r.rflags));
+        let sregs = arch.sregs(vcpu).map(|s| (s.cs.dpl, s.cr2));
+        let ev = arch.events(vcpu).map(|e| {
+            (
+                e.exception.injected,
+                e.exception.nr,
+                e.interrupt.injected,
+                e.interrupt.nr,
+            )
+        });
+        match (regs, sregs, ev) {
+            (Ok((rip, rsp, fl)), Ok((cpl, cr2)), Ok((xi, xn, ii, inr))) => format!(
+                "rip={rip:#x} rsp={rsp:#x} cpl={cpl} rflags={fl:#x} cr2={cr2:#x} \
+                 exception={xi}/{xn} interrupt={ii}/{inr} state={:?}",
+                self.cpu.state()
+            ),
+            _ => "(registers unavailable)".into(),
+        }
     }
 
     /// A handle that forces the CPU out of KVM from any thread.
@@ -539,6 +569,22 @@ impl System {
                 return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
             }
             Event::WindowEnd => {}
+            Event::Sample { period } => {
+                self.queue.schedule(
+                    tick.saturating_add(period),
+                    DEFAULT_PRI,
+                    Event::Sample { period },
+                )?;
+                let line = format!("{tick} {}\n", self.cpu_sample());
+                let path = self.out.file("cpu-samples.txt");
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()))
+                    .map_err(|source| crate::output::OutputError { path, source })?;
+            }
             Event::Reset => {
                 return Ok(Some(ExitEvent::new(
                     ExitCause::GuestReset,
