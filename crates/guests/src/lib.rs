@@ -27,6 +27,8 @@
 //!   pair in virtual-wire mode, through the I/O APIC, and from the local
 //!   APIC timer.
 //! * `int3`: three `int3` traps under a #BP handler; prints the count.
+//! * `syscall`: RDI (1000) system calls from ring 3 to a ring-0 handler that
+//!   returns with sysretq; prints the count.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -50,6 +52,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("pingpong"),
     guest!("pcirq"),
     guest!("int3"),
+    guest!("syscall"),
 ];
 
 /// The ELF image of built-in guest `name`.

@@ -158,6 +158,11 @@ enum Exit {
     Debug,
     /// KVM could not emulate an instruction (its bytes, when KVM gave them).
     EmulationFailure(Option<Vec<u8>>),
+    /// A guest MSR write that an MSR filter sent to user space.
+    MsrWrite {
+        index: u32,
+        data: u64,
+    },
     Hypercall(u64),
     /// Anything the CPU cannot continue from.
     Fatal(String),
@@ -694,6 +699,10 @@ impl<A: Arch> KvmCpu<A> {
             Ok(VcpuExit::Intr) => Exit::Intr,
             Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
             Ok(VcpuExit::Debug(_)) => Exit::Debug,
+            Ok(VcpuExit::X86Wrmsr(w)) => Exit::MsrWrite {
+                index: w.index,
+                data: w.data,
+            },
             Ok(VcpuExit::Hypercall(h)) => Exit::Hypercall(h.nr),
             Ok(VcpuExit::Shutdown) => {
                 Exit::Fatal("KVM_EXIT_SHUTDOWN: the guest shut down (triple fault)".into())
@@ -769,6 +778,18 @@ impl<A: Arch> KvmCpu<A> {
                     Exit::IoOut { port, size, count }
                 }
             }
+            e => e,
+        };
+        // A debug exit may be a repair's breakpoint or step, not ours.
+        let exit = match exit {
+            Exit::Debug => match self.arch.debug_exit(&self.vcpu)? {
+                crate::arch::DebugOutcome::NotMine => Exit::Debug,
+                crate::arch::DebugOutcome::Handled => Exit::Retry,
+                crate::arch::DebugOutcome::Completed(i) => {
+                    self.stats.completed.add(i, 1);
+                    Exit::Retry
+                }
+            },
             e => e,
         };
         self.account_insts(&exit)?;
@@ -958,6 +979,10 @@ impl<A: Arch> KvmCpu<A> {
                 });
             }
             Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug => 0,
+            Exit::MsrWrite { index, data } => {
+                self.arch.msr_written(&self.vcpu, index, data)?;
+                0
+            }
             Exit::EmulationFailure(bytes) => {
                 let bytes = match bytes {
                     Some(b) if !b.is_empty() => b,

@@ -53,6 +53,16 @@ fn cpuinfo_flags() -> String {
         .unwrap_or_default()
 }
 
+impl Report {
+    /// True when `syscall` from CPL3 does not enter CPL0 here (the
+    /// SYSCALL-entry repair is needed).
+    pub fn needs_syscall_repair(&self) -> bool {
+        self.findings
+            .iter()
+            .any(|f| f.name == "syscall from CPL3 enters CPL0" && !f.ok)
+    }
+}
+
 /// The probes' report, run once per process.
 pub fn cached() -> &'static Report {
     static REPORT: std::sync::OnceLock<Report> = std::sync::OnceLock::new();
@@ -290,7 +300,7 @@ pub fn run() -> Report {
             ),
             None => "the probe did not run".into(),
         },
-        "a Linux user space needs the LSTAR breakpoint repair (not built yet)",
+        "a Linux user space cannot run; experimental repair (system.cpu.syscall_repair): a breakpoint on LSTAR, which does not fire yet on every host",
     );
 
     extra.sort_unstable();

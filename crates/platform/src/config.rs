@@ -158,6 +158,11 @@ pub struct CpuConfig {
     /// Stop after this many guest instructions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_insts: Option<u64>,
+    /// Experimental: repair a broken SYSCALL entry (where `kvmsim doctor`
+    /// finds one) with a breakpoint on LSTAR. Off by default: on our
+    /// development hosts the breakpoint does not fire yet.
+    #[serde(default)]
+    pub syscall_repair: bool,
 }
 
 fn default_timer() -> String {
@@ -178,6 +183,7 @@ impl Default for CpuConfig {
             host_factor: default_host_factor(),
             timer: default_timer(),
             max_insts: None,
+            syscall_repair: false,
         }
     }
 }

@@ -251,6 +251,22 @@ impl System {
             None => sc.args.clone(),
         };
         boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &args)?;
+        // Repairs the host's KVM needs, as kvmsim doctor's probes found.
+        if sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair() {
+            if sc.cpu.max_insts.is_some() {
+                tracing::warn!(
+                    "{name}: this host's SYSCALL entry is broken, but max_insts single-steps: \
+                     the repair is not applied"
+                );
+            } else {
+                vm.trap_msr_writes(&[kvm::arch::x86_64::syscall_repair::MSR_LSTAR])?;
+                arch.enable_syscall_repair(&vcpu)?;
+                tracing::info!(
+                    "{name}: experimental repair applied: SYSCALL from user mode does not enter \
+                     kernel mode on this host; a breakpoint on LSTAR is to complete it"
+                );
+            }
+        }
         let mut cpu = KvmCpu::new(
             &format!("{name}.cpu"),
             vcpu,

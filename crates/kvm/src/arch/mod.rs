@@ -8,6 +8,17 @@ use sim::intr::InterruptController;
 
 use crate::Result;
 
+/// What became of a debug exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugOutcome {
+    /// Not the architecture's (single-stepping for instruction counts).
+    NotMine,
+    /// Handled, nothing completed.
+    Handled,
+    /// Handled and completed entry `n` of [`Arch::completable`].
+    Completed(usize),
+}
+
 /// What [`Arch::deliver_interrupts`] did before an entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Delivery {
@@ -65,6 +76,15 @@ pub trait Arch: Send {
 
     /// Turns single-stepping (one exit per instruction) on or off.
     fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()>;
+
+    /// The guest's write of MSR `index` exited to user space (an MSR filter):
+    /// performs it and reacts to it.
+    fn msr_written(&mut self, vcpu: &VcpuFd, index: u32, data: u64) -> Result<()>;
+
+    /// A debug exit: whether the architecture handled it (a repair's
+    /// breakpoint or step) and, if it completed something, which entry of
+    /// [`Arch::completable`].
+    fn debug_exit(&mut self, vcpu: &VcpuFd) -> Result<DebugOutcome>;
 
     /// The names of the instructions [`Arch::complete_instruction`] can complete.
     fn completable(&self) -> &'static [&'static str];

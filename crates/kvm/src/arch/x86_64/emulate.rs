@@ -14,7 +14,10 @@ use super::X86_64;
 use crate::Result;
 
 /// The instructions kvmsim completes, by name (the index is the stat's).
-pub const SUPPORTED: &[&str] = &["int3"];
+/// `syscall-entry` counts system calls whose broken entry was repaired.
+pub const SUPPORTED: &[&str] = &["int3", "syscall-entry"];
+/// Index of `syscall-entry` in [`SUPPORTED`].
+pub const SYSCALL_ENTRY: usize = 1;
 
 /// What became of an instruction KVM could not emulate.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod emulate;
+pub mod syscall_repair;
 
 use std::fmt::Write as _;
 
@@ -14,7 +15,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use sim::intr::{InterruptController, Pending};
 
-use super::{Arch, Delivery};
+use super::{Arch, DebugOutcome, Delivery};
 use crate::{sys, KvmError, Result};
 
 /// The MSRs kept in the thread context (those a bare-metal or Linux guest
@@ -71,6 +72,8 @@ pub struct X86_64 {
     msrs: Part<Vec<(u32, u64)>>,
     /// CR8 as given to KVM at the last entry.
     cr8_entry: u64,
+    /// The SYSCALL-entry repair, when enabled.
+    repair: Option<syscall_repair::Repair>,
     counts: SyncCounts,
 }
 
@@ -117,6 +120,15 @@ fn pull_xcrs(vcpu: &VcpuFd) -> Result<kvm_xcrs> {
 fn pull_events(vcpu: &VcpuFd) -> Result<kvm_vcpu_events> {
     vcpu.get_vcpu_events()
         .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))
+}
+
+fn vcpu_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    (vcpu.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
 }
 
 fn pull_msrs(vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
@@ -184,6 +196,21 @@ impl X86_64 {
     part_accessors!(xcrs, xcrs_mut, xcrs, kvm_xcrs, pull_xcrs);
     part_accessors!(events, events_mut, events, kvm_vcpu_events, pull_events);
     part_accessors!(msrs, msrs_mut, msrs, Vec<(u32, u64)>, pull_msrs);
+
+    /// Enables the SYSCALL-entry repair (see [`syscall_repair`]).
+    pub fn enable_syscall_repair(&mut self, vcpu: &VcpuFd) -> Result<()> {
+        let lstar = vcpu_msr(vcpu, syscall_repair::MSR_LSTAR).unwrap_or(0);
+        self.repair = Some(syscall_repair::Repair {
+            lstar,
+            ..Default::default()
+        });
+        syscall_repair::arm(vcpu, lstar)
+    }
+
+    /// System calls whose entry was repaired, if the repair is enabled.
+    pub fn syscalls_repaired(&self) -> Option<u64> {
+        self.repair.map(|r| r.repaired)
+    }
 
     /// How often the context was pulled from and pushed to KVM.
     pub fn sync_counts(&self) -> SyncCounts {
@@ -309,6 +336,17 @@ impl Arch for X86_64 {
     }
 
     fn after_run(&mut self, vcpu: &mut VcpuFd, intc: &mut dyn InterruptController) {
+        // Not every KVM intercepts LSTAR writes for an MSR filter: learn
+        // the guest's LSTAR at every exit too.
+        if let Some(r) = self.repair {
+            if let Some(lstar) = vcpu_msr(vcpu, syscall_repair::MSR_LSTAR) {
+                if lstar != r.lstar {
+                    if let Err(e) = syscall_repair::lstar_written(self, vcpu, lstar) {
+                        tracing::warn!("SYSCALL repair: cannot arm the LSTAR breakpoint: {e}");
+                    }
+                }
+            }
+        }
         let cr8 = vcpu.get_kvm_run().cr8 & 0xf;
         if cr8 != self.cr8_entry {
             // The guest wrote CR8 natively: that is a TPR write.
@@ -327,6 +365,27 @@ impl Arch for X86_64 {
 
     fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8> {
         Ok(self.sregs(vcpu)?.cs.dpl)
+    }
+
+    fn msr_written(&mut self, vcpu: &VcpuFd, index: u32, data: u64) -> Result<()> {
+        // The write exited to user space: kvmsim performs it (host writes
+        // are not filtered) and KVM skips the instruction on re-entry.
+        let m = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }])
+        .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+        vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+        self.msrs.valid = false;
+        if index == syscall_repair::MSR_LSTAR {
+            syscall_repair::lstar_written(self, vcpu, data)?;
+        }
+        Ok(())
+    }
+
+    fn debug_exit(&mut self, vcpu: &VcpuFd) -> Result<DebugOutcome> {
+        syscall_repair::debug_exit(self, vcpu)
     }
 
     fn completable(&self) -> &'static [&'static str] {
