@@ -395,6 +395,11 @@ impl<A: Arch> KvmCpu<A> {
         self.inst_method
     }
 
+    /// The CPU's exit counter (numVMExits), for progress reports.
+    pub fn exit_counter(&self) -> Counter {
+        self.stats.num_vm_exits.clone()
+    }
+
     /// A handle that forces this CPU out of KVM from any thread.
     pub fn kick_handle(&self) -> KickHandle {
         self.kick.clone()

@@ -235,3 +235,41 @@ fn extracted_guest_runs_from_a_file() {
     assert!(r.stdout.is_empty(), "--quiet keeps the console off stdout");
     assert_eq!(r.file("serial.log"), "Hello from the guest\n");
 }
+
+#[test]
+fn progress_line_only_on_a_terminal() {
+    if !kvm_or_skip("progress") {
+        return;
+    }
+    let args = [
+        "run",
+        "--kernel",
+        "builtin:compute",
+        "--arg",
+        "2500000000",
+        "--quiet",
+    ];
+    let out = outdir("progress");
+    // stderr is a pipe here: quiet.
+    let r = kvmsim(&args, &out);
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(!r.stderr.contains("[kvmsim] simulated"), "{}", r.stderr);
+    // Under a terminal (script(1) gives the run a pty) the line shows.
+    let cmd = format!(
+        "{} {} --outdir {}",
+        env!("CARGO_BIN_EXE_kvmsim"),
+        args.join(" "),
+        out.join("tty").display()
+    );
+    match std::process::Command::new("script")
+        .args(["-qc", &cmd, "/dev/null"])
+        .output()
+    {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(text.contains("[kvmsim] simulated"), "{text}");
+            assert!(text.contains("exits/s"), "{text}");
+        }
+        Err(e) => eprintln!("script(1) unavailable ({e}): the terminal half is not checked"),
+    }
+}

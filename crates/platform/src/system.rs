@@ -123,6 +123,81 @@ pub struct System {
     mailboxes: Vec<Arc<Mutex<Mailbox>>>,
     outgoing: Vec<Outgoing>,
     out: OutDir,
+    progress: Option<Progress>,
+}
+
+/// The progress line on stderr (only when stderr is a terminal). A helper
+/// thread kicks the CPU out of KVM once per host second so that the line
+/// moves even while the guest computes without exits (one extra exit per
+/// host second, only then).
+struct Progress {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    exits: Counter,
+    last_exits: u64,
+    shown: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Progress {
+    fn new(exits: Counter, kick: kvm::timer::KickHandle) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let _ = std::thread::Builder::new()
+            .name("kvmsim-progress".into())
+            .spawn(move || {
+                for sig in [libc::SIGINT, libc::SIGTERM] {
+                    let _ = vmm_sys_util::signal::block_signal(sig);
+                }
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    if !s.load(std::sync::atomic::Ordering::Relaxed) {
+                        kick.kick();
+                    }
+                }
+            });
+        Progress {
+            start: std::time::Instant::now(),
+            last: std::time::Instant::now(),
+            exits,
+            last_exits: 0,
+            shown: false,
+            stop,
+        }
+    }
+
+    /// Every host second: simulated seconds, host seconds, exits per second.
+    fn update(&mut self, now: Tick) {
+        let t = std::time::Instant::now();
+        let dt = t.duration_since(self.last).as_secs_f64();
+        if dt < 1.0 {
+            return;
+        }
+        let exits = self.exits.get();
+        let rate = exits.saturating_sub(self.last_exits) as f64 / dt;
+        eprint!(
+            "\r[kvmsim] simulated {:.3} s | host {:.1} s | {:.0} exits/s   ",
+            sim::tick::ticks_to_seconds(now),
+            t.duration_since(self.start).as_secs_f64(),
+            rate
+        );
+        self.last = t;
+        self.last_exits = exits;
+        self.shown = true;
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if std::mem::take(&mut self.shown) {
+            eprintln!();
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Reads the image named by `kernel`: `builtin:NAME` or a file path.
@@ -376,6 +451,8 @@ impl System {
             "Count",
         )?;
 
+        let progress = (name == "system" && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(|| Progress::new(cpu.exit_counter(), cpu.kick_handle()));
         let mut queue = EventQueue::new();
         queue.schedule(0, STARTUP_PRI, Event::CpuStartup)?;
         if let Some(max) = sim.max_time {
@@ -411,6 +488,7 @@ impl System {
             mailboxes,
             outgoing: Vec::new(),
             out,
+            progress,
         })
     }
 
@@ -509,7 +587,20 @@ impl System {
     }
 
     fn run_events(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
+        let r = self.run_events_inner();
+        if let Some(p) = &mut self.progress {
+            if !matches!(r, Ok(None)) {
+                p.finish();
+            }
+        }
+        r
+    }
+
+    fn run_events_inner(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
         loop {
+            if let Some(p) = &mut self.progress {
+                p.update(self.queue.cur_tick());
+            }
             if console::interrupted() {
                 return Ok(Some(ExitEvent::new(
                     ExitCause::UserInterrupt,
