@@ -210,11 +210,7 @@ impl BusDevice for IoApic {
     }
 
     fn write(&mut self, _: Space, offset: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
-        let v = data
-            .iter()
-            .take(4)
-            .rev()
-            .fold(0u32, |a, &b| (a << 8) | u32::from(b));
+        let v = crate::le_value(&data[..data.len().min(4)]) as u32;
         match offset {
             0x00 => self.sel = v as u8,
             0x10 => self.write_reg(v),

@@ -22,6 +22,14 @@ pub use simops::SimOps;
 pub use timer::IntervalTimer;
 pub use uart::Uart16550;
 
+/// Reads up to 8 bytes of `data` as a little-endian value.
+pub(crate) fn le_value(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .rev()
+        .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+}
+
 /// Writes `value` little-endian into `data` (bytes beyond 8 are zero).
 pub(crate) fn put_le_value(data: &mut [u8], value: u64) {
     for (i, b) in data.iter_mut().enumerate() {
@@ -33,6 +41,7 @@ pub(crate) fn put_le_value(data: &mut [u8], value: u64) {
 mod tests {
     #[test]
     fn le_helpers() {
+        assert_eq!(super::le_value(&[0x34, 0x12]), 0x1234);
         let mut d = [0u8; 10];
         super::put_le_value(&mut d, 0x0807_0605_0403_0201);
         assert_eq!(d, [1, 2, 3, 4, 5, 6, 7, 8, 0, 0]);

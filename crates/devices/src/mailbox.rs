@@ -113,11 +113,7 @@ impl BusDevice for Mailbox {
     }
 
     fn write(&mut self, _: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
-        let v = data
-            .iter()
-            .take(8)
-            .rev()
-            .fold(0u64, |a, &b| (a << 8) | u64::from(b));
+        let v = crate::le_value(data);
         match offset {
             0x00 => {
                 self.sent.inc();

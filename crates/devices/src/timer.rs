@@ -107,11 +107,7 @@ impl BusDevice for IntervalTimer {
         if offset & 7 != 0 {
             return TIMER_LATENCY; // unaligned writes are ignored
         }
-        let v = data
-            .iter()
-            .take(8)
-            .rev()
-            .fold(0u64, |a, &b| (a << 8) | u64::from(b));
+        let v = crate::le_value(data);
         match offset {
             0x00 => {
                 self.period = v.saturating_mul(TICKS_PER_NS);

@@ -59,3 +59,19 @@ impl KvmError {
 
 /// Result type of this crate.
 pub type Result<T> = std::result::Result<T, KvmError>;
+
+/// For tests that need KVM: true if it is usable. Otherwise prints why the
+/// test is skipped and returns false, except with `KVMSIM_REQUIRE_KVM=1`,
+/// where an unusable KVM is a failure (panic).
+pub fn usable_or_skip(test: &str) -> bool {
+    match KvmVm::available() {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var("KVMSIM_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: KVM is required (KVMSIM_REQUIRE_KVM=1) but unusable: {e}");
+            }
+            eprintln!("SKIPPED {test}: KVM is not usable here: {e}");
+            false
+        }
+    }
+}

@@ -25,35 +25,58 @@ pub fn single_step_works(cpl: u8) -> Result<bool> {
         .map_err(KvmError::Setup)
 }
 
-fn probe_single_step(cpl: u8) -> Result<bool> {
-    let ram =
-        GuestRam::new(MemoryMap::for_size(4 << 20).map_err(|e| KvmError::Setup(e.to_string()))?)
-            .map_err(|e| KvmError::Setup(e.to_string()))?;
-    let entry = boot::MIN_LOAD_ADDR;
+/// A fresh VM with `code` at [`PROBE_CODE`], its vCPU in 64-bit mode at
+/// CPL `cpl` (not yet pushed to KVM). Fields drop in order: vCPU, VM, RAM.
+struct ProbeVm {
+    vcpu: kvm_ioctls::VcpuFd,
+    arch: X86_64,
+    vm: KvmVm,
+    _ram: GuestRam,
+}
+
+fn probe_vm(code: &[u8], cpl: u8) -> Result<ProbeVm> {
+    let map = MemoryMap::for_size(4 << 20).map_err(|e| KvmError::Setup(e.to_string()))?;
+    let ram = GuestRam::new(map).map_err(|e| KvmError::Setup(e.to_string()))?;
     ram.memory()
-        .write_slice(&NOPS, GuestAddress(entry))
+        .write_slice(code, GuestAddress(PROBE_CODE))
         .map_err(|source| KvmError::Memory {
             what: "writing the probe guest",
             source,
         })?;
     let mut vm = KvmVm::new()?;
     vm.map_ram(&ram)?;
-    let mut vcpu = vm.create_vcpu(0)?;
+    let vcpu = vm.create_vcpu(0)?;
     let mut arch = X86_64::new();
     boot::write_boot_structures(ram.memory())?;
-    boot::enter_long_mode(&mut arch, &vcpu, entry, boot::DEFAULT_STACK_TOP, &[])?;
+    boot::enter_long_mode(&mut arch, &vcpu, PROBE_CODE, boot::DEFAULT_STACK_TOP, &[])?;
     if cpl == 3 {
         let gdt = boot::gdt();
         let sregs = arch.sregs_mut(&vcpu)?;
         sregs.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
         sregs.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
     }
+    Ok(ProbeVm {
+        vcpu,
+        arch,
+        vm,
+        _ram: ram,
+    })
+}
+
+fn probe_single_step(cpl: u8) -> Result<bool> {
+    // Bind every field: a dropped VM or RAM would end the probe early.
+    let ProbeVm {
+        mut vcpu,
+        mut arch,
+        vm: _vm,
+        _ram,
+    } = probe_vm(&NOPS, cpl)?;
     arch.update_kvm_state(&vcpu)?;
     arch.set_single_step(&vcpu, true)?;
     let stepped = matches!(vcpu.run(), Ok(VcpuExit::Debug(_)));
     arch.kvm_state_changed();
     let rip = arch.regs(&vcpu)?.rip;
-    let works = stepped && rip == entry + 1;
+    let works = stepped && rip == PROBE_CODE + 1;
     tracing::debug!("single-step probe at CPL{cpl}: debug exit {stepped}, rip {rip:#x}: {works}");
     Ok(works)
 }
@@ -96,18 +119,12 @@ pub fn run_snippet(
     limit_ms: u64,
 ) -> Result<ProbeRun> {
     use std::time::Instant;
-    let ram =
-        GuestRam::new(MemoryMap::for_size(4 << 20).map_err(|e| KvmError::Setup(e.to_string()))?)
-            .map_err(|e| KvmError::Setup(e.to_string()))?;
-    ram.memory()
-        .write_slice(code, GuestAddress(PROBE_CODE))
-        .map_err(|source| KvmError::Memory {
-            what: "writing the probe guest",
-            source,
-        })?;
-    let mut vm = KvmVm::new()?;
-    vm.map_ram(&ram)?;
-    let mut vcpu = vm.create_vcpu(0)?;
+    let ProbeVm {
+        mut vcpu,
+        mut arch,
+        vm,
+        _ram,
+    } = probe_vm(code, cpl)?;
     if let Ok(cpuid) = vm
         .kvm()
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -118,21 +135,12 @@ pub fn run_snippet(
             let _ = vcpu.set_cpuid2(&t);
         }
     }
-    let mut arch = X86_64::new();
-    boot::write_boot_structures(ram.memory())?;
-    boot::enter_long_mode(&mut arch, &vcpu, PROBE_CODE, boot::DEFAULT_STACK_TOP, &[])?;
     {
         let r = arch.regs_mut(&vcpu)?;
         r.rax = regs[0];
         r.rbx = regs[1];
         r.rcx = regs[2];
         r.rdx = regs[3];
-    }
-    if cpl == 3 {
-        let gdt = boot::gdt();
-        let sregs = arch.sregs_mut(&vcpu)?;
-        sregs.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
-        sregs.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
     }
     arch.update_kvm_state(&vcpu)?;
     if !msrs.is_empty() {

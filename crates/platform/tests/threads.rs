@@ -6,17 +6,9 @@ use std::time::Duration;
 
 use platform::{Config, OutDir, System};
 
+/// True if KVM can be used here (see `kvm::usable_or_skip`).
 fn kvm_or_skip(test: &str) -> bool {
-    match kvm::KvmVm::available() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var("KVMSIM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM is required (KVMSIM_REQUIRE_KVM=1) but unusable: {e}");
-            }
-            eprintln!("SKIPPED {test}: KVM is not usable here: {e}");
-            false
-        }
-    }
+    kvm::usable_or_skip(test)
 }
 
 struct Result {

@@ -5,19 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// True if KVM can be used here. Without KVM the test is skipped with a
-/// printed reason, unless KVMSIM_REQUIRE_KVM=1, where that is a failure.
+/// True if KVM can be used here (see `kvm::usable_or_skip`).
 pub fn kvm_or_skip(test: &str) -> bool {
-    match kvm::KvmVm::available() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var("KVMSIM_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: KVM is required (KVMSIM_REQUIRE_KVM=1) but unusable: {e}");
-            }
-            eprintln!("SKIPPED {test}: KVM is not usable here: {e}");
-            false
-        }
-    }
+    kvm::usable_or_skip(test)
 }
 
 /// The repository's root folder.
