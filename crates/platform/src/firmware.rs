@@ -107,6 +107,8 @@ pub fn write_zero_page(
     zp[0x211] |= 0x01 | 0x80; // LOADED_HIGH, CAN_USE_HEAP
     zp[0x224..0x226].copy_from_slice(&0xfe00u16.to_le_bytes()); // heap_end_ptr
     zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
+    // acpi_rsdp_addr (boot protocol 2.14): where the ACPI tables start.
+    zp[0x70..0x78].copy_from_slice(&crate::acpi::RSDP_ADDR.to_le_bytes());
     if let Some((addr, size)) = initrd {
         zp[0x218..0x21c].copy_from_slice(&(addr as u32).to_le_bytes());
         zp[0x21c..0x220].copy_from_slice(&(size as u32).to_le_bytes());
@@ -208,6 +210,15 @@ pub fn mp_table(addr: u64, cpus: u8, ioapic_id: u8) -> Vec<u8> {
     f
 }
 
+/// Writes the ACPI tables (see [`crate::acpi`]).
+pub fn write_acpi(mem: &GuestMemoryMmap, cpus: u8, ioapic_id: u8) -> Result<(), FirmwareError> {
+    for (addr, bytes) in crate::acpi::tables(cpus, ioapic_id) {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(|e| FirmwareError::Memory(e.to_string()))?;
+    }
+    Ok(())
+}
+
 /// Writes the MP table at [`MPTABLE`].
 pub fn write_mp_table(mem: &GuestMemoryMmap, cpus: u8, ioapic_id: u8) -> Result<(), FirmwareError> {
     let t = mp_table(MPTABLE, cpus, ioapic_id);
@@ -282,6 +293,7 @@ mod tests {
         assert_eq!(rd32(ZERO_PAGE + 0x228), CMDLINE as u32);
         assert_eq!(rd32(ZERO_PAGE + 0x218), 0x300_0000);
         assert_eq!(rd32(ZERO_PAGE + 0x21c), 0x1234);
+        assert_eq!(rd32(ZERO_PAGE + 0x70), crate::acpi::RSDP_ADDR as u32);
         assert_eq!(usize::from(rd8(ZERO_PAGE + 0x1e8)), e.len());
         assert_eq!(write_cmdline(&mem, "console=ttyS0", 2048), Ok(13));
         assert_eq!(rd8(CMDLINE + 13), 0);

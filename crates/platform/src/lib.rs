@@ -2,6 +2,7 @@
 //! map, KVM VM and CPU, devices on the IO bus, the guest image) and writes
 //! the results into an output folder.
 
+pub mod acpi;
 pub mod config;
 pub mod console;
 pub mod firmware;

@@ -994,13 +994,13 @@ fn build_pc(
 }
 
 /// The Linux command line kvmsim gives every kernel on a PC: the platform as
-/// it is (no ACPI, no PCI, no x2APIC, the TSC rate known, the serial
+/// it is (ACPI tables but no PCI, no x2APIC, the TSC rate known, the serial
 /// console, reboot through the keyboard controller), no slow probing, the
 /// flags `host` says this host's KVM needs (from `kvmsim doctor`'s probes),
 /// then the user's `append`.
 pub fn linux_cmdline(tsc_khz: u64, initrd: bool, host: &[String], append: Option<&str>) -> String {
     let mut c = format!(
-        "console=ttyS0 reboot=k panic=-1 acpi=off pci=off nox2apic no_timer_check \
+        "console=ttyS0 reboot=k panic=-1 pci=off nox2apic no_timer_check \
          tsc_early_khz={tsc_khz} tsc=reliable io_delay=none i8042.noaux i8042.nomux \
          i8042.dumbkbd nokaslr nomodule"
     );
@@ -1072,6 +1072,7 @@ fn setup_linux(
     fw::write_cmdline(ram.memory(), &line, max).map_err(fwerr)?;
     fw::write_zero_page(ram.memory(), k, initrd, &fw::e820(ram.map())).map_err(fwerr)?;
     fw::write_mp_table(ram.memory(), 1, 1).map_err(fwerr)?;
+    fw::write_acpi(ram.memory(), 1, 1).map_err(fwerr)?;
     sc.cmdline = Some(line.clone());
     Ok(line)
 }
