@@ -426,6 +426,20 @@ impl InterruptController for Lapic {
     fn set_task_priority(&mut self, tpr: u8) {
         self.tpr = tpr;
     }
+
+    fn describe(&self) -> String {
+        format!(
+            "apic svr={:#x} tpr={:#x} ppr={:#x} irr_top={:?} isr_top={:?} lvt_timer={:#x} lint0={:#x} init_count={}",
+            self.svr,
+            self.tpr,
+            self.ppr(),
+            highest(&self.irr),
+            highest(&self.isr),
+            self.lvt[LVT_TIMER],
+            self.lvt[LVT_LINT0],
+            self.timer_initial
+        )
+    }
 }
 
 impl BusDevice for Lapic {

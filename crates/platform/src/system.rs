@@ -548,10 +548,11 @@ impl System {
                 e.interrupt.nr,
             )
         });
+        let intc = mem::lock(&self.intc).describe();
         match (regs, sregs, ev) {
             (Ok((rip, rsp, fl)), Ok((cpl, cr2)), Ok((xi, xn, ii, inr))) => format!(
                 "rip={rip:#x} rsp={rsp:#x} cpl={cpl} rflags={fl:#x} cr2={cr2:#x} \
-                 exception={xi}/{xn} interrupt={ii}/{inr} state={:?}",
+                 exception={xi}/{xn} interrupt={ii}/{inr} state={:?} {intc}",
                 self.cpu.state()
             ),
             _ => "(registers unavailable)".into(),

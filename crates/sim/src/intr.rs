@@ -34,4 +34,9 @@ pub trait InterruptController: Send {
     /// The guest changed the task priority behind the controller's back
     /// (x86: `mov %reg, %cr8`).
     fn set_task_priority(&mut self, _tpr: u8) {}
+
+    /// A one-line description of the controller's state (for samples and dumps).
+    fn describe(&self) -> String {
+        String::new()
+    }
 }
