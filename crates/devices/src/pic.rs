@@ -332,26 +332,19 @@ impl InterruptController for PicPair {
     }
 }
 
-/// One of the pair's port ranges on the bus (the bus passes offsets
-/// relative to each range's base).
-pub struct PicPorts {
-    pub pic: std::sync::Arc<std::sync::Mutex<PicPair>>,
-    pub base: u64,
-}
-
-impl BusDevice for PicPorts {
-    fn read(&mut self, _: Space, offset: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
-        let mut pic = mem::lock(&self.pic);
+/// On the bus the pair takes absolute port numbers as offsets: each of its
+/// ranges is attached through [`mem::Rebased`] with the range's base added.
+impl BusDevice for PicPair {
+    fn read(&mut self, _: Space, port: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = pic.port_read(self.base + offset + i as u64);
+            *b = self.port_read(port + i as u64);
         }
         PIC_LATENCY
     }
 
-    fn write(&mut self, _: Space, offset: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
-        let mut pic = mem::lock(&self.pic);
+    fn write(&mut self, _: Space, port: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
         for (i, &v) in data.iter().enumerate() {
-            pic.port_write(self.base + offset + i as u64, v);
+            self.port_write(port + i as u64, v);
         }
         PIC_LATENCY
     }

@@ -20,6 +20,9 @@ pub const PIT_HZ: u64 = 1_193_182;
 pub const PIT_BASE: u64 = 0x40;
 /// System control port B.
 pub const PORT_B: u64 = 0x61;
+/// Port B as an offset from [`PIT_BASE`]: attach 0x61 through
+/// [`mem::Rebased`] with this added.
+pub const PORT_B_OFFSET: u64 = PORT_B - PIT_BASE;
 /// Access latency.
 pub const PIT_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
 
@@ -307,6 +310,7 @@ impl BusDevice for Pit {
         for (i, b) in data.iter_mut().enumerate() {
             *b = match offset + i as u64 {
                 o @ 0..=2 => self.read_counter(o as usize, ctx.now),
+                PORT_B_OFFSET => self.port_b_read(ctx.now),
                 _ => 0xff, // the control word cannot be read
             };
         }
@@ -318,6 +322,7 @@ impl BusDevice for Pit {
             match offset + i as u64 {
                 o @ 0..=2 => self.write_counter(o as usize, v, ctx.now),
                 3 => self.control(v, ctx.now),
+                PORT_B_OFFSET => self.port_b_write(v, ctx.now),
                 _ => {}
             }
         }
@@ -340,24 +345,6 @@ impl TimedDevice for Pit {
                 self.irq0.pulse();
             }
         }
-    }
-}
-
-/// Port B (0x61) as its own bus device, sharing the PIT.
-pub struct PortB(pub std::sync::Arc<std::sync::Mutex<Pit>>);
-
-impl BusDevice for PortB {
-    fn read(&mut self, _: Space, _: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
-        let v = mem::lock(&self.0).port_b_read(ctx.now);
-        data.fill(v);
-        PIT_LATENCY
-    }
-
-    fn write(&mut self, _: Space, _: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
-        if let Some(&v) = data.first() {
-            mem::lock(&self.0).port_b_write(v, ctx.now);
-        }
-        PIT_LATENCY
     }
 }
 

@@ -10,10 +10,8 @@
         .globl  _start
 _start:
         mov     %rdi, %r12
-        test    %r12, %r12
-        jnz     1f
-        mov     $100000000, %r12
-1:      mov     $14, %edi               # #PF
+        DEFAULT %r12, 100000000
+        mov     $14, %edi               # #PF
         lea     back_in_ring0(%rip), %rsi
         call    set_gate
         call    load_idt

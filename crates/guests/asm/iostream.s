@@ -8,10 +8,8 @@
         .globl  _start
 _start:
         mov     %rdi, %r12
-        test    %r12, %r12
-        jnz     1f
-        mov     $2000, %r12
-1:      xor     %ebx, %ebx              # i
+        DEFAULT %r12, 2000
+        xor     %ebx, %ebx              # i
         xor     %r13d, %r13d            # sum
         mov     $(COM1 + 7), %dx        # scratch register
 2:      mov     %bl, %al

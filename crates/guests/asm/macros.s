@@ -3,6 +3,15 @@
         .set    COM1, 0x3f8
         .set    SIMOPS, 0xffff0000
 
+# DEFAULT reg, value: sets `reg` to `value` if it is zero (boot arguments
+# left at 0 take the guest's default).
+        .macro  DEFAULT reg, value
+        test    \reg, \reg
+        jnz     .Ldefault\@
+        mov     $\value, \reg
+.Ldefault\@:
+        .endm
+
 # SIMOP func: calls sim-ops function `func` (arguments already in RDI, RSI,
 # RDX, RCX, R8, R9); the result is in RAX. Clobbers RAX.
         .macro  SIMOP func

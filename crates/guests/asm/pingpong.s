@@ -12,10 +12,8 @@
 _start:
         mov     %rdi, %r12              # role
         mov     %rsi, %r13              # round trips
-        test    %r13, %r13
-        jnz     1f
-        mov     $100, %r13
-1:      mov     $MSG_VECTOR, %edi
+        DEFAULT %r13, 100
+        mov     $MSG_VECTOR, %edi
         lea     on_msg(%rip), %rsi
         call    set_gate
         call    load_idt

@@ -7,14 +7,10 @@
         .globl  _start
 _start:
         mov     %rdi, %r12
-        test    %r12, %r12
-        jnz     1f
-        mov     $1000000000, %r12
-1:      mov     %rsi, %r13
-        test    %r13, %r13
-        jnz     2f
-        mov     $10, %r13
-2:      mov     $TICK_VECTOR, %edi
+        DEFAULT %r12, 1000000000
+        mov     %rsi, %r13
+        DEFAULT %r13, 10
+        mov     $TICK_VECTOR, %edi
         lea     on_tick(%rip), %rsi
         call    set_gate
         call    load_idt

@@ -7,10 +7,8 @@
         .globl  _start
 _start:
         mov     %rdi, %r12
-        test    %r12, %r12
-        jnz     1f
-        mov     $1000, %r12
-1:      mov     $0xc0000080, %ecx       # EFER.SCE
+        DEFAULT %r12, 1000
+        mov     $0xc0000080, %ecx       # EFER.SCE
         rdmsr
         or      $1, %eax
         wrmsr

@@ -11,14 +11,10 @@
         .globl  _start
 _start:
         mov     %rdi, %r12              # period
-        test    %r12, %r12
-        jnz     1f
-        mov     $100000, %r12
-1:      mov     %rsi, %r13              # iterations
-        test    %r13, %r13
-        jnz     2f
-        mov     $50000000, %r13
-2:      mov     $3, %ebp                # CTRL: run, interrupt enable
+        DEFAULT %r12, 100000
+        mov     %rsi, %r13              # iterations
+        DEFAULT %r13, 50000000
+        mov     $3, %ebp                # CTRL: run, interrupt enable
         test    %rdx, %rdx
         jz      4f
         mov     $7, %ebp                # ... as NMI

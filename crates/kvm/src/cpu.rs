@@ -276,6 +276,23 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
     }
 }
 
+/// Runs `f` with an access context for `now` whose calling CPU is `arch`.
+fn with_ctx<A: Arch, R>(
+    arch: &mut A,
+    vcpu: &VcpuFd,
+    now: Tick,
+    requests: &mut Vec<Request>,
+    f: impl FnOnce(&mut AccessCtx) -> R,
+) -> R {
+    let mut view = ArgsView { arch, vcpu };
+    let mut ctx = AccessCtx {
+        now,
+        cpu: Some(&mut view),
+        requests,
+    };
+    f(&mut ctx)
+}
+
 /// A shared interrupt controller, as the CPU holds it.
 pub type IntcHandle = Arc<Mutex<dyn InterruptController>>;
 
@@ -377,14 +394,6 @@ impl<A: Arch> KvmCpu<A> {
         self.state
     }
 
-    pub fn config(&self) -> &CpuConfig {
-        &self.cfg
-    }
-
-    pub fn vcpu(&self) -> &VcpuFd {
-        &self.vcpu
-    }
-
     /// Guest instructions executed so far, if they are counted.
     pub fn insts(&self) -> Option<u64> {
         (self.inst_method != InstMethod::Unavailable).then_some(self.insts)
@@ -479,11 +488,6 @@ impl<A: Arch> KvmCpu<A> {
     /// Ends a drain; the owner schedules a tick if the CPU is not idle.
     pub fn drain_resume(&mut self) {
         self.draining = false;
-    }
-
-    /// True while draining.
-    pub fn is_draining(&self) -> bool {
-        self.draining
     }
 
     /// One tick of the CPU at `now`. `next_event` is the tick of the next
@@ -880,26 +884,12 @@ impl<A: Arch> KvmCpu<A> {
                 let mut buf = std::mem::take(&mut self.io_buf);
                 buf.clear();
                 buf.resize(size * count.max(1) as usize, 0);
-                let mut latency: Tick = 0;
-                {
-                    let mut view = ArgsView {
-                        arch: &mut self.arch,
-                        vcpu: &self.vcpu,
-                    };
-                    let mut ctx = AccessCtx {
-                        now,
-                        cpu: Some(&mut view),
-                        requests,
-                    };
-                    for chunk in buf.chunks_mut(size) {
-                        latency = latency.saturating_add(bus.read(
-                            Space::Pio,
-                            u64::from(port),
-                            chunk,
-                            &mut ctx,
-                        ));
-                    }
-                }
+                let port = u64::from(port);
+                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                    buf.chunks_mut(size).fold(0, |lat: Tick, chunk| {
+                        lat.saturating_add(bus.read(Space::Pio, port, chunk, ctx))
+                    })
+                });
                 if !sys::complete_pio_in(&mut self.vcpu, self.mmap_size, &buf) {
                     return Err(KvmError::Setup(format!(
                         "cannot complete the port read of {} bytes at port {port:#x}",
@@ -914,26 +904,12 @@ impl<A: Arch> KvmCpu<A> {
                 self.stats.num_io.inc();
                 let size = usize::from(size.max(1));
                 let buf = std::mem::take(&mut self.io_buf);
-                let mut latency: Tick = 0;
-                {
-                    let mut view = ArgsView {
-                        arch: &mut self.arch,
-                        vcpu: &self.vcpu,
-                    };
-                    let mut ctx = AccessCtx {
-                        now,
-                        cpu: Some(&mut view),
-                        requests,
-                    };
-                    for chunk in buf.chunks(size) {
-                        latency = latency.saturating_add(bus.write(
-                            Space::Pio,
-                            u64::from(port),
-                            chunk,
-                            &mut ctx,
-                        ));
-                    }
-                }
+                let port = u64::from(port);
+                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                    buf.chunks(size).fold(0, |lat: Tick, chunk| {
+                        lat.saturating_add(bus.write(Space::Pio, port, chunk, ctx))
+                    })
+                });
                 self.io_buf = buf;
                 latency
             }
@@ -941,18 +917,9 @@ impl<A: Arch> KvmCpu<A> {
                 self.stats.num_mmio.inc();
                 let mut data = [0u8; 8];
                 let len = len.min(8);
-                let latency = {
-                    let mut view = ArgsView {
-                        arch: &mut self.arch,
-                        vcpu: &self.vcpu,
-                    };
-                    let mut ctx = AccessCtx {
-                        now,
-                        cpu: Some(&mut view),
-                        requests,
-                    };
-                    bus.read(Space::Mmio, addr, &mut data[..len], &mut ctx)
-                };
+                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                    bus.read(Space::Mmio, addr, &mut data[..len], ctx)
+                });
                 if !sys::complete_mmio_read(&mut self.vcpu, &data[..len]) {
                     return Err(KvmError::Setup(format!(
                         "cannot complete the MMIO read of {len} bytes at {addr:#x}"
@@ -963,16 +930,9 @@ impl<A: Arch> KvmCpu<A> {
             }
             Exit::MmioWrite { addr, len, data } => {
                 self.stats.num_mmio.inc();
-                let mut view = ArgsView {
-                    arch: &mut self.arch,
-                    vcpu: &self.vcpu,
-                };
-                let mut ctx = AccessCtx {
-                    now,
-                    cpu: Some(&mut view),
-                    requests,
-                };
-                bus.write(Space::Mmio, addr, &data[..len], &mut ctx)
+                with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                    bus.write(Space::Mmio, addr, &data[..len], ctx)
+                })
             }
             Exit::Hlt => {
                 self.stats.num_halt.inc();

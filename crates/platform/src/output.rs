@@ -47,10 +47,6 @@ impl OutDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     /// Path of a file in the folder.
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -9,8 +9,8 @@ use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::irq::IrqLine;
 use devices::lapic::{Lapic, LAPIC_BASE, LAPIC_SIZE};
 use devices::mailbox::{MAILBOX_BASE, MAILBOX_SIZE};
-use devices::pic::{PicPair, PicPorts, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
-use devices::pit::{Pit, PortB, PIT_BASE, PORT_B};
+use devices::pic::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
+use devices::pit::{Pit, PIT_BASE, PORT_B, PORT_B_OFFSET};
 use devices::rtc::{Rtc, RTC_BASE};
 use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
 use devices::timer::{TIMER_BASE, TIMER_SIZE};
@@ -914,9 +914,10 @@ fn build_pc(
         (SLAVE_BASE, 2, "pic-slave"),
         (ELCR_BASE, 2, "elcr"),
     ] {
-        let ports = PicPorts {
-            pic: pic.clone(),
-            base,
+        // The pair takes absolute port numbers as offsets.
+        let ports = Rebased {
+            dev: pic.clone(),
+            add: base,
         };
         bus.insert(Space::Pio, base, len, what, Arc::new(Mutex::new(ports)))?;
     }
@@ -957,12 +958,16 @@ fn build_pc(
         &format!("{name}.pit"),
     )?));
     bus.insert(Space::Pio, PIT_BASE, 4, "pit", pit.clone())?;
+    let port_b = Rebased {
+        dev: pit.clone(),
+        add: PORT_B_OFFSET,
+    };
     bus.insert(
         Space::Pio,
         PORT_B,
         1,
         "port61",
-        Arc::new(Mutex::new(PortB(pit.clone()))),
+        Arc::new(Mutex::new(port_b)),
     )?;
     timed.push(pit);
 

@@ -54,13 +54,6 @@ impl<T> Part<T> {
     }
 }
 
-/// Counts of context transfers, for tests and statistics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SyncCounts {
-    pub pulls: u64,
-    pub pushes: u64,
-}
-
 /// The x86-64 side of a KVM CPU: the thread context, cached part by part.
 #[derive(Default)]
 pub struct X86_64 {
@@ -74,14 +67,13 @@ pub struct X86_64 {
     cr8_entry: u64,
     /// The SYSCALL-entry repair, when enabled.
     repair: Option<syscall_repair::Repair>,
-    counts: SyncCounts,
 }
 
 impl std::fmt::Debug for X86_64 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("X86_64")
-            .field("counts", &self.counts)
-            .finish()
+            .field("repair", &self.repair)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,13 +81,7 @@ macro_rules! part_accessors {
     ($get:ident, $get_mut:ident, $field:ident, $ty:ty, $pull:expr) => {
         #[doc = concat!("The `", stringify!($field), "` part of the context, pulled from KVM if stale.")]
         pub fn $get(&mut self, vcpu: &VcpuFd) -> Result<&$ty> {
-            let counts = &mut self.counts;
-            self.$field
-                .get(|| {
-                    counts.pulls += 1;
-                    $pull(vcpu)
-                })
-                .map(|r| &*r)
+            self.$field.get(|| $pull(vcpu)).map(|r| &*r)
         }
 
         #[doc = concat!("The `", stringify!($field), "` part for modification; pushed before the next entry.")]
@@ -158,12 +144,8 @@ impl X86_64 {
 
     /// General registers, pulled from KVM if stale.
     pub fn regs(&mut self, vcpu: &VcpuFd) -> Result<&kvm_regs> {
-        let counts = &mut self.counts;
         self.regs
-            .get(|| {
-                counts.pulls += 1;
-                vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS"))
-            })
+            .get(|| vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS")))
             .map(|r| &*r)
     }
 
@@ -176,12 +158,8 @@ impl X86_64 {
 
     /// Special registers (segments, control registers, EFER), pulled if stale.
     pub fn sregs(&mut self, vcpu: &VcpuFd) -> Result<&kvm_sregs> {
-        let counts = &mut self.counts;
         self.sregs
-            .get(|| {
-                counts.pulls += 1;
-                vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS"))
-            })
+            .get(|| vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS")))
             .map(|r| &*r)
     }
 
@@ -205,16 +183,6 @@ impl X86_64 {
             ..Default::default()
         });
         syscall_repair::arm(vcpu, lstar)
-    }
-
-    /// System calls whose entry was repaired, if the repair is enabled.
-    pub fn syscalls_repaired(&self) -> Option<u64> {
-        self.repair.map(|r| r.repaired)
-    }
-
-    /// How often the context was pulled from and pushed to KVM.
-    pub fn sync_counts(&self) -> SyncCounts {
-        self.counts
     }
 }
 
@@ -240,26 +208,22 @@ impl Arch for X86_64 {
             vcpu.set_sregs(&self.sregs.value)
                 .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
             self.sregs.dirty = false;
-            self.counts.pushes += 1;
         }
         if self.regs.dirty {
             vcpu.set_regs(&self.regs.value)
                 .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
             self.regs.dirty = false;
-            self.counts.pushes += 1;
         }
         if self.xcrs.dirty {
             vcpu.set_xcrs(&self.xcrs.value)
                 .map_err(KvmError::ioctl("KVM_SET_XCRS"))?;
             self.xcrs.dirty = false;
-            self.counts.pushes += 1;
         }
         if self.xsave.dirty {
             if let Some(x) = &self.xsave.value {
                 sys::set_xsave(vcpu, x).map_err(KvmError::ioctl("KVM_SET_XSAVE"))?;
             }
             self.xsave.dirty = false;
-            self.counts.pushes += 1;
         }
         if self.msrs.dirty {
             let entries: Vec<kvm_msr_entry> = self
@@ -277,13 +241,11 @@ impl Arch for X86_64 {
             vcpu.set_msrs(&msrs)
                 .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
             self.msrs.dirty = false;
-            self.counts.pushes += 1;
         }
         if self.events.dirty {
             vcpu.set_vcpu_events(&self.events.value)
                 .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
             self.events.dirty = false;
-            self.counts.pushes += 1;
         }
         Ok(())
     }

@@ -37,8 +37,6 @@ pub struct Repair {
     pub lstar: u64,
     /// Stepping over the instruction at LSTAR; the breakpoint is off.
     pub stepping: bool,
-    /// System calls repaired so far.
-    pub repaired: u64,
 }
 
 fn set_debug(vcpu: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
@@ -107,9 +105,6 @@ pub fn debug_exit(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<DebugOutcome> {
         let sregs = arch.sregs_mut(vcpu)?;
         sregs.cs = boot::segment_from_entry(kcs, gdt[usize::from(boot::KERNEL_CS / 8)]);
         sregs.ss = boot::segment_from_entry(kcs + 8, gdt[usize::from(boot::KERNEL_DS / 8)]);
-        if let Some(r) = &mut arch.repair {
-            r.repaired += 1;
-        }
         outcome = DebugOutcome::Completed(super::emulate::SYSCALL_ENTRY);
     }
     // Step over the instruction at LSTAR with the breakpoint off.
