@@ -24,6 +24,7 @@
 //! holds an injected or pending event (it requests an interrupt window and
 //! runs briefly instead).
 
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -85,6 +86,20 @@ impl Default for CpuOptions {
             coalesced_mmio: false,
         }
     }
+}
+
+/// An instruction trace: from tick `from`, the next `insts` instructions
+/// the CPU executes, one line each, by single-stepping.
+pub struct Trace {
+    pub from: Tick,
+    pub insts: u64,
+    pub out: Box<dyn std::io::Write + Send>,
+}
+
+/// A trace in progress.
+struct Tracer {
+    trace: Trace,
+    active: bool,
 }
 
 /// How guest instructions are counted.
@@ -326,6 +341,8 @@ pub struct KvmCpu<A: Arch> {
     total_insts: Option<(Counter, Availability)>,
     /// Guest memory, to read instructions KVM could not emulate.
     mem: Option<vm_memory::GuestMemoryMmap>,
+    /// An instruction trace, waiting for its start or in progress.
+    tracer: Option<Tracer>,
 }
 
 impl<A: Arch> KvmCpu<A> {
@@ -367,6 +384,7 @@ impl<A: Arch> KvmCpu<A> {
             stepping: false,
             total_insts: None,
             mem: None,
+            tracer: None,
         })
     }
 
@@ -374,6 +392,14 @@ impl<A: Arch> KvmCpu<A> {
     /// KVM could not emulate).
     pub fn set_guest_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
         self.mem = Some(mem);
+    }
+
+    /// Traces `trace.insts` instructions from tick `trace.from` on.
+    pub fn set_trace(&mut self, trace: Trace) {
+        self.tracer = Some(Tracer {
+            trace,
+            active: false,
+        });
     }
 
     /// Connects the interrupt controller asked before each entry.
@@ -421,7 +447,7 @@ impl<A: Arch> KvmCpu<A> {
 
     /// A readable dump of the whole CPU state.
     pub fn dump(&mut self) -> String {
-        self.arch.dump(&self.vcpu)
+        self.arch.dump(&self.vcpu, self.mem.as_ref())
     }
 
     /// Per-thread setup, run from the CPU's startup event on the thread that
@@ -526,10 +552,13 @@ impl<A: Arch> KvmCpu<A> {
                 if let Some(o) = self.check_step_allowed()? {
                     return Ok(o);
                 }
-                let span = next_event.map(|t| t.saturating_sub(now));
+                let span = self.trace_begin(now, next_event.map(|t| t.saturating_sub(now)))?;
                 let (ticks, exit, expired) = self.run_kvm(now, span, bus)?;
                 if let Some(o) = self.check_inst_limit()? {
                     return Ok(o);
+                }
+                if matches!(exit, Exit::Debug) {
+                    self.trace_step(now.saturating_add(ticks))?;
                 }
                 Ok(self.after_run(now, ticks, exit, expired))
             }
@@ -611,6 +640,62 @@ impl<A: Arch> KvmCpu<A> {
         }
     }
 
+    /// Starts a trace whose time has come (single-stepping from now on);
+    /// returns the span of the next run, shortened to end where a trace
+    /// waiting to start begins.
+    fn trace_begin(&mut self, now: Tick, span: Option<Tick>) -> Result<Option<Tick>> {
+        let Some(t) = &mut self.tracer else {
+            return Ok(span);
+        };
+        if t.active {
+            return Ok(span);
+        }
+        if now < t.trace.from {
+            let until = t.trace.from - now;
+            return Ok(Some(span.map_or(until, |s| s.min(until))));
+        }
+        t.active = true;
+        let start = format!(
+            "# {}: tracing {} instructions from tick {now} (tick, privilege level, address, bytes, instruction)",
+            self.name, t.trace.insts
+        );
+        self.trace_write(&start)?;
+        self.arch.set_single_step(&self.vcpu, true)?;
+        self.trace_step(now)?;
+        Ok(span)
+    }
+
+    /// Records the instruction the CPU stands at after a step; ends the
+    /// trace after its last instruction.
+    fn trace_step(&mut self, now: Tick) -> Result<()> {
+        let Some(t) = &mut self.tracer else {
+            return Ok(());
+        };
+        if !t.active {
+            return Ok(());
+        }
+        if t.trace.insts == 0 {
+            self.tracer = None;
+            if !self.stepping {
+                self.arch.set_single_step(&self.vcpu, false)?;
+            }
+            return Ok(());
+        }
+        t.trace.insts -= 1;
+        let bytes = self.read_instruction()?;
+        let line = self.arch.trace_line(&self.vcpu, &bytes)?;
+        self.trace_write(&format!("{now:>16} {line}"))
+    }
+
+    fn trace_write(&mut self, line: &str) -> Result<()> {
+        if let Some(t) = &mut self.tracer {
+            writeln!(t.trace.out, "{line}")
+                .and_then(|()| t.trace.out.flush())
+                .map_err(|e| KvmError::Setup(format!("{}: writing the trace: {e}", self.name)))?;
+        }
+        Ok(())
+    }
+
     /// Before a single-step: refuses to step where this host cannot.
     fn check_step_allowed(&mut self) -> Result<Option<TickOutcome>> {
         if !self.stepping {
@@ -659,7 +744,8 @@ impl<A: Arch> KvmCpu<A> {
         // While single-stepping each entry should stop after one
         // instruction; the timer still bounds it, in case KVM does not step
         // the code (native user mode on a software-assisted KVM).
-        let span = if self.stepping {
+        let tracing = self.tracer.as_ref().is_some_and(|t| t.active);
+        let span = if self.stepping || tracing {
             Some(span.unwrap_or(STEP_SAFETY_SPAN).min(STEP_SAFETY_SPAN))
         } else {
             span

@@ -74,6 +74,10 @@ struct RunArgs {
     /// At the end, print the full vCPU state (also written to cpu-dump.txt).
     #[arg(long)]
     dump_on_exit: bool,
+    /// Trace N instructions into trace.txt, from simulated time TIME on
+    /// (N or N@TIME, e.g. 5000@120s; overrides the config).
+    #[arg(long, value_name = "N[@TIME]")]
+    trace: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,17 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+}
+
+/// `N` or `N@TIME`: a trace of N instructions from TIME (default 0) on.
+fn parse_trace(t: &str) -> Result<platform::config::TraceConfig, String> {
+    let (n, from) = t.split_once('@').unwrap_or((t, "0s"));
+    let insts = n
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{n:?} is not an instruction count"))?;
+    let from = Duration(platform::units::parse_duration(from.trim())?);
+    Ok(platform::config::TraceConfig { from, insts })
 }
 
 fn main() -> ExitCode {
@@ -182,7 +197,15 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
             platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
         ));
     }
+    let trace = a
+        .trace
+        .as_deref()
+        .map(|t| parse_trace(t).map_err(|e| bad("--trace", t, e)))
+        .transpose()?;
     for s in &mut cfg.system {
+        if trace.is_some() {
+            s.cpu.trace = trace.clone();
+        }
         if let Some(i) = &a.initrd {
             s.initrd = Some(i.clone());
         }

@@ -61,6 +61,20 @@ fn malformed_configs_name_file_line_and_field() {
 
     let r = kvmsim(&["run"], &dir.join("o6"));
     expect_error(&r, &["nothing to run"]);
+
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:hello", "--trace", "many@1s"],
+        &dir.join("o7"),
+    );
+    expect_error(&r, &["--trace", "\"many\" is not an instruction count"]);
+
+    let f = write(
+        &dir,
+        "e.toml",
+        b"[system]\nkernel = \"builtin:hello\"\n[system.cpu]\ntrace = { insts = 0 }\n",
+    );
+    let r = kvmsim(&["run", &f], &dir.join("o8"));
+    expect_error(&r, &["e.toml", "system.cpu.trace.insts", "at least 1"]);
 }
 
 #[test]

@@ -325,6 +325,77 @@ fn dump_on_exit_prints_the_whole_cpu_state() {
 }
 
 #[test]
+fn trace_records_each_instruction_from_a_given_time() {
+    if !kvm_or_skip("trace") {
+        return;
+    }
+    // hello (kernel mode) prints by polling the UART: lodsb, test, je, ...,
+    // in al,dx ... out dx,al. Trace 40 instructions from the start, then
+    // 5 from 10 us on (the guest is still printing then).
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--quiet",
+            "--trace",
+            "40",
+        ],
+        &outdir("trace"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let t = r.file("trace.txt");
+    let lines: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
+    if !kvm::probe::single_step_works(0).unwrap() {
+        // Without stepping only the first line (the start) is recorded.
+        assert!(lines.len() <= 1, "{t}");
+        return;
+    }
+    assert_eq!(lines.len(), 40, "{t}");
+    assert!(lines[0].contains("cpl0 0x0000000000100000"), "{t}");
+    let ticks: Vec<u64> = lines
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[0] <= w[1]),
+        "time goes forward: {t}"
+    );
+    for insn in ["lodsb", "in al,dx", "out dx,al"] {
+        assert!(t.contains(insn), "{insn} not in:\n{t}");
+    }
+    // The guest still prints the whole message while traced.
+    assert!(r.stdout.is_empty());
+    assert!(
+        r.file("serial.log").starts_with("Hello"),
+        "{}",
+        r.file("serial.log")
+    );
+
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--quiet",
+            "--trace",
+            "5@10us",
+        ],
+        &outdir("trace-later"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let t = r.file("trace.txt");
+    let first: u64 = t
+        .lines()
+        .find(|l| !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no trace line in:\n{t}"));
+    assert!(first >= 10_000_000, "trace starts at 10 us, not {first} ps");
+    assert_eq!(t.lines().filter(|l| !l.starts_with('#')).count(), 5, "{t}");
+}
+
+#[test]
 fn int3_that_kvm_cannot_emulate_is_completed() {
     if !kvm_or_skip("int3") {
         return;

@@ -108,6 +108,14 @@ fn fault_guest_ends_with_a_register_dump() {
         r.stderr.contains("r15=000000001234abcd"),
         "the guest's marker register"
     );
+    // The dump shows what the registers point at: the faulting
+    // instruction and where RIP leads through the page tables.
+    assert!(
+        r.stderr.contains("code at rip: [0f, 0b] = ud2"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("rip: page walk of 0x"), "{}", r.stderr);
     // What the guest printed and the stats survive the fault.
     assert_eq!(r.file("serial.log"), "fault: about to triple fault\n");
     assert!(r.file("stats.txt").contains("system.cpu.numVMExits"));

@@ -163,6 +163,23 @@ pub struct CpuConfig {
     /// development hosts the breakpoint does not fire yet.
     #[serde(default)]
     pub syscall_repair: bool,
+    /// An instruction trace into trace.txt (by single-stepping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceConfig>,
+}
+
+/// An instruction trace: every instruction the CPU executes from a moment
+/// of simulated time on, one line each, into the system's trace.txt.
+/// Single-stepping costs an exit per instruction; on a host whose KVM does
+/// not single-step user-mode code, user mode shows up only at its exits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Simulated time the trace starts at (default: the start).
+    #[serde(default)]
+    pub from: Duration,
+    /// How many instructions to trace.
+    pub insts: u64,
 }
 
 fn default_timer() -> String {
@@ -184,6 +201,7 @@ impl Default for CpuConfig {
             timer: default_timer(),
             max_insts: None,
             syscall_repair: false,
+            trace: None,
         }
     }
 }
@@ -393,6 +411,18 @@ impl Config {
             }
             if s.cpu.max_insts == Some(0) {
                 return Err(bad(f("cpu.max_insts"), "0".into(), "must be at least 1"));
+            }
+            if let Some(t) = &s.cpu.trace {
+                if t.insts == 0 {
+                    return Err(bad(f("cpu.trace.insts"), "0".into(), "must be at least 1"));
+                }
+                if s.cpu.syscall_repair {
+                    return Err(bad(
+                        f("cpu.trace"),
+                        format!("{t:?}"),
+                        "cannot be combined with cpu.syscall_repair (both use the debug registers)",
+                    ));
+                }
             }
             for r in &s.coalesced_mmio {
                 let [base, size] = *r;

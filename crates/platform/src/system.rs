@@ -366,6 +366,21 @@ impl System {
         )?;
         cpu.set_total_insts(total, avail);
         cpu.set_guest_memory(ram.memory().clone());
+        if let Some(t) = &sc.cpu.trace {
+            let file = if name == "system" {
+                "trace.txt".to_string()
+            } else {
+                format!("trace.{name}.txt")
+            };
+            let path = out.file(&file);
+            let f = std::fs::File::create(&path)
+                .map_err(|source| crate::output::OutputError { path, source })?;
+            cpu.set_trace(kvm::cpu::Trace {
+                from: t.from.0,
+                insts: t.insts,
+                out: Box::new(std::io::BufWriter::new(f)),
+            });
+        }
 
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
         let mut timed: Vec<TimedHandle> = Vec::new();

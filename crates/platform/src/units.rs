@@ -96,7 +96,7 @@ pub fn parse_duration(s: &str) -> Result<Tick, String> {
 macro_rules! quantity {
     ($name:ident, $inner:ty, $parse:ident, $what:literal) => {
         #[doc = concat!("A ", $what, " from a config file.")]
-        #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
         pub struct $name(pub $inner);
 
         impl Serialize for $name {

@@ -52,8 +52,10 @@ pub trait Arch: Send {
     /// convention, read through the lazy context.
     fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]>;
 
-    /// A readable dump of the CPU state.
-    fn dump(&mut self, vcpu: &VcpuFd) -> String;
+    /// A readable dump of the CPU state; with guest memory, also what the
+    /// state points at (x86: the code at RIP, the stack, the page walk of the
+    /// last page-fault address).
+    fn dump(&mut self, vcpu: &VcpuFd, mem: Option<&vm_memory::GuestMemoryMmap>) -> String;
 
     /// Before an entry: injects what `intc` has pending if the guest can
     /// take it now, otherwise asks KVM to exit as soon as it can.
@@ -101,4 +103,10 @@ pub trait Arch: Send {
     /// The address of the current instruction, for reading its bytes
     /// (x86: RIP translated through the guest's page tables).
     fn instruction_address(&mut self, vcpu: &VcpuFd) -> Result<Option<u64>>;
+
+    /// One line of an instruction trace: where the CPU is (privilege level,
+    /// program counter), the disassembly of `bytes` (the instruction there,
+    /// empty if unreadable) and any fault-related state that changed since
+    /// the previous line (x86: CR2).
+    fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String>;
 }

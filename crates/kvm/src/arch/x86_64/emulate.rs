@@ -40,17 +40,32 @@ pub fn disassemble(bytes: &[u8], rip: u64, bitness: u32) -> String {
     s
 }
 
-/// Completes the instruction `bytes` at the vCPU's RIP if kvmsim knows how.
-pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulated> {
-    let rip = arch.regs(vcpu)?.rip;
-    let sregs = arch.sregs(vcpu)?;
-    let bitness = if sregs.cs.l != 0 {
+/// The length of the instruction `bytes` start with (all of `bytes` if it
+/// does not decode).
+pub fn instruction_len(bytes: &[u8], rip: u64, bitness: u32) -> usize {
+    let insn = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE).decode();
+    if insn.is_invalid() {
+        bytes.len()
+    } else {
+        insn.len().min(bytes.len())
+    }
+}
+
+/// The code size the code segment `cs` selects: 16, 32 or 64 bits.
+pub fn code_bitness(sregs: &kvm_bindings::kvm_sregs) -> u32 {
+    if sregs.cs.l != 0 {
         64
     } else if sregs.cs.db != 0 {
         32
     } else {
         16
-    };
+    }
+}
+
+/// Completes the instruction `bytes` at the vCPU's RIP if kvmsim knows how.
+pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulated> {
+    let rip = arch.regs(vcpu)?.rip;
+    let bitness = code_bitness(arch.sregs(vcpu)?);
     let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
     let insn = d.decode();
     if insn.is_invalid() {

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod emulate;
+pub mod paging;
 pub mod syscall_repair;
 
 use std::fmt::Write as _;
@@ -67,6 +68,8 @@ pub struct X86_64 {
     cr8_entry: u64,
     /// The SYSCALL-entry repair, when enabled.
     repair: Option<syscall_repair::Repair>,
+    /// CR2 at the previous trace line (a change marks a page fault).
+    trace_cr2: Option<u64>,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -373,6 +376,27 @@ impl Arch for X86_64 {
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 
+    fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String> {
+        let rip = self.regs(vcpu)?.rip;
+        let s = self.sregs(vcpu)?;
+        let (cpl, cr2, bitness) = (s.cs.dpl, s.cr2, emulate::code_bitness(s));
+        let mut line = if bytes.is_empty() {
+            format!("cpl{cpl} {rip:#018x}  (instruction not readable)")
+        } else {
+            let len = emulate::instruction_len(bytes, rip, bitness);
+            let hex: String = bytes[..len].iter().map(|b| format!("{b:02x}")).collect();
+            format!(
+                "cpl{cpl} {rip:#018x}  {hex:<20} {}",
+                emulate::disassemble(bytes, rip, bitness)
+            )
+        };
+        if self.trace_cr2.is_some_and(|c| c != cr2) {
+            line.push_str(&format!("    ; cr2 = {cr2:#x}"));
+        }
+        self.trace_cr2 = Some(cr2);
+        Ok(line)
+    }
+
     fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()> {
         let dbg = kvm_guest_debug {
             control: if on {
@@ -391,7 +415,7 @@ impl Arch for X86_64 {
         Ok([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9])
     }
 
-    fn dump(&mut self, vcpu: &VcpuFd) -> String {
+    fn dump(&mut self, vcpu: &VcpuFd, mem: Option<&vm_memory::GuestMemoryMmap>) -> String {
         let mut s = String::new();
         match self.regs(vcpu) {
             Ok(r) => {
@@ -532,6 +556,98 @@ impl Arch for X86_64 {
         }
         if let Ok(dr) = vcpu.get_debug_regs() {
             let _ = writeln!(s, "dr0-3={:x?} dr6={:x} dr7={:x}", dr.db, dr.dr6, dr.dr7);
+        }
+        if let Some(mem) = mem {
+            s.push_str(&self.memory_view(vcpu, mem));
+        }
+        s
+    }
+}
+
+/// Reads a little-endian u64 of guest-physical memory.
+fn read_phys_u64(mem: &vm_memory::GuestMemoryMmap, addr: u64) -> Option<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    mem.read_obj::<u64>(GuestAddress(addr)).ok()
+}
+
+impl X86_64 {
+    /// Walks `va` through the guest's current page tables.
+    pub fn walk(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &vm_memory::GuestMemoryMmap,
+        va: u64,
+    ) -> Result<paging::Walk> {
+        let s = self.sregs(vcpu)?;
+        Ok(paging::walk(s.cr0, s.cr3, s.cr4, s.efer, va, |a| {
+            read_phys_u64(mem, a)
+        }))
+    }
+
+    /// What the registers point at: the instruction at RIP, the top of the
+    /// stack, and the page walk of CR2.
+    fn memory_view(&mut self, vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap) -> String {
+        let mut s = String::new();
+        let (Ok(r), Ok(sr)) = (self.regs(vcpu).copied(), self.sregs(vcpu).copied()) else {
+            return s;
+        };
+        let paged = sr.cr0 & (1 << 31) != 0;
+        let phys = |this: &mut Self, va: u64| -> Option<u64> {
+            if !paged {
+                return Some(va);
+            }
+            this.walk(vcpu, mem, va).ok().and_then(|w| w.result.ok())
+        };
+        // Segment bases other than FS and GS do not apply in 64-bit mode.
+        let long = sr.cs.l != 0;
+        let code_va = if long {
+            r.rip
+        } else {
+            sr.cs.base.wrapping_add(r.rip)
+        };
+        let mut bytes = Vec::new();
+        for i in 0..15u64 {
+            let Some(pa) = phys(self, code_va.wrapping_add(i)) else {
+                break;
+            };
+            let mut b = [0u8; 1];
+            if vm_memory::Bytes::read_slice(mem, &mut b, vm_memory::GuestAddress(pa)).is_err() {
+                break;
+            }
+            bytes.push(b[0]);
+        }
+        if bytes.is_empty() {
+            let _ = writeln!(s, "code at rip: not readable");
+        } else {
+            let _ = writeln!(
+                s,
+                "code at rip: {:02x?} = {}",
+                &bytes[..emulate::instruction_len(&bytes, r.rip, emulate::code_bitness(&sr))],
+                emulate::disassemble(&bytes, r.rip, emulate::code_bitness(&sr))
+            );
+        }
+        let _ = write!(s, "stack at rsp:");
+        for i in 0..8u64 {
+            let base = if long { 0 } else { sr.ss.base };
+            let va = base.wrapping_add(r.rsp).wrapping_add(8 * i);
+            match phys(self, va).and_then(|pa| read_phys_u64(mem, pa)) {
+                Some(v) => {
+                    let _ = write!(s, " {v:x}");
+                }
+                None => {
+                    s.push_str(" (unreadable)");
+                    break;
+                }
+            }
+        }
+        s.push('\n');
+        if paged {
+            let cr2 = (sr.cr2 != 0).then_some(("cr2", sr.cr2));
+            for (what, va) in std::iter::once(("rip", code_va)).chain(cr2) {
+                if let Ok(w) = self.walk(vcpu, mem, va) {
+                    let _ = writeln!(s, "{what}: {}", w.describe());
+                }
+            }
         }
         s
     }
