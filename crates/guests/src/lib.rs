@@ -29,6 +29,9 @@
 //! * `int3`: three `int3` traps under a #BP handler; prints the count.
 //! * `syscall`: RDI (1000) system calls from ring 3 to a ring-0 handler that
 //!   returns with sysretq; prints the count.
+//! * `flags`: RDI (20,000) passes of Linux's memmove loop in kernel mode
+//!   while the interval timer interrupts every RSI (50,000) ns (none if RDX
+//!   != 0); prints how many passes lost the carry flag to an interrupt.
 
 macro_rules! guest {
     ($name:literal) => {
@@ -53,6 +56,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("pcirq"),
     guest!("int3"),
     guest!("syscall"),
+    guest!("flags"),
 ];
 
 /// The ELF image of built-in guest `name`.

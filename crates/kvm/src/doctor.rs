@@ -25,6 +25,38 @@ pub struct Report {
 }
 
 /// The MMIO read every snippet ends with: `mov 0xffff0000, %rax` (via EAX).
+/// The CPUID registers whose feature bits the guest may see without KVM
+/// supporting them: (leaf, register index in [eax, ebx, ecx, edx], Linux
+/// cpufeature word). Linux's clearcpuid= takes word * 32 + bit.
+const CPUID_WORDS: &[(u32, usize, u32)] = &[
+    (1, 2, 4),           // leaf 1 ECX
+    (7, 1, 9),           // leaf 7 EBX
+    (7, 2, 16),          // leaf 7 ECX
+    (7, 3, 18),          // leaf 7 EDX
+    (0x8000_0001, 2, 6), // leaf 0x80000001 ECX
+];
+
+/// Linux features whose code assumes another one without Linux clearing
+/// them together (6.1 has no such dependency): (dependent, required).
+const LINUX_DEPENDS: &[(u32, u32)] = &[
+    // FSRM: memmove drops its length check and relies on ERMS for short
+    // copies; with ERMS hidden and FSRM seen, a copy shorter than 32 bytes
+    // runs away through memory (found booting Debian's 6.1 kernel).
+    (18 * 32 + 4, 9 * 32 + 9),
+];
+
+/// Adds to `bits` (clearcpuid= bits) every feature that depends on one of
+/// them; sorted, without duplicates.
+pub fn hide_dependents(bits: &mut Vec<u32>) {
+    for &(dependent, required) in LINUX_DEPENDS {
+        if bits.contains(&required) {
+            bits.push(dependent);
+        }
+    }
+    bits.sort_unstable();
+    bits.dedup();
+}
+
 const END: [u8; 8] = [0xb8, 0x00, 0x00, 0xff, 0xff, 0x48, 0x8b, 0x00];
 
 fn snippet(body: &[u8]) -> Vec<u8> {
@@ -202,14 +234,15 @@ pub fn run() -> Report {
         .as_ref()
         .map(|c| crate::arch::x86_64::cpuid::filter(c, 0));
     let table = |leaf: u32, reg: usize| {
-        filtered.as_ref().and_then(|c| {
-            let e = c.iter().find(|e| e.function == leaf && e.index == 0)?;
-            Some(u64::from([e.eax, e.ebx, e.ecx, e.edx][reg]))
+        filtered.as_ref().map(|c| {
+            // A leaf missing from the table supports nothing.
+            c.iter()
+                .find(|e| e.function == leaf && e.index == 0)
+                .map_or(0, |e| u64::from([e.eax, e.ebx, e.ecx, e.edx][reg]))
         })
     };
     let mut extra: Vec<u32> = Vec::new();
-    // (leaf, register index in [rax, rbx, rcx, rdx], Linux cpufeature word)
-    for (leaf, reg, word) in [(1u32, 2usize, 4u32), (7, 1, 9)] {
+    for &(leaf, reg, word) in CPUID_WORDS {
         if let (Some(g), Some(t)) = (guest(u64::from(leaf)), table(leaf, reg)) {
             let seen = g[reg] & 0xffff_ffff;
             let unsupported = seen & !t;
@@ -222,6 +255,7 @@ pub fn run() -> Report {
     }
     // The hypervisor bit is information, not an instruction set.
     extra.retain(|&b| b != 4 * 32 + 31);
+    hide_dependents(&mut extra);
     add(
         &mut rep.findings,
         "guest CPUID is KVM's table",
@@ -325,4 +359,22 @@ pub fn run() -> Report {
             .push(format!("clearcpuid={}", clear.join(",")));
     }
     rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hiding_erms_hides_fsrm_too() {
+        let mut bits = vec![297, 151];
+        hide_dependents(&mut bits);
+        assert_eq!(bits, vec![151, 297, 580]);
+        let mut bits = vec![580, 297, 580];
+        hide_dependents(&mut bits);
+        assert_eq!(bits, vec![297, 580]);
+        let mut bits = vec![151];
+        hide_dependents(&mut bits);
+        assert_eq!(bits, vec![151]);
+    }
 }

@@ -325,6 +325,40 @@ fn dump_on_exit_prints_the_whole_cpu_state() {
 }
 
 #[test]
+fn interrupts_in_kernel_mode_keep_the_interrupted_flags() {
+    if !kvm_or_skip("flags") {
+        return;
+    }
+    // Linux's memmove loop at CPL0 (a carry set by `sub` is read by `jae`
+    // ten instructions later) under a 50 us interval timer, then with the
+    // interrupts held back while the loop runs: kvmsim's injection and
+    // register sync must not lose the carry.
+    for mode in [0, 2] {
+        let r = kvmsim(
+            &[
+                "run",
+                "--kernel",
+                "builtin:flags",
+                "--arg",
+                "3000",
+                "--arg",
+                "50000",
+                "--arg",
+                &mode.to_string(),
+            ],
+            &outdir(&format!("flags-{mode}")),
+        );
+        assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+        let line = r.file("serial.log");
+        assert_eq!(field(&line, "passes"), 3000, "{line}");
+        assert_eq!(field(&line, "bad"), 0, "{line}");
+        let taken = field(&line, "interrupts");
+        assert!(taken > 0, "the timer interrupted the loop: {line}");
+        assert_eq!(r.stat("system.cpu.numInterrupts").as_u64(), Some(taken));
+    }
+}
+
+#[test]
 fn trace_records_each_instruction_from_a_given_time() {
     if !kvm_or_skip("trace") {
         return;

@@ -106,7 +106,7 @@ pub struct System {
     // Drop order: the vCPU, then the VM, then the RAM it maps.
     cpu: KvmCpu<X86_64>,
     _vm: KvmVm,
-    _ram: GuestRam,
+    ram: GuestRam,
     bus: IoBus,
     /// The CPU's interrupt controller (the local APIC on a PC).
     intc: CpuIntc,
@@ -487,7 +487,7 @@ impl System {
             name,
             cpu,
             _vm: vm,
-            _ram: ram,
+            ram,
             bus,
             intc,
             ioapic,
@@ -550,10 +550,15 @@ impl System {
         self.cpu.dump()
     }
 
-    /// One line of CPU state: RIP, RSP, CPL, RFLAGS, CR2 and KVM's pending events.
+    /// One line of CPU state: RIP, RSP, CPL, RFLAGS, CR2, the first
+    /// argument registers, the top of the stack, KVM's pending events and
+    /// the interrupt controller's state.
     pub fn cpu_sample(&mut self) -> String {
+        let mem = self.ram.memory().clone();
         let (arch, vcpu) = self.cpu.arch_mut();
-        let regs = arch.regs(vcpu).map(|r| (r.rip, r.rsp, r.rflags));
+        let regs = arch
+            .regs(vcpu)
+            .map(|r| (r.rip, r.rsp, r.rflags, r.rdi, r.rsi, r.rdx));
         let sregs = arch.sregs(vcpu).map(|s| (s.cs.dpl, s.cr2));
         let ev = arch.events(vcpu).map(|e| {
             (
@@ -563,11 +568,18 @@ impl System {
                 e.interrupt.nr,
             )
         });
+        let stack: Vec<String> = arch
+            .stack_words(vcpu, &mem, 6)
+            .iter()
+            .map(|w| format!("{w:x}"))
+            .collect();
         let intc = mem::lock(&self.intc).describe();
         match (regs, sregs, ev) {
-            (Ok((rip, rsp, fl)), Ok((cpl, cr2)), Ok((xi, xn, ii, inr))) => format!(
+            (Ok((rip, rsp, fl, rdi, rsi, rdx)), Ok((cpl, cr2)), Ok((xi, xn, ii, inr))) => format!(
                 "rip={rip:#x} rsp={rsp:#x} cpl={cpl} rflags={fl:#x} cr2={cr2:#x} \
+                 rdi={rdi:#x} rsi={rsi:#x} rdx={rdx:#x} stack=[{}] \
                  exception={xi}/{xn} interrupt={ii}/{inr} state={:?} {intc}",
+                stack.join(" "),
                 self.cpu.state()
             ),
             _ => "(registers unavailable)".into(),

@@ -584,6 +584,70 @@ impl X86_64 {
         }))
     }
 
+    /// Reads guest memory at virtual address `va` through the current page
+    /// tables (physical addresses before paging is on) into `buf`; returns
+    /// how many bytes could be read (fewer at an unmapped page).
+    pub fn read_virt(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &vm_memory::GuestMemoryMmap,
+        va: u64,
+        buf: &mut [u8],
+    ) -> usize {
+        let Ok(paged) = self.sregs(vcpu).map(|s| s.cr0 & (1 << 31) != 0) else {
+            return 0;
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let at = va.wrapping_add(done as u64);
+            let pa = if paged {
+                match self.walk(vcpu, mem, at).map(|w| w.result) {
+                    Ok(Ok(pa)) => pa,
+                    _ => break,
+                }
+            } else {
+                at
+            };
+            // Up to the end of the 4 KiB page (the smallest mapping).
+            let n = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
+            if vm_memory::Bytes::read_slice(
+                mem,
+                &mut buf[done..done + n],
+                vm_memory::GuestAddress(pa),
+            )
+            .is_err()
+            {
+                break;
+            }
+            done += n;
+        }
+        done
+    }
+
+    /// The first `n` 8-byte words on the stack (fewer where unreadable).
+    pub fn stack_words(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &vm_memory::GuestMemoryMmap,
+        n: usize,
+    ) -> Vec<u64> {
+        let Ok(rsp) = self.regs(vcpu).map(|r| r.rsp) else {
+            return Vec::new();
+        };
+        let long = self.sregs(vcpu).is_ok_and(|s| s.cs.l != 0);
+        let base = if long {
+            0
+        } else {
+            self.sregs(vcpu).map_or(0, |s| s.ss.base)
+        };
+        let mut buf = vec![0u8; 8 * n];
+        let got = self.read_virt(vcpu, mem, base.wrapping_add(rsp), &mut buf);
+        buf[..got - got % 8]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect()
+    }
+
     /// What the registers point at: the instruction at RIP, the top of the
     /// stack, and the page walk of CR2.
     fn memory_view(&mut self, vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap) -> String {
@@ -592,30 +656,15 @@ impl X86_64 {
             return s;
         };
         let paged = sr.cr0 & (1 << 31) != 0;
-        let phys = |this: &mut Self, va: u64| -> Option<u64> {
-            if !paged {
-                return Some(va);
-            }
-            this.walk(vcpu, mem, va).ok().and_then(|w| w.result.ok())
-        };
         // Segment bases other than FS and GS do not apply in 64-bit mode.
-        let long = sr.cs.l != 0;
-        let code_va = if long {
+        let code_va = if sr.cs.l != 0 {
             r.rip
         } else {
             sr.cs.base.wrapping_add(r.rip)
         };
-        let mut bytes = Vec::new();
-        for i in 0..15u64 {
-            let Some(pa) = phys(self, code_va.wrapping_add(i)) else {
-                break;
-            };
-            let mut b = [0u8; 1];
-            if vm_memory::Bytes::read_slice(mem, &mut b, vm_memory::GuestAddress(pa)).is_err() {
-                break;
-            }
-            bytes.push(b[0]);
-        }
+        let mut bytes = vec![0u8; 15];
+        let got = self.read_virt(vcpu, mem, code_va, &mut bytes);
+        bytes.truncate(got);
         if bytes.is_empty() {
             let _ = writeln!(s, "code at rip: not readable");
         } else {
@@ -626,19 +675,13 @@ impl X86_64 {
                 emulate::disassemble(&bytes, r.rip, emulate::code_bitness(&sr))
             );
         }
+        let words = self.stack_words(vcpu, mem, 8);
         let _ = write!(s, "stack at rsp:");
-        for i in 0..8u64 {
-            let base = if long { 0 } else { sr.ss.base };
-            let va = base.wrapping_add(r.rsp).wrapping_add(8 * i);
-            match phys(self, va).and_then(|pa| read_phys_u64(mem, pa)) {
-                Some(v) => {
-                    let _ = write!(s, " {v:x}");
-                }
-                None => {
-                    s.push_str(" (unreadable)");
-                    break;
-                }
-            }
+        for w in &words {
+            let _ = write!(s, " {w:x}");
+        }
+        if words.len() < 8 {
+            s.push_str(" (unreadable beyond)");
         }
         s.push('\n');
         if paged {
