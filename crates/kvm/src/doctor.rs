@@ -24,7 +24,6 @@ pub struct Report {
     pub linux_flags: Vec<String>,
 }
 
-/// The MMIO read every snippet ends with: `mov 0xffff0000, %rax` (via EAX).
 /// The CPUID registers whose feature bits the guest may see without KVM
 /// supporting them: (leaf, register index in [eax, ebx, ecx, edx], Linux
 /// cpufeature word). Linux's clearcpuid= takes word * 32 + bit.
@@ -57,6 +56,62 @@ pub fn hide_dependents(bits: &mut Vec<u32>) {
     bits.dedup();
 }
 
+/// Features Linux clears by itself when XSAVE is cleared (`noxsave`), by
+/// its cpuid-deps table: AVX and all that builds on it, PKU. With `noxsave`
+/// on the command line they need no clearcpuid= entry.
+const CLEARED_WITH_XSAVE: &[u32] = &[
+    4 * 32 + 12,  // FMA
+    4 * 32 + 28,  // AVX
+    9 * 32 + 5,   // AVX2
+    9 * 32 + 16,  // AVX512F
+    9 * 32 + 17,  // AVX512DQ
+    9 * 32 + 21,  // AVX512IFMA
+    9 * 32 + 26,  // AVX512PF
+    9 * 32 + 27,  // AVX512ER
+    9 * 32 + 28,  // AVX512CD
+    9 * 32 + 30,  // AVX512BW
+    9 * 32 + 31,  // AVX512VL
+    16 * 32 + 1,  // AVX512VBMI
+    16 * 32 + 3,  // PKU
+    16 * 32 + 6,  // AVX512_VBMI2
+    16 * 32 + 9,  // VAES
+    16 * 32 + 10, // VPCLMULQDQ
+    16 * 32 + 11, // AVX512_VNNI
+    16 * 32 + 12, // AVX512_BITALG
+    16 * 32 + 14, // AVX512_VPOPCNTDQ
+    18 * 32 + 2,  // AVX512_4VNNIW
+    18 * 32 + 3,  // AVX512_4FMAPS
+    18 * 32 + 8,  // AVX512_VP2INTERSECT
+];
+
+/// Linux reads the clearcpuid= argument into a 128-byte buffer: a longer
+/// list loses its tail (silently, apart from what the kernel logs).
+pub const CLEARCPUID_MAX: usize = 127;
+
+/// The clearcpuid= argument for `bits`: the bits in `first` come first
+/// (they matter most if the list is cut), then the others in order. Returns
+/// the argument and the bits that do not fit in Linux's buffer.
+pub fn clearcpuid_arg(bits: &[u32], first: &[u32]) -> (String, Vec<u32>) {
+    let mut ordered: Vec<u32> = bits.iter().copied().filter(|b| first.contains(b)).collect();
+    ordered.extend(bits.iter().copied().filter(|b| !first.contains(b)));
+    let mut arg = String::new();
+    let mut dropped = Vec::new();
+    for b in ordered {
+        let item = if arg.is_empty() {
+            b.to_string()
+        } else {
+            format!(",{b}")
+        };
+        if arg.len() + item.len() > CLEARCPUID_MAX {
+            dropped.push(b);
+        } else {
+            arg.push_str(&item);
+        }
+    }
+    (arg, dropped)
+}
+
+/// The MMIO read every snippet ends with: `mov 0xffff0000, %rax` (via EAX).
 const END: [u8; 8] = [0xb8, 0x00, 0x00, 0xff, 0xff, 0x48, 0x8b, 0x00];
 
 fn snippet(body: &[u8]) -> Vec<u8> {
@@ -255,7 +310,6 @@ pub fn run() -> Report {
     }
     // The hypervisor bit is information, not an instruction set.
     extra.retain(|&b| b != 4 * 32 + 31);
-    hide_dependents(&mut extra);
     add(
         &mut rep.findings,
         "guest CPUID is KVM's table",
@@ -339,24 +393,43 @@ pub fn run() -> Report {
         "a Linux user space cannot run; experimental repair (system.cpu.syscall_repair): a breakpoint on LSTAR, which does not fire yet on every host",
     );
 
-    extra.sort_unstable();
-    extra.dedup();
+    let mut priority: Vec<u32> = extra
+        .iter()
+        .copied()
+        .filter(|b| [141, 151].contains(b))
+        .collect();
+    let before = extra.clone();
+    hide_dependents(&mut extra);
+    priority.extend(extra.iter().filter(|b| !before.contains(b)));
     let xsave = 4 * 32 + 26;
     let fsgsbase = 9 * 32;
-    if extra.contains(&xsave) {
+    let noxsave = extra.contains(&xsave);
+    if noxsave {
         rep.linux_flags.push("noxsave".into());
     }
     if extra.contains(&fsgsbase) {
         rep.linux_flags.push("nofsgsbase".into());
     }
-    let clear: Vec<String> = extra
+    let clear: Vec<u32> = extra
         .iter()
-        .filter(|&&b| b != xsave && b != fsgsbase)
-        .map(u32::to_string)
+        .copied()
+        .filter(|&b| b != xsave && b != fsgsbase)
+        .filter(|b| !(noxsave && CLEARED_WITH_XSAVE.contains(b)))
         .collect();
-    if !clear.is_empty() {
-        rep.linux_flags
-            .push(format!("clearcpuid={}", clear.join(",")));
+    let (arg, dropped) = clearcpuid_arg(&clear, &priority);
+    add(
+        &mut rep.findings,
+        "clearcpuid= fits Linux's buffer",
+        dropped.is_empty(),
+        if dropped.is_empty() {
+            format!("{} bits in {} characters (at most {CLEARCPUID_MAX})", clear.len(), arg.len())
+        } else {
+            format!("{} bits do not fit in {CLEARCPUID_MAX} characters: {dropped:?}", dropped.len())
+        },
+        "Linux keeps seeing the features that do not fit; the emulator gaps and dependents go first",
+    );
+    if !arg.is_empty() {
+        rep.linux_flags.push(format!("clearcpuid={arg}"));
     }
     rep
 }
@@ -364,6 +437,19 @@ pub fn run() -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clearcpuid_puts_priorities_first_and_respects_the_limit() {
+        let (arg, dropped) = clearcpuid_arg(&[128, 141, 297, 580], &[141, 580]);
+        assert_eq!(arg, "141,580,128,297");
+        assert!(dropped.is_empty());
+        let many: Vec<u32> = (100..200).collect();
+        let (arg, dropped) = clearcpuid_arg(&many, &[199]);
+        assert!(arg.len() <= CLEARCPUID_MAX);
+        assert!(arg.starts_with("199,100,"));
+        assert_eq!(arg.split(',').count() + dropped.len(), 100);
+        assert_eq!(dropped.last(), Some(&198));
+    }
 
     #[test]
     fn hiding_erms_hides_fsrm_too() {
