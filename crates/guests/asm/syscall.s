@@ -28,11 +28,11 @@ _start:
         andq    $~4, 0x4008             # PD entry of [2 MiB, 4 MiB): supervisor only
         mov     %cr3, %rax              # flush the TLB
         mov     %rax, %cr3
-        out     %al, $0x80              # an exit after the MSR set-up
         mov     $14, %edi
         lea     back(%rip), %rsi
         call    set_gate
         call    load_idt
+        out     %al, $0x80              # an exit after the set-up
         lea     user(%rip), %rax
         mov     $0x2, %esi
         call    to_user

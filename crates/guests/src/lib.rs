@@ -29,6 +29,8 @@
 //! * `int3`: three `int3` traps under a #BP handler; prints the count.
 //! * `syscall`: RDI (1000) system calls from ring 3 to a ring-0 handler that
 //!   returns with sysretq; prints the count.
+//! * `fwait`: `fwait` at ring 0 with nothing pending, then with CR0.TS and
+//!   CR0.MP set (#NM, counted); prints "fwait: passed=2 nm=1".
 //! * `flags`: RDI (20,000) passes of Linux's memmove loop in kernel mode
 //!   while the interval timer interrupts every RSI (50,000) ns (none if RDX
 //!   != 0); prints how many passes lost the carry flag to an interrupt.
@@ -57,6 +59,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("int3"),
     guest!("syscall"),
     guest!("flags"),
+    guest!("fwait"),
 ];
 
 /// The ELF image of built-in guest `name`.

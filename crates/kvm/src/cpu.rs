@@ -391,6 +391,7 @@ impl<A: Arch> KvmCpu<A> {
     /// Gives the CPU read access to guest memory (to decode instructions
     /// KVM could not emulate).
     pub fn set_guest_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
+        self.arch.attach_memory(mem.clone());
         self.mem = Some(mem);
     }
 
@@ -856,11 +857,11 @@ impl<A: Arch> KvmCpu<A> {
         };
         // A kick or timer signal that arrived late must not end the next run.
         sys::discard_pending(kick_signal());
+        self.arch.kvm_state_changed();
         if let Some(intc) = &self.intc {
             self.arch.after_run(&mut self.vcpu, &mut *mem::lock(intc));
         }
         self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
-        self.arch.kvm_state_changed();
         self.stats.num_vm_exits.inc();
 
         // Port IO: size and count are in kvm_run, not in VcpuExit.

@@ -390,7 +390,7 @@ pub fn run() -> Report {
             ),
             None => "the probe did not run".into(),
         },
-        "a Linux user space cannot run; experimental repair (system.cpu.syscall_repair): a breakpoint on LSTAR, which does not fire yet on every host",
+        "kvmsim repairs each entry from the page fault it raises (a breakpoint on the guest's page-fault handler; system.cpu.syscall_repair)",
     );
 
     let mut priority: Vec<u32> = extra

@@ -359,6 +359,45 @@ fn interrupts_in_kernel_mode_keep_the_interrupted_flags() {
 }
 
 #[test]
+fn system_calls_from_user_mode_reach_the_kernel() {
+    if !kvm_or_skip("syscall") {
+        return;
+    }
+    // 1000 `syscall`s from ring 3 to a ring-0 handler that counts them and
+    // returns with sysretq. Where the host's KVM leaves `syscall` at CPL3,
+    // kvmsim repairs each entry from the page fault it raises.
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:syscall", "--quiet"],
+        &outdir("syscall"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(r.file("serial.log"), "syscall: calls=1000\n");
+    let repaired = r.stat("system.cpu.completedInstructions::syscall-entry");
+    if kvm::doctor::cached().needs_syscall_repair() {
+        assert_eq!(repaired, 1000, "{}", r.stderr);
+        assert!(r.stderr.contains("repair applied"), "{}", r.stderr);
+    } else {
+        assert_eq!(repaired, 0);
+    }
+
+    // Without the repair (or where it cannot apply) the entry faults: the
+    // guest's page-fault handler runs first and sees no call counted.
+    let (dir, cfg) = config(
+        "syscall-norepair",
+        "[system]\nkernel = \"builtin:syscall\"\n[system.cpu]\nsyscall_repair = false\n\
+         [system.serial]\nstdout = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let calls = field(&r.file("serial.log"), "calls");
+    if kvm::doctor::cached().needs_syscall_repair() {
+        assert_eq!(calls, 0);
+    } else {
+        assert_eq!(calls, 1000);
+    }
+}
+
+#[test]
 fn trace_records_each_instruction_from_a_given_time() {
     if !kvm_or_skip("trace") {
         return;
@@ -427,6 +466,27 @@ fn trace_records_each_instruction_from_a_given_time() {
         .unwrap_or_else(|| panic!("no trace line in:\n{t}"));
     assert!(first >= 10_000_000, "trace starts at 10 us, not {first} ps");
     assert_eq!(t.lines().filter(|l| !l.starts_with('#')).count(), 5, "{t}");
+}
+
+#[test]
+fn fwait_that_kvm_cannot_emulate_is_completed() {
+    if !kvm_or_skip("fwait") {
+        return;
+    }
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:fwait", "--quiet"],
+        &outdir("fwait"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    // Nothing pending: it goes on; CR0.TS|MP: #NM, then it goes on.
+    assert_eq!(r.file("serial.log"), "fwait: passed=2 nm=1\n");
+    let completed = r
+        .stat("system.cpu.completedInstructions::fwait")
+        .as_u64()
+        .unwrap();
+    // Where KVM emulates fwait itself kvmsim completes none; here all 3
+    // executions (one of them raising #NM) fail in KVM.
+    assert!(completed == 0 || completed == 3, "{completed}");
 }
 
 #[test]

@@ -158,10 +158,9 @@ pub struct CpuConfig {
     /// Stop after this many guest instructions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_insts: Option<u64>,
-    /// Experimental: repair a broken SYSCALL entry (where `kvmsim doctor`
-    /// finds one) with a breakpoint on LSTAR. Off by default: on our
-    /// development hosts the breakpoint does not fire yet.
-    #[serde(default)]
+    /// Repair a broken SYSCALL entry where `kvmsim doctor`'s probe finds one
+    /// (default true; never needed on a host with VMX/SVM).
+    #[serde(default = "default_true")]
     pub syscall_repair: bool,
     /// An instruction trace into trace.txt (by single-stepping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,6 +181,10 @@ pub struct TraceConfig {
     pub insts: u64,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_timer() -> String {
     "auto".into()
 }
@@ -200,7 +203,7 @@ impl Default for CpuConfig {
             host_factor: default_host_factor(),
             timer: default_timer(),
             max_insts: None,
-            syscall_repair: false,
+            syscall_repair: true,
             trace: None,
         }
     }
@@ -415,13 +418,6 @@ impl Config {
             if let Some(t) = &s.cpu.trace {
                 if t.insts == 0 {
                     return Err(bad(f("cpu.trace.insts"), "0".into(), "must be at least 1"));
-                }
-                if s.cpu.syscall_repair {
-                    return Err(bad(
-                        f("cpu.trace"),
-                        format!("{t:?}"),
-                        "cannot be combined with cpu.syscall_repair (both use the debug registers)",
-                    ));
                 }
             }
             for r in &s.coalesced_mmio {

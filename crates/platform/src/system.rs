@@ -328,17 +328,16 @@ impl System {
         boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &args)?;
         // Repairs the host's KVM needs, as kvmsim doctor's probes found.
         if sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair() {
-            if sc.cpu.max_insts.is_some() {
+            if sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some() {
                 tracing::warn!(
-                    "{name}: this host's SYSCALL entry is broken, but max_insts single-steps: \
-                     the repair is not applied"
+                    "{name}: this host's SYSCALL entry is broken, but max_insts or the trace \
+                     single-steps: the repair is not applied (user-mode system calls will fault)"
                 );
             } else {
-                vm.trap_msr_writes(&[kvm::arch::x86_64::syscall_repair::MSR_LSTAR])?;
                 arch.enable_syscall_repair(&vcpu)?;
                 tracing::info!(
-                    "{name}: experimental repair applied: SYSCALL from user mode does not enter \
-                     kernel mode on this host; a breakpoint on LSTAR is to complete it"
+                    "{name}: repair applied: SYSCALL from user mode does not enter kernel mode \
+                     on this host; kvmsim completes it from the page fault it raises"
                 );
             }
         }

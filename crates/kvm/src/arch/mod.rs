@@ -109,4 +109,8 @@ pub trait Arch: Send {
     /// empty if unreadable) and any fault-related state that changed since
     /// the previous line (x86: CR2).
     fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String>;
+
+    /// Gives the architecture read access to guest memory (for repairs that
+    /// read what the guest's registers point at).
+    fn attach_memory(&mut self, _mem: vm_memory::GuestMemoryMmap) {}
 }

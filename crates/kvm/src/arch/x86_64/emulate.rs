@@ -15,7 +15,7 @@ use crate::Result;
 
 /// The instructions kvmsim completes, by name (the index is the stat's).
 /// `syscall-entry` counts system calls whose broken entry was repaired.
-pub const SUPPORTED: &[&str] = &["int3", "syscall-entry"];
+pub const SUPPORTED: &[&str] = &["int3", "syscall-entry", "fwait"];
 /// Index of `syscall-entry` in [`SUPPORTED`].
 pub const SYSCALL_ENTRY: usize = 1;
 
@@ -81,6 +81,34 @@ pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulat
             ev.exception.has_error_code = 0;
             ev.exception.error_code = 0;
             Ok(Emulated::Completed(0))
+        }
+        Mnemonic::Wait => {
+            // fwait: #NM if CR0.MP and CR0.TS; #MF if an unmasked x87
+            // exception is pending (FSW.ES, with CR0.NE); else nothing.
+            let cr0 = arch.sregs(vcpu)?.cr0;
+            let fsw = vcpu
+                .get_fpu()
+                .map_err(crate::KvmError::ioctl("KVM_GET_FPU"))?
+                .fsw;
+            let fault = if cr0 & 0b1010 == 0b1010 {
+                Some(7)
+            } else if fsw & 0x80 != 0 && cr0 & (1 << 5) != 0 {
+                Some(16)
+            } else {
+                None
+            };
+            match fault {
+                // A fault: RIP stays on the instruction.
+                Some(nr) => {
+                    let ev = arch.events_mut(vcpu)?;
+                    ev.exception.injected = 1;
+                    ev.exception.nr = nr;
+                    ev.exception.has_error_code = 0;
+                    ev.exception.error_code = 0;
+                }
+                None => arch.regs_mut(vcpu)?.rip = rip.wrapping_add(insn.len() as u64),
+            }
+            Ok(Emulated::Completed(2))
         }
         _ => Ok(Emulated::Unsupported(disassemble(bytes, rip, bitness))),
     }

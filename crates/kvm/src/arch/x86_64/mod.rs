@@ -70,6 +70,8 @@ pub struct X86_64 {
     repair: Option<syscall_repair::Repair>,
     /// CR2 at the previous trace line (a change marks a page fault).
     trace_cr2: Option<u64>,
+    /// Guest memory, for reading what the guest's registers point at.
+    mem: Option<vm_memory::GuestMemoryMmap>,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -109,15 +111,6 @@ fn pull_xcrs(vcpu: &VcpuFd) -> Result<kvm_xcrs> {
 fn pull_events(vcpu: &VcpuFd) -> Result<kvm_vcpu_events> {
     vcpu.get_vcpu_events()
         .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))
-}
-
-fn vcpu_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
-    (vcpu.get_msrs(&mut msrs).ok()? == 1).then(|| msrs.as_slice()[0].data)
 }
 
 fn pull_msrs(vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
@@ -178,14 +171,11 @@ impl X86_64 {
     part_accessors!(events, events_mut, events, kvm_vcpu_events, pull_events);
     part_accessors!(msrs, msrs_mut, msrs, Vec<(u32, u64)>, pull_msrs);
 
-    /// Enables the SYSCALL-entry repair (see [`syscall_repair`]).
+    /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
+    /// guest memory ([`Arch::attach_memory`]) to read the IDT and frames.
     pub fn enable_syscall_repair(&mut self, vcpu: &VcpuFd) -> Result<()> {
-        let lstar = vcpu_msr(vcpu, syscall_repair::MSR_LSTAR).unwrap_or(0);
-        self.repair = Some(syscall_repair::Repair {
-            lstar,
-            ..Default::default()
-        });
-        syscall_repair::arm(vcpu, lstar)
+        self.repair = Some(syscall_repair::Repair::default());
+        syscall_repair::refresh(self, vcpu)
     }
 }
 
@@ -301,14 +291,13 @@ impl Arch for X86_64 {
     }
 
     fn after_run(&mut self, vcpu: &mut VcpuFd, intc: &mut dyn InterruptController) {
-        // Not every KVM intercepts LSTAR writes for an MSR filter: learn
-        // the guest's LSTAR at every exit too.
-        if let Some(r) = self.repair {
-            if let Some(lstar) = vcpu_msr(vcpu, syscall_repair::MSR_LSTAR) {
-                if lstar != r.lstar {
-                    if let Err(e) = syscall_repair::lstar_written(self, vcpu, lstar) {
-                        tracing::warn!("SYSCALL repair: cannot arm the LSTAR breakpoint: {e}");
-                    }
+        // The guest may have moved its page-fault handler (a new IDT).
+        if let Some(r) = &mut self.repair {
+            r.since_check += 1;
+            // Every exit until the guest has an IDT, then now and then.
+            if r.handler == 0 || r.since_check >= syscall_repair::CHECK_EVERY {
+                if let Err(e) = syscall_repair::refresh(self, vcpu) {
+                    tracing::warn!("SYSCALL repair: cannot watch the page-fault handler: {e}");
                 }
             }
         }
@@ -343,9 +332,6 @@ impl Arch for X86_64 {
         .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
         vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
         self.msrs.valid = false;
-        if index == syscall_repair::MSR_LSTAR {
-            syscall_repair::lstar_written(self, vcpu, data)?;
-        }
         Ok(())
     }
 
@@ -374,6 +360,10 @@ impl Arch for X86_64 {
             .translate_gva(rip)
             .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    fn attach_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
+        self.mem = Some(mem);
     }
 
     fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String> {

@@ -1,21 +1,22 @@
 //! Repairing a broken SYSCALL entry (seen on software-assisted KVMs).
 //!
 //! There, `syscall` from CPL3 jumps to LSTAR and sets RCX/R11 but leaves
-//! CS/SS at the user selectors, so the kernel's entry code would run at
-//! CPL3 and fault. The repair: a hardware execution breakpoint on LSTAR
-//! (DR0, DR7.L0). When it fires with a user CS, kvmsim loads the kernel
-//! CS/SS from STAR[47:32] (SS = CS + 8), single-steps one instruction (RF
-//! does not stop the breakpoint re-firing here), then re-arms it. LSTAR is
-//! tracked as the guest writes it: an MSR filter makes those writes exit
-//! where the host's KVM honours it, and kvmsim re-reads LSTAR after every
-//! exit where it does not (a system call made before any exit following
-//! the LSTAR write would not be repaired; a kernel makes many exits first).
-//! Cost: two extra exits per system call. Enabled only where `kvmsim
-//! doctor`'s probe finds the broken entry, and only on request
-//! (`system.cpu.syscall_repair`): on our development hosts the breakpoint
-//! does not fire when the CPL3 `syscall` lands at LSTAR (not on a user page,
-//! which runs natively; not on a supervisor page, where the fetch #PF is
-//! delivered first), so the recipe is not working there yet.
+//! CS/SS at the user selectors: the kernel's entry code is fetched at CPL3,
+//! and since it lies on a supervisor page the fetch raises a page fault,
+//! delivered to the guest's #PF handler (at CPL0, where this KVM emulates
+//! and where hardware breakpoints fire). The repair watches that handler:
+//! an execution breakpoint (DR0) on the address IDT entry 14 names. When it
+//! fires, kvmsim reads the exception frame; a fault on an instruction fetch
+//! from user mode at RIP = LSTAR is the broken entry, and kvmsim turns it
+//! into the system call it should have been: RSP and RFLAGS (masked by
+//! SFMASK) from the frame, CS/SS from STAR[47:32] (SS = CS + 8), RIP =
+//! LSTAR; RCX and R11 already hold what `syscall` put there. Any other page
+//! fault goes on to the handler: kvmsim single-steps its first instruction
+//! with the breakpoint off, then re-arms it (RF does not stop the
+//! breakpoint re-firing here). The IDT entry is re-read as the guest
+//! changes its IDT. Cost: one exit per system call, two per other page
+//! fault. Enabled only where `kvmsim doctor`'s probe finds the broken
+//! entry; on a host with VMX/SVM none of this runs.
 
 use kvm_bindings::{
     kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
@@ -33,11 +34,23 @@ pub const MSR_LSTAR: u32 = 0xc000_0082;
 /// The repair's state.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Repair {
-    /// The guest's LSTAR (0 until it writes one).
-    pub lstar: u64,
-    /// Stepping over the instruction at LSTAR; the breakpoint is off.
+    /// The guest's page-fault handler the breakpoint is on (0: none yet).
+    pub handler: u64,
+    /// Stepping over the handler's first instruction with the breakpoint off.
     pub stepping: bool,
+    /// Exits since IDT entry 14 was last read.
+    pub since_check: u32,
 }
+
+/// How often (in exits) IDT entry 14 is re-read while the guest runs.
+pub const CHECK_EVERY: u32 = 64;
+
+/// IA32_SFMASK.
+pub const MSR_SFMASK: u32 = 0xc000_0084;
+
+/// Page-fault error code bits: write access, user mode.
+const PF_WRITE: u64 = 1 << 1;
+const PF_USER: u64 = 1 << 2;
 
 fn set_debug(vcpu: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
     let mut dbg = kvm_guest_debug {
@@ -50,27 +63,63 @@ fn set_debug(vcpu: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
         .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))
 }
 
-/// Arms the execution breakpoint on `lstar` (none if 0).
-pub fn arm(vcpu: &VcpuFd, lstar: u64) -> Result<()> {
-    if lstar == 0 {
+/// Arms the execution breakpoint on `addr` (none if 0).
+pub fn arm(vcpu: &VcpuFd, addr: u64) -> Result<()> {
+    if addr == 0 {
         return set_debug(vcpu, 0, 0, 0);
     }
+    tracing::debug!("SYSCALL repair: breakpoint on the page-fault handler {addr:#x}");
     // DR7: L0 enabled, RW0 = 00 (execute), LEN0 = 00.
-    tracing::debug!("SYSCALL repair: breakpoint on LSTAR {lstar:#x}");
     set_debug(
         vcpu,
         KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
-        lstar,
+        addr,
         0x1,
     )
 }
 
-/// The guest wrote `data` to LSTAR (its write exited to user space).
-pub fn lstar_written(arch: &mut X86_64, vcpu: &VcpuFd, data: u64) -> Result<()> {
-    if let Some(r) = &mut arch.repair {
-        r.lstar = data;
-        if !r.stepping {
-            arm(vcpu, data)?;
+/// The handler address in a 16-byte long-mode IDT gate.
+pub fn gate_offset(gate: &[u8; 16]) -> u64 {
+    let lo = u64::from(u16::from_le_bytes([gate[0], gate[1]]));
+    let mid = u64::from(u16::from_le_bytes([gate[6], gate[7]]));
+    let hi = u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]]));
+    lo | (mid << 16) | (hi << 32)
+}
+
+/// True if the exception frame `[error code, RIP, CS, RFLAGS, RSP, SS]`
+/// of a page fault is the broken entry of a system call to `lstar`: a
+/// user-mode read fault with RIP = LSTAR, i.e. the fetch of the kernel's
+/// entry code at CPL3 (the error code marks fetches only with NX or SMEP
+/// on, so the fetch bit is not required).
+pub fn is_broken_entry(frame: &[u64; 6], lstar: u64) -> bool {
+    let [code, rip, cs, ..] = *frame;
+    lstar != 0 && rip == lstar && cs & 3 == 3 && code & PF_USER != 0 && code & PF_WRITE == 0
+}
+
+/// Re-reads IDT entry 14 and moves the breakpoint if the handler moved.
+pub fn refresh(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<()> {
+    let Some(r) = arch.repair else {
+        return Ok(());
+    };
+    let Some(mem) = arch.mem.clone() else {
+        return Ok(());
+    };
+    let idt = arch.sregs(vcpu)?.idt;
+    if idt.limit < 14 * 16 + 15 {
+        return Ok(());
+    }
+    let mut gate = [0u8; 16];
+    if arch.read_virt(vcpu, &mem, idt.base + 14 * 16, &mut gate) != 16 {
+        return Ok(());
+    }
+    let handler = gate_offset(&gate);
+    if let Some(rep) = &mut arch.repair {
+        rep.since_check = 0;
+        if handler != r.handler {
+            rep.handler = handler;
+            if !rep.stepping {
+                arm(vcpu, handler)?;
+            }
         }
     }
     Ok(())
@@ -82,35 +131,95 @@ pub fn debug_exit(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<DebugOutcome> {
         return Ok(DebugOutcome::NotMine);
     };
     if r.stepping {
-        // The instruction at LSTAR ran: re-arm the breakpoint.
-        arm(vcpu, r.lstar)?;
-        if let Some(r) = &mut arch.repair {
-            r.stepping = false;
+        // The handler's first instruction ran: re-arm the breakpoint.
+        if let Some(rep) = &mut arch.repair {
+            rep.stepping = false;
         }
+        arm(vcpu, r.handler)?;
         return Ok(DebugOutcome::Handled);
     }
-    let rip = arch.regs(vcpu)?.rip;
-    if r.lstar == 0 || rip != r.lstar {
+    let regs = *arch.regs(vcpu)?;
+    if r.handler == 0 || regs.rip != r.handler {
         return Ok(DebugOutcome::NotMine);
     }
-    let mut outcome = DebugOutcome::Handled;
-    if arch.sregs(vcpu)?.cs.dpl == 3 {
-        let star = arch
+    let Some(mem) = arch.mem.clone() else {
+        return Ok(DebugOutcome::NotMine);
+    };
+    let mut raw = [0u8; 48];
+    let mut frame = [0u64; 6];
+    if arch.read_virt(vcpu, &mem, regs.rsp, &mut raw) == raw.len() {
+        for (f, c) in frame.iter_mut().zip(raw.chunks_exact(8)) {
+            *f = u64::from_le_bytes(c.try_into().unwrap_or_default());
+        }
+    }
+    let msr = |arch: &mut X86_64, index: u32| -> Result<u64> {
+        Ok(arch
             .msrs(vcpu)?
             .iter()
-            .find(|(i, _)| *i == MSR_STAR)
-            .map_or(0, |(_, v)| *v);
+            .find(|(i, _)| *i == index)
+            .map_or(0, |(_, v)| *v))
+    };
+    let lstar = msr(arch, MSR_LSTAR)?;
+    tracing::trace!("SYSCALL repair: page fault, frame {frame:x?}, LSTAR {lstar:#x}");
+    if is_broken_entry(&frame, lstar) {
+        let star = msr(arch, MSR_STAR)?;
+        let sfmask = msr(arch, MSR_SFMASK)?;
+        let [_, _, _, rflags, rsp, _] = frame;
         let kcs = ((star >> 32) & 0xfffc) as u16;
         let gdt = boot::gdt();
         let sregs = arch.sregs_mut(vcpu)?;
         sregs.cs = boot::segment_from_entry(kcs, gdt[usize::from(boot::KERNEL_CS / 8)]);
         sregs.ss = boot::segment_from_entry(kcs + 8, gdt[usize::from(boot::KERNEL_DS / 8)]);
-        outcome = DebugOutcome::Completed(super::emulate::SYSCALL_ENTRY);
+        let regs = arch.regs_mut(vcpu)?;
+        regs.rip = lstar;
+        regs.rsp = rsp;
+        regs.rflags = (rflags & !sfmask) | 0x2;
+        return Ok(DebugOutcome::Completed(super::emulate::SYSCALL_ENTRY));
     }
-    // Step over the instruction at LSTAR with the breakpoint off.
+    // An ordinary page fault: step over the handler's first instruction
+    // with the breakpoint off.
     set_debug(vcpu, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0, 0)?;
-    if let Some(r) = &mut arch.repair {
-        r.stepping = true;
+    if let Some(rep) = &mut arch.repair {
+        rep.stepping = true;
     }
-    Ok(outcome)
+    Ok(DebugOutcome::Handled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_offsets() {
+        let mut g = [0u8; 16];
+        g[0..2].copy_from_slice(&0x0be0u16.to_le_bytes());
+        g[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+        g[5] = 0x8e;
+        g[6..8].copy_from_slice(&0x81c0u16.to_le_bytes());
+        g[8..12].copy_from_slice(&0xffff_ffffu32.to_le_bytes());
+        assert_eq!(gate_offset(&g), 0xffff_ffff_81c0_0be0);
+    }
+
+    #[test]
+    fn broken_entry_signature() {
+        let lstar = 0xffff_ffff_81c0_0080;
+        // User-mode fetch fault at LSTAR with a user CS: the broken entry.
+        assert!(is_broken_entry(
+            &[0x15, lstar, 0x33, 0x202, 0x7ffc_0000, 0x2b],
+            lstar
+        ));
+        // Without NX the fetch bit is not reported.
+        assert!(is_broken_entry(
+            &[0x5, lstar, 0x33, 0x202, 0x7ffc_0000, 0x2b],
+            lstar
+        ));
+        // A write fault, a kernel-mode fault, another address: not it.
+        assert!(!is_broken_entry(&[0x7, lstar, 0x33, 0x202, 0, 0x2b], lstar));
+        assert!(!is_broken_entry(&[0x11, lstar, 0x10, 0x2, 0, 0x18], lstar));
+        assert!(!is_broken_entry(
+            &[0x15, lstar + 1, 0x33, 0x2, 0, 0x2b],
+            lstar
+        ));
+        assert!(!is_broken_entry(&[0x15, 0, 0x33, 0x2, 0, 0x2b], 0));
+    }
 }
