@@ -39,6 +39,8 @@ cat > "$root/init" <<'INIT'
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null
 echo "KVMSIM-INIT: /init is running"
+# A stats dump here gives simulated and host seconds to /init.
+/bin/kvmsim-ops dumpstats
 /bin/kvmsim-ops workbegin 1
 status=0
 /bin/busybox sh -c 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo "KVMSIM-WORKLOAD: counted to $i"' || status=$?

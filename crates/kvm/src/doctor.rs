@@ -213,8 +213,12 @@ pub fn run() -> Report {
         "native speed at CPL0 and CPL3",
         !emulated,
         detail,
-        "kernel-mode code is emulated: keep guest kernel work short; Linux boots slowly",
+        "kernel-mode code is emulated: keep guest kernel work short; Linux boots slowly \
+         and its lockup watchdogs would misread that as hangs (Linux: nowatchdog)",
     );
+    if emulated {
+        rep.linux_flags.push("nowatchdog".into());
+    }
 
     let pmu = perf::pmu_available();
     add(
