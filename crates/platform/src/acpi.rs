@@ -1,7 +1,9 @@
 //! ACPI tables for the PC platform, enough for Linux to find the local APIC
 //! and the I/O APIC (kernels built without MP-table support, like Debian's
 //! cloud kernel, need them): RSDP, XSDT, a hardware-reduced FADT (no PM
-//! timer, no SCI, no fixed-function hardware), an empty DSDT, and a MADT
+//! timer, no SCI, no fixed-function hardware), a DSDT naming the legacy
+//! devices Linux finds only through ACPI (the CMOS RTC, PNP0B00, and COM1,
+//! PNP0501, with their ports and ISA IRQs), and a MADT
 //! with the local APICs, the I/O APIC, ISA IRQ0 overridden to GSI 2 (where
 //! the PIT is wired) and LINT1 as NMI. Built with rust-vmm's acpi_tables.
 
@@ -12,7 +14,7 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::{Aml, AmlSink};
+use acpi_tables::{aml, Aml, AmlSink};
 use zerocopy::byteorder::{LE, U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
@@ -63,6 +65,26 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
+/// The DSDT's body: `\_SB` with the CMOS RTC and COM1.
+fn dsdt_devices() -> Vec<u8> {
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, 8);
+    let rtc_res = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid_name = aml::Name::new("_HID".into(), &rtc_hid);
+    let rtc_crs = aml::Name::new("_CRS".into(), &rtc_res);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid_name, &rtc_crs]);
+    let com_hid = aml::EISAName::new("PNP0501");
+    let com_io = aml::IO::new(0x3f8, 0x3f8, 1, 8);
+    let com_irq = aml::Interrupt::new(true, true, false, false, 4);
+    let com_res = aml::ResourceTemplate::new(vec![&com_io, &com_irq]);
+    let com_hid_name = aml::Name::new("_HID".into(), &com_hid);
+    let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com_crs = aml::Name::new("_CRS".into(), &com_res);
+    let com = aml::Device::new("COM1".into(), vec![&com_hid_name, &com_uid, &com_crs]);
+    bytes(&aml::Scope::new("\\_SB_".into(), vec![&rtc, &com]))
+}
+
 fn align16(a: u64) -> u64 {
     (a + 15) & !15
 }
@@ -99,7 +121,9 @@ pub fn tables(cpus: u8, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
         flags: 0.into(),
         lint: 1,
     });
-    let dsdt = bytes(&Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1));
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
+    dsdt.append_slice(&dsdt_devices());
+    let dsdt = dsdt.as_slice().to_vec();
 
     let xsdt_addr = align16(RSDP_ADDR + 36);
     // The XSDT lists two tables: FADT and MADT.
@@ -170,7 +194,14 @@ mod tests {
         // APIC, the IRQ0 override and the NMI entry.
         let fadt = find(entries[0]);
         let dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
-        assert_eq!(&find(dsdt)[0..4], b"DSDT");
+        let dsdt = find(dsdt);
+        assert_eq!(&dsdt[0..4], b"DSDT");
+        // \_SB_ holds RTC_ (PNP0B00) and COM1 (PNP0501); EISA IDs are
+        // stored compressed: PNP0B00 = 0x000bd041, PNP0501 = 0x0105d041.
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_SB_") && has(b"RTC_") && has(b"COM1"));
+        assert!(has(&0x000b_d041u32.to_le_bytes()));
+        assert!(has(&0x0105_d041u32.to_le_bytes()));
         let madt = find(entries[1]);
         let kinds: Vec<u8> = {
             let mut k = vec![];

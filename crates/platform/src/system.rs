@@ -1094,8 +1094,11 @@ fn setup_linux(
             host.join(" ")
         );
     }
+    // The guest's TSC counts host cycles; inside KVM a host second is
+    // host_factor simulated seconds, so per simulated second the TSC
+    // advances host_freq / host_factor: that is the rate the kernel is told.
     let line = linux_cmdline(
-        (host_freq / 1e3) as u64,
+        (host_freq / sc.cpu.host_factor.max(1e-9) / 1e3) as u64,
         initrd.is_some(),
         host,
         sc.append.as_deref(),
