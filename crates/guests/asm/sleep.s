@@ -1,6 +1,8 @@
 # sleep: halts until N timer interrupts have arrived.
 # RDI = timer period in ns (default 1,000,000,000), RSI = N (default 10).
-# Prints the simulated ns elapsed, then sim-ops exit.
+# Prints the simulated ns elapsed and the TSC cycles that passed meanwhile
+# (the guest's clock must follow simulated time while it halts), then
+# sim-ops exit.
         .code64
         .include "macros.s"
         .text
@@ -20,6 +22,10 @@ _start:
         MMIO_WR TIMER_PERIOD
         MMIO_RD TIMER_NOW
         mov     %rax, %r14
+        rdtsc
+        shl     $32, %rdx
+        or      %rdx, %rax
+        mov     %rax, %r15              # TSC at the start
         mov     $3, %edx
         MMIO_WR TIMER_CTRL
 3:      sti
@@ -27,6 +33,11 @@ _start:
         cli
         cmp     %r13, ticks(%rip)
         jb      3b
+        rdtsc
+        shl     $32, %rdx
+        or      %rdx, %rax
+        sub     %r15, %rax
+        mov     %rax, %r15              # TSC cycles that passed
         MMIO_RD TIMER_NOW
         sub     %r14, %rax
         mov     %rax, %r14
@@ -37,6 +48,10 @@ _start:
         lea     m_ticks(%rip), %rsi
         call    puts
         mov     ticks(%rip), %rax
+        call    putdec
+        lea     m_tsc(%rip), %rsi
+        call    puts
+        mov     %r15, %rax
         call    putdec
         lea     nl(%rip), %rsi
         call    puts
@@ -56,4 +71,5 @@ on_tick:
 ticks:  .quad   0
 m_slept: .asciz "sleep: slept_ns="
 m_ticks: .asciz " ticks="
+m_tsc:  .asciz  " tsc_cycles="
 nl:     .asciz  "\n"

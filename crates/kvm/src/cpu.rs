@@ -343,6 +343,9 @@ pub struct KvmCpu<A: Arch> {
     mem: Option<vm_memory::GuestMemoryMmap>,
     /// An instruction trace, waiting for its start or in progress.
     tracer: Option<Tracer>,
+    /// When the CPU halted: simulated time skipped while idle is added to
+    /// the guest's clock before it runs again.
+    idle_since: Option<Tick>,
 }
 
 impl<A: Arch> KvmCpu<A> {
@@ -385,6 +388,7 @@ impl<A: Arch> KvmCpu<A> {
             total_insts: None,
             mem: None,
             tracer: None,
+            idle_since: None,
         })
     }
 
@@ -552,6 +556,12 @@ impl<A: Arch> KvmCpu<A> {
                 }
                 if let Some(o) = self.check_step_allowed()? {
                     return Ok(o);
+                }
+                if let Some(since) = self.idle_since.take() {
+                    // The guest did not run while idle, but its clock (x86:
+                    // the TSC) must show the simulated time that passed.
+                    let cycles = self.cfg.ticks_to_host_cycles(now.saturating_sub(since));
+                    self.arch.advance_guest_clock(&self.vcpu, cycles)?;
                 }
                 let span = self.trace_begin(now, next_event.map(|t| t.saturating_sub(now)))?;
                 let (ticks, exit, expired) = self.run_kvm(now, span, bus)?;
@@ -1024,6 +1034,7 @@ impl<A: Arch> KvmCpu<A> {
             Exit::Hlt => {
                 self.stats.num_halt.inc();
                 self.state = CpuState::Idle;
+                self.idle_since = Some(now);
                 return Ok(if self.draining {
                     TickOutcome::Drained
                 } else {

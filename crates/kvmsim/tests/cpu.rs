@@ -168,6 +168,22 @@ fn hlt_advances_simulated_time_without_host_waiting() {
         0,
         "halting needs no forced exits"
     );
+    // The guest's TSC followed simulated time, not the host's: the cycles
+    // it counted are the slept time at the TSC rate (within 0.1%), unless
+    // the host's KVM ignores TSC writes, which kvmsim then says.
+    let hz = r.json("config.json")["system"][0]["cpu"]["host_freq"]
+        .as_f64()
+        .unwrap();
+    let counted = field(&line, "tsc_cycles") as f64 / hz;
+    let slept = field(&line, "slept_ns") as f64 / 1e9;
+    if r.stderr.contains("ignores writes to the guest TSC") {
+        assert!(counted < slept / 2.0, "{counted} s counted");
+    } else {
+        assert!(
+            (counted - slept).abs() < slept * 1e-3,
+            "TSC counted {counted} s over {slept} s simulated"
+        );
+    }
 }
 
 #[test]

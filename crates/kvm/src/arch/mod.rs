@@ -110,6 +110,10 @@ pub trait Arch: Send {
     /// the previous line (x86: CR2).
     fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String>;
 
+    /// Moves the guest's clock counter (x86: the TSC) forward by `cycles`:
+    /// simulated time passed without the guest running (it was idle).
+    fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()>;
+
     /// Gives the architecture read access to guest memory (for repairs that
     /// read what the guest's registers point at).
     fn attach_memory(&mut self, _mem: vm_memory::GuestMemoryMmap) {}

@@ -72,6 +72,8 @@ pub struct X86_64 {
     trace_cr2: Option<u64>,
     /// Guest memory, for reading what the guest's registers point at.
     mem: Option<vm_memory::GuestMemoryMmap>,
+    /// The host's KVM ignores guest TSC writes (found, and said, once).
+    tsc_fixed: bool,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -360,6 +362,55 @@ impl Arch for X86_64 {
             .translate_gva(rip)
             .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
         Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()> {
+        if cycles == 0 {
+            return Ok(());
+        }
+        const IA32_TSC: u32 = 0x10;
+        const IA32_TSC_ADJUST: u32 = 0x3b;
+        let read = |index: u32| -> Result<u64> {
+            let mut m = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+            vcpu.get_msrs(&mut m)
+                .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
+            Ok(m.as_slice()[0].data)
+        };
+        let write = |index: u32, data: u64| -> Result<()> {
+            let m = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }])
+            .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+            vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+            Ok(())
+        };
+        // Write the TSC; where KVM ignores that, try IA32_TSC_ADJUST.
+        let t0 = read(IA32_TSC)?;
+        write(IA32_TSC, t0.wrapping_add(cycles))?;
+        let moved = |t: u64| t.wrapping_sub(t0) >= cycles / 2;
+        if !moved(read(IA32_TSC)?) {
+            let adjust = read(IA32_TSC_ADJUST)?;
+            write(IA32_TSC_ADJUST, adjust.wrapping_add(cycles))?;
+            if !moved(read(IA32_TSC)?) {
+                write(IA32_TSC_ADJUST, adjust)?;
+                if !self.tsc_fixed {
+                    self.tsc_fixed = true;
+                    tracing::warn!(
+                        "this host's KVM ignores writes to the guest TSC (IA32_TSC, \
+                         IA32_TSC_ADJUST): while the guest halts, simulated time passes but \
+                         its TSC does not (a Linux guest's clock falls behind while idle)"
+                    );
+                }
+            }
+        }
+        self.msrs.valid = false;
+        Ok(())
     }
 
     fn attach_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
