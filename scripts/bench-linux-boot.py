@@ -12,6 +12,7 @@ boot got (the last console line) and when. Each run is cut off after
 (installed with apt-get when missing and --install is given).
 
     scripts/bench-linux-boot.py [--guest DIR] [--timeout S] [--install]
+                                [--config examples/linux.toml]
 
 The kvmsim run uses the Linux command line kvmsim builds (with the flags
 `kvmsim doctor` derives for this host); QEMU gets the same command line,
@@ -69,12 +70,12 @@ def run_timed(cmd, timeout, env=None):
     return state["marker"], state["last"], state["last_t"], ended
 
 
-def kvmsim_cmdline(kvmsim, guest):
+def kvmsim_cmdline(kvmsim, config, guest):
     """The Linux command line kvmsim builds on this host (from a dry start:
     config.json of a run cut off at once)."""
     out = tempfile.mkdtemp(prefix="kvmsim-cmdline-")
     subprocess.run(
-        [kvmsim, "run", "--kernel", f"{guest}/vmlinuz", "--initrd",
+        [kvmsim, "run", config, "--kernel", f"{guest}/vmlinuz", "--initrd",
          f"{guest}/initrd.gz", "--max-time", "1us", "--quiet", "--outdir", out],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
     )
@@ -92,6 +93,8 @@ def main():
                     help="host seconds each run may take")
     ap.add_argument("--install", action="store_true",
                     help="apt-get install qemu-system-x86 when missing")
+    ap.add_argument("--config", default=os.path.join(REPO, "examples/linux.toml"),
+                    help="kvmsim config (its append and host_factor are used)")
     ap.add_argument("--kvmsim-arg", action="append", default=[],
                     help="extra argument for kvmsim run (repeatable)")
     a = ap.parse_args()
@@ -106,9 +109,13 @@ def main():
         subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-system-x86"], check=False)
         qemu = shutil.which("qemu-system-x86_64")
 
-    cmdline = kvmsim_cmdline(kvmsim, a.guest)
+    cmdline = kvmsim_cmdline(kvmsim, a.config, a.guest)
+    # QEMU's guest TSC runs at the host rate in real time; kvmsim's rate is
+    # per simulated second (host rate / host_factor): let QEMU's kernel
+    # find its own.
+    qemu_cmdline = " ".join(w for w in cmdline.split() if not w.startswith("tsc_early_khz="))
     out = tempfile.mkdtemp(prefix="kvmsim-bench-boot-")
-    runs = [("kvmsim", [kvmsim, "run", "--kernel", f"{a.guest}/vmlinuz", "--initrd",
+    runs = [("kvmsim", [kvmsim, "run", a.config, "--kernel", f"{a.guest}/vmlinuz", "--initrd",
                         f"{a.guest}/initrd.gz", "--outdir", out] + a.kvmsim_arg)]
     if qemu:
         for accel in ("kvm", "tcg"):
@@ -121,7 +128,7 @@ def main():
                 "-m", "128M", "-smp", "1", "-nodefaults", "-no-reboot",
                 "-display", "none", "-serial", "stdio",
                 "-kernel", f"{a.guest}/vmlinuz", "-initrd", f"{a.guest}/initrd.gz",
-                "-append", cmdline,
+                "-append", qemu_cmdline,
             ]))
     else:
         print("qemu-system-x86_64 not found (Debian: apt-get install qemu-system-x86, "
