@@ -146,7 +146,7 @@ def main():
     base = results[0][1]
     for name, marker in results[1:]:
         if base is not None and marker is not None:
-            print(f"ratio {name} / kvmsim: {marker / base:.2f}")
+            print(f"kvmsim / {name}: {base / marker:.3g} (host time to /init)")
 
 
 if __name__ == "__main__":
