@@ -173,11 +173,6 @@ enum Exit {
     Debug,
     /// KVM could not emulate an instruction (its bytes, when KVM gave them).
     EmulationFailure(Option<Vec<u8>>),
-    /// A guest MSR write that an MSR filter sent to user space.
-    MsrWrite {
-        index: u32,
-        data: u64,
-    },
     Hypercall(u64),
     /// Anything the CPU cannot continue from.
     Fatal(String),
@@ -339,8 +334,6 @@ pub struct KvmCpu<A: Arch> {
     stepping: bool,
     /// The system-wide instruction count, updated on every exit.
     total_insts: Option<(Counter, Availability)>,
-    /// Guest memory, to read instructions KVM could not emulate.
-    mem: Option<vm_memory::GuestMemoryMmap>,
     /// An instruction trace, waiting for its start or in progress.
     tracer: Option<Tracer>,
     /// When the CPU halted: simulated time skipped while idle is added to
@@ -386,17 +379,15 @@ impl<A: Arch> KvmCpu<A> {
             inst_method: InstMethod::Unavailable,
             stepping: false,
             total_insts: None,
-            mem: None,
             tracer: None,
             idle_since: None,
         })
     }
 
-    /// Gives the CPU read access to guest memory (to decode instructions
-    /// KVM could not emulate).
+    /// Gives the CPU read access to guest memory (instructions KVM could not
+    /// emulate, traces, dumps).
     pub fn set_guest_memory(&mut self, mem: vm_memory::GuestMemoryMmap) {
-        self.arch.attach_memory(mem.clone());
-        self.mem = Some(mem);
+        self.arch.attach_memory(mem);
     }
 
     /// Traces `trace.insts` instructions from tick `trace.from` on.
@@ -452,7 +443,7 @@ impl<A: Arch> KvmCpu<A> {
 
     /// A readable dump of the whole CPU state.
     pub fn dump(&mut self) -> String {
-        self.arch.dump(&self.vcpu, self.mem.as_ref())
+        self.arch.dump(&self.vcpu)
     }
 
     /// Per-thread setup, run from the CPU's startup event on the thread that
@@ -693,7 +684,7 @@ impl<A: Arch> KvmCpu<A> {
             return Ok(());
         }
         t.trace.insts -= 1;
-        let bytes = self.read_instruction()?;
+        let bytes = self.arch.instruction_bytes(&self.vcpu)?;
         let line = self.arch.trace_line(&self.vcpu, &bytes)?;
         self.trace_write(&format!("{now:>16} {line}"))
     }
@@ -805,10 +796,6 @@ impl<A: Arch> KvmCpu<A> {
             Ok(VcpuExit::Intr) => Exit::Intr,
             Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
             Ok(VcpuExit::Debug(_)) => Exit::Debug,
-            Ok(VcpuExit::X86Wrmsr(w)) => Exit::MsrWrite {
-                index: w.index,
-                data: w.data,
-            },
             Ok(VcpuExit::Hypercall(h)) => Exit::Hypercall(h.nr),
             Ok(VcpuExit::Shutdown) => {
                 Exit::Fatal("KVM_EXIT_SHUTDOWN: the guest shut down (triple fault)".into())
@@ -1042,14 +1029,10 @@ impl<A: Arch> KvmCpu<A> {
                 });
             }
             Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug => 0,
-            Exit::MsrWrite { index, data } => {
-                self.arch.msr_written(&self.vcpu, index, data)?;
-                0
-            }
             Exit::EmulationFailure(bytes) => {
                 let bytes = match bytes {
                     Some(b) if !b.is_empty() => b,
-                    _ => self.read_instruction()?,
+                    _ => self.arch.instruction_bytes(&self.vcpu)?,
                 };
                 match self.arch.complete_instruction(&self.vcpu, &bytes)? {
                     Ok(i) => {
@@ -1081,25 +1064,6 @@ impl<A: Arch> KvmCpu<A> {
         Ok(TickOutcome::Next(
             clock.clock_edge(now, clock.ticks_to_cycles(latency)),
         ))
-    }
-
-    /// The bytes of the current instruction, read through the guest's page
-    /// tables (up to 15; fewer at the end of RAM).
-    fn read_instruction(&mut self) -> Result<Vec<u8>> {
-        use vm_memory::{Bytes, GuestAddress};
-        let (Some(mem), Some(addr)) = (&self.mem, self.arch.instruction_address(&self.vcpu)?)
-        else {
-            return Ok(Vec::new());
-        };
-        let mut buf = vec![0u8; 15];
-        let n = (0..15)
-            .take_while(|&i| {
-                mem.read_slice(&mut buf[i..=i], GuestAddress(addr + i as u64))
-                    .is_ok()
-            })
-            .count();
-        buf.truncate(n);
-        Ok(buf)
     }
 
     fn fault(&mut self, what: String) -> TickOutcome {

@@ -131,38 +131,6 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Makes the guest's writes of the MSRs in `msrs` exit to user space
-    /// (KVM_CAP_X86_USER_SPACE_MSR with an MSR filter), so kvmsim sees them.
-    pub fn trap_msr_writes(&self, msrs: &[u32]) -> Result<()> {
-        use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
-        if !self.kvm.check_extension(kvm_ioctls::Cap::X86UserSpaceMsr) {
-            return Err(KvmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR"));
-        }
-        let cap = kvm_bindings::kvm_enable_cap {
-            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-            args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
-            ..Default::default()
-        };
-        self.vm
-            .enable_cap(&cap)
-            .map_err(KvmError::ioctl("KVM_ENABLE_CAP(X86_USER_SPACE_MSR)"))?;
-        // One-MSR ranges whose bitmap bit is 0: writes are denied by the
-        // filter, i.e. they exit to user space.
-        let deny = [0u8];
-        let ranges: Vec<MsrFilterRange<'_>> = msrs
-            .iter()
-            .map(|&base| MsrFilterRange {
-                flags: MsrFilterRangeFlags::WRITE,
-                base,
-                msr_count: 1,
-                bitmap: &deny,
-            })
-            .collect();
-        self.vm
-            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-            .map_err(KvmError::ioctl("KVM_X86_SET_MSR_FILTER"))
-    }
-
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd> {
         self.vm

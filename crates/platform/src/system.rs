@@ -106,7 +106,7 @@ pub struct System {
     // Drop order: the vCPU, then the VM, then the RAM it maps.
     cpu: KvmCpu<X86_64>,
     _vm: KvmVm,
-    ram: GuestRam,
+    _ram: GuestRam,
     bus: IoBus,
     /// The CPU's interrupt controller (the local APIC on a PC).
     intc: CpuIntc,
@@ -486,7 +486,7 @@ impl System {
             name,
             cpu,
             _vm: vm,
-            ram,
+            _ram: ram,
             bus,
             intc,
             ioapic,
@@ -553,7 +553,6 @@ impl System {
     /// argument registers, the top of the stack, KVM's pending events and
     /// the interrupt controller's state.
     pub fn cpu_sample(&mut self) -> String {
-        let mem = self.ram.memory().clone();
         let (arch, vcpu) = self.cpu.arch_mut();
         let regs = arch
             .regs(vcpu)
@@ -568,7 +567,7 @@ impl System {
             )
         });
         let stack: Vec<String> = arch
-            .stack_words(vcpu, &mem, 6)
+            .stack_words(vcpu, 6)
             .iter()
             .map(|w| format!("{w:x}"))
             .collect();

@@ -52,10 +52,10 @@ pub trait Arch: Send {
     /// convention, read through the lazy context.
     fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]>;
 
-    /// A readable dump of the CPU state; with guest memory, also what the
-    /// state points at (x86: the code at RIP, the stack, the page walk of the
-    /// last page-fault address).
-    fn dump(&mut self, vcpu: &VcpuFd, mem: Option<&vm_memory::GuestMemoryMmap>) -> String;
+    /// A readable dump of the CPU state; with guest memory attached, also
+    /// what the state points at (x86: the code at RIP, the stack, the page
+    /// walk of the last page-fault address).
+    fn dump(&mut self, vcpu: &VcpuFd) -> String;
 
     /// Before an entry: injects what `intc` has pending if the guest can
     /// take it now, otherwise asks KVM to exit as soon as it can.
@@ -79,10 +79,6 @@ pub trait Arch: Send {
     /// Turns single-stepping (one exit per instruction) on or off.
     fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()>;
 
-    /// The guest's write of MSR `index` exited to user space (an MSR filter):
-    /// performs it and reacts to it.
-    fn msr_written(&mut self, vcpu: &VcpuFd, index: u32, data: u64) -> Result<()>;
-
     /// A debug exit: whether the architecture handled it (a repair's
     /// breakpoint or step) and, if it completed something, which entry of
     /// [`Arch::completable`].
@@ -100,9 +96,10 @@ pub trait Arch: Send {
         bytes: &[u8],
     ) -> Result<std::result::Result<usize, String>>;
 
-    /// The address of the current instruction, for reading its bytes
-    /// (x86: RIP translated through the guest's page tables).
-    fn instruction_address(&mut self, vcpu: &VcpuFd) -> Result<Option<u64>>;
+    /// The bytes of the current instruction (x86: up to 15 at RIP, read
+    /// through the guest's page tables; fewer where memory ends, none
+    /// without attached memory).
+    fn instruction_bytes(&mut self, vcpu: &VcpuFd) -> Result<Vec<u8>>;
 
     /// One line of an instruction trace: where the CPU is (privilege level,
     /// program counter), the disassembly of `bytes` (the instruction there,
@@ -114,7 +111,7 @@ pub trait Arch: Send {
     /// simulated time passed without the guest running (it was idle).
     fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()>;
 
-    /// Gives the architecture read access to guest memory (for repairs that
-    /// read what the guest's registers point at).
-    fn attach_memory(&mut self, _mem: vm_memory::GuestMemoryMmap) {}
+    /// Gives the architecture read access to guest memory (instruction
+    /// bytes, dumps, repairs that read what the registers point at).
+    fn attach_memory(&mut self, mem: vm_memory::GuestMemoryMmap);
 }

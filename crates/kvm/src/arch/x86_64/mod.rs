@@ -73,7 +73,7 @@ pub struct X86_64 {
     /// Guest memory, for reading what the guest's registers point at.
     mem: Option<vm_memory::GuestMemoryMmap>,
     /// The host's KVM ignores guest TSC writes (found, and said, once).
-    tsc_fixed: bool,
+    tsc_writes_ignored: bool,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -113,6 +113,30 @@ fn pull_xcrs(vcpu: &VcpuFd) -> Result<kvm_xcrs> {
 fn pull_events(vcpu: &VcpuFd) -> Result<kvm_vcpu_events> {
     vcpu.get_vcpu_events()
         .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))
+}
+
+/// Reads one MSR of the vCPU.
+fn get_msr(vcpu: &VcpuFd, index: u32) -> Result<u64> {
+    let mut m = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+    vcpu.get_msrs(&mut m)
+        .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
+    Ok(m.as_slice()[0].data)
+}
+
+/// Writes one MSR of the vCPU.
+fn set_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<()> {
+    let m = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
+    vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+    Ok(())
 }
 
 fn pull_msrs(vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
@@ -323,20 +347,6 @@ impl Arch for X86_64 {
         Ok(self.sregs(vcpu)?.cs.dpl)
     }
 
-    fn msr_written(&mut self, vcpu: &VcpuFd, index: u32, data: u64) -> Result<()> {
-        // The write exited to user space: kvmsim performs it (host writes
-        // are not filtered) and KVM skips the instruction on re-entry.
-        let m = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        }])
-        .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-        vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
-        self.msrs.valid = false;
-        Ok(())
-    }
-
     fn debug_exit(&mut self, vcpu: &VcpuFd) -> Result<DebugOutcome> {
         syscall_repair::debug_exit(self, vcpu)
     }
@@ -356,60 +366,47 @@ impl Arch for X86_64 {
         })
     }
 
-    fn instruction_address(&mut self, vcpu: &VcpuFd) -> Result<Option<u64>> {
-        let rip = self.regs(vcpu)?.rip;
-        let t = vcpu
-            .translate_gva(rip)
-            .map_err(KvmError::ioctl("KVM_TRANSLATE"))?;
-        Ok((t.valid != 0).then_some(t.physical_address))
+    fn instruction_bytes(&mut self, vcpu: &VcpuFd) -> Result<Vec<u8>> {
+        let r = *self.regs(vcpu)?;
+        let sr = *self.sregs(vcpu)?;
+        // Segment bases other than FS and GS do not apply in 64-bit mode.
+        let va = if sr.cs.l != 0 {
+            r.rip
+        } else {
+            sr.cs.base.wrapping_add(r.rip)
+        };
+        let mut bytes = vec![0u8; 15];
+        let got = self.read_virt(vcpu, va, &mut bytes);
+        bytes.truncate(got);
+        Ok(bytes)
     }
 
     fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()> {
-        if cycles == 0 {
+        if cycles == 0 || self.tsc_writes_ignored {
             return Ok(());
         }
         const IA32_TSC: u32 = 0x10;
         const IA32_TSC_ADJUST: u32 = 0x3b;
-        let read = |index: u32| -> Result<u64> {
-            let mut m = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                ..Default::default()
-            }])
-            .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-            vcpu.get_msrs(&mut m)
-                .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
-            Ok(m.as_slice()[0].data)
-        };
-        let write = |index: u32, data: u64| -> Result<()> {
-            let m = Msrs::from_entries(&[kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            }])
-            .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-            vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
-            Ok(())
-        };
-        // Write the TSC; where KVM ignores that, try IA32_TSC_ADJUST.
-        let t0 = read(IA32_TSC)?;
-        write(IA32_TSC, t0.wrapping_add(cycles))?;
-        let moved = |t: u64| t.wrapping_sub(t0) >= cycles / 2;
-        if !moved(read(IA32_TSC)?) {
-            let adjust = read(IA32_TSC_ADJUST)?;
-            write(IA32_TSC_ADJUST, adjust.wrapping_add(cycles))?;
-            if !moved(read(IA32_TSC)?) {
-                write(IA32_TSC_ADJUST, adjust)?;
-                if !self.tsc_fixed {
-                    self.tsc_fixed = true;
-                    tracing::warn!(
-                        "this host's KVM ignores writes to the guest TSC (IA32_TSC, \
-                         IA32_TSC_ADJUST): while the guest halts, simulated time passes but \
-                         its TSC does not (a Linux guest's clock falls behind while idle)"
-                    );
-                }
-            }
-        }
         self.msrs.valid = false;
+        // Write the TSC; where KVM ignores that, try IA32_TSC_ADJUST.
+        let t0 = get_msr(vcpu, IA32_TSC)?;
+        set_msr(vcpu, IA32_TSC, t0.wrapping_add(cycles))?;
+        let moved = |t: u64| t.wrapping_sub(t0) >= cycles / 2;
+        if moved(get_msr(vcpu, IA32_TSC)?) {
+            return Ok(());
+        }
+        let adjust = get_msr(vcpu, IA32_TSC_ADJUST)?;
+        set_msr(vcpu, IA32_TSC_ADJUST, adjust.wrapping_add(cycles))?;
+        if !moved(get_msr(vcpu, IA32_TSC)?) {
+            set_msr(vcpu, IA32_TSC_ADJUST, adjust)?;
+            // Found once, said once, not tried again.
+            self.tsc_writes_ignored = true;
+            tracing::warn!(
+                "this host's KVM ignores writes to the guest TSC (IA32_TSC, \
+                 IA32_TSC_ADJUST): while the guest halts, simulated time passes but \
+                 its TSC does not (a Linux guest's clock falls behind while idle)"
+            );
+        }
         Ok(())
     }
 
@@ -456,7 +453,7 @@ impl Arch for X86_64 {
         Ok([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9])
     }
 
-    fn dump(&mut self, vcpu: &VcpuFd, mem: Option<&vm_memory::GuestMemoryMmap>) -> String {
+    fn dump(&mut self, vcpu: &VcpuFd) -> String {
         let mut s = String::new();
         match self.regs(vcpu) {
             Ok(r) => {
@@ -598,43 +595,33 @@ impl Arch for X86_64 {
         if let Ok(dr) = vcpu.get_debug_regs() {
             let _ = writeln!(s, "dr0-3={:x?} dr6={:x} dr7={:x}", dr.db, dr.dr6, dr.dr7);
         }
-        if let Some(mem) = mem {
-            s.push_str(&self.memory_view(vcpu, mem));
+        if self.mem.is_some() {
+            s.push_str(&self.memory_view(vcpu));
         }
         s
     }
 }
 
-/// Reads a little-endian u64 of guest-physical memory.
-fn read_phys_u64(mem: &vm_memory::GuestMemoryMmap, addr: u64) -> Option<u64> {
-    use vm_memory::{Bytes, GuestAddress};
-    mem.read_obj::<u64>(GuestAddress(addr)).ok()
-}
-
 impl X86_64 {
-    /// Walks `va` through the guest's current page tables.
-    pub fn walk(
-        &mut self,
-        vcpu: &VcpuFd,
-        mem: &vm_memory::GuestMemoryMmap,
-        va: u64,
-    ) -> Result<paging::Walk> {
-        let s = self.sregs(vcpu)?;
+    /// Walks `va` through the guest's current page tables (every entry
+    /// unreadable without attached memory).
+    pub fn walk(&mut self, vcpu: &VcpuFd, va: u64) -> Result<paging::Walk> {
+        use vm_memory::{Bytes, GuestAddress};
+        let s = *self.sregs(vcpu)?;
+        let mem = self.mem.as_ref();
         Ok(paging::walk(s.cr0, s.cr3, s.cr4, s.efer, va, |a| {
-            read_phys_u64(mem, a)
+            mem?.read_obj::<u64>(GuestAddress(a)).ok()
         }))
     }
 
     /// Reads guest memory at virtual address `va` through the current page
     /// tables (physical addresses before paging is on) into `buf`; returns
-    /// how many bytes could be read (fewer at an unmapped page).
-    pub fn read_virt(
-        &mut self,
-        vcpu: &VcpuFd,
-        mem: &vm_memory::GuestMemoryMmap,
-        va: u64,
-        buf: &mut [u8],
-    ) -> usize {
+    /// how many bytes could be read (fewer at an unmapped page, none without
+    /// attached memory).
+    pub fn read_virt(&mut self, vcpu: &VcpuFd, va: u64, buf: &mut [u8]) -> usize {
+        let Some(mem) = self.mem.clone() else {
+            return 0;
+        };
         let Ok(paged) = self.sregs(vcpu).map(|s| s.cr0 & (1 << 31) != 0) else {
             return 0;
         };
@@ -642,7 +629,7 @@ impl X86_64 {
         while done < buf.len() {
             let at = va.wrapping_add(done as u64);
             let pa = if paged {
-                match self.walk(vcpu, mem, at).map(|w| w.result) {
+                match self.walk(vcpu, at).map(|w| w.result) {
                     Ok(Ok(pa)) => pa,
                     _ => break,
                 }
@@ -652,7 +639,7 @@ impl X86_64 {
             // Up to the end of the 4 KiB page (the smallest mapping).
             let n = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
             if vm_memory::Bytes::read_slice(
-                mem,
+                &mem,
                 &mut buf[done..done + n],
                 vm_memory::GuestAddress(pa),
             )
@@ -665,47 +652,40 @@ impl X86_64 {
         done
     }
 
-    /// The first `n` 8-byte words on the stack (fewer where unreadable).
-    pub fn stack_words(
-        &mut self,
-        vcpu: &VcpuFd,
-        mem: &vm_memory::GuestMemoryMmap,
-        n: usize,
-    ) -> Vec<u64> {
-        let Ok(rsp) = self.regs(vcpu).map(|r| r.rsp) else {
-            return Vec::new();
-        };
-        let long = self.sregs(vcpu).is_ok_and(|s| s.cs.l != 0);
-        let base = if long {
-            0
-        } else {
-            self.sregs(vcpu).map_or(0, |s| s.ss.base)
-        };
+    /// Up to `n` little-endian 8-byte words at virtual address `va` (fewer
+    /// where memory stops being readable).
+    pub fn read_u64s(&mut self, vcpu: &VcpuFd, va: u64, n: usize) -> Vec<u64> {
         let mut buf = vec![0u8; 8 * n];
-        let got = self.read_virt(vcpu, mem, base.wrapping_add(rsp), &mut buf);
+        let got = self.read_virt(vcpu, va, &mut buf);
         buf[..got - got % 8]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect()
     }
 
+    /// The first `n` 8-byte words on the stack (fewer where unreadable).
+    pub fn stack_words(&mut self, vcpu: &VcpuFd, n: usize) -> Vec<u64> {
+        let (Ok(rsp), Ok(sr)) = (self.regs(vcpu).map(|r| r.rsp), self.sregs(vcpu).copied()) else {
+            return Vec::new();
+        };
+        let base = if sr.cs.l != 0 { 0 } else { sr.ss.base };
+        self.read_u64s(vcpu, base.wrapping_add(rsp), n)
+    }
+
     /// What the registers point at: the instruction at RIP, the top of the
     /// stack, and the page walk of CR2.
-    fn memory_view(&mut self, vcpu: &VcpuFd, mem: &vm_memory::GuestMemoryMmap) -> String {
+    fn memory_view(&mut self, vcpu: &VcpuFd) -> String {
         let mut s = String::new();
         let (Ok(r), Ok(sr)) = (self.regs(vcpu).copied(), self.sregs(vcpu).copied()) else {
             return s;
         };
         let paged = sr.cr0 & (1 << 31) != 0;
-        // Segment bases other than FS and GS do not apply in 64-bit mode.
         let code_va = if sr.cs.l != 0 {
             r.rip
         } else {
             sr.cs.base.wrapping_add(r.rip)
         };
-        let mut bytes = vec![0u8; 15];
-        let got = self.read_virt(vcpu, mem, code_va, &mut bytes);
-        bytes.truncate(got);
+        let bytes = self.instruction_bytes(vcpu).unwrap_or_default();
         if bytes.is_empty() {
             let _ = writeln!(s, "code at rip: not readable");
         } else {
@@ -716,7 +696,7 @@ impl X86_64 {
                 emulate::disassemble(&bytes, r.rip, emulate::code_bitness(&sr))
             );
         }
-        let words = self.stack_words(vcpu, mem, 8);
+        let words = self.stack_words(vcpu, 8);
         let _ = write!(s, "stack at rsp:");
         for w in &words {
             let _ = write!(s, " {w:x}");
@@ -728,7 +708,7 @@ impl X86_64 {
         if paged {
             let cr2 = (sr.cr2 != 0).then_some(("cr2", sr.cr2));
             for (what, va) in std::iter::once(("rip", code_va)).chain(cr2) {
-                if let Ok(w) = self.walk(vcpu, mem, va) {
+                if let Ok(w) = self.walk(vcpu, va) {
                     let _ = writeln!(s, "{what}: {}", w.describe());
                 }
             }

@@ -101,15 +101,12 @@ pub fn refresh(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<()> {
     let Some(r) = arch.repair else {
         return Ok(());
     };
-    let Some(mem) = arch.mem.clone() else {
-        return Ok(());
-    };
     let idt = arch.sregs(vcpu)?.idt;
     if idt.limit < 14 * 16 + 15 {
         return Ok(());
     }
     let mut gate = [0u8; 16];
-    if arch.read_virt(vcpu, &mem, idt.base + 14 * 16, &mut gate) != 16 {
+    if arch.read_virt(vcpu, idt.base + 14 * 16, &mut gate) != 16 {
         return Ok(());
     }
     let handler = gate_offset(&gate);
@@ -142,15 +139,10 @@ pub fn debug_exit(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<DebugOutcome> {
     if r.handler == 0 || regs.rip != r.handler {
         return Ok(DebugOutcome::NotMine);
     }
-    let Some(mem) = arch.mem.clone() else {
-        return Ok(DebugOutcome::NotMine);
-    };
-    let mut raw = [0u8; 48];
+    // [error code, RIP, CS, RFLAGS, RSP, SS]; zeros if unreadable.
     let mut frame = [0u64; 6];
-    if arch.read_virt(vcpu, &mem, regs.rsp, &mut raw) == raw.len() {
-        for (f, c) in frame.iter_mut().zip(raw.chunks_exact(8)) {
-            *f = u64::from_le_bytes(c.try_into().unwrap_or_default());
-        }
+    for (f, w) in frame.iter_mut().zip(arch.read_u64s(vcpu, regs.rsp, 6)) {
+        *f = w;
     }
     let msr = |arch: &mut X86_64, index: u32| -> Result<u64> {
         Ok(arch
