@@ -337,6 +337,7 @@ pub fn run() -> Report {
             .is_some_and(|r| r.exit == ProbeExit::EmulationFailure);
         (name, failed)
     };
+    let mut gap_bits: Vec<u32> = Vec::new();
     let gaps = [
         gap("int3", &[0xcc], 0),
         // lock cmpxchg16b [rbx], rbx = 0x200000 (16-byte aligned RAM).
@@ -363,11 +364,13 @@ pub fn run() -> Report {
             },
             consequence: consequence.into(),
         });
-        match (name, failed) {
-            ("cmpxchg16b", true) => extra.push(141),
-            ("popcnt", true) => extra.push(151),
-            _ => {}
-        }
+        let bit = match (name, failed) {
+            ("cmpxchg16b", true) => Some(141),
+            ("popcnt", true) => Some(151),
+            _ => None,
+        };
+        extra.extend(bit);
+        gap_bits.extend(bit);
     }
 
     // SYSCALL from CPL3: STAR selects kernel CS 0x10; LSTAR = the landing pad.
@@ -397,14 +400,10 @@ pub fn run() -> Report {
         "kvmsim repairs each entry from the page fault it raises (a breakpoint on the guest's page-fault handler; system.cpu.syscall_repair)",
     );
 
-    let mut priority: Vec<u32> = extra
-        .iter()
-        .copied()
-        .filter(|b| [141, 151].contains(b))
-        .collect();
-    let before = extra.clone();
     hide_dependents(&mut extra);
-    priority.extend(extra.iter().filter(|b| !before.contains(b)));
+    // If the list is cut, the emulator gaps and the dependents must stay.
+    let mut priority = gap_bits;
+    priority.extend(LINUX_DEPENDS.iter().map(|&(dependent, _)| dependent));
     let xsave = 4 * 32 + 26;
     let fsgsbase = 9 * 32;
     let noxsave = extra.contains(&xsave);
