@@ -34,6 +34,9 @@
 //! * `flags`: RDI (20,000) passes of Linux's memmove loop in kernel mode
 //!   while the interval timer interrupts every RSI (50,000) ns (none if RDX
 //!   != 0); prints how many passes lost the carry flag to an interrupt.
+//! * `irqint3`: RSI (5,000) `int3` traps at ring 0 with interrupts on while
+//!   the interval timer interrupts every RDI (30,000) ns; prints the traps
+//!   and interrupts taken (each interrupt kvmsim injects must arrive).
 
 macro_rules! guest {
     ($name:literal) => {
@@ -60,6 +63,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("syscall"),
     guest!("flags"),
     guest!("fwait"),
+    guest!("irqint3"),
 ];
 
 /// The ELF image of built-in guest `name`.

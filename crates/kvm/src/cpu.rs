@@ -28,14 +28,14 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use mem::{AccessCtx, CallArgs, IoBus, Space};
 use sim::intr::InterruptController;
 use sim::{Availability, ClockDomain, Counter, Request, Stats, Tick, Value};
 
 use crate::arch::Arch;
-use crate::perf::{self, InstCounter, PerfEvent};
-use crate::timer::{kick_signal, KickHandle, ThreadSignals, TimerKind};
+use crate::perf::{InstCounter, PerfEvent};
+use crate::timer::{kick_signal, ExitTimer, KickHandle, TimerKind};
+use crate::vcpu::{KvmVcpu, Vcpu, VmExit};
 use crate::{sys, KvmError, Result};
 
 /// How a KVM CPU converts between host and simulated time.
@@ -140,43 +140,7 @@ pub enum TickOutcome {
     Fault(String),
 }
 
-/// An exit, copied out of `kvm_run` so it can be serviced later.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Exit {
-    IoIn {
-        port: u16,
-        size: u8,
-        count: u32,
-    },
-    /// The data is in the CPU's `io_buf`.
-    IoOut {
-        port: u16,
-        size: u8,
-        count: u32,
-    },
-    MmioRead {
-        addr: u64,
-        len: usize,
-    },
-    MmioWrite {
-        addr: u64,
-        len: usize,
-        data: [u8; 8],
-    },
-    Hlt,
-    /// A signal interrupted KVM_RUN (run timer, kick, or immediate_exit).
-    Intr,
-    /// KVM_RUN asked to be retried (EAGAIN).
-    Retry,
-    IrqWindowOpen,
-    /// A single-step (or other debug) exit.
-    Debug,
-    /// KVM could not emulate an instruction (its bytes, when KVM gave them).
-    EmulationFailure(Option<Vec<u8>>),
-    Hypercall(u64),
-    /// Anything the CPU cannot continue from.
-    Fatal(String),
-}
+type Exit = VmExit;
 
 /// The CPU's statistics (gem5's names).
 struct CpuStats {
@@ -195,6 +159,9 @@ struct CpuStats {
     inst_method: Value,
     kvm_host_seconds: Value,
     completed: sim::Vector,
+    tsc_backwards: Counter,
+    progress_stalls: Counter,
+    host_syscalls: Counter,
 }
 
 impl CpuStats {
@@ -267,6 +234,21 @@ impl CpuStats {
                 "Count",
                 completable,
             )?,
+            tsc_backwards: c(
+                stats,
+                "numHostClockBackwards",
+                "Runs whose host cycle counter read lower at the exit than at the entry (counted as 0 cycles)",
+            )?,
+            progress_stalls: c(
+                stats,
+                "numProgressStalls",
+                "Timer exits at the instruction of the previous one (no progress); each doubles the minimum run span",
+            )?,
+            host_syscalls: c(
+                stats,
+                "hostSyscalls",
+                "System calls the CPU's thread made for it (KVM ioctls, run timer, signals)",
+            )?,
         })
     }
 }
@@ -274,7 +256,7 @@ impl CpuStats {
 /// Gives devices the calling CPU's argument registers, through the lazy context.
 struct ArgsView<'a, A: Arch> {
     arch: &'a mut A,
-    vcpu: &'a VcpuFd,
+    vcpu: &'a mut dyn Vcpu,
 }
 
 impl<A: Arch> CallArgs for ArgsView<'_, A> {
@@ -289,7 +271,7 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
 /// Runs `f` with an access context for `now` whose calling CPU is `arch`.
 fn with_ctx<A: Arch, R>(
     arch: &mut A,
-    vcpu: &VcpuFd,
+    vcpu: &mut dyn Vcpu,
     now: Tick,
     requests: &mut Vec<Request>,
     f: impl FnOnce(&mut AccessCtx) -> R,
@@ -310,13 +292,14 @@ pub type IntcHandle = Arc<Mutex<dyn InterruptController>>;
 const DRAIN_RUN_LIMIT: Tick = sim::tick::TICKS_PER_MS;
 /// Longest one single-step entry may run (a step that did not stop).
 const STEP_SAFETY_SPAN: Tick = 10 * sim::tick::TICKS_PER_MS;
+/// The minimum run span grows up to this much host time (seconds).
+const MAX_MIN_SPAN_HOST_S: f64 = 0.1;
 
-/// A CPU backed by a KVM vCPU.
-pub struct KvmCpu<A: Arch> {
+/// A CPU backed by a KVM vCPU (or, in tests, a scripted one).
+pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     name: String,
-    vcpu: VcpuFd,
+    vcpu: V,
     arch: A,
-    mmap_size: usize,
     cfg: CpuConfig,
     opts: CpuOptions,
     state: CpuState,
@@ -324,7 +307,7 @@ pub struct KvmCpu<A: Arch> {
     io_buf: Vec<u8>,
     stats: CpuStats,
     kick: KickHandle,
-    signals: Option<ThreadSignals>,
+    timer: Option<Box<dyn ExitTimer>>,
     intc: Option<IntcHandle>,
     draining: bool,
     /// Guest instructions executed so far (absolute, never reset).
@@ -339,31 +322,29 @@ pub struct KvmCpu<A: Arch> {
     /// When the CPU halted: simulated time skipped while idle is added to
     /// the guest's clock before it runs again.
     idle_since: Option<Tick>,
+    /// No run is armed shorter than this (grown while timer exits make no
+    /// progress, so that a slow host still completes an instruction).
+    min_span: Tick,
+    /// The program counter at the last timer exit.
+    stall_pc: Option<u64>,
 }
 
-impl<A: Arch> KvmCpu<A> {
+impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
     /// Wraps `vcpu`; statistics go under `name` (e.g. `system.cpu`).
     pub fn new(
         name: &str,
-        vcpu: VcpuFd,
+        vcpu: V,
         arch: A,
-        mmap_size: usize,
         cfg: CpuConfig,
         opts: CpuOptions,
         stats: &mut Stats,
     ) -> Result<Self> {
         let cpu_stats = CpuStats::new(stats, name, arch.completable())
             .map_err(|e| KvmError::Setup(e.to_string()))?;
-        let mut vcpu = vcpu;
-        if opts.coalesced_mmio {
-            vcpu.map_coalesced_mmio_ring()
-                .map_err(KvmError::ioctl("mapping the coalesced-MMIO ring"))?;
-        }
         Ok(KvmCpu {
             name: name.into(),
             vcpu,
             arch,
-            mmap_size,
             cfg,
             opts,
             state: CpuState::Running,
@@ -371,7 +352,7 @@ impl<A: Arch> KvmCpu<A> {
             io_buf: Vec::new(),
             stats: cpu_stats,
             kick: KickHandle::default(),
-            signals: None,
+            timer: None,
             intc: None,
             draining: false,
             insts: 0,
@@ -381,6 +362,8 @@ impl<A: Arch> KvmCpu<A> {
             total_insts: None,
             tracer: None,
             idle_since: None,
+            min_span: 0,
+            stall_pc: None,
         })
     }
 
@@ -437,39 +420,46 @@ impl<A: Arch> KvmCpu<A> {
     }
 
     /// The architecture state, with the vCPU to sync it through.
-    pub fn arch_mut(&mut self) -> (&mut A, &VcpuFd) {
-        (&mut self.arch, &self.vcpu)
+    pub fn arch_mut(&mut self) -> (&mut A, &mut dyn Vcpu) {
+        (&mut self.arch, &mut self.vcpu)
+    }
+
+    /// The vCPU (tests read a scripted vCPU's record through it).
+    pub fn vcpu(&self) -> &V {
+        &self.vcpu
+    }
+
+    /// The vCPU, mutable (tests adjust a scripted vCPU).
+    pub fn vcpu_mut(&mut self) -> &mut V {
+        &mut self.vcpu
     }
 
     /// A readable dump of the whole CPU state.
     pub fn dump(&mut self) -> String {
-        self.arch.dump(&self.vcpu)
+        self.arch.dump(&mut self.vcpu)
     }
 
     /// Per-thread setup, run from the CPU's startup event on the thread that
     /// executes its queue: kick handling, the run timer, the instruction
     /// counter. Must run before the first tick.
     pub fn startup_thread(&mut self) -> Result<()> {
-        let signals =
-            ThreadSignals::setup(&self.vcpu, self.opts.timer, &self.kick).map_err(|e| {
-                KvmError::Setup(format!(
-                    "{}: setting up the run timer ({:?}) and kick signal: {e}",
-                    self.name, self.opts.timer
-                ))
-            })?;
-        self.signals = Some(signals);
-        if perf::pmu_available() {
+        let timer = self
+            .vcpu
+            .thread_setup(self.opts.timer, &self.kick)
+            .map_err(|e| KvmError::Timer(format!("{}: {e}", self.name)))?;
+        self.timer = Some(timer);
+        if self.vcpu.has_pmu() {
             let mut c =
                 InstCounter::new(PerfEvent::GuestInstructions, sys::gettid(), kick_signal())
-                    .map_err(|e| KvmError::Setup(format!("guest instruction counter: {e}")))?;
+                    .map_err(|e| KvmError::PerfCounter(format!("guest instructions: {e}")))?;
             if let Some(max) = self.opts.max_insts {
                 c.set_stop(Some(max.max(1)))
-                    .map_err(|e| KvmError::Setup(format!("instruction stop: {e}")))?;
+                    .map_err(|e| KvmError::PerfCounter(format!("instruction stop: {e}")))?;
             }
             self.inst_counter = Some(c);
             self.inst_method = InstMethod::PerfCounter;
         } else if self.opts.max_insts.is_some() {
-            self.arch.set_single_step(&self.vcpu, true)?;
+            self.arch.set_single_step(&mut self.vcpu, true)?;
             self.stepping = true;
             self.inst_method = InstMethod::SingleStep;
             tracing::warn!(
@@ -502,9 +492,16 @@ impl<A: Arch> KvmCpu<A> {
         self.draining = true;
         Ok(match self.state {
             CpuState::Idle => true,
-            CpuState::Running => self.arch.is_drained(&self.vcpu)?,
+            CpuState::Running => self.drained_now()?,
             CpuState::RunningService | CpuState::RunningServiceCompletion => false,
         })
+    }
+
+    /// True if nothing is in flight: no event injected or pending in KVM,
+    /// and no event the simulator completed waiting to be pushed.
+    fn drained_now(&mut self) -> Result<bool> {
+        self.arch.update_kvm_state(&mut self.vcpu)?;
+        self.arch.is_drained(&mut self.vcpu)
     }
 
     /// Ends a drain; the owner schedules a tick if the CPU is not idle.
@@ -522,7 +519,24 @@ impl<A: Arch> KvmCpu<A> {
         bus: &IoBus,
         requests: &mut Vec<Request>,
     ) -> Result<TickOutcome> {
-        let clock = self.cfg.clock;
+        let calls = sys::syscalls();
+        let outcome = self.tick_inner(now, next_event, bus, requests);
+        self.stats
+            .host_syscalls
+            .add(sys::syscalls().saturating_sub(calls));
+        if let Ok(TickOutcome::Next(t)) = &outcome {
+            debug_assert!(*t >= now && *t >= self.cfg.clock.clock_edge(now, 0));
+        }
+        outcome
+    }
+
+    fn tick_inner(
+        &mut self,
+        now: Tick,
+        next_event: Option<Tick>,
+        bus: &IoBus,
+        requests: &mut Vec<Request>,
+    ) -> Result<TickOutcome> {
         match self.state {
             CpuState::Idle => Ok(TickOutcome::Idle),
             CpuState::RunningService => {
@@ -538,12 +552,9 @@ impl<A: Arch> KvmCpu<A> {
                         return Ok(outcome);
                     }
                     // Not drained: run briefly so KVM delivers its event.
-                    let (ticks, exit, _) = self.run_kvm(
-                        now,
-                        Some(DRAIN_RUN_LIMIT.min(self.span(now, next_event))),
-                        bus,
-                    )?;
-                    return Ok(self.after_run(now, ticks, exit, None));
+                    let span = DRAIN_RUN_LIMIT.min(self.span(now, next_event));
+                    let (ticks, exit) = self.run_kvm(now, Some(span), bus)?;
+                    return Ok(self.after_run(now, ticks, exit));
                 }
                 if let Some(o) = self.check_step_allowed()? {
                     return Ok(o);
@@ -552,38 +563,27 @@ impl<A: Arch> KvmCpu<A> {
                     // The guest did not run while idle, but its clock (x86:
                     // the TSC) must show the simulated time that passed.
                     let cycles = self.cfg.ticks_to_host_cycles(now.saturating_sub(since));
-                    self.arch.advance_guest_clock(&self.vcpu, cycles)?;
+                    self.arch.advance_guest_clock(&mut self.vcpu, cycles)?;
                 }
                 let span = self.trace_begin(now, next_event.map(|t| t.saturating_sub(now)))?;
-                let (ticks, exit, expired) = self.run_kvm(now, span, bus)?;
+                let (ticks, exit) = self.run_kvm(now, span, bus)?;
                 if let Some(o) = self.check_inst_limit()? {
                     return Ok(o);
                 }
-                if matches!(exit, Exit::Debug) {
+                if exit == Exit::Debug {
                     self.trace_step(now.saturating_add(ticks))?;
                 }
-                Ok(self.after_run(now, ticks, exit, expired))
+                Ok(self.after_run(now, ticks, exit))
             }
         }
-        .inspect(|o| {
-            if let TickOutcome::Next(t) = o {
-                debug_assert!(*t >= now && *t >= clock.clock_edge(now, 0));
-            }
-        })
     }
 
     fn span(&self, now: Tick, next_event: Option<Tick>) -> Tick {
         next_event.map_or(Tick::MAX, |t| t.saturating_sub(now))
     }
 
-    /// Decides the next tick after a run that used `ticks`.
-    fn after_run(
-        &mut self,
-        now: Tick,
-        ticks: Tick,
-        exit: Exit,
-        expired: Option<Tick>,
-    ) -> TickOutcome {
+    /// Decides the next tick after a run that was charged `ticks`.
+    fn after_run(&mut self, now: Tick, ticks: Tick, exit: Exit) -> TickOutcome {
         let clock = self.cfg.clock;
         match exit {
             Exit::Intr => {
@@ -596,21 +596,14 @@ impl<A: Arch> KvmCpu<A> {
                 self.state = CpuState::RunningService;
             }
         }
-        let cycles = match expired {
-            // The run timer expired: time moves just past the end of the span
-            // it was armed for (normally the next event), whatever the host
-            // measured (gem5's rule).
-            Some(span) => clock.ticks_to_cycles(span.saturating_add(1)),
-            None => clock.ticks_to_cycles(ticks),
-        };
         // At least one cycle passes, so the next tick is in the future.
-        TickOutcome::Next(clock.clock_edge(now, cycles.max(1)))
+        TickOutcome::Next(clock.clock_edge(now, clock.ticks_to_cycles(ticks).max(1)))
     }
 
     /// One drain step before a run: a pending read is completed with a half
     /// entry; a CPU with no injected or pending events is drained.
     fn drain_step(&mut self, now: Tick, bus: &IoBus) -> Result<Option<TickOutcome>> {
-        if !self.arch.is_drained(&self.vcpu)? {
+        if !self.drained_now()? {
             return Ok(None);
         }
         if self.state == CpuState::RunningServiceCompletion {
@@ -624,22 +617,13 @@ impl<A: Arch> KvmCpu<A> {
 
     /// Enters KVM only to complete a pending IO instruction (immediate_exit).
     fn half_entry(&mut self, now: Tick, bus: &IoBus) -> Result<()> {
-        self.arch.update_kvm_state(&self.vcpu)?;
-        self.vcpu.set_kvm_immediate_exit(1);
-        let r = self.vcpu.run().map(|_| ()).map_err(|e| e.errno());
-        self.vcpu.set_kvm_immediate_exit(0);
+        self.arch.update_kvm_state(&mut self.vcpu)?;
+        let r = self.vcpu.half_entry();
         self.arch.kvm_state_changed();
         self.stats.num_vm_exits.inc();
         self.stats.num_vm_half_entries.inc();
         self.flush_coalesced(now, bus);
-        match r {
-            Err(libc::EINTR) => Ok(()),
-            Ok(()) => Ok(()),
-            Err(e) => Err(KvmError::Setup(format!(
-                "half entry (KVM_RUN with immediate_exit) failed: {}",
-                std::io::Error::from_raw_os_error(e)
-            ))),
-        }
+        r
     }
 
     /// Starts a trace whose time has come (single-stepping from now on);
@@ -662,7 +646,7 @@ impl<A: Arch> KvmCpu<A> {
             self.name, t.trace.insts
         );
         self.trace_write(&start)?;
-        self.arch.set_single_step(&self.vcpu, true)?;
+        self.arch.set_single_step(&mut self.vcpu, true)?;
         self.trace_step(now)?;
         Ok(span)
     }
@@ -679,13 +663,13 @@ impl<A: Arch> KvmCpu<A> {
         if t.trace.insts == 0 {
             self.tracer = None;
             if !self.stepping {
-                self.arch.set_single_step(&self.vcpu, false)?;
+                self.arch.set_single_step(&mut self.vcpu, false)?;
             }
             return Ok(());
         }
         t.trace.insts -= 1;
-        let bytes = self.arch.instruction_bytes(&self.vcpu)?;
-        let line = self.arch.trace_line(&self.vcpu, &bytes)?;
+        let bytes = self.arch.instruction_bytes(&mut self.vcpu)?;
+        let line = self.arch.trace_line(&mut self.vcpu, &bytes)?;
         self.trace_write(&format!("{now:>16} {line}"))
     }
 
@@ -693,7 +677,7 @@ impl<A: Arch> KvmCpu<A> {
         if let Some(t) = &mut self.tracer {
             writeln!(t.trace.out, "{line}")
                 .and_then(|()| t.trace.out.flush())
-                .map_err(|e| KvmError::Setup(format!("{}: writing the trace: {e}", self.name)))?;
+                .map_err(|e| KvmError::Trace(format!("{}: writing the trace: {e}", self.name)))?;
         }
         Ok(())
     }
@@ -703,7 +687,7 @@ impl<A: Arch> KvmCpu<A> {
         if !self.stepping {
             return Ok(None);
         }
-        let cpl = self.arch.privilege_level(&self.vcpu)?;
+        let cpl = self.arch.privilege_level(&mut self.vcpu)?;
         if crate::probe::single_step_works(cpl)? {
             return Ok(None);
         }
@@ -728,21 +712,23 @@ impl<A: Arch> KvmCpu<A> {
         }
     }
 
-    /// Enters KVM once for at most `span` ticks; returns the simulated time
-    /// used, the exit, and the span the run timer expired on (if it did).
-    fn run_kvm(
-        &mut self,
-        now: Tick,
-        span: Option<Tick>,
-        bus: &IoBus,
-    ) -> Result<(Tick, Exit, Option<Tick>)> {
+    /// Enters KVM once for at most `span` ticks (the span to the CPU's next
+    /// event); returns the simulated time the run is charged and the exit.
+    ///
+    /// The charge is the host time measured inside KVM, in simulated time,
+    /// but never more than `span + 1`: whatever the host measured, the CPU
+    /// does not pass its next event (gem5's rule, applied to every exit, and
+    /// never charging more than was measured).
+    fn run_kvm(&mut self, now: Tick, span: Option<Tick>, bus: &IoBus) -> Result<(Tick, Exit)> {
+        // What the simulator changed goes to KVM first: a completed
+        // instruction's exception, pushed after an injection, would discard
+        // the injected interrupt.
+        self.arch.update_kvm_state(&mut self.vcpu)?;
         if let Some(intc) = &self.intc {
             let mut intc = mem::lock(intc);
             let d = self.arch.deliver_interrupts(&mut self.vcpu, &mut *intc)?;
             self.stats.num_interrupts.add(u64::from(d.injected));
         }
-        self.arch.update_kvm_state(&self.vcpu)?;
-        let timer = self.signals.as_ref().map(|s| &s.timer);
         // While single-stepping each entry should stop after one
         // instruction; the timer still bounds it, in case KVM does not step
         // the code (native user mode on a software-assisted KVM).
@@ -750,110 +736,38 @@ impl<A: Arch> KvmCpu<A> {
         let span = if self.stepping || tracing {
             Some(span.unwrap_or(STEP_SAFETY_SPAN).min(STEP_SAFETY_SPAN))
         } else {
-            span
+            span.filter(|&s| s < Tick::MAX)
         };
-        let armed = match (timer, span) {
-            (Some(t), Some(span)) if span < Tick::MAX => {
-                let span = span.max(t.resolution(&self.cfg));
-                t.arm(span, &self.cfg)
-                    .map_err(|e| KvmError::Setup(format!("arming the run timer: {e}")))?;
-                Some(span)
-            }
-            _ => None,
-        };
+        let start = self.vcpu.host_cycles();
+        if let Some(t) = &mut self.timer {
+            let armed = span.map(|s| s.max(self.min_span).max(t.resolution(&self.cfg)));
+            t.arm(armed, &self.cfg, start)
+                .map_err(|e| KvmError::Timer(format!("{}: arming: {e}", self.name)))?;
+        }
         let host_start = Instant::now();
-        let start = self.arch.host_cycles();
-        let exit = match self.vcpu.run() {
-            Ok(VcpuExit::IoIn(port, _)) => Exit::IoIn {
-                port,
-                size: 0,
-                count: 0,
-            },
-            Ok(VcpuExit::IoOut(port, data)) => {
-                self.io_buf.clear();
-                self.io_buf.extend_from_slice(data);
-                Exit::IoOut {
-                    port,
-                    size: 0,
-                    count: 0,
-                }
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead {
-                addr,
-                len: data.len(),
-            },
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                let mut buf = [0u8; 8];
-                let len = data.len().min(8);
-                buf[..len].copy_from_slice(&data[..len]);
-                Exit::MmioWrite {
-                    addr,
-                    len,
-                    data: buf,
-                }
-            }
-            Ok(VcpuExit::Hlt) => Exit::Hlt,
-            Ok(VcpuExit::Intr) => Exit::Intr,
-            Ok(VcpuExit::IrqWindowOpen) => Exit::IrqWindowOpen,
-            Ok(VcpuExit::Debug(_)) => Exit::Debug,
-            Ok(VcpuExit::Hypercall(h)) => Exit::Hypercall(h.nr),
-            Ok(VcpuExit::Shutdown) => {
-                Exit::Fatal("KVM_EXIT_SHUTDOWN: the guest shut down (triple fault)".into())
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Exit::Fatal(format!(
-                "KVM_EXIT_FAIL_ENTRY: KVM could not enter the guest (hardware entry failure reason {reason:#x}, host cpu {cpu})"
-            )),
-            Ok(VcpuExit::InternalError) => {
-                let run = self.vcpu.get_kvm_run();
-                if sys::internal_error(run).map(|(s, _)| s)
-                    == Some(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION)
-                {
-                    Exit::EmulationFailure(sys::emulation_failure_bytes(run))
-                } else {
-                let detail = sys::internal_error(self.vcpu.get_kvm_run())
-                    .map(|(sub, data)| {
-                        let what = match sub {
-                            1 => " (emulation failure: KVM cannot emulate the instruction)",
-                            2 => " (simultaneous exceptions)",
-                            3 => " (delivery event)",
-                            _ => "",
-                        };
-                        format!("suberror {sub}{what}, data {data:x?}")
-                    })
-                    .unwrap_or_default();
-                Exit::Fatal(format!("KVM_EXIT_INTERNAL_ERROR: {detail}"))
-                }
-            }
-            Ok(VcpuExit::Unknown) => {
-                let hw = sys::unknown_hw_reason(self.vcpu.get_kvm_run()).unwrap_or(0);
-                Exit::Fatal(format!("KVM_EXIT_UNKNOWN: hardware exit reason {hw:#x}"))
-            }
-            Ok(VcpuExit::Exception) => {
-                let (nr, code) = sys::exception(self.vcpu.get_kvm_run()).unwrap_or((0, 0));
-                Exit::Fatal(format!(
-                    "KVM_EXIT_EXCEPTION: exception {nr} error code {code:#x}"
-                ))
-            }
-            Ok(VcpuExit::MemoryFault { gpa, size, .. }) => Exit::Fatal(format!(
-                "KVM_EXIT_MEMORY_FAULT: guest physical [{gpa:#x}, +{size:#x})"
-            )),
-            Ok(other) => Exit::Fatal(format!("unexpected exit from KVM: {other:?}")),
-            Err(e) if e.errno() == libc::EINTR => Exit::Intr,
-            Err(e) if e.errno() == libc::EAGAIN => Exit::Retry,
-            Err(e) => Exit::Fatal(format!("KVM_RUN failed: {e}")),
-        };
-        let cycles = self.arch.host_cycles().wrapping_sub(start);
+        let exit = self.vcpu.run(&mut self.io_buf);
+        let end = self.vcpu.host_cycles();
         let elapsed = host_start.elapsed();
-        // The span the timer ran out on, if it expired.
-        let expired = match (armed, timer) {
-            (Some(span), Some(t)) => t
-                .disarm()
-                .map_err(|e| KvmError::Setup(format!("disarming the run timer: {e}")))?
-                .then_some(span),
-            _ => None,
+        let cycles = match end.checked_sub(start) {
+            Some(c) => c,
+            None => {
+                // The counter went back (a host that moved the thread to a
+                // CPU whose TSC lags): count nothing rather than ~2^64.
+                self.stats.tsc_backwards.inc();
+                0
+            }
         };
-        // A kick or timer signal that arrived late must not end the next run.
-        sys::discard_pending(kick_signal());
+        let expired = match &mut self.timer {
+            Some(t) => t
+                .after_run(end, exit == Exit::Intr)
+                .map_err(|e| KvmError::Timer(format!("{}: after a run: {e}", self.name)))?,
+            None => false,
+        };
+        tracing::trace!(
+            "{}: run at {now}: span {span:?}, min span {}, {cycles} host cycles, {exit:?}, timer expired {expired}",
+            self.name,
+            self.min_span
+        );
         self.arch.kvm_state_changed();
         if let Some(intc) = &self.intc {
             self.arch.after_run(&mut self.vcpu, &mut *mem::lock(intc));
@@ -861,21 +775,9 @@ impl<A: Arch> KvmCpu<A> {
         self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
         self.stats.num_vm_exits.inc();
 
-        // Port IO: size and count are in kvm_run, not in VcpuExit.
-        let exit = match exit {
-            Exit::IoIn { port, .. } | Exit::IoOut { port, .. } => {
-                let (size, count) = sys::pio_geometry(self.vcpu.get_kvm_run()).unwrap_or((1, 1));
-                if matches!(exit, Exit::IoIn { .. }) {
-                    Exit::IoIn { port, size, count }
-                } else {
-                    Exit::IoOut { port, size, count }
-                }
-            }
-            e => e,
-        };
         // A debug exit may be a repair's breakpoint or step, not ours.
         let exit = match exit {
-            Exit::Debug => match self.arch.debug_exit(&self.vcpu)? {
+            Exit::Debug => match self.arch.debug_exit(&mut self.vcpu)? {
                 crate::arch::DebugOutcome::NotMine => Exit::Debug,
                 crate::arch::DebugOutcome::Handled => Exit::Retry,
                 crate::arch::DebugOutcome::Completed(i) => {
@@ -886,14 +788,54 @@ impl<A: Arch> KvmCpu<A> {
             e => e,
         };
         self.account_insts(&exit)?;
-        let ticks = self
+        self.check_progress(&exit, expired)?;
+        let measured = self
             .cfg
             .host_cycles_to_ticks(cycles)
             .saturating_add(self.flush_coalesced(now, bus));
+        let ticks = match span {
+            Some(s) => measured.min(s.saturating_add(1)),
+            None => measured,
+        };
         self.stats
             .num_cycles
             .add(self.cfg.clock.ticks_to_cycles(ticks));
-        Ok((ticks, exit, expired))
+        Ok((ticks, exit))
+    }
+
+    /// Forward progress on a host that needs more time per entry than the
+    /// next event leaves: a timer exit at the same instruction as the
+    /// previous timer exit doubles the minimum run span; progress halves it.
+    fn check_progress(&mut self, exit: &Exit, expired: bool) -> Result<()> {
+        if !(expired && *exit == Exit::Intr) {
+            if *exit != Exit::Intr {
+                self.stall_pc = None;
+            }
+            return Ok(());
+        }
+        let pc = self.arch.program_counter(&mut self.vcpu)?;
+        let floor = self
+            .timer
+            .as_ref()
+            .map_or(1, |t| t.resolution(&self.cfg).max(1));
+        if self.stall_pc == Some(pc) {
+            self.stats.progress_stalls.inc();
+            let cap = self
+                .cfg
+                .host_cycles_to_ticks((self.cfg.host_freq_hz * MAX_MIN_SPAN_HOST_S) as u64);
+            self.min_span = self
+                .min_span
+                .max(floor)
+                .saturating_mul(2)
+                .min(cap.max(floor));
+        } else {
+            self.min_span /= 2;
+            if self.min_span < floor {
+                self.min_span = 0;
+            }
+        }
+        self.stall_pc = Some(pc);
+        Ok(())
     }
 
     /// Updates the instruction counts after a run.
@@ -903,7 +845,7 @@ impl<A: Arch> KvmCpu<A> {
             InstMethod::PerfCounter => {
                 if let Some(c) = &self.inst_counter {
                     self.insts = c.total().map_err(|e| {
-                        KvmError::Setup(format!("reading the instruction counter: {e}"))
+                        KvmError::PerfCounter(format!("reading the instruction counter: {e}"))
                     })?;
                 }
             }
@@ -931,16 +873,10 @@ impl<A: Arch> KvmCpu<A> {
         }
         let mut latency: Tick = 0;
         let mut reqs = Vec::new();
-        while let Ok(Some(e)) = self.vcpu.coalesced_mmio_read() {
+        while let Some((addr, data, len)) = self.vcpu.coalesced_mmio_read() {
             self.stats.num_coalesced_mmio.inc();
-            let len = (e.len as usize).min(e.data.len());
             let mut ctx = AccessCtx::new(now, &mut reqs);
-            latency = latency.saturating_add(bus.write(
-                Space::Mmio,
-                e.phys_addr,
-                &e.data[..len],
-                &mut ctx,
-            ));
+            latency = latency.saturating_add(bus.write(Space::Mmio, addr, &data[..len], &mut ctx));
         }
         if !reqs.is_empty() {
             tracing::warn!(
@@ -969,18 +905,20 @@ impl<A: Arch> KvmCpu<A> {
                 buf.clear();
                 buf.resize(size * count.max(1) as usize, 0);
                 let port = u64::from(port);
-                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
                     buf.chunks_mut(size).fold(0, |lat: Tick, chunk| {
                         lat.saturating_add(bus.read(Space::Pio, port, chunk, ctx))
                     })
                 });
-                if !sys::complete_pio_in(&mut self.vcpu, self.mmap_size, &buf) {
-                    return Err(KvmError::Setup(format!(
-                        "cannot complete the port read of {} bytes at port {port:#x}",
-                        buf.len()
+                let done = self.vcpu.complete_io_in(&buf);
+                self.io_buf = buf;
+                if !done {
+                    return Err(KvmError::Completion(format!(
+                        "{}: cannot complete the port read of {} bytes at port {port:#x}",
+                        self.name,
+                        self.io_buf.len()
                     )));
                 }
-                self.io_buf = buf;
                 completion = true;
                 latency
             }
@@ -989,7 +927,7 @@ impl<A: Arch> KvmCpu<A> {
                 let size = usize::from(size.max(1));
                 let buf = std::mem::take(&mut self.io_buf);
                 let port = u64::from(port);
-                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
                     buf.chunks(size).fold(0, |lat: Tick, chunk| {
                         lat.saturating_add(bus.write(Space::Pio, port, chunk, ctx))
                     })
@@ -1001,12 +939,13 @@ impl<A: Arch> KvmCpu<A> {
                 self.stats.num_mmio.inc();
                 let mut data = [0u8; 8];
                 let len = len.min(8);
-                let latency = with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
+                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
                     bus.read(Space::Mmio, addr, &mut data[..len], ctx)
                 });
-                if !sys::complete_mmio_read(&mut self.vcpu, &data[..len]) {
-                    return Err(KvmError::Setup(format!(
-                        "cannot complete the MMIO read of {len} bytes at {addr:#x}"
+                if !self.vcpu.complete_mmio_read(&data[..len]) {
+                    return Err(KvmError::Completion(format!(
+                        "{}: cannot complete the MMIO read of {len} bytes at {addr:#x}",
+                        self.name
                     )));
                 }
                 completion = true;
@@ -1014,8 +953,8 @@ impl<A: Arch> KvmCpu<A> {
             }
             Exit::MmioWrite { addr, len, data } => {
                 self.stats.num_mmio.inc();
-                with_ctx(&mut self.arch, &self.vcpu, now, requests, |ctx| {
-                    bus.write(Space::Mmio, addr, &data[..len], ctx)
+                with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
+                    bus.write(Space::Mmio, addr, &data[..len.min(8)], ctx)
                 })
             }
             Exit::Hlt => {
@@ -1032,9 +971,9 @@ impl<A: Arch> KvmCpu<A> {
             Exit::EmulationFailure(bytes) => {
                 let bytes = match bytes {
                     Some(b) if !b.is_empty() => b,
-                    _ => self.arch.instruction_bytes(&self.vcpu)?,
+                    _ => self.arch.instruction_bytes(&mut self.vcpu)?,
                 };
-                match self.arch.complete_instruction(&self.vcpu, &bytes)? {
+                match self.arch.complete_instruction(&mut self.vcpu, &bytes)? {
                     Ok(i) => {
                         self.stats.completed.add(i, 1);
                         0

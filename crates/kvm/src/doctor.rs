@@ -141,6 +141,16 @@ fn cpuinfo_flags() -> String {
 }
 
 impl Report {
+    /// True when the probes found that this host's KVM cannot emulate
+    /// `insn` (a name of [`crate::arch::x86_64::emulate::SUPPORTED`] or
+    /// "cmpxchg16b", "popcnt") at CPL0.
+    pub fn emulator_lacks(&self, insn: &str) -> bool {
+        let name = format!("emulator: {insn}");
+        self.findings
+            .iter()
+            .any(|f| (f.name == name || f.name.ends_with(&format!(" {insn}"))) && !f.ok)
+    }
+
     /// True when `syscall` from CPL3 does not enter CPL0 here (the
     /// SYSCALL-entry repair is needed).
     pub fn needs_syscall_repair(&self) -> bool {
@@ -230,7 +240,7 @@ pub fn run() -> Report {
     );
 
     if let Ok(vm) = KvmVm::new() {
-        let khz = vm.create_vcpu(0).ok().and_then(|v| v.get_tsc_khz().ok());
+        let khz = vm.create_vcpu(0).ok().and_then(|v| v.tsc_khz().ok());
         add(
             &mut rep.findings,
             "TSC rate",
@@ -340,6 +350,8 @@ pub fn run() -> Report {
     let mut gap_bits: Vec<u32> = Vec::new();
     let gaps = [
         gap("int3", &[0xcc], 0),
+        // fwait with nothing pending (CR0.TS clear): a no-op on hardware.
+        gap("fwait", &[0x9b], 0),
         // lock cmpxchg16b [rbx], rbx = 0x200000 (16-byte aligned RAM).
         gap("cmpxchg16b", &[0xf0, 0x48, 0x0f, 0xc7, 0x0b], 0x20_0000),
         gap("popcnt", &[0xf3, 0x48, 0x0f, 0xb8, 0xc0], 0),
@@ -347,12 +359,14 @@ pub fn run() -> Report {
     for (name, failed) in gaps {
         let consequence = match name {
             "int3" => "kvmsim completes it (advance RIP, inject #BP)",
+            "fwait" => "kvmsim completes it (advance RIP, or inject #NM/#MF)",
             "cmpxchg16b" => "Linux: clearcpuid=141 (CX16)",
             _ => "Linux: clearcpuid=151 (POPCNT)",
         };
         rep.findings.push(Finding {
             name: match name {
                 "int3" => "emulator: int3",
+                "fwait" => "emulator: fwait",
                 "cmpxchg16b" => "emulator: lock cmpxchg16b",
                 _ => "emulator: popcnt",
             },

@@ -7,15 +7,18 @@
 pub mod arch;
 pub mod cpu;
 pub mod doctor;
+pub mod fake;
 pub mod perf;
 pub mod probe;
 pub mod sys;
 pub mod timer;
+pub mod vcpu;
 pub mod vm;
 
 pub use arch::Arch;
 pub use cpu::{CpuConfig, CpuState, KvmCpu, TickOutcome};
-pub use vm::KvmVm;
+pub use vcpu::{KvmVcpu, Vcpu, VmExit};
+pub use vm::{KvmVm, VcpuSpec};
 
 /// Errors of the KVM layer.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +49,21 @@ pub enum KvmError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// Building or configuring a VM or vCPU failed.
     #[error("{0}")]
     Setup(String),
+    /// The run timer or the kick signal failed.
+    #[error("run timer: {0}")]
+    Timer(String),
+    /// A perf counter (instruction count, instruction stop) failed.
+    #[error("perf counter: {0}")]
+    PerfCounter(String),
+    /// Writing the instruction trace failed.
+    #[error("instruction trace: {0}")]
+    Trace(String),
+    /// Completing an exit (a pending read, an injection, a half entry) failed.
+    #[error("exit completion: {0}")]
+    Completion(String),
 }
 
 impl KvmError {

@@ -3,12 +3,12 @@
 
 use std::sync::OnceLock;
 
-use kvm_ioctls::VcpuExit;
 use mem::{GuestRam, MemoryMap};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::{boot, X86_64};
 use crate::arch::Arch;
+use crate::vcpu::{KvmVcpu, Vcpu, VmExit};
 use crate::{KvmError, KvmVm, Result};
 
 /// Eight `nop`s, then `hlt` (or an exception at CPL3, which also exits).
@@ -28,7 +28,7 @@ pub fn single_step_works(cpl: u8) -> Result<bool> {
 /// A fresh VM with `code` at [`PROBE_CODE`], its vCPU in 64-bit mode at
 /// CPL `cpl` (not yet pushed to KVM). Fields drop in order: vCPU, VM, RAM.
 struct ProbeVm {
-    vcpu: kvm_ioctls::VcpuFd,
+    vcpu: KvmVcpu,
     arch: X86_64,
     vm: KvmVm,
     _ram: GuestRam,
@@ -45,13 +45,19 @@ fn probe_vm(code: &[u8], cpl: u8) -> Result<ProbeVm> {
         })?;
     let mut vm = KvmVm::new()?;
     vm.map_ram(&ram)?;
-    let vcpu = vm.create_vcpu(0)?;
+    let mut vcpu = vm.create_vcpu(0)?;
     let mut arch = X86_64::new();
     boot::write_boot_structures(ram.memory())?;
-    boot::enter_long_mode(&mut arch, &vcpu, PROBE_CODE, boot::DEFAULT_STACK_TOP, &[])?;
+    boot::enter_long_mode(
+        &mut arch,
+        &mut vcpu,
+        PROBE_CODE,
+        boot::DEFAULT_STACK_TOP,
+        &[],
+    )?;
     if cpl == 3 {
         let gdt = boot::gdt();
-        let sregs = arch.sregs_mut(&vcpu)?;
+        let sregs = arch.sregs_mut(&mut vcpu)?;
         sregs.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
         sregs.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
     }
@@ -71,11 +77,11 @@ fn probe_single_step(cpl: u8) -> Result<bool> {
         vm: _vm,
         _ram,
     } = probe_vm(&NOPS, cpl)?;
-    arch.update_kvm_state(&vcpu)?;
-    arch.set_single_step(&vcpu, true)?;
-    let stepped = matches!(vcpu.run(), Ok(VcpuExit::Debug(_)));
+    arch.update_kvm_state(&mut vcpu)?;
+    arch.set_single_step(&mut vcpu, true)?;
+    let stepped = vcpu.run(&mut Vec::new()) == VmExit::Debug;
     arch.kvm_state_changed();
-    let rip = arch.regs(&vcpu)?.rip;
+    let rip = arch.regs(&mut vcpu)?.rip;
     let works = stepped && rip == PROBE_CODE + 1;
     tracing::debug!("single-step probe at CPL{cpl}: debug exit {stepped}, rip {rip:#x}: {works}");
     Ok(works)
@@ -132,56 +138,45 @@ pub fn run_snippet(
         if let Ok(t) =
             kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(&cpuid, 0))
         {
-            let _ = vcpu.set_cpuid2(&t);
+            let _ = vcpu.set_cpuid(&t);
         }
     }
     {
-        let r = arch.regs_mut(&vcpu)?;
+        let r = arch.regs_mut(&mut vcpu)?;
         r.rax = regs[0];
         r.rbx = regs[1];
         r.rcx = regs[2];
         r.rdx = regs[3];
     }
-    arch.update_kvm_state(&vcpu)?;
+    arch.update_kvm_state(&mut vcpu)?;
     if !msrs.is_empty() {
-        let entries: Vec<kvm_bindings::kvm_msr_entry> = msrs
-            .iter()
-            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let m = kvm_bindings::Msrs::from_entries(&entries)
-            .map_err(|e| KvmError::Setup(format!("{e:?}")))?;
-        vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+        vcpu.set_msrs(msrs)?;
     }
     // The run timer: a kick after the limit, to this thread.
     let signals = crate::timer::ThreadSignals::setup(
-        &vcpu,
+        vcpu.fd(),
         crate::timer::TimerKind::Posix,
         &crate::timer::KickHandle::default(),
     )
-    .map_err(|e| KvmError::Setup(format!("probe timer: {e}")))?;
+    .map_err(|e| KvmError::Timer(format!("probe timer: {e}")))?;
     signals
         .arm_timer_ns(limit_ms * 1_000_000)
-        .map_err(|e| KvmError::Setup(format!("probe timer: {e}")))?;
+        .map_err(|e| KvmError::Timer(format!("probe timer: {e}")))?;
     let t = Instant::now();
-    let exit = match vcpu.run() {
-        Ok(VcpuExit::MmioRead(..)) | Ok(VcpuExit::MmioWrite(..)) => ProbeExit::Mmio,
-        Ok(VcpuExit::Hlt) => ProbeExit::Hlt,
-        Ok(VcpuExit::Shutdown) => ProbeExit::Shutdown,
-        Ok(VcpuExit::InternalError) => ProbeExit::EmulationFailure,
-        Ok(other) => ProbeExit::Other(format!("{other:?}")),
-        Err(e) if e.errno() == libc::EINTR => ProbeExit::Timeout,
-        Err(e) => ProbeExit::Other(e.to_string()),
+    let exit = match vcpu.run(&mut Vec::new()) {
+        VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => ProbeExit::Mmio,
+        VmExit::Hlt => ProbeExit::Hlt,
+        VmExit::EmulationFailure(_) => ProbeExit::EmulationFailure,
+        VmExit::Fatal(m) if m.starts_with("KVM_EXIT_SHUTDOWN") => ProbeExit::Shutdown,
+        VmExit::Intr => ProbeExit::Timeout,
+        other => ProbeExit::Other(format!("{other:?}")),
     };
     let host_ns = t.elapsed().as_nanos() as u64;
     let _ = signals.disarm_timer();
     crate::sys::discard_pending(crate::timer::kick_signal());
     arch.kvm_state_changed();
-    let r = *arch.regs(&vcpu)?;
-    let cpl = arch.privilege_level(&vcpu)?;
+    let r = *arch.regs(&mut vcpu)?;
+    let cpl = arch.privilege_level(&mut vcpu)?;
     Ok(ProbeRun {
         exit,
         rip: r.rip,

@@ -113,6 +113,22 @@ pub fn exception(run: &kvm_run) -> Option<(u32, u32)> {
     Some((ex.exception, ex.error_code))
 }
 
+thread_local! {
+    static SYSCALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one system call made by the calling thread for a CPU (ioctls on
+/// the vCPU, timer and signal calls). See [`syscalls`].
+pub fn count_syscall() {
+    SYSCALLS.with(|c| c.set(c.get() + 1));
+}
+
+/// System calls the calling thread has made through this crate's vCPU,
+/// timer and signal wrappers (a CPU thread's per-exit cost, testable).
+pub fn syscalls() -> u64 {
+    SYSCALLS.with(std::cell::Cell::get)
+}
+
 /// Reads the host's time-stamp counter.
 pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no memory effects; every x86-64 CPU has it.
@@ -229,6 +245,7 @@ pub fn discard_pending(sig: libc::c_int) -> u32 {
     };
     let mut n = 0;
     loop {
+        count_syscall();
         // SAFETY: valid set and timeout; a null siginfo is allowed.
         let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) };
         if r == sig {
@@ -261,10 +278,13 @@ pub fn pthread_self() -> libc::pthread_t {
     unsafe { libc::pthread_self() }
 }
 
-/// Sends `sig` to thread `t`, which must be alive.
-pub fn pthread_kill(t: libc::pthread_t, sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: the caller guarantees `t` names a live thread of this process
-    // (kvmsim clears its kick handles before the thread ends).
+/// Sends `sig` to thread `t`.
+///
+/// # Safety
+/// `t` must name a live (not yet ended) thread of this process: signalling
+/// a thread that has ended is undefined behaviour.
+pub unsafe fn pthread_kill(t: libc::pthread_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: the caller guarantees `t` names a live thread of this process.
     check_pthread(unsafe { libc::pthread_kill(t, sig) })
 }
 
@@ -279,11 +299,16 @@ pub fn interrupt(vcpu: &VcpuFd, vector: u8) -> io::Result<()> {
 }
 
 /// Restores the FPU/SSE/AVX state with KVM_SET_XSAVE.
-pub fn set_xsave(vcpu: &VcpuFd, xsave: &kvm_bindings::kvm_xsave) -> Result<(), kvm_ioctls::Error> {
-    // SAFETY: the caller passes an area obtained from KVM_GET_XSAVE on a vCPU
-    // of this host (the only way kvmsim builds one), so its size and layout
-    // are what KVM_SET_XSAVE expects; kvm-ioctls marks the call unsafe only
-    // because a larger XSAVE2 area would be read past the struct.
+///
+/// # Safety
+/// `xsave` must be an area KVM_GET_XSAVE returned on a vCPU of this host:
+/// KVM reads an area of the size it reported (kvm-ioctls marks the call
+/// unsafe because a larger XSAVE2 area would be read past the struct).
+pub unsafe fn set_xsave(
+    vcpu: &VcpuFd,
+    xsave: &kvm_bindings::kvm_xsave,
+) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: the caller guarantees the area's origin (see above).
     unsafe { vcpu.set_xsave(xsave) }
 }
 
@@ -332,6 +357,7 @@ impl PosixTimer {
         };
         // SAFETY: an all-zero itimerspec is valid plain data.
         let mut old: libc::itimerspec = unsafe { std::mem::zeroed() };
+        count_syscall();
         // SAFETY: self.0 is a live timer; both structs are valid.
         check(unsafe { libc::timer_settime(self.0, 0, &new, &mut old) })?;
         Ok(old)
@@ -422,6 +448,7 @@ pub enum PerfIoctl {
 
 /// Issues a perf ioctl on a perf event fd.
 pub fn perf_ioctl(fd: &OwnedFd, op: PerfIoctl) -> io::Result<()> {
+    count_syscall();
     let fd = fd.as_raw_fd();
     // SAFETY: `fd` is a perf event fd; each ioctl takes the argument type
     // its wrapper declares (PERIOD reads a u64 through the pointer we pass).
@@ -442,6 +469,7 @@ pub fn perf_ioctl(fd: &OwnedFd, op: PerfIoctl) -> io::Result<()> {
 
 /// Reads a perf counter's value.
 pub fn perf_read(fd: &OwnedFd) -> io::Result<u64> {
+    count_syscall();
     let mut v = 0u64;
     // SAFETY: reads 8 bytes into `v` from a perf fd (read_format 0).
     let n = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 
 use kvm_ioctls::VcpuFd;
 use sim::Tick;
@@ -37,6 +37,27 @@ fn install_kick_handler() -> io::Result<()> {
             .map_err(|e| io::Error::from_raw_os_error(e.errno()));
     });
     result
+}
+
+/// The resolution of CLOCK_MONOTONIC, read once per process.
+fn monotonic_resolution_ns() -> u64 {
+    static RES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *RES.get_or_init(sys::monotonic_resolution_ns)
+}
+
+/// The run timer as the CPU uses it: armed before an entry, asked after it.
+/// Implementations avoid system calls that cannot change the outcome.
+pub trait ExitTimer: Send {
+    /// The shortest span the timer can be armed for, in ticks.
+    fn resolution(&self, cfg: &CpuConfig) -> Tick;
+    /// Before an entry at host cycles `now`: the timer must fire no later
+    /// than `ticks` of simulated time from now (`None`: no bound needed; a
+    /// timer still armed from before may fire, which only costs an exit).
+    fn arm(&mut self, ticks: Option<Tick>, cfg: &CpuConfig, now: u64) -> io::Result<()>;
+    /// After a run that ended at host cycles `now` (`signal_exit`: KVM_RUN
+    /// returned EINTR): true if the timer expired. A pending timer signal or
+    /// kick that would end the next entry at once is discarded.
+    fn after_run(&mut self, now: u64, signal_exit: bool) -> io::Result<bool>;
 }
 
 /// Which run timer forces exits.
@@ -87,7 +108,7 @@ impl RunTimer {
         let min = cfg.host_cycles_to_ticks(MIN_HOST_CYCLES);
         match self {
             RunTimer::Posix(_) => min.max(
-                (sys::monotonic_resolution_ns() as f64
+                (monotonic_resolution_ns() as f64
                     * sim::tick::TICKS_PER_NS as f64
                     * cfg.host_factor) as Tick,
             ),
@@ -126,32 +147,83 @@ impl RunTimer {
 }
 
 /// A handle that kicks a CPU out of KVM from any thread.
+///
+/// Sound by construction: the target thread is named under a lock, and the
+/// CPU's thread clears it under the same lock before it can end (from a
+/// thread-local guard that runs when the thread exits, and when its
+/// [`ThreadSignals`] are dropped), so a kick never signals a thread that
+/// has gone.
 #[derive(Debug, Clone, Default)]
 pub struct KickHandle {
-    thread: Arc<AtomicU64>,
+    inner: Arc<KickInner>,
+}
+
+#[derive(Debug, Default)]
+struct KickInner {
+    thread: Mutex<Option<libc::pthread_t>>,
+    /// Kicks sent so far (the CPU's thread compares it across a run to
+    /// know whether a late kick may be pending).
+    sent: AtomicU64,
 }
 
 impl KickHandle {
     /// Forces the CPU out of KVM (or makes its next entry return at once).
-    /// Does nothing before the CPU's thread has started.
+    /// Does nothing before the CPU's thread has started or after it ended.
     pub fn kick(&self) {
-        let t = self.thread.load(Ordering::Acquire);
-        if t != 0 {
-            if let Err(e) = sys::pthread_kill(t, kick_signal()) {
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = *thread {
+            self.inner.sent.fetch_add(1, Ordering::AcqRel);
+            // SAFETY: `t` is alive: the CPU's thread clears the slot under
+            // this lock before it ends (KickGuard), and we hold the lock.
+            if let Err(e) = unsafe { sys::pthread_kill(t, kick_signal()) } {
                 tracing::warn!("kick failed: {e}");
             }
         }
     }
 
-    fn set(&self, t: Option<libc::pthread_t>) {
-        self.thread.store(t.unwrap_or(0), Ordering::Release);
+    /// Kicks sent so far.
+    pub fn sent(&self) -> u64 {
+        self.inner.sent.load(Ordering::Acquire)
     }
+
+    fn set(&self, t: Option<libc::pthread_t>) {
+        *self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = t;
+    }
+}
+
+/// Clears the kick handles of the CPUs set up on a thread when the thread
+/// ends (thread-local destructors run before the thread is gone).
+#[derive(Default)]
+struct KickGuard(Vec<KickHandle>);
+
+impl Drop for KickGuard {
+    fn drop(&mut self) {
+        for k in &self.0 {
+            k.set(None);
+        }
+    }
+}
+
+thread_local! {
+    static KICK_GUARD: std::cell::RefCell<KickGuard> = std::cell::RefCell::default();
 }
 
 /// The per-thread signal state of a CPU.
 pub struct ThreadSignals {
     pub timer: RunTimer,
     kick: KickHandle,
+    /// A POSIX run timer still armed: when it fires (host cycles).
+    deadline: Option<u64>,
+    /// `kick.sent()` when the last run ended.
+    kicks_seen: u64,
 }
 
 impl ThreadSignals {
@@ -173,9 +245,12 @@ impl ThreadSignals {
         sys::discard_pending(sig);
         let timer = RunTimer::new(kind)?;
         kick.set(Some(sys::pthread_self()));
+        KICK_GUARD.with(|g| g.borrow_mut().0.push(kick.clone()));
         Ok(ThreadSignals {
             timer,
             kick: kick.clone(),
+            deadline: None,
+            kicks_seen: kick.sent(),
         })
     }
 }
@@ -196,6 +271,59 @@ impl ThreadSignals {
     /// Disarms the run timer; true if it expired.
     pub fn disarm_timer(&self) -> io::Result<bool> {
         self.timer.disarm()
+    }
+}
+
+impl ExitTimer for ThreadSignals {
+    fn resolution(&self, cfg: &CpuConfig) -> Tick {
+        self.timer.resolution(cfg)
+    }
+
+    fn arm(&mut self, ticks: Option<Tick>, cfg: &CpuConfig, now: u64) -> io::Result<()> {
+        let Some(ticks) = ticks else {
+            return Ok(());
+        };
+        if let RunTimer::Perf(..) = self.timer {
+            return self.timer.arm(ticks, cfg);
+        }
+        // A POSIX timer still armed from an earlier entry is kept if it
+        // fires no later than wanted and not much earlier (an early expiry
+        // costs one exit; re-arming costs a system call on every entry).
+        let want = now.saturating_add(cfg.ticks_to_host_cycles(ticks));
+        if let Some(d) = self.deadline {
+            if d > now && d <= want && want - d <= (want - now) / 4 {
+                return Ok(());
+            }
+        }
+        self.timer.arm(ticks, cfg)?;
+        self.deadline = Some(want);
+        Ok(())
+    }
+
+    fn after_run(&mut self, now: u64, signal_exit: bool) -> io::Result<bool> {
+        let expired = match &self.timer {
+            RunTimer::Perf(..) => self.timer.disarm()?,
+            RunTimer::Posix(_) => match self.deadline {
+                Some(d) if now >= d => {
+                    self.deadline = None;
+                    true
+                }
+                _ => false,
+            },
+        };
+        let kicks = self.kick.sent();
+        let kicked = kicks != self.kicks_seen;
+        self.kicks_seen = kicks;
+        // A signal that ended KVM_RUN is not consumed there: KVM restores
+        // the thread's mask on the way out, so it stays pending (blocked)
+        // and would end the next entry at once. So does the signal of an
+        // expiry or kick that came after KVM_RUN returned. Without any of
+        // these, nothing can be pending: no system call.
+        let perf = matches!(self.timer, RunTimer::Perf(..));
+        if perf || signal_exit || expired || kicked {
+            sys::discard_pending(kick_signal());
+        }
+        Ok(expired)
     }
 }
 

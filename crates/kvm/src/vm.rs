@@ -1,10 +1,11 @@
 //! KvmVm: one KVM virtual machine per simulated system.
 
 use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use mem::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::vcpu::KvmVcpu;
 use crate::{KvmError, Result};
 
 /// Where KVM may put its TSS pages (needed on Intel without unrestricted
@@ -131,10 +132,53 @@ impl KvmVm {
         Ok(())
     }
 
-    /// Creates vCPU `id`.
-    pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd> {
-        self.vm
+    /// Creates vCPU `id`, bare (for probes).
+    pub fn create_vcpu(&self, id: u64) -> Result<KvmVcpu> {
+        let fd = self
+            .vm
             .create_vcpu(id)
-            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))
+            .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
+        Ok(KvmVcpu::new(fd, self.vcpu_mmap_size))
     }
+
+    /// Makes writes to `[base, base + size)` coalesced: KVM buffers them in
+    /// a ring instead of exiting (see [`VcpuSpec::coalesced_mmio`]).
+    pub fn register_coalesced_mmio(&self, base: u64, size: u64) -> Result<()> {
+        self.vm
+            .register_coalesced_mmio(
+                IoEventAddress::Mmio(base),
+                u32::try_from(size).unwrap_or(u32::MAX),
+            )
+            .map_err(KvmError::ioctl("KVM_REGISTER_COALESCED_MMIO"))
+    }
+
+    /// Creates vCPU `spec.id` as a simulated CPU: the CPUID table is what
+    /// KVM supports, filtered ([`crate::arch::x86_64::cpuid::filter`]), and
+    /// the coalesced-MMIO ring is mapped if asked for.
+    pub fn create_cpu(&self, spec: &VcpuSpec) -> Result<KvmVcpu> {
+        let mut vcpu = self.create_vcpu(spec.id)?;
+        let supported = self
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let table = kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(
+            &supported,
+            spec.id as u8,
+        ))
+        .map_err(|e| KvmError::Setup(format!("CPUID table: {e:?}")))?;
+        vcpu.set_cpuid(&table)?;
+        if spec.coalesced_mmio {
+            vcpu.enable_coalesced_mmio()?;
+        }
+        Ok(vcpu)
+    }
+}
+
+/// How to create a simulated CPU's vCPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuSpec {
+    /// The vCPU (and APIC) id.
+    pub id: u64,
+    /// Map the coalesced-MMIO ring (some range was registered).
+    pub coalesced_mmio: bool,
 }

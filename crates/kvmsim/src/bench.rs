@@ -67,15 +67,16 @@ fn bare_run(period_us: u64, iterations: u64) -> Result<Sample, String> {
     boot::write_boot_structures(ram.memory()).map_err(|x| e(&x))?;
     boot::enter_long_mode(
         &mut arch,
-        &vcpu,
+        &mut vcpu,
         entry,
         boot::DEFAULT_STACK_TOP,
         &[period_us * 1000, iterations],
     )
     .map_err(|x| e(&x))?;
-    arch.update_kvm_state(&vcpu).map_err(|x| e(&x))?;
+    arch.update_kvm_state(&mut vcpu).map_err(|x| e(&x))?;
+    let vcpu = vcpu.fd_mut();
     let signals =
-        ThreadSignals::setup(&vcpu, TimerKind::Posix, &KickHandle::default()).map_err(|x| e(&x))?;
+        ThreadSignals::setup(vcpu, TimerKind::Posix, &KickHandle::default()).map_err(|x| e(&x))?;
     let period_ns = period_us * 1000;
     let mut exits = 0u64;
     let mut pending = false;
@@ -84,7 +85,7 @@ fn bare_run(period_us: u64, iterations: u64) -> Result<Sample, String> {
             let run = vcpu.get_kvm_run();
             if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
                 run.request_interrupt_window = 0;
-                kvm::sys::interrupt(&vcpu, VECTOR).map_err(|x| e(&x))?;
+                kvm::sys::interrupt(vcpu, VECTOR).map_err(|x| e(&x))?;
                 pending = false;
             } else {
                 run.request_interrupt_window = 1;

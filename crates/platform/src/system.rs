@@ -16,10 +16,10 @@ use devices::simops::{SIMOPS_BASE, SIMOPS_SIZE};
 use devices::timer::{TIMER_BASE, TIMER_SIZE};
 use devices::uart::{COM1_BASE, UART_PORTS};
 use devices::{IntervalTimer, Mailbox, SimOps, Uart16550};
-use kvm::arch::x86_64::{boot, cpuid, X86_64};
+use kvm::arch::x86_64::{boot, X86_64};
 use kvm::cpu::CpuOptions;
 use kvm::timer::TimerKind;
-use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome};
+use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome, VcpuSpec};
 use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Rebased, Space, TimedHandle};
 use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
 use sim::intr::{InterruptController, Pending};
@@ -274,27 +274,17 @@ impl System {
         let mut vm = KvmVm::new()?;
         vm.map_ram(&ram)?;
         for &[base, size] in &sc.coalesced_mmio {
-            vm.fd()
-                .register_coalesced_mmio(
-                    kvm_ioctls::IoEventAddress::Mmio(base),
-                    u32::try_from(size).unwrap_or(u32::MAX),
-                )
-                .map_err(kvm::KvmError::ioctl("KVM_REGISTER_COALESCED_MMIO"))?;
+            vm.register_coalesced_mmio(base, size)?;
         }
-        let vcpu = vm.create_vcpu(0)?;
-        let supported = vm
-            .kvm()
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm::KvmError::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-        let table = kvm_bindings::CpuId::from_entries(&cpuid::filter(&supported, 0))
-            .map_err(|e| PlatformError::Setup(format!("CPUID table: {e:?}")))?;
-        vcpu.set_cpuid2(&table)
-            .map_err(kvm::KvmError::ioctl("KVM_SET_CPUID2"))?;
+        let mut vcpu = vm.create_cpu(&VcpuSpec {
+            id: 0,
+            coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+        })?;
 
         let host_freq = match sc.cpu.host_freq {
             Some(f) => f.0,
             None => {
-                let khz = vcpu.get_tsc_khz().map_err(|e| {
+                let khz = vcpu.tsc_khz().map_err(|e| {
                     PlatformError::Setup(format!(
                         "KVM_GET_TSC_KHZ failed ({e}); set system.cpu.host_freq in the config"
                     ))
@@ -319,13 +309,13 @@ impl System {
             Some(k) => {
                 let line = setup_linux(sc, k, &info, &ram, host_freq)?;
                 tracing::info!("{name}: Linux command line: {line}");
-                boot::set_boot_msrs(&vcpu)?;
+                boot::set_boot_msrs(&mut vcpu)?;
                 // The 64-bit boot protocol: RSI points to the zero page.
                 vec![0, crate::firmware::ZERO_PAGE]
             }
             None => sc.args.clone(),
         };
-        boot::enter_long_mode(&mut arch, &vcpu, entry, stack, &args)?;
+        boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?;
         // Repairs the host's KVM needs, as kvmsim doctor's probes found.
         if sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair() {
             if sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some() {
@@ -334,7 +324,7 @@ impl System {
                      single-steps: the repair is not applied (user-mode system calls will fault)"
                 );
             } else {
-                arch.enable_syscall_repair(&vcpu)?;
+                arch.enable_syscall_repair(&mut vcpu)?;
                 tracing::info!(
                     "{name}: repair applied: SYSCALL from user mode does not enter kernel mode \
                      on this host; kvmsim completes it from the page fault it raises"
@@ -345,7 +335,6 @@ impl System {
             &format!("{name}.cpu"),
             vcpu,
             arch,
-            vm.vcpu_mmap_size(),
             KvmCpuConfig {
                 clock: ClockDomain::from_hz(sc.cpu.clock.0),
                 host_freq_hz: host_freq,
@@ -553,34 +542,12 @@ impl System {
     /// argument registers, the top of the stack, KVM's pending events and
     /// the interrupt controller's state.
     pub fn cpu_sample(&mut self) -> String {
-        let (arch, vcpu) = self.cpu.arch_mut();
-        let regs = arch
-            .regs(vcpu)
-            .map(|r| (r.rip, r.rsp, r.rflags, r.rdi, r.rsi, r.rdx));
-        let sregs = arch.sregs(vcpu).map(|s| (s.cs.dpl, s.cr2));
-        let ev = arch.events(vcpu).map(|e| {
-            (
-                e.exception.injected,
-                e.exception.nr,
-                e.interrupt.injected,
-                e.interrupt.nr,
-            )
-        });
-        let stack: Vec<String> = arch
-            .stack_words(vcpu, 6)
-            .iter()
-            .map(|w| format!("{w:x}"))
-            .collect();
         let intc = mem::lock(&self.intc).describe();
-        match (regs, sregs, ev) {
-            (Ok((rip, rsp, fl, rdi, rsi, rdx)), Ok((cpl, cr2)), Ok((xi, xn, ii, inr))) => format!(
-                "rip={rip:#x} rsp={rsp:#x} cpl={cpl} rflags={fl:#x} cr2={cr2:#x} \
-                 rdi={rdi:#x} rsi={rsi:#x} rdx={rdx:#x} stack=[{}] \
-                 exception={xi}/{xn} interrupt={ii}/{inr} state={:?} {intc}",
-                stack.join(" "),
-                self.cpu.state()
-            ),
-            _ => "(registers unavailable)".into(),
+        let state = self.cpu.state();
+        let (arch, vcpu) = self.cpu.arch_mut();
+        match arch.sample(vcpu) {
+            Ok(s) => format!("{s} state={state:?} {intc}"),
+            Err(e) => format!("(registers unavailable: {e})"),
         }
     }
 

@@ -544,7 +544,8 @@ mod tests {
         let j = d.to_json();
         assert_eq!(j["tick"], 10);
         assert_eq!(j["stats"]["system.cpu.n"], 0);
-        // 0/0 is NaN: null in JSON, "nan" in text.
+        // Nothing counted over the 5 ticks since the reset: a rate of 0
+        // (a rate over zero ticks would be NaN; see nan_is_text_nan_and_json_null).
         assert_eq!(j["stats"]["system.cpu.nPerTick"], 0.0);
     }
 

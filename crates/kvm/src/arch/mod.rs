@@ -3,9 +3,9 @@
 
 pub mod x86_64;
 
-use kvm_ioctls::VcpuFd;
 use sim::intr::InterruptController;
 
+use crate::vcpu::Vcpu;
 use crate::Result;
 
 /// What became of a debug exit.
@@ -35,54 +35,57 @@ pub struct Delivery {
 /// context is stale and is pulled only when someone reads it; changes are
 /// pushed only before the next entry, and only if someone made them.
 pub trait Arch: Send {
-    /// Reads the counter that `host_freq` describes (x86: the TSC).
-    fn host_cycles(&self) -> u64;
-
     /// KVM ran: every cached part of the context is stale.
     fn kvm_state_changed(&mut self);
 
     /// Pushes every part of the context that the simulator changed to KVM
     /// (gem5's `updateKvmState`). Called before each entry.
-    fn update_kvm_state(&mut self, vcpu: &VcpuFd) -> Result<()>;
+    fn update_kvm_state(&mut self, vcpu: &mut dyn Vcpu) -> Result<()>;
 
     /// Pulls the whole context from KVM (gem5's `updateThreadContext`).
-    fn update_thread_context(&mut self, vcpu: &VcpuFd) -> Result<()>;
+    fn update_thread_context(&mut self, vcpu: &mut dyn Vcpu) -> Result<()>;
 
     /// The first six integer argument registers of the guest's calling
     /// convention, read through the lazy context.
-    fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]>;
+    fn call_args(&mut self, vcpu: &mut dyn Vcpu) -> Result<[u64; 6]>;
 
     /// A readable dump of the CPU state; with guest memory attached, also
     /// what the state points at (x86: the code at RIP, the stack, the page
     /// walk of the last page-fault address).
-    fn dump(&mut self, vcpu: &VcpuFd) -> String;
+    fn dump(&mut self, vcpu: &mut dyn Vcpu) -> String;
 
-    /// Before an entry: injects what `intc` has pending if the guest can
-    /// take it now, otherwise asks KVM to exit as soon as it can.
+    /// Before an entry, after [`Arch::update_kvm_state`]: injects what
+    /// `intc` has pending if the guest can take it now, otherwise asks KVM
+    /// to exit as soon as it can. Never injects a maskable interrupt while
+    /// an exception the simulator completed is being injected (the vector
+    /// waits in the controller for the next window instead).
     fn deliver_interrupts(
         &mut self,
-        vcpu: &mut VcpuFd,
+        vcpu: &mut dyn Vcpu,
         intc: &mut dyn InterruptController,
     ) -> Result<Delivery>;
 
     /// After an exit: picks up what the guest changed that the interrupt
     /// controller mirrors (x86: CR8 = TPR >> 4).
-    fn after_run(&mut self, _vcpu: &mut VcpuFd, _intc: &mut dyn InterruptController) {}
+    fn after_run(&mut self, _vcpu: &mut dyn Vcpu, _intc: &mut dyn InterruptController) {}
 
     /// True when KVM holds no injected or pending event (exception,
     /// interrupt, NMI), so the state can be saved or handed over.
-    fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool>;
+    fn is_drained(&mut self, vcpu: &mut dyn Vcpu) -> Result<bool>;
+
+    /// The guest's program counter (x86: RIP), through the lazy context.
+    fn program_counter(&mut self, vcpu: &mut dyn Vcpu) -> Result<u64>;
 
     /// The current privilege level (0 = kernel, 3 = user).
-    fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8>;
+    fn privilege_level(&mut self, vcpu: &mut dyn Vcpu) -> Result<u8>;
 
     /// Turns single-stepping (one exit per instruction) on or off.
-    fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()>;
+    fn set_single_step(&mut self, vcpu: &mut dyn Vcpu, on: bool) -> Result<()>;
 
     /// A debug exit: whether the architecture handled it (a repair's
     /// breakpoint or step) and, if it completed something, which entry of
     /// [`Arch::completable`].
-    fn debug_exit(&mut self, vcpu: &VcpuFd) -> Result<DebugOutcome>;
+    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome>;
 
     /// The names of the instructions [`Arch::complete_instruction`] can complete.
     fn completable(&self) -> &'static [&'static str];
@@ -92,24 +95,24 @@ pub trait Arch: Send {
     /// [`Arch::completable`]), else returns its disassembly as the error.
     fn complete_instruction(
         &mut self,
-        vcpu: &VcpuFd,
+        vcpu: &mut dyn Vcpu,
         bytes: &[u8],
     ) -> Result<std::result::Result<usize, String>>;
 
     /// The bytes of the current instruction (x86: up to 15 at RIP, read
     /// through the guest's page tables; fewer where memory ends, none
     /// without attached memory).
-    fn instruction_bytes(&mut self, vcpu: &VcpuFd) -> Result<Vec<u8>>;
+    fn instruction_bytes(&mut self, vcpu: &mut dyn Vcpu) -> Result<Vec<u8>>;
 
     /// One line of an instruction trace: where the CPU is (privilege level,
     /// program counter), the disassembly of `bytes` (the instruction there,
     /// empty if unreadable) and any fault-related state that changed since
     /// the previous line (x86: CR2).
-    fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String>;
+    fn trace_line(&mut self, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<String>;
 
     /// Moves the guest's clock counter (x86: the TSC) forward by `cycles`:
     /// simulated time passed without the guest running (it was idle).
-    fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()>;
+    fn advance_guest_clock(&mut self, vcpu: &mut dyn Vcpu, cycles: u64) -> Result<()>;
 
     /// Gives the architecture read access to guest memory (instruction
     /// bytes, dumps, repairs that read what the registers point at).

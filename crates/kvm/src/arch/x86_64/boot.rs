@@ -17,8 +17,8 @@
 //! | 0x4000..0x8000 | four page directories (4 x 1 GiB) |
 //! | 0x8000..0x9000 | stack for interrupts taken at ring 3 (TSS.RSP0) |
 
+use crate::vcpu::Vcpu;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
-use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::X86_64;
@@ -159,7 +159,7 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<()> {
 /// have been written with [`write_boot_structures`].
 pub fn enter_long_mode(
     arch: &mut X86_64,
-    vcpu: &VcpuFd,
+    vcpu: &mut dyn Vcpu,
     entry: u64,
     stack: u64,
     args: &[u64],
@@ -211,31 +211,16 @@ pub fn enter_long_mode(
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu).map_err(KvmError::ioctl("KVM_SET_FPU"))?;
+    vcpu.set_fpu(&fpu)?;
     Ok(())
 }
 
 /// The MSRs a booting Linux kernel expects firmware to have set: fast
 /// strings enabled (IA32_MISC_ENABLE) and write-back as the default memory
 /// type with MTRRs enabled (IA32_MTRR_DEF_TYPE).
-pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<()> {
-    let entries = [
-        kvm_bindings::kvm_msr_entry {
-            index: 0x1a0,
-            data: 1,
-            ..Default::default()
-        },
-        kvm_bindings::kvm_msr_entry {
-            index: 0x2ff,
-            data: (1 << 11) | 6,
-            ..Default::default()
-        },
-    ];
-    let msrs = kvm_bindings::Msrs::from_entries(&entries)
-        .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-    let n = vcpu
-        .set_msrs(&msrs)
-        .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+pub fn set_boot_msrs(vcpu: &mut dyn Vcpu) -> Result<()> {
+    let entries = [(0x1a0, 1), (0x2ff, (1 << 11) | 6)];
+    let n = vcpu.set_msrs(&entries)?;
     if n != entries.len() {
         tracing::warn!("KVM accepted {n} of {} boot MSRs", entries.len());
     }

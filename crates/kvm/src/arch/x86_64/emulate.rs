@@ -7,8 +7,8 @@
 //! else is reported with its bytes and disassembly. On a host with VMX/SVM
 //! these failures do not happen and this code is never reached.
 
+use crate::vcpu::Vcpu;
 use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter, Mnemonic};
-use kvm_ioctls::VcpuFd;
 
 use super::X86_64;
 use crate::Result;
@@ -63,7 +63,7 @@ pub fn code_bitness(sregs: &kvm_bindings::kvm_sregs) -> u32 {
 }
 
 /// Completes the instruction `bytes` at the vCPU's RIP if kvmsim knows how.
-pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulated> {
+pub fn complete(arch: &mut X86_64, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<Emulated> {
     let rip = arch.regs(vcpu)?.rip;
     let bitness = code_bitness(arch.sregs(vcpu)?);
     let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
@@ -86,10 +86,7 @@ pub fn complete(arch: &mut X86_64, vcpu: &VcpuFd, bytes: &[u8]) -> Result<Emulat
             // fwait: #NM if CR0.MP and CR0.TS; #MF if an unmasked x87
             // exception is pending (FSW.ES, with CR0.NE); else nothing.
             let cr0 = arch.sregs(vcpu)?.cr0;
-            let fsw = vcpu
-                .get_fpu()
-                .map_err(crate::KvmError::ioctl("KVM_GET_FPU"))?
-                .fsw;
+            let fsw = vcpu.fpu()?.fsw;
             let fault = if cr0 & 0b1010 == 0b1010 {
                 Some(7)
             } else if fsw & 0x80 != 0 && cr0 & (1 << 5) != 0 {

@@ -10,14 +10,14 @@ pub mod syscall_repair;
 use std::fmt::Write as _;
 
 use kvm_bindings::{
-    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
 };
-use kvm_ioctls::VcpuFd;
 use sim::intr::{InterruptController, Pending};
 
 use super::{Arch, DebugOutcome, Delivery};
-use crate::{sys, KvmError, Result};
+use crate::vcpu::{Vcpu, XsaveArea};
+use crate::{KvmError, Result};
 
 /// The MSRs kept in the thread context (those a bare-metal or Linux guest
 /// sets up; KVM holds the rest).
@@ -60,7 +60,7 @@ impl<T> Part<T> {
 pub struct X86_64 {
     regs: Part<kvm_regs>,
     sregs: Part<kvm_sregs>,
-    xsave: Part<Option<Box<kvm_xsave>>>,
+    xsave: Part<Option<XsaveArea>>,
     xcrs: Part<kvm_xcrs>,
     events: Part<kvm_vcpu_events>,
     msrs: Part<Vec<(u32, u64)>>,
@@ -87,12 +87,12 @@ impl std::fmt::Debug for X86_64 {
 macro_rules! part_accessors {
     ($get:ident, $get_mut:ident, $field:ident, $ty:ty, $pull:expr) => {
         #[doc = concat!("The `", stringify!($field), "` part of the context, pulled from KVM if stale.")]
-        pub fn $get(&mut self, vcpu: &VcpuFd) -> Result<&$ty> {
-            self.$field.get(|| $pull(vcpu)).map(|r| &*r)
+        pub fn $get(&mut self, vcpu: &mut dyn Vcpu) -> Result<&$ty> {
+            self.$field.get(|| $pull(&*vcpu)).map(|r| &*r)
         }
 
         #[doc = concat!("The `", stringify!($field), "` part for modification; pushed before the next entry.")]
-        pub fn $get_mut(&mut self, vcpu: &VcpuFd) -> Result<&mut $ty> {
+        pub fn $get_mut(&mut self, vcpu: &mut dyn Vcpu) -> Result<&mut $ty> {
             self.$get(vcpu)?;
             self.$field.dirty = true;
             Ok(&mut self.$field.value)
@@ -100,63 +100,34 @@ macro_rules! part_accessors {
     };
 }
 
-fn pull_xsave(vcpu: &VcpuFd) -> Result<Option<Box<kvm_xsave>>> {
-    // Hosts without KVM_CAP_XSAVE fail here; the FPU is then not kept in
-    // the context (KVM still holds it).
-    Ok(vcpu.get_xsave().ok().map(Box::new))
+fn pull_xsave(vcpu: &dyn Vcpu) -> Result<Option<XsaveArea>> {
+    vcpu.xsave()
 }
 
-fn pull_xcrs(vcpu: &VcpuFd) -> Result<kvm_xcrs> {
-    Ok(vcpu.get_xcrs().unwrap_or_default())
+fn pull_xcrs(vcpu: &dyn Vcpu) -> Result<kvm_xcrs> {
+    vcpu.xcrs()
 }
 
-fn pull_events(vcpu: &VcpuFd) -> Result<kvm_vcpu_events> {
-    vcpu.get_vcpu_events()
-        .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))
+fn pull_events(vcpu: &dyn Vcpu) -> Result<kvm_vcpu_events> {
+    vcpu.events()
+}
+
+fn pull_msrs(vcpu: &dyn Vcpu) -> Result<Vec<(u32, u64)>> {
+    let indices: Vec<u32> = CONTEXT_MSRS.iter().map(|&(i, _)| i).collect();
+    vcpu.msrs(&indices)
 }
 
 /// Reads one MSR of the vCPU.
-fn get_msr(vcpu: &VcpuFd, index: u32) -> Result<u64> {
-    let mut m = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-    vcpu.get_msrs(&mut m)
-        .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
-    Ok(m.as_slice()[0].data)
+fn get_msr(vcpu: &dyn Vcpu, index: u32) -> Result<u64> {
+    vcpu.msrs(&[index])?
+        .first()
+        .map(|&(_, v)| v)
+        .ok_or_else(|| KvmError::Setup(format!("KVM does not know MSR {index:#x}")))
 }
 
 /// Writes one MSR of the vCPU.
-fn set_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<()> {
-    let m = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }])
-    .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-    vcpu.set_msrs(&m).map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
-    Ok(())
-}
-
-fn pull_msrs(vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
-    let entries: Vec<kvm_msr_entry> = CONTEXT_MSRS
-        .iter()
-        .map(|&(index, _)| kvm_msr_entry {
-            index,
-            ..Default::default()
-        })
-        .collect();
-    let mut msrs =
-        Msrs::from_entries(&entries).map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-    let n = vcpu
-        .get_msrs(&mut msrs)
-        .map_err(KvmError::ioctl("KVM_GET_MSRS"))?;
-    // KVM stops at the first MSR it does not know; keep what it read.
-    Ok(msrs.as_slice()[..n]
-        .iter()
-        .map(|e| (e.index, e.data))
-        .collect())
+fn set_msr(vcpu: &mut dyn Vcpu, index: u32, data: u64) -> Result<()> {
+    vcpu.set_msrs(&[(index, data)]).map(|_| ())
 }
 
 impl X86_64 {
@@ -165,53 +136,43 @@ impl X86_64 {
     }
 
     /// General registers, pulled from KVM if stale.
-    pub fn regs(&mut self, vcpu: &VcpuFd) -> Result<&kvm_regs> {
-        self.regs
-            .get(|| vcpu.get_regs().map_err(KvmError::ioctl("KVM_GET_REGS")))
-            .map(|r| &*r)
+    pub fn regs(&mut self, vcpu: &mut dyn Vcpu) -> Result<&kvm_regs> {
+        self.regs.get(|| vcpu.regs()).map(|r| &*r)
     }
 
     /// General registers for modification; pushed before the next entry.
-    pub fn regs_mut(&mut self, vcpu: &VcpuFd) -> Result<&mut kvm_regs> {
+    pub fn regs_mut(&mut self, vcpu: &mut dyn Vcpu) -> Result<&mut kvm_regs> {
         self.regs(vcpu)?;
         self.regs.dirty = true;
         Ok(&mut self.regs.value)
     }
 
     /// Special registers (segments, control registers, EFER), pulled if stale.
-    pub fn sregs(&mut self, vcpu: &VcpuFd) -> Result<&kvm_sregs> {
-        self.sregs
-            .get(|| vcpu.get_sregs().map_err(KvmError::ioctl("KVM_GET_SREGS")))
-            .map(|r| &*r)
+    pub fn sregs(&mut self, vcpu: &mut dyn Vcpu) -> Result<&kvm_sregs> {
+        self.sregs.get(|| vcpu.sregs()).map(|r| &*r)
     }
 
     /// Special registers for modification; pushed before the next entry.
-    pub fn sregs_mut(&mut self, vcpu: &VcpuFd) -> Result<&mut kvm_sregs> {
+    pub fn sregs_mut(&mut self, vcpu: &mut dyn Vcpu) -> Result<&mut kvm_sregs> {
         self.sregs(vcpu)?;
         self.sregs.dirty = true;
         Ok(&mut self.sregs.value)
     }
 
-    part_accessors!(xsave, xsave_mut, xsave, Option<Box<kvm_xsave>>, pull_xsave);
+    part_accessors!(xsave, xsave_mut, xsave, Option<XsaveArea>, pull_xsave);
     part_accessors!(xcrs, xcrs_mut, xcrs, kvm_xcrs, pull_xcrs);
     part_accessors!(events, events_mut, events, kvm_vcpu_events, pull_events);
     part_accessors!(msrs, msrs_mut, msrs, Vec<(u32, u64)>, pull_msrs);
 
     /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
     /// guest memory ([`Arch::attach_memory`]) to read the IDT and frames.
-    pub fn enable_syscall_repair(&mut self, vcpu: &VcpuFd) -> Result<()> {
+    pub fn enable_syscall_repair(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
         self.repair = Some(syscall_repair::Repair::default());
         syscall_repair::refresh(self, vcpu)
     }
 }
 
 impl Arch for X86_64 {
-    fn host_cycles(&self) -> u64 {
-        // KVM gives the guest the host TSC plus a constant offset (there is
-        // no TSC scaling here), so host TSC deltas are guest TSC deltas.
-        crate::sys::rdtsc()
-    }
-
     fn kvm_state_changed(&mut self) {
         debug_assert!(!self.regs.dirty && !self.sregs.dirty, "unpushed context");
         self.regs.valid = false;
@@ -222,54 +183,37 @@ impl Arch for X86_64 {
         self.msrs.valid = false;
     }
 
-    fn update_kvm_state(&mut self, vcpu: &VcpuFd) -> Result<()> {
+    fn update_kvm_state(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
         if self.sregs.dirty {
-            vcpu.set_sregs(&self.sregs.value)
-                .map_err(KvmError::ioctl("KVM_SET_SREGS"))?;
+            vcpu.set_sregs(&self.sregs.value)?;
             self.sregs.dirty = false;
         }
         if self.regs.dirty {
-            vcpu.set_regs(&self.regs.value)
-                .map_err(KvmError::ioctl("KVM_SET_REGS"))?;
+            vcpu.set_regs(&self.regs.value)?;
             self.regs.dirty = false;
         }
         if self.xcrs.dirty {
-            vcpu.set_xcrs(&self.xcrs.value)
-                .map_err(KvmError::ioctl("KVM_SET_XCRS"))?;
+            vcpu.set_xcrs(&self.xcrs.value)?;
             self.xcrs.dirty = false;
         }
         if self.xsave.dirty {
             if let Some(x) = &self.xsave.value {
-                sys::set_xsave(vcpu, x).map_err(KvmError::ioctl("KVM_SET_XSAVE"))?;
+                vcpu.set_xsave(x)?;
             }
             self.xsave.dirty = false;
         }
         if self.msrs.dirty {
-            let entries: Vec<kvm_msr_entry> = self
-                .msrs
-                .value
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|e| KvmError::Setup(format!("MSR list: {e:?}")))?;
-            vcpu.set_msrs(&msrs)
-                .map_err(KvmError::ioctl("KVM_SET_MSRS"))?;
+            vcpu.set_msrs(&self.msrs.value)?;
             self.msrs.dirty = false;
         }
         if self.events.dirty {
-            vcpu.set_vcpu_events(&self.events.value)
-                .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
+            vcpu.set_events(&self.events.value)?;
             self.events.dirty = false;
         }
         Ok(())
     }
 
-    fn update_thread_context(&mut self, vcpu: &VcpuFd) -> Result<()> {
+    fn update_thread_context(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
         self.regs(vcpu)?;
         self.sregs(vcpu)?;
         self.xsave(vcpu)?;
@@ -281,34 +225,39 @@ impl Arch for X86_64 {
 
     fn deliver_interrupts(
         &mut self,
-        vcpu: &mut VcpuFd,
+        vcpu: &mut dyn Vcpu,
         intc: &mut dyn InterruptController,
     ) -> Result<Delivery> {
+        debug_assert!(!self.events.dirty, "deliver after update_kvm_state");
         let mut d = Delivery::default();
         // KVM loads CR8 from kvm_run on entry: keep it equal to TPR >> 4.
         let cr8 = u64::from(intc.task_priority() >> 4);
-        vcpu.get_kvm_run().cr8 = cr8;
+        vcpu.set_cr8(cr8);
         self.cr8_entry = cr8;
+        // An exception kvmsim completed (pushed just now) is being injected:
+        // an interrupt injected beside it would be lost or reordered.
+        let exception = self.events.valid && self.events.value.exception.injected != 0;
         match intc.pending() {
-            Pending::None => vcpu.get_kvm_run().request_interrupt_window = 0,
+            Pending::None => vcpu.request_interrupt_window(false),
             Pending::Nmi => {
-                if intc.take_nmi() {
-                    vcpu.nmi().map_err(KvmError::ioctl("KVM_NMI"))?;
+                if exception {
+                    vcpu.request_interrupt_window(true);
+                    d.waiting = true;
+                } else if intc.take_nmi() {
+                    vcpu.nmi()?;
                     d.injected += 1;
                 }
             }
             Pending::Maskable => {
-                let run = vcpu.get_kvm_run();
-                if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-                    run.request_interrupt_window = 0;
+                let (ready, if_flag) = vcpu.interrupt_window();
+                if ready && if_flag && !exception {
+                    vcpu.request_interrupt_window(false);
                     if let Some(v) = intc.acknowledge() {
-                        sys::interrupt(vcpu, v).map_err(|e| {
-                            KvmError::Setup(format!("KVM_INTERRUPT (vector {v:#x}) failed: {e}"))
-                        })?;
+                        vcpu.interrupt(v)?;
                         d.injected += 1;
                     }
                 } else {
-                    run.request_interrupt_window = 1;
+                    vcpu.request_interrupt_window(true);
                     d.waiting = true;
                 }
             }
@@ -316,18 +265,18 @@ impl Arch for X86_64 {
         Ok(d)
     }
 
-    fn after_run(&mut self, vcpu: &mut VcpuFd, intc: &mut dyn InterruptController) {
+    fn after_run(&mut self, vcpu: &mut dyn Vcpu, intc: &mut dyn InterruptController) {
         // The guest may have moved its page-fault handler (a new IDT).
         if let Some(r) = &mut self.repair {
+            r.exits = r.exits.saturating_add(1);
             r.since_check += 1;
-            // Every exit until the guest has an IDT, then now and then.
-            if r.handler == 0 || r.since_check >= syscall_repair::CHECK_EVERY {
+            if r.check_due() {
                 if let Err(e) = syscall_repair::refresh(self, vcpu) {
                     tracing::warn!("SYSCALL repair: cannot watch the page-fault handler: {e}");
                 }
             }
         }
-        let cr8 = vcpu.get_kvm_run().cr8 & 0xf;
+        let cr8 = vcpu.cr8() & 0xf;
         if cr8 != self.cr8_entry {
             // The guest wrote CR8 natively: that is a TPR write.
             intc.set_task_priority((cr8 << 4) as u8);
@@ -335,7 +284,7 @@ impl Arch for X86_64 {
         }
     }
 
-    fn is_drained(&mut self, vcpu: &VcpuFd) -> Result<bool> {
+    fn is_drained(&mut self, vcpu: &mut dyn Vcpu) -> Result<bool> {
         let e = self.events(vcpu)?;
         Ok(e.exception.injected == 0
             && e.interrupt.injected == 0
@@ -343,11 +292,15 @@ impl Arch for X86_64 {
             && e.nmi.pending == 0)
     }
 
-    fn privilege_level(&mut self, vcpu: &VcpuFd) -> Result<u8> {
+    fn program_counter(&mut self, vcpu: &mut dyn Vcpu) -> Result<u64> {
+        Ok(self.regs(vcpu)?.rip)
+    }
+
+    fn privilege_level(&mut self, vcpu: &mut dyn Vcpu) -> Result<u8> {
         Ok(self.sregs(vcpu)?.cs.dpl)
     }
 
-    fn debug_exit(&mut self, vcpu: &VcpuFd) -> Result<DebugOutcome> {
+    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome> {
         syscall_repair::debug_exit(self, vcpu)
     }
 
@@ -357,7 +310,7 @@ impl Arch for X86_64 {
 
     fn complete_instruction(
         &mut self,
-        vcpu: &VcpuFd,
+        vcpu: &mut dyn Vcpu,
         bytes: &[u8],
     ) -> Result<std::result::Result<usize, String>> {
         Ok(match emulate::complete(self, vcpu, bytes)? {
@@ -366,7 +319,7 @@ impl Arch for X86_64 {
         })
     }
 
-    fn instruction_bytes(&mut self, vcpu: &VcpuFd) -> Result<Vec<u8>> {
+    fn instruction_bytes(&mut self, vcpu: &mut dyn Vcpu) -> Result<Vec<u8>> {
         let r = *self.regs(vcpu)?;
         let sr = *self.sregs(vcpu)?;
         // Segment bases other than FS and GS do not apply in 64-bit mode.
@@ -381,7 +334,7 @@ impl Arch for X86_64 {
         Ok(bytes)
     }
 
-    fn advance_guest_clock(&mut self, vcpu: &VcpuFd, cycles: u64) -> Result<()> {
+    fn advance_guest_clock(&mut self, vcpu: &mut dyn Vcpu, cycles: u64) -> Result<()> {
         if cycles == 0 || self.tsc_writes_ignored {
             return Ok(());
         }
@@ -389,15 +342,15 @@ impl Arch for X86_64 {
         const IA32_TSC_ADJUST: u32 = 0x3b;
         self.msrs.valid = false;
         // Write the TSC; where KVM ignores that, try IA32_TSC_ADJUST.
-        let t0 = get_msr(vcpu, IA32_TSC)?;
+        let t0 = get_msr(&*vcpu, IA32_TSC)?;
         set_msr(vcpu, IA32_TSC, t0.wrapping_add(cycles))?;
         let moved = |t: u64| t.wrapping_sub(t0) >= cycles / 2;
-        if moved(get_msr(vcpu, IA32_TSC)?) {
+        if moved(get_msr(&*vcpu, IA32_TSC)?) {
             return Ok(());
         }
-        let adjust = get_msr(vcpu, IA32_TSC_ADJUST)?;
+        let adjust = get_msr(&*vcpu, IA32_TSC_ADJUST)?;
         set_msr(vcpu, IA32_TSC_ADJUST, adjust.wrapping_add(cycles))?;
-        if !moved(get_msr(vcpu, IA32_TSC)?) {
+        if !moved(get_msr(&*vcpu, IA32_TSC)?) {
             set_msr(vcpu, IA32_TSC_ADJUST, adjust)?;
             // Found once, said once, not tried again.
             self.tsc_writes_ignored = true;
@@ -414,7 +367,7 @@ impl Arch for X86_64 {
         self.mem = Some(mem);
     }
 
-    fn trace_line(&mut self, vcpu: &VcpuFd, bytes: &[u8]) -> Result<String> {
+    fn trace_line(&mut self, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<String> {
         let rip = self.regs(vcpu)?.rip;
         let s = self.sregs(vcpu)?;
         let (cpl, cr2, bitness) = (s.cs.dpl, s.cr2, emulate::code_bitness(s));
@@ -435,7 +388,7 @@ impl Arch for X86_64 {
         Ok(line)
     }
 
-    fn set_single_step(&mut self, vcpu: &VcpuFd, on: bool) -> Result<()> {
+    fn set_single_step(&mut self, vcpu: &mut dyn Vcpu, on: bool) -> Result<()> {
         let dbg = kvm_guest_debug {
             control: if on {
                 KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
@@ -445,15 +398,14 @@ impl Arch for X86_64 {
             ..Default::default()
         };
         vcpu.set_guest_debug(&dbg)
-            .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))
     }
 
-    fn call_args(&mut self, vcpu: &VcpuFd) -> Result<[u64; 6]> {
+    fn call_args(&mut self, vcpu: &mut dyn Vcpu) -> Result<[u64; 6]> {
         let r = self.regs(vcpu)?;
         Ok([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9])
     }
 
-    fn dump(&mut self, vcpu: &VcpuFd) -> String {
+    fn dump(&mut self, vcpu: &mut dyn Vcpu) -> String {
         let mut s = String::new();
         match self.regs(vcpu) {
             Ok(r) => {
@@ -574,7 +526,7 @@ impl Arch for X86_64 {
         }
         if let Ok(Some(xs)) = self.xsave(vcpu) {
             // The legacy FXSAVE area: FCW, FSW, MXCSR and XMM0-15.
-            let r = &xs.region;
+            let r = xs.region();
             let fcw = r[0] & 0xffff;
             let fsw = r[0] >> 16;
             let mxcsr = r[6];
@@ -592,7 +544,7 @@ impl Arch for X86_64 {
                 );
             }
         }
-        if let Ok(dr) = vcpu.get_debug_regs() {
+        if let Ok(dr) = vcpu.debug_regs() {
             let _ = writeln!(s, "dr0-3={:x?} dr6={:x} dr7={:x}", dr.db, dr.dr6, dr.dr7);
         }
         if self.mem.is_some() {
@@ -605,7 +557,7 @@ impl Arch for X86_64 {
 impl X86_64 {
     /// Walks `va` through the guest's current page tables (every entry
     /// unreadable without attached memory).
-    pub fn walk(&mut self, vcpu: &VcpuFd, va: u64) -> Result<paging::Walk> {
+    pub fn walk(&mut self, vcpu: &mut dyn Vcpu, va: u64) -> Result<paging::Walk> {
         use vm_memory::{Bytes, GuestAddress};
         let s = *self.sregs(vcpu)?;
         let mem = self.mem.as_ref();
@@ -618,7 +570,7 @@ impl X86_64 {
     /// tables (physical addresses before paging is on) into `buf`; returns
     /// how many bytes could be read (fewer at an unmapped page, none without
     /// attached memory).
-    pub fn read_virt(&mut self, vcpu: &VcpuFd, va: u64, buf: &mut [u8]) -> usize {
+    pub fn read_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &mut [u8]) -> usize {
         let Some(mem) = self.mem.clone() else {
             return 0;
         };
@@ -654,7 +606,7 @@ impl X86_64 {
 
     /// Up to `n` little-endian 8-byte words at virtual address `va` (fewer
     /// where memory stops being readable).
-    pub fn read_u64s(&mut self, vcpu: &VcpuFd, va: u64, n: usize) -> Vec<u64> {
+    pub fn read_u64s(&mut self, vcpu: &mut dyn Vcpu, va: u64, n: usize) -> Vec<u64> {
         let mut buf = vec![0u8; 8 * n];
         let got = self.read_virt(vcpu, va, &mut buf);
         buf[..got - got % 8]
@@ -663,8 +615,39 @@ impl X86_64 {
             .collect()
     }
 
+    /// One line of CPU state for samples: RIP, RSP, CPL, RFLAGS, CR2, the
+    /// first argument registers, the top of the stack and KVM's events.
+    pub fn sample(&mut self, vcpu: &mut dyn Vcpu) -> Result<String> {
+        let r = *self.regs(vcpu)?;
+        let (cpl, cr2) = {
+            let s = self.sregs(vcpu)?;
+            (s.cs.dpl, s.cr2)
+        };
+        let e = *self.events(vcpu)?;
+        let stack: Vec<String> = self
+            .stack_words(vcpu, 6)
+            .iter()
+            .map(|w| format!("{w:x}"))
+            .collect();
+        Ok(format!(
+            "rip={:#x} rsp={:#x} cpl={cpl} rflags={:#x} cr2={cr2:#x} rdi={:#x} rsi={:#x} \
+             rdx={:#x} stack=[{}] exception={}/{} interrupt={}/{}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rdi,
+            r.rsi,
+            r.rdx,
+            stack.join(" "),
+            e.exception.injected,
+            e.exception.nr,
+            e.interrupt.injected,
+            e.interrupt.nr
+        ))
+    }
+
     /// The first `n` 8-byte words on the stack (fewer where unreadable).
-    pub fn stack_words(&mut self, vcpu: &VcpuFd, n: usize) -> Vec<u64> {
+    pub fn stack_words(&mut self, vcpu: &mut dyn Vcpu, n: usize) -> Vec<u64> {
         let (Ok(rsp), Ok(sr)) = (self.regs(vcpu).map(|r| r.rsp), self.sregs(vcpu).copied()) else {
             return Vec::new();
         };
@@ -674,7 +657,7 @@ impl X86_64 {
 
     /// What the registers point at: the instruction at RIP, the top of the
     /// stack, and the page walk of CR2.
-    fn memory_view(&mut self, vcpu: &VcpuFd) -> String {
+    fn memory_view(&mut self, vcpu: &mut dyn Vcpu) -> String {
         let mut s = String::new();
         let (Ok(r), Ok(sr)) = (self.regs(vcpu).copied(), self.sregs(vcpu).copied()) else {
             return s;

@@ -21,11 +21,11 @@
 use kvm_bindings::{
     kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
 };
-use kvm_ioctls::VcpuFd;
 
 use super::{boot, X86_64};
 use crate::arch::DebugOutcome;
-use crate::{KvmError, Result};
+use crate::vcpu::Vcpu;
+use crate::Result;
 
 /// IA32_STAR and IA32_LSTAR.
 pub const MSR_STAR: u32 = 0xc000_0081;
@@ -40,10 +40,28 @@ pub struct Repair {
     pub stepping: bool,
     /// Exits since IDT entry 14 was last read.
     pub since_check: u32,
+    /// Exits since the repair was enabled.
+    pub exits: u64,
 }
 
-/// How often (in exits) IDT entry 14 is re-read while the guest runs.
-pub const CHECK_EVERY: u32 = 64;
+/// Until the guest has a page-fault handler, IDT entry 14 is read after
+/// each of the first `EARLY_EXITS` exits, then every `CHECK_UNKNOWN` exits;
+/// once it has one, every `CHECK_KNOWN` exits (a guest moves its handler
+/// rarely, and each check costs KVM_GET_SREGS).
+pub const EARLY_EXITS: u64 = 64;
+pub const CHECK_UNKNOWN: u32 = 64;
+pub const CHECK_KNOWN: u32 = 1024;
+
+impl Repair {
+    /// True if IDT entry 14 should be read after this exit.
+    pub fn check_due(&self) -> bool {
+        if self.handler == 0 {
+            self.exits <= EARLY_EXITS || self.since_check >= CHECK_UNKNOWN
+        } else {
+            self.since_check >= CHECK_KNOWN
+        }
+    }
+}
 
 /// IA32_SFMASK.
 pub const MSR_SFMASK: u32 = 0xc000_0084;
@@ -52,7 +70,7 @@ pub const MSR_SFMASK: u32 = 0xc000_0084;
 const PF_WRITE: u64 = 1 << 1;
 const PF_USER: u64 = 1 << 2;
 
-fn set_debug(vcpu: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
+fn set_debug(vcpu: &mut dyn Vcpu, control: u32, dr0: u64, dr7: u64) -> Result<()> {
     let mut dbg = kvm_guest_debug {
         control,
         ..Default::default()
@@ -60,11 +78,10 @@ fn set_debug(vcpu: &VcpuFd, control: u32, dr0: u64, dr7: u64) -> Result<()> {
     dbg.arch.debugreg[0] = dr0;
     dbg.arch.debugreg[7] = dr7;
     vcpu.set_guest_debug(&dbg)
-        .map_err(KvmError::ioctl("KVM_SET_GUEST_DEBUG"))
 }
 
 /// Arms the execution breakpoint on `addr` (none if 0).
-pub fn arm(vcpu: &VcpuFd, addr: u64) -> Result<()> {
+pub fn arm(vcpu: &mut dyn Vcpu, addr: u64) -> Result<()> {
     if addr == 0 {
         return set_debug(vcpu, 0, 0, 0);
     }
@@ -97,10 +114,13 @@ pub fn is_broken_entry(frame: &[u64; 6], lstar: u64) -> bool {
 }
 
 /// Re-reads IDT entry 14 and moves the breakpoint if the handler moved.
-pub fn refresh(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<()> {
+pub fn refresh(arch: &mut X86_64, vcpu: &mut dyn Vcpu) -> Result<()> {
     let Some(r) = arch.repair else {
         return Ok(());
     };
+    if let Some(rep) = &mut arch.repair {
+        rep.since_check = 0;
+    }
     let idt = arch.sregs(vcpu)?.idt;
     if idt.limit < 14 * 16 + 15 {
         return Ok(());
@@ -111,7 +131,6 @@ pub fn refresh(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<()> {
     }
     let handler = gate_offset(&gate);
     if let Some(rep) = &mut arch.repair {
-        rep.since_check = 0;
         if handler != r.handler {
             rep.handler = handler;
             if !rep.stepping {
@@ -123,7 +142,7 @@ pub fn refresh(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<()> {
 }
 
 /// A debug exit with the repair enabled.
-pub fn debug_exit(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<DebugOutcome> {
+pub fn debug_exit(arch: &mut X86_64, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome> {
     let Some(r) = arch.repair else {
         return Ok(DebugOutcome::NotMine);
     };
@@ -144,18 +163,18 @@ pub fn debug_exit(arch: &mut X86_64, vcpu: &VcpuFd) -> Result<DebugOutcome> {
     for (f, w) in frame.iter_mut().zip(arch.read_u64s(vcpu, regs.rsp, 6)) {
         *f = w;
     }
-    let msr = |arch: &mut X86_64, index: u32| -> Result<u64> {
+    let msr = |arch: &mut X86_64, vcpu: &mut dyn Vcpu, index: u32| -> Result<u64> {
         Ok(arch
             .msrs(vcpu)?
             .iter()
             .find(|(i, _)| *i == index)
             .map_or(0, |(_, v)| *v))
     };
-    let lstar = msr(arch, MSR_LSTAR)?;
+    let lstar = msr(arch, vcpu, MSR_LSTAR)?;
     tracing::trace!("SYSCALL repair: page fault, frame {frame:x?}, LSTAR {lstar:#x}");
     if is_broken_entry(&frame, lstar) {
-        let star = msr(arch, MSR_STAR)?;
-        let sfmask = msr(arch, MSR_SFMASK)?;
+        let star = msr(arch, vcpu, MSR_STAR)?;
+        let sfmask = msr(arch, vcpu, MSR_SFMASK)?;
         let [_, _, _, rflags, rsp, _] = frame;
         let kcs = ((star >> 32) & 0xfffc) as u16;
         let gdt = boot::gdt();

@@ -1,0 +1,342 @@
+//! The CPU model driven through a scripted vCPU: no /dev/kvm needed.
+//! (These run with `KVMSIM_KVM_DEVICE=/nonexistent` too.)
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use kvm::arch::x86_64::X86_64;
+use kvm::cpu::{CpuOptions, IntcHandle};
+use kvm::fake::{FakeVcpu, Step};
+use kvm::{CpuConfig, KvmCpu, TickOutcome, VmExit};
+use mem::IoBus;
+use proptest::prelude::*;
+use sim::intr::{InterruptController, Pending};
+use sim::{ClockDomain, Stats, Tick};
+
+/// Host counter at 1 GHz: one host cycle is one simulated ns at host_factor 1.
+const HOST_HZ: f64 = 1e9;
+const NS: Tick = sim::tick::TICKS_PER_NS;
+
+/// An interrupt controller with a queue of pending vectors.
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<u8>,
+    acknowledged: u64,
+}
+
+impl InterruptController for Queue {
+    fn pending(&mut self) -> Pending {
+        if self.pending.is_empty() {
+            Pending::None
+        } else {
+            Pending::Maskable
+        }
+    }
+    fn acknowledge(&mut self) -> Option<u8> {
+        let v = self.pending.pop_front();
+        self.acknowledged += u64::from(v.is_some());
+        v
+    }
+    fn take_nmi(&mut self) -> bool {
+        false
+    }
+}
+
+struct Rig {
+    cpu: KvmCpu<X86_64, FakeVcpu>,
+    bus: IoBus,
+    stats: Stats,
+    intc: Arc<Mutex<Queue>>,
+    now: Tick,
+}
+
+impl Rig {
+    fn new(script: Vec<Step>) -> Rig {
+        let mut stats = Stats::new();
+        let cfg = CpuConfig {
+            clock: ClockDomain::from_hz(1e9),
+            host_freq_hz: HOST_HZ,
+            host_factor: 1.0,
+        };
+        let mut cpu = KvmCpu::new(
+            "system.cpu",
+            FakeVcpu::new(script),
+            X86_64::new(),
+            cfg,
+            CpuOptions::default(),
+            &mut stats,
+        )
+        .unwrap();
+        let intc = Arc::new(Mutex::new(Queue::default()));
+        let handle: IntcHandle = intc.clone();
+        cpu.set_interrupt_controller(handle);
+        cpu.startup_thread().unwrap();
+        let bus = IoBus::new(&mut stats, "system.iobus").unwrap();
+        Rig {
+            cpu,
+            bus,
+            stats,
+            intc,
+            now: 0,
+        }
+    }
+
+    /// One tick with the next event at `next`; checks that time moves on.
+    fn tick(&mut self, next: Option<Tick>) -> TickOutcome {
+        let mut reqs = Vec::new();
+        let o = self.cpu.tick(self.now, next, &self.bus, &mut reqs).unwrap();
+        if let TickOutcome::Next(t) = o {
+            assert!(t >= self.now, "time went back: {} -> {t}", self.now);
+            self.now = t;
+        }
+        o
+    }
+
+    /// Ticks until the CPU halts (at most `limit` ticks), with an event
+    /// every `period` (None: no events).
+    fn run(&mut self, period: Option<Tick>, limit: usize) -> usize {
+        for i in 0..limit {
+            let next = period.map(|p| (self.now / p + 1) * p);
+            match self.tick(next) {
+                TickOutcome::Next(_) => {}
+                TickOutcome::Idle => return i,
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        panic!("the CPU did not halt within {limit} ticks");
+    }
+
+    fn stat(&self, name: &str) -> f64 {
+        self.stats
+            .dump(self.now)
+            .get(name)
+            .unwrap_or_else(|| panic!("no stat {name}"))
+            .as_f64()
+    }
+}
+
+fn int3() -> VmExit {
+    VmExit::EmulationFailure(Some(vec![0xcc]))
+}
+
+#[test]
+fn an_interrupt_is_not_injected_beside_a_completed_exception_nor_discarded() {
+    // The guest hits an int3 that KVM cannot emulate while an interrupt is
+    // pending: kvmsim completes the int3 (a #BP to inject) and must neither
+    // let the events it pushes discard the interrupt nor inject both.
+    let mut rig = Rig::new(vec![
+        Step::new(100, int3()),
+        Step::new(100, VmExit::IrqWindowOpen),
+        Step::new(100, int3()),
+        Step::new(
+            100,
+            VmExit::IoOut {
+                port: 0x80,
+                size: 1,
+                count: 1,
+            },
+        ),
+    ]);
+    rig.intc.lock().unwrap().pending.extend([0x40, 0x41, 0x42]);
+    rig.run(None, 100);
+    let rec = rig.cpu.vcpu().record().clone();
+    assert_eq!(rec.exceptions, vec![3, 3], "both #BP delivered");
+    assert!(rec.discarded.is_empty(), "interrupts discarded: {rec:?}");
+    assert_eq!(rec.injected_beside_exception, 0, "{rec:?}");
+    assert_eq!(rec.taken, rec.injected);
+    assert_eq!(rec.taken, vec![0x40, 0x41, 0x42]);
+    assert_eq!(rig.stat("system.cpu.numInterrupts"), 3.0);
+    assert_eq!(rig.stat("system.cpu.completedInstructions::int3"), 2.0);
+}
+
+#[test]
+fn a_run_is_charged_what_it_measured_but_never_past_the_next_event() {
+    // No timer involved: an exit after 300 host cycles (300 ns) is charged 300 ns.
+    let mut rig = Rig::new(vec![Step::new(
+        300,
+        VmExit::IoOut {
+            port: 0x80,
+            size: 1,
+            count: 1,
+        },
+    )]);
+    assert_eq!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(300 * NS));
+    // The next event is 50 ns away: the timer is armed for its resolution
+    // (1000 host cycles) and its signal comes 400 cycles late. The run is
+    // charged just past the event (gem5's rule), whatever the host measured.
+    let mut rig = Rig::new(vec![Step::new(100_000, VmExit::Hlt)]);
+    rig.cpu.vcpu_mut().timer_latency = 400;
+    // 50 ns + 1 tick, rounded up to the 1 ns clock edge.
+    assert_eq!(rig.tick(Some(50 * NS)), TickOutcome::Next(51 * NS));
+    assert_eq!(rig.stat("system.cpu.numExitSignal"), 1.0);
+    // A signal exit that is not the timer's (a kick) is charged what it
+    // measured.
+    let mut rig = Rig::new(vec![Step::new(70, VmExit::Intr)]);
+    assert_eq!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(70 * NS));
+}
+
+#[test]
+fn a_host_counter_that_goes_back_counts_as_no_time() {
+    let mut rig = Rig::new(vec![Step::clock_at_exit(
+        VmExit::IoOut {
+            port: 0x80,
+            size: 1,
+            count: 1,
+        },
+        5,
+    )]);
+    // Without the guard the run would be charged ~2^64 cycles.
+    assert_eq!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(NS));
+    assert_eq!(rig.stat("system.cpu.numHostClockBackwards"), 1.0);
+}
+
+#[test]
+fn an_instruction_longer_than_the_span_to_the_next_event_still_completes() {
+    // Events every 100 ns, and the guest's next instruction needs 20,000
+    // uninterrupted host cycles (an emulated instruction on a slow host):
+    // each run is cut off before it completes until the minimum run span
+    // has grown enough.
+    let mut rig = Rig::new(vec![
+        Step::atomic(
+            20_000,
+            VmExit::IoOut {
+                port: 0x80,
+                size: 1,
+                count: 1,
+            },
+        ),
+        Step::new(10, VmExit::Hlt),
+    ]);
+    rig.run(Some(100 * NS), 10_000);
+    assert!(rig.stat("system.cpu.numProgressStalls") >= 1.0);
+    assert_eq!(rig.stat("system.cpu.numIO"), 1.0);
+    // Simulated time never passed an event by more than a tick: the
+    // 20,000 cycles were not charged at once.
+    assert!(rig.now < 20_000 * NS, "now {}", rig.now);
+}
+
+#[test]
+fn a_drain_completes_a_pending_read_with_a_half_entry() {
+    let mut rig = Rig::new(vec![
+        Step::new(
+            100,
+            VmExit::IoIn {
+                port: 0x3f8,
+                size: 1,
+                count: 4,
+            },
+        ),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    assert!(matches!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(_)));
+    // Service the read: the CPU now waits to complete it.
+    assert!(matches!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(_)));
+    assert!(!rig.cpu.drain().unwrap());
+    // A half entry completes the read, then the CPU is drained.
+    assert!(matches!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(_)));
+    assert_eq!(rig.tick(Some(10_000 * NS)), TickOutcome::Drained);
+    let rec = rig.cpu.vcpu().record().clone();
+    assert_eq!(rec.half_entries, 1);
+    assert_eq!(
+        rec.completions,
+        vec![vec![0xff; 4]],
+        "unclaimed ports read all-ones"
+    );
+    assert_eq!(rec.uncompleted_entries, 0);
+    rig.cpu.drain_resume();
+    rig.run(None, 10);
+    assert_eq!(
+        rig.cpu.vcpu().record().completions.len(),
+        1,
+        "completed once"
+    );
+}
+
+#[test]
+fn the_state_machine_needs_no_kvm_device() {
+    // The scripted vCPU works where /dev/kvm is absent or unusable.
+    let mut rig = Rig::new(vec![Step::new(10, VmExit::Hlt)]);
+    assert_eq!(rig.run(None, 10), 1);
+    assert_eq!(rig.stat("system.cpu.numHalt"), 1.0);
+}
+
+fn exit_strategy() -> impl Strategy<Value = VmExit> {
+    prop_oneof![
+        (
+            0u16..0x400,
+            prop_oneof![Just(1u8), Just(2), Just(4)],
+            1u32..4
+        )
+            .prop_map(|(port, size, count)| VmExit::IoIn { port, size, count }),
+        (
+            0u16..0x400,
+            prop_oneof![Just(1u8), Just(2), Just(4)],
+            1u32..4
+        )
+            .prop_map(|(port, size, count)| VmExit::IoOut { port, size, count }),
+        (0xfec0_0000u64..0xfec1_0000, 1usize..=8)
+            .prop_map(|(addr, len)| VmExit::MmioRead { addr, len }),
+        (0xfec0_0000u64..0xfec1_0000, 1usize..=8).prop_map(|(addr, len)| VmExit::MmioWrite {
+            addr,
+            len,
+            data: [7; 8]
+        }),
+        Just(VmExit::Intr),
+        Just(VmExit::IrqWindowOpen),
+        Just(VmExit::EmulationFailure(Some(vec![0xcc]))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Random exits, interrupts raised at random points, events at random
+    /// distances, drains now and then: simulated time never goes back, every
+    /// interrupt the controller handed over is taken by the guest, and every
+    /// read is completed exactly once.
+    #[test]
+    fn random_exit_sequences_lose_nothing(
+        steps in proptest::collection::vec((1u64..5_000, exit_strategy(), any::<bool>()), 1..60),
+        raise in proptest::collection::vec(any::<bool>(), 60),
+        drains in proptest::collection::vec(0u8..8, 60),
+        period_ns in 50u64..20_000,
+    ) {
+        let reads = steps
+            .iter()
+            .filter(|(_, e, _)| matches!(e, VmExit::IoIn { .. } | VmExit::MmioRead { .. }))
+            .count();
+        let script: Vec<Step> = steps
+            .into_iter()
+            .map(|(c, e, atomic)| if atomic { Step::atomic(c, e) } else { Step::new(c, e) })
+            .chain([Step::new(10, VmExit::Hlt)])
+            .collect();
+        let mut rig = Rig::new(script);
+        let mut vector = 0x40u8;
+        let mut halted = false;
+        for i in 0..20_000usize {
+            if raise[i % raise.len()] && i % 3 == 0 {
+                rig.intc.lock().unwrap().pending.push_back(vector);
+                vector = vector.wrapping_add(1).max(0x20);
+            }
+            if drains[i % drains.len()] == 0 && i % 5 == 0 {
+                let _ = rig.cpu.drain().unwrap();
+            }
+            let next = Some((rig.now / (period_ns * NS) + 1) * period_ns * NS);
+            match rig.tick(next) {
+                TickOutcome::Next(_) => {}
+                TickOutcome::Drained => rig.cpu.drain_resume(),
+                TickOutcome::Idle => { halted = true; break; }
+                other => panic!("unexpected outcome {other:?}"),
+            }
+        }
+        prop_assert!(halted, "the script did not finish");
+        let rec = rig.cpu.vcpu().record().clone();
+        prop_assert!(rec.discarded.is_empty(), "{:?}", rec);
+        prop_assert_eq!(rec.injected_beside_exception, 0);
+        prop_assert_eq!(&rec.taken, &rec.injected);
+        prop_assert_eq!(rig.intc.lock().unwrap().acknowledged, rec.injected.len() as u64);
+        prop_assert_eq!(rec.completions.len(), reads);
+        prop_assert_eq!(rec.uncompleted_entries, 0);
+        prop_assert_eq!(rec.stray_completions, 0);
+    }
+}
