@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use mem::{AccessCtx, CallArgs, IoBus, Space};
 use sim::intr::InterruptController;
-use sim::{Availability, ClockDomain, Counter, Request, Stats, Tick, Value};
+use sim::{Availability, Counter, Request, Stats, Tick, Value};
 
 use crate::arch::Arch;
 use crate::perf::{InstCounter, PerfEvent};
@@ -38,34 +38,7 @@ use crate::timer::{kick_signal, ExitTimer, KickHandle, TimerKind};
 use crate::vcpu::{KvmVcpu, Vcpu, VmExit};
 use crate::{sys, KvmError, Result};
 
-/// How a KVM CPU converts between host and simulated time.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CpuConfig {
-    /// The CPU's clock (cycle counts, tick alignment).
-    pub clock: ClockDomain,
-    /// Rate of the counter the architecture's `host_cycles()` reads (x86: TSC), in Hz.
-    pub host_freq_hz: f64,
-    /// Simulated time per host time: above 1 when the simulated machine is
-    /// slower than the host (target CPI / host CPI).
-    pub host_factor: f64,
-}
-
-impl CpuConfig {
-    /// Host cycles (of `host_freq`) to simulated ticks.
-    pub fn host_cycles_to_ticks(&self, cycles: u64) -> Tick {
-        sim::tick::seconds_to_ticks(cycles as f64 * self.host_factor / self.host_freq_hz)
-    }
-
-    /// Simulated ticks to host nanoseconds (for host timers).
-    pub fn ticks_to_host_ns(&self, ticks: Tick) -> u64 {
-        (ticks as f64 / (sim::tick::TICKS_PER_NS as f64 * self.host_factor)) as u64
-    }
-
-    /// Simulated ticks to host cycles (of `host_freq`).
-    pub fn ticks_to_host_cycles(&self, ticks: Tick) -> u64 {
-        (sim::tick::ticks_to_seconds(ticks) * self.host_freq_hz / self.host_factor) as u64
-    }
-}
+pub use crate::time::CpuConfig;
 
 /// Options of a KVM CPU beyond time conversion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +73,10 @@ pub struct Trace {
 struct Tracer {
     trace: Trace,
     active: bool,
+    /// Started, but the guest runs at a privilege level this host's KVM
+    /// does not single-step (stepping would hand the guest a debug
+    /// exception it never asked for): waiting for one it does.
+    paused: bool,
 }
 
 /// How guest instructions are counted.
@@ -378,6 +355,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         self.tracer = Some(Tracer {
             trace,
             active: false,
+            paused: false,
         });
     }
 
@@ -570,8 +548,17 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 if let Some(o) = self.check_inst_limit()? {
                     return Ok(o);
                 }
-                if exit == Exit::Debug {
-                    self.trace_step(now.saturating_add(ticks))?;
+                let at = now.saturating_add(ticks);
+                match self.tracer.as_ref().map(|t| (t.active, t.paused)) {
+                    Some((true, false)) if exit == Exit::Debug => {
+                        self.trace_step(at)?;
+                        // The step may have entered a level that cannot be stepped.
+                        if self.tracer.is_some() {
+                            self.trace_can_step(at)?;
+                        }
+                    }
+                    Some((true, true)) if self.trace_can_step(at)? => self.trace_step(at)?,
+                    _ => {}
                 }
                 Ok(self.after_run(now, ticks, exit))
             }
@@ -646,9 +633,44 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             self.name, t.trace.insts
         );
         self.trace_write(&start)?;
-        self.arch.set_single_step(&mut self.vcpu, true)?;
-        self.trace_step(now)?;
+        if self.trace_can_step(now)? {
+            self.arch.set_single_step(&mut self.vcpu, true)?;
+            self.trace_step(now)?;
+        }
         Ok(span)
+    }
+
+    /// Whether the guest's current privilege level can be single-stepped
+    /// here; pauses or resumes the trace accordingly (with a note in the
+    /// trace and, the first time, a warning).
+    fn trace_can_step(&mut self, now: Tick) -> Result<bool> {
+        let cpl = self.arch.privilege_level(&mut self.vcpu)?;
+        let can = crate::probe::single_step_works(cpl)?;
+        let Some(t) = &mut self.tracer else {
+            return Ok(false);
+        };
+        if can != t.paused {
+            return Ok(can);
+        }
+        t.paused = !can;
+        let note = if can {
+            format!("# {now}: resumed at CPL{cpl}")
+        } else {
+            tracing::warn!(
+                "{}: the trace pauses while the guest runs at CPL{cpl}: this host's KVM does \
+                 not single-step CPL{cpl} code (see kvmsim doctor)",
+                self.name
+            );
+            format!(
+                "# {now}: paused: the guest runs at CPL{cpl}, which this host's KVM does not \
+                 single-step; tracing resumes when it returns to a level it does"
+            )
+        };
+        self.trace_write(&note)?;
+        if !self.stepping {
+            self.arch.set_single_step(&mut self.vcpu, can)?;
+        }
+        Ok(can)
     }
 
     /// Records the instruction the CPU stands at after a step; ends the
@@ -732,7 +754,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         // While single-stepping each entry should stop after one
         // instruction; the timer still bounds it, in case KVM does not step
         // the code (native user mode on a software-assisted KVM).
-        let tracing = self.tracer.as_ref().is_some_and(|t| t.active);
+        let tracing = self.tracer.as_ref().is_some_and(|t| t.active && !t.paused);
         let span = if self.stepping || tracing {
             Some(span.unwrap_or(STEP_SAFETY_SPAN).min(STEP_SAFETY_SPAN))
         } else {

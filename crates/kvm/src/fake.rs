@@ -17,7 +17,7 @@ use kvm_bindings::{
 };
 use sim::Tick;
 
-use crate::cpu::CpuConfig;
+use crate::time::CpuConfig;
 use crate::timer::{ExitTimer, KickHandle, TimerKind};
 use crate::vcpu::{Vcpu, VmExit, XsaveArea};
 use crate::{KvmError, Result};

@@ -11,6 +11,7 @@ pub mod fake;
 pub mod perf;
 pub mod probe;
 pub mod sys;
+pub mod time;
 pub mod timer;
 pub mod vcpu;
 pub mod vm;

@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, Once};
 use kvm_ioctls::VcpuFd;
 use sim::Tick;
 
-use crate::cpu::CpuConfig;
 use crate::perf::{PerfCounter, PerfEvent};
 use crate::sys::{self, PosixTimer};
+use crate::time::CpuConfig;
 
 /// The signal that forces a vCPU out of KVM.
 pub fn kick_signal() -> libc::c_int {

@@ -668,3 +668,96 @@ fn a_timer_shorter_than_an_instruction_takes_still_lets_the_guest_finish() {
         r.stat("system.cpu.numInterrupts").as_u64().unwrap()
     );
 }
+
+#[test]
+fn an_interrupted_run_keeps_the_simulated_time_its_cpu_used() {
+    if !kvm_or_skip("sigint_time") {
+        return;
+    }
+    // A ring-3 loop with no event to bound it (no max_time): the CPU runs
+    // in one long entry until SIGINT. stderr is a pipe (a batch
+    // scheduler's case): no progress kicks.
+    for wait in [2u64, 4, 8] {
+        let out = outdir(&format!("sigint-{wait}"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+            .args([
+                "run",
+                "--kernel",
+                "builtin:compute",
+                "--arg",
+                "100000000000000",
+            ])
+            .arg("--quiet")
+            .arg("--outdir")
+            .arg(&out)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(wait));
+        // SAFETY: kill(2) on our own child's pid, with a valid signal.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r = Run {
+            status: 130,
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            out: out.clone(),
+        };
+        let cycles = r.stat("system.cpu.numCycles").as_u64().unwrap();
+        if cycles == 0 {
+            continue; // the machine is so busy the guest had not started
+        }
+        // numCycles and simSeconds come from the same charged time: at
+        // 2 GHz one cycle is 500 ps (rounded up per run).
+        let sim_ticks = r.stat("simTicks").as_u64().unwrap();
+        assert!(
+            sim_ticks as f64 >= cycles as f64 * 500.0 * 0.99,
+            "simTicks {sim_ticks} for {cycles} cycles"
+        );
+        assert_eq!(r.json("exit.json")["cause"], "user_interrupt");
+        return;
+    }
+    panic!("the guest never ran in 14 s");
+}
+
+#[test]
+fn a_trace_never_hands_user_mode_a_debug_exception_the_host_cannot_step() {
+    if !kvm_or_skip("trace_cpl3") {
+        return;
+    }
+    // The compute guest is at ring 3 at 1 ms; the trace starts then.
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:compute",
+            "--arg",
+            "10000000",
+            "--trace",
+            "20@1ms",
+            "--quiet",
+        ],
+        &outdir("trace-cpl3"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(r
+        .file("serial.log")
+        .starts_with("compute: iterations=10000000"));
+    let trace = r.file("trace.txt");
+    let steps = trace.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(steps, 20, "{trace}");
+    if !kvm::probe::single_step_works(3).unwrap() {
+        assert!(trace.contains("paused: the guest runs at CPL3"), "{trace}");
+        assert!(trace
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .all(|l| l.contains(" cpl0 ")));
+    }
+}

@@ -115,6 +115,9 @@ pub struct System {
     stats: Stats,
     queue: EventQueue<Event>,
     cpu_event: Option<EventId>,
+    /// The tick of the CPU's next tick event: the simulated time the CPU
+    /// has reached (it ran up to there).
+    cpu_next: Tick,
     periodic_dump: Option<EventId>,
     periodic_reset: Option<EventId>,
     draining: bool,
@@ -483,6 +486,7 @@ impl System {
             stats,
             queue,
             cpu_event,
+            cpu_next: 0,
             periodic_dump: None,
             periodic_reset: None,
             draining: false,
@@ -595,10 +599,12 @@ impl System {
                 p.update(self.queue.cur_tick());
             }
             if console::interrupted() {
+                // The CPU may have run past the last event: its time counts.
+                let at = self.cur_tick().max(self.cpu_next);
                 return Ok(Some(ExitEvent::new(
                     ExitCause::UserInterrupt,
                     0,
-                    self.cur_tick(),
+                    at,
                     "interrupted by the user (SIGINT/SIGTERM)",
                 )));
             }
@@ -758,6 +764,7 @@ impl System {
             let _ = self.queue.deschedule(old);
         }
         self.cpu_event = Some(self.queue.schedule(at, CPU_TICK_PRI, Event::CpuTick)?);
+        self.cpu_next = at;
         Ok(())
     }
 
