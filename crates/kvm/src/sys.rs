@@ -5,42 +5,52 @@
 use kvm_bindings::{kvm_run, KVM_EXIT_IO, KVM_EXIT_MMIO};
 use kvm_ioctls::VcpuFd;
 
-/// Size and repeat count of the port-IO exit described by `run`, or `None`
-/// if the last exit was not port IO.
-pub fn pio_geometry(run: &kvm_run) -> Option<(u8, u32)> {
+/// A port-IO exit as `kvm_run` describes it, read once after the exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PioExit {
+    pub size: u8,
+    pub count: u32,
+    /// Where the data lies in the run area.
+    pub data_offset: u64,
+    pub is_in: bool,
+}
+
+/// The port-IO exit described by `run`, or `None` if the last exit was not
+/// port IO.
+pub fn pio_exit(run: &kvm_run) -> Option<PioExit> {
     if run.exit_reason != KVM_EXIT_IO {
         return None;
     }
     // SAFETY: exit_reason is KVM_EXIT_IO, so the kernel filled the `io`
     // member of the union; it is plain old data.
     let io = unsafe { run.__bindgen_anon_1.io };
-    Some((io.size, io.count))
+    Some(PioExit {
+        size: io.size,
+        count: io.count,
+        data_offset: io.data_offset,
+        is_in: io.direction == kvm_bindings::KVM_EXIT_IO_IN as u8,
+    })
 }
 
-/// Completes a port-IO read (`in`, `ins`) that exited: copies `data` (all
-/// `size * count` bytes) to where KVM will pick it up on the next entry.
-/// Returns false (and writes nothing) if the last exit was not a port read of
-/// exactly that many bytes.
-pub fn complete_pio_in(vcpu: &mut VcpuFd, mmap_size: usize, data: &[u8]) -> bool {
+/// Completes the port read `pio` (the vCPU's last exit) with `data` (all
+/// `size * count` bytes), copied to where KVM picks it up on the next
+/// entry. Returns false (and writes nothing) if `pio` is not a read of
+/// exactly that many bytes inside the run area.
+pub fn complete_pio_in(vcpu: &mut VcpuFd, mmap_size: usize, pio: &PioExit, data: &[u8]) -> bool {
+    let len = pio.size as usize * pio.count as usize;
+    let Ok(off) = usize::try_from(pio.data_offset) else {
+        return false;
+    };
+    if !pio.is_in || len != data.len() || off.checked_add(len).is_none_or(|end| end > mmap_size) {
+        return false;
+    }
     let run = vcpu.get_kvm_run();
-    if run.exit_reason != KVM_EXIT_IO {
-        return false;
-    }
-    // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the live union member.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    let len = io.size as usize * io.count as usize;
-    let off = io.data_offset as usize;
-    if io.direction != kvm_bindings::KVM_EXIT_IO_IN as u8
-        || len != data.len()
-        || off.checked_add(len).is_none_or(|end| end > mmap_size)
-    {
-        return false;
-    }
     let base = run as *mut kvm_run as *mut u8;
     // SAFETY: the kvm_run area is an mmap of `mmap_size` bytes owned by
     // `vcpu` (KVM_GET_VCPU_MMAP_SIZE); we checked that [off, off+len) lies
-    // inside it. The kernel designates that range as the data buffer of this
-    // exit and reads it on the next KVM_RUN; no Rust reference to it exists.
+    // inside it. The kernel designates that range as the data buffer of the
+    // exit `pio` was read from and reads it on the next KVM_RUN; no Rust
+    // reference to it exists.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(off), len) };
     true
 }

@@ -157,6 +157,8 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     mmap_size: usize,
     coalesced: bool,
+    /// The last exit, if it was port IO (read from kvm_run once).
+    pio: Option<sys::PioExit>,
 }
 
 impl KvmVcpu {
@@ -166,6 +168,7 @@ impl KvmVcpu {
             fd,
             mmap_size,
             coalesced: false,
+            pio: None,
         }
     }
 
@@ -207,6 +210,7 @@ impl KvmVcpu {
 
     /// The details of exits whose data lives in the `kvm_run` union.
     fn decode_run_area(&mut self, exit: Decoded) -> VmExit {
+        self.pio = None;
         let run = self.fd.get_kvm_run();
         match exit {
             Decoded::Internal => match sys::internal_error(run) {
@@ -236,8 +240,11 @@ impl KvmVcpu {
                 ))
             }
             Decoded::Exit(exit @ (VmExit::IoIn { .. } | VmExit::IoOut { .. })) => {
-                // Port IO: the element size and count are in kvm_run.
-                let (size, count) = sys::pio_geometry(run).unwrap_or((1, 1));
+                // Port IO: the element size, count and data offset are in
+                // kvm_run; kept for the completion.
+                let pio = sys::pio_exit(run);
+                self.pio = pio;
+                let (size, count) = pio.map_or((1, 1), |p| (p.size, p.count));
                 match exit {
                     VmExit::IoIn { port, .. } => VmExit::IoIn { port, size, count },
                     VmExit::IoOut { port, .. } => VmExit::IoOut { port, size, count },
@@ -508,7 +515,10 @@ impl Vcpu for KvmVcpu {
     }
 
     fn complete_io_in(&mut self, data: &[u8]) -> bool {
-        sys::complete_pio_in(&mut self.fd, self.mmap_size, data)
+        match self.pio.take() {
+            Some(pio) => sys::complete_pio_in(&mut self.fd, self.mmap_size, &pio, data),
+            None => false,
+        }
     }
 
     fn complete_mmio_read(&mut self, data: &[u8]) -> bool {
