@@ -189,6 +189,43 @@ fn default_timer() -> String {
     "auto".into()
 }
 
+/// The largest `system.cpu.host_factor`: simulated time is a 64-bit count
+/// of picoseconds (about 213 days), and at this factor 5 hours of guest
+/// execution on the host reach it.
+pub const MAX_HOST_FACTOR: f64 = 1000.0;
+
+/// Checks an initial stack pointer against the memory map of `memory`
+/// bytes of RAM: the stack grows down from `stack`, so the words below it
+/// must be RAM above the boot area and inside the identity-mapped 4 GiB.
+pub fn check_stack(stack: u64, memory: u64) -> Result<(), String> {
+    use kvm::arch::x86_64::boot::BOOT_AREA_END;
+    let map = mem::MemoryMap::for_size(memory).map_err(|e| e.to_string())?;
+    let ram: Vec<String> = map
+        .regions()
+        .iter()
+        .map(|r| format!("[{:#x}, {:#x})", r.base, r.end()))
+        .collect();
+    let in_ram = stack
+        .checked_sub(8)
+        .is_some_and(|low| map.regions().iter().any(|r| r.contains_range(low, 8)));
+    if !in_ram {
+        return Err(format!(
+            "the stack grows down from this address, which must lie in guest RAM ({})",
+            ram.join(", ")
+        ));
+    }
+    if stack < BOOT_AREA_END + 8 {
+        return Err(format!(
+            "below {BOOT_AREA_END:#x} kvmsim keeps the boot GDT, TSS and page tables; \
+             the stack must start above them"
+        ));
+    }
+    if stack > 1 << 32 {
+        return Err("must be at most 4 GiB: the boot page tables map the first 4 GiB".into());
+    }
+    Ok(())
+}
+
 /// The lock-step window of systems without links.
 pub const DEFAULT_QUANTUM: sim::Tick = 10 * sim::tick::TICKS_PER_MS;
 
@@ -240,6 +277,54 @@ impl Default for SerialConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// The host's memory, as /proc/meminfo reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemory {
+    /// MemTotal, in bytes.
+    pub total: u64,
+    /// MemAvailable, in bytes.
+    pub available: u64,
+}
+
+impl HostMemory {
+    /// Reads /proc/meminfo; None where it cannot be read or parsed.
+    pub fn probe() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    }
+
+    /// Parses the text of /proc/meminfo.
+    pub fn parse(meminfo: &str) -> Option<Self> {
+        let field = |name: &str| {
+            meminfo.lines().find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+                let kib: u64 = rest.trim().strip_suffix("kB")?.trim().parse().ok()?;
+                kib.checked_mul(1024)
+            })
+        };
+        let total = field("MemTotal")?;
+        Some(HostMemory {
+            total,
+            available: field("MemAvailable").unwrap_or(total),
+        })
+    }
+}
+
+/// `bytes` in the largest binary unit that keeps it readable.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// A config that cannot be used.
@@ -346,6 +431,49 @@ impl Config {
         }
     }
 
+    /// Compares the guest RAM of every system together with the host's
+    /// memory. Guest RAM is allocated as the guest touches it, so a run
+    /// whose guests use more than the host has ends in the host's OOM
+    /// killer (possibly taking other processes with it): more than the
+    /// host's total RAM is refused; more than what is available now is
+    /// accepted, and the returned warning says so.
+    pub fn check_host_memory(
+        &self,
+        host: &HostMemory,
+        path: &Path,
+    ) -> Result<Option<String>, ConfigError> {
+        let guest: u64 = self
+            .system
+            .iter()
+            .fold(0u64, |a, s| a.saturating_add(s.memory.0));
+        let field = if self.system.len() == 1 {
+            "system.memory".to_string()
+        } else {
+            "system[*].memory (all systems together)".to_string()
+        };
+        if guest > host.total {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                field,
+                value: human_size(guest),
+                message: format!(
+                    "more than this host's RAM ({}): a guest that uses it would end in the \
+                     host's OOM killer",
+                    human_size(host.total)
+                ),
+            });
+        }
+        Ok((guest > host.available).then(|| {
+            format!(
+                "{field} = {}: more than the host has available now ({} of {}); the run fails \
+                 if the guest uses it all",
+                human_size(guest),
+                human_size(host.available),
+                human_size(host.total)
+            )
+        }))
+    }
+
     /// Checks values that parse but cannot be used. `path` names the source.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let bad = |field: String, value: String, message: &str| ConfigError::Invalid {
@@ -381,12 +509,26 @@ impl Config {
                 return Err(bad(f("memory"), s.memory.0.to_string(), &e.to_string()));
             }
             let hf = s.cpu.host_factor;
-            if !(hf.is_finite() && hf > 0.0) {
+            if !(hf.is_finite() && hf > 0.0 && hf <= MAX_HOST_FACTOR) {
+                let shown = if hf.is_finite() && hf != 0.0 && !(1e-4..1e6).contains(&hf.abs()) {
+                    format!("{hf:e}")
+                } else {
+                    hf.to_string()
+                };
                 return Err(bad(
                     f("cpu.host_factor"),
-                    hf.to_string(),
-                    "must be a positive number",
+                    shown,
+                    &format!(
+                        "must be a number in (0, {MAX_HOST_FACTOR}]: simulated time counts \
+                         picoseconds in 64 bits (213 days), which at host_factor \
+                         {MAX_HOST_FACTOR} is about 5 hours of guest execution on the host"
+                    ),
                 ));
+            }
+            if let Some(stack) = s.stack {
+                if let Err(why) = check_stack(stack, s.memory.0) {
+                    return Err(bad(f("stack"), format!("{stack:#x}"), &why));
+                }
             }
             if let Some(name) = s.kernel.strip_prefix("builtin:") {
                 if guests::builtin(name).is_none() {
@@ -458,6 +600,14 @@ impl Config {
                     format!("link[{i}].systems"),
                     format!("{:?}", l.systems),
                     &format!("must name two different systems (0..{})", self.system.len()),
+                ));
+            }
+            if l.latency.0 == 0 {
+                return Err(bad(
+                    format!("link[{i}].latency"),
+                    "0".into(),
+                    "must be longer than zero: the latency is the lookahead that lets systems \
+                     run in parallel, and a zero lookahead never lets simulated time advance",
                 ));
             }
             if l.latency.0 < quantum {
@@ -580,6 +730,121 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn zero_latency_links_are_refused() {
+        let two =
+            "[[system]]\nkernel = \"builtin:hello\"\n[[system]]\nkernel = \"builtin:hello\"\n";
+        // A zero latency makes a zero quantum: the run would never advance.
+        let e = parse(&format!(
+            "{two}[[link]]\nsystems = [0, 1]\nlatency = \"0s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("link[0].latency = 0") && e.contains("longer than zero"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[sim]\nquantum = \"0ns\"\n{two}[[link]]\nsystems = [0, 1]\nlatency = \"1ms\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sim.quantum = 0"), "{e}");
+    }
+
+    #[test]
+    fn stack_must_lie_in_ram() {
+        let cfg = |stack: &str, memory: &str| {
+            parse(&format!(
+                "[system]\nkernel = \"builtin:hello\"\nmemory = \"{memory}\"\nstack = {stack}\n"
+            ))
+        };
+        assert!(cfg("0x80000", "64MiB").is_ok());
+        // The top of RAM is a valid start: the first push goes below it.
+        assert!(cfg("0x4000000", "64MiB").is_ok());
+        let e = cfg("0x4000008", "64MiB").unwrap_err().to_string();
+        assert!(
+            e.contains("system.stack = 0x4000008") && e.contains("[0x0, 0x4000000)"),
+            "{e}"
+        );
+        let e = cfg("0x10000000000", "64MiB").unwrap_err().to_string();
+        assert!(e.contains("guest RAM"), "{e}");
+        let e = cfg("0x2000", "64MiB").unwrap_err().to_string();
+        assert!(e.contains("page tables"), "{e}");
+        let e = cfg("0", "64MiB").unwrap_err().to_string();
+        assert!(e.contains("system.stack = 0x0"), "{e}");
+        // RAM above 3 GiB continues at 4 GiB, but only 4 GiB are mapped.
+        let e = cfg("0x100001000", "4GiB").unwrap_err().to_string();
+        assert!(e.contains("4 GiB"), "{e}");
+        let e = cfg("0xd0000000", "4GiB").unwrap_err().to_string();
+        assert!(e.contains("guest RAM"), "{e}");
+    }
+
+    #[test]
+    fn host_factor_is_bounded() {
+        let cfg = |hf: &str| {
+            parse(&format!(
+                "[system]\nkernel = \"builtin:hello\"\n[system.cpu]\nhost_factor = {hf}\n"
+            ))
+        };
+        assert!(cfg("1e-6").is_ok());
+        assert!(cfg("1000.0").is_ok());
+        for (bad, shown) in [
+            ("1e300", "1e300"),
+            ("1000.5", "1000.5"),
+            ("0.0", "0"),
+            ("inf", "inf"),
+            ("nan", "NaN"),
+        ] {
+            let e = cfg(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("system.cpu.host_factor = {shown}:"))
+                    && e.contains("(0, 1000]"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_memory_against_the_host() {
+        let host = HostMemory::parse(
+            "MemTotal:        4194304 kB\nMemFree:  100 kB\nMemAvailable:    2097152 kB\n",
+        )
+        .unwrap();
+        assert_eq!(host.total, 4 << 30);
+        assert_eq!(host.available, 2 << 30);
+        let p = Path::new("t.toml");
+        let one = |m: &str| {
+            parse(&format!(
+                "[system]\nkernel = \"builtin:hello\"\nmemory = \"{m}\"\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(one("1GiB").check_host_memory(&host, p).unwrap(), None);
+        let w = one("3GiB").check_host_memory(&host, p).unwrap().unwrap();
+        assert!(w.contains("available") && w.contains("2 GiB"), "{w}");
+        let e = one("5GiB")
+            .check_host_memory(&host, p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("system.memory = 5 GiB") && e.contains("this host's RAM (4 GiB)"),
+            "{e}"
+        );
+        // Several systems share the host.
+        let two = parse(
+            "[[system]]\nkernel = \"builtin:hello\"\nmemory = \"3GiB\"\n\
+             [[system]]\nkernel = \"builtin:hello\"\nmemory = \"3GiB\"\n",
+        )
+        .unwrap();
+        let e = two.check_host_memory(&host, p).unwrap_err().to_string();
+        assert!(
+            e.contains("all systems together") && e.contains("6 GiB"),
+            "{e}"
+        );
+        assert!(HostMemory::parse("nonsense").is_none());
     }
 
     #[test]

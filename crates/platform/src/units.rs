@@ -65,11 +65,13 @@ pub fn parse_freq(s: &str) -> Result<f64, String> {
     Ok(hz)
 }
 
-/// Parses a simulated duration into ticks (picoseconds): `10s`, `5ms`,
-/// `100us`, `20ns`, `1000ps`.
+/// Parses a simulated duration into ticks (picoseconds): `2h`, `5min`,
+/// `10s`, `5ms`, `100us`, `20ns`, `1000ps`.
 pub fn parse_duration(s: &str) -> Result<Tick, String> {
     let (v, unit) = split_number(s).ok_or_else(|| format!("{s:?} is not a duration"))?;
     let ps_per_unit = match unit {
+        "h" => 3600e12,
+        "min" => 60e12,
         "s" => 1e12,
         "ms" => 1e9,
         "us" | "µs" => 1e6,
@@ -77,12 +79,12 @@ pub fn parse_duration(s: &str) -> Result<Tick, String> {
         "ps" => 1.0,
         "" => {
             return Err(format!(
-                "{s:?}: a duration needs a unit (s, ms, us, ns, ps)"
+                "{s:?}: a duration needs a unit (h, min, s, ms, us, ns, ps)"
             ))
         }
         _ => {
             return Err(format!(
-                "{s:?}: unknown time unit {unit:?} (use s, ms, us, ns, ps)"
+                "{s:?}: unknown time unit {unit:?} (use h, min, s, ms, us, ns, ps)"
             ))
         }
     };
@@ -176,6 +178,12 @@ mod tests {
         assert_eq!(parse_duration("3ps"), Ok(3));
         assert!(parse_duration("10").unwrap_err().contains("needs a unit"));
         assert!(parse_duration("1e30s").is_err());
+        assert_eq!(parse_duration("2min"), Ok(120_000_000_000_000));
+        assert_eq!(parse_duration("1.5h"), Ok(5_400_000_000_000_000));
+        // "m" could be minutes or a typo for "ms": refused, with the units that exist.
+        assert!(parse_duration("3m").unwrap_err().contains("min"));
+        // 2^64 ps is about 213 days.
+        assert!(parse_duration("5200h").unwrap_err().contains("too long"));
     }
 
     proptest::proptest! {
