@@ -7,7 +7,7 @@ use std::process::Command;
 
 const GUESTS: &[&str] = &[
     "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream", "pingpong",
-    "pcirq", "int3", "syscall", "flags", "fwait", "irqint3",
+    "pcirq", "int3", "syscall", "flags", "fwait", "irqint3", "echo",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -2,14 +2,20 @@
 //!
 //! Transmission is instantaneous: every byte written to THR goes straight to
 //! the output sink, and the line status always shows an empty transmitter.
-//! Received bytes come from a shared input queue (fed, for example, by a
-//! thread reading the host's stdin). Loopback mode (MCR bit 4) is modelled
-//! because drivers probe with it. The interrupt output is a level that an
-//! interrupt controller can sample ([`Uart16550::irq_level`]).
+//! Received bytes come from a shared [`SerialInput`] (fed, for example, by a
+//! thread reading the host's stdin). The UART tells its input how many
+//! bytes the guest is ready for, so that a feeder takes from its source only
+//! what the guest asked for: with the receive interrupt enabled (IER bit 0,
+//! as Linux's driver has while the port is open), as many as fit in the
+//! receive FIFO; with only RTS asserted (MCR bit 1, a polling receiver with
+//! hardware flow control), one byte at a time, when the FIFO is empty;
+//! otherwise none. Loopback mode (MCR bit 4) is modelled because drivers
+//! probe with it. The interrupt output is a level that an interrupt
+//! controller can sample ([`Uart16550::irq_level`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use mem::{AccessCtx, BusDevice, Space};
 use sim::{Counter, Stats, Tick};
@@ -21,12 +27,89 @@ pub const UART_PORTS: u64 = 8;
 /// Latency of one register access (gem5's default PIO latency).
 pub const UART_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
 
-/// Bytes waiting to be received by the guest.
-pub type InputQueue = Arc<Mutex<VecDeque<u8>>>;
+/// Bytes waiting to be received by the guest, and how many more the guest
+/// is ready for (its "room"). Shared between the UART and a feeder.
+#[derive(Debug, Default)]
+pub struct SerialInput {
+    state: Mutex<InputState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct InputState {
+    queue: VecDeque<u8>,
+    room: usize,
+}
+
+impl SerialInput {
+    fn state(&self) -> std::sync::MutexGuard<'_, InputState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds bytes for the guest (the feeder's side).
+    pub fn push(&self, bytes: &[u8]) {
+        self.state().queue.extend(bytes);
+        self.changed.notify_all();
+    }
+
+    /// How many bytes the guest is ready for beyond those already queued.
+    pub fn wanted(&self) -> usize {
+        let s = self.state();
+        s.room.saturating_sub(s.queue.len())
+    }
+
+    /// Waits until the guest is ready for more bytes than are queued;
+    /// returns how many more (the feeder reads at most that many).
+    pub fn wait_wanted(&self) -> usize {
+        let mut s = self.state();
+        loop {
+            let n = s.room.saturating_sub(s.queue.len());
+            if n > 0 {
+                return n;
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The UART's side, in one step (a feeder never sees the queue emptied
+    /// before the room shrank): moves queued bytes into `rx` up to `fifo`
+    /// bytes if `take`, then sets the room to what `room` says for the
+    /// FIFO's new length.
+    fn refill(
+        &self,
+        rx: &mut VecDeque<u8>,
+        fifo: usize,
+        take: bool,
+        room: impl FnOnce(usize) -> usize,
+    ) {
+        let mut s = self.state();
+        let mut changed = false;
+        while take && rx.len() < fifo {
+            match s.queue.pop_front() {
+                Some(b) => {
+                    rx.push_back(b);
+                    changed = true;
+                }
+                None => break,
+            }
+        }
+        let r = room(rx.len());
+        changed |= s.room != r;
+        s.room = r;
+        drop(s);
+        if changed {
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// A UART's input, as the UART and its feeder share it.
+pub type InputQueue = Arc<SerialInput>;
 
 const IER_RDA: u8 = 0x01;
 const IER_THRE: u8 = 0x02;
 const LCR_DLAB: u8 = 0x80;
+const MCR_RTS: u8 = 0x02;
 const MCR_LOOP: u8 = 0x10;
 const LSR_DR: u8 = 0x01;
 const LSR_THRE: u8 = 0x20;
@@ -99,20 +182,25 @@ impl Uart16550 {
         self.irq.set(level);
     }
 
-    /// Moves waiting input into the receive FIFO.
+    /// Moves waiting input into the receive FIFO, then tells the input how
+    /// many bytes the guest is ready for.
     fn refill(&mut self) {
-        if self.mcr & MCR_LOOP != 0 || self.rx.len() >= RX_FIFO {
+        let Some(q) = &self.input else {
             return;
-        }
-        if let Some(q) = &self.input {
-            let mut q = q.lock().unwrap_or_else(|p| p.into_inner());
-            while self.rx.len() < RX_FIFO {
-                match q.pop_front() {
-                    Some(b) => self.rx.push_back(b),
-                    None => break,
-                }
+        };
+        let (mcr, ier) = (self.mcr, self.ier);
+        let looped = mcr & MCR_LOOP != 0;
+        q.refill(&mut self.rx, RX_FIFO, !looped, |len| {
+            if looped {
+                0
+            } else if ier & IER_RDA != 0 {
+                RX_FIFO - len
+            } else if mcr & MCR_RTS != 0 && len == 0 {
+                1
+            } else {
+                0
             }
-        }
+        });
     }
 
     /// True while the UART asserts its interrupt line.
@@ -233,6 +321,7 @@ impl BusDevice for Uart16550 {
                 0xff
             };
         }
+        self.refill();
         UART_LATENCY
     }
 
@@ -243,6 +332,7 @@ impl BusDevice for Uart16550 {
                 self.write_reg(reg, b);
             }
         }
+        self.refill();
         self.update_irq();
         UART_LATENCY
     }
@@ -301,11 +391,41 @@ mod tests {
     fn receives_from_the_input_queue() {
         let (mut u, _, input, _) = uart();
         assert_eq!(rd(&mut u, 5) & LSR_DR, 0);
-        input.lock().unwrap().extend(b"ab");
+        input.push(b"ab");
         assert_eq!(rd(&mut u, 5) & LSR_DR, LSR_DR);
         assert_eq!(rd(&mut u, 0), b'a');
         assert_eq!(rd(&mut u, 0), b'b');
         assert_eq!(rd(&mut u, 5) & LSR_DR, 0);
+    }
+
+    #[test]
+    fn the_guest_is_fed_only_what_it_asks_for() {
+        let (mut u, _, input, _) = uart();
+        // Transmitting (LSR polls, THR writes) asks for nothing.
+        rd(&mut u, 5);
+        wr(&mut u, 0, b'a');
+        assert_eq!(input.wanted(), 0);
+        // RTS without the receive interrupt: a polling receiver, one byte at a time.
+        wr(&mut u, 4, 0x0b);
+        assert_eq!(input.wanted(), 1);
+        input.push(b"x");
+        assert_eq!(input.wanted(), 0, "one byte queued is all it asked for");
+        assert_eq!(rd(&mut u, 5) & LSR_DR, LSR_DR);
+        assert_eq!(input.wanted(), 0, "the byte waits in the FIFO");
+        assert_eq!(rd(&mut u, 0), b'x');
+        assert_eq!(input.wanted(), 1, "taken: the next one");
+        // RTS dropped: nothing more.
+        wr(&mut u, 4, 0x09);
+        assert_eq!(input.wanted(), 0);
+        // The receive interrupt enabled: as much as the FIFO holds.
+        wr(&mut u, 1, IER_RDA);
+        assert_eq!(input.wanted(), RX_FIFO);
+        input.push(b"abc");
+        rd(&mut u, 5);
+        assert_eq!(input.wanted(), RX_FIFO - 3);
+        // Loopback: the line is not connected to the input.
+        wr(&mut u, 4, MCR_LOOP);
+        assert_eq!(input.wanted(), 0);
     }
 
     #[test]
@@ -333,7 +453,7 @@ mod tests {
         assert_eq!(rd(&mut u, 2) & 0x0f, IIR_THRE);
         assert!(!u.irq_level(), "reading IIR clears THRE");
         wr(&mut u, 1, IER_RDA);
-        input.lock().unwrap().push_back(b'x');
+        input.push(b"x");
         assert!(u.irq_level());
         assert_eq!(rd(&mut u, 2) & 0x0f, IIR_RDA);
         assert_eq!(rd(&mut u, 0), b'x');
@@ -350,7 +470,7 @@ mod tests {
         #[test]
         fn any_access_sequence_is_safe(ops in proptest::collection::vec((0u64..16, proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()), 0..200)) {
             let (mut u, _, input, _) = uart();
-            input.lock().unwrap().extend(0..100u8);
+            input.push(&(0..100u8).collect::<Vec<_>>());
             for (reg, v, w) in ops {
                 if w { wr(&mut u, reg, v) } else { rd(&mut u, reg); }
                 proptest::prop_assert!(u.rx.len() <= RX_FIFO);

@@ -37,6 +37,10 @@
 //! * `irqint3`: RSI (5,000) `int3` traps at ring 0 with interrupts on while
 //!   the interval timer interrupts every RDI (30,000) ns; prints the traps
 //!   and interrupts taken (each interrupt kvmsim injects must arrive).
+//! * `echo`: reads RDI (1) bytes from COM1, polling with RTS asserted and
+//!   dropping RTS before the last, and prints them back.
+//!
+//! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
 macro_rules! guest {
     ($name:literal) => {
@@ -64,7 +68,114 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("flags"),
     guest!("fwait"),
     guest!("irqint3"),
+    guest!("echo"),
 ];
+
+/// What a built-in guest does, for `kvmsim guests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct About {
+    pub name: &'static str,
+    /// Its boot arguments (RDI, RSI, ...) with their defaults, or "-".
+    pub args: &'static str,
+    /// What it does, in one line.
+    pub about: &'static str,
+}
+
+/// A line on every guest of [`GUESTS`], in the same order.
+pub const ABOUT: &[About] = &[
+    About {
+        name: "hello",
+        args: "-",
+        about: "prints \"Hello from the guest\" on COM1, then exits with 0",
+    },
+    About {
+        name: "compute",
+        args: "RDI=iterations (100000000)",
+        about: "ring-3 integer loop (kvmsim bench compute's); prints the count and the result",
+    },
+    About {
+        name: "fault",
+        args: "-",
+        about: "triple faults on purpose (status 252, a register dump)",
+    },
+    About {
+        name: "simops",
+        args: "RDI=delay ns, RSI=fail code (0: exit)",
+        about: "exercises sim-ops: sum, an unknown op, a work item, stats dump and reset, \
+                then exit or fail after the delay",
+    },
+    About {
+        name: "ticks",
+        args: "RDI=timer period ns (100000), RSI=iterations (50000000), RDX!=0: NMIs",
+        about: "counts interval-timer interrupts taken while ring 3 computes",
+    },
+    About {
+        name: "sleep",
+        args: "RDI=timer period ns (1000000000), RSI=periods (10)",
+        about: "halts through RSI timer periods; prints simulated ns and TSC cycles elapsed",
+    },
+    About {
+        name: "steps",
+        args: "RDI!=0: at ring 3",
+        about: "endless, exactly countable instruction stream (RAX = (N - 2) / 2), \
+                for max_insts",
+    },
+    About {
+        name: "iostream",
+        args: "RDI=accesses (2000)",
+        about: "writes and reads back the UART scratch register; prints the sum read",
+    },
+    About {
+        name: "pingpong",
+        args: "RDI=role (0 starts, 1 answers), RSI=rounds (100)",
+        about: "bounces a counter over link port 0 with a peer system; \
+                reports round-trip times",
+    },
+    About {
+        name: "pcirq",
+        args: "- (platform = \"pc\")",
+        about: "times 10 interrupts each through the 8259 pair, the I/O APIC \
+                and the local APIC timer",
+    },
+    About {
+        name: "int3",
+        args: "-",
+        about: "three int3 traps under a #BP handler; prints the count",
+    },
+    About {
+        name: "syscall",
+        args: "RDI=calls (1000)",
+        about: "system calls from ring 3 to a ring-0 handler that returns with sysretq",
+    },
+    About {
+        name: "flags",
+        args: "RDI=passes (20000), RSI=timer period ns (50000), RDX!=0: no timer",
+        about: "Linux's memmove loop in kernel mode under timer interrupts; \
+                prints passes that lost the carry flag",
+    },
+    About {
+        name: "fwait",
+        args: "-",
+        about: "fwait at ring 0, then with CR0.TS and CR0.MP set (#NM); \
+                prints \"fwait: passed=2 nm=1\"",
+    },
+    About {
+        name: "irqint3",
+        args: "RDI=timer period ns (30000), RSI=traps (5000)",
+        about: "int3 traps at ring 0 with interrupts on under the interval timer; \
+                prints the traps and interrupts taken",
+    },
+    About {
+        name: "echo",
+        args: "RDI=bytes (1, at most 256)",
+        about: "reads bytes from COM1 (the console's input) and prints them back",
+    },
+];
+
+/// What built-in guest `name` does.
+pub fn about(name: &str) -> Option<&'static About> {
+    ABOUT.iter().find(|a| a.name == name)
+}
 
 /// The ELF image of built-in guest `name`.
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
@@ -111,6 +222,17 @@ mod tests {
         }
         assert!(builtin("hello").is_some());
         assert!(builtin("nope").is_none());
+    }
+
+    #[test]
+    fn every_guest_is_described() {
+        let guests: Vec<&str> = GUESTS.iter().map(|(n, _)| *n).collect();
+        let described: Vec<&str> = ABOUT.iter().map(|a| a.name).collect();
+        assert_eq!(guests, described, "ABOUT must list GUESTS, in order");
+        for a in ABOUT {
+            assert!(!a.about.is_empty() && !a.args.is_empty(), "{}", a.name);
+            assert!(!a.about.contains('\n'), "{}: one line", a.name);
+        }
     }
 
     #[test]

@@ -71,6 +71,11 @@ struct RunArgs {
     /// Do not echo the guest's console to stdout (it still goes to serial.log).
     #[arg(long)]
     quiet: bool,
+    /// Never read stdin: the guest's console gets no input (overrides the
+    /// config's system.serial.stdin). For runs inside a shell loop that
+    /// reads the same stdin.
+    #[arg(long)]
+    no_stdin: bool,
     /// At the end, print the full vCPU state (also written to cpu-dump.txt).
     #[arg(long)]
     dump_on_exit: bool,
@@ -136,7 +141,19 @@ fn main() -> ExitCode {
         .without_time()
         .with_target(false)
         .init();
-    let cli = Cli::parse();
+    // Usage errors are kvmsim errors (254, as the README says); --help
+    // and --version succeed.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                status::SIM_ERROR as u8
+            } else {
+                0
+            });
+        }
+    };
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Guests { extract } => guests_cmd(extract),
@@ -218,27 +235,61 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
         if a.quiet {
             s.serial.stdout = false;
         }
+        if a.no_stdin {
+            s.serial.stdin = false;
+        }
     }
     let source = a.config.as_deref().unwrap_or(cli);
     cfg.validate(source)?;
+    if let Some(host) = platform::config::HostMemory::probe() {
+        if let Some(warning) = cfg.check_host_memory(&host, source)? {
+            tracing::warn!("{warning}");
+        }
+    }
     Ok(cfg)
 }
 
+/// The run was interrupted before it started: nothing was written.
+fn interrupted_in_setup() -> i32 {
+    eprintln!("kvmsim: interrupted during set-up; the output folder was not changed");
+    status::USER_INTERRUPT
+}
+
 fn run(a: RunArgs) -> i32 {
+    // Before anything slow: Ctrl-C and SIGTERM set a flag that set-up
+    // checks between its phases (and while it reads images).
+    platform::console::install_interrupt_handler();
+    let interrupted = platform::console::interrupted;
+    // Every input is checked before the output folder is touched.
     let mut cfg = match make_config(&a) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let out = match OutDir::create(&a.outdir) {
+    if let Err(e) = Simulation::check_inputs(&cfg) {
+        return fail(e);
+    }
+    if interrupted() {
+        return interrupted_in_setup();
+    }
+    // Locked for this run; what set-up writes is staged, so a run that
+    // fails before it starts leaves an earlier run's results as they were.
+    let out = match OutDir::stage(&a.outdir) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
-    platform::console::install_interrupt_handler();
     let host_start = Instant::now();
     let mut simulation = match Simulation::build(&mut cfg, out.clone()) {
         Ok(s) => s,
+        Err(_) if interrupted() => return interrupted_in_setup(),
         Err(e) => return fail(e),
     };
+    if interrupted() {
+        return interrupted_in_setup();
+    }
+    // The run starts: its files replace the earlier run's.
+    if let Err(e) = out.commit() {
+        return fail(e);
+    }
     let resolved = serde_json::json!({
         "kvmsim_version": env!("CARGO_PKG_VERSION"),
         "config_file": a.config.as_ref().map(|p| p.display().to_string()),
@@ -349,9 +400,20 @@ fn doctor(json: bool) -> i32 {
 fn guests_cmd(extract: Option<PathBuf>) -> i32 {
     match extract {
         None => {
-            for (name, elf) in guests::GUESTS {
-                println!("builtin:{name}\t{} bytes", elf.len());
+            let width = guests::GUESTS
+                .iter()
+                .map(|(n, _)| n.len() + "builtin:".len())
+                .max()
+                .unwrap_or(0);
+            for (name, _) in guests::GUESTS {
+                let (about, args) = guests::about(name).map_or(("", "-"), |a| (a.about, a.args));
+                println!("{:<width$}  {about}", format!("builtin:{name}"));
+                println!("{:<width$}  args: {args}", "");
             }
+            println!(
+                "\nArguments go in RDI, RSI, RDX, ... (--arg N, repeated, or args = [..]); \
+                 0 takes the default in parentheses."
+            );
             0
         }
         Some(dir) => {

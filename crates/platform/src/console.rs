@@ -76,13 +76,19 @@ pub fn stdin_is_interactive() -> bool {
         })
 }
 
-/// Starts a thread copying stdin into a queue the UART reads, when stdin is
-/// a terminal or a pipe. The thread blocks the control signals so that they
+/// Starts a thread that feeds stdin to the UART, when stdin is a terminal
+/// or a pipe. It reads only what the guest is ready for (the UART says how
+/// many bytes: none until the guest enables its receiver) and reads the
+/// file descriptor directly, without a buffer, so that input the guest did
+/// not ask for stays in stdin for whoever reads it next (a shell loop
+/// around kvmsim). The thread blocks the control signals so that they
 /// reach the simulation thread.
 pub fn spawn_stdin_reader() -> Option<InputQueue> {
     if !stdin_is_interactive() {
         return None;
     }
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let mut stdin = File::from(fd);
     let queue = InputQueue::default();
     let q = queue.clone();
     std::thread::Builder::new()
@@ -91,19 +97,31 @@ pub fn spawn_stdin_reader() -> Option<InputQueue> {
             for sig in [libc::SIGINT, libc::SIGTERM] {
                 let _ = vmm_sys_util::signal::block_signal(sig);
             }
-            let mut buf = [0u8; 256];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
+            let mut buf = [0u8; 64];
+            loop {
+                let n = q.wait_wanted().min(buf.len());
+                match stdin.read(&mut buf[..n]) {
+                    Ok(0) => break,
+                    Ok(k) => q.push(&buf[..k]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
                 }
-                q.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(&buf[..n]);
             }
         })
         .ok()?;
     Some(queue)
+}
+
+/// True the first time it is called with `what` in this process: for
+/// notices that hold for the whole host (said once, not once per system).
+pub fn first_time(what: &str) -> bool {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
+    if said.iter().any(|s| s == what) {
+        return false;
+    }
+    said.push(what.to_string());
+    true
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -121,6 +139,12 @@ pub fn install_interrupt_handler() {
             tracing::warn!("cannot install a handler for signal {sig}: {e}");
         }
     }
+}
+
+/// Asks the run to stop, as SIGINT/SIGTERM do (set-up stops at its next
+/// check, a running simulation at its next event).
+pub fn request_interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
 /// True once the user asked the run to stop.

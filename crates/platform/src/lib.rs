@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod config;
 pub mod console;
 pub mod firmware;
+pub mod input;
 pub mod linux;
 pub mod loader;
 pub mod output;
@@ -35,6 +36,13 @@ pub enum PlatformError {
     Load(#[from] loader::LoadError),
     #[error(transparent)]
     Output(#[from] output::OutputError),
+    #[error(transparent)]
+    OutDir(#[from] output::OutDirError),
+    #[error(transparent)]
+    Input(input::InputError),
+    /// The user interrupted the run (SIGINT/SIGTERM) while it was being set up.
+    #[error("interrupted by the user during set-up")]
+    Interrupted,
     #[error("device setup: {0}")]
     Bus(#[from] mem::BusError),
     #[error("statistics: {0}")]
@@ -43,6 +51,15 @@ pub enum PlatformError {
     Schedule(#[from] sim::ScheduleError),
     #[error("{0}")]
     Setup(String),
+}
+
+impl From<input::InputError> for PlatformError {
+    fn from(e: input::InputError) -> Self {
+        match e {
+            input::InputError::Interrupted { .. } => PlatformError::Interrupted,
+            e => PlatformError::Input(e),
+        }
+    }
 }
 
 /// Process exit statuses (documented in README.md).

@@ -92,48 +92,105 @@ pub fn is_bzimage(image: &[u8]) -> bool {
     image.get(0x202..0x206) == Some(b"HdrS")
 }
 
-/// Reads at most [`MAX_KERNEL`] bytes from `r`.
-fn read_capped(mut r: impl Read, name: &str, c: Compression) -> Result<Vec<u8>, KernelError> {
-    let mut out = Vec::new();
-    let n = r
-        .by_ref()
-        .take(MAX_KERNEL as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| KernelError::Decompress(name.into(), c, e.to_string()))?;
-    if n > MAX_KERNEL {
-        return Err(KernelError::TooLarge(name.into()));
-    }
-    Ok(out)
+/// Output of a decompressor: at most [`MAX_KERNEL`] bytes, and an error as
+/// soon as the user interrupts the run, so that neither a decompression
+/// bomb nor a slow stream holds the set-up.
+struct CappedOutput {
+    out: Vec<u8>,
+    cap: usize,
+    over: bool,
 }
 
-/// Decompresses a kernel payload.
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if crate::console::interrupted() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "interrupted by the user",
+            ));
+        }
+        if self.out.len() + buf.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other(format!(
+                "more than {} bytes",
+                self.cap
+            )));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decompresses with `run` into a [`CappedOutput`].
+fn capped<E: std::fmt::Display>(
+    name: &str,
+    c: Compression,
+    cap: usize,
+    run: impl FnOnce(&mut CappedOutput) -> Result<(), E>,
+) -> Result<Vec<u8>, KernelError> {
+    let mut out = CappedOutput {
+        out: Vec::new(),
+        cap,
+        over: false,
+    };
+    let r = run(&mut out);
+    if out.over {
+        return Err(KernelError::TooLarge(name.into()));
+    }
+    r.map_err(|e| KernelError::Decompress(name.into(), c, e.to_string()))?;
+    Ok(out.out)
+}
+
+/// Reads at most `cap` bytes from `r`.
+fn read_capped(
+    mut r: impl Read,
+    name: &str,
+    c: Compression,
+    cap: usize,
+) -> Result<Vec<u8>, KernelError> {
+    capped(name, c, cap, |out| std::io::copy(&mut r, out).map(|_| ()))
+}
+
+/// Decompresses a kernel payload (at most [`MAX_KERNEL`] bytes).
 pub fn decompress(data: &[u8], name: &str) -> Result<(Compression, Vec<u8>), KernelError> {
+    decompress_capped(data, name, MAX_KERNEL)
+}
+
+/// Decompresses a payload of at most `cap` bytes: every decoder stops as
+/// soon as its output would exceed it (or the user interrupts the run).
+fn decompress_capped(
+    data: &[u8],
+    name: &str,
+    cap: usize,
+) -> Result<(Compression, Vec<u8>), KernelError> {
     let c = Compression::detect(data).ok_or_else(|| {
         KernelError::UnknownCompression(name.into(), data.iter().take(6).copied().collect())
     })?;
     let err = |e: String| KernelError::Decompress(name.into(), c, e);
     let out = match c {
-        Compression::Gzip => read_capped(flate2::read::GzDecoder::new(data), name, c)?,
+        Compression::Gzip => read_capped(flate2::read::GzDecoder::new(data), name, c, cap)?,
         Compression::Zstd => {
             let d =
                 ruzstd::decoding::StreamingDecoder::new(data).map_err(|e| err(e.to_string()))?;
-            read_capped(d, name, c)?
+            read_capped(d, name, c, cap)?
         }
-        Compression::Xz | Compression::Lzma => {
-            let mut out = Vec::new();
+        Compression::Xz | Compression::Lzma => capped(name, c, cap, |out| {
             let mut input = std::io::BufReader::new(data);
             let r = if c == Compression::Xz {
-                lzma_rs::xz_decompress(&mut input, &mut out)
+                lzma_rs::xz_decompress(&mut input, out)
             } else {
-                lzma_rs::lzma_decompress(&mut input, &mut out)
+                lzma_rs::lzma_decompress(&mut input, out)
             };
-            r.map_err(|e| err(format!("{e:?}")))?;
-            if out.len() > MAX_KERNEL {
-                return Err(KernelError::TooLarge(name.into()));
-            }
-            out
-        }
-        Compression::Lz4 => lz4_legacy(data).map_err(err)?,
+            r.map_err(|e| format!("{e:?}"))
+        })?,
+        Compression::Lz4 => lz4_legacy(data, cap).map_err(|e| match e {
+            Lz4Error::TooLarge => KernelError::TooLarge(name.into()),
+            Lz4Error::Other(e) => err(e),
+        })?,
         Compression::Bzip2 | Compression::Lzo => {
             return Err(KernelError::Unsupported(name.into(), c))
         }
@@ -141,11 +198,19 @@ pub fn decompress(data: &[u8], name: &str) -> Result<(Compression, Vec<u8>), Ker
     Ok((c, out))
 }
 
+/// Why an LZ4 stream was not decompressed.
+enum Lz4Error {
+    TooLarge,
+    Other(String),
+}
+
 /// The LZ4 "legacy" frame the kernel uses: magic, then blocks of
 /// (u32 compressed size, data), each decompressing to at most 8 MiB.
-fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
+/// The output stays within `cap` bytes.
+fn lz4_legacy(data: &[u8], cap: usize) -> Result<Vec<u8>, Lz4Error> {
     const BLOCK: usize = 8 << 20;
     let mut out = Vec::new();
+    let mut buf = Vec::new();
     let mut pos = 4;
     while pos + 4 <= data.len() {
         let size = u32_at(data, pos).unwrap_or(0) as usize;
@@ -158,16 +223,20 @@ fn lz4_legacy(data: &[u8]) -> Result<Vec<u8>, String> {
         let Some(block) = data.get(pos..pos + size) else {
             break;
         };
-        let mut buf = vec![0u8; BLOCK];
-        let n = lz4_flex::block::decompress_into(block, &mut buf).map_err(|e| e.to_string())?;
-        out.extend_from_slice(&buf[..n]);
-        if out.len() > MAX_KERNEL {
-            return Err(format!("more than {} MiB", MAX_KERNEL >> 20));
+        if crate::console::interrupted() {
+            return Err(Lz4Error::Other("interrupted by the user".into()));
         }
+        buf.resize(BLOCK, 0);
+        let n = lz4_flex::block::decompress_into(block, &mut buf)
+            .map_err(|e| Lz4Error::Other(e.to_string()))?;
+        if out.len() + n > cap {
+            return Err(Lz4Error::TooLarge);
+        }
+        out.extend_from_slice(&buf[..n]);
         pos += size;
     }
     if out.is_empty() {
-        return Err("no LZ4 blocks".into());
+        return Err(Lz4Error::Other("no LZ4 blocks".into()));
     }
     Ok(out)
 }
@@ -297,6 +366,39 @@ mod tests {
             parse(&old, "k"),
             Err(KernelError::OldProtocol(..))
         ));
+    }
+
+    #[test]
+    fn every_decoder_stops_at_the_cap() {
+        // 1 MiB of zeros: each decoder must stop as its output passes the
+        // cap (here 64 KiB), holding no more than that.
+        let zeros = vec![0u8; 1 << 20];
+        let cap = 64 << 10;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&zeros).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut std::io::BufReader::new(&zeros[..]), &mut xz).unwrap();
+        let mut lzma = Vec::new();
+        lzma_rs::lzma_compress(&mut std::io::BufReader::new(&zeros[..]), &mut lzma).unwrap();
+        let block = lz4_flex::block::compress(&zeros);
+        let mut lz4 = vec![0x02, 0x21, 0x4c, 0x18];
+        lz4.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        lz4.extend_from_slice(&block);
+        for (what, data) in [("gzip", &gz), ("xz", &xz), ("lzma", &lzma), ("lz4", &lz4)] {
+            assert_eq!(
+                decompress_capped(data, "k", 1 << 20).unwrap().1.len(),
+                1 << 20,
+                "{what}"
+            );
+            assert!(
+                matches!(
+                    decompress_capped(data, "k", cap),
+                    Err(KernelError::TooLarge(_))
+                ),
+                "{what}"
+            );
+        }
     }
 
     proptest::proptest! {

@@ -85,6 +85,10 @@ impl Simulation {
         let sim = cfg.sim.clone();
         let mut systems = Vec::with_capacity(n);
         for (i, sc) in cfg.system.iter_mut().enumerate() {
+            // Set-up takes time (images, decompression, probes): Ctrl-C ends it.
+            if crate::console::interrupted() {
+                return Err(PlatformError::Interrupted);
+            }
             systems.push(System::build_named(
                 &names[i],
                 sc,
@@ -101,6 +105,22 @@ impl Simulation {
             stop_on_fault: sim.stop_on_fault,
             out,
         })
+    }
+
+    /// Checks, before anything is built or written, that every system's
+    /// input files can be read: the kernel (unless built in) and the
+    /// initrd are regular files within their limits (1 GiB; guest RAM).
+    pub fn check_inputs(cfg: &Config) -> Result<(), PlatformError> {
+        use crate::input::{check_file, Limit};
+        for s in &cfg.system {
+            if !s.kernel.starts_with("builtin:") {
+                check_file(&s.kernel, "kernel", &Limit::kernel())?;
+            }
+            if let Some(i) = &s.initrd {
+                check_file(i, "initrd", &Limit::initrd(s.memory.0))?;
+            }
+        }
+        Ok(())
     }
 
     /// The systems' names.

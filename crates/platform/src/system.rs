@@ -209,8 +209,12 @@ pub fn read_image(kernel: &str) -> Result<Vec<u8>, PlatformError> {
         Some(name) => guests::builtin(name)
             .map(<[u8]>::to_vec)
             .ok_or_else(|| PlatformError::Kernel(format!("{kernel}: no such built-in guest"))),
-        None => std::fs::read(kernel)
-            .map_err(|e| PlatformError::Kernel(format!("cannot read kernel {kernel}: {e}"))),
+        // A regular file of at most 1 GiB, read so that Ctrl-C stops it.
+        None => Ok(crate::input::read_file(
+            kernel,
+            "kernel",
+            &crate::input::Limit::kernel(),
+        )?),
     }
 }
 
@@ -328,10 +332,13 @@ impl System {
                 );
             } else {
                 arch.enable_syscall_repair(&mut vcpu)?;
-                tracing::info!(
-                    "{name}: repair applied: SYSCALL from user mode does not enter kernel mode \
-                     on this host; kvmsim completes it from the page fault it raises"
-                );
+                // Once per process, not once per system.
+                if console::first_time("syscall-repair") {
+                    tracing::info!(
+                        "repair applied: SYSCALL from user mode does not enter kernel mode \
+                         on this host; kvmsim completes it from the page fault it raises"
+                    );
+                }
             }
         }
         let mut cpu = KvmCpu::new(
@@ -1049,8 +1056,11 @@ fn setup_linux(
     let initrd = match &sc.initrd {
         None => None,
         Some(path) => {
-            let data = std::fs::read(path)
-                .map_err(|e| PlatformError::Kernel(format!("cannot read initrd {path}: {e}")))?;
+            let data = crate::input::read_file(
+                path,
+                "initrd",
+                &crate::input::Limit::initrd(ram.map().total()),
+            )?;
             let limit = u64::from(hdr_u32(0x22c).filter(|&v| v != 0).unwrap_or(0x37ff_ffff));
             let addr = fw::initrd_address(ram.map(), data.len() as u64, kernel_end, limit)
                 .map_err(|e| PlatformError::Kernel(format!("initrd {path}: {e}")))?;
@@ -1061,7 +1071,7 @@ fn setup_linux(
         }
     };
     let host = &kvm::doctor::cached().linux_flags;
-    if !host.is_empty() {
+    if !host.is_empty() && console::first_time("linux-flags") {
         tracing::info!(
             "this host's KVM needs Linux flags (from kvmsim doctor's probes): {}",
             host.join(" ")
