@@ -104,10 +104,8 @@ struct CappedOutput {
 impl std::io::Write for CappedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if crate::console::interrupted() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::Interrupted,
-                "interrupted by the user",
-            ));
+            // Not ErrorKind::Interrupted: write_all and copy retry that.
+            return Err(std::io::Error::other("interrupted by the user"));
         }
         if self.out.len() + buf.len() > self.cap {
             self.over = true;
