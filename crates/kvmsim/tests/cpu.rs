@@ -68,6 +68,10 @@ fn check_periodic(r: &Run, line: &str, period_ns: u64, nmi: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn interrupts_arrive_at_the_rate_the_timer_sets() {
     if !kvm_or_skip("interrupts") {
         return;
@@ -77,6 +81,10 @@ fn interrupts_arrive_at_the_rate_the_timer_sets() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn nmis_arrive_through_kvm_nmi() {
     if !kvm_or_skip("nmi") {
         return;
@@ -86,6 +94,10 @@ fn nmis_arrive_through_kvm_nmi() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn perf_timer_forces_exits_too() {
     if !kvm_or_skip("perf_timer") {
         return;
@@ -101,6 +113,10 @@ fn perf_timer_forces_exits_too() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn io_is_serviced_after_the_guests_time() {
     if !kvm_or_skip("io_after") {
         return;
@@ -119,6 +135,10 @@ fn io_is_serviced_after_the_guests_time() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn host_factor_scales_host_time_into_simulated_time() {
     if !kvm_or_skip("host_factor") {
         return;
@@ -144,6 +164,10 @@ fn host_factor_scales_host_time_into_simulated_time() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn hlt_advances_simulated_time_without_host_waiting() {
     if !kvm_or_skip("hlt") {
         return;
@@ -187,6 +211,10 @@ fn hlt_advances_simulated_time_without_host_waiting() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn drain_during_port_reads_uses_half_entries_and_keeps_the_result() {
     if !kvm_or_skip("drain") {
         return;
@@ -219,6 +247,10 @@ fn drain_during_port_reads_uses_half_entries_and_keeps_the_result() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn max_insts_stops_exactly_in_kernel_mode() {
     if !kvm_or_skip("max_insts") {
         return;
@@ -248,6 +280,10 @@ fn max_insts_stops_exactly_in_kernel_mode() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn max_insts_in_user_mode_says_when_it_cannot_be_exact() {
     if !kvm_or_skip("max_insts_cpl3") {
         return;
@@ -275,6 +311,10 @@ fn max_insts_in_user_mode_says_when_it_cannot_be_exact() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn instruction_counts_are_unavailable_not_zero_without_a_pmu() {
     if !kvm_or_skip("insts_unavailable") {
         return;
@@ -302,6 +342,10 @@ fn instruction_counts_are_unavailable_not_zero_without_a_pmu() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn coalesced_mmio_writes_go_through_the_ring() {
     if !kvm_or_skip("coalesced") {
         return;
@@ -321,6 +365,10 @@ fn coalesced_mmio_writes_go_through_the_ring() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn dump_on_exit_prints_the_whole_cpu_state() {
     if !kvm_or_skip("dump_on_exit") {
         return;
@@ -347,6 +395,10 @@ fn dump_on_exit_prints_the_whole_cpu_state() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn interrupts_in_kernel_mode_keep_the_interrupted_flags() {
     if !kvm_or_skip("flags") {
         return;
@@ -381,6 +433,10 @@ fn interrupts_in_kernel_mode_keep_the_interrupted_flags() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn system_calls_from_user_mode_reach_the_kernel() {
     if !kvm_or_skip("syscall") {
         return;
@@ -420,6 +476,10 @@ fn system_calls_from_user_mode_reach_the_kernel() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn trace_records_each_instruction_from_a_given_time() {
     if !kvm_or_skip("trace") {
         return;
@@ -491,6 +551,10 @@ fn trace_records_each_instruction_from_a_given_time() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn fwait_that_kvm_cannot_emulate_is_completed() {
     if !kvm_or_skip("fwait") {
         return;
@@ -518,6 +582,10 @@ fn fwait_that_kvm_cannot_emulate_is_completed() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn int3_that_kvm_cannot_emulate_is_completed() {
     if !kvm_or_skip("int3") {
         return;
@@ -543,6 +611,10 @@ fn int3_that_kvm_cannot_emulate_is_completed() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn cpu_samples_record_where_the_guest_is() {
     if !kvm_or_skip("samples") {
         return;

@@ -5,6 +5,10 @@ mod common;
 use common::*;
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn hello_example_prints_exits_0_and_writes_outputs() {
     if !kvm_or_skip("hello_example") {
         return;
@@ -53,6 +57,10 @@ fn hello_example_prints_exits_0_and_writes_outputs() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn compute_guest_matches_the_native_loop() {
     if !kvm_or_skip("compute") {
         return;
@@ -78,6 +86,10 @@ fn compute_guest_matches_the_native_loop() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn fault_guest_ends_with_a_register_dump() {
     if !kvm_or_skip("fault") {
         return;
@@ -125,6 +137,10 @@ fn fault_guest_ends_with_a_register_dump() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn simops_fail_code_delay_and_stats_dumps() {
     if !kvm_or_skip("simops") {
         return;
@@ -180,6 +196,10 @@ fn simops_fail_code_delay_and_stats_dumps() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn simops_exit_returns_0() {
     if !kvm_or_skip("simops_exit") {
         return;
@@ -190,6 +210,10 @@ fn simops_exit_returns_0() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn max_time_stops_the_run() {
     if !kvm_or_skip("max_time") {
         return;
@@ -216,6 +240,10 @@ fn max_time_stops_the_run() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn extracted_guest_runs_from_a_file() {
     if !kvm_or_skip("extracted") {
         return;
@@ -245,6 +273,10 @@ fn extracted_guest_runs_from_a_file() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn progress_line_only_on_a_terminal() {
     if !kvm_or_skip("progress") {
         return;

@@ -5,6 +5,10 @@ mod common;
 use common::*;
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn pc_interrupt_paths_tick_in_simulated_time() {
     if !kvm_or_skip("pcirq") {
         return;
@@ -32,6 +36,10 @@ fn pc_interrupt_paths_tick_in_simulated_time() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn doctor_reports_every_probe() {
     if !kvm_or_skip("doctor") {
         return;

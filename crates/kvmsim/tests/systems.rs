@@ -55,11 +55,19 @@ fn check_compute_systems(n: usize) {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn two_compute_systems() {
     check_compute_systems(2);
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn four_compute_systems() {
     check_compute_systems(4);
 }
@@ -88,6 +96,10 @@ fn pingpong(test: &str, host_factor: f64) -> (Run, u64, u64, u64) {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn pingpong_example_round_trips_are_twice_the_latency_plus_processing() {
     if !kvm_or_skip("pingpong") {
         return;
@@ -104,6 +116,10 @@ fn pingpong_example_round_trips_are_twice_the_latency_plus_processing() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn pingpong_times_are_exact_and_repeatable_when_host_time_does_not_count() {
     if !kvm_or_skip("pingpong_exact") {
         return;
@@ -135,6 +151,10 @@ fn pingpong_times_are_exact_and_repeatable_when_host_time_does_not_count() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn each_cpu_gets_its_own_timer_exits() {
     if !kvm_or_skip("own_quanta") {
         return;
@@ -172,6 +192,10 @@ fn each_cpu_gets_its_own_timer_exits() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn the_status_says_which_system_failed() {
     if !kvm_or_skip("which_failed") {
         return;
@@ -197,6 +221,10 @@ fn the_status_says_which_system_failed() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn stop_on_fault_ends_the_whole_run() {
     if !kvm_or_skip("stop_on_fault") {
         return;

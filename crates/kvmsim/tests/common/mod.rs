@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex, Weak};
 
 /// True if KVM can be used here (see `kvm::usable_or_skip`).
 pub fn kvm_or_skip(test: &str) -> bool {
@@ -15,11 +16,68 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A fresh, empty folder for one test's output.
-pub fn outdir(test: &str) -> PathBuf {
+/// A test's folder (/tmp/kvmsim-test-PID-NAME): removed when the test
+/// passes, kept (and named on stderr) when it fails. Every [`Run`] whose
+/// output lies inside it holds it too, so a temporary `&outdir(..)`
+/// argument lives as long as the run's results.
+#[derive(Clone)]
+pub struct TestDir(Arc<DirGuard>);
+
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if self.0.exists() {
+                eprintln!("kept {} for inspection: the test failed", self.0.display());
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0 .0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TestDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0 .0.as_os_str()
+    }
+}
+
+/// Every live test folder, for [`Run`]s to find theirs.
+static DIRS: Mutex<Vec<Weak<DirGuard>>> = Mutex::new(Vec::new());
+
+/// The test folder that holds `path`, if one is alive.
+fn dir_of(path: &Path) -> Option<TestDir> {
+    let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    dirs.retain(|w| w.strong_count() > 0);
+    dirs.iter()
+        .filter_map(Weak::upgrade)
+        .find(|g| path.starts_with(&g.0))
+        .map(TestDir)
+}
+
+/// A fresh, empty folder for one test's output (not created).
+pub fn outdir(test: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("kvmsim-test-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
-    d
+    let g = Arc::new(DirGuard(d));
+    DIRS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Arc::downgrade(&g));
+    TestDir(g)
 }
 
 /// The result of one kvmsim run.
@@ -28,6 +86,8 @@ pub struct Run {
     pub stdout: String,
     pub stderr: String,
     pub out: PathBuf,
+    /// Keeps the test folder the output lies in.
+    pub dir: Option<TestDir>,
 }
 
 impl Run {
@@ -83,12 +143,13 @@ pub fn kvmsim_env(args: &[&str], out: &Path, env: &[(&str, &str)]) -> Run {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         out: out.to_path_buf(),
+        dir: dir_of(out),
     }
 }
 
 /// Writes a config file into a fresh folder for `test` and returns the
 /// folder and the config's path.
-pub fn config(test: &str, text: &str) -> (PathBuf, String) {
+pub fn config(test: &str, text: &str) -> (TestDir, String) {
     let dir = outdir(test);
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("config.toml");
@@ -113,4 +174,70 @@ impl Run {
     pub fn statf(&self, stat: &str) -> f64 {
         self.stat(stat).as_f64().unwrap_or(f64::NAN)
     }
+}
+
+/// Runs `kvmsim ARGS --outdir OUT` with stdin closed, at most `limit` of
+/// host time and 2 GiB of address space (a run that would read without
+/// bound fails instead of taking the host's memory): for bad input that
+/// must be refused promptly. A run that takes longer is killed and fails
+/// the test.
+pub fn kvmsim_bounded(args: &[&str], out: &Path, limit: std::time::Duration) -> Run {
+    use std::io::Read;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(args)
+        .arg("--outdir")
+        .arg(out)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start kvmsim");
+    let reader = |mut p: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = p.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let so = reader(Box::new(child.stdout.take().unwrap()));
+    let se = reader(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kvmsim {args:?} was still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    Run {
+        status: status.code().unwrap_or(-1),
+        stdout: so.join().unwrap(),
+        stderr: se.join().unwrap(),
+        out: out.to_path_buf(),
+        dir: dir_of(out),
+    }
+}
+
+/// Runs the shell script `script` with `$K` = the kvmsim binary and `$D` =
+/// `dir`; returns its status and stdout (stderr goes to the test's).
+pub fn shell(script: &str, dir: &Path) -> (i32, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .env("K", env!("CARGO_BIN_EXE_kvmsim"))
+        .env("D", dir)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("cannot start sh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }

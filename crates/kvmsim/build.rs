@@ -1,0 +1,59 @@
+//! Decides which integration tests this build can run, so that `cargo test`
+//! counts a test whose prerequisite is missing as *ignored* (with the
+//! reason, in the summary line) instead of reporting a skipped test as
+//! passed. libtest has no run-time "skipped" result; `#[ignore]` is decided
+//! when the test is compiled, so the prerequisite is looked at here:
+//!
+//! - `kvmsim_no_kvm`: the KVM device (`KVMSIM_KVM_DEVICE`, else
+//!   `/dev/kvm`) cannot be opened for reading and writing, and
+//!   `KVMSIM_REQUIRE_KVM` is not 1. Tests that need KVM are then ignored.
+//! - `kvmsim_linux_guest`: a Linux guest is expected: `KVMSIM_LINUX_DIR` is
+//!   set or `KVMSIM_REQUIRE_LINUX=1` (as in CI). Without it the Linux boot
+//!   tests are ignored; `-- --include-ignored` runs them with the guest in
+//!   `target/linux-guest`.
+//!
+//! A test that runs anyway (`cargo test -- --include-ignored`, or a test
+//! binary run where KVM has since become unusable) checks its prerequisite
+//! again: it fails with the reason where one is required, else skips with a
+//! printed reason.
+
+use std::path::Path;
+
+fn env_is(name: &str, value: &str) -> bool {
+    println!("cargo:rerun-if-env-changed={name}");
+    std::env::var(name).as_deref() == Ok(value)
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_kvm)");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_linux_guest)");
+
+    println!("cargo:rerun-if-env-changed=KVMSIM_KVM_DEVICE");
+    let device = std::env::var_os("KVMSIM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+    let device = Path::new(&device);
+    if device.exists() {
+        println!("cargo:rerun-if-changed={}", device.display());
+    }
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(device)
+        .is_ok();
+    if !usable && !env_is("KVMSIM_REQUIRE_KVM", "1") {
+        println!("cargo:rustc-cfg=kvmsim_no_kvm");
+        println!(
+            "cargo:warning={} is not usable: the tests that need KVM are marked ignored",
+            device.display()
+        );
+    }
+
+    // Decided by the environment alone, which cargo tracks exactly (a guest
+    // folder made after the build could not be noticed without rebuilding
+    // on every run).
+    println!("cargo:rerun-if-env-changed=KVMSIM_LINUX_DIR");
+    let dir_set = std::env::var_os("KVMSIM_LINUX_DIR").is_some_and(|d| !d.is_empty());
+    if env_is("KVMSIM_REQUIRE_LINUX", "1") || dir_set {
+        println!("cargo:rustc-cfg=kvmsim_linux_guest");
+    }
+}
