@@ -10,6 +10,7 @@ pub mod input;
 pub mod linux;
 pub mod loader;
 pub mod output;
+pub mod report;
 pub mod simulation;
 pub mod system;
 pub mod units;

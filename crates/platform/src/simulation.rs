@@ -20,7 +20,7 @@ use sim::{ExitCause, ExitEvent, Tick};
 use crate::config::Config;
 use crate::output::OutDir;
 use crate::system::{LinkEnd, System};
-use crate::{exit_status, PlatformError};
+use crate::PlatformError;
 
 /// Statistics every system's dump starts with; a combined dump has them once.
 const BUILTINS: &[&str] = &[
@@ -186,13 +186,7 @@ impl Simulation {
     /// The process status for `exits`: the first failing system's (earliest
     /// tick, then lowest index), or 0.
     pub fn status(exits: &[ExitEvent]) -> (i32, Option<usize>) {
-        exits
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (exit_status(e.cause, e.code), e.tick, i))
-            .filter(|(s, ..)| *s != 0)
-            .min_by_key(|&(_, t, i)| (t, i))
-            .map_or((0, None), |(s, _, i)| (s, Some(i)))
+        crate::report::status(exits)
     }
 
     /// Final statistics (one block with every system) and exit.json.
@@ -217,7 +211,7 @@ impl Simulation {
             .cloned()
             .zip(exits.iter().cloned())
             .collect();
-        write_exit_json(&self.out, &named, status)
+        crate::report::write_exit_json(&self.out, &named, status)
     }
 }
 
@@ -330,32 +324,4 @@ fn run_windows(
             "stopped because another system ended the run",
         )
     }))
-}
-
-/// Writes exit.json: the deciding exit's fields at the top, every system's
-/// exit in `systems`.
-pub fn write_exit_json(
-    out: &OutDir,
-    exits: &[(String, ExitEvent)],
-    status: i32,
-) -> Result<(), PlatformError> {
-    let each = |(name, e): &(String, ExitEvent)| {
-        serde_json::json!({
-            "system": name,
-            "cause": e.cause,
-            "code": e.code,
-            "tick": e.tick,
-            "sim_seconds": sim::tick::ticks_to_seconds(e.tick),
-            "status": exit_status(e.cause, e.code),
-            "message": e.message,
-        })
-    };
-    let (_, deciding) =
-        Simulation::status(&exits.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>());
-    let top = &exits[deciding.unwrap_or(0)];
-    let mut v = each(top);
-    v["status"] = serde_json::json!(status);
-    v["systems"] = serde_json::Value::Array(exits.iter().map(each).collect());
-    out.write_json("exit.json", &v)?;
-    Ok(())
 }

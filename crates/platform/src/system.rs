@@ -889,7 +889,7 @@ impl System {
     /// Final statistics and exit.json after `exit` (a single-system run).
     pub fn finish(&mut self, exit: &ExitEvent, status: i32) -> Result<(), PlatformError> {
         self.dump_stats(exit.tick)?;
-        crate::simulation::write_exit_json(&self.out, &[(self.name.clone(), exit.clone())], status)
+        crate::report::write_exit_json(&self.out, &[(self.name.clone(), exit.clone())], status)
     }
 }
 
