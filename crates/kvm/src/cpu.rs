@@ -195,10 +195,11 @@ impl CpuStats {
             )?,
             num_insts,
             insts_available,
-            inst_method: stats.value(
+            inst_method: stats.labelled_value(
                 &format!("{p}.instCountMethod"),
-                "How instructions are counted: 0 unavailable (no PMU), 1 hardware perf counter, 2 KVM single-step (exact)",
+                "How guest instructions are counted",
                 "Unspecified",
+                &["unavailable", "perf-counter", "single-step"],
             )?,
             kvm_host_seconds: stats.value(
                 &format!("{p}.kvmHostSeconds"),

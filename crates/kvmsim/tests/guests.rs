@@ -313,3 +313,129 @@ fn progress_line_only_on_a_terminal() {
         Err(e) => eprintln!("script(1) unavailable ({e}): the terminal half is not checked"),
     }
 }
+
+/// The last `Begin/End Simulation Statistics` block of a stats.txt.
+fn last_block(stats: &str) -> Vec<&str> {
+    let start = stats
+        .rfind("---------- Begin Simulation Statistics ----------")
+        .expect("a stats block");
+    stats[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with("---------- End"))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The value column of `name`'s line in a stats block.
+fn text_value<'a>(block: &[&'a str], name: &str) -> &'a str {
+    block
+        .iter()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("{name} missing from:\n{}", block.join("\n")))
+}
+
+#[test]
+fn stats_txt_has_gem5s_global_statistics_in_one_column() {
+    if !kvm_or_skip("gem5_stats") {
+        return;
+    }
+    let r = kvmsim(
+        &["run", "--kernel", "builtin:hello", "--quiet"],
+        &outdir("gem5-stats"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let stats = r.file("stats.txt");
+    let block = last_block(&stats);
+    // gem5's global statistics, first and in gem5's order.
+    let names: Vec<&str> = block
+        .iter()
+        .take(sim::stats::BUILTINS.len())
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(names, sim::stats::BUILTINS);
+    // Rates and sizes are integers, as gem5 prints them.
+    for name in ["hostTickRate", "hostMemory"] {
+        let v = text_value(&block, name);
+        assert!(v.parse::<u64>().is_ok(), "{name} = {v}");
+    }
+    assert!(text_value(&block, "hostMemory").parse::<u64>().unwrap() > 1 << 20);
+    // simInsts/simOps: the system's instructions, or nan where they cannot
+    // be counted (never 0).
+    let method = r.stat("system.cpu.instCountMethod").as_u64().unwrap();
+    let labels = ["unavailable", "perf-counter", "single-step"];
+    if method == 0 {
+        for name in ["simInsts", "simOps", "hostInstRate", "hostOpRate"] {
+            assert_eq!(text_value(&block, name), "nan", "{name}");
+            assert!(r.stat(name).is_null(), "{name}");
+        }
+    } else {
+        assert_eq!(r.stat("simInsts"), r.stat("system.totalNumInsts"));
+        assert_eq!(r.stat("simOps"), r.stat("system.totalNumInsts"));
+    }
+    // The enumeration: its number in the value column, its name beside it
+    // in both files.
+    let line = block
+        .iter()
+        .find(|l| l.starts_with("system.cpu.instCountMethod "))
+        .unwrap();
+    assert_eq!(
+        text_value(&block, "system.cpu.instCountMethod"),
+        method.to_string()
+    );
+    assert!(
+        line.contains(&format!(
+            "counted: {} (0 unavailable",
+            labels[method as usize]
+        )),
+        "{line}"
+    );
+    let dumps = r.json("stats.json");
+    let last = dumps.as_array().unwrap().last().unwrap();
+    assert_eq!(
+        last["labels"]["system.cpu.instCountMethod"],
+        labels[method as usize]
+    );
+    // Every value ends in the same column, long names included (values
+    // wider than gem5's 12 columns, like simFreq, push only themselves).
+    let longest = block
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        longest > 40,
+        "a name longer than gem5's 40 columns is present"
+    );
+    for l in &block {
+        let value = l.split_whitespace().nth(1).unwrap();
+        if value.len() <= 12 {
+            let end = l.find(" # ").unwrap();
+            assert_eq!(end, longest.max(40) + 1 + 12 + 1 + 10 + 1 + 10, "{l}");
+        }
+    }
+}
+
+#[test]
+fn sim_insts_count_every_instruction_of_the_run() {
+    if !kvm_or_skip("sim_insts") {
+        return;
+    }
+    // max_insts counts instructions on any host (a perf counter, or
+    // single-stepping in kernel mode).
+    let (dir, cfg) = config(
+        "sim-insts",
+        "[system]\nkernel = \"builtin:steps\"\n[system.cpu]\nmax_insts = 1001\n",
+    );
+    let r = kvmsim(&["run", &cfg, "--max-time", "60s"], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 250, "stderr:\n{}", r.stderr);
+    let n = r.stat("system.totalNumInsts").as_u64().unwrap();
+    assert!(n >= 1001, "{n}");
+    assert_eq!(r.stat("simInsts").as_u64(), Some(n));
+    assert_eq!(r.stat("simOps").as_u64(), Some(n));
+    assert!(r.stat("hostInstRate").as_u64().unwrap() > 0);
+    let stats = r.file("stats.txt");
+    let block = last_block(&stats);
+    assert_eq!(text_value(&block, "simInsts"), n.to_string());
+}

@@ -14,23 +14,13 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 
-use sim::stats::{Dump, DumpEntry};
+use sim::stats::Dump;
 use sim::{ExitCause, ExitEvent, Tick};
 
 use crate::config::Config;
 use crate::output::OutDir;
 use crate::system::{LinkEnd, System};
 use crate::PlatformError;
-
-/// Statistics every system's dump starts with; a combined dump has them once.
-const BUILTINS: &[&str] = &[
-    "simSeconds",
-    "simTicks",
-    "finalTick",
-    "simFreq",
-    "hostSeconds",
-    "hostTickRate",
-];
 
 /// A value in flight between systems.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -195,16 +185,8 @@ impl Simulation {
             return self.systems[0].finish(&exits[0], status);
         }
         let now = exits.iter().map(|e| e.tick).max().unwrap_or(0);
-        let mut entries: Vec<DumpEntry> = Vec::new();
-        for (i, sys) in self.systems.iter().enumerate() {
-            let d = sys.stats_dump(now);
-            entries.extend(
-                d.entries
-                    .into_iter()
-                    .filter(|e| i == 0 || !BUILTINS.contains(&e.name.as_str())),
-            );
-        }
-        self.out.write_dump(&Dump { tick: now, entries })?;
+        let dumps = self.systems.iter().map(|s| s.stats_dump(now)).collect();
+        self.out.write_dump(&Dump::combine(now, dumps))?;
         let named: Vec<(String, ExitEvent)> = self
             .names
             .iter()

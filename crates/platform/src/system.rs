@@ -362,6 +362,7 @@ impl System {
             "Guest instructions executed by all CPUs of the system (nan: not countable here)",
             "Count",
         )?;
+        stats.count_sim_insts(&total, &avail)?;
         cpu.set_total_insts(total, avail);
         cpu.set_guest_memory(ram.memory().clone());
         if let Some(t) = &sc.cpu.trace {

@@ -3,8 +3,9 @@
 //! Each statistic has a dotted name (`system.cpu.numVMExits`), a description
 //! and a unit. Objects keep cheap, thread-safe handles ([`Counter`],
 //! [`Value`], [`Vector`]) and update them; the registry ([`Stats`]) dumps all
-//! of them, with the built-in formulas (`simSeconds`, `hostSeconds`, ...), as
-//! a stats.txt block in gem5's text layout or as JSON, and resets them.
+//! of them, with gem5's built-in statistics (`simSeconds`, `hostSeconds`,
+//! `simInsts`, `hostMemory`, ...), as a stats.txt block in gem5's text layout
+//! or as JSON, and resets them.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +36,10 @@ impl Counter {
     }
     fn reset(&self) {
         self.0.store(0, Ordering::Relaxed);
+    }
+    /// True if both handles update the same statistic.
+    fn is_same(&self, other: &Counter) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -136,6 +141,8 @@ enum Kind {
     Counter(Counter),
     MaybeCounter(Counter, Availability),
     Value(Value),
+    /// A value that holds an index into its labels (an enumeration).
+    Labelled(Value, Vec<String>),
     Vector(Vector, Vec<String>),
     Formula(Formula),
 }
@@ -188,7 +195,47 @@ pub struct DumpEntry {
     pub value: StatValue,
     pub desc: String,
     pub unit: &'static str,
+    /// For an enumeration: the name of the value, and every value's name
+    /// (index = value).
+    pub label: Option<(String, Vec<String>)>,
 }
+
+impl DumpEntry {
+    /// The description as stats.txt shows it: an enumeration adds the name
+    /// of its value and the meaning of every value.
+    fn text_desc(&self) -> String {
+        match &self.label {
+            None => self.desc.clone(),
+            Some((label, all)) => {
+                let legend: Vec<String> = all
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("{i} {l}"))
+                    .collect();
+                format!("{}: {label} ({})", self.desc, legend.join(", "))
+            }
+        }
+    }
+}
+
+/// The built-in statistics every dump starts with, in gem5's order.
+pub const BUILTINS: &[&str] = &[
+    "simSeconds",
+    "simTicks",
+    "finalTick",
+    "simFreq",
+    "hostSeconds",
+    "hostTickRate",
+    "hostMemory",
+    "simInsts",
+    "simOps",
+    "hostInstRate",
+    "hostOpRate",
+];
+
+/// gem5's name column: at least this wide (longer names widen it for the
+/// whole block, so that the values stay in one column).
+const NAME_WIDTH: usize = 40;
 
 /// All statistics at one moment.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,18 +254,29 @@ impl Dump {
             .map(|e| e.value)
     }
 
-    /// The block in gem5's stats.txt layout.
+    /// The block in gem5's stats.txt layout: name, value (right-aligned in
+    /// 12 columns), two empty 10-column fields (gem5's pdf and cdf), then
+    /// `# description (unit)`. The name column is 40 wide, as in gem5, or as
+    /// wide as the block's longest name (gem5 lets a longer name push its
+    /// own value out of line instead).
     pub fn to_text(&self) -> String {
+        let width = self
+            .entries
+            .iter()
+            .map(|e| e.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(NAME_WIDTH);
         let mut s = String::from("\n---------- Begin Simulation Statistics ----------\n");
         for e in &self.entries {
             let _ = writeln!(
                 s,
-                "{:<40} {:>12} {:>10} {:>10} # {} ({})",
+                "{:<width$} {:>12} {:>10} {:>10} # {} ({})",
                 e.name,
                 e.value.text(),
                 "",
                 "",
-                e.desc,
+                e.text_desc(),
                 e.unit
             );
         }
@@ -226,17 +284,101 @@ impl Dump {
         s
     }
 
-    /// The dump as a JSON object: `{"tick": .., "stats": {name: value}}`.
+    /// The dump as a JSON object: `{"tick": .., "stats": {name: value}}`,
+    /// plus `"labels": {name: label}` for enumerations (their value in
+    /// `stats` stays the number).
     pub fn to_json(&self) -> Json {
         let mut stats = Map::new();
+        let mut labels = Map::new();
         for e in &self.entries {
             stats.insert(e.name.clone(), e.value.json());
+            if let Some((label, _)) = &e.label {
+                labels.insert(e.name.clone(), Json::from(label.as_str()));
+            }
         }
         let mut o = Map::new();
         o.insert("tick".into(), Json::from(self.tick));
         o.insert("stats".into(), Json::Object(stats));
+        if !labels.is_empty() {
+            o.insert("labels".into(), Json::Object(labels));
+        }
         Json::Object(o)
     }
+
+    /// One block for several systems' dumps at `tick`: the built-ins once
+    /// (from the first dump), with `simInsts` and `simOps` summed over all
+    /// of them (gem5 counts every CPU of the simulation) and the host rates
+    /// recomputed from the sums; then every dump's own statistics.
+    pub fn combine(tick: Tick, dumps: Vec<Dump>) -> Dump {
+        let sum = |name: &str| -> StatValue {
+            let mut total = 0u64;
+            for d in &dumps {
+                match d.get(name) {
+                    Some(StatValue::Int(v)) => total = total.saturating_add(v),
+                    _ => return StatValue::Float(f64::NAN),
+                }
+            }
+            StatValue::Int(total)
+        };
+        let insts = sum("simInsts");
+        let ops = sum("simOps");
+        let host_seconds = dumps
+            .first()
+            .and_then(|d| d.get("hostSeconds"))
+            .map_or(f64::NAN, |v| v.as_f64());
+        let mut entries = Vec::new();
+        for (i, d) in dumps.into_iter().enumerate() {
+            for mut e in d.entries {
+                if BUILTINS.contains(&e.name.as_str()) {
+                    if i > 0 {
+                        continue;
+                    }
+                    match e.name.as_str() {
+                        "simInsts" => e.value = insts,
+                        "simOps" => e.value = ops,
+                        "hostInstRate" => e.value = rate(insts, host_seconds),
+                        "hostOpRate" => e.value = rate(ops, host_seconds),
+                        _ => {}
+                    }
+                }
+                entries.push(e);
+            }
+        }
+        Dump { tick, entries }
+    }
+}
+
+/// A count per host second, as an integer (gem5 prints rates with
+/// precision 0); nan when the count is unavailable.
+fn rate(count: StatValue, host_seconds: f64) -> StatValue {
+    match count {
+        StatValue::Int(n) => rounded(n as f64 / host_seconds),
+        StatValue::Float(_) => StatValue::Float(f64::NAN),
+    }
+}
+
+/// `v` rounded to an integer (gem5's precision 0), unless it is not finite.
+fn rounded(v: f64) -> StatValue {
+    if v.is_finite() && v >= 0.0 && v < u64::MAX as f64 {
+        StatValue::Int(v.round() as u64)
+    } else {
+        StatValue::Float(v)
+    }
+}
+
+/// The peak resident memory of this process in bytes (VmHWM in
+/// /proc/self/status), if the host tells.
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Why a statistic could not be registered.
@@ -246,6 +388,8 @@ pub enum StatsError {
     Duplicate(String),
     #[error("statistic name {0:?} is not a dotted name (letters, digits, '_' and '.')")]
     BadName(String),
+    #[error("the instruction count for simInsts must be a counter of this registry")]
+    NotRegistered,
 }
 
 /// The registry of one simulated system's statistics.
@@ -253,6 +397,11 @@ pub struct Stats {
     entries: Vec<Entry>,
     reset_tick: Tick,
     reset_host: Instant,
+    /// The registered counter of guest instructions behind `simInsts`.
+    insts: Option<(Counter, Availability)>,
+    /// What resets have taken from that counter (`simInsts` is never reset,
+    /// as in gem5).
+    insts_before_reset: u64,
 }
 
 impl Default for Stats {
@@ -283,6 +432,8 @@ impl Stats {
             entries: Vec::new(),
             reset_tick: 0,
             reset_host: Instant::now(),
+            insts: None,
+            insts_before_reset: 0,
         }
     }
 
@@ -345,6 +496,43 @@ impl Stats {
         Ok(v)
     }
 
+    /// Registers an enumeration: a value whose integer `i` means
+    /// `labels[i]`. Dumps keep the number and add the label (see
+    /// [`Dump::to_text`], [`Dump::to_json`]).
+    pub fn labelled_value(
+        &mut self,
+        name: &str,
+        desc: &str,
+        unit: &'static str,
+        labels: &[&str],
+    ) -> Result<Value, StatsError> {
+        let v = Value::default();
+        let labels = labels.iter().map(|l| l.to_string()).collect();
+        self.add(name, desc, unit, Kind::Labelled(v.clone(), labels))?;
+        Ok(v)
+    }
+
+    /// Makes `simInsts` and `simOps` count the guest instructions that
+    /// `counter` (a counter registered here, e.g. a system's total) counts:
+    /// since the start of the run, across resets, as gem5 does; `nan` while
+    /// `available` says the count is unavailable.
+    pub fn count_sim_insts(
+        &mut self,
+        counter: &Counter,
+        available: &Availability,
+    ) -> Result<(), StatsError> {
+        let registered = self.entries.iter().any(|e| match &e.kind {
+            Kind::Counter(c) | Kind::MaybeCounter(c, _) => c.is_same(counter),
+            _ => false,
+        });
+        if !registered {
+            return Err(StatsError::NotRegistered);
+        }
+        self.insts = Some((counter.clone(), available.clone()));
+        self.insts_before_reset = 0;
+        Ok(())
+    }
+
     /// Registers a vector with one element per subname.
     pub fn vector(
         &mut self,
@@ -377,10 +565,13 @@ impl Stats {
 
     /// Zeroes every statistic; simulated and host time restart at `now`.
     pub fn reset(&mut self, now: Tick) {
+        if let Some((c, _)) = &self.insts {
+            self.insts_before_reset = self.insts_before_reset.saturating_add(c.get());
+        }
         for e in &self.entries {
             match &e.kind {
                 Kind::Counter(c) | Kind::MaybeCounter(c, _) => c.reset(),
-                Kind::Value(v) => v.reset(),
+                Kind::Value(v) | Kind::Labelled(v, _) => v.reset(),
                 Kind::Vector(v, _) => v.reset(),
                 Kind::Formula(_) => {}
             }
@@ -397,84 +588,138 @@ impl Stats {
             sim_ticks,
             host_seconds,
         };
-        let mut entries = Vec::with_capacity(self.entries.len() + 8);
-        let mut push = |name: &str, value: StatValue, desc: &str, unit: &'static str| {
-            entries.push(DumpEntry {
-                name: name.into(),
-                value,
-                desc: desc.into(),
-                unit,
-            })
+        let insts = match &self.insts {
+            Some((c, a)) if a.get() => {
+                StatValue::Int(self.insts_before_reset.saturating_add(c.get()))
+            }
+            _ => StatValue::Float(f64::NAN),
         };
-        push(
-            "simSeconds",
-            StatValue::Float(ticks_to_seconds(sim_ticks)),
-            "Number of seconds simulated",
-            "Second",
-        );
-        push(
-            "simTicks",
-            StatValue::Int(sim_ticks),
-            "Number of ticks simulated",
-            "Tick",
-        );
-        push(
-            "finalTick",
-            StatValue::Int(now),
-            "Number of ticks from beginning of simulation",
-            "Tick",
-        );
-        push(
-            "simFreq",
-            StatValue::Int(TICKS_PER_SECOND),
-            "The number of ticks per simulated second",
-            "Tick/Second",
-        );
-        push(
-            "hostSeconds",
-            StatValue::Float(host_seconds),
-            "Real time elapsed on the host",
-            "Second",
-        );
-        push(
-            "hostTickRate",
-            StatValue::Float(sim_ticks as f64 / host_seconds),
-            "The number of ticks simulated per host second",
-            "Tick/Second",
-        );
+        let memory = peak_resident_bytes().map_or(StatValue::Float(f64::NAN), StatValue::Int);
+        // gem5's Root and BaseCPU global statistics, in gem5's order (BUILTINS).
+        let builtins: [(&str, StatValue, &str, &'static str); 11] = [
+            (
+                "simSeconds",
+                StatValue::Float(ticks_to_seconds(sim_ticks)),
+                "Number of seconds simulated",
+                "Second",
+            ),
+            (
+                "simTicks",
+                StatValue::Int(sim_ticks),
+                "Number of ticks simulated",
+                "Tick",
+            ),
+            (
+                "finalTick",
+                StatValue::Int(now),
+                "Number of ticks from beginning of simulation",
+                "Tick",
+            ),
+            (
+                "simFreq",
+                StatValue::Int(TICKS_PER_SECOND),
+                "The number of ticks per simulated second",
+                "Tick/Second",
+            ),
+            (
+                "hostSeconds",
+                StatValue::Float(host_seconds),
+                "Real time elapsed on the host",
+                "Second",
+            ),
+            (
+                "hostTickRate",
+                rounded(sim_ticks as f64 / host_seconds),
+                "The number of ticks simulated per host second (ticks/s)",
+                "Tick/Second",
+            ),
+            (
+                "hostMemory",
+                memory,
+                "Peak resident host memory of the process",
+                "Byte",
+            ),
+            (
+                "simInsts",
+                insts,
+                "Number of instructions simulated, since the start (nan: not countable here)",
+                "Count",
+            ),
+            (
+                "simOps",
+                insts,
+                "Number of ops (including micro ops) simulated (KVM: the instructions)",
+                "Count",
+            ),
+            (
+                "hostInstRate",
+                rate(insts, host_seconds),
+                "Simulator instruction rate (inst/s)",
+                "Count/Second",
+            ),
+            (
+                "hostOpRate",
+                rate(insts, host_seconds),
+                "Simulator op (including micro ops) rate (op/s)",
+                "Count/Second",
+            ),
+        ];
+        let entry = |name: &str, value: StatValue, desc: &str, unit: &'static str| DumpEntry {
+            name: name.into(),
+            value,
+            desc: desc.into(),
+            unit,
+            label: None,
+        };
+        let mut entries = Vec::with_capacity(self.entries.len() + builtins.len());
+        for (name, value, desc, unit) in builtins {
+            entries.push(entry(name, value, desc, unit));
+        }
         for e in &self.entries {
-            match &e.kind {
-                Kind::Counter(c) => push(&e.name, StatValue::Int(c.get()), &e.desc, e.unit),
-                Kind::MaybeCounter(c, a) => {
-                    let v = if a.get() {
-                        StatValue::Int(c.get())
-                    } else {
-                        StatValue::Float(f64::NAN)
-                    };
-                    push(&e.name, v, &e.desc, e.unit)
+            let value = match &e.kind {
+                Kind::Counter(c) => StatValue::Int(c.get()),
+                Kind::MaybeCounter(c, a) if a.get() => StatValue::Int(c.get()),
+                Kind::MaybeCounter(..) => StatValue::Float(f64::NAN),
+                Kind::Value(v) => StatValue::Float(v.get()),
+                Kind::Formula(f) => StatValue::Float(f(&ctx)),
+                Kind::Labelled(v, labels) => {
+                    let x = v.get();
+                    let index = (x >= 0.0 && x.fract() == 0.0 && x < labels.len() as f64)
+                        .then_some(x as usize);
+                    let label = index.map_or_else(|| "unknown".to_string(), |i| labels[i].clone());
+                    entries.push(DumpEntry {
+                        label: Some((label, labels.clone())),
+                        ..entry(
+                            &e.name,
+                            index.map_or(StatValue::Float(x), |i| StatValue::Int(i as u64)),
+                            &e.desc,
+                            e.unit,
+                        )
+                    });
+                    continue;
                 }
-                Kind::Value(v) => push(&e.name, StatValue::Float(v.get()), &e.desc, e.unit),
-                Kind::Formula(f) => push(&e.name, StatValue::Float(f(&ctx)), &e.desc, e.unit),
                 Kind::Vector(v, subs) => {
                     let mut total = 0u64;
                     for (i, sub) in subs.iter().enumerate() {
                         let x = v.get(i);
                         total = total.wrapping_add(x);
-                        push(
+                        entries.push(entry(
                             &format!("{}::{}", e.name, sub),
                             StatValue::Int(x),
                             &e.desc,
                             e.unit,
-                        );
+                        ));
                     }
-                    push(
+                    entries.push(entry(
                         &format!("{}::total", e.name),
                         StatValue::Int(total),
                         &e.desc,
                         e.unit,
-                    );
+                    ));
+                    continue;
                 }
-            }
+            };
+            entries.push(entry(&e.name, value, &e.desc, e.unit));
         }
         Dump { tick: now, entries }
     }
@@ -594,5 +839,201 @@ mod tests {
             .lines()
             .any(|l| l.starts_with("x ") && l.contains(" nan ")));
         assert!(d.to_json()["stats"]["x"].is_null());
+    }
+
+    #[test]
+    fn builtins_come_first_in_gem5_order() {
+        let d = Stats::new().dump(0);
+        let names: Vec<&str> = d.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, BUILTINS);
+    }
+
+    #[test]
+    fn host_rates_print_as_integers() {
+        let s = Stats::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let d = s.dump(3 * TICKS_PER_SECOND);
+        let StatValue::Int(rate) = d.get("hostTickRate").unwrap() else {
+            panic!(
+                "hostTickRate is not an integer: {:?}",
+                d.get("hostTickRate")
+            );
+        };
+        assert!(rate > 0);
+        let line = d
+            .to_text()
+            .lines()
+            .find(|l| l.starts_with("hostTickRate "))
+            .unwrap()
+            .to_string();
+        let value = line.split_whitespace().nth(1).unwrap();
+        assert_eq!(value, rate.to_string(), "{line}");
+        assert!(d.to_json()["stats"]["hostTickRate"].is_u64());
+    }
+
+    #[test]
+    fn sim_insts_count_since_the_start_across_resets() {
+        let mut s = Stats::new();
+        let (total, avail) = s
+            .maybe_counter("system.totalNumInsts", "insts", "Count")
+            .unwrap();
+        s.count_sim_insts(&total, &avail).unwrap();
+        total.add(100);
+        // Unavailable: nan (null), never 0, and so are the rates.
+        let d = s.dump(10);
+        for name in ["simInsts", "simOps", "hostInstRate", "hostOpRate"] {
+            assert!(d.get(name).unwrap().as_f64().is_nan(), "{name}");
+            assert!(d.to_json()["stats"][name].is_null(), "{name}");
+            let line = d.to_text();
+            let line = line.lines().find(|l| l.starts_with(name)).unwrap();
+            assert_eq!(line.split_whitespace().nth(1), Some("nan"), "{line}");
+        }
+        avail.set(true);
+        assert_eq!(s.dump(10).get("simInsts"), Some(StatValue::Int(100)));
+        // A reset zeroes the system's count, not simInsts (gem5).
+        s.reset(10);
+        total.add(5);
+        let d = s.dump(20);
+        assert_eq!(d.get("system.totalNumInsts"), Some(StatValue::Int(5)));
+        assert_eq!(d.get("simInsts"), Some(StatValue::Int(105)));
+        assert_eq!(d.get("simOps"), Some(StatValue::Int(105)));
+        assert!(matches!(d.get("hostInstRate"), Some(StatValue::Int(_))));
+        // Only a counter of this registry can be the source.
+        let mut other = Stats::new();
+        assert_eq!(
+            other.count_sim_insts(&total, &avail),
+            Err(StatsError::NotRegistered)
+        );
+        assert!(other.dump(0).get("simInsts").unwrap().as_f64().is_nan());
+    }
+
+    #[test]
+    fn host_memory_is_the_peak_resident_size() {
+        let before = peak_resident_bytes().expect("VmHWM in /proc/self/status");
+        // Touch 64 MiB more than the peak so far, then free it: the peak
+        // stays (a current-size measure would drop by 64 MiB again). The
+        // kernel's resident counts are approximate by a few pages.
+        let n = before as usize + (64 << 20);
+        let buf = vec![1u8; n];
+        assert_eq!(std::hint::black_box(&buf)[n - 1], 1);
+        let during = Stats::new().dump(0).get("hostMemory");
+        drop(buf);
+        let after = Stats::new().dump(0).get("hostMemory");
+        let (Some(StatValue::Int(during)), Some(StatValue::Int(after))) = (during, after) else {
+            panic!("hostMemory is not a byte count: {during:?} {after:?}");
+        };
+        let slack = 4 << 20;
+        assert!(during + slack >= n as u64, "{during} < {n}");
+        assert!(
+            after + slack >= n as u64,
+            "the peak fell to {after} after freeing {n}"
+        );
+    }
+
+    #[test]
+    fn enumerations_keep_the_number_and_add_the_name() {
+        let mut s = Stats::new();
+        let v = s
+            .labelled_value(
+                "system.cpu.instCountMethod",
+                "How instructions are counted",
+                "Unspecified",
+                &["unavailable", "perf-counter", "single-step"],
+            )
+            .unwrap();
+        v.set(2.0);
+        let d = s.dump(0);
+        assert_eq!(d.get("system.cpu.instCountMethod"), Some(StatValue::Int(2)));
+        let text = d.to_text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("system.cpu.instCountMethod"))
+            .unwrap();
+        assert_eq!(line.split_whitespace().nth(1), Some("2"), "{line}");
+        assert!(
+            line.ends_with(
+                "# How instructions are counted: single-step \
+                 (0 unavailable, 1 perf-counter, 2 single-step) (Unspecified)"
+            ),
+            "{line}"
+        );
+        let j = d.to_json();
+        assert_eq!(j["stats"]["system.cpu.instCountMethod"], 2);
+        assert_eq!(j["labels"]["system.cpu.instCountMethod"], "single-step");
+        // A value outside the enumeration is shown as it is.
+        v.set(7.0);
+        let d = s.dump(0);
+        assert_eq!(
+            d.to_json()["labels"]["system.cpu.instCountMethod"],
+            "unknown"
+        );
+        assert_eq!(
+            d.get("system.cpu.instCountMethod"),
+            Some(StatValue::Float(7.0))
+        );
+    }
+
+    #[test]
+    fn long_names_widen_the_name_column_for_the_whole_block() {
+        let mut s = Stats::new();
+        let long = "system.cpu.completedInstructions::syscall-entry-and-more";
+        s.counter("system.cpu.short", "short", "Count").unwrap();
+        s.vector(
+            "system.cpu.completedInstructions",
+            "long",
+            "Count",
+            &["syscall-entry-and-more"],
+        )
+        .unwrap();
+        let text = s.dump(0).to_text();
+        let value_end = |name: &str| {
+            let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+            // The value ends where the first run of spaces after it starts.
+            let rest = &line[name.len()..];
+            let start = name.len() + rest.find(|c: char| c != ' ').unwrap();
+            start + line[start..].find(' ').unwrap()
+        };
+        let end = value_end(long);
+        assert_eq!(end, long.len() + 1 + 12, "{text}");
+        for name in ["simSeconds", "system.cpu.short", "simTicks"] {
+            assert_eq!(value_end(name), end, "{name} out of line:\n{text}");
+        }
+        // Without long names the layout is gem5's: a 40-column name field.
+        let mut s = Stats::new();
+        s.counter("system.cpu.short", "short", "Count").unwrap();
+        let text = s.dump(0).to_text();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("system.cpu.short"))
+            .unwrap();
+        assert_eq!(
+            line.find(" # "),
+            Some(40 + 1 + 12 + 1 + 10 + 1 + 10),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn combined_blocks_sum_instructions_over_systems() {
+        let dump = |insts: Option<u64>, name: &str| {
+            let mut s = Stats::new();
+            let (c, a) = s
+                .maybe_counter(&format!("{name}.totalNumInsts"), "", "Count")
+                .unwrap();
+            s.count_sim_insts(&c, &a).unwrap();
+            if let Some(n) = insts {
+                c.add(n);
+                a.set(true);
+            }
+            s.dump(7)
+        };
+        let d = Dump::combine(7, vec![dump(Some(3), "system0"), dump(Some(4), "system1")]);
+        assert_eq!(d.entries.iter().filter(|e| e.name == "simInsts").count(), 1);
+        assert_eq!(d.get("simInsts"), Some(StatValue::Int(7)));
+        assert_eq!(d.get("simOps"), Some(StatValue::Int(7)));
+        assert_eq!(d.get("system1.totalNumInsts"), Some(StatValue::Int(4)));
+        let d = Dump::combine(7, vec![dump(Some(3), "system0"), dump(None, "system1")]);
+        assert!(d.get("simInsts").unwrap().as_f64().is_nan());
+        assert!(d.get("hostInstRate").unwrap().as_f64().is_nan());
     }
 }
