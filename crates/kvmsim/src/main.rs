@@ -135,8 +135,11 @@ fn parse_trace(t: &str) -> Result<platform::config::TraceConfig, String> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVMSIM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only on a terminal: a log captured in a file or a pipe
+    // stays plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .without_time()
         .with_target(false)

@@ -439,3 +439,40 @@ fn sim_insts_count_every_instruction_of_the_run() {
     let block = last_block(&stats);
     assert_eq!(text_value(&block, "simInsts"), n.to_string());
 }
+
+#[test]
+fn log_lines_are_plain_text_off_a_terminal() {
+    if !kvm_or_skip("log_colour") {
+        return;
+    }
+    // The simops guest calls an unknown function: a warning on every host.
+    let args = ["run", "--kernel", "builtin:simops", "--quiet"];
+    let out = outdir("log-colour");
+    let r = kvmsim(&args, &out);
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("WARN"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains('\x1b'),
+        "colour codes in a pipe:\n{:?}",
+        r.stderr
+    );
+    // On a terminal (script(1) gives the run a pty) the levels are coloured.
+    let cmd = format!(
+        "{} {} --outdir {}",
+        env!("CARGO_BIN_EXE_kvmsim"),
+        args.join(" "),
+        out.join("tty").display()
+    );
+    match std::process::Command::new("script")
+        .args(["-qc", &cmd, "/dev/null"])
+        .output()
+    {
+        Ok(o) => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(text.contains("WARN"), "{text}");
+            assert!(text.contains("\x1b["), "no colour on a terminal: {text:?}");
+        }
+        Err(e) => eprintln!("script(1) unavailable ({e}): the terminal half is not checked"),
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
