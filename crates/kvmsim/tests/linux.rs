@@ -159,3 +159,136 @@ fn a_kernel_panic_ends_the_run_as_a_reset_and_keeps_the_console() {
     assert!(console.contains("Kernel panic"), "console:\n{console}");
     assert!(r.stderr.contains("guest reset"), "{}", r.stderr);
 }
+
+/// The one-command boot (`--kernel`, `--initrd`, no config): where kernel
+/// mode is emulated it gets examples/linux.toml's host_factor and append,
+/// says so in one line, and writes them into config.json; the user's own
+/// choices win. Checked on the first 5 simulated ms (the resolution happens
+/// before the boot; a whole boot costs minutes here).
+#[test]
+fn one_command_boot_picks_the_examples_settings_where_kernel_mode_is_emulated() {
+    let Some(dir) = linux_guest("linux_one_command") else {
+        return;
+    };
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initrd.gz");
+    let (kernel, initrd) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    let emulated = kvm::doctor::cached()
+        .findings
+        .iter()
+        .any(|f| f.name == "native speed at CPL0 and CPL3" && !f.ok);
+    let example = std::fs::read_to_string(repo().join("examples/linux.toml")).unwrap();
+    let value = |key: &str| {
+        example
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = ")))
+            .map(|v| {
+                v.split('#')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .trim_matches('"')
+                    .to_string()
+            })
+            .unwrap_or_else(|| panic!("examples/linux.toml has no {key}"))
+    };
+    let (example_factor, example_append) = (value("host_factor"), value("append"));
+    let run = |test: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            kernel,
+            "--initrd",
+            initrd,
+            "--max-time",
+            "5ms",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let r = kvmsim(&args, &outdir(test));
+        assert_eq!(r.no_panic().status, 250, "stderr:\n{}", r.stderr);
+        let cfg = r.json("config.json");
+        let sys = cfg["system"][0].clone();
+        let _ = std::fs::remove_dir_all(&r.out);
+        (r, sys)
+    };
+    let note = |r: &Run| {
+        r.stderr
+            .lines()
+            .filter(|l| l.contains("kernel mode is emulated on this host"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // The command line the kernel got carries the append, and its TSC rate
+    // matches the host factor.
+    let check_cmdline = |sys: &serde_json::Value| {
+        let line = sys["cmdline"].as_str().unwrap();
+        if let Some(a) = sys["append"].as_str() {
+            assert!(line.ends_with(a), "{line}");
+        }
+        let khz = sys["cpu"]["host_freq"].as_f64().unwrap()
+            / sys["cpu"]["host_factor"].as_f64().unwrap()
+            / 1e3;
+        assert!(
+            line.contains(&format!("tsc_early_khz={} ", khz as u64)),
+            "{line}"
+        );
+    };
+
+    let (r, sys) = run("linux-one-command", &[]);
+    check_cmdline(&sys);
+    if emulated {
+        assert_eq!(
+            sys["cpu"]["host_factor"].as_f64(),
+            Some(example_factor.parse().unwrap())
+        );
+        assert_eq!(sys["append"], example_append.as_str());
+        let lines = note(&r);
+        assert_eq!(lines.len(), 1, "one line:\n{}", r.stderr);
+        for part in [
+            format!("host_factor = {example_factor}"),
+            example_append.clone(),
+            "system.cpu.host_factor".into(),
+            "--append".into(),
+        ] {
+            assert!(lines[0].contains(&part), "{part:?} missing: {}", lines[0]);
+        }
+    } else {
+        // VMX/SVM: nothing changes.
+        assert_eq!(sys["cpu"]["host_factor"].as_f64(), Some(1.0));
+        assert!(sys["append"].is_null(), "{sys}");
+        assert!(note(&r).is_empty(), "{}", r.stderr);
+    }
+
+    // The user's append wins; the host factor is still adapted.
+    let (r, sys) = run("linux-one-command-append", &["--append", "quiet"]);
+    check_cmdline(&sys);
+    assert_eq!(sys["append"], "quiet");
+    if emulated {
+        assert_eq!(
+            sys["cpu"]["host_factor"].as_f64(),
+            Some(example_factor.parse().unwrap())
+        );
+        let lines = note(&r);
+        assert_eq!(lines.len(), 1, "{}", r.stderr);
+        assert!(!lines[0].contains("append ="), "{}", lines[0]);
+    }
+
+    // The user's host_factor (a config file) wins; the append is adapted.
+    let (cdir, cfg) = config(
+        "linux-one-command-factor",
+        &format!(
+            "[system]\nkernel = {kernel:?}\ninitrd = {initrd:?}\n[system.cpu]\nhost_factor = 1.0\n"
+        ),
+    );
+    let (r, sys) = run("linux-one-command-factor-out", &[&cfg]);
+    let _ = std::fs::remove_dir_all(&cdir);
+    check_cmdline(&sys);
+    assert_eq!(sys["cpu"]["host_factor"].as_f64(), Some(1.0));
+    if emulated {
+        assert_eq!(sys["append"], example_append.as_str());
+        let lines = note(&r);
+        assert_eq!(lines.len(), 1, "{}", r.stderr);
+        assert!(!lines[0].contains("host_factor ="), "{}", lines[0]);
+    }
+}

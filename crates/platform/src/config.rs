@@ -149,8 +149,12 @@ pub struct CpuConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_freq: Option<Frequency>,
     /// Simulated time per host time inside KVM (target CPI / host CPI).
-    #[serde(default = "default_host_factor")]
-    pub host_factor: f64,
+    /// Default 1.0; for a Linux kernel on a host whose KVM emulates kernel
+    /// mode, [`LINUX_EMULATED_HOST_FACTOR`] (see
+    /// [`SystemConfig::adapt_linux_to_host`]). Filled in when the system is
+    /// built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_factor: Option<f64>,
     /// What forces exits from KVM: "auto" (a perf cycle counter with a PMU,
     /// else a POSIX timer), "posix", "perf-cycles", "perf-task-clock".
     #[serde(default = "default_timer")]
@@ -237,7 +241,7 @@ impl Default for CpuConfig {
         CpuConfig {
             clock: default_clock(),
             host_freq: None,
-            host_factor: default_host_factor(),
+            host_factor: None,
             timer: default_timer(),
             max_insts: None,
             syscall_repair: true,
@@ -250,8 +254,62 @@ fn default_clock() -> Frequency {
     Frequency(2e9)
 }
 
-fn default_host_factor() -> f64 {
-    1.0
+/// `system.cpu.host_factor` when nothing else applies: the host CPU's speed.
+pub const DEFAULT_HOST_FACTOR: f64 = 1.0;
+
+impl CpuConfig {
+    /// The host factor in effect: the configured one, else the default.
+    pub fn resolved_host_factor(&self) -> f64 {
+        self.host_factor.unwrap_or(DEFAULT_HOST_FACTOR)
+    }
+}
+
+/// What a Linux kernel gets on a host whose KVM emulates kernel mode (`kvmsim
+/// doctor`: "native speed at CPL0 and CPL3" fails), unless the user chose:
+/// the `host_factor` of examples/linux.toml. Every kernel instruction costs
+/// about a microsecond there; at 1.0 the kernel's timer tick takes longer
+/// than its period and the boot crawls.
+pub const LINUX_EMULATED_HOST_FACTOR: f64 = 0.1;
+
+/// The `append` of examples/linux.toml, for the same hosts: no boot-time
+/// crypto self-tests, no zeroing of every allocation, no speculation
+/// mitigations, no AppArmor (each costs minutes where kernel mode is
+/// emulated).
+pub const LINUX_EMULATED_APPEND: &str =
+    "lsm=capability init_on_alloc=0 init_on_free=0 mitigations=off cryptomgr.notests";
+
+impl SystemConfig {
+    /// For a Linux kernel on a host whose KVM emulates kernel mode: fills
+    /// in what examples/linux.toml picks ([`LINUX_EMULATED_HOST_FACTOR`],
+    /// [`LINUX_EMULATED_APPEND`]) where the user set neither `host_factor`
+    /// nor `append`. Returns one line saying what was picked and how to
+    /// choose otherwise, or `None` if nothing changed (a host with VMX/SVM,
+    /// or both set by the user).
+    pub fn adapt_linux_to_host(&mut self, kernel_mode_emulated: bool) -> Option<String> {
+        if !kernel_mode_emulated {
+            return None;
+        }
+        let mut picked = Vec::new();
+        let mut keys = Vec::new();
+        if self.cpu.host_factor.is_none() {
+            self.cpu.host_factor = Some(LINUX_EMULATED_HOST_FACTOR);
+            picked.push(format!("host_factor = {LINUX_EMULATED_HOST_FACTOR}"));
+            keys.push("system.cpu.host_factor");
+        }
+        if self.append.is_none() {
+            self.append = Some(LINUX_EMULATED_APPEND.into());
+            picked.push(format!("append = \"{LINUX_EMULATED_APPEND}\""));
+            keys.push("system.append (or --append)");
+        }
+        (!picked.is_empty()).then(|| {
+            format!(
+                "kernel mode is emulated on this host (kvmsim doctor), so Linux gets {}, as \
+                 examples/linux.toml; set {} to choose otherwise",
+                picked.join(" and "),
+                keys.join(" or ")
+            )
+        })
+    }
 }
 
 /// Where the guest's serial console goes.
@@ -508,22 +566,23 @@ impl Config {
             if let Err(e) = mem::MemoryMap::for_size(s.memory.0) {
                 return Err(bad(f("memory"), s.memory.0.to_string(), &e.to_string()));
             }
-            let hf = s.cpu.host_factor;
-            if !(hf.is_finite() && hf > 0.0 && hf <= MAX_HOST_FACTOR) {
-                let shown = if hf.is_finite() && hf != 0.0 && !(1e-4..1e6).contains(&hf.abs()) {
-                    format!("{hf:e}")
-                } else {
-                    hf.to_string()
-                };
-                return Err(bad(
-                    f("cpu.host_factor"),
-                    shown,
-                    &format!(
-                        "must be a number in (0, {MAX_HOST_FACTOR}]: simulated time counts \
-                         picoseconds in 64 bits (213 days), which at host_factor \
-                         {MAX_HOST_FACTOR} is about 5 hours of guest execution on the host"
-                    ),
-                ));
+            if let Some(hf) = s.cpu.host_factor {
+                if !(hf.is_finite() && hf > 0.0 && hf <= MAX_HOST_FACTOR) {
+                    let shown = if hf.is_finite() && hf != 0.0 && !(1e-4..1e6).contains(&hf.abs()) {
+                        format!("{hf:e}")
+                    } else {
+                        hf.to_string()
+                    };
+                    return Err(bad(
+                        f("cpu.host_factor"),
+                        shown,
+                        &format!(
+                            "must be a number in (0, {MAX_HOST_FACTOR}]: simulated time counts \
+                             picoseconds in 64 bits (213 days), which at host_factor \
+                             {MAX_HOST_FACTOR} is about 5 hours of guest execution on the host"
+                        ),
+                    ));
+                }
             }
             if let Some(stack) = s.stack {
                 if let Err(why) = check_stack(stack, s.memory.0) {
@@ -639,7 +698,8 @@ mod tests {
         assert_eq!(c.system.len(), 1);
         assert_eq!(c.system[0].memory, Size(128 << 20));
         assert_eq!(c.system[0].cpu.clock, Frequency(2e9));
-        assert_eq!(c.system[0].cpu.host_factor, 1.0);
+        assert_eq!(c.system[0].cpu.host_factor, None);
+        assert_eq!(c.system[0].cpu.resolved_host_factor(), 1.0);
         assert!(c.system[0].serial.stdout);
         assert_eq!(c.system_names(), vec!["system"]);
         assert_eq!(c.sim.max_time, None);
@@ -893,5 +953,66 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("host_factor"), "{e}");
+    }
+
+    #[test]
+    fn linux_on_an_emulating_host_gets_the_examples_settings_unless_chosen() {
+        let linux = || {
+            parse("[system]\nkernel = \"vmlinuz\"\ninitrd = \"initrd.gz\"\n")
+                .unwrap()
+                .system
+                .remove(0)
+        };
+        // Nothing chosen: both filled in, and one line says so and how to
+        // choose otherwise.
+        let mut s = linux();
+        let note = s.adapt_linux_to_host(true).unwrap();
+        assert_eq!(s.cpu.host_factor, Some(LINUX_EMULATED_HOST_FACTOR));
+        assert_eq!(s.append.as_deref(), Some(LINUX_EMULATED_APPEND));
+        assert!(!note.contains('\n'), "{note}");
+        for part in [
+            "host_factor = 0.1",
+            LINUX_EMULATED_APPEND,
+            "system.cpu.host_factor",
+            "--append",
+        ] {
+            assert!(note.contains(part), "{part:?} missing from {note:?}");
+        }
+        // A host with VMX/SVM: nothing changes.
+        let mut s = linux();
+        assert_eq!(s.adapt_linux_to_host(false), None);
+        assert_eq!((s.cpu.host_factor, s.append), (None, None));
+        // The user's choices win, each on its own (an empty append too).
+        let mut s = linux();
+        s.cpu.host_factor = Some(1.0);
+        let note = s.adapt_linux_to_host(true).unwrap();
+        assert_eq!(s.cpu.host_factor, Some(1.0));
+        assert_eq!(s.append.as_deref(), Some(LINUX_EMULATED_APPEND));
+        assert!(!note.contains("host_factor"), "{note}");
+        let mut s = linux();
+        s.append = Some(String::new());
+        let note = s.adapt_linux_to_host(true).unwrap();
+        assert_eq!(s.append.as_deref(), Some(""));
+        assert_eq!(s.cpu.host_factor, Some(LINUX_EMULATED_HOST_FACTOR));
+        assert!(!note.contains("append"), "{note}");
+        let mut s = linux();
+        s.cpu.host_factor = Some(0.5);
+        s.append = Some("quiet".into());
+        assert_eq!(s.adapt_linux_to_host(true), None);
+        assert_eq!(
+            (s.cpu.host_factor, s.append.as_deref()),
+            (Some(0.5), Some("quiet"))
+        );
+    }
+
+    #[test]
+    fn the_linux_defaults_are_the_examples() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/linux.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.system[0].cpu.host_factor,
+            Some(LINUX_EMULATED_HOST_FACTOR)
+        );
+        assert_eq!(c.system[0].append.as_deref(), Some(LINUX_EMULATED_APPEND));
     }
 }

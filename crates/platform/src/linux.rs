@@ -285,6 +285,19 @@ pub fn parse(image: &[u8], name: &str) -> Result<KernelImage, KernelError> {
     })
 }
 
+/// The `kvmsim doctor` finding that tells whether kernel-mode code runs
+/// natively (its failure: this host's KVM emulates kernel mode).
+pub const KERNEL_SPEED_PROBE: &str = "native speed at CPL0 and CPL3";
+
+/// True if `kvmsim doctor`'s probes (run once per process) find that this
+/// host's KVM emulates kernel-mode code.
+pub fn kernel_mode_emulated() -> bool {
+    kvm::doctor::cached()
+        .findings
+        .iter()
+        .any(|f| f.name == KERNEL_SPEED_PROBE && !f.ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

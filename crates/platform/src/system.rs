@@ -26,7 +26,7 @@ use sim::intr::{InterruptController, Pending};
 use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
 use vm_memory::Bytes;
 
-use crate::config::{SimConfig, SystemConfig};
+use crate::config::{SimConfig, SystemConfig, DEFAULT_HOST_FACTOR};
 use crate::console::{self, SerialSink};
 use crate::loader;
 use crate::output::OutDir;
@@ -262,6 +262,14 @@ impl System {
         if sc.platform == "auto" {
             sc.platform = if is_linux { "pc" } else { "bare" }.into();
         }
+        // Host-derived defaults: on a host that emulates kernel mode, Linux
+        // gets examples/linux.toml's host_factor and trimming.
+        if is_linux {
+            if let Some(note) = sc.adapt_linux_to_host(crate::linux::kernel_mode_emulated()) {
+                tracing::info!("{name}: {note}");
+            }
+        }
+        let host_factor = *sc.cpu.host_factor.get_or_insert(DEFAULT_HOST_FACTOR);
         let kernel = if is_linux {
             Some(
                 crate::linux::parse(&image, &sc.kernel)
@@ -348,7 +356,7 @@ impl System {
             KvmCpuConfig {
                 clock: ClockDomain::from_hz(sc.cpu.clock.0),
                 host_freq_hz: host_freq,
-                host_factor: sc.cpu.host_factor,
+                host_factor,
             },
             CpuOptions {
                 timer,
@@ -1082,7 +1090,7 @@ fn setup_linux(
     // host_factor simulated seconds, so per simulated second the TSC
     // advances host_freq / host_factor: that is the rate the kernel is told.
     let line = linux_cmdline(
-        (host_freq / sc.cpu.host_factor.max(1e-9) / 1e3) as u64,
+        (host_freq / sc.cpu.resolved_host_factor().max(1e-9) / 1e3) as u64,
         initrd.is_some(),
         host,
         sc.append.as_deref(),
