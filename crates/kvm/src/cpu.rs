@@ -271,7 +271,7 @@ const DRAIN_RUN_LIMIT: Tick = sim::tick::TICKS_PER_MS;
 /// Longest one single-step entry may run (a step that did not stop).
 const STEP_SAFETY_SPAN: Tick = 10 * sim::tick::TICKS_PER_MS;
 /// The minimum run span grows up to this much host time (seconds).
-const MAX_MIN_SPAN_HOST_S: f64 = 0.1;
+const MAX_MIN_SPAN_HOST_S: f64 = 0.01;
 
 /// A CPU backed by a KVM vCPU (or, in tests, a scripted one).
 pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
@@ -305,6 +305,8 @@ pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     min_span: Tick,
     /// The program counter at the last timer exit.
     stall_pc: Option<u64>,
+    /// Timer exits in a row at `stall_pc`, after the first.
+    stall_repeats: u32,
 }
 
 impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
@@ -342,6 +344,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             idle_since: None,
             min_span: 0,
             stall_pc: None,
+            stall_repeats: 0,
         })
     }
 
@@ -827,12 +830,17 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
     }
 
     /// Forward progress on a host that needs more time per entry than the
-    /// next event leaves: a timer exit at the same instruction as the
-    /// previous timer exit doubles the minimum run span; progress halves it.
+    /// next event leaves: the third timer exit in a row at the same program
+    /// counter (with nothing else between) doubles the minimum run span; a
+    /// timer exit elsewhere halves it. A tight loop also meets its own PC
+    /// now and then (a two-instruction loop: every other exit), so one
+    /// repeat is not taken for a stall; a stuck instruction repeats every
+    /// time.
     fn check_progress(&mut self, exit: &Exit, expired: bool) -> Result<()> {
         if !(expired && *exit == Exit::Intr) {
             if *exit != Exit::Intr {
                 self.stall_pc = None;
+                self.stall_repeats = 0;
             }
             return Ok(());
         }
@@ -842,6 +850,15 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             .as_ref()
             .map_or(1, |t| t.resolution(&self.cfg).max(1));
         if self.stall_pc == Some(pc) {
+            self.stall_repeats += 1;
+        } else {
+            self.stall_repeats = 0;
+            self.min_span /= 2;
+            if self.min_span < floor {
+                self.min_span = 0;
+            }
+        }
+        if self.stall_repeats >= 2 {
             self.stats.progress_stalls.inc();
             let cap = self
                 .cfg
@@ -851,11 +868,6 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 .max(floor)
                 .saturating_mul(2)
                 .min(cap.max(floor));
-        } else {
-            self.min_span /= 2;
-            if self.min_span < floor {
-                self.min_span = 0;
-            }
         }
         self.stall_pc = Some(pc);
         Ok(())
