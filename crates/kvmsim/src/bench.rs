@@ -91,7 +91,7 @@ impl Figure {
         match self {
             Figure::Compute => "s",
             Figure::Pio | Figure::Mmio | Figure::Kick => "us",
-            Figure::Parallel => "M iterations/s",
+            Figure::Parallel => "M iter/s",
         }
     }
 
@@ -490,7 +490,7 @@ fn table(all: &[Measured], w: &Work) -> String {
         w.runs
     );
     s.push_str(&format!(
-        "{:<32} {:<28} {:<30} {:>7}  {:<8} {}\n",
+        "{:<32} {:<30} {:<34} {:>7}  {:<8} {}\n",
         "figure", "kvmsim", "reference", "ratio", "goal", "met"
     ));
     for m in all {
@@ -499,7 +499,7 @@ fn table(all: &[Measured], w: &Work) -> String {
         let (op, g) = f.goal();
         let side = |name: &str, v: Option<f64>| format!("{} ({name})", fmt_value(v, f.unit()));
         s.push_str(&format!(
-            "{:<32} {:<28} {:<30} {:>7}  {:<8} {}\n",
+            "{:<32} {:<30} {:<34} {:>7}  {:<8} {}\n",
             f.title(),
             side(a, m.best(&m.kvmsim)),
             side(b, m.best(&m.reference)),
@@ -584,7 +584,16 @@ fn report_json(
     })
 }
 
-/// `kvmsim bench`: every figure, the table on stdout, `DIR/bench.json`.
+/// Writes `text` to stdout; a failure (a closed pipe) is an error, not a panic.
+fn print_out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))
+}
+
+/// `kvmsim bench`: every figure; `DIR/bench.json`, then the table on stdout.
 pub fn all(w: &Work, out: &Path) -> Result<(), String> {
     let path = out.join("bench.json");
     // Fail on an unwritable folder before spending minutes measuring.
@@ -592,25 +601,23 @@ pub fn all(w: &Work, out: &Path) -> Result<(), String> {
     let before = load_average();
     let m = measure(&Figure::ALL, w)?;
     let after = load_average();
-    print!("{}", table(&m, w));
-    let fmt = |l: Option<[f64; 3]>| l.map_or("unknown".into(), |l| format!("{:.2}", l[0]));
-    println!(
-        "  host: {} CPUs, load average {} before, {} after",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        fmt(before),
-        fmt(after)
-    );
     let json = report_json(&m, w, (before, after));
     let text = serde_json::to_string_pretty(&json).map_err(text)? + "\n";
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    println!("  written: {}", path.display());
-    Ok(())
+    let fmt = |l: Option<[f64; 3]>| l.map_or("unknown".into(), |l| format!("{:.2}", l[0]));
+    print_out(&format!(
+        "{}  host: {} CPUs, load average {} before, {} after\n  written: {}\n",
+        table(&m, w),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        fmt(before),
+        fmt(after),
+        path.display()
+    ))
 }
 
 /// One figure alone (`kvmsim bench compute|kick|parallel|pio|mmio`): its row
 /// of the table, nothing written.
 pub fn one(figure: Figure, w: &Work) -> Result<(), String> {
     let m = measure(&[figure], w)?;
-    print!("{}", table(&m, w));
-    Ok(())
+    print_out(&table(&m, w))
 }
