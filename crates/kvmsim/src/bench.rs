@@ -361,7 +361,7 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
             } else {
                 ("mmioloop", w.mmio_reads, "system.cpu.numMMIO")
             };
-            let r = kvmsim_run(guest_config(guest, &[n], true), scratch, guest)?;
+            let r = kvmsim_run(guest_config(guest, &[n], false), scratch, guest)?;
             let exits = stat(&r.stats, what);
             check(exits >= n, || {
                 format!("{guest}: {exits} exits in kvmsim for {n} reads")
