@@ -13,8 +13,9 @@
 //! * [`BareVm::run_io`]: port-IO and MMIO exits only (no run timer).
 //! * [`BareVm::run_kicked`]: a POSIX run timer armed for one period before
 //!   every entry (the same kick signal and masks as kvmsim's CPU,
-//!   [`ThreadSignals`]); after every forced exit an interrupt is injected,
-//!   or an interrupt window requested until the guest can take it.
+//!   [`ThreadSignals`]); after every forced exit the signal is taken and an
+//!   interrupt injected, or an interrupt window requested until the guest
+//!   can take it.
 //!
 //! The time of a loop runs from its first entry to the end of the exit that
 //! ends it; building the VM is not part of it.
@@ -125,9 +126,11 @@ impl<'a> BareVm<'a> {
     }
 
     /// Runs the guest until it reads the sim-ops window with a POSIX run
-    /// timer armed for `period` before every entry; after each forced exit
-    /// injects `vector` (or requests an interrupt window and injects when
-    /// the guest can take it). Port and MMIO exits are serviced as in
+    /// timer armed for `period` before every entry (one `timer_settime`;
+    /// the guest's time in KVM is what the period measures, as in kvmsim);
+    /// after each forced exit takes the pending signal and injects
+    /// `vector` (or requests an interrupt window and injects when the guest
+    /// can take it). Port and MMIO exits are serviced as in
     /// [`BareVm::run_io`] with reads returning `read_value`. Sets up the
     /// kick signal handling of the calling thread as kvmsim's CPU does on
     /// its own ([`ThreadSignals::setup`]).
@@ -177,6 +180,9 @@ impl<'a> BareVm<'a> {
                 Ok(VcpuExit::IrqWindowOpen) => false,
                 Ok(other) => return Err(unexpected(&other)),
                 Err(e) if e.errno() == libc::EINTR => {
+                    // The expired timer's signal stays pending (blocked
+                    // outside KVM): take it, or the next entry exits at once.
+                    sys::discard_pending(kick_signal());
                     r.forced_exits += 1;
                     pending = true;
                     false
@@ -188,13 +194,13 @@ impl<'a> BareVm<'a> {
                     })
                 }
             };
-            signals.disarm_timer().map_err(setup)?;
-            sys::discard_pending(kick_signal());
             if done {
                 break;
             }
         }
         r.wall = start.elapsed();
+        signals.disarm_timer().map_err(setup)?;
+        sys::discard_pending(kick_signal());
         Ok(r)
     }
 }

@@ -394,12 +394,13 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
         (Figure::Kick, side) => {
             let (k, period_us) = (w.kick_exits, w.kick_period_us);
             let args = [period_us * 1000, k];
-            let (wall, forced, injected) = if side {
+            let (wall, forced, injected, stalls) = if side {
                 let r = kvmsim_run(guest_config("kick", &args, true), scratch, "kick")?;
                 (
                     r.wall,
                     stat(&r.stats, "system.cpu.numExitSignal"),
                     stat(&r.stats, "system.cpu.numInterrupts"),
+                    Some(stat(&r.stats, "system.cpu.numProgressStalls")),
                 )
             } else {
                 let (ram, entry) = load_bare("kick")?;
@@ -407,7 +408,7 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
                 let r = vm
                     .run_kicked(Duration::from_micros(period_us), 0x40, BARE_READ)
                     .map_err(|e| format!("bare kick: {e}"))?;
-                (r.wall.as_secs_f64(), r.forced_exits, r.injected)
+                (r.wall.as_secs_f64(), r.forced_exits, r.injected, None)
             };
             let who = if side { "kvmsim" } else { "the bare loop" };
             check(injected >= k, || {
@@ -417,7 +418,14 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
             // rest of the run's host time is the forced exits' cost.
             Ok(Sample {
                 value: (wall / k as f64 - period_us as f64 / us) * us,
-                exits: serde_json::json!({"forced": forced, "injected": injected}),
+                exits: match stalls {
+                    Some(st) => serde_json::json!({
+                        "forced": forced,
+                        "injected": injected,
+                        "progress_stalls": st,
+                    }),
+                    None => serde_json::json!({"forced": forced, "injected": injected}),
+                },
             })
         }
         (Figure::Parallel, two) => {
