@@ -7,7 +7,7 @@ use std::process::Command;
 
 const GUESTS: &[&str] = &[
     "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream", "pingpong",
-    "pcirq", "int3", "syscall", "flags", "fwait", "irqint3", "echo",
+    "pcirq", "int3", "syscall", "flags", "fwait", "irqint3", "echo", "pioloop", "mmioloop", "kick",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -39,6 +39,13 @@
 //!   and interrupts taken (each interrupt kvmsim injects must arrive).
 //! * `echo`: reads RDI (1) bytes from COM1, polling with RTS asserted and
 //!   dropping RTS before the last, and prints them back.
+//! * `pioloop`: RDI (10,000) port reads at ring 0 (the UART scratch
+//!   register) and nothing else, then exit (`kvmsim bench`).
+//! * `mmioloop`: RDI (10,000) 64-bit MMIO reads at ring 0 (the interval
+//!   timer's PERIOD_NS) and nothing else, then exit (`kvmsim bench`).
+//! * `kick`: spins at ring 3 until the interval timer (period RDI ns,
+//!   100,000) has interrupted it RSI (1,000) times, then exit (`kvmsim
+//!   bench`: a fixed number of forced exits on any host).
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -69,6 +76,9 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("fwait"),
     guest!("irqint3"),
     guest!("echo"),
+    guest!("pioloop"),
+    guest!("mmioloop"),
+    guest!("kick"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -169,6 +179,22 @@ pub const ABOUT: &[About] = &[
         name: "echo",
         args: "RDI=bytes (1, at most 256)",
         about: "reads bytes from COM1 (the console's input) and prints them back",
+    },
+    About {
+        name: "pioloop",
+        args: "RDI=reads (10000)",
+        about: "port reads at ring 0 and nothing else, then exits (kvmsim bench pio's)",
+    },
+    About {
+        name: "mmioloop",
+        args: "RDI=reads (10000)",
+        about: "64-bit MMIO reads at ring 0 and nothing else, then exits (kvmsim bench mmio's)",
+    },
+    About {
+        name: "kick",
+        args: "RDI=timer period ns (100000), RSI=interrupts (1000)",
+        about: "spins at ring 3 until the interval timer has interrupted it RSI times, \
+                then exits (kvmsim bench kick's)",
     },
 ];
 

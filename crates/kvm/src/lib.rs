@@ -5,6 +5,7 @@
 //! Everything unsafe and every ioctl that kvm-ioctls lacks lives in [`sys`].
 
 pub mod arch;
+pub mod bare;
 pub mod cpu;
 pub mod doctor;
 pub mod fake;

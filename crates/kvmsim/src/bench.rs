@@ -1,222 +1,631 @@
-//! `kvmsim bench kick`: what one forced exit costs inside kvmsim, next to a
-//! bare kvm-ioctls loop that does the same work, measured in one run.
+//! `kvmsim bench`: kvmsim's overheads, each measured side by side with a
+//! reference in one run, and written to `bench.json`.
 //!
-//! Both run the built-in `ticks` guest (ring-3 compute loop, a timer
-//! interrupt every period). kvmsim runs it as usual. The bare loop uses the
-//! same VM setup and the same signal plumbing (POSIX timer on the thread,
-//! kick signal unblocked only inside KVM_RUN) but no event queue, devices,
-//! state machine or statistics: arm the timer for one period, KVM_RUN, on
-//! the signal exit inject vector 0x40 (or request a window), repeat; its
-//! port and MMIO exits are acknowledged with zeros. The cost of a forced
-//! exit is (wall time - native loop time) / forced exits.
+//! | figure | kvmsim side | reference side |
+//! |---|---|---|
+//! | compute | the `compute` guest's ring-3 loop, whole run | the same machine code natively |
+//! | pio | `pioloop`: port reads at CPL0, per read | the same guest in a bare KVM loop |
+//! | mmio | `mmioloop`: MMIO reads at CPL0, per read | the same guest in a bare KVM loop |
+//! | kick | `kick`: what a forced exit with an interrupt costs beyond its timer period | the same guest in a bare KVM loop |
+//! | parallel | aggregate throughput of 2 `compute` systems | 1 system |
+//!
+//! kvmsim runs each guest as `kvmsim run` does (`platform::Simulation`);
+//! the bare loops are `kvm::bare` (the same VM set-up, the exits serviced
+//! with a constant). Building a VM is outside every timing. The two sides
+//! alternate (A B A B ...), `runs` times each, and each side's best run is
+//! reported, so that a busy host slows both alike; a goal that is missed is
+//! reported, never an error.
 
-use std::time::Instant;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use kvm::arch::x86_64::{boot, X86_64};
-use kvm::arch::Arch;
-use kvm::timer::{KickHandle, ThreadSignals, TimerKind};
-use kvm::KvmVm;
-use kvm_ioctls::VcpuExit;
-use mem::{GuestRam, MemoryMap};
-use platform::{Config, OutDir, System};
+use platform::{Config, OutDir, Simulation};
 
-const VECTOR: u8 = 0x40;
+/// Work of each figure at scale 1.
+const COMPUTE_ITERATIONS: u64 = 1_000_000_000;
+const PIO_READS: u64 = 20_000;
+const MMIO_READS: u64 = 20_000;
+const KICK_EXITS: u64 = 2_000;
+const KICK_PERIOD_US: u64 = 100;
+const PARALLEL_ITERATIONS: u64 = 1_000_000_000;
 
-struct Sample {
-    wall: f64,
-    exits: u64,
+/// Which way a figure's values are better.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Lower,
+    Higher,
 }
 
-fn kvmsim_run(period_us: u64, iterations: u64) -> Result<Sample, String> {
-    let dir = std::env::temp_dir().join(format!("kvmsim-bench-kick-{}", std::process::id()));
-    let mut cfg = Config::for_kernel("builtin:ticks");
-    let sc = &mut cfg.system[0];
-    sc.args = vec![period_us * 1000, iterations];
-    sc.serial.stdout = false;
-    sc.serial.stdin = false;
-    sc.cpu.timer = "posix".into();
-    let t = Instant::now();
-    let out = OutDir::create(&dir).map_err(|e| e.to_string())?;
-    let mut sys = System::build(&mut cfg, out).map_err(|e| e.to_string())?;
-    let exit = sys.run().map_err(|e| e.to_string())?;
-    let wall = t.elapsed().as_secs_f64();
-    sys.finish(&exit, 0).map_err(|e| e.to_string())?;
-    let stats: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("stats.json")).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let exits = stats[0]["stats"]["system.cpu.numExitSignal"]
-        .as_u64()
-        .unwrap_or(0);
-    Ok(Sample { wall, exits })
+/// One figure of the table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Figure {
+    Compute,
+    Pio,
+    Mmio,
+    Kick,
+    Parallel,
 }
 
-fn bare_run(period_us: u64, iterations: u64) -> Result<Sample, String> {
-    let e = |e: &dyn std::fmt::Display| e.to_string();
-    let t = Instant::now();
-    let ram =
-        GuestRam::new(MemoryMap::for_size(64 << 20).map_err(|x| e(&x))?).map_err(|x| e(&x))?;
-    let image = guests::builtin("ticks").ok_or("no ticks guest")?;
-    let info = platform::loader::inspect(image, "ticks").map_err(|x| e(&x))?;
-    let entry = platform::loader::load(&ram, image, &info, "ticks").map_err(|x| e(&x))?;
-    let mut vm = KvmVm::new().map_err(|x| e(&x))?;
-    vm.map_ram(&ram).map_err(|x| e(&x))?;
-    let mut vcpu = vm.create_vcpu(0).map_err(|x| e(&x))?;
-    let mut arch = X86_64::new();
-    boot::write_boot_structures(ram.memory()).map_err(|x| e(&x))?;
-    boot::enter_long_mode(
-        &mut arch,
-        &mut vcpu,
-        entry,
-        boot::DEFAULT_STACK_TOP,
-        &[period_us * 1000, iterations],
-    )
-    .map_err(|x| e(&x))?;
-    arch.update_kvm_state(&mut vcpu).map_err(|x| e(&x))?;
-    let vcpu = vcpu.fd_mut();
-    let signals =
-        ThreadSignals::setup(vcpu, TimerKind::Posix, &KickHandle::default()).map_err(|x| e(&x))?;
-    let period_ns = period_us * 1000;
-    let mut exits = 0u64;
-    let mut pending = false;
-    loop {
-        if pending {
-            let run = vcpu.get_kvm_run();
-            if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-                run.request_interrupt_window = 0;
-                kvm::sys::interrupt(vcpu, VECTOR).map_err(|x| e(&x))?;
-                pending = false;
-            } else {
-                run.request_interrupt_window = 1;
-            }
-        }
-        signals.arm_timer_ns(period_ns).map_err(|x| e(&x))?;
-        let r = vcpu.run();
-        let done = match r {
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                data.fill(0);
-                addr >= 0xffff_0000
-            }
-            Ok(VcpuExit::IoIn(_, data)) => {
-                data.fill(0x20); // LSR: transmitter empty
-                false
-            }
-            Ok(VcpuExit::IoOut(..) | VcpuExit::MmioWrite(..) | VcpuExit::IrqWindowOpen) => false,
-            Ok(other) => return Err(format!("bare loop: unexpected exit {other:?}")),
-            Err(err) if err.errno() == libc::EINTR => {
-                exits += 1;
-                pending = true;
-                false
-            }
-            Err(err) => return Err(format!("bare loop: KVM_RUN failed: {err}")),
-        };
-        signals.disarm_timer().map_err(|x| e(&x))?;
-        kvm::sys::discard_pending(kvm::timer::kick_signal());
-        if done {
-            break;
+impl Figure {
+    pub const ALL: [Figure; 5] = [
+        Figure::Compute,
+        Figure::Pio,
+        Figure::Mmio,
+        Figure::Kick,
+        Figure::Parallel,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Figure::Compute => "compute",
+            Figure::Pio => "pio",
+            Figure::Mmio => "mmio",
+            Figure::Kick => "kick",
+            Figure::Parallel => "parallel",
         }
     }
-    Ok(Sample {
-        wall: t.elapsed().as_secs_f64(),
-        exits,
+
+    fn title(self) -> &'static str {
+        match self {
+            Figure::Compute => "compute",
+            Figure::Pio => "port-IO round trip, CPL0",
+            Figure::Mmio => "MMIO round trip, CPL0",
+            Figure::Kick => "forced exit per quantum (kick)",
+            Figure::Parallel => "2 systems vs 1 on 2 cores",
+        }
+    }
+
+    fn measured_as(self) -> &'static str {
+        match self {
+            Figure::Compute => "ring-3 loop in kvmsim (whole guest run) / the same machine code native",
+            Figure::Pio => "kvmsim / bare KVM loop, host time per port read",
+            Figure::Mmio => "kvmsim / bare KVM loop, host time per MMIO read",
+            Figure::Kick => {
+                "kvmsim / bare KVM loop, host time per forced exit (timer signal and interrupt injection) beyond the timer period"
+            }
+            Figure::Parallel => "aggregate throughput of 2 systems / 1 system",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Figure::Compute => "s",
+            Figure::Pio | Figure::Mmio | Figure::Kick => "us",
+            Figure::Parallel => "M iter/s",
+        }
+    }
+
+    /// What the two columns are.
+    fn sides(self) -> (&'static str, &'static str) {
+        match self {
+            Figure::Compute => ("kvmsim", "native"),
+            Figure::Pio | Figure::Mmio | Figure::Kick => ("kvmsim", "bare KVM loop"),
+            Figure::Parallel => ("2 systems", "1 system"),
+        }
+    }
+
+    fn better(self) -> Better {
+        match self {
+            Figure::Parallel => Better::Higher,
+            _ => Better::Lower,
+        }
+    }
+
+    /// The goal: (`<=` or `>=`, value) for the ratio.
+    fn goal(self) -> (&'static str, f64) {
+        match self {
+            Figure::Compute => ("<=", 1.02),
+            Figure::Pio | Figure::Mmio | Figure::Kick => ("<=", 1.05),
+            Figure::Parallel => (">=", 1.9),
+        }
+    }
+}
+
+/// How much work each figure does, and how often each side runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Work {
+    pub runs: u32,
+    pub compute_iterations: u64,
+    pub pio_reads: u64,
+    pub mmio_reads: u64,
+    pub kick_exits: u64,
+    pub kick_period_us: u64,
+    pub parallel_iterations: u64,
+}
+
+impl Work {
+    /// The default work times `scale` (each at least a small minimum).
+    pub fn scaled(scale: f64, runs: u32) -> Result<Work, String> {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(format!(
+                "--scale {scale}: the scale must be a positive number (1 = the default work)"
+            ));
+        }
+        let s = |n: u64, min: u64| ((n as f64 * scale).round() as u64).max(min);
+        Ok(Work {
+            runs: runs.max(1),
+            compute_iterations: s(COMPUTE_ITERATIONS, 1000),
+            pio_reads: s(PIO_READS, 10),
+            mmio_reads: s(MMIO_READS, 10),
+            kick_exits: s(KICK_EXITS, 3),
+            kick_period_us: KICK_PERIOD_US,
+            parallel_iterations: s(PARALLEL_ITERATIONS, 1000),
+        })
+    }
+
+    fn json(&self, f: Figure) -> serde_json::Value {
+        match f {
+            Figure::Compute => serde_json::json!({"iterations": self.compute_iterations}),
+            Figure::Pio => serde_json::json!({"reads": self.pio_reads}),
+            Figure::Mmio => serde_json::json!({"reads": self.mmio_reads}),
+            Figure::Kick => serde_json::json!({
+                "forced_exits": self.kick_exits,
+                "period_us": self.kick_period_us,
+            }),
+            Figure::Parallel => {
+                serde_json::json!({"iterations_per_system": self.parallel_iterations})
+            }
+        }
+    }
+}
+
+/// One run of one side: its value (in the figure's unit) and the exits
+/// that show the run did the work it was asked for.
+struct Sample {
+    value: f64,
+    exits: serde_json::Value,
+}
+
+/// All runs of one figure.
+struct Measured {
+    figure: Figure,
+    kvmsim: Vec<Sample>,
+    reference: Vec<Sample>,
+}
+
+impl Measured {
+    fn best(&self, side: &[Sample]) -> Option<f64> {
+        let vals = side.iter().map(|s| s.value).filter(|v| v.is_finite());
+        match self.figure.better() {
+            Better::Lower => vals.reduce(f64::min),
+            Better::Higher => vals.reduce(f64::max),
+        }
+    }
+
+    fn ratio(&self) -> Option<f64> {
+        let r = self.best(&self.kvmsim)? / self.best(&self.reference)?;
+        r.is_finite().then_some(r)
+    }
+
+    fn met(&self) -> Option<bool> {
+        let r = self.ratio()?;
+        Some(match self.figure.goal() {
+            ("<=", g) => r <= g,
+            (_, g) => r >= g,
+        })
+    }
+}
+
+/// A scratch output folder for the kvmsim runs (removed on drop), and the
+/// compute loop's expected result (iterations, result) once known.
+struct Scratch(std::path::PathBuf, Option<(u64, u64)>);
+
+impl Scratch {
+    fn new() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("kvmsim-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(Scratch(dir, None))
+    }
+
+    /// The result of `n` iterations of the compute loop.
+    fn compute_result(&mut self, n: u64) -> u64 {
+        match self.1 {
+            Some((m, r)) if m == n => r,
+            _ => {
+                let r = guests::compute_loop_native(n);
+                self.1 = Some((n, r));
+                r
+            }
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// A config of one system running builtin guest `guest` with `args`, as
+/// `kvmsim run --kernel builtin:GUEST --arg ... --quiet` builds it.
+fn guest_config(guest: &str, args: &[u64], posix: bool) -> Config {
+    let mut cfg = Config::for_kernel(&format!("builtin:{guest}"));
+    let sc = &mut cfg.system[0];
+    sc.args = args.to_vec();
+    sc.serial.stdout = false;
+    sc.serial.stdin = false;
+    if posix {
+        // The bare loops use a POSIX run timer.
+        sc.cpu.timer = "posix".into();
+    }
+    cfg
+}
+
+/// What a kvmsim run of one guest gave.
+struct SimRun {
+    wall: f64,
+    stats: sim::stats::Dump,
+    serial: String,
+}
+
+/// Runs `cfg` as `kvmsim run` does; times `Simulation::run` (not the
+/// build); the guest must end with sim-ops exit.
+fn kvmsim_run(mut cfg: Config, scratch: &Scratch, what: &str) -> Result<SimRun, String> {
+    let dir = scratch.0.join(what);
+    let out = OutDir::create(&dir).map_err(text)?;
+    let mut s = Simulation::build(&mut cfg, out).map_err(|e| format!("{what}: {e}"))?;
+    let t = Instant::now();
+    let exits = s.run().map_err(|e| format!("{what}: {e}"))?;
+    let wall = t.elapsed().as_secs_f64();
+    if let Some(e) = exits.iter().find(|e| e.cause != sim::ExitCause::GuestExit) {
+        return Err(format!(
+            "{what}: the guest did not exit cleanly: {} {}",
+            e.cause.describe(),
+            e.message.trim_end()
+        ));
+    }
+    let sys = s.systems_mut().first_mut().ok_or("no system")?;
+    let stats = sys.stats_dump(sys.cur_tick());
+    drop(s);
+    let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+    Ok(SimRun {
+        wall,
+        stats,
+        serial,
     })
 }
 
-/// Runs the comparison and prints it.
-pub fn kick(period_us: u64, iterations: u64, runs: u32) -> Result<(), String> {
-    let runs = runs.max(1);
-    let mut native = f64::INFINITY;
-    let mut best_sim: Option<(f64, Sample)> = None;
-    let mut best_bare: Option<(f64, Sample)> = None;
-    for _ in 0..runs {
-        let t = Instant::now();
-        std::hint::black_box(guests::compute_loop_native(std::hint::black_box(
-            iterations,
-        )));
-        native = native.min(t.elapsed().as_secs_f64());
-        for (slot, s) in [
-            (&mut best_sim, kvmsim_run(period_us, iterations)?),
-            (&mut best_bare, bare_run(period_us, iterations)?),
-        ] {
-            let per_exit = (s.wall - native).max(0.0) / s.exits.max(1) as f64;
-            if slot.as_ref().is_none_or(|(p, _)| per_exit < *p) {
-                *slot = Some((per_exit, s));
+fn stat(d: &sim::stats::Dump, name: &str) -> u64 {
+    d.get(name).map_or(0, |v| v.as_f64() as u64)
+}
+
+/// Loads builtin guest `guest` into RAM of the size kvmsim gives it by
+/// default, as kvmsim's loader does; returns the RAM and the entry.
+fn load_bare(guest: &str) -> Result<(mem::GuestRam, u64), String> {
+    let name = format!("builtin:{guest}");
+    let image = guests::builtin(guest).ok_or_else(|| format!("no built-in guest {guest}"))?;
+    let size = Config::for_kernel(&name).system[0].memory.0;
+    let ram = mem::GuestRam::new(mem::MemoryMap::for_size(size).map_err(text)?).map_err(text)?;
+    let info = platform::loader::inspect(image, &name).map_err(text)?;
+    let entry = platform::loader::load(&ram, image, &info, &name).map_err(text)?;
+    Ok((ram, entry))
+}
+
+/// The value a bare loop returns for every read: all ones, what an
+/// unclaimed port or address reads.
+const BARE_READ: u64 = u64::MAX;
+
+fn bare_io(guest: &str, args: &[u64]) -> Result<kvm::bare::BareRun, String> {
+    let (ram, entry) = load_bare(guest)?;
+    let mut vm = kvm::bare::BareVm::new(&ram, entry, args).map_err(text)?;
+    vm.run_io(BARE_READ)
+        .map_err(|e| format!("bare {guest}: {e}"))
+}
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+/// One run of one side of `figure`.
+fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Result<Sample, String> {
+    let us = 1e6;
+    match (figure, kvmsim) {
+        (Figure::Compute, false) => {
+            let n = w.compute_iterations;
+            let t = Instant::now();
+            let r = guests::compute_loop_native(std::hint::black_box(n));
+            let value = t.elapsed().as_secs_f64();
+            scratch.1 = Some((n, r));
+            Ok(Sample {
+                value,
+                exits: serde_json::Value::Null,
+            })
+        }
+        (Figure::Compute, true) => {
+            let n = w.compute_iterations;
+            let r = kvmsim_run(guest_config("compute", &[n], false), scratch, "compute")?;
+            let want = format!("result=0x{:016x}", scratch.compute_result(n));
+            check(r.serial.contains(&want), || {
+                format!(
+                    "compute: the guest's result differs from the native one ({want}); serial.log: {}",
+                    r.serial
+                )
+            })?;
+            Ok(Sample {
+                value: r.wall,
+                exits: serde_json::json!({"exits": stat(&r.stats, "system.cpu.numVMExits")}),
+            })
+        }
+        (Figure::Pio | Figure::Mmio, true) => {
+            let (guest, n, what) = if figure == Figure::Pio {
+                ("pioloop", w.pio_reads, "system.cpu.numIO")
+            } else {
+                ("mmioloop", w.mmio_reads, "system.cpu.numMMIO")
+            };
+            let r = kvmsim_run(guest_config(guest, &[n], false), scratch, guest)?;
+            let exits = stat(&r.stats, what);
+            check(exits >= n, || {
+                format!("{guest}: {exits} exits in kvmsim for {n} reads")
+            })?;
+            Ok(Sample {
+                value: r.wall / n as f64 * us,
+                exits: serde_json::json!({"io": exits}),
+            })
+        }
+        (Figure::Pio | Figure::Mmio, false) => {
+            let (guest, n) = if figure == Figure::Pio {
+                ("pioloop", w.pio_reads)
+            } else {
+                ("mmioloop", w.mmio_reads)
+            };
+            let r = bare_io(guest, &[n])?;
+            let exits = if figure == Figure::Pio {
+                r.pio_exits
+            } else {
+                r.mmio_exits
+            };
+            check(exits >= n, || {
+                format!("{guest}: {exits} exits in the bare loop for {n} reads")
+            })?;
+            Ok(Sample {
+                value: r.wall.as_secs_f64() / n as f64 * us,
+                exits: serde_json::json!({"io": exits}),
+            })
+        }
+        (Figure::Kick, side) => {
+            let (k, period_us) = (w.kick_exits, w.kick_period_us);
+            let args = [period_us * 1000, k];
+            let (wall, forced, injected, stalls) = if side {
+                let r = kvmsim_run(guest_config("kick", &args, true), scratch, "kick")?;
+                (
+                    r.wall,
+                    stat(&r.stats, "system.cpu.numExitSignal"),
+                    stat(&r.stats, "system.cpu.numInterrupts"),
+                    Some(stat(&r.stats, "system.cpu.numProgressStalls")),
+                )
+            } else {
+                let (ram, entry) = load_bare("kick")?;
+                let mut vm = kvm::bare::BareVm::new(&ram, entry, &args).map_err(text)?;
+                let r = vm
+                    .run_kicked(Duration::from_micros(period_us), 0x40, BARE_READ)
+                    .map_err(|e| format!("bare kick: {e}"))?;
+                (r.wall.as_secs_f64(), r.forced_exits, r.injected, None)
+            };
+            let who = if side { "kvmsim" } else { "the bare loop" };
+            check(injected >= k, || {
+                format!("kick: {injected} interrupts injected by {who}; the guest waits for {k}")
+            })?;
+            // Each of the k interrupts needs one period of guest time; the
+            // rest of the run's host time is the forced exits' cost.
+            Ok(Sample {
+                value: (wall / k as f64 - period_us as f64 / us) * us,
+                exits: match stalls {
+                    Some(st) => serde_json::json!({
+                        "forced": forced,
+                        "injected": injected,
+                        "progress_stalls": st,
+                    }),
+                    None => serde_json::json!({"forced": forced, "injected": injected}),
+                },
+            })
+        }
+        (Figure::Parallel, two) => {
+            let systems = if two { 2 } else { 1 };
+            let n = w.parallel_iterations;
+            let mut toml = String::new();
+            for _ in 0..systems {
+                toml.push_str(&format!(
+                    "[[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:compute\"\nargs = [{n}]\n\
+                     [system.serial]\nstdout = false\nstdin = false\n[system.cpu]\ntimer = \"posix\"\n"
+                ));
             }
+            let cfg = Config::parse(&toml, Path::new("bench")).map_err(text)?;
+            let r = kvmsim_run(cfg, scratch, if two { "parallel2" } else { "parallel1" })?;
+            Ok(Sample {
+                value: (systems * n) as f64 / r.wall / 1e6,
+                exits: serde_json::Value::Null,
+            })
         }
     }
-    let (sim_cost, sim) = best_sim.ok_or("no kvmsim sample")?;
-    let (bare_cost, bare) = best_bare.ok_or("no bare sample")?;
-    println!("forced exits (timer kick + interrupt injection), period {period_us} us, {iterations} iterations, best of {runs}:");
-    println!("  native loop:            {native:.3} s");
-    println!(
-        "  bare kvm-ioctls loop:   {:.3} s, {} exits, {:.1} us per exit",
-        bare.wall,
-        bare.exits,
-        bare_cost * 1e6
-    );
-    println!(
-        "  kvmsim:                 {:.3} s, {} exits, {:.1} us per exit",
-        sim.wall,
-        sim.exits,
-        sim_cost * 1e6
-    );
-    println!(
-        "  ratio kvmsim/bare per exit: {:.2}",
-        sim_cost / bare_cost.max(1e-12)
-    );
-    Ok(())
 }
 
-/// Wall time of one run of `systems` independent `compute` systems.
-fn compute_systems_wall(systems: usize, iterations: u64) -> Result<f64, String> {
-    // The default quantum (no links: 10 ms), as a user gets it.
-    let mut text = String::new();
-    for _ in 0..systems {
-        text.push_str(&format!(
-            "[[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:compute\"\nargs = [{iterations}]\n\
-             [system.serial]\nstdout = false\nstdin = false\n[system.cpu]\ntimer = \"posix\"\n"
+/// Measures `figures` with `w`: for each run, each figure's two sides one
+/// after the other (kvmsim first).
+fn measure(figures: &[Figure], w: &Work) -> Result<Vec<Measured>, String> {
+    let mut scratch = Scratch::new()?;
+    let mut all: Vec<Measured> = figures
+        .iter()
+        .map(|&figure| Measured {
+            figure,
+            kvmsim: vec![],
+            reference: vec![],
+        })
+        .collect();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for run in 0..w.runs {
+        for m in &mut all {
+            if progress {
+                eprint!(
+                    "\rkvmsim bench: run {}/{}: {:<32}",
+                    run + 1,
+                    w.runs,
+                    m.figure.title()
+                );
+            }
+            m.kvmsim.push(sample(m.figure, true, w, &mut scratch)?);
+            m.reference.push(sample(m.figure, false, w, &mut scratch)?);
+        }
+    }
+    if progress {
+        eprint!("\r{:<80}\r", "");
+    }
+    Ok(all)
+}
+
+fn fmt_value(v: Option<f64>, unit: &str) -> String {
+    match v {
+        Some(v) if v.abs() >= 100.0 => format!("{v:.1} {unit}"),
+        Some(v) if v.abs() >= 1.0 => format!("{v:.3} {unit}"),
+        Some(v) => format!("{v:.4} {unit}"),
+        None => "n/a".into(),
+    }
+}
+
+/// The table.
+fn table(all: &[Measured], w: &Work) -> String {
+    let mut s = format!(
+        "kvmsim bench: {} run(s) per side, the sides interleaved (A B A B ...); each side's best run is shown \
+         (lowest time, highest throughput)\n\n",
+        w.runs
+    );
+    s.push_str(&format!(
+        "{:<32} {:<30} {:<34} {:>7}  {:<8} {}\n",
+        "figure", "kvmsim", "reference", "ratio", "goal", "met"
+    ));
+    for m in all {
+        let f = m.figure;
+        let (a, b) = f.sides();
+        let (op, g) = f.goal();
+        let side = |name: &str, v: Option<f64>| format!("{} ({name})", fmt_value(v, f.unit()));
+        s.push_str(&format!(
+            "{:<32} {:<30} {:<34} {:>7}  {:<8} {}\n",
+            f.title(),
+            side(a, m.best(&m.kvmsim)),
+            side(b, m.best(&m.reference)),
+            m.ratio().map_or("n/a".into(), |r| format!("{r:.3}")),
+            format!("{op} {g}"),
+            match m.met() {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "n/a",
+            }
         ));
     }
-    let mut cfg = Config::parse(&text, std::path::Path::new("bench")).map_err(|e| e.to_string())?;
-    let dir = std::env::temp_dir().join(format!("kvmsim-bench-par-{}", std::process::id()));
-    let t = Instant::now();
-    let out = OutDir::create(&dir).map_err(|e| e.to_string())?;
-    let mut s = platform::Simulation::build(&mut cfg, out).map_err(|e| e.to_string())?;
-    let exits = s.run().map_err(|e| e.to_string())?;
-    let wall = t.elapsed().as_secs_f64();
-    if let Some(e) = exits.iter().find(|e| e.cause != sim::ExitCause::GuestExit) {
-        return Err(format!("a compute system did not exit cleanly: {e:?}"));
+    s.push('\n');
+    for m in all {
+        s.push_str(&format!(
+            "  {:<9} {}; work per run: {}\n",
+            m.figure.key(),
+            m.figure.measured_as(),
+            w.json(m.figure)
+        ));
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(wall)
+    s
 }
 
-/// Aggregate guest throughput of 2 independent systems against 1.
-pub fn parallel(iterations: u64, runs: u32) -> Result<(), String> {
-    let runs = runs.max(1);
-    let (mut one, mut two) = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..runs {
-        one = one.min(compute_systems_wall(1, iterations)?);
-        two = two.min(compute_systems_wall(2, iterations)?);
-    }
-    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "aggregate guest throughput, compute loop of {iterations} iterations per system, best of {runs}, \
-         {host_cpus} host CPUs, quantum {} ms:",
-        platform::config::DEFAULT_QUANTUM / sim::tick::TICKS_PER_MS
-    );
-    println!(
-        "  1 system:   {one:.3} s  ({:.0} M iterations/s)",
-        iterations as f64 / one / 1e6
-    );
-    println!(
-        "  2 systems:  {two:.3} s  ({:.0} M iterations/s)",
-        2.0 * iterations as f64 / two / 1e6
-    );
-    println!(
-        "  ratio 2 systems / 1 system: {:.2} (goal: at least 1.8)",
-        2.0 * one / two
-    );
-    Ok(())
+fn num(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+fn opt(v: Option<f64>) -> serde_json::Value {
+    v.map_or(serde_json::Value::Null, num)
+}
+
+/// The `/proc/loadavg` averages (1, 5, 15 minutes), if readable.
+fn load_average() -> Option<[f64; 3]> {
+    let t = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = t.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+fn report_json(
+    all: &[Measured],
+    w: &Work,
+    load: (Option<[f64; 3]>, Option<[f64; 3]>),
+) -> serde_json::Value {
+    let figures: Vec<_> = all
+        .iter()
+        .map(|m| {
+            let f = m.figure;
+            let (a, b) = f.sides();
+            let (op, g) = f.goal();
+            let values = |v: &[Sample]| v.iter().map(|s| num(s.value)).collect::<Vec<_>>();
+            let exits = |v: &[Sample]| v.iter().map(|s| s.exits.clone()).collect::<Vec<_>>();
+            serde_json::json!({
+                "key": f.key(),
+                "figure": f.title(),
+                "measured_as": f.measured_as(),
+                "unit": f.unit(),
+                "kvmsim_side": a,
+                "reference_side": b,
+                "kvmsim": opt(m.best(&m.kvmsim)),
+                "reference": opt(m.best(&m.reference)),
+                "ratio": opt(m.ratio()),
+                "goal": {"op": op, "value": g},
+                "met": m.met(),
+                "work": w.json(f),
+                "samples": {"kvmsim": values(&m.kvmsim), "reference": values(&m.reference)},
+                "exits": {"kvmsim": exits(&m.kvmsim), "reference": exits(&m.reference)},
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "kvmsim_version": env!("CARGO_PKG_VERSION"),
+        "runs": w.runs,
+        "statistic": "best",
+        "order": "interleaved: for each run, each figure's kvmsim side, then its reference side",
+        "host": {
+            "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "loadavg_before": load.0,
+            "loadavg_after": load.1,
+        },
+        "figures": figures,
+    })
+}
+
+/// Writes `text` to stdout; a failure (a closed pipe) is an error, not a panic.
+fn print_out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))
+}
+
+/// `kvmsim bench`: every figure; `DIR/bench.json`, then the table on stdout.
+pub fn all(w: &Work, out: &Path) -> Result<(), String> {
+    let path = out.join("bench.json");
+    // Fail on an unwritable folder before spending minutes measuring.
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let before = load_average();
+    let m = measure(&Figure::ALL, w)?;
+    let after = load_average();
+    let json = report_json(&m, w, (before, after));
+    let text = serde_json::to_string_pretty(&json).map_err(text)? + "\n";
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let fmt = |l: Option<[f64; 3]>| l.map_or("unknown".into(), |l| format!("{:.2}", l[0]));
+    print_out(&format!(
+        "{}  host: {} CPUs, load average {} before, {} after\n  written: {}\n",
+        table(&m, w),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        fmt(before),
+        fmt(after),
+        path.display()
+    ))
+}
+
+/// One figure alone (`kvmsim bench compute|kick|parallel|pio|mmio`): its row
+/// of the table, nothing written.
+pub fn one(figure: Figure, w: &Work) -> Result<(), String> {
+    let m = measure(&[figure], w)?;
+    print_out(&table(&m, w))
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use platform::units::{Duration, Size};
-use platform::{status, Config, OutDir, PlatformError, Simulation, System};
+use platform::{status, Config, OutDir, PlatformError, Simulation};
 use sim::tick::ticks_to_seconds;
 
 mod bench;
@@ -38,9 +38,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks, measured side by side in one run.
-    #[command(subcommand)]
-    Bench(Bench),
+    /// Benchmarks: kvmsim against native code and bare KVM loops, side by
+    /// side in one run; without a subcommand every figure, into bench.json.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -85,6 +85,25 @@ struct RunArgs {
     trace: Option<String>,
 }
 
+/// `kvmsim bench`: every figure, or one of them.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    /// One figure alone (its row of the table; bench.json is not written).
+    #[command(subcommand)]
+    only: Option<Bench>,
+    /// Runs of each side of each figure, interleaved (the best is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Multiplies every figure's work (iterations, reads, forced exits);
+    /// e.g. 0.1 for a quick look.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// The folder bench.json is written to.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    out: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Bench {
     /// Aggregate guest throughput of 2 independent systems (one thread
@@ -98,14 +117,14 @@ enum Bench {
         runs: u32,
     },
     /// Cost of one forced exit (timer kick + interrupt) in kvmsim against a
-    /// bare kvm-ioctls run loop doing the same, side by side.
+    /// bare KVM run loop doing the same, side by side.
     Kick {
         /// Timer period in simulated (and host) microseconds.
         #[arg(long, default_value_t = 100)]
         period_us: u64,
-        /// Loop iterations of the guest (about 1 ns each at native speed).
-        #[arg(long, default_value_t = 300_000_000)]
-        iterations: u64,
+        /// Forced exits (interrupts the guest waits for).
+        #[arg(long, default_value_t = 2_000)]
+        exits: u64,
         /// Repetitions of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
@@ -115,6 +134,24 @@ enum Bench {
         /// Loop iterations.
         #[arg(long, default_value_t = 1_000_000_000)]
         iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// Port reads at CPL0: kvmsim against a bare KVM loop, side by side.
+    Pio {
+        /// Port reads.
+        #[arg(long, default_value_t = 20_000)]
+        reads: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// MMIO reads at CPL0: kvmsim against a bare KVM loop, side by side.
+    Mmio {
+        /// MMIO reads.
+        #[arg(long, default_value_t = 20_000)]
+        reads: u64,
         /// Repetitions of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
@@ -133,17 +170,6 @@ fn parse_trace(t: &str) -> Result<platform::config::TraceConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMSIM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only on a terminal: a log captured in a file or a pipe
-    // stays plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .without_time()
-        .with_target(false)
-        .init();
     // Usage errors are kvmsim errors (254, as the README says); --help
     // and --version succeed.
     let cli = match Cli::try_parse() {
@@ -157,22 +183,28 @@ fn main() -> ExitCode {
             });
         }
     };
+    // The bench builds many systems: their start-up notes would bury the table.
+    let default_level = if matches!(cli.command, Command::Bench(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVMSIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // Colour codes only on a terminal: a log captured in a file or a pipe
+    // stays plain text.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Guests { extract } => guests_cmd(extract),
         Command::Doctor { json } => doctor(json),
-        Command::Bench(Bench::Compute { iterations, runs }) => bench_compute(iterations, runs),
-        Command::Bench(Bench::Parallel { iterations, runs }) => {
-            match bench::parallel(iterations, runs) {
-                Ok(()) => 0,
-                Err(e) => fail(e),
-            }
-        }
-        Command::Bench(Bench::Kick {
-            period_us,
-            iterations,
-            runs,
-        }) => match bench::kick(period_us, iterations, runs) {
+        Command::Bench(b) => match bench_cmd(b) {
             Ok(()) => 0,
             Err(e) => fail(e),
         },
@@ -435,51 +467,36 @@ fn guests_cmd(extract: Option<PathBuf>) -> i32 {
     }
 }
 
-/// Runs the compute loop natively and in kvmsim; prints both and the ratio.
-fn bench_compute(iterations: u64, runs: u32) -> i32 {
-    let runs = runs.max(1);
-    let mut native_best = f64::INFINITY;
-    let mut native_result;
-    let mut sim_best = f64::INFINITY;
-    let mut sim_seconds = 0.0;
-    let outdir = std::env::temp_dir().join(format!("kvmsim-bench-{}", std::process::id()));
-    for _ in 0..runs {
-        let t = Instant::now();
-        native_result = guests::compute_loop_native(std::hint::black_box(iterations));
-        native_best = native_best.min(t.elapsed().as_secs_f64());
-
-        let mut cfg = Config::for_kernel("builtin:compute");
-        cfg.system[0].args = vec![iterations];
-        cfg.system[0].serial.stdout = false;
-        cfg.system[0].serial.stdin = false;
-        let t = Instant::now();
-        let out = match OutDir::create(&outdir) {
-            Ok(o) => o,
-            Err(e) => return fail(e),
-        };
-        let exit = match System::build(&mut cfg, out).and_then(|mut s| s.run()) {
-            Ok(e) => e,
-            Err(e) => return fail(e),
-        };
-        sim_best = sim_best.min(t.elapsed().as_secs_f64());
-        sim_seconds = ticks_to_seconds(exit.tick);
-        if exit.cause != sim::ExitCause::GuestExit {
-            return fail(format!("the compute guest did not exit cleanly: {exit:?}"));
+/// `kvmsim bench`: every figure, or the one a subcommand names.
+fn bench_cmd(b: BenchArgs) -> Result<(), String> {
+    let mut w = bench::Work::scaled(b.scale, b.runs)?;
+    let figure = match b.only {
+        None => return bench::all(&w, &b.out),
+        Some(Bench::Compute { iterations, runs }) => {
+            (w.compute_iterations, w.runs) = (iterations, runs);
+            bench::Figure::Compute
         }
-        let log = std::fs::read_to_string(outdir.join("serial.log")).unwrap_or_default();
-        let want = format!("result=0x{native_result:016x}");
-        if !log.contains(&want) {
-            return fail(format!(
-                "the guest's result differs from the native one ({want}); serial.log: {log}"
-            ));
+        Some(Bench::Parallel { iterations, runs }) => {
+            (w.parallel_iterations, w.runs) = (iterations, runs);
+            bench::Figure::Parallel
         }
-    }
-    let _ = std::fs::remove_dir_all(&outdir);
-    println!("compute loop, {iterations} iterations, best of {runs}:");
-    println!("  native on the host:   {native_best:.3} s");
-    println!(
-        "  kvmsim (whole run):   {sim_best:.3} s  (guest reported {sim_seconds:.3} s simulated)"
-    );
-    println!("  ratio kvmsim/native:  {:.3}", sim_best / native_best);
-    0
+        Some(Bench::Kick {
+            period_us,
+            exits,
+            runs,
+        }) => {
+            (w.kick_period_us, w.kick_exits, w.runs) = (period_us, exits, runs);
+            bench::Figure::Kick
+        }
+        Some(Bench::Pio { reads, runs }) => {
+            (w.pio_reads, w.runs) = (reads, runs);
+            bench::Figure::Pio
+        }
+        Some(Bench::Mmio { reads, runs }) => {
+            (w.mmio_reads, w.runs) = (reads, runs);
+            bench::Figure::Mmio
+        }
+    };
+    w.runs = w.runs.max(1);
+    bench::one(figure, &w)
 }
