@@ -841,16 +841,18 @@ fn a_trace_never_hands_user_mode_a_debug_exception_the_host_cannot_step() {
     if !kvm_or_skip("trace_cpl3") {
         return;
     }
-    // The compute guest is at ring 3 at 1 ms; the trace starts then.
+    // The compute guest sets up in a few dozen kernel-mode instructions
+    // and is at ring 3 well before 20 ms (its loop takes ~100 ms); the
+    // trace starts then.
     let r = kvmsim(
         &[
             "run",
             "--kernel",
             "builtin:compute",
             "--arg",
-            "10000000",
+            "100000000",
             "--trace",
-            "20@1ms",
+            "20@20ms",
             "--quiet",
         ],
         &outdir("trace-cpl3"),
@@ -858,7 +860,7 @@ fn a_trace_never_hands_user_mode_a_debug_exception_the_host_cannot_step() {
     assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
     assert!(r
         .file("serial.log")
-        .starts_with("compute: iterations=10000000"));
+        .starts_with("compute: iterations=100000000"));
     let trace = r.file("trace.txt");
     let steps = trace.lines().filter(|l| !l.starts_with('#')).count();
     assert_eq!(steps, 20, "{trace}");
