@@ -307,6 +307,9 @@ pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     stall_pc: Option<u64>,
     /// Timer exits in a row at `stall_pc`, after the first.
     stall_repeats: u32,
+    /// An interrupt or NMI was injected since the last timer exit (the
+    /// guest ran its handler: progress, even if it is back at the same PC).
+    injected_since_timer_exit: bool,
 }
 
 impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
@@ -345,6 +348,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             min_span: 0,
             stall_pc: None,
             stall_repeats: 0,
+            injected_since_timer_exit: false,
         })
     }
 
@@ -754,6 +758,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             let mut intc = mem::lock(intc);
             let d = self.arch.deliver_interrupts(&mut self.vcpu, &mut *intc)?;
             self.stats.num_interrupts.add(u64::from(d.injected));
+            self.injected_since_timer_exit |= d.injected > 0;
         }
         // While single-stepping each entry should stop after one
         // instruction; the timer still bounds it, in case KVM does not step
@@ -831,11 +836,12 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
 
     /// Forward progress on a host that needs more time per entry than the
     /// next event leaves: the third timer exit in a row at the same program
-    /// counter (with nothing else between) doubles the minimum run span; a
-    /// timer exit elsewhere halves it. A tight loop also meets its own PC
-    /// now and then (a two-instruction loop: every other exit), so one
-    /// repeat is not taken for a stall; a stuck instruction repeats every
-    /// time.
+    /// counter, with nothing else between (no other exit, no interrupt
+    /// injected), doubles the minimum run span; a timer exit elsewhere
+    /// halves it. A tight loop also meets its own PC now and then (a
+    /// two-instruction loop: every other exit), and a guest that waits in
+    /// a loop for interrupts meets it after each handler; a stuck
+    /// instruction repeats every time with nothing between.
     fn check_progress(&mut self, exit: &Exit, expired: bool) -> Result<()> {
         if !(expired && *exit == Exit::Intr) {
             if *exit != Exit::Intr {
@@ -845,11 +851,12 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             return Ok(());
         }
         let pc = self.arch.program_counter(&mut self.vcpu)?;
+        let injected = std::mem::take(&mut self.injected_since_timer_exit);
         let floor = self
             .timer
             .as_ref()
             .map_or(1, |t| t.resolution(&self.cfg).max(1));
-        if self.stall_pc == Some(pc) {
+        if self.stall_pc == Some(pc) && !injected {
             self.stall_repeats += 1;
         } else {
             self.stall_repeats = 0;
