@@ -321,7 +321,10 @@ impl BusDevice for Uart16550 {
                 0xff
             };
         }
-        self.refill();
+        // Reading RBR or IIR can end the interrupt condition; the line
+        // follows at once (else it stays high and the next one has no edge).
+        // This also refills the FIFO and tells the input the room left.
+        self.update_irq();
         UART_LATENCY
     }
 
@@ -464,6 +467,43 @@ mod tests {
         assert_eq!(rd(&mut u, 0), b'L');
         assert_eq!(rd(&mut u, 6), 0xf0);
         assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    /// Keeps IRQ4's level and counts its rising edges.
+    #[derive(Default)]
+    struct Line {
+        level: bool,
+        rises: u32,
+    }
+    impl crate::irq::InterruptSink for Line {
+        fn set_line(&mut self, _: u32, level: bool) {
+            self.rises += u32::from(level && !self.level);
+            self.level = level;
+        }
+    }
+
+    #[test]
+    fn reads_that_end_the_interrupt_lower_the_line() {
+        // Found by fuzzing (fuzz/, target dev_uart): the line was driven
+        // after writes only, so reading IIR (THRE) or the last received
+        // byte left IRQ4 high, and the next interrupt had no edge for an
+        // edge-triggered controller to see.
+        let (mut u, _, input, _) = uart();
+        let line = Arc::new(Mutex::new(Line::default()));
+        u.set_irq_line(crate::irq::IrqLine::none().to(line.clone(), 4));
+        wr(&mut u, 1, IER_THRE);
+        assert!(line.lock().unwrap().level);
+        assert_eq!(rd(&mut u, 2) & 0x0f, IIR_THRE);
+        assert!(!line.lock().unwrap().level, "reading IIR ends THRE");
+        wr(&mut u, 0, b'a');
+        assert_eq!(line.lock().unwrap().rises, 2, "the next THRE is an edge");
+        assert_eq!(rd(&mut u, 2) & 0x0f, IIR_THRE);
+        wr(&mut u, 1, IER_RDA);
+        input.push(b"x");
+        assert_eq!(rd(&mut u, 5) & LSR_DR, LSR_DR);
+        assert!(line.lock().unwrap().level, "data ready");
+        assert_eq!(rd(&mut u, 0), b'x');
+        assert!(!line.lock().unwrap().level, "the last byte taken");
     }
 
     proptest::proptest! {
