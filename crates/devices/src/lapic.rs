@@ -520,6 +520,27 @@ mod tests {
     }
 
     #[test]
+    fn a_periodic_timer_stops_at_the_end_of_time() {
+        // Found by fuzzing (fuzz/, target dev_lapic): the expiry after the
+        // last representable one saturates to MAX_TICK; serviced there, it
+        // named MAX_TICK again and the system looped at that tick forever.
+        // A deadline at MAX_TICK is never serviced (mem::service_tick).
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x320, 0x2_0030); // periodic, vector 0x30
+        let start = Tick::MAX - 5_000_000;
+        w(&mut a, start, 0x380, 1000); // 1000 counts of 2 ns: a 2 us period
+        let (mut now, mut fired) = (start, 0);
+        while let Some(at) = mem::service_tick(a.next_deadline(), now) {
+            assert!(at > now && fired < 3, "serviced again at {at}");
+            a.on_deadline(&mut AccessCtx::new(at, &mut vec![]));
+            (now, fired) = (at, fired + 1);
+        }
+        assert_eq!(fired, 2, "the periods that end before the end of time");
+        assert_eq!(a.next_deadline(), Some(Tick::MAX));
+    }
+
+    #[test]
     fn identity_and_reset_state() {
         let mut a = lapic();
         assert_eq!(r(&mut a, 0, 0x30), LAPIC_VERSION);

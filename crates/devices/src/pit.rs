@@ -404,6 +404,28 @@ mod tests {
     }
 
     #[test]
+    fn edges_stop_at_the_end_of_time() {
+        // Found by fuzzing (fuzz/, target dev_pit): the edge after the last
+        // representable one saturates to MAX_TICK; serviced there, it named
+        // MAX_TICK again and the system looped at that tick forever. A
+        // deadline at MAX_TICK is never serviced (mem::service_tick).
+        let (mut p, rec) = pit();
+        let start = Tick::MAX - 2_500 * CLOCK;
+        out(&mut p, start, 3, 0x34); // ch0 lohi mode 2
+        out(&mut p, start, 0, 0xe8);
+        out(&mut p, start, 0, 0x03); // 1000 clocks
+        let (mut now, mut edges) = (start, 0);
+        while let Some(at) = mem::service_tick(p.next_deadline(), now) {
+            assert!(at > now && edges < 3, "serviced again at {at}");
+            p.on_deadline(&mut AccessCtx::new(at, &mut vec![]));
+            (now, edges) = (at, edges + 1);
+        }
+        assert_eq!(edges, 2, "the edges before the end of time");
+        assert_eq!(rec.lock().unwrap().0.len(), 4, "two pulses");
+        assert_eq!(p.next_deadline(), Some(Tick::MAX));
+    }
+
+    #[test]
     fn counts_down_and_latches() {
         let (mut p, _) = pit();
         out(&mut p, 0, 3, 0x34); // ch0 lohi mode 2

@@ -296,8 +296,11 @@ impl TimedDevice for Rtc {
         let periodic = self
             .next_periodic
             .or_else(|| self.periodic_period().map(|_| 0));
-        let second = (self.ram[REG_B] & (B_UIE | B_AIE) != 0 && self.ram[REG_B] & B_SET == 0)
-            .then(|| self.last_second.map_or(0, |s| (s + 1) * TICKS_PER_SECOND));
+        let second =
+            (self.ram[REG_B] & (B_UIE | B_AIE) != 0 && self.ram[REG_B] & B_SET == 0).then(|| {
+                self.last_second
+                    .map_or(0, |s| (s + 1).saturating_mul(TICKS_PER_SECOND))
+            });
         match (periodic, second) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -307,11 +310,13 @@ impl TimedDevice for Rtc {
     fn on_deadline(&mut self, ctx: &mut AccessCtx) {
         let now = ctx.now;
         if let Some(period) = self.periodic_period() {
+            // Saturates at the end of time (MAX_TICK: never).
+            let next = (now / period + 1).saturating_mul(period);
             match self.next_periodic {
-                None => self.next_periodic = Some((now / period + 1) * period),
+                None => self.next_periodic = Some(next),
                 Some(t) if t <= now => {
                     self.raise(C_PF);
-                    self.next_periodic = Some((now / period + 1) * period);
+                    self.next_periodic = Some(next);
                 }
                 _ => {}
             }
@@ -467,6 +472,23 @@ mod tests {
         assert_eq!(r.next_deadline(), Some(TICKS_PER_SECOND));
         r.on_deadline(&mut AccessCtx::new(TICKS_PER_SECOND, &mut q));
         assert_eq!(rd(&mut r, TICKS_PER_SECOND, 0x0c), C_IRQF | C_UF);
+    }
+
+    #[test]
+    fn deadlines_saturate_at_the_end_of_time() {
+        // Found by fuzzing (fuzz/, target dev_rtc): near the last tick the
+        // next periodic interrupt and the next second overflowed.
+        let (mut r, _) = rtc();
+        wr(&mut r, 0, 0x0b, B_PIE | B_UIE | B_24H);
+        let late = Tick::MAX - 1000;
+        let mut q = vec![];
+        r.on_deadline(&mut AccessCtx::new(late, &mut q));
+        assert_eq!(r.next_deadline(), Some(Tick::MAX));
+        assert_eq!(
+            mem::service_tick(r.next_deadline(), late),
+            None,
+            "never due"
+        );
     }
 
     #[test]

@@ -90,14 +90,28 @@ impl BusDevice for Rebased {
 /// next tick at which something must happen; the system schedules one event
 /// for it and asks again after every access.
 pub trait TimedDevice: Send {
-    /// The tick of the next thing this device must do, if any.
+    /// The tick of the next thing this device must do, if any. A deadline
+    /// already past is due at once; one at [`sim::tick::MAX_TICK`] (where a
+    /// device's time arithmetic saturates) is never serviced: nothing
+    /// happens at the end of time.
     fn next_deadline(&self) -> Option<Tick>;
-    /// Does what is due at `ctx.now`.
+    /// Does what is due at `ctx.now`. Afterwards the next deadline is later
+    /// than `ctx.now` (or none): the system would otherwise service the
+    /// device at the same tick forever.
     fn on_deadline(&mut self, ctx: &mut AccessCtx);
 }
 
 /// A shared handle to a timed device.
 pub type TimedHandle = Arc<Mutex<dyn TimedDevice>>;
+
+/// The tick at which a system services a timed device whose next deadline
+/// is `deadline`, at tick `now`: at the deadline, at once if it is past,
+/// never if there is none or it is [`sim::tick::MAX_TICK`].
+pub fn service_tick(deadline: Option<Tick>, now: Tick) -> Option<Tick> {
+    deadline
+        .filter(|&d| d < sim::tick::MAX_TICK)
+        .map(|d| d.max(now))
+}
 
 /// Errors registering devices.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -325,6 +339,24 @@ mod tests {
         assert_eq!(d, [0xff; 8]);
         bus.read(Space::Mmio, u64::MAX, &mut d, &mut ctx);
         assert!(a.lock().unwrap().log.is_empty());
+    }
+
+    #[test]
+    fn deadlines_are_serviced_on_time_at_once_or_never() {
+        assert_eq!(service_tick(Some(50), 10), Some(50));
+        assert_eq!(
+            service_tick(Some(5), 10),
+            Some(10),
+            "a past deadline is due now"
+        );
+        assert_eq!(service_tick(None, 10), None);
+        // A timer whose arithmetic saturated: servicing it at the end of
+        // time would leave it due at the same tick again, forever.
+        assert_eq!(service_tick(Some(Tick::MAX), 10), None);
+        assert_eq!(
+            service_tick(Some(Tick::MAX - 1), Tick::MAX),
+            Some(Tick::MAX)
+        );
     }
 
     #[test]

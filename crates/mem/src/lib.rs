@@ -10,7 +10,7 @@ pub mod bus;
 pub mod ram;
 
 pub use bus::{
-    lock, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus, Rebased, Space,
-    TimedDevice, TimedHandle,
+    lock, service_tick, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus, Rebased,
+    Space, TimedDevice, TimedHandle,
 };
 pub use ram::{GuestRam, MemoryMap, RamError, Region};

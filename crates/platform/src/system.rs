@@ -812,9 +812,7 @@ impl System {
     /// when the guest programs them).
     fn refresh_deadlines(&mut self) -> Result<(), PlatformError> {
         for (i, t) in self.timed.iter_mut().enumerate() {
-            let want = mem::lock(&t.dev)
-                .next_deadline()
-                .map(|d| d.max(self.queue.cur_tick()));
+            let want = mem::service_tick(mem::lock(&t.dev).next_deadline(), self.queue.cur_tick());
             if t.event.map(|(_, at)| at) == want {
                 continue;
             }
