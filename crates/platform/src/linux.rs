@@ -357,6 +357,21 @@ mod tests {
     }
 
     #[test]
+    fn an_xz_footer_with_the_largest_index_size_is_an_error() {
+        // Found by fuzzing (fuzz/, target decompress_xz): lzma-rs adds 1 to
+        // the footer's backward size, which overflowed (a panic in debug
+        // builds) for 0xffffffff.
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut std::io::BufReader::new(KERNEL), &mut xz).unwrap();
+        let n = xz.len();
+        xz[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decompress(&xz, "k"),
+            Err(KernelError::Decompress(_, Compression::Xz, _))
+        ));
+    }
+
+    #[test]
     fn bad_images_are_clear_errors() {
         assert!(matches!(
             parse(b"nothing", "k"),
