@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of every fuzz target into fuzz/corpus/<target>/.
+
+The seeds are committed; this script says where they came from and remakes
+them: the built-in guests (`kvmsim guests --extract`, so kvmsim is built
+first), examples/*.toml, small payloads compressed with the system's gzip,
+xz, zstd and lz4 (as the kernel's build does), fake bzImages around them,
+firmware parameters, and one access script per device in the format of
+fuzz/src/script.rs. Run from anywhere: python3 fuzz/make-seeds.py
+"""
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def run(cmd, data):
+    return subprocess.run(cmd, input=data, stdout=subprocess.PIPE, check=True).stdout
+
+
+# --- built-in guests --------------------------------------------------------
+
+def guests():
+    tmp = tempfile.mkdtemp()
+    subprocess.run(["cargo", "build", "-q", "-p", "kvmsim"], cwd=ROOT, check=True)
+    subprocess.run([os.path.join(ROOT, "target", "debug", "kvmsim"), "guests", "--extract", tmp],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    out = {}
+    for n in sorted(os.listdir(tmp)):
+        with open(os.path.join(tmp, n), "rb") as f:
+            out[n[:-4]] = f.read()
+    shutil.rmtree(tmp)
+    return out
+
+
+# --- config and units -------------------------------------------------------
+
+FULL_CONFIG = """\
+[sim]
+max_time = "10s"
+drain_period = "1ms"
+sample_period = "1s"
+
+[system]
+memory = "128MiB"
+kernel = "builtin:hello"
+args = [1000, 2, 3]
+stack = 0x80000
+coalesced_mmio = [[0xFEB00000, 0x1000]]
+platform = "auto"
+rtc_start = 1795610096
+
+[system.cpu]
+clock = "2GHz"
+host_factor = 1.0
+host_freq = "2.6GHz"
+timer = "auto"
+max_insts = 1000000
+syscall_repair = true
+trace = { from = "1s", insts = 1000 }
+
+[system.serial]
+stdout = true
+stdin = false
+"""
+
+LINUX_CONFIG = """\
+[system]
+kernel = "vmlinuz"
+initrd = "initrd.gz"
+append = "quiet"
+platform = "pc"
+memory = "1GiB"
+[system.cpu]
+host_factor = 4
+"""
+
+UNITS = ["64MiB", "1GiB", "4096", "2.6 GHz", "100MHz", "32768Hz", "10ms", "2.5us",
+         "1_000_000ps", "7ns", "1s", "1.5GiB", "2GB", "3 parsecs", "0Hz", "µs", ""]
+
+
+# --- compressed payloads and bzImages ---------------------------------------
+
+def compressors():
+    return {
+        "decompress_gzip": ["gzip", "-9", "-n", "-c"],
+        "decompress_xz": ["xz", "--check=crc32", "-c"],
+        "decompress_lzma": ["xz", "--format=lzma", "-c"],
+        "decompress_zstd": ["zstd", "-19", "-q", "-c"],
+        "decompress_lz4": ["lz4", "-l", "-9", "-q", "-c"],
+    }
+
+
+def bzimage(payload, protocol=0x020F, setup_sects=4):
+    img = bytearray(512 * ((setup_sects or 4) + 1))  # 0 means 4
+    img[0x1F1] = setup_sects
+    img[0x1FE:0x200] = b"\x55\xaa"
+    img[0x201] = 0x6A  # header length: 0x202 + 0x6a = 0x26c
+    img[0x202:0x206] = b"HdrS"
+    img[0x206:0x208] = struct.pack("<H", protocol)
+    img[0x22C:0x230] = struct.pack("<I", 0x7FFFFFFF)  # initrd_addr_max
+    img[0x238:0x23C] = struct.pack("<I", 2047)  # cmdline_size
+    img[0x248:0x24C] = struct.pack("<I", 0)  # payload_offset
+    img[0x24C:0x250] = struct.pack("<I", len(payload))  # payload_length
+    return bytes(img) + payload
+
+
+# --- firmware parameters ----------------------------------------------------
+
+def firmware(memory, initrd, kernel_end, addr_max, cmdline_size, cpus, ioapic, header,
+             cmdline, e820=()):
+    b = struct.pack("<QQQIIBBBHH", memory, initrd, kernel_end, addr_max, cmdline_size,
+                    cpus, ioapic, len(e820), len(header), len(cmdline))
+    b += header + cmdline.encode()
+    for a, s, t in e820:
+        b += struct.pack("<QQI", a, s, t)
+    return b
+
+
+# --- device access scripts --------------------------------------------------
+
+R, W, EV, IDLE = 0, 1, 2, 3
+
+
+def advance(ticks):
+    shift = 0
+    while ticks > 0xFFFFFF:
+        ticks >>= 1
+        shift += 1
+    return (shift << 24) | ticks
+
+
+def op(kind, offset=0, value=0, size=1, window=0, after=0, aux=0):
+    """One record: `after` ticks pass first."""
+    return struct.pack("<BBHIQQ", kind | (window << 2), (size - 1) % 8, offset,
+                       advance(after), value & (2**64 - 1), aux & (2**64 - 1))
+
+
+def script(*ops, param=0):
+    return struct.pack("<Q", param & (2**64 - 1)) + b"".join(ops)
+
+
+US = 1_000_000
+MS = 1_000_000_000
+S = 1_000_000_000_000
+
+
+def device_seeds():
+    seeds = {}
+    seeds["dev_uart"] = [script(
+        op(W, 3, 0x83), op(W, 0, 0x01), op(W, 1, 0x00), op(W, 3, 0x03), op(W, 2, 0xC7),
+        op(W, 1, 0x03), op(W, 0, ord("h")), op(W, 0, ord("\n")), op(R, 2), op(R, 5),
+        op(EV, value=0x636261, size=3), op(R, 5), op(R, 2), op(R, 0), op(R, 0), op(R, 0),
+        op(R, 5), op(W, 4, 0x1F), op(W, 0, ord("L")), op(R, 0), op(R, 6), op(W, 7, 0x5A),
+        op(R, 7), op(W, 4, 0x0B), op(R, 0, size=8), op(W, 0, 0x4142434445464748, size=8)),
+    ]
+    seeds["dev_simops"] = [script(
+        op(R, 0x2300, value=1, aux=2, size=8), op(W, 0x5A00, value=1, aux=0),
+        op(W, 0x5B00, value=1, aux=0, after=5 * US), op(W, 0x4000, value=0, aux=0),
+        op(W, 0x4100, value=1000, aux=1000), op(W, 0x4200, value=0, aux=0),
+        op(R, 0x7700, size=4), op(W, 0x2200, value=5, aux=3), op(W, 0x2100, value=10)),
+    ]
+    seeds["dev_timer"] = [script(
+        op(W, 0x10, 0x40, size=8), op(W, 0x00, 1000, size=8), op(W, 0x08, 3, size=8),
+        op(IDLE, after=5 * US), op(R, 0x18, size=8), op(R, 0x20, size=8), op(EV),
+        op(W, 0x08, 7, size=8), op(IDLE, after=3 * US), op(EV, aux=1), op(R, 0x1C, size=4),
+        op(W, 0x00, 0xFFFFFFFFFFFF, size=8), op(W, 0x08, 0, size=8), op(R, 0x18, size=2)),
+    ]
+    seeds["dev_mailbox"] = [script(
+        op(W, 0x18, 0x50, size=8), op(W, 0x00, 0x1234, size=8), op(EV, value=7, aux=3),
+        op(R, 0x10, size=8), op(R, 0x08, size=8), op(R, 0x08, size=8), op(R, 0x20, size=8),
+        op(R, 0x28, size=8), op(R, 0x30, size=8), op(EV, value=1, aux=4500),
+        op(R, 0x10, size=8), op(R, 0x0C, size=4),
+        param=(100 * US) << 8),
+    ]
+    m, s, e = 0, 1, 2  # PIC windows: master, slave, ELCR
+    seeds["dev_pic"] = [script(
+        op(W, 0, 0x11, window=m), op(W, 1, 0x30, window=m), op(W, 1, 0x04, window=m),
+        op(W, 1, 0x01, window=m), op(W, 0, 0x11, window=s), op(W, 1, 0x38, window=s),
+        op(W, 1, 0x02, window=s), op(W, 1, 0x01, window=s), op(W, 1, 0x00, window=m),
+        op(W, 1, 0x00, window=s), op(EV, value=0, aux=3), op(EV), op(W, 0, 0x20, window=m),
+        op(EV, value=0, aux=1), op(EV, value=9, aux=3), op(EV), op(W, 0, 0x20, window=s),
+        op(W, 0, 0x20, window=m), op(W, 0, 0x0B, window=m), op(R, 0, window=m),
+        op(W, 0, 0x0C, window=m), op(R, 0, window=m), op(W, 0, 0x20, window=e),
+        op(R, 0, window=e, size=2), op(EV, value=5, aux=3), op(W, 0, 0x0A, window=m),
+        op(R, 0, window=m), op(W, 0, 0x68, window=m), op(W, 0, 0xC7, window=m)),
+    ]
+    seeds["dev_pit"] = [script(
+        op(W, 3, 0x34), op(W, 0, 0xA9), op(W, 0, 0x04), op(IDLE, after=10 * MS),
+        op(W, 3, 0x00), op(R, 0), op(R, 0), op(W, 3, 0xC2), op(R, 0), op(R, 0),
+        op(W, 3, 0xB6), op(W, 2, 0x00), op(W, 2, 0x10), op(W, 0, 0x01, window=1),
+        op(R, 0, window=1, after=50 * US), op(W, 3, 0x30), op(W, 0, 100), op(W, 0, 0),
+        op(IDLE, after=1 * MS), op(W, 3, 0x16), op(W, 0, 0x10), op(R, 0, after=2 * US),
+        op(W, 0, 0x00, window=1), op(W, 3, 0x36), op(W, 0, 0), op(W, 0, 0),
+        op(IDLE, after=100 * MS)),
+    ]
+    seeds["dev_rtc"] = [script(
+        op(W, 0, 0x0B), op(W, 1, 0x42), op(W, 0, 0x0A), op(W, 1, 0x26),
+        op(IDLE, after=5 * MS), op(W, 0, 0x0C), op(R, 1), op(W, 0, 0x00), op(R, 1),
+        op(W, 0, 0x0B), op(W, 1, 0x82), op(W, 0, 0x00), op(W, 1, 0x30), op(W, 0, 0x04),
+        op(W, 1, 0x23), op(W, 0, 0x0B), op(W, 1, 0x32), op(IDLE, after=1500 * MS),
+        op(W, 0, 0x0C), op(R, 1), op(W, 0, 0x0A), op(R, 1, after=999 * MS),
+        op(W, 0, 0x0B), op(W, 1, 0x06), op(W, 0, 0x07), op(R, 1), op(W, 0, 0x32),
+        op(R, 1), op(W, 0, 0x40), op(W, 1, 0x99), op(R, 1), op(W, 0, 0x8D), op(R, 1),
+        param=1795610096),
+    ]
+    d, c = 0, 1  # i8042 windows: data, command
+    seeds["dev_i8042"] = [script(
+        op(W, 0, 0x20, window=c), op(R, 0, window=d), op(W, 0, 0x60, window=c),
+        op(W, 0, 0x47, window=d), op(W, 0, 0xAA, window=c), op(R, 0, window=c),
+        op(R, 0, window=d), op(W, 0, 0xFF, window=d), op(R, 0, window=d),
+        op(R, 0, window=d), op(W, 0, 0xF2, window=d), op(R, 0, window=d),
+        op(W, 0, 0xEE, window=d), op(W, 0, 0xD1, window=c), op(W, 0, 0x01, window=d),
+        op(W, 0, 0xD2, window=c), op(W, 0, 0x55, window=d), op(R, 0, window=d),
+        op(W, 0, 0xD0, window=c), op(R, 0, window=d), op(W, 0, 0xFE, window=c)),
+    ]
+    seeds["dev_ioapic"] = [script(
+        op(W, 0x00, 0x10, size=4), op(W, 0x10, 0x30, size=4), op(W, 0x00, 0x11, size=4),
+        op(W, 0x10, 0, size=4), op(EV, value=0, aux=3), op(EV), op(EV, value=0, aux=1),
+        op(W, 0x00, 0x12, size=4), op(W, 0x10, 0x8031, size=4), op(EV, value=1, aux=3),
+        op(EV), op(EV), op(EV, value=1, aux=1), op(W, 0x00, 0x00, size=4),
+        op(R, 0x10, size=4), op(W, 0x00, 0x01, size=4), op(R, 0x10, size=4),
+        op(W, 0x00, 0x02, size=4), op(R, 0x10, size=4), op(W, 0x40, 0x31, size=4),
+        op(W, 0x00, 0x14, size=4), op(W, 0x10, 0x1A432, size=4), op(EV, value=2, aux=3),
+        op(R, 0x00, size=4)),
+    ]
+    seeds["dev_lapic"] = [script(
+        op(W, 0xF0, 0x1FF, size=4), op(W, 0x3E0, 0x3, size=4), op(W, 0x320, 0x20030, size=4),
+        op(W, 0x380, 10000, size=4), op(IDLE, after=1 * MS), op(EV, aux=4),
+        op(W, 0xB0, 0, size=4), op(R, 0x390, size=4), op(W, 0x350, 0x700, size=4),
+        op(EV, value=0x11, aux=7), op(EV, value=0x3001, aux=7), op(EV, value=0x0401, aux=7),
+        op(EV, value=0x0101, aux=7), op(EV, value=0x0001, aux=7), op(EV, value=3, aux=6 | 16),
+        op(EV, aux=4), op(W, 0x300, 0x40031, size=4), op(W, 0x310, 0x01000000, size=4),
+        op(W, 0x300, 0xC4500, size=4), op(R, 0x300, size=4), op(W, 0x80, 0x20, size=4),
+        op(R, 0xA0, size=4), op(W, 0x320, 0x31, size=4), op(W, 0x380, 5, size=4),
+        op(IDLE, after=1 * US), op(EV, value=0x41, aux=8), op(EV, aux=4),
+        op(W, 0xB0, 0, size=4), op(EV, aux=1), op(EV, aux=2), op(EV, value=0x9A, aux=3),
+        op(W, 0xE0, 0x0FFFFFFF, size=4), op(W, 0xD0, 0x01000000, size=4),
+        op(W, 0x300, 0x00830, size=4), op(R, 0x100, size=4), op(R, 0x200, size=4),
+        op(W, 0xF0, 0xFF, size=4), op(W, 0x281, 1, size=2)),
+    ]
+    return seeds
+
+
+def main():
+    if os.path.exists(CORPUS):
+        shutil.rmtree(CORPUS)
+    g = guests()
+    for n in ["hello", "compute", "pcirq", "syscall", "flags"]:
+        put("elf", n + ".elf", g[n])
+
+    for n in sorted(os.listdir(os.path.join(ROOT, "examples"))):
+        if n.endswith(".toml"):
+            with open(os.path.join(ROOT, "examples", n), "rb") as f:
+                put("config", n, f.read())
+    put("config", "full.toml", FULL_CONFIG)
+    put("config", "linux-initrd.toml", LINUX_CONFIG)
+    for i, u in enumerate(UNITS):
+        put("units", "u%02d" % i, u)
+
+    small = b"kvmsim " * 40 + bytes(range(256))
+    for target, cmd in compressors().items():
+        put(target, "hello.elf", run(cmd, g["hello"]))
+        put(target, "small", run(cmd, small))
+        put("bzimage", target.split("_")[1] + ".bz", bzimage(run(cmd, g["hello"])))
+    put("bzimage", "vmlinux.elf", g["hello"])
+    put("bzimage", "old-protocol.bz", bzimage(run(["gzip", "-c"], small), protocol=0x0206))
+    put("bzimage", "setup-sects-0.bz", bzimage(run(["lz4", "-l", "-c"], small), setup_sects=0))
+
+    put("firmware", "linux-128m", firmware(128 << 20, 6 << 20, 0x2000000, 0x7FFFFFFF, 2047,
+                                           1, 1, bytes(0x7B), "console=ttyS0 quiet"))
+    put("firmware", "big-many-cpus", firmware(5 << 30, 1 << 20, 0x1000000, 0, 0, 255, 2,
+                                              b"\x04\x00" * 8, "x" * 300,
+                                              [(0, 0x9FC00, 1), (1 << 20, 1 << 30, 1)]))
+    put("firmware", "no-room", firmware(16 << 20, 15 << 20, 8 << 20, 0x37FFFFFF, 255, 0, 0,
+                                        b"", "a" * 256))
+
+    for target, scripts in device_seeds().items():
+        for i, s in enumerate(scripts):
+            put(target, "seed%d" % i, s)
+    total = sum(os.path.getsize(os.path.join(dp, f))
+                for dp, _, fs in os.walk(CORPUS) for f in fs)
+    print("wrote %d bytes of seeds under %s" % (total, os.path.relpath(CORPUS, ROOT)),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,766 @@
+//! Drives a device with an access script ([`crate::script`]) the way a
+//! system does, and checks what must hold whatever the guest does.
+//!
+//! Each step first lets simulated time pass: every deadline the device
+//! names ([`TimedDevice::next_deadline`]) up to the new time is serviced
+//! with [`TimedDevice::on_deadline`] at that tick, as the system's event
+//! queue does ([`mem::service_tick`]: a deadline already past is due at
+//! once, one at the end of time never). Then the step's access goes through [`BusDevice`] with an
+//! [`AccessCtx`] (the sim-ops call arguments come from the record), or an
+//! event happens that does not come from the bus (an interrupt line, the
+//! CPU acknowledging an interrupt, input arriving). Requests the device
+//! leaves are serviced as the system would (an EOI reaches the I/O APIC).
+//!
+//! Two instances of the device run the same script side by side. Reads
+//! hand one instance a buffer of 0x00 bytes and the other one of 0xff
+//! bytes: any difference in what they return means a read left requested
+//! bytes unwritten (or that the device is not deterministic).
+//!
+//! Checked after every step, besides "no panic" (the targets are built
+//! with debug assertions, so arithmetic overflow panics too):
+//! * a read defines every byte it was asked for (the two instances agree);
+//! * both instances return the same latency, requests and deadline;
+//! * an access leaves at most one request per byte accessed (bounded);
+//! * after `on_deadline` at tick T the next deadline is none or later than
+//!   T (else the system would service the device at T forever);
+//! * per device: an interrupt controller that reports a pending maskable
+//!   interrupt hands out a vector when acknowledged, and one that reports
+//!   none hands out nothing; interrupt line levels agree with the
+//!   device's registers; queues stay within their documented bounds.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::i8042::I8042;
+use devices::intc::VectorIntc;
+use devices::ioapic::IoApic;
+use devices::irq::{InterruptSink, IrqLine};
+use devices::lapic::Lapic;
+use devices::mailbox::{Mailbox, RX_CAPACITY};
+use devices::pic::PicPair;
+use devices::pit::{Pit, PORT_B_OFFSET};
+use devices::rtc::Rtc;
+use devices::simops::SimOps;
+use devices::timer::IntervalTimer;
+use devices::uart::{InputQueue, Uart16550, UART_PORTS};
+use mem::{AccessCtx, BusDevice, CallArgs, Space, TimedDevice};
+use sim::intr::{InterruptController, Pending};
+use sim::{Request, Stats, Tick};
+
+use crate::script::{Kind, Op, Script};
+
+/// Deadlines serviced per input at most; past that, simulated time stops
+/// advancing (so a 1 ns timer and a day-long advance stay fast).
+const MAX_EVENTS: usize = 4096;
+
+/// A device (and what it is wired to) as one system holds it.
+pub trait Rig {
+    /// The device's name in messages.
+    const NAME: &'static str;
+    /// Its address windows as the device sees offsets: (space, first
+    /// offset, length). A device attached through [`mem::Rebased`] sees
+    /// its extra ranges at offsets of their own.
+    const WINDOWS: &'static [(Space, u64, u64)];
+    /// Builds the device; `param` is the script's header.
+    fn build(param: u64) -> Self;
+    fn read(&mut self, space: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick;
+    fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick;
+    /// Something that does not come through the bus.
+    fn event(&mut self, _op: &Op, _ctx: &mut AccessCtx) {}
+    fn next_deadline(&self) -> Option<Tick> {
+        None
+    }
+    fn on_deadline(&mut self, _ctx: &mut AccessCtx) {}
+    /// What the system does with a request the device left.
+    fn service(&mut self, _req: &Request, _now: Tick) {}
+    /// Device-specific checks after a step.
+    fn check(&mut self, _now: Tick) {}
+}
+
+/// The calling CPU's argument registers, from a record.
+struct Args([u64; 6]);
+
+impl CallArgs for Args {
+    fn call_args(&mut self) -> [u64; 6] {
+        self.0
+    }
+}
+
+fn args_of(op: &Op) -> Args {
+    let (v, a) = (op.value, op.aux);
+    Args([
+        v,
+        a,
+        v.rotate_left(32),
+        a.rotate_left(32),
+        v ^ a,
+        v.wrapping_add(a),
+    ])
+}
+
+/// Runs `data` as a script on two instances of `R`; panics on a broken invariant.
+pub fn run<R: Rig>(data: &[u8]) {
+    let script = Script::decode(data);
+    let mut pair = Pair {
+        a: R::build(script.param),
+        b: R::build(script.param),
+        now: 0,
+        events: MAX_EVENTS,
+    };
+    for op in &script.ops {
+        pair.advance(pair.now.saturating_add(op.advance_ticks()));
+        pair.step(op);
+    }
+}
+
+struct Pair<R> {
+    a: R,
+    b: R,
+    now: Tick,
+    /// Deadlines left to service in this input.
+    events: usize,
+}
+
+impl<R: Rig> Pair<R> {
+    /// Services every deadline up to `to`, then moves the clock there.
+    fn advance(&mut self, to: Tick) {
+        loop {
+            let d = self.a.next_deadline();
+            assert_eq!(d, self.b.next_deadline(), "{}: deadlines differ", R::NAME);
+            let at = match mem::service_tick(d, self.now) {
+                Some(at) if at <= to => at,
+                _ => break,
+            };
+            if self.events == 0 {
+                return; // out of budget: time stops here
+            }
+            self.events -= 1;
+            self.now = at;
+            let (ra, rb) = (deadline(&mut self.a, at), deadline(&mut self.b, at));
+            assert_eq!(ra, rb, "{}: on_deadline requests differ", R::NAME);
+            self.serve(&ra, at);
+            if let Some(next) = mem::service_tick(self.a.next_deadline(), 0) {
+                assert!(
+                    next > at,
+                    "{}: after on_deadline at tick {at} the next deadline is {next}, not later: \
+                     the system would service the device at tick {at} forever",
+                    R::NAME
+                );
+            }
+            self.a.check(at);
+            self.b.check(at);
+        }
+        self.now = to;
+    }
+
+    fn serve(&mut self, reqs: &[Request], now: Tick) {
+        for r in reqs {
+            self.a.service(r, now);
+            self.b.service(r, now);
+        }
+    }
+
+    fn step(&mut self, op: &Op) {
+        let now = self.now;
+        let reqs = match op.kind {
+            Kind::Idle => Vec::new(),
+            Kind::Event => {
+                let (ra, rb) = (event(&mut self.a, op, now), event(&mut self.b, op, now));
+                assert_eq!(ra, rb, "{}: event requests differ", R::NAME);
+                ra
+            }
+            Kind::Read | Kind::Write => {
+                let (space, base, len) = R::WINDOWS[usize::from(op.window) % R::WINDOWS.len()];
+                let size = u64::from(op.size).min(len);
+                let offset = base + u64::from(op.offset) % (len - size + 1);
+                let size = size as usize;
+                let (ra, rb) = if op.kind == Kind::Read {
+                    let mut da = [0x00u8; 8];
+                    let mut db = [0xffu8; 8];
+                    let ra = access(&mut self.a, op, now, |d, ctx| {
+                        d.read(space, offset, &mut da[..size], ctx)
+                    });
+                    let rb = access(&mut self.b, op, now, |d, ctx| {
+                        d.read(space, offset, &mut db[..size], ctx)
+                    });
+                    assert_eq!(
+                        da[..size],
+                        db[..size],
+                        "{}: a {size}-byte read at offset {offset:#x} left bytes unwritten \
+                         (0x00-filled and 0xff-filled buffers read back differently)",
+                        R::NAME
+                    );
+                    (ra, rb)
+                } else {
+                    let bytes = op.value.to_le_bytes();
+                    let ra = access(&mut self.a, op, now, |d, ctx| {
+                        d.write(space, offset, &bytes[..size], ctx)
+                    });
+                    let rb = access(&mut self.b, op, now, |d, ctx| {
+                        d.write(space, offset, &bytes[..size], ctx)
+                    });
+                    (ra, rb)
+                };
+                assert_eq!(ra, rb, "{}: latency or requests differ", R::NAME);
+                assert!(
+                    ra.1.len() <= size,
+                    "{}: a {size}-byte access left {} requests: {:?}",
+                    R::NAME,
+                    ra.1.len(),
+                    ra.1
+                );
+                ra.1
+            }
+        };
+        self.serve(&reqs, now);
+        self.a.check(now);
+        self.b.check(now);
+    }
+}
+
+fn access<R: Rig>(
+    dev: &mut R,
+    op: &Op,
+    now: Tick,
+    f: impl FnOnce(&mut R, &mut AccessCtx) -> Tick,
+) -> (Tick, Vec<Request>) {
+    let mut reqs = Vec::new();
+    let mut args = args_of(op);
+    let mut ctx = AccessCtx {
+        now,
+        cpu: Some(&mut args),
+        requests: &mut reqs,
+    };
+    let latency = f(dev, &mut ctx);
+    (latency, reqs)
+}
+
+fn event<R: Rig>(dev: &mut R, op: &Op, now: Tick) -> Vec<Request> {
+    let mut reqs = Vec::new();
+    dev.event(op, &mut AccessCtx::new(now, &mut reqs));
+    reqs
+}
+
+fn deadline<R: Rig>(dev: &mut R, now: Tick) -> Vec<Request> {
+    let mut reqs = Vec::new();
+    dev.on_deadline(&mut AccessCtx::new(now, &mut reqs));
+    reqs
+}
+
+/// Checks the CPU's view of an interrupt controller: Maskable means a
+/// vector on acknowledge, None means nothing. Acknowledges if `take`.
+fn check_controller(c: &mut dyn InterruptController, take: bool, name: &str) -> Option<u8> {
+    let pending = c.pending();
+    if !take && pending != Pending::None {
+        return None;
+    }
+    let v = c.acknowledge();
+    match pending {
+        Pending::Maskable => assert!(
+            v.is_some(),
+            "{name}: pending() says a maskable interrupt waits, acknowledge() returns none"
+        ),
+        Pending::None => assert!(
+            v.is_none(),
+            "{name}: pending() says nothing waits, acknowledge() returns vector {v:?}"
+        ),
+        Pending::Nmi => {}
+    }
+    v
+}
+
+/// An interrupt sink that keeps each line's level and counts rising edges.
+#[derive(Default)]
+pub struct Lines {
+    levels: u64,
+    rises: u64,
+}
+
+impl InterruptSink for Lines {
+    fn set_line(&mut self, line: u32, level: bool) {
+        let bit = 1u64 << (line % 64);
+        if level && self.levels & bit == 0 {
+            self.rises += 1;
+        }
+        if level {
+            self.levels |= bit;
+        } else {
+            self.levels &= !bit;
+        }
+    }
+}
+
+impl Lines {
+    fn level(&self, line: u32) -> bool {
+        self.levels & (1 << line) != 0
+    }
+}
+
+fn line_to(lines: &Arc<Mutex<Lines>>, n: u32) -> IrqLine {
+    IrqLine::none().to(lines.clone(), n)
+}
+
+// ---------------------------------------------------------------------------
+// The rigs.
+
+/// A byte sink that keeps what was written (bounded by the script length).
+#[derive(Clone, Default)]
+pub struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        mem::lock(&self.0).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// COM1: ports 0x3f8-0x3ff, IRQ4; events feed the input queue (the host's stdin).
+pub struct UartRig {
+    dev: Uart16550,
+    input: InputQueue,
+    lines: Arc<Mutex<Lines>>,
+    _stats: Stats,
+}
+
+impl Rig for UartRig {
+    const NAME: &'static str = "uart";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, UART_PORTS)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let input: InputQueue = Arc::new(Mutex::new(VecDeque::new()));
+        let lines = Arc::new(Mutex::new(Lines::default()));
+        let mut dev = Uart16550::new(
+            Box::new(Sink::default()),
+            Some(input.clone()),
+            &mut stats,
+            "uart",
+        )
+        .expect("stats");
+        dev.set_irq_line(line_to(&lines, 4));
+        UartRig {
+            dev,
+            input,
+            lines,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        let t = self.dev.read(s, o, d, c);
+        self.check_line();
+        t
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        let t = self.dev.write(s, o, d, c);
+        self.check_line();
+        t
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        let mut q = mem::lock(&self.input);
+        if q.len() < 4096 {
+            q.extend(&op.value.to_le_bytes()[..usize::from(op.size)]);
+        }
+    }
+}
+
+impl UartRig {
+    /// After a guest access, IRQ4 is at the level the registers call for.
+    fn check_line(&mut self) {
+        let want = self.dev.irq_level();
+        let have = mem::lock(&self.lines).level(4);
+        assert_eq!(
+            have,
+            want,
+            "uart: after the access IRQ4 is {have}, but IIR says an interrupt is {}",
+            if want { "pending" } else { "not pending" }
+        );
+    }
+}
+
+/// Sim-ops: the 64 KiB MMIO window at 0xffff0000; call arguments from the record.
+pub struct SimOpsRig {
+    dev: SimOps,
+    _stats: Stats,
+}
+
+impl Rig for SimOpsRig {
+    const NAME: &'static str = "simops";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::simops::SIMOPS_SIZE)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let dev = SimOps::new(&mut stats, "simops").expect("stats");
+        SimOpsRig { dev, _stats: stats }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+}
+
+/// The interval timer (MMIO) raising vectors into the bare platform's controller.
+pub struct TimerRig {
+    dev: IntervalTimer,
+    intc: Arc<Mutex<VectorIntc>>,
+    _stats: Stats,
+}
+
+impl Rig for TimerRig {
+    const NAME: &'static str = "timer";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::timer::TIMER_SIZE)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let dev = IntervalTimer::new(intc.clone(), &mut stats, "timer").expect("stats");
+        TimerRig {
+            dev,
+            intc,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        let mut intc = mem::lock(&self.intc);
+        if op.aux & 1 != 0 {
+            intc.take_nmi();
+        }
+        check_controller(&mut *intc, true, "timer's controller");
+    }
+    fn next_deadline(&self) -> Option<Tick> {
+        self.dev.next_deadline()
+    }
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.dev.on_deadline(ctx)
+    }
+    fn check(&mut self, _: Tick) {
+        check_controller(&mut *mem::lock(&self.intc), false, "timer's controller");
+    }
+}
+
+/// A link's mailbox; events are values arriving from the other end
+/// (`aux % 5000` of them, past the receive queue's capacity).
+pub struct MailboxRig {
+    dev: Mailbox,
+    _intc: Arc<Mutex<VectorIntc>>,
+    _stats: Stats,
+}
+
+impl Rig for MailboxRig {
+    const NAME: &'static str = "mailbox";
+    const WINDOWS: &'static [(Space, u64, u64)] =
+        &[(Space::Mmio, 0, devices::mailbox::MAILBOX_SIZE)];
+    fn build(param: u64) -> Self {
+        let mut stats = Stats::new();
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let dev = Mailbox::new(
+            (param & 0xff) as u32,
+            param >> 8,
+            intc.clone(),
+            &mut stats,
+            "link",
+        )
+        .expect("stats");
+        MailboxRig {
+            dev,
+            _intc: intc,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        for i in 0..op.aux % 5000 {
+            self.dev.deliver(op.value.wrapping_add(i));
+        }
+    }
+    fn check(&mut self, now: Tick) {
+        // RX_COUNT (+0x10) reads without side effects.
+        let mut d = [0u8; 8];
+        let mut reqs = Vec::new();
+        self.dev.read(
+            Space::Mmio,
+            0x10,
+            &mut d,
+            &mut AccessCtx::new(now, &mut reqs),
+        );
+        let n = u64::from_le_bytes(d);
+        assert!(
+            n <= RX_CAPACITY as u64,
+            "mailbox: {n} values waiting, more than the capacity {RX_CAPACITY}"
+        );
+    }
+}
+
+/// The 8259 pair at 0x20, 0xa0 and the ELCR at 0x4d0 (absolute ports as
+/// offsets, as the system attaches it). Events: an ISA line changes
+/// (`aux` bit 0 set; line `value % 20`, so also lines it does not have,
+/// level `aux` bit 1) or the CPU acknowledges (INTA).
+pub struct PicRig {
+    dev: PicPair,
+}
+
+impl Rig for PicRig {
+    const NAME: &'static str = "pic";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[
+        (Space::Pio, devices::pic::MASTER_BASE, 2),
+        (Space::Pio, devices::pic::SLAVE_BASE, 2),
+        (Space::Pio, devices::pic::ELCR_BASE, 2),
+    ];
+    fn build(_: u64) -> Self {
+        PicRig {
+            dev: PicPair::new(),
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        if op.aux & 1 != 0 {
+            self.dev.set_line((op.value % 20) as u32, op.aux & 2 != 0);
+        } else {
+            check_controller(&mut self.dev, true, "pic");
+        }
+    }
+    fn check(&mut self, _: Tick) {
+        check_controller(&mut self.dev, false, "pic");
+    }
+}
+
+/// The PIT at 0x40-0x43 and port B (0x61, at offset 0x21); channel 0's
+/// output drives IRQ0.
+pub struct PitRig {
+    dev: Pit,
+    _lines: Arc<Mutex<Lines>>,
+    _stats: Stats,
+}
+
+impl Rig for PitRig {
+    const NAME: &'static str = "pit";
+    const WINDOWS: &'static [(Space, u64, u64)] =
+        &[(Space::Pio, 0, 4), (Space::Pio, PORT_B_OFFSET, 1)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let lines = Arc::new(Mutex::new(Lines::default()));
+        let dev = Pit::new(line_to(&lines, 0), &mut stats, "pit").expect("stats");
+        PitRig {
+            dev,
+            _lines: lines,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn next_deadline(&self) -> Option<Tick> {
+        self.dev.next_deadline()
+    }
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.dev.on_deadline(ctx)
+    }
+}
+
+/// The CMOS RTC at 0x70-0x71 (IRQ8), starting at Unix time `param`.
+pub struct RtcRig {
+    dev: Rtc,
+    _lines: Arc<Mutex<Lines>>,
+    _stats: Stats,
+}
+
+impl Rig for RtcRig {
+    const NAME: &'static str = "rtc";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, 2)];
+    fn build(param: u64) -> Self {
+        let mut stats = Stats::new();
+        let lines = Arc::new(Mutex::new(Lines::default()));
+        let dev = Rtc::new(param as i64, line_to(&lines, 8), &mut stats, "rtc").expect("stats");
+        RtcRig {
+            dev,
+            _lines: lines,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn next_deadline(&self) -> Option<Tick> {
+        self.dev.next_deadline()
+    }
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.dev.on_deadline(ctx)
+    }
+}
+
+/// The i8042 at 0x60 and 0x64 (at offset 4), IRQ1.
+pub struct I8042Rig {
+    dev: I8042,
+    _lines: Arc<Mutex<Lines>>,
+}
+
+impl Rig for I8042Rig {
+    const NAME: &'static str = "i8042";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, 1), (Space::Pio, 4, 1)];
+    fn build(_: u64) -> Self {
+        let lines = Arc::new(Mutex::new(Lines::default()));
+        I8042Rig {
+            dev: I8042::new(line_to(&lines, 1)),
+            _lines: lines,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+}
+
+/// Writes a 32-bit local APIC register.
+fn lapic_write(lapic: &mut Lapic, reg: u64, v: u32, now: Tick) -> Vec<Request> {
+    let mut reqs = Vec::new();
+    lapic.write(
+        Space::Mmio,
+        reg,
+        &v.to_le_bytes(),
+        &mut AccessCtx::new(now, &mut reqs),
+    );
+    reqs
+}
+
+/// The I/O APIC (MMIO) delivering to one local APIC (software-enabled).
+/// Events: a pin changes (`aux` bit 0 set; pin `value % 32`, so also pins
+/// it does not have, level `aux` bit 1), or the CPU acknowledges the local
+/// APIC's interrupt and writes its EOI (the EOI broadcast reaches the I/O
+/// APIC as in a system).
+pub struct IoApicRig {
+    dev: Arc<Mutex<IoApic>>,
+    lapic: Arc<Mutex<Lapic>>,
+    _stats: Stats,
+}
+
+impl Rig for IoApicRig {
+    const NAME: &'static str = "ioapic";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::ioapic::IOAPIC_SIZE)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let lapic = Arc::new(Mutex::new(
+            Lapic::new(0, 1_000_000_000, None, &mut stats, "apic").expect("stats"),
+        ));
+        lapic_write(&mut mem::lock(&lapic), 0xf0, 0x1ff, 0);
+        let dev = Arc::new(Mutex::new(
+            IoApic::new(1, vec![lapic.clone()], &mut stats, "ioapic").expect("stats"),
+        ));
+        IoApicRig {
+            dev,
+            lapic,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        mem::lock(&self.dev).read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        mem::lock(&self.dev).write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, ctx: &mut AccessCtx) {
+        if op.aux & 1 != 0 {
+            mem::lock(&self.dev).set_line((op.value % 32) as u32, op.aux & 2 != 0);
+        } else {
+            let mut lapic = mem::lock(&self.lapic);
+            lapic.take_nmi();
+            check_controller(&mut *lapic, true, "ioapic's local apic");
+            let reqs = lapic_write(&mut lapic, 0xb0, 0, ctx.now);
+            ctx.requests.extend(reqs);
+        }
+    }
+    fn service(&mut self, req: &Request, _: Tick) {
+        if let Request::Eoi { vector } = req {
+            mem::lock(&self.dev).eoi(*vector);
+        }
+    }
+    fn check(&mut self, _: Tick) {
+        check_controller(&mut *mem::lock(&self.lapic), false, "ioapic's local apic");
+    }
+}
+
+/// The local APIC (MMIO) with the 8259 pair behind LINT0, as on a PC.
+/// Events, by `aux % 8`: a fixed interrupt arrives (vector `value`,
+/// level-triggered if `aux` bit 3), an NMI, INIT, SIPI, the CPU
+/// acknowledges (and takes an NMI), the CPU writes CR8, an 8259 line
+/// changes or an 8259 port is written (so ExtINT can be reached).
+pub struct LapicRig {
+    dev: Lapic,
+    pic: Arc<Mutex<PicPair>>,
+    _stats: Stats,
+}
+
+impl Rig for LapicRig {
+    const NAME: &'static str = "lapic";
+    const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::lapic::LAPIC_SIZE)];
+    fn build(_: u64) -> Self {
+        let mut stats = Stats::new();
+        let pic = Arc::new(Mutex::new(PicPair::new()));
+        let dev =
+            Lapic::new(0, 1_000_000_000, Some(pic.clone()), &mut stats, "apic").expect("stats");
+        LapicRig {
+            dev,
+            pic,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        let v = op.value as u8;
+        match op.aux % 8 {
+            0 => self.dev.deliver(v, op.aux & 8 != 0),
+            1 => self.dev.deliver_nmi(),
+            2 => self.dev.deliver_init(),
+            3 => self.dev.deliver_sipi(v),
+            4 => {
+                self.dev.take_nmi();
+                check_controller(&mut self.dev, true, "lapic");
+            }
+            5 => self.dev.set_task_priority(v),
+            6 => mem::lock(&self.pic).set_line(u32::from(v % 16), op.aux & 16 != 0),
+            _ => {
+                let port = [0x20, 0x21, 0xa0, 0xa1][usize::from(v % 4)];
+                mem::lock(&self.pic).write_port_for_test(port, (op.value >> 8) as u8);
+            }
+        }
+    }
+    fn next_deadline(&self) -> Option<Tick> {
+        self.dev.next_deadline()
+    }
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.dev.on_deadline(ctx)
+    }
+    fn check(&mut self, _: Tick) {
+        check_controller(&mut self.dev, false, "lapic");
+    }
+}
