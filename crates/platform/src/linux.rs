@@ -176,15 +176,23 @@ fn decompress_capped(
                 ruzstd::decoding::StreamingDecoder::new(data).map_err(|e| err(e.to_string()))?;
             read_capped(d, name, c, cap)?
         }
-        Compression::Xz | Compression::Lzma => capped(name, c, cap, |out| {
-            let mut input = std::io::BufReader::new(data);
-            let r = if c == Compression::Xz {
-                lzma_rs::xz_decompress(&mut input, out)
-            } else {
-                lzma_rs::lzma_decompress(&mut input, out)
-            };
-            r.map_err(|e| format!("{e:?}"))
-        })?,
+        Compression::Xz | Compression::Lzma => {
+            // lzma-rs decodes an xz block's run of chunks in memory before
+            // writing any of it out: the sizes the chunks declare are checked
+            // first.
+            if c == Compression::Xz && xz_declared_size(data, cap as u64) > cap as u64 {
+                return Err(KernelError::TooLarge(name.into()));
+            }
+            capped(name, c, cap, |out| {
+                let mut input = std::io::BufReader::new(data);
+                let r = if c == Compression::Xz {
+                    lzma_rs::xz_decompress(&mut input, out)
+                } else {
+                    lzma_rs::lzma_decompress(&mut input, out)
+                };
+                r.map_err(|e| format!("{e:?}"))
+            })?
+        }
         Compression::Lz4 => lz4_legacy(data, cap).map_err(|e| match e {
             Lz4Error::TooLarge => KernelError::TooLarge(name.into()),
             Lz4Error::Other(e) => err(e),
@@ -194,6 +202,59 @@ fn decompress_capped(
         }
     };
     Ok((c, out))
+}
+
+/// The decompressed size the LZMA2 chunks of an xz stream declare, summed
+/// (stopping once past `cap`). Where the layout is not as expected
+/// it counts what it found; the decoder then says what is wrong.
+fn xz_declared_size(data: &[u8], cap: u64) -> u64 {
+    let be16 = |i: usize| data.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    // Stream flags: the size of each block's check.
+    let check = match data.get(7).map(|f| f & 0x0f) {
+        Some(0) => 0,
+        Some(1) => 4,
+        Some(4) => 8,
+        Some(10) => 32,
+        _ => return 0,
+    };
+    let mut total = 0u64;
+    // Past the stream header, blocks: each a header (size byte * 4 + 4),
+    // LZMA2 chunks up to a 0 byte, padding to 4 bytes, the check. A 0
+    // header size byte starts the index.
+    let mut pos = 12usize;
+    while let Some(&h) = data.get(pos).filter(|&&h| h != 0) {
+        pos += (usize::from(h) + 1) * 4;
+        loop {
+            let Some(&control) = data.get(pos) else {
+                return total;
+            };
+            let (unpacked, len) = match control {
+                0x00 => break,
+                // Uncompressed chunk: size - 1 (16 bits), the data.
+                0x01 | 0x02 => match be16(pos + 1) {
+                    Some(n) => (u64::from(n) + 1, 3 + usize::from(n) + 1),
+                    None => return total,
+                },
+                // LZMA chunk: unpacked size - 1 (21 bits), packed size - 1
+                // (16 bits), a properties byte on a properties reset, the data.
+                0x80..=0xff => match (be16(pos + 1), be16(pos + 3)) {
+                    (Some(u), Some(p)) => (
+                        (u64::from(control & 0x1f) << 16) + u64::from(u) + 1,
+                        5 + usize::from(control >= 0xc0) + usize::from(p) + 1,
+                    ),
+                    _ => return total,
+                },
+                _ => return total,
+            };
+            total += unpacked;
+            if total > cap {
+                return total;
+            }
+            pos += len;
+        }
+        pos = (pos + 1).next_multiple_of(4) + check;
+    }
+    total
 }
 
 /// Why an LZ4 stream was not decompressed.
@@ -354,6 +415,28 @@ mod tests {
         lzma_rs::lzma_compress(&mut std::io::BufReader::new(KERNEL), &mut lz).unwrap();
         let (c, out) = decompress(&lz, "k").unwrap();
         assert_eq!((c, out.as_slice()), (Compression::Lzma, KERNEL));
+    }
+
+    #[test]
+    fn xz_declared_sizes_are_checked_before_decoding() {
+        // An xz stream's chunks say how much they decode to: lzma-rs would
+        // hold all of it in memory before kvmsim could count it.
+        let mut xz = Vec::new();
+        let data = KERNEL.repeat(5000);
+        lzma_rs::xz_compress(&mut std::io::BufReader::new(&data[..]), &mut xz).unwrap();
+        assert_eq!(xz_declared_size(&xz, u64::MAX), data.len() as u64);
+        // A stream header (CRC32 check), a block header, then LZMA chunks
+        // of 2 MiB each, 300 of them (600 MiB).
+        let mut bomb = vec![0xfd, b'7', b'z', b'X', b'Z', 0, 0, 1, 0, 0, 0, 0];
+        bomb.extend_from_slice(&[2, 0, 0x21, 1, 0x16, 0, 0, 0, 0, 0, 0, 0]);
+        for _ in 0..300 {
+            bomb.extend_from_slice(&[0xff, 0xff, 0xff, 0x00, 0x00, 0x5d, 0x00]);
+        }
+        assert!(xz_declared_size(&bomb, u64::MAX) > MAX_KERNEL as u64);
+        assert_eq!(
+            decompress(&bomb, "k").unwrap_err(),
+            KernelError::TooLarge("k".into())
+        );
     }
 
     #[test]
