@@ -442,3 +442,27 @@ pub fn firmware(data: &[u8]) {
     }
     firmware::write_acpi(mem, cpus, ioapic_id).expect("the ACPI tables fit");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_has_a_binary_and_seeds_that_pass() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for (name, f) in TARGETS {
+            assert!(
+                root.join(format!("fuzz_targets/{name}.rs")).is_file(),
+                "{name}"
+            );
+            let seeds: Vec<_> = std::fs::read_dir(root.join("corpus").join(name))
+                .unwrap_or_else(|e| panic!("{name}: no seeds: {e}"))
+                .map(|e| e.expect("entry").path())
+                .collect();
+            assert!(!seeds.is_empty(), "{name}: no seeds");
+            for s in seeds {
+                f(&std::fs::read(&s).expect("seed"));
+            }
+        }
+    }
+}
