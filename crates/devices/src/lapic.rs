@@ -251,11 +251,16 @@ impl Lapic {
         }
     }
 
+    /// Ticks per timer period (initial count x ticks per count).
+    fn timer_period(&self) -> u128 {
+        self.count_ticks().max(1) * u128::from(self.timer_initial)
+    }
+
     fn timer_expiry(&self, n: u64) -> Option<Tick> {
         if self.timer_initial == 0 {
             return None;
         }
-        let t = self.count_ticks() * u128::from(self.timer_initial) * u128::from(n);
+        let t = self.timer_period() * u128::from(n);
         Some(
             self.timer_start
                 .saturating_add(t.min(u128::from(u64::MAX)) as u64),
@@ -468,7 +473,7 @@ impl TimedDevice for Lapic {
         if !self.timer_periodic() && self.timer_fired > 0 {
             return None;
         }
-        self.timer_expiry(self.timer_fired + 1)
+        self.timer_expiry(self.timer_fired.saturating_add(1))
     }
 
     fn on_deadline(&mut self, ctx: &mut AccessCtx) {
@@ -478,7 +483,13 @@ impl TimedDevice for Lapic {
         if at > ctx.now {
             return;
         }
-        self.timer_fired += 1;
+        // Every period that ended by now counts: a deadline can be far in
+        // the past when serviced (the guest changed the divider of a
+        // running timer), and the missed interrupts merge into one.
+        let ended = u128::from(ctx.now.saturating_sub(self.timer_start)) / self.timer_period();
+        self.timer_fired = u64::try_from(ended)
+            .unwrap_or(u64::MAX)
+            .max(self.timer_fired + 1);
         let lvt = self.lvt[LVT_TIMER];
         if lvt & LVT_MASKED == 0 {
             self.timer_irqs.inc();
@@ -538,6 +549,39 @@ mod tests {
         }
         assert_eq!(fired, 2, "the periods that end before the end of time");
         assert_eq!(a.next_deadline(), Some(Tick::MAX));
+    }
+
+    #[test]
+    fn a_late_deadline_catches_up_at_once() {
+        // Found by fuzzing (fuzz/, target dev_lapic): changing the divider
+        // of a running periodic timer moves its next expiry into the past;
+        // each on_deadline then moved it on by one period, so the system
+        // serviced the APIC at the same tick once per missed period.
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x3e0, 0xa); // divide by 128: 128 ns per count
+        w(&mut a, 0, 0x320, 0x2_0030); // periodic, vector 0x30
+        w(&mut a, 0, 0x380, 1000); // 128 us periods
+        let p = 128_000_000;
+        assert_eq!(a.next_deadline(), Some(p));
+        a.on_deadline(&mut AccessCtx::new(p, &mut vec![]));
+        let now = p + 10;
+        w(&mut a, now, 0x3e0, 0xb); // divide by 1: 1 us periods from tick 0
+        let at = mem::service_tick(a.next_deadline(), now).unwrap();
+        assert_eq!(at, now, "due at once");
+        a.on_deadline(&mut AccessCtx::new(at, &mut vec![]));
+        assert_eq!(
+            a.next_deadline(),
+            Some(129_000_000),
+            "the next period after now"
+        );
+        assert_eq!(a.acknowledge(), Some(0x30));
+        w(&mut a, now, 0xb0, 0);
+        assert_eq!(
+            a.acknowledge(),
+            None,
+            "one interrupt for the missed periods"
+        );
     }
 
     #[test]

@@ -120,7 +120,8 @@ impl Rtc {
     }
 
     fn unix_time(&self, now: Tick) -> i64 {
-        self.base + (now / TICKS_PER_SECOND) as i64
+        // The start is the user's (config rtc_start): any i64.
+        self.base.saturating_add((now / TICKS_PER_SECOND) as i64)
     }
 
     fn binary(&self) -> bool {
@@ -489,6 +490,19 @@ mod tests {
             None,
             "never due"
         );
+    }
+
+    #[test]
+    fn any_start_time_reads() {
+        // Found by fuzzing (fuzz/, target dev_rtc): a start near i64::MAX
+        // (system.rtc_start) overflowed when simulated time was added.
+        let mut stats = Stats::new();
+        for (i, start) in [i64::MAX, i64::MIN].into_iter().enumerate() {
+            let mut r = Rtc::new(start, IrqLine::none(), &mut stats, &format!("rtc{i}")).unwrap();
+            for reg in 0..10 {
+                rd(&mut r, 5 * TICKS_PER_SECOND, reg);
+            }
+        }
     }
 
     #[test]
