@@ -489,7 +489,7 @@ impl TimedDevice for Lapic {
         let ended = u128::from(ctx.now.saturating_sub(self.timer_start)) / self.timer_period();
         self.timer_fired = u64::try_from(ended)
             .unwrap_or(u64::MAX)
-            .max(self.timer_fired + 1);
+            .max(self.timer_fired.saturating_add(1));
         let lvt = self.lvt[LVT_TIMER];
         if lvt & LVT_MASKED == 0 {
             self.timer_irqs.inc();
