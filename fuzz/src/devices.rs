@@ -28,7 +28,6 @@
 //!   none hands out nothing; interrupt line levels agree with the
 //!   device's registers; queues stay within their documented bounds.
 
-use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -43,7 +42,7 @@ use devices::pit::{Pit, PORT_B_OFFSET};
 use devices::rtc::Rtc;
 use devices::simops::SimOps;
 use devices::timer::IntervalTimer;
-use devices::uart::{InputQueue, Uart16550, UART_PORTS};
+use devices::uart::{InputQueue, SerialInput, Uart16550, UART_PORTS};
 use mem::{AccessCtx, BusDevice, CallArgs, Space, TimedDevice};
 use sim::intr::{InterruptController, Pending};
 use sim::{Request, Stats, Tick};
@@ -318,7 +317,8 @@ impl Write for Sink {
     }
 }
 
-/// COM1: ports 0x3f8-0x3ff, IRQ4; events feed the input queue (the host's stdin).
+/// COM1: ports 0x3f8-0x3ff, IRQ4; events feed its input (as the host's
+/// stdin does: at most what the guest is ready for).
 pub struct UartRig {
     dev: Uart16550,
     input: InputQueue,
@@ -331,7 +331,7 @@ impl Rig for UartRig {
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, UART_PORTS)];
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
-        let input: InputQueue = Arc::new(Mutex::new(VecDeque::new()));
+        let input: InputQueue = Arc::new(SerialInput::default());
         let lines = Arc::new(Mutex::new(Lines::default()));
         let mut dev = Uart16550::new(
             Box::new(Sink::default()),
@@ -359,10 +359,9 @@ impl Rig for UartRig {
         t
     }
     fn event(&mut self, op: &Op, _: &mut AccessCtx) {
-        let mut q = mem::lock(&self.input);
-        if q.len() < 4096 {
-            q.extend(&op.value.to_le_bytes()[..usize::from(op.size)]);
-        }
+        // As the stdin feeder: no more than the guest is ready for.
+        let n = usize::from(op.size).min(self.input.wanted());
+        self.input.push(&op.value.to_le_bytes()[..n]);
     }
 }
 
