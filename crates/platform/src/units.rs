@@ -59,8 +59,14 @@ pub fn parse_freq(s: &str) -> Result<f64, String> {
         }
     };
     let hz = v * mult;
-    if hz <= 0.0 {
+    if hz <= 0.0 || hz.is_nan() {
         return Err(format!("{s:?}: a frequency must be positive"));
+    }
+    // A tick is a picosecond: a clock faster than 1 THz has no period.
+    if hz > 1e12 {
+        return Err(format!(
+            "{s:?}: a frequency can be at most 1THz (simulated time counts picoseconds)"
+        ));
     }
     Ok(hz)
 }
@@ -144,6 +150,16 @@ quantity!(Duration, Tick, parse_duration, "simulated duration");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frequencies_are_bounded_by_the_tick() {
+        assert_eq!(parse_freq("1THz").ok(), None);
+        assert_eq!(parse_freq("1000GHz"), Ok(1e12));
+        let huge = format!("1{}GHz", "0".repeat(308));
+        let e = parse_freq(&huge).unwrap_err();
+        assert!(e.contains("at most 1THz"), "{e}");
+        assert!(parse_freq("1001GHz").is_err());
+    }
 
     #[test]
     fn sizes() {
