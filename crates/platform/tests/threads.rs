@@ -102,6 +102,10 @@ fn check_own_timer_exits(r: &Result, iterations: u64) {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn two_cpus_on_two_threads_each_get_their_own_exits() {
     if !kvm_or_skip("two_threads") {
         return;
@@ -137,6 +141,10 @@ fn two_cpus_on_two_threads_each_get_their_own_exits() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn kick_signal_is_unmasked_inside_kvm_even_if_inherited_blocked() {
     if !kvm_or_skip("inherited_mask") {
         return;
@@ -152,6 +160,10 @@ fn kick_signal_is_unmasked_inside_kvm_even_if_inherited_blocked() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn kicks_from_another_thread_force_exits() {
     if !kvm_or_skip("kick") {
         return;
