@@ -301,24 +301,28 @@ impl ExitTimer for ThreadSignals {
     }
 
     fn after_run(&mut self, now: u64, signal_exit: bool) -> io::Result<bool> {
-        let expired = match &self.timer {
-            RunTimer::Perf(..) => self.timer.disarm()?,
-            RunTimer::Posix(_) => match self.deadline {
-                Some(d) if now >= d => {
-                    self.deadline = None;
-                    true
-                }
-                _ => false,
-            },
-        };
         let kicks = self.kick.sent();
         let kicked = kicks != self.kicks_seen;
         self.kicks_seen = kicks;
-        // A signal that ended KVM_RUN is not consumed there: KVM restores
-        // the thread's mask on the way out, so it stays pending (blocked)
-        // and would end the next entry at once. So does the signal of an
-        // expiry or kick that came after KVM_RUN returned. Without any of
-        // these, nothing can be pending: no system call.
+        let expired = match &self.timer {
+            RunTimer::Perf(..) => self.timer.disarm()?,
+            // A signal exit that no kick explains is the timer's, even if the
+            // TSC says its deadline has not come (a host_freq set above the
+            // real TSC rate): forgetting the deadline re-arms it, so a timer
+            // that fired is never taken for one still armed.
+            RunTimer::Posix(_) => {
+                let fired = (signal_exit && !kicked) || self.deadline.is_some_and(|d| now >= d);
+                if fired {
+                    self.deadline = None;
+                }
+                fired
+            }
+        };
+        // A signal that ended KVM_RUN is not consumed there: KVM restores the
+        // thread's mask on the way out, so it stays pending (blocked) and
+        // would end the next entry at once. So does the signal of an expiry
+        // or kick that came after KVM_RUN returned. Without any of these,
+        // nothing can be pending: no system call.
         let perf = matches!(self.timer, RunTimer::Perf(..));
         if perf || signal_exit || expired || kicked {
             sys::discard_pending(kick_signal());

@@ -872,3 +872,30 @@ fn a_trace_never_hands_user_mode_a_debug_exception_the_host_cannot_step() {
             .all(|l| l.contains(" cpl0 ")));
     }
 }
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_host_freq_set_too_high_loses_no_timer() {
+    if !kvm_or_skip("host_freq_high") {
+        return;
+    }
+    // host_freq far above the real TSC rate: the TSC then says a timer's
+    // deadline has not come when the timer has already fired. The signal
+    // exit must still count as the timer's, or the timer is taken for
+    // armed while none is, and the ring-3 loop runs on with no period ever
+    // ending (seen: 1 period, 0 interrupts for the whole loop).
+    let (dir, cfg) = config(
+        "host-freq-high",
+        "[system]\nkernel = \"builtin:ticks\"\nargs = [100000, 100000000]\n\
+         [system.cpu]\nhost_freq = \"100GHz\"\n[system.serial]\nstdout = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let line = r.file("serial.log");
+    let count = field(&line, "count");
+    assert!(count >= 3, "{line}");
+    assert!(field(&line, "interrupts") + 1 >= count, "{line}");
+}
