@@ -17,36 +17,13 @@
 //! again: it fails with the reason where one is required, else skips with a
 //! printed reason.
 
-use std::path::Path;
-
-fn env_is(name: &str, value: &str) -> bool {
-    println!("cargo:rerun-if-env-changed={name}");
-    std::env::var(name).as_deref() == Ok(value)
-}
+include!("../../support/kvm_cfg.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_kvm)");
+    println!("cargo:rerun-if-changed=../../support/kvm_cfg.rs");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_linux_guest)");
-
-    println!("cargo:rerun-if-env-changed=KVMSIM_KVM_DEVICE");
-    let device = std::env::var_os("KVMSIM_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
-    let device = Path::new(&device);
-    if device.exists() {
-        println!("cargo:rerun-if-changed={}", device.display());
-    }
-    let usable = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(device)
-        .is_ok();
-    if !usable && !env_is("KVMSIM_REQUIRE_KVM", "1") {
-        println!("cargo:rustc-cfg=kvmsim_no_kvm");
-        println!(
-            "cargo:warning={} is not usable: the tests that need KVM are marked ignored",
-            device.display()
-        );
-    }
+    decide_kvm_cfg();
 
     // Decided by the environment alone, which cargo tracks exactly (a guest
     // folder made after the build could not be noticed without rebuilding

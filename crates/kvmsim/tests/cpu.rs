@@ -652,6 +652,31 @@ fn cpu_samples_record_where_the_guest_is() {
     assert!(lines[0].starts_with("1000000000 "), "{}", lines[0]);
 }
 
+/// Runs the `irqint3` guest (`traps` int3 at ring 0 under a timer of
+/// `period_ns`) and checks what holds for every run: it ends with status 0,
+/// every trap is counted, and the guest took every interrupt kvmsim
+/// injected. Returns the run, its report line and the injected count.
+fn irqint3(test: &str, period_ns: u64, traps: u64) -> (Run, String, u64) {
+    let (period, count) = (period_ns.to_string(), traps.to_string());
+    let args = [
+        "run",
+        "--kernel",
+        "builtin:irqint3",
+        "--arg",
+        &period,
+        "--arg",
+        &count,
+        "--quiet",
+    ];
+    let r = kvmsim(&args, &outdir(test));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let line = r.file("serial.log");
+    assert_eq!(field(&line, "traps"), traps, "{line}");
+    let injected = r.stat("system.cpu.numInterrupts").as_u64().unwrap();
+    assert_eq!(field(&line, "interrupts"), injected, "{line}");
+    (r, line, injected)
+}
+
 #[test]
 #[cfg_attr(
     kvmsim_no_kvm,
@@ -665,25 +690,7 @@ fn every_injected_interrupt_is_taken_while_instructions_are_completed() {
     // emulate it) under a 30 us timer: the guest's own count of interrupts
     // equals the interrupts kvmsim injected (none discarded by the #BP
     // events kvmsim pushes).
-    let r = kvmsim(
-        &[
-            "run",
-            "--kernel",
-            "builtin:irqint3",
-            "--arg",
-            "30000",
-            "--arg",
-            "2000",
-            "--quiet",
-        ],
-        &outdir("irqint3"),
-    );
-    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
-    let line = r.file("serial.log");
-    assert_eq!(field(&line, "traps"), 2000, "{line}");
-    let taken = field(&line, "interrupts");
-    let injected = r.stat("system.cpu.numInterrupts").as_u64().unwrap();
-    assert_eq!(taken, injected, "{line}");
+    let (r, line, injected) = irqint3("irqint3", 30_000, 2000);
     assert!(injected > 0, "no interrupt arrived: {line}");
     if kvm::doctor::cached().emulator_lacks("int3") {
         assert_eq!(
@@ -744,26 +751,7 @@ fn a_timer_shorter_than_an_instruction_takes_still_lets_the_guest_finish() {
     // The interval timer every 2 us while kernel-mode code runs: on a host
     // that emulates kernel mode, one entry cannot complete an instruction
     // in 2 us. The minimum run span grows until it can.
-    let r = kvmsim(
-        &[
-            "run",
-            "--kernel",
-            "builtin:irqint3",
-            "--arg",
-            "2000",
-            "--arg",
-            "200",
-            "--quiet",
-        ],
-        &outdir("short-timer"),
-    );
-    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
-    let line = r.file("serial.log");
-    assert_eq!(field(&line, "traps"), 200, "{line}");
-    assert_eq!(
-        field(&line, "interrupts"),
-        r.stat("system.cpu.numInterrupts").as_u64().unwrap()
-    );
+    irqint3("short-timer", 2000, 200);
 }
 
 #[test]
