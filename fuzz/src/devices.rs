@@ -230,6 +230,7 @@ fn access<R: Rig>(
         now,
         cpu: Some(&mut args),
         requests: &mut reqs,
+        cpu_index: 0,
     };
     let latency = f(dev, &mut ctx);
     (latency, reqs)

@@ -82,23 +82,37 @@ impl IoApic {
         let dest = (e >> 56) as u8;
         let level = e & LEVEL != 0;
         let mut hit = false;
-        for lapic in &self.lapics {
-            let mut a = mem::lock(lapic);
-            if !a.accepts(dest, logical) {
-                continue;
+        if mode == 1 {
+            // Lowest priority: the accepting APIC with the lowest processor
+            // priority (the first of equals).
+            let target = self
+                .lapics
+                .iter()
+                .filter_map(|l| {
+                    let a = mem::lock(l);
+                    a.accepts(dest, logical)
+                        .then(|| (a.arbitration_priority(), l.clone()))
+                })
+                .min_by_key(|(p, _)| *p);
+            if let Some((_, l)) = target {
+                mem::lock(&l).deliver(vector, level);
+                hit = true;
             }
-            hit = true;
-            match mode {
-                0 | 1 => a.deliver(vector, level),
-                4 => a.deliver_nmi(),
-                5 => a.deliver_init(),
-                // ExtINT: the 8259 behind it answers INTA; the local APIC's
-                // LINT0 path models that, so nothing is queued here.
-                7 => {}
-                _ => {}
-            }
-            if mode == 1 {
-                break; // lowest priority: one CPU
+        } else {
+            for lapic in &self.lapics {
+                let mut a = mem::lock(lapic);
+                if !a.accepts(dest, logical) {
+                    continue;
+                }
+                hit = true;
+                match mode {
+                    0 => a.deliver(vector, level),
+                    4 => a.deliver_nmi(),
+                    5 => a.deliver_init(),
+                    // ExtINT: the 8259 behind it answers INTA; the local
+                    // APIC's LINT0 path models that, so nothing is queued.
+                    _ => {}
+                }
             }
         }
         if hit {

@@ -50,6 +50,18 @@ pub struct Ipi {
     pub logical: bool,
     /// Shorthand: 0 none, 2 all including self, 3 all excluding self.
     pub shorthand: u8,
+    /// Level: assert (true) or de-assert (an INIT level de-assert is a
+    /// synchronization message that starts no CPU).
+    pub assert: bool,
+    /// Trigger mode: level (true) or edge.
+    pub level_triggered: bool,
+}
+
+impl Ipi {
+    /// An INIT level de-assert: delivered to nobody.
+    pub fn is_init_deassert(&self) -> bool {
+        self.mode == 5 && !self.assert && self.level_triggered
+    }
 }
 
 /// One CPU's local APIC.
@@ -79,6 +91,8 @@ pub struct Lapic {
     /// INIT and SIPI addressed to this CPU.
     init_received: bool,
     sipi_vector: Option<u8>,
+    /// Something was delivered since the last [`Lapic::take_doorbell`].
+    doorbell: bool,
     interrupts: Counter,
     timer_irqs: Counter,
 }
@@ -136,6 +150,7 @@ impl Lapic {
             ipis: Vec::new(),
             init_received: false,
             sipi_vector: None,
+            doorbell: false,
             interrupts: stats.counter(
                 &format!("{prefix}.interrupts"),
                 "Interrupts delivered to the CPU by the local APIC",
@@ -147,10 +162,49 @@ impl Lapic {
                 "Count",
             )?,
         };
-        // The BSP's reset state of a PC: LINT0 ExtINT (virtual wire), LINT1 NMI.
-        a.lvt[LVT_LINT0] = 0x700;
-        a.lvt[LVT_LINT1] = 0x400;
+        // The BSP's reset state of a PC: LINT0 ExtINT (virtual wire), LINT1
+        // NMI. An AP's (no 8259 behind it) stays masked until its OS sets it.
+        if a.pic.is_some() {
+            a.lvt[LVT_LINT0] = 0x700;
+            a.lvt[LVT_LINT1] = 0x400;
+        }
         Ok(a)
+    }
+
+    /// INIT: back to the power-on state, keeping the APIC ID (and the 8259
+    /// behind a BSP's LINT0).
+    pub fn init_reset(&mut self) {
+        self.tpr = 0;
+        self.ldr = 0;
+        self.dfr = 0xffff_ffff;
+        self.svr = 0xff;
+        self.isr = [0; 8];
+        self.tmr = [0; 8];
+        self.irr = [0; 8];
+        self.esr = 0;
+        self.icr_lo = 0;
+        self.icr_hi = 0;
+        self.lvt = [LVT_MASKED; 6];
+        self.timer_initial = 0;
+        self.timer_divide = 0;
+        self.timer_fired = 0;
+        self.nmi = false;
+        self.ipis.clear();
+        self.init_received = false;
+        self.sipi_vector = None;
+    }
+
+    /// True once after anything was delivered (an interrupt, NMI, INIT or
+    /// SIPI): the platform's cue to wake or kick this APIC's CPU when the
+    /// delivery came from another thread.
+    pub fn take_doorbell(&mut self) -> bool {
+        std::mem::take(&mut self.doorbell)
+    }
+
+    /// The priority lowest-priority arbitration compares: the processor
+    /// priority (the lowest wins).
+    pub fn arbitration_priority(&self) -> u8 {
+        self.ppr()
     }
 
     /// The APIC ID.
@@ -161,7 +215,14 @@ impl Lapic {
     /// True if a message for `dest` (logical or physical) reaches this APIC.
     pub fn accepts(&self, dest: u8, logical: bool) -> bool {
         if logical {
-            dest & (self.ldr >> 24) as u8 != 0
+            let id = (self.ldr >> 24) as u8;
+            if dest == 0xff || self.dfr >> 28 == 0xf {
+                // Flat model: a bit per APIC.
+                dest & id != 0
+            } else {
+                // Cluster model: the high nibble names the cluster.
+                dest >> 4 == id >> 4 && dest & id & 0xf != 0
+            }
         } else {
             dest == self.id || dest == 0xff
         }
@@ -189,17 +250,20 @@ impl Lapic {
         }
         set_bit(&mut self.irr, vector, true);
         set_bit(&mut self.tmr, vector, level_triggered);
+        self.doorbell = true;
     }
 
     /// An NMI arrives.
     pub fn deliver_nmi(&mut self) {
         self.nmi = true;
+        self.doorbell = true;
     }
 
     /// INIT arrives: the CPU must be reset and wait for SIPI.
     pub fn deliver_init(&mut self) {
         self.init_received = true;
         self.sipi_vector = None;
+        self.doorbell = true;
     }
 
     /// SIPI arrives (after INIT): the CPU starts in real mode at vector << 12.
@@ -207,6 +271,7 @@ impl Lapic {
         if self.init_received {
             self.sipi_vector = Some(vector);
         }
+        self.doorbell = true;
     }
 
     /// INIT/SIPI state: (INIT seen, SIPI vector).
@@ -275,14 +340,16 @@ impl Lapic {
             dest: (self.icr_hi >> 24) as u8,
             logical: lo & (1 << 11) != 0,
             shorthand: ((lo >> 18) & 3) as u8,
+            assert: lo & (1 << 14) != 0,
+            level_triggered: lo & (1 << 15) != 0,
         };
+        if ipi.is_init_deassert() {
+            return;
+        }
         let to_self = match ipi.shorthand {
             1 | 2 => true,
             3 => false,
-            _ if ipi.logical => {
-                // Flat model: the destination is a mask of logical IDs.
-                ipi.dest & (self.ldr >> 24) as u8 != 0
-            }
+            _ if ipi.logical => self.accepts(ipi.dest, true),
             _ => ipi.dest == self.id || ipi.dest == 0xff,
         };
         let to_others = match ipi.shorthand {
@@ -290,6 +357,14 @@ impl Lapic {
             2 | 3 => true,
             _ => ipi.dest != self.id || ipi.logical,
         };
+        // Lowest priority without a shorthand is arbitrated by the platform
+        // among every APIC that accepts it, this one included.
+        if ipi.mode == 1 && ipi.shorthand == 0 {
+            if self.ipis.len() < 256 {
+                self.ipis.push(ipi);
+            }
+            return;
+        }
         if to_self {
             match ipi.mode {
                 0 | 1 => self.deliver(ipi.vector, false),
@@ -590,8 +665,12 @@ mod tests {
         assert_eq!(r(&mut a, 0, 0x30), LAPIC_VERSION);
         assert_eq!(r(&mut a, 0, 0x20), 0);
         assert_eq!(r(&mut a, 0, 0xf0), 0xff, "software disabled at reset");
-        assert_eq!(r(&mut a, 0, 0x350), 0x700, "LINT0 ExtINT");
-        assert_eq!(r(&mut a, 0, 0x360), 0x400, "LINT1 NMI");
+        assert_eq!(r(&mut a, 0, 0x350), LVT_MASKED, "an AP's LINT0: masked");
+        let mut stats = Stats::new();
+        let pic = Some(Arc::new(Mutex::new(PicPair::new())));
+        let mut bsp = Lapic::new(0, 1_000_000_000, pic, &mut stats, "apic").unwrap();
+        assert_eq!(r(&mut bsp, 0, 0x350), 0x700, "the BSP's LINT0: ExtINT");
+        assert_eq!(r(&mut bsp, 0, 0x360), 0x400, "the BSP's LINT1: NMI");
         assert_eq!(r(&mut a, 0, 0xe0), 0xffff_ffff);
     }
 

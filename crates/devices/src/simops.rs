@@ -172,6 +172,7 @@ mod tests {
             now,
             cpu: Some(&mut regs),
             requests: &mut reqs,
+            cpu_index: 0,
         };
         let mut data = [0u8; 8];
         assert_eq!(
@@ -265,7 +266,7 @@ mod tests {
             let mut d = SimOps::new(&mut stats, "s").unwrap();
             let mut reqs = vec![];
             let mut regs = Regs(args);
-            let mut ctx = AccessCtx { now: 0, cpu: Some(&mut regs), requests: &mut reqs };
+            let mut ctx = AccessCtx { now: 0, cpu: Some(&mut regs), requests: &mut reqs, cpu_index: 0 };
             let mut data = vec![0u8; len];
             if write { d.write(Space::Mmio, off, &data, &mut ctx); } else { d.read(Space::Mmio, off, &mut data, &mut ctx); }
             proptest::prop_assert!(reqs.len() <= 1);

@@ -74,6 +74,7 @@ impl<'a> BareVm<'a> {
         vm.map_ram(ram)?;
         // As platform::System builds a bare-metal system's CPU.
         let mut vcpu = vm.create_cpu(&VcpuSpec {
+            cpus: 1,
             id: 0,
             coalesced_mmio: false,
         })?;

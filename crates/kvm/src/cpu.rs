@@ -49,6 +49,8 @@ pub struct CpuOptions {
     pub max_insts: Option<u64>,
     /// Drain the coalesced-MMIO ring after every run.
     pub coalesced_mmio: bool,
+    /// The CPU's index in its system (selects per-CPU devices on the bus).
+    pub index: usize,
 }
 
 impl Default for CpuOptions {
@@ -57,6 +59,7 @@ impl Default for CpuOptions {
             timer: TimerKind::Posix,
             max_insts: None,
             coalesced_mmio: false,
+            index: 0,
         }
     }
 }
@@ -250,6 +253,7 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
 fn with_ctx<A: Arch, R>(
     arch: &mut A,
     vcpu: &mut dyn Vcpu,
+    cpu_index: usize,
     now: Tick,
     requests: &mut Vec<Request>,
     f: impl FnOnce(&mut AccessCtx) -> R,
@@ -259,6 +263,7 @@ fn with_ctx<A: Arch, R>(
         now,
         cpu: Some(&mut view),
         requests,
+        cpu_index,
     };
     f(&mut ctx)
 }
@@ -471,6 +476,19 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             self.state = CpuState::Running;
         }
         was_idle
+    }
+
+    /// INIT: forgets any exit in flight and stops the CPU; it runs again
+    /// only after its owner has given it a start state (a SIPI) and woken it
+    /// with [`KvmCpu::wake`]. Simulated time spent waiting is not added to
+    /// the guest's clock (the CPU restarts from reset).
+    pub fn reset_for_init(&mut self) {
+        self.state = CpuState::Idle;
+        self.pending = None;
+        self.idle_since = None;
+        self.stall_pc = None;
+        self.stall_repeats = 0;
+        self.injected_since_timer_exit = false;
     }
 
     /// Starts draining. Returns true if the CPU is drained already.
@@ -918,6 +936,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         while let Some((addr, data, len)) = self.vcpu.coalesced_mmio_read() {
             self.stats.num_coalesced_mmio.inc();
             let mut ctx = AccessCtx::new(now, &mut reqs);
+            ctx.cpu_index = self.opts.index;
             latency = latency.saturating_add(bus.write(Space::Mmio, addr, &data[..len], &mut ctx));
         }
         if !reqs.is_empty() {
@@ -947,11 +966,18 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 buf.clear();
                 buf.resize(size * count.max(1) as usize, 0);
                 let port = u64::from(port);
-                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
-                    buf.chunks_mut(size).fold(0, |lat: Tick, chunk| {
-                        lat.saturating_add(bus.read(Space::Pio, port, chunk, ctx))
-                    })
-                });
+                let latency = with_ctx(
+                    &mut self.arch,
+                    &mut self.vcpu,
+                    self.opts.index,
+                    now,
+                    requests,
+                    |ctx| {
+                        buf.chunks_mut(size).fold(0, |lat: Tick, chunk| {
+                            lat.saturating_add(bus.read(Space::Pio, port, chunk, ctx))
+                        })
+                    },
+                );
                 let done = self.vcpu.complete_io_in(&buf);
                 self.io_buf = buf;
                 if !done {
@@ -969,11 +995,18 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 let size = usize::from(size.max(1));
                 let buf = std::mem::take(&mut self.io_buf);
                 let port = u64::from(port);
-                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
-                    buf.chunks(size).fold(0, |lat: Tick, chunk| {
-                        lat.saturating_add(bus.write(Space::Pio, port, chunk, ctx))
-                    })
-                });
+                let latency = with_ctx(
+                    &mut self.arch,
+                    &mut self.vcpu,
+                    self.opts.index,
+                    now,
+                    requests,
+                    |ctx| {
+                        buf.chunks(size).fold(0, |lat: Tick, chunk| {
+                            lat.saturating_add(bus.write(Space::Pio, port, chunk, ctx))
+                        })
+                    },
+                );
                 self.io_buf = buf;
                 latency
             }
@@ -981,9 +1014,14 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 self.stats.num_mmio.inc();
                 let mut data = [0u8; 8];
                 let len = len.min(8);
-                let latency = with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
-                    bus.read(Space::Mmio, addr, &mut data[..len], ctx)
-                });
+                let latency = with_ctx(
+                    &mut self.arch,
+                    &mut self.vcpu,
+                    self.opts.index,
+                    now,
+                    requests,
+                    |ctx| bus.read(Space::Mmio, addr, &mut data[..len], ctx),
+                );
                 if !self.vcpu.complete_mmio_read(&data[..len]) {
                     return Err(KvmError::Completion(format!(
                         "{}: cannot complete the MMIO read of {len} bytes at {addr:#x}",
@@ -995,9 +1033,14 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             }
             Exit::MmioWrite { addr, len, data } => {
                 self.stats.num_mmio.inc();
-                with_ctx(&mut self.arch, &mut self.vcpu, now, requests, |ctx| {
-                    bus.write(Space::Mmio, addr, &data[..len.min(8)], ctx)
-                })
+                with_ctx(
+                    &mut self.arch,
+                    &mut self.vcpu,
+                    self.opts.index,
+                    now,
+                    requests,
+                    |ctx| bus.write(Space::Mmio, addr, &data[..len.min(8)], ctx),
+                )
             }
             Exit::Hlt => {
                 self.stats.num_halt.inc();

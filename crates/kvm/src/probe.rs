@@ -136,7 +136,7 @@ pub fn run_snippet(
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
     {
         if let Ok(t) =
-            kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(&cpuid, 0))
+            kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(&cpuid, 0, 1))
         {
             let _ = vcpu.set_cpuid(&t);
         }

@@ -164,6 +164,7 @@ impl KvmVm {
         let table = kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(
             &supported,
             spec.id as u8,
+            spec.cpus.max(1),
         ))
         .map_err(|e| KvmError::Setup(format!("CPUID table: {e:?}")))?;
         vcpu.set_cpuid(&table)?;
@@ -179,6 +180,8 @@ impl KvmVm {
 pub struct VcpuSpec {
     /// The vCPU (and APIC) id.
     pub id: u64,
+    /// How many CPUs the system has (the topology CPUID describes).
+    pub cpus: u8,
     /// Map the coalesced-MMIO ring (some range was registered).
     pub coalesced_mmio: bool,
 }

@@ -37,6 +37,9 @@ pub struct AccessCtx<'a> {
     pub cpu: Option<&'a mut dyn CallArgs>,
     /// Requests for the simulator, serviced after the access.
     pub requests: &'a mut Vec<Request>,
+    /// The index of the calling CPU in its system (0 when there is none):
+    /// it selects the bank of a per-CPU device ([`IoBus::insert_banked`]).
+    pub cpu_index: usize,
 }
 
 impl<'a> AccessCtx<'a> {
@@ -46,6 +49,7 @@ impl<'a> AccessCtx<'a> {
             now,
             cpu: None,
             requests,
+            cpu_index: 0,
         }
     }
 
@@ -135,17 +139,40 @@ pub enum BusError {
 struct Mapping {
     end: u64,
     name: String,
-    dev: DeviceHandle,
+    /// One device, or one per CPU (chosen by [`AccessCtx::cpu_index`]).
+    devs: Vec<DeviceHandle>,
+}
+
+impl Mapping {
+    /// The device that answers CPU `cpu`; `None` for a banked device
+    /// without a bank for it. Banked devices are per-CPU (each CPU sees
+    /// its own, at its own time); a single device is shared.
+    fn device(&self, cpu: usize) -> Option<(&DeviceHandle, bool)> {
+        match self.devs.as_slice() {
+            [one] => Some((one, true)),
+            many => many.get(cpu).map(|d| (d, false)),
+        }
+    }
 }
 
 /// Latency charged for an access nobody claims.
 pub const UNCLAIMED_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
 
 /// The IO bus of one system.
+///
+/// Accesses to shared devices (everything not banked per CPU) are
+/// serialized by the bus's device clock: a lock that also holds the latest
+/// tick any shared device has seen. An access at tick `t` is serviced at
+/// `max(t, clock)` and moves the clock there, so with several CPUs, whose
+/// own times differ by up to a quantum, no shared device ever sees time go
+/// backwards; a CPU that is behind the clock has its access seen at the
+/// clock's tick instead (late by at most the CPUs' drift). With one CPU the
+/// clock never changes an access's tick (its accesses come in tick order).
 pub struct IoBus {
     maps: BTreeMap<(Space, u64), Mapping>,
     unclaimed_pio: Counter,
     unclaimed_mmio: Counter,
+    clock: Mutex<Tick>,
 }
 
 impl IoBus {
@@ -163,7 +190,43 @@ impl IoBus {
                 "MMIO accesses no device claims (reads return all-ones, writes are dropped)",
                 "Count",
             )?,
+            clock: Mutex::new(0),
         })
+    }
+
+    /// Runs `f` as the shared devices' owner at `now` (or later: see the
+    /// type's description): device deadlines serviced outside an access go
+    /// through here, so they are ordered with the CPUs' accesses. Returns
+    /// what `f` returns.
+    pub fn with_device_clock<R>(&self, now: Tick, f: impl FnOnce(Tick) -> R) -> R {
+        let mut clock = lock(&self.clock);
+        *clock = (*clock).max(now);
+        f(*clock)
+    }
+
+    /// The latest tick a shared device has seen.
+    pub fn device_time(&self) -> Tick {
+        *lock(&self.clock)
+    }
+
+    /// Attaches one device per CPU at `[base, base+len)`: CPU `i`'s accesses
+    /// reach `devs[i]`, at that CPU's own time (a local APIC). CPUs without
+    /// a bank see the range as unclaimed.
+    pub fn insert_banked(
+        &mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        name: &str,
+        devs: Vec<DeviceHandle>,
+    ) -> Result<(), BusError> {
+        if devs.len() == 1 {
+            // One bank: the CPU index must still select it (CPU 0 only).
+            let mut devs = devs;
+            devs.push(Arc::new(Mutex::new(Absent)));
+            return self.insert_devs(space, base, len, name, devs);
+        }
+        self.insert_devs(space, base, len, name, devs)
     }
 
     /// Attaches `dev` at `[base, base+len)` in `space`.
@@ -174,6 +237,17 @@ impl IoBus {
         len: u64,
         name: &str,
         dev: DeviceHandle,
+    ) -> Result<(), BusError> {
+        self.insert_devs(space, base, len, name, vec![dev])
+    }
+
+    fn insert_devs(
+        &mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        name: &str,
+        devs: Vec<DeviceHandle>,
     ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
@@ -202,7 +276,7 @@ impl IoBus {
             Mapping {
                 end,
                 name: name.into(),
-                dev,
+                devs,
             },
         );
         Ok(())
@@ -228,8 +302,17 @@ impl IoBus {
 
     /// Reads `data.len()` bytes at `addr`. Unclaimed: all-ones.
     pub fn read(&self, space: Space, addr: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
-        match self.find(space, addr, data.len() as u64) {
-            Some((base, m)) => lock(&m.dev).read(space, addr - base, data, ctx),
+        let found = self
+            .find(space, addr, data.len() as u64)
+            .and_then(|(base, m)| Some((base, m.device(ctx.cpu_index)?)));
+        match found {
+            Some((base, (dev, true))) => {
+                let mut clock = lock(&self.clock);
+                *clock = (*clock).max(ctx.now);
+                ctx.now = *clock;
+                lock(dev).read(space, addr - base, data, ctx)
+            }
+            Some((base, (dev, false))) => lock(dev).read(space, addr - base, data, ctx),
             None => {
                 self.unclaimed(space).inc();
                 data.fill(0xff);
@@ -240,13 +323,35 @@ impl IoBus {
 
     /// Writes `data` at `addr`. Unclaimed: dropped.
     pub fn write(&self, space: Space, addr: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
-        match self.find(space, addr, data.len() as u64) {
-            Some((base, m)) => lock(&m.dev).write(space, addr - base, data, ctx),
+        let found = self
+            .find(space, addr, data.len() as u64)
+            .and_then(|(base, m)| Some((base, m.device(ctx.cpu_index)?)));
+        match found {
+            Some((base, (dev, true))) => {
+                let mut clock = lock(&self.clock);
+                *clock = (*clock).max(ctx.now);
+                ctx.now = *clock;
+                lock(dev).write(space, addr - base, data, ctx)
+            }
+            Some((base, (dev, false))) => lock(dev).write(space, addr - base, data, ctx),
             None => {
                 self.unclaimed(space).inc();
                 UNCLAIMED_LATENCY
             }
         }
+    }
+}
+
+/// The bank of a per-CPU device for a CPU that has none: unclaimed.
+struct Absent;
+
+impl BusDevice for Absent {
+    fn read(&mut self, _: Space, _: u64, data: &mut [u8], _: &mut AccessCtx) -> Tick {
+        data.fill(0xff);
+        UNCLAIMED_LATENCY
+    }
+    fn write(&mut self, _: Space, _: u64, _: &[u8], _: &mut AccessCtx) -> Tick {
+        UNCLAIMED_LATENCY
     }
 }
 

@@ -123,7 +123,30 @@ pub struct SystemConfig {
     /// host's clock when the run starts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtc_start: Option<i64>,
+    /// CPUs in the system (default 1, at most [`MAX_CPUS`]). With more than
+    /// one, each has its own host thread, queue and local APIC; CPU 0 starts
+    /// at the entry point, the others wait for INIT and SIPI.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// How long an inter-processor interrupt takes to reach its target
+    /// (default 1 us). IPIs arrive exactly then when this is at least
+    /// `sim.quantum`; below it, an IPI to a CPU that has run ahead arrives
+    /// at that CPU's current time instead.
+    #[serde(default = "default_ipi_latency")]
+    pub ipi_latency: Duration,
 }
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_ipi_latency() -> Duration {
+    Duration(sim::tick::TICKS_PER_US)
+}
+
+/// The most CPUs a system may have (xAPIC IDs are 8 bits, 0xFF is the
+/// broadcast, and the I/O APIC takes the ID after the last CPU's).
+pub const MAX_CPUS: u32 = 254;
 
 fn default_platform() -> String {
     "auto".into()
@@ -232,6 +255,10 @@ pub fn check_stack(stack: u64, memory: u64) -> Result<(), String> {
 
 /// The lock-step window of systems without links.
 pub const DEFAULT_QUANTUM: sim::Tick = 10 * sim::tick::TICKS_PER_MS;
+/// The default quantum when a system has several CPUs: how far CPUs of
+/// one system may drift apart, and so how late an interrupt from another
+/// CPU's thread can arrive.
+pub const DEFAULT_SMP_QUANTUM: sim::Tick = 100 * sim::tick::TICKS_PER_US;
 
 /// The accepted values of `system.cpu.timer`.
 pub const TIMERS: &[&str] = &["auto", "posix", "perf-cycles", "perf-task-clock"];
@@ -424,6 +451,8 @@ impl Config {
                 initrd: None,
                 append: None,
                 cmdline: None,
+                cpus: default_cpus(),
+                ipi_latency: default_ipi_latency(),
             }],
         }
     }
@@ -441,11 +470,17 @@ impl Config {
 
     /// The lock-step window of a multi-system run.
     pub fn quantum(&self) -> sim::Tick {
-        self.sim
-            .quantum
-            .map(|d| d.0)
-            .or_else(|| self.link.iter().map(|l| l.latency.0).min())
-            .unwrap_or(DEFAULT_QUANTUM)
+        if let Some(q) = self.sim.quantum {
+            return q.0;
+        }
+        let smp = self.system.iter().any(|s| s.cpus > 1);
+        let link = self.link.iter().map(|l| l.latency.0).min();
+        match (link, smp) {
+            (Some(l), true) => l.min(DEFAULT_SMP_QUANTUM),
+            (Some(l), false) => l,
+            (None, true) => DEFAULT_SMP_QUANTUM,
+            (None, false) => DEFAULT_QUANTUM,
+        }
     }
 
     /// Parses TOML `text` read from `path` (used in messages and to resolve
@@ -611,6 +646,36 @@ impl Config {
                     f("platform"),
                     format!("{:?}", s.platform),
                     &format!("unknown platform (one of: {})", PLATFORMS.join(", ")),
+                ));
+            }
+            if s.cpus == 0 || s.cpus > MAX_CPUS {
+                return Err(bad(
+                    f("cpus"),
+                    s.cpus.to_string(),
+                    &format!("must be 1 to {MAX_CPUS}"),
+                ));
+            }
+            if s.cpus > 1 {
+                for (what, set) in [
+                    ("sim.drain_period", self.sim.drain_period.is_some()),
+                    ("cpu.max_insts", s.cpu.max_insts.is_some()),
+                    ("cpu.trace", s.cpu.trace.is_some()),
+                    ("coalesced_mmio", !s.coalesced_mmio.is_empty()),
+                ] {
+                    if set {
+                        return Err(bad(
+                            f("cpus"),
+                            s.cpus.to_string(),
+                            &format!("{what} is not supported yet with more than one CPU"),
+                        ));
+                    }
+                }
+            }
+            if s.ipi_latency.0 == 0 {
+                return Err(bad(
+                    f("ipi_latency"),
+                    "0".into(),
+                    "must be longer than zero",
                 ));
             }
             if s.cpu.max_insts == Some(0) {

@@ -12,14 +12,16 @@
 //! the same order, whatever the host threads did.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::Mutex;
+
+use sim::barrier::SpinBarrier;
 
 use sim::stats::Dump;
 use sim::{ExitCause, ExitEvent, Tick};
 
 use crate::config::Config;
 use crate::output::OutDir;
-use crate::system::{LinkEnd, System};
+use crate::system::{CpuThread, LinkEnd, System};
 use crate::PlatformError;
 
 /// A value in flight between systems.
@@ -34,7 +36,7 @@ struct Message {
 
 /// Where each (system, port) of a link leads.
 #[derive(Debug, Clone)]
-struct Route {
+pub(crate) struct Route {
     /// `peers[system][port]` = (peer system, peer port).
     peers: Vec<Vec<(usize, u32)>>,
 }
@@ -125,52 +127,15 @@ impl Simulation {
 
     /// Runs every system to its exit; returns one exit per system.
     pub fn run(&mut self) -> Result<Vec<ExitEvent>, PlatformError> {
-        if self.systems.len() == 1 {
+        if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
             return Ok(vec![self.systems[0].run()?]);
         }
-        let n = self.systems.len();
-        let barrier = Barrier::new(n);
-        let inboxes: Vec<[Mutex<Vec<Message>>; 2]> = (0..n).map(|_| Default::default()).collect();
-        let done = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
-        let quantum = self.quantum;
-        let stop_on_fault = self.stop_on_fault;
-        let route = &self.route;
-        let results: Vec<Result<ExitEvent, PlatformError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .systems
-                .iter_mut()
-                .enumerate()
-                .map(|(i, sys)| {
-                    let (barrier, inboxes, done, stop) = (&barrier, &inboxes, &done, &stop);
-                    std::thread::Builder::new()
-                        .name(format!("kvmsim-{}", sys.name()))
-                        .spawn_scoped(scope, move || {
-                            run_windows(
-                                i,
-                                sys,
-                                route,
-                                quantum,
-                                stop_on_fault,
-                                barrier,
-                                inboxes,
-                                done,
-                                stop,
-                            )
-                        })
-                        .expect("spawning a system thread")
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(PlatformError::Setup("a system thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        results.into_iter().collect()
+        run_threads(
+            &mut self.systems,
+            self.quantum,
+            self.stop_on_fault,
+            Some(&self.route),
+        )
     }
 
     /// The process status for `exits`: the first failing system's (earliest
@@ -197,46 +162,127 @@ impl Simulation {
     }
 }
 
-/// The thread body of one system in a multi-system run.
-#[allow(clippy::too_many_arguments)]
-fn run_windows(
-    me: usize,
-    sys: &mut System,
-    route: &Route,
+/// What the threads of a run share.
+struct Run<'a> {
+    route: Option<&'a Route>,
     quantum: Tick,
     stop_on_fault: bool,
-    barrier: &Barrier,
-    inboxes: &[[Mutex<Vec<Message>>; 2]],
-    done: &AtomicUsize,
-    stop: &AtomicBool,
-) -> Result<ExitEvent, PlatformError> {
-    let n = inboxes.len();
-    let mut exit: Option<ExitEvent> = None;
-    let mut error: Option<PlatformError> = None;
+    barrier: SpinBarrier,
+    /// Link messages for each system, by window parity.
+    inboxes: Vec<[Mutex<Vec<Message>>; 2]>,
+    /// Systems that have ended.
+    done: AtomicUsize,
+    stop: AtomicBool,
+    /// Each system's end (first come, first kept).
+    results: Vec<Mutex<Option<Result<ExitEvent, PlatformError>>>>,
+}
+
+/// Runs `systems` with one host thread per CPU, in lock-step windows of
+/// `quantum`: every thread runs its CPU's queue (CPU 0's thread also the
+/// system's) up to the window's end, then all meet at a barrier, exchange
+/// link messages (CPU 0's threads) and decide together whether to go on.
+/// Returns one exit per system.
+pub(crate) fn run_threads(
+    systems: &mut [System],
+    quantum: Tick,
+    stop_on_fault: bool,
+    route: Option<&Route>,
+) -> Result<Vec<ExitEvent>, PlatformError> {
+    let n = systems.len();
+    let threads: usize = systems.iter().map(|s| s.cpu_count()).sum();
+    let run = Run {
+        route,
+        quantum: quantum.max(1),
+        stop_on_fault,
+        barrier: SpinBarrier::new(threads),
+        inboxes: (0..n).map(|_| Default::default()).collect(),
+        done: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+        results: (0..n).map(|_| Mutex::new(None)).collect(),
+    };
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for (i, sys) in systems.iter_mut().enumerate() {
+            for t in sys.threads() {
+                let run = &run;
+                let name = format!("kvmsim-{}-cpu{}", t.system_name(), t.index());
+                handles.push(
+                    std::thread::Builder::new()
+                        .name(name)
+                        .spawn_scoped(scope, move || run_windows(i, t, run))
+                        .expect("spawning a CPU thread"),
+                );
+            }
+        }
+        for h in handles {
+            if h.join().is_err() {
+                run.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    let mut exits = Vec::with_capacity(n);
+    for (i, sys) in systems.iter().enumerate() {
+        let r = run.results[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        exits.push(match r {
+            Some(r) => r?,
+            None => ExitEvent::new(
+                if crate::console::interrupted() {
+                    ExitCause::UserInterrupt
+                } else {
+                    ExitCause::Stopped
+                },
+                0,
+                sys.cur_tick(),
+                "stopped because another system ended the run",
+            ),
+        });
+    }
+    Ok(exits)
+}
+
+/// The body of the thread of CPU `t` of system `me`.
+fn run_windows(me: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
+    let n = run.inboxes.len();
+    let lead = t.index() == 0;
     let mut seq = 0u64;
     let mut window: u64 = 0;
-    loop {
-        let end = (window + 1).saturating_mul(quantum);
-        if exit.is_none() && error.is_none() {
-            match sys.run_window(Some(end)) {
-                Ok(Some(e)) => {
+    let finish = |r: Result<ExitEvent, PlatformError>, t: &CpuThread<'_>| {
+        if t.mark_exited() {
+            let stop = match &r {
+                Ok(e) => {
                     let fatal = !matches!(e.cause, ExitCause::GuestExit | ExitCause::MaxTick)
                         || (e.cause == ExitCause::GuestExit && e.code != 0);
-                    if e.cause == ExitCause::UserInterrupt || (stop_on_fault && fatal) {
-                        stop.store(true, Ordering::SeqCst);
-                    }
-                    exit = Some(e);
-                    done.fetch_add(1, Ordering::SeqCst);
+                    e.cause == ExitCause::UserInterrupt || (run.stop_on_fault && fatal)
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    error = Some(e);
-                    stop.store(true, Ordering::SeqCst);
-                    done.fetch_add(1, Ordering::SeqCst);
-                }
+                Err(_) => true,
+            };
+            *run.results[me].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            if stop {
+                run.stop.store(true, Ordering::SeqCst);
             }
-            for o in sys.take_outgoing() {
-                if let Some(&(peer, port)) = route.peers[me].get(o.port as usize) {
+            run.done.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    loop {
+        let end = (window + 1).saturating_mul(run.quantum);
+        if !t.system_exited() {
+            match t.run_window(Some(end)) {
+                Ok(Some(e)) => finish(Ok(e), &t),
+                Ok(None) => {}
+                Err(e) => finish(Err(e), &t),
+            }
+            if lead {
+                for o in t.take_outgoing() {
+                    let Some(&(peer, port)) = run
+                        .route
+                        .and_then(|r| r.peers.get(me))
+                        .and_then(|p| p.get(o.port as usize))
+                    else {
+                        continue;
+                    };
                     let msg = Message {
                         at: o.at,
                         src: me,
@@ -245,7 +291,7 @@ fn run_windows(
                         data: o.data,
                     };
                     seq += 1;
-                    inboxes[peer][(window % 2) as usize]
+                    run.inboxes[peer][(window % 2) as usize]
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(msg);
@@ -253,57 +299,43 @@ fn run_windows(
             }
         }
         // Everyone has finished window `window` and posted its messages.
-        barrier.wait();
-        let finished = done.load(Ordering::SeqCst) == n || stop.load(Ordering::SeqCst);
+        run.barrier.wait();
+        let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
         // Everyone has read the decision before anyone changes it.
-        barrier.wait();
+        run.barrier.wait();
         if finished {
             break;
         }
-        let mut msgs = std::mem::take(
-            &mut *inboxes[me][(window % 2) as usize]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        if exit.is_none() && error.is_none() {
-            msgs.sort();
-            for m in msgs {
-                // The lookahead: nothing sent in window k may arrive in it.
-                let next = end;
-                let r = if m.at < next {
-                    Err(PlatformError::Setup(format!(
-                        "{}: a link message from system {} arrives at tick {} inside the window it \
-                         was sent in (ending at {next}): link latency below sim.quantum",
-                        sys.name(),
-                        m.src,
-                        m.at
-                    )))
-                } else {
-                    sys.schedule_delivery(m.port, m.at, m.data)
-                };
-                if let Err(e) = r {
-                    error = Some(e);
-                    stop.store(true, Ordering::SeqCst);
-                    done.fetch_add(1, Ordering::SeqCst);
-                    break;
+        if lead {
+            let mut msgs = std::mem::take(
+                &mut *run.inboxes[me][(window % 2) as usize]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            if !t.system_exited() {
+                msgs.sort();
+                for m in msgs {
+                    // The lookahead: nothing sent in window k may arrive in it.
+                    let r = if m.at < end {
+                        Err(PlatformError::Setup(format!(
+                            "{}: a link message from system {} arrives at tick {} inside the \
+                             window it was sent in (ending at {end}): link latency below \
+                             sim.quantum",
+                            t.system_name(),
+                            m.src,
+                            m.at
+                        )))
+                    } else {
+                        t.schedule_delivery(m.port, m.at, m.data)
+                    };
+                    if let Err(e) = r {
+                        finish(Err(e), &t);
+                        run.stop.store(true, Ordering::SeqCst);
+                        break;
+                    }
                 }
             }
         }
         window += 1;
     }
-    if let Some(e) = error {
-        return Err(e);
-    }
-    Ok(exit.unwrap_or_else(|| {
-        ExitEvent::new(
-            if crate::console::interrupted() {
-                ExitCause::UserInterrupt
-            } else {
-                ExitCause::Stopped
-            },
-            0,
-            sys.cur_tick(),
-            "stopped because another system ended the run",
-        )
-    }))
 }

@@ -1,13 +1,25 @@
-//! A simulated system: RAM, a KVM VM and CPU, the IO bus with its devices,
-//! statistics and one event queue that drives them all.
+//! A simulated system: RAM, a KVM VM and its CPUs, the IO bus with its
+//! devices, statistics, and the event queues that drive them.
+//!
+//! Every CPU has an event queue of its own (its ticks, its local APIC's
+//! timer, interrupts arriving from other CPUs, samples); the system's queue
+//! holds what the shared devices and the simulator do (device deadlines,
+//! statistics, the end of the run, link arrivals). With one CPU both queues
+//! run on one thread, merged in (tick, priority) order. With several, each
+//! CPU runs its queue on a host thread of its own and CPU 0's thread also
+//! runs the system's queue; the threads meet at the end of every window of
+//! `sim.quantum` (see [`crate::simulation`]). What crosses threads (an IPI,
+//! an interrupt for another CPU's APIC) goes into that CPU's inbox with its
+//! arrival tick, and the CPU is kicked out of KVM.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::i8042::{PostPort, I8042, I8042_DATA, POST_PORT};
 use devices::intc::{IntcHandle, VectorIntc};
 use devices::ioapic::{IoApic, IOAPIC_BASE, IOAPIC_SIZE};
 use devices::irq::IrqLine;
-use devices::lapic::{Lapic, LAPIC_BASE, LAPIC_SIZE};
+use devices::lapic::{Ipi, Lapic, LAPIC_BASE, LAPIC_SIZE};
 use devices::mailbox::{MAILBOX_BASE, MAILBOX_SIZE};
 use devices::pic::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
 use devices::pit::{Pit, PIT_BASE, PORT_B, PORT_B_OFFSET};
@@ -18,9 +30,9 @@ use devices::uart::{COM1_BASE, UART_PORTS};
 use devices::{IntervalTimer, Mailbox, SimOps, Uart16550};
 use kvm::arch::x86_64::{boot, X86_64};
 use kvm::cpu::CpuOptions;
-use kvm::timer::TimerKind;
+use kvm::timer::{KickHandle, TimerKind};
 use kvm::{CpuConfig as KvmCpuConfig, KvmCpu, KvmVm, TickOutcome, VcpuSpec};
-use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Rebased, Space, TimedHandle};
+use mem::{AccessCtx, GuestRam, IoBus, MemoryMap, Rebased, Space, TimedDevice, TimedHandle};
 use sim::eventq::{CPU_TICK_PRI, DEFAULT_PRI, SIM_EXIT_PRI, STAT_EVENT_PRI};
 use sim::intr::{InterruptController, Pending};
 use sim::{ClockDomain, Counter, EventId, EventQueue, ExitCause, ExitEvent, Request, Stats, Tick};
@@ -33,22 +45,30 @@ use crate::output::OutDir;
 use crate::units::Frequency;
 use crate::PlatformError;
 
-/// The CPU's interrupt controller, as the system holds it.
+/// A CPU's interrupt controller, as the system holds it.
 type CpuIntc = Arc<Mutex<dyn InterruptController>>;
 
-/// Priority of the CPU's startup event: before anything else at tick 0.
+/// The interrupt controllers of a system: each CPU's, the local APICs (if
+/// any), where vectored device interrupts go, the I/O APIC and the ISA
+/// interrupt lines (on a PC).
+type Controllers = (
+    Vec<CpuIntc>,
+    Vec<Arc<Mutex<Lapic>>>,
+    IntcHandle,
+    Option<Arc<Mutex<IoApic>>>,
+    Option<Vec<IrqLine>>,
+);
+
+/// Priority of a CPU's startup event: before anything else at tick 0.
 const STARTUP_PRI: i32 = i32::MIN;
 /// Priority of a window's end: first in its tick (that tick belongs to the
 /// next window).
 const WINDOW_PRI: i32 = i32::MIN + 1;
 
-/// Events of a system's queue.
+/// Events of the system's queue: the shared devices and the simulator.
 #[derive(Debug, Clone, PartialEq)]
-enum Event {
-    /// Per-thread CPU setup, on the thread that runs this queue.
-    CpuStartup,
-    CpuTick,
-    /// A timed device's deadline (index into `timed`).
+enum SysEvent {
+    /// A shared timed device's deadline (index into `Core::timed`).
     Device(usize),
     Exit {
         code: i64,
@@ -66,17 +86,38 @@ enum Event {
         period: Tick,
     },
     MaxTick,
-    /// The end of a lock-step window (multi-system runs).
-    WindowEnd,
-    /// Record a CPU sample (sim.sample_period).
-    Sample {
-        period: Tick,
-    },
     /// A value arrives on link port `port`.
     LinkDeliver {
         port: u32,
         data: u64,
     },
+}
+
+/// Events of a CPU's queue.
+#[derive(Debug, Clone, PartialEq)]
+enum CpuEvent {
+    /// Per-thread CPU setup, on the thread that runs this queue.
+    Startup,
+    Tick,
+    /// The end of a lock-step window.
+    WindowEnd,
+    /// Record a CPU sample (sim.sample_period).
+    Sample {
+        period: Tick,
+    },
+    /// The CPU's local APIC timer is due.
+    ApicTimer,
+    /// Something from another CPU's thread (or the system's queue) arrives.
+    Arrive(Arrival),
+}
+
+/// What another thread sends a CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// An interrupt was delivered to the CPU's APIC: wake it if it halted.
+    Wake,
+    /// An inter-processor interrupt (delivery mode and vector).
+    Ipi { mode: u8, vector: u8 },
 }
 
 /// One end of a link in a system: its mailbox port and the link's latency.
@@ -100,33 +141,70 @@ struct Timed {
     event: Option<(EventId, Tick)>,
 }
 
-/// One simulated system.
-pub struct System {
-    name: String,
-    // Drop order: the vCPU, then the VM, then the RAM it maps.
-    cpu: KvmCpu<X86_64>,
-    _vm: KvmVm,
-    _ram: GuestRam,
-    bus: IoBus,
-    /// The CPU's interrupt controller (the local APIC on a PC).
-    intc: CpuIntc,
-    ioapic: Option<Arc<Mutex<IoApic>>>,
+/// A CPU's inbox: arrivals posted by other threads, with their ticks.
+struct Inbox {
+    items: Mutex<Vec<(Tick, Arrival)>>,
+    full: AtomicBool,
+    kick: KickHandle,
+}
+
+/// The system's queue and what its events touch (locked by whichever
+/// thread acts on it).
+struct Core {
+    queue: EventQueue<SysEvent>,
     timed: Vec<Timed>,
     stats: Stats,
-    queue: EventQueue<Event>,
-    cpu_event: Option<EventId>,
-    /// The tick of the CPU's next tick event: the simulated time the CPU
-    /// has reached (it ran up to there).
-    cpu_next: Tick,
+    ioapic: Option<Arc<Mutex<IoApic>>>,
     periodic_dump: Option<EventId>,
     periodic_reset: Option<EventId>,
     draining: bool,
     drains: Counter,
-    requests: Vec<Request>,
     mailboxes: Vec<Arc<Mutex<Mailbox>>>,
     outgoing: Vec<Outgoing>,
+}
+
+/// What every CPU thread of a system shares.
+struct Shared {
+    name: String,
+    bus: IoBus,
     out: OutDir,
+    core: Mutex<Core>,
+    inboxes: Vec<Inbox>,
+    /// The local APIC of each CPU (empty on a bare single-CPU system).
+    lapics: Vec<Arc<Mutex<Lapic>>>,
+    ipi_latency: Tick,
+    /// Some thread of this system ended the run.
+    exited: AtomicBool,
+    ipis_sent: Counter,
+}
+
+/// One CPU with its queue.
+struct CpuSlot {
+    index: usize,
+    cpu: KvmCpu<X86_64>,
+    queue: EventQueue<CpuEvent>,
+    tick_event: Option<EventId>,
+    /// The tick of the CPU's next tick event: the simulated time the CPU
+    /// has reached (it ran up to there).
+    next: Tick,
+    intc: CpuIntc,
+    lapic: Option<Arc<Mutex<Lapic>>>,
+    timer_event: Option<(EventId, Tick)>,
+    requests: Vec<Request>,
+    /// An AP before its startup IPI (or after INIT): it does not run.
+    waiting_sipi: bool,
+    samples: String,
     progress: Option<Progress>,
+    ipis_received: Counter,
+}
+
+/// One simulated system.
+pub struct System {
+    // Drop order: the vCPUs, then the VM, then the RAM it maps.
+    cpus: Vec<CpuSlot>,
+    shared: Shared,
+    _vm: KvmVm,
+    _ram: GuestRam,
 }
 
 /// The progress line on stderr (only when stderr is a terminal). A helper
@@ -256,6 +334,7 @@ impl System {
         out: OutDir,
     ) -> Result<System, PlatformError> {
         let name = name.to_string();
+        let ncpus = sc.cpus.clamp(1, crate::config::MAX_CPUS) as usize;
         let image = read_image(&sc.kernel)?;
         let is_linux =
             crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some();
@@ -291,15 +370,19 @@ impl System {
         for &[base, size] in &sc.coalesced_mmio {
             vm.register_coalesced_mmio(base, size)?;
         }
-        let mut vcpu = vm.create_cpu(&VcpuSpec {
-            id: 0,
-            coalesced_mmio: !sc.coalesced_mmio.is_empty(),
-        })?;
+        let mut vcpus = Vec::with_capacity(ncpus);
+        for id in 0..ncpus {
+            vcpus.push(vm.create_cpu(&VcpuSpec {
+                id: id as u64,
+                cpus: ncpus as u8,
+                coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+            })?);
+        }
 
         let host_freq = match sc.cpu.host_freq {
             Some(f) => f.0,
             None => {
-                let khz = vcpu.tsc_khz().map_err(|e| {
+                let khz = vcpus[0].tsc_khz().map_err(|e| {
                     PlatformError::Setup(format!(
                         "KVM_GET_TSC_KHZ failed ({e}); set system.cpu.host_freq in the config"
                     ))
@@ -318,27 +401,42 @@ impl System {
         }
         .into();
 
-        let mut arch = X86_64::new();
         boot::write_boot_structures(ram.memory())?;
         let args = match &kernel {
             Some(k) => {
-                let line = setup_linux(sc, k, &info, &ram, host_freq)?;
+                let line = setup_linux(sc, k, &info, &ram, host_freq, ncpus as u8)?;
                 tracing::info!("{name}: Linux command line: {line}");
-                boot::set_boot_msrs(&mut vcpu)?;
                 // The 64-bit boot protocol: RSI points to the zero page.
                 vec![0, crate::firmware::ZERO_PAGE]
             }
             None => sc.args.clone(),
         };
-        boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?;
-        // Repairs the host's KVM needs, as kvmsim doctor's probes found.
-        if sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair() {
-            if sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some() {
-                tracing::warn!(
-                    "{name}: this host's SYSCALL entry is broken, but max_insts or the trace \
-                     single-steps: the repair is not applied (user-mode system calls will fault)"
-                );
-            } else {
+        let repair = sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair();
+        if repair && (sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some()) {
+            tracing::warn!(
+                "{name}: this host's SYSCALL entry is broken, but max_insts or the trace \
+                 single-steps: the repair is not applied (user-mode system calls will fault)"
+            );
+        }
+        let repair = repair && sc.cpu.max_insts.is_none() && sc.cpu.trace.is_none();
+        let (total, avail) = stats.maybe_counter(
+            &format!("{name}.totalNumInsts"),
+            "Guest instructions executed by all CPUs of the system (nan: not countable here)",
+            "Count",
+        )?;
+        stats.count_sim_insts(&total, &avail)?;
+
+        let mut kcpus = Vec::with_capacity(ncpus);
+        for (index, mut vcpu) in vcpus.into_iter().enumerate() {
+            let mut arch = X86_64::new();
+            if kernel.is_some() {
+                boot::set_boot_msrs(&mut vcpu)?;
+            }
+            if index == 0 {
+                boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?;
+            }
+            // Repairs the host's KVM needs, as kvmsim doctor's probes found.
+            if repair {
                 arch.enable_syscall_repair(&mut vcpu)?;
                 // Once per process, not once per system.
                 if console::first_time("syscall-repair") {
@@ -348,31 +446,36 @@ impl System {
                     );
                 }
             }
+            let cpu_name = if ncpus == 1 {
+                format!("{name}.cpu")
+            } else {
+                format!("{name}.cpu{index}")
+            };
+            let mut cpu = KvmCpu::new(
+                &cpu_name,
+                vcpu,
+                arch,
+                KvmCpuConfig {
+                    clock: ClockDomain::from_hz(sc.cpu.clock.0),
+                    host_freq_hz: host_freq,
+                    host_factor,
+                },
+                CpuOptions {
+                    timer,
+                    max_insts: sc.cpu.max_insts,
+                    coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+                    index,
+                },
+                &mut stats,
+            )?;
+            cpu.set_total_insts(total.clone(), avail.clone());
+            cpu.set_guest_memory(ram.memory().clone());
+            if index > 0 {
+                // An AP waits for INIT and SIPI.
+                cpu.reset_for_init();
+            }
+            kcpus.push(cpu);
         }
-        let mut cpu = KvmCpu::new(
-            &format!("{name}.cpu"),
-            vcpu,
-            arch,
-            KvmCpuConfig {
-                clock: ClockDomain::from_hz(sc.cpu.clock.0),
-                host_freq_hz: host_freq,
-                host_factor,
-            },
-            CpuOptions {
-                timer,
-                max_insts: sc.cpu.max_insts,
-                coalesced_mmio: !sc.coalesced_mmio.is_empty(),
-            },
-            &mut stats,
-        )?;
-        let (total, avail) = stats.maybe_counter(
-            &format!("{name}.totalNumInsts"),
-            "Guest instructions executed by all CPUs of the system (nan: not countable here)",
-            "Count",
-        )?;
-        stats.count_sim_insts(&total, &avail)?;
-        cpu.set_total_insts(total, avail);
-        cpu.set_guest_memory(ram.memory().clone());
         if let Some(t) = &sc.cpu.trace {
             let file = if name == "system" {
                 "trace.txt".to_string()
@@ -382,7 +485,7 @@ impl System {
             let path = out.file(&file);
             let f = std::fs::File::create(&path)
                 .map_err(|source| crate::output::OutputError { path, source })?;
-            cpu.set_trace(kvm::cpu::Trace {
+            kcpus[0].set_trace(kvm::cpu::Trace {
                 from: t.from.0,
                 insts: t.insts,
                 out: Box::new(std::io::BufWriter::new(f)),
@@ -391,16 +494,27 @@ impl System {
 
         let mut bus = IoBus::new(&mut stats, &format!("{name}.iobus"))?;
         let mut timed: Vec<TimedHandle> = Vec::new();
-        // The CPU's controller and where vectored device interrupts go.
-        let (intc, vectors, ioapic, irqs): (CpuIntc, IntcHandle, _, Option<Vec<IrqLine>>) =
-            if sc.platform == "pc" {
-                let pc = build_pc(&name, sc, &mut bus, &mut stats, &mut timed)?;
-                (pc.lapic.clone(), pc.lapic, Some(pc.ioapic), Some(pc.isa))
-            } else {
-                let v = Arc::new(Mutex::new(VectorIntc::new()));
-                (v.clone(), v, None, None)
-            };
-        cpu.set_interrupt_controller(intc.clone());
+        let cpu_names: Vec<String> = kcpus.iter().map(|c| c.name().to_string()).collect();
+        // The CPUs' controllers and where vectored device interrupts go.
+        let (intcs, lapics, vectors, ioapic, irqs): Controllers = if sc.platform == "pc" {
+            let pc = build_pc(&name, &cpu_names, sc, &mut bus, &mut stats, &mut timed)?;
+            let intcs = pc.lapics.iter().map(|l| l.clone() as CpuIntc).collect();
+            let vectors = pc.lapics[0].clone();
+            (intcs, pc.lapics, vectors, Some(pc.ioapic), Some(pc.isa))
+        } else if ncpus > 1 {
+            // A bare machine with several CPUs: a local APIC each (no I/O
+            // APIC, no 8259), so that the BSP can start the others.
+            let lapics = build_lapics(&name, &cpu_names, None, &mut bus, &mut stats)?;
+            let intcs = lapics.iter().map(|l| l.clone() as CpuIntc).collect();
+            let vectors = lapics[0].clone();
+            (intcs, lapics, vectors, None, None)
+        } else {
+            let v = Arc::new(Mutex::new(VectorIntc::new()));
+            (vec![v.clone()], Vec::new(), v, None, None)
+        };
+        for (cpu, intc) in kcpus.iter_mut().zip(&intcs) {
+            cpu.set_interrupt_controller(intc.clone());
+        }
         let input = if sc.serial.stdin {
             console::spawn_stdin_reader()
         } else {
@@ -472,52 +586,106 @@ impl System {
             "Completed drains (every CPU consistent)",
             "Count",
         )?;
+        let ipis_sent = stats.counter(
+            &format!("{name}.numIpis"),
+            "Inter-processor interrupts sent (one per target CPU)",
+            "Count",
+        )?;
 
-        let progress = (name == "system" && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .then(|| Progress::new(cpu.exit_counter(), cpu.kick_handle()));
         let mut queue = EventQueue::new();
-        queue.schedule(0, STARTUP_PRI, Event::CpuStartup)?;
         if let Some(max) = sim.max_time {
-            queue.schedule(max.0, SIM_EXIT_PRI, Event::MaxTick)?;
-        }
-        if let Some(p) = sim.sample_period {
-            queue.schedule(p.0, DEFAULT_PRI, Event::Sample { period: p.0 })?;
+            queue.schedule(max.0, SIM_EXIT_PRI, SysEvent::MaxTick)?;
         }
         if let Some(p) = sim.drain_period {
-            queue.schedule(p.0, DEFAULT_PRI, Event::Drain { period: p.0 })?;
+            queue.schedule(p.0, DEFAULT_PRI, SysEvent::Drain { period: p.0 })?;
         }
-        let cpu_event = Some(queue.schedule(0, CPU_TICK_PRI, Event::CpuTick)?);
+        let mut slots = Vec::with_capacity(ncpus);
+        let mut inboxes = Vec::with_capacity(ncpus);
+        for (index, (cpu, intc)) in kcpus.into_iter().zip(intcs).enumerate() {
+            let mut q = EventQueue::new();
+            q.schedule(0, STARTUP_PRI, CpuEvent::Startup)?;
+            if let Some(p) = sim.sample_period {
+                q.schedule(p.0, DEFAULT_PRI, CpuEvent::Sample { period: p.0 })?;
+            }
+            let tick_event = if index == 0 {
+                Some(q.schedule(0, CPU_TICK_PRI, CpuEvent::Tick)?)
+            } else {
+                None
+            };
+            let progress = (index == 0
+                && name == "system"
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .then(|| Progress::new(cpu.exit_counter(), cpu.kick_handle()));
+            inboxes.push(Inbox {
+                items: Mutex::new(Vec::new()),
+                full: AtomicBool::new(false),
+                kick: cpu.kick_handle(),
+            });
+            let ipis_received = stats.counter(
+                &format!("{}.numIpisReceived", cpu.name()),
+                "Inter-processor interrupts that arrived at this CPU",
+                "Count",
+            )?;
+            slots.push(CpuSlot {
+                index,
+                queue: q,
+                tick_event,
+                next: 0,
+                intc,
+                lapic: lapics.get(index).cloned(),
+                timer_event: None,
+                requests: Vec::new(),
+                waiting_sipi: index > 0,
+                samples: if ncpus == 1 {
+                    "cpu-samples.txt".into()
+                } else {
+                    format!("cpu-samples.cpu{index}.txt")
+                },
+                progress,
+                ipis_received,
+                cpu,
+            });
+        }
         tracing::debug!(
-            "{name}: entry {entry:#x}, stack {stack:#x}, host_freq {host_freq} Hz, timer {timer:?}"
+            "{name}: {ncpus} CPU(s), entry {entry:#x}, stack {stack:#x}, host_freq {host_freq} Hz, \
+             timer {timer:?}"
         );
         Ok(System {
-            name,
-            cpu,
+            cpus: slots,
+            shared: Shared {
+                name,
+                bus,
+                out,
+                core: Mutex::new(Core {
+                    queue,
+                    timed,
+                    stats,
+                    ioapic,
+                    periodic_dump: None,
+                    periodic_reset: None,
+                    draining: false,
+                    drains,
+                    mailboxes,
+                    outgoing: Vec::new(),
+                }),
+                inboxes,
+                lapics,
+                ipi_latency: sc.ipi_latency.0,
+                exited: AtomicBool::new(false),
+                ipis_sent,
+            },
             _vm: vm,
             _ram: ram,
-            bus,
-            intc,
-            ioapic,
-            timed,
-            stats,
-            queue,
-            cpu_event,
-            cpu_next: 0,
-            periodic_dump: None,
-            periodic_reset: None,
-            draining: false,
-            drains,
-            requests: Vec::new(),
-            mailboxes,
-            outgoing: Vec::new(),
-            out,
-            progress,
         })
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        mem::lock(&self.shared.core)
     }
 
     /// Takes the values sent on links since the last call.
     pub fn take_outgoing(&mut self) -> Vec<Outgoing> {
-        std::mem::take(&mut self.outgoing)
+        std::mem::take(&mut self.core().outgoing)
     }
 
     /// Schedules the arrival of `data` on link port `port` at `at`, which
@@ -528,40 +696,123 @@ impl System {
         at: Tick,
         data: u64,
     ) -> Result<(), PlatformError> {
-        self.queue
-            .schedule(at, DEFAULT_PRI, Event::LinkDeliver { port, data })?;
+        self.core()
+            .queue
+            .schedule(at, DEFAULT_PRI, SysEvent::LinkDeliver { port, data })?;
         Ok(())
     }
 
     /// The system's statistics at `now`.
     pub fn stats_dump(&self, now: Tick) -> sim::stats::Dump {
-        self.stats.dump(now)
+        self.core().stats.dump(now)
     }
 
     /// The system's dotted name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
-    /// The current simulated tick.
+    /// The number of CPUs.
+    pub fn cpu_count(&self) -> usize {
+        self.cpus.len()
+    }
+
+    /// The current simulated tick: the furthest any of the system's queues
+    /// has come.
     pub fn cur_tick(&self) -> Tick {
-        self.queue.cur_tick()
+        self.cpus
+            .iter()
+            .map(|s| s.queue.cur_tick())
+            .chain([self.core().queue.cur_tick(), self.shared.bus.device_time()])
+            .max()
+            .unwrap_or(0)
     }
 
     /// The output folder.
     pub fn out(&self) -> &OutDir {
-        &self.out
+        &self.shared.out
     }
 
-    /// A dump of the whole CPU state.
+    /// A dump of the whole state of every CPU.
     pub fn dump_cpu(&mut self) -> String {
-        self.cpu.dump()
+        let many = self.cpus.len() > 1;
+        let mut s = String::new();
+        for slot in &mut self.cpus {
+            if many {
+                s.push_str(&format!("{}:\n", slot.cpu.name()));
+            }
+            s.push_str(&slot.cpu.dump());
+        }
+        s
     }
 
-    /// One line of CPU state: RIP, RSP, CPL, RFLAGS, CR2, the first
+    /// One line of CPU 0's state: RIP, RSP, CPL, RFLAGS, CR2, the first
     /// argument registers, the top of the stack, KVM's pending events and
     /// the interrupt controller's state.
     pub fn cpu_sample(&mut self) -> String {
+        self.cpus[0].sample()
+    }
+
+    /// A handle that forces CPU 0 out of KVM from any thread.
+    pub fn kick_handle(&self) -> KickHandle {
+        self.cpus[0].cpu.kick_handle()
+    }
+
+    /// Runs until something ends the simulation (one CPU: on this thread;
+    /// several: one thread each, in windows of `quantum`).
+    pub fn run(&mut self) -> Result<ExitEvent, PlatformError> {
+        if self.cpus.len() > 1 {
+            let q = crate::config::DEFAULT_SMP_QUANTUM;
+            return crate::simulation::run_threads(std::slice::from_mut(self), q, false, None)
+                .and_then(|mut v| {
+                    v.pop()
+                        .ok_or_else(|| PlatformError::Setup("no exit".into()))
+                });
+        }
+        loop {
+            if let Some(exit) = self.run_window(None)? {
+                return Ok(exit);
+            }
+        }
+    }
+
+    /// Runs the events before `end` (all of them if `None`) on this thread;
+    /// returns the exit if the system exits in that window. Only for a
+    /// single-CPU system (several CPUs run through [`System::threads`]).
+    pub fn run_window(&mut self, end: Option<Tick>) -> Result<Option<ExitEvent>, PlatformError> {
+        let mut threads = self.threads();
+        threads[0].run_window(end)
+    }
+
+    /// One handle per CPU, each to be driven by a thread of its own.
+    pub fn threads(&mut self) -> Vec<CpuThread<'_>> {
+        let shared = &self.shared;
+        self.cpus
+            .iter_mut()
+            .map(|slot| CpuThread { shared, slot })
+            .collect()
+    }
+
+    /// Appends a stats dump at `now` to stats.txt and stats.json.
+    pub fn dump_stats(&mut self, now: Tick) -> Result<(), PlatformError> {
+        let dump = self.core().stats.dump(now);
+        self.shared.out.write_dump(&dump)?;
+        Ok(())
+    }
+
+    /// Final statistics and exit.json after `exit` (a single-system run).
+    pub fn finish(&mut self, exit: &ExitEvent, status: i32) -> Result<(), PlatformError> {
+        self.dump_stats(exit.tick)?;
+        crate::report::write_exit_json(
+            &self.shared.out,
+            &[(self.shared.name.clone(), exit.clone())],
+            status,
+        )
+    }
+}
+
+impl CpuSlot {
+    fn sample(&mut self) -> String {
         let intc = mem::lock(&self.intc).describe();
         let state = self.cpu.state();
         let (arch, vcpu) = self.cpu.arch_mut();
@@ -570,53 +821,99 @@ impl System {
             Err(e) => format!("(registers unavailable: {e})"),
         }
     }
+}
 
-    /// A handle that forces the CPU out of KVM from any thread.
-    pub fn kick_handle(&self) -> kvm::timer::KickHandle {
-        self.cpu.kick_handle()
+/// One CPU of a system, with what it shares with the others: what a host
+/// thread drives through the windows of a run.
+pub struct CpuThread<'a> {
+    shared: &'a Shared,
+    slot: &'a mut CpuSlot,
+}
+
+/// Which queue the next event comes from.
+enum Next {
+    Cpu,
+    Sys,
+}
+
+impl CpuThread<'_> {
+    /// The CPU's index in its system.
+    pub fn index(&self) -> usize {
+        self.slot.index
     }
 
-    /// Runs until something ends the simulation.
-    pub fn run(&mut self) -> Result<ExitEvent, PlatformError> {
-        loop {
-            if let Some(exit) = self.run_window(None)? {
-                return Ok(exit);
-            }
+    /// The system's name.
+    pub fn system_name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// True once some thread of this system ended the run.
+    pub fn system_exited(&self) -> bool {
+        self.shared.exited.load(Ordering::Acquire)
+    }
+
+    /// Marks the system as ended (returns false if it already was).
+    pub fn mark_exited(&self) -> bool {
+        !self.shared.exited.swap(true, Ordering::AcqRel)
+    }
+
+    /// Takes the values sent on links since the last call.
+    pub fn take_outgoing(&self) -> Vec<Outgoing> {
+        std::mem::take(&mut mem::lock(&self.shared.core).outgoing)
+    }
+
+    /// Schedules the arrival of `data` on link port `port` at `at`.
+    pub fn schedule_delivery(&self, port: u32, at: Tick, data: u64) -> Result<(), PlatformError> {
+        mem::lock(&self.shared.core).queue.schedule(
+            at,
+            DEFAULT_PRI,
+            SysEvent::LinkDeliver { port, data },
+        )?;
+        Ok(())
+    }
+
+    /// The simulated time this thread has reached.
+    pub fn cur_tick(&self) -> Tick {
+        let own = self.slot.queue.cur_tick();
+        if self.slot.index == 0 {
+            own.max(mem::lock(&self.shared.core).queue.cur_tick())
+        } else {
+            own
         }
     }
 
-    /// Runs the events before `end` (all of them if `None`); returns the
-    /// exit if the system exits in that window.
+    /// Runs this CPU's events (and, for CPU 0, the system's) before `end`
+    /// (all of them if `None`); returns the exit if the run ends here. Stops
+    /// early, with `Ok(None)`, once another thread of the system ended it.
     pub fn run_window(&mut self, end: Option<Tick>) -> Result<Option<ExitEvent>, PlatformError> {
         let window = match end {
-            Some(end) => Some(self.queue.schedule(end, WINDOW_PRI, Event::WindowEnd)?),
+            Some(end) => Some(
+                self.slot
+                    .queue
+                    .schedule(end, WINDOW_PRI, CpuEvent::WindowEnd)?,
+            ),
             None => None,
         };
-        let exit = self.run_events();
-        if let (Some(id), Ok(Some(_)) | Err(_)) = (window, &exit) {
-            let _ = self.queue.deschedule(id);
-        }
-        exit
-    }
-
-    fn run_events(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
-        let r = self.run_events_inner();
-        if let Some(p) = &mut self.progress {
-            if !matches!(r, Ok(None)) {
+        let r = self.run_events();
+        if !matches!(r, Ok(None)) || self.system_exited() {
+            if let Some(id) = window {
+                let _ = self.slot.queue.deschedule(id);
+            }
+            if let Some(p) = &mut self.slot.progress {
                 p.finish();
             }
         }
         r
     }
 
-    fn run_events_inner(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
+    fn run_events(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
         loop {
-            if let Some(p) = &mut self.progress {
-                p.update(self.queue.cur_tick());
+            if let Some(p) = &mut self.slot.progress {
+                p.update(self.slot.queue.cur_tick());
             }
             if console::interrupted() {
                 // The CPU may have run past the last event: its time counts.
-                let at = self.cur_tick().max(self.cpu_next);
+                let at = self.cur_tick().max(self.slot.next);
                 return Ok(Some(ExitEvent::new(
                     ExitCause::UserInterrupt,
                     0,
@@ -624,81 +921,98 @@ impl System {
                     "interrupted by the user (SIGINT/SIGTERM)",
                 )));
             }
-            let Some((tick, id, ev)) = self.queue.pop() else {
-                return Ok(Some(ExitEvent::new(
-                    ExitCause::GuestHalted,
-                    0,
-                    self.cur_tick(),
-                    "the CPU halted and no event is left that could wake it",
-                )));
-            };
-            if ev == Event::WindowEnd {
+            if self.system_exited() {
                 return Ok(None);
             }
-            if let Some(exit) = self.handle(tick, id, ev)? {
+            self.take_inbox()?;
+            let own = self.slot.queue.peek_key();
+            let sys = if self.slot.index == 0 {
+                mem::lock(&self.shared.core).queue.peek_key()
+            } else {
+                None
+            };
+            let next = match (own, sys) {
+                (None, None) => {
+                    return Ok(Some(ExitEvent::new(
+                        ExitCause::GuestHalted,
+                        0,
+                        self.cur_tick(),
+                        "the CPU halted and no event is left that could wake it",
+                    )))
+                }
+                (Some(_), None) => Next::Cpu,
+                (None, Some(_)) => Next::Sys,
+                (Some((ct, cp, _)), Some((st, sp, _))) => {
+                    if (st, sp) <= (ct, cp) {
+                        Next::Sys
+                    } else {
+                        Next::Cpu
+                    }
+                }
+            };
+            let exit = match next {
+                Next::Sys => {
+                    let mut core = mem::lock(&self.shared.core);
+                    let Some((tick, id, ev)) = core.queue.pop() else {
+                        continue;
+                    };
+                    self.handle_sys(&mut core, tick, id, ev)?
+                }
+                Next::Cpu => {
+                    let Some((tick, _, ev)) = self.slot.queue.pop() else {
+                        continue;
+                    };
+                    if ev == CpuEvent::WindowEnd {
+                        return Ok(None);
+                    }
+                    self.handle_cpu(tick, ev)?
+                }
+            };
+            if let Some(exit) = exit {
                 return Ok(Some(exit));
             }
         }
     }
 
-    fn handle(
-        &mut self,
-        tick: Tick,
-        id: EventId,
-        ev: Event,
-    ) -> Result<Option<ExitEvent>, PlatformError> {
+    /// Moves what other threads posted into this CPU's queue, each at its
+    /// arrival tick or now if that has passed.
+    fn take_inbox(&mut self) -> Result<(), PlatformError> {
+        let inbox = &self.shared.inboxes[self.slot.index];
+        if !inbox.full.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let items = std::mem::take(&mut *mem::lock(&inbox.items));
+        let now = self.cur_tick();
+        for (at, a) in items {
+            self.slot
+                .queue
+                .schedule(at.max(now), DEFAULT_PRI, CpuEvent::Arrive(a))?;
+        }
+        Ok(())
+    }
+
+    fn handle_cpu(&mut self, tick: Tick, ev: CpuEvent) -> Result<Option<ExitEvent>, PlatformError> {
         match ev {
-            Event::CpuStartup => self.cpu.startup_thread()?,
-            Event::CpuTick => {
-                self.cpu_event = None;
-                let next = self.queue.next_tick();
-                let outcome = self.cpu.tick(tick, next, &self.bus, &mut self.requests)?;
-                self.service_requests(tick)?;
-                self.refresh_deadlines()?;
-                match outcome {
-                    TickOutcome::Next(t) => self.schedule_cpu(t)?,
-                    TickOutcome::Idle => self.wake_if_pending(tick)?,
-                    TickOutcome::Drained => self.drained(tick)?,
-                    TickOutcome::InstLimit(n, dump) => {
-                        return Ok(Some(ExitEvent::new(
-                            ExitCause::MaxInsts,
-                            0,
-                            tick,
-                            format!(
-                            "stopped after {n} guest instructions (system.cpu.max_insts)\n{dump}"
-                        ),
-                        )))
-                    }
-                    TickOutcome::Unsupported(msg) => {
-                        return Ok(Some(ExitEvent::new(ExitCause::Unsupported, 0, tick, msg)))
-                    }
-                    TickOutcome::Fault(report) => {
-                        return Ok(Some(ExitEvent::new(ExitCause::GuestFault, 0, tick, report)));
-                    }
+            CpuEvent::Startup => self.slot.cpu.startup_thread()?,
+            CpuEvent::WindowEnd => {}
+            CpuEvent::Tick => return self.cpu_tick(tick),
+            CpuEvent::ApicTimer => {
+                self.slot.timer_event = None;
+                if let Some(l) = &self.slot.lapic {
+                    let mut ctx = AccessCtx::new(tick, &mut self.slot.requests);
+                    ctx.cpu_index = self.slot.index;
+                    mem::lock(l).on_deadline(&mut ctx);
                 }
+                self.after_activity(tick)?;
             }
-            Event::Device(i) => {
-                if let Some(t) = self.timed.get_mut(i) {
-                    t.event = None;
-                    let mut ctx = AccessCtx::new(tick, &mut self.requests);
-                    mem::lock(&t.dev).on_deadline(&mut ctx);
-                }
-                self.service_requests(tick)?;
-                self.refresh_deadlines()?;
-                self.wake_if_pending(tick)?;
-            }
-            Event::Exit { code } => {
-                return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
-            }
-            Event::WindowEnd => {}
-            Event::Sample { period } => {
-                self.queue.schedule(
+            CpuEvent::Sample { period } => {
+                self.slot.queue.schedule(
                     tick.saturating_add(period),
                     DEFAULT_PRI,
-                    Event::Sample { period },
+                    CpuEvent::Sample { period },
                 )?;
-                let line = format!("{tick} {}\n", self.cpu_sample());
-                let path = self.out.file("cpu-samples.txt");
+                let line = format!("{tick} {}\n", self.slot.sample());
+                let path = self.shared.out.file(&self.slot.samples);
                 use std::io::Write;
                 std::fs::OpenOptions::new()
                     .create(true)
@@ -707,89 +1021,234 @@ impl System {
                     .and_then(|mut f| f.write_all(line.as_bytes()))
                     .map_err(|source| crate::output::OutputError { path, source })?;
             }
-            Event::Reset => {
-                return Ok(Some(ExitEvent::new(
-                    ExitCause::GuestReset,
-                    0,
-                    tick,
-                    "the guest reset the machine (keyboard-controller reset line)",
-                )));
-            }
-            Event::LinkDeliver { port, data } => {
-                if let Some(mb) = self.mailboxes.get(port as usize) {
-                    mem::lock(mb).deliver(data);
-                }
-                self.wake_if_pending(tick)?;
-            }
-            Event::MaxTick => {
-                return Ok(Some(ExitEvent::new(
-                    ExitCause::MaxTick,
-                    0,
-                    tick,
-                    "the simulated-time limit (sim.max_time) was reached",
-                )));
-            }
-            Event::DumpStats { reset, period } => {
-                self.dump_stats(tick)?;
-                if reset {
-                    self.stats.reset(tick);
-                }
-                if period > 0 {
-                    let next = self.queue.schedule(
-                        tick.saturating_add(period),
-                        STAT_EVENT_PRI,
-                        Event::DumpStats { reset, period },
-                    )?;
-                    if self.periodic_dump == Some(id) {
-                        self.periodic_dump = Some(next);
-                    }
-                }
-            }
-            Event::ResetStats { period } => {
-                self.stats.reset(tick);
-                if period > 0 {
-                    let next = self.queue.schedule(
-                        tick.saturating_add(period),
-                        STAT_EVENT_PRI,
-                        Event::ResetStats { period },
-                    )?;
-                    if self.periodic_reset == Some(id) {
-                        self.periodic_reset = Some(next);
-                    }
-                }
-            }
-            Event::Drain { period } => {
-                self.queue.schedule(
-                    tick.saturating_add(period),
-                    DEFAULT_PRI,
-                    Event::Drain { period },
-                )?;
-                if !self.draining {
-                    self.draining = true;
-                    if self.cpu.drain()? {
-                        self.drained(tick)?;
-                    }
-                }
+            CpuEvent::Arrive(Arrival::Wake) => self.wake_if_pending(tick)?,
+            CpuEvent::Arrive(Arrival::Ipi { mode, vector }) => {
+                self.slot.ipis_received.inc();
+                self.ipi_arrives(tick, mode, vector)?;
             }
         }
         Ok(None)
     }
 
-    fn schedule_cpu(&mut self, at: Tick) -> Result<(), PlatformError> {
-        if let Some(old) = self.cpu_event.take() {
-            let _ = self.queue.deschedule(old);
+    /// An IPI reaches this CPU's local APIC.
+    fn ipi_arrives(&mut self, now: Tick, mode: u8, vector: u8) -> Result<(), PlatformError> {
+        let Some(l) = self.slot.lapic.clone() else {
+            return Ok(());
+        };
+        match mode {
+            0 | 1 => mem::lock(&l).deliver(vector, false),
+            4 => mem::lock(&l).deliver_nmi(),
+            5 if self.slot.index == 0 && console::first_time("init-to-bsp") => {
+                tracing::warn!(
+                    "{}: INIT to the bootstrap processor is ignored (there is no firmware \
+                     to restart it)",
+                    self.slot.cpu.name()
+                );
+            }
+            5 if self.slot.index == 0 => {}
+            5 => {
+                // INIT: the CPU stops and waits for a startup IPI.
+                mem::lock(&l).init_reset();
+                self.slot.cpu.reset_for_init();
+                if let Some(id) = self.slot.tick_event.take() {
+                    let _ = self.slot.queue.deschedule(id);
+                }
+                self.slot.waiting_sipi = true;
+                tracing::debug!("{}: INIT at {now}", self.slot.cpu.name());
+            }
+            6 if self.slot.waiting_sipi => {
+                let (arch, vcpu) = self.slot.cpu.arch_mut();
+                boot::enter_sipi(arch, vcpu, vector)?;
+                self.slot.waiting_sipi = false;
+                self.slot.cpu.wake();
+                self.schedule_cpu(now)?;
+                tracing::debug!(
+                    "{}: started by SIPI at {now} in real mode at {:#x}",
+                    self.slot.cpu.name(),
+                    u64::from(vector) << 12
+                );
+            }
+            // A SIPI to a running CPU, and other modes, do nothing.
+            _ => {}
         }
-        self.cpu_event = Some(self.queue.schedule(at, CPU_TICK_PRI, Event::CpuTick)?);
-        self.cpu_next = at;
+        self.after_activity(now)?;
+        self.wake_if_pending(now)
+    }
+
+    fn cpu_tick(&mut self, tick: Tick) -> Result<Option<ExitEvent>, PlatformError> {
+        self.slot.tick_event = None;
+        let own = self.slot.queue.next_tick();
+        let next = if self.slot.index == 0 {
+            let sys = mem::lock(&self.shared.core).queue.next_tick();
+            match (own, sys) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            own
+        };
+        let outcome = self
+            .slot
+            .cpu
+            .tick(tick, next, &self.shared.bus, &mut self.slot.requests)?;
+        self.after_activity(tick)?;
+        match outcome {
+            TickOutcome::Next(t) => self.schedule_cpu(t)?,
+            TickOutcome::Idle => self.wake_if_pending(tick)?,
+            TickOutcome::Drained => {
+                let mut core = mem::lock(&self.shared.core);
+                self.drained(&mut core, tick)?;
+            }
+            TickOutcome::InstLimit(n, dump) => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::MaxInsts,
+                    0,
+                    tick,
+                    format!("stopped after {n} guest instructions (system.cpu.max_insts)\n{dump}"),
+                )))
+            }
+            TickOutcome::Unsupported(msg) => {
+                return Ok(Some(ExitEvent::new(ExitCause::Unsupported, 0, tick, msg)))
+            }
+            TickOutcome::Fault(report) => {
+                let report = if self.shared.inboxes.len() > 1 {
+                    format!("{}: {report}", self.slot.cpu.name())
+                } else {
+                    report
+                };
+                return Ok(Some(ExitEvent::new(ExitCause::GuestFault, 0, tick, report)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// After anything that may have touched devices at `now`: the
+    /// requests the devices left, their new deadlines, IPIs sent by this
+    /// CPU's APIC, and interrupts delivered to other CPUs' APICs.
+    fn after_activity(&mut self, now: Tick) -> Result<(), PlatformError> {
+        if !self.slot.requests.is_empty() {
+            let reqs = std::mem::take(&mut self.slot.requests);
+            let mut core = mem::lock(&self.shared.core);
+            let at = now.max(core.queue.cur_tick());
+            service_requests(&mut core, at, reqs)?;
+        }
+        {
+            let mut core = mem::lock(&self.shared.core);
+            refresh_deadlines(&mut core)?;
+        }
+        self.refresh_apic_timer()?;
+        if let Some(l) = self.slot.lapic.clone() {
+            let ipis = {
+                let mut a = mem::lock(&l);
+                // This CPU sees its own APIC before every entry.
+                a.take_doorbell();
+                a.take_ipis()
+            };
+            for ipi in ipis {
+                self.send_ipi(now, &ipi);
+            }
+        }
+        self.ring_doorbells(now);
+        Ok(())
+    }
+
+    /// Posts `ipi` to every CPU it is for, to arrive after the IPI latency.
+    fn send_ipi(&mut self, now: Tick, ipi: &Ipi) {
+        let me = self.slot.index;
+        let lapics = &self.shared.lapics;
+        let mut targets: Vec<usize> = match ipi.shorthand {
+            // Self only: the APIC delivered it.
+            1 => Vec::new(),
+            // All, or all but self: the APIC delivered to itself already.
+            2 | 3 => (0..lapics.len()).filter(|&j| j != me).collect(),
+            _ => (0..lapics.len())
+                .filter(|&j| mem::lock(&lapics[j]).accepts(ipi.dest, ipi.logical))
+                // A fixed or NMI message to self was delivered by the APIC;
+                // lowest priority is arbitrated here, self included.
+                .filter(|&j| j != me || ipi.mode == 1)
+                .collect(),
+        };
+        if ipi.mode == 1 && ipi.shorthand == 0 && targets.len() > 1 {
+            let best = targets
+                .iter()
+                .copied()
+                .min_by_key(|&j| mem::lock(&lapics[j]).arbitration_priority());
+            targets = best.into_iter().collect();
+        }
+        let at = now.saturating_add(self.shared.ipi_latency);
+        for j in targets {
+            self.shared.ipis_sent.inc();
+            post(
+                &self.shared.inboxes[j],
+                at,
+                Arrival::Ipi {
+                    mode: ipi.mode,
+                    vector: ipi.vector,
+                },
+            );
+        }
+    }
+
+    /// Tells every other CPU whose APIC got something that it should look.
+    fn ring_doorbells(&self, now: Tick) {
+        for (j, l) in self.shared.lapics.iter().enumerate() {
+            if j != self.slot.index && mem::lock(l).take_doorbell() {
+                post(&self.shared.inboxes[j], now, Arrival::Wake);
+            }
+        }
+    }
+
+    fn refresh_apic_timer(&mut self) -> Result<(), PlatformError> {
+        let Some(l) = &self.slot.lapic else {
+            return Ok(());
+        };
+        let now = self.slot.queue.cur_tick();
+        let want = mem::service_tick(mem::lock(l).next_deadline(), now);
+        if self.slot.timer_event.map(|(_, at)| at) == want {
+            return Ok(());
+        }
+        if let Some((old, _)) = self.slot.timer_event.take() {
+            let _ = self.slot.queue.deschedule(old);
+        }
+        if let Some(at) = want {
+            let id = self
+                .slot
+                .queue
+                .schedule(at, DEFAULT_PRI, CpuEvent::ApicTimer)?;
+            self.slot.timer_event = Some((id, at));
+        }
+        Ok(())
+    }
+
+    fn schedule_cpu(&mut self, at: Tick) -> Result<(), PlatformError> {
+        if let Some(old) = self.slot.tick_event.take() {
+            let _ = self.slot.queue.deschedule(old);
+        }
+        let at = at.max(self.slot.queue.cur_tick());
+        self.slot.tick_event = Some(self.slot.queue.schedule(at, CPU_TICK_PRI, CpuEvent::Tick)?);
+        self.slot.next = at;
+        Ok(())
+    }
+
+    /// Wakes the CPU if it is idle and its interrupt controller has
+    /// something pending.
+    fn wake_if_pending(&mut self, now: Tick) -> Result<(), PlatformError> {
+        if !self.slot.waiting_sipi
+            && self.slot.cpu.state() == kvm::CpuState::Idle
+            && mem::lock(&self.slot.intc).pending() != Pending::None
+            && self.slot.cpu.wake()
+        {
+            self.schedule_cpu(now)?;
+        }
         Ok(())
     }
 
     /// Every CPU is consistent: count the drain and resume.
-    fn drained(&mut self, now: Tick) -> Result<(), PlatformError> {
-        self.drains.inc();
-        self.draining = false;
-        self.cpu.drain_resume();
-        if self.cpu.state() != kvm::CpuState::Idle {
+    fn drained(&mut self, core: &mut Core, now: Tick) -> Result<(), PlatformError> {
+        core.drains.inc();
+        core.draining = false;
+        self.slot.cpu.drain_resume();
+        if self.slot.cpu.state() != kvm::CpuState::Idle {
             self.schedule_cpu(now)?;
         } else {
             self.wake_if_pending(now)?;
@@ -797,112 +1256,201 @@ impl System {
         Ok(())
     }
 
-    /// Wakes an idle CPU that has an interrupt waiting.
-    fn wake_if_pending(&mut self, now: Tick) -> Result<(), PlatformError> {
-        if self.cpu.state() == kvm::CpuState::Idle
-            && mem::lock(&self.intc).pending() != Pending::None
-            && self.cpu.wake()
-        {
-            self.schedule_cpu(now)?;
-        }
-        Ok(())
-    }
-
-    /// Schedules each timed device's next deadline (devices change theirs
-    /// when the guest programs them).
-    fn refresh_deadlines(&mut self) -> Result<(), PlatformError> {
-        for (i, t) in self.timed.iter_mut().enumerate() {
-            let want = mem::service_tick(mem::lock(&t.dev).next_deadline(), self.queue.cur_tick());
-            if t.event.map(|(_, at)| at) == want {
-                continue;
-            }
-            if let Some((old, _)) = t.event.take() {
-                let _ = self.queue.deschedule(old);
-            }
-            if let Some(at) = want {
-                t.event = Some((self.queue.schedule(at, DEFAULT_PRI, Event::Device(i))?, at));
-            }
-        }
-        Ok(())
-    }
-
-    /// Acts on the guest's requests made during the last access.
-    fn service_requests(&mut self, now: Tick) -> Result<(), PlatformError> {
-        for req in std::mem::take(&mut self.requests) {
-            match req {
-                Request::Exit { delay, code } => {
-                    self.queue.schedule(
-                        now.saturating_add(delay),
-                        SIM_EXIT_PRI,
-                        Event::Exit { code },
-                    )?;
-                }
-                Request::DumpStats {
-                    delay,
-                    period,
-                    reset,
-                } => {
-                    let id = self.queue.schedule(
-                        now.saturating_add(delay),
-                        STAT_EVENT_PRI,
-                        Event::DumpStats { reset, period },
-                    )?;
-                    // One periodic dump stream at a time: a new one replaces the old.
-                    if period > 0 {
-                        if let Some(old) = self.periodic_dump.replace(id) {
-                            let _ = self.queue.deschedule(old);
-                        }
-                    }
-                }
-                Request::Eoi { vector } => {
-                    if let Some(io) = &self.ioapic {
-                        mem::lock(io).eoi(vector);
-                    }
-                }
-                Request::Reset => {
-                    self.queue.schedule(now, SIM_EXIT_PRI, Event::Reset)?;
-                }
-                Request::LinkSend { port, delay, data } => {
-                    self.outgoing.push(Outgoing {
-                        port,
-                        at: now.saturating_add(delay),
-                        data,
+    fn handle_sys(
+        &mut self,
+        core: &mut Core,
+        tick: Tick,
+        id: EventId,
+        ev: SysEvent,
+    ) -> Result<Option<ExitEvent>, PlatformError> {
+        match ev {
+            SysEvent::Device(i) => {
+                let mut reqs = Vec::new();
+                if let Some(t) = core.timed.get_mut(i) {
+                    t.event = None;
+                    let dev = t.dev.clone();
+                    self.shared.bus.with_device_clock(tick, |now| {
+                        let mut ctx = AccessCtx::new(now, &mut reqs);
+                        mem::lock(&dev).on_deadline(&mut ctx);
                     });
                 }
-                Request::ResetStats { delay, period } => {
-                    let id = self.queue.schedule(
-                        now.saturating_add(delay),
+                service_requests(core, tick, reqs)?;
+                refresh_deadlines(core)?;
+                self.ring_doorbells(tick);
+                self.wake_if_pending(tick)?;
+            }
+            SysEvent::Exit { code } => {
+                return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
+            }
+            SysEvent::Reset => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::GuestReset,
+                    0,
+                    tick,
+                    "the guest reset the machine (keyboard-controller reset line)",
+                )));
+            }
+            SysEvent::LinkDeliver { port, data } => {
+                if let Some(mb) = core.mailboxes.get(port as usize) {
+                    let mb = mb.clone();
+                    self.shared.bus.with_device_clock(tick, |_| {
+                        mem::lock(&mb).deliver(data);
+                    });
+                }
+                self.ring_doorbells(tick);
+                self.wake_if_pending(tick)?;
+            }
+            SysEvent::MaxTick => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::MaxTick,
+                    0,
+                    tick,
+                    "the simulated-time limit (sim.max_time) was reached",
+                )));
+            }
+            SysEvent::DumpStats { reset, period } => {
+                let dump = core.stats.dump(tick);
+                self.shared.out.write_dump(&dump)?;
+                if reset {
+                    core.stats.reset(tick);
+                }
+                if period > 0 {
+                    let next = core.queue.schedule(
+                        tick.saturating_add(period),
                         STAT_EVENT_PRI,
-                        Event::ResetStats { period },
+                        SysEvent::DumpStats { reset, period },
                     )?;
-                    if period > 0 {
-                        if let Some(old) = self.periodic_reset.replace(id) {
-                            let _ = self.queue.deschedule(old);
-                        }
+                    if core.periodic_dump == Some(id) {
+                        core.periodic_dump = Some(next);
+                    }
+                }
+            }
+            SysEvent::ResetStats { period } => {
+                core.stats.reset(tick);
+                if period > 0 {
+                    let next = core.queue.schedule(
+                        tick.saturating_add(period),
+                        STAT_EVENT_PRI,
+                        SysEvent::ResetStats { period },
+                    )?;
+                    if core.periodic_reset == Some(id) {
+                        core.periodic_reset = Some(next);
+                    }
+                }
+            }
+            SysEvent::Drain { period } => {
+                core.queue.schedule(
+                    tick.saturating_add(period),
+                    DEFAULT_PRI,
+                    SysEvent::Drain { period },
+                )?;
+                // One CPU (the config refuses drains with several).
+                if !core.draining {
+                    core.draining = true;
+                    if self.slot.cpu.drain()? {
+                        self.drained(core, tick)?;
                     }
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
+}
 
-    /// Appends a stats dump at `now` to stats.txt and stats.json.
-    pub fn dump_stats(&mut self, now: Tick) -> Result<(), PlatformError> {
-        let dump = self.stats.dump(now);
-        self.out.write_dump(&dump)?;
-        Ok(())
-    }
+/// Posts `a` to a CPU's inbox, to arrive at `at`, and kicks the CPU out of
+/// KVM so that it looks (a kick to a CPU outside KVM ends its next entry
+/// at once).
+fn post(inbox: &Inbox, at: Tick, a: Arrival) {
+    mem::lock(&inbox.items).push((at, a));
+    inbox.full.store(true, Ordering::Release);
+    inbox.kick.kick();
+}
 
-    /// Final statistics and exit.json after `exit` (a single-system run).
-    pub fn finish(&mut self, exit: &ExitEvent, status: i32) -> Result<(), PlatformError> {
-        self.dump_stats(exit.tick)?;
-        crate::report::write_exit_json(&self.out, &[(self.name.clone(), exit.clone())], status)
+/// Schedules each shared timed device's next deadline (devices change
+/// theirs when the guest programs them).
+fn refresh_deadlines(core: &mut Core) -> Result<(), PlatformError> {
+    let now = core.queue.cur_tick();
+    for (i, t) in core.timed.iter_mut().enumerate() {
+        let want = mem::service_tick(mem::lock(&t.dev).next_deadline(), now);
+        if t.event.map(|(_, at)| at) == want {
+            continue;
+        }
+        if let Some((old, _)) = t.event.take() {
+            let _ = core.queue.deschedule(old);
+        }
+        if let Some(at) = want {
+            t.event = Some((
+                core.queue.schedule(at, DEFAULT_PRI, SysEvent::Device(i))?,
+                at,
+            ));
+        }
     }
+    Ok(())
+}
+
+/// Acts on the guest's requests made during an access at `now`.
+fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<(), PlatformError> {
+    for req in reqs {
+        match req {
+            Request::Exit { delay, code } => {
+                core.queue.schedule(
+                    now.saturating_add(delay),
+                    SIM_EXIT_PRI,
+                    SysEvent::Exit { code },
+                )?;
+            }
+            Request::DumpStats {
+                delay,
+                period,
+                reset,
+            } => {
+                let id = core.queue.schedule(
+                    now.saturating_add(delay),
+                    STAT_EVENT_PRI,
+                    SysEvent::DumpStats { reset, period },
+                )?;
+                // One periodic dump stream at a time: a new one replaces the old.
+                if period > 0 {
+                    if let Some(old) = core.periodic_dump.replace(id) {
+                        let _ = core.queue.deschedule(old);
+                    }
+                }
+            }
+            Request::Eoi { vector } => {
+                if let Some(io) = &core.ioapic {
+                    mem::lock(io).eoi(vector);
+                }
+            }
+            Request::Reset => {
+                core.queue.schedule(now, SIM_EXIT_PRI, SysEvent::Reset)?;
+            }
+            Request::LinkSend { port, delay, data } => {
+                core.outgoing.push(Outgoing {
+                    port,
+                    at: now.saturating_add(delay),
+                    data,
+                });
+            }
+            Request::ResetStats { delay, period } => {
+                let id = core.queue.schedule(
+                    now.saturating_add(delay),
+                    STAT_EVENT_PRI,
+                    SysEvent::ResetStats { period },
+                )?;
+                if period > 0 {
+                    if let Some(old) = core.periodic_reset.replace(id) {
+                        let _ = core.queue.deschedule(old);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The PC devices of a system.
 struct Pc {
-    lapic: Arc<Mutex<Lapic>>,
+    lapics: Vec<Arc<Mutex<Lapic>>>,
     ioapic: Arc<Mutex<IoApic>>,
     /// ISA IRQ lines 0..16, each wired to the 8259 pair and the I/O APIC.
     isa: Vec<IrqLine>,
@@ -911,11 +1459,46 @@ struct Pc {
 /// The local APIC timer's input clock.
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
 
-/// Builds and wires the PC devices: the 8259 pair, I/O APIC and local APIC,
-/// the PIT (IRQ0 -> PIC input 0 and I/O APIC pin 2), the RTC (IRQ8), the
-/// i8042 (IRQ1) and the POST port.
+/// A local APIC per CPU (IDs 0..), all at 0xFEE00000, each CPU reaching its
+/// own: CPU 0's has `pic` behind LINT0. Statistics go under `{cpu}.apic`
+/// (`{system}.apic` with one CPU).
+fn build_lapics(
+    name: &str,
+    cpu_names: &[String],
+    pic: Option<Arc<Mutex<PicPair>>>,
+    bus: &mut IoBus,
+    stats: &mut Stats,
+) -> Result<Vec<Arc<Mutex<Lapic>>>, PlatformError> {
+    let mut lapics = Vec::with_capacity(cpu_names.len());
+    for (id, cpu) in cpu_names.iter().enumerate() {
+        let prefix = if cpu_names.len() == 1 {
+            format!("{name}.apic")
+        } else {
+            format!("{cpu}.apic")
+        };
+        lapics.push(Arc::new(Mutex::new(Lapic::new(
+            id as u8,
+            APIC_BUS_HZ,
+            if id == 0 { pic.clone() } else { None },
+            stats,
+            &prefix,
+        )?)));
+    }
+    let banks: Vec<mem::DeviceHandle> = lapics
+        .iter()
+        .map(|l| l.clone() as mem::DeviceHandle)
+        .collect();
+    bus.insert_banked(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", banks)?;
+    Ok(lapics)
+}
+
+/// Builds and wires the PC devices: the 8259 pair, I/O APIC and a local
+/// APIC per CPU, the PIT (IRQ0 -> PIC input 0 and I/O APIC pin 2), the RTC
+/// (IRQ8), the i8042 (IRQ1) and the POST port. The local APICs' timers are
+/// not in `timed`: each runs on its CPU's queue.
 fn build_pc(
     name: &str,
+    cpu_names: &[String],
     sc: &mut SystemConfig,
     bus: &mut IoBus,
     stats: &mut Stats,
@@ -934,18 +1517,11 @@ fn build_pc(
         };
         bus.insert(Space::Pio, base, len, what, Arc::new(Mutex::new(ports)))?;
     }
-    let lapic = Arc::new(Mutex::new(Lapic::new(
-        0,
-        APIC_BUS_HZ,
-        Some(pic.clone()),
-        stats,
-        &format!("{name}.apic"),
-    )?));
-    bus.insert(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", lapic.clone())?;
-    timed.push(lapic.clone());
+    let lapics = build_lapics(name, cpu_names, Some(pic.clone()), bus, stats)?;
+    // The I/O APIC's ID follows the CPUs' (the firmware tables say so).
     let ioapic = Arc::new(Mutex::new(IoApic::new(
-        1,
-        vec![lapic.clone()],
+        cpu_names.len() as u8,
+        lapics.clone(),
         stats,
         &format!("{name}.ioapic"),
     )?));
@@ -1009,7 +1585,11 @@ fn build_pc(
     )?;
     let post = PostPort::new(stats, &format!("{name}.post"))?;
     bus.insert(Space::Pio, POST_PORT, 1, "post", Arc::new(Mutex::new(post)))?;
-    Ok(Pc { lapic, ioapic, isa })
+    Ok(Pc {
+        lapics,
+        ioapic,
+        isa,
+    })
 }
 
 /// The Linux command line kvmsim gives every kernel on a PC: the platform as
@@ -1045,6 +1625,7 @@ fn setup_linux(
     info: &loader::ElfInfo,
     ram: &GuestRam,
     host_freq: f64,
+    cpus: u8,
 ) -> Result<String, PlatformError> {
     use crate::firmware as fw;
     let fwerr = |e: fw::FirmwareError| PlatformError::Kernel(format!("{}: {e}", sc.kernel));
@@ -1096,8 +1677,9 @@ fn setup_linux(
     let max = hdr_u32(0x238).filter(|&v| v != 0).unwrap_or(2048) as usize + 1;
     fw::write_cmdline(ram.memory(), &line, max).map_err(fwerr)?;
     fw::write_zero_page(ram.memory(), k, initrd, &fw::e820(ram.map())).map_err(fwerr)?;
-    fw::write_mp_table(ram.memory(), 1, 1).map_err(fwerr)?;
-    fw::write_acpi(ram.memory(), 1, 1).map_err(fwerr)?;
+    // APIC IDs 0..cpus, then the I/O APIC's.
+    fw::write_mp_table(ram.memory(), cpus, cpus).map_err(fwerr)?;
+    fw::write_acpi(ram.memory(), cpus, cpus).map_err(fwerr)?;
     sc.cmdline = Some(line.clone());
     Ok(line)
 }

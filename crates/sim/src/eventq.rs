@@ -163,6 +163,13 @@ impl<E> EventQueue<E> {
         self.heap.peek().map(|Reverse((t, ..))| *t)
     }
 
+    /// The (tick, priority, insertion order) of the next event, if any:
+    /// what two queues merged into one order compare.
+    pub fn peek_key(&mut self) -> Option<(Tick, Priority, u64)> {
+        self.skip_stale();
+        self.heap.peek().map(|Reverse((t, p, s, _))| (*t, *p, *s))
+    }
+
     /// Removes the next event, advances the current tick to it and returns it.
     pub fn pop(&mut self) -> Option<(Tick, EventId, E)> {
         self.skip_stale();

@@ -6,6 +6,7 @@
 //! requests a guest can make of the simulator (sim-ops). It is unit- and
 //! property-tested without `/dev/kvm`.
 
+pub mod barrier;
 pub mod clock;
 pub mod eventq;
 pub mod exit;

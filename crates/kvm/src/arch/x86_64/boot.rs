@@ -215,6 +215,61 @@ pub fn enter_long_mode(
     Ok(())
 }
 
+/// Puts the vCPU where a startup IPI with `vector` starts an application
+/// processor: real mode at CS:IP = (vector << 8):0 (CS base vector << 12),
+/// the other registers as INIT leaves them (flat 64 KiB data segments, CR0
+/// = CD | NW | ET, no paging, EFER 0, descriptor tables at 0 with limit
+/// 0xFFFF, RFLAGS 2, a reset x87/SSE state).
+pub fn enter_sipi(arch: &mut X86_64, vcpu: &mut dyn Vcpu, vector: u8) -> Result<()> {
+    let real = |selector: u16, base: u64, type_: u8, s: u8| kvm_segment {
+        base,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let sregs = arch.sregs_mut(vcpu)?;
+    sregs.cs = real(u16::from(vector) << 8, u64::from(vector) << 12, 0xb, 1);
+    let data = real(0, 0, 3, 1);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = real(0, 0, 0xb, 0);
+    sregs.ldt = real(0, 0, 2, 0);
+    sregs.gdt.base = 0;
+    sregs.gdt.limit = 0xffff;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0xffff;
+    sregs.cr0 = 0x6000_0010;
+    sregs.cr2 = 0;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.cr8 = 0;
+    sregs.efer = 0;
+    sregs.interrupt_bitmap = [0; 4];
+    *arch.regs_mut(vcpu)? = kvm_regs {
+        rip: 0,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    })?;
+    Ok(())
+}
+
 /// The MSRs a booting Linux kernel expects firmware to have set: fast
 /// strings enabled (IA32_MISC_ENABLE) and write-back as the default memory
 /// type with MTRRs enabled (IA32_MTRR_DEF_TYPE).

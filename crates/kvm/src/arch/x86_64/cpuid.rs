@@ -11,23 +11,69 @@ pub const ECX_X2APIC: u32 = 1 << 21;
 /// CPUID.1:ECX bit of the TSC-deadline timer (not modelled).
 pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 
-/// Filters `supported` for a vCPU with APIC ID `apic_id`: removes the KVM
-/// paravirt leaves, clears x2APIC and TSC-deadline, and sets the initial
-/// APIC ID in leaf 1.
-pub fn filter(supported: &CpuId, apic_id: u8) -> Vec<kvm_cpuid_entry2> {
-    supported
+/// CPUID.1:EDX bit of multi-threading (more than one logical processor).
+pub const EDX_HTT: u32 = 1 << 28;
+
+/// Filters `supported` for a vCPU with APIC ID `apic_id` in a system of
+/// `cpus` CPUs: removes the KVM paravirt leaves, clears x2APIC and
+/// TSC-deadline, and describes the topology: one package of `cpus` cores,
+/// one thread each, APIC IDs 0..cpus (leaf 1's initial APIC ID and logical
+/// count, leaf 4's cores per package, leaf 0xB's SMT and core levels with
+/// the x2APIC ID, AMD's leaf 0x80000008 core count; leaf 0x1F is removed so
+/// that leaf 0xB is the one read).
+pub fn filter(supported: &CpuId, apic_id: u8, cpus: u8) -> Vec<kvm_cpuid_entry2> {
+    let cpus = cpus.max(1);
+    // Bits of the APIC ID that number the cores of the package.
+    let core_bits = u32::BITS - u32::from(cpus - 1).leading_zeros();
+    let mut out: Vec<kvm_cpuid_entry2> = supported
         .as_slice()
         .iter()
         .filter(|e| !HYPERVISOR_LEAVES.contains(&e.function))
+        .filter(|e| e.function != 0xb && e.function != 0x1f)
         .map(|e| {
             let mut e = *e;
-            if e.function == 1 {
-                e.ecx &= !(ECX_X2APIC | ECX_TSC_DEADLINE);
-                e.ebx = (e.ebx & 0x00ff_ffff) | (u32::from(apic_id) << 24);
+            match e.function {
+                1 => {
+                    e.ecx &= !(ECX_X2APIC | ECX_TSC_DEADLINE);
+                    e.ebx = (e.ebx & 0x0000_ffff)
+                        | (u32::from(apic_id) << 24)
+                        | (u32::from(cpus) << 16);
+                    if cpus > 1 {
+                        e.edx |= EDX_HTT;
+                    } else {
+                        e.edx &= !EDX_HTT;
+                    }
+                }
+                4 if e.eax & 0x1f != 0 => {
+                    // Cores per package - 1; one thread shares each cache
+                    // below the last level.
+                    e.eax = (e.eax & 0x03ff_ffff) | ((u32::from(cpus) - 1) << 26);
+                }
+                0x8000_0008 => {
+                    e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (u32::from(cpus) - 1);
+                }
+                _ => {}
             }
             e
         })
-        .collect()
+        .collect();
+    let max_basic = out.iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
+    if max_basic >= 0xb {
+        let level = |index: u32, shift: u32, count: u32, kind: u32| kvm_cpuid_entry2 {
+            function: 0xb,
+            index,
+            flags: kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax: shift,
+            ebx: count,
+            ecx: (kind << 8) | index,
+            edx: u32::from(apic_id),
+            ..Default::default()
+        };
+        out.push(level(0, 0, 1, 1));
+        out.push(level(1, core_bits, u32::from(cpus), 2));
+        out.push(level(2, 0, 0, 0));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -54,10 +100,10 @@ mod tests {
             entry(0x8000_0001, 0, 0),
         ])
         .unwrap();
-        let out = filter(&table, 3);
+        let out = filter(&table, 3, 1);
         let leaves: Vec<u32> = out.iter().map(|e| e.function).collect();
         assert_eq!(leaves, vec![0, 1, 0x4000_0100, 0x8000_0001]);
         assert_eq!(out[1].ecx, 1);
-        assert_eq!(out[1].ebx, 0x0300_0800);
+        assert_eq!(out[1].ebx, 0x0301_0800);
     }
 }
