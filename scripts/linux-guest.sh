@@ -29,7 +29,7 @@ bb="$out/busybox/bin/busybox"
 root="$out/initramfs"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp}
 cp "$bb" "$root/bin/busybox"
-for applet in sh mount echo cat ls sleep; do
+for applet in sh mount echo cat ls sleep nproc; do
     ln -sf busybox "$root/bin/$applet"
 done
 gcc -static -O2 -o "$root/bin/kvmsim-ops" "$src/guest-tools/kvmsim-ops.c"
@@ -41,9 +41,19 @@ cat > "$root/init" <<'INIT'
 echo "KVMSIM-INIT: /init is running"
 # A stats dump here gives simulated and host seconds to /init.
 /bin/kvmsim-ops dumpstats
+n=$(/bin/busybox nproc 2>/dev/null || echo 1)
+echo "KVMSIM-NPROC: $n"
 /bin/kvmsim-ops workbegin 1
+# One counting process per CPU, in parallel; the status is the last failure's.
 status=0
-/bin/busybox sh -c 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo "KVMSIM-WORKLOAD: counted to $i"' || status=$?
+pids=""
+c=0
+while [ $c -lt "$n" ]; do
+    /bin/busybox sh -c 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo "KVMSIM-WORKLOAD: counted to $i"' &
+    pids="$pids $!"
+    c=$((c+1))
+done
+for p in $pids; do wait "$p" || status=$?; done
 /bin/kvmsim-ops workend 1
 echo "KVMSIM-INIT: workload status $status"
 if [ "$status" -eq 0 ]; then /bin/kvmsim-ops exit; else /bin/kvmsim-ops fail "$status"; fi

@@ -8,6 +8,7 @@
 //! | mmio | `mmioloop`: MMIO reads at CPL0, per read | the same guest in a bare KVM loop |
 //! | kick | `kick`: what a forced exit with an interrupt costs beyond its timer period | the same guest in a bare KVM loop |
 //! | parallel | aggregate throughput of 2 `compute` systems | 1 system |
+//! | window | the barrier two CPU threads meet at per window (`sim::barrier::SpinBarrier`), per window | `std::sync::Barrier` |
 //!
 //! kvmsim runs each guest as `kvmsim run` does (`platform::Simulation`);
 //! the bare loops are `kvm::bare` (the same VM set-up, the exits serviced
@@ -28,6 +29,7 @@ const MMIO_READS: u64 = 20_000;
 const KICK_EXITS: u64 = 2_000;
 const KICK_PERIOD_US: u64 = 100;
 const PARALLEL_ITERATIONS: u64 = 1_000_000_000;
+const WINDOWS: u64 = 20_000;
 
 /// Which way a figure's values are better.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,15 +46,17 @@ pub enum Figure {
     Mmio,
     Kick,
     Parallel,
+    Window,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 5] = [
+    pub const ALL: [Figure; 6] = [
         Figure::Compute,
         Figure::Pio,
         Figure::Mmio,
         Figure::Kick,
         Figure::Parallel,
+        Figure::Window,
     ];
 
     fn key(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Figure {
             Figure::Mmio => "mmio",
             Figure::Kick => "kick",
             Figure::Parallel => "parallel",
+            Figure::Window => "window",
         }
     }
 
@@ -72,6 +77,7 @@ impl Figure {
             Figure::Mmio => "MMIO round trip, CPL0",
             Figure::Kick => "forced exit per quantum (kick)",
             Figure::Parallel => "2 systems vs 1 on 2 cores",
+            Figure::Window => "window barrier, 2 threads",
         }
     }
 
@@ -84,13 +90,16 @@ impl Figure {
                 "kvmsim / bare KVM loop, host time per forced exit (timer signal and interrupt injection) beyond the timer period"
             }
             Figure::Parallel => "aggregate throughput of 2 systems / 1 system",
+            Figure::Window => {
+                "host time per window (two barrier waits, as every thread does at each window end) with kvmsim's spin-then-park barrier / std::sync::Barrier"
+            }
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
             Figure::Compute => "s",
-            Figure::Pio | Figure::Mmio | Figure::Kick => "us",
+            Figure::Pio | Figure::Mmio | Figure::Kick | Figure::Window => "us",
             Figure::Parallel => "M iter/s",
         }
     }
@@ -101,6 +110,7 @@ impl Figure {
             Figure::Compute => ("kvmsim", "native"),
             Figure::Pio | Figure::Mmio | Figure::Kick => ("kvmsim", "bare KVM loop"),
             Figure::Parallel => ("2 systems", "1 system"),
+            Figure::Window => ("spin-then-park", "std Barrier"),
         }
     }
 
@@ -117,6 +127,7 @@ impl Figure {
             Figure::Compute => ("<=", 1.02),
             Figure::Pio | Figure::Mmio | Figure::Kick => ("<=", 1.05),
             Figure::Parallel => (">=", 1.9),
+            Figure::Window => ("<=", 0.1),
         }
     }
 }
@@ -131,6 +142,7 @@ pub struct Work {
     pub kick_exits: u64,
     pub kick_period_us: u64,
     pub parallel_iterations: u64,
+    pub windows: u64,
 }
 
 impl Work {
@@ -150,6 +162,7 @@ impl Work {
             kick_exits: s(KICK_EXITS, 3),
             kick_period_us: KICK_PERIOD_US,
             parallel_iterations: s(PARALLEL_ITERATIONS, 1000),
+            windows: s(WINDOWS, 100),
         })
     }
 
@@ -165,6 +178,7 @@ impl Work {
             Figure::Parallel => {
                 serde_json::json!({"iterations_per_system": self.parallel_iterations})
             }
+            Figure::Window => serde_json::json!({"windows": self.windows, "threads": 2}),
         }
     }
 }
@@ -428,6 +442,24 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
                 },
             })
         }
+        (Figure::Window, spin) => {
+            let n = w.windows;
+            let value = if spin {
+                let b = sim::barrier::SpinBarrier::new(2);
+                windows(n, &|| {
+                    b.wait();
+                })
+            } else {
+                let b = std::sync::Barrier::new(2);
+                windows(n, &|| {
+                    b.wait();
+                })
+            };
+            Ok(Sample {
+                value: value * us,
+                exits: serde_json::Value::Null,
+            })
+        }
         (Figure::Parallel, two) => {
             let systems = if two { 2 } else { 1 };
             let n = w.parallel_iterations;
@@ -446,6 +478,23 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
             })
         }
     }
+}
+
+/// Host seconds per window for two threads meeting twice per window at
+/// `wait` (the barrier of a run's window end), `n` windows.
+fn windows(n: u64, wait: &(dyn Fn() + Sync)) -> f64 {
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..n {
+                    wait();
+                    wait();
+                }
+            });
+        }
+    });
+    t.elapsed().as_secs_f64() / n as f64
 }
 
 /// Measures `figures` with `w`: for each run, each figure's two sides one

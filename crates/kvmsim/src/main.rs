@@ -53,6 +53,9 @@ struct RunArgs {
     /// Guest RAM, e.g. 128MiB (overrides the config).
     #[arg(long)]
     memory: Option<String>,
+    /// CPUs per system (overrides the config's system.cpus).
+    #[arg(long)]
+    cpus: Option<u32>,
     /// An initramfs for a Linux kernel (overrides the config).
     #[arg(long)]
     initrd: Option<String>,
@@ -112,6 +115,16 @@ enum Bench {
         /// Loop iterations per system.
         #[arg(long, default_value_t = 1_000_000_000)]
         iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// Cost of one window's barrier (two threads): kvmsim's spin-then-park
+    /// barrier against std::sync::Barrier, side by side.
+    Window {
+        /// Windows (each two barrier waits per thread).
+        #[arg(long, default_value_t = 20_000)]
+        windows: u64,
         /// Repetitions of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
@@ -243,6 +256,9 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
     if let Some(m) = &a.memory {
         let size = Size(platform::units::parse_size(m).map_err(|e| bad("--memory", m, e))?);
         cfg.system.iter_mut().for_each(|s| s.memory = size);
+    }
+    if let Some(n) = a.cpus {
+        cfg.system.iter_mut().for_each(|s| s.cpus = n);
     }
     if let Some(t) = &a.max_time {
         cfg.sim.max_time = Some(Duration(
@@ -491,6 +507,10 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Pio { reads, runs }) => {
             (w.pio_reads, w.runs) = (reads, runs);
             bench::Figure::Pio
+        }
+        Some(Bench::Window { windows, runs }) => {
+            (w.windows, w.runs) = (windows, runs);
+            bench::Figure::Window
         }
         Some(Bench::Mmio { reads, runs }) => {
             (w.mmio_reads, w.runs) = (reads, runs);

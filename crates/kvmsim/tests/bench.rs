@@ -55,6 +55,7 @@ fn bench_prints_every_figure_and_writes_bench_json() {
         ("mmio", "MMIO round trip, CPL0", "<=", 1.05),
         ("kick", "forced exit per quantum (kick)", "<=", 1.05),
         ("parallel", "2 systems vs 1 on 2 cores", ">=", 1.9),
+        ("window", "window barrier, 2 threads", "<=", 0.1),
     ];
     assert!(stdout.contains("best run"), "{stdout}");
     for (_, title, op, goal) in want {

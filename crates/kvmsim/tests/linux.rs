@@ -297,3 +297,78 @@ fn one_command_boot_picks_the_examples_settings_where_kernel_mode_is_emulated() 
         assert!(!lines[0].contains("host_factor ="), "{}", lines[0]);
     }
 }
+
+/// SMP: Debian's kernel on two CPUs brings up the second through INIT and
+/// SIPI (real mode, then long mode, on this host's KVM), /init sees two
+/// CPUs and runs one counting process per CPU, and both CPUs run guest code
+/// after /init started (the per-CPU stats between /init's dump and the end).
+#[test]
+#[cfg_attr(
+    not(kvmsim_linux_guest),
+    ignore = "needs a Linux guest: set KVMSIM_LINUX_DIR (scripts/linux-guest.sh makes one), or run with --include-ignored to use target/linux-guest"
+)]
+#[cfg_attr(
+    all(kvmsim_linux_guest, kvmsim_no_kvm),
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn debian_kernel_boots_on_two_cpus_and_runs_a_process_on_each() {
+    let Some(dir) = linux_guest("linux_smp") else {
+        return;
+    };
+    let r = boot("linux-smp", &dir, &["--cpus", "2"]);
+    let console = r.file("serial.log");
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        r.status, 0,
+        "stderr:\n{}\nconsole (last lines):\n{tail}",
+        r.stderr
+    );
+    for line in [
+        "smp: Brought up 1 node, 2 CPUs",
+        "KVMSIM-NPROC: 2",
+        "KVMSIM-INIT: workload status 0",
+    ] {
+        assert!(
+            console.contains(line),
+            "{line:?} not in the console:\n{tail}"
+        );
+    }
+    assert_eq!(
+        console
+            .matches("KVMSIM-WORKLOAD: counted to 100000")
+            .count(),
+        2,
+        "one counting process per CPU:\n{tail}"
+    );
+    assert!(r.stat("system.numIpis").as_u64().unwrap() > 0);
+    let dumps = r.json("stats.json");
+    let dumps = dumps.as_array().unwrap();
+    let at = |d: &serde_json::Value, s: &str| d["stats"][s].as_f64().unwrap();
+    let (init, end) = (&dumps[0], dumps.last().unwrap());
+    for cpu in ["system.cpu0", "system.cpu1"] {
+        let s = format!("{cpu}.kvmHostSeconds");
+        assert!(at(end, &s) > 0.0, "{s} at the end: {}", at(end, &s));
+        let n = format!("{cpu}.numVMExits");
+        assert!(
+            at(end, &n) > at(init, &n),
+            "{cpu} ran nothing after /init started"
+        );
+        assert!(at(end, &format!("{cpu}.numIpisReceived")) > 0.0);
+    }
+    eprintln!(
+        "linux smp boot: /init at {:.1} s simulated ({:.1} s host), end at {:.1} s ({:.1} s host), {} IPIs",
+        at(init, "simSeconds"),
+        at(init, "hostSeconds"),
+        at(end, "simSeconds"),
+        at(end, "hostSeconds"),
+        at(end, "system.numIpis")
+    );
+}

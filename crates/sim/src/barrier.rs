@@ -11,13 +11,18 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-/// Spins this many times (yielding now and then) before parking.
-const SPINS: u32 = 20_000;
+/// Spins this many times (yielding now and then) before parking, when
+/// every thread has a core of its own.
+const SPINS: u32 = 4_000;
+/// With more threads than cores a spinning waiter takes the core a late
+/// thread needs: it only yields this many times before parking.
+const SPINS_OVERSUBSCRIBED: u32 = 64;
 
 /// A reusable barrier for `n` threads.
 #[derive(Debug)]
 pub struct SpinBarrier {
     n: usize,
+    spins: u32,
     arrived: AtomicUsize,
     generation: AtomicUsize,
     lock: Mutex<()>,
@@ -27,8 +32,14 @@ pub struct SpinBarrier {
 impl SpinBarrier {
     /// A barrier for `n` threads (at least one).
     pub fn new(n: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         SpinBarrier {
             n: n.max(1),
+            spins: if n <= cores {
+                SPINS
+            } else {
+                SPINS_OVERSUBSCRIBED
+            },
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
             lock: Mutex::new(()),
@@ -48,11 +59,12 @@ impl SpinBarrier {
             self.cv.notify_all();
             return true;
         }
-        for i in 0..SPINS {
+        let oversubscribed = self.spins == SPINS_OVERSUBSCRIBED;
+        for i in 0..self.spins {
             if self.generation.load(Ordering::Acquire) != generation {
                 return false;
             }
-            if i % 64 == 63 {
+            if oversubscribed || i % 16 == 15 {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
