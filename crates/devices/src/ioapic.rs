@@ -278,6 +278,50 @@ mod tests {
         }
     }
 
+    /// Writes APIC register `reg` of `a`.
+    fn apic_w(a: &Arc<Mutex<Lapic>>, reg: u64, v: u32) {
+        let mut reqs = vec![];
+        mem::lock(a).write(
+            Space::Mmio,
+            reg,
+            &v.to_le_bytes(),
+            &mut AccessCtx::new(0, &mut reqs),
+        );
+    }
+
+    #[test]
+    fn routes_to_any_cpu_and_arbitrates_lowest_priority() {
+        let mut stats = Stats::new();
+        let lapics: Vec<Arc<Mutex<Lapic>>> = (0..3u8)
+            .map(|id| {
+                let a = Arc::new(Mutex::new(
+                    Lapic::new(id, 1_000_000_000, None, &mut stats, &format!("apic{id}")).unwrap(),
+                ));
+                apic_w(&a, 0xf0, 0x1ff);
+                // Flat logical IDs: bit `id`.
+                apic_w(&a, 0xd0, 1 << (24 + u32::from(id)));
+                a
+            })
+            .collect();
+        let mut io = IoApic::new(3, lapics.clone(), &mut stats, "ioapic").unwrap();
+        // Pin 3: physical destination APIC 2, vector 0x33.
+        reg(&mut io, 0x16, Some(0x33));
+        reg(&mut io, 0x17, Some(2 << 24));
+        io.set_line(3, true);
+        let pending: Vec<Pending> = lapics.iter().map(|a| mem::lock(a).pending()).collect();
+        assert_eq!(pending, [Pending::None, Pending::None, Pending::Maskable]);
+        assert_eq!(mem::lock(&lapics[2]).acknowledge(), Some(0x33));
+        // Pin 4: lowest priority to logical CPUs 0 and 1; CPU 0's task
+        // priority is higher, so CPU 1 takes it.
+        apic_w(&lapics[0], 0x80, 0x40);
+        reg(&mut io, 0x18, Some(0x100 | 0x800 | 0x34));
+        reg(&mut io, 0x19, Some(0b011 << 24));
+        io.set_line(4, true);
+        assert_eq!(mem::lock(&lapics[0]).pending(), Pending::None);
+        assert_eq!(mem::lock(&lapics[1]).acknowledge(), Some(0x34));
+        assert_eq!(mem::lock(&lapics[2]).pending(), Pending::None);
+    }
+
     #[test]
     fn identification() {
         let (mut io, _) = setup();

@@ -756,6 +756,43 @@ mod tests {
     }
 
     #[test]
+    fn logical_destinations_lowest_priority_and_init_deassert() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        // Flat model: logical ID 0x04.
+        w(&mut a, 0, 0xd0, 0x0400_0000);
+        assert!(a.accepts(0x0c, true) && !a.accepts(0x03, true));
+        // Cluster model: cluster 2, member bit 1.
+        w(&mut a, 0, 0xe0, 0x0fff_ffff);
+        w(&mut a, 0, 0xd0, 0x2200_0000);
+        assert!(a.accepts(0x23, true), "cluster 2, bits 0-1");
+        assert!(!a.accepts(0x13, true), "another cluster");
+        assert!(!a.accepts(0x21, true), "another member");
+        assert!(a.accepts(0xff, true), "broadcast");
+        // An INIT level de-assert (level 0, trigger level) goes nowhere.
+        w(&mut a, 0, 0x310, 1 << 24);
+        w(&mut a, 0, 0x300, 0x8500);
+        assert!(a.take_ipis().is_empty());
+        // Lowest priority without a shorthand is left to the platform's
+        // arbitration, even if this APIC is a candidate.
+        w(&mut a, 0, 0x310, 0x23 << 24);
+        w(&mut a, 0, 0x300, 0x0940);
+        assert_eq!(a.pending(), Pending::None);
+        let ipis = a.take_ipis();
+        assert_eq!((ipis.len(), ipis[0].mode, ipis[0].vector), (1, 1, 0x40));
+        // Deliveries ring the doorbell once.
+        assert!(!a.take_doorbell());
+        a.deliver(0x50, false);
+        assert!(a.take_doorbell() && !a.take_doorbell());
+        // INIT resets the APIC but keeps its ID.
+        w(&mut a, 0, 0x20, 3 << 24);
+        a.init_reset();
+        assert_eq!(r(&mut a, 0, 0x20), 3 << 24);
+        assert_eq!(r(&mut a, 0, 0xf0), 0xff);
+        assert_eq!(a.pending(), Pending::None);
+    }
+
+    #[test]
     fn extint_from_the_pic_through_lint0() {
         let pic = Arc::new(Mutex::new(PicPair::new()));
         {

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use mem::{AccessCtx, BusDevice, Space};
 use sim::tick::ns_to_ticks;
-use sim::{Counter, Request, Stats, Tick, Value};
+use sim::{Counter, Request, Stats, Tick, Value, Vector};
 
 /// The default base address of the window (gem5's `m5ops_base` on x86).
 pub const SIMOPS_BASE: u64 = 0xFFFF_0000;
@@ -42,6 +42,8 @@ pub struct SimOps {
     reported: HashSet<u8>,
     /// Open work items: (work id, thread id) -> begin tick.
     open_work: Vec<((u64, u64), Tick)>,
+    /// Work items begun and ended on each CPU (several CPUs only).
+    per_cpu: Option<(Vector, Vector)>,
 }
 
 impl SimOps {
@@ -66,7 +68,36 @@ impl SimOps {
             )?,
             reported: HashSet::new(),
             open_work: Vec::new(),
+            per_cpu: None,
         })
+    }
+
+    /// Counts work items per CPU of a system with `cpus` CPUs, under
+    /// `{prefix}.workBegins` and `{prefix}.workEnds` (one element per CPU,
+    /// named `cpu0`, `cpu1`, ...): which CPU called `work_begin` and
+    /// `work_end`.
+    pub fn count_per_cpu(
+        &mut self,
+        stats: &mut Stats,
+        prefix: &str,
+        cpus: usize,
+    ) -> Result<(), sim::stats::StatsError> {
+        let names: Vec<String> = (0..cpus).map(|i| format!("cpu{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let begins = stats.vector(
+            &format!("{prefix}.workBegins"),
+            "work_begin calls, by the CPU that made them",
+            "Count",
+            &names,
+        )?;
+        let ends = stats.vector(
+            &format!("{prefix}.workEnds"),
+            "work_end calls that completed a work item, by the CPU that made them",
+            "Count",
+            &names,
+        )?;
+        self.per_cpu = Some((begins, ends));
+        Ok(())
     }
 
     /// Services function `func` with `args`; returns the result.
@@ -112,6 +143,11 @@ impl SimOps {
                     self.open_work.remove(0);
                 }
                 self.open_work.push((key, now));
+                if let Some((begins, _)) = &self.per_cpu {
+                    if ctx.cpu_index < begins.len() {
+                        begins.add(ctx.cpu_index, 1);
+                    }
+                }
                 0
             }
             func::WORK_END => {
@@ -121,6 +157,11 @@ impl SimOps {
                     self.work_items.inc();
                     self.work_ticks
                         .add(sim::tick::ticks_to_seconds(now.saturating_sub(begin)));
+                    if let Some((_, ends)) = &self.per_cpu {
+                        if ctx.cpu_index < ends.len() {
+                            ends.add(ctx.cpu_index, 1);
+                        }
+                    }
                 }
                 0
             }
@@ -180,6 +221,35 @@ mod tests {
             SIMOPS_LATENCY
         );
         (u64::from_le_bytes(data), reqs)
+    }
+
+    #[test]
+    fn work_items_are_counted_per_cpu() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        d.count_per_cpu(&mut stats, "s", 2).unwrap();
+        let mut call = |cpu: usize, func: u8, now: Tick| {
+            let mut reqs = vec![];
+            let mut regs = Regs([7, 1, 0, 0, 0, 0]);
+            let mut ctx = AccessCtx {
+                now,
+                cpu: Some(&mut regs),
+                requests: &mut reqs,
+                cpu_index: cpu,
+            };
+            let mut data = [0u8; 8];
+            d.read(Space::Mmio, u64::from(func) << 8, &mut data, &mut ctx);
+        };
+        call(0, func::WORK_BEGIN, 10);
+        call(1, func::WORK_END, 30); // the thread moved to CPU 1
+        call(5, func::WORK_BEGIN, 40); // no such CPU: not counted per CPU
+        let dump = stats.dump(50);
+        let get = |n: &str| dump.get(n).unwrap().as_f64();
+        assert_eq!(get("s.workBegins::cpu0"), 1.0);
+        assert_eq!(get("s.workBegins::cpu1"), 0.0);
+        assert_eq!(get("s.workEnds::cpu1"), 1.0);
+        assert_eq!(get("s.workEnds::cpu0"), 0.0);
+        assert_eq!(get("s.workItems"), 1.0);
     }
 
     #[test]

@@ -257,3 +257,121 @@ fn stop_on_fault_ends_the_whole_run() {
     // The sleeper (1000 s of simulated time) was stopped early.
     assert!(exit["systems"][0]["sim_seconds"].as_f64().unwrap() < 1.0);
 }
+
+/// Several CPUs in one system: CPU 0 runs the guest, the others wait for a
+/// startup IPI that never comes (their threads meet every window and never
+/// enter KVM); each CPU has its own statistics, APIC statistics and sample
+/// file; two systems of several CPUs each run side by side.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn cpus_of_a_system_have_their_own_stats_and_aps_wait_for_sipi() {
+    if !kvm_or_skip("cpus_wait_for_sipi") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "cpus-wait",
+        "[sim]\nquantum = \"50us\"\nsample_period = \"200us\"\n\
+         [[system]]\nkernel = \"builtin:hello\"\ncpus = 3\n\
+         [system.serial]\nstdout = false\n\
+         [[system]]\nkernel = \"builtin:hello\"\ncpus = 2\nplatform = \"pc\"\n\
+         [system.serial]\nstdout = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    for (sys, cpus) in [("system0", 3), ("system1", 2)] {
+        assert!(r
+            .file(&format!("serial.{sys}.log"))
+            .contains("Hello from the guest"));
+        assert_eq!(r.stat(&format!("{sys}.numIpis")).as_u64(), Some(0));
+        for i in 0..cpus {
+            let exits = r
+                .stat(&format!("{sys}.cpu{i}.numVMExits"))
+                .as_u64()
+                .unwrap();
+            if i == 0 {
+                assert!(exits > 0, "{sys}.cpu0 ran");
+            } else {
+                assert_eq!(exits, 0, "{sys}.cpu{i} waits for SIPI");
+            }
+            assert!(r.stat(&format!("{sys}.cpu{i}.apic.interrupts")).is_u64());
+        }
+        assert!(r.stat(&format!("{sys}.cpu.numVMExits")).is_null());
+        let samples = r.file(&format!("cpu-samples.{sys}.cpu1.txt"));
+        assert!(samples.contains("state=Idle"), "{samples}");
+    }
+}
+
+/// Windows in which nothing can happen are skipped: two systems that
+/// sleep 10 simulated seconds between timer interrupts, in windows of 10
+/// us, finish after 100 simulated seconds without running ten million
+/// empty windows (bounded in host time, which an empty window costs).
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn empty_windows_are_skipped() {
+    if !kvm_or_skip("empty_windows") {
+        return;
+    }
+    let mut text = String::from("[sim]\nquantum = \"10us\"\n");
+    for _ in 0..2 {
+        text.push_str(
+            "[[system]]\nkernel = \"builtin:sleep\"\nargs = [10000000000, 10]\n\
+             [system.serial]\nstdout = false\n",
+        );
+    }
+    let (dir, cfg) = config("empty-windows", &text);
+    let r = kvmsim_bounded(
+        &["run", &cfg],
+        &dir.join("out"),
+        std::time::Duration::from_secs(300),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    for i in 0..2 {
+        let sim = r.json("exit.json")["systems"][i]["sim_seconds"]
+            .as_f64()
+            .unwrap();
+        assert!((100.0..101.0).contains(&sim), "system{i}: {sim} s");
+        // Forced exits happen only in windows that were run: a handful per
+        // interrupt, not one per 10 us window.
+        let forced = r
+            .stat(&format!("system{i}.cpu.numExitSignal"))
+            .as_u64()
+            .unwrap();
+        assert!(forced < 10_000, "system{i}: {forced} forced exits");
+    }
+}
+
+#[test]
+fn cpus_are_validated() {
+    for (text, field, why) in [
+        ("cpus = 0", "system.cpus", "must be 1 to 254"),
+        ("cpus = 255", "system.cpus", "must be 1 to 254"),
+        (
+            "cpus = 2\n[system.cpu]\nmax_insts = 10",
+            "system.cpus",
+            "cpu.max_insts is not supported yet with more than one CPU",
+        ),
+        (
+            "ipi_latency = \"0ns\"",
+            "system.ipi_latency",
+            "longer than zero",
+        ),
+    ] {
+        let (dir, cfg) = config(
+            "cpus-validated",
+            &format!("[system]\nkernel = \"builtin:hello\"\n{text}\n"),
+        );
+        let r = kvmsim(&["run", &cfg], &dir.join("out"));
+        assert_eq!(r.no_panic().status, 254, "{text}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(field) && r.stderr.contains(why),
+            "{text}: {}",
+            r.stderr
+        );
+    }
+}

@@ -11,7 +11,7 @@
 //! sequence) and schedules the arrivals: the same messages always arrive in
 //! the same order, whatever the host threads did.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use sim::barrier::SpinBarrier;
@@ -175,6 +175,52 @@ struct Run<'a> {
     stop: AtomicBool,
     /// Each system's end (first come, first kept).
     results: Vec<Mutex<Option<Result<ExitEvent, PlatformError>>>>,
+    /// Each thread's (system, next activity tick or `u64::MAX` for none),
+    /// published before the window's first barrier.
+    next: Vec<(usize, AtomicU64)>,
+}
+
+impl Run<'_> {
+    /// After the first barrier of window `window` (ending at `end`), every
+    /// thread computes the same two things from what all published: the
+    /// systems with nothing left to do at all (no event in any of their
+    /// queues, no link message on its way to them, and no link to a system
+    /// that still runs: halted for good), and
+    /// the window to run next: the one holding the earliest next activity
+    /// of any live system (windows with nothing in them are skipped).
+    fn plan(&self, window: u64, end: Tick) -> (Vec<bool>, u64) {
+        let n = self.inboxes.len();
+        let mut next = vec![Tick::MAX; n];
+        for (sys, t) in &self.next {
+            next[*sys] = next[*sys].min(t.load(Ordering::Acquire));
+        }
+        for (i, inbox) in self.inboxes.iter().enumerate() {
+            let msgs = inbox[(window % 2) as usize]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = msgs.iter().map(|m| m.at).min() {
+                next[i] = next[i].min(at);
+            }
+        }
+        let earliest = next.iter().copied().min().unwrap_or(Tick::MAX);
+        // A system with nothing to do can still be woken by a link message
+        // while a system it is linked to runs on.
+        let linked = |i: usize| {
+            self.route
+                .and_then(|r| r.peers.get(i))
+                .is_some_and(|p| !p.is_empty())
+        };
+        let halted: Vec<bool> = (0..n)
+            .map(|i| next[i] == Tick::MAX && (earliest == Tick::MAX || !linked(i)))
+            .collect();
+        let skip_to = if earliest == Tick::MAX {
+            window + 1
+        } else {
+            (earliest / self.quantum).max(window + 1)
+        };
+        debug_assert!(skip_to.saturating_mul(self.quantum) >= end);
+        (halted, skip_to)
+    }
 }
 
 /// Runs `systems` with one host thread per CPU, in lock-step windows of
@@ -190,6 +236,11 @@ pub(crate) fn run_threads(
 ) -> Result<Vec<ExitEvent>, PlatformError> {
     let n = systems.len();
     let threads: usize = systems.iter().map(|s| s.cpu_count()).sum();
+    let next = systems
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..s.cpu_count()).map(move |_| (i, AtomicU64::new(0))))
+        .collect();
     let run = Run {
         route,
         quantum: quantum.max(1),
@@ -199,17 +250,21 @@ pub(crate) fn run_threads(
         done: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         results: (0..n).map(|_| Mutex::new(None)).collect(),
+        next,
     };
+    let mut slot = 0;
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
         for (i, sys) in systems.iter_mut().enumerate() {
             for t in sys.threads() {
                 let run = &run;
                 let name = format!("kvmsim-{}-cpu{}", t.system_name(), t.index());
+                let me = slot;
+                slot += 1;
                 handles.push(
                     std::thread::Builder::new()
                         .name(name)
-                        .spawn_scoped(scope, move || run_windows(i, t, run))
+                        .spawn_scoped(scope, move || run_windows(i, me, t, run))
                         .expect("spawning a CPU thread"),
                 );
             }
@@ -243,8 +298,9 @@ pub(crate) fn run_threads(
     Ok(exits)
 }
 
-/// The body of the thread of CPU `t` of system `me`.
-fn run_windows(me: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
+/// The body of the thread of CPU `t` of system `me` (thread number
+/// `slot` of the run).
+fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
     let n = run.inboxes.len();
     let lead = t.index() == 0;
     let mut seq = 0u64;
@@ -298,13 +354,36 @@ fn run_windows(me: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
                 }
             }
         }
+        let next = if t.system_exited() {
+            None
+        } else {
+            t.next_activity()
+        };
+        run.next[slot]
+            .1
+            .store(next.unwrap_or(Tick::MAX), Ordering::Release);
         // Everyone has finished window `window` and posted its messages.
         run.barrier.wait();
+        let (halted, skip_to) = run.plan(window, end);
         let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
         // Everyone has read the decision before anyone changes it.
         run.barrier.wait();
         if finished {
             break;
+        }
+        if lead && halted[me] && !t.system_exited() {
+            // Counted at the next window's barrier, like any other end.
+            let at = t.cur_tick();
+            finish(
+                Ok(ExitEvent::new(
+                    ExitCause::GuestHalted,
+                    0,
+                    at,
+                    "every CPU halted or waits for a startup IPI, and no event is left that \
+                     could wake one",
+                )),
+                &t,
+            );
         }
         if lead {
             let mut msgs = std::mem::take(
@@ -336,6 +415,62 @@ fn run_windows(me: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
                 }
             }
         }
-        window += 1;
+        window = skip_to;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with<'a>(next: &[(usize, Tick)], systems: usize, quantum: Tick) -> Run<'a> {
+        Run {
+            route: None,
+            quantum,
+            stop_on_fault: false,
+            barrier: SpinBarrier::new(1),
+            inboxes: (0..systems).map(|_| Default::default()).collect(),
+            done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            results: (0..systems).map(|_| Mutex::new(None)).collect(),
+            next: next.iter().map(|&(s, t)| (s, AtomicU64::new(t))).collect(),
+        }
+    }
+
+    #[test]
+    fn plans_skip_empty_windows_and_find_halted_systems() {
+        let q = 10;
+        // System 0: CPU 0 has something at tick 95, CPU 1 nothing; system
+        // 1: nothing at all.
+        let run = run_with(&[(0, 95), (0, Tick::MAX), (1, Tick::MAX)], 2, q);
+        let (halted, skip_to) = run.plan(2, 30);
+        assert_eq!(halted, vec![false, true]);
+        assert_eq!(skip_to, 9, "the window holding tick 95");
+        // Something due in the next window: no skipping.
+        let run = run_with(&[(0, 31)], 1, q);
+        assert_eq!(run.plan(2, 30), (vec![false], 3));
+        // A link message on its way keeps a system alive and bounds the skip.
+        let run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
+        run.inboxes[1][0].lock().unwrap().push(Message {
+            at: 70,
+            src: 0,
+            seq: 0,
+            port: 0,
+            data: 1,
+        });
+        assert_eq!(run.plan(2, 30), (vec![false, false], 7));
+        // A system with nothing to do that is linked to one that runs waits.
+        let route = Route {
+            peers: vec![vec![(1, 0)], vec![(0, 0)]],
+        };
+        let mut run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
+        run.route = Some(&route);
+        assert_eq!(run.plan(2, 30), (vec![false, false], 50));
+        let mut run = run_with(&[(0, Tick::MAX), (1, Tick::MAX)], 2, q);
+        run.route = Some(&route);
+        assert_eq!(run.plan(2, 30).0, vec![true, true]);
+        // Nothing anywhere: every system has halted; the next window is next.
+        let run = run_with(&[(0, Tick::MAX)], 1, q);
+        assert_eq!(run.plan(4, 50), (vec![true], 5));
     }
 }

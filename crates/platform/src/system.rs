@@ -537,7 +537,10 @@ impl System {
             "uart",
             Arc::new(Mutex::new(uart)),
         )?;
-        let simops = SimOps::new(&mut stats, &format!("{name}.simops"))?;
+        let mut simops = SimOps::new(&mut stats, &format!("{name}.simops"))?;
+        if ncpus > 1 {
+            simops.count_per_cpu(&mut stats, &format!("{name}.simops"), ncpus)?;
+        }
         bus.insert(
             Space::Mmio,
             SIMOPS_BASE,
@@ -636,11 +639,20 @@ impl System {
                 timer_event: None,
                 requests: Vec::new(),
                 waiting_sipi: index > 0,
-                samples: if ncpus == 1 {
-                    "cpu-samples.txt".into()
-                } else {
-                    format!("cpu-samples.cpu{index}.txt")
-                },
+                // cpu-samples[.SYSTEM][.cpuK].txt
+                samples: format!(
+                    "cpu-samples{}{}.txt",
+                    if name == "system" {
+                        String::new()
+                    } else {
+                        format!(".{name}")
+                    },
+                    if ncpus == 1 {
+                        String::new()
+                    } else {
+                        format!(".cpu{index}")
+                    }
+                ),
                 progress,
                 ipis_received,
                 cpu,
@@ -870,6 +882,30 @@ impl CpuThread<'_> {
             SysEvent::LinkDeliver { port, data },
         )?;
         Ok(())
+    }
+
+    /// The tick of the next thing this thread has to do (its CPU's queue
+    /// and, for CPU 0, the system's), or `None` if nothing is scheduled:
+    /// between windows, when nothing can happen before it, the windows up
+    /// to it can be skipped, and a system none of whose threads has
+    /// anything left has halted for good.
+    pub fn next_activity(&mut self) -> Option<Tick> {
+        if self.shared.inboxes[self.slot.index]
+            .full
+            .load(Ordering::Acquire)
+        {
+            return Some(self.cur_tick());
+        }
+        let own = self.slot.queue.next_tick();
+        let sys = if self.slot.index == 0 {
+            mem::lock(&self.shared.core).queue.next_tick()
+        } else {
+            None
+        };
+        match (own, sys) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The simulated time this thread has reached.
