@@ -1040,6 +1040,7 @@ impl CpuThread<'_> {
                     mem::lock(l).on_deadline(&mut ctx);
                 }
                 self.after_activity(tick)?;
+                self.wake_if_pending(tick)?;
             }
             CpuEvent::Sample { period } => {
                 self.slot.queue.schedule(
