@@ -8,6 +8,7 @@ use std::process::Command;
 const GUESTS: &[&str] = &[
     "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream", "pingpong",
     "pcirq", "int3", "syscall", "flags", "fwait", "irqint3", "echo", "pioloop", "mmioloop", "kick",
+    "smpboot", "ipipong",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -46,6 +46,17 @@
 //! * `kick`: spins at ring 3 until the interval timer (period RDI ns,
 //!   100,000) has interrupted it RSI (1,000) times, then exit (`kvmsim
 //!   bench`: a fixed number of forced exits on any host).
+//! * `smpboot`: the BSP starts the APs (APIC IDs 1..N-1, N = RDI, default
+//!   2) with INIT, SIPI, SIPI through a real-mode trampoline at 0x10000
+//!   (`asm/smp.s`); every CPU runs the compute loop at ring 3 for RSI
+//!   (10,000,000) iterations and reports into shared memory; the BSP waits
+//!   at most RDX (10,000) simulated ms, prints a line per CPU and
+//!   `smpboot: K of N CPUs started`, and fails naming the APs that never
+//!   reported. With N = 1 the BSP runs alone (no local APIC needed).
+//! * `ipipong`: the BSP starts AP 1, then bounces a fixed IPI RSI (100)
+//!   times between APIC 0 and APIC 1 and prints the round trips in
+//!   simulated ns (total, mean, min, max); RDX (1,000) simulated ms bound
+//!   each wait.
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -79,6 +90,8 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("pioloop"),
     guest!("mmioloop"),
     guest!("kick"),
+    guest!("smpboot"),
+    guest!("ipipong"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -195,6 +208,19 @@ pub const ABOUT: &[About] = &[
         args: "RDI=timer period ns (100000), RSI=interrupts (1000)",
         about: "spins at ring 3 until the interval timer has interrupted it RSI times, \
                 then exits (kvmsim bench kick's)",
+    },
+    About {
+        name: "smpboot",
+        args: "RDI=CPUs (2, at most 64), RSI=iterations per CPU (10000000), \
+               RDX=wait limit ms (10000); system.cpus >= RDI",
+        about: "starts every AP with INIT-SIPI-SIPI, each CPU computes at ring 3 and reports; \
+                prints a line per CPU and \"K of N CPUs started\"",
+    },
+    About {
+        name: "ipipong",
+        args: "RSI=round trips (100), RDX=wait limit ms (1000); system.cpus >= 2",
+        about: "starts AP 1, bounces an IPI between APIC 0 and 1; \
+                prints the round trips in simulated ns",
     },
 ];
 
