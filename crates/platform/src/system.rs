@@ -196,6 +196,11 @@ struct CpuSlot {
     samples: String,
     progress: Option<Progress>,
     ipis_received: Counter,
+    /// The earliest arrival this thread posted to another CPU's inbox
+    /// since it last reported its next activity (`Tick::MAX`: none). The
+    /// receiver may have reported before the post; the sender reports it
+    /// instead, so that no window holding the arrival is skipped.
+    posted: Tick,
 }
 
 /// One simulated system.
@@ -655,6 +660,7 @@ impl System {
                 ),
                 progress,
                 ipis_received,
+                posted: Tick::MAX,
                 cpu,
             });
         }
@@ -896,7 +902,11 @@ impl CpuThread<'_> {
         {
             return Some(self.cur_tick());
         }
-        let own = self.slot.queue.next_tick();
+        let posted = std::mem::replace(&mut self.slot.posted, Tick::MAX);
+        let own = match self.slot.queue.next_tick() {
+            Some(t) => Some(t.min(posted)),
+            None => (posted != Tick::MAX).then_some(posted),
+        };
         let sys = if self.slot.index == 0 {
             mem::lock(&self.shared.core).queue.next_tick()
         } else {
@@ -1215,6 +1225,7 @@ impl CpuThread<'_> {
         let at = now.saturating_add(self.shared.ipi_latency);
         for j in targets {
             self.shared.ipis_sent.inc();
+            self.slot.posted = self.slot.posted.min(at);
             post(
                 &self.shared.inboxes[j],
                 at,
@@ -1227,9 +1238,10 @@ impl CpuThread<'_> {
     }
 
     /// Tells every other CPU whose APIC got something that it should look.
-    fn ring_doorbells(&self, now: Tick) {
+    fn ring_doorbells(&mut self, now: Tick) {
         for (j, l) in self.shared.lapics.iter().enumerate() {
             if j != self.slot.index && mem::lock(l).take_doorbell() {
+                self.slot.posted = self.slot.posted.min(now);
                 post(&self.shared.inboxes[j], now, Arrival::Wake);
             }
         }
