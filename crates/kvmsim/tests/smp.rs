@@ -36,6 +36,43 @@ fn smpboot(test: &str, platform: &str, cpus: u32, n: u64, iterations: u64, wait_
     r
 }
 
+/// Every CPU 0..n-1 reported once, with the right result, and the summary
+/// says so.
+fn check_all_started(r: &Run, n: u64, iterations: u64) {
+    assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+    let serial = r.file("serial.log");
+    let want = guests::compute_loop_reference(iterations);
+    let mut lines = cpu_lines(&serial);
+    lines.sort();
+    let apics: Vec<u64> = lines.iter().map(|l| l.0).collect();
+    assert_eq!(apics, (0..n).collect::<Vec<_>>(), "{serial}");
+    let mut indexes: Vec<u64> = lines.iter().map(|l| l.1).collect();
+    indexes.sort();
+    assert_eq!(indexes, (0..n).collect::<Vec<_>>(), "{serial}");
+    assert_eq!(lines[0].1, 0, "the BSP is CPU 0 and APIC 0: {serial}");
+    for l in &lines {
+        assert_eq!(l.2, want, "{serial}");
+    }
+    assert!(
+        serial.contains(&format!(
+            "smpboot: {n} of {n} CPUs started iterations={iterations} "
+        )),
+        "{serial}"
+    );
+    assert!(!serial.contains("never reported"), "{serial}");
+    assert!(!serial.contains("platform error"), "{serial}");
+    assert_eq!(r.json("exit.json")["cause"], "guest_exit");
+    // Each AP got INIT, SIPI, SIPI and sent one wake-up to the BSP.
+    for cpu in 1..n {
+        assert_eq!(
+            r.stat(&format!("system.cpu{cpu}.numIpisReceived")),
+            3,
+            "cpu{cpu}"
+        );
+    }
+    assert_eq!(r.stat("system.cpu0.numIpisReceived"), n - 1);
+}
+
 #[test]
 #[cfg_attr(
     kvmsim_no_kvm,
@@ -108,5 +145,124 @@ fn ipipong_needs_a_second_cpu() {
     assert_eq!(
         r.file("serial.log"),
         "ipipong: APIC 1 never started (it needs [system] cpus = 2 or more)\n"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn smpboot_starts_every_ap_of_2_and_of_8_cpus() {
+    if !kvm_or_skip("smpboot_cpus") {
+        return;
+    }
+    // 8 CPUs on a 2-core host: the APs take turns, which costs host time,
+    // not correctness.
+    for n in [2u32, 8] {
+        let r = smpboot(
+            &format!("smpboot-{n}"),
+            "bare",
+            n,
+            n.into(),
+            2_000_000,
+            10_000,
+        );
+        check_all_started(&r, n.into(), 2_000_000);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn smpboot_starts_the_aps_on_the_pc_too() {
+    if !kvm_or_skip("smpboot_pc") {
+        return;
+    }
+    let r = smpboot("smpboot-pc", "pc", 2, 2, 1_000_000, 10_000);
+    check_all_started(&r, 2, 1_000_000);
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn smpboot_names_the_ap_a_smaller_system_lacks() {
+    if !kvm_or_skip("smpboot_lacks") {
+        return;
+    }
+    // Three CPUs asked of a two-CPU system: APIC 2 does not exist.
+    let r = smpboot("smpboot-lacks", "bare", 2, 3, 100_000, 200);
+    assert_eq!(r.status, 1, "stderr:\n{}", r.stderr);
+    let serial = r.file("serial.log");
+    assert!(
+        serial.contains("smpboot: never reported: apic=2\n"),
+        "{serial}"
+    );
+    assert!(serial.contains("smpboot: 2 of 3 CPUs started"), "{serial}");
+    let mut apics: Vec<u64> = cpu_lines(&serial).iter().map(|l| l.0).collect();
+    apics.sort();
+    assert_eq!(apics, [0, 1], "{serial}");
+}
+
+/// Runs `ipipong` for `rounds` round trips with IPIs taking `latency_ns`;
+/// returns its report line.
+fn ipipong(test: &str, latency_ns: u64, rounds: u64) -> String {
+    // The quantum is below the latency, so every IPI arrives exactly
+    // `latency` after it was sent; a small host factor keeps the guest's
+    // own (host-timed) execution a small part of the round trip.
+    let (dir, cfg) = config(
+        test,
+        &format!(
+            "[sim]\nmax_time = \"60s\"\nquantum = \"10us\"\n\
+             [system]\nmemory = \"64MiB\"\ncpus = 2\nipi_latency = \"{latency_ns}ns\"\n\
+             kernel = \"builtin:ipipong\"\nargs = [0, {rounds}]\n\
+             [system.cpu]\nhost_factor = 0.01\n[system.serial]\nstdout = false\n"
+        ),
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    r.no_panic();
+    assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+    let line = r.file("serial.log");
+    assert_eq!(field(&line, "rounds"), rounds, "{line}");
+    // Two IPIs per round trip, each sent by one CPU and received by the other.
+    assert_eq!(r.stat("system.cpu1.numIpisReceived"), rounds + 3, "{line}");
+    assert_eq!(r.stat("system.cpu0.numIpisReceived"), rounds + 1, "{line}");
+    line
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn ipi_round_trip_grows_by_twice_the_latency() {
+    if !kvm_or_skip("ipipong") {
+        return;
+    }
+    let rounds = 100;
+    let (short, long) = (20_000u64, 50_000u64);
+    let a = ipipong("ipipong-short", short, rounds);
+    let b = ipipong("ipipong-long", long, rounds);
+    for (line, lat) in [(&a, short), (&b, long)] {
+        // No round trip can beat two IPI latencies.
+        assert!(field(line, "min_ns") >= 2 * lat, "{line}");
+        assert_eq!(
+            field(line, "mean_ns"),
+            field(line, "total_ns") / rounds,
+            "{line}"
+        );
+    }
+    // What the two runs share (the guest's work, device latencies) cancels
+    // out: the mean grows by two latency differences, up to what host
+    // jitter adds to the guest's execution (x host_factor 0.01).
+    let grew = field(&b, "mean_ns") as f64 - field(&a, "mean_ns") as f64;
+    let want = 2.0 * (long - short) as f64;
+    assert!(
+        (grew - want).abs() <= 0.1 * want,
+        "mean grew by {grew} ns, expected {want}:\n{a}{b}"
     );
 }
