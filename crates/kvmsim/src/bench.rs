@@ -8,6 +8,7 @@
 //! | mmio | `mmioloop`: MMIO reads at CPL0, per read | the same guest in a bare KVM loop |
 //! | kick | `kick`: what a forced exit with an interrupt costs beyond its timer period | the same guest in a bare KVM loop |
 //! | parallel | aggregate throughput of 2 `compute` systems | 1 system |
+//! | smp | aggregate throughput of `smpboot`'s ring-3 loop on 2 CPUs of one system | 1 CPU |
 //! | window | the barrier two CPU threads meet at per window (`sim::barrier::SpinBarrier`), per window | `std::sync::Barrier` |
 //!
 //! kvmsim runs each guest as `kvmsim run` does (`platform::Simulation`);
@@ -30,6 +31,9 @@ const KICK_EXITS: u64 = 2_000;
 const KICK_PERIOD_US: u64 = 100;
 const PARALLEL_ITERATIONS: u64 = 1_000_000_000;
 const WINDOWS: u64 = 20_000;
+const SMP_ITERATIONS: u64 = 1_000_000_000;
+/// The quantum of the SMP figure (the default for several CPUs is 100 us).
+const SMP_QUANTUM: &str = "1ms";
 
 /// Which way a figure's values are better.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,16 +50,18 @@ pub enum Figure {
     Mmio,
     Kick,
     Parallel,
+    Smp,
     Window,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 6] = [
+    pub const ALL: [Figure; 7] = [
         Figure::Compute,
         Figure::Pio,
         Figure::Mmio,
         Figure::Kick,
         Figure::Parallel,
+        Figure::Smp,
         Figure::Window,
     ];
 
@@ -67,6 +73,7 @@ impl Figure {
             Figure::Kick => "kick",
             Figure::Parallel => "parallel",
             Figure::Window => "window",
+            Figure::Smp => "smp",
         }
     }
 
@@ -78,6 +85,7 @@ impl Figure {
             Figure::Kick => "forced exit per quantum (kick)",
             Figure::Parallel => "2 systems vs 1 on 2 cores",
             Figure::Window => "window barrier, 2 threads",
+            Figure::Smp => "2 CPUs vs 1 in one system",
         }
     }
 
@@ -90,6 +98,9 @@ impl Figure {
                 "kvmsim / bare KVM loop, host time per forced exit (timer signal and interrupt injection) beyond the timer period"
             }
             Figure::Parallel => "aggregate throughput of 2 systems / 1 system",
+            Figure::Smp => {
+                "aggregate ring-3 throughput of smpboot on 2 CPUs of one system / on 1 CPU (sim.quantum 1ms)"
+            }
             Figure::Window => {
                 "host time per window (two barrier waits, as every thread does at each window end) with kvmsim's spin-then-park barrier / std::sync::Barrier"
             }
@@ -100,7 +111,7 @@ impl Figure {
         match self {
             Figure::Compute => "s",
             Figure::Pio | Figure::Mmio | Figure::Kick | Figure::Window => "us",
-            Figure::Parallel => "M iter/s",
+            Figure::Parallel | Figure::Smp => "M iter/s",
         }
     }
 
@@ -111,12 +122,13 @@ impl Figure {
             Figure::Pio | Figure::Mmio | Figure::Kick => ("kvmsim", "bare KVM loop"),
             Figure::Parallel => ("2 systems", "1 system"),
             Figure::Window => ("spin-then-park", "std Barrier"),
+            Figure::Smp => ("2 CPUs", "1 CPU"),
         }
     }
 
     fn better(self) -> Better {
         match self {
-            Figure::Parallel => Better::Higher,
+            Figure::Parallel | Figure::Smp => Better::Higher,
             _ => Better::Lower,
         }
     }
@@ -128,6 +140,7 @@ impl Figure {
             Figure::Pio | Figure::Mmio | Figure::Kick => ("<=", 1.05),
             Figure::Parallel => (">=", 1.9),
             Figure::Window => ("<=", 0.1),
+            Figure::Smp => (">=", 1.8),
         }
     }
 }
@@ -143,6 +156,7 @@ pub struct Work {
     pub kick_period_us: u64,
     pub parallel_iterations: u64,
     pub windows: u64,
+    pub smp_iterations: u64,
 }
 
 impl Work {
@@ -163,6 +177,7 @@ impl Work {
             kick_period_us: KICK_PERIOD_US,
             parallel_iterations: s(PARALLEL_ITERATIONS, 1000),
             windows: s(WINDOWS, 100),
+            smp_iterations: s(SMP_ITERATIONS, 1000),
         })
     }
 
@@ -179,6 +194,10 @@ impl Work {
                 serde_json::json!({"iterations_per_system": self.parallel_iterations})
             }
             Figure::Window => serde_json::json!({"windows": self.windows, "threads": 2}),
+            Figure::Smp => serde_json::json!({
+                "iterations_per_cpu": self.smp_iterations,
+                "quantum": SMP_QUANTUM,
+            }),
         }
     }
 }
@@ -458,6 +477,30 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
             Ok(Sample {
                 value: value * us,
                 exits: serde_json::Value::Null,
+            })
+        }
+        (Figure::Smp, two) => {
+            let cpus = if two { 2 } else { 1 };
+            let n = w.smp_iterations;
+            let toml = format!(
+                "[sim]\nquantum = \"{SMP_QUANTUM}\"\n[system]\nkernel = \"builtin:smpboot\"\n\
+                 cpus = {cpus}\nargs = [{cpus}, {n}, 3600000]\n[system.serial]\nstdout = false\n\
+                 stdin = false\n[system.cpu]\ntimer = \"posix\"\n"
+            );
+            let cfg = Config::parse(&toml, Path::new("bench")).map_err(text)?;
+            let r = kvmsim_run(cfg, scratch, if two { "smp2" } else { "smp1" })?;
+            let want = format!("smpboot: {cpus} of {cpus} CPUs started");
+            check(r.serial.contains(&want), || {
+                format!(
+                    "smp: not every CPU reported ({want}); serial.log: {}",
+                    r.serial
+                )
+            })?;
+            Ok(Sample {
+                value: (cpus * n) as f64 / r.wall / 1e6,
+                exits: serde_json::json!({
+                    "cpu0_exits": stat(&r.stats, if two { "system.cpu0.numVMExits" } else { "system.cpu.numVMExits" }),
+                }),
             })
         }
         (Figure::Parallel, two) => {

@@ -119,6 +119,16 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Aggregate ring-3 throughput of 2 CPUs of one system (smpboot) as a
+    /// ratio to 1 CPU, side by side.
+    Smp {
+        /// Loop iterations per CPU.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// Cost of one window's barrier (two threads): kvmsim's spin-then-park
     /// barrier against std::sync::Barrier, side by side.
     Window {
@@ -507,6 +517,10 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Pio { reads, runs }) => {
             (w.pio_reads, w.runs) = (reads, runs);
             bench::Figure::Pio
+        }
+        Some(Bench::Smp { iterations, runs }) => {
+            (w.smp_iterations, w.runs) = (iterations, runs);
+            bench::Figure::Smp
         }
         Some(Bench::Window { windows, runs }) => {
             (w.windows, w.runs) = (windows, runs);
