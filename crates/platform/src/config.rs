@@ -657,7 +657,6 @@ impl Config {
             }
             if s.cpus > 1 {
                 for (what, set) in [
-                    ("sim.drain_period", self.sim.drain_period.is_some()),
                     ("cpu.max_insts", s.cpu.max_insts.is_some()),
                     ("cpu.trace", s.cpu.trace.is_some()),
                     ("coalesced_mmio", !s.coalesced_mmio.is_empty()),

@@ -118,6 +118,10 @@ enum Arrival {
     Wake,
     /// An inter-processor interrupt (delivery mode and vector).
     Ipi { mode: u8, vector: u8 },
+    /// Drain: finish what is in flight, then stop until resumed.
+    Drain,
+    /// Every CPU of the system drained: go on.
+    Resume,
 }
 
 /// One end of a link in a system: its mailbox port and the link's latency.
@@ -175,6 +179,8 @@ struct Shared {
     ipi_latency: Tick,
     /// Some thread of this system ended the run.
     exited: AtomicBool,
+    /// CPUs drained in the drain under way.
+    drained: std::sync::atomic::AtomicUsize,
     ipis_sent: Counter,
 }
 
@@ -193,6 +199,8 @@ struct CpuSlot {
     requests: Vec<Request>,
     /// An AP before its startup IPI (or after INIT): it does not run.
     waiting_sipi: bool,
+    /// Drained, waiting for the other CPUs of the system: it does not run.
+    drain_stopped: bool,
     samples: String,
     progress: Option<Progress>,
     ipis_received: Counter,
@@ -644,6 +652,7 @@ impl System {
                 timer_event: None,
                 requests: Vec::new(),
                 waiting_sipi: index > 0,
+                drain_stopped: false,
                 // cpu-samples[.SYSTEM][.cpuK].txt
                 samples: format!(
                     "cpu-samples{}{}.txt",
@@ -690,6 +699,7 @@ impl System {
                 lapics,
                 ipi_latency: sc.ipi_latency.0,
                 exited: AtomicBool::new(false),
+                drained: std::sync::atomic::AtomicUsize::new(0),
                 ipis_sent,
             },
             _vm: vm,
@@ -1069,6 +1079,8 @@ impl CpuThread<'_> {
                     .map_err(|source| crate::output::OutputError { path, source })?;
             }
             CpuEvent::Arrive(Arrival::Wake) => self.wake_if_pending(tick)?,
+            CpuEvent::Arrive(Arrival::Drain) => self.drain_cpu(tick)?,
+            CpuEvent::Arrive(Arrival::Resume) => self.resume(tick)?,
             CpuEvent::Arrive(Arrival::Ipi { mode, vector }) => {
                 self.slot.ipis_received.inc();
                 self.ipi_arrives(tick, mode, vector)?;
@@ -1142,10 +1154,7 @@ impl CpuThread<'_> {
         match outcome {
             TickOutcome::Next(t) => self.schedule_cpu(t)?,
             TickOutcome::Idle => self.wake_if_pending(tick)?,
-            TickOutcome::Drained => {
-                let mut core = mem::lock(&self.shared.core);
-                self.drained(&mut core, tick)?;
-            }
+            TickOutcome::Drained => self.cpu_drained(tick),
             TickOutcome::InstLimit(n, dump) => {
                 return Ok(Some(ExitEvent::new(
                     ExitCause::MaxInsts,
@@ -1283,6 +1292,7 @@ impl CpuThread<'_> {
     /// something pending.
     fn wake_if_pending(&mut self, now: Tick) -> Result<(), PlatformError> {
         if !self.slot.waiting_sipi
+            && !self.slot.drain_stopped
             && self.slot.cpu.state() == kvm::CpuState::Idle
             && mem::lock(&self.slot.intc).pending() != Pending::None
             && self.slot.cpu.wake()
@@ -1292,11 +1302,44 @@ impl CpuThread<'_> {
         Ok(())
     }
 
-    /// Every CPU is consistent: count the drain and resume.
-    fn drained(&mut self, core: &mut Core, now: Tick) -> Result<(), PlatformError> {
-        core.drains.inc();
-        core.draining = false;
+    /// This CPU is consistent (nothing in flight): it stops until every
+    /// CPU of the system is. The last one counts the drain and resumes
+    /// them all (through their inboxes, this one's included).
+    fn cpu_drained(&mut self, now: Tick) {
+        self.slot.drain_stopped = true;
+        let n = self.shared.inboxes.len();
+        if self.shared.drained.fetch_add(1, Ordering::AcqRel) + 1 == n {
+            self.shared.drained.store(0, Ordering::Release);
+            {
+                let mut core = mem::lock(&self.shared.core);
+                core.drains.inc();
+                core.draining = false;
+            }
+            for inbox in &self.shared.inboxes {
+                post(inbox, now, Arrival::Resume);
+            }
+            self.slot.posted = self.slot.posted.min(now);
+        }
+    }
+
+    /// A drain was asked for: drain this CPU.
+    fn drain_cpu(&mut self, now: Tick) -> Result<(), PlatformError> {
+        if self.slot.cpu.drain()? {
+            self.cpu_drained(now);
+        } else if self.slot.tick_event.is_none() {
+            // Something is in flight: the CPU runs on (briefly) to finish it.
+            self.schedule_cpu(now)?;
+        }
+        Ok(())
+    }
+
+    /// Every CPU of the system drained: this one goes on.
+    fn resume(&mut self, now: Tick) -> Result<(), PlatformError> {
+        self.slot.drain_stopped = false;
         self.slot.cpu.drain_resume();
+        if self.slot.waiting_sipi {
+            return Ok(());
+        }
         if self.slot.cpu.state() != kvm::CpuState::Idle {
             self.schedule_cpu(now)?;
         } else {
@@ -1393,12 +1436,14 @@ impl CpuThread<'_> {
                     DEFAULT_PRI,
                     SysEvent::Drain { period },
                 )?;
-                // One CPU (the config refuses drains with several).
                 if !core.draining {
                     core.draining = true;
-                    if self.slot.cpu.drain()? {
-                        self.drained(core, tick)?;
+                    // Every CPU drains on its own thread (this one's too,
+                    // through its inbox: the core stays unlocked there).
+                    for inbox in &self.shared.inboxes {
+                        post(inbox, tick, Arrival::Drain);
                     }
+                    self.slot.posted = self.slot.posted.min(tick);
                 }
             }
         }
