@@ -302,3 +302,46 @@ fn periodic_drains_of_four_cpus_complete_and_change_nothing() {
         "{drains} drains in {periods} periods"
     );
 }
+
+/// max_insts with several CPUs: each CPU counts its own instructions (by
+/// single-stepping where there is no PMU) and the first to reach the limit
+/// ends the run, named; where the host cannot step the guest's user mode,
+/// the run says so instead (and names the CPU).
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn max_insts_stops_at_the_first_cpu_to_reach_it() {
+    if !kvm_or_skip("smp_max_insts") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "smp-max-insts",
+        "[sim]\nmax_time = \"10s\"\n[system]\nkernel = \"builtin:smpboot\"\ncpus = 2\n\
+         args = [2, 1000, 10000]\n[system.cpu]\nmax_insts = 300\n[system.serial]\nstdout = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    r.no_panic();
+    let exit = r.json("exit.json");
+    let (cause, message) = (&exit["cause"], exit["message"].as_str().unwrap_or(""));
+    let total = r.stat("system.totalNumInsts");
+    if cause == "max_insts" {
+        assert!(
+            message.contains("system.cpu0 stopped after 300 guest instructions"),
+            "{message}"
+        );
+        assert_eq!(r.stat("system.cpu0.numInsts"), 300);
+        assert_eq!(
+            total,
+            300 + r.stat("system.cpu1.numInsts").as_u64().unwrap()
+        );
+    } else {
+        // The BSP reaches ring 3 before 300 instructions only if its APIC
+        // set-up is shorter; on a host that cannot step CPL3 the run ends
+        // as unsupported and names the CPU that got there.
+        assert_eq!(cause, "unsupported", "{exit}");
+        assert!(message.starts_with("system.cpu"), "{message}");
+        assert!(total.as_u64().unwrap() > 0);
+    }
+}

@@ -352,9 +352,9 @@ fn cpus_are_validated() {
         ("cpus = 0", "system.cpus", "must be 1 to 254"),
         ("cpus = 255", "system.cpus", "must be 1 to 254"),
         (
-            "cpus = 2\n[system.cpu]\nmax_insts = 10",
+            "cpus = 2\ncoalesced_mmio = [[0xFEB00000, 0x1000]]",
             "system.cpus",
-            "cpu.max_insts is not supported yet with more than one CPU",
+            "coalesced_mmio is not supported yet with more than one CPU",
         ),
         (
             "ipi_latency = \"0ns\"",

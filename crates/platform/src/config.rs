@@ -656,11 +656,7 @@ impl Config {
                 ));
             }
             if s.cpus > 1 {
-                for (what, set) in [
-                    ("cpu.max_insts", s.cpu.max_insts.is_some()),
-                    ("cpu.trace", s.cpu.trace.is_some()),
-                    ("coalesced_mmio", !s.coalesced_mmio.is_empty()),
-                ] {
+                for (what, set) in [("coalesced_mmio", !s.coalesced_mmio.is_empty())] {
                     if set {
                         return Err(bad(
                             f("cpus"),

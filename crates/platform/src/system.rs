@@ -1156,15 +1156,27 @@ impl CpuThread<'_> {
             TickOutcome::Idle => self.wake_if_pending(tick)?,
             TickOutcome::Drained => self.cpu_drained(tick),
             TickOutcome::InstLimit(n, dump) => {
+                let who = if self.shared.inboxes.len() > 1 {
+                    format!("{} ", self.slot.cpu.name())
+                } else {
+                    String::new()
+                };
                 return Ok(Some(ExitEvent::new(
                     ExitCause::MaxInsts,
                     0,
                     tick,
-                    format!("stopped after {n} guest instructions (system.cpu.max_insts)\n{dump}"),
-                )))
+                    format!(
+                        "{who}stopped after {n} guest instructions (system.cpu.max_insts)\n{dump}"
+                    ),
+                )));
             }
             TickOutcome::Unsupported(msg) => {
-                return Ok(Some(ExitEvent::new(ExitCause::Unsupported, 0, tick, msg)))
+                let msg = if self.shared.inboxes.len() > 1 {
+                    format!("{}: {msg}", self.slot.cpu.name())
+                } else {
+                    msg
+                };
+                return Ok(Some(ExitEvent::new(ExitCause::Unsupported, 0, tick, msg)));
             }
             TickOutcome::Fault(report) => {
                 let report = if self.shared.inboxes.len() > 1 {
