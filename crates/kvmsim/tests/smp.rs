@@ -295,10 +295,10 @@ fn periodic_drains_of_four_cpus_complete_and_change_nothing() {
     let sim = r.json("exit.json")["sim_seconds"].as_f64().unwrap();
     let drains = r.stat("system.numDrains").as_u64().unwrap();
     // One drain per period, each completed (a drain still under way at the
-    // end is the only one missing).
+    // end is the only one missing; one due at the exit's tick may count).
     let periods = (sim / 500e-6) as u64;
     assert!(
-        drains + 1 >= periods && drains <= periods,
+        drains + 1 >= periods && drains <= periods + 1,
         "{drains} drains in {periods} periods"
     );
 }

@@ -173,6 +173,9 @@ pub struct IoBus {
     unclaimed_pio: Counter,
     unclaimed_mmio: Counter,
     clock: Mutex<Tick>,
+    /// Accesses to shared devices so far (a device's deadline can change
+    /// only through one).
+    shared_accesses: std::sync::atomic::AtomicU64,
 }
 
 impl IoBus {
@@ -191,6 +194,7 @@ impl IoBus {
                 "Count",
             )?,
             clock: Mutex::new(0),
+            shared_accesses: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -201,7 +205,17 @@ impl IoBus {
     pub fn with_device_clock<R>(&self, now: Tick, f: impl FnOnce(Tick) -> R) -> R {
         let mut clock = lock(&self.clock);
         *clock = (*clock).max(now);
-        f(*clock)
+        let r = f(*clock);
+        self.shared_accesses
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        r
+    }
+
+    /// How many accesses shared devices have had (deadlines serviced
+    /// through [`IoBus::with_device_clock`] included).
+    pub fn shared_accesses(&self) -> u64 {
+        self.shared_accesses
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The latest tick a shared device has seen.
@@ -310,7 +324,10 @@ impl IoBus {
                 let mut clock = lock(&self.clock);
                 *clock = (*clock).max(ctx.now);
                 ctx.now = *clock;
-                lock(dev).read(space, addr - base, data, ctx)
+                let latency = lock(dev).read(space, addr - base, data, ctx);
+                self.shared_accesses
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                latency
             }
             Some((base, (dev, false))) => lock(dev).read(space, addr - base, data, ctx),
             None => {
@@ -331,7 +348,10 @@ impl IoBus {
                 let mut clock = lock(&self.clock);
                 *clock = (*clock).max(ctx.now);
                 ctx.now = *clock;
-                lock(dev).write(space, addr - base, data, ctx)
+                let latency = lock(dev).write(space, addr - base, data, ctx);
+                self.shared_accesses
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                latency
             }
             Some((base, (dev, false))) => lock(dev).write(space, addr - base, data, ctx),
             None => {

@@ -817,7 +817,12 @@ impl System {
         let shared = &self.shared;
         self.cpus
             .iter_mut()
-            .map(|slot| CpuThread { shared, slot })
+            .map(|slot| CpuThread {
+                shared,
+                slot,
+                sys_next: None,
+                seen_accesses: u64::MAX,
+            })
             .collect()
     }
 
@@ -856,6 +861,13 @@ impl CpuSlot {
 pub struct CpuThread<'a> {
     shared: &'a Shared,
     slot: &'a mut CpuSlot,
+    /// CPU 0: the tick of the system queue's next event, as last seen
+    /// (what bounds the CPU's run; other threads only add events later
+    /// than their own time, which the window bounds anyway).
+    sys_next: Option<Tick>,
+    /// The bus's count of shared-device accesses when this thread last
+    /// refreshed the shared devices' deadlines.
+    seen_accesses: u64,
 }
 
 /// Which queue the next event comes from.
@@ -987,6 +999,7 @@ impl CpuThread<'_> {
             } else {
                 None
             };
+            self.sys_next = sys.map(|(t, _, _)| t);
             let next = match (own, sys) {
                 (None, None) => {
                     return Ok(Some(ExitEvent::new(
@@ -1137,14 +1150,9 @@ impl CpuThread<'_> {
     fn cpu_tick(&mut self, tick: Tick) -> Result<Option<ExitEvent>, PlatformError> {
         self.slot.tick_event = None;
         let own = self.slot.queue.next_tick();
-        let next = if self.slot.index == 0 {
-            let sys = mem::lock(&self.shared.core).queue.next_tick();
-            match (own, sys) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        } else {
-            own
+        let next = match (own, self.sys_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let outcome = self
             .slot
@@ -1194,15 +1202,15 @@ impl CpuThread<'_> {
     /// requests the devices left, their new deadlines, IPIs sent by this
     /// CPU's APIC, and interrupts delivered to other CPUs' APICs.
     fn after_activity(&mut self, now: Tick) -> Result<(), PlatformError> {
-        if !self.slot.requests.is_empty() {
+        // Shared devices change their deadlines only when accessed.
+        let accesses = self.shared.bus.shared_accesses();
+        if !self.slot.requests.is_empty() || accesses != self.seen_accesses {
             let reqs = std::mem::take(&mut self.slot.requests);
             let mut core = mem::lock(&self.shared.core);
             let at = now.max(core.queue.cur_tick());
             service_requests(&mut core, at, reqs)?;
-        }
-        {
-            let mut core = mem::lock(&self.shared.core);
             refresh_deadlines(&mut core)?;
+            self.seen_accesses = accesses;
         }
         self.refresh_apic_timer()?;
         if let Some(l) = self.slot.lapic.clone() {
