@@ -1262,6 +1262,7 @@ impl CpuThread<'_> {
                     mode: ipi.mode,
                     vector: ipi.vector,
                 },
+                j != self.slot.index,
             );
         }
     }
@@ -1271,7 +1272,7 @@ impl CpuThread<'_> {
         for (j, l) in self.shared.lapics.iter().enumerate() {
             if j != self.slot.index && mem::lock(l).take_doorbell() {
                 self.slot.posted = self.slot.posted.min(now);
-                post(&self.shared.inboxes[j], now, Arrival::Wake);
+                post(&self.shared.inboxes[j], now, Arrival::Wake, true);
             }
         }
     }
@@ -1335,8 +1336,8 @@ impl CpuThread<'_> {
                 core.drains.inc();
                 core.draining = false;
             }
-            for inbox in &self.shared.inboxes {
-                post(inbox, now, Arrival::Resume);
+            for (j, inbox) in self.shared.inboxes.iter().enumerate() {
+                post(inbox, now, Arrival::Resume, j != self.slot.index);
             }
             self.slot.posted = self.slot.posted.min(now);
         }
@@ -1460,8 +1461,8 @@ impl CpuThread<'_> {
                     core.draining = true;
                     // Every CPU drains on its own thread (this one's too,
                     // through its inbox: the core stays unlocked there).
-                    for inbox in &self.shared.inboxes {
-                        post(inbox, tick, Arrival::Drain);
+                    for (j, inbox) in self.shared.inboxes.iter().enumerate() {
+                        post(inbox, tick, Arrival::Drain, j != self.slot.index);
                     }
                     self.slot.posted = self.slot.posted.min(tick);
                 }
@@ -1471,13 +1472,16 @@ impl CpuThread<'_> {
     }
 }
 
-/// Posts `a` to a CPU's inbox, to arrive at `at`, and kicks the CPU out of
-/// KVM so that it looks (a kick to a CPU outside KVM ends its next entry
-/// at once).
-fn post(inbox: &Inbox, at: Tick, a: Arrival) {
+/// Posts `a` to a CPU's inbox, to arrive at `at`, and (for another
+/// thread's CPU: `kick`) kicks the CPU out of KVM so that it looks (a kick
+/// to a CPU outside KVM ends its next entry at once; a thread posting to
+/// itself looks before its next entry anyway).
+fn post(inbox: &Inbox, at: Tick, a: Arrival, kick: bool) {
     mem::lock(&inbox.items).push((at, a));
     inbox.full.store(true, Ordering::Release);
-    inbox.kick.kick();
+    if kick {
+        inbox.kick.kick();
+    }
 }
 
 /// Schedules each shared timed device's next deadline (devices change
