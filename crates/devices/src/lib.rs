@@ -3,6 +3,7 @@
 //! so each is unit-tested with a fake clock and no VM at all. Every device is
 //! written for a hostile guest: any offset, any size, any value.
 
+pub mod disk;
 pub mod i8042;
 pub mod intc;
 pub mod ioapic;
@@ -15,6 +16,7 @@ pub mod rtc;
 pub mod simops;
 pub mod timer;
 pub mod uart;
+pub mod virtio;
 
 pub use intc::VectorIntc;
 pub use mailbox::Mailbox;
