@@ -254,6 +254,28 @@ def device_seeds():
         op(W, 0x300, 0x00830, size=4), op(R, 0x100, size=4), op(R, 0x200, size=4),
         op(W, 0xF0, 0xFF, size=4), op(W, 0x281, 1, size=2)),
     ]
+    # virtio-blk: the driver's set-up (status, VERSION_1, a 16-entry queue
+    # at 0x1000/0x2000/0x3000, DRIVER_OK), a read or write chain of three
+    # descriptors built with events (header at 0x8000, 512 bytes at 0x9000,
+    # status at 0x9200), the notification, time for it to complete, and
+    # the interrupt acknowledged. param 1: a read-only disk.
+    def virtio_blk(ty, param):
+        return script(
+            op(W, 0x70, 0, size=4), op(W, 0x70, 1, size=4), op(W, 0x70, 3, size=4),
+            op(W, 0x24, 1, size=4), op(W, 0x20, 1, size=4), op(W, 0x70, 0xB, size=4),
+            op(W, 0x30, 0, size=4), op(W, 0x38, 16, size=4), op(W, 0x80, 0x1000, size=4),
+            op(W, 0x90, 0x2000, size=4), op(W, 0xA0, 0x3000, size=4), op(W, 0x44, 1, size=4),
+            op(W, 0x70, 0xF, size=4),
+            op(EV, value=ty, aux=0x8000), op(EV, value=1, aux=0x8008),
+            op(EV, value=0x8000, aux=0x1000), op(EV, value=16 | (1 << 32) | (1 << 48), aux=0x1008),
+            op(EV, value=0x9000, aux=0x1010),
+            op(EV, value=512 | ((1 | (2 if ty == 0 else 0)) << 32) | (2 << 48), aux=0x1018),
+            op(EV, value=0x9200, aux=0x1020), op(EV, value=1 | (2 << 32), aux=0x1028),
+            op(EV, value=1 << 16, aux=0x2000), op(W, 0x50, 0, size=4),
+            op(IDLE, after=1 * MS), op(R, 0x60, size=4), op(W, 0x64, 1, size=4),
+            op(R, 0x100, size=8), op(R, 0x70, size=4),
+            param=param)
+    seeds["dev_virtio_blk"] = [virtio_blk(0, 0), virtio_blk(1, 0), virtio_blk(1, 1)]
     return seeds
 
 

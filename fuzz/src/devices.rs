@@ -764,3 +764,124 @@ impl Rig for LapicRig {
         check_controller(&mut self.dev, false, "lapic");
     }
 }
+
+/// RAM of the virtio rig: small, so that addresses from a script land in it.
+const VIRTIO_RAM: u64 = 0x10000;
+
+/// A virtio-mmio block device over a 64-sector disk in memory, with 64 KiB
+/// of guest RAM. Events write guest RAM (`value`, 8 bytes at `aux` modulo
+/// the RAM; `aux` bit 63 set: at the queue's places, descriptor table
+/// 0x1000, available ring 0x2000, used ring 0x3000, plus `aux` bits 0-11),
+/// so a script can build rings and chains. The header's bit 0 makes the
+/// disk read-only. Checked: requests in flight stay within the queue's
+/// size; a read-only disk is never written.
+pub struct VirtioBlkRig {
+    dev: devices::virtio::VirtioMmio<devices::virtio::blk::Block>,
+    mem: vm_memory::GuestMemoryMmap,
+    disk: Arc<Mutex<devices::disk::MemDisk>>,
+    read_only: bool,
+    _stats: Stats,
+}
+
+/// The rig's disk, shared so that checks can see it.
+struct SharedDisk(Arc<Mutex<devices::disk::MemDisk>>);
+
+impl devices::disk::Disk for SharedDisk {
+    fn size(&self) -> u64 {
+        mem::lock(&self.0).size()
+    }
+    fn read_only(&self) -> bool {
+        mem::lock(&self.0).read_only()
+    }
+    fn read_at(&mut self, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        mem::lock(&self.0).read_at(o, b)
+    }
+    fn write_at(&mut self, o: u64, b: &[u8]) -> std::io::Result<()> {
+        mem::lock(&self.0).write_at(o, b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        mem::lock(&self.0).flush()
+    }
+}
+
+impl Rig for VirtioBlkRig {
+    const NAME: &'static str = "virtio-blk";
+    const WINDOWS: &'static [(Space, u64, u64)] =
+        &[(Space::Mmio, 0, devices::virtio::VIRTIO_MMIO_SIZE)];
+    fn build(param: u64) -> Self {
+        use devices::disk::Disk;
+        let mut stats = Stats::new();
+        let mem = vm_memory::GuestMemoryMmap::from_ranges(&[(
+            vm_memory::GuestAddress(0),
+            VIRTIO_RAM as usize,
+        )])
+        .expect("RAM");
+        let read_only = param & 1 != 0;
+        let mut d = devices::disk::MemDisk::new(64);
+        d.read_only = read_only;
+        let disk = Arc::new(Mutex::new(d));
+        assert_eq!(mem::lock(&disk).size(), 64 * 512);
+        let blk = devices::virtio::blk::Block::new(
+            Box::new(SharedDisk(disk.clone())),
+            devices::virtio::blk::BlkTiming {
+                latency: 10_000_000,
+                bandwidth: 100_000_000,
+            },
+            "fuzz",
+            &mut stats,
+            "disk0",
+        )
+        .expect("stats");
+        let dev = devices::virtio::VirtioMmio::new(
+            blk,
+            mem.clone(),
+            IrqLine::none(),
+            &mut stats,
+            "disk0",
+        )
+        .expect("stats");
+        VirtioBlkRig {
+            dev,
+            mem,
+            disk,
+            read_only,
+            _stats: stats,
+        }
+    }
+    fn read(&mut self, s: Space, o: u64, d: &mut [u8], c: &mut AccessCtx) -> Tick {
+        self.dev.read(s, o, d, c)
+    }
+    fn write(&mut self, s: Space, o: u64, d: &[u8], c: &mut AccessCtx) -> Tick {
+        self.dev.write(s, o, d, c)
+    }
+    fn event(&mut self, op: &Op, _: &mut AccessCtx) {
+        use vm_memory::Bytes;
+        let addr = if op.aux >> 63 != 0 {
+            [0x1000u64, 0x2000, 0x3000][(op.aux >> 12) as usize % 3] + (op.aux & 0xfff)
+        } else {
+            op.aux % VIRTIO_RAM
+        };
+        let _ = self
+            .mem
+            .write_slice(&op.value.to_le_bytes(), vm_memory::GuestAddress(addr));
+    }
+    fn next_deadline(&self) -> Option<Tick> {
+        self.dev.next_deadline()
+    }
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.dev.on_deadline(ctx)
+    }
+    fn check(&mut self, _: Tick) {
+        let n = self.dev.device().inflight();
+        assert!(
+            n <= usize::from(devices::virtio::blk::QUEUE_SIZE),
+            "virtio-blk: {n} requests in flight"
+        );
+        if self.read_only {
+            assert!(
+                mem::lock(&self.disk).data.iter().all(|&b| b == 0),
+                "virtio-blk: a read-only disk was written"
+            );
+        }
+    }
+}

@@ -62,6 +62,11 @@ struct RunArgs {
     /// Text appended to the Linux command line (overrides the config).
     #[arg(long)]
     append: Option<String>,
+    /// A raw disk image the guest may write, as a virtio block device
+    /// (/dev/vda, then /dev/vdb, ...; repeat for more; replaces the
+    /// config's disks).
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<String>,
     /// Boot argument passed in RDI, RSI, ... (repeat for more; overrides the config).
     #[arg(long = "arg", value_name = "N")]
     args: Vec<u64>,
@@ -289,6 +294,13 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
         }
         if let Some(x) = &a.append {
             s.append = Some(x.clone());
+        }
+        if !a.disks.is_empty() {
+            s.disk = a
+                .disks
+                .iter()
+                .map(|p| platform::config::DiskConfig::writable(p))
+                .collect();
         }
         if !a.args.is_empty() {
             s.args = a.args.clone();

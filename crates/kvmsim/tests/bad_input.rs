@@ -315,3 +315,61 @@ fn a_folder_in_use_by_another_run_is_refused_with_its_process() {
     drop(held);
     unchanged(&out, &files);
 }
+
+#[test]
+fn bad_disk_images_are_refused_before_the_guest_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = outdir("bad-disks");
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = |n: &str| dir.join(n);
+    let run = |args: &[&str], out: &str| {
+        let mut a = vec!["run", "--kernel", "builtin:hello"];
+        a.extend_from_slice(args);
+        kvmsim(&a, &o(out))
+    };
+    let missing = dir.join("missing.img");
+    let r = run(&["--disk", missing.to_str().unwrap()], "o1");
+    expect_error(&r, &["system.disk[0]", "missing.img", "No such file"]);
+    let r = run(&["--disk", dir.to_str().unwrap()], "o2");
+    expect_error(&r, &["system.disk[0]", "is a directory"]);
+    let odd = write(&dir, "odd.img", &[0u8; 1000]);
+    let r = run(&["--disk", &odd], "o3");
+    expect_error(&r, &["odd.img", "1000 bytes", "not a multiple of 512"]);
+    let ro = write(&dir, "ro.img", &[0u8; 4096]);
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let r = run(&["--disk", &ro], "o4");
+    expect_error(&r, &["ro.img", "read-only but was given as writable"]);
+    let existing = write(&dir, "exists.cow", b"keep me");
+    let cfg = write(
+        &dir,
+        "cow.toml",
+        b"[system]\nkernel = \"builtin:hello\"\nplatform = \"pc\"\n[[system.disk]]\npath = \"ro.img\"\noverlay = \"exists.cow\"\n",
+    );
+    let r = kvmsim(&["run", &cfg], &o("o5"));
+    expect_error(&r, &["exists.cow", "already exists"]);
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let cfg = write(
+        &dir,
+        "both.toml",
+        b"[system]\nkernel = \"builtin:hello\"\n[[system.disk]]\npath = \"ro.img\"\nreadonly = true\noverlay = \"x.cow\"\n",
+    );
+    let r = kvmsim(&["run", &cfg], &o("o6"));
+    expect_error(&r, &["both.toml", "system.disk[0].overlay", "not both"]);
+    let cfg = write(
+        &dir,
+        "bare.toml",
+        b"[system]\nkernel = \"builtin:hello\"\nplatform = \"bare\"\n[[system.disk]]\npath = \"ro.img\"\nreadonly = true\n",
+    );
+    let r = kvmsim(&["run", &cfg], &o("o7"));
+    expect_error(&r, &["bare.toml", "disks need the pc platform"]);
+    let cfg = write(
+        &dir,
+        "bw.toml",
+        b"[system]\nkernel = \"builtin:hello\"\n[[system.disk]]\npath = \"ro.img\"\nbandwidth = \"0/s\"\n",
+    );
+    let r = kvmsim(&["run", &cfg], &o("o8"));
+    expect_error(&r, &["bw.toml", "bandwidth", "at least 1 B/s"]);
+    for n in ["o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"] {
+        assert!(!o(n).exists(), "{n}: nothing written");
+    }
+}

@@ -18,6 +18,8 @@ use acpi_tables::{aml, Aml, AmlSink};
 use zerocopy::byteorder::{LE, U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
+use crate::disks::MmioDevice;
+
 /// Where the RSDP goes (inside the BIOS area reserved in the E820 map).
 pub const RSDP_ADDR: u64 = 0xe_0000;
 
@@ -65,8 +67,9 @@ fn bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT's body: `\_SB` with the CMOS RTC and COM1.
-fn dsdt_devices() -> Vec<u8> {
+/// The DSDT's body: `\_SB` with the CMOS RTC, COM1 and the virtio-mmio
+/// devices (`LNRO0005`, each with its register window and interrupt).
+fn dsdt_devices(virtio: &[MmioDevice]) -> Vec<u8> {
     let rtc_hid = aml::EISAName::new("PNP0B00");
     let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
     let rtc_irq = aml::Interrupt::new(true, true, false, false, 8);
@@ -82,7 +85,34 @@ fn dsdt_devices() -> Vec<u8> {
     let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com_crs = aml::Name::new("_CRS".into(), &com_res);
     let com = aml::Device::new("COM1".into(), vec![&com_hid_name, &com_uid, &com_crs]);
-    bytes(&aml::Scope::new("\\_SB_".into(), vec![&rtc, &com]))
+    let mut body: Vec<u8> = Vec::new();
+    rtc.to_aml_bytes(&mut body);
+    com.to_aml_bytes(&mut body);
+    for (i, d) in virtio.iter().enumerate() {
+        // As Firecracker describes its devices: consumer, edge-triggered,
+        // active high, exclusive.
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid_val = i as u32;
+        let uid = aml::Name::new("_UID".into(), &uid_val);
+        let mmio = aml::Memory32Fixed::new(true, d.base as u32, d.size as u32);
+        let irq = aml::Interrupt::new(true, true, false, false, d.gsi);
+        let res = aml::ResourceTemplate::new(vec![&mmio, &irq]);
+        let crs = aml::Name::new("_CRS".into(), &res);
+        let dev = aml::Device::new(format!("VR{i:02}").as_str().into(), vec![&hid, &uid, &crs]);
+        dev.to_aml_bytes(&mut body);
+    }
+    let mut out = Vec::new();
+    aml::Scope::new("\\_SB_".into(), vec![&RawAml(body)]).to_aml_bytes(&mut out);
+    out
+}
+
+/// AML bytes built elsewhere.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
 }
 
 fn align16(a: u64) -> u64 {
@@ -92,6 +122,11 @@ fn align16(a: u64) -> u64 {
 /// The tables for `cpus` CPUs and the I/O APIC with ID `ioapic_id`, as
 /// (guest physical address, bytes), starting with the RSDP at [`RSDP_ADDR`].
 pub fn tables(cpus: u8, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
+    tables_with_devices(cpus, ioapic_id, &[])
+}
+
+/// [`tables`] with virtio-mmio devices in the DSDT.
+pub fn tables_with_devices(cpus: u8, ioapic_id: u8, virtio: &[MmioDevice]) -> Vec<(u64, Vec<u8>)> {
     let mut madt = MADT::new(
         OEM_ID,
         OEM_TABLE,
@@ -122,7 +157,7 @@ pub fn tables(cpus: u8, ioapic_id: u8) -> Vec<(u64, Vec<u8>)> {
         lint: 1,
     });
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE, 1);
-    dsdt.append_slice(&dsdt_devices());
+    dsdt.append_slice(&dsdt_devices(virtio));
     let dsdt = dsdt.as_slice().to_vec();
 
     let xsdt_addr = align16(RSDP_ADDR + 36);
@@ -217,5 +252,34 @@ mod tests {
             u32::from_le_bytes(madt[36..40].try_into().unwrap()),
             0xfee0_0000
         );
+        assert!(!has(b"LNRO0005"), "no disks, no virtio devices");
+    }
+
+    #[test]
+    fn virtio_devices_are_in_the_dsdt_with_window_and_interrupt() {
+        let devs = crate::disks::layout(2);
+        let t = tables_with_devices(1, 1, &devs);
+        let dsdt = t
+            .iter()
+            .find(|(_, b)| &b[0..4] == b"DSDT")
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(sum(&dsdt), 0);
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"LNRO0005\0") && has(b"VR00") && has(b"VR01"));
+        for d in &devs {
+            // Memory32Fixed: 0x86, length 9, read-write, base, size.
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&(d.base as u32).to_le_bytes());
+            m.extend_from_slice(&(d.size as u32).to_le_bytes());
+            assert!(has(&m), "window of {d:?}");
+            // Extended interrupt: consumer, edge, active high, exclusive (flags 0x03), one GSI.
+            let mut i = vec![0x89, 6, 0, 0x03, 1];
+            i.extend_from_slice(&d.gsi.to_le_bytes());
+            assert!(has(&i), "interrupt of {d:?}");
+        }
+        // The other tables are as without devices.
+        assert_eq!(t.len(), tables(1, 1).len());
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::{Duration, Frequency, Size};
+use crate::units::{Bandwidth, Duration, Frequency, Size};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,6 +134,10 @@ pub struct SystemConfig {
     /// at that CPU's current time instead.
     #[serde(default = "default_ipi_latency")]
     pub ipi_latency: Duration,
+    /// Disks (`[[system.disk]]`): virtio block devices, in order
+    /// /dev/vda, /dev/vdb, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk: Vec<DiskConfig>,
 }
 
 fn default_cpus() -> u32 {
@@ -147,6 +151,63 @@ fn default_ipi_latency() -> Duration {
 /// The most CPUs a system may have (xAPIC IDs are 8 bits, 0xFF is the
 /// broadcast, and the I/O APIC takes the ID after the last CPU's).
 pub const MAX_CPUS: u32 = 254;
+
+/// One disk: a raw image file behind a virtio block device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The raw image (path relative to the config file).
+    pub path: String,
+    /// The guest may only read (default false: it may write the image).
+    #[serde(default)]
+    pub readonly: bool,
+    /// Copy-on-write: the image is never written; the guest's writes go to
+    /// this new file (which must not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<String>,
+    /// Time from the end of a request's transfer to its completion.
+    #[serde(default = "default_disk_latency")]
+    pub latency: Duration,
+    /// Transfer rate, one request after another (e.g. "500MiB/s").
+    #[serde(default = "default_disk_bandwidth")]
+    pub bandwidth: Bandwidth,
+}
+
+impl DiskConfig {
+    /// A writable disk at `path` with the default timing.
+    pub fn writable(path: &str) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            overlay: None,
+            latency: default_disk_latency(),
+            bandwidth: default_disk_bandwidth(),
+        }
+    }
+
+    /// How the device uses the image.
+    pub fn mode(&self) -> devices::disk::DiskMode {
+        use devices::disk::DiskMode;
+        match (&self.overlay, self.readonly) {
+            (Some(o), _) => DiskMode::Overlay(o.into()),
+            (None, true) => DiskMode::ReadOnly,
+            (None, false) => DiskMode::Writable,
+        }
+    }
+}
+
+/// Default disk latency: 100 us (a SATA SSD's read).
+pub fn default_disk_latency() -> Duration {
+    Duration(100 * sim::tick::TICKS_PER_US)
+}
+
+/// Default disk bandwidth: 500 MiB/s.
+pub fn default_disk_bandwidth() -> Bandwidth {
+    Bandwidth(500 << 20)
+}
+
+/// At most this many disks per system (I/O APIC pins 16-23).
+pub const MAX_DISKS: usize = 8;
 
 fn default_platform() -> String {
     "auto".into()
@@ -448,6 +509,7 @@ impl Config {
                 coalesced_mmio: vec![],
                 platform: default_platform(),
                 rtc_start: None,
+                disk: vec![],
                 initrd: None,
                 append: None,
                 cmdline: None,
@@ -520,6 +582,12 @@ impl Config {
             fix(&mut s.kernel);
             if let Some(i) = &mut s.initrd {
                 fix(i);
+            }
+            for d in &mut s.disk {
+                fix(&mut d.path);
+                if let Some(o) = &mut d.overlay {
+                    fix(o);
+                }
             }
         }
     }
@@ -673,6 +741,30 @@ impl Config {
                     "must be longer than zero",
                 ));
             }
+            if s.disk.len() > MAX_DISKS {
+                return Err(bad(
+                    f("disk"),
+                    format!("{} disks", s.disk.len()),
+                    &format!("at most {MAX_DISKS} disks per system"),
+                ));
+            }
+            for (k, d) in s.disk.iter().enumerate() {
+                if d.readonly && d.overlay.is_some() {
+                    return Err(bad(
+                        f(&format!("disk[{k}].overlay")),
+                        format!("{:?}", d.overlay.as_deref().unwrap_or_default()),
+                        "a read-only disk takes no writes: give readonly = true or an overlay, \
+                         not both",
+                    ));
+                }
+                if s.platform == "bare" {
+                    return Err(bad(
+                        f("platform"),
+                        "\"bare\"".into(),
+                        "disks need the pc platform (their interrupts go through the I/O APIC)",
+                    ));
+                }
+            }
             if s.cpu.max_insts == Some(0) {
                 return Err(bad(f("cpu.max_insts"), "0".into(), "must be at least 1"));
             }
@@ -763,6 +855,39 @@ mod tests {
         assert!(c.system[0].serial.stdout);
         assert_eq!(c.system_names(), vec!["system"]);
         assert_eq!(c.sim.max_time, None);
+    }
+
+    #[test]
+    fn disks_parse_with_defaults_and_resolve_paths() {
+        let c = Config::parse(
+            "[system]\nkernel = \"vmlinuz\"\n[[system.disk]]\npath = \"root.img\"\n\
+             [[system.disk]]\npath = \"/abs/data.img\"\noverlay = \"data.cow\"\n\
+             latency = \"1ms\"\nbandwidth = \"100MB/s\"\n",
+            Path::new("/cfg/k.toml"),
+        )
+        .unwrap();
+        let d = &c.system[0].disk;
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].path, "/cfg/root.img");
+        assert_eq!(d[0].mode(), devices::disk::DiskMode::Writable);
+        assert_eq!(d[0].latency, default_disk_latency());
+        assert_eq!(d[0].bandwidth.0, 500 << 20);
+        assert_eq!(d[1].path, "/abs/data.img");
+        assert_eq!(
+            d[1].mode(),
+            devices::disk::DiskMode::Overlay("/cfg/data.cow".into())
+        );
+        assert_eq!(d[1].latency.0, sim::tick::TICKS_PER_SECOND / 1000);
+        assert_eq!(d[1].bandwidth.0, 100_000_000);
+        let e = parse("[system]\nkernel = \"k\"\n[[system.disk]]\npath = \"a\"\nsize = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("size"), "{e}");
+        let many = "[[system.disk]]\npath = \"a\"\n".repeat(MAX_DISKS + 1);
+        let e = parse(&format!("[system]\nkernel = \"k\"\n{many}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 8 disks"), "{e}");
     }
 
     #[test]

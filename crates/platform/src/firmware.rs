@@ -212,7 +212,17 @@ pub fn mp_table(addr: u64, cpus: u8, ioapic_id: u8) -> Vec<u8> {
 
 /// Writes the ACPI tables (see [`crate::acpi`]).
 pub fn write_acpi(mem: &GuestMemoryMmap, cpus: u8, ioapic_id: u8) -> Result<(), FirmwareError> {
-    for (addr, bytes) in crate::acpi::tables(cpus, ioapic_id) {
+    write_acpi_with_devices(mem, cpus, ioapic_id, &[])
+}
+
+/// [`write_acpi`] with virtio-mmio devices in the DSDT.
+pub fn write_acpi_with_devices(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    ioapic_id: u8,
+    virtio: &[crate::disks::MmioDevice],
+) -> Result<(), FirmwareError> {
+    for (addr, bytes) in crate::acpi::tables_with_devices(cpus, ioapic_id, virtio) {
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(|e| FirmwareError::Memory(e.to_string()))?;
     }

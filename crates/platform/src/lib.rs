@@ -5,6 +5,7 @@
 pub mod acpi;
 pub mod config;
 pub mod console;
+pub mod disks;
 pub mod firmware;
 pub mod input;
 pub mod linux;

@@ -104,7 +104,8 @@ impl Simulation {
     /// initrd are regular files within their limits (1 GiB; guest RAM).
     pub fn check_inputs(cfg: &Config) -> Result<(), PlatformError> {
         use crate::input::{check_file, Limit};
-        for s in &cfg.system {
+        for (s, name) in cfg.system.iter().zip(cfg.system_names()) {
+            crate::disks::check(&name, s)?;
             if !s.kernel.starts_with("builtin:") {
                 check_file(&s.kernel, "kernel", &Limit::kernel())?;
             }

@@ -574,6 +574,17 @@ impl System {
             timer_dev.clone(),
         )?;
         timed.push(timer_dev);
+        match &ioapic {
+            Some(io) => {
+                crate::disks::attach(&name, &sc.disk, &ram, io, &mut bus, &mut stats, &mut timed)?
+            }
+            None if !sc.disk.is_empty() => {
+                return Err(PlatformError::Setup(format!(
+                    "{name}.disk: disks need the pc platform (a Linux kernel, or platform = \"pc\")"
+                )))
+            }
+            None => {}
+        }
         let timed: Vec<Timed> = timed
             .into_iter()
             .map(|dev| Timed { dev, event: None })
@@ -1719,7 +1730,7 @@ pub fn linux_cmdline(tsc_khz: u64, initrd: bool, host: &[String], append: Option
     let mut c = format!(
         "console=ttyS0 reboot=k panic=-1 pci=off nox2apic no_timer_check \
          tsc_early_khz={tsc_khz} tsc=reliable io_delay=none i8042.noaux i8042.nomux \
-         i8042.dumbkbd nokaslr nomodule"
+         i8042.dumbkbd nokaslr"
     );
     if initrd {
         c.push_str(" rdinit=/init");
@@ -1797,7 +1808,8 @@ fn setup_linux(
     fw::write_zero_page(ram.memory(), k, initrd, &fw::e820(ram.map())).map_err(fwerr)?;
     // APIC IDs 0..cpus, then the I/O APIC's.
     fw::write_mp_table(ram.memory(), cpus, cpus).map_err(fwerr)?;
-    fw::write_acpi(ram.memory(), cpus, cpus).map_err(fwerr)?;
+    let virtio = crate::disks::layout(sc.disk.len());
+    fw::write_acpi_with_devices(ram.memory(), cpus, cpus, &virtio).map_err(fwerr)?;
     sc.cmdline = Some(line.clone());
     Ok(line)
 }

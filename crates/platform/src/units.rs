@@ -44,6 +44,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Parses a bandwidth in bytes per second: a size per second, `500MiB/s`,
+/// `1GB/s` (the `/s` may be left out). At least one byte per second.
+pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let size = t.strip_suffix("/s").unwrap_or(t);
+    let v =
+        parse_size(size).map_err(|e| format!("{s:?} is not a bandwidth ({e}); e.g. 500MiB/s"))?;
+    if v == 0 {
+        return Err(format!("{s:?}: a bandwidth must be at least 1 B/s"));
+    }
+    Ok(v)
+}
+
 /// Parses a frequency in Hz: `2GHz`, `2.6 GHz`, `100MHz`, `32768Hz`, `1e9`.
 pub fn parse_freq(s: &str) -> Result<f64, String> {
     let (v, unit) = split_number(s).ok_or_else(|| format!("{s:?} is not a frequency"))?;
@@ -146,6 +159,12 @@ macro_rules! quantity {
 quantity!(Size, u64, parse_size, "size in bytes");
 quantity!(Frequency, f64, parse_freq, "frequency");
 quantity!(Duration, Tick, parse_duration, "simulated duration");
+quantity!(
+    Bandwidth,
+    u64,
+    parse_bandwidth,
+    "bandwidth in bytes per second"
+);
 
 #[cfg(test)]
 mod tests {
@@ -183,6 +202,15 @@ mod tests {
         assert_eq!(parse_freq("1000"), Ok(1000.0));
         assert!(parse_freq("0Hz").is_err());
         assert!(parse_freq("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn bandwidths() {
+        assert_eq!(parse_bandwidth("500MiB/s"), Ok(500 << 20));
+        assert_eq!(parse_bandwidth("1GB/s"), Ok(1_000_000_000));
+        assert_eq!(parse_bandwidth("4096"), Ok(4096));
+        assert!(parse_bandwidth("0/s").unwrap_err().contains("at least"));
+        assert!(parse_bandwidth("fast").is_err());
     }
 
     #[test]
