@@ -6,9 +6,11 @@
 //!   a flush is `fdatasync`, which also makes them survive the host.
 //! * [`CowDisk`]: a read-only base image and a new overlay file that takes
 //!   every write (gem5's `CowDiskImage`): the base is opened read-only and
-//!   is never written. The overlay is a sparse file of the base's size
-//!   holding the written sectors at their own offsets; which sectors were
-//!   written is kept in memory (one bit per 512-byte sector), for this run.
+//!   is never written. The overlay is created at the first write (a run
+//!   that writes nothing, or fails to start, leaves none) as a sparse file
+//!   of the base's size holding the written sectors at their own offsets;
+//!   which sectors were written is kept in memory (one bit per 512-byte
+//!   sector), for this run.
 //!
 //! [`open`] checks an image before the guest starts and names the file and
 //! what is wrong: missing, not a regular file, empty or not a multiple of
@@ -46,11 +48,6 @@ pub trait Disk: Send {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable on the host.
     fn flush(&mut self) -> io::Result<()>;
-    /// The set-up succeeded: keep what was created (an overlay file is
-    /// removed if the disk is dropped before this, e.g. when a later step
-    /// of building the system fails, so that the same command can be run
-    /// again).
-    fn keep(&mut self) {}
 }
 
 /// Errors opening a disk image.
@@ -121,6 +118,13 @@ pub fn check(path: &Path, mode: &DiskMode) -> Result<u64, DiskError> {
             if o == path {
                 return Err(invalid(o, "the overlay cannot be the image itself"));
             }
+            let parent = o.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.is_dir()) {
+                return Err(invalid(
+                    o,
+                    "the overlay's folder does not exist (the overlay file is created, its folder is not)",
+                ));
+            }
         }
         _ => {}
     }
@@ -158,22 +162,7 @@ pub fn open(path: &Path, mode: &DiskMode) -> Result<Box<dyn Disk>, DiskError> {
             len,
             read_only: true,
         }),
-        DiskMode::Overlay(o) => {
-            let overlay = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(o)
-                .map_err(|source| DiskError::Io {
-                    path: o.clone(),
-                    source,
-                })?;
-            overlay.set_len(len).map_err(|source| DiskError::Io {
-                path: o.clone(),
-                source,
-            })?;
-            Box::new(CowDisk::new(file, overlay, o.clone(), len))
-        }
+        DiskMode::Overlay(o) => Box::new(CowDisk::new(file, o.clone(), len)),
     })
 }
 
@@ -226,25 +215,46 @@ impl Disk for RawDisk {
 /// A read-only base and an overlay that takes the writes.
 pub struct CowDisk {
     base: File,
-    overlay: File,
+    /// Created at the first write.
+    overlay: Option<File>,
     overlay_path: PathBuf,
     len: u64,
     /// One bit per sector: written to the overlay.
     written: Vec<u64>,
-    keep: bool,
 }
 
 impl CowDisk {
-    fn new(base: File, overlay: File, overlay_path: PathBuf, len: u64) -> Self {
+    fn new(base: File, overlay_path: PathBuf, len: u64) -> Self {
         let sectors = len / SECTOR_SIZE;
         CowDisk {
             base,
-            overlay,
+            overlay: None,
             overlay_path,
             len,
             written: vec![0; sectors.div_ceil(64) as usize],
-            keep: false,
         }
+    }
+
+    /// The overlay, created (new, never an existing file) on first use.
+    fn overlay(&mut self) -> io::Result<&File> {
+        if self.overlay.is_none() {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&self.overlay_path)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("overlay {}: {e}", self.overlay_path.display()),
+                    )
+                })?;
+            f.set_len(self.len)?;
+            self.overlay = Some(f);
+        }
+        self.overlay
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no overlay"))
     }
 
     fn is_written(&self, sector: u64) -> bool {
@@ -275,10 +285,9 @@ impl Disk for CowDisk {
             {
                 end = (end + SECTOR_SIZE as usize).min(buf.len());
             }
-            let file = if from_overlay {
-                &self.overlay
-            } else {
-                &self.base
+            let file = match (&self.overlay, from_overlay) {
+                (Some(o), true) => o,
+                _ => &self.base,
             };
             file.read_exact_at(&mut buf[done..end], pos)?;
             done = end;
@@ -293,6 +302,7 @@ impl Disk for CowDisk {
         // A partly written sector takes the rest of its bytes from the base.
         let first = offset / SECTOR_SIZE;
         let last = (offset + buf.len() as u64 - 1) / SECTOR_SIZE;
+        self.overlay()?;
         for s in [first, last] {
             if !self.is_written(s) {
                 let start = s * SECTOR_SIZE;
@@ -300,11 +310,11 @@ impl Disk for CowDisk {
                 if offset > start || offset + (buf.len() as u64) < end {
                     let mut sec = [0u8; SECTOR_SIZE as usize];
                     self.base.read_exact_at(&mut sec, start)?;
-                    self.overlay.write_all_at(&sec, start)?;
+                    self.overlay()?.write_all_at(&sec, start)?;
                 }
             }
         }
-        self.overlay.write_all_at(buf, offset)?;
+        self.overlay()?.write_all_at(buf, offset)?;
         for s in first..=last {
             if let Some(w) = self.written.get_mut((s / 64) as usize) {
                 *w |= 1 << (s % 64);
@@ -313,17 +323,9 @@ impl Disk for CowDisk {
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.overlay.sync_data()
-    }
-    fn keep(&mut self) {
-        self.keep = true;
-    }
-}
-
-impl Drop for CowDisk {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.overlay_path);
+        match &self.overlay {
+            Some(o) => o.sync_data(),
+            None => Ok(()),
         }
     }
 }
@@ -454,6 +456,10 @@ mod tests {
         std::fs::write(&base, &data).unwrap();
         let cow = d.join("over.cow");
         let mut disk = open(&base, &DiskMode::Overlay(cow.clone())).unwrap();
+        let mut first = vec![0u8; 512];
+        disk.read_at(512, &mut first).unwrap();
+        assert_eq!(first, data[512..1024]);
+        assert!(!cow.exists(), "created at the first write");
         // A write inside one sector keeps the sector's other bytes.
         disk.write_at(1000, &[0xAA; 100]).unwrap();
         disk.write_at(2048, &[0xBB; 1024]).unwrap();
@@ -464,14 +470,22 @@ mod tests {
         want[2048..3072].fill(0xBB);
         assert_eq!(all, want);
         disk.flush().unwrap();
-        disk.keep();
         drop(disk);
         assert_eq!(std::fs::read(&base).unwrap(), data, "base unchanged");
-        assert_eq!(std::fs::read(&cow).unwrap()[2048..3072], [0xBB; 1024]);
-        // A disk dropped before keep() removes the overlay it created.
+        let over = std::fs::read(&cow).unwrap();
+        assert_eq!(over.len(), 4096);
+        assert_eq!(over[2048..3072], [0xBB; 1024]);
+        assert_eq!(over[1000..1100], [0xAA; 100]);
+        assert_eq!(over[512..1000], data[512..1000], "the sector's other bytes");
+        // An overlay that appeared meanwhile is never taken over.
         let cow2 = d.join("over2.cow");
-        drop(open(&base, &DiskMode::Overlay(cow2.clone())).unwrap());
-        assert!(!cow2.exists());
+        let mut disk = open(&base, &DiskMode::Overlay(cow2.clone())).unwrap();
+        std::fs::write(&cow2, b"someone else's").unwrap();
+        assert!(disk.write_at(0, &[1; 512]).is_err());
+        assert_eq!(std::fs::read(&cow2).unwrap(), b"someone else's");
+        // An overlay in a missing folder is refused up front.
+        let m = msg(open(&base, &DiskMode::Overlay(d.join("no/such/x.cow"))));
+        assert!(m.contains("folder does not exist"), "{m}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -62,8 +62,8 @@ pub fn check(name: &str, sc: &SystemConfig) -> Result<(), PlatformError> {
 }
 
 /// Opens the disks of `sc` and puts their devices on `bus`, interrupting
-/// through `ioapic`; statistics under `{name}.disk{i}`. Overlay files are
-/// created here and kept (the system is complete when this is called).
+/// through `ioapic`; statistics under `{name}.disk{i}`. (Overlay files are
+/// created at the guest's first write.)
 pub fn attach(
     name: &str,
     disks: &[DiskConfig],
@@ -79,7 +79,6 @@ pub fn attach(
             .map_err(|e| disk_error(&format!("{name}.disk[{i}]"), e))?;
         opened.push(disk);
     }
-    let mut devs = Vec::new();
     for ((i, (d, disk)), at) in disks
         .iter()
         .zip(opened)
@@ -112,11 +111,7 @@ pub fn attach(
             &format!("disk{i}"),
             dev.clone(),
         )?;
-        timed.push(dev.clone());
-        devs.push(dev);
-    }
-    for dev in devs {
-        mem::lock(&dev).device_mut().disk_mut().keep();
+        timed.push(dev);
     }
     Ok(())
 }

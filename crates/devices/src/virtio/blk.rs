@@ -225,11 +225,6 @@ impl Block {
         self.inflight.len()
     }
 
-    /// The disk, e.g. to keep what its set-up created.
-    pub fn disk_mut(&mut self) -> &mut dyn Disk {
-        &mut *self.disk
-    }
-
     /// Takes one chain apart into a request; `Err` for a chain the device
     /// cannot even answer (it then needs a reset).
     fn parse(
@@ -500,6 +495,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.inflight.clear();
+        self.free = 0;
         self.inflight_now.store(0, Ordering::Relaxed);
     }
 

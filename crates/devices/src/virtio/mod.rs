@@ -158,11 +158,6 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         &self.dev
     }
 
-    /// The device behind the transport, to change.
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.dev
-    }
-
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
