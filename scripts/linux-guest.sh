@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Fetches Debian's cloud kernel (linux-image-cloud-amd64) and busybox-static
 # with apt-get download, and builds a gzip cpio initramfs: busybox, the
-# kvmsim-ops tool (built static from guest-tools/kvmsim-ops.c) and an /init
-# that prints a marker, runs a small workload, and ends the run through
-# sim-ops with the workload's status.
+# kvmsim-ops tool (built static from guest-tools/kvmsim-ops.c), the virtio
+# modules of that kernel (virtio, virtio_ring, virtio_mmio, virtio_blk) and
+# an /init that prints a marker, runs a small workload, and ends the run
+# through sim-ops with the workload's status. With root=/dev/vda on the
+# command line, /init instead loads the virtio modules, mounts the disk and
+# switches to it (busybox switch_root).
+#
+# It also builds root.img, an ext4 root file system (mke2fs -d, e2fsprogs)
+# with busybox, kvmsim-ops and an /sbin/init that runs what the command line
+# asks (kvmsim.disk=...; see the script below) and ends the run.
 #
 #   scripts/linux-guest.sh [OUTDIR]      (default: linux-guest/)
 #   kvmsim run --kernel OUTDIR/vmlinuz --initrd OUTDIR/initrd.gz
+#   cp OUTDIR/root.img /tmp/root.img
+#   kvmsim run --kernel OUTDIR/vmlinuz --initrd OUTDIR/initrd.gz \
+#       --disk /tmp/root.img --append "root=/dev/vda"
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-linux-guest}" && cd "${1:-linux-guest}" && pwd)
@@ -20,7 +30,7 @@ download linux-image-cloud-amd64 busybox-static
 image=$(dpkg-deb -f linux-image-cloud-amd64_*.deb Depends | grep -o 'linux-image-[^ ,]*-cloud-amd64' | head -n1)
 download "$image"
 
-rm -rf "$out/kernel" "$out/busybox" "$out/initramfs"
+rm -rf "$out/kernel" "$out/busybox" "$out/initramfs" "$out/rootfs"
 dpkg-deb -x "${image}"_*.deb "$out/kernel"
 cp "$out"/kernel/boot/vmlinuz-* "$out/vmlinuz"
 dpkg-deb -x busybox-static_*.deb "$out/busybox"
@@ -33,11 +43,38 @@ for applet in sh mount echo cat ls sleep nproc; do
     ln -sf busybox "$root/bin/$applet"
 done
 gcc -static -O2 -o "$root/bin/kvmsim-ops" "$src/guest-tools/kvmsim-ops.c"
+
+# The virtio modules for a root on /dev/vda, in load order (virtio_mmio and
+# virtio_blk depend on virtio and virtio_ring: modinfo's depends=).
+moddir=$(ls -d "$out"/kernel/lib/modules/*/kernel/drivers)
+mkdir -p "$root/lib/modules"
+for m in virtio/virtio virtio/virtio_ring virtio/virtio_mmio block/virtio_blk; do
+    cp "$moddir/$m.ko" "$root/lib/modules/"
+done
+
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null
+if /bin/busybox grep -q 'root=/dev/vda' /proc/cmdline; then
+    echo "KVMSIM-INIT: root=/dev/vda: loading the virtio modules"
+    for m in virtio virtio_ring virtio_mmio virtio_blk; do
+        /bin/busybox insmod "/lib/modules/$m.ko" || { echo "KVMSIM-INIT: insmod $m failed"; /bin/kvmsim-ops fail 3; }
+    done
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do /bin/busybox sleep 0.1; i=$((i+1)); done
+    /bin/busybox mkdir -p /newroot
+    # Read-only when the command line says ro (or the disk is read-only).
+    opts=rw
+    for w in $(/bin/busybox cat /proc/cmdline); do [ "$w" = ro ] && opts=ro; done
+    /bin/busybox mount -t ext4 -o "$opts" /dev/vda /newroot \
+        || /bin/busybox mount -t ext4 -o ro /dev/vda /newroot \
+        || { echo "KVMSIM-INIT: cannot mount /dev/vda"; /bin/kvmsim-ops fail 4; }
+    /bin/busybox mount --move /dev /newroot/dev
+    /bin/busybox umount /proc /sys
+    exec /bin/busybox switch_root /newroot /sbin/init
+fi
 echo "KVMSIM-INIT: /init is running"
 # A stats dump here gives simulated and host seconds to /init.
 /bin/kvmsim-ops dumpstats
@@ -60,5 +97,51 @@ if [ "$status" -eq 0 ]; then /bin/kvmsim-ops exit; else /bin/kvmsim-ops fail "$s
 INIT
 chmod +x "$root/init"
 (cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null) | gzip -9 > "$out/initrd.gz"
+
+# The root file system on a disk: busybox, kvmsim-ops and /sbin/init.
+rootfs="$out/rootfs"
+mkdir -p "$rootfs"/{bin,sbin,proc,sys,dev,tmp,data}
+cp "$bb" "$rootfs/bin/busybox"
+for applet in sh mount umount echo cat ls sleep sync dd grep sed cut sha256sum; do
+    ln -sf busybox "$rootfs/bin/$applet"
+done
+cp "$root/bin/kvmsim-ops" "$rootfs/bin/kvmsim-ops"
+cat > "$rootfs/sbin/init" <<'INIT'
+#!/bin/busybox sh
+# On the disk. The command line says what to do: kvmsim.disk=ACTION[,ACTION...]
+#   read         print /data/token (fails if there is none)
+#   write:TOKEN  write TOKEN into /data/token and sync
+#   dd:MIB       read MIB MiB of /dev/vda sequentially with the stats reset
+#                before and dumped after (simulated and host seconds,
+#                system.disk0.bytesRead)
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+echo "KVMSIM-DISK: /sbin/init is running from $(/bin/busybox grep ' / ' /proc/mounts | /bin/busybox cut -d' ' -f1,3)"
+actions=$(/bin/busybox sed -n 's/.*kvmsim\.disk=\([^ ]*\).*/\1/p' /proc/cmdline)
+status=0
+for action in $(echo "$actions" | /bin/busybox sed 's/,/ /g'); do
+    case "$action" in
+        read)
+            if [ -f /data/token ]; then echo "KVMSIM-DISK: found $(/bin/busybox cat /data/token)"; else echo "KVMSIM-DISK: no token"; status=6; fi;;
+        write:*)
+            { echo "${action#write:}" > /data/token && /bin/busybox sync; } || status=5
+            echo "KVMSIM-DISK: wrote ${action#write:} (status $status)";;
+        dd:*)
+            /bin/busybox sync; echo 3 > /proc/sys/vm/drop_caches
+            /bin/kvmsim-ops resetstats
+            /bin/busybox dd if=/dev/vda of=/dev/null bs=1M count="${action#dd:}" 2>&1 || status=7
+            /bin/kvmsim-ops dumpstats
+            echo "KVMSIM-DISK: dd status $status";;
+        *) echo "KVMSIM-DISK: unknown action $action"; status=8;;
+    esac
+done
+/bin/busybox umount /proc /sys 2>/dev/null
+if [ "$status" -eq 0 ]; then /bin/kvmsim-ops exit; else /bin/kvmsim-ops fail "$status"; fi
+INIT
+chmod +x "$rootfs/sbin/init"
+command -v mke2fs >/dev/null || PATH="$PATH:/sbin:/usr/sbin"
+rm -f "$out/root.img"
+mke2fs -q -t ext4 -L kvmsim-root -d "$rootfs" "$out/root.img" "${KVMSIM_ROOT_SIZE:-64M}"
 echo "kernel:    $out/vmlinuz"
 echo "initramfs: $out/initrd.gz"
+echo "root disk: $out/root.img"
