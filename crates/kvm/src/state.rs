@@ -6,8 +6,10 @@
 //! special registers, the FPU, the whole XSAVE area KVM hands out (4 KiB
 //! with KVM_GET_XSAVE, or KVM_CAP_XSAVE2's size with KVM_GET_XSAVE2: x87,
 //! SSE, AVX, AVX-512 and whatever else the host's XCR0 covers), the XCRs,
-//! every MSR of KVM's save list (KVM_GET_MSR_INDEX_LIST; those KVM refuses
-//! to read are skipped and listed), the vCPU events, the debug registers,
+//! every MSR of KVM's save list (KVM_GET_MSR_INDEX_LIST) and of the
+//! thread context's list ([`crate::arch::x86_64::CONTEXT_MSRS`]: KVM leaves
+//! IA32_TSC_AUX out of its list on hosts without RDTSCP but keeps it for the
+//! guest); those KVM refuses to read are skipped and listed, the vCPU events, the debug registers,
 //! the MP state, the TSC (IA32_TSC), the CPUID table the vCPU was given and
 //! the local APIC base. KVM_GET_MSR_FEATURE_INDEX_LIST lists what the host
 //! *can* offer, not vCPU state, and KVM_GET_CLOCK belongs to the VM: neither
@@ -51,8 +53,8 @@ pub struct VcpuState {
     pub xsave: Option<HexWords>,
     /// Extended control registers (XCR0, ...): (index, value).
     pub xcrs: Vec<(u32, u64)>,
-    /// Every MSR of KVM's save list that KVM would read: (index, value),
-    /// in the list's order.
+    /// Every MSR of KVM's save list and of the thread context's list that
+    /// KVM would read: (index, value), in the lists' order.
     pub msrs: Vec<(u32, u64)>,
     /// MSRs of KVM's save list that KVM refused to read (not kept).
     pub msrs_refused: Vec<u32>,
@@ -377,7 +379,15 @@ pub fn save(vcpu: &dyn Vcpu) -> Result<VcpuState> {
         .map(|x| (x.xcr, x.value))
         .collect();
     let debug_regs = vcpu.debug_regs()?;
-    let list = vcpu.saved_msr_indices()?;
+    let mut list = vcpu.saved_msr_indices()?;
+    // KVM lists some MSRs only where the host has the feature (IA32_TSC_AUX
+    // only with RDTSCP on the host, for one) though it keeps them for the
+    // guest anyway: the MSRs kvmsim keeps in its own context go in too.
+    for &(index, _) in crate::arch::x86_64::CONTEXT_MSRS {
+        if !list.contains(&index) {
+            list.push(index);
+        }
+    }
     let (msrs, msrs_refused) = read_msrs(vcpu, &list)?;
     let tsc = match msrs.iter().find(|(i, _)| *i == MSR_IA32_TSC) {
         Some(&(_, v)) => v,
@@ -505,7 +515,9 @@ mod tests {
         assert_eq!(s.msrs_refused, vec![0x10a]);
         // Every other MSR of the list, read past the refused one.
         let idx: Vec<u32> = s.msrs.iter().map(|(i, _)| *i).collect();
-        assert_eq!(idx, vec![MSR_IA32_TSC, 0x3b, 0xc000_0082, 0xc000_0103]);
+        assert_eq!(idx[..4], [MSR_IA32_TSC, 0x3b, 0xc000_0082, 0xc000_0103]);
+        // Then the thread context's MSRs that KVM's list left out.
+        assert!(idx[4..].contains(&0x174) && !idx[4..].contains(&MSR_IA32_TSC));
         assert_eq!(s.msr(0xc000_0103), Some(42));
         assert_eq!(s.tsc, 12345);
     }
