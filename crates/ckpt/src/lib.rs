@@ -534,6 +534,20 @@ pub fn map_ram(dir: &Path, ram: &RamImage) -> Result<GuestMemoryMmap> {
     })
 }
 
+/// Maps a system's RAM file privately ([`map_ram`]) as kvmsim's guest RAM
+/// of the same size: the regions must be kvmsim's layout for that size.
+pub fn map_guest_ram(dir: &Path, ram: &RamImage) -> Result<mem::GuestRam> {
+    let path = dir.join(&ram.file);
+    let bad = |what: String| CkptError::Invalid {
+        path: path.clone(),
+        what,
+    };
+    let map = mem::MemoryMap::for_size(ram.size())
+        .map_err(|e| bad(format!("RAM of {} bytes: {e}", ram.size())))?;
+    let memory = map_ram(dir, ram)?;
+    mem::GuestRam::from_memory(map, memory).map_err(|e| bad(e.to_string()))
+}
+
 /// What `kvmsim checkpoint info` shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Info {
