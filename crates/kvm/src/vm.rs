@@ -143,7 +143,17 @@ impl KvmVm {
             .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
         let mut vcpu = KvmVcpu::new(fd, self.vcpu_mmap_size);
         let xsave2 = usize::try_from(self.vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
-        vcpu.set_state_info(xsave2, self.msr_list()?);
+        // Only saving the vCPU's state needs the list: a KVM that cannot
+        // give it still runs guests (a checkpoint then keeps the thread
+        // context's MSRs only).
+        let msrs = self.msr_list().unwrap_or_else(|e| {
+            tracing::warn!("{e}: checkpoints will keep only the MSRs kvmsim knows");
+            // Said once per VM: the empty list is kept.
+            self.msr_list
+                .get_or_init(|| std::sync::Arc::from(Vec::new()))
+                .clone()
+        });
+        vcpu.set_state_info(xsave2, msrs);
         Ok(vcpu)
     }
 
