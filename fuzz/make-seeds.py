@@ -279,6 +279,56 @@ def device_seeds():
     return seeds
 
 
+def ckpt_state(systems=1, cpus=1, xsave_words=0, version=1):
+    """A checkpoint state file (crates/ckpt): header, then the JSON body."""
+    import json
+    import zlib
+
+    def hexbytes(n, fill=0):
+        return bytes([fill]) * n
+
+    def cpu(name):
+        vcpu = {
+            "regs": {r: 0 for r in ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+                                    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+                                    "rip", "rflags"]},
+            # kvm_sregs (312 bytes), kvm_vcpu_events (64), kvm_debugregs (128)
+            # and kvm_cpuid_entry2 (40) as hex, in KVM's layout.
+            "sregs": hexbytes(312).hex(),
+            "fpu": {"fpr": [[0] * 16] * 8, "fcw": 0x37F, "fsw": 0, "ftwx": 0,
+                    "last_opcode": 0, "last_ip": 0, "last_dp": 0, "xmm": [[0] * 16] * 16,
+                    "mxcsr": 0x1F80},
+            "xsave": hexbytes(4 * xsave_words).hex() if xsave_words else None,
+            "xcrs": [[0, 7]],
+            "msrs": [[0x10, 1000], [0xC0000082, 0xFFFFFFFF81000000]],
+            "msrs_refused": [0x10A],
+            "events": hexbytes(64).hex(),
+            "debug_regs": hexbytes(128).hex(),
+            "mp_state": 0,
+            "tsc": 1000,
+            "cpuid": [hexbytes(40, 1).hex()],
+            "apic_base": 0xFEE00900,
+        }
+        return {"name": name, "vcpu": vcpu, "halted": False, "idle_since": None,
+                "insts": 0, "min_span": 0}
+
+    body = {
+        "kvmsim_version": "0.1.0",
+        "tick": 1000000,
+        "config": {"sim": {"quantum": "10ms"}},
+        "systems": [{
+            "name": "system%d" % i,
+            "ram": {"file": "ram.%d.bin" % i,
+                    "regions": [{"base": 0, "size": 1 << 20, "offset": 0}]},
+            "cpus": [cpu("system%d.cpu%d" % (i, c)) for c in range(cpus)],
+            "devices": {"uart": {"lcr": 3}},
+        } for i in range(systems)],
+    }
+    body = json.dumps(body).encode()
+    header = b"KVMSIMCP" + struct.pack("<IIQI", version, 0, len(body), zlib.crc32(body))
+    return header + struct.pack("<I", zlib.crc32(header)) + body
+
+
 def main():
     if os.path.exists(CORPUS):
         shutil.rmtree(CORPUS)
@@ -311,6 +361,10 @@ def main():
                                               [(0, 0x9FC00, 1), (1 << 20, 1 << 30, 1)]))
     put("firmware", "no-room", firmware(16 << 20, 15 << 20, 8 << 20, 0x37FFFFFF, 255, 0, 0,
                                         b"", "a" * 256))
+
+    put("ckpt_state", "one-cpu", ckpt_state())
+    put("ckpt_state", "two-systems-xsave", ckpt_state(systems=2, cpus=2, xsave_words=1024))
+    put("ckpt_state", "older-version", ckpt_state(version=0))
 
     for target, scripts in device_seeds().items():
         for i, s in enumerate(scripts):

@@ -20,6 +20,7 @@ pub type Target = (&'static str, fn(&[u8]));
 /// Every target. scripts/fuzz.sh runs them all (`cargo fuzz list`).
 pub const TARGETS: &[Target] = &[
     ("config", config),
+    ("ckpt_state", ckpt_state),
     ("units", units),
     ("elf", elf),
     ("bzimage", bzimage),
@@ -463,6 +464,27 @@ mod tests {
             for s in seeds {
                 f(&std::fs::read(&s).expect("seed"));
             }
+        }
+    }
+}
+
+/// A checkpoint's state file: `ckpt::decode_state` (header, version,
+/// checksums, JSON body, consistency). An error names the file; an accepted
+/// state has a system with a CPU in each, and encodes back to a file that
+/// decodes to the same state.
+pub fn ckpt_state(data: &[u8]) {
+    let path = Path::new("fuzz/state.ckpt");
+    match ckpt::decode_state(path, data) {
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("fuzz/state.ckpt"), "error {msg:?} does not name the file");
+        }
+        Ok(state) => {
+            assert!(!state.systems.is_empty());
+            assert!(state.systems.iter().all(|s| !s.cpus.is_empty()));
+            let again = ckpt::decode_state(path, &ckpt::encode_state(&state))
+                .unwrap_or_else(|e| panic!("an accepted state does not read back: {e}"));
+            assert_eq!(again, state, "an accepted state changes when written back");
         }
     }
 }

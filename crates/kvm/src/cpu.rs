@@ -82,6 +82,25 @@ struct Tracer {
     paused: bool,
 }
 
+/// A KVM CPU's saved state ([`KvmCpu::save_state`]): the vCPU's and the
+/// simulator's side of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuSaved {
+    /// The CPU's name (its statistics prefix), e.g. `system.cpu0`.
+    pub name: String,
+    pub vcpu: crate::state::VcpuState,
+    /// The CPU was halted (Idle): it runs again when woken.
+    pub halted: bool,
+    /// When it halted (the simulated time skipped since is added to the
+    /// guest's clock when it runs again); none for a CPU waiting for SIPI.
+    pub idle_since: Option<Tick>,
+    /// Guest instructions executed so far (0 where they are not counted).
+    pub insts: u64,
+    /// The minimum run span the forward-progress rule had reached.
+    pub min_span: Tick,
+}
+
 /// How guest instructions are counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstMethod {
@@ -295,6 +314,9 @@ pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     draining: bool,
     /// Guest instructions executed so far (absolute, never reset).
     insts: u64,
+    /// Instructions counted before this process's counter began (a
+    /// restored CPU's count at its checkpoint).
+    insts_base: u64,
     inst_counter: Option<InstCounter>,
     inst_method: InstMethod,
     stepping: bool,
@@ -344,6 +366,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             intc: None,
             draining: false,
             insts: 0,
+            insts_base: 0,
             inst_counter: None,
             inst_method: InstMethod::Unavailable,
             stepping: false,
@@ -511,6 +534,83 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
     /// Ends a drain; the owner schedules a tick if the CPU is not idle.
     pub fn drain_resume(&mut self) {
         self.draining = false;
+    }
+
+    /// The CPU's whole state for a checkpoint: the vCPU as KVM holds it
+    /// ([`crate::state::save`]) and the simulator's side worth keeping.
+    /// Taken at a drained point: the CPU must be Running or Idle with no
+    /// exit in flight, and KVM must hold no injected or pending event;
+    /// otherwise this is an error that says so (nothing is changed).
+    pub fn save_state(&mut self) -> Result<CpuSaved> {
+        let halted = match self.state {
+            CpuState::Running if self.pending.is_none() => false,
+            CpuState::Idle if self.pending.is_none() => true,
+            s => {
+                return Err(KvmError::Checkpoint(format!(
+                    "{}: cannot save the CPU in state {s:?} (an exit is in flight); \
+                     save it at a drained point",
+                    self.name
+                )))
+            }
+        };
+        // What the simulator changed goes to KVM first, so KVM's state is
+        // the whole state.
+        self.arch.update_kvm_state(&mut self.vcpu)?;
+        if !self.arch.is_drained(&mut self.vcpu)? {
+            return Err(KvmError::Checkpoint(format!(
+                "{}: KVM holds an injected or pending exception, interrupt or NMI; \
+                 save the CPU at a drained point",
+                self.name
+            )));
+        }
+        let vcpu = crate::state::save(&self.vcpu)?;
+        Ok(CpuSaved {
+            name: self.name.clone(),
+            vcpu,
+            halted,
+            idle_since: self.idle_since,
+            insts: self.insts,
+            min_span: self.min_span,
+        })
+    }
+
+    /// Puts a saved state into this CPU, whose vCPU must be fresh (never
+    /// run) in a VM holding the checkpoint's RAM. The architecture's cached
+    /// context is dropped (KVM holds the new state); the CPU is Running, or
+    /// Idle if it was halted (then it waits for [`KvmCpu::wake`]). Returns
+    /// what KVM refused (MSRs it does not take, also logged).
+    pub fn restore_state(&mut self, saved: &CpuSaved) -> Result<crate::state::RestoreReport> {
+        if self.pending.is_some() || self.draining {
+            return Err(KvmError::Checkpoint(format!(
+                "{}: cannot restore into a CPU with an exit in flight or a drain under way",
+                self.name
+            )));
+        }
+        let report = crate::state::restore(&mut self.vcpu, &saved.vcpu)
+            .map_err(|e| KvmError::Checkpoint(format!("{}: restoring the vCPU: {e}", self.name)))?;
+        self.arch.context_replaced(&mut self.vcpu)?;
+        if !report.msrs_refused.is_empty() {
+            tracing::warn!(
+                "{}: this host's KVM refused {} saved MSRs: {:x?}",
+                self.name,
+                report.msrs_refused.len(),
+                report.msrs_refused
+            );
+        }
+        self.state = if saved.halted {
+            CpuState::Idle
+        } else {
+            CpuState::Running
+        };
+        self.pending = None;
+        self.idle_since = saved.idle_since;
+        self.insts = saved.insts;
+        self.insts_base = saved.insts;
+        self.min_span = saved.min_span;
+        self.stall_pc = None;
+        self.stall_repeats = 0;
+        self.injected_since_timer_exit = false;
+        Ok(report)
     }
 
     /// One tick of the CPU at `now`. `next_event` is the tick of the next
@@ -904,9 +1004,9 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         match self.inst_method {
             InstMethod::PerfCounter => {
                 if let Some(c) = &self.inst_counter {
-                    self.insts = c.total().map_err(|e| {
+                    self.insts = self.insts_base.saturating_add(c.total().map_err(|e| {
                         KvmError::PerfCounter(format!("reading the instruction counter: {e}"))
-                    })?;
+                    })?);
                 }
             }
             InstMethod::SingleStep => {

@@ -13,7 +13,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_mp_state, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs,
 };
 use sim::Tick;
 
@@ -120,6 +121,15 @@ pub struct FakeVcpu {
     pub sregs: kvm_sregs,
     pub fpu: kvm_fpu,
     pub msrs: Vec<(u32, u64)>,
+    /// MSRs KVM refuses to read or write (a bulk access stops at the
+    /// first of them, as KVM_GET_MSRS and KVM_SET_MSRS do).
+    pub refused_msrs: Vec<u32>,
+    /// KVM's MSR save list as this fake reports it.
+    pub msr_list: Vec<u32>,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub mp_state: kvm_mp_state,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
     events: kvm_vcpu_events,
     record: Record,
     timer: Arc<Mutex<TimerState>>,
@@ -153,6 +163,12 @@ impl FakeVcpu {
             sregs: kvm_sregs::default(),
             fpu: kvm_fpu::default(),
             msrs: Vec::new(),
+            refused_msrs: Vec::new(),
+            msr_list: Vec::new(),
+            xcrs: kvm_xcrs::default(),
+            debug_regs: kvm_debugregs::default(),
+            mp_state: kvm_mp_state::default(),
+            cpuid: Vec::new(),
             events: kvm_vcpu_events::default(),
             record: Record::default(),
             timer: Arc::default(),
@@ -294,9 +310,10 @@ impl Vcpu for FakeVcpu {
         Ok(())
     }
     fn xcrs(&self) -> Result<kvm_xcrs> {
-        Ok(kvm_xcrs::default())
+        Ok(self.xcrs)
     }
-    fn set_xcrs(&mut self, _xcrs: &kvm_xcrs) -> Result<()> {
+    fn set_xcrs(&mut self, xcrs: &kvm_xcrs) -> Result<()> {
+        self.xcrs = *xcrs;
         Ok(())
     }
     fn events(&self) -> Result<kvm_vcpu_events> {
@@ -317,6 +334,7 @@ impl Vcpu for FakeVcpu {
     fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>> {
         Ok(indices
             .iter()
+            .take_while(|i| !self.refused_msrs.contains(i))
             .map(|i| {
                 let v = self
                     .msrs
@@ -328,16 +346,42 @@ impl Vcpu for FakeVcpu {
             .collect())
     }
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<usize> {
+        let mut done = 0;
         for &(i, v) in msrs {
+            if self.refused_msrs.contains(&i) {
+                break;
+            }
             match self.msrs.iter_mut().find(|(n, _)| *n == i) {
                 Some(e) => e.1 = v,
                 None => self.msrs.push((i, v)),
             }
+            done += 1;
         }
-        Ok(msrs.len())
+        Ok(done)
     }
     fn debug_regs(&self) -> Result<kvm_debugregs> {
-        Ok(kvm_debugregs::default())
+        Ok(self.debug_regs)
+    }
+    fn set_debug_regs(&mut self, dr: &kvm_debugregs) -> Result<()> {
+        self.debug_regs = *dr;
+        Ok(())
+    }
+    fn mp_state(&self) -> Result<kvm_mp_state> {
+        Ok(self.mp_state)
+    }
+    fn set_mp_state(&mut self, mp: kvm_mp_state) -> Result<()> {
+        self.mp_state = mp;
+        Ok(())
+    }
+    fn cpuid_entries(&self) -> Result<Vec<kvm_cpuid_entry2>> {
+        Ok(self.cpuid.clone())
+    }
+    fn set_cpuid_entries(&mut self, entries: &[kvm_cpuid_entry2]) -> Result<()> {
+        self.cpuid = entries.to_vec();
+        Ok(())
+    }
+    fn saved_msr_indices(&self) -> Result<Vec<u32>> {
+        Ok(self.msr_list.clone())
     }
     fn set_guest_debug(&mut self, _dbg: &kvm_guest_debug) -> Result<()> {
         Ok(())

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod fake;
 pub mod perf;
 pub mod probe;
+pub mod state;
 pub mod sys;
 pub mod time;
 pub mod timer;
@@ -18,7 +19,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use arch::Arch;
-pub use cpu::{CpuConfig, CpuState, KvmCpu, TickOutcome};
+pub use cpu::{CpuConfig, CpuSaved, CpuState, KvmCpu, TickOutcome};
 pub use vcpu::{KvmVcpu, Vcpu, VmExit};
 pub use vm::{KvmVm, VcpuSpec};
 
@@ -63,6 +64,9 @@ pub enum KvmError {
     /// Writing the instruction trace failed.
     #[error("instruction trace: {0}")]
     Trace(String),
+    /// Saving or restoring a CPU's state failed (explained).
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
     /// Completing an exit (a pending read, an injection, a half entry) failed.
     #[error("exit completion: {0}")]
     Completion(String),

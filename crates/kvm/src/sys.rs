@@ -322,6 +322,32 @@ pub unsafe fn set_xsave(
     unsafe { vcpu.set_xsave(xsave) }
 }
 
+/// Reads the whole XSAVE area with KVM_GET_XSAVE2 into a buffer of
+/// `size` bytes (`KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` on this VM; more
+/// than the 4 KiB of `kvm_xsave`, e.g. with AMX tile data).
+pub fn get_xsave2(vcpu: &VcpuFd, size: usize) -> Result<kvm_bindings::Xsave, kvm_ioctls::Error> {
+    let extra = size.saturating_sub(std::mem::size_of::<kvm_bindings::kvm_xsave>()) / 4;
+    let mut area =
+        kvm_bindings::Xsave::new(extra).map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+    // SAFETY: the buffer holds the 4 KiB `kvm_xsave` plus `extra` 32-bit
+    // words, `size` bytes in all: what KVM_CAP_XSAVE2 said KVM writes.
+    unsafe { vcpu.get_xsave2(&mut area) }?;
+    Ok(area)
+}
+
+/// Restores an XSAVE area larger than 4 KiB with KVM_SET_XSAVE.
+///
+/// # Safety
+/// `xsave` must be as large as `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` says
+/// for this VM (KVM reads that many bytes).
+pub unsafe fn set_xsave2(
+    vcpu: &VcpuFd,
+    xsave: &kvm_bindings::Xsave,
+) -> Result<(), kvm_ioctls::Error> {
+    // SAFETY: the caller guarantees the size (see above).
+    unsafe { vcpu.set_xsave2(xsave) }
+}
+
 /// A POSIX timer on CLOCK_MONOTONIC that signals one thread.
 #[derive(Debug)]
 pub struct PosixTimer(libc::timer_t);

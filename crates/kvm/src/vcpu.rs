@@ -8,9 +8,11 @@
 //! back (`complete_io_in`, `complete_mmio_read`), so the `kvm_run` union is
 //! read in one place ([`crate::sys`]).
 
+use std::sync::Arc;
+
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_guest_debug, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -58,21 +60,72 @@ pub enum VmExit {
     Fatal(String),
 }
 
-/// An XSAVE area as KVM_GET_XSAVE returned it. It can only be made by
-/// [`Vcpu::xsave`], so handing it back to [`Vcpu::set_xsave`] is sound
-/// (KVM reads an area of exactly this layout).
-pub struct XsaveArea(pub(crate) Box<kvm_xsave>);
+/// An XSAVE area as KVM_GET_XSAVE (or KVM_GET_XSAVE2, where the host's
+/// area is larger than 4 KiB) returned it. It can only be made by
+/// [`Vcpu::xsave`], so handing it back to [`Vcpu::set_xsave`] is sound (KVM
+/// reads an area of exactly this size and layout); saved contents go back
+/// in through [`XsaveArea::load_words`], which keeps the size.
+pub struct XsaveArea(pub(crate) XsaveBuf);
+
+/// The two sizes of XSAVE area KVM hands out.
+pub(crate) enum XsaveBuf {
+    /// `kvm_xsave`: 4 KiB.
+    Legacy(Box<kvm_xsave>),
+    /// `kvm_xsave` followed by more words (KVM_CAP_XSAVE2).
+    Large(kvm_bindings::Xsave),
+}
 
 impl XsaveArea {
-    /// The raw area (read-only: the legacy region holds FCW, FSW, MXCSR
-    /// and the XMM registers).
+    /// The first 4 KiB of the area, read-only (the legacy region holds FCW,
+    /// FSW, MXCSR and the XMM registers; the XSAVE header and the AVX and
+    /// AVX-512 components follow).
     pub fn region(&self) -> &[u32] {
-        &self.0.region
+        match &self.0 {
+            XsaveBuf::Legacy(x) => &x.region,
+            XsaveBuf::Large(x) => &x.as_fam_struct_ref().xsave.region,
+        }
     }
 
-    /// The raw area for modification (same layout as read).
+    /// The first 4 KiB for modification (same layout as read).
     pub fn region_mut(&mut self) -> &mut [u32] {
-        &mut self.0.region
+        match &mut self.0 {
+            XsaveBuf::Legacy(x) => &mut x.region,
+            // SAFETY: only the fixed-size region is changed, never the
+            // length of the flexible array.
+            XsaveBuf::Large(x) => unsafe { &mut x.as_mut_fam_struct().xsave.region },
+        }
+    }
+
+    /// The whole area as 32-bit words (4 KiB, or KVM_CAP_XSAVE2's size).
+    pub fn words(&self) -> Vec<u32> {
+        let mut w = self.region().to_vec();
+        if let XsaveBuf::Large(x) = &self.0 {
+            w.extend_from_slice(x.as_slice());
+        }
+        w
+    }
+
+    /// Overwrites the whole area with `words`, which must be exactly as
+    /// long as the area (its size is what this host's KVM reads).
+    pub fn load_words(&mut self, words: &[u32]) -> Result<()> {
+        let len = self.region().len()
+            + match &self.0 {
+                XsaveBuf::Legacy(_) => 0,
+                XsaveBuf::Large(x) => x.as_slice().len(),
+            };
+        if words.len() != len {
+            return Err(KvmError::Setup(format!(
+                "the saved XSAVE area is {} bytes but this host's KVM uses {} bytes",
+                words.len() * 4,
+                len * 4
+            )));
+        }
+        let (head, tail) = words.split_at(self.region().len());
+        self.region_mut().copy_from_slice(head);
+        if let XsaveBuf::Large(x) = &mut self.0 {
+            x.as_mut_slice().copy_from_slice(tail);
+        }
+        Ok(())
     }
 }
 
@@ -127,6 +180,18 @@ pub trait Vcpu: Send {
     /// it refuses).
     fn set_msrs(&mut self, msrs: &[(u32, u64)]) -> Result<usize>;
     fn debug_regs(&self) -> Result<kvm_debugregs>;
+    fn set_debug_regs(&mut self, dr: &kvm_debugregs) -> Result<()>;
+    /// The multiprocessing state (runnable, halted, waiting for SIPI, ...).
+    fn mp_state(&self) -> Result<kvm_mp_state>;
+    fn set_mp_state(&mut self, mp: kvm_mp_state) -> Result<()>;
+    /// The CPUID table the vCPU was given (KVM_GET_CPUID2).
+    fn cpuid_entries(&self) -> Result<Vec<kvm_cpuid_entry2>>;
+    /// Gives the vCPU a CPUID table (KVM_SET_CPUID2; before its first run,
+    /// or the same table again).
+    fn set_cpuid_entries(&mut self, entries: &[kvm_cpuid_entry2]) -> Result<()>;
+    /// The MSRs whose values make up the vCPU's state: KVM's save list
+    /// (KVM_GET_MSR_INDEX_LIST, its own MSRs and the emulated ones).
+    fn saved_msr_indices(&self) -> Result<Vec<u32>>;
     fn set_guest_debug(&mut self, dbg: &kvm_guest_debug) -> Result<()>;
 
     /// Injects an NMI (KVM_NMI).
@@ -159,6 +224,12 @@ pub struct KvmVcpu {
     coalesced: bool,
     /// The last exit, if it was port IO (read from kvm_run once).
     pio: Option<sys::PioExit>,
+    /// KVM_CAP_XSAVE2's area size where it exceeds `kvm_xsave` (4 KiB),
+    /// else 0 (KVM_GET_XSAVE is used).
+    xsave2_size: usize,
+    /// KVM's MSR save list (KVM_GET_MSR_INDEX_LIST), shared by the vCPUs
+    /// of a VM.
+    msr_list: Arc<[u32]>,
 }
 
 impl KvmVcpu {
@@ -169,7 +240,26 @@ impl KvmVcpu {
             mmap_size,
             coalesced: false,
             pio: None,
+            xsave2_size: 0,
+            msr_list: Arc::from(Vec::new()),
         }
+    }
+
+    /// What saving this vCPU's state needs from the VM and the system:
+    /// KVM_CAP_XSAVE2's area size (used when above 4 KiB) and KVM's MSR
+    /// save list.
+    pub fn set_state_info(&mut self, xsave2_size: usize, msr_list: Arc<[u32]>) {
+        self.xsave2_size = if xsave2_size > std::mem::size_of::<kvm_xsave>() {
+            xsave2_size
+        } else {
+            0
+        };
+        self.msr_list = msr_list;
+    }
+
+    /// The XSAVE area's size in bytes that KVM hands out on this VM.
+    pub fn xsave_size(&self) -> usize {
+        self.xsave2_size.max(std::mem::size_of::<kvm_xsave>())
     }
 
     /// Maps the coalesced-MMIO ring (writes in registered ranges do not exit).
@@ -394,17 +484,32 @@ impl Vcpu for KvmVcpu {
 
     fn xsave(&self) -> Result<Option<XsaveArea>> {
         sys::count_syscall();
+        if self.xsave2_size > 0 {
+            return sys::get_xsave2(&self.fd, self.xsave2_size)
+                .map(|x| Some(XsaveArea(XsaveBuf::Large(x))))
+                .map_err(KvmError::ioctl("KVM_GET_XSAVE2"));
+        }
         // Hosts without KVM_CAP_XSAVE fail here; the FPU is then not kept
         // in the context (KVM still holds it).
-        Ok(self.fd.get_xsave().ok().map(|x| XsaveArea(Box::new(x))))
+        Ok(self
+            .fd
+            .get_xsave()
+            .ok()
+            .map(|x| XsaveArea(XsaveBuf::Legacy(Box::new(x)))))
     }
 
     fn set_xsave(&mut self, xsave: &XsaveArea) -> Result<()> {
         sys::count_syscall();
-        // SAFETY: an XsaveArea can only be made from KVM_GET_XSAVE on a vCPU
-        // of this host (see `xsave`), so its size and layout are what
-        // KVM_SET_XSAVE reads.
-        unsafe { sys::set_xsave(&self.fd, &xsave.0) }.map_err(KvmError::ioctl("KVM_SET_XSAVE"))
+        match &xsave.0 {
+            // SAFETY: an XsaveArea can only be made by `xsave` on a vCPU of
+            // this host (`load_words` keeps its size), so its size and layout
+            // are what KVM_SET_XSAVE reads.
+            XsaveBuf::Legacy(x) => unsafe { sys::set_xsave(&self.fd, x) },
+            // SAFETY: as above; a large area was made with KVM_CAP_XSAVE2's
+            // size, which is what KVM reads.
+            XsaveBuf::Large(x) => unsafe { sys::set_xsave2(&self.fd, x) },
+        }
+        .map_err(KvmError::ioctl("KVM_SET_XSAVE"))
     }
 
     fn xcrs(&self) -> Result<kvm_xcrs> {
@@ -476,6 +581,46 @@ impl Vcpu for KvmVcpu {
         self.fd
             .get_debug_regs()
             .map_err(KvmError::ioctl("KVM_GET_DEBUGREGS"))
+    }
+
+    fn set_debug_regs(&mut self, dr: &kvm_debugregs) -> Result<()> {
+        sys::count_syscall();
+        self.fd
+            .set_debug_regs(dr)
+            .map_err(KvmError::ioctl("KVM_SET_DEBUGREGS"))
+    }
+
+    fn mp_state(&self) -> Result<kvm_mp_state> {
+        sys::count_syscall();
+        self.fd
+            .get_mp_state()
+            .map_err(KvmError::ioctl("KVM_GET_MP_STATE"))
+    }
+
+    fn set_mp_state(&mut self, mp: kvm_mp_state) -> Result<()> {
+        sys::count_syscall();
+        self.fd
+            .set_mp_state(mp)
+            .map_err(KvmError::ioctl("KVM_SET_MP_STATE"))
+    }
+
+    fn cpuid_entries(&self) -> Result<Vec<kvm_cpuid_entry2>> {
+        sys::count_syscall();
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map(|c| c.as_slice().to_vec())
+            .map_err(KvmError::ioctl("KVM_GET_CPUID2"))
+    }
+
+    fn set_cpuid_entries(&mut self, entries: &[kvm_cpuid_entry2]) -> Result<()> {
+        let table = CpuId::from_entries(entries).map_err(|e| {
+            KvmError::Setup(format!("CPUID table of {} entries: {e:?}", entries.len()))
+        })?;
+        self.set_cpuid(&table)
+    }
+
+    fn saved_msr_indices(&self) -> Result<Vec<u32>> {
+        Ok(self.msr_list.to_vec())
     }
 
     fn set_guest_debug(&mut self, dbg: &kvm_guest_debug) -> Result<()> {

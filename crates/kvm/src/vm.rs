@@ -21,6 +21,8 @@ pub struct KvmVm {
     kvm: Kvm,
     vcpu_mmap_size: usize,
     slots: u32,
+    /// KVM's MSR save list, read once (see [`crate::state`]).
+    msr_list: std::sync::OnceLock<std::sync::Arc<[u32]>>,
 }
 
 impl KvmVm {
@@ -79,6 +81,7 @@ impl KvmVm {
             kvm,
             vcpu_mmap_size,
             slots: 0,
+            msr_list: std::sync::OnceLock::new(),
         })
     }
 
@@ -138,7 +141,35 @@ impl KvmVm {
             .vm
             .create_vcpu(id)
             .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
-        Ok(KvmVcpu::new(fd, self.vcpu_mmap_size))
+        let mut vcpu = KvmVcpu::new(fd, self.vcpu_mmap_size);
+        let xsave2 = usize::try_from(self.vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        // Only saving the vCPU's state needs the list: a KVM that cannot
+        // give it still runs guests (a checkpoint then keeps the thread
+        // context's MSRs only).
+        let msrs = self.msr_list().unwrap_or_else(|e| {
+            tracing::warn!("{e}: checkpoints will keep only the MSRs kvmsim knows");
+            // Said once per VM: the empty list is kept.
+            self.msr_list
+                .get_or_init(|| std::sync::Arc::from(Vec::new()))
+                .clone()
+        });
+        vcpu.set_state_info(xsave2, msrs);
+        Ok(vcpu)
+    }
+
+    /// KVM's list of the MSRs that make up a vCPU's state
+    /// (KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and the ones it
+    /// emulates; read once per VM).
+    pub fn msr_list(&self) -> Result<std::sync::Arc<[u32]>> {
+        if let Some(l) = self.msr_list.get() {
+            return Ok(l.clone());
+        }
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(KvmError::ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+        let list: std::sync::Arc<[u32]> = std::sync::Arc::from(list.as_slice().to_vec());
+        Ok(self.msr_list.get_or_init(|| list).clone())
     }
 
     /// Makes writes to `[base, base + size)` coalesced: KVM buffers them in

@@ -340,3 +340,95 @@ proptest! {
         prop_assert_eq!(rec.stray_completions, 0);
     }
 }
+
+#[test]
+fn a_cpu_is_saved_only_at_a_drained_point() {
+    let mut rig = Rig::new(vec![
+        Step::new(
+            100,
+            VmExit::IoIn {
+                port: 0x3f8,
+                size: 1,
+                count: 1,
+            },
+        ),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    // The read is waiting for its service: refused, named.
+    assert!(matches!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(_)));
+    let e = rig.cpu.save_state().unwrap_err().to_string();
+    assert!(
+        e.contains("system.cpu") && e.contains("RunningService"),
+        "{e}"
+    );
+    // Serviced, waiting for its completion: still refused.
+    assert!(matches!(rig.tick(Some(10_000 * NS)), TickOutcome::Next(_)));
+    assert!(rig.cpu.save_state().is_err());
+    // Drained (half entry): saved.
+    assert!(!rig.cpu.drain().unwrap());
+    rig.tick(Some(10_000 * NS));
+    assert_eq!(rig.tick(Some(10_000 * NS)), TickOutcome::Drained);
+    let saved = rig.cpu.save_state().unwrap();
+    assert!(!saved.halted);
+    // An event KVM is still injecting: refused.
+    let mut ev = kvm::Vcpu::events(rig.cpu.vcpu()).unwrap();
+    ev.interrupt.injected = 1;
+    ev.interrupt.nr = 0x30;
+    kvm::Vcpu::set_events(rig.cpu.vcpu_mut(), &ev).unwrap();
+    kvm::Arch::kvm_state_changed(rig.cpu.arch_mut().0);
+    let e = rig.cpu.save_state().unwrap_err().to_string();
+    assert!(e.contains("injected or pending"), "{e}");
+}
+
+#[test]
+fn saving_pushes_the_simulators_changes_and_restoring_drops_the_cached_context() {
+    let mut rig = Rig::new(vec![Step::new(100, VmExit::Hlt)]);
+    // A change the simulator made and has not pushed yet (as sim-ops or an
+    // emulated instruction would): it must be in the saved state.
+    {
+        let (arch, vcpu) = rig.cpu.arch_mut();
+        arch.regs_mut(vcpu).unwrap().rbx = 0xabcd;
+    }
+    let saved = rig.cpu.save_state().unwrap();
+    assert_eq!(
+        saved.vcpu.regs.rbx, 0xabcd,
+        "the dirty part was pushed first"
+    );
+    assert_eq!(rig.cpu.vcpu().regs.rbx, 0xabcd);
+
+    // A second CPU whose context cache holds other values (read, and one
+    // changed but not pushed): after the restore it reads the saved ones,
+    // and nothing stale is pushed over them before the next entry.
+    let mut other = Rig::new(vec![Step::new(100, VmExit::Hlt)]);
+    {
+        let (arch, vcpu) = other.cpu.arch_mut();
+        assert_eq!(arch.regs(vcpu).unwrap().rbx, 0);
+        arch.sregs_mut(vcpu).unwrap().cr2 = 0x1234;
+    }
+    other.cpu.restore_state(&saved).unwrap();
+    {
+        let (arch, vcpu) = other.cpu.arch_mut();
+        assert_eq!(arch.regs(vcpu).unwrap().rbx, 0xabcd);
+        assert_eq!(arch.sregs(vcpu).unwrap().cr2, 0);
+    }
+    other.run(None, 10);
+    assert_eq!(other.cpu.vcpu().regs.rbx, 0xabcd);
+    assert_eq!(
+        other.cpu.vcpu().sregs.cr2,
+        0,
+        "a stale dirty part was pushed"
+    );
+}
+
+#[test]
+fn a_halted_cpu_is_restored_halted() {
+    let mut rig = Rig::new(vec![Step::new(100, VmExit::Hlt)]);
+    rig.run(None, 10);
+    assert_eq!(rig.cpu.state(), kvm::CpuState::Idle);
+    let saved = rig.cpu.save_state().unwrap();
+    assert!(saved.halted);
+    let mut other = Rig::new(vec![Step::new(100, VmExit::Hlt)]);
+    other.cpu.restore_state(&saved).unwrap();
+    assert_eq!(other.cpu.state(), kvm::CpuState::Idle);
+    assert!(other.cpu.wake(), "it waits to be woken");
+}

@@ -41,6 +41,22 @@ enum Command {
     /// Benchmarks: kvmsim against native code and bare KVM loops, side by
     /// side in one run; without a subcommand every figure, into bench.json.
     Bench(BenchArgs),
+    /// Checkpoints (folders holding a whole simulated machine).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCmd {
+    /// Print what a checkpoint folder holds: format version, simulated
+    /// time, systems, CPUs, devices, RAM size and bytes on disk.
+    Info {
+        /// The checkpoint folder.
+        dir: PathBuf,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -236,8 +252,49 @@ fn main() -> ExitCode {
             Ok(()) => 0,
             Err(e) => fail(e),
         },
+        Command::Checkpoint(CheckpointCmd::Info { dir, json }) => checkpoint_info(&dir, json),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// `kvmsim checkpoint info DIR`.
+fn checkpoint_info(dir: &Path, json: bool) -> i32 {
+    let info = match ckpt::info(dir) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    if json {
+        match serde_json::to_string_pretty(&info) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(e),
+        }
+        return 0;
+    }
+    println!("checkpoint {}", dir.display());
+    println!("  format version  {}", info.format_version);
+    println!("  written by      kvmsim {}", info.kvmsim_version);
+    println!(
+        "  simulated time  {} ticks ({:.9} s)",
+        info.tick,
+        ticks_to_seconds(info.tick)
+    );
+    println!("  state file      {} bytes", info.state_bytes);
+    let total: u64 = info.systems.iter().map(|s| s.ram_bytes).sum();
+    let disk: u64 = info.systems.iter().map(|s| s.ram_bytes_on_disk).sum();
+    println!(
+        "  systems         {} ({} CPUs, RAM {} bytes, {} bytes on disk)",
+        info.systems.len(),
+        info.systems.iter().map(|s| s.cpus).sum::<usize>(),
+        total,
+        disk
+    );
+    for s in &info.systems {
+        println!(
+            "  {}: {} CPUs ({} halted), {} devices, RAM {} bytes in {} ({} bytes on disk)",
+            s.name, s.cpus, s.halted_cpus, s.devices, s.ram_bytes, s.ram_file, s.ram_bytes_on_disk
+        );
+    }
+    0
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {

@@ -35,6 +35,13 @@ pub enum RamError {
     Unaligned(u64),
     #[error("memory size {0} bytes is too large")]
     TooLarge(u64),
+    #[error(
+        "guest memory with regions {found:x?} (base, size) does not fit the memory map's {want:x?}"
+    )]
+    Mismatch {
+        found: Vec<(u64, u64)>,
+        want: Vec<(u64, u64)>,
+    },
     #[error("cannot allocate {size} bytes of guest memory: {source}")]
     Alloc {
         size: u64,
@@ -111,6 +118,18 @@ impl GuestRam {
         Ok(GuestRam { map, mem })
     }
 
+    /// Takes guest memory mapped elsewhere (a checkpoint's RAM file) as the
+    /// RAM of `map`: its regions must be exactly the map's.
+    pub fn from_memory(map: MemoryMap, mem: GuestMemoryMmap) -> Result<Self, RamError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let found: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let want: Vec<(u64, u64)> = map.regions().iter().map(|r| (r.base, r.size)).collect();
+        if found != want {
+            return Err(RamError::Mismatch { found, want });
+        }
+        Ok(GuestRam { map, mem })
+    }
+
     pub fn map(&self) -> &MemoryMap {
         &self.map
     }
@@ -125,6 +144,16 @@ impl GuestRam {
 mod tests {
     use super::*;
     use vm_memory::Bytes;
+
+    #[test]
+    fn memory_from_elsewhere_must_fit_the_map() {
+        let map = MemoryMap::for_size(8 << 20).unwrap();
+        let fits = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        assert!(GuestRam::from_memory(map.clone(), fits).is_ok());
+        let short = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let e = GuestRam::from_memory(map, short).unwrap_err().to_string();
+        assert!(e.contains("400000") && e.contains("800000"), "{e}");
+    }
 
     #[test]
     fn small_map_is_one_region() {

@@ -42,6 +42,11 @@ pub trait Arch: Send {
     /// (gem5's `updateKvmState`). Called before each entry.
     fn update_kvm_state(&mut self, vcpu: &mut dyn Vcpu) -> Result<()>;
 
+    /// KVM's state was replaced wholesale (a saved state was restored into
+    /// the vCPU): every cached part, dirty ones included, is dropped, and
+    /// whatever the architecture derived from the old state is found again.
+    fn context_replaced(&mut self, vcpu: &mut dyn Vcpu) -> Result<()>;
+
     /// Pulls the whole context from KVM (gem5's `updateThreadContext`).
     fn update_thread_context(&mut self, vcpu: &mut dyn Vcpu) -> Result<()>;
 

@@ -213,6 +213,24 @@ impl Arch for X86_64 {
         Ok(())
     }
 
+    fn context_replaced(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
+        self.regs = Part::default();
+        self.sregs = Part::default();
+        self.xsave = Part::default();
+        self.xcrs = Part::default();
+        self.events = Part::default();
+        self.msrs = Part::default();
+        self.trace_cr2 = None;
+        // CR8 as KVM now holds it (the TPR mirror compares against it).
+        self.cr8_entry = self.sregs(vcpu)?.cr8;
+        // The guest's IDT may differ: watch its page-fault handler anew.
+        if self.repair.is_some() {
+            self.repair = Some(syscall_repair::Repair::default());
+            syscall_repair::refresh(self, vcpu)?;
+        }
+        Ok(())
+    }
+
     fn update_thread_context(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
         self.regs(vcpu)?;
         self.sregs(vcpu)?;
