@@ -329,12 +329,25 @@ def ckpt_state(systems=1, cpus=1, xsave_words=0, version=1):
     return header + struct.pack("<I", zlib.crc32(header)) + body
 
 
+def multiboot_aout():
+    """A Multiboot kernel loaded by its header's address fields (flag bit
+    16): the header at file offset 8, the image at 1 MiB, 4 KiB of bss."""
+    magic, flags = 0x1BADB002, 0x00010003
+    base = 0x100000
+    words = [magic, flags, (-(magic + flags)) & 0xFFFFFFFF,
+             base + 8, base, base + 0x100, base + 0x1100, base + 0x40]
+    img = b"\xeb\xfe" + b"\x90" * 6 + struct.pack("<8I", *words)
+    return img + b"\xf4" * (0x100 - len(img))
+
+
 def main():
     if os.path.exists(CORPUS):
         shutil.rmtree(CORPUS)
     g = guests()
     for n in ["hello", "compute", "pcirq", "syscall", "flags"]:
         put("elf", n + ".elf", g[n])
+    put("multiboot", "multiboot.elf", g["multiboot"])
+    put("multiboot", "aout-kludge.bin", multiboot_aout())
 
     for n in sorted(os.listdir(os.path.join(ROOT, "examples"))):
         if n.endswith(".toml"):

@@ -6,9 +6,28 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "hello", "compute", "fault", "simops", "ticks", "sleep", "steps", "iostream", "pingpong",
-    "pcirq", "int3", "syscall", "flags", "fwait", "irqint3", "echo", "pioloop", "mmioloop", "kick",
-    "smpboot", "ipipong",
+    "hello",
+    "compute",
+    "fault",
+    "simops",
+    "ticks",
+    "sleep",
+    "steps",
+    "iostream",
+    "pingpong",
+    "pcirq",
+    "int3",
+    "syscall",
+    "flags",
+    "fwait",
+    "irqint3",
+    "echo",
+    "pioloop",
+    "mmioloop",
+    "kick",
+    "smpboot",
+    "ipipong",
+    "multiboot",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

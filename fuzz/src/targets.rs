@@ -23,6 +23,7 @@ pub const TARGETS: &[Target] = &[
     ("ckpt_state", ckpt_state),
     ("units", units),
     ("elf", elf),
+    ("multiboot", multiboot),
     ("bzimage", bzimage),
     ("decompress_gzip", decompress_gzip),
     ("decompress_xz", decompress_xz),
@@ -157,6 +158,81 @@ pub fn elf(data: &[u8]) {
             let msg = e.to_string();
             assert!(
                 msg.starts_with("fuzz.elf: "),
+                "error without the file: {msg}"
+            );
+        }
+    }
+}
+
+/// A Multiboot kernel: `multiboot::parse` (the header in the first 8 KiB,
+/// the address fields or ELF32/ELF64 program headers), then
+/// `multiboot::load` into 4 MiB of RAM. An error names the image; an
+/// accepted kernel's segments lie inside the file with file size at most
+/// memory size, its entry lies inside a segment, and a loaded segment is
+/// in RAM at or above 1 MiB and holds the file's bytes (where no other
+/// segment overlaps it).
+pub fn multiboot(data: &[u8]) {
+    use platform::multiboot as mb;
+    let k = match mb::parse(data, "fuzz.mb") {
+        Ok(k) => k,
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("fuzz.mb: "),
+                "error without the file: {msg}"
+            );
+            return;
+        }
+    };
+    assert!(mb::find_header(data).is_some_and(|o| o + 12 <= mb::SEARCH_LIMIT));
+    assert!(!k.segments.is_empty());
+    for s in &k.segments {
+        assert!(s.filesz <= s.memsz, "{s:?}");
+        assert!(
+            s.offset
+                .checked_add(s.filesz)
+                .is_some_and(|e| e <= data.len() as u64),
+            "segment past the end of the file: {s:?}"
+        );
+    }
+    let entry = u64::from(k.entry);
+    assert!(
+        k.segments
+            .iter()
+            .any(|s| entry >= s.paddr && entry - s.paddr < s.memsz),
+        "entry {entry:#x} outside every segment: {:?}",
+        k.segments
+    );
+    let ram = ram();
+    match mb::load(ram, data, &k, "fuzz.mb") {
+        Ok(()) => {
+            for (i, s) in k.segments.iter().enumerate() {
+                assert!(
+                    ram.map().is_ram(s.paddr, s.memsz),
+                    "segment {i} outside RAM"
+                );
+                assert!(s.paddr >= mb::MIN_LOAD, "segment {i} below 1 MiB");
+                let overlapped = k.segments.iter().enumerate().any(|(j, o)| {
+                    j != i && o.paddr < s.paddr + s.memsz && s.paddr < o.paddr + o.memsz
+                });
+                if s.filesz == 0 || overlapped {
+                    continue;
+                }
+                let mut got = vec![0u8; s.filesz as usize];
+                ram.memory()
+                    .read_slice(&mut got, GuestAddress(s.paddr))
+                    .expect("segment in RAM");
+                let want = &data[s.offset as usize..(s.offset + s.filesz) as usize];
+                assert!(
+                    got == want,
+                    "segment {i} loaded with other bytes than the file's"
+                );
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with("fuzz.mb: "),
                 "error without the file: {msg}"
             );
         }

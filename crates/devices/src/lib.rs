@@ -12,6 +12,7 @@ pub mod lapic;
 pub mod mailbox;
 pub mod pic;
 pub mod pit;
+pub mod qemu;
 pub mod rtc;
 pub mod simops;
 pub mod timer;

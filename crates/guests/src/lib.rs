@@ -2,8 +2,8 @@
 //! embedded. A config names one as `kernel = "builtin:NAME"`;
 //! `kvmsim guests --extract DIR` writes them out as ELF files.
 //!
-//! Every guest is a static x86-64 ELF linked at 1 MiB and entered in 64-bit
-//! mode at CPL0 with boot arguments in RDI, RSI, RDX, RCX, R8, R9:
+//! Every guest is a static x86-64 ELF linked at 1 MiB and (all but
+//! `multiboot`) entered in 64-bit mode at CPL0 with boot arguments in RDI, RSI, RDX, RCX, R8, R9:
 //!
 //! * `hello`: prints `Hello from the guest` on COM1, then sim-ops exit.
 //! * `compute`: drops to ring 3, runs [`compute_loop_native`]'s loop for
@@ -58,6 +58,14 @@
 //!   simulated ns (total, mean, min, max); RDX (1,000) simulated ms bound
 //!   each wait.
 //!
+//! * `multiboot`: a Multiboot-1 kernel (header after a 2-byte jump at 1
+//!   MiB), entered in 32-bit protected mode: checks EAX, the information
+//!   structure (memory sizes, memory map, a command line holding
+//!   `mbcheck=kvmsim`, a module starting with `KVMSIM-MODULE`, whose byte
+//!   sum it prints), fw_cfg's signature and CPU count and pc-testdev's
+//!   scratch port, then writes the bits of the failed checks to
+//!   isa-debug-exit (status 1 when all passed).
+//!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
 macro_rules! guest {
@@ -92,6 +100,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("kick"),
     guest!("smpboot"),
     guest!("ipipong"),
+    guest!("multiboot"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -221,6 +230,13 @@ pub const ABOUT: &[About] = &[
         args: "RSI=round trips (100), RDX=wait limit ms (1000); system.cpus >= 2",
         about: "starts AP 1, bounces an IPI between APIC 0 and 1; \
                 prints the round trips in simulated ns",
+    },
+    About {
+        name: "multiboot",
+        args: "- (a Multiboot kernel: append, initrd = modules)",
+        about: "entered in 32-bit protected mode; checks the Multiboot information (memory map, \
+                command line \"mbcheck=kvmsim\", a module starting \"KVMSIM-MODULE\"), fw_cfg \
+                and pc-testdev; ends through isa-debug-exit with the failed checks' bits (status 1: all passed)",
     },
 ];
 

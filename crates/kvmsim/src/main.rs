@@ -448,7 +448,10 @@ fn run(a: RunArgs) -> i32 {
     let names = simulation.names().to_vec();
     let many = names.len() > 1;
     for (name, exit) in names.iter().zip(&exits) {
-        let code = if exit.cause == sim::ExitCause::GuestExit {
+        let code = if matches!(
+            exit.cause,
+            sim::ExitCause::GuestExit | sim::ExitCause::DebugExit
+        ) {
             format!(" (code {})", exit.code)
         } else {
             String::new()

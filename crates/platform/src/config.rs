@@ -138,6 +138,43 @@ pub struct SystemConfig {
     /// /dev/vda, /dev/vdb, ...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk: Vec<DiskConfig>,
+    /// QEMU's test devices, a compatibility layer for kernels written for
+    /// QEMU (see [`QemuDevices`]).
+    #[serde(default, skip_serializing_if = "QemuDevices::is_unset")]
+    pub qemu: QemuDevices,
+}
+
+/// QEMU's test devices (`[system.qemu]`): each switch defaults to on for
+/// a Multiboot kernel and off otherwise; the run fills in the value used.
+/// They are QEMU's interface, offered for compatibility; kvmsim's own is
+/// sim-ops.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QemuDevices {
+    /// isa-debug-exit at ports 0xf4-0xf7: a write of v ends the run with
+    /// status v * 2 + 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debug_exit: Option<bool>,
+    /// pc-testdev: ports 0xe0 (scratch), 0xe4 (page flush), 0x2000 + n
+    /// (interrupt line n's level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub testdev: Option<bool>,
+    /// fw_cfg at ports 0x510/0x511 (signature, RAM size, CPU count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fw_cfg: Option<bool>,
+}
+
+impl QemuDevices {
+    fn is_unset(&self) -> bool {
+        *self == QemuDevices::default()
+    }
+
+    /// Fills every unset switch with `default` (on for a Multiboot kernel).
+    pub fn resolve(&mut self, default: bool) {
+        for s in [&mut self.debug_exit, &mut self.testdev, &mut self.fw_cfg] {
+            s.get_or_insert(default);
+        }
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -515,6 +552,7 @@ impl Config {
                 cmdline: None,
                 cpus: default_cpus(),
                 ipi_latency: default_ipi_latency(),
+                qemu: QemuDevices::default(),
             }],
         }
     }
@@ -581,7 +619,8 @@ impl Config {
         for s in &mut self.system {
             fix(&mut s.kernel);
             if let Some(i) = &mut s.initrd {
-                fix(i);
+                // One file, or Multiboot modules: `PATH [ARGS],PATH...`.
+                *i = crate::multiboot::resolve_initrd(i, base);
             }
             for d in &mut s.disk {
                 fix(&mut d.path);

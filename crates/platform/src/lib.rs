@@ -10,7 +10,9 @@ pub mod firmware;
 pub mod input;
 pub mod linux;
 pub mod loader;
+pub mod multiboot;
 pub mod output;
+pub mod qemu_compat;
 pub mod report;
 pub mod simulation;
 pub mod system;
@@ -36,6 +38,8 @@ pub enum PlatformError {
     Kernel(String),
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Multiboot(#[from] multiboot::MultibootError),
     #[error(transparent)]
     Output(#[from] output::OutputError),
     #[error(transparent)]
@@ -98,6 +102,8 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         ExitCause::GuestHalted => status::HALTED,
         ExitCause::GuestFault => status::GUEST_FAULT,
         ExitCause::GuestReset => status::GUEST_RESET,
+        // QEMU's status, v * 2 + 1: odd, so never 0.
+        ExitCause::DebugExit => (code & 0xff) as i32,
         ExitCause::UserInterrupt => status::USER_INTERRUPT,
         // The system that ended the run decides the status.
         ExitCause::Stopped => status::OK,
@@ -116,5 +122,7 @@ mod tests {
         assert_eq!(exit_status(ExitCause::GuestExit, -1), 255);
         assert_eq!(exit_status(ExitCause::GuestFault, 0), 252);
         assert_eq!(exit_status(ExitCause::MaxTick, 0), 250);
+        assert_eq!(exit_status(ExitCause::DebugExit, 1), 1);
+        assert_eq!(exit_status(ExitCause::DebugExit, 0x1ff), 255);
     }
 }

@@ -110,7 +110,9 @@ impl Simulation {
                 check_file(&s.kernel, "kernel", &Limit::kernel())?;
             }
             if let Some(i) = &s.initrd {
-                check_file(i, "initrd", &Limit::initrd(s.memory.0))?;
+                for path in crate::multiboot::initrd_paths(i) {
+                    check_file(&path, "initrd", &Limit::initrd(s.memory.0))?;
+                }
             }
         }
         Ok(())

@@ -75,6 +75,10 @@ enum SysEvent {
     },
     /// The guest reset the machine.
     Reset,
+    /// The guest wrote `value` to QEMU's isa-debug-exit.
+    DebugExit {
+        value: u64,
+    },
     DumpStats {
         reset: bool,
         period: Tick,
@@ -349,10 +353,19 @@ impl System {
         let name = name.to_string();
         let ncpus = sc.cpus.clamp(1, crate::config::MAX_CPUS) as usize;
         let image = read_image(&sc.kernel)?;
-        let is_linux =
-            crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some();
+        // A Multiboot header in the first 8 KiB (and no bzImage): entered
+        // in 32-bit protected mode on a PC (crate::multiboot).
+        let is_multiboot =
+            !crate::linux::is_bzimage(&image) && crate::multiboot::is_multiboot(&image);
+        let is_linux = !is_multiboot
+            && (crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some());
         if sc.platform == "auto" {
-            sc.platform = if is_linux { "pc" } else { "bare" }.into();
+            sc.platform = if is_linux || is_multiboot {
+                "pc"
+            } else {
+                "bare"
+            }
+            .into();
         }
         // Host-derived defaults: on a host that emulates kernel mode, Linux
         // gets examples/linux.toml's host_factor and trimming.
@@ -371,12 +384,24 @@ impl System {
             None
         };
         let image = kernel.as_ref().map_or(image, |k| k.elf.clone());
-        let info = loader::inspect(&image, &sc.kernel)?;
+        let (info, multiboot) = if is_multiboot {
+            let k = crate::multiboot::parse(&image, &sc.kernel)?;
+            (None, Some(k))
+        } else {
+            (Some(loader::inspect(&image, &sc.kernel)?), None)
+        };
 
         let mut stats = Stats::new();
         let map = MemoryMap::for_size(sc.memory.0).map_err(PlatformError::Ram)?;
         let ram = GuestRam::new(map).map_err(PlatformError::Ram)?;
-        let entry = loader::load(&ram, &image, &info, &sc.kernel)?;
+        let entry = match (&info, &multiboot) {
+            (Some(info), _) => loader::load(&ram, &image, info, &sc.kernel)?,
+            (None, Some(k)) => {
+                crate::multiboot::load(&ram, &image, k, &sc.kernel)?;
+                u64::from(k.entry)
+            }
+            (None, None) => unreachable!("either an ELF or a Multiboot layout"),
+        };
 
         let mut vm = KvmVm::new()?;
         vm.map_ram(&ram)?;
@@ -414,15 +439,22 @@ impl System {
         }
         .into();
 
-        boot::write_boot_structures(ram.memory())?;
-        let args = match &kernel {
-            Some(k) => {
-                let line = setup_linux(sc, k, &info, &ram, host_freq, ncpus as u8)?;
+        let mut multiboot_info = None;
+        if let Some(k) = &multiboot {
+            // Protected mode needs only a GDT; low memory stays the guest's.
+            boot::write_gdt(ram.memory())?;
+            multiboot_info = Some(crate::multiboot::setup(sc, k, &ram, ncpus as u8)?);
+        } else {
+            boot::write_boot_structures(ram.memory())?;
+        }
+        let args = match (&kernel, &info) {
+            (Some(k), Some(info)) => {
+                let line = setup_linux(sc, k, info, &ram, host_freq, ncpus as u8)?;
                 tracing::info!("{name}: Linux command line: {line}");
                 // The 64-bit boot protocol: RSI points to the zero page.
                 vec![0, crate::firmware::ZERO_PAGE]
             }
-            None => sc.args.clone(),
+            _ => sc.args.clone(),
         };
         let repair = sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair();
         if repair && (sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some()) {
@@ -442,11 +474,22 @@ impl System {
         let mut kcpus = Vec::with_capacity(ncpus);
         for (index, mut vcpu) in vcpus.into_iter().enumerate() {
             let mut arch = X86_64::new();
-            if kernel.is_some() {
+            if kernel.is_some() || multiboot.is_some() {
                 boot::set_boot_msrs(&mut vcpu)?;
             }
             if index == 0 {
-                boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?;
+                match multiboot_info {
+                    // The Multiboot state: EAX magic, EBX the information.
+                    Some(ebx) => boot::enter_protected_mode(
+                        &mut arch,
+                        &mut vcpu,
+                        entry as u32,
+                        crate::multiboot::BOOTLOADER_MAGIC,
+                        ebx,
+                        stack as u32,
+                    )?,
+                    None => boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?,
+                }
             }
             // Repairs the host's KVM needs, as kvmsim doctor's probes found.
             if repair {
@@ -549,6 +592,15 @@ impl System {
             UART_PORTS,
             "uart",
             Arc::new(Mutex::new(uart)),
+        )?;
+        crate::qemu_compat::attach(
+            &name,
+            sc,
+            is_multiboot,
+            &mut bus,
+            &mut stats,
+            irqs.as_deref(),
+            ioapic.as_ref(),
         )?;
         let mut simops = SimOps::new(&mut stats, &format!("{name}.simops"))?;
         if ncpus > 1 {
@@ -1406,6 +1458,19 @@ impl CpuThread<'_> {
             SysEvent::Exit { code } => {
                 return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
             }
+            SysEvent::DebugExit { value } => {
+                let status = devices::qemu::debug_exit_status(value);
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::DebugExit,
+                    status,
+                    tick,
+                    format!(
+                        "isa-debug-exit: the guest wrote {value:#x} to port {:#x}; status \
+                         {value:#x} * 2 + 1 = {status} (QEMU's rule)",
+                        devices::qemu::DEBUG_EXIT_BASE
+                    ),
+                )));
+            }
             SysEvent::Reset => {
                 return Ok(Some(ExitEvent::new(
                     ExitCause::GuestReset,
@@ -1552,6 +1617,10 @@ fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<()
             }
             Request::Reset => {
                 core.queue.schedule(now, SIM_EXIT_PRI, SysEvent::Reset)?;
+            }
+            Request::DebugExit { value } => {
+                core.queue
+                    .schedule(now, SIM_EXIT_PRI, SysEvent::DebugExit { value })?;
             }
             Request::LinkSend { port, delay, data } => {
                 core.outgoing.push(Outgoing {

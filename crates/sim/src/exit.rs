@@ -27,6 +27,9 @@ pub enum ExitCause {
     Stopped,
     /// The guest reset the machine (e.g. Linux's `reboot=k`).
     GuestReset,
+    /// The guest wrote v to QEMU's isa-debug-exit port; the code is QEMU's
+    /// status for it, v * 2 + 1.
+    DebugExit,
 }
 
 impl ExitCause {
@@ -42,6 +45,7 @@ impl ExitCause {
             ExitCause::UserInterrupt => "user interrupt",
             ExitCause::Stopped => "another system ended the run",
             ExitCause::GuestReset => "the guest reset the machine",
+            ExitCause::DebugExit => "the guest wrote to isa-debug-exit (QEMU's status v*2+1)",
         }
     }
 }

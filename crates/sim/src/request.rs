@@ -26,6 +26,9 @@ pub enum Request {
     /// The guest reset the machine (keyboard controller, reset register).
     /// kvmsim ends the run with cause "guest reset".
     Reset,
+    /// QEMU's isa-debug-exit was written `value`: end the run now with
+    /// status `value * 2 + 1`, as QEMU does (a compatibility device).
+    DebugExit { value: u64 },
     /// Send `data` out of link port `port`; it arrives at the other end
     /// `delay` later.
     LinkSend { port: u32, delay: Tick, data: u64 },

@@ -154,6 +154,65 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
+/// Writes only the boot GDT (for a 32-bit protected-mode entry, which
+/// needs no page tables and leaves the rest of low memory alone).
+pub fn write_gdt(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, e) in gdt().iter().enumerate() {
+        write(mem, GDT_ADDR + 8 * i as u64, *e)?;
+    }
+    Ok(())
+}
+
+/// Puts the vCPU in 32-bit protected mode as the Multiboot specification
+/// asks: CS a flat 32-bit code segment (selector 0x08), DS, ES, FS, GS and
+/// SS flat data (0x18), CR0 = PE | ET (no paging), CR4 and EFER 0, EFLAGS
+/// with IF clear, EIP = `entry`, EAX = `eax`, EBX = `ebx`, ESP = `esp`.
+/// GDTR points at the boot GDT ([`write_gdt`]); the kernel must load its
+/// own before it loads a segment register, as the specification says.
+pub fn enter_protected_mode(
+    arch: &mut X86_64,
+    vcpu: &mut dyn Vcpu,
+    entry: u32,
+    eax: u32,
+    ebx: u32,
+    esp: u32,
+) -> Result<()> {
+    let gdt = gdt();
+    let sregs = arch.sregs_mut(vcpu)?;
+    sregs.cs = segment_from_entry(0x08, gdt[1]);
+    let ds = segment_from_entry(KERNEL_DS, gdt[usize::from(KERNEL_DS / 8)]);
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = segment_from_entry(TSS_SEL, gdt[usize::from(TSS_SEL / 8)]);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    // PE | ET.
+    sregs.cr0 = 0x11;
+    sregs.cr2 = 0;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    *arch.regs_mut(vcpu)? = kvm_regs {
+        rip: u64::from(entry),
+        rax: u64::from(eax),
+        rbx: u64::from(ebx),
+        rsp: u64::from(esp),
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    })?;
+    Ok(())
+}
+
 /// Puts the vCPU in 64-bit mode at CPL0: RIP = `entry`, RSP = `stack`,
 /// boot arguments in RDI, RSI, RDX, RCX, R8, R9. The boot structures must
 /// have been written with [`write_boot_structures`].
@@ -306,6 +365,23 @@ mod tests {
         );
         assert_eq!(g[2], 0x00af_9b00_0000_ffff);
         assert_eq!(g[3], 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn the_protected_mode_code_segment_is_flat_32_bit() {
+        let cs = segment_from_entry(0x08, gdt()[1]);
+        assert_eq!(
+            (cs.l, cs.db, cs.dpl, cs.type_, cs.base, cs.limit, cs.g),
+            (0, 1, 0, 0xb, 0, 0xffff_ffff, 1)
+        );
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        write_gdt(&mem).unwrap();
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(GDT_ADDR + 8)).unwrap(),
+            gdt()[1]
+        );
+        // Nothing but the GDT: the page-table area stays as it was.
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_ADDR)).unwrap(), 0);
     }
 
     #[test]
