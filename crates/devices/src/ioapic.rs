@@ -239,6 +239,7 @@ impl BusDevice for IoApic {
 mod tests {
     use super::*;
     use sim::intr::{InterruptController, Pending};
+    use sim::Request;
 
     fn setup() -> (IoApic, Arc<Mutex<Lapic>>) {
         let mut stats = Stats::new();
@@ -404,5 +405,145 @@ mod tests {
                 if let Some(v) = mem::lock(&lapic).acknowledge() { io.eoi(v); }
             }
         }
+    }
+
+    /// `n` enabled APICs (IDs 0..n) with flat logical IDs 1 << id, or in
+    /// the cluster model (cluster id / 4, member bit id % 4) if `cluster`.
+    fn apics(n: u8, cluster: bool, stats: &mut Stats) -> Vec<Arc<Mutex<Lapic>>> {
+        (0..n)
+            .map(|id| {
+                let a = Arc::new(Mutex::new(
+                    Lapic::new(id, 1_000_000_000, None, stats, &format!("apic{id}")).unwrap(),
+                ));
+                apic_w(&a, 0xf0, 0x1ff);
+                if cluster {
+                    apic_w(&a, 0xe0, 0x0fff_ffff);
+                    apic_w(&a, 0xd0, u32::from(((id / 4) << 4) | (1 << (id % 4))) << 24);
+                } else {
+                    apic_w(&a, 0xd0, (1u32 << id) << 24);
+                }
+                a
+            })
+            .collect()
+    }
+
+    #[test]
+    fn logical_destinations_reach_every_named_cpu_of_more_than_three() {
+        let mut stats = Stats::new();
+        // Flat model, 8 CPUs: destination 0x0d names CPUs 0, 2 and 3.
+        let lapics = apics(8, false, &mut stats);
+        let mut io = IoApic::new(8, lapics.clone(), &mut stats, "ioapic").unwrap();
+        reg(&mut io, 0x10 + 2 * 14, Some(0x0000_0886)); // logical, edge, vector 0x86
+        reg(&mut io, 0x11 + 2 * 14, Some(0x0d00_0000));
+        io.set_line(14, true);
+        let got: Vec<bool> = lapics
+            .iter()
+            .map(|l| mem::lock(l).acknowledge() == Some(0x86))
+            .collect();
+        assert_eq!(got, [true, false, true, true, false, false, false, false]);
+        io.set_line(14, false);
+        // 0x80 names only CPU 7; 0xff all eight.
+        reg(&mut io, 0x11 + 2 * 14, Some(0x8000_0000));
+        io.set_line(14, true);
+        io.set_line(14, false);
+        assert_eq!(mem::lock(&lapics[7]).acknowledge(), Some(0x86));
+        assert_eq!(mem::lock(&lapics[6]).acknowledge(), None);
+        // Cluster model, 12 CPUs in three clusters: 0x23 names cluster 2's
+        // first two members (CPUs 8 and 9).
+        let mut stats = Stats::new();
+        let lapics = apics(12, true, &mut stats);
+        let mut io = IoApic::new(12, lapics.clone(), &mut stats, "ioapic2").unwrap();
+        reg(&mut io, 0x10 + 2 * 5, Some(0x0000_0890));
+        reg(&mut io, 0x11 + 2 * 5, Some(0x2300_0000));
+        io.set_line(5, true);
+        let got: Vec<usize> = (0..12)
+            .filter(|&i| mem::lock(&lapics[i]).acknowledge() == Some(0x90))
+            .collect();
+        assert_eq!(got, vec![8, 9]);
+        // Lowest priority among 4 named CPUs: the one with the lowest TPR.
+        let mut stats = Stats::new();
+        let lapics = apics(5, false, &mut stats);
+        for (i, l) in lapics.iter().enumerate() {
+            apic_w(l, 0x80, if i == 3 { 0x10 } else { 0x40 });
+        }
+        let mut io = IoApic::new(5, lapics.clone(), &mut stats, "ioapic3").unwrap();
+        reg(&mut io, 0x10 + 2 * 6, Some(0x0000_0991)); // logical, lowest priority
+        reg(&mut io, 0x11 + 2 * 6, Some(0x1e00_0000)); // CPUs 1-4
+        io.set_line(6, true);
+        let got: Vec<usize> = (0..5)
+            .filter(|&i| mem::lock(&lapics[i]).acknowledge() == Some(0x91))
+            .collect();
+        assert_eq!(got, vec![3]);
+    }
+
+    #[test]
+    fn level_lines_set_tmr_irr_isr_and_remote_irr() {
+        let (mut io, lapic) = setup();
+        // Pin 9 level-triggered, vector 0x59; pin 10 edge, vector 0x5a.
+        reg(&mut io, 0x10 + 2 * 9, Some(0x0000_8059));
+        reg(&mut io, 0x10 + 2 * 10, Some(0x0000_005a));
+        let apic = |reg: u64| {
+            let mut reqs = vec![];
+            let mut d = [0u8; 4];
+            mem::lock(&lapic).read(Space::Mmio, reg, &mut d, &mut AccessCtx::new(0, &mut reqs));
+            u32::from_le_bytes(d)
+        };
+        // 0x59 and 0x5a live in the third 32-bit word of IRR/ISR/TMR.
+        let (irr, isr, tmr) = (0x220, 0x120, 0x1a0);
+        io.set_line(9, true);
+        io.set_line(10, true);
+        assert_eq!(apic(irr), (1 << 0x19) | (1 << 0x1a));
+        assert_eq!(apic(tmr), 1 << 0x19, "TMR: only the level vector");
+        assert_ne!(
+            reg(&mut io, 0x10 + 2 * 9, None) & (1 << 14),
+            0,
+            "remote IRR set"
+        );
+        assert_eq!(
+            reg(&mut io, 0x10 + 2 * 10, None) & (1 << 14),
+            0,
+            "edge: no remote IRR"
+        );
+        // The CPU takes 0x5a first (higher), then 0x59 after its EOI.
+        assert_eq!(mem::lock(&lapic).acknowledge(), Some(0x5a));
+        assert_eq!(apic(isr), 1 << 0x1a);
+        let mut reqs = vec![];
+        mem::lock(&lapic).write(
+            Space::Mmio,
+            0xb0,
+            &0u32.to_le_bytes(),
+            &mut AccessCtx::new(0, &mut reqs),
+        );
+        assert!(reqs.is_empty(), "an edge vector's EOI is not broadcast");
+        assert_eq!(mem::lock(&lapic).acknowledge(), Some(0x59));
+        assert_eq!((apic(irr), apic(isr)), (0, 1 << 0x19));
+        // While remote IRR is set, the still-asserted line delivers nothing.
+        io.set_line(9, true);
+        assert_eq!(apic(irr), 0);
+        let mut reqs = vec![];
+        mem::lock(&lapic).write(
+            Space::Mmio,
+            0xb0,
+            &0u32.to_le_bytes(),
+            &mut AccessCtx::new(0, &mut reqs),
+        );
+        assert_eq!(reqs, vec![Request::Eoi { vector: 0x59 }]);
+        assert_eq!(apic(isr), 0);
+        // The EOI broadcast clears remote IRR; the line is still high, so
+        // the interrupt comes again, level-triggered once more.
+        io.eoi(0x59);
+        assert_eq!(apic(irr), 1 << 0x19);
+        assert_eq!(apic(tmr), 1 << 0x19);
+        assert_ne!(reg(&mut io, 0x10 + 2 * 9, None) & (1 << 14), 0);
+        // Lowered, taken and EOIed: remote IRR clears and stays clear.
+        io.set_line(9, false);
+        assert_eq!(mem::lock(&lapic).acknowledge(), Some(0x59));
+        io.eoi(0x59);
+        assert_eq!(reg(&mut io, 0x10 + 2 * 9, None) & (1 << 14), 0);
+        assert_eq!(apic(irr), 0);
+        // An edge delivery of the same vector clears its TMR bit.
+        reg(&mut io, 0x10 + 2 * 9, Some(0x0000_0059));
+        io.set_line(9, true);
+        assert_eq!(apic(tmr), 0);
     }
 }

@@ -9,7 +9,9 @@
 //! fixed, NMI, INIT and SIPI messages with shorthands. Messages for other
 //! CPUs are queued for the platform ([`Lapic::take_ipis`]); this APIC
 //! handles those addressed to itself. TSC-deadline mode is not offered
-//! (the CPUID bit is cleared).
+//! (the CPUID bit is cleared). IA32_APIC_BASE writes (when the platform
+//! learns of them) disable and re-enable the APIC globally
+//! ([`Lapic::set_apic_base`]); up to two NMIs wait for the CPU.
 //!
 //! The APIC is the CPU's [`InterruptController`].
 
@@ -32,6 +34,9 @@ pub const LAPIC_LATENCY: Tick = 20 * sim::tick::TICKS_PER_NS;
 pub const LAPIC_VERSION: u32 = 0x0005_0014;
 
 const LVT_MASKED: u32 = 1 << 16;
+/// The most NMIs that wait for the CPU: one to run and one latched behind
+/// it. KVM keeps the same limit for the NMIs it is handed (KVM_NMI).
+pub const MAX_PENDING_NMIS: u8 = 2;
 const SVR_ENABLE: u32 = 1 << 8;
 
 /// LVT indexes.
@@ -64,9 +69,19 @@ impl Ipi {
     }
 }
 
+/// IA32_APIC_BASE (MSR 0x1B) bits.
+pub const APIC_BASE_MSR: u32 = 0x1b;
+/// IA32_APIC_BASE: this is the bootstrap processor.
+pub const APIC_BASE_BSP: u64 = 1 << 8;
+/// IA32_APIC_BASE: the APIC is enabled (globally).
+pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+
 /// One CPU's local APIC.
 pub struct Lapic {
     id: u8,
+    /// IA32_APIC_BASE as the guest last wrote it (kvmsim learns of writes
+    /// through [`InterruptController::msr_written`]).
+    apic_base: u64,
     tpr: u8,
     ldr: u32,
     dfr: u32,
@@ -86,7 +101,8 @@ pub struct Lapic {
     /// The timer's input clock (before the divider).
     bus_hz: u64,
     pic: Option<Arc<Mutex<PicPair>>>,
-    nmi: bool,
+    /// NMIs waiting for the CPU (at most [`MAX_PENDING_NMIS`]).
+    nmis: u8,
     ipis: Vec<Ipi>,
     /// INIT and SIPI addressed to this CPU.
     init_received: bool,
@@ -129,6 +145,7 @@ impl Lapic {
     ) -> Result<Self, sim::stats::StatsError> {
         let mut a = Lapic {
             id,
+            apic_base: LAPIC_BASE | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 },
             tpr: 0,
             ldr: 0,
             dfr: 0xffff_ffff,
@@ -146,7 +163,7 @@ impl Lapic {
             timer_fired: 0,
             bus_hz: bus_hz.max(1),
             pic,
-            nmi: false,
+            nmis: 0,
             ipis: Vec::new(),
             init_received: false,
             sipi_vector: None,
@@ -188,7 +205,7 @@ impl Lapic {
         self.timer_initial = 0;
         self.timer_divide = 0;
         self.timer_fired = 0;
-        self.nmi = false;
+        self.nmis = 0;
         self.ipis.clear();
         self.init_received = false;
         self.sipi_vector = None;
@@ -214,6 +231,9 @@ impl Lapic {
 
     /// True if a message for `dest` (logical or physical) reaches this APIC.
     pub fn accepts(&self, dest: u8, logical: bool) -> bool {
+        if !self.hw_enabled() {
+            return false;
+        }
         if logical {
             let id = (self.ldr >> 24) as u8;
             if dest == 0xff || self.dfr >> 28 == 0xf {
@@ -232,6 +252,44 @@ impl Lapic {
         self.svr & SVR_ENABLE != 0
     }
 
+    /// True unless the guest disabled the APIC globally (IA32_APIC_BASE
+    /// bit 11 clear).
+    pub fn hw_enabled(&self) -> bool {
+        self.apic_base & APIC_BASE_ENABLE != 0
+    }
+
+    /// The guest wrote IA32_APIC_BASE (KVM checked the value). Clearing the
+    /// enable bit disables the APIC globally: its registers disappear from
+    /// the bus (reads return all-ones, writes are dropped, as for memory
+    /// that is not there), it accepts no interrupt messages and delivers
+    /// nothing but NMIs and, with an 8259 behind LINT0, the 8259's INTR
+    /// (the pins then reach the CPU directly). Setting it again brings the
+    /// APIC back in its power-on state (INIT's, keeping the APIC ID).
+    /// Moving the base is recorded but the registers stay at 0xFEE00000
+    /// (reported once by the caller).
+    pub fn set_apic_base(&mut self, value: u64) {
+        let was = self.hw_enabled();
+        self.apic_base = value;
+        if was && !self.hw_enabled() {
+            let id = self.id;
+            self.init_reset();
+            self.id = id;
+        } else if !was && self.hw_enabled() {
+            let id = self.id;
+            self.init_reset();
+            self.id = id;
+            if self.pic.is_some() {
+                self.lvt[LVT_LINT0] = 0x700;
+                self.lvt[LVT_LINT1] = 0x400;
+            }
+        }
+    }
+
+    /// IA32_APIC_BASE as last written.
+    pub fn apic_base(&self) -> u64 {
+        self.apic_base
+    }
+
     /// The processor priority: the higher of TPR and the in-service class.
     fn ppr(&self) -> u8 {
         let isrv = highest(&self.isr).unwrap_or(0);
@@ -244,6 +302,9 @@ impl Lapic {
 
     /// A fixed interrupt arrives (from the I/O APIC, an IPI or the timer).
     pub fn deliver(&mut self, vector: u8, level_triggered: bool) {
+        if !self.hw_enabled() {
+            return;
+        }
         if vector < 16 {
             self.esr |= 0x40; // received illegal vector
             return;
@@ -253,10 +314,18 @@ impl Lapic {
         self.doorbell = true;
     }
 
-    /// An NMI arrives.
+    /// An NMI arrives. Up to [`MAX_PENDING_NMIS`] wait for the CPU: two
+    /// NMIs that arrive before the CPU takes the first are both taken (one
+    /// runs, the other waits behind it, as on hardware, where an NMI that
+    /// arrives while one is being serviced is latched); more collapse.
     pub fn deliver_nmi(&mut self) {
-        self.nmi = true;
+        self.nmis = (self.nmis + 1).min(MAX_PENDING_NMIS);
         self.doorbell = true;
+    }
+
+    /// NMIs waiting for the CPU.
+    pub fn pending_nmis(&self) -> u8 {
+        self.nmis
     }
 
     /// INIT arrives: the CPU must be reset and wait for SIPI.
@@ -456,13 +525,13 @@ impl Lapic {
 
     fn extint_pending(&self) -> bool {
         let lint0 = self.lvt[LVT_LINT0];
-        lint0 & LVT_MASKED == 0
-            && (lint0 >> 8) & 7 == 7
+        // A globally disabled APIC passes the 8259's INTR straight on.
+        (!self.hw_enabled() || (lint0 & LVT_MASKED == 0 && (lint0 >> 8) & 7 == 7))
             && self.pic.as_ref().is_some_and(|p| mem::lock(p).intr())
     }
 
     fn fixed_pending(&self) -> Option<u8> {
-        if !self.enabled() {
+        if !self.enabled() || !self.hw_enabled() {
             return None;
         }
         let v = highest(&self.irr)?;
@@ -472,7 +541,7 @@ impl Lapic {
 
 impl InterruptController for Lapic {
     fn pending(&mut self) -> Pending {
-        if self.nmi {
+        if self.nmis > 0 {
             Pending::Nmi
         } else if self.fixed_pending().is_some() || self.extint_pending() {
             Pending::Maskable
@@ -496,7 +565,9 @@ impl InterruptController for Lapic {
     }
 
     fn take_nmi(&mut self) -> bool {
-        std::mem::take(&mut self.nmi)
+        let had = self.nmis > 0;
+        self.nmis = self.nmis.saturating_sub(1);
+        had
     }
 
     fn task_priority(&self) -> u8 {
@@ -505,6 +576,12 @@ impl InterruptController for Lapic {
 
     fn set_task_priority(&mut self, tpr: u8) {
         self.tpr = tpr;
+    }
+
+    fn msr_written(&mut self, index: u32, value: u64) {
+        if index == APIC_BASE_MSR {
+            self.set_apic_base(value);
+        }
     }
 
     fn describe(&self) -> String {
@@ -524,6 +601,10 @@ impl InterruptController for Lapic {
 
 impl BusDevice for Lapic {
     fn read(&mut self, _: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
+        if !self.hw_enabled() {
+            data.fill(0xff);
+            return LAPIC_LATENCY;
+        }
         let v = self.read_reg(offset & 0xff0, ctx.now);
         let shifted = u64::from(v) >> (8 * (offset & 3));
         crate::put_le_value(data, shifted);
@@ -531,6 +612,9 @@ impl BusDevice for Lapic {
     }
 
     fn write(&mut self, _: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        if !self.hw_enabled() {
+            return LAPIC_LATENCY;
+        }
         // Registers are 32-bit at 16-byte boundaries; other writes are ignored.
         if offset & 0xf == 0 && data.len() >= 4 {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
@@ -843,5 +927,131 @@ mod tests {
                 proptest::prop_assert!(a.ipis.len() <= 256);
             }
         }
+    }
+
+    #[test]
+    fn disabling_through_apic_base_hides_the_apic_and_enabling_resets_it() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x80, 0x20);
+        w(&mut a, 0, 0xd0, 0x0100_0000);
+        assert_eq!(a.apic_base(), 0xfee0_0900, "enabled, BSP");
+        a.deliver(0x41, false);
+        a.msr_written(APIC_BASE_MSR, 0xfee0_0100);
+        assert!(!a.hw_enabled());
+        // No registers: reads are all-ones, writes vanish.
+        assert_eq!(r(&mut a, 0, 0x30), 0xffff_ffff);
+        w(&mut a, 0, 0x80, 0x30);
+        assert_eq!(r(&mut a, 0, 0x80), 0xffff_ffff);
+        // Nothing is accepted or delivered; the pending vector is gone.
+        assert!(!a.accepts(0, false) && !a.accepts(0x01, true));
+        a.deliver(0x42, false);
+        assert_eq!(a.pending(), Pending::None);
+        // NMIs still reach the CPU.
+        a.deliver_nmi();
+        assert!(a.take_nmi());
+        // Other MSRs are not the APIC's.
+        a.msr_written(0x10, 0);
+        assert!(!a.hw_enabled());
+        // Back on: the power-on state with the same ID.
+        a.msr_written(APIC_BASE_MSR, 0xfee0_0900);
+        assert!(a.hw_enabled());
+        assert_eq!(r(&mut a, 0, 0x30), LAPIC_VERSION);
+        assert_eq!(r(&mut a, 0, 0x20), 0);
+        assert_eq!(r(&mut a, 0, 0x80), 0, "TPR reset");
+        assert_eq!(r(&mut a, 0, 0xd0), 0, "LDR reset");
+        assert_eq!(r(&mut a, 0, 0xf0), 0xff, "software-disabled after reset");
+        assert_eq!(r(&mut a, 0, 0x200 + 0x20), 0, "IRR empty");
+        assert!(a.accepts(0, false));
+    }
+
+    #[test]
+    fn a_disabled_apic_passes_the_8259_on() {
+        use crate::irq::InterruptSink;
+        let mut stats = Stats::new();
+        let pic = Arc::new(Mutex::new(PicPair::new()));
+        {
+            let mut p = mem::lock(&pic);
+            let mut reqs = vec![];
+            // ICW1-4 of the master (vectors 0x30..), then unmask all.
+            for (port, v) in [
+                (0x20, 0x11),
+                (0x21, 0x30),
+                (0x21, 0x04),
+                (0x21, 0x01),
+                (0x21, 0x00),
+            ] {
+                p.write(Space::Pio, port, &[v], &mut AccessCtx::new(0, &mut reqs));
+            }
+            p.set_line(1, true);
+            assert!(p.intr());
+        }
+        let mut a = Lapic::new(0, 1_000_000_000, Some(pic), &mut stats, "apic").unwrap();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        // LINT0 masked: the 8259 is not heard while the APIC is enabled...
+        w(&mut a, 0, 0x350, LVT_MASKED);
+        assert_eq!(a.pending(), Pending::None);
+        // ...but with the APIC off its INTR reaches the CPU directly.
+        a.set_apic_base(0xfee0_0100);
+        assert_eq!(a.pending(), Pending::Maskable);
+        assert_eq!(a.acknowledge(), Some(0x31));
+    }
+
+    #[test]
+    fn two_nmis_wait_and_more_collapse() {
+        let mut a = lapic();
+        for _ in 0..10 {
+            a.deliver_nmi();
+        }
+        assert_eq!(a.pending_nmis(), MAX_PENDING_NMIS);
+        assert_eq!(a.pending(), Pending::Nmi);
+        assert!(a.take_nmi());
+        assert_eq!(a.pending(), Pending::Nmi, "the second waits");
+        assert!(a.take_nmi());
+        assert!(!a.take_nmi());
+        assert_eq!(a.pending(), Pending::None);
+        // NMI IPIs to self count the same way.
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x300, 0x4_0400);
+        w(&mut a, 0, 0x300, 0x4_0400);
+        assert_eq!(a.pending_nmis(), 2);
+        // INIT forgets them.
+        a.init_reset();
+        assert_eq!(a.pending(), Pending::None);
+    }
+
+    #[test]
+    fn the_current_count_moves_with_simulated_time_on_every_read() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x3e0, 0xb); // divide by 1: one count per ns at 1 GHz
+        w(&mut a, 0, 0x320, 0x10040); // one-shot, masked
+        let start = 5 * sim::tick::TICKS_PER_NS;
+        w(&mut a, start, 0x380, 1000);
+        let mut last = u32::MAX;
+        // Every read at a later tick sees a smaller count, in exact steps.
+        for ns in [0u64, 1, 2, 7, 100, 999] {
+            let c = r(&mut a, start + ns * sim::tick::TICKS_PER_NS, 0x390);
+            assert_eq!(c, 1000 - ns as u32, "at {ns} ns");
+            assert!(c < last);
+            last = c;
+        }
+        assert_eq!(r(&mut a, start + 1000 * sim::tick::TICKS_PER_NS, 0x390), 0);
+        assert_eq!(
+            r(&mut a, start + 5000 * sim::tick::TICKS_PER_NS, 0x390),
+            0,
+            "one-shot stays 0"
+        );
+        // Periodic: counts down, reloads, counts down again.
+        w(&mut a, 0, 0x320, 0x30040);
+        w(&mut a, start, 0x380, 100);
+        assert_eq!(r(&mut a, start + 30 * sim::tick::TICKS_PER_NS, 0x390), 70);
+        assert_eq!(r(&mut a, start + 130 * sim::tick::TICKS_PER_NS, 0x390), 70);
+        assert_eq!(r(&mut a, start + 199 * sim::tick::TICKS_PER_NS, 0x390), 1);
+        // Divide by 16: a count every 16 ns.
+        w(&mut a, 0, 0x3e0, 0x3);
+        w(&mut a, start, 0x380, 100);
+        assert_eq!(r(&mut a, start + 15 * sim::tick::TICKS_PER_NS, 0x390), 100);
+        assert_eq!(r(&mut a, start + 16 * sim::tick::TICKS_PER_NS, 0x390), 99);
     }
 }

@@ -1,16 +1,19 @@
 # multiboot: a Multiboot-1 kernel. kvmsim (or QEMU -kernel) enters it in
 # 32-bit protected mode; it checks what the boot loader handed over and
 # reports through QEMU's compatibility devices:
-#   1  EAX = 0x2BADB002
-#   2  info flags: memory sizes, command line, memory map
-#   4  mem_lower = 639 KiB, mem_upper >= 1 MiB
-#   8  the memory map has RAM at 0 and RAM at 1 MiB of mem_upper KiB
-#  16  the command line holds "mbcheck=kvmsim"
-#  32  a module starting with "KVMSIM-MODULE" (its byte sum is printed)
-#  64  fw_cfg: signature "QEMU" and the CPU count is 1 or more
-# 128  pc-testdev: the scratch port 0xE0 keeps a value
-# The failed checks' bits are written to isa-debug-exit (port 0xf4): the
-# run ends with status bits*2+1 (1 when every check passed).
+#   1  EAX = 0x2BADB002 and the info flags name memory sizes, command
+#      line and memory map
+#   2  mem_lower = 639 KiB, mem_upper >= 1 MiB
+#   4  the memory map has RAM at 0 and RAM at 1 MiB of mem_upper KiB
+#   8  the command line holds "mbcheck=kvmsim"
+#  16  a module starting with "KVMSIM-MODULE" (its byte sum is printed)
+#  32  fw_cfg: signature "QEMU" and the CPU count is 1 or more; pc-testdev:
+#      the scratch port 0xE0 keeps a value
+#  64  IA32_APIC_BASE: with the enable bit cleared the local APIC's
+#      registers are gone (its version register reads all-ones), with it
+#      set again they are back (version 0x14)
+# The failed checks' bits (at most 127) are written to isa-debug-exit
+# (port 0xf4): the run ends with status bits*2+1 (1 when all passed).
         .include "macros.s"
         .set    MB_MAGIC, 0x1badb002
         .set    MB_FLAGS, 0x00000003     # page-aligned modules, memory info
@@ -34,13 +37,12 @@ start32:
         lea     m_start, %esi
         call    puts32
         cmp     $0x2badb002, %ebp
-        je      1f
-        or      $1, %edi
-1:      mov     (%ebx), %eax            # info flags
+        jne     2f
+        mov     (%ebx), %eax            # info flags
         and     $0x45, %eax
         cmp     $0x45, %eax
         je      1f
-        or      $2, %edi
+2:      or      $1, %edi
         jmp     report                  # nothing else can be trusted
 1:
         # -- memory sizes
@@ -48,7 +50,7 @@ start32:
         jne     2f
         cmpl    $1024, 8(%ebx)
         jae     3f
-2:      or      $4, %edi
+2:      or      $2, %edi
 3:
         # -- memory map: entries of (size, base64, len64, type)
         mov     48(%ebx), %esi          # mmap_addr
@@ -77,7 +79,7 @@ start32:
         jmp     4b
 6:      cmp     $3, %edx
         je      7f
-        or      $8, %edi
+        or      $4, %edi
 7:
         # -- command line
         lea     m_cmdline, %esi
@@ -91,7 +93,7 @@ start32:
         call    strstr32
         test    %eax, %eax
         jnz     1f
-        or      $16, %edi
+        or      $8, %edi
 1:
         # -- the first module
         testl   $8, (%ebx)              # flags: modules
@@ -131,7 +133,7 @@ start32:
         call    puts32
         jmp     10f
 8:      pop     %esi
-9:      or      $32, %edi
+9:      or      $16, %edi
 10:
         # -- fw_cfg: key 0 (signature), key 5 (CPU count)
         mov     $FW_CFG, %dx
@@ -165,7 +167,7 @@ start32:
         call    puts32
         test    %ecx, %ecx
         jnz     3f
-2:      or      $64, %edi
+2:      or      $32, %edi
 3:
         # -- pc-testdev scratch
         mov     $TESTDEV, %dx
@@ -174,8 +176,25 @@ start32:
         xor     %eax, %eax
         inl     %dx, %eax
         cmp     $0xa5c3e1f0, %eax
+        je      1f
+        or      $32, %edi
+1:
+        # -- the local APIC off and on through IA32_APIC_BASE
+        mov     $0x1b, %ecx
+        rdmsr
+        mov     %eax, %esi
+        and     $~0x800, %eax
+        wrmsr
+        mov     0xfee00030, %eax
+        cmp     $0xffffffff, %eax
+        jne     2f
+        mov     %esi, %eax
+        wrmsr
+        mov     0xfee00030, %eax
+        and     $0xff, %eax
+        cmp     $0x14, %eax
         je      report
-        or      $128, %edi
+2:      or      $64, %edi
 report:
         lea     m_failed, %esi
         call    puts32

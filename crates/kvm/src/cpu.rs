@@ -1172,6 +1172,18 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                     }
                 }
             }
+            Exit::MsrWrite {
+                index,
+                value,
+                accepted,
+            } => {
+                if accepted {
+                    if let Some(intc) = &self.intc {
+                        mem::lock(intc).msr_written(index, value);
+                    }
+                }
+                0
+            }
             Exit::Hypercall(nr) => {
                 self.stats.num_hypercalls.inc();
                 return Ok(self.fault(format!(

@@ -230,6 +230,22 @@ pub fn run() -> Report {
         rep.linux_flags.push("nowatchdog".into());
     }
 
+    let filter = KvmVm::new().and_then(|vm| vm.trap_apic_base_writes());
+    add(
+        &mut rep.findings,
+        "user-space MSR filter (IA32_APIC_BASE)",
+        matches!(filter, Ok(true)),
+        match &filter {
+            Ok(true) => "KVM_X86_SET_MSR_FILTER with KVM_CAP_X86_USER_SPACE_MSR: writes of \
+                         MSR 0x1B exit to kvmsim, which hands them on to KVM and to the local APIC"
+                .into(),
+            Ok(false) => "KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER missing".into(),
+            Err(e) => format!("setting the filter failed: {e}"),
+        },
+        "a guest that disables its local APIC through IA32_APIC_BASE keeps kvmsim's APIC \
+         enabled (KVM alone handles the MSR)",
+    );
+
     let pmu = perf::pmu_available();
     add(
         &mut rep.findings,

@@ -72,6 +72,21 @@ pub fn complete_mmio_read(vcpu: &mut VcpuFd, data: &[u8]) -> bool {
     true
 }
 
+/// Completes an MSR write that exited to user space (KVM_EXIT_X86_WRMSR):
+/// `failed` makes KVM inject #GP on the next entry, else it finishes the
+/// instruction. Returns false if the last exit was not such a write.
+pub fn complete_msr_write(vcpu: &mut VcpuFd, failed: bool) -> bool {
+    let run = vcpu.get_kvm_run();
+    if run.exit_reason != kvm_bindings::KVM_EXIT_X86_WRMSR {
+        return false;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_X86_WRMSR, so `msr` is the live union
+    // member; it is plain old data and we hold the only reference to kvm_run.
+    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+    msr.error = u8::from(failed);
+    true
+}
+
 /// The suberror and extra data of a KVM_EXIT_INTERNAL_ERROR.
 pub fn internal_error(run: &kvm_run) -> Option<(u32, Vec<u64>)> {
     if run.exit_reason != kvm_bindings::KVM_EXIT_INTERNAL_ERROR {

@@ -56,6 +56,15 @@ pub enum VmExit {
     /// KVM could not emulate an instruction (its bytes, when KVM gave them).
     EmulationFailure(Option<Vec<u8>>),
     Hypercall(u64),
+    /// The guest wrote an MSR kvmsim traps ([`crate::KvmVm::trap_apic_base_writes`]).
+    /// The write was handed on to KVM at once (so KVM's own state, such as
+    /// the CPUID APIC bit, follows it); `accepted` is false when KVM
+    /// refused the value, and the guest then gets #GP.
+    MsrWrite {
+        index: u32,
+        value: u64,
+        accepted: bool,
+    },
     /// Anything the CPU cannot continue from (explained).
     Fatal(String),
 }
@@ -394,6 +403,16 @@ fn decode(
         Ok(VcpuExit::IrqWindowOpen) => VmExit::IrqWindowOpen,
         Ok(VcpuExit::Debug(_)) => VmExit::Debug,
         Ok(VcpuExit::Hypercall(h)) => VmExit::Hypercall(h.nr),
+        Ok(VcpuExit::X86Wrmsr(w)) => VmExit::MsrWrite {
+            index: w.index,
+            value: w.data,
+            accepted: false,
+        },
+        Ok(VcpuExit::X86Rdmsr(r)) => {
+            // kvmsim traps writes only; a read here is answered with #GP.
+            *r.error = 1;
+            VmExit::Retry
+        }
         Ok(VcpuExit::Shutdown) => {
             VmExit::Fatal("KVM_EXIT_SHUTDOWN: the guest shut down (triple fault)".into())
         }
@@ -419,7 +438,25 @@ impl Vcpu for KvmVcpu {
         io_out.clear();
         sys::count_syscall();
         let exit = decode(self.fd.run(), io_out);
-        self.decode_run_area(exit)
+        match self.decode_run_area(exit) {
+            VmExit::MsrWrite { index, value, .. } => {
+                // KVM keeps its own copy (IA32_APIC_BASE drives the CPUID
+                // APIC bit): a host-initiated write, which the filter does
+                // not stop, checks and stores the value.
+                let accepted = self.set_msrs(&[(index, value)]).is_ok_and(|n| n == 1);
+                if !sys::complete_msr_write(&mut self.fd, !accepted) {
+                    return VmExit::Fatal(format!(
+                        "cannot complete the guest's write of MSR {index:#x}"
+                    ));
+                }
+                VmExit::MsrWrite {
+                    index,
+                    value,
+                    accepted,
+                }
+            }
+            e => e,
+        }
     }
 
     fn half_entry(&mut self) -> Result<()> {

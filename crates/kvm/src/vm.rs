@@ -8,6 +8,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::vcpu::KvmVcpu;
 use crate::{KvmError, Result};
 
+/// IA32_APIC_BASE.
+const APIC_BASE_MSR: u32 = 0x1b;
+
 /// Where KVM may put its TSS pages (needed on Intel without unrestricted
 /// guest); inside the device hole, below the sim-ops window.
 pub const TSS_ADDRESS: usize = 0xfffb_d000;
@@ -181,6 +184,44 @@ impl KvmVm {
                 u32::try_from(size).unwrap_or(u32::MAX),
             )
             .map_err(KvmError::ioctl("KVM_REGISTER_COALESCED_MMIO"))
+    }
+
+    /// Makes the guest's writes of IA32_APIC_BASE (MSR 0x1B) exit to user
+    /// space (`KVM_X86_SET_MSR_FILTER` with `KVM_CAP_X86_USER_SPACE_MSR`),
+    /// so that kvmsim's local APIC sees the APIC being disabled or
+    /// re-enabled when it happens ([`crate::vcpu::VmExit::MsrWrite`]).
+    /// Without an in-kernel irqchip KVM handles the MSR itself and tells
+    /// nobody. Returns false (and changes nothing) where the host lacks
+    /// either capability. Call before any vCPU runs.
+    pub fn trap_apic_base_writes(&self) -> Result<bool> {
+        use kvm_ioctls::{
+            MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
+        };
+        if !self.kvm.check_extension(Cap::X86UserSpaceMsr)
+            || !self.kvm.check_extension(Cap::X86MsrFilter)
+        {
+            return Ok(false);
+        }
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            args: [u64::from(MsrExitReason::Filter.bits()), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm.enable_cap(&cap).map_err(KvmError::ioctl(
+            "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR)",
+        ))?;
+        // One MSR, its bit clear: writes are denied, hence exit to user space.
+        let bitmap = [0u8; 1];
+        let range = MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: APIC_BASE_MSR,
+            msr_count: 1,
+            bitmap: &bitmap,
+        };
+        self.vm
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
+            .map_err(KvmError::ioctl("KVM_X86_SET_MSR_FILTER"))?;
+        Ok(true)
     }
 
     /// Creates vCPU `spec.id` as a simulated CPU: the CPUID table is what

@@ -22,11 +22,15 @@ const NS: Tick = sim::tick::TICKS_PER_NS;
 struct Queue {
     pending: VecDeque<u8>,
     acknowledged: u64,
+    nmis: u8,
+    msrs: Vec<(u32, u64)>,
 }
 
 impl InterruptController for Queue {
     fn pending(&mut self) -> Pending {
-        if self.pending.is_empty() {
+        if self.nmis > 0 {
+            Pending::Nmi
+        } else if self.pending.is_empty() {
             Pending::None
         } else {
             Pending::Maskable
@@ -38,7 +42,12 @@ impl InterruptController for Queue {
         v
     }
     fn take_nmi(&mut self) -> bool {
-        false
+        let had = self.nmis > 0;
+        self.nmis = self.nmis.saturating_sub(1);
+        had
+    }
+    fn msr_written(&mut self, index: u32, value: u64) {
+        self.msrs.push((index, value));
     }
 }
 
@@ -431,4 +440,41 @@ fn a_halted_cpu_is_restored_halted() {
     other.cpu.restore_state(&saved).unwrap();
     assert_eq!(other.cpu.state(), kvm::CpuState::Idle);
     assert!(other.cpu.wake(), "it waits to be woken");
+}
+
+#[test]
+fn accepted_msr_writes_reach_the_interrupt_controller() {
+    let mut rig = Rig::new(vec![
+        Step::new(
+            100,
+            VmExit::MsrWrite {
+                index: 0x1b,
+                value: 0xfee0_0100,
+                accepted: true,
+            },
+        ),
+        // KVM refused this one (the guest gets #GP): the APIC never sees it.
+        Step::new(
+            100,
+            VmExit::MsrWrite {
+                index: 0x1b,
+                value: 0xfee0_0901,
+                accepted: false,
+            },
+        ),
+        Step::new(10, VmExit::Hlt),
+    ]);
+    rig.run(None, 20);
+    assert_eq!(rig.intc.lock().unwrap().msrs, vec![(0x1b, 0xfee0_0100)]);
+}
+
+#[test]
+fn every_pending_nmi_goes_to_kvm_before_one_entry() {
+    let mut rig = Rig::new(vec![Step::new(100, VmExit::Hlt)]);
+    rig.intc.lock().unwrap().nmis = 2;
+    rig.run(None, 10);
+    // KVM gets both at the first entry: it injects one and keeps the other
+    // until the guest's NMI handler returns.
+    assert_eq!(rig.cpu.vcpu().record().nmis, 2);
+    assert_eq!(rig.intc.lock().unwrap().nmis, 0);
 }

@@ -31,6 +31,12 @@ fn multiboot_kernel_checks_its_boot_information() {
     r.no_panic();
     let serial = r.file("serial.log");
     // Every check passed: the guest wrote 0, QEMU's status is 0 * 2 + 1.
+    // Check 64 (the APIC off and on through IA32_APIC_BASE) needs the
+    // user-space MSR filter, which kvmsim doctor reports.
+    if !apic_base_filter() {
+        assert!(serial.contains("failed checks 00000040\n"), "{serial}");
+        return;
+    }
     assert_eq!(r.status, 1, "stderr:\n{}\nserial:\n{serial}", r.stderr);
     let exit = r.json("exit.json");
     assert_eq!(exit["cause"], "debug_exit", "{exit}");
@@ -57,6 +63,8 @@ fn multiboot_kernel_checks_its_boot_information() {
     );
     assert!(serial.contains("fw_cfg CPUs 00000001\n"), "{serial}");
     assert!(serial.contains("failed checks 00000000\n"), "{serial}");
+    // Check 64 passed: the guest's IA32_APIC_BASE writes reached the APIC
+    // (this host has the user-space MSR filter; see the next test).
     let c = r.json("config.json");
     let sys = &c["system"][0];
     assert_eq!(sys["platform"], "pc", "{sys}");
@@ -65,6 +73,20 @@ fn multiboot_kernel_checks_its_boot_information() {
         assert_eq!(sys["qemu"][s], true, "{s}: {sys}");
     }
     assert_eq!(r.stat("system.debugexit.writes"), 1);
+}
+
+/// Whether `kvmsim doctor` finds the user-space MSR filter on this host.
+fn apic_base_filter() -> bool {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["probe"] == "user-space MSR filter (IA32_APIC_BASE)" && f["ok"] == true)
 }
 
 #[test]
@@ -76,7 +98,7 @@ fn failed_checks_become_the_debug_exit_status() {
     if !kvm_or_skip("multiboot-fail") {
         return;
     }
-    // No command-line token (check 16), no module (32), no fw_cfg (64).
+    // No command-line token (check 8), no module (16), no fw_cfg (32).
     let (dir, cfg) = config(
         "multiboot-fail",
         "[sim]\nmax_time = \"10s\"\n[system]\nkernel = \"builtin:multiboot\"\n\
@@ -85,9 +107,9 @@ fn failed_checks_become_the_debug_exit_status() {
     let r = kvmsim(&["run", &cfg], &dir.join("out"));
     r.no_panic();
     let serial = r.file("serial.log");
-    assert!(serial.contains("failed checks 00000070\n"), "{serial}");
-    assert_eq!(r.status, (0x70 * 2 + 1) & 0xff, "stderr:\n{}", r.stderr);
-    assert_eq!(r.json("exit.json")["code"], 0x70 * 2 + 1);
+    assert!(serial.contains("failed checks 00000038\n"), "{serial}");
+    assert_eq!(r.status, 0x38 * 2 + 1, "stderr:\n{}", r.stderr);
+    assert_eq!(r.json("exit.json")["code"], 0x38 * 2 + 1);
     assert_eq!(r.json("config.json")["system"][0]["qemu"]["fw_cfg"], false);
 }
 

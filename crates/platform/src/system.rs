@@ -408,6 +408,17 @@ impl System {
         for &[base, size] in &sc.coalesced_mmio {
             vm.register_coalesced_mmio(base, size)?;
         }
+        // Local APICs (a PC, or several CPUs) learn of IA32_APIC_BASE
+        // writes where the host can tell (kvmsim doctor says).
+        if (sc.platform == "pc" || ncpus > 1)
+            && !vm.trap_apic_base_writes()?
+            && console::first_time("apic-base-filter")
+        {
+            tracing::warn!(
+                "this host's KVM has no user-space MSR filter: a guest that disables its local \
+                 APIC through IA32_APIC_BASE keeps kvmsim's APIC enabled"
+            );
+        }
         let mut vcpus = Vec::with_capacity(ncpus);
         for id in 0..ncpus {
             vcpus.push(vm.create_cpu(&VcpuSpec {

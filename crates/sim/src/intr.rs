@@ -35,6 +35,10 @@ pub trait InterruptController: Send {
     /// (x86: `mov %reg, %cr8`).
     fn set_task_priority(&mut self, _tpr: u8) {}
 
+    /// The guest wrote a model-specific register the controller owns (x86:
+    /// IA32_APIC_BASE, 0x1B), and the CPU accepted the value.
+    fn msr_written(&mut self, _index: u32, _value: u64) {}
+
     /// A one-line description of the controller's state (for samples and dumps).
     fn describe(&self) -> String {
         String::new()

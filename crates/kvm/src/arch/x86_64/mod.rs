@@ -261,9 +261,15 @@ impl Arch for X86_64 {
                 if exception {
                     vcpu.request_interrupt_window(true);
                     d.waiting = true;
-                } else if intc.take_nmi() {
-                    vcpu.nmi()?;
-                    d.injected += 1;
+                } else {
+                    // Every NMI waiting goes to KVM now (the controller
+                    // keeps at most two): KVM injects one and holds the
+                    // other until the guest's handler returns, as hardware
+                    // latches an NMI that arrives during one.
+                    while intc.take_nmi() {
+                        vcpu.nmi()?;
+                        d.injected += 1;
+                    }
                 }
             }
             Pending::Maskable => {
