@@ -478,3 +478,21 @@ fn every_pending_nmi_goes_to_kvm_before_one_entry() {
     assert_eq!(rig.cpu.vcpu().record().nmis, 2);
     assert_eq!(rig.intc.lock().unwrap().nmis, 0);
 }
+
+#[test]
+fn int_n_at_cpl0_is_completed_as_an_injected_interrupt() {
+    // `int 0x21` that KVM cannot emulate (eventinj of kvm-unit-tests), with
+    // a device interrupt pending (taken at the first entry): both reach the
+    // guest, one per entry, none discarded.
+    let mut rig = Rig::new(vec![
+        Step::new(100, VmExit::EmulationFailure(Some(vec![0xcd, 0x21]))),
+        Step::new(100, VmExit::IrqWindowOpen),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    rig.intc.lock().unwrap().pending.push_back(0x40);
+    rig.run(None, 100);
+    let rec = rig.cpu.vcpu().record().clone();
+    assert_eq!(rec.taken, vec![0x40, 0x21], "{rec:?}");
+    assert!(rec.discarded.is_empty(), "{rec:?}");
+    assert_eq!(rig.stat("system.cpu.completedInstructions::int-n"), 1.0);
+}

@@ -15,7 +15,7 @@ use crate::Result;
 
 /// The instructions kvmsim completes, by name (the index is the stat's).
 /// `syscall-entry` counts system calls whose broken entry was repaired.
-pub const SUPPORTED: &[&str] = &["int3", "syscall-entry", "fwait"];
+pub const SUPPORTED: &[&str] = &["int3", "syscall-entry", "fwait", "int-n"];
 /// Index of `syscall-entry` in [`SUPPORTED`].
 pub const SYSCALL_ENTRY: usize = 1;
 
@@ -81,6 +81,19 @@ pub fn complete(arch: &mut X86_64, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<
             ev.exception.has_error_code = 0;
             ev.exception.error_code = 0;
             Ok(Emulated::Completed(0))
+        }
+        Mnemonic::Int if arch.sregs(vcpu)?.cs.dpl == 0 => {
+            // `int n` at CPL0 (where every gate's DPL admits it): RIP after
+            // the instruction, vector n injected as an event (delivered
+            // whatever IF says, as a software interrupt is). At CPL3 the
+            // instruction runs natively and never gets here.
+            let vector = insn.immediate8();
+            arch.regs_mut(vcpu)?.rip = rip.wrapping_add(insn.len() as u64);
+            let ev = arch.events_mut(vcpu)?;
+            ev.interrupt.injected = 1;
+            ev.interrupt.nr = vector;
+            ev.interrupt.soft = 0;
+            Ok(Emulated::Completed(3))
         }
         Mnemonic::Wait => {
             // fwait: #NM if CR0.MP and CR0.TS; #MF if an unmasked x87

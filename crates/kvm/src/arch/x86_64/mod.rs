@@ -254,7 +254,9 @@ impl Arch for X86_64 {
         self.cr8_entry = cr8;
         // An exception kvmsim completed (pushed just now) is being injected:
         // an interrupt injected beside it would be lost or reordered.
-        let exception = self.events.valid && self.events.value.exception.injected != 0;
+        let exception = self.events.valid
+            && (self.events.value.exception.injected != 0
+                || self.events.value.interrupt.injected != 0);
         match intc.pending() {
             Pending::None => vcpu.request_interrupt_window(false),
             Pending::Nmi => {
