@@ -316,49 +316,54 @@ impl IoBus {
 
     /// Reads `data.len()` bytes at `addr`. Unclaimed: all-ones.
     pub fn read(&self, space: Space, addr: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
-        let found = self
-            .find(space, addr, data.len() as u64)
-            .and_then(|(base, m)| Some((base, m.device(ctx.cpu_index)?)));
-        match found {
-            Some((base, (dev, true))) => {
-                let mut clock = lock(&self.clock);
-                *clock = (*clock).max(ctx.now);
-                ctx.now = *clock;
-                let latency = lock(dev).read(space, addr - base, data, ctx);
-                self.shared_accesses
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                latency
-            }
-            Some((base, (dev, false))) => lock(dev).read(space, addr - base, data, ctx),
-            None => {
-                self.unclaimed(space).inc();
-                data.fill(0xff);
-                UNCLAIMED_LATENCY
-            }
-        }
+        let len = data.len() as u64;
+        self.access(space, addr, len, ctx, |dev, off, ctx| {
+            dev.read(space, off, data, ctx)
+        })
+        .unwrap_or_else(|| {
+            data.fill(0xff);
+            UNCLAIMED_LATENCY
+        })
     }
 
     /// Writes `data` at `addr`. Unclaimed: dropped.
     pub fn write(&self, space: Space, addr: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
+        self.access(space, addr, data.len() as u64, ctx, |dev, off, ctx| {
+            dev.write(space, off, data, ctx)
+        })
+        .unwrap_or(UNCLAIMED_LATENCY)
+    }
+
+    /// Hands an access of `len` bytes at `addr` to the device that claims
+    /// it (`f` gets the device, the offset and the context): a shared
+    /// device under the device clock (see the type's description), a
+    /// banked one at the calling CPU's own time. `None` (counted) if no
+    /// device claims it.
+    fn access(
+        &self,
+        space: Space,
+        addr: u64,
+        len: u64,
+        ctx: &mut AccessCtx,
+        f: impl FnOnce(&mut dyn BusDevice, u64, &mut AccessCtx) -> Tick,
+    ) -> Option<Tick> {
         let found = self
-            .find(space, addr, data.len() as u64)
+            .find(space, addr, len)
             .and_then(|(base, m)| Some((base, m.device(ctx.cpu_index)?)));
-        match found {
-            Some((base, (dev, true))) => {
-                let mut clock = lock(&self.clock);
-                *clock = (*clock).max(ctx.now);
-                ctx.now = *clock;
-                let latency = lock(dev).write(space, addr - base, data, ctx);
-                self.shared_accesses
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                latency
-            }
-            Some((base, (dev, false))) => lock(dev).write(space, addr - base, data, ctx),
-            None => {
-                self.unclaimed(space).inc();
-                UNCLAIMED_LATENCY
-            }
+        let Some((base, (dev, shared))) = found else {
+            self.unclaimed(space).inc();
+            return None;
+        };
+        if !shared {
+            return Some(f(&mut *lock(dev), addr - base, ctx));
         }
+        let mut clock = lock(&self.clock);
+        *clock = (*clock).max(ctx.now);
+        ctx.now = *clock;
+        let latency = f(&mut *lock(dev), addr - base, ctx);
+        self.shared_accesses
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Some(latency)
     }
 }
 
