@@ -65,15 +65,7 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     };
     let r = boot("linux-boot", &dir, &[]);
     let console = r.file("serial.log");
-    let tail: String = console
-        .lines()
-        .rev()
-        .take(30)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = last_lines(&console, 30);
     assert_eq!(
         r.status, 0,
         "stderr:\n{}\nconsole (last lines):\n{tail}",
@@ -317,15 +309,7 @@ fn debian_kernel_boots_on_two_cpus_and_runs_a_process_on_each() {
     };
     let r = boot("linux-smp", &dir, &["--cpus", "2"]);
     let console = r.file("serial.log");
-    let tail: String = console
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = last_lines(&console, 40);
     assert_eq!(
         r.status, 0,
         "stderr:\n{}\nconsole (last lines):\n{tail}",
