@@ -553,7 +553,10 @@ pub fn ckpt_state(data: &[u8]) {
     match ckpt::decode_state(path, data) {
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("fuzz/state.ckpt"), "error {msg:?} does not name the file");
+            assert!(
+                msg.contains("fuzz/state.ckpt"),
+                "error {msg:?} does not name the file"
+            );
         }
         Ok(state) => {
             assert!(!state.systems.is_empty());
