@@ -67,7 +67,42 @@ pub trait BusDevice: Send {
     fn read(&mut self, space: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick;
     /// Takes a write at `offset` and returns the latency in ticks.
     fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick;
+
+    /// The device's whole state for a checkpoint, taken at a drained point
+    /// (no access in flight): everything a guest could observe later and
+    /// every pending deadline (as absolute ticks; a restore continues at the
+    /// checkpoint's tick). `None`: the device keeps no saved state, which a
+    /// checkpoint refuses, naming the device. A device without state of
+    /// its own returns `Some(Value::Null)`.
+    fn save(&self) -> Option<SavedState> {
+        None
+    }
+
+    /// Puts back what [`BusDevice::save`] returned, into a device built from
+    /// the same configuration. The state comes from a file: anything
+    /// malformed or out of range is an error naming the field, never a
+    /// panic, and leaves the device as it was.
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let _ = state;
+        Err(RestoreError("this device keeps no saved state".into()))
+    }
+
+    /// The device that owns this one's state: itself, or, for a device
+    /// reached through another range ([`Rebased`]), the device behind it.
+    /// A checkpoint saves each owner once ([`IoBus::state_owners`]).
+    fn state_owner(&self) -> usize {
+        (self as *const Self).cast::<()>() as usize
+    }
 }
+
+/// A device's saved state in a checkpoint: self-describing (serde JSON),
+/// so a field that is missing, unknown or out of range can be named.
+pub type SavedState = serde_json::Value;
+
+/// Why a device refused a saved state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RestoreError(pub String);
 
 /// A shared handle to a device.
 pub type DeviceHandle = Arc<Mutex<dyn BusDevice>>;
@@ -86,6 +121,15 @@ impl BusDevice for Rebased {
     }
     fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
         lock(&self.dev).write(space, offset.wrapping_add(self.add), data, ctx)
+    }
+    fn save(&self) -> Option<SavedState> {
+        lock(&self.dev).save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        lock(&self.dev).restore(state)
+    }
+    fn state_owner(&self) -> usize {
+        lock(&self.dev).state_owner()
     }
 }
 
@@ -141,6 +185,8 @@ struct Mapping {
     name: String,
     /// One device, or one per CPU (chosen by [`AccessCtx::cpu_index`]).
     devs: Vec<DeviceHandle>,
+    /// How many of `devs` are real devices (the rest answer as unclaimed).
+    real: usize,
 }
 
 impl Mapping {
@@ -238,9 +284,10 @@ impl IoBus {
             // One bank: the CPU index must still select it (CPU 0 only).
             let mut devs = devs;
             devs.push(Arc::new(Mutex::new(Absent)));
-            return self.insert_devs(space, base, len, name, devs);
+            return self.insert_devs(space, base, len, name, devs, 1);
         }
-        self.insert_devs(space, base, len, name, devs)
+        let real = devs.len();
+        self.insert_devs(space, base, len, name, devs, real)
     }
 
     /// Attaches `dev` at `[base, base+len)` in `space`.
@@ -252,7 +299,7 @@ impl IoBus {
         name: &str,
         dev: DeviceHandle,
     ) -> Result<(), BusError> {
-        self.insert_devs(space, base, len, name, vec![dev])
+        self.insert_devs(space, base, len, name, vec![dev], 1)
     }
 
     fn insert_devs(
@@ -262,6 +309,7 @@ impl IoBus {
         len: u64,
         name: &str,
         devs: Vec<DeviceHandle>,
+        real: usize,
     ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
@@ -291,6 +339,7 @@ impl IoBus {
                 end,
                 name: name.into(),
                 devs,
+                real,
             },
         );
         Ok(())
@@ -300,6 +349,42 @@ impl IoBus {
         let (&(s, base), m) = self.maps.range(..=(space, addr)).next_back()?;
         let last = addr.checked_add(len.max(1) - 1)?;
         (s == space && last < m.end).then_some((base, m))
+    }
+
+    /// Every device whose state a checkpoint holds, once each, named by
+    /// its first range's name (`name`, or `name.K` for bank K of a per-CPU
+    /// device), in address order (port IO first). A device reached through
+    /// several ranges ([`Rebased`]) appears once, under its first range;
+    /// the banks of a per-CPU device that answer no CPU are left out.
+    pub fn state_owners(&self) -> Vec<(String, DeviceHandle)> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for m in self.maps.values() {
+            let banked = m.devs.len() > 1;
+            for (k, dev) in m.devs.iter().enumerate() {
+                let owner = lock(dev).state_owner();
+                if !seen.insert(owner) {
+                    continue;
+                }
+                let name = if banked {
+                    format!("{}.{k}", m.name)
+                } else {
+                    m.name.clone()
+                };
+                if k >= m.real {
+                    // The placeholder bank of a single-CPU per-CPU device.
+                    continue;
+                }
+                out.push((name, dev.clone()));
+            }
+        }
+        out
+    }
+
+    /// Sets the device clock (the latest tick a shared device has seen):
+    /// a restore continues at the checkpoint's tick.
+    pub fn set_device_time(&self, now: Tick) {
+        *lock(&self.clock) = now;
     }
 
     /// The name of the device that claims `addr`, if any.
@@ -377,6 +462,12 @@ impl BusDevice for Absent {
     }
     fn write(&mut self, _: Space, _: u64, _: &[u8], _: &mut AccessCtx) -> Tick {
         UNCLAIMED_LATENCY
+    }
+    fn save(&self) -> Option<SavedState> {
+        Some(SavedState::Null)
+    }
+    fn restore(&mut self, _: &SavedState) -> Result<(), RestoreError> {
+        Ok(())
     }
 }
 
@@ -555,6 +646,28 @@ mod tests {
             service_tick(Some(Tick::MAX - 1), Tick::MAX),
             Some(Tick::MAX)
         );
+    }
+
+    #[test]
+    fn state_owners_once_each_with_banks_named() {
+        let mut stats = Stats::new();
+        let mut bus = IoBus::new(&mut stats, "t").unwrap();
+        let a = probe(1);
+        bus.insert(Space::Pio, 0x60, 1, "kbd", a.clone()).unwrap();
+        let again: DeviceHandle = Arc::new(Mutex::new(Rebased {
+            dev: a.clone(),
+            add: 4,
+        }));
+        bus.insert(Space::Pio, 0x64, 1, "kbd-cmd", again).unwrap();
+        bus.insert_banked(Space::Mmio, 0x1000, 0x10, "apic", vec![probe(1), probe(1)])
+            .unwrap();
+        bus.insert_banked(Space::Mmio, 0x2000, 0x10, "one", vec![probe(1)])
+            .unwrap();
+        let names: Vec<String> = bus.state_owners().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["kbd", "apic.0", "apic.1", "one.0"]);
+        // A device without saved state says so.
+        assert_eq!(lock(&a).save(), None);
+        assert!(lock(&a).restore(&SavedState::Null).is_err());
     }
 
     #[test]

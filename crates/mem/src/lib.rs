@@ -11,6 +11,6 @@ pub mod ram;
 
 pub use bus::{
     lock, service_tick, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus, Rebased,
-    Space, TimedDevice, TimedHandle,
+    RestoreError, SavedState, Space, TimedDevice, TimedHandle,
 };
 pub use ram::{GuestRam, MemoryMap, RamError, Region};
