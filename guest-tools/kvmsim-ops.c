@@ -10,6 +10,7 @@
  *   kvmsim-ops dumpstats [delay [period]]
  *   kvmsim-ops resetstats [delay [period]]
  *   kvmsim-ops dumpresetstats [delay [period]]
+ *   kvmsim-ops checkpoint [delay [period]]   (gem5's `m5 checkpoint`)
  *   kvmsim-ops workbegin id [thread]
  *   kvmsim-ops workend id [thread]
  *   kvmsim-ops sum a b c d e f         prints the sum (checks the ABI)
@@ -51,7 +52,7 @@ static uint64_t arg(int argc, char **argv, int i, uint64_t dflt)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s exit|fail|dumpstats|resetstats|dumpresetstats|workbegin|workend|sum [args]\n", argv[0]);
+        fprintf(stderr, "usage: %s exit|fail|dumpstats|resetstats|dumpresetstats|checkpoint|workbegin|workend|sum [args]\n", argv[0]);
         return 2;
     }
     int fd = open("/dev/mem", O_RDWR | O_SYNC);
@@ -76,6 +77,8 @@ int main(int argc, char **argv)
         simop(0x41, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
     else if (!strcmp(c, "dumpresetstats"))
         simop(0x42, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
+    else if (!strcmp(c, "checkpoint"))
+        simop(0x43, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
     else if (!strcmp(c, "workbegin"))
         simop(0x5a, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
     else if (!strcmp(c, "workend"))

@@ -53,7 +53,7 @@ use vm_memory::{
 pub const MAGIC: [u8; 8] = *b"KVMSIMCP";
 /// The format this kvmsim writes and the only one it reads. Raise it with
 /// every change of [`CheckpointState`] or of the folder's layout.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file's name in the folder.
 pub const STATE_FILE: &str = "state.ckpt";
 /// The state file's header length.
@@ -134,6 +134,10 @@ pub struct SystemState {
     pub cpus: Vec<kvm::CpuSaved>,
     /// Each device's saved state, by the device's name.
     pub devices: BTreeMap<String, serde_json::Value>,
+    /// The simulator's side of the system (its event queues with every
+    /// pending event, each CPU's place in simulated time, the statistics),
+    /// as the platform layer describes it.
+    pub sim: serde_json::Value,
 }
 
 /// A system's RAM in the folder.

@@ -50,6 +50,7 @@ fn sample() -> CheckpointState {
             },
             cpus: vec![cpu("system.cpu0"), cpu("system.cpu1")],
             devices: BTreeMap::from([("uart".into(), serde_json::json!({"lcr": 3}))]),
+            sim: serde_json::Value::Null,
         }],
     }
 }

@@ -110,6 +110,7 @@ fn a_checkpointed_guest_continues_on_its_mapped_ram_in_a_fresh_vm() {
                 min_span: 0,
             }],
             devices: Default::default(),
+            sim: serde_json::Value::Null,
         }],
     };
     ckpt::write_state(&dir.0, &state).unwrap();

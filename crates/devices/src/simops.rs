@@ -26,6 +26,7 @@ pub mod func {
     pub const RESET_STATS: u8 = 0x40;
     pub const DUMP_STATS: u8 = 0x41;
     pub const DUMP_RESET_STATS: u8 = 0x42;
+    pub const CHECKPOINT: u8 = 0x43;
     pub const WORK_BEGIN: u8 = 0x5a;
     pub const WORK_END: u8 = 0x5b;
 }
@@ -132,6 +133,13 @@ impl SimOps {
                     delay: ns_to_ticks(args[0]),
                     period: ns_to_ticks(args[1]),
                     reset: func == func::DUMP_RESET_STATS,
+                });
+                0
+            }
+            func::CHECKPOINT => {
+                ctx.requests.push(Request::Checkpoint {
+                    delay: ns_to_ticks(args[0]),
+                    period: ns_to_ticks(args[1]),
                 });
                 0
             }
@@ -274,6 +282,20 @@ mod tests {
         );
         let (_, r) = op(&mut d, 5, func::FAIL, [0, 3, 0, 0, 0, 0]);
         assert_eq!(r, vec![Request::Exit { delay: 0, code: 3 }]);
+    }
+
+    #[test]
+    fn checkpoint_asks_for_one_after_the_delay_then_every_period() {
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        let (_, r) = op(&mut d, 5, func::CHECKPOINT, [10, 2000, 0, 0, 0, 0]);
+        assert_eq!(
+            r,
+            vec![Request::Checkpoint {
+                delay: 10 * TICKS_PER_NS,
+                period: 2000 * TICKS_PER_NS
+            }]
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a simulation from a config file, or from --kernel.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the built-in guests, or write them out as ELF files.
     Guests {
         /// Write every built-in guest to DIR/NAME.elf.
@@ -107,6 +107,18 @@ struct RunArgs {
     /// (N or N@TIME, e.g. 5000@120s; overrides the config).
     #[arg(long, value_name = "N[@TIME]")]
     trace: Option<String>,
+    /// Take a checkpoint at this simulated time, into OUTDIR/cpt.TICK
+    /// (overrides the config's sim.checkpoint_at).
+    #[arg(long, value_name = "TIME")]
+    checkpoint_at: Option<String>,
+    /// End the run once a checkpoint is taken (sim.checkpoint_exit).
+    #[arg(long)]
+    checkpoint_exit: bool,
+    /// Restore the checkpoint in DIR and run on from its simulated time.
+    /// The config comes from the checkpoint; --max-time, --outdir,
+    /// --quiet, --no-stdin and the checkpoint flags may change it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "memory", "cpus", "initrd", "append", "disks", "args", "trace"])]
+    restore: Option<PathBuf>,
 }
 
 /// `kvmsim bench`: every figure, or one of them.
@@ -245,7 +257,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let code = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Guests { extract } => guests_cmd(extract),
         Command::Doctor { json } => doctor(json),
         Command::Bench(b) => match bench_cmd(b) {
@@ -302,13 +314,21 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
     status::SIM_ERROR
 }
 
-/// Builds the config from the file and the flags.
-fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
+/// Builds the config from the file (or the checkpoint) and the flags.
+fn make_config(
+    a: &RunArgs,
+) -> Result<(Config, Option<platform::simulation::Checkpoint>), PlatformError> {
     let cli = Path::new("command line");
-    let mut cfg = match (&a.config, &a.kernel) {
-        (Some(path), _) => Config::load(path)?,
-        (None, Some(k)) => Config::for_kernel(k),
-        (None, None) => {
+    let restore = a
+        .restore
+        .as_deref()
+        .map(platform::simulation::Checkpoint::read)
+        .transpose()?;
+    let mut cfg = match (&restore, &a.config, &a.kernel) {
+        (Some(c), _, _) => c.config.clone(),
+        (None, Some(path), _) => Config::load(path)?,
+        (None, None, Some(k)) => Config::for_kernel(k),
+        (None, None, None) => {
             return Err(PlatformError::Setup(
                 "nothing to run: give a config file (kvmsim run CONFIG.toml) or --kernel FILE"
                     .into(),
@@ -336,6 +356,14 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
         cfg.sim.max_time = Some(Duration(
             platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
         ));
+    }
+    if let Some(t) = &a.checkpoint_at {
+        cfg.sim.checkpoint_at = Some(Duration(
+            platform::units::parse_duration(t).map_err(|e| bad("--checkpoint-at", t, e))?,
+        ));
+    }
+    if a.checkpoint_exit {
+        cfg.sim.checkpoint_exit = true;
     }
     let trace = a
         .trace
@@ -369,14 +397,30 @@ fn make_config(a: &RunArgs) -> Result<Config, PlatformError> {
             s.serial.stdin = false;
         }
     }
-    let source = a.config.as_deref().unwrap_or(cli);
+    let source = a.restore.as_deref().or(a.config.as_deref()).unwrap_or(cli);
     cfg.validate(source)?;
+    if let Some(c) = &restore {
+        if let Some(max) = cfg.sim.max_time.filter(|m| m.0 < c.state.tick) {
+            return Err(bad(
+                "--max-time",
+                &format!("{} ticks", max.0),
+                format!(
+                    "the checkpoint is at tick {}: the limit must not lie before it",
+                    c.state.tick
+                ),
+            )
+            .into());
+        }
+        // A restore maps its RAM from the checkpoint: it needs no more host
+        // memory than the pages the guest touches.
+        return Ok((cfg, restore));
+    }
     if let Some(host) = platform::config::HostMemory::probe() {
         if let Some(warning) = cfg.check_host_memory(&host, source)? {
             tracing::warn!("{warning}");
         }
     }
-    Ok(cfg)
+    Ok((cfg, None))
 }
 
 /// The run was interrupted before it started: nothing was written.
@@ -391,12 +435,14 @@ fn run(a: RunArgs) -> i32 {
     platform::console::install_interrupt_handler();
     let interrupted = platform::console::interrupted;
     // Every input is checked before the output folder is touched.
-    let mut cfg = match make_config(&a) {
+    let (mut cfg, restore) = match make_config(&a) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    if let Err(e) = Simulation::check_inputs(&cfg) {
-        return fail(e);
+    if restore.is_none() {
+        if let Err(e) = Simulation::check_inputs(&cfg) {
+            return fail(e);
+        }
     }
     if interrupted() {
         return interrupted_in_setup();
@@ -408,7 +454,11 @@ fn run(a: RunArgs) -> i32 {
         Err(e) => return fail(e),
     };
     let host_start = Instant::now();
-    let mut simulation = match Simulation::build(&mut cfg, out.clone()) {
+    let built = match &restore {
+        None => Simulation::build(&mut cfg, out.clone()),
+        Some(c) => Simulation::restore(&mut cfg, out.clone(), c),
+    };
+    let mut simulation = match built {
         Ok(s) => s,
         Err(_) if interrupted() => return interrupted_in_setup(),
         Err(e) => return fail(e),
@@ -423,6 +473,7 @@ fn run(a: RunArgs) -> i32 {
     let resolved = serde_json::json!({
         "kvmsim_version": env!("CARGO_PKG_VERSION"),
         "config_file": a.config.as_ref().map(|p| p.display().to_string()),
+        "restored_from": a.restore.as_ref().map(|p| p.display().to_string()),
         "sim": cfg.sim,
         "system": cfg.system,
         "link": cfg.link,

@@ -62,6 +62,7 @@ fn write_checkpoint(dir: &std::path::Path) {
                 .map(|c| cpu(&format!("system{i}.cpu{c}"), c == 1))
                 .collect(),
             devices: BTreeMap::from([("uart".to_string(), serde_json::json!({}))]),
+            sim: serde_json::Value::Null,
         });
     }
     ckpt::write_state(

@@ -78,6 +78,13 @@ pub struct SimConfig {
     /// faults (default: run until every system has exited).
     #[serde(default)]
     pub stop_on_fault: bool,
+    /// Take a checkpoint at this simulated time (into OUTDIR/cpt.TICK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_at: Option<Duration>,
+    /// End the run once a checkpoint is taken (exit cause "checkpoint",
+    /// status 0); by default the run goes on after it.
+    #[serde(default)]
+    pub checkpoint_exit: bool,
 }
 
 /// One simulated system.

@@ -57,6 +57,12 @@ pub enum PlatformError {
     Schedule(#[from] sim::ScheduleError),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Ckpt(#[from] ckpt::CkptError),
+    /// A checkpoint could not be taken, or does not fit what it is
+    /// restored into.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 impl From<input::InputError> for PlatformError {
@@ -107,6 +113,7 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         ExitCause::UserInterrupt => status::USER_INTERRUPT,
         // The system that ended the run decides the status.
         ExitCause::Stopped => status::OK,
+        ExitCause::Checkpoint => status::OK,
     }
 }
 

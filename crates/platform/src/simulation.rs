@@ -49,11 +49,75 @@ pub struct Simulation {
     quantum: Tick,
     stop_on_fault: bool,
     out: OutDir,
+    /// The resolved configuration (what a checkpoint keeps).
+    config: Config,
+    /// Checkpoints taken so far (their folders).
+    checkpoints: Vec<std::path::PathBuf>,
+}
+
+/// How a run of the threads ended.
+pub(crate) enum RunEnd {
+    /// Every system ended: one exit each.
+    Exits(Vec<ExitEvent>),
+    /// Every system drained for a checkpoint; the run can resume.
+    Checkpoint,
+}
+
+/// A checkpoint's config and state, read and checked.
+pub struct Checkpoint {
+    pub dir: std::path::PathBuf,
+    pub state: ckpt::CheckpointState,
+    /// The run's resolved configuration, as the checkpoint holds it.
+    pub config: Config,
+}
+
+impl Checkpoint {
+    /// Reads checkpoint folder `dir`.
+    pub fn read(dir: &std::path::Path) -> Result<Self, PlatformError> {
+        let state = ckpt::read_state(dir)?;
+        let config: Config = serde_json::from_value(state.config.clone()).map_err(|e| {
+            PlatformError::Checkpoint(format!(
+                "{}: the saved configuration does not parse: {e}",
+                dir.join(ckpt::STATE_FILE).display()
+            ))
+        })?;
+        if config.system.len() != state.systems.len() {
+            return Err(PlatformError::Checkpoint(format!(
+                "{}: the saved configuration has {} systems, the checkpoint {}",
+                dir.join(ckpt::STATE_FILE).display(),
+                config.system.len(),
+                state.systems.len()
+            )));
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            state,
+            config,
+        })
+    }
 }
 
 impl Simulation {
     /// Builds every system of `cfg` (filling in host-dependent defaults).
     pub fn build(cfg: &mut Config, out: OutDir) -> Result<Self, PlatformError> {
+        Self::build_from(cfg, out, None)
+    }
+
+    /// Builds every system of checkpoint `from` with its saved state;
+    /// `cfg` is the checkpoint's configuration with the run's overrides.
+    pub fn restore(
+        cfg: &mut Config,
+        out: OutDir,
+        from: &Checkpoint,
+    ) -> Result<Self, PlatformError> {
+        Self::build_from(cfg, out, Some(from))
+    }
+
+    fn build_from(
+        cfg: &mut Config,
+        out: OutDir,
+        from: Option<&Checkpoint>,
+    ) -> Result<Self, PlatformError> {
         let names = cfg.system_names();
         let n = cfg.system.len();
         let mut ends: Vec<Vec<LinkEnd>> = vec![Vec::new(); n];
@@ -81,13 +145,22 @@ impl Simulation {
             if crate::console::interrupted() {
                 return Err(PlatformError::Interrupted);
             }
-            systems.push(System::build_named(
-                &names[i],
-                sc,
-                &sim,
-                &ends[i],
-                out.clone(),
-            )?);
+            let sys = match from {
+                None => System::build_named(&names[i], sc, &sim, &ends[i], out.clone())?,
+                Some(c) => {
+                    let state = c.state.systems.get(i).filter(|s| s.name == names[i]);
+                    let state = state.ok_or_else(|| {
+                        PlatformError::Checkpoint(format!(
+                            "{}: no saved state for system {}",
+                            c.dir.display(),
+                            names[i]
+                        ))
+                    })?;
+                    let r = crate::system::Restore { dir: &c.dir, state };
+                    System::build_restored(&names[i], sc, &sim, &ends[i], out.clone(), &r)?
+                }
+            };
+            systems.push(sys);
         }
         Ok(Simulation {
             names,
@@ -96,7 +169,51 @@ impl Simulation {
             quantum,
             stop_on_fault: sim.stop_on_fault,
             out,
+            config: cfg.clone(),
+            checkpoints: Vec::new(),
         })
+    }
+
+    /// The checkpoints this run took (their folders), in order.
+    pub fn checkpoints(&self) -> &[std::path::PathBuf] {
+        &self.checkpoints
+    }
+
+    /// Writes a checkpoint of every system (all drained) into
+    /// OUTDIR/cpt.TICK; returns its folder.
+    fn take_checkpoint(&mut self) -> Result<std::path::PathBuf, PlatformError> {
+        let start = std::time::Instant::now();
+        let tick = self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0);
+        let dir = self.out.file(&format!("cpt.{tick}"));
+        ckpt::create_dir(&dir)?;
+        let mut states = Vec::with_capacity(self.systems.len());
+        let mut pages = 0;
+        for (i, s) in self.systems.iter_mut().enumerate() {
+            let (st, w) = s.save(&dir, i)?;
+            pages += w.pages_written;
+            states.push(st);
+        }
+        let config = serde_json::to_value(&self.config)
+            .map_err(|e| PlatformError::Checkpoint(format!("saving the configuration: {e}")))?;
+        let bytes = ckpt::write_state(
+            &dir,
+            &ckpt::CheckpointState {
+                kvmsim_version: env!("CARGO_PKG_VERSION").into(),
+                tick,
+                config,
+                systems: states,
+            },
+        )?;
+        tracing::info!(
+            "checkpoint at tick {tick} ({:.6} s simulated) written to {} ({} RAM pages, state {}              bytes, {:.0} ms)",
+            sim::tick::ticks_to_seconds(tick),
+            dir.display(),
+            pages,
+            bytes,
+            start.elapsed().as_secs_f64() * 1e3
+        );
+        self.checkpoints.push(dir.clone());
+        Ok(dir)
     }
 
     /// Checks, before anything is built or written, that every system's
@@ -130,15 +247,44 @@ impl Simulation {
 
     /// Runs every system to its exit; returns one exit per system.
     pub fn run(&mut self) -> Result<Vec<ExitEvent>, PlatformError> {
-        if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
-            return Ok(vec![self.systems[0].run()?]);
+        loop {
+            let end = if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
+                match self.systems[0].run_until_checkpoint()? {
+                    Some(exit) => RunEnd::Exits(vec![exit]),
+                    None => RunEnd::Checkpoint,
+                }
+            } else {
+                run_threads(
+                    &mut self.systems,
+                    self.quantum,
+                    self.stop_on_fault,
+                    Some(&self.route),
+                )?
+            };
+            match end {
+                RunEnd::Exits(exits) => return Ok(exits),
+                RunEnd::Checkpoint => {
+                    let dir = self.take_checkpoint()?;
+                    if self.config.sim.checkpoint_exit {
+                        return Ok(self
+                            .systems
+                            .iter()
+                            .map(|s| {
+                                ExitEvent::new(
+                                    ExitCause::Checkpoint,
+                                    0,
+                                    s.cur_tick(),
+                                    format!("checkpoint written to {}", dir.display()),
+                                )
+                            })
+                            .collect());
+                    }
+                    for s in &mut self.systems {
+                        s.resume_after_checkpoint();
+                    }
+                }
+            }
         }
-        run_threads(
-            &mut self.systems,
-            self.quantum,
-            self.stop_on_fault,
-            Some(&self.route),
-        )
     }
 
     /// The process status for `exits`: the first failing system's (earliest
@@ -181,6 +327,12 @@ struct Run<'a> {
     /// Each thread's (system, next activity tick or `u64::MAX` for none),
     /// published before the window's first barrier.
     next: Vec<(usize, AtomicU64)>,
+    /// Per system, published by its CPU 0 thread before the first barrier:
+    /// a checkpoint was asked for, and every CPU drained for it.
+    ckpt_asked: Vec<AtomicBool>,
+    ckpt_ready: Vec<AtomicBool>,
+    /// The run stopped for a checkpoint.
+    stopped_for_checkpoint: AtomicBool,
 }
 
 impl Run<'_> {
@@ -236,8 +388,13 @@ pub(crate) fn run_threads(
     quantum: Tick,
     stop_on_fault: bool,
     route: Option<&Route>,
-) -> Result<Vec<ExitEvent>, PlatformError> {
+) -> Result<RunEnd, PlatformError> {
     let n = systems.len();
+    // A run resumed after a checkpoint (or restored from one) starts with
+    // the window that holds the furthest any queue has come.
+    // the window that holds the least far any system has come (a system
+    // further on waits in the windows before its time).
+    let start = systems.iter().map(|s| s.cur_tick()).min().unwrap_or(0) / quantum.max(1);
     let threads: usize = systems.iter().map(|s| s.cpu_count()).sum();
     let next = systems
         .iter()
@@ -254,6 +411,9 @@ pub(crate) fn run_threads(
         stop: AtomicBool::new(false),
         results: (0..n).map(|_| Mutex::new(None)).collect(),
         next,
+        ckpt_asked: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        ckpt_ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        stopped_for_checkpoint: AtomicBool::new(false),
     };
     let mut slot = 0;
     std::thread::scope(|scope| {
@@ -267,7 +427,7 @@ pub(crate) fn run_threads(
                 handles.push(
                     std::thread::Builder::new()
                         .name(name)
-                        .spawn_scoped(scope, move || run_windows(i, me, t, run))
+                        .spawn_scoped(scope, move || run_windows(i, me, t, run, start))
                         .expect("spawning a CPU thread"),
                 );
             }
@@ -278,6 +438,9 @@ pub(crate) fn run_threads(
             }
         }
     });
+    if run.stopped_for_checkpoint.load(Ordering::SeqCst) {
+        return Ok(RunEnd::Checkpoint);
+    }
     let mut exits = Vec::with_capacity(n);
     for (i, sys) in systems.iter().enumerate() {
         let r = run.results[i]
@@ -298,16 +461,16 @@ pub(crate) fn run_threads(
             ),
         });
     }
-    Ok(exits)
+    Ok(RunEnd::Exits(exits))
 }
 
 /// The body of the thread of CPU `t` of system `me` (thread number
 /// `slot` of the run).
-fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
+fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, start: u64) {
     let n = run.inboxes.len();
     let lead = t.index() == 0;
     let mut seq = 0u64;
-    let mut window: u64 = 0;
+    let mut window: u64 = start;
     let finish = |r: Result<ExitEvent, PlatformError>, t: &CpuThread<'_>| {
         if t.mark_exited() {
             let stop = match &r {
@@ -365,14 +528,35 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>) {
         run.next[slot]
             .1
             .store(next.unwrap_or(Tick::MAX), Ordering::Release);
+        if lead {
+            let live = !t.system_exited();
+            run.ckpt_asked[me].store(live && t.checkpoint_pending(), Ordering::Release);
+            run.ckpt_ready[me].store(!live || t.checkpoint_ready(), Ordering::Release);
+        }
         // Everyone has finished window `window` and posted its messages.
         run.barrier.wait();
         let (halted, skip_to) = run.plan(window, end);
         let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
+        let asked = run.ckpt_asked.iter().any(|a| a.load(Ordering::Acquire));
+        // A checkpoint holds every system: once one asks, all drain, and the
+        // run stops when every live one has.
+        let checkpoint =
+            !finished && asked && run.ckpt_ready.iter().all(|r| r.load(Ordering::Acquire));
         // Everyone has read the decision before anyone changes it.
         run.barrier.wait();
         if finished {
             break;
+        }
+        if checkpoint {
+            if slot == 0 {
+                run.stopped_for_checkpoint.store(true, Ordering::SeqCst);
+            }
+            break;
+        }
+        if asked && lead && !t.system_exited() {
+            if let Err(e) = t.request_checkpoint() {
+                finish(Err(e), &t);
+            }
         }
         if lead && halted[me] && !t.system_exited() {
             // Counted at the next window's barrier, like any other end.
@@ -437,6 +621,9 @@ mod tests {
             stop: AtomicBool::new(false),
             results: (0..systems).map(|_| Mutex::new(None)).collect(),
             next: next.iter().map(|&(s, t)| (s, AtomicU64::new(t))).collect(),
+            ckpt_asked: (0..systems).map(|_| AtomicBool::new(false)).collect(),
+            ckpt_ready: (0..systems).map(|_| AtomicBool::new(false)).collect(),
+            stopped_for_checkpoint: AtomicBool::new(false),
         }
     }
 

@@ -65,8 +65,12 @@ const STARTUP_PRI: i32 = i32::MIN;
 /// next window).
 const WINDOW_PRI: i32 = i32::MIN + 1;
 
+mod snapshot;
+pub use snapshot::Restore;
+
 /// Events of the system's queue: the shared devices and the simulator.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum SysEvent {
     /// A shared timed device's deadline (index into `Core::timed`).
     Device(usize),
@@ -95,10 +99,16 @@ enum SysEvent {
         port: u32,
         data: u64,
     },
+    /// Take a checkpoint (then again every `period` if non-zero): drain
+    /// every CPU, then stop the run for the checkpoint to be written.
+    Checkpoint {
+        period: Tick,
+    },
 }
 
 /// Events of a CPU's queue.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum CpuEvent {
     /// Per-thread CPU setup, on the thread that runs this queue.
     Startup,
@@ -116,7 +126,8 @@ enum CpuEvent {
 }
 
 /// What another thread sends a CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Arrival {
     /// An interrupt was delivered to the CPU's APIC: wake it if it halted.
     Wake,
@@ -136,7 +147,7 @@ pub struct LinkEnd {
 }
 
 /// A value sent out of a link port, to arrive at `at`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outgoing {
     pub port: u32,
     pub at: Tick,
@@ -166,6 +177,8 @@ struct Core {
     periodic_dump: Option<EventId>,
     periodic_reset: Option<EventId>,
     draining: bool,
+    /// The drain under way ends in a checkpoint.
+    checkpoint_pending: bool,
     drains: Counter,
     mailboxes: Vec<Arc<Mutex<Mailbox>>>,
     outgoing: Vec<Outgoing>,
@@ -185,6 +198,9 @@ struct Shared {
     exited: AtomicBool,
     /// CPUs drained in the drain under way.
     drained: std::sync::atomic::AtomicUsize,
+    /// Every CPU drained for a checkpoint: the threads stop running until
+    /// it is written and the system resumed.
+    ckpt_ready: AtomicBool,
     ipis_sent: Counter,
 }
 
@@ -350,14 +366,50 @@ impl System {
         links: &[LinkEnd],
         out: OutDir,
     ) -> Result<System, PlatformError> {
+        Self::build_inner(name, sc, sim, links, out, None)
+    }
+
+    /// Builds system `name` from a checkpoint: `sc` is the checkpoint's
+    /// resolved config of the system; its RAM is the checkpoint's RAM file
+    /// mapped copy-on-write (no kernel is loaded, no boot state written),
+    /// and every CPU, device, event and statistic is set as saved.
+    pub fn build_restored(
+        name: &str,
+        sc: &mut SystemConfig,
+        sim: &SimConfig,
+        links: &[LinkEnd],
+        out: OutDir,
+        from: &Restore<'_>,
+    ) -> Result<System, PlatformError> {
+        let mut sys = Self::build_inner(name, sc, sim, links, out, Some(from))?;
+        sys.restore(from, sim)?;
+        Ok(sys)
+    }
+
+    fn build_inner(
+        name: &str,
+        sc: &mut SystemConfig,
+        sim: &SimConfig,
+        links: &[LinkEnd],
+        out: OutDir,
+        from: Option<&Restore<'_>>,
+    ) -> Result<System, PlatformError> {
         let name = name.to_string();
         let ncpus = sc.cpus.clamp(1, crate::config::MAX_CPUS) as usize;
-        let image = read_image(&sc.kernel)?;
+        let restoring = from.is_some();
+        // A restored system's kernel is in its RAM already.
+        let image = if restoring {
+            Vec::new()
+        } else {
+            read_image(&sc.kernel)?
+        };
         // A Multiboot header in the first 8 KiB (and no bzImage): entered
         // in 32-bit protected mode on a PC (crate::multiboot).
-        let is_multiboot =
-            !crate::linux::is_bzimage(&image) && crate::multiboot::is_multiboot(&image);
-        let is_linux = !is_multiboot
+        let is_multiboot = !restoring
+            && !crate::linux::is_bzimage(&image)
+            && crate::multiboot::is_multiboot(&image);
+        let is_linux = !restoring
+            && !is_multiboot
             && (crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some());
         if sc.platform == "auto" {
             sc.platform = if is_linux || is_multiboot {
@@ -384,7 +436,9 @@ impl System {
             None
         };
         let image = kernel.as_ref().map_or(image, |k| k.elf.clone());
-        let (info, multiboot) = if is_multiboot {
+        let (info, multiboot) = if restoring {
+            (None, None)
+        } else if is_multiboot {
             let k = crate::multiboot::parse(&image, &sc.kernel)?;
             (None, Some(k))
         } else {
@@ -392,15 +446,21 @@ impl System {
         };
 
         let mut stats = Stats::new();
-        let map = MemoryMap::for_size(sc.memory.0).map_err(PlatformError::Ram)?;
-        let ram = GuestRam::new(map).map_err(PlatformError::Ram)?;
+        let ram = match from {
+            Some(r) => r.map_ram(sc.memory.0)?,
+            None => {
+                let map = MemoryMap::for_size(sc.memory.0).map_err(PlatformError::Ram)?;
+                GuestRam::new(map).map_err(PlatformError::Ram)?
+            }
+        };
         let entry = match (&info, &multiboot) {
             (Some(info), _) => loader::load(&ram, &image, info, &sc.kernel)?,
             (None, Some(k)) => {
                 crate::multiboot::load(&ram, &image, k, &sc.kernel)?;
                 u64::from(k.entry)
             }
-            (None, None) => unreachable!("either an ELF or a Multiboot layout"),
+            // A restore: the CPUs' saved state says where they are.
+            (None, None) => 0,
         };
 
         let mut vm = KvmVm::new()?;
@@ -455,7 +515,7 @@ impl System {
             // Protected mode needs only a GDT; low memory stays the guest's.
             boot::write_gdt(ram.memory())?;
             multiboot_info = Some(crate::multiboot::setup(sc, k, &ram, ncpus as u8)?);
-        } else {
+        } else if !restoring {
             boot::write_boot_structures(ram.memory())?;
         }
         let args = match (&kernel, &info) {
@@ -488,7 +548,7 @@ impl System {
             if kernel.is_some() || multiboot.is_some() {
                 boot::set_boot_msrs(&mut vcpu)?;
             }
-            if index == 0 {
+            if index == 0 && !restoring {
                 match multiboot_info {
                     // The Multiboot state: EAX magic, EBX the information.
                     Some(ebx) => boot::enter_protected_mode(
@@ -537,7 +597,7 @@ impl System {
             )?;
             cpu.set_total_insts(total.clone(), avail.clone());
             cpu.set_guest_memory(ram.memory().clone());
-            if index > 0 {
+            if index > 0 && !restoring {
                 // An AP waits for INIT and SIPI.
                 cpu.reset_for_init();
             }
@@ -689,6 +749,9 @@ impl System {
         if let Some(p) = sim.drain_period {
             queue.schedule(p.0, DEFAULT_PRI, SysEvent::Drain { period: p.0 })?;
         }
+        if let Some(t) = sim.checkpoint_at {
+            queue.schedule(t.0, DEFAULT_PRI, SysEvent::Checkpoint { period: 0 })?;
+        }
         let mut slots = Vec::with_capacity(ncpus);
         let mut inboxes = Vec::with_capacity(ncpus);
         for (index, (cpu, intc)) in kcpus.into_iter().zip(intcs).enumerate() {
@@ -765,6 +828,7 @@ impl System {
                     periodic_dump: None,
                     periodic_reset: None,
                     draining: false,
+                    checkpoint_pending: false,
                     drains,
                     mailboxes,
                     outgoing: Vec::new(),
@@ -774,6 +838,7 @@ impl System {
                 ipi_latency: sc.ipi_latency.0,
                 exited: AtomicBool::new(false),
                 drained: std::sync::atomic::AtomicUsize::new(0),
+                ckpt_ready: AtomicBool::new(false),
                 ipis_sent,
             },
             _vm: vm,
@@ -862,18 +927,42 @@ impl System {
 
     /// Runs until something ends the simulation (one CPU: on this thread;
     /// several: one thread each, in windows of `quantum`).
+    /// A checkpoint asked for here is not written (that takes a
+    /// [`crate::Simulation`]): the CPUs drain and go on.
     pub fn run(&mut self) -> Result<ExitEvent, PlatformError> {
-        if self.cpus.len() > 1 {
-            let q = crate::config::DEFAULT_SMP_QUANTUM;
-            return crate::simulation::run_threads(std::slice::from_mut(self), q, false, None)
-                .and_then(|mut v| {
-                    v.pop()
-                        .ok_or_else(|| PlatformError::Setup("no exit".into()))
-                });
+        loop {
+            let end = if self.cpus.len() > 1 {
+                let q = crate::config::DEFAULT_SMP_QUANTUM;
+                match crate::simulation::run_threads(std::slice::from_mut(self), q, false, None)? {
+                    crate::simulation::RunEnd::Exits(mut v) => v.pop(),
+                    crate::simulation::RunEnd::Checkpoint => None,
+                }
+            } else {
+                self.run_until_checkpoint()?
+            };
+            match end {
+                Some(exit) => return Ok(exit),
+                None => {
+                    tracing::warn!(
+                        "{}: a checkpoint was asked for, but this run writes none",
+                        self.shared.name
+                    );
+                    self.resume_after_checkpoint();
+                }
+            }
         }
+    }
+
+    /// Runs a single-CPU system on this thread until it exits (`Some`) or
+    /// stops for a checkpoint (`None`: every CPU drained; write it, then
+    /// [`System::resume_after_checkpoint`]).
+    pub fn run_until_checkpoint(&mut self) -> Result<Option<ExitEvent>, PlatformError> {
         loop {
             if let Some(exit) = self.run_window(None)? {
-                return Ok(exit);
+                return Ok(Some(exit));
+            }
+            if self.checkpoint_ready() {
+                return Ok(None);
             }
         }
     }
@@ -966,6 +1055,29 @@ impl CpuThread<'_> {
         self.shared.exited.load(Ordering::Acquire)
     }
 
+    /// True once every CPU of the system drained for a checkpoint: the
+    /// thread runs nothing until the system is resumed.
+    pub fn checkpoint_ready(&self) -> bool {
+        self.shared.ckpt_ready.load(Ordering::Acquire)
+    }
+
+    /// True while a checkpoint has been asked for and not yet taken.
+    pub fn checkpoint_pending(&self) -> bool {
+        self.checkpoint_ready() || mem::lock(&self.shared.core).checkpoint_pending
+    }
+
+    /// Asks for a checkpoint now (another system of the run asked for one:
+    /// every system drains for it).
+    pub fn request_checkpoint(&self) -> Result<(), PlatformError> {
+        let mut core = mem::lock(&self.shared.core);
+        if !core.checkpoint_pending && !self.checkpoint_ready() {
+            let now = core.queue.cur_tick().max(self.slot.queue.cur_tick());
+            core.queue
+                .schedule(now, DEFAULT_PRI, SysEvent::Checkpoint { period: 0 })?;
+        }
+        Ok(())
+    }
+
     /// Marks the system as ended (returns false if it already was).
     pub fn mark_exited(&self) -> bool {
         !self.shared.exited.swap(true, Ordering::AcqRel)
@@ -1028,6 +1140,11 @@ impl CpuThread<'_> {
     /// (all of them if `None`); returns the exit if the run ends here. Stops
     /// early, with `Ok(None)`, once another thread of the system ended it.
     pub fn run_window(&mut self, end: Option<Tick>) -> Result<Option<ExitEvent>, PlatformError> {
+        if end.is_some_and(|end| end <= self.cur_tick()) {
+            // This thread is past the window already (a run resumed after a
+            // checkpoint starts with the window of the system furthest behind).
+            return Ok(None);
+        }
         let window = match end {
             Some(end) => Some(
                 self.slot
@@ -1037,7 +1154,7 @@ impl CpuThread<'_> {
             None => None,
         };
         let r = self.run_events();
-        if !matches!(r, Ok(None)) || self.system_exited() {
+        if !matches!(r, Ok(None)) || self.system_exited() || self.checkpoint_ready() {
             if let Some(id) = window {
                 let _ = self.slot.queue.deschedule(id);
             }
@@ -1063,7 +1180,7 @@ impl CpuThread<'_> {
                     "interrupted by the user (SIGINT/SIGTERM)",
                 )));
             }
-            if self.system_exited() {
+            if self.system_exited() || self.checkpoint_ready() {
                 return Ok(None);
             }
             self.take_inbox()?;
@@ -1405,10 +1522,17 @@ impl CpuThread<'_> {
         let n = self.shared.inboxes.len();
         if self.shared.drained.fetch_add(1, Ordering::AcqRel) + 1 == n {
             self.shared.drained.store(0, Ordering::Release);
-            {
+            let checkpoint = {
                 let mut core = mem::lock(&self.shared.core);
                 core.drains.inc();
                 core.draining = false;
+                std::mem::take(&mut core.checkpoint_pending)
+            };
+            if checkpoint {
+                // Every CPU stays stopped; the run stops for the checkpoint
+                // and resumes them afterwards (System::resume).
+                self.shared.ckpt_ready.store(true, Ordering::Release);
+                return;
             }
             for (j, inbox) in self.shared.inboxes.iter().enumerate() {
                 post(inbox, now, Arrival::Resume, j != self.slot.index);
@@ -1538,6 +1662,23 @@ impl CpuThread<'_> {
                     }
                 }
             }
+            SysEvent::Checkpoint { period } => {
+                if period > 0 {
+                    core.queue.schedule(
+                        tick.saturating_add(period),
+                        DEFAULT_PRI,
+                        SysEvent::Checkpoint { period },
+                    )?;
+                }
+                core.checkpoint_pending = true;
+                if !core.draining {
+                    core.draining = true;
+                    for (j, inbox) in self.shared.inboxes.iter().enumerate() {
+                        post(inbox, tick, Arrival::Drain, j != self.slot.index);
+                    }
+                    self.slot.posted = self.slot.posted.min(tick);
+                }
+            }
             SysEvent::Drain { period } => {
                 core.queue.schedule(
                     tick.saturating_add(period),
@@ -1639,6 +1780,13 @@ fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<()
                     at: now.saturating_add(delay),
                     data,
                 });
+            }
+            Request::Checkpoint { delay, period } => {
+                core.queue.schedule(
+                    now.saturating_add(delay),
+                    DEFAULT_PRI,
+                    SysEvent::Checkpoint { period },
+                )?;
             }
             Request::ResetStats { delay, period } => {
                 let id = core.queue.schedule(

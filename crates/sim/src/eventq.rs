@@ -188,6 +188,21 @@ impl<E> EventQueue<E> {
         }
     }
 
+    /// Every scheduled event in the order they would run (tick, priority,
+    /// insertion order): what a checkpoint saves. Scheduling them again in
+    /// this order into a queue at the same tick runs them in the same order.
+    pub fn pending(&self) -> Vec<(Tick, Priority, EventId, &E)> {
+        let mut v: Vec<_> = self
+            .live
+            .iter()
+            .map(|(id, s)| (s.tick, s.priority, s.seq, *id, &s.payload))
+            .collect();
+        v.sort_by_key(|&(t, p, seq, ..)| (t, p, seq));
+        v.into_iter()
+            .map(|(t, p, _, id, e)| (t, p, id, e))
+            .collect()
+    }
+
     /// Advances the current tick to `to` without servicing anything. Fails if
     /// an event is due before `to` or if `to` is in the past.
     pub fn advance_to(&mut self, to: Tick) -> Result<(), ScheduleError> {
@@ -244,6 +259,36 @@ mod tests {
         let order: Vec<_> = std::iter::from_fn(|| q.pop().map(|(_, _, p)| p)).collect();
         assert_eq!(order, vec!["first", "a1", "a2", "b", "c"]);
         assert_eq!(q.cur_tick(), 10);
+    }
+
+    #[test]
+    fn pending_lists_events_in_run_order_and_refills_a_queue_alike() {
+        let mut q = EventQueue::new();
+        q.schedule(10, 0, "c").unwrap();
+        let b = q.schedule(5, 1, "b").unwrap();
+        q.schedule(5, 0, "a1").unwrap();
+        q.schedule(5, 0, "a2").unwrap();
+        q.schedule(7, 0, "gone")
+            .map(|id| q.deschedule(id))
+            .unwrap()
+            .unwrap();
+        q.reschedule(b, 6).unwrap();
+        q.pop();
+        let saved: Vec<(Tick, Priority, &str)> = q
+            .pending()
+            .into_iter()
+            .map(|(t, p, _, e)| (t, p, *e))
+            .collect();
+        assert_eq!(saved, [(5, 0, "a2"), (6, 1, "b"), (10, 0, "c")]);
+        let mut r = EventQueue::new();
+        r.advance_to(q.cur_tick()).unwrap();
+        for &(t, p, e) in &saved {
+            r.schedule(t, p, e).unwrap();
+        }
+        fn order(q: &mut EventQueue<&'static str>) -> Vec<(Tick, &'static str)> {
+            std::iter::from_fn(|| q.pop().map(|(t, _, e)| (t, e))).collect()
+        }
+        assert_eq!(order(&mut q), order(&mut r));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum ExitCause {
     /// The guest wrote v to QEMU's isa-debug-exit port; the code is QEMU's
     /// status for it, v * 2 + 1.
     DebugExit,
+    /// A checkpoint was taken and the run was configured to end there
+    /// (`sim.checkpoint_exit`).
+    Checkpoint,
 }
 
 impl ExitCause {
@@ -46,6 +49,7 @@ impl ExitCause {
             ExitCause::Stopped => "another system ended the run",
             ExitCause::GuestReset => "the guest reset the machine",
             ExitCause::DebugExit => "the guest wrote to isa-debug-exit (QEMU's status v*2+1)",
+            ExitCause::Checkpoint => "a checkpoint was taken (sim.checkpoint_exit)",
         }
     }
 }

@@ -32,4 +32,7 @@ pub enum Request {
     /// Send `data` out of link port `port`; it arrives at the other end
     /// `delay` later.
     LinkSend { port: u32, delay: Tick, data: u64 },
+    /// Take a checkpoint after `delay`, then every `period` if it is
+    /// non-zero (gem5's `m5 checkpoint`).
+    Checkpoint { delay: Tick, period: Tick },
 }

@@ -381,6 +381,31 @@ pub fn peak_resident_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+/// The values of a registry's statistics in a checkpoint ([`Stats::save`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsSaved {
+    /// The tick of the last reset (simTicks counts from there).
+    pub reset_tick: Tick,
+    /// What resets took from the instruction counter behind simInsts.
+    pub insts_before_reset: u64,
+    /// Each statistic with a value of its own (formulas are computed), by name.
+    pub values: std::collections::BTreeMap<String, SavedStat>,
+}
+
+/// One statistic's saved value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SavedStat {
+    /// A counter.
+    Count(u64),
+    /// A floating-point value, as its IEEE-754 bits (NaN and infinities
+    /// survive JSON).
+    Bits(u64),
+    /// A vector's elements.
+    Vector(Vec<u64>),
+}
+
 /// Why a statistic could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StatsError {
@@ -563,6 +588,81 @@ impl Stats {
         self.reset_tick
     }
 
+    /// Every statistic's value, for a checkpoint: a restored run goes on
+    /// counting from there, as gem5's do (host time restarts: hostSeconds
+    /// covers the restored run only).
+    pub fn save(&self) -> StatsSaved {
+        let mut values = std::collections::BTreeMap::new();
+        for e in &self.entries {
+            let v = match &e.kind {
+                Kind::Counter(c) | Kind::MaybeCounter(c, _) => SavedStat::Count(c.get()),
+                Kind::Value(v) | Kind::Labelled(v, _) => SavedStat::Bits(v.get().to_bits()),
+                Kind::Vector(v, _) => SavedStat::Vector((0..v.len()).map(|i| v.get(i)).collect()),
+                Kind::Formula(_) => continue,
+            };
+            values.insert(e.name.clone(), v);
+        }
+        StatsSaved {
+            reset_tick: self.reset_tick,
+            insts_before_reset: self.insts_before_reset,
+            values,
+        }
+    }
+
+    /// Puts back what [`Stats::save`] returned, into a registry built from
+    /// the same configuration: every statistic must be there with a value
+    /// of its kind, and nothing else (an error names the first that is
+    /// not, and nothing is changed).
+    pub fn restore(&mut self, saved: &StatsSaved) -> Result<(), String> {
+        let mut seen = 0usize;
+        for e in &self.entries {
+            let ok = match (&e.kind, saved.values.get(&e.name)) {
+                (Kind::Formula(_), _) => continue,
+                (Kind::Counter(_) | Kind::MaybeCounter(..), Some(SavedStat::Count(_))) => true,
+                (Kind::Value(_) | Kind::Labelled(..), Some(SavedStat::Bits(_))) => true,
+                (Kind::Vector(v, _), Some(SavedStat::Vector(x))) => x.len() == v.len(),
+                (_, None) => return Err(format!("statistic {} is missing", e.name)),
+                _ => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "statistic {} has a value of another kind or size",
+                    e.name
+                ));
+            }
+            seen += 1;
+        }
+        if seen != saved.values.len() {
+            let extra = saved
+                .values
+                .keys()
+                .find(|k| !self.entries.iter().any(|e| &e.name == *k))
+                .cloned()
+                .unwrap_or_default();
+            return Err(format!("statistic {extra} does not exist in this system"));
+        }
+        for e in &self.entries {
+            match (&e.kind, saved.values.get(&e.name)) {
+                (Kind::Counter(c) | Kind::MaybeCounter(c, _), Some(SavedStat::Count(n))) => {
+                    c.0.store(*n, Ordering::Relaxed)
+                }
+                (Kind::Value(v) | Kind::Labelled(v, _), Some(SavedStat::Bits(b))) => {
+                    v.set(f64::from_bits(*b))
+                }
+                (Kind::Vector(v, _), Some(SavedStat::Vector(x))) => {
+                    for (c, n) in v.cells.iter().zip(x) {
+                        c.store(*n, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.reset_tick = saved.reset_tick;
+        self.insts_before_reset = saved.insts_before_reset;
+        self.reset_host = Instant::now();
+        Ok(())
+    }
+
     /// Zeroes every statistic; simulated and host time restart at `now`.
     pub fn reset(&mut self, now: Tick) {
         if let Some((c, _)) = &self.insts {
@@ -728,6 +828,67 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry() -> (Stats, Counter, Value, Vector) {
+        let mut s = Stats::new();
+        let c = s.counter("sys.cpu.n", "n", "Count").unwrap();
+        let v = s.value("sys.cpu.t", "t", "Second").unwrap();
+        let x = s
+            .vector("sys.bus.acc", "a", "Count", &["pio", "mmio"])
+            .unwrap();
+        let c2 = c.clone();
+        s.formula("sys.cpu.twice", "2n", "Count", move |_| {
+            2.0 * c2.get() as f64
+        })
+        .unwrap();
+        s.count_sim_insts(&c, &Availability::default()).unwrap();
+        (s, c, v, x)
+    }
+
+    #[test]
+    fn saved_values_go_on_counting_in_a_fresh_registry() {
+        let (mut s, c, v, x) = registry();
+        c.add(7);
+        s.reset(100);
+        c.add(5);
+        v.set(f64::NAN);
+        x.add(1, 3);
+        let saved: StatsSaved =
+            serde_json::from_str(&serde_json::to_string(&s.save()).unwrap()).unwrap();
+        let (mut r, rc, rv, rx) = registry();
+        r.restore(&saved).unwrap();
+        rc.inc();
+        assert_eq!(rc.get(), 6);
+        assert!(rv.get().is_nan());
+        assert_eq!(rx.get(1), 3);
+        assert_eq!(r.reset_tick(), 100);
+        let d = r.dump(300);
+        assert_eq!(d.get("simTicks"), Some(StatValue::Int(200)));
+        assert_eq!(d.get("sys.cpu.twice"), Some(StatValue::Float(12.0)));
+    }
+
+    #[test]
+    fn a_saved_state_of_another_registry_is_refused_unchanged() {
+        let (s, c, ..) = registry();
+        c.add(9);
+        let mut saved = s.save();
+        saved.values.remove("sys.cpu.t");
+        let (mut r, rc, ..) = registry();
+        let e = r.restore(&saved).unwrap_err();
+        assert!(e.contains("sys.cpu.t"), "{e}");
+        assert_eq!(rc.get(), 0, "nothing changed");
+        let mut saved = s.save();
+        saved.values.insert("sys.other".into(), SavedStat::Count(1));
+        assert!(r.restore(&saved).unwrap_err().contains("sys.other"));
+        let mut saved = s.save();
+        saved
+            .values
+            .insert("sys.bus.acc".into(), SavedStat::Vector(vec![1]));
+        assert!(r.restore(&saved).unwrap_err().contains("sys.bus.acc"));
+        let mut saved = s.save();
+        saved.values.insert("sys.cpu.n".into(), SavedStat::Bits(1));
+        assert!(r.restore(&saved).unwrap_err().contains("sys.cpu.n"));
+    }
 
     #[test]
     fn dump_text_layout() {
