@@ -7,8 +7,11 @@
 
 use std::collections::VecDeque;
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::{Request, Tick};
+
+use crate::state::check;
 
 use crate::irq::IrqLine;
 
@@ -24,6 +27,24 @@ const ST_SYS: u8 = 0x04;
 const ST_CMD: u8 = 0x08;
 const ST_UNLOCKED: u8 = 0x10;
 const CFG_KBD_INT: u8 = 0x01;
+
+/// Bytes the output buffer holds at most.
+const OUT_CAPACITY: usize = 16;
+
+/// The controller's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    /// Bytes waiting for the guest on port 0x60, oldest first (at most 16).
+    pub out: Vec<u8>,
+    /// The controller configuration byte (bit 0: keyboard interrupt).
+    pub config: u8,
+    /// A controller command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// The last write went to the command port.
+    pub last_was_cmd: bool,
+    pub output_port: u8,
+}
 
 /// The controller.
 pub struct I8042 {
@@ -49,7 +70,7 @@ impl I8042 {
     }
 
     fn push(&mut self, v: u8) {
-        if self.out.len() < 16 {
+        if self.out.len() < OUT_CAPACITY {
             self.out.push_back(v);
         }
         self.update_irq();
@@ -151,6 +172,36 @@ impl BusDevice for I8042 {
         }
         I8042_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&I8042State {
+            out: self.out.iter().copied().collect(),
+            config: self.config,
+            pending: self.pending,
+            last_was_cmd: self.last_was_cmd,
+            output_port: self.output_port,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: I8042State = crate::state::parse(state)?;
+        check(
+            s.out.len() <= OUT_CAPACITY,
+            "out",
+            format_args!("{} bytes, the buffer holds {OUT_CAPACITY}", s.out.len()),
+        )?;
+        check(
+            s.pending.is_none_or(|c| matches!(c, 0x60 | 0xd1..=0xd4)),
+            "pending",
+            format_args!("{:?} is no command that takes a data byte", s.pending),
+        )?;
+        self.out = s.out.into();
+        self.config = s.config;
+        self.pending = s.pending;
+        self.last_was_cmd = s.last_was_cmd;
+        self.output_port = s.output_port;
+        Ok(())
+    }
 }
 
 /// The POST-code port (0x80): firmware and kernels write progress codes or
@@ -194,6 +245,25 @@ impl BusDevice for PostPort {
         }
         I8042_LATENCY
     }
+
+    /// The last code written (the write count is a statistic).
+    fn save(&self) -> SavedState {
+        crate::state::save(&PostState { last: self.last })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: PostState = crate::state::parse(state)?;
+        self.last = s.last;
+        Ok(())
+    }
+}
+
+/// The POST port's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostState {
+    /// The last code written.
+    pub last: u8,
 }
 
 #[cfg(test)]
@@ -263,6 +333,55 @@ mod tests {
         p.write(Space::Pio, 0, &[0x34], &mut ctx);
         assert_eq!(p.last(), 0x34);
         assert_eq!(stats.dump(0).get("post.writes").unwrap().as_f64(), 2.0);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let rec = Arc::new(Mutex::new(Recorder::default()));
+        let mut k = I8042::new(IrqLine::none().to(rec.clone(), 1));
+        io(&mut k, 0, Some(0xf2)); // identify: three bytes queued
+        io(&mut k, 4, Some(0xd1)); // waiting for the output port byte
+        let rec2 = Arc::new(Mutex::new(Recorder::default()));
+        let mut r = I8042::new(IrqLine::none().to(rec2.clone(), 1));
+        round_trip(&k, &mut r);
+        assert!(
+            rec2.lock().unwrap().0.is_empty(),
+            "a restore drives no line"
+        );
+        assert_eq!(io(&mut r, 4, None).0, io(&mut k, 4, None).0);
+        // The pending command takes the next data byte in both.
+        assert_eq!(io(&mut r, 0, Some(0xfe)).1, vec![Request::Reset]);
+        assert_eq!(io(&mut k, 0, Some(0xfe)).1, vec![Request::Reset]);
+        for _ in 0..4 {
+            assert_eq!(io(&mut r, 0, None).0, io(&mut k, 0, None).0);
+        }
+        assert_eq!(rec2.lock().unwrap().0.last(), Some(&(1, false)));
+
+        let mut stats = sim::Stats::new();
+        let mut p = PostPort::new(&mut stats, "p").unwrap();
+        let mut q = PostPort::new(&mut stats, "q").unwrap();
+        let mut reqs = vec![];
+        p.write(Space::Pio, 0, &[0x42], &mut AccessCtx::new(0, &mut reqs));
+        round_trip(&p, &mut q);
+        assert_eq!(q.last(), 0x42);
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut k = I8042::new(IrqLine::none());
+        io(&mut k, 4, Some(0xaa));
+        refuses_garbage(&mut k);
+        refused_edit(&mut k, &["out"], json!(vec![0u8; 17]), "out");
+        refused_edit(&mut k, &["pending"], json!(0x20), "pending");
+        refused_edit(&mut k, &["config"], json!("x"), "config");
+        let mut stats = sim::Stats::new();
+        let mut p = PostPort::new(&mut stats, "p").unwrap();
+        refuses_garbage(&mut p);
+        refused(&mut p, json!({"last": 256}), "last");
+        refused(&mut p, json!(null), "");
     }
 
     proptest::proptest! {

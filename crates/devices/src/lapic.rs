@@ -17,12 +17,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use serde::{Deserialize, Serialize};
 use sim::intr::{InterruptController, Pending};
 use sim::tick::TICKS_PER_SECOND;
 use sim::{Counter, Request, Stats, Tick};
 
 use crate::pic::PicPair;
+use crate::state::check;
 
 /// Default MMIO base.
 pub const LAPIC_BASE: u64 = 0xFEE0_0000;
@@ -45,7 +47,8 @@ const LVT_LINT0: usize = 3;
 const LVT_LINT1: usize = 4;
 
 /// An inter-processor message addressed to other CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Ipi {
     /// 0 fixed, 1 lowest priority, 4 NMI, 5 INIT, 6 SIPI.
     pub mode: u8,
@@ -75,6 +78,87 @@ pub const APIC_BASE_MSR: u32 = 0x1b;
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// IA32_APIC_BASE: the APIC is enabled (globally).
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+
+/// IPIs an APIC holds for the platform at most.
+const MAX_HELD_IPIS: usize = 256;
+
+/// A local APIC's saved state: its registers, the timer (started at an
+/// absolute tick, with the periods already delivered), the NMIs waiting
+/// for the CPU, the messages for other CPUs it holds and INIT/SIPI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LapicState {
+    pub id: u8,
+    pub apic_base: u64,
+    pub tpr: u8,
+    pub ldr: u32,
+    pub dfr: u32,
+    pub svr: u32,
+    pub isr: [u32; 8],
+    pub tmr: [u32; 8],
+    pub irr: [u32; 8],
+    pub esr: u32,
+    pub icr_lo: u32,
+    pub icr_hi: u32,
+    /// Timer, thermal, performance, LINT0, LINT1, error.
+    pub lvt: [u32; 6],
+    pub timer_initial: u32,
+    pub timer_divide: u32,
+    /// The tick at which the timer (re)started.
+    pub timer_start: Tick,
+    /// Periods of the timer already delivered.
+    pub timer_fired: u64,
+    /// NMIs waiting for the CPU (at most 2).
+    pub nmis: u8,
+    /// Messages for other CPUs not yet taken by the platform.
+    pub ipis: Vec<Ipi>,
+    pub init_received: bool,
+    pub sipi_vector: Option<u8>,
+    /// Something was delivered since the platform last looked.
+    pub doorbell: bool,
+}
+
+impl LapicState {
+    fn validate(&self) -> Result<(), RestoreError> {
+        check(
+            self.nmis <= MAX_PENDING_NMIS,
+            "nmis",
+            format_args!("{} waiting, at most {MAX_PENDING_NMIS}", self.nmis),
+        )?;
+        check(
+            self.ipis.len() <= MAX_HELD_IPIS,
+            "ipis",
+            format_args!("{} held, at most {MAX_HELD_IPIS}", self.ipis.len()),
+        )?;
+        for (i, ipi) in self.ipis.iter().enumerate() {
+            check(
+                ipi.mode <= 7,
+                &format!("ipis[{i}].mode"),
+                format_args!("{} is no delivery mode 0-7", ipi.mode),
+            )?;
+            check(
+                ipi.shorthand <= 3,
+                &format!("ipis[{i}].shorthand"),
+                format_args!("{} is no shorthand 0-3", ipi.shorthand),
+            )?;
+        }
+        let bits = |ok: bool, field: &str, v: u32| {
+            check(
+                ok,
+                field,
+                format_args!("{v:#x} has bits the register cannot hold"),
+            )
+        };
+        bits(self.svr & !0x13ff == 0, "svr", self.svr)?;
+        bits(self.ldr & 0x00ff_ffff == 0, "ldr", self.ldr)?;
+        bits(self.dfr & 0x0fff_ffff == 0x0fff_ffff, "dfr", self.dfr)?;
+        bits(
+            self.timer_divide & !0xb == 0,
+            "timer_divide",
+            self.timer_divide,
+        )
+    }
+}
 
 /// One CPU's local APIC.
 pub struct Lapic {
@@ -624,6 +708,61 @@ impl BusDevice for Lapic {
         }
         LAPIC_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&LapicState {
+            id: self.id,
+            apic_base: self.apic_base,
+            tpr: self.tpr,
+            ldr: self.ldr,
+            dfr: self.dfr,
+            svr: self.svr,
+            isr: self.isr,
+            tmr: self.tmr,
+            irr: self.irr,
+            esr: self.esr,
+            icr_lo: self.icr_lo,
+            icr_hi: self.icr_hi,
+            lvt: self.lvt,
+            timer_initial: self.timer_initial,
+            timer_divide: self.timer_divide,
+            timer_start: self.timer_start,
+            timer_fired: self.timer_fired,
+            nmis: self.nmis,
+            ipis: self.ipis.clone(),
+            init_received: self.init_received,
+            sipi_vector: self.sipi_vector,
+            doorbell: self.doorbell,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: LapicState = crate::state::parse(state)?;
+        s.validate()?;
+        self.id = s.id;
+        self.apic_base = s.apic_base;
+        self.tpr = s.tpr;
+        self.ldr = s.ldr;
+        self.dfr = s.dfr;
+        self.svr = s.svr;
+        self.isr = s.isr;
+        self.tmr = s.tmr;
+        self.irr = s.irr;
+        self.esr = s.esr;
+        self.icr_lo = s.icr_lo;
+        self.icr_hi = s.icr_hi;
+        self.lvt = s.lvt;
+        self.timer_initial = s.timer_initial;
+        self.timer_divide = s.timer_divide;
+        self.timer_start = s.timer_start;
+        self.timer_fired = s.timer_fired;
+        self.nmis = s.nmis;
+        self.ipis = s.ipis;
+        self.init_received = s.init_received;
+        self.sipi_vector = s.sipi_vector;
+        self.doorbell = s.doorbell;
+        Ok(())
+    }
 }
 
 impl TimedDevice for Lapic {
@@ -814,6 +953,77 @@ mod tests {
         w(&mut a, 70_000_000, 0x380, 10);
         a.on_deadline(&mut AccessCtx::new(70_160_000, &mut reqs));
         assert_eq!(a.irr, [0; 8]);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x80, 0x20); // TPR
+        w(&mut a, 0, 0x3e0, 0x1); // divide by 4
+        w(&mut a, 0, 0x320, 0x2_0040); // periodic, vector 0x40
+        w(&mut a, 1000, 0x380, 250); // a 1 us period from tick 1000
+        let mut reqs = vec![];
+        a.on_deadline(&mut AccessCtx::new(1_001_000, &mut reqs));
+        assert_eq!(a.acknowledge(), Some(0x40)); // in service
+        a.deliver(0x61, true); // level-triggered, pending (TMR)
+        a.deliver(0x30, false); // blocked behind 0x40
+        a.deliver_nmi();
+        a.deliver_nmi();
+        w(&mut a, 0, 0x310, 3 << 24);
+        w(&mut a, 0, 0x300, 0x4_4052); // fixed 0x52 to APIC 3: held
+        let mut b = lapic();
+        round_trip(&a, &mut b);
+        let now = 1_500_000;
+        assert_eq!(
+            r(&mut b, now, 0x390),
+            r(&mut a, now, 0x390),
+            "current count"
+        );
+        assert_eq!(b.next_deadline(), a.next_deadline());
+        assert_eq!(b.take_ipis(), a.take_ipis());
+        for _ in 0..3 {
+            assert_eq!(b.pending(), a.pending());
+            assert_eq!(b.take_nmi(), a.take_nmi());
+        }
+        for _ in 0..3 {
+            assert_eq!(b.acknowledge(), a.acknowledge());
+            assert_eq!(w(&mut b, now, 0xb0, 0), w(&mut a, now, 0xb0, 0), "EOI");
+        }
+        let at = a.next_deadline().unwrap();
+        b.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+        a.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+        assert_eq!(b.acknowledge(), a.acknowledge());
+        assert_eq!(b.next_deadline(), a.next_deadline());
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x300, 0x8_4050); // to all others: held
+        refuses_garbage(&mut a);
+        refused_edit(&mut a, &["nmis"], json!(3), "nmis");
+        refused_edit(&mut a, &["ipis", "0", "mode"], json!(8), "ipis[0].mode");
+        refused_edit(
+            &mut a,
+            &["ipis", "0", "shorthand"],
+            json!(4),
+            "ipis[0].shorthand",
+        );
+        refused_edit(&mut a, &["ipis", "0", "x"], json!(4), "x");
+        let many: Vec<SavedState> = vec![a.save()["ipis"][0].clone(); 257];
+        refused_edit(&mut a, &["ipis"], json!(many), "ipis");
+        refused_edit(&mut a, &["irr"], json!([0, 0, 0]), "irr");
+        refused_edit(&mut a, &["svr"], json!(0x2000), "svr");
+        refused_edit(&mut a, &["dfr"], json!(0), "dfr");
+        refused_edit(&mut a, &["ldr"], json!(1), "ldr");
+        refused_edit(&mut a, &["timer_divide"], json!(4), "timer_divide");
+        refused_edit(&mut a, &["timer_start"], json!(-5), "timer_start");
+        refused_edit(&mut a, &["sipi_vector"], json!(256), "sipi_vector");
     }
 
     #[test]

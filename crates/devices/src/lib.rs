@@ -15,6 +15,7 @@ pub mod pit;
 pub mod qemu;
 pub mod rtc;
 pub mod simops;
+pub(crate) mod state;
 pub mod timer;
 pub mod uart;
 pub mod virtio;

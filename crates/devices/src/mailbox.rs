@@ -19,7 +19,8 @@
 
 use std::collections::VecDeque;
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::tick::TICKS_PER_NS;
 use sim::{Counter, Request, Stats, Tick};
 
@@ -33,6 +34,16 @@ pub const MAILBOX_SIZE: u64 = 0x1000;
 pub const MAILBOX_LATENCY: Tick = 100 * TICKS_PER_NS;
 /// Values kept waiting at most; more are dropped (and counted).
 pub const RX_CAPACITY: usize = 4096;
+
+/// A mailbox's saved state: the values received and not yet read (values
+/// still on the link are events of the simulation, saved with it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxState {
+    pub vector: u8,
+    /// Values waiting, oldest first (at most [`RX_CAPACITY`]).
+    pub rx: Vec<u64>,
+}
 
 /// One end of a link.
 pub struct Mailbox {
@@ -128,6 +139,25 @@ impl BusDevice for Mailbox {
         }
         MAILBOX_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&MailboxState {
+            vector: self.vector,
+            rx: self.rx.iter().copied().collect(),
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: MailboxState = crate::state::parse(state)?;
+        crate::state::check(
+            s.rx.len() <= RX_CAPACITY,
+            "rx",
+            format_args!("{} values, at most {RX_CAPACITY}", s.rx.len()),
+        )?;
+        self.vector = s.vector;
+        self.rx = s.rx.into();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +212,52 @@ mod tests {
         }
         assert_eq!(m.rx.len(), RX_CAPACITY);
         assert_eq!(stats.dump(0).get("m.dropped").unwrap().as_f64(), 10.0);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut m = Mailbox::new(1, 5_000, intc, &mut stats, "m").unwrap();
+        let mut reqs = vec![];
+        m.write(
+            Space::Mmio,
+            0x18,
+            &0x50u64.to_le_bytes(),
+            &mut AccessCtx::new(0, &mut reqs),
+        );
+        for v in [7, 8, u64::MAX] {
+            m.deliver(v);
+        }
+        let intc2 = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut n = Mailbox::new(1, 5_000, intc2.clone(), &mut stats, "n").unwrap();
+        round_trip(&m, &mut n);
+        assert_eq!(intc2.lock().unwrap().pending(), sim::intr::Pending::None);
+        let mut rd = |b: &mut Mailbox, off: u64| {
+            let mut d = [0u8; 8];
+            b.read(Space::Mmio, off, &mut d, &mut AccessCtx::new(0, &mut reqs));
+            u64::from_le_bytes(d)
+        };
+        for off in [0x10, 0x18, 0x08, 0x08, 0x08, 0x08, 0x10] {
+            assert_eq!(rd(&mut n, off), rd(&mut m, off), "offset {off:#x}");
+        }
+        n.deliver(9);
+        assert_eq!(intc2.lock().unwrap().acknowledge(), Some(0x50));
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut m = Mailbox::new(1, 5_000, intc, &mut stats, "m").unwrap();
+        m.deliver(3);
+        refuses_garbage(&mut m);
+        refused_edit(&mut m, &["rx"], json!(vec![0u64; RX_CAPACITY + 1]), "rx");
+        refused_edit(&mut m, &["rx", "0"], json!(-3), "rx[0]");
+        refused_edit(&mut m, &["vector"], json!(256), "vector");
     }
 
     proptest::proptest! {

@@ -9,11 +9,13 @@
 //! APIC's LINT0 in ExtINT mode, or the CPU directly (the pair implements
 //! [`InterruptController`]); acknowledging returns the vector (INTA).
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::intr::{InterruptController, Pending};
 use sim::Tick;
 
 use crate::irq::InterruptSink;
+use crate::state::check;
 
 /// Master command port.
 pub const MASTER_BASE: u64 = 0x20;
@@ -24,8 +26,11 @@ pub const ELCR_BASE: u64 = 0x4d0;
 /// Access latency.
 pub const PIC_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
 
-#[derive(Debug, Clone, Default)]
-struct Chip {
+/// One 8259's state, as it is saved (its fields are the chip's registers
+/// and modes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chip {
     irr: u8,
     isr: u8,
     imr: u8,
@@ -193,9 +198,51 @@ impl Chip {
     }
 }
 
+impl Chip {
+    /// The invariants the chip's registers keep (`elcr_mask`: the ELCR
+    /// bits this chip has).
+    fn validate(&self, name: &str, elcr_mask: u8) -> Result<(), RestoreError> {
+        let f = |field: &str| format!("{name}.{field}");
+        check(
+            self.priority_add <= 7,
+            &f("priority_add"),
+            format_args!("{} is not an input 0-7", self.priority_add),
+        )?;
+        check(
+            self.vector_base & 7 == 0,
+            &f("vector_base"),
+            format_args!("{:#x} is not a multiple of 8", self.vector_base),
+        )?;
+        check(
+            self.init_step <= 3,
+            &f("init_step"),
+            format_args!("{} is not a step 0-3", self.init_step),
+        )?;
+        check(
+            self.elcr & !elcr_mask == 0,
+            &f("elcr"),
+            format_args!("{:#x} sets bits outside {elcr_mask:#x}", self.elcr),
+        )
+    }
+}
+
+/// The pair's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PicState {
+    pub master: Chip,
+    pub slave: Chip,
+    /// Acknowledges that found nothing pending.
+    pub spurious: u64,
+}
+
 fn priority(c: &Chip, irq: u8) -> u8 {
     irq.wrapping_sub(c.priority_add) & 7
 }
+
+/// The ELCR bits of each chip (IRQ0, 1, 2, 8 and 13 are always edge-triggered).
+const MASTER_ELCR: u8 = 0xf8;
+const SLAVE_ELCR: u8 = 0xde;
 
 /// The master/slave pair.
 #[derive(Debug, Clone, Default)]
@@ -295,8 +342,8 @@ impl PicPair {
             0x21 => self.chips[0].write_data(v),
             0xa1 => self.chips[1].write_data(v),
             // IRQ0, 1, 2, 8 and 13 are always edge-triggered on a PC.
-            0x4d0 => self.chips[0].elcr = v & 0xf8,
-            0x4d1 => self.chips[1].elcr = v & 0xde,
+            0x4d0 => self.chips[0].elcr = v & MASTER_ELCR,
+            0x4d1 => self.chips[1].elcr = v & SLAVE_ELCR,
             _ => {}
         }
         self.cascade();
@@ -347,6 +394,23 @@ impl BusDevice for PicPair {
             self.port_write(port + i as u64, v);
         }
         PIC_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&PicState {
+            master: self.chips[0].clone(),
+            slave: self.chips[1].clone(),
+            spurious: self.spurious,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: PicState = crate::state::parse(state)?;
+        s.master.validate("master", MASTER_ELCR)?;
+        s.slave.validate("slave", SLAVE_ELCR)?;
+        self.chips = [s.master, s.slave];
+        self.spurious = s.spurious;
+        Ok(())
     }
 }
 
@@ -443,6 +507,60 @@ mod tests {
         let mut p = linux_init();
         assert_eq!(p.acknowledge_vector(), 0x37);
         assert_eq!(p.spurious, 1);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let mut p = linux_init();
+        p.port_write(0x4d1, 0x04); // IRQ10 level-triggered
+        p.set_line(10, true);
+        p.set_line(1, true);
+        p.set_line(3, true);
+        p.port_write(0x20, 0xc4); // rotate: IRQ5 lowest
+        assert_eq!(p.acknowledge(), Some(0x31));
+        p.port_write(0x20, 0x0b); // read ISR next
+        let mut r = PicPair::new();
+        round_trip(&p, &mut r);
+        assert_eq!((r.irr(), r.isr(), r.intr()), (p.irr(), p.isr(), p.intr()));
+        assert_eq!(r.port_read(0x20), p.port_read(0x20));
+        p.port_write(0x20, 0x20);
+        r.port_write(0x20, 0x20);
+        for _ in 0..3 {
+            assert_eq!(r.acknowledge(), p.acknowledge());
+        }
+        r.set_line(10, false);
+        p.set_line(10, false);
+        assert_eq!((r.irr(), r.isr()), (p.irr(), p.isr()));
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut p = linux_init();
+        refuses_garbage(&mut p);
+        refused_edit(
+            &mut p,
+            &["master", "priority_add"],
+            json!(250),
+            "master.priority_add",
+        );
+        refused_edit(
+            &mut p,
+            &["slave", "vector_base"],
+            json!(0xfb),
+            "slave.vector_base",
+        );
+        refused_edit(
+            &mut p,
+            &["master", "init_step"],
+            json!(4),
+            "master.init_step",
+        );
+        refused_edit(&mut p, &["master", "elcr"], json!(1), "master.elcr");
+        refused_edit(&mut p, &["slave", "imr"], json!(true), "slave.imr");
+        refused_edit(&mut p, &["slave", "extra"], json!(0), "extra");
     }
 
     proptest::proptest! {

@@ -8,11 +8,13 @@
 //! wave) are modelled; 1, 4 and 5 count like 0, and 6/7 alias 2/3. BCD
 //! counting is not modelled (counts are binary).
 
-use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use serde::{Deserialize, Serialize};
 use sim::tick::TICKS_PER_SECOND;
 use sim::{Counter, Stats, Tick};
 
 use crate::irq::IrqLine;
+use crate::state::check;
 
 /// The PIT's input clock.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -37,8 +39,10 @@ fn tick_of_clock(start: Tick, n: u64) -> Tick {
     start.saturating_add(t.min(u128::from(u64::MAX)) as u64)
 }
 
-#[derive(Debug, Clone, Default)]
-struct Channel {
+/// One counter's state, as it is saved (ticks are absolute).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
     mode: u8,
     access: u8,
     /// The count loaded (0 means 65536).
@@ -135,6 +139,43 @@ impl Channel {
             | (self.access << 4)
             | (self.mode << 1)
     }
+}
+
+impl Channel {
+    fn validate(&self, c: usize) -> Result<(), RestoreError> {
+        let f = |field: &str| format!("channels[{c}].{field}");
+        check(
+            self.mode <= 7,
+            &f("mode"),
+            format_args!("{} is no mode 0-7", self.mode),
+        )?;
+        check(
+            self.access <= 3,
+            &f("access"),
+            format_args!("{} is no access mode 0-3", self.access),
+        )?;
+        check(
+            self.reload <= 0xffff,
+            &f("reload"),
+            format_args!("{} does not fit the 16-bit counter", self.reload),
+        )?;
+        check(
+            self.latch.is_none_or(|(_, left)| (1..=2).contains(&left)),
+            &f("latch"),
+            "the bytes left to read are 1 or 2",
+        )
+    }
+}
+
+/// The PIT's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PitState {
+    pub channels: [Channel; 3],
+    /// The tick of the last IRQ0 edge raised.
+    pub last_edge: Option<Tick>,
+    /// Port B's speaker enable.
+    pub speaker: bool,
 }
 
 /// The PIT and port B.
@@ -328,6 +369,25 @@ impl BusDevice for Pit {
         }
         PIT_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&PitState {
+            channels: self.ch.clone(),
+            last_edge: self.last_edge,
+            speaker: self.speaker,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: PitState = crate::state::parse(state)?;
+        for (c, ch) in s.channels.iter().enumerate() {
+            ch.validate(c)?;
+        }
+        self.ch = s.channels;
+        self.last_edge = s.last_edge;
+        self.speaker = s.speaker;
+        Ok(())
+    }
 }
 
 impl TimedDevice for Pit {
@@ -375,6 +435,87 @@ mod tests {
         let mut d = [0u8];
         p.read(Space::Pio, port, &mut d, &mut AccessCtx::new(now, &mut r));
         d[0]
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let (mut p, _) = pit();
+        // Channel 0: mode 2, one edge already raised; channel 2: square
+        // wave, gated; channel 1: a latched count half read.
+        out(&mut p, 0, 3, 0x34);
+        out(&mut p, 0, 0, 0xa9);
+        out(&mut p, 0, 0, 0x04);
+        let first = p.next_deadline().unwrap();
+        p.on_deadline(&mut AccessCtx::new(first, &mut vec![]));
+        out(&mut p, 0, 3, 0x76);
+        out(&mut p, 100, 1, 0x00);
+        out(&mut p, 100, 1, 0x10);
+        out(&mut p, 5_000_000, 3, 0x40); // latch channel 1
+        inb(&mut p, 5_000_000, 1);
+        out(&mut p, 0, PORT_B_OFFSET, 0x03);
+        out(&mut p, 0, 3, 0xb6);
+        out(&mut p, 0, 2, 0x20);
+        out(&mut p, 0, 2, 0x00);
+        let (mut q, rec2) = pit();
+        round_trip(&p, &mut q);
+        assert_eq!(q.next_deadline(), p.next_deadline());
+        let now = first + 7_777_777;
+        for port in [1, 1, 1, 2, 2, 0, 0, PORT_B_OFFSET] {
+            assert_eq!(
+                inb(&mut q, now, port),
+                inb(&mut p, now, port),
+                "port {port}"
+            );
+        }
+        let at = q.next_deadline().unwrap();
+        q.on_deadline(&mut AccessCtx::new(at, &mut vec![]));
+        p.on_deadline(&mut AccessCtx::new(at, &mut vec![]));
+        assert_eq!(rec2.lock().unwrap().0, vec![(0, true), (0, false)]);
+        assert_eq!(q.next_deadline(), p.next_deadline());
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let (mut p, _) = pit();
+        out(&mut p, 0, 3, 0x34);
+        refuses_garbage(&mut p);
+        refused_edit(
+            &mut p,
+            &["channels", "1", "mode"],
+            json!(8),
+            "channels[1].mode",
+        );
+        refused_edit(
+            &mut p,
+            &["channels", "0", "access"],
+            json!(4),
+            "channels[0].access",
+        );
+        refused_edit(
+            &mut p,
+            &["channels", "2", "reload"],
+            json!(65536),
+            "channels[2].reload",
+        );
+        refused_edit(
+            &mut p,
+            &["channels", "2", "latch"],
+            json!([5, 0]),
+            "channels[2].latch",
+        );
+        refused_edit(
+            &mut p,
+            &["channels", "2", "latch"],
+            json!([5]),
+            "channels[2].latch",
+        );
+        let mut two = p.save();
+        two["channels"].as_array_mut().unwrap().pop();
+        refused(&mut p, two, "channels");
+        refused_edit(&mut p, &["last_edge"], json!("soon"), "last_edge");
     }
 
     #[test]

@@ -11,10 +11,12 @@
 //!   port of QEMU's firmware configuration, with the signature, the ID,
 //!   the RAM size, the CPU counts and an empty file directory.
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::{Counter, Request, Stats, Tick};
 
 use crate::irq::IrqLine;
+use crate::state::check;
 use crate::{le_value, put_le_value};
 
 /// The latency of every access to these devices.
@@ -63,6 +65,15 @@ impl BusDevice for DebugExit {
             value: le_value(&data[..data.len().min(4)]),
         });
         QEMU_DEV_LATENCY
+    }
+
+    /// No state: a write ends the run at once.
+    fn save(&self) -> SavedState {
+        SavedState::Null
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        mem::null_state(state)
     }
 }
 
@@ -147,6 +158,24 @@ impl TestDev {
     }
 }
 
+/// pc-testdev's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestDevState {
+    /// The scratch register (32 bits).
+    pub scratch: u64,
+    /// The level driven on each line (one per line the device has).
+    pub levels: Vec<bool>,
+}
+
+/// fw_cfg's saved state: the selected key and the read position in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FwCfgState {
+    pub key: u16,
+    pub pos: usize,
+}
+
 /// Offsets at and above this select the interrupt ports (the platform
 /// maps 0x2000.. with this added, see [`mem::Rebased`]).
 pub const TESTDEV_IRQ_OFFSET: u64 = 0x1000;
@@ -175,6 +204,32 @@ impl BusDevice for TestDev {
             _ => {}
         }
         QEMU_DEV_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&TestDevState {
+            scratch: self.scratch,
+            levels: self.levels.clone(),
+        })
+    }
+
+    /// The levels are what the device drives; the controllers behind the
+    /// lines restore their own view of them.
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: TestDevState = crate::state::parse(state)?;
+        check(
+            s.scratch <= u64::from(u32::MAX),
+            "scratch",
+            format_args!("{:#x} does not fit the 32-bit register", s.scratch),
+        )?;
+        check(
+            s.levels.len() == self.lines.len(),
+            "levels",
+            format_args!("{} levels for {} lines", s.levels.len(), self.lines.len()),
+        )?;
+        self.scratch = s.scratch;
+        self.levels = s.levels;
+        Ok(())
     }
 }
 
@@ -259,6 +314,34 @@ impl BusDevice for FwCfg {
             self.pos = 0;
         }
         QEMU_DEV_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&FwCfgState {
+            key: self.key,
+            pos: self.pos,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: FwCfgState = crate::state::parse(state)?;
+        let (key, pos) = (self.key, self.pos);
+        self.key = s.key;
+        let len = self.item().len();
+        if s.pos > len {
+            self.key = key;
+            self.pos = pos;
+            return check(
+                false,
+                "pos",
+                format_args!(
+                    "{} is past the end of item {:#x} ({len} bytes)",
+                    s.pos, s.key
+                ),
+            );
+        }
+        self.pos = s.pos;
+        Ok(())
     }
 }
 
@@ -357,6 +440,66 @@ mod tests {
         // Selecting again restarts the item; a wide read takes several bytes.
         wr(&mut f, 0, u64::from(FW_CFG_SIGNATURE), 2);
         assert_eq!(rd(&mut f, 1, 4), u64::from(u32::from_le_bytes(*b"QEMU")));
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let mut stats = Stats::new();
+        let rec = Arc::new(Mutex::new(Recorder::default()));
+        let lines = |rec: &Arc<Mutex<Recorder>>| -> Vec<IrqLine> {
+            (0..24)
+                .map(|n| IrqLine::none().to(rec.clone() as Arc<Mutex<dyn InterruptSink>>, n))
+                .collect()
+        };
+        let mut t = TestDev::new(lines(&rec), &mut stats, "td").unwrap();
+        wr(&mut t, 0, 0xcafe, 4);
+        wr(&mut t, TESTDEV_IRQ_OFFSET + 11, 1, 1);
+        let rec2 = Arc::new(Mutex::new(Recorder::default()));
+        let mut u = TestDev::new(lines(&rec2), &mut stats, "tu").unwrap();
+        round_trip(&t, &mut u);
+        assert!(
+            rec2.lock().unwrap().0.is_empty(),
+            "a restore drives no line"
+        );
+        assert_eq!(rd(&mut u, 0, 4), rd(&mut t, 0, 4));
+        assert_eq!((u.level(11), u.level(10)), (true, false));
+
+        let mut f = FwCfg::new(256 << 20, 4, &mut stats, "fw").unwrap();
+        wr(&mut f, 0, u64::from(FW_CFG_SIGNATURE), 2);
+        rd(&mut f, 1, 2);
+        let mut g = FwCfg::new(256 << 20, 4, &mut stats, "fg").unwrap();
+        round_trip(&f, &mut g);
+        for _ in 0..3 {
+            assert_eq!(rd(&mut g, 1, 1), rd(&mut f, 1, 1));
+        }
+
+        let mut d = DebugExit::new(&mut stats, "dx").unwrap();
+        let mut e = DebugExit::new(&mut stats, "dy").unwrap();
+        round_trip(&d, &mut e);
+        assert_eq!(wr(&mut e, 0, 3, 1), wr(&mut d, 0, 3, 1));
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut stats = Stats::new();
+        let lines: Vec<IrqLine> = (0..4).map(|_| IrqLine::none()).collect();
+        let mut t = TestDev::new(lines, &mut stats, "td").unwrap();
+        refuses_garbage(&mut t);
+        refused_edit(&mut t, &["levels"], json!(vec![true; 3]), "levels");
+        refused_edit(&mut t, &["levels"], json!(vec![true; 25]), "levels");
+        refused_edit(&mut t, &["scratch"], json!(1u64 << 32), "scratch");
+        let mut f = FwCfg::new(1 << 20, 1, &mut stats, "fw").unwrap();
+        refuses_garbage(&mut f);
+        refused(&mut f, json!({"key": FW_CFG_SIGNATURE, "pos": 5}), "pos");
+        refused(&mut f, json!({"key": 0x11, "pos": 1}), "pos");
+        refused(&mut f, json!({"key": 65536, "pos": 0}), "key");
+        f.restore(&json!({"key": FW_CFG_SIGNATURE, "pos": 4}))
+            .unwrap();
+        let mut d = DebugExit::new(&mut stats, "dx").unwrap();
+        refused(&mut d, json!({}), "");
     }
 
     proptest::proptest! {

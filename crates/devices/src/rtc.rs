@@ -8,11 +8,13 @@
 //! update-ended and alarm interrupts, register C flags (cleared on read,
 //! which also lowers IRQ8), and 114 bytes of CMOS RAM.
 
-use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use serde::{Deserialize, Serialize};
 use sim::tick::TICKS_PER_SECOND;
 use sim::{Counter, Stats, Tick};
 
 use crate::irq::IrqLine;
+use crate::state::check;
 
 /// Index port.
 pub const RTC_BASE: u64 = 0x70;
@@ -67,6 +69,50 @@ fn to_bcd(v: u32) -> u8 {
 
 fn from_bcd(v: u8) -> u32 {
     u32::from(v >> 4) * 10 + u32::from(v & 0xf)
+}
+
+/// Bytes of CMOS (registers and RAM) behind the index port.
+const CMOS_BYTES: usize = 128;
+
+/// The RTC's saved state. The clock is `base` plus simulated time, so a
+/// restore shows the time the checkpoint's run would have shown, whatever
+/// the restored configuration's start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtcState {
+    /// Unix time at tick 0 (as the guest last set it).
+    pub base: i64,
+    /// The selected register (0-127).
+    pub index: u8,
+    pub nmi_disabled: bool,
+    /// The 128 bytes of CMOS: registers A-D and RAM.
+    pub ram: Vec<u8>,
+    /// The time registers written while register B.SET was on.
+    pub set_fields: Option<[u8; 10]>,
+    /// The tick of the next periodic interrupt, once armed.
+    pub next_periodic: Option<Tick>,
+    /// The second whose update was last signalled.
+    pub last_second: Option<u64>,
+}
+
+impl RtcState {
+    fn validate(&self) -> Result<(), RestoreError> {
+        check(
+            self.index <= 0x7f,
+            "index",
+            format_args!("{:#x} is no register 0-0x7f", self.index),
+        )?;
+        check(
+            self.ram.len() == CMOS_BYTES,
+            "ram",
+            format_args!("{} bytes, CMOS has {CMOS_BYTES}", self.ram.len()),
+        )?;
+        check(
+            self.ram[REG_A] & 0x80 == 0,
+            "ram[10]",
+            "register A's update-in-progress bit is computed, never stored",
+        )
+    }
 }
 
 /// The RTC.
@@ -290,6 +336,33 @@ impl BusDevice for Rtc {
         }
         RTC_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&RtcState {
+            base: self.base,
+            index: self.index,
+            nmi_disabled: self.nmi_disabled,
+            ram: self.ram.to_vec(),
+            set_fields: self.set_fields,
+            next_periodic: self.next_periodic,
+            last_second: self.last_second,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: RtcState = crate::state::parse(state)?;
+        s.validate()?;
+        let mut ram = [0u8; CMOS_BYTES];
+        ram.copy_from_slice(&s.ram);
+        self.base = s.base;
+        self.index = s.index;
+        self.nmi_disabled = s.nmi_disabled;
+        self.ram = ram;
+        self.set_fields = s.set_fields;
+        self.next_periodic = s.next_periodic;
+        self.last_second = s.last_second;
+        Ok(())
+    }
 }
 
 impl TimedDevice for Rtc {
@@ -379,6 +452,64 @@ mod tests {
         let mut q = vec![];
         r.write(Space::Pio, 0, &[reg], &mut AccessCtx::new(now, &mut q));
         r.write(Space::Pio, 1, &[v], &mut AccessCtx::new(now, &mut q));
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let (mut r, _) = rtc();
+        wr(&mut r, 0, 0x0a, 0x2f); // 2 Hz periodic rate
+        wr(&mut r, 0, 0x0b, B_24H | B_PIE | B_UIE | B_DM_BINARY);
+        wr(&mut r, 0, 0x40, 0x77); // CMOS RAM
+        let mut reqs = vec![];
+        let mut now = 0;
+        for _ in 0..4 {
+            now = r.next_deadline().unwrap();
+            r.on_deadline(&mut AccessCtx::new(now, &mut reqs));
+        }
+        wr(&mut r, now, 0x02, 59); // set the minutes: base moves
+        rd(&mut r, now, 0x0c); // index left at register C
+                               // Restored into an RTC that started at another time: the saved
+                               // clock wins.
+        let rec2 = Arc::new(Mutex::new(Recorder::default()));
+        let mut stats = Stats::new();
+        let mut q = Rtc::new(
+            START + 5000,
+            IrqLine::none().to(rec2.clone(), 8),
+            &mut stats,
+            "q",
+        )
+        .unwrap();
+        round_trip(&r, &mut q);
+        assert_eq!(q.next_deadline(), r.next_deadline());
+        for reg in [0, 2, 4, 6, 7, 8, 9, 0x0a, 0x0b, 0x40] {
+            assert_eq!(
+                rd(&mut q, now, reg),
+                rd(&mut r, now, reg),
+                "register {reg:#x}"
+            );
+        }
+        for _ in 0..5 {
+            let at = r.next_deadline().unwrap();
+            assert_eq!(q.next_deadline(), Some(at));
+            q.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+            r.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+            assert_eq!(rd(&mut q, at, 0x0c), rd(&mut r, at, 0x0c));
+        }
+        assert!(rec2.lock().unwrap().0.contains(&(8, true)));
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let (mut r, _) = rtc();
+        refuses_garbage(&mut r);
+        refused_edit(&mut r, &["index"], json!(0x80), "index");
+        refused_edit(&mut r, &["ram"], json!(vec![0u8; 127]), "ram");
+        refused_edit(&mut r, &["ram", "10"], json!(0xa6), "ram[10]");
+        refused_edit(&mut r, &["set_fields"], json!([1, 2, 3]), "set_fields");
+        refused_edit(&mut r, &["base"], json!(1.5), "base");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 
 use std::collections::HashSet;
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::tick::ns_to_ticks;
 use sim::{Counter, Request, Stats, Tick, Value, Vector};
 
@@ -33,6 +34,27 @@ pub mod func {
 
 /// Latency of one operation.
 pub const SIMOPS_LATENCY: Tick = sim::tick::TICKS_PER_NS;
+
+/// Work items open at once at most (the oldest is forgotten beyond).
+const MAX_OPEN_WORK: usize = 1024;
+
+/// A work item begun and not yet ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenWork {
+    pub work_id: u64,
+    pub thread_id: u64,
+    /// The tick of its `work_begin`.
+    pub begin: Tick,
+}
+
+/// The sim-ops device's saved state: the open work items, oldest first
+/// (its counters are statistics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimOpsState {
+    pub open_work: Vec<OpenWork>,
+}
 
 /// The sim-ops device and its statistics.
 pub struct SimOps {
@@ -147,7 +169,7 @@ impl SimOps {
                 let key = (args[0], args[1]);
                 self.open_work.retain(|(k, _)| *k != key);
                 // Bound the table: a guest that never ends its items cannot grow it forever.
-                if self.open_work.len() >= 1024 {
+                if self.open_work.len() >= MAX_OPEN_WORK {
                     self.open_work.remove(0);
                 }
                 self.open_work.push((key, now));
@@ -198,6 +220,42 @@ impl BusDevice for SimOps {
         let args = ctx.call_args();
         self.call((offset >> 8) as u8, args, ctx);
         SIMOPS_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        let open_work = self
+            .open_work
+            .iter()
+            .map(|&((work_id, thread_id), begin)| OpenWork {
+                work_id,
+                thread_id,
+                begin,
+            })
+            .collect();
+        crate::state::save(&SimOpsState { open_work })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: SimOpsState = crate::state::parse(state)?;
+        crate::state::check(
+            s.open_work.len() <= MAX_OPEN_WORK,
+            "open_work",
+            format_args!("{} items, at most {MAX_OPEN_WORK}", s.open_work.len()),
+        )?;
+        let mut seen = HashSet::new();
+        for (i, w) in s.open_work.iter().enumerate() {
+            crate::state::check(
+                seen.insert((w.work_id, w.thread_id)),
+                &format!("open_work[{i}]"),
+                format_args!("item ({}, {}) is open twice", w.work_id, w.thread_id),
+            )?;
+        }
+        self.open_work = s
+            .open_work
+            .into_iter()
+            .map(|w| ((w.work_id, w.thread_id), w.begin))
+            .collect();
+        Ok(())
     }
 }
 
@@ -349,6 +407,54 @@ mod tests {
         assert_eq!(op(&mut d, 0, 0x99, [1; 6]), (0, vec![]));
         assert_eq!(op(&mut d, 0, 0x99, [1; 6]), (0, vec![]));
         assert_eq!(stats.dump(0).get("s.numUnknownOps").unwrap().as_f64(), 2.0);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        op(&mut d, 1_000, func::WORK_BEGIN, [7, 0, 0, 0, 0, 0]);
+        op(&mut d, 2_000, func::WORK_BEGIN, [8, 1, 0, 0, 0, 0]);
+        let mut stats2 = Stats::new();
+        let mut e = SimOps::new(&mut stats2, "s").unwrap();
+        round_trip(&d, &mut e);
+        // Ending the item measures from the saved begin tick.
+        op(&mut e, 3_000_000, func::WORK_END, [7, 0, 0, 0, 0, 0]);
+        op(&mut d, 3_000_000, func::WORK_END, [7, 0, 0, 0, 0, 0]);
+        let (a, b) = (stats.dump(0), stats2.dump(0));
+        for n in ["s.workItems", "s.workItemSeconds"] {
+            assert_eq!(
+                a.get(n).unwrap().as_f64(),
+                b.get(n).unwrap().as_f64(),
+                "{n}"
+            );
+        }
+        assert_eq!(b.get("s.workItems").unwrap().as_f64(), 1.0);
+        assert_eq!(e.save(), d.save());
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        op(&mut d, 1_000, func::WORK_BEGIN, [7, 0, 0, 0, 0, 0]);
+        refuses_garbage(&mut d);
+        let item = d.save()["open_work"][0].clone();
+        refused(&mut d, json!({"open_work": [item, item]}), "open_work[1]");
+        let many: Vec<SavedState> = (0..=MAX_OPEN_WORK)
+            .map(|i| json!({"work_id": i, "thread_id": 0, "begin": 0}))
+            .collect();
+        refused(&mut d, json!({ "open_work": many }), "open_work");
+        refused_edit(
+            &mut d,
+            &["open_work", "0", "begin"],
+            json!(-1),
+            "open_work[0].begin",
+        );
+        refused_edit(&mut d, &["open_work", "0", "tid"], json!(0), "tid");
     }
 
     proptest::proptest! {

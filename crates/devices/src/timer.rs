@@ -15,11 +15,13 @@
 //! The device keeps time lazily: COUNT is computed from elapsed ticks, and
 //! the only event it needs is the next period's end, when the interrupt is due.
 
-use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use serde::{Deserialize, Serialize};
 use sim::tick::TICKS_PER_NS;
 use sim::{Counter, Stats, Tick};
 
 use crate::intc::IntcHandle;
+use crate::state::check;
 
 /// Default MMIO base of the interval timer.
 pub const TIMER_BASE: u64 = 0xFEB0_0000;
@@ -31,6 +33,20 @@ pub const TIMER_LATENCY: Tick = 100 * TICKS_PER_NS;
 const CTRL_RUN: u64 = 1;
 const CTRL_IRQ: u64 = 2;
 const CTRL_NMI: u64 = 4;
+
+/// The interval timer's saved state (ticks are absolute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimerState {
+    /// The period in ticks.
+    pub period: Tick,
+    pub ctrl: u64,
+    pub vector: u8,
+    /// When the current run started.
+    pub start: Tick,
+    /// Periods whose interrupt has been raised.
+    pub fired: u64,
+}
 
 /// The interval timer.
 pub struct IntervalTimer {
@@ -122,6 +138,33 @@ impl BusDevice for IntervalTimer {
         }
         TIMER_LATENCY
     }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&TimerState {
+            period: self.period,
+            ctrl: self.ctrl,
+            vector: self.vector,
+            start: self.start,
+            fired: self.fired,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: TimerState = crate::state::parse(state)?;
+        let known = CTRL_RUN | CTRL_IRQ | CTRL_NMI;
+        check(
+            s.ctrl & !known == 0,
+            "ctrl",
+            format_args!("{:#x} sets bits outside {known:#x}", s.ctrl),
+        )?;
+        check(s.fired < u64::MAX, "fired", "no run has that many periods")?;
+        self.period = s.period;
+        self.ctrl = s.ctrl;
+        self.vector = s.vector;
+        self.start = s.start;
+        self.fired = s.fired;
+        Ok(())
+    }
 }
 
 impl TimedDevice for IntervalTimer {
@@ -210,6 +253,47 @@ mod tests {
         write(&mut t, 6_000_000, 0x08, 0);
         assert_eq!(t.next_deadline(), None);
         assert_eq!(read(&mut t, 9_000_000, 0x18), 0);
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut t = IntervalTimer::new(intc.clone(), &mut stats, "t").unwrap();
+        write(&mut t, 1000, 0x10, 0x41);
+        write(&mut t, 1000, 0x00, 3000);
+        write(&mut t, 1000, 0x08, 3);
+        let mut reqs = vec![];
+        t.on_deadline(&mut AccessCtx::new(7_001_000, &mut reqs));
+        assert_eq!(intc.lock().unwrap().acknowledge(), Some(0x41));
+        let intc2 = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut u = IntervalTimer::new(intc2.clone(), &mut stats, "u").unwrap();
+        round_trip(&t, &mut u);
+        assert_eq!(u.next_deadline(), t.next_deadline());
+        for off in [0x00, 0x08, 0x10, 0x18, 0x20] {
+            assert_eq!(read(&mut u, 8_000_000, off), read(&mut t, 8_000_000, off));
+        }
+        let at = u.next_deadline().unwrap();
+        u.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+        t.on_deadline(&mut AccessCtx::new(at, &mut reqs));
+        assert_eq!(intc2.lock().unwrap().acknowledge(), Some(0x41));
+        assert_eq!(u.next_deadline(), t.next_deadline());
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let intc = Arc::new(Mutex::new(VectorIntc::new()));
+        let mut stats = Stats::new();
+        let mut t = IntervalTimer::new(intc, &mut stats, "t").unwrap();
+        write(&mut t, 0, 0x00, 5);
+        refuses_garbage(&mut t);
+        refused_edit(&mut t, &["ctrl"], json!(8), "ctrl");
+        refused_edit(&mut t, &["fired"], json!(u64::MAX), "fired");
+        refused_edit(&mut t, &["vector"], json!(256), "vector");
+        refused_edit(&mut t, &["period"], json!(null), "period");
     }
 
     proptest::proptest! {

@@ -17,8 +17,11 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 
-use mem::{AccessCtx, BusDevice, Space};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space};
+use serde::{Deserialize, Serialize};
 use sim::{Counter, Stats, Tick};
+
+use crate::state::check;
 
 /// COM1's base port.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -71,6 +74,23 @@ impl SerialInput {
         }
     }
 
+    /// The bytes queued for the guest (a checkpoint keeps them).
+    fn queued(&self) -> Vec<u8> {
+        self.state().queue.iter().copied().collect()
+    }
+
+    /// A restore: `bytes` go first in the queue (before anything a feeder
+    /// queued since), and the room is `room`.
+    fn put_back(&self, bytes: &[u8], room: usize) {
+        let mut s = self.state();
+        let later = std::mem::take(&mut s.queue);
+        s.queue.extend(bytes);
+        s.queue.extend(later);
+        s.room = room;
+        drop(s);
+        self.changed.notify_all();
+    }
+
     /// The UART's side, in one step (a feeder never sees the queue emptied
     /// before the room shrank): moves queued bytes into `rx` up to `fifo`
     /// bytes if `take`, then sets the room to what `room` says for the
@@ -119,6 +139,68 @@ const IIR_THRE: u8 = 0x02;
 const IIR_RDA: u8 = 0x04;
 const IIR_FIFO: u8 = 0xc0;
 const RX_FIFO: usize = 16;
+/// The most input bytes a saved state may hold waiting for the guest.
+pub const MAX_SAVED_INPUT: usize = 1 << 20;
+
+/// The UART's saved state: its registers, the receive FIFO and the bytes
+/// its input holds for the guest (taken from the host, not yet received).
+/// Transmission is instantaneous, so nothing waits to go out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UartState {
+    /// The receive FIFO, oldest byte first (at most 16).
+    pub rx: Vec<u8>,
+    /// Bytes queued on the input for the guest, oldest first.
+    pub input: Vec<u8>,
+    pub ier: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    pub scr: u8,
+    pub fcr: u8,
+    pub dll: u8,
+    pub dlm: u8,
+    /// A transmitter-empty interrupt is pending (until IIR is read).
+    pub thre_pending: bool,
+}
+
+impl UartState {
+    fn validate(&self) -> Result<(), RestoreError> {
+        check(
+            self.rx.len() <= RX_FIFO,
+            "rx",
+            format_args!("{} bytes, the FIFO holds {RX_FIFO}", self.rx.len()),
+        )?;
+        check(
+            self.input.len() <= MAX_SAVED_INPUT,
+            "input",
+            format_args!("{} bytes, at most {MAX_SAVED_INPUT}", self.input.len()),
+        )?;
+        check(
+            self.ier & !0x0f == 0,
+            "ier",
+            format_args!("{:#x} has bits above 3", self.ier),
+        )?;
+        check(
+            self.mcr & !0x1f == 0,
+            "mcr",
+            format_args!("{:#x} has bits above 4", self.mcr),
+        )
+    }
+}
+
+/// How many bytes a UART with `mcr` and `ier` and `len` bytes in its
+/// FIFO is ready for (see the module's description).
+fn room(mcr: u8, ier: u8, len: usize) -> usize {
+    if mcr & MCR_LOOP != 0 {
+        0
+    } else if ier & IER_RDA != 0 {
+        RX_FIFO.saturating_sub(len)
+    } else if mcr & MCR_RTS != 0 && len == 0 {
+        1
+    } else {
+        0
+    }
+}
 
 /// The UART.
 pub struct Uart16550 {
@@ -190,17 +272,7 @@ impl Uart16550 {
         };
         let (mcr, ier) = (self.mcr, self.ier);
         let looped = mcr & MCR_LOOP != 0;
-        q.refill(&mut self.rx, RX_FIFO, !looped, |len| {
-            if looped {
-                0
-            } else if ier & IER_RDA != 0 {
-                RX_FIFO - len
-            } else if mcr & MCR_RTS != 0 && len == 0 {
-                1
-            } else {
-                0
-            }
-        });
+        q.refill(&mut self.rx, RX_FIFO, !looped, |len| room(mcr, ier, len));
     }
 
     /// True while the UART asserts its interrupt line.
@@ -338,6 +410,45 @@ impl BusDevice for Uart16550 {
         self.refill();
         self.update_irq();
         UART_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&UartState {
+            rx: self.rx.iter().copied().collect(),
+            input: self.input.as_ref().map_or_else(Vec::new, |q| q.queued()),
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            scr: self.scr,
+            fcr: self.fcr,
+            dll: self.dll,
+            dlm: self.dlm,
+            thre_pending: self.thre_pending,
+        })
+    }
+
+    /// Bytes the saved input held go first in this UART's input; a UART
+    /// built without one (no stdin this time) gets one holding just them,
+    /// so that the guest still receives what it was sent.
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: UartState = crate::state::parse(state)?;
+        s.validate()?;
+        if self.input.is_none() && !s.input.is_empty() {
+            self.input = Some(Arc::default());
+        }
+        if let Some(q) = &self.input {
+            q.put_back(&s.input, room(s.mcr, s.ier, s.rx.len()));
+        }
+        self.rx = s.rx.into();
+        self.ier = s.ier;
+        self.lcr = s.lcr;
+        self.mcr = s.mcr;
+        self.scr = s.scr;
+        self.fcr = s.fcr;
+        self.dll = s.dll;
+        self.dlm = s.dlm;
+        self.thre_pending = s.thre_pending;
+        Ok(())
     }
 }
 
@@ -504,6 +615,74 @@ mod tests {
         assert!(line.lock().unwrap().level, "data ready");
         assert_eq!(rd(&mut u, 0), b'x');
         assert!(!line.lock().unwrap().level, "the last byte taken");
+    }
+
+    #[test]
+    fn saved_state_restores_identically() {
+        use crate::state::tests::*;
+        let (mut u, _, input, _) = uart();
+        let line = Arc::new(Mutex::new(Line::default()));
+        u.set_irq_line(crate::irq::IrqLine::none().to(line.clone(), 4));
+        // Divisor, scratch, FIFO on, the receive interrupt on, three bytes
+        // in the FIFO and more waiting on the input.
+        for (r, v) in [
+            (3, 0x83),
+            (0, 0x01),
+            (1, 0x00),
+            (3, 0x03),
+            (7, 0x5a),
+            (2, 0xc1),
+        ] {
+            wr(&mut u, r, v);
+        }
+        wr(&mut u, 1, IER_RDA);
+        input.push(b"0123456789abcdefXYZ");
+        assert_eq!(rd(&mut u, 0), b'0');
+        assert_eq!(u.rx.len(), RX_FIFO);
+        let (mut v, sink2, input2, _) = uart();
+        round_trip(&u, &mut v);
+        assert_eq!(input2.wanted(), input.wanted());
+        // From here on both behave alike: same bytes, same registers.
+        for reg in [5, 2, 0, 0, 1, 3, 4, 7] {
+            assert_eq!(rd(&mut v, reg), rd(&mut u, reg), "register {reg}");
+        }
+        let (a, b): (Vec<u8>, Vec<u8>) = (0..20).map(|_| (rd(&mut u, 0), rd(&mut v, 0))).unzip();
+        assert_eq!(a, b);
+        assert_eq!(&a[..16], b"3456789abcdefXYZ");
+        assert_eq!(u.irq_level(), v.irq_level());
+        wr(&mut v, 0, b'q');
+        assert_eq!(&*sink2.0.lock().unwrap(), b"q");
+        // A UART without an input still receives the saved input's bytes.
+        let mut stats = Stats::new();
+        let mut w = Uart16550::new(Box::new(Sink::default()), None, &mut stats, "w").unwrap();
+        let mut x = uart().0;
+        wr(&mut x, 4, 0x0b);
+        x.input.as_ref().unwrap().push(b"hi");
+        w.restore(&x.save()).unwrap();
+        assert_eq!((rd(&mut w, 0), rd(&mut w, 0)), (b'h', b'i'));
+    }
+
+    #[test]
+    fn hostile_saved_states_are_refused() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let (mut u, _, _, _) = uart();
+        wr(&mut u, 7, 0x11);
+        refuses_garbage(&mut u);
+        refused_edit(&mut u, &["rx"], json!(vec![0u8; 17]), "rx");
+        refused_edit(&mut u, &["rx"], json!([1, 256]), "rx[1]");
+        refused_edit(&mut u, &["ier"], json!(0x10), "ier");
+        refused_edit(&mut u, &["mcr"], json!(-1), "mcr");
+        refused_edit(&mut u, &["thre_pending"], json!(1), "thre_pending");
+        let mut s = u.save();
+        s.as_object_mut().unwrap().remove("lcr");
+        refused(&mut u, s, "lcr");
+        refused_edit(
+            &mut u,
+            &["input"],
+            json!(vec![0; MAX_SAVED_INPUT + 1]),
+            "input",
+        );
     }
 
     proptest::proptest! {

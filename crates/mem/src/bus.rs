@@ -71,21 +71,18 @@ pub trait BusDevice: Send {
     /// The device's whole state for a checkpoint, taken at a drained point
     /// (no access in flight): everything a guest could observe later and
     /// every pending deadline (as absolute ticks; a restore continues at the
-    /// checkpoint's tick). `None`: the device keeps no saved state, which a
-    /// checkpoint refuses, naming the device. A device without state of
-    /// its own returns `Some(Value::Null)`.
-    fn save(&self) -> Option<SavedState> {
-        None
-    }
+    /// checkpoint's tick). Wiring (interrupt lines, output sinks, files) and
+    /// statistics are not part of it. A device without state of its own
+    /// returns [`SavedState::Null`]. There is no default: a device cannot
+    /// be added without saying what its state is.
+    fn save(&self) -> SavedState;
 
     /// Puts back what [`BusDevice::save`] returned, into a device built from
     /// the same configuration. The state comes from a file: anything
     /// malformed or out of range is an error naming the field, never a
-    /// panic, and leaves the device as it was.
-    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
-        let _ = state;
-        Err(RestoreError("this device keeps no saved state".into()))
-    }
+    /// panic, and leaves the device as it was. A restore drives no
+    /// interrupt line: every controller restores its own input levels.
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError>;
 
     /// The device that owns this one's state: itself, or, for a device
     /// reached through another range ([`Rebased`]), the device behind it.
@@ -98,6 +95,29 @@ pub trait BusDevice: Send {
 /// A device's saved state in a checkpoint: self-describing (serde JSON),
 /// so a field that is missing, unknown or out of range can be named.
 pub type SavedState = serde_json::Value;
+
+/// The restore of a device without state of its own: accepts only
+/// [`SavedState::Null`] (anything else was saved by another device).
+pub fn null_state(state: &SavedState) -> Result<(), RestoreError> {
+    match state {
+        SavedState::Null => Ok(()),
+        other => Err(RestoreError(format!(
+            "this device keeps no state, found {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn kind_of(v: &SavedState) -> &'static str {
+    match v {
+        SavedState::Null => "null",
+        SavedState::Bool(_) => "a boolean",
+        SavedState::Number(_) => "a number",
+        SavedState::String(_) => "a string",
+        SavedState::Array(_) => "an array",
+        SavedState::Object(_) => "an object",
+    }
+}
 
 /// Why a device refused a saved state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,7 +142,7 @@ impl BusDevice for Rebased {
     fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
         lock(&self.dev).write(space, offset.wrapping_add(self.add), data, ctx)
     }
-    fn save(&self) -> Option<SavedState> {
+    fn save(&self) -> SavedState {
         lock(&self.dev).save()
     }
     fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
@@ -463,11 +483,11 @@ impl BusDevice for Absent {
     fn write(&mut self, _: Space, _: u64, _: &[u8], _: &mut AccessCtx) -> Tick {
         UNCLAIMED_LATENCY
     }
-    fn save(&self) -> Option<SavedState> {
-        Some(SavedState::Null)
+    fn save(&self) -> SavedState {
+        SavedState::Null
     }
-    fn restore(&mut self, _: &SavedState) -> Result<(), RestoreError> {
-        Ok(())
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        null_state(state)
     }
 }
 
@@ -496,6 +516,12 @@ mod tests {
         fn write(&mut self, s: Space, off: u64, data: &[u8], _: &mut AccessCtx) -> Tick {
             self.log.push((s, off, data.len(), true));
             self.latency
+        }
+        fn save(&self) -> SavedState {
+            SavedState::Null
+        }
+        fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+            null_state(state)
         }
     }
 
@@ -539,6 +565,12 @@ mod tests {
         fn write(&mut self, _: Space, _: u64, _: &[u8], ctx: &mut AccessCtx) -> Tick {
             self.0.push(ctx.now);
             1
+        }
+        fn save(&self) -> SavedState {
+            SavedState::Null
+        }
+        fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+            null_state(state)
         }
     }
 
@@ -658,16 +690,21 @@ mod tests {
             dev: a.clone(),
             add: 4,
         }));
-        bus.insert(Space::Pio, 0x64, 1, "kbd-cmd", again).unwrap();
+        bus.insert(Space::Pio, 0x64, 1, "kbd-cmd", again.clone())
+            .unwrap();
         bus.insert_banked(Space::Mmio, 0x1000, 0x10, "apic", vec![probe(1), probe(1)])
             .unwrap();
         bus.insert_banked(Space::Mmio, 0x2000, 0x10, "one", vec![probe(1)])
             .unwrap();
         let names: Vec<String> = bus.state_owners().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["kbd", "apic.0", "apic.1", "one.0"]);
-        // A device without saved state says so.
-        assert_eq!(lock(&a).save(), None);
-        assert!(lock(&a).restore(&SavedState::Null).is_err());
+        // A stateless device saves null and takes nothing else back,
+        // also through a second range.
+        assert_eq!(lock(&a).save(), SavedState::Null);
+        assert!(lock(&a).restore(&SavedState::Null).is_ok());
+        let err = lock(&a).restore(&serde_json::json!({"x": 1})).unwrap_err();
+        assert!(err.0.contains("an object"), "{err}");
+        assert!(lock(&again).restore(&serde_json::json!(3)).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod bus;
 pub mod ram;
 
 pub use bus::{
-    lock, service_tick, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus, Rebased,
-    RestoreError, SavedState, Space, TimedDevice, TimedHandle,
+    lock, null_state, service_tick, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus,
+    Rebased, RestoreError, SavedState, Space, TimedDevice, TimedHandle,
 };
 pub use ram::{GuestRam, MemoryMap, RamError, Region};

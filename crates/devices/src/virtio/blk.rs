@@ -29,6 +29,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use mem::{RestoreError, SavedState};
+use serde::{Deserialize, Serialize};
 use sim::tick::TICKS_PER_SECOND;
 use sim::{Counter, Stats, Tick};
 use virtio_bindings::virtio_blk::{
@@ -42,6 +44,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use super::{Outcome, VirtioDevice};
 use crate::disk::{Disk, SECTOR_SIZE};
+use crate::state::check;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -98,6 +101,60 @@ struct Request {
     status: GuestAddress,
     start: Tick,
     done: Tick,
+}
+
+/// What a saved request does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SavedKind {
+    /// Reads the disk at byte `offset` into the data buffers.
+    Read {
+        offset: u64,
+    },
+    /// Writes the data buffers to the disk at byte `offset`.
+    Write {
+        offset: u64,
+    },
+    Flush,
+    GetId,
+    /// Completes with `status` (IOERR or UNSUPP) and moves nothing.
+    Fail {
+        status: u8,
+    },
+}
+
+/// A guest buffer of a saved request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedSeg {
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// A request in flight, as it is saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedRequest {
+    /// The head descriptor of its chain (given back in the used ring).
+    pub head: u16,
+    pub kind: SavedKind,
+    /// The data buffers, in order.
+    pub data: Vec<SavedSeg>,
+    /// The guest address of the status byte.
+    pub status: u64,
+    /// The tick it was taken from the queue.
+    pub start: Tick,
+    /// The tick it completes.
+    pub done: Tick,
+}
+
+/// The block device's saved state: the requests in flight, in completion
+/// order, and when the disk's last transfer ends (absolute ticks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockState {
+    pub inflight: Vec<SavedRequest>,
+    pub free: Tick,
 }
 
 /// Statistics of one disk.
@@ -440,7 +497,8 @@ impl Block {
                         }
                         if read {
                             self.stats.bytes_read.add(n as u64);
-                            written += n as u32;
+                            // The used ring's length is 32-bit.
+                            written = written.saturating_add(n as u32);
                         } else {
                             self.stats.bytes_written.add(n as u64);
                         }
@@ -451,6 +509,103 @@ impl Block {
                 (ok, written)
             }
         }
+    }
+}
+
+impl Block {
+    /// The saved request `r` (number `i`) as a request this disk could
+    /// have in flight; the error names the field.
+    fn request_from(&self, i: usize, r: &SavedRequest) -> Result<Request, RestoreError> {
+        let f = |field: &str| format!("inflight[{i}].{field}");
+        check(
+            r.head < QUEUE_SIZE,
+            &f("head"),
+            format_args!("{} is past the queue ({QUEUE_SIZE})", r.head),
+        )?;
+        check(
+            r.start <= r.done,
+            &f("done"),
+            format_args!("{} is before its start {}", r.done, r.start),
+        )?;
+        check(
+            r.data.len() <= usize::from(QUEUE_SIZE),
+            &f("data"),
+            format_args!("{} buffers, a chain has at most {QUEUE_SIZE}", r.data.len()),
+        )?;
+        for (k, seg) in r.data.iter().enumerate() {
+            check(
+                seg.addr.checked_add(u64::from(seg.len)).is_some(),
+                &f(&format!("data[{k}]")),
+                "the buffer wraps around the address space",
+            )?;
+        }
+        let bytes: u64 = r.data.iter().map(|s| u64::from(s.len)).sum();
+        let kind = match r.kind {
+            SavedKind::Read { offset } | SavedKind::Write { offset } => {
+                let write = matches!(r.kind, SavedKind::Write { .. });
+                check(
+                    offset.is_multiple_of(SECTOR_SIZE) && bytes.is_multiple_of(SECTOR_SIZE),
+                    &f("kind"),
+                    format_args!("offset {offset} or length {bytes} is not whole sectors"),
+                )?;
+                check(
+                    offset
+                        .checked_add(bytes)
+                        .is_some_and(|e| e <= self.disk.size()),
+                    &f("kind"),
+                    format_args!(
+                        "{bytes} bytes at {offset} run past the disk ({} bytes)",
+                        self.disk.size()
+                    ),
+                )?;
+                check(
+                    r.data.len() <= SEG_MAX as usize,
+                    &f("data"),
+                    format_args!("{} buffers, at most {SEG_MAX}", r.data.len()),
+                )?;
+                check(
+                    !write || !self.disk.read_only(),
+                    &f("kind"),
+                    "a write to a read-only disk",
+                )?;
+                if write {
+                    Kind::Write { offset }
+                } else {
+                    Kind::Read { offset }
+                }
+            }
+            SavedKind::Flush => {
+                check(r.data.is_empty(), &f("data"), "a flush has no data buffers")?;
+                Kind::Flush
+            }
+            SavedKind::GetId => Kind::GetId,
+            SavedKind::Fail { status } => {
+                check(
+                    u32::from(status) == VIRTIO_BLK_S_IOERR
+                        || u32::from(status) == VIRTIO_BLK_S_UNSUPP,
+                    &f("kind"),
+                    format_args!("status {status} is neither IOERR nor UNSUPP"),
+                )?;
+                check(
+                    r.data.is_empty(),
+                    &f("data"),
+                    "a failed request has no data buffers",
+                )?;
+                Kind::Fail(status)
+            }
+        };
+        Ok(Request {
+            head: r.head,
+            kind,
+            data: r
+                .data
+                .iter()
+                .map(|s| (GuestAddress(s.addr), s.len))
+                .collect(),
+            status: GuestAddress(r.status),
+            start: r.start,
+            done: r.done,
+        })
     }
 }
 
@@ -544,5 +699,59 @@ impl VirtioDevice for Block {
             out.broken |= more.broken;
         }
         out
+    }
+
+    fn save(&self) -> SavedState {
+        let inflight = self
+            .inflight
+            .iter()
+            .map(|r| SavedRequest {
+                head: r.head,
+                kind: match r.kind {
+                    Kind::Read { offset } => SavedKind::Read { offset },
+                    Kind::Write { offset } => SavedKind::Write { offset },
+                    Kind::Flush => SavedKind::Flush,
+                    Kind::GetId => SavedKind::GetId,
+                    Kind::Fail(status) => SavedKind::Fail { status },
+                },
+                data: r
+                    .data
+                    .iter()
+                    .map(|&(a, len)| SavedSeg { addr: a.0, len })
+                    .collect(),
+                status: r.status.0,
+                start: r.start,
+                done: r.done,
+            })
+            .collect();
+        crate::state::save(&BlockState {
+            inflight,
+            free: self.free,
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: BlockState = crate::state::parse(state)?;
+        check(
+            s.inflight.len() <= usize::from(QUEUE_SIZE),
+            "inflight",
+            format_args!("{} requests, at most {QUEUE_SIZE}", s.inflight.len()),
+        )?;
+        let mut inflight = VecDeque::with_capacity(s.inflight.len());
+        let mut last = 0;
+        for (i, r) in s.inflight.iter().enumerate() {
+            check(
+                r.done >= last,
+                &format!("inflight[{i}].done"),
+                format_args!("{} is before the previous request's {last}", r.done),
+            )?;
+            last = r.done;
+            inflight.push_back(self.request_from(i, r)?);
+        }
+        self.inflight = inflight;
+        self.free = s.free;
+        self.inflight_now
+            .store(self.inflight.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }

@@ -32,17 +32,19 @@
 
 pub mod blk;
 
-use mem::{AccessCtx, BusDevice, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use serde::{Deserialize, Serialize};
 use sim::{Counter, Stats, Tick};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::irq::IrqLine;
+use crate::state::check;
 
 /// Size of one device's register window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
@@ -98,6 +100,100 @@ pub trait VirtioDevice: Send {
     fn next_deadline(&self) -> Option<Tick>;
     /// Completes what is due at `now` (and takes more buffers if it can).
     fn on_deadline(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap, now: Tick) -> Outcome;
+    /// The device's own state (requests in flight, with their absolute
+    /// completion ticks), for the transport's saved state.
+    fn save(&self) -> SavedState;
+    /// Puts back what [`VirtioDevice::save`] returned: validated first,
+    /// unchanged on error (see [`BusDevice::restore`]).
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError>;
+}
+
+/// One virtqueue's saved state: virtio-queue's [`QueueState`] (which has
+/// no serde support), field for field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSaved {
+    pub max_size: u16,
+    /// The driver's next available-ring index the device will read.
+    pub next_avail: u16,
+    /// The next used-ring index the device will write.
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSaved {
+    fn from(q: QueueState) -> Self {
+        QueueSaved {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl QueueSaved {
+    /// The queue, if this state is one a device with queues of
+    /// `max_size` and features `offered` can have; the error names the
+    /// field (`at`: the queue's path).
+    fn to_queue(&self, at: &str, max_size: u16, offered: u64) -> Result<Queue, RestoreError> {
+        check(
+            self.max_size == max_size,
+            &format!("{at}.max_size"),
+            format_args!("{} but this device's queues hold {max_size}", self.max_size),
+        )?;
+        check(
+            !self.event_idx_enabled
+                || offered & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0,
+            &format!("{at}.event_idx_enabled"),
+            "this device does not offer EVENT_IDX",
+        )?;
+        let state = QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        };
+        Queue::try_from(state).map_err(|e| {
+            RestoreError(format!(
+                "{at}: {e:?} (size {} of at most {max_size}, a power of two; descriptor table \
+                 16-byte, available ring 2-byte, used ring 4-byte aligned)",
+                self.size
+            ))
+        })
+    }
+}
+
+/// The virtio-mmio transport's saved state, with its device's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioMmioState {
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    /// Bit 0: used buffers, bit 1: configuration change.
+    pub interrupt_status: u32,
+    /// One per virtqueue of the device.
+    pub queues: Vec<QueueSaved>,
+    /// The device's own state ([`VirtioDevice::save`]).
+    pub device: SavedState,
 }
 
 /// The virtio-mmio transport around device `D`.
@@ -372,6 +468,73 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
             self.bad_accesses.inc();
         }
         VIRTIO_MMIO_LATENCY
+    }
+
+    fn save(&self) -> SavedState {
+        crate::state::save(&VirtioMmioState {
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            device: self.dev.save(),
+        })
+    }
+
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        let s: VirtioMmioState = crate::state::parse(state)?;
+        let ints = VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG;
+        check(
+            s.interrupt_status & !ints == 0,
+            "interrupt_status",
+            format_args!("{:#x} sets bits outside {ints:#x}", s.interrupt_status),
+        )?;
+        let features_ok = s.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+        check(
+            s.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 || features_ok,
+            "status",
+            format_args!("{:#x}: DRIVER_OK without FEATURES_OK", s.status),
+        )?;
+        let offered = self.offered();
+        check(
+            !features_ok
+                || (s.driver_features & !offered == 0
+                    && s.driver_features & (1 << VIRTIO_F_VERSION_1) != 0),
+            "driver_features",
+            format_args!(
+                "{:#x} accepted (FEATURES_OK) but the device offers {offered:#x}, VERSION_1 needed",
+                s.driver_features
+            ),
+        )?;
+        check(
+            s.queues.len() == self.queues.len(),
+            "queues",
+            format_args!(
+                "{} queues, this device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ),
+        )?;
+        let max = self.dev.queue_max_size();
+        let queues = s
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.to_queue(&format!("queues[{i}]"), max, offered))
+            .collect::<Result<Vec<Queue>, _>>()?;
+        self.dev
+            .restore(&s.device)
+            .map_err(|e| RestoreError(format!("device.{}", e.0)))?;
+        self.queues = queues;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        Ok(())
     }
 }
 

@@ -564,3 +564,193 @@ proptest::proptest! {
         }
     }
 }
+
+/// A second rig showing what `a` shows: the same guest RAM and disk
+/// contents (a checkpoint saves those elsewhere) and `a`'s saved state,
+/// sent through a string.
+fn restored_copy(a: &Rig) -> Rig {
+    let sectors = a.disk.0.lock().unwrap().size() / crate::disk::SECTOR_SIZE;
+    let mut b = Rig::new(sectors, false);
+    let mut ram = vec![0u8; RAM as usize];
+    a.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+    b.mem.write_slice(&ram, GuestAddress(0)).unwrap();
+    let contents = a.disk.0.lock().unwrap().data.clone();
+    b.disk.0.lock().unwrap().data = contents;
+    crate::state::tests::round_trip(&a.dev, &mut b.dev);
+    (b.next_desc, b.avail_idx, b.now) = (a.next_desc, a.avail_idx, a.now);
+    b
+}
+
+#[test]
+fn saved_state_restores_identically() {
+    let mut a = Rig::ready(64);
+    a.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(DATA))
+        .unwrap();
+    let w = a.rw(VIRTIO_BLK_T_OUT, 4, 0x8000, DATA, 1024);
+    a.run_until(20 * TICKS_PER_US);
+    // Two reads and a write in flight, the first write done (used,
+    // interrupt status set and not acknowledged).
+    let r1 = a.rw(VIRTIO_BLK_T_IN, 4, 0x8100, DATA + 0x1000, 512);
+    let r2 = a.rw(VIRTIO_BLK_T_IN, 5, 0x8200, DATA + 0x2000, 1024);
+    a.run_until(a.dev.next_deadline().unwrap());
+    assert_eq!(a.status_byte(w), VIRTIO_BLK_S_OK as u8);
+    let w2 = a.rw(VIRTIO_BLK_T_OUT, 60, 0x8300, DATA, 2048);
+    assert!(a.dev.device().inflight() >= 2, "requests in flight");
+    assert_ne!(a.dev.interrupt_status(), 0);
+    let mut b = restored_copy(&a);
+    assert!(
+        b.irqs.lock().unwrap().0.is_empty(),
+        "a restore raises nothing"
+    );
+    assert_eq!(b.dev.next_deadline(), a.dev.next_deadline());
+    for reg in [
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_MMIO_INTERRUPT_STATUS,
+        VIRTIO_MMIO_QUEUE_READY,
+    ] {
+        assert_eq!(b.r(reg), a.r(reg), "register {reg:#x}");
+    }
+    // From here on both complete the same requests at the same ticks.
+    let mut ticks = (vec![], vec![]);
+    for (rig, t) in [(&mut a, &mut ticks.0), (&mut b, &mut ticks.1)] {
+        while let Some(d) = rig.dev.next_deadline() {
+            t.push(d);
+            rig.run_until(d);
+        }
+        // And take a new request alike.
+        let r3 = rig.rw(VIRTIO_BLK_T_IN, 60, 0x8400, DATA + 0x4000, 2048);
+        rig.settle();
+        assert_eq!(rig.status_byte(r3), VIRTIO_BLK_S_OK as u8);
+    }
+    assert_eq!(ticks.0, ticks.1);
+    assert_eq!(b.used_idx(), a.used_idx());
+    for n in 0..a.used_idx() {
+        assert_eq!(b.used(n), a.used(n), "used element {n}");
+    }
+    for s in [r1, r2, w2] {
+        assert_eq!(b.status_byte(s), a.status_byte(s));
+    }
+    let mut data = [[0u8; 0x5000]; 2];
+    a.mem.read_slice(&mut data[0], GuestAddress(DATA)).unwrap();
+    b.mem.read_slice(&mut data[1], GuestAddress(DATA)).unwrap();
+    assert!(data[0] == data[1], "the same data read");
+    assert!(
+        data[1][0x4000..0x4400] == [0x5a; 1024],
+        "w2's data read back"
+    );
+    assert_eq!(
+        b.irqs.lock().unwrap().0.len(),
+        2 * ticks.1.len() + 2,
+        "an interrupt per completion"
+    );
+}
+
+#[test]
+fn hostile_saved_states_are_refused() {
+    use crate::state::tests::*;
+    use serde_json::json;
+    let mut a = Rig::ready(64);
+    a.rw(VIRTIO_BLK_T_IN, 4, 0x8100, DATA, 512);
+    a.rw(VIRTIO_BLK_T_IN, 5, 0x8200, DATA + 0x1000, 512);
+    let d = &mut a.dev;
+    refuses_garbage(d);
+    refused_edit(d, &["interrupt_status"], json!(4), "interrupt_status");
+    refused_edit(d, &["status"], json!(4), "status");
+    refused_edit(
+        d,
+        &["driver_features"],
+        json!(1u64 << 40),
+        "driver_features",
+    );
+    refused_edit(d, &["queues"], json!([]), "queues");
+    refused_edit(
+        d,
+        &["queues", "0", "max_size"],
+        json!(128),
+        "queues[0].max_size",
+    );
+    refused_edit(d, &["queues", "0", "size"], json!(100), "queues[0]");
+    refused_edit(d, &["queues", "0", "size"], json!(512), "queues[0]");
+    refused_edit(
+        d,
+        &["queues", "0", "desc_table"],
+        json!(0x1001),
+        "queues[0]",
+    );
+    refused_edit(
+        d,
+        &["queues", "0", "event_idx_enabled"],
+        json!(true),
+        "event_idx",
+    );
+    refused_edit(
+        d,
+        &["queues", "0", "next_avail"],
+        json!(70000),
+        "queues[0].next_avail",
+    );
+    let inf = ["device", "inflight"];
+    fn at(k: &'static str) -> [&'static str; 4] {
+        ["device", "inflight", "0", k]
+    }
+    let one = d.save()["device"]["inflight"][0].clone();
+    refused_edit(d, &inf, json!(vec![one; 257]), "device.inflight");
+    refused_edit(d, &at("head"), json!(256), "device.inflight[0].head");
+    refused_edit(
+        d,
+        &at("kind"),
+        json!({"read": {"offset": 64 * 512}}),
+        "device.inflight[0].kind",
+    );
+    refused_edit(
+        d,
+        &at("kind"),
+        json!({"read": {"offset": 100}}),
+        "device.inflight[0].kind",
+    );
+    refused_edit(
+        d,
+        &at("kind"),
+        json!({"read": {"offset": u64::MAX - 511}}),
+        "device.inflight[0].kind",
+    );
+    refused_edit(
+        d,
+        &at("kind"),
+        json!({"fail": {"status": 0}}),
+        "device.inflight[0].kind",
+    );
+    refused_edit(
+        d,
+        &at("kind"),
+        json!({"erase": {}}),
+        "device.inflight[0].kind",
+    );
+    refused_edit(d, &at("kind"), json!("flush"), "device.inflight[0].data");
+    refused_edit(d, &at("start"), json!(u64::MAX), "device.inflight[0].done");
+    refused_edit(
+        d,
+        &["device", "inflight", "1", "done"],
+        json!(1),
+        "device.inflight[1].done",
+    );
+    refused_edit(
+        d,
+        &at("data"),
+        json!([{"addr": u64::MAX, "len": 512}]),
+        "device.inflight[0].data[0]",
+    );
+    refused_edit(
+        d,
+        &at("data"),
+        json!([{"addr": 0, "len": 1}]),
+        "device.inflight[0].kind",
+    );
+    refused_edit(d, &["device", "free"], json!(-1), "device.free");
+    let mut ro = Rig::new(64, true);
+    ro.init((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_RO));
+    let mut state = d.save();
+    state["device"]["inflight"][0]["kind"] = json!({"write": {"offset": 0}});
+    refused(&mut ro.dev, state, "device.inflight[0].kind");
+}
