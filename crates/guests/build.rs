@@ -28,6 +28,7 @@ const GUESTS: &[&str] = &[
     "smpboot",
     "ipipong",
     "multiboot",
+    "ckpt",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -66,6 +66,11 @@
 //!   scratch port, then writes the bits of the failed checks to
 //!   isa-debug-exit (status 1 when all passed).
 //!
+//! * `ckpt`: fills YMM0-15 with known values, spins at ring 3 through RSI (20)
+//!   interval-timer periods of RDI (200 us) ns, then checks the registers
+//!   and prints `ckpt: periods=N ymm=ok`: a guest to checkpoint in the
+//!   middle of (nothing it prints depends on host timing).
+//!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
 macro_rules! guest {
@@ -101,6 +106,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("smpboot"),
     guest!("ipipong"),
     guest!("multiboot"),
+    guest!("ckpt"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -237,6 +243,12 @@ pub const ABOUT: &[About] = &[
         about: "entered in 32-bit protected mode; checks the Multiboot information (memory map, \
                 command line \"mbcheck=kvmsim\", a module starting \"KVMSIM-MODULE\"), fw_cfg \
                 and pc-testdev; ends through isa-debug-exit with the failed checks' bits (status 1: all passed)",
+    },
+    About {
+        name: "ckpt",
+        args: "RDI=timer period ns (200000), RSI=periods (20)",
+        about: "fills YMM0-15 at ring 3, spins through RSI timer periods, then checks \
+                them; prints \"ckpt: periods=N ymm=ok\" (a guest to checkpoint in the middle of)",
     },
 ];
 

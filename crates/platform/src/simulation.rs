@@ -205,7 +205,8 @@ impl Simulation {
             },
         )?;
         tracing::info!(
-            "checkpoint at tick {tick} ({:.6} s simulated) written to {} ({} RAM pages, state {}              bytes, {:.0} ms)",
+            "checkpoint at tick {tick} ({:.6} s simulated) written to {} ({} RAM pages, \
+             state {} bytes, {:.0} ms)",
             sim::tick::ticks_to_seconds(tick),
             dir.display(),
             pages,
@@ -547,13 +548,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         if finished {
             break;
         }
-        if checkpoint {
-            if slot == 0 {
-                run.stopped_for_checkpoint.store(true, Ordering::SeqCst);
-            }
-            break;
-        }
-        if asked && lead && !t.system_exited() {
+        if asked && !checkpoint && lead && !t.system_exited() {
             if let Err(e) = t.request_checkpoint() {
                 finish(Err(e), &t);
             }
@@ -601,6 +596,14 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                     }
                 }
             }
+        }
+        if checkpoint {
+            // The window's link messages are in the systems' queues now:
+            // the checkpoint holds them.
+            if slot == 0 {
+                run.stopped_for_checkpoint.store(true, Ordering::SeqCst);
+            }
+            break;
         }
         window = skip_to;
     }

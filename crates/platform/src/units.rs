@@ -120,12 +120,6 @@ macro_rules! quantity {
         #[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
         pub struct $name(pub $inner);
 
-        impl Serialize for $name {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                self.0.serialize(s)
-            }
-        }
-
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 struct V;
@@ -166,6 +160,28 @@ quantity!(
     "bandwidth in bytes per second"
 );
 
+/// Sizes, frequencies and bandwidths are written as plain numbers (bytes,
+/// Hz, bytes per second), which read back as the same.
+macro_rules! plain_number {
+    ($($name:ident),*) => {$(
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(s)
+            }
+        }
+    )*};
+}
+plain_number!(Size, Frequency, Bandwidth);
+
+/// A duration is written in picoseconds with its unit ("5500000000ps"): a
+/// bare number is not a duration (a config must say its unit), and
+/// config.json and checkpoints read back as written.
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        format!("{}ps", self.0).serialize(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +194,29 @@ mod tests {
         let e = parse_freq(&huge).unwrap_err();
         assert!(e.contains("at most 1THz"), "{e}");
         assert!(parse_freq("1001GHz").is_err());
+    }
+
+    #[test]
+    fn quantities_read_back_as_written() {
+        let d = Duration(5_500_000_000);
+        let j = serde_json::to_string(&d).unwrap();
+        assert_eq!(j, "\"5500000000ps\"");
+        assert_eq!(serde_json::from_str::<Duration>(&j).unwrap(), d);
+        let s = Size(64 << 20);
+        assert_eq!(
+            serde_json::from_str::<Size>(&serde_json::to_string(&s).unwrap()).unwrap(),
+            s
+        );
+        let f = Frequency(2.5e9);
+        assert_eq!(
+            serde_json::from_str::<Frequency>(&serde_json::to_string(&f).unwrap()).unwrap(),
+            f
+        );
+        let b = Bandwidth(500 << 20);
+        assert_eq!(
+            serde_json::from_str::<Bandwidth>(&serde_json::to_string(&b).unwrap()).unwrap(),
+            b
+        );
     }
 
     #[test]
