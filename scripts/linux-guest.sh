@@ -78,6 +78,12 @@ fi
 echo "KVMSIM-INIT: /init is running"
 # A stats dump here gives simulated and host seconds to /init.
 /bin/kvmsim-ops dumpstats
+# kvmsim.checkpoint on the command line: a checkpoint here (the run goes on
+# unless sim.checkpoint_exit); a restore of it runs on from this line.
+if /bin/busybox grep -q 'kvmsim.checkpoint' /proc/cmdline; then
+    /bin/kvmsim-ops checkpoint
+    echo "KVMSIM-INIT: checkpoint taken"
+fi
 n=$(/bin/busybox nproc 2>/dev/null || echo 1)
 echo "KVMSIM-NPROC: $n"
 /bin/kvmsim-ops workbegin 1
