@@ -589,9 +589,13 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         let report = crate::state::restore(&mut self.vcpu, &saved.vcpu)
             .map_err(|e| KvmError::Checkpoint(format!("{}: restoring the vCPU: {e}", self.name)))?;
         self.arch.context_replaced(&mut self.vcpu)?;
-        if !report.msrs_refused.is_empty() {
+        static REFUSED_SAID: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        if !report.msrs_refused.is_empty()
+            && !REFUSED_SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             tracing::warn!(
-                "{}: this host's KVM refused {} saved MSRs: {:x?}",
+                "{}: this host's KVM refused {} saved MSRs: {:x?} (said once per run)",
                 self.name,
                 report.msrs_refused.len(),
                 report.msrs_refused

@@ -203,6 +203,17 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Restore latency: reading a checkpoint to the first guest
+    /// instruction, and the checkpoint's size on disk.
+    Restore {
+        /// The checkpoint (default: one of the ckpt guest with 128 MiB of
+        /// RAM, taken first).
+        #[arg(long, value_name = "DIR")]
+        checkpoint: Option<PathBuf>,
+        /// Restores (the best is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
     /// MMIO reads at CPL0: kvmsim against a bare KVM loop, side by side.
     Mmio {
         /// MMIO reads.
@@ -648,6 +659,9 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Window { windows, runs }) => {
             (w.windows, w.runs) = (windows, runs);
             bench::Figure::Window
+        }
+        Some(Bench::Restore { checkpoint, runs }) => {
+            return bench::restore(checkpoint.as_deref(), runs);
         }
         Some(Bench::Mmio { reads, runs }) => {
             (w.mmio_reads, w.runs) = (reads, runs);
