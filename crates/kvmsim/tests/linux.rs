@@ -30,6 +30,17 @@ fn linux_guest(test: &str) -> Option<PathBuf> {
     panic!("{test}: {why}");
 }
 
+/// examples/linux.toml's append (trimming flags): `--append` replaces it.
+fn example_append() -> String {
+    let example = std::fs::read_to_string(repo().join("examples/linux.toml")).unwrap();
+    example
+        .lines()
+        .find_map(|l| l.strip_prefix("append = \""))
+        .and_then(|l| l.split('"').next())
+        .expect("examples/linux.toml has an append line")
+        .to_string()
+}
+
 /// Boots the guest with examples/linux.toml and `extra` flags.
 fn boot(test: &str, dir: &std::path::Path, extra: &[&str]) -> Run {
     let kernel = dir.join("vmlinuz");
@@ -63,7 +74,9 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     let Some(dir) = linux_guest("linux_boot") else {
         return;
     };
-    let r = boot("linux-boot", &dir, &[]);
+    // /init takes a checkpoint (kvmsim.checkpoint) and the run goes on.
+    let append = format!("{} kvmsim.checkpoint", example_append());
+    let r = boot("linux-boot", &dir, &["--append", &append]);
     let console = r.file("serial.log");
     let tail = last_lines(&console, 30);
     assert_eq!(
@@ -119,6 +132,51 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
                 > 0
         );
     }
+
+    // The checkpoint /init took: a restore runs the workload from there to
+    // its sim-ops exit, without booting.
+    assert!(console.contains("KVMSIM-INIT: checkpoint taken"), "{tail}");
+    let cp = std::fs::read_dir(&r.out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("cpt."))
+        .expect("a checkpoint folder in the output");
+    let restored = kvmsim(
+        &["run", "--restore", cp.to_str().unwrap(), "--quiet"],
+        &r.out.join("restored"),
+    );
+    let rc = restored.no_panic().file("serial.log");
+    let rtail = last_lines(&rc, 30);
+    assert_eq!(
+        restored.status, 0,
+        "stderr:\n{}\nconsole (last lines):\n{rtail}",
+        restored.stderr
+    );
+    assert_eq!(restored.json("exit.json")["cause"], "guest_exit");
+    for line in [
+        "KVMSIM-INIT: checkpoint taken",
+        "KVMSIM-WORKLOAD: counted to 100000",
+        "KVMSIM-INIT: workload status 0",
+    ] {
+        assert!(
+            rc.contains(line),
+            "{line:?} not in the restored console:\n{rtail}"
+        );
+    }
+    assert!(
+        !rc.contains("Linux version"),
+        "the restored run booted:\n{rtail}"
+    );
+    let cp_tick: u64 = cp.file_name().unwrap().to_string_lossy()[4..]
+        .parse()
+        .unwrap();
+    assert!(restored.json("exit.json")["tick"].as_u64().unwrap() > cp_tick);
+    eprintln!(
+        "linux restore: from {:.1} s simulated to the end at {:.1} s in {:.1} s host",
+        cp_tick as f64 * 1e-12,
+        restored.statf("simSeconds"),
+        restored.statf("hostSeconds")
+    );
 }
 
 #[test]
@@ -137,13 +195,10 @@ fn a_kernel_panic_ends_the_run_as_a_reset_and_keeps_the_console() {
     // No init to run: the kernel panics; panic=-1 reboots at once, and
     // reboot=k resets through the keyboard controller. (--append replaces
     // the example's append, so its trimming flags are kept by hand.)
-    let example = std::fs::read_to_string(repo().join("examples/linux.toml")).unwrap();
-    let trim = example
-        .lines()
-        .find_map(|l| l.strip_prefix("append = \""))
-        .and_then(|l| l.split('"').next())
-        .expect("examples/linux.toml has an append line");
-    let append = format!("{trim} rdinit=/no-such-init init=/no-such-init");
+    let append = format!(
+        "{} rdinit=/no-such-init init=/no-such-init",
+        example_append()
+    );
     let r = boot("linux-panic", &dir, &["--append", &append]);
     let console = r.file("serial.log");
     assert_eq!(r.status, 253, "stderr:\n{}", r.stderr);
