@@ -75,7 +75,17 @@ impl Checkpoint {
     /// Reads checkpoint folder `dir`.
     pub fn read(dir: &std::path::Path) -> Result<Self, PlatformError> {
         let state = ckpt::read_state(dir)?;
-        let config: Config = serde_json::from_value(state.config.clone()).map_err(|e| {
+        // What kvmsim filled in as a result (the Linux command line it
+        // built) is written, not read: it is built again the same way.
+        let mut saved = state.config.clone();
+        if let Some(systems) = saved.get_mut("system").and_then(|s| s.as_array_mut()) {
+            for s in systems {
+                if let Some(o) = s.as_object_mut() {
+                    o.remove("cmdline");
+                }
+            }
+        }
+        let config: Config = serde_json::from_value(saved).map_err(|e| {
             PlatformError::Checkpoint(format!(
                 "{}: the saved configuration does not parse: {e}",
                 dir.join(ckpt::STATE_FILE).display()
