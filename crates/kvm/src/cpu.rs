@@ -32,7 +32,7 @@ use mem::{AccessCtx, CallArgs, IoBus, Space};
 use sim::intr::InterruptController;
 use sim::{Availability, Counter, Request, Stats, Tick, Value};
 
-use crate::arch::Arch;
+use crate::arch::{Arch, DebugStop, Stepper};
 use crate::perf::{InstCounter, PerfEvent};
 use crate::timer::{kick_signal, ExitTimer, KickHandle, TimerKind};
 use crate::vcpu::{KvmVcpu, Vcpu, VmExit};
@@ -135,6 +135,9 @@ pub enum TickOutcome {
     InstLimit(u64, String),
     /// Something this host cannot do was required (explained).
     Unsupported(String),
+    /// A debugger's breakpoint, watchpoint or step stopped the CPU. It is
+    /// ticked again, at `next`, only when the debugger lets it go on.
+    DebugStop { next: Tick, stop: DebugStop },
     /// The guest cannot continue: a description and register dump.
     Fault(String),
 }
@@ -320,6 +323,8 @@ pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     inst_counter: Option<InstCounter>,
     inst_method: InstMethod,
     stepping: bool,
+    /// The debugger's stop that the last run ended with.
+    debug_stop: Option<DebugStop>,
     /// The system-wide instruction count, updated on every exit.
     total_insts: Option<(Counter, Availability)>,
     /// An instruction trace, waiting for its start or in progress.
@@ -370,6 +375,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             inst_counter: None,
             inst_method: InstMethod::Unavailable,
             stepping: false,
+            debug_stop: None,
             total_insts: None,
             tracer: None,
             idle_since: None,
@@ -473,7 +479,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             self.inst_counter = Some(c);
             self.inst_method = InstMethod::PerfCounter;
         } else if self.opts.max_insts.is_some() {
-            self.arch.set_single_step(&mut self.vcpu, true)?;
+            self.arch.set_step(&mut self.vcpu, Stepper::Insts, true)?;
             self.stepping = true;
             self.inst_method = InstMethod::SingleStep;
             tracing::warn!(
@@ -680,7 +686,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 }
                 let at = now.saturating_add(ticks);
                 match self.tracer.as_ref().map(|t| (t.active, t.paused)) {
-                    Some((true, false)) if exit == Exit::Debug => {
+                    Some((true, false)) if matches!(exit, Exit::Debug(_)) => {
                         self.trace_step(at)?;
                         // The step may have entered a level that cannot be stepped.
                         if self.tracer.is_some() {
@@ -690,7 +696,11 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                     Some((true, true)) if self.trace_can_step(at)? => self.trace_step(at)?,
                     _ => {}
                 }
-                Ok(self.after_run(now, ticks, exit))
+                let outcome = self.after_run(now, ticks, exit);
+                Ok(match (self.debug_stop.take(), outcome) {
+                    (Some(stop), TickOutcome::Next(next)) => TickOutcome::DebugStop { next, stop },
+                    (_, o) => o,
+                })
             }
         }
     }
@@ -707,7 +717,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 self.stats.num_exit_signal.inc();
                 self.state = CpuState::Running;
             }
-            Exit::Retry | Exit::Debug => self.state = CpuState::Running,
+            Exit::Retry | Exit::Debug(_) => self.state = CpuState::Running,
             other => {
                 self.pending = Some(other);
                 self.state = CpuState::RunningService;
@@ -764,7 +774,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         );
         self.trace_write(&start)?;
         if self.trace_can_step(now)? {
-            self.arch.set_single_step(&mut self.vcpu, true)?;
+            self.arch.set_step(&mut self.vcpu, Stepper::Trace, true)?;
             self.trace_step(now)?;
         }
         Ok(span)
@@ -797,9 +807,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             )
         };
         self.trace_write(&note)?;
-        if !self.stepping {
-            self.arch.set_single_step(&mut self.vcpu, can)?;
-        }
+        self.arch.set_step(&mut self.vcpu, Stepper::Trace, can)?;
         Ok(can)
     }
 
@@ -814,9 +822,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         }
         if t.trace.insts == 0 {
             self.tracer = None;
-            if !self.stepping {
-                self.arch.set_single_step(&mut self.vcpu, false)?;
-            }
+            self.arch.set_step(&mut self.vcpu, Stepper::Trace, false)?;
             return Ok(());
         }
         t.trace.insts -= 1;
@@ -928,16 +934,33 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
         self.stats.num_vm_exits.inc();
 
-        // A debug exit may be a repair's breakpoint or step, not ours.
+        // A debugger's int3 that this host's emulator fails on.
         let exit = match exit {
-            Exit::Debug => match self.arch.debug_exit(&mut self.vcpu)? {
-                crate::arch::DebugOutcome::NotMine => Exit::Debug,
-                crate::arch::DebugOutcome::Handled => Exit::Retry,
-                crate::arch::DebugOutcome::Completed(i) => {
+            Exit::EmulationFailure(b) => {
+                match self.arch.planted_breakpoint(&mut self.vcpu, b.as_deref())? {
+                    Some(d) => Exit::Debug(d),
+                    None => Exit::EmulationFailure(b),
+                }
+            }
+            e => e,
+        };
+        // A debug exit may be a step (an instruction completed: counted,
+        // traced), a repair's breakpoint, or a debugger's stop.
+        let exit = match exit {
+            Exit::Debug(d) => {
+                let o = self.arch.debug_exit(&mut self.vcpu, &d)?;
+                if let Some(i) = o.completed {
                     self.stats.completed.add(i, 1);
+                }
+                if o.stop.is_some() {
+                    self.debug_stop = o.stop;
+                }
+                if o.stepped {
+                    Exit::Debug(d)
+                } else {
                     Exit::Retry
                 }
-            },
+            }
             e => e,
         };
         self.account_insts(&exit)?;
@@ -1015,7 +1038,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             }
             InstMethod::SingleStep => {
                 // One instruction per debug exit; HLT completes without one.
-                if matches!(exit, Exit::Debug | Exit::Hlt) {
+                if matches!(exit, Exit::Debug(_) | Exit::Hlt) {
                     self.insts += 1;
                 }
             }
@@ -1156,7 +1179,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                     TickOutcome::Idle
                 });
             }
-            Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug => 0,
+            Exit::IrqWindowOpen | Exit::Intr | Exit::Retry | Exit::Debug(_) => 0,
             Exit::EmulationFailure(bytes) => {
                 let bytes = match bytes {
                     Some(b) if !b.is_empty() => b,

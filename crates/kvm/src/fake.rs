@@ -99,6 +99,8 @@ pub struct Record {
     pub timer_exits: u64,
     /// KVM_SET_VCPU_EVENTS calls.
     pub set_events: u64,
+    /// KVM_SET_GUEST_DEBUG calls.
+    pub set_guest_debug: u64,
 }
 
 /// The run timer's state, shared by the fake vCPU and its timer.
@@ -130,6 +132,8 @@ pub struct FakeVcpu {
     pub debug_regs: kvm_debugregs,
     pub mp_state: kvm_mp_state,
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest-debug setting last given (KVM_SET_GUEST_DEBUG).
+    pub guest_debug: kvm_guest_debug,
     events: kvm_vcpu_events,
     record: Record,
     timer: Arc<Mutex<TimerState>>,
@@ -169,6 +173,7 @@ impl FakeVcpu {
             debug_regs: kvm_debugregs::default(),
             mp_state: kvm_mp_state::default(),
             cpuid: Vec::new(),
+            guest_debug: kvm_guest_debug::default(),
             events: kvm_vcpu_events::default(),
             record: Record::default(),
             timer: Arc::default(),
@@ -383,7 +388,9 @@ impl Vcpu for FakeVcpu {
     fn saved_msr_indices(&self) -> Result<Vec<u32>> {
         Ok(self.msr_list.clone())
     }
-    fn set_guest_debug(&mut self, _dbg: &kvm_guest_debug) -> Result<()> {
+    fn set_guest_debug(&mut self, dbg: &kvm_guest_debug) -> Result<()> {
+        self.guest_debug = *dbg;
+        self.record.set_guest_debug += 1;
         Ok(())
     }
     fn nmi(&mut self) -> Result<()> {

@@ -78,8 +78,8 @@ fn probe_single_step(cpl: u8) -> Result<bool> {
         _ram,
     } = probe_vm(&NOPS, cpl)?;
     arch.update_kvm_state(&mut vcpu)?;
-    arch.set_single_step(&mut vcpu, true)?;
-    let stepped = vcpu.run(&mut Vec::new()) == VmExit::Debug;
+    arch.set_step(&mut vcpu, crate::arch::Stepper::Insts, true)?;
+    let stepped = matches!(vcpu.run(&mut Vec::new()), VmExit::Debug(_));
     arch.kvm_state_changed();
     let rip = arch.regs(&mut vcpu)?.rip;
     let works = stepped && rip == PROBE_CODE + 1;

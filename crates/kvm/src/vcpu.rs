@@ -52,7 +52,7 @@ pub enum VmExit {
     Retry,
     IrqWindowOpen,
     /// A single-step or breakpoint exit.
-    Debug,
+    Debug(DebugExit),
     /// KVM could not emulate an instruction (its bytes, when KVM gave them).
     EmulationFailure(Option<Vec<u8>>),
     Hypercall(u64),
@@ -67,6 +67,18 @@ pub enum VmExit {
     },
     /// Anything the CPU cannot continue from (explained).
     Fatal(String),
+}
+
+/// What KVM reports with a debug exit (`kvm_debug_exit_arch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugExit {
+    /// The exception: 1 (#DB: a step, a hardware breakpoint) or 3 (#BP: `int3`).
+    pub exception: u32,
+    /// The guest's linear program counter.
+    pub pc: u64,
+    /// DR6 as the exception left it (bit 14 step, bits 0-3 the slots).
+    pub dr6: u64,
+    pub dr7: u64,
 }
 
 /// An XSAVE area as KVM_GET_XSAVE (or KVM_GET_XSAVE2, where the host's
@@ -401,7 +413,12 @@ fn decode(
         Ok(VcpuExit::Hlt) => VmExit::Hlt,
         Ok(VcpuExit::Intr) => VmExit::Intr,
         Ok(VcpuExit::IrqWindowOpen) => VmExit::IrqWindowOpen,
-        Ok(VcpuExit::Debug(_)) => VmExit::Debug,
+        Ok(VcpuExit::Debug(d)) => VmExit::Debug(DebugExit {
+            exception: d.exception,
+            pc: d.pc,
+            dr6: d.dr6,
+            dr7: d.dr7,
+        }),
         Ok(VcpuExit::Hypercall(h)) => VmExit::Hypercall(h.nr),
         Ok(VcpuExit::X86Wrmsr(w)) => VmExit::MsrWrite {
             index: w.index,

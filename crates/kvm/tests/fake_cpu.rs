@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use kvm::arch::x86_64::X86_64;
 use kvm::cpu::{CpuOptions, IntcHandle};
 use kvm::fake::{FakeVcpu, Step};
+use kvm::Arch;
 use kvm::{CpuConfig, KvmCpu, TickOutcome, VmExit};
 use mem::IoBus;
 use proptest::prelude::*;
@@ -495,4 +496,111 @@ fn int_n_at_cpl0_is_completed_as_an_injected_interrupt() {
     assert_eq!(rec.taken, vec![0x40, 0x21], "{rec:?}");
     assert!(rec.discarded.is_empty(), "{rec:?}");
     assert_eq!(rig.stat("system.cpu.completedInstructions::int-n"), 1.0);
+}
+
+/// A debug exit as KVM reports it.
+fn debug_exit(exception: u32, pc: u64, dr6: u64) -> VmExit {
+    VmExit::Debug(kvm::vcpu::DebugExit {
+        exception,
+        pc,
+        dr6,
+        dr7: 0,
+    })
+}
+
+/// What the next entry gives KVM: (control, DR0, DR7).
+fn next_guest_debug(rig: &mut Rig) -> (u32, u64, u64) {
+    let (arch, vcpu) = rig.cpu.arch_mut();
+    arch.update_kvm_state(vcpu).unwrap();
+    let d = rig.cpu.vcpu().guest_debug;
+    (d.control, d.arch.debugreg[0], d.arch.debugreg[7])
+}
+
+#[test]
+fn the_syscall_repair_and_stepping_share_one_guest_debug_setting() {
+    use kvm::arch::{DebugStop, Stepper};
+    use kvm_bindings::{
+        KVM_GUESTDBG_ENABLE as EN, KVM_GUESTDBG_SINGLESTEP as SS, KVM_GUESTDBG_USE_HW_BP as HW,
+        KVM_GUESTDBG_USE_SW_BP as SW,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    const HANDLER: u64 = 0x5000;
+    let mut rig = Rig::new(vec![
+        // The repair's breakpoint on the page-fault handler fires (an
+        // ordinary kernel page fault): it steps over the handler's first
+        // instruction with its breakpoint off.
+        Step::new(100, debug_exit(1, HANDLER, 0b1)),
+        // That step is also the debugger's: the CPU stops for it.
+        Step::new(100, debug_exit(1, HANDLER + 1, 1 << 14)),
+        // The guest's own int3 while the debugger has one planted
+        // elsewhere: it goes to the guest as a #BP.
+        Step::new(100, debug_exit(3, 0x7000, 0)),
+        // The debugger's int3.
+        Step::new(100, debug_exit(3, 0x6000, 0)),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    // An IDT at 0x1000 whose entry 14 points at HANDLER; a kernel-mode
+    // page-fault frame on the stack (not the broken SYSCALL entry).
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+    gate[5] = 0x8e;
+    mem.write_slice(&gate, GuestAddress(0x1000 + 14 * 16))
+        .unwrap();
+    for (i, w) in [0u64, 0x4000, 0x10, 0x2, 0x7_0000, 0x18].iter().enumerate() {
+        mem.write_obj(*w, GuestAddress(0x8_0000 + 8 * i as u64))
+            .unwrap();
+    }
+    rig.cpu.set_guest_memory(mem);
+    {
+        let v = rig.cpu.vcpu_mut();
+        v.sregs.idt.base = 0x1000;
+        v.sregs.idt.limit = 0xfff;
+        // The fake moves RIP one byte per exit.
+        v.regs.rip = HANDLER - 1;
+    }
+    let (arch, vcpu) = rig.cpu.arch_mut();
+    arch.enable_syscall_repair(vcpu).unwrap();
+    arch.set_step(vcpu, Stepper::Debugger, true).unwrap();
+    arch.debug_mut().add_sw(0x6000);
+    // Both at once: the step, the repair's breakpoint in DR0, int3 exits.
+    assert_eq!(
+        next_guest_debug(&mut rig),
+        (EN | SS | HW | SW, HANDLER, 0b1)
+    );
+
+    // The repair's breakpoint: no stop, no instruction completed.
+    assert!(matches!(rig.tick(None), TickOutcome::Next(_)));
+    // Stepping over the handler's first instruction: breakpoint off.
+    assert_eq!(next_guest_debug(&mut rig), (EN | SS | SW, 0, 0));
+    // The step ends the repair's step (re-armed) and stops for the debugger.
+    match rig.tick(None) {
+        TickOutcome::DebugStop { next, stop } => {
+            assert_eq!(stop, DebugStop::Step);
+            assert!(next > rig.now);
+            rig.now = next;
+        }
+        o => panic!("expected the debugger's stop, got {o:?}"),
+    }
+    assert_eq!(
+        next_guest_debug(&mut rig),
+        (EN | SS | HW | SW, HANDLER, 0b1)
+    );
+    // The debugger stops stepping; the repair keeps its breakpoint.
+    let (arch, vcpu) = rig.cpu.arch_mut();
+    arch.set_step(vcpu, Stepper::Debugger, false).unwrap();
+    assert_eq!(next_guest_debug(&mut rig), (EN | HW | SW, HANDLER, 0b1));
+    // The guest's own int3 becomes a #BP for the guest.
+    assert!(matches!(rig.tick(None), TickOutcome::Next(_)));
+    assert_eq!(rig.stat("system.cpu.completedInstructions::int3"), 1.0);
+    // The debugger's int3 stops the CPU (the guest took its #BP at this entry).
+    match rig.tick(None) {
+        TickOutcome::DebugStop { next, stop } => {
+            assert_eq!(stop, DebugStop::SwBreak);
+            rig.now = next;
+        }
+        o => panic!("expected the debugger's breakpoint, got {o:?}"),
+    }
+    assert_eq!(rig.cpu.vcpu().record().exceptions, vec![3]);
+    rig.run(None, 10);
 }

@@ -527,14 +527,9 @@ impl System {
             }
             _ => sc.args.clone(),
         };
+        // The repair shares the CPU's guest-debug setting with stepping
+        // (max_insts, the trace) and the debugger (kvm::arch::x86_64::guest_debug).
         let repair = sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair();
-        if repair && (sc.cpu.max_insts.is_some() || sc.cpu.trace.is_some()) {
-            tracing::warn!(
-                "{name}: this host's SYSCALL entry is broken, but max_insts or the trace \
-                 single-steps: the repair is not applied (user-mode system calls will fault)"
-            );
-        }
-        let repair = repair && sc.cpu.max_insts.is_none() && sc.cpu.trace.is_none();
         let (total, avail) = stats.maybe_counter(
             &format!("{name}.totalNumInsts"),
             "Guest instructions executed by all CPUs of the system (nan: not countable here)",
@@ -1352,6 +1347,8 @@ impl CpuThread<'_> {
         self.after_activity(tick)?;
         match outcome {
             TickOutcome::Next(t) => self.schedule_cpu(t)?,
+            // Only a debugger's breakpoints and steps stop the CPU.
+            TickOutcome::DebugStop { next, .. } => self.schedule_cpu(next)?,
             TickOutcome::Idle => self.wake_if_pending(tick)?,
             TickOutcome::Drained => self.cpu_drained(tick),
             TickOutcome::InstLimit(n, dump) => {

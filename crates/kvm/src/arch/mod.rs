@@ -5,18 +5,55 @@ pub mod x86_64;
 
 use sim::intr::InterruptController;
 
-use crate::vcpu::Vcpu;
+use crate::vcpu::{DebugExit, Vcpu};
 use crate::Result;
 
-/// What became of a debug exit.
+/// Who wants the CPU single-stepped (it steps while anyone does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DebugOutcome {
-    /// Not the architecture's (single-stepping for instruction counts).
-    NotMine,
-    /// Handled, nothing completed.
-    Handled,
-    /// Handled and completed entry `n` of [`Arch::completable`].
-    Completed(usize),
+pub enum Stepper {
+    /// Counting instructions exactly (`max_insts` without a PMU).
+    Insts = 1,
+    /// The instruction trace.
+    Trace = 2,
+    /// A repair stepping over one guest instruction.
+    Repair = 4,
+    /// A debugger's step.
+    Debugger = 8,
+}
+
+/// What a hardware breakpoint watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakKind {
+    /// Executing the instruction at the address.
+    Exec,
+    /// Writes to the bytes.
+    Write,
+    /// Reads or writes of the bytes (x86 has no read-only watchpoint).
+    ReadWrite,
+}
+
+/// Why a debug exit stops the CPU for a debugger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebugStop {
+    /// The debugger's single step completed.
+    Step,
+    /// The debugger's software breakpoint at the program counter.
+    SwBreak,
+    /// The debugger's hardware execution breakpoint at this address.
+    HwBreak(u64),
+    /// The debugger's watchpoint of this kind at this address fired.
+    Watch(BreakKind, u64),
+}
+
+/// What became of a debug exit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugOutcome {
+    /// A single-step trap: one guest instruction completed (counted, traced).
+    pub stepped: bool,
+    /// Something was completed: entry `n` of [`Arch::completable`].
+    pub completed: Option<usize>,
+    /// The debugger's breakpoint, watchpoint or step: the CPU stops.
+    pub stop: Option<DebugStop>,
 }
 
 /// What [`Arch::deliver_interrupts`] did before an entry.
@@ -84,13 +121,26 @@ pub trait Arch: Send {
     /// The current privilege level (0 = kernel, 3 = user).
     fn privilege_level(&mut self, vcpu: &mut dyn Vcpu) -> Result<u8>;
 
-    /// Turns single-stepping (one exit per instruction) on or off.
-    fn set_single_step(&mut self, vcpu: &mut dyn Vcpu, on: bool) -> Result<()>;
+    /// Turns single-stepping (one exit per instruction) on or off for
+    /// `who`; the CPU steps while anyone wants it. Takes effect at once.
+    fn set_step(&mut self, vcpu: &mut dyn Vcpu, who: Stepper, on: bool) -> Result<()>;
 
-    /// A debug exit: whether the architecture handled it (a repair's
-    /// breakpoint or step) and, if it completed something, which entry of
-    /// [`Arch::completable`].
-    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome>;
+    /// True if `who` asked for single-stepping.
+    fn is_stepping(&self, who: Stepper) -> bool;
+
+    /// A debug exit: whose it was (a repair's breakpoint or step, a step
+    /// that completed an instruction, a debugger's stop) and what it did.
+    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu, exit: &DebugExit) -> Result<DebugOutcome>;
+
+    /// KVM could not emulate the instruction at the program counter
+    /// (`bytes`, when KVM gave them): if it is a debugger's software
+    /// breakpoint (a host whose emulator fails on `int3` instead of
+    /// exiting with #BP), the debug exit it stands for.
+    fn planted_breakpoint(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        bytes: Option<&[u8]>,
+    ) -> Result<Option<DebugExit>>;
 
     /// The names of the instructions [`Arch::complete_instruction`] can complete.
     fn completable(&self) -> &'static [&'static str];

@@ -4,19 +4,17 @@
 pub mod boot;
 pub mod cpuid;
 pub mod emulate;
+pub mod guest_debug;
 pub mod paging;
 pub mod syscall_repair;
 
 use std::fmt::Write as _;
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-};
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
 use sim::intr::{InterruptController, Pending};
 
-use super::{Arch, DebugOutcome, Delivery};
-use crate::vcpu::{Vcpu, XsaveArea};
+use super::{Arch, BreakKind, DebugOutcome, DebugStop, Delivery, Stepper};
+use crate::vcpu::{DebugExit, Vcpu, XsaveArea};
 use crate::{KvmError, Result};
 
 /// The MSRs kept in the thread context (those a bare-metal or Linux guest
@@ -68,6 +66,8 @@ pub struct X86_64 {
     cr8_entry: u64,
     /// The SYSCALL-entry repair, when enabled.
     repair: Option<syscall_repair::Repair>,
+    /// Every user's guest-debug wishes, merged (written before each entry).
+    debug: guest_debug::GuestDebug,
     /// CR2 at the previous trace line (a change marks a page fault).
     trace_cr2: Option<u64>,
     /// Guest memory, for reading what the guest's registers point at.
@@ -164,6 +164,16 @@ impl X86_64 {
     part_accessors!(events, events_mut, events, kvm_vcpu_events, pull_events);
     part_accessors!(msrs, msrs_mut, msrs, Vec<(u32, u64)>, pull_msrs);
 
+    /// The guest-debug setting every user shares.
+    pub fn debug(&self) -> &guest_debug::GuestDebug {
+        &self.debug
+    }
+
+    /// The guest-debug setting, to change (applied before the next entry).
+    pub fn debug_mut(&mut self) -> &mut guest_debug::GuestDebug {
+        &mut self.debug
+    }
+
     /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
     /// guest memory ([`Arch::attach_memory`]) to read the IDT and frames.
     pub fn enable_syscall_repair(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
@@ -210,7 +220,7 @@ impl Arch for X86_64 {
             vcpu.set_events(&self.events.value)?;
             self.events.dirty = false;
         }
-        Ok(())
+        self.debug.apply(vcpu)
     }
 
     fn context_replaced(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
@@ -223,8 +233,12 @@ impl Arch for X86_64 {
         self.trace_cr2 = None;
         // CR8 as KVM now holds it (the TPR mirror compares against it).
         self.cr8_entry = self.sregs(vcpu)?.cr8;
+        // A fresh vCPU has KVM's default debug setting: write ours again.
+        self.debug.forget_applied();
         // The guest's IDT may differ: watch its page-fault handler anew.
         if self.repair.is_some() {
+            self.debug.clear_owner(guest_debug::SlotOwner::Repair);
+            self.debug.set_step(Stepper::Repair, false);
             self.repair = Some(syscall_repair::Repair::default());
             syscall_repair::refresh(self, vcpu)?;
         }
@@ -326,8 +340,63 @@ impl Arch for X86_64 {
         Ok(self.sregs(vcpu)?.cs.dpl)
     }
 
-    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome> {
-        syscall_repair::debug_exit(self, vcpu)
+    fn debug_exit(&mut self, vcpu: &mut dyn Vcpu, exit: &DebugExit) -> Result<DebugOutcome> {
+        let hit = self.debug.classify(exit);
+        let mut out = DebugOutcome::default();
+        if hit.sw_breakpoint {
+            let rip = self.regs(vcpu)?.rip;
+            if self.debug.has_sw(exit.pc) || self.debug.has_sw(rip) {
+                out.stop = Some(DebugStop::SwBreak);
+            } else if let emulate::Emulated::Completed(i) = emulate::complete(self, vcpu, &[0xcc])?
+            {
+                // The guest's own int3 (KVM intercepts every #BP while the
+                // debugger has one planted): deliver it as the guest expects.
+                out.completed = Some(i);
+            }
+            return Ok(out);
+        }
+        out.completed = syscall_repair::debug_exit(self, vcpu, &hit)?;
+        out.stepped = hit.step;
+        if hit.step && self.debug.is_stepping(Stepper::Debugger) {
+            out.stop = Some(DebugStop::Step);
+        }
+        for i in 0..guest_debug::HW_SLOTS {
+            let Some(b) = self.debug.slot(i) else {
+                continue;
+            };
+            if hit.slots & (1 << i) == 0 || b.owner != guest_debug::SlotOwner::Debugger {
+                continue;
+            }
+            out.stop = Some(match b.kind {
+                BreakKind::Exec => DebugStop::HwBreak(b.addr),
+                k => DebugStop::Watch(k, b.addr),
+            });
+        }
+        Ok(out)
+    }
+
+    fn planted_breakpoint(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        bytes: Option<&[u8]>,
+    ) -> Result<Option<DebugExit>> {
+        if !self.debug.has_any_sw() {
+            return Ok(None);
+        }
+        let pc = self.regs(vcpu)?.rip;
+        if !self.debug.has_sw(pc) {
+            return Ok(None);
+        }
+        let first = match bytes {
+            Some(b) if !b.is_empty() => b[0],
+            _ => self.instruction_bytes(vcpu)?.first().copied().unwrap_or(0),
+        };
+        Ok((first == 0xcc).then_some(DebugExit {
+            exception: 3,
+            pc,
+            dr6: 0,
+            dr7: 0,
+        }))
     }
 
     fn completable(&self) -> &'static [&'static str] {
@@ -414,16 +483,13 @@ impl Arch for X86_64 {
         Ok(line)
     }
 
-    fn set_single_step(&mut self, vcpu: &mut dyn Vcpu, on: bool) -> Result<()> {
-        let dbg = kvm_guest_debug {
-            control: if on {
-                KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
-            } else {
-                0
-            },
-            ..Default::default()
-        };
-        vcpu.set_guest_debug(&dbg)
+    fn set_step(&mut self, vcpu: &mut dyn Vcpu, who: Stepper, on: bool) -> Result<()> {
+        self.debug.set_step(who, on);
+        self.debug.apply(vcpu)
+    }
+
+    fn is_stepping(&self, who: Stepper) -> bool {
+        self.debug.is_stepping(who)
     }
 
     fn call_args(&mut self, vcpu: &mut dyn Vcpu) -> Result<[u64; 6]> {

@@ -18,12 +18,9 @@
 //! fault. Enabled only where `kvmsim doctor`'s probe finds the broken
 //! entry; on a host with VMX/SVM none of this runs.
 
-use kvm_bindings::{
-    kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
-};
-
+use super::guest_debug::{DebugHit, HwBreakpoint, SlotOwner};
 use super::{boot, X86_64};
-use crate::arch::DebugOutcome;
+use crate::arch::{BreakKind, Stepper};
 use crate::vcpu::Vcpu;
 use crate::Result;
 
@@ -70,29 +67,23 @@ pub const MSR_SFMASK: u32 = 0xc000_0084;
 const PF_WRITE: u64 = 1 << 1;
 const PF_USER: u64 = 1 << 2;
 
-fn set_debug(vcpu: &mut dyn Vcpu, control: u32, dr0: u64, dr7: u64) -> Result<()> {
-    let mut dbg = kvm_guest_debug {
-        control,
-        ..Default::default()
-    };
-    dbg.arch.debugreg[0] = dr0;
-    dbg.arch.debugreg[7] = dr7;
-    vcpu.set_guest_debug(&dbg)
-}
-
-/// Arms the execution breakpoint on `addr` (none if 0).
-pub fn arm(vcpu: &mut dyn Vcpu, addr: u64) -> Result<()> {
+/// Arms the execution breakpoint on `addr` (none if 0) in the CPU's
+/// shared guest-debug setting (applied before the next entry).
+pub fn arm(arch: &mut X86_64, addr: u64) {
+    arch.debug.clear_owner(SlotOwner::Repair);
     if addr == 0 {
-        return set_debug(vcpu, 0, 0, 0);
+        return;
     }
     tracing::debug!("SYSCALL repair: breakpoint on the page-fault handler {addr:#x}");
-    // DR7: L0 enabled, RW0 = 00 (execute), LEN0 = 00.
-    set_debug(
-        vcpu,
-        KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP,
+    let bp = HwBreakpoint {
         addr,
-        0x1,
-    )
+        kind: BreakKind::Exec,
+        len: 1,
+        owner: SlotOwner::Repair,
+    };
+    if let Err(e) = arch.debug.add_hw(bp) {
+        tracing::warn!("SYSCALL repair: cannot watch the page-fault handler: {e}");
+    }
 }
 
 /// The handler address in a 16-byte long-mode IDT gate.
@@ -134,29 +125,39 @@ pub fn refresh(arch: &mut X86_64, vcpu: &mut dyn Vcpu) -> Result<()> {
         if handler != r.handler {
             rep.handler = handler;
             if !rep.stepping {
-                arm(vcpu, handler)?;
+                arm(arch, handler);
             }
         }
     }
     Ok(())
 }
 
-/// A debug exit with the repair enabled.
-pub fn debug_exit(arch: &mut X86_64, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome> {
+/// A debug exit (`hit`, as classified) with the repair enabled: its step
+/// over the handler's first instruction ends (the breakpoint is re-armed),
+/// or its breakpoint fired. Returns what was completed (the system call).
+pub fn debug_exit(arch: &mut X86_64, vcpu: &mut dyn Vcpu, hit: &DebugHit) -> Result<Option<usize>> {
     let Some(r) = arch.repair else {
-        return Ok(DebugOutcome::NotMine);
+        return Ok(None);
     };
-    if r.stepping {
+    if r.stepping && hit.step {
         // The handler's first instruction ran: re-arm the breakpoint.
         if let Some(rep) = &mut arch.repair {
             rep.stepping = false;
         }
-        arm(vcpu, r.handler)?;
-        return Ok(DebugOutcome::Handled);
+        arch.debug.set_step(Stepper::Repair, false);
+        arm(arch, r.handler);
+        return Ok(None);
     }
+    let mine = (0..super::guest_debug::HW_SLOTS).any(|i| {
+        hit.slots & (1 << i) != 0
+            && arch
+                .debug
+                .slot(i)
+                .is_some_and(|b| b.owner == SlotOwner::Repair)
+    });
     let regs = *arch.regs(vcpu)?;
-    if r.handler == 0 || regs.rip != r.handler {
-        return Ok(DebugOutcome::NotMine);
+    if !mine || r.handler == 0 || regs.rip != r.handler {
+        return Ok(None);
     }
     // [error code, RIP, CS, RFLAGS, RSP, SS]; zeros if unreadable.
     let mut frame = [0u64; 6];
@@ -185,15 +186,16 @@ pub fn debug_exit(arch: &mut X86_64, vcpu: &mut dyn Vcpu) -> Result<DebugOutcome
         regs.rip = lstar;
         regs.rsp = rsp;
         regs.rflags = (rflags & !sfmask) | 0x2;
-        return Ok(DebugOutcome::Completed(super::emulate::SYSCALL_ENTRY));
+        return Ok(Some(super::emulate::SYSCALL_ENTRY));
     }
     // An ordinary page fault: step over the handler's first instruction
-    // with the breakpoint off.
-    set_debug(vcpu, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP, 0, 0)?;
+    // with the breakpoint off (other users' steps and breakpoints stay).
+    arch.debug.clear_owner(SlotOwner::Repair);
+    arch.debug.set_step(Stepper::Repair, true);
     if let Some(rep) = &mut arch.repair {
         rep.stepping = true;
     }
-    Ok(DebugOutcome::Handled)
+    Ok(None)
 }
 
 #[cfg(test)]
