@@ -29,6 +29,7 @@ const GUESTS: &[&str] = &[
     "ipipong",
     "multiboot",
     "ckpt",
+    "gdbdemo",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

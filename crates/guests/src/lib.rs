@@ -70,6 +70,9 @@
 //!   interval-timer periods of RDI (200 us) ns, then checks the registers
 //!   and prints `ckpt: periods=N ymm=ok`: a guest to checkpoint in the
 //!   middle of (nothing it prints depends on host timing).
+//! * `gdbdemo`: a debugger's target with symbols: calls `triple` on RDI
+//!   (14), stores the result in `result`, prints it and ends with sim-ops
+//!   fail(0, result) (status 42 unless a debugger changed something).
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -107,6 +110,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("ipipong"),
     guest!("multiboot"),
     guest!("ckpt"),
+    guest!("gdbdemo"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -249,6 +253,12 @@ pub const ABOUT: &[About] = &[
         args: "RDI=timer period ns (200000), RSI=periods (20)",
         about: "fills YMM0-15 at ring 3, spins through RSI timer periods, then checks \
                 them; prints \"ckpt: periods=N ymm=ok\" (a guest to checkpoint in the middle of)",
+    },
+    About {
+        name: "gdbdemo",
+        args: "RDI=input (14)",
+        about: "a debugger's target with symbols (triple, result, done): result = 3 * RDI, printed; \
+                ends with sim-ops fail(0, result), so the status is the result (42)",
     },
 ];
 

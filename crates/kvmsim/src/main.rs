@@ -119,6 +119,11 @@ struct RunArgs {
     /// --quiet, --no-stdin and the checkpoint flags may change it.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "memory", "cpus", "initrd", "append", "disks", "args", "trace"])]
     restore: Option<PathBuf>,
+    /// Debug the guest with GDB: serve the remote protocol on HOST:PORT
+    /// (port 0: a free one, printed) and wait for GDB before the first
+    /// guest instruction (overrides the config's sim.gdb).
+    #[arg(long, value_name = "HOST:PORT")]
+    gdb: Option<String>,
 }
 
 /// `kvmsim bench`: every figure, or one of them.
@@ -375,6 +380,9 @@ fn make_config(
     }
     if a.checkpoint_exit {
         cfg.sim.checkpoint_exit = true;
+    }
+    if let Some(g) = &a.gdb {
+        cfg.sim.gdb = Some(g.clone());
     }
     let trace = a
         .trace

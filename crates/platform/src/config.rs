@@ -85,6 +85,15 @@ pub struct SimConfig {
     /// status 0); by default the run goes on after it.
     #[serde(default)]
     pub checkpoint_exit: bool,
+    /// Serve a GDB remote stub on this address (HOST:PORT; port 0 picks a
+    /// free one, printed on stderr): the run waits for GDB before the first
+    /// guest instruction. One system of one CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdb: Option<String>,
+    /// When the debugger's connection fails: "continue" (default: the run
+    /// goes on without it) or "exit" (the run ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdb_on_disconnect: Option<String>,
 }
 
 /// One simulated system.
@@ -695,6 +704,24 @@ impl Config {
                 "[]".into(),
                 "at least one system is needed",
             ));
+        }
+        if let Some(g) = &self.sim.gdb {
+            if self.system.len() != 1 || self.system[0].cpus > 1 {
+                return Err(bad(
+                    "sim.gdb".into(),
+                    format!("{g:?}"),
+                    "the GDB stub serves one system of one CPU (this config has more)",
+                ));
+            }
+        }
+        if let Some(d) = &self.sim.gdb_on_disconnect {
+            if d != "continue" && d != "exit" {
+                return Err(bad(
+                    "sim.gdb_on_disconnect".into(),
+                    format!("{d:?}"),
+                    "must be \"continue\" or \"exit\"",
+                ));
+            }
         }
         let many = self.system.len() > 1;
         for (i, s) in self.system.iter().enumerate() {

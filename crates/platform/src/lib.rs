@@ -7,6 +7,7 @@ pub mod config;
 pub mod console;
 pub mod disks;
 pub mod firmware;
+pub mod gdb;
 pub mod input;
 pub mod linux;
 pub mod loader;

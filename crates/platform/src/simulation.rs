@@ -53,6 +53,8 @@ pub struct Simulation {
     config: Config,
     /// Checkpoints taken so far (their folders).
     checkpoints: Vec<std::path::PathBuf>,
+    /// The GDB stub's socket (`sim.gdb`), bound at build time.
+    gdb: Option<crate::gdb::GdbListener>,
 }
 
 /// How a run of the threads ended.
@@ -172,6 +174,16 @@ impl Simulation {
             };
             systems.push(sys);
         }
+        let gdb = match &sim.gdb {
+            Some(addr) => {
+                let on = match sim.gdb_on_disconnect.as_deref() {
+                    Some("exit") => crate::gdb::OnDisconnect::Exit,
+                    _ => crate::gdb::OnDisconnect::Continue,
+                };
+                Some(crate::gdb::GdbListener::bind(addr, on)?)
+            }
+            None => None,
+        };
         Ok(Simulation {
             names,
             systems,
@@ -181,6 +193,7 @@ impl Simulation {
             out,
             config: cfg.clone(),
             checkpoints: Vec::new(),
+            gdb,
         })
     }
 
@@ -258,6 +271,9 @@ impl Simulation {
 
     /// Runs every system to its exit; returns one exit per system.
     pub fn run(&mut self) -> Result<Vec<ExitEvent>, PlatformError> {
+        if let (Some(l), [sys]) = (&self.gdb, self.systems.as_mut_slice()) {
+            return Ok(vec![crate::gdb::run(sys, l)?]);
+        }
         loop {
             let end = if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
                 match self.systems[0].run_until_checkpoint()? {

@@ -224,6 +224,8 @@ struct CpuSlot {
     samples: String,
     progress: Option<Progress>,
     ipis_received: Counter,
+    /// A debugger's hold on the CPU (crate::gdb).
+    debug: crate::gdb::DebugHook,
     /// The earliest arrival this thread posted to another CPU's inbox
     /// since it last reported its next activity (`Tick::MAX`: none). The
     /// receiver may have reported before the post; the sender reports it
@@ -802,6 +804,7 @@ impl System {
                 progress,
                 ipis_received,
                 posted: Tick::MAX,
+                debug: crate::gdb::DebugHook::default(),
                 cpu,
             });
         }
@@ -918,6 +921,34 @@ impl System {
     /// A handle that forces CPU 0 out of KVM from any thread.
     pub fn kick_handle(&self) -> KickHandle {
         self.cpus[0].cpu.kick_handle()
+    }
+
+    /// CPU `i` (a debugger reads and changes its state between windows).
+    pub fn cpu_mut(&mut self, i: usize) -> Option<&mut KvmCpu<X86_64>> {
+        self.cpus.get_mut(i).map(|s| &mut s.cpu)
+    }
+
+    /// The guest's RAM.
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self._ram.memory()
+    }
+
+    /// Gives a debugger a flag that, once set (from any thread, with a
+    /// kick), stops CPU `i` at its next consistent point.
+    pub fn set_debug_interrupt(&mut self, i: usize, flag: Arc<AtomicBool>) {
+        if let Some(s) = self.cpus.get_mut(i) {
+            s.debug.interrupt = Some(flag);
+        }
+    }
+
+    /// Why CPU `i` stopped for the debugger, if it did (taken).
+    pub fn take_debug_halt(&mut self, i: usize) -> Option<crate::gdb::DebugHalt> {
+        self.cpus.get_mut(i).and_then(|s| s.debug.stopped.take())
+    }
+
+    /// Resets the statistics at `now` (as the guest's reset request does).
+    pub fn reset_stats(&mut self, now: Tick) {
+        self.core().stats.reset(now);
     }
 
     /// Runs until something ends the simulation (one CPU: on this thread;
@@ -1178,6 +1209,10 @@ impl CpuThread<'_> {
             if self.system_exited() || self.checkpoint_ready() {
                 return Ok(None);
             }
+            // A debugger stopped the CPU: the window ends here (crate::gdb).
+            if self.slot.debug.should_stop(self.slot.cpu.state()) {
+                return Ok(None);
+            }
             self.take_inbox()?;
             let own = self.slot.queue.peek_key();
             let sys = if self.slot.index == 0 {
@@ -1347,8 +1382,11 @@ impl CpuThread<'_> {
         self.after_activity(tick)?;
         match outcome {
             TickOutcome::Next(t) => self.schedule_cpu(t)?,
-            // Only a debugger's breakpoints and steps stop the CPU.
-            TickOutcome::DebugStop { next, .. } => self.schedule_cpu(next)?,
+            // A debugger's breakpoint or step: the run loop stops for it.
+            TickOutcome::DebugStop { next, stop } => {
+                self.schedule_cpu(next)?;
+                self.slot.debug.stopped = Some(crate::gdb::DebugHalt::Stop(stop));
+            }
             TickOutcome::Idle => self.wake_if_pending(tick)?,
             TickOutcome::Drained => self.cpu_drained(tick),
             TickOutcome::InstLimit(n, dump) => {

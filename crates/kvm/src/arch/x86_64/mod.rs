@@ -696,6 +696,44 @@ impl X86_64 {
         done
     }
 
+    /// Writes `buf` to guest memory at virtual address `va` through the
+    /// current page tables (a debugger's memory writes); returns how many
+    /// bytes were written (fewer at an unmapped page or the end of RAM).
+    /// The page tables' write-protection is not applied (a debugger may
+    /// plant breakpoints in read-only code).
+    pub fn write_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &[u8]) -> usize {
+        let Some(mem) = self.mem.clone() else {
+            return 0;
+        };
+        let Ok(paged) = self.sregs(vcpu).map(|s| s.cr0 & (1 << 31) != 0) else {
+            return 0;
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let at = va.wrapping_add(done as u64);
+            let pa = if paged {
+                match self.walk(vcpu, at).map(|w| w.result) {
+                    Ok(Ok(pa)) => pa,
+                    _ => break,
+                }
+            } else {
+                at
+            };
+            let n = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
+            if vm_memory::Bytes::write_slice(
+                &mem,
+                &buf[done..done + n],
+                vm_memory::GuestAddress(pa),
+            )
+            .is_err()
+            {
+                break;
+            }
+            done += n;
+        }
+        done
+    }
+
     /// Up to `n` little-endian 8-byte words at virtual address `va` (fewer
     /// where memory stops being readable).
     pub fn read_u64s(&mut self, vcpu: &mut dyn Vcpu, va: u64, n: usize) -> Vec<u64> {
