@@ -1,0 +1,326 @@
+//! Debugging a guest with GDB (`--gdb`): the real `/usr/bin/gdb` in batch
+//! mode against the `gdbdemo` guest, and a hostile client speaking the
+//! remote protocol by hand.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A kvmsim run waiting for (or serving) GDB.
+struct Served {
+    child: Child,
+    port: u16,
+    /// The rest of stderr, collected until the run ends.
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Starts `kvmsim run ARGS --gdb 127.0.0.1:0` (unless the args name a
+    /// config that sets it) and waits for the port it listens on.
+    fn start(args: &[&str], out: &Path) -> Served {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+            .args(["run", "--no-stdin", "--outdir"])
+            .arg(out)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kvmsim runs");
+        let stderr = child.stderr.take().expect("stderr");
+        let (port_tx, port_rx) = mpsc::channel();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("waiting for GDB on 127.0.0.1:").nth(1) {
+                    let port: u16 = rest
+                        .split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(0);
+                    let _ = port_tx.send(port);
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            let _ = tx.send(all);
+        });
+        let port = port_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("kvmsim says where it waits for GDB");
+        Served {
+            child,
+            port,
+            stderr: rx,
+        }
+    }
+
+    /// Waits for the run to end (at most `limit`): status, stdout, stderr.
+    fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("kvmsim did not end within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stdout = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut stdout);
+        }
+        let stderr = self
+            .stderr
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_default();
+        (status.code().unwrap_or(-1), stdout, stderr)
+    }
+}
+
+fn gdb_or_skip(test: &str) -> bool {
+    if Path::new("/usr/bin/gdb").exists() {
+        return true;
+    }
+    if std::env::var("KVMSIM_REQUIRE_GDB").as_deref() == Ok("1") {
+        panic!("{test}: /usr/bin/gdb is required (KVMSIM_REQUIRE_GDB=1) but missing");
+    }
+    eprintln!("SKIPPED {test}: /usr/bin/gdb is not installed (Debian: apt-get install gdb)");
+    false
+}
+
+#[test]
+fn gdb_breaks_reads_steps_and_changes_the_guests_result() {
+    let test = "gdb_breaks";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The guest with its symbols, as GDB reads it.
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["guests", "--extract"])
+        .arg(dir.join("elf"))
+        .output()
+        .expect("kvmsim guests runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let elf = dir.join("elf/gdbdemo.elf");
+    let served = Served::start(
+        &["--kernel", "builtin:gdbdemo", "--gdb", "127.0.0.1:0"],
+        &dir.join("out"),
+    );
+    let script = format!(
+        "set pagination off\n\
+         target remote 127.0.0.1:{port}\n\
+         info registers rip fs_base gs_base\n\
+         break triple\n\
+         continue\n\
+         print $rdi\n\
+         print *(long *)&result\n\
+         stepi\n\
+         print $rax\n\
+         set $rdi = 5\n\
+         break done\n\
+         continue\n\
+         print *(long *)&result\n\
+         monitor time\n\
+         continue\n",
+        port = served.port
+    );
+    let cmds = dir.join("cmds.gdb");
+    std::fs::write(&cmds, script).unwrap();
+    let gdb = Command::new("/usr/bin/gdb")
+        .args(["-batch", "-nx", "-x"])
+        .arg(&cmds)
+        .arg(&elf)
+        .stdin(Stdio::null())
+        .output()
+        .expect("gdb runs");
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&gdb.stdout),
+        String::from_utf8_lossy(&gdb.stderr)
+    );
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(120));
+    let lines: Vec<&str> = out.lines().collect();
+    let has = |want: &str| lines.iter().any(|l| l.contains(want));
+    // Stopped before the first instruction, at the entry point.
+    assert!(
+        has("rip            0x100000"),
+        "gdb:\n{out}\nkvmsim:\n{stderr}"
+    );
+    assert!(has("fs_base        0x0"), "gdb:\n{out}");
+    // The breakpoint on the function, the argument and the variable there.
+    assert!(has("Breakpoint 1, ") && has(" in triple ()"), "gdb:\n{out}");
+    assert!(has("$1 = 14"), "gdb:\n{out}");
+    assert!(has("$2 = 0"), "gdb:\n{out}");
+    // One instruction later (mov %rdi, %rax): RAX holds the argument.
+    assert!(has("$3 = 14"), "gdb:\n{out}");
+    // 14 + 5 + 5 after the register change, stored in the variable.
+    assert!(has("Breakpoint 2, ") && has("$4 = 24"), "gdb:\n{out}");
+    assert!(has("simulated time: tick "), "gdb:\n{out}");
+    assert!(has("exited with code 030"), "gdb:\n{out}");
+    // The run's own result shows the change.
+    assert_eq!(status, 24, "kvmsim:\n{stderr}");
+    assert!(stdout.contains("gdbdemo: result=24"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A remote-protocol packet with its checksum.
+fn packet(body: &str) -> Vec<u8> {
+    let sum = body.bytes().fold(0u8, |s, b| s.wrapping_add(b));
+    format!("${body}#{sum:02x}").into_bytes()
+}
+
+/// Reads from `s` until `want` appears (at most `limit`); returns what came.
+fn read_until(s: &mut TcpStream, want: &str, limit: Duration) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&got).contains(want) {
+                    break;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Undoes the protocol's run-length encoding (`X*N`: N - 29 more X).
+fn unrle(body: &str) -> String {
+    let mut out = String::new();
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        if c == '*' {
+            let n = chars.next().map_or(0, |n| n as usize - 29);
+            let last = out.chars().last().unwrap_or('0');
+            out.extend(std::iter::repeat_n(last, n));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the stub");
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+#[test]
+fn a_malformed_packet_ends_the_session_and_the_run_goes_on() {
+    let test = "gdb_garbage";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let served = Served::start(
+        &["--kernel", "builtin:gdbdemo", "--gdb", "127.0.0.1:0"],
+        &dir,
+    );
+    let mut s = connect(served.port);
+    // An unknown command: the empty reply (unsupported), the session lives.
+    s.write_all(&packet("vKvmsimNoSuchThing")).unwrap();
+    let got = read_until(&mut s, "$#00", Duration::from_secs(30));
+    assert!(got.contains("$#00"), "{got:?}");
+    // A memory read at the entry point: the guest's first bytes.
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("m100000,1")).unwrap();
+    let got = read_until(&mut s, "#", Duration::from_secs(30));
+    assert!(
+        got.contains("$48#"),
+        "the first byte of `test %rdi, %rdi`: {got:?}"
+    );
+    // A memory read whose address is not a number: gdbstub ends the
+    // session on a packet it cannot parse (as on a bad checksum or bytes
+    // outside a packet), and kvmsim goes on without the debugger.
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("mzz,qq")).unwrap();
+    let _ = read_until(&mut s, "#", Duration::from_secs(5));
+    drop(s);
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("the GDB connection ended"), "{stderr}");
+    // sim.gdb_on_disconnect defaults to "continue": the guest finished.
+    assert_eq!(status, 42, "{stderr}");
+    assert!(stdout.contains("gdbdemo: result=42"), "{stdout}");
+}
+
+#[test]
+fn a_disconnect_ends_the_run_when_configured() {
+    let test = "gdb_disconnect_exit";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let (dir, cfg) = config(
+        test,
+        "[sim]\ngdb = \"127.0.0.1:0\"\ngdb_on_disconnect = \"exit\"\n\
+         [[system]]\nkernel = \"builtin:gdbdemo\"\n",
+    );
+    let served = Served::start(&[&cfg], &dir.join("out"));
+    let mut s = connect(served.port);
+    s.write_all(b"$g#6").unwrap();
+    drop(s);
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status, 130, "{stderr}");
+    assert!(stderr.contains("the debugger went away"), "{stderr}");
+    assert!(!stdout.contains("result="), "the guest ran on: {stdout}");
+}
+
+#[test]
+fn ctrl_c_stops_a_running_guest_and_kill_ends_the_run() {
+    let test = "gdb_ctrl_c";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    // `steps` loops for ever at ring 0.
+    let served = Served::start(&["--kernel", "builtin:steps", "--gdb", "127.0.0.1:0"], &dir);
+    let mut s = connect(served.port);
+    s.write_all(&packet("c")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"\x03").unwrap();
+    // A stop with SIGINT (2): `S02`, or `T02...` with the thread.
+    let got = read_until(&mut s, "02", Duration::from_secs(60));
+    assert!(
+        got.contains("$S02") || got.contains("$T02"),
+        "no SIGINT stop after Ctrl-C: {got:?}"
+    );
+    // The registers are readable there; then the debugger kills the run.
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("g")).unwrap();
+    let regs = read_until(&mut s, "#", Duration::from_secs(30));
+    let body = regs
+        .split('$')
+        .nth(1)
+        .and_then(|b| b.split('#').next())
+        .unwrap_or_default();
+    // Core, SSE, fs_base and gs_base: 0x228 bytes, in hex.
+    assert_eq!(unrle(body).len(), 2 * 0x228, "register reply {regs:?}");
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("k")).unwrap();
+    let (status, _, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status, 130, "{stderr}");
+    assert!(stderr.contains("killed by the debugger"), "{stderr}");
+}
