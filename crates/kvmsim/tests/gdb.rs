@@ -324,3 +324,30 @@ fn ctrl_c_stops_a_running_guest_and_kill_ends_the_run() {
     assert_eq!(status, 130, "{stderr}");
     assert!(stderr.contains("killed by the debugger"), "{stderr}");
 }
+
+#[test]
+fn an_address_gdb_cannot_reach_is_refused_before_the_run() {
+    let test = "gdb_bad_address";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:hello",
+            "--gdb",
+            "127.0.0.1:notaport",
+        ],
+        &dir.join("out"),
+    );
+    assert_eq!(r.status, 254, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("sim.gdb") && r.stderr.contains("127.0.0.1:notaport"),
+        "{}",
+        r.stderr
+    );
+    // Nothing ran: no output folder.
+    assert!(!dir.join("out").exists());
+}

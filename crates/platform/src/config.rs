@@ -1051,6 +1051,28 @@ mod tests {
     }
 
     #[test]
+    fn the_gdb_stub_needs_one_system_of_one_cpu_and_a_known_disconnect_action() {
+        let one = "[[system]]\nkernel = \"builtin:hello\"\n";
+        let c = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}")).unwrap();
+        assert_eq!(c.sim.gdb.as_deref(), Some("127.0.0.1:0"));
+        let e = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}cpus = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sim.gdb") && e.contains("one CPU"), "{e}");
+        let e = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}{one}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sim.gdb"), "{e}");
+        let e = parse(&format!("[sim]\ngdb_on_disconnect = \"explode\"\n{one}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sim.gdb_on_disconnect") && e.contains("explode"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn zero_latency_links_are_refused() {
         let two =
             "[[system]]\nkernel = \"builtin:hello\"\n[[system]]\nkernel = \"builtin:hello\"\n";
