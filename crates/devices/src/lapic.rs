@@ -113,6 +113,7 @@ pub struct LapicState {
     /// Messages for other CPUs not yet taken by the platform.
     pub ipis: Vec<Ipi>,
     pub init_received: bool,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub sipi_vector: Option<u8>,
     /// Something was delivered since the platform last looked.
     pub doorbell: bool,

@@ -88,10 +88,13 @@ pub struct RtcState {
     /// The 128 bytes of CMOS: registers A-D and RAM.
     pub ram: Vec<u8>,
     /// The time registers written while register B.SET was on.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub set_fields: Option<[u8; 10]>,
     /// The tick of the next periodic interrupt, once armed.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub next_periodic: Option<Tick>,
     /// The second whose update was last signalled.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub last_second: Option<u64>,
 }
 
@@ -510,6 +513,10 @@ mod tests {
         refused_edit(&mut r, &["ram", "10"], json!(0xa6), "ram[10]");
         refused_edit(&mut r, &["set_fields"], json!([1, 2, 3]), "set_fields");
         refused_edit(&mut r, &["base"], json!(1.5), "base");
+        // A missing optional field is missing, not "none".
+        let mut s = r.save();
+        s.as_object_mut().unwrap().remove("last_second");
+        refused(&mut r, s, "last_second");
     }
 
     #[test]
