@@ -279,6 +279,26 @@ def device_seeds():
     return seeds
 
 
+# dev_restore: byte 0 picks the device (fuzz/src/targets.rs), byte 1 the
+# number of edits (11 bytes each: node u16, operation u8, value u64), then
+# the device's access script. One seed per device without edits, and a few
+# with edits (a small number, an array cut short, a field removed).
+RESTORE_ORDER = ["dev_uart", "dev_simops", "dev_timer", "dev_mailbox", "dev_pic", "dev_pit",
+                 "dev_rtc", "dev_i8042", "dev_ioapic", "dev_lapic", "dev_virtio_blk"]
+
+
+def restore_seeds(devices):
+    def edit(node, operation, value):
+        return struct.pack("<HBQ", node, operation, value)
+    seeds = []
+    for i, name in enumerate(RESTORE_ORDER):
+        s = devices[name][-1]
+        seeds.append(bytes([i, 0]) + s)
+        seeds.append(bytes([i, 2]) + edit(3, 1, 7) + edit(1, 7, 1) + s)
+        seeds.append(bytes([i, 1]) + edit(0, 7, 2) + s)
+    return seeds
+
+
 def ckpt_state(systems=1, cpus=1, xsave_words=0, version=1):
     """A checkpoint state file (crates/ckpt): header, then the JSON body."""
     import json
@@ -379,9 +399,12 @@ def main():
     put("ckpt_state", "two-systems-xsave", ckpt_state(systems=2, cpus=2, xsave_words=1024))
     put("ckpt_state", "older-version", ckpt_state(version=0))
 
-    for target, scripts in device_seeds().items():
+    devices = device_seeds()
+    for target, scripts in devices.items():
         for i, s in enumerate(scripts):
             put(target, "seed%d" % i, s)
+    for i, s in enumerate(restore_seeds(devices)):
+        put("dev_restore", "seed%02d" % i, s)
     total = sum(os.path.getsize(os.path.join(dp, f))
                 for dp, _, fs in os.walk(CORPUS) for f in fs)
     print("wrote %d bytes of seeds under %s" % (total, os.path.relpath(CORPUS, ROOT)),

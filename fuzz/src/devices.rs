@@ -43,7 +43,7 @@ use devices::rtc::Rtc;
 use devices::simops::SimOps;
 use devices::timer::IntervalTimer;
 use devices::uart::{InputQueue, SerialInput, Uart16550, UART_PORTS};
-use mem::{AccessCtx, BusDevice, CallArgs, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, CallArgs, RestoreError, SavedState, Space, TimedDevice};
 use sim::intr::{InterruptController, Pending};
 use sim::{Request, Stats, Tick};
 
@@ -63,6 +63,10 @@ pub trait Rig {
     const WINDOWS: &'static [(Space, u64, u64)];
     /// Builds the device; `param` is the script's header.
     fn build(param: u64) -> Self;
+    /// The device's saved state ([`BusDevice::save`]).
+    fn save(&self) -> SavedState;
+    /// [`BusDevice::restore`] on the device.
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError>;
     fn read(&mut self, space: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick;
     fn write(&mut self, space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick;
     /// Something that does not come through the bus.
@@ -111,6 +115,162 @@ pub fn run<R: Rig>(data: &[u8]) {
         pair.advance(pair.now.saturating_add(op.advance_ticks()));
         pair.step(op);
     }
+}
+
+/// Edits per `dev_restore` input at most.
+const MAX_EDITS: usize = 8;
+/// Bytes of one edit: a node (u16), an operation (u8), a value (u64).
+const EDIT: usize = 11;
+
+/// The `dev_restore` target on device `R`. The input: a count of edits
+/// (byte 0, at most [`MAX_EDITS`]), the edits, then an access script.
+/// The script runs on two instances, as in [`run`]; then one instance's
+/// saved state, sent through a JSON string, must restore into a fresh
+/// instance that saves exactly that state again. Then the edits change
+/// the state (a node of the JSON tree, chosen by number: a number, a
+/// negative or fractional one, a string, a boolean, null, an array cut
+/// short, a field removed, an element repeated, a field added) and it is
+/// restored into another fresh instance: refused, leaving that instance
+/// as it was, or taken, when it saves exactly the state it took and runs
+/// the script again from there (on two instances restored alike, with
+/// every check of [`run`]). Never a panic.
+pub fn run_restore<R: Rig>(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n) % (MAX_EDITS + 1);
+    let (edits, script) = rest.split_at((n * EDIT).min(rest.len()));
+    let script = Script::decode(script);
+    let mut pair = Pair {
+        a: R::build(script.param),
+        b: R::build(script.param),
+        now: 0,
+        events: MAX_EVENTS,
+    };
+    for op in &script.ops {
+        pair.advance(pair.now.saturating_add(op.advance_ticks()));
+        pair.step(op);
+    }
+    let saved = pair.a.save();
+    let text = serde_json::to_string(&saved).expect("a saved state is JSON");
+    let back: SavedState = serde_json::from_str(&text).expect("JSON reads back");
+    let mut fresh = R::build(script.param);
+    if let Err(e) = fresh.restore(&back) {
+        panic!("{}: its own saved state is refused: {e}\n{text}", R::NAME);
+    }
+    assert_eq!(
+        fresh.save(),
+        saved,
+        "{}: a restored state saves differently",
+        R::NAME
+    );
+
+    let mut edited = saved;
+    for e in edits.chunks_exact(EDIT) {
+        let node = usize::from(u16::from_le_bytes([e[0], e[1]]));
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&e[3..11]);
+        edit(&mut edited, node, e[2], u64::from_le_bytes(v));
+    }
+    let mut other = R::build(script.param);
+    let before = other.save();
+    if other.restore(&edited).is_err() {
+        assert_eq!(
+            other.save(),
+            before,
+            "{}: a refused state changed the device",
+            R::NAME
+        );
+        return;
+    }
+    assert_eq!(
+        other.save(),
+        edited,
+        "{}: a state taken saves differently",
+        R::NAME
+    );
+    let mut pair = Pair {
+        a: other,
+        b: R::build(script.param),
+        now: pair.now,
+        events: MAX_EVENTS,
+    };
+    pair.b
+        .restore(&edited)
+        .expect("the same state restores twice");
+    for op in &script.ops {
+        pair.advance(pair.now.saturating_add(op.advance_ticks()));
+        pair.step(op);
+    }
+}
+
+/// Nodes of a JSON tree (depth first, the root first).
+fn count_nodes(v: &SavedState) -> usize {
+    1 + match v {
+        SavedState::Array(a) => a.iter().map(count_nodes).sum(),
+        SavedState::Object(o) => o.values().map(count_nodes).sum(),
+        _ => 0,
+    }
+}
+
+/// Node `n` of a JSON tree (depth first, the root first).
+fn nth_node(v: &mut SavedState, n: usize) -> Option<&mut SavedState> {
+    if n == 0 {
+        return Some(v);
+    }
+    let mut n = n - 1;
+    let children: Vec<&mut SavedState> = match v {
+        SavedState::Array(a) => a.iter_mut().collect(),
+        SavedState::Object(o) => o.values_mut().collect(),
+        _ => return None,
+    };
+    for c in children {
+        let size = count_nodes(c);
+        if n < size {
+            return nth_node(c, n);
+        }
+        n -= size;
+    }
+    None
+}
+
+/// Applies one hostile edit to node `node` (modulo the tree's size).
+fn edit(state: &mut SavedState, node: usize, op: u8, value: u64) {
+    let node = node % count_nodes(state);
+    let Some(v) = nth_node(state, node) else {
+        return;
+    };
+    let small = value % 512;
+    *v = match (op % 9, std::mem::take(v)) {
+        (0, _) => SavedState::from(value),
+        (1, _) => SavedState::from(small),
+        (2, _) => SavedState::from(-1 - (small as i64)),
+        (3, _) => SavedState::from(value as f64 / 3.0),
+        (4, _) => SavedState::from(format!("{value}")),
+        (5, _) => SavedState::from(value & 1 != 0),
+        (6, _) => SavedState::Null,
+        (7, SavedState::Array(mut a)) => {
+            a.truncate(value as usize % (a.len() + 1));
+            SavedState::Array(a)
+        }
+        (7, SavedState::Object(mut o)) => {
+            if let Some(k) = o.keys().nth(value as usize % o.len().max(1)).cloned() {
+                o.remove(&k);
+            }
+            SavedState::Object(o)
+        }
+        (_, SavedState::Array(mut a)) => {
+            if let Some(e) = a.get(value as usize % a.len().max(1)).cloned() {
+                a.extend(std::iter::repeat_n(e, 1 + (value >> 32) as usize % 300));
+            }
+            SavedState::Array(a)
+        }
+        (_, SavedState::Object(mut o)) => {
+            o.insert(format!("x{}", value % 4), SavedState::from(small));
+            SavedState::Object(o)
+        }
+        (_, other) => other,
+    };
 }
 
 struct Pair<R> {
@@ -330,6 +490,12 @@ pub struct UartRig {
 impl Rig for UartRig {
     const NAME: &'static str = "uart";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, UART_PORTS)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let input: InputQueue = Arc::new(SerialInput::default());
@@ -389,6 +555,12 @@ pub struct SimOpsRig {
 impl Rig for SimOpsRig {
     const NAME: &'static str = "simops";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::simops::SIMOPS_SIZE)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let dev = SimOps::new(&mut stats, "simops").expect("stats");
@@ -412,6 +584,12 @@ pub struct TimerRig {
 impl Rig for TimerRig {
     const NAME: &'static str = "timer";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::timer::TIMER_SIZE)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let intc = Arc::new(Mutex::new(VectorIntc::new()));
@@ -458,6 +636,12 @@ impl Rig for MailboxRig {
     const NAME: &'static str = "mailbox";
     const WINDOWS: &'static [(Space, u64, u64)] =
         &[(Space::Mmio, 0, devices::mailbox::MAILBOX_SIZE)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(param: u64) -> Self {
         let mut stats = Stats::new();
         let intc = Arc::new(Mutex::new(VectorIntc::new()));
@@ -519,6 +703,12 @@ impl Rig for PicRig {
         (Space::Pio, devices::pic::SLAVE_BASE, 2),
         (Space::Pio, devices::pic::ELCR_BASE, 2),
     ];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         PicRig {
             dev: PicPair::new(),
@@ -554,6 +744,12 @@ impl Rig for PitRig {
     const NAME: &'static str = "pit";
     const WINDOWS: &'static [(Space, u64, u64)] =
         &[(Space::Pio, 0, 4), (Space::Pio, PORT_B_OFFSET, 1)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let lines = Arc::new(Mutex::new(Lines::default()));
@@ -588,6 +784,12 @@ pub struct RtcRig {
 impl Rig for RtcRig {
     const NAME: &'static str = "rtc";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, 2)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(param: u64) -> Self {
         let mut stats = Stats::new();
         let lines = Arc::new(Mutex::new(Lines::default()));
@@ -621,6 +823,12 @@ pub struct I8042Rig {
 impl Rig for I8042Rig {
     const NAME: &'static str = "i8042";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Pio, 0, 1), (Space::Pio, 4, 1)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let lines = Arc::new(Mutex::new(Lines::default()));
         I8042Rig {
@@ -662,6 +870,12 @@ pub struct IoApicRig {
 impl Rig for IoApicRig {
     const NAME: &'static str = "ioapic";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::ioapic::IOAPIC_SIZE)];
+    fn save(&self) -> SavedState {
+        mem::lock(&self.dev).save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        mem::lock(&self.dev).restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let lapic = Arc::new(Mutex::new(
@@ -718,6 +932,12 @@ pub struct LapicRig {
 impl Rig for LapicRig {
     const NAME: &'static str = "lapic";
     const WINDOWS: &'static [(Space, u64, u64)] = &[(Space::Mmio, 0, devices::lapic::LAPIC_SIZE)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(_: u64) -> Self {
         let mut stats = Stats::new();
         let pic = Arc::new(Mutex::new(PicPair::new()));
@@ -808,6 +1028,12 @@ impl Rig for VirtioBlkRig {
     const NAME: &'static str = "virtio-blk";
     const WINDOWS: &'static [(Space, u64, u64)] =
         &[(Space::Mmio, 0, devices::virtio::VIRTIO_MMIO_SIZE)];
+    fn save(&self) -> SavedState {
+        self.dev.save()
+    }
+    fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
+        self.dev.restore(state)
+    }
     fn build(param: u64) -> Self {
         use devices::disk::Disk;
         let mut stats = Stats::new();

@@ -40,6 +40,7 @@ pub struct I8042State {
     /// The controller configuration byte (bit 0: keyboard interrupt).
     pub config: u8,
     /// A controller command waiting for its data byte.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub pending: Option<u8>,
     /// The last write went to the command port.
     pub last_was_cmd: bool,

@@ -113,6 +113,7 @@ pub struct LapicState {
     /// Messages for other CPUs not yet taken by the platform.
     pub ipis: Vec<Ipi>,
     pub init_received: bool,
+    #[serde(deserialize_with = "Option::deserialize")]
     pub sipi_vector: Option<u8>,
     /// Something was delivered since the platform last looked.
     pub doorbell: bool,
@@ -208,6 +209,14 @@ fn set_bit(regs: &mut [u32; 8], v: u8, on: bool) {
     } else {
         *w &= !(1 << (v % 32));
     }
+}
+
+/// Ticks per count of a timer whose divide configuration register is
+/// `divide`, with input clock `bus_hz`.
+fn count_ticks(divide: u32, bus_hz: u64) -> u128 {
+    let d = (divide & 3) | ((divide & 8) >> 1);
+    let divisor: u128 = if d == 7 { 1 } else { 2 << d };
+    u128::from(TICKS_PER_SECOND) * divisor / u128::from(bus_hz.max(1))
 }
 
 fn highest(regs: &[u32; 8]) -> Option<u8> {
@@ -437,18 +446,9 @@ impl Lapic {
         std::mem::take(&mut self.ipis)
     }
 
-    fn divisor(&self) -> u64 {
-        let d = (self.timer_divide & 3) | ((self.timer_divide & 8) >> 1);
-        if d == 7 {
-            1
-        } else {
-            2 << d
-        }
-    }
-
     /// Ticks per timer count.
     fn count_ticks(&self) -> u128 {
-        u128::from(TICKS_PER_SECOND) * u128::from(self.divisor()) / u128::from(self.bus_hz)
+        count_ticks(self.timer_divide, self.bus_hz)
     }
 
     fn timer_periodic(&self) -> bool {
@@ -739,6 +739,17 @@ impl BusDevice for Lapic {
     fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
         let s: LapicState = crate::state::parse(state)?;
         s.validate()?;
+        // Expiries are computed as period x (fired + 1): periods delivered
+        // stay within simulated time.
+        let period = count_ticks(s.timer_divide, self.bus_hz).max(1) * u128::from(s.timer_initial);
+        check(
+            period == 0 || u128::from(s.timer_fired) <= u128::from(u64::MAX) / period + 1,
+            "timer_fired",
+            format_args!(
+                "{} periods of {period} ticks end past the end of simulated time",
+                s.timer_fired
+            ),
+        )?;
         self.id = s.id;
         self.apic_base = s.apic_base;
         self.tpr = s.tpr;
@@ -1024,6 +1035,16 @@ mod tests {
         refused_edit(&mut a, &["timer_divide"], json!(4), "timer_divide");
         refused_edit(&mut a, &["timer_start"], json!(-5), "timer_start");
         refused_edit(&mut a, &["sipi_vector"], json!(256), "sipi_vector");
+        // A running timer's periods delivered lie within simulated time:
+        // 1000 counts of 2 ns, 2 us a period.
+        w(&mut a, 0, 0x320, 0x2_0030);
+        w(&mut a, 0, 0x380, 1000);
+        let fits = u64::MAX / 2_000_000 + 1;
+        a.restore(&edited(&a, &["timer_fired"], json!(fits)))
+            .unwrap();
+        assert_eq!(a.next_deadline(), Some(Tick::MAX));
+        refused_edit(&mut a, &["timer_fired"], json!(fits + 1), "timer_fired");
+        refused_edit(&mut a, &["timer_fired"], json!(u64::MAX), "timer_fired");
     }
 
     #[test]

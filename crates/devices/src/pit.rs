@@ -48,14 +48,19 @@ pub struct Channel {
     /// The count loaded (0 means 65536).
     reload: u32,
     /// When counting (re)started; `None` until a count is written.
+    #[serde(deserialize_with = "Option::deserialize")]
     start: Option<Tick>,
     /// Clocks counted before a pause (gate low) in mode 0.
+    #[serde(deserialize_with = "Option::deserialize")]
     paused_at: Option<u64>,
     gate: bool,
     /// Latched count and how many bytes of it remain to read.
+    #[serde(deserialize_with = "Option::deserialize")]
     latch: Option<(u16, u8)>,
+    #[serde(deserialize_with = "Option::deserialize")]
     status_latch: Option<u8>,
     /// Low byte written, waiting for the high byte (access mode 3).
+    #[serde(deserialize_with = "Option::deserialize")]
     write_low: Option<u8>,
     /// Next byte to read is the high byte (access mode 3, unlatched).
     read_high: bool,
@@ -173,6 +178,7 @@ impl Channel {
 pub struct PitState {
     pub channels: [Channel; 3],
     /// The tick of the last IRQ0 edge raised.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub last_edge: Option<Tick>,
     /// Port B's speaker enable.
     pub speaker: bool,

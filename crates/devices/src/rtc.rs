@@ -88,10 +88,13 @@ pub struct RtcState {
     /// The 128 bytes of CMOS: registers A-D and RAM.
     pub ram: Vec<u8>,
     /// The time registers written while register B.SET was on.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub set_fields: Option<[u8; 10]>,
     /// The tick of the next periodic interrupt, once armed.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub next_periodic: Option<Tick>,
     /// The second whose update was last signalled.
+    #[serde(deserialize_with = "Option::deserialize")]
     pub last_second: Option<u64>,
 }
 
@@ -111,6 +114,15 @@ impl RtcState {
             self.ram[REG_A] & 0x80 == 0,
             "ram[10]",
             "register A's update-in-progress bit is computed, never stored",
+        )?;
+        let last = u64::MAX / TICKS_PER_SECOND;
+        check(
+            self.last_second.is_none_or(|s| s <= last),
+            "last_second",
+            format_args!(
+                "{:?} is past the last second of simulated time ({last})",
+                self.last_second
+            ),
         )
     }
 }
@@ -510,6 +522,17 @@ mod tests {
         refused_edit(&mut r, &["ram", "10"], json!(0xa6), "ram[10]");
         refused_edit(&mut r, &["set_fields"], json!([1, 2, 3]), "set_fields");
         refused_edit(&mut r, &["base"], json!(1.5), "base");
+        // The update interrupt's next second is computed from it.
+        refused_edit(&mut r, &["last_second"], json!(u64::MAX), "last_second");
+        let last = u64::MAX / TICKS_PER_SECOND;
+        r.restore(&edited(&r, &["last_second"], json!(last)))
+            .unwrap();
+        wr(&mut r, 0, 0x0b, B_24H | B_UIE);
+        assert_eq!(r.next_deadline(), Some(Tick::MAX));
+        // A missing optional field is missing, not "none".
+        let mut s = r.save();
+        s.as_object_mut().unwrap().remove("last_second");
+        refused(&mut r, s, "last_second");
     }
 
     #[test]

@@ -872,6 +872,12 @@ impl System {
         self.core().stats.dump(now)
     }
 
+    /// Every device on this system's bus whose state a checkpoint holds,
+    /// once each, with its name ([`mem::IoBus::state_owners`]).
+    pub fn state_owners(&self) -> Vec<(String, mem::DeviceHandle)> {
+        self.shared.bus.state_owners()
+    }
+
     /// The system's dotted name.
     pub fn name(&self) -> &str {
         &self.shared.name
