@@ -5,6 +5,8 @@
 # checks that every YMM register still holds its value, returns to ring 0
 # by a page fault and prints "ckpt: periods=N ymm=ok" (or ymm=BAD and
 # sim-ops fail 3), then exits. Nothing it prints depends on host timing.
+# RDX != 0: once the registers are filled it asks for a checkpoint itself
+# (sim-op 0x43, from ring 3), so the checkpoint always holds them.
         .code64
         .include "macros.s"
         .text
@@ -14,6 +16,7 @@ _start:
         DEFAULT %r12, 200000
         mov     %rsi, %r13
         DEFAULT %r13, 20
+        mov     %rdx, %r14              # != 0: checkpoint once filled
         # AVX: CR4.OSXSAVE, then XCR0 = x87 | SSE | AVX.
         mov     %cr4, %rax
         or      $(1 << 18), %rax
@@ -55,6 +58,11 @@ user:
         vmovdqu pat + 13 * 32(%rip), %ymm13
         vmovdqu pat + 14 * 32(%rip), %ymm14
         vmovdqu pat + 15 * 32(%rip), %ymm15
+        test    %r14, %r14
+        jz      1f
+        xor     %edi, %edi              # now, once
+        xor     %esi, %esi
+        SIMOP   0x43
 1:      pause
         cmp     %r13, ticks(%rip)
         jb      1b

@@ -250,7 +250,7 @@ pub const ABOUT: &[About] = &[
     },
     About {
         name: "ckpt",
-        args: "RDI=timer period ns (200000), RSI=periods (20)",
+        args: "RDI=timer period ns (200000), RSI=periods (20), RDX!=0: checkpoint (sim-op 0x43) once filled",
         about: "fills YMM0-15 at ring 3, spins through RSI timer periods, then checks \
                 them; prints \"ckpt: periods=N ymm=ok\" (a guest to checkpoint in the middle of)",
     },
