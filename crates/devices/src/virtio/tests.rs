@@ -647,6 +647,23 @@ fn saved_state_restores_identically() {
 }
 
 #[test]
+fn a_failed_request_in_flight_restores() {
+    // Found by fuzzing (fuzz/, target dev_restore): a read past the end
+    // of the disk is in flight as a failure that keeps its data buffers,
+    // and its own saved state was refused ("a failed request has no data
+    // buffers").
+    let mut a = Rig::ready(64);
+    let s = a.rw(VIRTIO_BLK_T_IN, 1000, 0x8000, DATA, 512);
+    assert_eq!(a.dev.device().inflight(), 1);
+    let mut b = restored_copy(&a);
+    a.settle();
+    b.settle();
+    assert_eq!(a.status_byte(s), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(b.status_byte(s), a.status_byte(s));
+    assert_eq!((b.used_idx(), b.used(0)), (a.used_idx(), a.used(0)));
+}
+
+#[test]
 fn hostile_saved_states_are_refused() {
     use crate::state::tests::*;
     use serde_json::json;
