@@ -931,6 +931,16 @@ impl<'a> BlockingEventLoop for EventLoop<'a> {
                 target.exit = Some(exit);
                 return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
             }
+            if target.sys.checkpoint_ready() {
+                // The run under the debugger writes none (System::run says
+                // so too): every CPU drained for it goes on.
+                if crate::console::first_time("gdb-checkpoint") {
+                    tracing::warn!(
+                        "a checkpoint was asked for while debugging: none is written under --gdb"
+                    );
+                }
+                target.sys.resume_after_checkpoint();
+            }
             match target.sys.take_debug_halt(0) {
                 Some(DebugHalt::Stop(s)) => return Ok(Event::TargetStopped(stop_reason(s))),
                 Some(DebugHalt::Interrupt) | None => {

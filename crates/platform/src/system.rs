@@ -193,6 +193,9 @@ struct Shared {
     inboxes: Vec<Inbox>,
     /// The local APIC of each CPU (empty on a bare single-CPU system).
     lapics: Vec<Arc<Mutex<Lapic>>>,
+    /// A bare single-CPU system's interrupt controller (not on the bus:
+    /// its state is saved with the simulator's).
+    vector_intc: Option<Arc<Mutex<VectorIntc>>>,
     ipi_latency: Tick,
     /// Some thread of this system ended the run.
     exited: AtomicBool,
@@ -620,6 +623,7 @@ impl System {
         let mut timed: Vec<TimedHandle> = Vec::new();
         let cpu_names: Vec<String> = kcpus.iter().map(|c| c.name().to_string()).collect();
         // The CPUs' controllers and where vectored device interrupts go.
+        let mut vector_intc = None;
         let (intcs, lapics, vectors, ioapic, irqs): Controllers = if sc.platform == "pc" {
             let pc = build_pc(&name, &cpu_names, sc, &mut bus, &mut stats, &mut timed)?;
             let intcs = pc.lapics.iter().map(|l| l.clone() as CpuIntc).collect();
@@ -634,6 +638,7 @@ impl System {
             (intcs, lapics, vectors, None, None)
         } else {
             let v = Arc::new(Mutex::new(VectorIntc::new()));
+            vector_intc = Some(v.clone());
             (vec![v.clone()], Vec::new(), v, None, None)
         };
         for (cpu, intc) in kcpus.iter_mut().zip(&intcs) {
@@ -833,6 +838,7 @@ impl System {
                 }),
                 inboxes,
                 lapics,
+                vector_intc,
                 ipi_latency: sc.ipi_latency.0,
                 exited: AtomicBool::new(false),
                 drained: std::sync::atomic::AtomicUsize::new(0),

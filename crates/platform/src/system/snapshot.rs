@@ -69,6 +69,9 @@ struct SimSaved {
     /// Link values sent and not yet handed to the link.
     outgoing: Vec<Outgoing>,
     stats: StatsSaved,
+    /// A bare single-CPU system's interrupt controller (pending vectors,
+    /// NMI); none where the controllers are devices on the bus.
+    intc: Option<mem::SavedState>,
     /// Each CPU's queue and place, in index order.
     cpus: Vec<SlotSaved>,
 }
@@ -162,6 +165,11 @@ impl System {
                 periodic_reset: index_of(core.periodic_reset),
                 outgoing: core.outgoing.clone(),
                 stats: core.stats.save(),
+                intc: self
+                    .shared
+                    .vector_intc
+                    .as_ref()
+                    .map(|v| mem::lock(v).save()),
                 cpus: slots,
             }
         };
@@ -233,6 +241,17 @@ impl System {
                 .map_err(|e| bad(format!("{whose}: device {dev_name}: {e}")))?;
         }
         self.shared.bus.set_device_time(saved.device_time);
+        match (&self.shared.vector_intc, &saved.intc) {
+            (Some(v), Some(s)) => mem::lock(v)
+                .restore(s)
+                .map_err(|e| bad(format!("{whose}: the interrupt controller: {e}")))?,
+            (None, None) => {}
+            _ => {
+                return Err(bad(format!(
+                    "{whose}: the checkpoint's interrupt controller is not this system's"
+                )))
+            }
+        }
 
         // The system's queue, statistics and link values.
         {
