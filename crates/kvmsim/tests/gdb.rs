@@ -204,6 +204,29 @@ fn read_until(s: &mut TcpStream, want: &str, limit: Duration) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Reads until the packet whose start `got` holds is whole (`#` and its
+/// two checksum digits after the last `$`), so that the next read starts
+/// with the next reply.
+fn finish_packet(s: &mut TcpStream, mut got: String, limit: Duration) -> String {
+    let whole = |g: &str| {
+        g.rfind('$')
+            .and_then(|i| g[i..].find('#').map(|j| i + j))
+            .is_some_and(|h| g.len() >= h + 3)
+    };
+    let start = Instant::now();
+    while !whole(&got) && start.elapsed() < limit {
+        got.push_str(&read_until(s, "#", Duration::from_millis(500)));
+        if whole(&got) {
+            break;
+        }
+        let mut b = [0u8; 2];
+        if let Ok(n) = s.read(&mut b) {
+            got.push_str(&String::from_utf8_lossy(&b[..n]));
+        }
+    }
+    got
+}
+
 /// Undoes the protocol's run-length encoding (`X*N`: N - 29 more X).
 fn unrle(body: &str) -> String {
     let mut out = String::new();
@@ -302,6 +325,7 @@ fn ctrl_c_stops_a_running_guest_and_kill_ends_the_run() {
     s.write_all(b"\x03").unwrap();
     // A stop with SIGINT (2): `S02`, or `T02...` with the thread.
     let got = read_until(&mut s, "02", Duration::from_secs(60));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
     assert!(
         got.contains("$S02") || got.contains("$T02"),
         "no SIGINT stop after Ctrl-C: {got:?}"
