@@ -226,7 +226,8 @@ fn two_linux_systems_ping_and_transfer_over_tcp() {
     );
     assert!(client.contains("KVMSIM-NET: transfer verified"), "{client}");
     // ping -c 5: every round trip is two crossings of the link plus the
-    // guests' processing (host time x host_factor: bounded by 2 ms here).
+    // guests' processing (host time x host_factor, so not bounded here:
+    // 13 to 26 ms were seen on a loaded host with emulated kernel mode).
     let rtt = client
         .lines()
         .find_map(|l| l.split("round-trip min/avg/max = ").nth(1))
@@ -240,9 +241,7 @@ fn two_linux_systems_ping_and_transfer_over_tcp() {
         client.contains("5 packets transmitted, 5 packets received"),
         "{client}"
     );
-    let (min, avg) = (ms[0], ms[1]);
-    assert!(min >= 2.0 * LINUX_LATENCY_MS, "rtt {rtt}");
-    assert!(avg < 2.0 * LINUX_LATENCY_MS + 2.0, "rtt {rtt}");
+    assert!(ms[0] >= 2.0 * LINUX_LATENCY_MS, "rtt {rtt}");
     eprintln!(
         "ping: min/avg/max = {rtt} (2 x latency = {} ms)",
         2.0 * LINUX_LATENCY_MS
@@ -290,6 +289,18 @@ fn two_linux_systems_ping_and_transfer_over_tcp() {
         let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
         assert!(count("ICMP echo request") >= 5, "{}", last_lines(&text, 20));
         assert!(count("ICMP echo reply") >= 5);
+        // On the wire, each reply leaves the server at least one latency
+        // after its request left the client: the rest of the round trip
+        // is the guests' processing.
+        let mut req = None;
+        for l in text.lines() {
+            let t: f64 = l.split(' ').next().unwrap().parse().unwrap();
+            if l.contains("ICMP echo request") {
+                req = Some(t);
+            } else if let (true, Some(q)) = (l.contains("ICMP echo reply"), req.take()) {
+                assert!(t - q >= LINUX_LATENCY_MS / 1e3, "{l}: {} s after", t - q);
+            }
+        }
         assert!(count("10.0.0.2.") > 100 && count("10.0.0.1.5000") > 100);
     }
 }
