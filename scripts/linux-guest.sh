@@ -103,8 +103,11 @@ if /bin/busybox grep -q 'kvmsim\.net=' /proc/cmdline; then
     ip addr add "$addr/24" dev eth0 && ip link set eth0 up || { echo "KVMSIM-NET: no eth0"; /bin/kvmsim-ops fail 4; }
     echo "KVMSIM-NET: eth0 $addr $(cat /sys/class/net/eth0/address) up, $role"
     if [ "$role" = server ]; then
-        /bin/busybox sleep 1000000 | nc -l -p 5000 > /tmp/recv &
-        wait $!
+        # nc ends when its stdin does: a FIFO held open by a sleeping writer
+        # keeps it until the stream ends (a pipeline's $! is not nc's).
+        /bin/busybox mkfifo /tmp/hold
+        /bin/busybox sleep 1000000 > /tmp/hold &
+        nc -l -p 5000 < /tmp/hold > /tmp/recv
         got="$(wc -c < /tmp/recv) $(sha256sum /tmp/recv | cut -d' ' -f1)"
         echo "KVMSIM-NET: received $got"
         i=0
@@ -122,7 +125,9 @@ if /bin/busybox grep -q 'kvmsim\.net=' /proc/cmdline; then
     dd if=/dev/urandom of=/tmp/data bs=1M count="$mib" 2> /dev/null
     sent="$(wc -c < /tmp/data) $(sha256sum /tmp/data | cut -d' ' -f1)"
     echo "KVMSIM-NET: sending $sent"
-    /bin/busybox sleep 1000000 | nc -l -p 5001 > /tmp/ack &
+    /bin/busybox mkfifo /tmp/hold
+    /bin/busybox sleep 1000000 > /tmp/hold &
+    nc -l -p 5001 < /tmp/hold > /tmp/ack &
     ack=$!
     /bin/kvmsim-ops resetstats
     i=0
