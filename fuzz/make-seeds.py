@@ -276,6 +276,32 @@ def device_seeds():
             op(R, 0x100, size=8), op(R, 0x70, size=4),
             param=param)
     seeds["dev_virtio_blk"] = [virtio_blk(0, 0), virtio_blk(1, 0), virtio_blk(1, 1)]
+    # virtio-net: the driver's set-up (VERSION_1 and MAC, two 16-entry
+    # queues: receive at 0x1000/0x2000/0x3000, transmit at
+    # 0x4000/0x5000/0x6000, DRIVER_OK); a receive buffer of 0x600 bytes at
+    # 0x8000 made available and notified, a 60-byte frame arriving into
+    # it; a transmit buffer (12-byte header and a 60-byte frame at 0x9000)
+    # made available and notified, time for it to leave the wire, the
+    # interrupt acknowledged, the MAC read.
+    def virtio_net(frame_len):
+        return script(
+            op(W, 0x70, 0, size=4), op(W, 0x70, 1, size=4), op(W, 0x70, 3, size=4),
+            op(W, 0x24, 0, size=4), op(W, 0x20, 1 << 5, size=4),
+            op(W, 0x24, 1, size=4), op(W, 0x20, 1, size=4), op(W, 0x70, 0xB, size=4),
+            op(W, 0x30, 0, size=4), op(W, 0x38, 16, size=4), op(W, 0x80, 0x1000, size=4),
+            op(W, 0x90, 0x2000, size=4), op(W, 0xA0, 0x3000, size=4), op(W, 0x44, 1, size=4),
+            op(W, 0x30, 1, size=4), op(W, 0x38, 16, size=4), op(W, 0x80, 0x4000, size=4),
+            op(W, 0x90, 0x5000, size=4), op(W, 0xA0, 0x6000, size=4), op(W, 0x44, 1, size=4),
+            op(W, 0x70, 0xF, size=4),
+            op(EV, value=0x8000, aux=0x1000), op(EV, value=0x600 | (2 << 32), aux=0x1008),
+            op(EV, value=1 << 16, aux=0x2000), op(W, 0x50, 0, size=4),
+            op(EV, value=frame_len | (0x45 << 16), aux=1 << 62),
+            op(EV, value=0x0000ffffffffffff, aux=0x900C),
+            op(EV, value=0x9000, aux=0x4000), op(EV, value=12 + frame_len, aux=0x4008),
+            op(EV, value=1 << 16, aux=0x5000), op(W, 0x50, 1, size=4),
+            op(IDLE, after=1 * MS), op(R, 0x60, size=4), op(W, 0x64, 1, size=4),
+            op(R, 0x100, size=8), op(R, 0x70, size=4))
+    seeds["dev_virtio_net"] = [virtio_net(60), virtio_net(1514), virtio_net(8)]
     return seeds
 
 

@@ -6,7 +6,10 @@
 # an /init that prints a marker, runs a small workload, and ends the run
 # through sim-ops with the workload's status. With root=/dev/vda on the
 # command line, /init instead loads the virtio modules, mounts the disk and
-# switches to it (busybox switch_root).
+# switches to it (busybox switch_root). With kvmsim.net=server or
+# kvmsim.net=client, /init loads virtio_net (and failover, net_failover),
+# gives eth0 the address kvmsim.ip= and serves or fetches over TCP (see
+# the script below; examples/network.toml).
 #
 # It also builds root.img, an ext4 root file system (mke2fs -d, e2fsprogs)
 # with busybox, kvmsim-ops and an /sbin/init that runs what the command line
@@ -39,7 +42,7 @@ bb="$out/busybox/bin/busybox"
 root="$out/initramfs"
 mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp}
 cp "$bb" "$root/bin/busybox"
-for applet in sh mount echo cat ls sleep nproc; do
+for applet in sh mount echo cat ls sleep nproc ip ping nc sha256sum dd wc cut sed grep; do
     ln -sf busybox "$root/bin/$applet"
 done
 gcc -static -O2 -o "$root/bin/kvmsim-ops" "$src/guest-tools/kvmsim-ops.c"
@@ -51,6 +54,10 @@ mkdir -p "$root/lib/modules"
 for m in virtio/virtio virtio/virtio_ring virtio/virtio_mmio block/virtio_blk; do
     cp "$moddir/$m.ko" "$root/lib/modules/"
 done
+# And for a network: virtio_net depends on virtio, virtio_ring and
+# net_failover, which depends on failover.
+cp "$moddir/../net/core/failover.ko" "$moddir/net/net_failover.ko" \
+    "$moddir/net/virtio_net.ko" "$root/lib/modules/"
 
 cat > "$root/init" <<'INIT'
 #!/bin/busybox sh
@@ -74,6 +81,67 @@ if /bin/busybox grep -q 'root=/dev/vda' /proc/cmdline; then
     /bin/busybox mount --move /dev /newroot/dev
     /bin/busybox umount /proc /sys
     exec /bin/busybox switch_root /newroot /sbin/init
+fi
+# kvmsim.net=server|client: eth0 at kvmsim.ip=ADDR (a /24), the other
+# system at kvmsim.peer=ADDR. The server receives one TCP stream on port
+# 5000, prints its size and SHA-256 and sends both back to the client's
+# port 5001. The client pings the server until it answers, then `ping -c
+# 5`, then (statistics reset) sends kvmsim.mib=N (4) MiB of random data,
+# waits for the server's answer (statistics dumped: the transfer's
+# simulated time) and checks that it matches what it sent. Both end
+# through sim-ops.
+if /bin/busybox grep -q 'kvmsim\.net=' /proc/cmdline; then
+    arg() { /bin/busybox sed -n "s/.*kvmsim\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+    role=$(arg net); addr=$(arg ip); peer=$(arg peer); mib=$(arg mib)
+    [ -n "$mib" ] || mib=4
+    for m in virtio virtio_ring virtio_mmio failover net_failover virtio_net; do
+        /bin/busybox insmod "/lib/modules/$m.ko" || { echo "KVMSIM-NET: insmod $m failed"; /bin/kvmsim-ops fail 3; }
+    done
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do /bin/busybox sleep 0.1; i=$((i+1)); done
+    ip link set lo up
+    ip addr add "$addr/24" dev eth0 && ip link set eth0 up || { echo "KVMSIM-NET: no eth0"; /bin/kvmsim-ops fail 4; }
+    echo "KVMSIM-NET: eth0 $addr $(cat /sys/class/net/eth0/address) up, $role"
+    if [ "$role" = server ]; then
+        # nc ends when its stdin does: a FIFO held open by a sleeping writer
+        # keeps it until the stream ends (a pipeline's $! is not nc's).
+        /bin/busybox mkfifo /tmp/hold
+        /bin/busybox sleep 1000000 > /tmp/hold &
+        nc -l -p 5000 < /tmp/hold > /tmp/recv
+        got="$(wc -c < /tmp/recv) $(sha256sum /tmp/recv | cut -d' ' -f1)"
+        echo "KVMSIM-NET: received $got"
+        i=0
+        until echo "$got" | nc "$peer" 5001; do
+            i=$((i+1)); [ $i -lt 100 ] || { echo "KVMSIM-NET: cannot answer"; /bin/kvmsim-ops fail 6; }
+            /bin/busybox sleep 0.2
+        done
+        /bin/kvmsim-ops exit
+    fi
+    i=0
+    until ping -c 1 -W 1 "$peer" > /dev/null 2>&1; do
+        i=$((i+1)); [ $i -lt 120 ] || { echo "KVMSIM-NET: $peer never answered"; /bin/kvmsim-ops fail 5; }
+    done
+    ping -c 5 "$peer" | while read -r line; do echo "KVMSIM-PING: $line"; done
+    dd if=/dev/urandom of=/tmp/data bs=1M count="$mib" 2> /dev/null
+    sent="$(wc -c < /tmp/data) $(sha256sum /tmp/data | cut -d' ' -f1)"
+    echo "KVMSIM-NET: sending $sent"
+    /bin/busybox mkfifo /tmp/hold
+    /bin/busybox sleep 1000000 > /tmp/hold &
+    nc -l -p 5001 < /tmp/hold > /tmp/ack &
+    ack=$!
+    /bin/kvmsim-ops resetstats
+    i=0
+    until nc "$peer" 5000 < /tmp/data; do
+        i=$((i+1)); [ $i -lt 100 ] || { echo "KVMSIM-NET: cannot connect"; /bin/kvmsim-ops fail 6; }
+        /bin/busybox sleep 0.2
+    done
+    wait $ack
+    /bin/kvmsim-ops dumpstats
+    got=$(cat /tmp/ack)
+    echo "KVMSIM-NET: the server received $got"
+    [ "$got" = "$sent" ] || { echo "KVMSIM-NET: checksum mismatch"; /bin/kvmsim-ops fail 7; }
+    echo "KVMSIM-NET: transfer verified"
+    /bin/kvmsim-ops exit
 fi
 echo "KVMSIM-INIT: /init is running"
 # A stats dump here gives simulated and host seconds to /init.

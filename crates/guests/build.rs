@@ -16,6 +16,7 @@ const GUESTS: &[&str] = &[
     "iostream",
     "pingpong",
     "pcirq",
+    "netpong",
     "int3",
     "syscall",
     "flags",

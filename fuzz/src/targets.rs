@@ -41,6 +41,8 @@ pub const TARGETS: &[Target] = &[
     ("dev_i8042", devices::run::<devices::I8042Rig>),
     ("dev_ioapic", devices::run::<devices::IoApicRig>),
     ("dev_lapic", devices::run::<devices::LapicRig>),
+    ("dev_virtio_blk", devices::run::<devices::VirtioBlkRig>),
+    ("dev_virtio_net", devices::run::<devices::VirtioNetRig>),
     ("dev_restore", dev_restore),
 ];
 

@@ -26,6 +26,9 @@
 //! * `pcirq` (platform "pc"): times 10 interrupts each through the 8259
 //!   pair in virtual-wire mode, through the I/O APIC, and from the local
 //!   APIC timer.
+//! * `netpong` (platform "pc", an Ethernet link): bounces RSI (10) frames
+//!   of RDX (60) bytes through the first virtio-net NIC with a peer;
+//!   RDI = 0 initiates and sums round-trip times, RDI = 1 answers.
 //! * `int3`: three `int3` traps under a #BP handler; prints the count.
 //! * `syscall`: RDI (1000) system calls from ring 3 to a ring-0 handler that
 //!   returns with sysretq; prints the count.
@@ -97,6 +100,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("iostream"),
     guest!("pingpong"),
     guest!("pcirq"),
+    guest!("netpong"),
     guest!("int3"),
     guest!("syscall"),
     guest!("flags"),
@@ -178,6 +182,13 @@ pub const ABOUT: &[About] = &[
         args: "- (platform = \"pc\")",
         about: "times 10 interrupts each through the 8259 pair, the I/O APIC \
                 and the local APIC timer",
+    },
+    About {
+        name: "netpong",
+        args: "RDI=role (0 starts, 1 answers), RSI=rounds (10), RDX=frame bytes (60) \
+               (platform = \"pc\", an Ethernet link)",
+        about: "bounces Ethernet frames through virtio-net with a peer system; \
+                reports round-trip times",
     },
     About {
         name: "int3",

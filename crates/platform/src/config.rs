@@ -24,7 +24,9 @@ pub struct Config {
 }
 
 /// A link between two systems: a mailbox device in each, carrying values
-/// with `latency` of simulated time.
+/// with `latency` of simulated time (`kind = "mailbox"`, the default), or
+/// an Ethernet wire between a virtio-net NIC in each (`kind =
+/// "ethernet"`), carrying frames at `bandwidth` with `latency`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
@@ -32,6 +34,71 @@ pub struct LinkConfig {
     pub systems: [usize; 2],
     /// One-way latency (at least `sim.quantum`, the lookahead).
     pub latency: Duration,
+    /// What the link joins.
+    #[serde(default)]
+    pub kind: LinkKind,
+    /// Ethernet: bytes per second each way (default 1 Gbit/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    /// Ethernet: the two NICs' MAC addresses (default: derived from the
+    /// system's index and the NIC's, [`default_mac`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macs: Option<[String; 2]>,
+    /// Ethernet: write every frame to `link{i}.pcap` in the output
+    /// directory, stamped with simulated time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pcap: bool,
+}
+
+/// What a link joins.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    /// A mailbox device in each system (bare-metal guests, 64-bit values).
+    #[default]
+    Mailbox,
+    /// A virtio-net NIC in each system, joined by an Ethernet wire.
+    Ethernet,
+}
+
+/// Default Ethernet bandwidth: 1 Gbit/s.
+pub const DEFAULT_ETHERNET_BANDWIDTH: u64 = 125_000_000;
+
+/// The MAC address of NIC `nic` of system `system` when the config gives
+/// none: locally administered, unicast, `02:6b:76:SS:SS:NN`.
+pub fn default_mac(system: usize, nic: usize) -> [u8; 6] {
+    [
+        0x02,
+        0x6b,
+        0x76,
+        (system >> 8) as u8,
+        system as u8,
+        nic as u8,
+    ]
+}
+
+impl Config {
+    /// The Ethernet ends of system `system`, in link order: (link index,
+    /// which end of it, MAC address).
+    pub fn nics_of(&self, system: usize) -> Vec<(usize, usize, [u8; 6])> {
+        let mut out = Vec::new();
+        for (i, l) in self.link.iter().enumerate() {
+            if l.kind != LinkKind::Ethernet {
+                continue;
+            }
+            for end in 0..2 {
+                if l.systems[end] == system {
+                    let mac = l
+                        .macs
+                        .as_ref()
+                        .and_then(|m| devices::virtio::net::parse_mac(&m[end]))
+                        .unwrap_or_else(|| default_mac(system, out.len()));
+                    out.push((i, end, mac));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Accepts one table (`[system]`) or an array of tables (`[[system]]`).
@@ -894,6 +961,49 @@ impl Config {
                      run in parallel, and a zero lookahead never lets simulated time advance",
                 ));
             }
+            let field = |k: &str| format!("link[{i}].{k}");
+            if l.kind == LinkKind::Mailbox {
+                let set = [
+                    ("bandwidth", l.bandwidth.is_some()),
+                    ("macs", l.macs.is_some()),
+                    ("pcap", l.pcap),
+                ];
+                if let Some((k, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(bad(
+                        field(k),
+                        "set".into(),
+                        "only an Ethernet link (kind = \"ethernet\") has it",
+                    ));
+                }
+            }
+            if let Some(macs) = &l.macs {
+                for (end, m) in macs.iter().enumerate() {
+                    match devices::virtio::net::parse_mac(m) {
+                        None => {
+                            return Err(bad(
+                                format!("link[{i}].macs[{end}]"),
+                                format!("{m:?}"),
+                                "is not a MAC address (six hex bytes: 02:00:00:00:00:01)",
+                            ))
+                        }
+                        Some(b) if b[0] & 1 != 0 || b == [0; 6] => {
+                            return Err(bad(
+                                format!("link[{i}].macs[{end}]"),
+                                format!("{m:?}"),
+                                "must be a unicast address (first byte even, not all zeros)",
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
+                if macs[0].eq_ignore_ascii_case(&macs[1]) {
+                    return Err(bad(
+                        field("macs"),
+                        format!("{macs:?}"),
+                        "the two ends need different addresses",
+                    ));
+                }
+            }
             if l.latency.0 < quantum {
                 return Err(bad(
                     format!("link[{i}].latency"),
@@ -902,6 +1012,24 @@ impl Config {
                         "must be at least sim.quantum ({quantum} ps): the quantum is the lookahead \
                          that lets systems run in parallel"
                     ),
+                ));
+            }
+        }
+        // Disks and NICs share the virtio-mmio slots (I/O APIC pins 16-23).
+        for (k, s) in self.system.iter().enumerate() {
+            let nics = self.nics_of(k).len();
+            if nics > 0 && s.platform == "bare" {
+                return Err(bad(
+                    format!("system[{k}].platform"),
+                    "\"bare\"".into(),
+                    "an Ethernet link needs the pc platform (a Linux kernel, or platform = \"pc\")",
+                ));
+            }
+            if s.disk.len() + nics > MAX_DISKS {
+                return Err(bad(
+                    format!("system[{k}]"),
+                    format!("{} disks and {nics} Ethernet links", s.disk.len()),
+                    &format!("at most {MAX_DISKS} virtio devices (disks and NICs) per system"),
                 ));
             }
         }
@@ -1019,6 +1147,72 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.quantum(), 50_000_000);
+    }
+
+    #[test]
+    fn ethernet_links() {
+        let pc = "[[system]]\nkernel = \"builtin:netpong\"\nplatform = \"pc\"\n";
+        let two = format!("{pc}{pc}{pc}");
+        let c = parse(&format!(
+            "{two}[[link]]\nkind = \"ethernet\"\nsystems = [0, 1]\nlatency = \"1ms\"\n\
+             bandwidth = \"10Gbit/s\"\npcap = true\n\
+             [[link]]\nkind = \"ethernet\"\nsystems = [2, 1]\nlatency = \"1ms\"\n\
+             macs = [\"02:00:00:00:00:0a\", \"02:00:00:00:00:0B\"]\n\
+             [[link]]\nsystems = [0, 1]\nlatency = \"1ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.link[0].kind, LinkKind::Ethernet);
+        assert_eq!(c.link[0].bandwidth.unwrap().0, 1_250_000_000);
+        assert!(c.link[0].pcap && !c.link[1].pcap);
+        assert_eq!(c.link[2].kind, LinkKind::Mailbox);
+        // NICs in link order; MACs given or derived from system and NIC.
+        assert_eq!(c.nics_of(0), vec![(0, 0, default_mac(0, 0))]);
+        assert_eq!(
+            c.nics_of(1),
+            vec![
+                (0, 1, [2, 0x6b, 0x76, 0, 1, 0]),
+                (1, 1, [2, 0, 0, 0, 0, 0x0b])
+            ]
+        );
+        assert_eq!(c.nics_of(2), vec![(1, 0, [2, 0, 0, 0, 0, 0x0a])]);
+        let bad = |link: &str, want: &str| {
+            let e = parse(&format!(
+                "{two}[[link]]\nsystems = [0, 1]\nlatency = \"1ms\"\n{link}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{link}: {e}");
+        };
+        bad("pcap = true\n", "link[0].pcap");
+        bad("bandwidth = \"1Gbps\"\n", "link[0].bandwidth");
+        bad("kind = \"token-ring\"\n", "kind");
+        let eth = "kind = \"ethernet\"\n";
+        bad(
+            &format!("{eth}macs = [\"02:00:00:00:00:01\", \"nope\"]\n"),
+            "link[0].macs[1]",
+        );
+        bad(
+            &format!("{eth}macs = [\"03:00:00:00:00:01\", \"02:00:00:00:00:02\"]\n"),
+            "unicast",
+        );
+        bad(
+            &format!("{eth}macs = [\"02:00:00:00:00:01\", \"02:00:00:00:00:01\"]\n"),
+            "different",
+        );
+        bad(&format!("{eth}bandwidth = \"0bit/s\"\n"), "bandwidth");
+        // NICs need the pc platform, and share the virtio slots with disks.
+        let e = parse(
+            "[[system]]\nkernel = \"builtin:hello\"\nplatform = \"bare\"\n\
+             [[system]]\nkernel = \"builtin:hello\"\n\
+             [[link]]\nkind = \"ethernet\"\nsystems = [0, 1]\nlatency = \"1ms\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("system[0].platform"), "{e}");
+        let links = "[[link]]\nkind = \"ethernet\"\nsystems = [0, 1]\nlatency = \"1ms\"\n"
+            .repeat(MAX_DISKS + 1);
+        let e = parse(&format!("{pc}{pc}{links}")).unwrap_err().to_string();
+        assert!(e.contains("at most 8 virtio devices"), "{e}");
     }
 
     #[test]

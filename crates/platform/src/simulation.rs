@@ -12,26 +12,29 @@
 //! the same order, whatever the host threads did.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sim::barrier::SpinBarrier;
 
 use sim::stats::Dump;
-use sim::{ExitCause, ExitEvent, Tick};
+use sim::{Counter, ExitCause, ExitEvent, Stats, Tick};
 
-use crate::config::Config;
+use crate::config::{Config, LinkKind, DEFAULT_ETHERNET_BANDWIDTH};
+use crate::nics::NicEnd;
 use crate::output::OutDir;
+use crate::pcap::Capture;
 use crate::system::{CpuThread, LinkEnd, System};
 use crate::PlatformError;
 
-/// A value in flight between systems.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A value or an Ethernet frame in flight between systems.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Message {
     at: Tick,
     src: usize,
     seq: u64,
     port: u32,
     data: u64,
+    frame: Option<Arc<[u8]>>,
 }
 
 /// Where each (system, port) of a link leads.
@@ -39,6 +42,53 @@ struct Message {
 pub(crate) struct Route {
     /// `peers[system][port]` = (peer system, peer port).
     peers: Vec<Vec<(usize, u32)>>,
+    /// `links[system][port]` = the link's index in the config.
+    links: Vec<Vec<usize>>,
+}
+
+/// An Ethernet link's statistics (`link{i}.*`), each direction by the
+/// index of its sending end in `systems`.
+struct LinkStats {
+    frames: [Counter; 2],
+    bytes: [Counter; 2],
+}
+
+/// A frame waiting to be written to a capture: (first byte on the wire,
+/// sender, its sequence number, frame).
+type Captured = (Tick, usize, u64, Arc<[u8]>);
+
+/// What a run knows of a link besides its route.
+pub(crate) struct LinkRun {
+    systems: [usize; 2],
+    stats: Option<LinkStats>,
+    capture: Option<Mutex<(Option<Capture>, Vec<Captured>)>>,
+}
+
+impl LinkRun {
+    /// Writes the frames sent in the last window, in (tick, sender,
+    /// sequence) order: the same file whatever the host threads did. A
+    /// capture that cannot be written is reported once and closed (the
+    /// run goes on).
+    fn flush_capture(&self) {
+        let Some(c) = &self.capture else {
+            return;
+        };
+        let mut g = c.lock().unwrap_or_else(|p| p.into_inner());
+        let (cap, pending) = &mut *g;
+        let mut frames = std::mem::take(pending);
+        let Some(w) = cap else {
+            return;
+        };
+        frames.sort();
+        let r = frames
+            .iter()
+            .try_for_each(|(at, _, _, f)| w.write(*at, f))
+            .and_then(|()| w.flush());
+        if let Err(e) = r {
+            tracing::warn!("{}: {e}; the capture stops here", w.path());
+            *cap = None;
+        }
+    }
 }
 
 /// Systems, links and the quantum.
@@ -46,6 +96,9 @@ pub struct Simulation {
     names: Vec<String>,
     systems: Vec<System>,
     route: Route,
+    links: Vec<LinkRun>,
+    /// The links' statistics (added to the final dump).
+    link_stats: Stats,
     quantum: Tick,
     stop_on_fault: bool,
     out: OutDir,
@@ -134,20 +187,91 @@ impl Simulation {
         let n = cfg.system.len();
         let mut ends: Vec<Vec<LinkEnd>> = vec![Vec::new(); n];
         let mut peers: Vec<Vec<(usize, u32)>> = vec![Vec::new(); n];
-        for l in &cfg.link {
+        let mut link_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut link_stats = Stats::new();
+        let mut links = Vec::new();
+        let macs: Vec<Vec<(usize, usize, [u8; 6])>> = (0..n).map(|i| cfg.nics_of(i)).collect();
+        for (i, l) in cfg.link.iter().enumerate() {
             let [a, b] = l.systems;
             let pa = ends[a].len() as u32;
             let pb = ends[b].len() as u32;
+            let ethernet = l.kind == LinkKind::Ethernet;
+            let nic = |sys: usize, end: usize| {
+                let mac = macs[sys]
+                    .iter()
+                    .find(|&&(li, e, _)| li == i && e == end)
+                    .map(|m| m.2)?;
+                ethernet.then_some(NicEnd {
+                    mac,
+                    latency: l.latency.0,
+                    bandwidth: l.bandwidth.map_or(DEFAULT_ETHERNET_BANDWIDTH, |b| b.0),
+                })
+            };
             ends[a].push(LinkEnd {
                 port: pa,
                 latency: l.latency.0,
+                nic: nic(a, 0),
             });
             ends[b].push(LinkEnd {
                 port: pb,
                 latency: l.latency.0,
+                nic: nic(b, 1),
             });
             peers[a].push((b, pb));
             peers[b].push((a, pa));
+            link_of[a].push(i);
+            link_of[b].push(i);
+            let stats = if ethernet {
+                let mut c = |what: &str, dir: &str, desc: &str, unit| {
+                    link_stats.counter(&format!("link{i}.{what}{dir}"), desc, unit)
+                };
+                Some(LinkStats {
+                    frames: [
+                        c(
+                            "frames",
+                            "0to1",
+                            "Frames carried from systems[0] to systems[1]",
+                            "Count",
+                        )?,
+                        c(
+                            "frames",
+                            "1to0",
+                            "Frames carried from systems[1] to systems[0]",
+                            "Count",
+                        )?,
+                    ],
+                    bytes: [
+                        c(
+                            "bytes",
+                            "0to1",
+                            "Bytes carried from systems[0] to systems[1]",
+                            "Byte",
+                        )?,
+                        c(
+                            "bytes",
+                            "1to0",
+                            "Bytes carried from systems[1] to systems[0]",
+                            "Byte",
+                        )?,
+                    ],
+                })
+            } else {
+                None
+            };
+            let capture = if l.pcap {
+                let path = out.file(&format!("link{i}.pcap"));
+                let c = Capture::create(&path).map_err(|e| {
+                    PlatformError::Setup(format!("link[{i}].pcap: {}: {e}", path.display()))
+                })?;
+                Some(Mutex::new((Some(c), Vec::new())))
+            } else {
+                None
+            };
+            links.push(LinkRun {
+                systems: l.systems,
+                stats,
+                capture,
+            });
         }
         let quantum = cfg.quantum();
         let sim = cfg.sim.clone();
@@ -187,7 +311,12 @@ impl Simulation {
         Ok(Simulation {
             names,
             systems,
-            route: Route { peers },
+            route: Route {
+                peers,
+                links: link_of,
+            },
+            links,
+            link_stats,
             quantum,
             stop_on_fault: sim.stop_on_fault,
             out,
@@ -285,7 +414,7 @@ impl Simulation {
                     &mut self.systems,
                     self.quantum,
                     self.stop_on_fault,
-                    Some(&self.route),
+                    Some((&self.route, &self.links)),
                 )?
             };
             match end {
@@ -327,7 +456,15 @@ impl Simulation {
         }
         let now = exits.iter().map(|e| e.tick).max().unwrap_or(0);
         let dumps = self.systems.iter().map(|s| s.stats_dump(now)).collect();
-        self.out.write_dump(&Dump::combine(now, dumps))?;
+        let mut dump = Dump::combine(now, dumps);
+        dump.entries.extend(
+            self.link_stats
+                .dump(now)
+                .entries
+                .into_iter()
+                .filter(|e| !sim::stats::BUILTINS.contains(&e.name.as_str())),
+        );
+        self.out.write_dump(&dump)?;
         let named: Vec<(String, ExitEvent)> = self
             .names
             .iter()
@@ -341,6 +478,7 @@ impl Simulation {
 /// What the threads of a run share.
 struct Run<'a> {
     route: Option<&'a Route>,
+    links: &'a [LinkRun],
     quantum: Tick,
     stop_on_fault: bool,
     barrier: SpinBarrier,
@@ -414,11 +552,14 @@ pub(crate) fn run_threads(
     systems: &mut [System],
     quantum: Tick,
     stop_on_fault: bool,
-    route: Option<&Route>,
+    route: Option<(&Route, &[LinkRun])>,
 ) -> Result<RunEnd, PlatformError> {
     let n = systems.len();
+    let (route, links) = match route {
+        Some((r, l)) => (Some(r), l),
+        None => (None, &[][..]),
+    };
     // A run resumed after a checkpoint (or restored from one) starts with
-    // the window that holds the furthest any queue has come.
     // the window that holds the least far any system has come (a system
     // further on waits in the windows before its time).
     let start = systems.iter().map(|s| s.cur_tick()).min().unwrap_or(0) / quantum.max(1);
@@ -430,6 +571,7 @@ pub(crate) fn run_threads(
         .collect();
     let run = Run {
         route,
+        links,
         quantum: quantum.max(1),
         stop_on_fault,
         barrier: SpinBarrier::new(threads),
@@ -538,6 +680,50 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         seq,
                         port,
                         data: o.data,
+                        frame: None,
+                    };
+                    seq += 1;
+                    run.inboxes[peer][(window % 2) as usize]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(msg);
+                }
+                for (port, f) in t.take_frames() {
+                    let Some(route) = run.route else {
+                        continue;
+                    };
+                    let Some(&(peer, peer_port)) =
+                        route.peers.get(me).and_then(|p| p.get(port as usize))
+                    else {
+                        continue;
+                    };
+                    let link = route
+                        .links
+                        .get(me)
+                        .and_then(|l| l.get(port as usize))
+                        .and_then(|&i| run.links.get(i));
+                    if let Some(link) = link {
+                        let dir = usize::from(link.systems[0] != me);
+                        if let Some(s) = &link.stats {
+                            s.frames[dir].inc();
+                            s.bytes[dir].add(f.data.len() as u64);
+                        }
+                        if let Some(c) = &link.capture {
+                            c.lock().unwrap_or_else(|p| p.into_inner()).1.push((
+                                f.sent,
+                                me,
+                                seq,
+                                f.data.clone(),
+                            ));
+                        }
+                    }
+                    let msg = Message {
+                        at: f.at,
+                        src: me,
+                        seq,
+                        port: peer_port,
+                        data: 0,
+                        frame: Some(f.data),
                     };
                     seq += 1;
                     run.inboxes[peer][(window % 2) as usize]
@@ -564,6 +750,13 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         run.barrier.wait();
         let (halted, skip_to) = run.plan(window, end);
         let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
+        // Every frame of the window is posted: the lead thread of each
+        // link's first system writes its capture.
+        if lead {
+            for l in run.links.iter().filter(|l| l.systems[0] == me) {
+                l.flush_capture();
+            }
+        }
         let asked = run.ckpt_asked.iter().any(|a| a.load(Ordering::Acquire));
         // A checkpoint holds every system: once one asks, all drain, and the
         // run stops when every live one has.
@@ -612,6 +805,8 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                             m.src,
                             m.at
                         )))
+                    } else if let Some(f) = m.frame {
+                        t.schedule_frame(m.port, m.at, f)
                     } else {
                         t.schedule_delivery(m.port, m.at, m.data)
                     };
@@ -642,6 +837,7 @@ mod tests {
     fn run_with<'a>(next: &[(usize, Tick)], systems: usize, quantum: Tick) -> Run<'a> {
         Run {
             route: None,
+            links: &[],
             quantum,
             stop_on_fault: false,
             barrier: SpinBarrier::new(1),
@@ -676,11 +872,13 @@ mod tests {
             seq: 0,
             port: 0,
             data: 1,
+            frame: None,
         });
         assert_eq!(run.plan(2, 30), (vec![false, false], 7));
         // A system with nothing to do that is linked to one that runs waits.
         let route = Route {
             peers: vec![vec![(1, 0)], vec![(0, 0)]],
+            links: vec![vec![0], vec![0]],
         };
         let mut run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
         run.route = Some(&route);

@@ -104,6 +104,12 @@ enum SysEvent {
     Checkpoint {
         period: Tick,
     },
+    /// An Ethernet frame arrives at the NIC of link port `port`.
+    FrameDeliver {
+        port: u32,
+        #[serde(with = "crate::nics::frame_hex")]
+        frame: Arc<[u8]>,
+    },
 }
 
 /// Events of a CPU's queue.
@@ -139,11 +145,13 @@ enum Arrival {
     Resume,
 }
 
-/// One end of a link in a system: its mailbox port and the link's latency.
+/// One end of a link in a system: its port and the link's latency; a
+/// mailbox, or with `nic` a NIC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkEnd {
     pub port: u32,
     pub latency: Tick,
+    pub nic: Option<crate::nics::NicEnd>,
 }
 
 /// A value sent out of a link port, to arrive at `at`.
@@ -182,6 +190,8 @@ struct Core {
     drains: Counter,
     mailboxes: Vec<Arc<Mutex<Mailbox>>>,
     outgoing: Vec<Outgoing>,
+    /// NICs by link port.
+    nics: Vec<(u32, crate::nics::NicHandle)>,
 }
 
 /// What every CPU thread of a system shares.
@@ -525,7 +535,8 @@ impl System {
         }
         let args = match (&kernel, &info) {
             (Some(k), Some(info)) => {
-                let line = setup_linux(sc, k, info, &ram, host_freq, ncpus as u8)?;
+                let nics = links.iter().filter(|l| l.nic.is_some()).count();
+                let line = setup_linux(sc, k, info, &ram, host_freq, ncpus as u8, nics)?;
                 tracing::info!("{name}: Linux command line: {line}");
                 // The 64-bit boot protocol: RSI points to the zero page.
                 vec![0, crate::firmware::ZERO_PAGE]
@@ -710,12 +721,35 @@ impl System {
             }
             None => {}
         }
+        let nic_ends: Vec<(u32, crate::nics::NicEnd)> = links
+            .iter()
+            .filter_map(|l| Some((l.port, l.nic?)))
+            .collect();
+        let nics = match &ioapic {
+            Some(io) => crate::nics::attach(
+                &name,
+                sc.disk.len(),
+                &nic_ends,
+                &ram,
+                io,
+                &mut bus,
+                &mut stats,
+                &mut timed,
+            )?,
+            None if !nic_ends.is_empty() => {
+                return Err(PlatformError::Setup(format!(
+                    "{name}: an Ethernet link needs the pc platform (a Linux kernel, or \
+                     platform = \"pc\")"
+                )))
+            }
+            None => Vec::new(),
+        };
         let timed: Vec<Timed> = timed
             .into_iter()
             .map(|dev| Timed { dev, event: None })
             .collect();
         let mut mailboxes = Vec::new();
-        for l in links {
+        for l in links.iter().filter(|l| l.nic.is_none()) {
             let mb = Arc::new(Mutex::new(Mailbox::new(
                 l.port,
                 l.latency,
@@ -835,6 +869,7 @@ impl System {
                     drains,
                     mailboxes,
                     outgoing: Vec::new(),
+                    nics,
                 }),
                 inboxes,
                 lapics,
@@ -1124,6 +1159,28 @@ impl CpuThread<'_> {
     /// Takes the values sent on links since the last call.
     pub fn take_outgoing(&self) -> Vec<Outgoing> {
         std::mem::take(&mut mem::lock(&self.shared.core).outgoing)
+    }
+
+    /// Takes the frames the NICs sent since the last call, with their
+    /// link ports, NIC by NIC in port order.
+    pub fn take_frames(&self) -> Vec<(u32, devices::virtio::net::SentFrame)> {
+        take_frames(&mem::lock(&self.shared.core).nics)
+    }
+
+    /// Schedules the arrival of `frame` at the NIC of link port `port` at
+    /// `at`.
+    pub fn schedule_frame(
+        &self,
+        port: u32,
+        at: Tick,
+        frame: Arc<[u8]>,
+    ) -> Result<(), PlatformError> {
+        mem::lock(&self.shared.core).queue.schedule(
+            at,
+            DEFAULT_PRI,
+            SysEvent::FrameDeliver { port, frame },
+        )?;
+        Ok(())
     }
 
     /// Schedules the arrival of `data` on link port `port` at `at`.
@@ -1671,6 +1728,16 @@ impl CpuThread<'_> {
                 self.ring_doorbells(tick);
                 self.wake_if_pending(tick)?;
             }
+            SysEvent::FrameDeliver { port, frame } => {
+                if let Some((_, nic)) = core.nics.iter().find(|(p, _)| *p == port) {
+                    let nic = nic.clone();
+                    self.shared.bus.with_device_clock(tick, |_| {
+                        mem::lock(&nic).act(|d, q, m, live| d.deliver(frame, q, m, live));
+                    });
+                }
+                self.ring_doorbells(tick);
+                self.wake_if_pending(tick)?;
+            }
             SysEvent::MaxTick => {
                 return Ok(Some(ExitEvent::new(
                     ExitCause::MaxTick,
@@ -2021,6 +2088,18 @@ pub fn linux_cmdline(tsc_khz: u64, initrd: bool, host: &[String], append: Option
     c
 }
 
+/// The frames `nics` sent, with their link ports.
+fn take_frames(
+    nics: &[(u32, crate::nics::NicHandle)],
+) -> Vec<(u32, devices::virtio::net::SentFrame)> {
+    nics.iter()
+        .flat_map(|(port, nic)| {
+            let sent = mem::lock(nic).device_mut().take_sent();
+            sent.into_iter().map(move |f| (*port, f))
+        })
+        .collect()
+}
+
 /// Writes everything a Linux kernel needs besides itself: initrd, command
 /// line, zero page (with E820) and MP table. Returns the command line.
 fn setup_linux(
@@ -2030,6 +2109,7 @@ fn setup_linux(
     ram: &GuestRam,
     host_freq: f64,
     cpus: u8,
+    nics: usize,
 ) -> Result<String, PlatformError> {
     use crate::firmware as fw;
     let fwerr = |e: fw::FirmwareError| PlatformError::Kernel(format!("{}: {e}", sc.kernel));
@@ -2083,7 +2163,7 @@ fn setup_linux(
     fw::write_zero_page(ram.memory(), k, initrd, &fw::e820(ram.map())).map_err(fwerr)?;
     // APIC IDs 0..cpus, then the I/O APIC's.
     fw::write_mp_table(ram.memory(), cpus, cpus).map_err(fwerr)?;
-    let virtio = crate::disks::layout(sc.disk.len());
+    let virtio = crate::disks::layout(sc.disk.len() + nics);
     fw::write_acpi_with_devices(ram.memory(), cpus, cpus, &virtio).map_err(fwerr)?;
     sc.cmdline = Some(line.clone());
     Ok(line)

@@ -45,9 +45,31 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses a bandwidth in bytes per second: a size per second, `500MiB/s`,
-/// `1GB/s` (the `/s` may be left out). At least one byte per second.
+/// `1GB/s` (the `/s` may be left out), or a bit rate, `1Gbit/s`, `100Mbps`
+/// (powers of 1000, eight bits a byte). At least one byte per second.
 pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    // Bit rates, as networks are given: 1Gbit/s, 100Mbps (powers of 1000).
+    if let Some((v, unit)) = split_number(t) {
+        let unit = unit.to_ascii_lowercase();
+        let bits = match unit.trim_end_matches("/s").trim_end_matches("ps") {
+            "bit" | "b" if unit.ends_with("bit/s") || unit == "bps" => Some(1.0),
+            "kbit" | "kb" if unit.ends_with("bit/s") || unit == "kbps" => Some(1e3),
+            "mbit" | "mb" if unit.ends_with("bit/s") || unit == "mbps" => Some(1e6),
+            "gbit" | "gb" if unit.ends_with("bit/s") || unit == "gbps" => Some(1e9),
+            "tbit" | "tb" if unit.ends_with("bit/s") || unit == "tbps" => Some(1e12),
+            _ => None,
+        };
+        if let Some(m) = bits {
+            let bytes = v * m / 8.0;
+            if !(1.0..=1e18).contains(&bytes) {
+                return Err(format!(
+                    "{s:?}: a bandwidth must be between 8 bit/s and 8 Ebit/s"
+                ));
+            }
+            return Ok(bytes as u64);
+        }
+    }
     let size = t.strip_suffix("/s").unwrap_or(t);
     let v =
         parse_size(size).map_err(|e| format!("{s:?} is not a bandwidth ({e}); e.g. 500MiB/s"))?;
@@ -250,6 +272,13 @@ mod tests {
         assert_eq!(parse_bandwidth("4096"), Ok(4096));
         assert!(parse_bandwidth("0/s").unwrap_err().contains("at least"));
         assert!(parse_bandwidth("fast").is_err());
+        // Bit rates: powers of 1000, eight bits a byte.
+        assert_eq!(parse_bandwidth("1Gbit/s"), Ok(125_000_000));
+        assert_eq!(parse_bandwidth("100Mbps"), Ok(12_500_000));
+        assert_eq!(parse_bandwidth("10 Gbps"), Ok(1_250_000_000));
+        assert_eq!(parse_bandwidth("8bit/s"), Ok(1));
+        assert!(parse_bandwidth("1bit/s").unwrap_err().contains("between"));
+        assert!(parse_bandwidth("1e30Gbps").is_err());
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn every_device_saves_state_that_restores() {
     let link = LinkEnd {
         port: 0,
         latency: 1_000_000,
+        nic: None,
     };
     let out = OutDir::create(&dir.join("out")).unwrap();
     let mut sys = System::build_named("sys", sc, &sim, &[link], out).unwrap();

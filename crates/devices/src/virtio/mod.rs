@@ -8,7 +8,8 @@
 //! are rust-vmm's `virtio_queue::Queue`, reading the rings in guest RAM
 //! through vm-memory; register numbers and feature bits come from
 //! `virtio-bindings`. What a device does with its buffers is a
-//! [`VirtioDevice`] (the block device: [`blk::Block`]).
+//! [`VirtioDevice`] (the block device: [`blk::Block`]; the network
+//! device: [`net::Net`]).
 //!
 //! Devices act in simulated time: a notification hands the available
 //! buffers to the device, which names the tick at which it completes them
@@ -31,6 +32,7 @@
 //! makes the device hold more than one queue's worth of requests.
 
 pub mod blk;
+pub mod net;
 
 use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
 use serde::{Deserialize, Serialize};
@@ -76,7 +78,7 @@ impl Outcome {
 
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2: block).
+    /// The virtio device ID (1: network, 2: block).
     fn device_id(&self) -> u32;
     /// The device-specific feature bits offered (VERSION_1 is added).
     fn features(&self) -> u64;
@@ -252,6 +254,24 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     /// The device behind the transport.
     pub fn device(&self) -> &D {
         &self.dev
+    }
+
+    /// The device behind the transport, to change.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.dev
+    }
+
+    /// Lets the device act on its queues from outside a register access
+    /// (a frame arriving from a link): `f` gets the device, its queues,
+    /// guest RAM and whether the driver runs (DRIVER_OK, no reset
+    /// needed); its outcome interrupts the driver or flags the error state
+    /// as a notification's would.
+    pub fn act(&mut self, f: impl FnOnce(&mut D, &mut [Queue], &GuestMemoryMmap, bool) -> Outcome) {
+        let live = self.live();
+        let o = f(&mut self.dev, &mut self.queues, &self.mem, live);
+        if live {
+            self.apply(o);
+        }
     }
 
     /// The device status register.
@@ -458,7 +478,7 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
 
     fn write(&mut self, _space: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            // The block device's configuration is read-only (no writable
+            // The devices' configurations are read-only (no writable
             // fields are offered).
             self.bad_accesses.inc();
         } else if data.len() == 4 && offset.is_multiple_of(4) {
@@ -557,5 +577,7 @@ impl<D: VirtioDevice> TimedDevice for VirtioMmio<D> {
     }
 }
 
+#[cfg(test)]
+mod net_tests;
 #[cfg(test)]
 pub(crate) mod tests;
