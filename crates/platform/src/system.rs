@@ -1354,6 +1354,8 @@ impl CpuThread<'_> {
         match ev {
             CpuEvent::Startup => self.slot.cpu.startup_thread()?,
             CpuEvent::WindowEnd => {}
+            // A drained CPU does not run until the drain ends.
+            CpuEvent::Tick if self.slot.drain_stopped => self.slot.tick_event = None,
             CpuEvent::Tick => return self.cpu_tick(tick),
             CpuEvent::ApicTimer => {
                 self.slot.timer_event = None;
@@ -1423,7 +1425,12 @@ impl CpuThread<'_> {
                 boot::enter_sipi(arch, vcpu, vector)?;
                 self.slot.waiting_sipi = false;
                 self.slot.cpu.wake();
-                self.schedule_cpu(now)?;
+                // A CPU stopped by a drain (it counted itself drained while
+                // it waited) runs when the drain ends: running now would
+                // count it drained a second time.
+                if !self.slot.drain_stopped {
+                    self.schedule_cpu(now)?;
+                }
                 tracing::debug!(
                     "{}: started by SIPI at {now} in real mode at {:#x}",
                     self.slot.cpu.name(),
@@ -1623,6 +1630,11 @@ impl CpuThread<'_> {
     /// them all (through their inboxes, this one's included).
     fn cpu_drained(&mut self, now: Tick) {
         self.slot.drain_stopped = true;
+        // A CPU that drained at once still has its tick scheduled: it runs
+        // again when the drain ends (a tick now would count it twice).
+        if let Some(id) = self.slot.tick_event.take() {
+            let _ = self.slot.queue.deschedule(id);
+        }
         let n = self.shared.inboxes.len();
         if self.shared.drained.fetch_add(1, Ordering::AcqRel) + 1 == n {
             self.shared.drained.store(0, Ordering::Release);
