@@ -88,6 +88,15 @@ impl Served {
     }
 }
 
+impl Drop for Served {
+    /// A test that fails while the run serves GDB does not leave it running
+    /// (a guest like `steps` never ends by itself).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn gdb_or_skip(test: &str) -> bool {
     if Path::new("/usr/bin/gdb").exists() {
         return true;
