@@ -11,6 +11,8 @@
  *   kvmsim-ops resetstats [delay [period]]
  *   kvmsim-ops dumpresetstats [delay [period]]
  *   kvmsim-ops checkpoint [delay [period]]   (gem5's `m5 checkpoint`)
+ *   kvmsim-ops readfile                copies the host's system.readfile
+ *                                      to stdout (gem5's `m5 readfile`)
  *   kvmsim-ops workbegin id [thread]
  *   kvmsim-ops workend id [thread]
  *   kvmsim-ops sum a b c d e f         prints the sum (checks the ABI)
@@ -44,6 +46,30 @@ static uint64_t simop(unsigned func, uint64_t a0, uint64_t a1, uint64_t a2,
     return result;
 }
 
+/* gem5's `m5 readfile`: the host file, chunk by chunk, to stdout. The
+ * buffer is written before each call, so its pages are present and
+ * private: kvmsim copies only into pages the guest may write. */
+static int readfile(void)
+{
+    static char buf[64 * 1024];
+    uint64_t offset = 0;
+    for (;;) {
+        memset(buf, 0, sizeof buf);
+        uint64_t n = simop(0x50, (uint64_t)(uintptr_t)buf, sizeof buf, offset, 0, 0, 0);
+        if (n == 0 || n > sizeof buf)
+            return 0;
+        for (uint64_t done = 0; done < n;) {
+            ssize_t w = write(1, buf + done, n - done);
+            if (w <= 0) {
+                perror("kvmsim-ops: readfile: stdout");
+                return 1;
+            }
+            done += (uint64_t)w;
+        }
+        offset += n;
+    }
+}
+
 static uint64_t arg(int argc, char **argv, int i, uint64_t dflt)
 {
     return i < argc ? strtoull(argv[i], NULL, 0) : dflt;
@@ -52,7 +78,7 @@ static uint64_t arg(int argc, char **argv, int i, uint64_t dflt)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s exit|fail|dumpstats|resetstats|dumpresetstats|checkpoint|workbegin|workend|sum [args]\n", argv[0]);
+        fprintf(stderr, "usage: %s exit|fail|dumpstats|resetstats|dumpresetstats|checkpoint|readfile|workbegin|workend|sum [args]\n", argv[0]);
         return 2;
     }
     int fd = open("/dev/mem", O_RDWR | O_SYNC);
@@ -79,6 +105,8 @@ int main(int argc, char **argv)
         simop(0x42, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
     else if (!strcmp(c, "checkpoint"))
         simop(0x43, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
+    else if (!strcmp(c, "readfile"))
+        return readfile();
     else if (!strcmp(c, "workbegin"))
         simop(0x5a, arg(argc, argv, 2, 0), arg(argc, argv, 3, 0), 0, 0, 0, 0);
     else if (!strcmp(c, "workend"))

@@ -152,6 +152,17 @@ if /bin/busybox grep -q 'kvmsim.checkpoint' /proc/cmdline; then
     /bin/kvmsim-ops checkpoint
     echo "KVMSIM-INIT: checkpoint taken"
 fi
+# A script from the host (system.readfile, or --readfile on a restore of
+# the checkpoint above) runs instead of the built-in workload, as gem5's
+# `m5 readfile` scripts do; its status ends the run.
+/bin/kvmsim-ops readfile > /tmp/script
+if [ -s /tmp/script ]; then
+    echo "KVMSIM-INIT: running the readfile script ($(wc -c < /tmp/script) bytes)"
+    /bin/busybox sh /tmp/script
+    status=$?
+    echo "KVMSIM-INIT: script status $status"
+    if [ "$status" -eq 0 ]; then /bin/kvmsim-ops exit; else /bin/kvmsim-ops fail "$status"; fi
+fi
 n=$(/bin/busybox nproc 2>/dev/null || echo 1)
 echo "KVMSIM-NPROC: $n"
 /bin/kvmsim-ops workbegin 1

@@ -31,6 +31,7 @@ const GUESTS: &[&str] = &[
     "multiboot",
     "ckpt",
     "gdbdemo",
+    "readfile",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -28,6 +28,7 @@ pub mod func {
     pub const DUMP_STATS: u8 = 0x41;
     pub const DUMP_RESET_STATS: u8 = 0x42;
     pub const CHECKPOINT: u8 = 0x43;
+    pub const READ_FILE: u8 = 0x50;
     pub const WORK_BEGIN: u8 = 0x5a;
     pub const WORK_END: u8 = 0x5b;
 }
@@ -37,6 +38,10 @@ pub const SIMOPS_LATENCY: Tick = sim::tick::TICKS_PER_NS;
 
 /// Work items open at once at most (the oldest is forgotten beyond).
 const MAX_OPEN_WORK: usize = 1024;
+
+/// `readfile` copies the host file through a buffer of this size, so a
+/// guest asking for any length costs bounded host memory.
+const READ_FILE_CHUNK: usize = 64 * 1024;
 
 /// A work item begun and not yet ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +72,10 @@ pub struct SimOps {
     open_work: Vec<((u64, u64), Tick)>,
     /// Work items begun and ended on each CPU (several CPUs only).
     per_cpu: Option<(Vector, Vector)>,
+    /// The host file of `readfile` (none: the guest reads nothing).
+    readfile: Option<std::path::PathBuf>,
+    readfile_failed: bool,
+    read_bytes: Counter,
 }
 
 impl SimOps {
@@ -92,7 +101,76 @@ impl SimOps {
             reported: HashSet::new(),
             open_work: Vec::new(),
             per_cpu: None,
+            readfile: None,
+            readfile_failed: false,
+            read_bytes: stats.counter(
+                &format!("{prefix}.readFileBytes"),
+                "Bytes the guest read from the host with readfile",
+                "Byte",
+            )?,
         })
+    }
+
+    /// The host file the guest reads with `readfile` (gem5's
+    /// `system.readfile`).
+    pub fn set_readfile(&mut self, path: Option<std::path::PathBuf>) {
+        self.readfile = path;
+    }
+
+    /// gem5's `readfile(buffer, len, offset)`: copies up to `len` bytes of
+    /// the host file, from `offset` on, to the caller's buffer at virtual
+    /// address `va`; returns how many were copied (0 at the end of the
+    /// file, without a file, or when the buffer is not mapped). A host
+    /// error is reported once and reads as the end of the file.
+    fn read_file(&mut self, va: u64, len: u64, offset: u64, ctx: &mut AccessCtx) -> u64 {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(path) = &self.readfile else {
+            return 0;
+        };
+        let opened = std::fs::File::open(path).and_then(|mut f| {
+            f.seek(SeekFrom::Start(offset))?;
+            Ok(f)
+        });
+        let mut file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                if !self.readfile_failed {
+                    self.readfile_failed = true;
+                    tracing::error!(
+                        "sim-ops readfile: {}: {e} (the guest reads nothing; reported once)",
+                        path.display()
+                    );
+                }
+                return 0;
+            }
+        };
+        let mut buf = vec![0u8; READ_FILE_CHUNK.min(len.try_into().unwrap_or(usize::MAX))];
+        let mut done: u64 = 0;
+        while done < len {
+            let want = buf.len().min((len - done).try_into().unwrap_or(usize::MAX));
+            let got = match file.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if !self.readfile_failed {
+                        self.readfile_failed = true;
+                        tracing::error!(
+                            "sim-ops readfile: {}: {e} (read as the end of the file; reported once)",
+                            path.display()
+                        );
+                    }
+                    break;
+                }
+            };
+            let put = ctx.write_virt(va.wrapping_add(done), &buf[..got]);
+            done += put as u64;
+            if put < got {
+                break;
+            }
+        }
+        self.read_bytes.add(done);
+        done
     }
 
     /// Counts work items per CPU of a system with `cpus` CPUs, under
@@ -165,6 +243,7 @@ impl SimOps {
                 });
                 0
             }
+            func::READ_FILE => self.read_file(args[0], args[1], args[2], ctx),
             func::WORK_BEGIN => {
                 let key = (args[0], args[1]);
                 self.open_work.retain(|(k, _)| *k != key);
@@ -287,6 +366,96 @@ mod tests {
             SIMOPS_LATENCY
         );
         (u64::from_le_bytes(data), reqs)
+    }
+
+    /// A caller with memory at virtual addresses [base, base + len).
+    struct Caller {
+        args: [u64; 6],
+        base: u64,
+        mem: Vec<u8>,
+    }
+    impl CallArgs for Caller {
+        fn call_args(&mut self) -> [u64; 6] {
+            self.args
+        }
+        fn write_virt(&mut self, va: u64, data: &[u8]) -> usize {
+            let Some(off) = va.checked_sub(self.base) else {
+                return 0;
+            };
+            let off = off as usize;
+            let n = data.len().min(self.mem.len().saturating_sub(off));
+            if n > 0 {
+                self.mem[off..off + n].copy_from_slice(&data[..n]);
+            }
+            n
+        }
+    }
+
+    fn read_file(dev: &mut SimOps, caller: &mut Caller) -> u64 {
+        let mut reqs = vec![];
+        let mut ctx = AccessCtx {
+            now: 0,
+            cpu: Some(caller),
+            requests: &mut reqs,
+            cpu_index: 0,
+        };
+        let mut data = [0u8; 8];
+        dev.read(
+            Space::Mmio,
+            u64::from(func::READ_FILE) << 8,
+            &mut data,
+            &mut ctx,
+        );
+        assert!(reqs.is_empty());
+        u64::from_le_bytes(data)
+    }
+
+    #[test]
+    fn readfile_copies_the_host_file_into_the_callers_buffer() {
+        let dir = std::env::temp_dir().join(format!("kvmsim-readfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("script");
+        // Longer than one chunk, so the copy takes several.
+        let text: Vec<u8> = (0..READ_FILE_CHUNK * 2 + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &text).unwrap();
+        let mut stats = Stats::new();
+        let mut d = SimOps::new(&mut stats, "s").unwrap();
+        let mut c = Caller {
+            args: [0x1000, 10, 0, 0, 0, 0],
+            base: 0x1000,
+            mem: vec![0; text.len() + 16],
+        };
+        // No file: nothing is read.
+        assert_eq!(read_file(&mut d, &mut c), 0);
+        d.set_readfile(Some(path.clone()));
+        assert_eq!(read_file(&mut d, &mut c), 10);
+        assert_eq!(&c.mem[..10], &text[..10]);
+        assert_eq!(c.mem[10], 0);
+        // From an offset, more than is left: the rest of the file.
+        c.args = [0x1000, u64::MAX, 7, 0, 0, 0];
+        let n = read_file(&mut d, &mut c);
+        assert_eq!(n as usize, text.len() - 7);
+        assert_eq!(&c.mem[..n as usize], &text[7..]);
+        // At or past the end: 0 (how a guest's loop ends).
+        c.args = [0x1000, 64, text.len() as u64, 0, 0, 0];
+        assert_eq!(read_file(&mut d, &mut c), 0);
+        c.args = [0x1000, 64, u64::MAX, 0, 0, 0];
+        assert_eq!(read_file(&mut d, &mut c), 0);
+        // A buffer that runs into unmapped memory: what fit.
+        c.args = [0x1000 + c.mem.len() as u64 - 5, 64, 0, 0, 0, 0];
+        assert_eq!(read_file(&mut d, &mut c), 5);
+        // Unmapped entirely.
+        c.args = [0, 64, 0, 0, 0, 0];
+        assert_eq!(read_file(&mut d, &mut c), 0);
+        let read = stats.dump(0).get("s.readFileBytes").unwrap().as_f64();
+        assert_eq!(read as usize, 10 + text.len() - 7 + 5);
+        // The file vanished: nothing, no panic.
+        std::fs::remove_file(&path).unwrap();
+        c.args = [0x1000, 64, 0, 0, 0, 0];
+        assert_eq!(read_file(&mut d, &mut c), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

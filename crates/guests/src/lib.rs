@@ -76,6 +76,9 @@
 //! * `gdbdemo`: a debugger's target with symbols: calls `triple` on RDI
 //!   (14), stores the result in `result`, prints it and ends with sim-ops
 //!   fail(0, result) (status 42 unless a debugger changed something).
+//! * `readfile`: prints the host file of `system.readfile` (the readfile
+//!   sim-op, in chunks of RDI (256) bytes) and ends with fail(0, bytes
+//!   read), or exit when it read nothing.
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -115,6 +118,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("multiboot"),
     guest!("ckpt"),
     guest!("gdbdemo"),
+    guest!("readfile"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -270,6 +274,12 @@ pub const ABOUT: &[About] = &[
         args: "RDI=input (14)",
         about: "a debugger's target with symbols (triple, result, done): result = 3 * RDI, printed; \
                 ends with sim-ops fail(0, result), so the status is the result (42)",
+    },
+    About {
+        name: "readfile",
+        args: "RDI=chunk bytes (256, at most 4096)",
+        about: "prints the host file of system.readfile (--readfile), read with the readfile \
+                sim-op; ends with fail(0, bytes read), or exit when it read nothing",
     },
 ];
 

@@ -269,6 +269,14 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
             [0; 6]
         })
     }
+
+    fn read_virt(&mut self, va: u64, buf: &mut [u8]) -> usize {
+        self.arch.read_virt(self.vcpu, va, buf)
+    }
+
+    fn write_virt(&mut self, va: u64, data: &[u8]) -> usize {
+        self.arch.write_virt(self.vcpu, va, data)
+    }
 }
 
 /// Runs `f` with an access context for `now` whose calling CPU is `arch`.

@@ -114,9 +114,15 @@ struct RunArgs {
     /// End the run once a checkpoint is taken (sim.checkpoint_exit).
     #[arg(long)]
     checkpoint_exit: bool,
+    /// The host file the guest reads with the readfile sim-op (gem5's
+    /// `m5 readfile`; overrides the config's system.readfile). With
+    /// --restore, each restore of a checkpoint can run its own script.
+    #[arg(long, value_name = "PATH")]
+    readfile: Option<String>,
     /// Restore the checkpoint in DIR and run on from its simulated time.
     /// The config comes from the checkpoint; --max-time, --outdir,
-    /// --quiet, --no-stdin and the checkpoint flags may change it.
+    /// --quiet, --no-stdin, --readfile and the checkpoint flags may change
+    /// it.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "memory", "cpus", "initrd", "append", "disks", "args", "trace"])]
     restore: Option<PathBuf>,
     /// Debug the guest with GDB: serve the remote protocol on HOST:PORT
@@ -414,6 +420,9 @@ fn make_config(
         }
         if a.no_stdin {
             s.serial.stdin = false;
+        }
+        if let Some(r) = &a.readfile {
+            s.readfile = Some(r.clone());
         }
     }
     let source = a.restore.as_deref().or(a.config.as_deref()).unwrap_or(cli);

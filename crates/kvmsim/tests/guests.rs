@@ -491,3 +491,76 @@ fn log_lines_are_plain_text_off_a_terminal() {
         Err(e) => eprintln!("script(1) unavailable ({e}): the terminal half is not checked"),
     }
 }
+
+/// gem5's readfile sim-op: the guest copies a host file into its memory in
+/// chunks, offset by offset, and sees 0 at the end; a missing file is an
+/// error before the guest starts.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn readfile_gives_the_guest_a_host_file() {
+    if !kvm_or_skip("readfile") {
+        return;
+    }
+    let out = outdir("readfile");
+    let file = out.join("script.txt");
+    // 200 bytes: three chunks of 64 and one of 8.
+    let text: String = (0..200)
+        .map(|i| {
+            if i % 50 == 49 {
+                '\n'
+            } else {
+                (b'a' + (i % 26) as u8) as char
+            }
+        })
+        .collect();
+    std::fs::create_dir_all(&*out).unwrap();
+    std::fs::write(&file, &text).unwrap();
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:readfile",
+            "--arg",
+            "64",
+            "--readfile",
+            file.to_str().unwrap(),
+        ],
+        &out.join("run"),
+    );
+    r.no_panic();
+    assert_eq!(r.status, 200, "stderr:\n{}", r.stderr);
+    assert_eq!(r.file("serial.log"), text);
+    assert_eq!(r.stat("system.simops.readFileBytes").as_u64(), Some(200));
+    // Six sim-ops: four reads with data, one at the end, and fail.
+    assert_eq!(r.stat("system.simops.numOps").as_u64(), Some(6));
+    // The path is in the resolved config.
+    assert_eq!(
+        r.json("config.json")["system"][0]["readfile"],
+        file.to_str().unwrap()
+    );
+
+    // No file configured: the guest reads nothing and exits.
+    let r = kvmsim(&["run", "--kernel", "builtin:readfile"], &out.join("none"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(r.file("serial.log"), "");
+
+    // A file that is not there, or a folder: refused before the guest runs.
+    for bad in [out.join("no-such-file"), out.to_path_buf()] {
+        let r = kvmsim(
+            &[
+                "run",
+                "--kernel",
+                "builtin:readfile",
+                "--readfile",
+                bad.to_str().unwrap(),
+            ],
+            &out.join("bad"),
+        );
+        assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains("system.readfile"), "{}", r.stderr);
+        assert!(r.stderr.contains(bad.to_str().unwrap()), "{}", r.stderr);
+    }
+}

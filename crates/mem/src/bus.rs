@@ -20,13 +20,27 @@ pub enum Space {
     Mmio,
 }
 
-/// Access to the registers that carry call arguments, for devices that
-/// implement guest calls (sim-ops). The CPU supplies it; devices never see
-/// the CPU itself.
+/// Access to the registers that carry call arguments, and to the caller's
+/// memory by virtual address, for devices that implement guest calls
+/// (sim-ops). The CPU supplies it; devices never see the CPU itself.
 pub trait CallArgs {
     /// The first six integer arguments of the guest's calling convention
     /// (x86-64: RDI, RSI, RDX, RCX, R8, R9).
     fn call_args(&mut self) -> [u64; 6];
+
+    /// Reads the caller's memory at virtual address `va` (through its
+    /// current page tables) into `buf`; returns how many bytes could be
+    /// read: fewer at the first unmapped page, none without memory.
+    fn read_virt(&mut self, _va: u64, _buf: &mut [u8]) -> usize {
+        0
+    }
+
+    /// Writes `data` to the caller's memory at virtual address `va`;
+    /// returns how many bytes were written (fewer at the first unmapped
+    /// or read-only page).
+    fn write_virt(&mut self, _va: u64, _data: &[u8]) -> usize {
+        0
+    }
 }
 
 /// What a device sees of the world during one access.
@@ -56,6 +70,18 @@ impl<'a> AccessCtx<'a> {
     /// The calling CPU's arguments, or zeros when there is no CPU.
     pub fn call_args(&mut self) -> [u64; 6] {
         self.cpu.as_mut().map(|c| c.call_args()).unwrap_or([0; 6])
+    }
+
+    /// Reads the calling CPU's memory by virtual address (nothing when
+    /// there is no CPU); see [`CallArgs::read_virt`].
+    pub fn read_virt(&mut self, va: u64, buf: &mut [u8]) -> usize {
+        self.cpu.as_mut().map_or(0, |c| c.read_virt(va, buf))
+    }
+
+    /// Writes the calling CPU's memory by virtual address (nothing when
+    /// there is no CPU); see [`CallArgs::write_virt`].
+    pub fn write_virt(&mut self, va: u64, data: &[u8]) -> usize {
+        self.cpu.as_mut().map_or(0, |c| c.write_virt(va, data))
     }
 }
 

@@ -225,6 +225,12 @@ pub struct SystemConfig {
     /// QEMU (see [`QemuDevices`]).
     #[serde(default, skip_serializing_if = "QemuDevices::is_unset")]
     pub qemu: QemuDevices,
+    /// The host file the guest reads with the `readfile` sim-op (gem5's
+    /// `m5 readfile`, 0x50), relative to the config file; without it the
+    /// guest reads nothing. A restore may name another (`--readfile`), so
+    /// one checkpoint can run many scripts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readfile: Option<String>,
 }
 
 /// QEMU's test devices (`[system.qemu]`): each switch defaults to on for
@@ -636,6 +642,7 @@ impl Config {
                 cpus: default_cpus(),
                 ipi_latency: default_ipi_latency(),
                 qemu: QemuDevices::default(),
+                readfile: None,
             }],
         }
     }
@@ -704,6 +711,9 @@ impl Config {
             if let Some(i) = &mut s.initrd {
                 // One file, or Multiboot modules: `PATH [ARGS],PATH...`.
                 *i = crate::multiboot::resolve_initrd(i, base);
+            }
+            if let Some(r) = &mut s.readfile {
+                fix(r);
             }
             for d in &mut s.disk {
                 fix(&mut d.path);
@@ -799,6 +809,21 @@ impl Config {
                     format!("system.{name}")
                 }
             };
+            if let Some(r) = &s.readfile {
+                match std::fs::metadata(r) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => {
+                        return Err(bad(f("readfile"), r.clone(), "is not a regular file"));
+                    }
+                    Err(e) => {
+                        return Err(bad(
+                            f("readfile"),
+                            r.clone(),
+                            &format!("cannot be read: {e}"),
+                        ));
+                    }
+                }
+            }
             if s.args.len() > 6 {
                 return Err(bad(
                     f("args"),

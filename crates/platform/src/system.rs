@@ -687,6 +687,7 @@ impl System {
             ioapic.as_ref(),
         )?;
         let mut simops = SimOps::new(&mut stats, &format!("{name}.simops"))?;
+        simops.set_readfile(sc.readfile.as_ref().map(std::path::PathBuf::from));
         if ncpus > 1 {
             simops.count_per_cpu(&mut stats, &format!("{name}.simops"), ncpus)?;
         }

@@ -91,6 +91,21 @@ pub trait Arch: Send {
     /// convention, read through the lazy context.
     fn call_args(&mut self, vcpu: &mut dyn Vcpu) -> Result<[u64; 6]>;
 
+    /// Reads guest memory at virtual address `va` through the guest's
+    /// current page tables; returns how many bytes could be read (none
+    /// without attached memory).
+    fn read_virt(&mut self, _vcpu: &mut dyn Vcpu, _va: u64, _buf: &mut [u8]) -> usize {
+        0
+    }
+
+    /// Writes guest memory at virtual address `va` through the guest's
+    /// current page tables, as the guest could: the copy stops at the
+    /// first page that is not mapped writable. Returns how many bytes were
+    /// written.
+    fn write_virt(&mut self, _vcpu: &mut dyn Vcpu, _va: u64, _data: &[u8]) -> usize {
+        0
+    }
+
     /// A readable dump of the CPU state; with guest memory attached, also
     /// what the state points at (x86: the code at RIP, the stack, the page
     /// walk of the last page-fault address).

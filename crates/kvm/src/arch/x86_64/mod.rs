@@ -497,6 +497,14 @@ impl Arch for X86_64 {
         Ok([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9])
     }
 
+    fn read_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &mut [u8]) -> usize {
+        X86_64::read_virt(self, vcpu, va, buf)
+    }
+
+    fn write_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, data: &[u8]) -> usize {
+        self.write_virt_as(vcpu, va, data, true)
+    }
+
     fn dump(&mut self, vcpu: &mut dyn Vcpu) -> String {
         let mut s = String::new();
         match self.regs(vcpu) {
@@ -702,6 +710,20 @@ impl X86_64 {
     /// The page tables' write-protection is not applied (a debugger may
     /// plant breakpoints in read-only code).
     pub fn write_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &[u8]) -> usize {
+        self.write_virt_as(vcpu, va, buf, false)
+    }
+
+    /// Writes like [`X86_64::write_virt`]; with `guest_rights`, only pages
+    /// the guest itself may write (writable at every level of the walk):
+    /// a sim-op's copy into a guest buffer never lands in a read-only page
+    /// such as the kernel's shared zero page.
+    fn write_virt_as(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        va: u64,
+        buf: &[u8],
+        guest_rights: bool,
+    ) -> usize {
         let Some(mem) = self.mem.clone() else {
             return 0;
         };
@@ -712,9 +734,12 @@ impl X86_64 {
         while done < buf.len() {
             let at = va.wrapping_add(done as u64);
             let pa = if paged {
-                match self.walk(vcpu, at).map(|w| w.result) {
-                    Ok(Ok(pa)) => pa,
-                    _ => break,
+                match self.walk(vcpu, at) {
+                    Ok(w) => match w.result {
+                        Ok(pa) if !guest_rights || w.permissions().0 => pa,
+                        _ => break,
+                    },
+                    Err(_) => break,
                 }
             } else {
                 at
