@@ -5,10 +5,22 @@
 //! KVMSIM_LINUX_DIR or KVMSIM_REQUIRE_LINUX=1 (CI) was set when they were
 //! built, the tests are ignored, with the reason (see build.rs); run anyway
 //! (`-- --include-ignored`), a missing guest is a failure.
+//!
+//! Boots cost minutes of host time where kernel mode is emulated, so the
+//! tests share them: one boot of examples/linux.toml to /init, which takes
+//! a checkpoint there and runs on to its workload's end; every test of a
+//! single-CPU system after /init is a restore of that checkpoint, with its
+//! own script through the readfile sim-op. Only what a checkpoint cannot
+//! give boots on its own: two CPUs, and the root on a disk (`disk` below).
+//! The shared boot starts in the background as soon as any boot test runs,
+//! so the boots overlap whatever order the harness picks.
 
 mod common;
+#[path = "linux/disk.rs"]
+mod disk;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, Once};
 
 use common::*;
 
@@ -41,8 +53,37 @@ fn example_append() -> String {
         .to_string()
 }
 
-/// Boots the guest with examples/linux.toml and `extra` flags.
-fn boot(test: &str, dir: &std::path::Path, extra: &[&str]) -> Run {
+/// Runs kvmsim like [`kvmsim`], killed if this test process ends first (a
+/// boot started in the background must not outlive a filtered test run).
+fn kvmsim_tied(args: &[&str], out: &Path) -> Run {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"));
+    cmd.args(args)
+        .arg("--outdir")
+        .arg(out)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+    // memory of the parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().expect("cannot start kvmsim");
+    Run {
+        status: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        out: out.to_path_buf(),
+        dir: None,
+    }
+}
+
+/// Boots the guest with examples/linux.toml and `extra` flags into `out`.
+fn boot_into(dir: &Path, out: &Path, extra: &[&str]) -> Run {
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("initrd.gz");
     let example = repo().join("examples/linux.toml");
@@ -54,11 +95,99 @@ fn boot(test: &str, dir: &std::path::Path, extra: &[&str]) -> Run {
         "--initrd",
         initrd.to_str().unwrap(),
         "--quiet",
+        "--no-stdin",
     ];
     args.extend_from_slice(extra);
-    let r = kvmsim(&args, &outdir(test));
+    let r = kvmsim_tied(&args, out);
     r.no_panic();
     r
+}
+
+/// The shared boot: its run, and the checkpoint /init took.
+struct Booted {
+    run: Run,
+    checkpoint: PathBuf,
+}
+
+/// The shared boot's outcome once it is known.
+type Outcome = Option<Result<Arc<Booted>, String>>;
+
+static SHARED: (Mutex<Outcome>, Condvar) = (Mutex::new(None), Condvar::new());
+static SHARED_START: Once = Once::new();
+
+/// Starts the shared boot in the background (once per test process).
+fn start_shared_boot(dir: &Path) {
+    SHARED_START.call_once(|| {
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || {
+            // Under the target folder, replaced by each test run.
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-shared-boot");
+            let _ = std::fs::remove_dir_all(&out);
+            // /init takes a checkpoint (kvmsim.checkpoint) and goes on.
+            let append = format!("{} kvmsim.checkpoint", example_append());
+            let result = std::panic::catch_unwind(|| {
+                let run = boot_into(&dir, &out, &["--append", &append]);
+                let checkpoint = std::fs::read_dir(&run.out)
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("cpt."));
+                match checkpoint {
+                    Some(checkpoint) => Ok(Arc::new(Booted { run, checkpoint })),
+                    None => Err(format!(
+                        "no checkpoint in {} (status {}); stderr:\n{}\nconsole (last lines):\n{}",
+                        out.display(),
+                        run.status,
+                        run.stderr,
+                        last_lines(
+                            &std::fs::read_to_string(out.join("serial.log")).unwrap_or_default(),
+                            30
+                        )
+                    )),
+                }
+            })
+            .unwrap_or_else(|_| Err("the shared boot panicked (see above)".into()));
+            let (m, c) = &SHARED;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            c.notify_all();
+        });
+    });
+}
+
+/// Waits for the shared boot (starting it if no test has).
+fn shared_boot(dir: &Path) -> Arc<Booted> {
+    start_shared_boot(dir);
+    let (m, c) = &SHARED;
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    while g.is_none() {
+        g = c.wait(g).unwrap_or_else(|p| p.into_inner());
+    }
+    match g.as_ref().unwrap() {
+        Ok(b) => b.clone(),
+        Err(e) => panic!("the shared Linux boot failed: {e}"),
+    }
+}
+
+/// Restores the shared boot's checkpoint into a fresh folder for `test`,
+/// with `script` (if any) as the readfile script /init runs.
+fn restore(test: &str, booted: &Booted, script: Option<&str>) -> Run {
+    let out = outdir(test);
+    std::fs::create_dir_all(&*out).unwrap();
+    let cp = booted.checkpoint.to_str().unwrap().to_string();
+    let mut args = vec!["run", "--restore", &cp, "--quiet", "--no-stdin"];
+    let path = out.join("script.sh");
+    if let Some(s) = script {
+        std::fs::write(&path, s).unwrap();
+        args.extend_from_slice(&["--readfile", path.to_str().unwrap()]);
+    }
+    let r = kvmsim(&args, &out.join("run"));
+    r.no_panic();
+    // The run holds the test's folder.
+    Run {
+        dir: Some(out),
+        ..r
+    }
 }
 
 #[test]
@@ -74,9 +203,8 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     let Some(dir) = linux_guest("linux_boot") else {
         return;
     };
-    // /init takes a checkpoint (kvmsim.checkpoint) and the run goes on.
-    let append = format!("{} kvmsim.checkpoint", example_append());
-    let r = boot("linux-boot", &dir, &["--append", &append]);
+    let booted = shared_boot(&dir);
+    let r = &booted.run;
     let console = r.file("serial.log");
     let tail = last_lines(&console, 30);
     assert_eq!(
@@ -87,6 +215,7 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     assert_eq!(r.json("exit.json")["cause"], "guest_exit");
     for line in [
         "KVMSIM-INIT: /init is running",
+        "KVMSIM-INIT: checkpoint taken",
         "KVMSIM-WORKLOAD: counted to 100000",
         "KVMSIM-INIT: workload status 0",
     ] {
@@ -132,20 +261,27 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
                 > 0
         );
     }
+}
 
-    // The checkpoint /init took: a restore runs the workload from there to
-    // its sim-ops exit, without booting.
-    assert!(console.contains("KVMSIM-INIT: checkpoint taken"), "{tail}");
-    let cp = std::fs::read_dir(&r.out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("cpt."))
-        .expect("a checkpoint folder in the output");
-    let restored = kvmsim(
-        &["run", "--restore", cp.to_str().unwrap(), "--quiet"],
-        &r.out.join("restored"),
-    );
-    let rc = restored.no_panic().file("serial.log");
+/// The checkpoint /init took: a restore runs the workload from there to
+/// its sim-ops exit, without booting, and its statistics go on from the
+/// checkpoint's.
+#[test]
+#[cfg_attr(
+    not(kvmsim_linux_guest),
+    ignore = "needs a Linux guest: set KVMSIM_LINUX_DIR (scripts/linux-guest.sh makes one), or run with --include-ignored to use target/linux-guest"
+)]
+#[cfg_attr(
+    all(kvmsim_linux_guest, kvmsim_no_kvm),
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_restore_of_the_init_checkpoint_runs_the_workload_without_booting() {
+    let Some(dir) = linux_guest("linux_restore") else {
+        return;
+    };
+    let booted = shared_boot(&dir);
+    let restored = restore("linux-restore", &booted, None);
+    let rc = restored.file("serial.log");
     let rtail = last_lines(&rc, 30);
     assert_eq!(
         restored.status, 0,
@@ -164,13 +300,19 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
         );
     }
     assert!(
-        !rc.contains("Linux version"),
+        !rc.contains("Linux version") && !rc.contains("/init is running"),
         "the restored run booted:\n{rtail}"
     );
-    let cp_tick: u64 = cp.file_name().unwrap().to_string_lossy()[4..]
+    let cp_tick: u64 = booted.checkpoint.file_name().unwrap().to_string_lossy()[4..]
         .parse()
         .unwrap();
     assert!(restored.json("exit.json")["tick"].as_u64().unwrap() > cp_tick);
+    // Counters go on from their values at the checkpoint.
+    let boot_dumps = booted.run.json("stats.json");
+    let at_init = boot_dumps[0]["stats"]["system.cpu.numVMExits"]
+        .as_u64()
+        .unwrap();
+    assert!(restored.stat("system.cpu.numVMExits").as_u64().unwrap() > at_init);
     eprintln!(
         "linux restore: from {:.1} s simulated to the end at {:.1} s in {:.1} s host",
         cp_tick as f64 * 1e-12,
@@ -179,6 +321,82 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     );
 }
 
+/// One checkpoint, many experiments: restores of it at the same time, each
+/// with its own readfile script, run their scripts instead of the built-in
+/// workload and end with the scripts' statuses.
+#[test]
+#[cfg_attr(
+    not(kvmsim_linux_guest),
+    ignore = "needs a Linux guest: set KVMSIM_LINUX_DIR (scripts/linux-guest.sh makes one), or run with --include-ignored to use target/linux-guest"
+)]
+#[cfg_attr(
+    all(kvmsim_linux_guest, kvmsim_no_kvm),
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn restores_side_by_side_run_their_own_readfile_scripts() {
+    let Some(dir) = linux_guest("linux_scripts") else {
+        return;
+    };
+    let booted = shared_boot(&dir);
+    let scripts = [
+        (
+            "linux-script-a",
+            "echo KVMSIM-SCRIPT: a on $(uname -s)\nexit 3\n",
+            3,
+        ),
+        (
+            "linux-script-b",
+            "i=0; while [ $i -lt 1000 ]; do i=$((i+1)); done\necho KVMSIM-SCRIPT: b counted $i\n",
+            0,
+        ),
+    ];
+    let runs: Vec<(Run, &str, i32)> = std::thread::scope(|s| {
+        let handles: Vec<_> = scripts
+            .iter()
+            .map(|&(name, text, want)| {
+                let booted = &booted;
+                s.spawn(move || (restore(name, booted, Some(text)), name, want))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, name, want) in &runs {
+        let console = r.file("serial.log");
+        let tail = last_lines(&console, 30);
+        assert_eq!(
+            r.status, *want,
+            "{name}: stderr:\n{}\nconsole:\n{tail}",
+            r.stderr
+        );
+        assert!(
+            console.contains("KVMSIM-INIT: running the readfile script"),
+            "{name}:\n{tail}"
+        );
+        assert!(
+            !console.contains("KVMSIM-WORKLOAD"),
+            "{name}: the built-in workload ran:\n{tail}"
+        );
+        assert!(
+            console.contains(&format!("KVMSIM-INIT: script status {want}")),
+            "{name}:\n{tail}"
+        );
+        let bytes = scripts.iter().find(|s| s.0 == *name).unwrap().1.len() as u64;
+        assert_eq!(r.stat("system.simops.readFileBytes").as_u64(), Some(bytes));
+    }
+    assert!(runs[0]
+        .0
+        .file("serial.log")
+        .contains("KVMSIM-SCRIPT: a on Linux"));
+    assert!(runs[1]
+        .0
+        .file("serial.log")
+        .contains("KVMSIM-SCRIPT: b counted 1000"));
+}
+
+/// A kernel panic (here the one sysrq's crash trigger causes, from a
+/// restored run's script) ends the run as a reset: the command line has
+/// panic=-1 (reboot at once) and reboot=k (through the keyboard
+/// controller). The console up to the panic is kept.
 #[test]
 #[cfg_attr(
     not(kvmsim_linux_guest),
@@ -192,17 +410,25 @@ fn a_kernel_panic_ends_the_run_as_a_reset_and_keeps_the_console() {
     let Some(dir) = linux_guest("linux_panic") else {
         return;
     };
-    // No init to run: the kernel panics; panic=-1 reboots at once, and
-    // reboot=k resets through the keyboard controller. (--append replaces
-    // the example's append, so its trimming flags are kept by hand.)
-    let append = format!(
-        "{} rdinit=/no-such-init init=/no-such-init",
-        example_append()
+    let booted = shared_boot(&dir);
+    let r = restore(
+        "linux-panic",
+        &booted,
+        Some("echo KVMSIM-SCRIPT: crashing\necho c > /proc/sysrq-trigger\nsleep 100\n"),
     );
-    let r = boot("linux-panic", &dir, &["--append", &append]);
     let console = r.file("serial.log");
-    assert_eq!(r.status, 253, "stderr:\n{}", r.stderr);
+    assert_eq!(
+        r.status,
+        253,
+        "stderr:\n{}\nconsole:\n{}",
+        r.stderr,
+        last_lines(&console, 30)
+    );
     assert_eq!(r.json("exit.json")["cause"], "guest_reset");
+    assert!(
+        console.contains("KVMSIM-SCRIPT: crashing"),
+        "console:\n{console}"
+    );
     assert!(console.contains("Kernel panic"), "console:\n{console}");
     assert!(r.stderr.contains("guest reset"), "{}", r.stderr);
 }
@@ -362,7 +588,10 @@ fn debian_kernel_boots_on_two_cpus_and_runs_a_process_on_each() {
     let Some(dir) = linux_guest("linux_smp") else {
         return;
     };
-    let r = boot("linux-smp", &dir, &["--cpus", "2"]);
+    // The shared boot of the other tests runs meanwhile.
+    start_shared_boot(&dir);
+    let out = outdir("linux-smp");
+    let r = boot_into(&dir, &out, &["--cpus", "2"]);
     let console = r.file("serial.log");
     let tail = last_lines(&console, 40);
     assert_eq!(

@@ -10,12 +10,10 @@
 //! copy finds the token (it reached the image) and writes another, which
 //! goes to the overlay: the image's bytes are unchanged after the run.
 
-mod common;
-
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 /// The example's trimming (examples/linux.toml), the root on the disk, and
 /// what the disk's /sbin/init should do.
@@ -56,7 +54,7 @@ fn boot(guest: &Path, out: &Path, config: &str, actions: &str) -> Run {
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initrd.gz");
     let append = append(actions);
-    let r = kvmsim(
+    let r = crate::kvmsim_tied(
         &[
             "run",
             config,
@@ -104,6 +102,8 @@ fn root_on_a_disk_keeps_what_the_guest_synced_and_an_overlay_spares_the_image() 
     let Some(guest) = linux_guest("disk_root") else {
         return;
     };
+    // The shared boot of the other tests runs meanwhile.
+    crate::start_shared_boot(&guest);
     let dir = outdir("disk-root");
     std::fs::create_dir_all(&dir).unwrap();
     let image = dir.join("root.img");
