@@ -615,6 +615,19 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 report.msrs_refused
             );
         }
+        static TSC_SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if let Some(now) = report.tsc_not_kept {
+            if !TSC_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "{}: this host's KVM ignored the restored TSC: the guest's TSC reads {now} \
+                     instead of going on from {} (guest code timing itself with rdtsc across the \
+                     restore sees a jump; Linux keeps simulated time from its other clocks; said \
+                     once per run)",
+                    self.name,
+                    saved.vcpu.tsc
+                );
+            }
+        }
         self.state = if saved.halted {
             CpuState::Idle
         } else {

@@ -126,6 +126,9 @@ pub struct FakeVcpu {
     /// MSRs KVM refuses to read or write (a bulk access stops at the
     /// first of them, as KVM_GET_MSRS and KVM_SET_MSRS do).
     pub refused_msrs: Vec<u32>,
+    /// MSRs whose writes succeed and change nothing (as some hosts' KVM
+    /// does with IA32_TSC).
+    pub ignored_msrs: Vec<u32>,
     /// KVM's MSR save list as this fake reports it.
     pub msr_list: Vec<u32>,
     pub xcrs: kvm_xcrs,
@@ -168,6 +171,7 @@ impl FakeVcpu {
             fpu: kvm_fpu::default(),
             msrs: Vec::new(),
             refused_msrs: Vec::new(),
+            ignored_msrs: Vec::new(),
             msr_list: Vec::new(),
             xcrs: kvm_xcrs::default(),
             debug_regs: kvm_debugregs::default(),
@@ -355,6 +359,10 @@ impl Vcpu for FakeVcpu {
         for &(i, v) in msrs {
             if self.refused_msrs.contains(&i) {
                 break;
+            }
+            if self.ignored_msrs.contains(&i) {
+                done += 1;
+                continue;
             }
             match self.msrs.iter_mut().find(|(n, _)| *n == i) {
                 Some(e) => e.1 = v,

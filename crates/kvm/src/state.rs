@@ -87,6 +87,10 @@ impl VcpuState {
 pub struct RestoreReport {
     /// Saved MSRs this KVM refused to write (skipped).
     pub msrs_refused: Vec<u32>,
+    /// IA32_TSC read back after the restore, when it did not continue from
+    /// the saved value (this KVM ignored the write): the guest's TSC
+    /// restarted from there.
+    pub tsc_not_kept: Option<u64>,
 }
 
 /// The general registers, by name.
@@ -473,7 +477,21 @@ pub fn restore(vcpu: &mut dyn Vcpu, state: &VcpuState) -> Result<RestoreReport> 
     vcpu.set_debug_regs(&state.debug_regs.0)?;
     let msrs_refused = write_msrs(vcpu, &state.msrs)?;
     vcpu.set_events(&state.events.0)?;
-    Ok(RestoreReport { msrs_refused })
+    // The TSC goes on from the saved value where KVM honours the write:
+    // read it back. The slack (2^32 cycles, over a second at common
+    // rates) covers a busy host between the write and the read; where KVM
+    // ignores the write, the TSC reads the host's, which moved on by the
+    // host time since the checkpoint (a restore seconds after its
+    // checkpoint cannot tell the two apart, nor does it matter much).
+    const SLACK: u64 = 1 << 32;
+    let tsc_not_kept = match read_msrs(vcpu, &[MSR_IA32_TSC])?.0.first() {
+        Some(&(_, now)) if now.wrapping_sub(state.tsc) >= SLACK => Some(now),
+        _ => None,
+    };
+    Ok(RestoreReport {
+        msrs_refused,
+        tsc_not_kept,
+    })
 }
 
 #[cfg(test)]
@@ -523,6 +541,27 @@ mod tests {
     }
 
     #[test]
+    fn a_tsc_the_host_did_not_take_is_reported_with_what_it_reads() {
+        let v = fake_with_state();
+        let mut s = save(&v).unwrap();
+        s.tsc = 1 << 50;
+        s.msrs.retain(|(i, _)| *i != MSR_IA32_TSC);
+        s.msrs.push((MSR_IA32_TSC, 1 << 50));
+        let mut fresh = FakeVcpu::default();
+        fresh.msrs = vec![(MSR_IA32_TSC, 777)];
+        fresh.ignored_msrs = vec![MSR_IA32_TSC];
+        assert_eq!(restore(&mut fresh, &s).unwrap().tsc_not_kept, Some(777));
+        // A host that takes it, and a little host time after the write.
+        fresh.ignored_msrs.clear();
+        let report = restore(&mut fresh, &s).unwrap();
+        assert_eq!(report.tsc_not_kept, None);
+        fresh.msrs.retain(|(i, _)| *i != MSR_IA32_TSC);
+        fresh.msrs.push((MSR_IA32_TSC, (1 << 50) + 5_000_000));
+        fresh.ignored_msrs = vec![MSR_IA32_TSC];
+        assert_eq!(restore(&mut fresh, &s).unwrap().tsc_not_kept, None);
+    }
+
+    #[test]
     fn a_state_goes_through_json_and_into_a_fresh_vcpu_unchanged() {
         let v = fake_with_state();
         let s = save(&v).unwrap();
@@ -535,6 +574,7 @@ mod tests {
         fresh.refused_msrs = vec![0xc000_0082];
         let report = restore(&mut fresh, &back).unwrap();
         assert_eq!(report.msrs_refused, vec![0xc000_0082]);
+        assert_eq!(report.tsc_not_kept, None, "the TSC went on from the saved value");
         assert_eq!(fresh.regs, v.regs);
         assert_eq!(fresh.sregs, v.sregs);
         assert_eq!(fresh.fpu.xmm, v.fpu.xmm);
