@@ -640,3 +640,145 @@ fn debian_kernel_boots_on_two_cpus_and_runs_a_process_on_each() {
         at(end, "system.numIpis")
     );
 }
+
+/// GDB on a restored Linux: a hardware breakpoint at a kernel function
+/// (`__switch_to`: the first context switch after the restore) stops the
+/// guest there, and the run then goes on to its end. Debian's own
+/// System.map is a stub (the real one ships in the -dbg package), so the
+/// address comes from the running kernel's /proc/kallsyms (the same
+/// symbols; the command line has nokaslr), read by a first restore; `grep
+/// -m1` stops the read early, since every line costs kernel work, which
+/// is emulated on our hosts (the whole file: minutes).
+#[test]
+#[cfg_attr(
+    not(kvmsim_linux_guest),
+    ignore = "needs a Linux guest: set KVMSIM_LINUX_DIR (scripts/linux-guest.sh makes one), or run with --include-ignored to use target/linux-guest"
+)]
+#[cfg_attr(
+    all(kvmsim_linux_guest, kvmsim_no_kvm),
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn gdb_stops_a_restored_linux_at_a_kernel_function() {
+    use std::io::BufRead;
+    let Some(dir) = linux_guest("linux_gdb") else {
+        return;
+    };
+    if !Path::new("/usr/bin/gdb").exists() {
+        if std::env::var("KVMSIM_REQUIRE_GDB").as_deref() == Ok("1") {
+            panic!("linux_gdb: /usr/bin/gdb is required (KVMSIM_REQUIRE_GDB=1) but missing");
+        }
+        eprintln!("SKIPPED linux_gdb: /usr/bin/gdb is not installed (Debian: apt-get install gdb)");
+        return;
+    }
+    let booted = shared_boot(&dir);
+    // 1. The kernel's address of the context switch.
+    let r = restore(
+        "linux-gdb-syms",
+        &booted,
+        Some("grep -m1 ' __switch_to$' /proc/kallsyms | sed 's/^/KVMSIM-SYM: /'\n"),
+    );
+    let console = r.file("serial.log");
+    assert_eq!(
+        r.status,
+        0,
+        "stderr:\n{}\nconsole:\n{}",
+        r.stderr,
+        last_lines(&console, 20)
+    );
+    let line = console
+        .lines()
+        .find_map(|l| l.split("KVMSIM-SYM: ").nth(1))
+        .unwrap_or_else(|| panic!("no symbol line:\n{}", last_lines(&console, 20)));
+    let addr = u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap();
+    assert!(addr >= 0xffff_ffff_8000_0000, "{line}");
+
+    // 2. A restore under GDB: the guest soon switches tasks (/init starts
+    // kvmsim-ops readfile).
+    let out = outdir("linux-gdb");
+    std::fs::create_dir_all(&*out).unwrap();
+    let cp = booted.checkpoint.to_str().unwrap().to_string();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args([
+            "run",
+            "--restore",
+            &cp,
+            "--quiet",
+            "--no-stdin",
+            "--gdb",
+            "127.0.0.1:0",
+            "--outdir",
+        ])
+        .arg(out.join("run"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kvmsim runs");
+    let stderr = child.stderr.take().unwrap();
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = l.split("waiting for GDB on 127.0.0.1:").nth(1) {
+                let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let _ = port_tx.send(port);
+            }
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    let port = match port_rx.recv_timeout(std::time::Duration::from_secs(300)) {
+        Ok(p) => p,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kvmsim never waited for GDB:\n{}", reader.join().unwrap());
+        }
+    };
+    let script = format!(
+        "set pagination off\n\
+         target remote 127.0.0.1:{port}\n\
+         hbreak *{addr:#x}\n\
+         continue\n\
+         print/x $pc\n\
+         monitor time\n\
+         delete\n\
+         continue\n"
+    );
+    let cmds = out.join("cmds.gdb");
+    std::fs::write(&cmds, script).unwrap();
+    let gdb = std::process::Command::new("/usr/bin/gdb")
+        .args(["-batch", "-nx", "-x"])
+        .arg(&cmds)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("gdb runs");
+    let gdb_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&gdb.stdout),
+        String::from_utf8_lossy(&gdb.stderr)
+    );
+    let status = child.wait().expect("kvmsim ends");
+    let stderr = reader.join().unwrap();
+    let has = |want: &str| gdb_out.lines().any(|l| l.contains(want));
+    assert!(
+        has(&format!("Hardware assisted breakpoint 1 at {addr:#x}")),
+        "gdb:\n{gdb_out}\nkvmsim:\n{stderr}"
+    );
+    assert!(
+        has(&format!("$1 = {addr:#x}")),
+        "stopped elsewhere:\n{gdb_out}\nkvmsim:\n{stderr}"
+    );
+    assert!(has("simulated time: tick "), "gdb:\n{gdb_out}");
+    assert_eq!(status.code(), Some(0), "gdb:\n{gdb_out}\nkvmsim:\n{stderr}");
+    let console = std::fs::read_to_string(out.join("run/serial.log")).unwrap();
+    assert!(
+        console.contains("KVMSIM-INIT: workload status 0"),
+        "the run did not finish its workload:\n{}",
+        last_lines(&console, 20)
+    );
+}
