@@ -384,6 +384,13 @@ impl Simulation {
                     check_file(&path, "initrd", &Limit::initrd(s.memory.0))?;
                 }
             }
+            if let Some(m) = &s.symbols {
+                let limit = Limit {
+                    bytes: crate::pc_events::MAX_SYSTEM_MAP,
+                    why: "the limit for symbol files".into(),
+                };
+                check_file(m, "system.symbols file", &limit)?;
+            }
         }
         Ok(())
     }
@@ -644,8 +651,10 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         if t.mark_exited() {
             let stop = match &r {
                 Ok(e) => {
-                    let fatal = !matches!(e.cause, ExitCause::GuestExit | ExitCause::MaxTick)
-                        || (e.cause == ExitCause::GuestExit && e.code != 0);
+                    let fatal = !matches!(
+                        e.cause,
+                        ExitCause::GuestExit | ExitCause::MaxTick | ExitCause::PcEvent
+                    ) || (e.cause == ExitCause::GuestExit && e.code != 0);
                     e.cause == ExitCause::UserInterrupt || (run.stop_on_fault && fatal)
                 }
                 Err(_) => true,
