@@ -131,12 +131,22 @@ impl Checkpoint {
     pub fn read(dir: &std::path::Path) -> Result<Self, PlatformError> {
         let state = ckpt::read_state(dir)?;
         // What kvmsim filled in as a result (the Linux command line it
-        // built) is written, not read: it is built again the same way.
+        // built, the addresses PC events resolved to) is written, not
+        // read: it is built again the same way.
         let mut saved = state.config.clone();
         if let Some(systems) = saved.get_mut("system").and_then(|s| s.as_array_mut()) {
             for s in systems {
                 if let Some(o) = s.as_object_mut() {
                     o.remove("cmdline");
+                    let events = o
+                        .get_mut("cpu")
+                        .and_then(|c| c.get_mut("pc_event"))
+                        .and_then(|e| e.as_array_mut());
+                    for e in events.into_iter().flatten() {
+                        if let Some(e) = e.as_object_mut() {
+                            e.remove("address");
+                        }
+                    }
                 }
             }
         }
