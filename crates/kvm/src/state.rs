@@ -574,7 +574,10 @@ mod tests {
         fresh.refused_msrs = vec![0xc000_0082];
         let report = restore(&mut fresh, &back).unwrap();
         assert_eq!(report.msrs_refused, vec![0xc000_0082]);
-        assert_eq!(report.tsc_not_kept, None, "the TSC went on from the saved value");
+        assert_eq!(
+            report.tsc_not_kept, None,
+            "the TSC went on from the saved value"
+        );
         assert_eq!(fresh.regs, v.regs);
         assert_eq!(fresh.sregs, v.sregs);
         assert_eq!(fresh.fpu.xmm, v.fpu.xmm);
