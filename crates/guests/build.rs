@@ -32,6 +32,7 @@ const GUESTS: &[&str] = &[
     "ckpt",
     "gdbdemo",
     "readfile",
+    "pcevents",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -79,6 +79,10 @@
 //! * `readfile`: prints the host file of `system.readfile` (the readfile
 //!   sim-op, in chunks of RDI (256) bytes) and ends with fail(0, bytes
 //!   read), or exit when it read nothing.
+//! * `pcevents`: a target for PC events with symbols: calls `counted` RDI
+//!   times (10), reads the simulated time, calls `marker` (which reads it
+//!   again first), prints "pcevents: calls=N before=T0 at=T1" (ns) and
+//!   exits with 0.
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -119,6 +123,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("ckpt"),
     guest!("gdbdemo"),
     guest!("readfile"),
+    guest!("pcevents"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -280,6 +285,13 @@ pub const ABOUT: &[About] = &[
         args: "RDI=chunk bytes (256, at most 4096)",
         about: "prints the host file of system.readfile (--readfile), read with the readfile \
                 sim-op; ends with fail(0, bytes read), or exit when it read nothing",
+    },
+    About {
+        name: "pcevents",
+        args: "RDI=calls (10)",
+        about: "a PC events' target with symbols (counted, marker): calls counted N times, reads \
+                the simulated time, calls marker (which reads it first), prints \"pcevents: \
+                calls=N before=T0 at=T1\" (ns), exits with 0",
     },
 ];
 

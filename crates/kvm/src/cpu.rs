@@ -333,6 +333,8 @@ pub struct KvmCpu<A: Arch, V: Vcpu = KvmVcpu> {
     stepping: bool,
     /// The debugger's stop that the last run ended with.
     debug_stop: Option<DebugStop>,
+    /// The PC event the last run reached (its address), not yet taken.
+    pc_hit: Option<u64>,
     /// The system-wide instruction count, updated on every exit.
     total_insts: Option<(Counter, Availability)>,
     /// An instruction trace, waiting for its start or in progress.
@@ -384,6 +386,7 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             inst_method: InstMethod::Unavailable,
             stepping: false,
             debug_stop: None,
+            pc_hit: None,
             total_insts: None,
             tracer: None,
             idle_since: None,
@@ -440,6 +443,13 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
     /// The CPU's exit counter (numVMExits), for progress reports.
     pub fn exit_counter(&self) -> Counter {
         self.stats.num_vm_exits.clone()
+    }
+
+    /// The address of the PC event the last tick's run reached, if any
+    /// (taken: each hit is reported once). The guest reached it at the
+    /// tick the CPU is next ticked at (`TickOutcome::Next`).
+    pub fn take_pc_hit(&mut self) -> Option<u64> {
+        self.pc_hit.take()
     }
 
     /// A handle that forces this CPU out of KVM from any thread.
@@ -975,6 +985,9 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                 }
                 if o.stop.is_some() {
                     self.debug_stop = o.stop;
+                }
+                if o.pc_event.is_some() {
+                    self.pc_hit = o.pc_event;
                 }
                 if o.stepped {
                     Exit::Debug(d)

@@ -25,6 +25,39 @@ pub fn single_step_works(cpl: u8) -> Result<bool> {
         .map_err(KvmError::Setup)
 }
 
+/// Whether a hardware execution breakpoint (a debug register, through
+/// KVM_SET_GUEST_DEBUG) stops code running at privilege level `cpl` (0 or
+/// 3) on this host, before the instruction at its address.
+pub fn hw_breakpoint_works(cpl: u8) -> Result<bool> {
+    static CPL0: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    static CPL3: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    let cell = if cpl == 3 { &CPL3 } else { &CPL0 };
+    cell.get_or_init(|| probe_hw_breakpoint(cpl).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(KvmError::Setup)
+}
+
+fn probe_hw_breakpoint(cpl: u8) -> Result<bool> {
+    let ProbeVm {
+        mut vcpu,
+        mut arch,
+        vm: _vm,
+        _ram,
+    } = probe_vm(&NOPS, cpl)?;
+    let at = PROBE_CODE + 4;
+    arch.add_pc_event(at)?;
+    arch.update_kvm_state(&mut vcpu)?;
+    // The nops run to the breakpoint, or (not trapped) to the hlt, which
+    // exits at CPL0 and faults at CPL3 (no IDT: a shutdown exit).
+    let exit = vcpu.run(&mut Vec::new());
+    let stopped = matches!(exit, VmExit::Debug(_));
+    arch.kvm_state_changed();
+    let rip = arch.regs(&mut vcpu)?.rip;
+    let works = stopped && rip == at;
+    tracing::debug!("hardware breakpoint probe at CPL{cpl}: {exit:?}, rip {rip:#x}: {works}");
+    Ok(works)
+}
+
 /// A fresh VM with `code` at [`PROBE_CODE`], its vCPU in 64-bit mode at
 /// CPL `cpl` (not yet pushed to KVM). Fields drop in order: vCPU, VM, RAM.
 struct ProbeVm {

@@ -152,3 +152,68 @@ fn steps_breakpoints_and_a_watchpoint_coexist() {
         eprintln!("with stepping: {stops:x?}, {steps} steps");
     }
 }
+
+/// A PC event's breakpoint in a loop of three rounds: reported once per
+/// round (the CPU steps over the instruction with the breakpoint off and
+/// re-arms it), and the guest runs to its hlt.
+#[test]
+fn pc_event_fires_once_per_visit() {
+    if !kvm::usable_or_skip("pc_event_fires_once_per_visit") {
+        return;
+    }
+    if !kvm::probe::hw_breakpoint_works(0).unwrap() {
+        eprintln!("skipped: this host's KVM does not trap hardware breakpoints at CPL0");
+        return;
+    }
+    // mov $3, %ecx; L: nop; dec %ecx; jnz L; hlt
+    let code: &[u8] = &[0xb9, 0x03, 0, 0, 0, 0x90, 0xff, 0xc9, 0x75, 0xfb, 0xf4];
+    let at = CODE + 5;
+    let ram = GuestRam::new(MemoryMap::for_size(4 << 20).unwrap()).unwrap();
+    ram.memory().write_slice(code, GuestAddress(CODE)).unwrap();
+    boot::write_boot_structures(ram.memory()).unwrap();
+    let mut vm = KvmVm::new().unwrap();
+    vm.map_ram(&ram).unwrap();
+    let mut vcpu = vm
+        .create_cpu(&VcpuSpec {
+            id: 0,
+            cpus: 1,
+            coalesced_mmio: false,
+        })
+        .unwrap();
+    let mut arch = X86_64::new();
+    arch.attach_memory(ram.memory().clone());
+    boot::enter_long_mode(&mut arch, &mut vcpu, CODE, boot::DEFAULT_STACK_TOP, &[]).unwrap();
+    assert_eq!(arch.add_pc_event(at).unwrap(), 0);
+    let mut hits = Vec::new();
+    let mut halted = false;
+    for _ in 0..64 {
+        arch.update_kvm_state(&mut vcpu).unwrap();
+        let exit = vcpu.run(&mut Vec::new());
+        arch.kvm_state_changed();
+        match exit {
+            VmExit::Hlt => {
+                halted = true;
+                break;
+            }
+            VmExit::Debug(e) => {
+                let o = arch.debug_exit(&mut vcpu, &e).unwrap();
+                if let Some(a) = o.pc_event {
+                    hits.push((a, arch.regs(&mut vcpu).unwrap().rcx));
+                    assert!(arch.pc_event_stepping());
+                } else {
+                    // The step over the nop ended: armed again.
+                    assert!(!arch.pc_event_stepping());
+                    assert_eq!(arch.regs(&mut vcpu).unwrap().rip, at + 1);
+                }
+            }
+            VmExit::Intr | VmExit::Retry => {}
+            other => panic!(
+                "unexpected exit {other:?} at {:#x}",
+                arch.regs(&mut vcpu).unwrap().rip
+            ),
+        }
+    }
+    assert!(halted, "the guest did not reach its hlt; hits {hits:x?}");
+    // RCX counts down 3, 2, 1 at the nop.
+    assert_eq!(hits, vec![(at, 3), (at, 2), (at, 1)]);
+}

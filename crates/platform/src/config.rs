@@ -231,6 +231,11 @@ pub struct SystemConfig {
     /// one checkpoint can run many scripts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readfile: Option<String>,
+    /// A System.map file (`ADDRESS TYPE NAME` lines, as `nm` writes them)
+    /// that PC events' symbols are looked up in, instead of the kernel's
+    /// ELF symbol table (path relative to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbols: Option<String>,
 }
 
 /// QEMU's test devices (`[system.qemu]`): each switch defaults to on for
@@ -379,6 +384,120 @@ pub struct CpuConfig {
     /// An instruction trace into trace.txt (by single-stepping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceConfig>,
+    /// PC events (`[[system.cpu.pc_event]]`): an action each time a CPU
+    /// reaches an address (see [`PcEventConfig`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pc_event: Vec<PcEventConfig>,
+}
+
+/// A PC event: each time any CPU of the system is about to execute the
+/// instruction at `at`, the event is counted and its action happens at
+/// that simulated tick. A hardware execution breakpoint (a debug register)
+/// per distinct address: at most 4, 3 where the SYSCALL repair holds one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PcEventConfig {
+    /// The address: an integer, a "0x..." string, or a symbol name (from
+    /// `system.symbols`, else the kernel's ELF symbol table).
+    pub at: PcAddr,
+    /// What happens there.
+    pub action: PcAction,
+    /// The event's name in the statistics (`CPU.pcEvents::NAME`); default:
+    /// `at` as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The address used (filled in by kvmsim; not an input).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub address: Option<u64>,
+}
+
+impl PcEventConfig {
+    /// The event's name in the statistics.
+    pub fn stat_name(&self) -> String {
+        match (&self.name, &self.at) {
+            (Some(n), _) => n.clone(),
+            (None, PcAddr::Number(n)) => format!("{n:#x}"),
+            (None, PcAddr::Text(t)) => t.clone(),
+        }
+    }
+}
+
+/// Where a PC event is: a number, or text ("0x..." or a symbol name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PcAddr {
+    Number(u64),
+    Text(String),
+}
+
+impl PcAddr {
+    /// The address if it is written as one (a number or "0x..." text);
+    /// `Err` for "0x" text that is not a 64-bit hex number; `Ok(None)` for
+    /// a symbol name.
+    pub fn literal(&self) -> Result<Option<u64>, String> {
+        match self {
+            PcAddr::Number(n) => Ok(Some(*n)),
+            PcAddr::Text(t) => match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(h) => u64::from_str_radix(&h.replace('_', ""), 16)
+                    .map(Some)
+                    .map_err(|e| format!("not a 64-bit hex address ({e})")),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
+impl Serialize for PcAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PcAddr::Number(n) => s.serialize_u64(*n),
+            PcAddr::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PcAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PcAddr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "an address (a non-negative integer or a \"0x...\" string) or a symbol name"
+                )
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PcAddr, E> {
+                Ok(PcAddr::Number(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PcAddr, E> {
+                u64::try_from(v)
+                    .map(PcAddr::Number)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PcAddr, E> {
+                Ok(PcAddr::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a PC event does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PcAction {
+    /// Append a statistics dump (stats.txt, stats.json).
+    DumpStats,
+    /// Reset the statistics.
+    ResetStats,
+    /// Dump, then reset.
+    DumpResetStats,
+    /// End the run (exit cause "pc_event", status 0).
+    Exit,
+    /// Take a checkpoint (as `sim.checkpoint_at` does).
+    Checkpoint,
+    /// Only count (every event is counted in `CPU.pcEvents::NAME`).
+    Count,
 }
 
 /// An instruction trace: every instruction the CPU executes from a moment
@@ -460,6 +579,7 @@ impl Default for CpuConfig {
             max_insts: None,
             syscall_repair: true,
             trace: None,
+            pc_event: Vec::new(),
         }
     }
 }
@@ -643,6 +763,7 @@ impl Config {
                 ipi_latency: default_ipi_latency(),
                 qemu: QemuDevices::default(),
                 readfile: None,
+                symbols: None,
             }],
         }
     }
@@ -714,6 +835,9 @@ impl Config {
             }
             if let Some(r) = &mut s.readfile {
                 fix(r);
+            }
+            if let Some(m) = &mut s.symbols {
+                fix(m);
             }
             for d in &mut s.disk {
                 fix(&mut d.path);
@@ -932,6 +1056,55 @@ impl Config {
             }
             if s.cpu.max_insts == Some(0) {
                 return Err(bad(f("cpu.max_insts"), "0".into(), "must be at least 1"));
+            }
+            let mut names: Vec<String> = Vec::new();
+            for (k, e) in s.cpu.pc_event.iter().enumerate() {
+                let field = |key: &str| f(&format!("cpu.pc_event[{k}].{key}"));
+                if let PcAddr::Text(t) = &e.at {
+                    if t.trim().is_empty() || t.chars().any(char::is_whitespace) {
+                        return Err(bad(
+                            field("at"),
+                            format!("{t:?}"),
+                            "must be an address (an integer or \"0x...\") or a symbol name \
+                             (no spaces)",
+                        ));
+                    }
+                    if let Err(why) = e.at.literal() {
+                        return Err(bad(field("at"), format!("{t:?}"), &why));
+                    }
+                }
+                if let Some(n) = &e.name {
+                    if n.is_empty()
+                        || n.len() > 200
+                        || n.chars().any(|c| c.is_whitespace() || c.is_control())
+                    {
+                        return Err(bad(
+                            field("name"),
+                            format!("{n:?}"),
+                            "must be 1 to 200 characters without spaces (it becomes a \
+                             statistic's name in stats.txt)",
+                        ));
+                    }
+                }
+                let name = e.stat_name();
+                if names.contains(&name) {
+                    return Err(bad(
+                        field("name"),
+                        format!("{name:?}"),
+                        "two PC events have this name in the statistics: give each a \
+                         different `name`",
+                    ));
+                }
+                names.push(name);
+            }
+            if let Some(m) = &s.symbols {
+                if m.is_empty() {
+                    return Err(bad(
+                        f("symbols"),
+                        "\"\"".into(),
+                        "must name a System.map file",
+                    ));
+                }
             }
             if let Some(t) = &s.cpu.trace {
                 if t.insts == 0 {

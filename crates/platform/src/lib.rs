@@ -14,6 +14,7 @@ pub mod loader;
 pub mod multiboot;
 pub mod nics;
 pub mod output;
+pub mod pc_events;
 pub mod pcap;
 pub mod qemu_compat;
 pub mod report;
@@ -116,7 +117,7 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         ExitCause::UserInterrupt => status::USER_INTERRUPT,
         // The system that ended the run decides the status.
         ExitCause::Stopped => status::OK,
-        ExitCause::Checkpoint => status::OK,
+        ExitCause::Checkpoint | ExitCause::PcEvent => status::OK,
     }
 }
 

@@ -131,12 +131,22 @@ impl Checkpoint {
     pub fn read(dir: &std::path::Path) -> Result<Self, PlatformError> {
         let state = ckpt::read_state(dir)?;
         // What kvmsim filled in as a result (the Linux command line it
-        // built) is written, not read: it is built again the same way.
+        // built, the addresses PC events resolved to) is written, not
+        // read: it is built again the same way.
         let mut saved = state.config.clone();
         if let Some(systems) = saved.get_mut("system").and_then(|s| s.as_array_mut()) {
             for s in systems {
                 if let Some(o) = s.as_object_mut() {
                     o.remove("cmdline");
+                    let events = o
+                        .get_mut("cpu")
+                        .and_then(|c| c.get_mut("pc_event"))
+                        .and_then(|e| e.as_array_mut());
+                    for e in events.into_iter().flatten() {
+                        if let Some(e) = e.as_object_mut() {
+                            e.remove("address");
+                        }
+                    }
                 }
             }
         }
@@ -383,6 +393,13 @@ impl Simulation {
                 for path in crate::multiboot::initrd_paths(i) {
                     check_file(&path, "initrd", &Limit::initrd(s.memory.0))?;
                 }
+            }
+            if let Some(m) = &s.symbols {
+                let limit = Limit {
+                    bytes: crate::pc_events::MAX_SYSTEM_MAP,
+                    why: "the limit for symbol files".into(),
+                };
+                check_file(m, "system.symbols file", &limit)?;
             }
         }
         Ok(())
@@ -644,8 +661,10 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         if t.mark_exited() {
             let stop = match &r {
                 Ok(e) => {
-                    let fatal = !matches!(e.cause, ExitCause::GuestExit | ExitCause::MaxTick)
-                        || (e.cause == ExitCause::GuestExit && e.code != 0);
+                    let fatal = !matches!(
+                        e.cause,
+                        ExitCause::GuestExit | ExitCause::MaxTick | ExitCause::PcEvent
+                    ) || (e.cause == ExitCause::GuestExit && e.code != 0);
                     e.cause == ExitCause::UserInterrupt || (run.stop_on_fault && fatal)
                 }
                 Err(_) => true,

@@ -104,6 +104,12 @@ enum SysEvent {
     Checkpoint {
         period: Tick,
     },
+    /// A CPU reached PC event `name` at `addr`, whose action is exit.
+    PcExit {
+        name: String,
+        addr: u64,
+        cpu: String,
+    },
     /// An Ethernet frame arrives at the NIC of link port `port`.
     FrameDeliver {
         port: u32,
@@ -239,11 +245,20 @@ struct CpuSlot {
     ipis_received: Counter,
     /// A debugger's hold on the CPU (crate::gdb).
     debug: crate::gdb::DebugHook,
+    /// The system's PC events and this CPU's counts of them.
+    pc: Option<PcSlot>,
     /// The earliest arrival this thread posted to another CPU's inbox
     /// since it last reported its next activity (`Tick::MAX`: none). The
     /// receiver may have reported before the post; the sender reports it
     /// instead, so that no window holding the arrival is skipped.
     posted: Tick,
+}
+
+/// A CPU's view of its system's PC events (crate::pc_events).
+struct PcSlot {
+    events: Arc<crate::pc_events::PcEvents>,
+    /// `CPU.pcEvents`: one element per event.
+    counts: sim::Vector,
 }
 
 /// One simulated system.
@@ -546,6 +561,36 @@ impl System {
         // The repair shares the CPU's guest-debug setting with stepping
         // (max_insts, the trace) and the debugger (kvm::arch::x86_64::guest_debug).
         let repair = sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair();
+        // PC events: symbols resolved and slots checked before anything runs.
+        let pc_events = if sc.cpu.pc_event.is_empty() {
+            None
+        } else {
+            let kernel_path = sc.kernel.clone();
+            let ev = crate::pc_events::resolve(&name, sc, || {
+                if !restoring {
+                    return Ok(std::borrow::Cow::Borrowed(&image[..]));
+                }
+                // A restore loads no image: read it again for its symbols.
+                let img = read_image(&kernel_path)?;
+                if crate::linux::is_bzimage(&img) {
+                    let k = crate::linux::parse(&img, &kernel_path)
+                        .map_err(|e| PlatformError::Kernel(e.to_string()))?;
+                    return Ok(k.elf.into());
+                }
+                Ok(img.into())
+            })?;
+            crate::pc_events::check_host(&name, &ev, repair)?;
+            for e in &ev.events {
+                tracing::info!(
+                    "{name}: PC event {} at {:#x}: {:?}",
+                    e.name,
+                    e.addr,
+                    e.action
+                );
+            }
+            Some(ev)
+        };
+        let pc_addrs = pc_events.as_ref().map_or(Vec::new(), |e| e.addresses());
         let (total, avail) = stats.maybe_counter(
             &format!("{name}.totalNumInsts"),
             "Guest instructions executed by all CPUs of the system (nan: not countable here)",
@@ -556,6 +601,10 @@ impl System {
         let mut kcpus = Vec::with_capacity(ncpus);
         for (index, mut vcpu) in vcpus.into_iter().enumerate() {
             let mut arch = X86_64::new();
+            // Before the repair arms its breakpoint (check_host left it a slot).
+            for &a in &pc_addrs {
+                arch.add_pc_event(a)?;
+            }
             if kernel.is_some() || multiboot.is_some() {
                 boot::set_boot_msrs(&mut vcpu)?;
             }
@@ -816,6 +865,18 @@ impl System {
                 "Inter-processor interrupts that arrived at this CPU",
                 "Count",
             )?;
+            let pc = match &pc_events {
+                Some(ev) => Some(PcSlot {
+                    counts: stats.vector(
+                        &format!("{}.pcEvents", cpu.name()),
+                        "Times this CPU reached each PC event (system.cpu.pc_event)",
+                        "Count",
+                        &ev.names(),
+                    )?,
+                    events: ev.clone(),
+                }),
+                None => None,
+            };
             slots.push(CpuSlot {
                 index,
                 queue: q,
@@ -845,6 +906,7 @@ impl System {
                 ipis_received,
                 posted: Tick::MAX,
                 debug: crate::gdb::DebugHook::default(),
+                pc,
                 cpu,
             });
         }
@@ -1456,6 +1518,15 @@ impl CpuThread<'_> {
             .slot
             .cpu
             .tick(tick, next, &self.shared.bus, &mut self.slot.requests)?;
+        if let Some(addr) = self.slot.cpu.take_pc_hit() {
+            // The guest reached the address at the end of the run: the
+            // tick the CPU goes on at.
+            let at = match &outcome {
+                TickOutcome::Next(t) | TickOutcome::DebugStop { next: t, .. } => *t,
+                _ => tick,
+            };
+            self.pc_event(addr, at)?;
+        }
         self.after_activity(tick)?;
         match outcome {
             TickOutcome::Next(t) => self.schedule_cpu(t)?,
@@ -1499,6 +1570,56 @@ impl CpuThread<'_> {
             }
         }
         Ok(None)
+    }
+
+    /// The CPU reached PC events' address `addr` at tick `at`: counts
+    /// them and schedules their actions there (on the system's queue, as a
+    /// sim-op's; never before the queue's current tick).
+    fn pc_event(&mut self, addr: u64, at: Tick) -> Result<(), PlatformError> {
+        use crate::config::PcAction;
+        let Some(pc) = &self.slot.pc else {
+            return Ok(());
+        };
+        let mut core = mem::lock(&self.shared.core);
+        let at = at.max(core.queue.cur_tick());
+        for (i, e) in pc.events.at(addr) {
+            pc.counts.add(i, 1);
+            tracing::debug!(
+                "{}: PC event {} at {addr:#x}, tick {at}: {:?}",
+                self.slot.cpu.name(),
+                e.name,
+                e.action
+            );
+            let (pri, ev) = match e.action {
+                PcAction::Count => continue,
+                PcAction::DumpStats => (
+                    STAT_EVENT_PRI,
+                    SysEvent::DumpStats {
+                        reset: false,
+                        period: 0,
+                    },
+                ),
+                PcAction::DumpResetStats => (
+                    STAT_EVENT_PRI,
+                    SysEvent::DumpStats {
+                        reset: true,
+                        period: 0,
+                    },
+                ),
+                PcAction::ResetStats => (STAT_EVENT_PRI, SysEvent::ResetStats { period: 0 }),
+                PcAction::Checkpoint => (DEFAULT_PRI, SysEvent::Checkpoint { period: 0 }),
+                PcAction::Exit => (
+                    SIM_EXIT_PRI,
+                    SysEvent::PcExit {
+                        name: e.name.clone(),
+                        addr,
+                        cpu: self.slot.cpu.name().to_string(),
+                    },
+                ),
+            };
+            core.queue.schedule(at, pri, ev)?;
+        }
+        Ok(())
     }
 
     /// After anything that may have touched devices at `now`: the
@@ -1721,6 +1842,14 @@ impl CpuThread<'_> {
                          {value:#x} * 2 + 1 = {status} (QEMU's rule)",
                         devices::qemu::DEBUG_EXIT_BASE
                     ),
+                )));
+            }
+            SysEvent::PcExit { name, addr, cpu } => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::PcEvent,
+                    0,
+                    tick,
+                    format!("{cpu} reached PC event {name} at {addr:#x} (action exit)"),
                 )));
             }
             SysEvent::Reset => {

@@ -33,6 +33,9 @@ pub enum ExitCause {
     /// A checkpoint was taken and the run was configured to end there
     /// (`sim.checkpoint_exit`).
     Checkpoint,
+    /// The guest reached a PC event whose action is `exit`
+    /// (`[[system.cpu.pc_event]]`).
+    PcEvent,
 }
 
 impl ExitCause {
@@ -50,6 +53,7 @@ impl ExitCause {
             ExitCause::GuestReset => "the guest reset the machine",
             ExitCause::DebugExit => "the guest wrote to isa-debug-exit (QEMU's status v*2+1)",
             ExitCause::Checkpoint => "a checkpoint was taken (sim.checkpoint_exit)",
+            ExitCause::PcEvent => "the guest reached a PC event whose action is exit",
         }
     }
 }

@@ -19,6 +19,9 @@ pub enum Stepper {
     Repair = 4,
     /// A debugger's step.
     Debugger = 8,
+    /// Stepping over the instruction at a PC event's address with its
+    /// breakpoint off (so that it does not fire again there).
+    PcEvent = 16,
 }
 
 /// What a hardware breakpoint watches.
@@ -54,6 +57,9 @@ pub struct DebugOutcome {
     pub completed: Option<usize>,
     /// The debugger's breakpoint, watchpoint or step: the CPU stops.
     pub stop: Option<DebugStop>,
+    /// A PC event's breakpoint at this address fired: the guest reached it
+    /// (the instruction there has not run yet; it runs at the next entry).
+    pub pc_event: Option<u64>,
 }
 
 /// What [`Arch::deliver_interrupts`] did before an entry.

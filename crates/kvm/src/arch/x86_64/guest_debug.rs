@@ -11,6 +11,13 @@
 //! planted, and the four debug-register slots (DR0-3, DR7) shared out
 //! first come, first served. The setting is written only when it changed.
 //! [`GuestDebug::classify`] tells after a debug exit whose it was.
+//!
+//! PC events (`[[system.cpu.pc_event]]`) hold a slot each for the whole
+//! run, taken when the CPU is built (before the repair arms its own, which
+//! the platform leaves room for). After one fires, its slot is *suspended*
+//! (kept, but left out of DR7) while the CPU single-steps the instruction
+//! there, then armed again: execution breakpoints fire again at the same
+//! instruction, and RF does not prevent that on the hosts we measured.
 
 use kvm_bindings::{
     kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
@@ -28,6 +35,8 @@ pub enum SlotOwner {
     Repair,
     /// A debugger's breakpoint or watchpoint.
     Debugger,
+    /// A PC event's execution breakpoint (held for the whole run).
+    PcEvent,
 }
 
 /// One hardware breakpoint or watchpoint (a debug-register slot).
@@ -66,6 +75,9 @@ pub struct GuestDebug {
     /// Addresses where the debugger planted an `int3`.
     sw: Vec<u64>,
     slots: [Option<HwBreakpoint>; HW_SLOTS],
+    /// Slots held but left out of the setting (bit n = DRn): a PC event's
+    /// breakpoint while the CPU steps over its instruction.
+    suspended: u8,
     /// The setting last written (control, DR0-3, DR7).
     applied: Option<(u32, [u64; 4], u64)>,
     /// KVM_SET_GUEST_DEBUG calls made.
@@ -161,17 +173,44 @@ impl GuestDebug {
         });
         if let Some(i) = found {
             self.slots[i] = None;
+            self.suspended &= !(1 << i);
         }
         found.is_some()
     }
 
     /// Frees every slot of `owner`.
     pub fn clear_owner(&mut self, owner: SlotOwner) {
-        for s in &mut self.slots {
+        for (i, s) in self.slots.iter_mut().enumerate() {
             if s.is_some_and(|b| b.owner == owner) {
                 *s = None;
+                self.suspended &= !(1 << i);
             }
         }
+    }
+
+    /// How many slots are free.
+    pub fn free_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_none()).count()
+    }
+
+    /// Leaves slot `i` out of the setting while keeping it (nobody else
+    /// can take it) until [`GuestDebug::resume_slot`].
+    pub fn suspend_slot(&mut self, i: usize) {
+        if i < HW_SLOTS {
+            self.suspended |= 1 << i;
+        }
+    }
+
+    /// Arms suspended slot `i` again.
+    pub fn resume_slot(&mut self, i: usize) {
+        if i < HW_SLOTS {
+            self.suspended &= !(1 << i);
+        }
+    }
+
+    /// True if slot `i` is held but suspended.
+    pub fn is_suspended(&self, i: usize) -> bool {
+        i < HW_SLOTS && self.suspended & (1 << i) != 0
     }
 
     /// Slot `i`'s breakpoint.
@@ -197,6 +236,9 @@ impl GuestDebug {
         let mut dr7 = 0u64;
         for (i, s) in self.slots.iter().enumerate() {
             let Some(b) = s else { continue };
+            if self.is_suspended(i) {
+                continue;
+            }
             dbg.arch.debugreg[i] = b.addr;
             let rw: u64 = match b.kind {
                 BreakKind::Exec => 0b00,
@@ -270,13 +312,15 @@ impl GuestDebug {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.is_some())
+            .filter(|&(i, s)| s.is_some() && !self.is_suspended(i))
             .fold(0, |m, (i, _)| m | (1 << i));
         hit.slots = (exit.dr6 & 0xf) as u8 & in_use;
         hit.step = exit.dr6 & DR6_BS != 0 && self.stepping();
         if hit.slots == 0 && !hit.step {
             for (i, s) in self.slots.iter().enumerate() {
-                if s.is_some_and(|b| b.kind == BreakKind::Exec && b.addr == exit.pc) {
+                if !self.is_suspended(i)
+                    && s.is_some_and(|b| b.kind == BreakKind::Exec && b.addr == exit.pc)
+                {
                     hit.slots |= 1 << i;
                 }
             }
@@ -360,6 +404,64 @@ mod tests {
         assert!(d
             .add_hw(bp(0x1000, BreakKind::Exec, 4, SlotOwner::Debugger))
             .is_err());
+    }
+
+    #[test]
+    fn pc_events_hold_slots_that_others_cannot_take() {
+        let mut d = GuestDebug::default();
+        // Three PC events, as the platform allocates them with the
+        // repair enabled (one slot left for it).
+        for (i, a) in [0x1000u64, 0x2000, 0x3000].into_iter().enumerate() {
+            let s = d
+                .add_hw(bp(a, BreakKind::Exec, 1, SlotOwner::PcEvent))
+                .unwrap();
+            assert_eq!(s, i);
+        }
+        assert_eq!(d.free_slots(), 1);
+        // The repair arms in the last one; then nothing is left for a debugger.
+        assert_eq!(
+            d.add_hw(bp(0x9000, BreakKind::Exec, 1, SlotOwner::Repair))
+                .unwrap(),
+            3
+        );
+        let e = d
+            .add_hw(bp(0x5000, BreakKind::Exec, 1, SlotOwner::Debugger))
+            .unwrap_err();
+        assert!(e.to_string().contains("PcEvent Exec at 0x2000"), "{e}");
+        // A suspended slot is left out of DR7 and of classification, but
+        // stays held: the repair re-arming (clear, add) does not take it.
+        d.suspend_slot(1);
+        let c = d.control();
+        assert_eq!(c.arch.debugreg[7] & 0xff, 0b0101_0001);
+        assert_eq!(c.arch.debugreg[1], 0);
+        let ex = |pc, dr6| DebugExit {
+            exception: 1,
+            pc,
+            dr6,
+            dr7: 0,
+        };
+        assert_eq!(d.classify(&ex(0x2000, 0b10)).slots, 0);
+        assert_eq!(d.classify(&ex(0x2000, 0)).slots, 0);
+        d.clear_owner(SlotOwner::Repair);
+        assert_eq!(
+            d.add_hw(bp(0x9100, BreakKind::Exec, 1, SlotOwner::Repair))
+                .unwrap(),
+            3
+        );
+        assert_eq!(d.slot(1).unwrap().addr, 0x2000);
+        d.resume_slot(1);
+        assert_eq!(d.control().arch.debugreg[7] & 0xff, 0b0101_0101);
+        assert_eq!(d.classify(&ex(0x2000, 0)).slots, 0b10);
+        // The debugger's clear leaves PC events alone; removing a
+        // suspended slot forgets the suspension.
+        d.clear_owner(SlotOwner::Debugger);
+        assert_eq!(d.free_slots(), 0);
+        d.suspend_slot(2);
+        assert!(d.remove_hw(SlotOwner::PcEvent, 0x3000, BreakKind::Exec, None));
+        assert!(!d.is_suspended(2));
+        d.add_hw(bp(0x4000, BreakKind::Exec, 1, SlotOwner::Debugger))
+            .unwrap();
+        assert_eq!(d.control().arch.debugreg[2], 0x4000);
     }
 
     #[test]

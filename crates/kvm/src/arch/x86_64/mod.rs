@@ -68,6 +68,10 @@ pub struct X86_64 {
     repair: Option<syscall_repair::Repair>,
     /// Every user's guest-debug wishes, merged (written before each entry).
     debug: guest_debug::GuestDebug,
+    /// Stepping over a PC event's instruction: its slot (suspended) and
+    /// address. No interrupt is injected meanwhile (a handler entered
+    /// before the instruction ran would return to it and fire it again).
+    pc_step: Option<(usize, u64)>,
     /// CR2 at the previous trace line (a change marks a page fault).
     trace_cr2: Option<u64>,
     /// Guest memory, for reading what the guest's registers point at.
@@ -174,6 +178,31 @@ impl X86_64 {
         &mut self.debug
     }
 
+    /// Arms a PC event's execution breakpoint at `addr` for the rest of the
+    /// run; returns its slot. Fails, saying why, if no slot is free.
+    pub fn add_pc_event(&mut self, addr: u64) -> Result<usize> {
+        self.debug.add_hw(guest_debug::HwBreakpoint {
+            addr,
+            kind: BreakKind::Exec,
+            len: 1,
+            owner: guest_debug::SlotOwner::PcEvent,
+        })
+    }
+
+    /// True while the CPU steps over a PC event's instruction.
+    pub fn pc_event_stepping(&self) -> bool {
+        self.pc_step.is_some()
+    }
+
+    /// Ends the step over a PC event's instruction: its breakpoint is armed
+    /// again.
+    fn end_pc_step(&mut self) {
+        if let Some((slot, _)) = self.pc_step.take() {
+            self.debug.resume_slot(slot);
+            self.debug.set_step(Stepper::PcEvent, false);
+        }
+    }
+
     /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
     /// guest memory ([`Arch::attach_memory`]) to read the IDT and frames.
     pub fn enable_syscall_repair(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
@@ -235,6 +264,9 @@ impl Arch for X86_64 {
         self.cr8_entry = self.sregs(vcpu)?.cr8;
         // A fresh vCPU has KVM's default debug setting: write ours again.
         self.debug.forget_applied();
+        // A state is saved only after a PC event's step ended (see
+        // is_drained); whatever was in flight belongs to the old state.
+        self.end_pc_step();
         // The guest's IDT may differ: watch its page-fault handler anew.
         if self.repair.is_some() {
             self.debug.clear_owner(guest_debug::SlotOwner::Repair);
@@ -271,6 +303,15 @@ impl Arch for X86_64 {
         let exception = self.events.valid
             && (self.events.value.exception.injected != 0
                 || self.events.value.interrupt.injected != 0);
+        if self.pc_step.is_some() {
+            // Stepping over a PC event's instruction: whatever is pending
+            // waits in the controller for the entry after the step (an
+            // injected interrupt would run its handler first, which returns
+            // to the instruction and fires the event again).
+            vcpu.request_interrupt_window(false);
+            d.waiting = intc.pending() != Pending::None;
+            return Ok(d);
+        }
         match intc.pending() {
             Pending::None => vcpu.request_interrupt_window(false),
             Pending::Nmi => {
@@ -306,6 +347,15 @@ impl Arch for X86_64 {
     }
 
     fn after_run(&mut self, vcpu: &mut dyn Vcpu, intc: &mut dyn InterruptController) {
+        // The guest left a PC event's instruction without a step exit (code
+        // this host does not step: the next exit ends the step-over).
+        if let Some((_, addr)) = self.pc_step {
+            match self.regs(vcpu) {
+                Ok(r) if r.rip != addr => self.end_pc_step(),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("PC events: cannot read RIP: {e}"),
+            }
+        }
         // The guest may have moved its page-fault handler (a new IDT).
         if let Some(r) = &mut self.repair {
             r.exits = r.exits.saturating_add(1);
@@ -325,6 +375,11 @@ impl Arch for X86_64 {
     }
 
     fn is_drained(&mut self, vcpu: &mut dyn Vcpu) -> Result<bool> {
+        // A step over a PC event's instruction finishes first: saved in
+        // the middle, a restored CPU would fire the event again.
+        if self.pc_step.is_some() {
+            return Ok(false);
+        }
         let e = self.events(vcpu)?;
         Ok(e.exception.injected == 0
             && e.interrupt.injected == 0
@@ -355,8 +410,27 @@ impl Arch for X86_64 {
             }
             return Ok(out);
         }
+        // The step over a PC event's instruction completed: armed again.
+        if hit.step && self.pc_step.is_some() {
+            self.end_pc_step();
+        }
         out.completed = syscall_repair::debug_exit(self, vcpu, &hit)?;
         out.stepped = hit.step;
+        for i in 0..guest_debug::HW_SLOTS {
+            let Some(b) = self.debug.slot(i) else {
+                continue;
+            };
+            if hit.slots & (1 << i) == 0 || b.owner != guest_debug::SlotOwner::PcEvent {
+                continue;
+            }
+            // The guest reached the event's address: step over the
+            // instruction there with the breakpoint off, then re-arm it.
+            self.end_pc_step();
+            self.debug.suspend_slot(i);
+            self.debug.set_step(Stepper::PcEvent, true);
+            self.pc_step = Some((i, b.addr));
+            out.pc_event = Some(b.addr);
+        }
         if hit.step && self.debug.is_stepping(Stepper::Debugger) {
             out.stop = Some(DebugStop::Step);
         }
