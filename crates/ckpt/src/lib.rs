@@ -53,7 +53,7 @@ use vm_memory::{
 pub const MAGIC: [u8; 8] = *b"KVMSIMCP";
 /// The format this kvmsim writes and the only one it reads. Raise it with
 /// every change of [`CheckpointState`] or of the folder's layout.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The state file's name in the folder.
 pub const STATE_FILE: &str = "state.ckpt";
 /// The state file's header length.
@@ -120,6 +120,10 @@ pub struct CheckpointState {
     pub config: serde_json::Value,
     /// Every system, in the config's order.
     pub systems: Vec<SystemState>,
+    /// What lives between the systems (the links' and switches'
+    /// statistics, each switch's tables, queues and frames in flight), as
+    /// the platform layer describes it.
+    pub network: serde_json::Value,
 }
 
 /// One system of a checkpoint.

@@ -52,6 +52,7 @@ fn sample() -> CheckpointState {
             devices: BTreeMap::from([("uart".into(), serde_json::json!({"lcr": 3}))]),
             sim: serde_json::Value::Null,
         }],
+        network: serde_json::Value::Null,
     }
 }
 

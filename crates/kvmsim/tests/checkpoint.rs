@@ -72,6 +72,7 @@ fn write_checkpoint(dir: &std::path::Path) {
             tick: 1_500_000_000,
             config: serde_json::Value::Null,
             systems,
+            network: serde_json::Value::Null,
         },
     )
     .unwrap();

@@ -21,6 +21,9 @@ pub struct Config {
     /// Links between systems (`[[link]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub link: Vec<LinkConfig>,
+    /// Ethernet switches joining several systems (`[[switch]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switch: Vec<SwitchConfig>,
 }
 
 /// A link between two systems: a mailbox device in each, carrying values
@@ -64,6 +67,126 @@ pub enum LinkKind {
 /// Default Ethernet bandwidth: 1 Gbit/s.
 pub const DEFAULT_ETHERNET_BANDWIDTH: u64 = 125_000_000;
 
+/// A learning Ethernet switch: one port per system it joins, each port a
+/// virtio-net NIC in that system and a cable to the switch with its own
+/// latency and bandwidth (both directions), and an output queue at the
+/// switch that drops frames when full. Port settings default to the
+/// switch's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// The switch's name: its statistics are `{name}.port{p}.*`, its
+    /// captures `{name}.port{p}.pcap`.
+    pub name: String,
+    /// Default one-way latency of a port's cable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Duration>,
+    /// Default bandwidth of a port's cable (default 1 Gbit/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    /// Default size of a port's output queue in frames (default
+    /// [`DEFAULT_SWITCH_QUEUE_FRAMES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_frames: Option<u32>,
+    /// Default size of a port's output queue in bytes (default: no limit
+    /// besides the frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_bytes: Option<Size>,
+    /// How long a learned address is used after its last frame (default
+    /// [`DEFAULT_SWITCH_AGEING`], IEEE 802.1D's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ageing: Option<Duration>,
+    /// Capture every port (`{name}.port{p}.pcap`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pcap: bool,
+    /// The ports, in order (`[[switch.port]]`).
+    pub port: Vec<SwitchPortConfig>,
+}
+
+/// One port of a switch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchPortConfig {
+    /// The system whose new NIC this port joins (index in `[[system]]`).
+    pub system: usize,
+    /// The NIC's MAC address (default [`default_mac`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_frames: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_bytes: Option<Size>,
+    /// Capture this port (also on when the switch's `pcap` is).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pcap: bool,
+}
+
+/// A switch port's settings with the switch's defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchPort {
+    pub system: usize,
+    pub latency: sim::Tick,
+    pub bandwidth: u64,
+    pub queue_frames: u32,
+    pub queue_bytes: Option<u64>,
+    pub pcap: bool,
+}
+
+/// Default output queue of a switch port: 64 frames.
+pub const DEFAULT_SWITCH_QUEUE_FRAMES: u32 = 64;
+/// The largest output queue of a switch port, in frames.
+pub const MAX_SWITCH_QUEUE_FRAMES: u32 = 65_536;
+/// Default ageing time of a learned address: 300 s.
+pub const DEFAULT_SWITCH_AGEING: sim::Tick = 300 * sim::tick::TICKS_PER_SECOND;
+
+impl SwitchConfig {
+    /// Port `p` with the switch's defaults (a latency set nowhere is 0,
+    /// which validation refuses).
+    pub fn resolved(&self, p: usize) -> SwitchPort {
+        let c = &self.port[p];
+        SwitchPort {
+            system: c.system,
+            latency: c.latency.or(self.latency).map_or(0, |d| d.0),
+            bandwidth: c
+                .bandwidth
+                .or(self.bandwidth)
+                .map_or(DEFAULT_ETHERNET_BANDWIDTH, |b| b.0),
+            queue_frames: c
+                .queue_frames
+                .or(self.queue_frames)
+                .unwrap_or(DEFAULT_SWITCH_QUEUE_FRAMES),
+            queue_bytes: c.queue_bytes.or(self.queue_bytes).map(|s| s.0),
+            pcap: self.pcap || c.pcap,
+        }
+    }
+
+    /// The ageing time of a learned address.
+    pub fn ageing_time(&self) -> sim::Tick {
+        self.ageing.map_or(DEFAULT_SWITCH_AGEING, |d| d.0)
+    }
+
+    /// The smallest port latency: twice it is the switch's lookahead.
+    pub fn min_latency(&self) -> sim::Tick {
+        (0..self.port.len())
+            .map(|p| self.resolved(p).latency)
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+/// What a system's NIC is joined to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NicOwner {
+    /// End `end` of `[[link]]` number `link`.
+    Link { link: usize, end: usize },
+    /// Port `port` of `[[switch]]` number `switch`.
+    Switch { switch: usize, port: usize },
+}
+
 /// The MAC address of NIC `nic` of system `system` when the config gives
 /// none: locally administered, unicast, `02:6b:76:SS:SS:NN`.
 pub fn default_mac(system: usize, nic: usize) -> [u8; 6] {
@@ -78,9 +201,10 @@ pub fn default_mac(system: usize, nic: usize) -> [u8; 6] {
 }
 
 impl Config {
-    /// The Ethernet ends of system `system`, in link order: (link index,
-    /// which end of it, MAC address).
-    pub fn nics_of(&self, system: usize) -> Vec<(usize, usize, [u8; 6])> {
+    /// The NICs of system `system`: its Ethernet link ends in link order,
+    /// then its switch ports in switch and port order, each with its MAC
+    /// address.
+    pub fn nics_of(&self, system: usize) -> Vec<(NicOwner, [u8; 6])> {
         let mut out = Vec::new();
         for (i, l) in self.link.iter().enumerate() {
             if l.kind != LinkKind::Ethernet {
@@ -93,7 +217,19 @@ impl Config {
                         .as_ref()
                         .and_then(|m| devices::virtio::net::parse_mac(&m[end]))
                         .unwrap_or_else(|| default_mac(system, out.len()));
-                    out.push((i, end, mac));
+                    out.push((NicOwner::Link { link: i, end }, mac));
+                }
+            }
+        }
+        for (i, sw) in self.switch.iter().enumerate() {
+            for (p, port) in sw.port.iter().enumerate() {
+                if port.system == system {
+                    let mac = port
+                        .mac
+                        .as_deref()
+                        .and_then(devices::virtio::net::parse_mac)
+                        .unwrap_or_else(|| default_mac(system, out.len()));
+                    out.push((NicOwner::Switch { switch: i, port: p }, mac));
                 }
             }
         }
@@ -745,6 +881,7 @@ impl Config {
         Config {
             sim: SimConfig::default(),
             link: vec![],
+            switch: vec![],
             system: vec![SystemConfig {
                 memory: default_memory(),
                 kernel: kernel.into(),
@@ -785,7 +922,19 @@ impl Config {
             return q.0;
         }
         let smp = self.system.iter().any(|s| s.cpus > 1);
-        let link = self.link.iter().map(|l| l.latency.0).min();
+        // A switch's lookahead is twice its smallest port latency (a frame
+        // crosses two cables).
+        let link = self
+            .link
+            .iter()
+            .map(|l| l.latency.0)
+            .chain(
+                self.switch
+                    .iter()
+                    .map(|s| s.min_latency().saturating_mul(2))
+                    .filter(|&l| l > 0),
+            )
+            .min();
         match (link, smp) {
             (Some(l), true) => l.min(DEFAULT_SMP_QUANTUM),
             (Some(l), false) => l,
@@ -1176,23 +1325,9 @@ impl Config {
             }
             if let Some(macs) = &l.macs {
                 for (end, m) in macs.iter().enumerate() {
-                    match devices::virtio::net::parse_mac(m) {
-                        None => {
-                            return Err(bad(
-                                format!("link[{i}].macs[{end}]"),
-                                format!("{m:?}"),
-                                "is not a MAC address (six hex bytes: 02:00:00:00:00:01)",
-                            ))
-                        }
-                        Some(b) if b[0] & 1 != 0 || b == [0; 6] => {
-                            return Err(bad(
-                                format!("link[{i}].macs[{end}]"),
-                                format!("{m:?}"),
-                                "must be a unicast address (first byte even, not all zeros)",
-                            ))
-                        }
-                        Some(_) => {}
-                    }
+                    check_mac(m).map_err(|msg| {
+                        bad(format!("link[{i}].macs[{end}]"), format!("{m:?}"), msg)
+                    })?;
                 }
                 if macs[0].eq_ignore_ascii_case(&macs[1]) {
                     return Err(bad(
@@ -1213,6 +1348,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_switches(&bad)?;
         // Disks and NICs share the virtio-mmio slots (I/O APIC pins 16-23).
         for (k, s) in self.system.iter().enumerate() {
             let nics = self.nics_of(k).len();
@@ -1220,15 +1356,191 @@ impl Config {
                 return Err(bad(
                     format!("system[{k}].platform"),
                     "\"bare\"".into(),
-                    "an Ethernet link needs the pc platform (a Linux kernel, or platform = \"pc\")",
+                    "an Ethernet link or switch port needs the pc platform (a Linux kernel, or \
+                     platform = \"pc\")",
                 ));
             }
             if s.disk.len() + nics > MAX_DISKS {
                 return Err(bad(
                     format!("system[{k}]"),
-                    format!("{} disks and {nics} Ethernet links", s.disk.len()),
+                    format!(
+                        "{} disks and {nics} NICs (Ethernet links and switch ports)",
+                        s.disk.len()
+                    ),
                     &format!("at most {MAX_DISKS} virtio devices (disks and NICs) per system"),
                 ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a configured MAC address: six hex bytes, unicast, not zero.
+fn check_mac(m: &str) -> Result<(), &'static str> {
+    match devices::virtio::net::parse_mac(m) {
+        None => Err("is not a MAC address (six hex bytes: 02:00:00:00:00:01)"),
+        Some(b) if b[0] & 1 != 0 || b == [0; 6] => {
+            Err("must be a unicast address (first byte even, not all zeros)")
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+/// Whether `name` can name a switch: a letter, then letters, digits and
+/// '_' (one part of a statistic's dotted name, and a file name).
+fn valid_switch_name(name: &str) -> bool {
+    let mut c = name.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl Config {
+    /// Checks every `[[switch]]` (see [`Config::validate`]).
+    fn validate_switches(
+        &self,
+        bad: &dyn Fn(String, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let quantum = self.quantum();
+        let systems = self.system_names();
+        for (i, sw) in self.switch.iter().enumerate() {
+            let f = |k: &str| format!("switch[{i}].{k}");
+            if !valid_switch_name(&sw.name) {
+                return Err(bad(
+                    f("name"),
+                    format!("{:?}", sw.name),
+                    "must be a letter followed by letters, digits or '_'",
+                ));
+            }
+            let taken = systems.contains(&sw.name)
+                || sw
+                    .name
+                    .strip_prefix("link")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if taken {
+                return Err(bad(
+                    f("name"),
+                    format!("{:?}", sw.name),
+                    "is the name of a system's or a link's statistics",
+                ));
+            }
+            if let Some(j) = self.switch[..i].iter().position(|o| o.name == sw.name) {
+                return Err(bad(
+                    f("name"),
+                    format!("{:?}", sw.name),
+                    &format!("switch[{j}] has the same name"),
+                ));
+            }
+            if sw.port.len() < 2 {
+                return Err(bad(
+                    f("port"),
+                    format!("{} ports", sw.port.len()),
+                    "a switch needs at least two ports ([[switch.port]] with system = N)",
+                ));
+            }
+            if let Some(Duration(0)) = sw.ageing {
+                return Err(bad(f("ageing"), "0".into(), "must be longer than zero"));
+            }
+            let mut macs: Vec<(usize, [u8; 6])> = Vec::new();
+            for (p, port) in sw.port.iter().enumerate() {
+                let pf = |k: &str| format!("switch[{i}].port[{p}].{k}");
+                if port.system >= self.system.len() {
+                    return Err(bad(
+                        pf("system"),
+                        port.system.to_string(),
+                        &format!("is not a system (0..{})", self.system.len()),
+                    ));
+                }
+                if let Some(q) = sw.port[..p].iter().position(|o| o.system == port.system) {
+                    return Err(bad(
+                        pf("system"),
+                        port.system.to_string(),
+                        &format!(
+                            "the system's NIC on this switch is port[{q}] already (one port per \
+                             system)"
+                        ),
+                    ));
+                }
+                if let Some(m) = &port.mac {
+                    check_mac(m).map_err(|msg| bad(pf("mac"), format!("{m:?}"), msg))?;
+                }
+                let r = sw.resolved(p);
+                if r.latency == 0 {
+                    let (field, value) = match (port.latency, sw.latency) {
+                        (Some(_), _) => (pf("latency"), "0".to_string()),
+                        (None, Some(_)) => (f("latency"), "0".to_string()),
+                        (None, None) => (pf("latency"), "unset".to_string()),
+                    };
+                    return Err(bad(
+                        field,
+                        value,
+                        "a switch port needs a latency longer than zero (on the port or the \
+                         switch): the latency is the lookahead that lets systems run in parallel",
+                    ));
+                }
+                if r.bandwidth == 0 {
+                    let field = if port.bandwidth.is_some() {
+                        pf("bandwidth")
+                    } else {
+                        f("bandwidth")
+                    };
+                    return Err(bad(field, "0".into(), "must be more than zero"));
+                }
+                if r.queue_frames == 0 || r.queue_frames > MAX_SWITCH_QUEUE_FRAMES {
+                    let field = if port.queue_frames.is_some() {
+                        pf("queue_frames")
+                    } else {
+                        f("queue_frames")
+                    };
+                    return Err(bad(
+                        field,
+                        r.queue_frames.to_string(),
+                        &format!("must be 1 to {MAX_SWITCH_QUEUE_FRAMES} frames"),
+                    ));
+                }
+                let max_frame = devices::virtio::net::MAX_FRAME as u64;
+                if let Some(b) = r.queue_bytes.filter(|&b| b < max_frame) {
+                    let field = if port.queue_bytes.is_some() {
+                        pf("queue_bytes")
+                    } else {
+                        f("queue_bytes")
+                    };
+                    return Err(bad(
+                        field,
+                        b.to_string(),
+                        &format!(
+                            "must hold at least one frame of the longest size ({max_frame} bytes)"
+                        ),
+                    ));
+                }
+                if r.latency.saturating_mul(2) < quantum {
+                    return Err(bad(
+                        pf("latency"),
+                        format!("{} ps", r.latency),
+                        &format!(
+                            "twice a switch port's latency must be at least sim.quantum \
+                             ({quantum} ps): a frame crosses two cables, and the shortest such \
+                             path is the lookahead that lets systems run in parallel"
+                        ),
+                    ));
+                }
+            }
+            for (p, port) in sw.port.iter().enumerate() {
+                let me = NicOwner::Switch { switch: i, port: p };
+                let Some((_, mac)) = self
+                    .nics_of(port.system)
+                    .into_iter()
+                    .find(|(o, _)| *o == me)
+                else {
+                    continue;
+                };
+                if let Some(&(q, _)) = macs.iter().find(|(_, m)| *m == mac) {
+                    return Err(bad(
+                        format!("switch[{i}].port[{p}].mac"),
+                        devices::virtio::net::format_mac(&mac),
+                        &format!("port[{q}] has the same address"),
+                    ));
+                }
+                macs.push((p, mac));
             }
         }
         Ok(())
@@ -1364,15 +1676,16 @@ mod tests {
         assert!(c.link[0].pcap && !c.link[1].pcap);
         assert_eq!(c.link[2].kind, LinkKind::Mailbox);
         // NICs in link order; MACs given or derived from system and NIC.
-        assert_eq!(c.nics_of(0), vec![(0, 0, default_mac(0, 0))]);
+        let link = |link, end| NicOwner::Link { link, end };
+        assert_eq!(c.nics_of(0), vec![(link(0, 0), default_mac(0, 0))]);
         assert_eq!(
             c.nics_of(1),
             vec![
-                (0, 1, [2, 0x6b, 0x76, 0, 1, 0]),
-                (1, 1, [2, 0, 0, 0, 0, 0x0b])
+                (link(0, 1), [2, 0x6b, 0x76, 0, 1, 0]),
+                (link(1, 1), [2, 0, 0, 0, 0, 0x0b])
             ]
         );
-        assert_eq!(c.nics_of(2), vec![(1, 0, [2, 0, 0, 0, 0, 0x0a])]);
+        assert_eq!(c.nics_of(2), vec![(link(1, 0), [2, 0, 0, 0, 0, 0x0a])]);
         let bad = |link: &str, want: &str| {
             let e = parse(&format!(
                 "{two}[[link]]\nsystems = [0, 1]\nlatency = \"1ms\"\n{link}"
@@ -1411,6 +1724,170 @@ mod tests {
             .repeat(MAX_DISKS + 1);
         let e = parse(&format!("{pc}{pc}{links}")).unwrap_err().to_string();
         assert!(e.contains("at most 8 virtio devices"), "{e}");
+    }
+
+    #[test]
+    fn switches() {
+        let pc = "[[system]]\nkernel = \"builtin:netpong\"\nplatform = \"pc\"\n";
+        let three = format!("{pc}{pc}{pc}");
+        let c = parse(&format!(
+            "{three}[[link]]\nkind = \"ethernet\"\nsystems = [0, 1]\nlatency = \"1ms\"\n\
+             [[switch]]\nname = \"sw0\"\nlatency = \"100us\"\nqueue_frames = 8\npcap = true\n\
+             [[switch.port]]\nsystem = 2\n\
+             [[switch.port]]\nsystem = 0\nlatency = \"300us\"\nbandwidth = \"10Mbit/s\"\n\
+             queue_bytes = \"4KiB\"\nmac = \"02:00:00:00:00:07\"\n\
+             [[switch.port]]\nsystem = 1\nqueue_frames = 2\n"
+        ))
+        .unwrap();
+        let sw = &c.switch[0];
+        assert_eq!(sw.port.len(), 3);
+        let p0 = sw.resolved(0);
+        assert_eq!(
+            (
+                p0.system,
+                p0.latency,
+                p0.bandwidth,
+                p0.queue_frames,
+                p0.queue_bytes
+            ),
+            (
+                2,
+                100 * sim::tick::TICKS_PER_US,
+                DEFAULT_ETHERNET_BANDWIDTH,
+                8,
+                None
+            )
+        );
+        assert!(p0.pcap);
+        let p1 = sw.resolved(1);
+        assert_eq!(
+            (p1.latency, p1.bandwidth, p1.queue_bytes),
+            (300 * sim::tick::TICKS_PER_US, 1_250_000, Some(4096))
+        );
+        assert_eq!(sw.resolved(2).queue_frames, 2);
+        assert_eq!(sw.ageing_time(), DEFAULT_SWITCH_AGEING);
+        // The quantum: the shortest of the link's latency and twice the
+        // switch's smallest port latency.
+        assert_eq!(c.quantum(), 200 * sim::tick::TICKS_PER_US);
+        // NICs: link ends first, then switch ports; MACs given or derived.
+        let at = |switch, port| NicOwner::Switch { switch, port };
+        assert_eq!(
+            c.nics_of(0),
+            vec![
+                (NicOwner::Link { link: 0, end: 0 }, default_mac(0, 0)),
+                (at(0, 1), [2, 0, 0, 0, 0, 7])
+            ]
+        );
+        assert_eq!(c.nics_of(2), vec![(at(0, 0), default_mac(2, 0))]);
+        // Bad switches name the field and the value.
+        let bad = |sw: &str, want: &[&str]| {
+            let e = parse(&format!("{three}{sw}")).unwrap_err().to_string();
+            assert!(e.starts_with("dir/test.toml: "), "{sw}: {e}");
+            for w in want {
+                assert!(e.contains(w), "{sw}: {e}");
+            }
+        };
+        let ports = "[[switch.port]]\nsystem = 0\n[[switch.port]]\nsystem = 1\n";
+        let named = |head: &str| format!("[[switch]]\nname = \"s\"\n{head}");
+        bad(
+            &format!(
+                "{}{ports}[[switch.port]]\nsystem = 3\n",
+                named("latency = \"1ms\"\n")
+            ),
+            &["switch[0].port[2].system = 3", "not a system"],
+        );
+        bad(
+            &format!(
+                "{}{ports}[[switch.port]]\nsystem = 0\n",
+                named("latency = \"1ms\"\n")
+            ),
+            &["switch[0].port[2].system = 0", "port[0]"],
+        );
+        bad(
+            &format!("{}{ports}", named("")),
+            &["switch[0].port[0].latency = unset"],
+        );
+        bad(
+            &format!("{}{ports}", named("latency = \"0s\"\n")),
+            &["switch[0].latency = 0"],
+        );
+        bad(
+            &format!(
+                "{}{ports}",
+                named("latency = \"1ms\"\nbandwidth = \"0bit/s\"\n")
+            ),
+            &["bandwidth"],
+        );
+        bad(
+            &format!("{}{ports}", named("latency = \"1ms\"\nqueue_frames = 0\n")),
+            &["switch[0].queue_frames = 0", "1 to 65536"],
+        );
+        bad(
+            &format!("{}{ports}", named("latency = \"1ms\"\nqueue_bytes = 100\n")),
+            &["switch[0].queue_bytes = 100", "1518"],
+        );
+        bad(
+            &format!("{}{ports}", named("latency = \"1ms\"\nageing = \"0s\"\n")),
+            &["switch[0].ageing = 0"],
+        );
+        bad(
+            &named("latency = \"1ms\"\n[[switch.port]]\nsystem = 0\n"),
+            &["switch[0].port = 1 ports", "at least two"],
+        );
+        bad(
+            "[[switch]]\nname = \"system1\"\nlatency = \"1ms\"\n[[switch.port]]\nsystem = 0\n\
+             [[switch.port]]\nsystem = 1\n",
+            &["switch[0].name = \"system1\""],
+        );
+        bad(
+            &format!("[[switch]]\nname = \"a.b\"\nlatency = \"1ms\"\n{ports}"),
+            &["switch[0].name = \"a.b\""],
+        );
+        let dup = format!("{}{ports}", named("latency = \"1ms\"\n"));
+        bad(
+            &format!("{dup}{dup}"),
+            &["switch[1].name", "switch[0] has the same name"],
+        );
+        bad(
+            &format!(
+                "{}[[switch.port]]\nsystem = 0\nmac = \"02:00:00:00:00:01\"\n\
+                 [[switch.port]]\nsystem = 1\nmac = \"02:00:00:00:00:01\"\n",
+                named("latency = \"1ms\"\n")
+            ),
+            &["switch[0].port[1].mac = 02:00:00:00:00:01", "port[0]"],
+        );
+        bad(
+            &format!(
+                "{}[[switch.port]]\nsystem = 0\nmac = \"ff:ff:ff:ff:ff:ff\"\n\
+                 [[switch.port]]\nsystem = 1\n",
+                named("latency = \"1ms\"\n")
+            ),
+            &["switch[0].port[0].mac", "unicast"],
+        );
+        bad(
+            &format!(
+                "{}[[switch.port]]\nsystem = 0\nmac = \"02:00:00:00:00:01\"\n\
+                 [[switch.port]]\nsystem = 1\nspeed = 3\n",
+                named("latency = \"1ms\"\n")
+            ),
+            &["speed"],
+        );
+        // The lookahead: twice the smallest port latency covers the quantum.
+        bad(
+            &format!(
+                "[sim]\nquantum = \"3ms\"\n{three}{}{ports}",
+                named("latency = \"1ms\"\n")
+            )[..],
+            &["switch[0].port[0].latency", "twice", "sim.quantum"],
+        );
+        // A bare system has no NIC.
+        let e = parse(&format!(
+            "{pc}[[system]]\nkernel = \"builtin:hello\"\nplatform = \"bare\"\n{}{ports}",
+            named("latency = \"1ms\"\n")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("system[1].platform"), "{e}");
     }
 
     #[test]

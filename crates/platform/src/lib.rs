@@ -19,6 +19,7 @@ pub mod pcap;
 pub mod qemu_compat;
 pub mod report;
 pub mod simulation;
+pub mod switch;
 pub mod system;
 pub mod units;
 

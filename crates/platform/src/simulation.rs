@@ -19,10 +19,11 @@ use sim::barrier::SpinBarrier;
 use sim::stats::Dump;
 use sim::{Counter, ExitCause, ExitEvent, Stats, Tick};
 
-use crate::config::{Config, LinkKind, DEFAULT_ETHERNET_BANDWIDTH};
+use crate::config::{Config, LinkKind, NicOwner, DEFAULT_ETHERNET_BANDWIDTH};
 use crate::nics::NicEnd;
 use crate::output::OutDir;
 use crate::pcap::Capture;
+use crate::switch::Switch;
 use crate::system::{CpuThread, LinkEnd, System};
 use crate::PlatformError;
 
@@ -37,13 +38,24 @@ struct Message {
     frame: Option<Arc<[u8]>>,
 }
 
-/// Where each (system, port) of a link leads.
+/// Where a system's link port leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// Port `port` of system `system`, over `[[link]]` number `link`.
+    System {
+        system: usize,
+        port: u32,
+        link: usize,
+    },
+    /// Port `port` of `[[switch]]` number `switch`.
+    Switch { switch: usize, port: usize },
+}
+
+/// Where each (system, port) of a link or switch leads.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
-    /// `peers[system][port]` = (peer system, peer port).
-    peers: Vec<Vec<(usize, u32)>>,
-    /// `links[system][port]` = the link's index in the config.
-    links: Vec<Vec<usize>>,
+    /// `peers[system][port]`.
+    peers: Vec<Vec<Peer>>,
 }
 
 /// An Ethernet link's statistics (`link{i}.*`), each direction by the
@@ -91,14 +103,42 @@ impl LinkRun {
     }
 }
 
-/// Systems, links and the quantum.
+/// What a run knows of a switch: the switch (serviced between windows by
+/// the lead thread of system `home`) and where each port leads.
+pub(crate) struct SwitchRun {
+    switch: Mutex<Switch>,
+    /// `targets[port]` = (system, that system's link port).
+    targets: Vec<(usize, u32)>,
+    /// The lowest system on the switch: its lead thread services it.
+    home: usize,
+    /// The smallest port latency.
+    min_latency: Tick,
+}
+
+/// What lives between the systems in a checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkSaved {
+    /// The links' and switches' statistics.
+    stats: sim::stats::StatsSaved,
+    switches: Vec<crate::switch::SwitchSaved>,
+}
+
+/// Link and switch statistics as of the last window boundary, which
+/// guest-requested dumps show (the same whatever the host threads did).
+pub type NetSnapshot = Arc<Mutex<Vec<sim::stats::DumpEntry>>>;
+
+/// Systems, links, switches and the quantum.
 pub struct Simulation {
     names: Vec<String>,
     systems: Vec<System>,
     route: Route,
     links: Vec<LinkRun>,
-    /// The links' statistics (added to the final dump).
+    switches: Vec<SwitchRun>,
+    /// The links' and switches' statistics (added to the final dump, and
+    /// as of the last window to guest-requested ones).
     link_stats: Stats,
+    net_snapshot: NetSnapshot,
     quantum: Tick,
     stop_on_fault: bool,
     out: OutDir,
@@ -196,11 +236,10 @@ impl Simulation {
         let names = cfg.system_names();
         let n = cfg.system.len();
         let mut ends: Vec<Vec<LinkEnd>> = vec![Vec::new(); n];
-        let mut peers: Vec<Vec<(usize, u32)>> = vec![Vec::new(); n];
-        let mut link_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut peers: Vec<Vec<Peer>> = vec![Vec::new(); n];
         let mut link_stats = Stats::new();
         let mut links = Vec::new();
-        let macs: Vec<Vec<(usize, usize, [u8; 6])>> = (0..n).map(|i| cfg.nics_of(i)).collect();
+        let macs: Vec<Vec<(NicOwner, [u8; 6])>> = (0..n).map(|i| cfg.nics_of(i)).collect();
         for (i, l) in cfg.link.iter().enumerate() {
             let [a, b] = l.systems;
             let pa = ends[a].len() as u32;
@@ -209,8 +248,8 @@ impl Simulation {
             let nic = |sys: usize, end: usize| {
                 let mac = macs[sys]
                     .iter()
-                    .find(|&&(li, e, _)| li == i && e == end)
-                    .map(|m| m.2)?;
+                    .find(|m| m.0 == NicOwner::Link { link: i, end })
+                    .map(|m| m.1)?;
                 ethernet.then_some(NicEnd {
                     mac,
                     latency: l.latency.0,
@@ -227,10 +266,16 @@ impl Simulation {
                 latency: l.latency.0,
                 nic: nic(b, 1),
             });
-            peers[a].push((b, pb));
-            peers[b].push((a, pa));
-            link_of[a].push(i);
-            link_of[b].push(i);
+            peers[a].push(Peer::System {
+                system: b,
+                port: pb,
+                link: i,
+            });
+            peers[b].push(Peer::System {
+                system: a,
+                port: pa,
+                link: i,
+            });
             let stats = if ethernet {
                 let mut c = |what: &str, dir: &str, desc: &str, unit| {
                     link_stats.counter(&format!("link{i}.{what}{dir}"), desc, unit)
@@ -283,6 +328,62 @@ impl Simulation {
                 capture,
             });
         }
+        let mut switches = Vec::new();
+        for (i, sc) in cfg.switch.iter().enumerate() {
+            let ports: Vec<_> = (0..sc.port.len()).map(|p| sc.resolved(p)).collect();
+            let mut targets = Vec::with_capacity(ports.len());
+            let mut captures = Vec::with_capacity(ports.len());
+            for (p, port) in ports.iter().enumerate() {
+                let sys = port.system;
+                let mac = macs[sys]
+                    .iter()
+                    .find(|m| m.0 == NicOwner::Switch { switch: i, port: p })
+                    .map(|m| m.1)
+                    .ok_or_else(|| {
+                        PlatformError::Setup(format!("switch[{i}].port[{p}]: no NIC"))
+                    })?;
+                let sys_port = ends[sys].len() as u32;
+                ends[sys].push(LinkEnd {
+                    port: sys_port,
+                    latency: port.latency,
+                    nic: Some(NicEnd {
+                        mac,
+                        latency: port.latency,
+                        bandwidth: port.bandwidth,
+                    }),
+                });
+                peers[sys].push(Peer::Switch { switch: i, port: p });
+                targets.push((sys, sys_port));
+                captures.push(if port.pcap {
+                    let path = out.file(&format!("{}.port{p}.pcap", sc.name));
+                    let c = Capture::create(&path).map_err(|e| {
+                        PlatformError::Setup(format!(
+                            "switch[{i}].port[{p}].pcap: {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    Some(c)
+                } else {
+                    None
+                });
+            }
+            let switch = Switch::new(
+                &sc.name,
+                &ports,
+                sc.ageing_time(),
+                captures,
+                &mut link_stats,
+            )?;
+            switches.push(SwitchRun {
+                switch: Mutex::new(switch),
+                home: targets.iter().map(|t| t.0).min().unwrap_or(0),
+                targets,
+                min_latency: sc.min_latency(),
+            });
+        }
+        if let Some(c) = from {
+            restore_network(&c.dir, &c.state.network, &mut link_stats, &switches)?;
+        }
         let quantum = cfg.quantum();
         let sim = cfg.sim.clone();
         let mut systems = Vec::with_capacity(n);
@@ -308,6 +409,13 @@ impl Simulation {
             };
             systems.push(sys);
         }
+        let net_snapshot = NetSnapshot::default();
+        if !cfg.link.is_empty() || !switches.is_empty() {
+            *net_snapshot.lock().unwrap_or_else(|p| p.into_inner()) = net_entries(&link_stats, 0);
+            for s in &mut systems {
+                s.attach_net_stats(net_snapshot.clone());
+            }
+        }
         let gdb = match &sim.gdb {
             Some(addr) => {
                 let on = match sim.gdb_on_disconnect.as_deref() {
@@ -321,12 +429,11 @@ impl Simulation {
         Ok(Simulation {
             names,
             systems,
-            route: Route {
-                peers,
-                links: link_of,
-            },
+            route: Route { peers },
             links,
+            switches,
             link_stats,
+            net_snapshot,
             quantum,
             stop_on_fault: sim.stop_on_fault,
             out,
@@ -357,6 +464,16 @@ impl Simulation {
         }
         let config = serde_json::to_value(&self.config)
             .map_err(|e| PlatformError::Checkpoint(format!("saving the configuration: {e}")))?;
+        let network = NetworkSaved {
+            stats: self.link_stats.save(),
+            switches: self
+                .switches
+                .iter()
+                .map(|s| s.switch.lock().unwrap_or_else(|p| p.into_inner()).save())
+                .collect(),
+        };
+        let network = serde_json::to_value(&network)
+            .map_err(|e| PlatformError::Checkpoint(format!("saving the network: {e}")))?;
         let bytes = ckpt::write_state(
             &dir,
             &ckpt::CheckpointState {
@@ -364,6 +481,7 @@ impl Simulation {
                 tick,
                 config,
                 systems: states,
+                network,
             },
         )?;
         tracing::info!(
@@ -431,7 +549,13 @@ impl Simulation {
                     &mut self.systems,
                     self.quantum,
                     self.stop_on_fault,
-                    Some((&self.route, &self.links)),
+                    Some(Net {
+                        route: &self.route,
+                        links: &self.links,
+                        switches: &self.switches,
+                        stats: &self.link_stats,
+                        snapshot: &self.net_snapshot,
+                    }),
                 )?
             };
             match end {
@@ -472,15 +596,16 @@ impl Simulation {
             return self.systems[0].finish(&exits[0], status);
         }
         let now = exits.iter().map(|e| e.tick).max().unwrap_or(0);
+        // The run is over: the switches write what their captures hold.
+        for s in &self.switches {
+            s.switch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_captures(Tick::MAX);
+        }
         let dumps = self.systems.iter().map(|s| s.stats_dump(now)).collect();
         let mut dump = Dump::combine(now, dumps);
-        dump.entries.extend(
-            self.link_stats
-                .dump(now)
-                .entries
-                .into_iter()
-                .filter(|e| !sim::stats::BUILTINS.contains(&e.name.as_str())),
-        );
+        dump.entries.extend(net_entries(&self.link_stats, now));
         self.out.write_dump(&dump)?;
         let named: Vec<(String, ExitEvent)> = self
             .names
@@ -492,10 +617,72 @@ impl Simulation {
     }
 }
 
+/// What joins the systems of a run.
+#[derive(Clone, Copy)]
+pub(crate) struct Net<'a> {
+    route: &'a Route,
+    links: &'a [LinkRun],
+    switches: &'a [SwitchRun],
+    stats: &'a Stats,
+    snapshot: &'a NetSnapshot,
+}
+
+/// The statistics of `stats` (links and switches) without the built-ins.
+fn net_entries(stats: &Stats, now: Tick) -> Vec<sim::stats::DumpEntry> {
+    stats
+        .dump(now)
+        .entries
+        .into_iter()
+        .filter(|e| !sim::stats::BUILTINS.contains(&e.name.as_str()))
+        .collect()
+}
+
+/// Puts a checkpoint's network state back (links' and switches'
+/// statistics, switches).
+fn restore_network(
+    dir: &std::path::Path,
+    saved: &serde_json::Value,
+    stats: &mut Stats,
+    switches: &[SwitchRun],
+) -> Result<(), PlatformError> {
+    let file = dir.join(ckpt::STATE_FILE);
+    let err = |m: String| PlatformError::Checkpoint(format!("{}: network: {m}", file.display()));
+    if saved.is_null() {
+        // A checkpoint of systems without links or switches.
+        if switches.is_empty() {
+            return Ok(());
+        }
+        return Err(err("missing, and the configuration has switches".into()));
+    }
+    let n: NetworkSaved = serde_json::from_value(saved.clone()).map_err(|e| err(e.to_string()))?;
+    if n.switches.len() != switches.len() {
+        return Err(err(format!(
+            "{} switches saved, the configuration has {}",
+            n.switches.len(),
+            switches.len()
+        )));
+    }
+    stats.restore(&n.stats).map_err(err)?;
+    for (i, (s, sw)) in n.switches.iter().zip(switches).enumerate() {
+        sw.switch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(s)
+            .map_err(|e| err(format!("switches[{i}].{e}")))?;
+    }
+    Ok(())
+}
+
 /// What the threads of a run share.
 struct Run<'a> {
-    route: Option<&'a Route>,
-    links: &'a [LinkRun],
+    net: Option<Net<'a>>,
+    /// Per switch: the tick by which it must be serviced next
+    /// ([`Switch::next_activity`]), published by its home thread before
+    /// the plan.
+    switch_next: Vec<AtomicU64>,
+    /// Frames were carried in this window (the statistics' snapshot is
+    /// taken again).
+    net_dirty: AtomicBool,
     quantum: Tick,
     stop_on_fault: bool,
     barrier: SpinBarrier,
@@ -539,12 +726,24 @@ impl Run<'_> {
                 next[i] = next[i].min(at);
             }
         }
-        let earliest = next.iter().copied().min().unwrap_or(Tick::MAX);
+        // A frame inside a switch is due to be handled by then.
+        let switches = self
+            .switch_next
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(Tick::MAX);
+        let earliest = next
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(Tick::MAX)
+            .min(switches);
         // A system with nothing to do can still be woken by a link message
         // while a system it is linked to runs on.
         let linked = |i: usize| {
-            self.route
-                .and_then(|r| r.peers.get(i))
+            self.net
+                .and_then(|n| n.route.peers.get(i))
                 .is_some_and(|p| !p.is_empty())
         };
         let halted: Vec<bool> = (0..n)
@@ -569,13 +768,9 @@ pub(crate) fn run_threads(
     systems: &mut [System],
     quantum: Tick,
     stop_on_fault: bool,
-    route: Option<(&Route, &[LinkRun])>,
+    net: Option<Net<'_>>,
 ) -> Result<RunEnd, PlatformError> {
     let n = systems.len();
-    let (route, links) = match route {
-        Some((r, l)) => (Some(r), l),
-        None => (None, &[][..]),
-    };
     // A run resumed after a checkpoint (or restored from one) starts with
     // the window that holds the least far any system has come (a system
     // further on waits in the windows before its time).
@@ -586,9 +781,24 @@ pub(crate) fn run_threads(
         .enumerate()
         .flat_map(|(i, s)| (0..s.cpu_count()).map(move |_| (i, AtomicU64::new(0))))
         .collect();
+    let switches = net.map_or(0, |n| n.switches.len());
     let run = Run {
-        route,
-        links,
+        net,
+        switch_next: (0..switches)
+            .map(|i| {
+                let next = net
+                    .and_then(|n| n.switches.get(i))
+                    .and_then(|s| {
+                        s.switch
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .next_activity()
+                    })
+                    .unwrap_or(Tick::MAX);
+                AtomicU64::new(next)
+            })
+            .collect(),
+        net_dirty: AtomicBool::new(false),
         quantum: quantum.max(1),
         stop_on_fault,
         barrier: SpinBarrier::new(threads),
@@ -650,6 +860,43 @@ pub(crate) fn run_threads(
     Ok(RunEnd::Exits(exits))
 }
 
+/// Services switch `sw` (sender number `src` in the receivers' inboxes)
+/// after window `window` (ending at `end`): every frame that reaches it
+/// before `end + min_latency` is handled (no frame sent later can reach it
+/// earlier), and what leaves goes to the receivers' inboxes; then its next
+/// activity is published for the plan.
+fn service_switch(
+    run: &Run<'_>,
+    src: usize,
+    sw: &SwitchRun,
+    next: &AtomicU64,
+    window: u64,
+    end: Tick,
+) {
+    let mut s = sw.switch.lock().unwrap_or_else(|p| p.into_inner());
+    let out = s.service(end.saturating_add(sw.min_latency), end);
+    if !out.is_empty() {
+        run.net_dirty.store(true, Ordering::Relaxed);
+    }
+    for e in out {
+        let Some(&(system, port)) = sw.targets.get(e.port) else {
+            continue;
+        };
+        run.inboxes[system][(window % 2) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Message {
+                at: e.at,
+                src,
+                seq: e.seq,
+                port,
+                data: 0,
+                frame: Some(e.frame),
+            });
+    }
+    next.store(s.next_activity().unwrap_or(Tick::MAX), Ordering::Release);
+}
+
 /// The body of the thread of CPU `t` of system `me` (thread number
 /// `slot` of the run).
 fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, start: u64) {
@@ -686,9 +933,9 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             }
             if lead {
                 for o in t.take_outgoing() {
-                    let Some(&(peer, port)) = run
-                        .route
-                        .and_then(|r| r.peers.get(me))
+                    let Some(&Peer::System { system, port, .. }) = run
+                        .net
+                        .and_then(|n| n.route.peers.get(me))
                         .and_then(|p| p.get(o.port as usize))
                     else {
                         continue;
@@ -702,26 +949,34 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         frame: None,
                     };
                     seq += 1;
-                    run.inboxes[peer][(window % 2) as usize]
+                    run.inboxes[system][(window % 2) as usize]
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(msg);
                 }
                 for (port, f) in t.take_frames() {
-                    let Some(route) = run.route else {
+                    let Some(net) = run.net else {
                         continue;
                     };
-                    let Some(&(peer, peer_port)) =
-                        route.peers.get(me).and_then(|p| p.get(port as usize))
+                    let Some(&peer) = net.route.peers.get(me).and_then(|p| p.get(port as usize))
                     else {
                         continue;
                     };
-                    let link = route
-                        .links
-                        .get(me)
-                        .and_then(|l| l.get(port as usize))
-                        .and_then(|&i| run.links.get(i));
-                    if let Some(link) = link {
+                    run.net_dirty.store(true, Ordering::Relaxed);
+                    let (peer, peer_port, link) = match peer {
+                        Peer::System { system, port, link } => (system, port, link),
+                        Peer::Switch { switch, port } => {
+                            if let Some(sw) = net.switches.get(switch) {
+                                sw.switch
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .post(port, seq, f.sent, f.at, f.data);
+                            }
+                            seq += 1;
+                            continue;
+                        }
+                    };
+                    if let Some(link) = net.links.get(link) {
                         let dir = usize::from(link.systems[0] != me);
                         if let Some(s) = &link.stats {
                             s.frames[dir].inc();
@@ -767,13 +1022,32 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         }
         // Everyone has finished window `window` and posted its messages.
         run.barrier.wait();
+        if let Some(net) = run.net.filter(|n| !n.switches.is_empty()) {
+            // Every frame of the window is in the switches: each one's home
+            // thread handles what is due and posts what leaves, then all
+            // wait for the last switch before planning.
+            if lead {
+                for (i, sw) in net.switches.iter().enumerate().filter(|s| s.1.home == me) {
+                    service_switch(run, n + i, sw, &run.switch_next[i], window, end);
+                }
+            }
+            run.barrier.wait();
+        }
         let (halted, skip_to) = run.plan(window, end);
         let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
-        // Every frame of the window is posted: the lead thread of each
-        // link's first system writes its capture.
-        if lead {
-            for l in run.links.iter().filter(|l| l.systems[0] == me) {
-                l.flush_capture();
+        if let Some(net) = run.net {
+            // Every frame of the window is posted: the lead thread of each
+            // link's first system writes its capture.
+            if lead {
+                for l in net.links.iter().filter(|l| l.systems[0] == me) {
+                    l.flush_capture();
+                }
+            }
+            // Nothing changes the links' and switches' statistics until the
+            // next window's posts: their snapshot for guest dumps.
+            if slot == 0 && run.net_dirty.swap(false, Ordering::Relaxed) {
+                let entries = net_entries(net.stats, end);
+                *net.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = entries;
             }
         }
         let asked = run.ckpt_asked.iter().any(|a| a.load(Ordering::Acquire));
@@ -855,8 +1129,9 @@ mod tests {
 
     fn run_with<'a>(next: &[(usize, Tick)], systems: usize, quantum: Tick) -> Run<'a> {
         Run {
-            route: None,
-            links: &[],
+            net: None,
+            switch_next: Vec::new(),
+            net_dirty: AtomicBool::new(false),
             quantum,
             stop_on_fault: false,
             barrier: SpinBarrier::new(1),
@@ -896,15 +1171,40 @@ mod tests {
         assert_eq!(run.plan(2, 30), (vec![false, false], 7));
         // A system with nothing to do that is linked to one that runs waits.
         let route = Route {
-            peers: vec![vec![(1, 0)], vec![(0, 0)]],
-            links: vec![vec![0], vec![0]],
+            peers: vec![
+                vec![Peer::System {
+                    system: 1,
+                    port: 0,
+                    link: 0,
+                }],
+                vec![Peer::System {
+                    system: 0,
+                    port: 0,
+                    link: 0,
+                }],
+            ],
+        };
+        let stats = Stats::new();
+        let snapshot = NetSnapshot::default();
+        let net = Net {
+            route: &route,
+            links: &[],
+            switches: &[],
+            stats: &stats,
+            snapshot: &snapshot,
         };
         let mut run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
-        run.route = Some(&route);
+        run.net = Some(net);
         assert_eq!(run.plan(2, 30), (vec![false, false], 50));
         let mut run = run_with(&[(0, Tick::MAX), (1, Tick::MAX)], 2, q);
-        run.route = Some(&route);
+        run.net = Some(net);
         assert_eq!(run.plan(2, 30).0, vec![true, true]);
+        // A frame waiting inside a switch keeps its systems alive and bounds
+        // the skip like any activity.
+        let mut run = run_with(&[(0, Tick::MAX), (1, Tick::MAX)], 2, q);
+        run.net = Some(net);
+        run.switch_next = vec![AtomicU64::new(75), AtomicU64::new(Tick::MAX)];
+        assert_eq!(run.plan(2, 30), (vec![false, false], 7));
         // Nothing anywhere: every system has halted; the next window is next.
         let run = run_with(&[(0, Tick::MAX)], 1, q);
         assert_eq!(run.plan(4, 50), (vec![true], 5));

@@ -221,6 +221,22 @@ struct Shared {
     /// it is written and the system resumed.
     ckpt_ready: AtomicBool,
     ipis_sent: Counter,
+    /// The links' and switches' statistics as of the last window
+    /// boundary, added to this system's dumps during the run.
+    net_stats: Option<crate::simulation::NetSnapshot>,
+}
+
+impl Shared {
+    /// A dump of the system's statistics at `now`, with the links' and
+    /// switches' as of the last window boundary.
+    fn dump_with_net(&self, stats: &Stats, now: Tick) -> sim::stats::Dump {
+        let mut dump = stats.dump(now);
+        if let Some(n) = &self.net_stats {
+            dump.entries
+                .extend(n.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        }
+        dump
+    }
 }
 
 /// One CPU with its queue.
@@ -942,6 +958,7 @@ impl System {
                 drained: std::sync::atomic::AtomicUsize::new(0),
                 ckpt_ready: AtomicBool::new(false),
                 ipis_sent,
+                net_stats: None,
             },
             _vm: vm,
             _ram: ram,
@@ -1125,9 +1142,15 @@ impl System {
             .collect()
     }
 
+    /// Adds the links' and switches' statistics (as of the last window
+    /// boundary) to this system's dumps during the run.
+    pub fn attach_net_stats(&mut self, s: crate::simulation::NetSnapshot) {
+        self.shared.net_stats = Some(s);
+    }
+
     /// Appends a stats dump at `now` to stats.txt and stats.json.
     pub fn dump_stats(&mut self, now: Tick) -> Result<(), PlatformError> {
-        let dump = self.core().stats.dump(now);
+        let dump = self.shared.dump_with_net(&self.core().stats, now);
         self.shared.out.write_dump(&dump)?;
         Ok(())
     }
@@ -1889,7 +1912,7 @@ impl CpuThread<'_> {
                 )));
             }
             SysEvent::DumpStats { reset, period } => {
-                let dump = core.stats.dump(tick);
+                let dump = self.shared.dump_with_net(&core.stats, tick);
                 self.shared.out.write_dump(&dump)?;
                 if reset {
                     core.stats.reset(tick);
