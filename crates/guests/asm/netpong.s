@@ -1,6 +1,7 @@
 # netpong (platform "pc", an Ethernet [[link]]): two systems bounce frames
 # over their first virtio-net NIC (virtio-mmio at 0xd0000000, no disks).
-# RDI = role: 0 initiator, 1 responder. RSI = round trips (default 10).
+# RDI = role: 0 initiator, 1 responder, 2 blaster, 3 sink. RSI = round
+# trips, or frames to send (blaster) or receive (sink) (default 10).
 # RDX = frame length (60 to 1514, default 60).
 # A minimal polling driver: modern virtio-mmio set-up (VERSION_1 and MAC),
 # receive queue 0 with 8 buffers of 2 KiB, transmit queue 1 with one
@@ -10,7 +11,11 @@
 # number in the first 8 payload bytes. The initiator sends round i and
 # expects i back, summing the round-trip times (interval timer NOW_NS);
 # the responder answers each frame with its own, summing its processing
-# time. Each prints its sums and MAC; a failure ends the run with sim-ops
+# time. The blaster sends its frames back to back (each as soon as the
+# NIC gave the previous buffer back) and waits for nothing; the sink
+# takes frames of any round, sums their round numbers and asks for a
+# stats dump (sim-op 0x41). Each prints
+# its sums and MAC; a failure ends the run with sim-ops
 # fail(0, code): 2 no virtio-net device, 3 features refused, 4 wrong
 # frame received.
         .code64
@@ -107,6 +112,10 @@ _start:
         movw    $0, TXQ+12
         xor     %r14d, %r14d            # round
         xor     %r15d, %r15d            # time sum
+        cmp     $2, %r12
+        je      blaster
+        cmp     $3, %r12
+        je      sink
         test    %r12, %r12
         jnz     responder
 
@@ -148,6 +157,32 @@ responder:
         call    puts
         mov     %r15, %rax
         call    putdec
+
+blaster:
+        call    send
+        inc     %r14
+        cmp     %r13, %r14
+        jb      blaster
+        lea     m_blast(%rip), %rsi
+        call    puts
+        call    report
+        jmp     finish
+
+sink:
+        call    receive
+        inc     %r14
+        cmp     %r13, %r14
+        jb      sink
+        lea     m_sink(%rip), %rsi
+        call    puts
+        call    report
+        lea     m_sum(%rip), %rsi
+        call    puts
+        mov     %r15, %rax
+        call    putdec
+        xor     %edi, %edi
+        xor     %esi, %esi
+        SIMOP   0x41                    # dump_stats(0, 0)
 
 finish:
         lea     m_mac(%rip), %rsi
@@ -198,8 +233,8 @@ send:
         jne     1b
         ret
 
-# receive: waits for a frame, checks its round is R14, gives the buffer
-# back.
+# receive: waits for a frame, checks its round is R14 (the sink adds it
+# to R15 instead), gives the buffer back.
 receive:
 1:      movzwl  RXQ+0x2000+2, %eax
         cmp     %r11w, %ax
@@ -218,8 +253,13 @@ receive:
         add     $RXBUF, %rsi
         cmpw    $0xb588, HDR+12(%rsi)
         jne     wrong
-        cmp     %r14, HDR+14(%rsi)
+        cmp     $3, %r12
+        jne     4f
+        add     HDR+14(%rsi), %r15
+        jmp     5f
+4:      cmp     %r14, HDR+14(%rsi)
         jne     wrong
+5:
         inc     %r11d
         mov     %r10d, %eax
         and     $(QSIZE - 1), %eax
@@ -264,6 +304,9 @@ fail:   push    %rsi
 my_mac: .skip   8
 m_init: .asciz  "netpong: role=0 n="
 m_resp: .asciz  "netpong: role=1 n="
+m_blast: .asciz "netpong: role=2 n="
+m_sink: .asciz  "netpong: role=3 n="
+m_sum:  .asciz  " round_sum="
 m_len:  .asciz  " len="
 m_rtt:  .asciz  " rtt_sum_ns="
 m_proc: .asciz  " proc_sum_ns="

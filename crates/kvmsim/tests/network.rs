@@ -1,5 +1,6 @@
 //! Simulated Ethernet: two PC systems with a virtio-net NIC each, joined by
-//! an Ethernet `[[link]]` with a latency and a bandwidth, captured in pcap
+//! an Ethernet `[[link]]` with a latency and a bandwidth, captured in pcap;
+//! three on a `[[switch]]` whose slow port drops what its queue cannot hold
 //! (the `netpong` guest drives the NICs).
 
 mod common;
@@ -160,6 +161,94 @@ fn captures_are_identical_when_host_time_does_not_count() {
     // 1000 bytes + 24 at 1 Gbit/s: 8192 ns a crossing.
     let rtt = field(&r1.file("serial.system0.log"), "rtt_sum_ns");
     assert!(rtt >= 5 * 2 * (LATENCY_NS + 8_192), "rtt {rtt}");
+}
+
+/// examples/switch.toml: 10 frames of 1514 bytes flooded from port 0 to a
+/// 10 Mbit/s port holding 4 frames and a 1 Gbit/s port.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_switch_floods_learns_and_drops_what_a_full_port_queue_cannot_hold() {
+    if !kvm_or_skip("switch") {
+        return;
+    }
+    let text = std::fs::read_to_string(repo().join("examples/switch.toml"))
+        .unwrap()
+        .replace(
+            "platform = \"pc\"",
+            "platform = \"pc\"\ncpu = { host_factor = 1e-6 }\nserial = { stdout = false }",
+        );
+    let (dir, cfg) = config("switch", &text);
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let (frames, len, queue) = (10u64, 1514u64, 4u64);
+    // 1514 + 24 bytes: 12.304 us at 1 Gbit/s, 1230.4 us at 10 Mbit/s. The
+    // blaster's 10 frames reach the switch within 10 x 12.3 us plus its
+    // few device accesses (host time counts 1e-6), long before port 1's
+    // first frame has left: exactly 4 fit, 6 are dropped.
+    let (fast_ns, slow_ns, latency_ns) = (12_304u64, 1_230_400u64, 50_000u64);
+    let sink1 = r.file("serial.system1.log");
+    let sink2 = r.file("serial.system2.log");
+    assert_eq!(field(&sink1, "n"), queue, "{sink1}");
+    assert_eq!(field(&sink1, "round_sum"), 1 + 2 + 3, "drop tail: rounds 0-3");
+    assert_eq!(field(&sink2, "round_sum"), (0..frames).sum::<u64>(), "{sink2}");
+    // (Counters are integers; the peaks are values, written as floats.)
+    let stat = |s: &str| r.stat(s).as_f64().unwrap_or_else(|| panic!("{s}")) as u64;
+    assert_eq!(stat("sw0.port0.rxFrames"), frames);
+    assert_eq!(stat("sw0.port0.rxBytes"), frames * len);
+    assert_eq!(stat("sw0.port1.floodedFrames"), queue);
+    assert_eq!(stat("sw0.port1.droppedFrames"), frames - queue);
+    assert_eq!(stat("sw0.port1.droppedBytes"), (frames - queue) * len);
+    assert_eq!(stat("sw0.port1.queuePeak"), queue);
+    assert_eq!(stat("sw0.port2.floodedFrames"), frames);
+    assert_eq!(stat("sw0.port2.droppedFrames"), 0);
+    assert_eq!(stat("sw0.port2.queuePeak"), 1, "port 2 keeps up");
+    assert_eq!(stat("sw0.port0.floodedFrames"), 0, "nobody sends to 0");
+    assert_eq!(stat("sw0.learnedAddresses"), 1, "the blaster's address");
+    assert_eq!(stat("system0.nic0.txFrames"), frames);
+    assert_eq!(stat("system1.nic0.rxFrames"), queue);
+    assert_eq!(stat("system2.nic0.rxFrames"), frames);
+    // Each sink asked for a dump after its last frame: the switch's
+    // statistics are in it, as of the last window boundary, by which the
+    // switch had handled every frame.
+    let dumps = r.json("stats.json");
+    let dumps = dumps.as_array().unwrap();
+    assert_eq!(dumps.len(), 3, "two guest dumps and the final one");
+    for d in &dumps[..2] {
+        assert_eq!(d["stats"]["sw0.port1.droppedFrames"], frames - queue);
+        assert_eq!(d["stats"]["sw0.port2.floodedFrames"], frames);
+    }
+    // The captures parse: port 0 saw the blaster's frames go in, port 1
+    // the 4 that came out, back to back at 10 Mbit/s, the first 12.304 us
+    // + 50 us after it went in (store and forward); port 2 all 10, each
+    // as soon as it was in. (Ticks are picoseconds; pcap keeps
+    // nanoseconds, so a difference may be 1 ns off.)
+    let read = |p: &str| records(&std::fs::read(r.out.join(p)).expect(p));
+    let (p0, p1, p2) = (
+        read("sw0.port0.pcap"),
+        read("sw0.port1.pcap"),
+        read("sw0.port2.pcap"),
+    );
+    assert_eq!(p0.len() as u64, frames);
+    assert_eq!(p1.len() as u64, queue);
+    assert_eq!(p2.len() as u64, frames);
+    let near = |a: u64, b: u64| a.abs_diff(b) <= 1;
+    for (k, (t, f)) in p0.iter().enumerate() {
+        assert_eq!(f.len() as u64, len);
+        assert_eq!(&f[0..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &[2, 0x6b, 0x76, 0, 0, 0]);
+        assert_eq!(u64::from_le_bytes(f[14..22].try_into().unwrap()), k as u64);
+        assert!(near(p2[k].0, t + fast_ns + latency_ns), "port 2, frame {k}");
+        assert_eq!(&p2[k].1, f);
+    }
+    for (k, (t, f)) in p1.iter().enumerate() {
+        assert_eq!(f, &p0[k].1, "port 1 carries frames 0-3");
+        let want = p0[0].0 + fast_ns + latency_ns + k as u64 * slow_ns;
+        assert!(near(*t, want), "port 1, frame {k}: {t} ns, want {want}");
+    }
+    assert!(p1.windows(2).all(|w| w[0].0 < w[1].0));
 }
 
 /// examples/network.toml's link latency.
