@@ -47,6 +47,41 @@ pub fn layout(n: usize) -> Vec<MmioDevice> {
         .collect()
 }
 
+/// The resources of the PC platform that a virtio-mmio device is wired to.
+pub struct VirtioBoard<'a> {
+    pub ram: &'a GuestRam,
+    pub ioapic: &'a Arc<Mutex<IoApic>>,
+    pub bus: &'a mut IoBus,
+    pub stats: &'a mut Stats,
+    pub timed: &'a mut Vec<TimedHandle>,
+}
+
+impl VirtioBoard<'_> {
+    /// Puts `dev` behind a virtio-mmio transport at `at` on the bus as
+    /// `name` (interrupting on `at.gsi`, statistics under `prefix`), and
+    /// on the list of timed devices; returns the transport.
+    pub fn attach<D: devices::virtio::VirtioDevice + 'static>(
+        &mut self,
+        dev: D,
+        at: MmioDevice,
+        name: &str,
+        prefix: &str,
+    ) -> Result<Arc<Mutex<VirtioMmio<D>>>, PlatformError> {
+        let line = IrqLine::none().to(self.ioapic.clone(), at.gsi);
+        let dev = Arc::new(Mutex::new(VirtioMmio::new(
+            dev,
+            self.ram.memory().clone(),
+            line,
+            self.stats,
+            prefix,
+        )?));
+        self.bus
+            .insert(Space::Mmio, at.base, at.size, name, dev.clone())?;
+        self.timed.push(dev.clone());
+        Ok(dev)
+    }
+}
+
 fn disk_error(field: &str, e: devices::disk::DiskError) -> PlatformError {
     PlatformError::Setup(format!("{field}: {e}"))
 }
@@ -79,6 +114,13 @@ pub fn attach(
             .map_err(|e| disk_error(&format!("{name}.disk[{i}]"), e))?;
         opened.push(disk);
     }
+    let mut board = VirtioBoard {
+        ram,
+        ioapic,
+        bus,
+        stats,
+        timed,
+    };
     for ((i, (d, disk)), at) in disks
         .iter()
         .zip(opened)
@@ -93,25 +135,10 @@ pub fn attach(
                 bandwidth: d.bandwidth.0,
             },
             &format!("kvmsim-disk{i}"),
-            stats,
+            board.stats,
             &prefix,
         )?;
-        let line = IrqLine::none().to(ioapic.clone(), at.gsi);
-        let dev = Arc::new(Mutex::new(VirtioMmio::new(
-            blk,
-            ram.memory().clone(),
-            line,
-            stats,
-            &prefix,
-        )?));
-        bus.insert(
-            Space::Mmio,
-            at.base,
-            at.size,
-            &format!("disk{i}"),
-            dev.clone(),
-        )?;
-        timed.push(dev);
+        board.attach(blk, at, &format!("disk{i}"), &prefix)?;
     }
     Ok(())
 }

@@ -10,10 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use devices::ioapic::IoApic;
-use devices::irq::IrqLine;
 use devices::virtio::net::{Net, Wire};
 use devices::virtio::VirtioMmio;
-use mem::{GuestRam, IoBus, Space, TimedHandle};
+use mem::{GuestRam, IoBus, TimedHandle};
 use sim::{Stats, Tick};
 
 use crate::PlatformError;
@@ -44,6 +43,13 @@ pub fn attach(
     timed: &mut Vec<TimedHandle>,
 ) -> Result<Vec<(u32, NicHandle)>, PlatformError> {
     let slots = crate::disks::layout(disks + nics.len());
+    let mut board = crate::disks::VirtioBoard {
+        ram,
+        ioapic,
+        bus,
+        stats,
+        timed,
+    };
     let mut out = Vec::new();
     for (k, ((port, end), at)) in nics.iter().zip(&slots[disks..]).enumerate() {
         let prefix = format!("{name}.nic{k}");
@@ -53,25 +59,10 @@ pub fn attach(
                 latency: end.latency,
                 bandwidth: end.bandwidth,
             }),
-            stats,
+            board.stats,
             &prefix,
         )?;
-        let line = IrqLine::none().to(ioapic.clone(), at.gsi);
-        let dev = Arc::new(Mutex::new(VirtioMmio::new(
-            net,
-            ram.memory().clone(),
-            line,
-            stats,
-            &prefix,
-        )?));
-        bus.insert(
-            Space::Mmio,
-            at.base,
-            at.size,
-            &format!("nic{k}"),
-            dev.clone(),
-        )?;
-        timed.push(dev.clone());
+        let dev = board.attach(net, *at, &format!("nic{k}"), &prefix)?;
         out.push((*port, dev));
     }
     Ok(out)

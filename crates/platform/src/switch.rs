@@ -75,6 +75,10 @@ pub struct Egress {
     pub frame: Arc<[u8]>,
 }
 
+/// A frame posted during a window: (port, order of posting on the
+/// sender's thread, first byte sent, fully received, frame).
+type Posted = (usize, u64, Tick, Tick, Arc<[u8]>);
+
 /// A record waiting to be written to a port's capture: (tick, 0 for a
 /// frame into the switch or 1 for one out of it, sequence, frame).
 type Record = (Tick, u8, u64, Arc<[u8]>);
@@ -171,9 +175,8 @@ pub struct Switch {
     min_latency: Tick,
     /// Learned address -> (port, tick of the last frame from it).
     table: BTreeMap<[u8; 6], (usize, Tick)>,
-    /// Frames posted during the current window: (port, order of posting
-    /// on the sender's thread, first byte sent, fully received, frame).
-    arriving: Vec<(usize, u64, Tick, Tick, Arc<[u8]>)>,
+    /// Frames posted during the current window.
+    arriving: Vec<Posted>,
     /// Received frames not yet handled, in (at, port, seq) order.
     pending: Vec<Ingress>,
     next_seq: u64,

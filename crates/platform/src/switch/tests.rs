@@ -303,7 +303,8 @@ fn hostile_saved_states_are_refused() {
     a.post(0, 1, 0, 90 * US, frame(BROADCAST, mac(1), 200));
     a.service(50 * US, 0);
     let good = a.save();
-    let cases: Vec<(&str, Box<dyn Fn(&mut SwitchSaved)>)> = vec![
+    type Edit = Box<dyn Fn(&mut SwitchSaved)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("name", Box::new(|s| s.name = "other".into())),
         ("ports", Box::new(|s| s.ports.pop().map(|_| ()).unwrap())),
         ("table[0]", Box::new(|s| s.table[0].1 = 7)),
