@@ -505,6 +505,7 @@ fn run(a: RunArgs) -> i32 {
         "sim": cfg.sim,
         "system": cfg.system,
         "link": cfg.link,
+        "switch": cfg.switch,
     });
     if let Err(e) = out.write_json("config.json", &resolved) {
         return fail(e);
