@@ -157,6 +157,7 @@ responder:
         call    puts
         mov     %r15, %rax
         call    putdec
+        jmp     finish
 
 blaster:
         call    send
