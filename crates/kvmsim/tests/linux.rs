@@ -12,8 +12,12 @@
 //! single-CPU system after /init is a restore of that checkpoint, with its
 //! own script through the readfile sim-op. Only what a checkpoint cannot
 //! give boots on its own: two CPUs, and the root on a disk (`disk` below).
-//! The shared boot starts in the background as soon as any boot test runs,
-//! so the boots overlap whatever order the harness picks.
+//! The shared boot starts in the background as soon as any boot test runs.
+//! libtest runs tests in name order, as many at once as the host has cores
+//! (2 on ours): the tests that boot on their own sort first (`debian_...`,
+//! `disk::...`) and start the shared boot beside theirs; the tests of the
+//! shared boot (`shared_boot_...`) sort last, so their waiting for it never
+//! holds back another boot.
 
 mod common;
 #[path = "linux/disk.rs"]
@@ -199,7 +203,7 @@ fn restore(test: &str, booted: &Booted, script: Option<&str>) -> Run {
     all(kvmsim_linux_guest, kvmsim_no_kvm),
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
+fn shared_boot_reaches_init_and_ends_with_the_workload_status() {
     let Some(dir) = linux_guest("linux_boot") else {
         return;
     };
@@ -275,7 +279,7 @@ fn debian_kernel_boots_to_init_and_ends_with_the_workload_status() {
     all(kvmsim_linux_guest, kvmsim_no_kvm),
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn a_restore_of_the_init_checkpoint_runs_the_workload_without_booting() {
+fn shared_boot_restored_runs_the_workload_without_booting() {
     let Some(dir) = linux_guest("linux_restore") else {
         return;
     };
@@ -333,7 +337,7 @@ fn a_restore_of_the_init_checkpoint_runs_the_workload_without_booting() {
     all(kvmsim_linux_guest, kvmsim_no_kvm),
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn restores_side_by_side_run_their_own_readfile_scripts() {
+fn shared_boot_restored_side_by_side_runs_each_its_own_readfile_script() {
     let Some(dir) = linux_guest("linux_scripts") else {
         return;
     };
@@ -406,7 +410,7 @@ fn restores_side_by_side_run_their_own_readfile_scripts() {
     all(kvmsim_linux_guest, kvmsim_no_kvm),
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn a_kernel_panic_ends_the_run_as_a_reset_and_keeps_the_console() {
+fn shared_boot_restored_kernel_panic_ends_the_run_as_a_reset_and_keeps_the_console() {
     let Some(dir) = linux_guest("linux_panic") else {
         return;
     };
@@ -658,7 +662,7 @@ fn debian_kernel_boots_on_two_cpus_and_runs_a_process_on_each() {
     all(kvmsim_linux_guest, kvmsim_no_kvm),
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn gdb_stops_a_restored_linux_at_a_kernel_function() {
+fn shared_boot_restored_under_gdb_stops_at_a_kernel_function() {
     use std::io::BufRead;
     let Some(dir) = linux_guest("linux_gdb") else {
         return;
