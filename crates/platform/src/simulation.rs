@@ -6,7 +6,9 @@
 //! link during window k arrives at send time + latency, which the config
 //! guarantees to be at or after the start of window k+1 (latency >= quantum:
 //! the quantum is the lookahead). At the barrier every system posts what it
-//! sent into the receivers' inboxes (double-buffered by window parity); after
+//! sent into the receivers' inboxes (double-buffered by the parity of the
+//! round: windows skipped in between do not count, so a fast sender can
+//! never post into the buffer a slow receiver is still taking); after
 //! it, each system takes its inbox, sorts it by (arrival tick, sender,
 //! sequence) and schedules the arrivals: the same messages always arrive in
 //! the same order, whatever the host threads did.
@@ -686,7 +688,8 @@ struct Run<'a> {
     quantum: Tick,
     stop_on_fault: bool,
     barrier: SpinBarrier,
-    /// Link messages for each system, by window parity.
+    /// Link messages for each system, by the parity of the round (the
+    /// count of windows run, not the window number: see [`run_windows`]).
     inboxes: Vec<[Mutex<Vec<Message>>; 2]>,
     /// Systems that have ended.
     done: AtomicUsize,
@@ -712,16 +715,14 @@ impl Run<'_> {
     /// that still runs: halted for good), and
     /// the window to run next: the one holding the earliest next activity
     /// of any live system (windows with nothing in them are skipped).
-    fn plan(&self, window: u64, end: Tick) -> (Vec<bool>, u64) {
+    fn plan(&self, window: u64, buf: usize, end: Tick) -> (Vec<bool>, u64) {
         let n = self.inboxes.len();
         let mut next = vec![Tick::MAX; n];
         for (sys, t) in &self.next {
             next[*sys] = next[*sys].min(t.load(Ordering::Acquire));
         }
         for (i, inbox) in self.inboxes.iter().enumerate() {
-            let msgs = inbox[(window % 2) as usize]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let msgs = inbox[buf].lock().unwrap_or_else(|p| p.into_inner());
             if let Some(at) = msgs.iter().map(|m| m.at).min() {
                 next[i] = next[i].min(at);
             }
@@ -870,7 +871,7 @@ fn service_switch(
     src: usize,
     sw: &SwitchRun,
     next: &AtomicU64,
-    window: u64,
+    buf: usize,
     end: Tick,
 ) {
     let mut s = sw.switch.lock().unwrap_or_else(|p| p.into_inner());
@@ -882,7 +883,7 @@ fn service_switch(
         let Some(&(system, port)) = sw.targets.get(e.port) else {
             continue;
         };
-        run.inboxes[system][(window % 2) as usize]
+        run.inboxes[system][buf]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Message {
@@ -904,6 +905,12 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
     let lead = t.index() == 0;
     let mut seq = 0u64;
     let mut window: u64 = start;
+    // The inbox buffer of this round: rounds alternate, whatever windows
+    // the plan skips. (By window parity, a skip of an even number of
+    // windows would hand a fast sender of the next round the buffer a slow
+    // receiver is still taking this round's messages from: they would be
+    // scheduled a round early, in an order that depends on the threads.)
+    let mut buf = 0usize;
     let finish = |r: Result<ExitEvent, PlatformError>, t: &CpuThread<'_>| {
         if t.mark_exited() {
             let stop = match &r {
@@ -949,7 +956,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         frame: None,
                     };
                     seq += 1;
-                    run.inboxes[system][(window % 2) as usize]
+                    run.inboxes[system][buf]
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(msg);
@@ -1000,7 +1007,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         frame: Some(f.data),
                     };
                     seq += 1;
-                    run.inboxes[peer][(window % 2) as usize]
+                    run.inboxes[peer][buf]
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(msg);
@@ -1028,12 +1035,12 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             // wait for the last switch before planning.
             if lead {
                 for (i, sw) in net.switches.iter().enumerate().filter(|s| s.1.home == me) {
-                    service_switch(run, n + i, sw, &run.switch_next[i], window, end);
+                    service_switch(run, n + i, sw, &run.switch_next[i], buf, end);
                 }
             }
             run.barrier.wait();
         }
-        let (halted, skip_to) = run.plan(window, end);
+        let (halted, skip_to) = run.plan(window, buf, end);
         let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
         if let Some(net) = run.net {
             // Every frame of the window is posted: the lead thread of each
@@ -1081,7 +1088,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         }
         if lead {
             let mut msgs = std::mem::take(
-                &mut *run.inboxes[me][(window % 2) as usize]
+                &mut *run.inboxes[me][buf]
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()),
             );
@@ -1120,6 +1127,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             break;
         }
         window = skip_to;
+        buf ^= 1;
     }
 }
 
@@ -1152,12 +1160,12 @@ mod tests {
         // System 0: CPU 0 has something at tick 95, CPU 1 nothing; system
         // 1: nothing at all.
         let run = run_with(&[(0, 95), (0, Tick::MAX), (1, Tick::MAX)], 2, q);
-        let (halted, skip_to) = run.plan(2, 30);
+        let (halted, skip_to) = run.plan(2, 0, 30);
         assert_eq!(halted, vec![false, true]);
         assert_eq!(skip_to, 9, "the window holding tick 95");
         // Something due in the next window: no skipping.
         let run = run_with(&[(0, 31)], 1, q);
-        assert_eq!(run.plan(2, 30), (vec![false], 3));
+        assert_eq!(run.plan(2, 0, 30), (vec![false], 3));
         // A link message on its way keeps a system alive and bounds the skip.
         let run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
         run.inboxes[1][0].lock().unwrap().push(Message {
@@ -1168,7 +1176,7 @@ mod tests {
             data: 1,
             frame: None,
         });
-        assert_eq!(run.plan(2, 30), (vec![false, false], 7));
+        assert_eq!(run.plan(2, 0, 30), (vec![false, false], 7));
         // A system with nothing to do that is linked to one that runs waits.
         let route = Route {
             peers: vec![
@@ -1195,18 +1203,18 @@ mod tests {
         };
         let mut run = run_with(&[(0, 500), (1, Tick::MAX)], 2, q);
         run.net = Some(net);
-        assert_eq!(run.plan(2, 30), (vec![false, false], 50));
+        assert_eq!(run.plan(2, 0, 30), (vec![false, false], 50));
         let mut run = run_with(&[(0, Tick::MAX), (1, Tick::MAX)], 2, q);
         run.net = Some(net);
-        assert_eq!(run.plan(2, 30).0, vec![true, true]);
+        assert_eq!(run.plan(2, 0, 30).0, vec![true, true]);
         // A frame waiting inside a switch keeps its systems alive and bounds
         // the skip like any activity.
         let mut run = run_with(&[(0, Tick::MAX), (1, Tick::MAX)], 2, q);
         run.net = Some(net);
         run.switch_next = vec![AtomicU64::new(75), AtomicU64::new(Tick::MAX)];
-        assert_eq!(run.plan(2, 30), (vec![false, false], 7));
+        assert_eq!(run.plan(2, 0, 30), (vec![false, false], 7));
         // Nothing anywhere: every system has halted; the next window is next.
         let run = run_with(&[(0, Tick::MAX)], 1, q);
-        assert_eq!(run.plan(4, 50), (vec![true], 5));
+        assert_eq!(run.plan(4, 0, 50), (vec![true], 5));
     }
 }
