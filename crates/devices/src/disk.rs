@@ -855,7 +855,7 @@ mod tests {
         assert_eq!(all, want);
         // Reads that start and end inside sectors of different layers.
         let mut part = vec![0u8; 1500];
-        disk.read_at(1 * 512 + 77, &mut part).unwrap();
+        disk.read_at(512 + 77, &mut part).unwrap();
         assert_eq!(part, want[512 + 77..512 + 77 + 1500]);
         disk.flush().unwrap();
         assert_eq!(std::fs::read(&saved).unwrap(), saved_bytes, "never written");
