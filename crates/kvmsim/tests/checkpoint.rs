@@ -63,6 +63,7 @@ fn write_checkpoint(dir: &std::path::Path) {
                 .collect(),
             devices: BTreeMap::from([("uart".to_string(), serde_json::json!({}))]),
             sim: serde_json::Value::Null,
+            disks: Vec::new(),
         });
     }
     ckpt::write_state(
@@ -84,7 +85,7 @@ fn info_prints_what_a_checkpoint_holds() {
     let (status, out, err) = info(&d, false);
     assert_eq!(status, 0, "{err}");
     for want in [
-        "format version  2",
+        "format version  3",
         "1500000000 ticks (0.001500000 s)",
         "systems         2 (3 CPUs, RAM 25165824 bytes,",
         "system0: 2 CPUs (1 halted), 1 devices, RAM 16777216 bytes in ram.0.bin",
