@@ -325,7 +325,7 @@ def restore_seeds(devices):
     return seeds
 
 
-def ckpt_state(systems=1, cpus=1, xsave_words=0, version=1):
+def ckpt_state(systems=1, cpus=1, xsave_words=0, version=3, disks=False):
     """A checkpoint state file (crates/ckpt): header, then the JSON body."""
     import json
     import zlib
@@ -368,6 +368,19 @@ def ckpt_state(systems=1, cpus=1, xsave_words=0, version=1):
                     "regions": [{"base": 0, "size": 1 << 20, "offset": 0}]},
             "cpus": [cpu("system%d.cpu%d" % (i, c)) for c in range(cpus)],
             "devices": {"uart": {"lcr": 3}},
+            "sim": None,
+            "disks": [{
+                "name": "disk0",
+                "mode": "overlay",
+                "image": {"path": "/images/root.img", "size": 64 * 512,
+                          "mtime_sec": 1700000000, "mtime_nsec": 5, "fingerprint": 305419896},
+                "saved": {"file": "system%d.disk0.sectors" % i, "extents": [[2, 3], [40, 24]]},
+            }, {
+                "name": "disk1",
+                "mode": "readonly",
+                "image": {"path": "/images/data.img", "size": 8 * 512,
+                          "mtime_sec": 1700000000, "mtime_nsec": 0, "fingerprint": 1},
+            }] if disks else [],
         } for i in range(systems)],
     }
     body = json.dumps(body).encode()
@@ -423,7 +436,8 @@ def main():
 
     put("ckpt_state", "one-cpu", ckpt_state())
     put("ckpt_state", "two-systems-xsave", ckpt_state(systems=2, cpus=2, xsave_words=1024))
-    put("ckpt_state", "older-version", ckpt_state(version=0))
+    put("ckpt_state", "older-version", ckpt_state(version=2))
+    put("ckpt_state", "disks", ckpt_state(disks=True))
 
     devices = device_seeds()
     for target, scripts in devices.items():

@@ -199,6 +199,9 @@ cat > "$rootfs/sbin/init" <<'INIT'
 #   dd:MIB       read MIB MiB of /dev/vda sequentially with the stats reset
 #                before and dumped after (simulated and host seconds,
 #                system.disk0.bytesRead)
+#   checkpoint   sync, take a checkpoint (a restore of it goes on with the
+#                next action), then drop the page cache, so that what
+#                follows reads the disk, not what the guest had cached
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sys /sys
 echo "KVMSIM-DISK: /sbin/init is running from $(/bin/busybox grep ' / ' /proc/mounts | /bin/busybox cut -d' ' -f1,3)"
@@ -217,6 +220,11 @@ for action in $(echo "$actions" | /bin/busybox sed 's/,/ /g'); do
             /bin/busybox dd if=/dev/vda of=/dev/null bs=1M count="${action#dd:}" 2>&1 || status=7
             /bin/kvmsim-ops dumpstats
             echo "KVMSIM-DISK: dd status $status";;
+        checkpoint)
+            /bin/busybox sync
+            /bin/kvmsim-ops checkpoint || status=9
+            echo 3 > /proc/sys/vm/drop_caches
+            echo "KVMSIM-DISK: after the checkpoint (status $status)";;
         *) echo "KVMSIM-DISK: unknown action $action"; status=8;;
     esac
 done

@@ -589,6 +589,16 @@ pub fn ckpt_state(data: &[u8]) {
         Ok(state) => {
             assert!(!state.systems.is_empty());
             assert!(state.systems.iter().all(|s| !s.cpus.is_empty()));
+            // A disk's saved sectors lie inside it, in order, apart.
+            for d in state.systems.iter().flat_map(|s| &s.disks) {
+                let sectors = d.image.size / ckpt::SECTOR;
+                let mut end = 0u64;
+                for &[first, count] in d.saved.iter().flat_map(|x| &x.extents) {
+                    assert!(count > 0 && first >= end, "{:?}", d.saved);
+                    end = first.checked_add(count).expect("an extent wraps");
+                    assert!(end <= sectors, "an extent past the disk: {:?}", d.saved);
+                }
+            }
             let again = ckpt::decode_state(path, &ckpt::encode_state(&state))
                 .unwrap_or_else(|e| panic!("an accepted state does not read back: {e}"));
             assert_eq!(again, state, "an accepted state changes when written back");

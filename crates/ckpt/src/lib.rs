@@ -26,6 +26,15 @@
 //!   the guest's writes never reach the file, and any number of restores
 //!   can map one checkpoint at once.
 //!
+//! * one sector file per copy-on-write disk (`SYSTEM.diskN.sectors`):
+//!   every sector of the disk that is not its base image's (what the guest
+//!   wrote, through this run's overlay and any checkpoint it was restored
+//!   from) at its own offset in a sparse file of the disk's size; which
+//!   sectors it holds is [`SavedSectors::extents`]. A restore reads it,
+//!   never writes it, so restores of one checkpoint share it. Each disk's
+//!   image is identified ([`DiskImage`]: path, size, modification time, a
+//!   sampled CRC-32) so a restore can tell whether it changed.
+//!
 //! The state file is written last, through a temporary name and a rename,
 //! so a folder with a state file holds a whole checkpoint.
 //!
@@ -53,6 +62,9 @@ use vm_memory::{
 pub const MAGIC: [u8; 8] = *b"KVMSIMCP";
 /// The format this kvmsim writes and the only one it reads. Raise it with
 /// every change of [`CheckpointState`] or of the folder's layout.
+///
+/// 3: disks ([`SystemState::disks`], sector files) and the network
+/// ([`CheckpointState::network`]: links' and switches' state).
 pub const FORMAT_VERSION: u32 = 3;
 /// The state file's name in the folder.
 pub const STATE_FILE: &str = "state.ckpt";
@@ -142,7 +154,88 @@ pub struct SystemState {
     /// pending event, each CPU's place in simulated time, the statistics),
     /// as the platform layer describes it.
     pub sim: serde_json::Value,
+    /// Every disk, in the config's order.
+    pub disks: Vec<DiskState>,
 }
+
+/// One disk of a system in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskState {
+    /// The device's name (`disk0`, ...; statistics under `SYSTEM.disk0`).
+    pub name: String,
+    /// How the run used the image.
+    pub mode: DiskUse,
+    /// The image (an overlay disk's base) as it was at the checkpoint.
+    pub image: DiskImage,
+    /// An overlay disk's sectors that are not the base's; none for a
+    /// read-only or writable image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved: Option<SavedSectors>,
+}
+
+/// How a run used a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskUse {
+    /// The guest wrote the image itself: the checkpoint holds none of it.
+    Writable,
+    /// The guest could only read.
+    Readonly,
+    /// Copy-on-write: the image was never written; the checkpoint holds the
+    /// written sectors.
+    Overlay,
+}
+
+impl DiskUse {
+    /// The config's word for it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DiskUse::Writable => "writable",
+            DiskUse::Readonly => "readonly",
+            DiskUse::Overlay => "overlay",
+        }
+    }
+}
+
+/// What identifies a disk image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskImage {
+    /// Its absolute path at the checkpoint (a restore opens it there).
+    pub path: String,
+    /// Its size in bytes (a whole number of 512-byte sectors).
+    pub size: u64,
+    /// Its modification time (seconds and nanoseconds since 1970).
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    /// CRC-32 of its size, first 64 KiB and 15 evenly spaced 4 KiB samples.
+    pub fingerprint: u32,
+}
+
+/// A copy-on-write disk's sectors in the folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedSectors {
+    /// The sector file's name in the folder (a plain name, no path): a
+    /// sparse file of the disk's size, each saved sector at its own offset.
+    pub file: String,
+    /// The sectors it holds: `[first sector, number of sectors]`, in
+    /// ascending order, not overlapping, inside the disk.
+    pub extents: Vec<[u64; 2]>,
+}
+
+impl SavedSectors {
+    /// Sectors held.
+    pub fn sectors(&self) -> u64 {
+        self.extents
+            .iter()
+            .fold(0u64, |a, e| a.saturating_add(e[1]))
+    }
+}
+
+/// Disk sectors are this many bytes.
+pub const SECTOR: u64 = 512;
 
 /// A system's RAM in the folder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +451,95 @@ fn validate(path: &Path, state: &CheckpointState) -> Result<()> {
             }
         }
     }
+    for s in &state.systems {
+        let mut disk_names = std::collections::BTreeSet::new();
+        for (i, d) in s.disks.iter().enumerate() {
+            let at = |field: &str| format!("system {:?}: disks[{i}].{field}", s.name);
+            if d.name.is_empty() || !disk_names.insert(d.name.as_str()) {
+                return Err(bad(format!(
+                    "{}: {:?} is empty or used twice",
+                    at("name"),
+                    d.name
+                )));
+            }
+            if d.image.size == 0 || d.image.size % SECTOR != 0 {
+                return Err(bad(format!(
+                    "{}: {} bytes is not a whole, non-zero number of {SECTOR}-byte sectors",
+                    at("image.size"),
+                    d.image.size
+                )));
+            }
+            if d.image.mtime_nsec >= 1_000_000_000 {
+                return Err(bad(format!(
+                    "{}: {} is not below a second",
+                    at("image.mtime_nsec"),
+                    d.image.mtime_nsec
+                )));
+            }
+            match (&d.saved, d.mode) {
+                (None, DiskUse::Overlay) => {
+                    return Err(bad(format!(
+                        "{}: an overlay disk without its saved sectors",
+                        at("saved")
+                    )))
+                }
+                (Some(_), DiskUse::Writable | DiskUse::Readonly) => {
+                    return Err(bad(format!(
+                        "{}: saved sectors for a {} disk (only overlay disks have them)",
+                        at("saved"),
+                        d.mode.as_str()
+                    )))
+                }
+                _ => {}
+            }
+            let Some(saved) = &d.saved else {
+                continue;
+            };
+            let f = &saved.file;
+            if f.is_empty()
+                || f == "."
+                || f == ".."
+                || f == STATE_FILE
+                || f.starts_with('.')
+                || f.contains(['/', '\0'])
+            {
+                return Err(bad(format!(
+                    "{}: {f:?} is not a plain file name in the folder",
+                    at("saved.file")
+                )));
+            }
+            if !files.insert(f.as_str()) {
+                return Err(bad(format!(
+                    "{}: {f:?} is another file of the checkpoint",
+                    at("saved.file")
+                )));
+            }
+            let sectors = d.image.size / SECTOR;
+            let mut end = 0u64;
+            for (k, &[first, count]) in saved.extents.iter().enumerate() {
+                let field = at(&format!("saved.extents[{k}]"));
+                let last = first.checked_add(count).filter(|&e| e <= sectors);
+                match last {
+                    _ if count == 0 => {
+                        return Err(bad(format!("{field}: no sectors at {first}")));
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "{field}: {count} sectors at {first} run past the disk's \
+                             {sectors} sectors"
+                        )))
+                    }
+                    Some(_) if first < end => {
+                        return Err(bad(format!(
+                            "{field}: sector {first} lies before the end of the previous \
+                             extent ({end}): extents overlap or are out of order"
+                        )))
+                    }
+                    Some(e) => end = e,
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -493,8 +675,47 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let state = decode_state(&path, &bytes)?;
     for s in &state.systems {
         ram_file(dir, &s.ram)?;
+        for d in &s.disks {
+            if let Some(saved) = &d.saved {
+                sector_file(dir, saved, d.image.size)?;
+            }
+        }
     }
     Ok(state)
+}
+
+/// Checks a disk's sector file: a regular file of the disk's size.
+fn sector_file(dir: &Path, saved: &SavedSectors, size: u64) -> Result<PathBuf> {
+    let path = dir.join(&saved.file);
+    let meta = std::fs::metadata(&path).map_err(io(&path))?;
+    if !meta.is_file() {
+        return Err(CkptError::Invalid {
+            path,
+            what: "not a regular file (a disk's saved sectors)".into(),
+        });
+    }
+    if meta.len() != size {
+        return Err(CkptError::Truncated {
+            path,
+            what: format!(
+                "{} bytes, the disk it holds sectors of has {size} bytes",
+                meta.len()
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// Creates the sector file `file` of a disk in `dir` (it must not exist).
+pub fn create_sector_file(dir: &Path, file: &str) -> Result<(File, PathBuf)> {
+    let path = dir.join(file);
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    Ok((f, path))
 }
 
 /// Opens a system's RAM file and checks that it holds every region.
@@ -579,6 +800,24 @@ pub struct SystemInfo {
     pub ram_file: String,
     /// Bytes the RAM file takes on disk (allocated blocks).
     pub ram_bytes_on_disk: u64,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// One disk in [`SystemInfo`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiskInfo {
+    pub name: String,
+    /// writable, readonly or overlay.
+    pub mode: String,
+    /// The image (an overlay disk's base).
+    pub image: String,
+    pub image_bytes: u64,
+    /// An overlay disk's sector file.
+    pub saved_file: Option<String>,
+    /// Bytes of the sectors it holds.
+    pub saved_bytes: u64,
+    /// Bytes it takes on disk (allocated blocks).
+    pub saved_bytes_on_disk: u64,
 }
 
 /// Reads `dir` and sums up what it holds.
@@ -590,6 +829,28 @@ pub fn info(dir: &Path) -> Result<Info> {
     for s in &state.systems {
         let ram_path = dir.join(&s.ram.file);
         let meta = std::fs::metadata(&ram_path).map_err(io(&ram_path))?;
+        let mut disks = Vec::new();
+        for d in &s.disks {
+            let on_disk = match &d.saved {
+                Some(saved) => {
+                    let p = dir.join(&saved.file);
+                    std::fs::metadata(&p).map_err(io(&p))?.blocks() * 512
+                }
+                None => 0,
+            };
+            disks.push(DiskInfo {
+                name: d.name.clone(),
+                mode: d.mode.as_str().into(),
+                image: d.image.path.clone(),
+                image_bytes: d.image.size,
+                saved_file: d.saved.as_ref().map(|x| x.file.clone()),
+                saved_bytes: d
+                    .saved
+                    .as_ref()
+                    .map_or(0, |x| x.sectors().saturating_mul(SECTOR)),
+                saved_bytes_on_disk: on_disk,
+            });
+        }
         systems.push(SystemInfo {
             name: s.name.clone(),
             cpus: s.cpus.len(),
@@ -598,6 +859,7 @@ pub fn info(dir: &Path) -> Result<Info> {
             ram_bytes: s.ram.size(),
             ram_file: s.ram.file.clone(),
             ram_bytes_on_disk: meta.blocks().saturating_mul(512),
+            disks,
         });
     }
     Ok(Info {

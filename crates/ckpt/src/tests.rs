@@ -51,8 +51,35 @@ fn sample() -> CheckpointState {
             cpus: vec![cpu("system.cpu0"), cpu("system.cpu1")],
             devices: BTreeMap::from([("uart".into(), serde_json::json!({"lcr": 3}))]),
             sim: serde_json::Value::Null,
+            disks: vec![
+                DiskState {
+                    name: "disk0".into(),
+                    mode: DiskUse::Overlay,
+                    image: image("/images/root.img", 64 * SECTOR),
+                    saved: Some(SavedSectors {
+                        file: "system.disk0.sectors".into(),
+                        extents: vec![[2, 3], [5, 1], [40, 24]],
+                    }),
+                },
+                DiskState {
+                    name: "disk1".into(),
+                    mode: DiskUse::Readonly,
+                    image: image("/images/data.img", 8 * SECTOR),
+                    saved: None,
+                },
+            ],
         }],
         network: serde_json::Value::Null,
+    }
+}
+
+fn image(path: &str, size: u64) -> DiskImage {
+    DiskImage {
+        path: path.into(),
+        size,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 5,
+        fingerprint: 0x1234_5678,
     }
 }
 
@@ -126,6 +153,13 @@ fn older_and_newer_versions_are_refused_not_misread() {
     assert!(e.to_string().contains("older"), "{e}");
     let e = decode(&with_version(&body, FORMAT_VERSION + 1)).unwrap_err();
     assert!(matches!(e, CkptError::NewerVersion { .. }), "{e}");
+    // Version 2 had no disks: refused, saying what to do.
+    let e = decode(&with_version(&body, 2)).unwrap_err().to_string();
+    assert!(
+        e.contains("version 2, older than the version 3")
+            && e.contains("take the checkpoint again"),
+        "{e}"
+    );
     // The same body under the right version reads.
     assert!(decode(&with_version(&body, FORMAT_VERSION)).is_ok());
 }
@@ -194,6 +228,58 @@ fn impossible_machines_are_refused() {
             s.systems.push(t);
         },
         "used twice",
+    );
+    // Disks: extents that lie, files that leave the folder, modes that
+    // do not go with what is saved.
+    let extents = |e: Vec<[u64; 2]>| {
+        move |s: &mut CheckpointState| {
+            if let Some(x) = &mut s.systems[0].disks[0].saved {
+                x.extents = e.clone();
+            }
+        }
+    };
+    check(
+        &extents(vec![[60, 5]]),
+        "disks[0].saved.extents[0]: 5 sectors at 60 run past the disk's 64 sectors",
+    );
+    check(&extents(vec![[u64::MAX, 2]]), "disks[0].saved.extents[0]");
+    check(
+        &extents(vec![[2, 3], [4, 1]]),
+        "disks[0].saved.extents[1]: sector 4 lies before the end of the previous extent (5)",
+    );
+    check(&extents(vec![[9, 1], [2, 1]]), "saved.extents[1]");
+    check(&extents(vec![[9, 0]]), "saved.extents[0]: no sectors");
+    check(
+        &|s| s.systems[0].disks[0].image.size = 1000,
+        "disks[0].image.size",
+    );
+    check(
+        &|s| {
+            if let Some(x) = &mut s.systems[0].disks[0].saved {
+                x.file = "../system.disk0.sectors".into();
+            }
+        },
+        "disks[0].saved.file",
+    );
+    check(
+        &|s| {
+            if let Some(x) = &mut s.systems[0].disks[0].saved {
+                x.file = "ram.0.bin".into();
+            }
+        },
+        "another file of the checkpoint",
+    );
+    check(
+        &|s| s.systems[0].disks[0].saved = None,
+        "disks[0].saved: an overlay disk without its saved sectors",
+    );
+    check(
+        &|s| s.systems[0].disks[0].mode = DiskUse::Writable,
+        "saved sectors for a writable disk",
+    );
+    check(
+        &|s| s.systems[0].disks[1].name = "disk0".into(),
+        "disks[1].name",
     );
 }
 
@@ -272,6 +358,13 @@ fn a_whole_folder_is_written_read_and_summed_up() {
     let (img, _) = write_ram(&d.0, "ram.0.bin", &mem).unwrap();
     let mut s = sample();
     s.systems[0].ram = img;
+    let (sectors, sectors_path) = create_sector_file(&d.0, "system.disk0.sectors").unwrap();
+    sectors.set_len(64 * SECTOR).unwrap();
+    sectors.write_all_at(&[9u8; 3 * 512], 2 * SECTOR).unwrap();
+    assert!(
+        create_sector_file(&d.0, "system.disk0.sectors").is_err(),
+        "never written over"
+    );
     write_state(&d.0, &s).unwrap();
     assert_eq!(read_state(&d.0).unwrap(), s);
     let i = info(&d.0).unwrap();
@@ -279,6 +372,26 @@ fn a_whole_folder_is_written_read_and_summed_up() {
     assert_eq!(i.systems[0].cpus, 2);
     assert_eq!(i.systems[0].ram_bytes, 12 << 20);
     assert!(i.systems[0].ram_bytes_on_disk < 12 << 20);
+    let disk = &i.systems[0].disks[0];
+    assert_eq!(disk.mode, "overlay");
+    assert_eq!(disk.image, "/images/root.img");
+    assert_eq!(disk.saved_bytes, 28 * SECTOR, "the extents' sectors");
+    assert!(disk.saved_bytes_on_disk > 0);
+    assert_eq!(i.systems[0].disks[1].saved_file, None);
+    // A sector file cut short, or missing, is named.
+    sectors.set_len(10 * SECTOR).unwrap();
+    let e = read_state(&d.0).unwrap_err();
+    assert!(
+        matches!(e, CkptError::Truncated { .. })
+            && e.to_string().contains("system.disk0.sectors")
+            && e.to_string().contains("5120 bytes"),
+        "{e}"
+    );
+    std::fs::remove_file(&sectors_path).unwrap();
+    let e = read_state(&d.0).unwrap_err().to_string();
+    assert!(e.contains("system.disk0.sectors"), "{e}");
+    std::fs::write(&sectors_path, vec![0u8; 64 * 512]).unwrap();
+    assert!(read_state(&d.0).is_ok());
     // A second checkpoint into the same folder is refused.
     assert!(matches!(create_dir(&d.0), Err(CkptError::Exists(_))));
     // A RAM file cut short is named.

@@ -111,6 +111,7 @@ fn a_checkpointed_guest_continues_on_its_mapped_ram_in_a_fresh_vm() {
             }],
             devices: Default::default(),
             sim: serde_json::Value::Null,
+            disks: Vec::new(),
         }],
         network: serde_json::Value::Null,
     };

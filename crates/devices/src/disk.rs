@@ -10,7 +10,13 @@
 //!   that writes nothing, or fails to start, leaves none) as a sparse file
 //!   of the base's size holding the written sectors at their own offsets;
 //!   which sectors were written is kept in memory (one bit per 512-byte
-//!   sector), for this run.
+//!   sector), for this run. A checkpoint copies every sector that is not
+//!   the base's into a sparse file of its own ([`Disk::save_written`], with
+//!   the extents that say which); a disk restored from it
+//!   ([`open_restored`]) has three layers: the base, the checkpoint's
+//!   sectors (read-only, shared by every restore of the checkpoint), and a
+//!   new overlay for the restored run's writes. A sector is read from the
+//!   topmost layer that holds it; nothing is copied at restore time.
 //!
 //! [`open`] checks an image before the guest starts and names the file and
 //! what is wrong: missing, not a regular file, empty or not a multiple of
@@ -48,6 +54,19 @@ pub trait Disk: Send {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
     /// Makes every completed write durable on the host.
     fn flush(&mut self) -> io::Result<()>;
+    /// The image file on the host (the base of a copy-on-write disk), for
+    /// a checkpoint to identify it; none for a disk in memory.
+    fn image(&self) -> Option<&File> {
+        None
+    }
+    /// A copy-on-write disk: writes every sector that is not the base's
+    /// into `to` (made the disk's size) at its own offset, all-zero runs
+    /// left as holes, and returns them as extents in ascending order. None
+    /// for a disk that keeps no such layer (a raw image).
+    fn save_written(&mut self, to: &File) -> io::Result<Option<Vec<Extent>>> {
+        let _ = to;
+        Ok(None)
+    }
 }
 
 /// Errors opening a disk image.
@@ -210,28 +229,128 @@ impl Disk for RawDisk {
         }
         self.file.sync_data()
     }
+    fn image(&self) -> Option<&File> {
+        Some(&self.file)
+    }
 }
 
-/// A read-only base and an overlay that takes the writes.
+/// One bit per sector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SectorMap {
+    words: Vec<u64>,
+    sectors: u64,
+}
+
+impl SectorMap {
+    fn new(sectors: u64) -> Self {
+        SectorMap {
+            words: vec![0; sectors.div_ceil(64) as usize],
+            sectors,
+        }
+    }
+
+    fn get(&self, sector: u64) -> bool {
+        self.words
+            .get((sector / 64) as usize)
+            .is_some_and(|w| w & (1 << (sector % 64)) != 0)
+    }
+
+    fn set(&mut self, sector: u64) {
+        if let Some(w) = self.words.get_mut((sector / 64) as usize) {
+            *w |= 1 << (sector % 64);
+        }
+    }
+
+    /// The runs of set sectors as extents (first sector, count), in order.
+    fn extents(&self) -> Vec<Extent> {
+        let mut out: Vec<Extent> = Vec::new();
+        for (i, &w) in self.words.iter().enumerate() {
+            if w == 0 {
+                continue;
+            }
+            for b in 0..64 {
+                if w & (1 << b) == 0 {
+                    continue;
+                }
+                let s = i as u64 * 64 + b;
+                match out.last_mut() {
+                    Some(e) if e.0 + e.1 == s => e.1 += 1,
+                    _ => out.push((s, 1)),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A run of sectors: (first sector, number of sectors).
+pub type Extent = (u64, u64);
+
+/// Checks that `extents` lie inside a disk of `sectors` sectors, in
+/// ascending order without overlapping; the error names the extent
+/// (`extents[K]`) and what is wrong.
+pub fn check_extents(extents: &[Extent], sectors: u64) -> Result<(), String> {
+    let mut end = 0u64;
+    for (k, &(first, count)) in extents.iter().enumerate() {
+        if count == 0 {
+            return Err(format!("extents[{k}]: {count} sectors at {first} (empty)"));
+        }
+        let last = first.checked_add(count).filter(|&e| e <= sectors);
+        let Some(last) = last else {
+            return Err(format!(
+                "extents[{k}]: {count} sectors at {first} run past the disk's {sectors} sectors"
+            ));
+        };
+        if first < end {
+            return Err(format!(
+                "extents[{k}]: sector {first} lies before the end of the previous extent \
+                 ({end}): extents overlap or are out of order"
+            ));
+        }
+        end = last;
+    }
+    Ok(())
+}
+
+/// A checkpoint's copy of a copy-on-write disk's written sectors,
+/// between the base and the overlay. Only ever read.
+struct SavedLayer {
+    file: File,
+    map: SectorMap,
+}
+
+/// Which layer holds a sector of a [`CowDisk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layer {
+    Base,
+    Saved,
+    Overlay,
+}
+
+/// A read-only base, optionally a checkpoint's saved sectors over it (read
+/// only), and an overlay that takes the writes: a sector is read from the
+/// topmost layer that holds it.
 pub struct CowDisk {
     base: File,
+    /// The sectors of the checkpoint this disk was restored from.
+    saved: Option<SavedLayer>,
     /// Created at the first write.
     overlay: Option<File>,
     overlay_path: PathBuf,
     len: u64,
     /// One bit per sector: written to the overlay.
-    written: Vec<u64>,
+    written: SectorMap,
 }
 
 impl CowDisk {
     fn new(base: File, overlay_path: PathBuf, len: u64) -> Self {
-        let sectors = len / SECTOR_SIZE;
         CowDisk {
             base,
+            saved: None,
             overlay: None,
             overlay_path,
             len,
-            written: vec![0; sectors.div_ceil(64) as usize],
+            written: SectorMap::new(len / SECTOR_SIZE),
         }
     }
 
@@ -257,10 +376,27 @@ impl CowDisk {
             .ok_or_else(|| io::Error::other("no overlay"))
     }
 
-    fn is_written(&self, sector: u64) -> bool {
-        self.written
-            .get((sector / 64) as usize)
-            .is_some_and(|w| w & (1 << (sector % 64)) != 0)
+    fn layer(&self, sector: u64) -> Layer {
+        if self.overlay.is_some() && self.written.get(sector) {
+            Layer::Overlay
+        } else if self.saved.as_ref().is_some_and(|s| s.map.get(sector)) {
+            Layer::Saved
+        } else {
+            Layer::Base
+        }
+    }
+
+    fn file(&self, layer: Layer) -> &File {
+        match (layer, &self.overlay, &self.saved) {
+            (Layer::Overlay, Some(o), _) => o,
+            (Layer::Saved, _, Some(s)) => &s.file,
+            _ => &self.base,
+        }
+    }
+
+    /// The path the overlay is (or will be) created at.
+    pub fn overlay_path(&self) -> &Path {
+        &self.overlay_path
     }
 }
 
@@ -273,23 +409,17 @@ impl Disk for CowDisk {
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         past_end(offset, buf.len(), self.len)?;
-        // Runs of sectors from the same file.
+        // Runs of sectors from the same layer.
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let sector = pos / SECTOR_SIZE;
-            let from_overlay = self.is_written(sector);
+            let layer = self.layer(sector);
             let mut end = ((sector + 1) * SECTOR_SIZE - offset).min(buf.len() as u64) as usize;
-            while end < buf.len()
-                && self.is_written((offset + end as u64) / SECTOR_SIZE) == from_overlay
-            {
+            while end < buf.len() && self.layer((offset + end as u64) / SECTOR_SIZE) == layer {
                 end = (end + SECTOR_SIZE as usize).min(buf.len());
             }
-            let file = match (&self.overlay, from_overlay) {
-                (Some(o), true) => o,
-                _ => &self.base,
-            };
-            file.read_exact_at(&mut buf[done..end], pos)?;
+            self.file(layer).read_exact_at(&mut buf[done..end], pos)?;
             done = end;
         }
         Ok(())
@@ -299,26 +429,27 @@ impl Disk for CowDisk {
         if buf.is_empty() {
             return Ok(());
         }
-        // A partly written sector takes the rest of its bytes from the base.
+        // A partly written sector takes the rest of its bytes from the
+        // layers below (the checkpoint's sectors, else the base).
         let first = offset / SECTOR_SIZE;
         let last = (offset + buf.len() as u64 - 1) / SECTOR_SIZE;
         self.overlay()?;
         for s in [first, last] {
-            if !self.is_written(s) {
+            let layer = self.layer(s);
+            if layer != Layer::Overlay {
                 let start = s * SECTOR_SIZE;
                 let end = start + SECTOR_SIZE;
                 if offset > start || offset + (buf.len() as u64) < end {
                     let mut sec = [0u8; SECTOR_SIZE as usize];
-                    self.base.read_exact_at(&mut sec, start)?;
+                    self.file(layer).read_exact_at(&mut sec, start)?;
                     self.overlay()?.write_all_at(&sec, start)?;
+                    self.written.set(s);
                 }
             }
         }
         self.overlay()?.write_all_at(buf, offset)?;
         for s in first..=last {
-            if let Some(w) = self.written.get_mut((s / 64) as usize) {
-                *w |= 1 << (s % 64);
-            }
+            self.written.set(s);
         }
         Ok(())
     }
@@ -328,6 +459,164 @@ impl Disk for CowDisk {
             None => Ok(()),
         }
     }
+    fn image(&self) -> Option<&File> {
+        Some(&self.base)
+    }
+    fn save_written(&mut self, to: &File) -> io::Result<Option<Vec<Extent>>> {
+        // Every sector that is not the base's: the checkpoint's (if this
+        // disk was restored from one) and the overlay's.
+        let mut map = self.written.clone();
+        if let Some(s) = &self.saved {
+            for (w, sw) in map.words.iter_mut().zip(&s.map.words) {
+                *w |= sw;
+            }
+        }
+        let extents = map.extents();
+        to.set_len(self.len)?;
+        const CHUNK: u64 = 1 << 20;
+        let mut buf = vec![0u8; CHUNK as usize];
+        for &(first, count) in &extents {
+            let mut at = first * SECTOR_SIZE;
+            let end = (first + count) * SECTOR_SIZE;
+            while at < end {
+                let n = (end - at).min(CHUNK) as usize;
+                self.read_at(at, &mut buf[..n])?;
+                // Zeros stay a hole: they read back as zeros.
+                if buf[..n].iter().any(|&b| b != 0) {
+                    to.write_all_at(&buf[..n], at)?;
+                }
+                at += n as u64;
+            }
+        }
+        to.sync_all()?;
+        Ok(Some(extents))
+    }
+}
+
+/// Opens a copy-on-write disk restored from a checkpoint: the base image
+/// at `base` (read-only), the checkpoint's sectors `extents` in the file
+/// `saved` (read-only, the base's size; never written), and a new overlay
+/// at `overlay` for this run's writes, created at the first write (it
+/// must not exist then; it may now: it is a file of the run's output
+/// folder, which the run replaces before it starts).
+pub fn open_restored(
+    base: &Path,
+    saved: &Path,
+    extents: &[Extent],
+    overlay: &Path,
+) -> Result<Box<dyn Disk>, DiskError> {
+    let len = check(base, &DiskMode::ReadOnly)?;
+    let open_ro = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .map_err(|source| DiskError::Io {
+                path: p.into(),
+                source,
+            })
+    };
+    let base_file = open_ro(base)?;
+    let blen = base_file
+        .metadata()
+        .map_err(|source| DiskError::Io {
+            path: base.into(),
+            source,
+        })?
+        .len();
+    if blen != len {
+        return Err(invalid(base, "changed while it was being opened"));
+    }
+    let saved_file = open_ro(saved)?;
+    let meta = saved_file.metadata().map_err(|source| DiskError::Io {
+        path: saved.into(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(invalid(saved, "is not a regular file"));
+    }
+    if meta.len() != len {
+        return Err(invalid(
+            saved,
+            format!(
+                "{} bytes, but it holds sectors of a {len}-byte disk ({}): truncated or not \
+                 this disk's",
+                meta.len(),
+                base.display()
+            ),
+        ));
+    }
+    let sectors = len / SECTOR_SIZE;
+    check_extents(extents, sectors).map_err(|m| invalid(saved, m))?;
+    let mut map = SectorMap::new(sectors);
+    for &(first, count) in extents {
+        for s in first..first + count {
+            map.set(s);
+        }
+    }
+    let parent = overlay.parent().filter(|p| !p.as_os_str().is_empty());
+    if parent.is_some_and(|p| !p.is_dir()) {
+        return Err(invalid(overlay, "the overlay's folder does not exist"));
+    }
+    let mut disk = CowDisk::new(base_file, overlay.into(), len);
+    disk.saved = Some(SavedLayer {
+        file: saved_file,
+        map,
+    });
+    Ok(Box::new(disk))
+}
+
+/// What identifies an image file: its size, its modification time and a
+/// fingerprint of some of its bytes ([`fingerprint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageId {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub fingerprint: u32,
+}
+
+/// Bytes per fingerprint sample, and how many samples after the first.
+const SAMPLE: u64 = 4096;
+const SAMPLES: u64 = 15;
+/// The fingerprint's first sample: where file systems keep their
+/// superblocks (ext4's records its mount and write times, so a mount
+/// changes it).
+const FIRST_SAMPLE: u64 = 64 << 10;
+
+/// A cheap fingerprint of an image: the CRC-32 of its size, its first
+/// 64 KiB and 15 evenly spaced 4 KiB samples. Not a digest of every byte
+/// (that would cost a read of the whole image at each checkpoint and
+/// restore): a change elsewhere goes unseen.
+pub fn fingerprint(file: &File) -> io::Result<u32> {
+    let size = file.metadata()?.len();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&size.to_le_bytes());
+    let mut buf = vec![0u8; FIRST_SAMPLE as usize];
+    let mut take = |at: u64, n: u64| -> io::Result<()> {
+        let n = n.min(size.saturating_sub(at)) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        h.update(&buf[..n]);
+        Ok(())
+    };
+    take(0, FIRST_SAMPLE)?;
+    let span = size.saturating_sub(SAMPLE);
+    for i in 1..=SAMPLES {
+        take(span / SAMPLES * i / SECTOR_SIZE * SECTOR_SIZE, SAMPLE)?;
+    }
+    Ok(h.finalize())
+}
+
+/// Identifies the open image `file`.
+pub fn identify(file: &File) -> io::Result<ImageId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata()?;
+    Ok(ImageId {
+        size: m.len(),
+        mtime_sec: m.mtime(),
+        mtime_nsec: m.mtime_nsec().clamp(0, 999_999_999) as u32,
+        fingerprint: fingerprint(file)?,
+    })
 }
 
 /// A disk in memory, for tests and fuzzing.
@@ -486,6 +775,166 @@ mod tests {
         // An overlay in a missing folder is refused up front.
         let m = msg(open(&base, &DiskMode::Overlay(d.join("no/such/x.cow"))));
         assert!(m.contains("folder does not exist"), "{m}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    /// A checkpoint of a copy-on-write disk restores as three layers: each
+    /// sector comes from the right one, partial writes take the rest of
+    /// their sector from the layers below, the checkpoint's file and the
+    /// base are never written, and a second checkpoint holds both layers.
+    #[test]
+    fn restored_overlay_reads_each_sector_from_its_layer() {
+        let d = tmp("layers");
+        let base = d.join("base.img");
+        let data = pattern(64 * 512, 0);
+        std::fs::write(&base, &data).unwrap();
+        // The first run writes sectors 2-3 and 9, and zeros over sector 12.
+        let mut first = open(&base, &DiskMode::Overlay(d.join("first.cow"))).unwrap();
+        first.write_at(2 * 512, &[0xA1; 1024]).unwrap();
+        first.write_at(9 * 512 + 100, &[0xA2; 10]).unwrap();
+        first.write_at(12 * 512, &[0; 512]).unwrap();
+        let saved = d.join("saved.sectors");
+        let f = File::create_new(&saved).unwrap();
+        let extents = first.save_written(&f).unwrap().unwrap();
+        drop(f);
+        assert_eq!(extents, vec![(2, 2), (9, 1), (12, 1)]);
+        let mut at_checkpoint = vec![0u8; data.len()];
+        first.read_at(0, &mut at_checkpoint).unwrap();
+        // The first run goes on after its checkpoint: the checkpoint is a copy.
+        first.write_at(2 * 512, &[0xEE; 512]).unwrap();
+        drop(first);
+        let saved_bytes = std::fs::read(&saved).unwrap();
+        assert_eq!(saved_bytes.len(), data.len(), "the disk's size");
+        assert_eq!(saved_bytes[2 * 512..4 * 512], [0xA1; 1024]);
+        assert_eq!(saved_bytes[9 * 512 + 100..9 * 512 + 110], [0xA2; 10]);
+        assert_eq!(
+            saved_bytes[9 * 512..9 * 512 + 100],
+            data[9 * 512..9 * 512 + 100],
+            "the rest of a partly written sector came from the base"
+        );
+        let zeros = std::fs::metadata(&saved).unwrap();
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&zeros) * 512 < data.len() as u64,
+            "sparse"
+        );
+
+        // Restored: base <- saved <- a new overlay.
+        let cow = d.join("out/system.disk0.cow");
+        std::fs::create_dir_all(d.join("out")).unwrap();
+        std::fs::write(&cow, b"an earlier run's").unwrap();
+        let m = match open_restored(&base, &saved, &extents, &cow) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            m.is_empty(),
+            "an earlier run's overlay is not in the way: {m}"
+        );
+        std::fs::remove_file(&cow).unwrap();
+        let mut disk = open_restored(&base, &saved, &extents, &cow).unwrap();
+        let mut all = vec![0u8; data.len()];
+        disk.read_at(0, &mut all).unwrap();
+        assert_eq!(all, at_checkpoint, "what the disk held at the checkpoint");
+        assert!(!cow.exists(), "the overlay is created at the first write");
+        // Writes: one inside a saved sector, one across a saved and a base
+        // sector, one inside a base sector.
+        disk.write_at(2 * 512 + 10, &[0xB1; 4]).unwrap();
+        disk.write_at(3 * 512 + 500, &[0xB2; 20]).unwrap();
+        disk.write_at(6 * 512 + 7, &[0xB3; 3]).unwrap();
+        let mut want = at_checkpoint.clone();
+        want[2 * 512 + 10..2 * 512 + 14].fill(0xB1);
+        want[3 * 512 + 500..3 * 512 + 520].fill(0xB2);
+        want[6 * 512 + 7..6 * 512 + 10].fill(0xB3);
+        disk.read_at(0, &mut all).unwrap();
+        assert_eq!(all, want);
+        // Reads that start and end inside sectors of different layers.
+        let mut part = vec![0u8; 1500];
+        disk.read_at(512 + 77, &mut part).unwrap();
+        assert_eq!(part, want[512 + 77..512 + 77 + 1500]);
+        disk.flush().unwrap();
+        assert_eq!(std::fs::read(&saved).unwrap(), saved_bytes, "never written");
+        assert_eq!(std::fs::read(&base).unwrap(), data, "never written");
+        let over = std::fs::read(&cow).unwrap();
+        assert_eq!(over[2 * 512..3 * 512], want[2 * 512..3 * 512]);
+        assert_eq!(over[6 * 512..7 * 512], want[6 * 512..7 * 512]);
+        assert_eq!(
+            over[9 * 512..10 * 512],
+            [0; 512],
+            "untouched sectors stay holes"
+        );
+
+        // A checkpoint of the restored run holds both upper layers.
+        let saved2 = d.join("saved2.sectors");
+        let f = File::create_new(&saved2).unwrap();
+        let extents2 = disk.save_written(&f).unwrap().unwrap();
+        assert_eq!(extents2, vec![(2, 3), (6, 1), (9, 1), (12, 1)]);
+        let mut again = open_restored(&base, &saved2, &extents2, &d.join("out/x.cow")).unwrap();
+        again.read_at(0, &mut all).unwrap();
+        assert_eq!(all, want);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn restored_overlay_refuses_bad_saved_files_and_extents() {
+        let d = tmp("badsaved");
+        let base = d.join("base.img");
+        std::fs::write(&base, vec![1u8; 8 * 512]).unwrap();
+        let saved = d.join("s.sectors");
+        std::fs::write(&saved, vec![0u8; 8 * 512]).unwrap();
+        let cow = d.join("o.cow");
+        let err = |e: &[Extent], s: &Path| match open_restored(&base, s, e, &cow) {
+            Ok(_) => panic!("accepted {e:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(open_restored(&base, &saved, &[(0, 8)], &cow).is_ok());
+        let m = err(&[(7, 2)], &saved);
+        assert!(
+            m.contains("s.sectors") && m.contains("extents[0]") && m.contains("past"),
+            "{m}"
+        );
+        let m = err(&[(1, 3), (2, 1)], &saved);
+        assert!(m.contains("extents[1]") && m.contains("overlap"), "{m}");
+        let m = err(&[(3, 1), (1, 1)], &saved);
+        assert!(m.contains("extents[1]"), "{m}");
+        let m = err(&[(0, 0)], &saved);
+        assert!(m.contains("extents[0]") && m.contains("empty"), "{m}");
+        let m = err(&[(u64::MAX, 2)], &saved);
+        assert!(m.contains("extents[0]"), "{m}");
+        let short = d.join("short.sectors");
+        std::fs::write(&short, vec![0u8; 3 * 512]).unwrap();
+        let m = err(&[(0, 1)], &short);
+        assert!(
+            m.contains("short.sectors") && m.contains("1536 bytes") && m.contains("truncated"),
+            "{m}"
+        );
+        let m = err(&[(0, 1)], &d.join("missing.sectors"));
+        assert!(m.contains("missing.sectors"), "{m}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn identity_sees_size_and_content_changes() {
+        let d = tmp("ident");
+        let p = d.join("a.img");
+        std::fs::write(&p, pattern(1 << 20, 3)).unwrap();
+        let id = identify(&File::open(&p).unwrap()).unwrap();
+        assert_eq!(id.size, 1 << 20);
+        assert_eq!(identify(&File::open(&p).unwrap()).unwrap(), id, "stable");
+        // The superblock area changes (a mount would change it).
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0; 4], 1024).unwrap();
+        let changed = identify(&File::open(&p).unwrap()).unwrap();
+        assert_ne!(changed.fingerprint, id.fingerprint);
+        // A small image is sampled without reading past its end.
+        let small = d.join("small.img");
+        std::fs::write(&small, [5u8; 512]).unwrap();
+        assert_eq!(identify(&File::open(&small).unwrap()).unwrap().size, 512);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -327,6 +327,20 @@ fn checkpoint_info(dir: &Path, json: bool) -> i32 {
             "  {}: {} CPUs ({} halted), {} devices, RAM {} bytes in {} ({} bytes on disk)",
             s.name, s.cpus, s.halted_cpus, s.devices, s.ram_bytes, s.ram_file, s.ram_bytes_on_disk
         );
+        for d in &s.disks {
+            let saved = match &d.saved_file {
+                Some(f) => format!(
+                    "; written sectors {} bytes in {f} ({} bytes on disk)",
+                    d.saved_bytes, d.saved_bytes_on_disk
+                ),
+                None if d.mode == "writable" => "; contents not saved (writable image)".into(),
+                None => String::new(),
+            };
+            println!(
+                "    {}.{}: {}, image {} ({} bytes){saved}",
+                s.name, d.name, d.mode, d.image, d.image_bytes
+            );
+        }
     }
     0
 }

@@ -63,6 +63,7 @@ fn write_checkpoint(dir: &std::path::Path) {
                 .collect(),
             devices: BTreeMap::from([("uart".to_string(), serde_json::json!({}))]),
             sim: serde_json::Value::Null,
+            disks: Vec::new(),
         });
     }
     ckpt::write_state(

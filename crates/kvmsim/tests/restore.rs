@@ -291,3 +291,161 @@ fn a_damaged_checkpoint_is_refused_before_anything_runs() {
         "no output folder for a refused restore"
     );
 }
+
+/// Disks in a checkpoint (the `pcirq` guest on the PC platform, which
+/// never touches its disks; the sectors' path through the layers is
+/// tested in devices::disk): an overlay disk's sector file, a read-only
+/// and a writable image identified; restores put the overlay disk's new
+/// overlay in their own output folder, warn about the writable image, and
+/// refuse an image or sector file that is not the checkpoint's.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn disks_are_saved_identified_and_restored_with_an_overlay_of_their_own() {
+    if !kvm_or_skip("restore_disks") {
+        return;
+    }
+    let (d, cfg) = config(
+        "restore-disks",
+        "[sim]\nmax_time = \"1s\"\n[system]\nkernel = \"builtin:pcirq\"\nplatform = \"pc\"\n\
+         serial = { stdout = false }\n\
+         [[system.disk]]\npath = \"base.img\"\noverlay = \"first.cow\"\n\
+         [[system.disk]]\npath = \"ro.img\"\nreadonly = true\n\
+         [[system.disk]]\npath = \"rw.img\"\n",
+    );
+    let img: Vec<u8> = (0..256 * 512u32).map(|i| (i % 253) as u8).collect();
+    for f in ["base.img", "ro.img", "rw.img"] {
+        std::fs::write(d.join(f), &img).unwrap();
+    }
+    let r = kvmsim(
+        &["run", &cfg, "--checkpoint-at", "5ms", "--checkpoint-exit"],
+        &d.join("orig"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(r.json("exit.json")["cause"], "checkpoint");
+    assert!(
+        r.stderr.contains("system.disk2") && r.stderr.contains("writable image"),
+        "a warning names the writable disk:\n{}",
+        r.stderr
+    );
+    let (_, cp) = checkpoints(&d.join("orig")).remove(0);
+    let disks = state(&cp)["systems"][0]["disks"].clone();
+    assert_eq!(disks[0]["mode"], "overlay");
+    assert_eq!(disks[0]["saved"]["file"], "system.disk0.sectors");
+    assert_eq!(disks[0]["saved"]["extents"], serde_json::json!([]));
+    assert_eq!(disks[1]["mode"], "readonly");
+    assert_eq!(disks[2]["mode"], "writable");
+    assert_eq!(disks[0]["image"]["size"], 256 * 512);
+    let base = std::fs::canonicalize(d.join("base.img")).unwrap();
+    assert_eq!(disks[0]["image"]["path"], base.to_str().unwrap());
+    let sectors = cp.join("system.disk0.sectors");
+    assert_eq!(std::fs::metadata(&sectors).unwrap().len(), 256 * 512);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["checkpoint", "info"])
+        .arg(&cp)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        info.contains("system.disk0: overlay")
+            && info.contains("written sectors 0 bytes in system.disk0.sectors")
+            && info.contains("system.disk1: readonly")
+            && info.contains("system.disk2: writable")
+            && info.contains("contents not saved"),
+        "{info}"
+    );
+    // The first run's overlay exists now (as after a run that wrote): a
+    // restore does not use it.
+    std::fs::write(d.join("first.cow"), b"the first run's").unwrap();
+    let cps = cp.to_string_lossy().into_owned();
+    // Two restores at once, each with its own overlay.
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = ["r1", "r2"]
+            .iter()
+            .map(|n| {
+                let (cps, out) = (&cps, d.join(n));
+                s.spawn(move || kvmsim(&["run", "--restore", cps], &out))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, n) in runs.iter().zip(["r1", "r2"]) {
+        assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+        assert_eq!(r.json("exit.json")["cause"], "guest_exit");
+        let overlay = d.join(n).join("system.disk0.cow");
+        assert!(
+            r.stderr
+                .contains(&format!("this run's writes go to {}", overlay.display())),
+            "{}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains("system.disk2") && r.stderr.contains("opened as it is now"),
+            "{}",
+            r.stderr
+        );
+        let c = r.json("config.json");
+        assert_eq!(
+            c["system"][0]["disk"][0]["overlay"],
+            overlay.to_str().unwrap()
+        );
+    }
+    assert_eq!(
+        std::fs::read(d.join("first.cow")).unwrap(),
+        b"the first run's"
+    );
+    assert_eq!(std::fs::read(d.join("base.img")).unwrap(), img);
+
+    // Images that are not the checkpoint's, and damaged sector files.
+    let refused = |what: &str, want: &[&str]| {
+        let r = kvmsim(&["run", "--restore", &cps], &d.join("refused"));
+        assert_eq!(r.no_panic().status, 254, "{what}: {}", r.stderr);
+        for w in want {
+            assert!(r.stderr.contains(w), "{what}: {w:?} not in:\n{}", r.stderr);
+        }
+        assert!(!d.join("refused").exists(), "{what}: nothing was written");
+    };
+    let mut longer = img.clone();
+    longer.extend_from_slice(&[0; 512]);
+    std::fs::write(d.join("base.img"), &longer).unwrap();
+    refused(
+        "a longer base",
+        &[
+            "system.disk0",
+            "base.img",
+            "131584 bytes",
+            "131072 at the checkpoint",
+        ],
+    );
+    std::fs::write(d.join("base.img"), &img).unwrap();
+    let mut changed = img.clone();
+    changed[1024] ^= 0xff;
+    std::fs::write(d.join("ro.img"), &changed).unwrap();
+    refused(
+        "a changed read-only image",
+        &["system.disk1", "ro.img", "changed since the checkpoint"],
+    );
+    // The same bytes again, with a new modification time: a warning.
+    std::fs::write(d.join("ro.img"), &img).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&sectors)
+        .unwrap();
+    f.set_len(100 * 512).unwrap();
+    refused(
+        "a truncated sector file",
+        &["system.disk0.sectors", "51200 bytes", "truncated"],
+    );
+    f.set_len(256 * 512).unwrap();
+    let r = kvmsim(&["run", "--restore", &cps], &d.join("r3"));
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("system.disk1") && r.stderr.contains("another modification time"),
+        "{}",
+        r.stderr
+    );
+    std::fs::remove_file(&sectors).unwrap();
+    refused("a missing sector file", &["system.disk0.sectors"]);
+}

@@ -67,6 +67,13 @@ pub fn is_run_output(name: &str) -> bool {
             | "cpu-dump.txt"
             | "cpu-samples.txt"
     ) || between("serial.", ".log")
+        // A restored run's overlays (crate::disks::restored_overlay_name).
+        || name
+            .strip_suffix(".cow")
+            .and_then(|n| n.rsplit_once(".disk"))
+            .is_some_and(|(sys, i)| {
+                !sys.is_empty() && !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())
+            })
         || between("trace.", ".txt")
         || (name.starts_with('.') && name.ends_with(".json.tmp"))
 }
@@ -408,6 +415,8 @@ mod tests {
             "serial.system1.log",
             "trace.system0.txt",
             ".stats.json.tmp",
+            "system.disk0.cow",
+            "system1.disk7.cow",
         ] {
             assert!(is_run_output(n), "{n}");
         }
@@ -417,6 +426,10 @@ mod tests {
             "config.toml",
             "trace.",
             LOCK_FILE,
+            "root.cow",
+            "system.disk.cow",
+            ".disk0.cow",
+            "system.diskx.cow",
         ] {
             assert!(!is_run_output(n), "{n}");
         }

@@ -224,6 +224,8 @@ struct Shared {
     /// The links' and switches' statistics as of the last window
     /// boundary, added to this system's dumps during the run.
     net_stats: Option<crate::simulation::NetSnapshot>,
+    /// The disks, for checkpoints.
+    disks: Vec<crate::disks::AttachedDisk>,
 }
 
 impl Shared {
@@ -776,17 +778,36 @@ impl System {
             timer_dev.clone(),
         )?;
         timed.push(timer_dev);
-        match &ioapic {
+        let disks = match &ioapic {
             Some(io) => {
-                crate::disks::attach(&name, &sc.disk, &ram, io, &mut bus, &mut stats, &mut timed)?
+                // A restore: the images as the checkpoint saw them, and each
+                // overlay disk's saved sectors under a new overlay.
+                let layers = match from {
+                    Some(r) => crate::disks::prepare_restore(
+                        &name,
+                        &mut sc.disk,
+                        r.dir,
+                        &r.state.disks,
+                        &out,
+                    )?,
+                    None => Vec::new(),
+                };
+                crate::disks::attach(
+                    &name, &sc.disk, &layers, &ram, io, &mut bus, &mut stats, &mut timed,
+                )?
             }
             None if !sc.disk.is_empty() => {
                 return Err(PlatformError::Setup(format!(
                     "{name}.disk: disks need the pc platform (a Linux kernel, or platform = \"pc\")"
                 )))
             }
-            None => {}
-        }
+            None if from.is_some_and(|r| !r.state.disks.is_empty()) => {
+                return Err(PlatformError::Checkpoint(format!(
+                    "{name}: the checkpoint holds disks, but the system is not on the pc platform"
+                )))
+            }
+            None => Vec::new(),
+        };
         let nic_ends: Vec<(u32, crate::nics::NicEnd)> = links
             .iter()
             .filter_map(|l| Some((l.port, l.nic?)))
@@ -959,6 +980,7 @@ impl System {
                 ckpt_ready: AtomicBool::new(false),
                 ipis_sent,
                 net_stats: None,
+                disks,
             },
             _vm: vm,
             _ram: ram,

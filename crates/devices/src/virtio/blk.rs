@@ -277,6 +277,11 @@ impl Block {
         self.disk.size() / SECTOR_SIZE
     }
 
+    /// The disk image (for a checkpoint to save or identify it).
+    pub fn disk_mut(&mut self) -> &mut dyn Disk {
+        &mut *self.disk
+    }
+
     /// Requests in flight.
     pub fn inflight(&self) -> usize {
         self.inflight.len()

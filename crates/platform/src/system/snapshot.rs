@@ -179,6 +179,7 @@ impl System {
             devices.insert(dev_name, state);
         }
         let (ram, written) = ckpt::write_ram(dir, &format!("ram.{index}.bin"), self._ram.memory())?;
+        let disks = crate::disks::save(&name, &self.shared.disks, dir)?;
         let sim = serde_json::to_value(&sim)
             .map_err(|e| bad(format!("{name}: saving the simulator's state: {e}")))?;
         Ok((
@@ -188,6 +189,7 @@ impl System {
                 cpus,
                 devices,
                 sim,
+                disks,
             },
             written,
         ))
