@@ -114,6 +114,11 @@ struct RunArgs {
     /// End the run once a checkpoint is taken (sim.checkpoint_exit).
     #[arg(long)]
     checkpoint_exit: bool,
+    /// Simulated time per host time spent inside KVM, for every CPU
+    /// (overrides the config's system.cpu.host_factor; also after
+    /// --restore, see README "Checkpoints").
+    #[arg(long, value_name = "FACTOR")]
+    host_factor: Option<f64>,
     /// The host file the guest reads with the readfile sim-op (gem5's
     /// `m5 readfile`; overrides the config's system.readfile). With
     /// --restore, each restore of a checkpoint can run its own script.
@@ -438,6 +443,9 @@ fn make_config(
         if let Some(r) = &a.readfile {
             s.readfile = Some(r.clone());
         }
+        if let Some(f) = a.host_factor {
+            s.cpu.host_factor = Some(f);
+        }
     }
     let source = a.restore.as_deref().or(a.config.as_deref()).unwrap_or(cli);
     cfg.validate(source)?;
@@ -452,6 +460,27 @@ fn make_config(
                 ),
             )
             .into());
+        }
+        // A guest that calibrated its TSC against the checkpoint's factor
+        // (a Linux kernel: tsc_early_khz) keeps that calibration.
+        if a.host_factor.is_some() {
+            for (i, (now, then)) in cfg.system.iter().zip(&c.config.system).enumerate() {
+                let (now, then) = (
+                    now.cpu.resolved_host_factor(),
+                    then.cpu.resolved_host_factor(),
+                );
+                if now != then {
+                    tracing::warn!(
+                        "system {i}: host_factor {now} after a checkpoint taken at {then}: \
+                         simulated time now advances {:.3}x as fast per host second inside KVM, \
+                         but the guest's TSC still runs at the host's rate, so a guest that \
+                         timed it at boot (Linux's tsc_early_khz) sees its TSC clock run \
+                         {:.3}x simulated time",
+                        now / then,
+                        then / now
+                    );
+                }
+            }
         }
         // A restore maps its RAM from the checkpoint: it needs no more host
         // memory than the pages the guest touches.

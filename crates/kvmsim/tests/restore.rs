@@ -154,6 +154,34 @@ fn checkpoint_exit_ends_the_run_and_a_restore_takes_a_new_limit() {
     );
     assert_eq!(r.no_panic().status, 250, "stderr:\n{}", r.stderr);
     assert_eq!(r.json("exit.json")["tick"], tick + 100_000);
+    // The host factor may change, with a word on what the guest's TSC does;
+    // the restored run finishes as the guest would.
+    let r = kvmsim(
+        &["run", "--restore", &cp, "--host-factor", "0.5", "--quiet"],
+        &d.join("factor"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert_eq!(
+        r.json("config.json")["system"][0]["cpu"]["host_factor"],
+        0.5
+    );
+    assert!(
+        r.stderr
+            .contains("host_factor 0.5 after a checkpoint taken at 1"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.file("serial.log").contains("ymm=ok"),
+        "{}",
+        r.file("serial.log")
+    );
+    let r = kvmsim(
+        &["run", "--restore", &cp, "--host-factor", "0"],
+        &d.join("factor0"),
+    );
+    assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
+    assert!(r.stderr.contains("host_factor"), "{}", r.stderr);
     // What cannot change on a restore is refused by name.
     for flag in [
         ["--memory", "64MiB"],
