@@ -477,3 +477,33 @@ fn disks_are_saved_identified_and_restored_with_an_overlay_of_their_own() {
     std::fs::remove_file(&sectors).unwrap();
     refused("a missing sector file", &["system.disk0.sectors"]);
 }
+
+/// A checkpoint holds systems that still run: asked for after one system
+/// ended, it is refused with an error naming that system, no folder is
+/// left behind, and what the run produced stays on disk.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_checkpoint_after_a_system_ended_is_refused_by_name() {
+    if !kvm_or_skip("restore_ended") {
+        return;
+    }
+    let (_d, cfg) = config(
+        "restore-ended",
+        "[[system]]\nkernel = \"builtin:hello\"\n[system.serial]\nstdout = false\n\
+         [[system]]\nkernel = \"builtin:ckpt\"\nargs = [200000, 200]\n[system.serial]\nstdout = false\n",
+    );
+    let out = outdir("restore-ended-out");
+    let r = kvmsim(&["run", &cfg, "--checkpoint-at", "2ms", "--no-stdin"], &out);
+    assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("system0 has already ended"),
+        "{}",
+        r.stderr
+    );
+    assert!(checkpoints(&out).is_empty(), "a checkpoint folder was left");
+    assert!(r.file("serial.system0.log").contains("Hello"));
+    assert!(out.join("stats.txt").is_file());
+}

@@ -455,6 +455,13 @@ impl Simulation {
     fn take_checkpoint(&mut self) -> Result<std::path::PathBuf, PlatformError> {
         let start = std::time::Instant::now();
         let tick = self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0);
+        if let Some(i) = self.systems.iter().position(System::has_ended) {
+            return Err(PlatformError::Checkpoint(format!(
+                "a checkpoint at tick {tick} was asked for, but {} has already ended: a \
+                 checkpoint holds systems that still run (take it before any system ends)",
+                self.names[i]
+            )));
+        }
         let dir = self.out.file(&format!("cpt.{tick}"));
         ckpt::create_dir(&dir)?;
         let mut states = Vec::with_capacity(self.systems.len());

@@ -1100,6 +1100,11 @@ impl System {
         self.core().stats.reset(now);
     }
 
+    /// True once the system has ended (its exit is recorded).
+    pub fn has_ended(&self) -> bool {
+        self.shared.exited.load(Ordering::Acquire)
+    }
+
     /// Runs until something ends the simulation (one CPU: on this thread;
     /// several: one thread each, in windows of `quantum`).
     /// A checkpoint asked for here is not written (that takes a
