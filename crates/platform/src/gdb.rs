@@ -939,7 +939,10 @@ impl<'a> BlockingEventLoop for EventLoop<'a> {
                         "a checkpoint was asked for while debugging: none is written under --gdb"
                     );
                 }
-                target.sys.resume_after_checkpoint();
+                target
+                    .sys
+                    .resume_after_checkpoint()
+                    .map_err(|e| WaitForStopReasonError::Target(e.to_string()))?;
             }
             match target.sys.take_debug_halt(0) {
                 Some(DebugHalt::Stop(s)) => return Ok(Event::TargetStopped(stop_reason(s))),

@@ -586,7 +586,7 @@ impl Simulation {
                             .collect());
                     }
                     for s in &mut self.systems {
-                        s.resume_after_checkpoint();
+                        s.resume_after_checkpoint()?;
                     }
                 }
             }

@@ -1127,7 +1127,7 @@ impl System {
                         "{}: a checkpoint was asked for, but this run writes none",
                         self.shared.name
                     );
-                    self.resume_after_checkpoint();
+                    self.resume_after_checkpoint()?;
                 }
             }
         }

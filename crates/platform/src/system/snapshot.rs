@@ -101,12 +101,18 @@ impl System {
     }
 
     /// After a checkpoint: every CPU goes on from where it stopped.
-    pub fn resume_after_checkpoint(&mut self) {
+    pub fn resume_after_checkpoint(&mut self) -> Result<(), PlatformError> {
         self.shared.ckpt_ready.store(false, Ordering::Release);
         for slot in &mut self.cpus {
             let at = slot.queue.cur_tick();
+            // The run goes on in new threads (several CPUs or systems): each
+            // binds its CPU's run timer and counters to itself again, as at
+            // the start (without it, nothing forces a guest spinning in
+            // ring 3 out of KVM: the old thread's timer is gone).
+            slot.queue.schedule(at, STARTUP_PRI, CpuEvent::Startup)?;
             post(&self.shared.inboxes[slot.index], at, Arrival::Resume, false);
         }
+        Ok(())
     }
 
     /// Saves the system into checkpoint folder `dir` (its RAM as
