@@ -547,6 +547,8 @@ impl Simulation {
         if let (Some(l), [sys]) = (&self.gdb, self.systems.as_mut_slice()) {
             return Ok(vec![crate::gdb::run(sys, l)?]);
         }
+        // Systems that ended before a checkpoint, with their exits.
+        let mut ended: Vec<Option<ExitEvent>> = vec![None; self.systems.len()];
         loop {
             let end = if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
                 match self.systems[0].run_until_checkpoint()? {
@@ -565,11 +567,26 @@ impl Simulation {
                         stats: &self.link_stats,
                         snapshot: &self.net_snapshot,
                     }),
+                    &mut ended,
                 )?
             };
             match end {
                 RunEnd::Exits(exits) => return Ok(exits),
                 RunEnd::Checkpoint => {
+                    // A checkpoint holds systems that still run: with one
+                    // ended, none is taken, and the run goes on.
+                    if let Some(i) = self.systems.iter().position(System::has_ended) {
+                        tracing::warn!(
+                            "checkpoint at tick {} not taken: {} has already ended (a \
+                             checkpoint holds systems that still run); the run goes on",
+                            self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0),
+                            self.names[i]
+                        );
+                        for s in &mut self.systems {
+                            s.resume_after_checkpoint()?;
+                        }
+                        continue;
+                    }
                     let dir = self.take_checkpoint()?;
                     if self.config.sim.checkpoint_exit {
                         return Ok(self
@@ -777,6 +794,7 @@ pub(crate) fn run_threads(
     quantum: Tick,
     stop_on_fault: bool,
     net: Option<Net<'_>>,
+    ended: &mut [Option<ExitEvent>],
 ) -> Result<RunEnd, PlatformError> {
     let n = systems.len();
     // A run resumed after a checkpoint (or restored from one) starts with
@@ -811,9 +829,12 @@ pub(crate) fn run_threads(
         stop_on_fault,
         barrier: SpinBarrier::new(threads),
         inboxes: (0..n).map(|_| Default::default()).collect(),
-        done: AtomicUsize::new(0),
+        // Systems that ended before a checkpoint stay ended, with their exit.
+        done: AtomicUsize::new(ended.iter().filter(|e| e.is_some()).count()),
         stop: AtomicBool::new(false),
-        results: (0..n).map(|_| Mutex::new(None)).collect(),
+        results: (0..n)
+            .map(|i| Mutex::new(ended.get_mut(i).and_then(Option::take).map(Ok)))
+            .collect(),
         next,
         ckpt_asked: (0..n).map(|_| AtomicBool::new(false)).collect(),
         ckpt_ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
@@ -843,6 +864,16 @@ pub(crate) fn run_threads(
         }
     });
     if run.stopped_for_checkpoint.load(Ordering::SeqCst) {
+        // Kept for the run that goes on after the checkpoint.
+        for (i, slot) in ended.iter_mut().enumerate().take(n) {
+            if let Some(Ok(e)) = run.results[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                *slot = Some(e);
+            }
+        }
         return Ok(RunEnd::Checkpoint);
     }
     let mut exits = Vec::with_capacity(n);

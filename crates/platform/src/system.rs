@@ -1113,7 +1113,13 @@ impl System {
         loop {
             let end = if self.cpus.len() > 1 {
                 let q = crate::config::DEFAULT_SMP_QUANTUM;
-                match crate::simulation::run_threads(std::slice::from_mut(self), q, false, None)? {
+                match crate::simulation::run_threads(
+                    std::slice::from_mut(self),
+                    q,
+                    false,
+                    None,
+                    &mut [None],
+                )? {
                     crate::simulation::RunEnd::Exits(mut v) => v.pop(),
                     crate::simulation::RunEnd::Checkpoint => None,
                 }
