@@ -5,8 +5,8 @@
 //! fault on a mapped but absent page, or kvmsim copying into it); a
 //! mapping's pages are present only once populated. Every change to a
 //! present entry marks the address space for a TLB flush, which the
-//! syscall device performs by switching between two copies of the PML4
-//! (a CR3 change drops the CPU's cached translations).
+//! syscall device performs by loading a fresh copy of the whole tree (see
+//! [`AddressSpace::flush`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -68,12 +68,15 @@ impl PhysMem for VecMem {
 }
 
 /// Hands out 4 KiB frames of guest RAM: never-used frames in address
-/// order, then freed ones.
+/// order, then freed ones. Frames that once held page tables are only
+/// ever reused as data (see [`AddressSpace::flush`]).
 #[derive(Debug, Clone)]
 pub struct Frames {
     /// Unused RAM: [next, end) ranges, in order.
     ranges: Vec<(u64, u64)>,
     free: Vec<u64>,
+    /// Former page-table frames: data pages only.
+    retired: Vec<u64>,
     used: u64,
 }
 
@@ -88,12 +91,24 @@ impl Frames {
         Frames {
             ranges,
             free: Vec::new(),
+            retired: Vec::new(),
             used: 0,
         }
     }
 
-    /// A zeroed frame, or `None` when RAM is exhausted.
+    /// A zeroed frame for data, or `None` when RAM is exhausted.
     pub fn alloc(&mut self, mem: &dyn PhysMem) -> Option<u64> {
+        match self.retired.pop() {
+            Some(f) if mem.write(f, &[0; PAGE as usize]) => {
+                self.used += 1;
+                Some(f)
+            }
+            _ => self.alloc_table(mem),
+        }
+    }
+
+    /// A zeroed frame that never held a page table.
+    pub fn alloc_table(&mut self, mem: &dyn PhysMem) -> Option<u64> {
         let f = match self.free.pop() {
             Some(f) => f,
             None => {
@@ -113,6 +128,12 @@ impl Frames {
     pub fn free(&mut self, f: u64) {
         self.used = self.used.saturating_sub(1);
         self.free.push(f);
+    }
+
+    /// Gives back a frame that held a page table: data only from now on.
+    pub fn retire_table(&mut self, f: u64) {
+        self.used = self.used.saturating_sub(1);
+        self.retired.push(f);
     }
 
     /// Frames in use.
@@ -170,9 +191,8 @@ pub const EINVAL: Errno = 22;
 #[derive(Debug)]
 pub struct AddressSpace {
     pub frames: Frames,
-    /// The two PML4 copies and which one is loaded.
-    pml4: [u64; 2],
-    active: usize,
+    /// The PML4 to load.
+    root: u64,
     /// A present entry changed since the last flush.
     pub flush_needed: bool,
     pub vmas: BTreeMap<u64, Vma>,
@@ -183,12 +203,10 @@ pub const MMAP_MIN: u64 = 0x10000;
 
 impl AddressSpace {
     pub fn new(mem: &dyn PhysMem, mut frames: Frames) -> Option<Self> {
-        let a = frames.alloc(mem)?;
-        let b = frames.alloc(mem)?;
+        let root = frames.alloc_table(mem)?;
         Some(AddressSpace {
             frames,
-            pml4: [a, b],
-            active: 0,
+            root,
             flush_needed: false,
             vmas: BTreeMap::new(),
         })
@@ -196,20 +214,61 @@ impl AddressSpace {
 
     /// The CR3 to load.
     pub fn cr3(&self) -> u64 {
-        self.pml4[self.active]
+        self.root
     }
 
-    /// Copies the loaded PML4 into the other copy and makes that the one to
-    /// load: the CR3 change drops stale translations.
+    /// Makes kvmsim's changes to present entries visible to the CPU: the
+    /// whole tree is copied into frames that never held a page table, and
+    /// the copy's root is the CR3 to load; the old tables' frames become
+    /// data frames. Why not reload the same tables: KVM's MMU may cache
+    /// translations by the guest frame of each table and learns of changes
+    /// only from the guest's own writes (it write-protects them), never
+    /// from kvmsim's writes through its mapping of guest RAM; measured here,
+    /// a CR3 reload, even to a fresh PML4 over the same lower tables, left
+    /// a page made read-only by mprotect writable. Fresh frames at every
+    /// level have no cached state. Tables are few (a static program has
+    /// about a dozen), so a flush copies tens of KiB. If RAM runs out, the
+    /// tables stay as they are (a stale permission then shows as a repeated
+    /// fault, which ends the run).
     pub fn flush(&mut self, mem: &dyn PhysMem) -> u64 {
-        let mut buf = [0u8; PAGE as usize];
-        let from = self.pml4[self.active];
-        let to = self.pml4[1 - self.active];
-        if mem.read(from, &mut buf) && mem.write(to, &buf) {
-            self.active = 1 - self.active;
-        }
         self.flush_needed = false;
-        self.cr3()
+        let mut old = Vec::new();
+        match self.copy_tree(mem, self.root, 4, &mut old) {
+            Some(new) => {
+                self.root = new;
+                for f in old {
+                    self.frames.retire_table(f);
+                }
+            }
+            None => tracing::warn!("SE: out of guest RAM copying the page tables for a TLB flush"),
+        }
+        self.root
+    }
+
+    /// Copies the table at `table` (of `level`, 4 = PML4) and the tables
+    /// below it; collects the old tables' frames in `old`.
+    fn copy_tree(
+        &mut self,
+        mem: &dyn PhysMem,
+        table: u64,
+        level: u32,
+        old: &mut Vec<u64>,
+    ) -> Option<u64> {
+        let mut buf = [0u8; PAGE as usize];
+        if !mem.read(table, &mut buf) {
+            return None;
+        }
+        let new = self.frames.alloc_table(mem)?;
+        for i in 0..512 {
+            let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+            if level > 1 && e & PTE_P != 0 {
+                let c = self.copy_tree(mem, e & ADDR_MASK, level - 1, old)?;
+                buf[i * 8..i * 8 + 8].copy_from_slice(&(c | (e & !ADDR_MASK)).to_le_bytes());
+            }
+        }
+        mem.write(new, &buf);
+        old.push(table);
+        Some(new)
     }
 
     fn entry(mem: &dyn PhysMem, table: u64, idx: u64) -> u64 {
@@ -223,10 +282,6 @@ impl AddressSpace {
 
     fn set_entry(&mut self, mem: &dyn PhysMem, table: u64, idx: u64, e: u64) {
         mem.write(table + idx * 8, &e.to_le_bytes());
-        // The top level exists twice: keep both copies equal.
-        if table == self.pml4[self.active] {
-            mem.write(self.pml4[1 - self.active] + idx * 8, &e.to_le_bytes());
-        }
     }
 
     /// The leaf entry's table and index for `va`, creating the levels
@@ -239,7 +294,7 @@ impl AddressSpace {
             table = if e & PTE_P != 0 {
                 e & ADDR_MASK
             } else if create {
-                let f = self.frames.alloc(mem)?;
+                let f = self.frames.alloc_table(mem)?;
                 self.set_entry(mem, table, idx, f | PTE_P | PTE_W | PTE_U);
                 f
             } else {

@@ -186,6 +186,8 @@ pub struct Process {
     pub sigmask: u64,
     pub tid_address: u64,
     pub robust_list: u64,
+    /// The thread's name (prctl PR_SET_NAME), NUL-padded.
+    pub comm: [u8; 16],
 }
 
 impl std::fmt::Debug for Process {
@@ -496,6 +498,17 @@ impl Process {
                 sigmask: 0,
                 tid_address: 0,
                 robust_list: 0,
+                comm: {
+                    let mut c = [0u8; 16];
+                    let base = cfg
+                        .path
+                        .file_name()
+                        .map(|n| n.as_encoded_bytes().to_vec())
+                        .unwrap_or_default();
+                    let k = base.len().min(15);
+                    c[..k].copy_from_slice(&base[..k]);
+                    c
+                },
             },
             Entry {
                 rip: elf.entry + bias,

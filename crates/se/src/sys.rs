@@ -121,7 +121,8 @@ impl Files {
     }
 
     fn get(&self, fd: u64) -> Result<Arc<OpenFile>, i64> {
-        usize::try_from(fd)
+        // A descriptor is an int: only the low 32 bits count.
+        usize::try_from(fd as u32)
             .ok()
             .and_then(|i| self.fds.get(i))
             .and_then(|f| f.as_ref())
@@ -228,6 +229,9 @@ pub mod nr {
     pub const UMASK: u64 = 95;
     pub const GETTIMEOFDAY: u64 = 96;
     pub const GETRLIMIT: u64 = 97;
+    pub const SETUID: u64 = 105;
+    pub const SETGID: u64 = 106;
+    pub const PRCTL: u64 = 157;
     pub const GETUID: u64 = 102;
     pub const GETGID: u64 = 104;
     pub const GETEUID: u64 = 107;
@@ -375,6 +379,18 @@ impl Process {
             GETUID | GETEUID => ret(Ok(i64::from(UID))),
             GETGID | GETEGID => ret(Ok(i64::from(GID))),
             UMASK => ret(Ok(0o022)),
+            // The identity cannot change: setting it to itself succeeds.
+            SETUID => ret(if a[0] == u64::from(UID) {
+                Ok(0)
+            } else {
+                Err(EPERM)
+            }),
+            SETGID => ret(if a[0] == u64::from(GID) {
+                Ok(0)
+            } else {
+                Err(EPERM)
+            }),
+            PRCTL => ret(self.prctl(mem, a[0], a[1])),
             GETRANDOM => ret(self.getrandom(mem, a[0], a[1])),
             CLOCK_GETTIME => ret(self.clock_gettime(mem, a[0], a[1], clock)),
             CLOCK_GETRES => ret(self.clock_getres(mem, a[0], a[1])),
@@ -540,7 +556,8 @@ impl Process {
         if p.as_os_str().is_empty() {
             return Err(ENOENT);
         }
-        if p.is_absolute() || dirfd as i64 == AT_FDCWD {
+        // Descriptors are C ints: the upper half of the register is not looked at.
+        if p.is_absolute() || dirfd as i32 as i64 == AT_FDCWD {
             return Ok(self.redirect(p));
         }
         let d = self.files.get(dirfd)?;
@@ -1017,6 +1034,30 @@ impl Process {
             self.space.read_user(mem, new, &mut b)?;
         }
         Ok(0)
+    }
+
+    /// prctl: the thread's name (PR_SET_NAME / PR_GET_NAME); nothing else.
+    fn prctl(&mut self, mem: &dyn PhysMem, option: u64, arg: u64) -> Result<i64, i64> {
+        const PR_SET_NAME: u64 = 15;
+        const PR_GET_NAME: u64 = 16;
+        match option {
+            PR_SET_NAME => {
+                let mut n = [0u8; 16];
+                self.space.read_user(mem, arg, &mut n[..1])?;
+                let name = self.space.read_cstr(mem, arg, PATH_MAX).unwrap_or_default();
+                let k = name.len().min(15);
+                n[..k].copy_from_slice(&name[..k]);
+                n[k] = 0;
+                self.comm = n;
+                Ok(0)
+            }
+            PR_GET_NAME => {
+                let c = self.comm;
+                self.space.write_user(mem, arg, &c)?;
+                Ok(0)
+            }
+            _ => Err(EINVAL),
+        }
     }
 
     fn uname(&mut self, mem: &dyn PhysMem, buf: u64) -> Result<i64, i64> {
