@@ -647,7 +647,9 @@ impl System {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64)
             });
-            sc.se.as_mut().map(|c| c.realtime_start = Some(realtime));
+            if let Some(c) = sc.se.as_mut() {
+                c.realtime_start = Some(realtime);
+            }
             let timing = se::dev::Timing {
                 syscall_latency: cfg.syscall_latency.0,
                 fault_latency: cfg.fault_latency.0,

@@ -352,7 +352,7 @@ impl AddressSpace {
 
     /// Adds a mapping over free space; fixed pages are made present now.
     pub fn map(&mut self, mem: &dyn PhysMem, start: u64, vma: Vma) -> Result<(), Errno> {
-        if start % PAGE != 0 || vma.end % PAGE != 0 || vma.end <= start {
+        if !start.is_multiple_of(PAGE) || !vma.end.is_multiple_of(PAGE) || vma.end <= start {
             return Err(EINVAL);
         }
         if !self.is_free(start, vma.end) {
@@ -713,11 +713,41 @@ mod tests {
         assert_eq!(b, [7]);
         let old = s.cr3();
         assert_ne!(s.flush(&mem), old);
-        assert_eq!(
+        assert!(
             s.translate(&mem, 0x10_2000).is_some(),
-            true,
             "same mappings after the switch"
         );
+    }
+
+    #[test]
+    fn a_flush_moves_every_table_to_fresh_frames_and_never_reuses_old_ones_as_tables() {
+        let (mem, mut s) = space();
+        s.map(&mem, 0x10_0000, anon(0x10_2000, PROT_READ | PROT_WRITE))
+            .unwrap();
+        s.write_user(&mem, 0x10_0000, &[5u8; 0x2000]).unwrap();
+        let tables = |s: &mut AddressSpace| {
+            let mut t = vec![s.cr3()];
+            let mut table = s.cr3();
+            for shift in [39u32, 30, 21] {
+                table = AddressSpace::entry(&mem, table, (0x10_0000 >> shift) & 511) & ADDR_MASK;
+                t.push(table);
+            }
+            t
+        };
+        let old = tables(&mut s);
+        let used = s.frames.used();
+        s.flush(&mem);
+        let new = tables(&mut s);
+        assert!(old.iter().all(|f| !new.contains(f)), "{old:x?} {new:x?}");
+        assert_eq!(s.frames.used(), used, "the old tables were given back");
+        let mut b = [0u8; 2];
+        s.read_user(&mem, 0x10_0fff, &mut b).unwrap();
+        assert_eq!(b, [5, 5], "the same pages behind the new tables");
+        // Old table frames come back as data, never as tables.
+        let t = s.frames.alloc_table(&mem).unwrap();
+        assert!(!old.contains(&t));
+        let d = s.frames.alloc(&mem).unwrap();
+        assert!(old.contains(&d));
     }
 
     #[test]

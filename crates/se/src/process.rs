@@ -66,7 +66,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x6b76_6d73_696d_5345)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -75,7 +75,7 @@ impl Rng {
     }
     pub fn fill(&mut self, buf: &mut [u8]) {
         for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.next_u64().to_le_bytes();
             c.copy_from_slice(&v[..c.len()]);
         }
     }
@@ -588,7 +588,7 @@ mod tests {
     #[test]
     fn the_generator_repeats_for_a_seed() {
         let (mut a, mut b, mut c) = (Rng::new(1), Rng::new(1), Rng::new(2));
-        assert_eq!(a.next(), b.next());
-        assert_ne!(a.next(), c.next());
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert_ne!(a.next_u64(), c.next_u64());
     }
 }

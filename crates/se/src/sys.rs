@@ -427,8 +427,11 @@ impl Process {
     ) -> Result<i64, i64> {
         let f = self.files.get(fd)?;
         let n = (count as usize).min(MAX_IO);
-        // The buffer must be writable before anything is consumed.
-        self.space.check_user(mem, buf, n as u64, PROT_WRITE)?;
+        // The buffer's first byte must be writable before anything is
+        // consumed; the rest is checked as the data is copied (as Linux does,
+        // a count larger than the buffer is fine when the data fits).
+        self.space
+            .check_user(mem, buf, n.min(1) as u64, PROT_WRITE)?;
         let mut tmp = vec![0u8; n];
         let got = match (&f.obj, at) {
             (Object::Stdin { enabled: false }, _) => 0,
@@ -881,7 +884,7 @@ impl Process {
         const MAP_ANONYMOUS: u64 = 0x20;
         const MAP_POPULATE: u64 = 0x8000;
         const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
-        if len == 0 || off % PAGE != 0 || prot & !7 != 0 {
+        if len == 0 || !off.is_multiple_of(PAGE) || prot & !7 != 0 {
             return Err(EINVAL);
         }
         let len = len.checked_add(PAGE - 1).ok_or(ENOMEM)? & !(PAGE - 1);
@@ -909,11 +912,15 @@ impl Process {
         }
         let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
         let start = if fixed {
-            if addr % PAGE != 0
+            if !addr.is_multiple_of(PAGE)
                 || addr < MMAP_MIN
                 || addr.checked_add(len).is_none_or(|e| e > crate::USER_TOP)
             {
-                return Err(if addr % PAGE != 0 { EINVAL } else { EPERM });
+                return Err(if !addr.is_multiple_of(PAGE) {
+                    EINVAL
+                } else {
+                    EPERM
+                });
             }
             if !self.space.is_free(addr, addr + len) {
                 if flags & MAP_FIXED_NOREPLACE != 0 {
@@ -952,7 +959,7 @@ impl Process {
     }
 
     fn user_range(addr: u64, len: u64) -> Result<(u64, u64), i64> {
-        if addr % PAGE != 0 {
+        if !addr.is_multiple_of(PAGE) {
             return Err(EINVAL);
         }
         let end = addr
@@ -1182,7 +1189,7 @@ impl Process {
     }
 
     fn getaffinity(&mut self, mem: &dyn PhysMem, size: u64, mask: u64) -> Result<i64, i64> {
-        if size < 8 || size % 8 != 0 {
+        if size < 8 || !size.is_multiple_of(8) {
             return Err(EINVAL);
         }
         let n = (size as usize).min(128);
@@ -1262,5 +1269,210 @@ impl Process {
             }
             _ => Err(ENOSYS),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::elf::{self, ET_EXEC};
+    use crate::mm::{VecMem, EFAULT};
+    use crate::process::{Process, ProcessConfig};
+
+    const RAM: usize = 8 << 20;
+
+    fn process() -> (VecMem, Process) {
+        let mem = VecMem::new(RAM);
+        let image = elf::tests::tiny(ET_EXEC, 0x40_0000, &[0xf4; 64], &[]);
+        let e = elf::parse(&image, "tiny").unwrap();
+        let cfg = ProcessConfig {
+            path: "/tiny".into(),
+            argv: vec!["tiny".into()],
+            envp: vec![],
+            seed: 1,
+            hwcap: 0,
+        };
+        let sink = || Sink {
+            echo: None,
+            log: None,
+        };
+        let files = Files::stdio(false, sink(), sink());
+        let (p, _) =
+            Process::load(&mem, &[(0, RAM as u64)], &image, &e, &cfg, &[0; 10], files).unwrap();
+        (mem, p)
+    }
+
+    fn call(p: &mut Process, mem: &VecMem, nr: u64, a: &[u64]) -> i64 {
+        let mut args = [0u64; 6];
+        args[..a.len()].copy_from_slice(a);
+        let clock = Clock {
+            now: 5_000_000_000_000,
+            realtime_base_ns: 1_000_000_000,
+        };
+        match p.syscall(mem, nr, args, clock).expect("supported").flow {
+            Flow::Return(v) => v,
+            Flow::Exit { status, .. } => panic!("exit {status}"),
+        }
+    }
+
+    #[test]
+    fn hostile_pointers_are_efault() {
+        let (mem, mut p) = process();
+        let stack = crate::STACK_TOP - 0x100;
+        for bad in [
+            0,
+            0x1000,
+            0x40_0000,
+            crate::ENTRY_VA + 0x1000,
+            crate::KBASE,
+            u64::MAX - 7,
+            1 << 63,
+        ] {
+            // Into the program: write(1, bad, 8) reads it; clock_gettime writes it.
+            let w = call(&mut p, &mem, nr::WRITE, &[1, bad, 8]);
+            let c = call(&mut p, &mem, nr::CLOCK_GETTIME, &[1, bad]);
+            let u = call(&mut p, &mem, nr::UNAME, &[bad]);
+            let o = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, bad, 0, 0]);
+            // The program's text is readable: only the writes fail there.
+            if bad == 0x40_0000 {
+                assert_eq!((w, c, u), (8, -EFAULT, -EFAULT), "{bad:#x}");
+            } else {
+                assert_eq!(
+                    (w, c, u, o),
+                    (-EFAULT, -EFAULT, -EFAULT, -EFAULT),
+                    "{bad:#x}"
+                );
+            }
+        }
+        // A buffer that runs off the end of the stack, and an enormous count.
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::GETRANDOM,
+                &[crate::STACK_TOP + crate::mm::PAGE - 8, 16]
+            ),
+            -EFAULT
+        );
+        assert_eq!(call(&mut p, &mem, nr::GETRANDOM, &[stack, 16]), 16);
+        assert_eq!(
+            call(&mut p, &mem, nr::READ, &[0, stack, u64::MAX]),
+            0,
+            "stdin is empty, the count is capped"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::WRITEV, &[1, stack, 1 << 40]),
+            -EINVAL
+        );
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[77]), -EBADF);
+        assert_eq!(
+            call(&mut p, &mem, nr::WRITE, &[(1u64 << 32) | 77, stack, 1]),
+            -EBADF
+        );
+        // A path with no NUL within PATH_MAX.
+        let long = vec![b'a'; 2 * PAGE as usize];
+        let at = crate::STACK_TOP - 3 * PAGE;
+        p.space.write_user(&mem, at, &long).unwrap();
+        let r = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, at, 0, 0]);
+        assert!(r == -EFAULT || r == -ENAMETOOLONG, "{r}");
+    }
+
+    #[test]
+    fn memory_calls_keep_the_rules() {
+        let (mem, mut p) = process();
+        let brk0 = call(&mut p, &mem, nr::BRK, &[0]) as u64;
+        assert_eq!(brk0, 0x40_1000, "brk starts after the program");
+        assert_eq!(
+            call(&mut p, &mem, nr::BRK, &[brk0 + 10000]) as u64,
+            brk0 + 10000
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::BRK, &[1]) as u64,
+            brk0 + 10000,
+            "below the start: unchanged"
+        );
+        let m = call(&mut p, &mem, nr::MMAP, &[0, 3 * PAGE, 3, 0x22, u64::MAX, 0]);
+        assert!(
+            m > 0 && (m as u64) < crate::MMAP_TOP && (m as u64).is_multiple_of(PAGE),
+            "{m:#x}"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MMAP, &[0, 0, 3, 0x22, u64::MAX, 0]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MMAP, &[0, 1 << 50, 3, 0x22, u64::MAX, 0]),
+            -ENOMEM
+        );
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::MMAP,
+                &[0x1000, PAGE, 3, 0x32, u64::MAX, 0]
+            ),
+            -EPERM,
+            "fixed below mmap_min_addr"
+        );
+        // The kernel stub and the sim-ops window cannot be unmapped or changed.
+        assert_eq!(
+            call(&mut p, &mem, nr::MUNMAP, &[crate::SIMOPS_VA, PAGE]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MPROTECT, &[crate::KBASE, PAGE, 7]),
+            -EINVAL
+        );
+        assert_eq!(call(&mut p, &mem, nr::MPROTECT, &[m as u64, PAGE, 1]), 0);
+        assert_eq!(p.space.write_user(&mem, m as u64, &[1]), Err(EFAULT));
+        assert_eq!(
+            call(&mut p, &mem, nr::MUNMAP, &[m as u64 + 1, PAGE]),
+            -EINVAL,
+            "unaligned"
+        );
+        assert_eq!(call(&mut p, &mem, nr::MUNMAP, &[m as u64, 3 * PAGE]), 0);
+        assert!(p.space.vma_at(m as u64).is_none());
+        // Filling RAM is ENOMEM, never a panic.
+        let big = call(
+            &mut p,
+            &mem,
+            nr::MMAP,
+            &[0, 64 << 20, 3, 0x22 | 0x8000, u64::MAX, 0],
+        );
+        assert_eq!(big, -ENOMEM);
+    }
+
+    #[test]
+    fn time_and_sleep_are_simulated() {
+        let (mem, mut p) = process();
+        let ts = crate::STACK_TOP - 0x200;
+        assert_eq!(call(&mut p, &mem, nr::CLOCK_GETTIME, &[1, ts]), 0);
+        let mut b = [0u8; 16];
+        p.space.read_user(&mem, ts, &mut b).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(b[..8].try_into().unwrap()),
+            5,
+            "tick 5e12 is 5 s"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::TIME, &[0]),
+            6,
+            "realtime starts at 1 s"
+        );
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&2u64.to_le_bytes());
+        req[8..].copy_from_slice(&250_000_000u64.to_le_bytes());
+        p.space.write_user(&mem, ts, &req).unwrap();
+        let clock = Clock {
+            now: 0,
+            realtime_base_ns: 0,
+        };
+        let d = p
+            .syscall(&mem, nr::NANOSLEEP, [ts, 0, 0, 0, 0, 0], clock)
+            .unwrap();
+        assert_eq!(d.sleep, 2_250_000_000_000);
+        req[8..].copy_from_slice(&2_000_000_000u64.to_le_bytes());
+        p.space.write_user(&mem, ts, &req).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::NANOSLEEP, &[ts, 0]), -EINVAL);
     }
 }
