@@ -424,3 +424,51 @@ fn programs_kvmsim_cannot_run_are_refused_by_name() {
     assert_eq!(r.status.code(), Some(254));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--env"));
 }
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn the_config_form_gives_arguments_environment_and_argv0() {
+    if !kvm_or_skip("se_config") {
+        return;
+    }
+    let p = need!(prog(), "se_config");
+    let (dir, cfg) = config(
+        "se_config",
+        &format!(
+            "[system]\nplatform = \"se\"\nkernel = \"{}\"\nmemory = \"64MiB\"\n\n[system.se]\n\
+             args = [\"hello\", \"x\"]\nargv0 = \"renamed\"\nenv = [\"K=v\"]\nsyscall_latency = \"5us\"\n",
+            p.display()
+        ),
+    );
+    let r = kvmsim(
+        &["se", "--quiet", "--no-stdin", "--config", &cfg],
+        &dir.join("out"),
+    );
+    r.no_panic();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "hello argc=3 [x] env: K=v\n");
+    // Every call cost 5 us of simulated time.
+    let calls = r.stat("system.se.syscalls::total").as_u64().unwrap();
+    let ticks = r.stat("system.se.syscallTicks::total").as_u64().unwrap();
+    assert_eq!(ticks, calls * 5_000_000);
+    let resolved = r.json("config.json");
+    assert_eq!(resolved["system"][0]["se"]["argv0"], "renamed");
+    // A config that is not SE is refused by kvmsim se; checkpoints are refused.
+    let (d2, bare) = config("se_config_bare", "[system]\nkernel = \"builtin:hello\"\n");
+    let r = kvmsim(&["se", "--config", &bare], &d2.join("out"));
+    assert_eq!(r.status, 254);
+    assert!(r.stderr.contains("platform"), "{}", r.stderr);
+    let (d3, ck) = config(
+        "se_config_ckpt",
+        &format!(
+            "[sim]\ncheckpoint_at = \"1ms\"\n[system]\nplatform = \"se\"\nkernel = \"{}\"\n",
+            p.display()
+        ),
+    );
+    let r = kvmsim(&["se", "--config", &ck], &d3.join("out"));
+    assert_eq!(r.status, 254);
+    assert!(r.stderr.contains("checkpoint"), "{}", r.stderr);
+}
