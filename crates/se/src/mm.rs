@@ -200,6 +200,9 @@ pub struct AddressSpace {
 
 /// The lowest address a program may map (Linux's default vm.mmap_min_addr).
 pub const MMAP_MIN: u64 = 0x10000;
+/// The most mappings a process may have (Linux's default vm.max_map_count):
+/// mappings cost host memory even before they hold a page.
+pub const MAX_MAPS: usize = 65530;
 
 impl AddressSpace {
     pub fn new(mem: &dyn PhysMem, mut frames: Frames) -> Option<Self> {
@@ -358,6 +361,9 @@ impl AddressSpace {
         if !self.is_free(start, vma.end) {
             return Err(EINVAL);
         }
+        if self.vmas.len() >= MAX_MAPS {
+            return Err(ENOMEM);
+        }
         if let Backing::Fixed { phys, .. } = vma.backing {
             let bits = Self::pte_bits(&vma);
             for va in (start..vma.end).step_by(PAGE as usize) {
@@ -425,6 +431,22 @@ impl AddressSpace {
             va += n as u64;
         }
         Ok(())
+    }
+
+    /// Grows the anonymous mapping that ends at `at` to `end` (brk), if
+    /// there is one and [at, end) is free.
+    pub fn extend(&mut self, at: u64, end: u64) -> bool {
+        let Some((s, v)) = self.vma_at(at.wrapping_sub(1)) else {
+            return false;
+        };
+        if v.end != at || !matches!(v.backing, Backing::Anon) || v.kernel || !self.is_free(at, end)
+        {
+            return false;
+        }
+        if let Some(v) = self.vmas.get_mut(&s) {
+            v.end = end;
+        }
+        true
     }
 
     /// Splits the mappings so that none straddles `at`.

@@ -177,6 +177,8 @@ pub struct Process {
     pub space: AddressSpace,
     pub brk_start: u64,
     pub brk: u64,
+    /// The lowest address an mmap was placed at (the next goes below it).
+    pub mmap_low: u64,
     pub files: Files,
     /// The program's absolute path (readlink /proc/self/exe).
     pub exe: PathBuf,
@@ -490,6 +492,7 @@ impl Process {
                 space,
                 brk_start,
                 brk: brk_start,
+                mmap_low: MMAP_TOP,
                 files,
                 exe,
                 rng,

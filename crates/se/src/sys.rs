@@ -850,6 +850,12 @@ impl Process {
             if !self.space.is_free(old_end, new_end) {
                 return self.brk;
             }
+            // One heap mapping, grown in place (sbrk in small steps makes
+            // no new mapping each time).
+            if old_end > self.brk_start && self.space.extend(old_end, new_end) {
+                self.brk = want;
+                return want;
+            }
             let v = Vma {
                 end: new_end,
                 prot: PROT_READ | PROT_WRITE,
@@ -937,8 +943,12 @@ impl Process {
             {
                 hint
             } else {
+                // Below the lowest mmap so far first (Linux's old
+                // free-area cache: no walk over every mapping), then anywhere.
+                let floor = self.brk_start.max(MMAP_MIN);
                 self.space
-                    .find_free(len, self.brk_start.max(MMAP_MIN), crate::MMAP_TOP)
+                    .find_free(len, floor, self.mmap_low)
+                    .or_else(|| self.space.find_free(len, floor, crate::MMAP_TOP))
                     .ok_or(ENOMEM)?
             }
         };
@@ -950,9 +960,16 @@ impl Process {
             name: "[mmap]",
         };
         self.space.map(mem, start, v)?;
+        if !fixed && start < self.mmap_low {
+            self.mmap_low = start;
+        }
         if flags & MAP_POPULATE != 0 && prot != 0 {
             for va in (start..start + len).step_by(PAGE as usize) {
-                self.space.populate(mem, va)?;
+                if let Err(e) = self.space.populate(mem, va) {
+                    // Nothing of a failed mmap stays behind.
+                    let _ = self.space.unmap(mem, start, start + len);
+                    return Err(e);
+                }
             }
         }
         Ok(start as i64)
@@ -1432,7 +1449,8 @@ mod tests {
         );
         assert_eq!(call(&mut p, &mem, nr::MUNMAP, &[m as u64, 3 * PAGE]), 0);
         assert!(p.space.vma_at(m as u64).is_none());
-        // Filling RAM is ENOMEM, never a panic.
+        // Filling RAM is ENOMEM, never a panic, and leaves nothing mapped.
+        let maps = p.space.vmas.len();
         let big = call(
             &mut p,
             &mem,
@@ -1440,6 +1458,23 @@ mod tests {
             &[0, 64 << 20, 3, 0x22 | 0x8000, u64::MAX, 0],
         );
         assert_eq!(big, -ENOMEM);
+        assert_eq!(p.space.vmas.len(), maps);
+        // sbrk in small steps grows one mapping.
+        let b = call(&mut p, &mem, nr::BRK, &[0]) as u64;
+        for i in 1..100 {
+            call(&mut p, &mem, nr::BRK, &[b + i * PAGE]);
+        }
+        assert_eq!(p.space.vmas.len(), maps);
+        // Mappings are limited in number (each costs host memory).
+        let mut last = 0;
+        for _ in 0..crate::mm::MAX_MAPS + 1 {
+            last = call(&mut p, &mem, nr::MMAP, &[0, PAGE, 0, 0x22, u64::MAX, 0]);
+            if last < 0 {
+                break;
+            }
+        }
+        assert_eq!(last, -ENOMEM);
+        assert!(p.space.vmas.len() <= crate::mm::MAX_MAPS);
     }
 
     #[test]
