@@ -7,7 +7,8 @@
 //! linked), `target/linux-guest/busybox/bin/busybox`, or is fetched once
 //! into `target/se-cache` with `apt-get download busybox-static` (as
 //! scripts/linux-guest.sh does); where none works the busybox tests say so
-//! on stderr and return (a visible skip). gcc is needed for the C program.
+//! on stderr and return (`--nocapture` shows it), or fail with
+//! `KVMSIM_REQUIRE_SE_TOOLS=1`. gcc is needed for the C program.
 
 mod common;
 
@@ -51,13 +52,18 @@ fn busybox() -> Result<PathBuf, String> {
         let tmp = target.join(format!("se-cache.tmp{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-        let (st, log) = shell(
-            "apt-get download busybox-static >/dev/null 2>&1 || exit 1; dpkg-deb -x busybox-static_*.deb bb",
-            &tmp,
-        );
-        if st != 0 || !is_static_elf(&tmp.join("bb/bin/busybox")) {
+        let fetched = Command::new("sh")
+            .arg("-c")
+            .arg("apt-get download busybox-static && dpkg-deb -x busybox-static_*.deb bb")
+            .current_dir(&tmp)
+            .output()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        if !fetched.status.success() || !is_static_elf(&tmp.join("bb/bin/busybox")) {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(format!("no static busybox here and `apt-get download busybox-static` failed: {log}"));
+            return Err(format!(
+                "no static busybox here and `apt-get download busybox-static` failed: {}",
+                String::from_utf8_lossy(&fetched.stderr).trim()
+            ));
         }
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::rename(&tmp, &cache).map_err(|e| e.to_string())?;
@@ -127,10 +133,15 @@ fn se(test: &str, prog: &Path, args: &[&str], extra: &[&str]) -> Run {
     }
 }
 
+/// The prerequisite, or a skip with its reason on stderr (shown with
+/// `--nocapture`); `KVMSIM_REQUIRE_SE_TOOLS=1` (CI) makes it a failure.
 macro_rules! need {
     ($what:expr, $test:expr) => {
         match $what {
             Ok(p) => p,
+            Err(why) if std::env::var("KVMSIM_REQUIRE_SE_TOOLS").as_deref() == Ok("1") => {
+                panic!("{}: {why}", $test)
+            }
             Err(why) => {
                 eprintln!("{}: skipped: {why}", $test);
                 return;
