@@ -277,6 +277,22 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
     fn write_virt(&mut self, va: u64, data: &[u8]) -> usize {
         self.arch.write_virt(self.vcpu, va, data)
     }
+
+    fn user_context(&mut self) -> Option<mem::UserContext> {
+        self.arch.user_context(self.vcpu).unwrap_or_else(|e| {
+            tracing::error!("cannot read the guest's registers: {e}");
+            None
+        })
+    }
+
+    fn set_user_context(&mut self, ctx: &mem::UserContext) -> bool {
+        self.arch
+            .set_user_context(self.vcpu, ctx)
+            .unwrap_or_else(|e| {
+                tracing::error!("cannot set the guest's registers: {e}");
+                false
+            })
+    }
 }
 
 /// Runs `f` with an access context for `now` whose calling CPU is `arch`.

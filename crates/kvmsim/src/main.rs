@@ -26,6 +26,9 @@ struct Cli {
 enum Command {
     /// Run a simulation from a config file, or from --kernel.
     Run(Box<RunArgs>),
+    /// Syscall emulation: run a static x86-64 Linux program at CPL3 with
+    /// its system calls serviced by kvmsim, in simulated time.
+    Se(Box<SeArgs>),
     /// List the built-in guests, or write them out as ELF files.
     Guests {
         /// Write every built-in guest to DIR/NAME.elf.
@@ -135,6 +138,152 @@ struct RunArgs {
     /// guest instruction (overrides the config's sim.gdb).
     #[arg(long, value_name = "HOST:PORT")]
     gdb: Option<String>,
+}
+
+/// `kvmsim se`.
+#[derive(Args)]
+struct SeArgs {
+    /// A config file whose system has platform = "se" (PROGRAM and ARGS,
+    /// if given, replace its program and arguments).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Guest RAM for the process (default 512MiB).
+    #[arg(long)]
+    memory: Option<String>,
+    /// An environment variable for the program, KEY=VALUE (repeat for
+    /// more; the environment is otherwise empty).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Simulated time every system call costs (default 1us).
+    #[arg(long, value_name = "TIME")]
+    syscall_latency: Option<String>,
+    /// Seed of AT_RANDOM and getrandom (default 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop after this much simulated time, e.g. 10s.
+    #[arg(long)]
+    max_time: Option<String>,
+    /// The output folder (stdout.txt, stderr.txt, stats.txt, ...).
+    #[arg(long, default_value = "kvmsim-out")]
+    outdir: PathBuf,
+    /// Do not echo the program's stdout and stderr (they still go to
+    /// stdout.txt and stderr.txt in the output folder).
+    #[arg(long)]
+    quiet: bool,
+    /// The program reads nothing from stdin (end of file at once).
+    #[arg(long)]
+    no_stdin: bool,
+    /// At the end, print the full vCPU state (also written to cpu-dump.txt).
+    #[arg(long)]
+    dump_on_exit: bool,
+    /// The program: a static x86-64 Linux ELF (ET_EXEC or static-pie).
+    program: Option<String>,
+    /// Its arguments (argv[1..]).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// The config of `kvmsim se`.
+fn se_config(a: &SeArgs) -> Result<Config, PlatformError> {
+    let cli = Path::new("command line");
+    let bad = |field: &str, value: &str, message: String| platform::ConfigError::Invalid {
+        path: cli.into(),
+        field: field.into(),
+        value: value.into(),
+        message,
+    };
+    let mut cfg = match (&a.config, &a.program) {
+        (Some(path), _) => Config::load(path)?,
+        (None, Some(p)) => {
+            let mut c = Config::for_kernel(p);
+            for s in &mut c.system {
+                s.platform = "se".into();
+                s.memory = Size(512 << 20);
+            }
+            c
+        }
+        (None, None) => {
+            return Err(PlatformError::Setup(
+                "nothing to run: kvmsim se PROGRAM [ARGS...] (or --config FILE)".into(),
+            ))
+        }
+    };
+    for e in &a.env {
+        if !e.contains('=') {
+            return Err(bad("--env", e, "an environment entry is KEY=VALUE".into()).into());
+        }
+    }
+    let latency = a
+        .syscall_latency
+        .as_deref()
+        .map(|t| {
+            platform::units::parse_duration(t)
+                .map(Duration)
+                .map_err(|e| bad("--syscall-latency", t, e))
+        })
+        .transpose()?;
+    if let Some(t) = &a.max_time {
+        cfg.sim.max_time = Some(Duration(
+            platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
+        ));
+    }
+    for s in &mut cfg.system {
+        if let Some(p) = &a.program {
+            s.kernel = p.clone();
+        }
+        if let Some(m) = &a.memory {
+            s.memory = Size(platform::units::parse_size(m).map_err(|e| bad("--memory", m, e))?);
+        }
+        let se = s.se.get_or_insert_with(Default::default);
+        if a.program.is_some() {
+            se.args = a.args.clone();
+        }
+        se.env.extend(a.env.iter().cloned());
+        if let Some(l) = latency {
+            se.syscall_latency = l;
+        }
+        if let Some(seed) = a.seed {
+            se.seed = seed;
+        }
+        if a.quiet {
+            s.serial.stdout = false;
+        }
+        if a.no_stdin {
+            s.serial.stdin = false;
+        }
+    }
+    let source = a.config.as_deref().unwrap_or(cli);
+    if cfg.system.iter().any(|s| s.platform != "se") {
+        return Err(bad(
+            "platform",
+            "not \"se\"",
+            format!("{}: kvmsim se needs platform = \"se\"", source.display()),
+        )
+        .into());
+    }
+    cfg.validate(source)?;
+    if let Some(host) = platform::config::HostMemory::probe() {
+        if let Some(warning) = cfg.check_host_memory(&host, source)? {
+            tracing::warn!("{warning}");
+        }
+    }
+    Ok(cfg)
+}
+
+fn se_cmd(a: SeArgs) -> i32 {
+    platform::console::install_interrupt_handler();
+    let cfg = match se_config(&a) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    execute(
+        cfg,
+        None,
+        &a.outdir,
+        a.config.as_deref(),
+        None,
+        a.dump_on_exit,
+    )
 }
 
 /// `kvmsim bench`: every figure, or one of them.
@@ -285,6 +434,7 @@ fn main() -> ExitCode {
         .init();
     let code = match cli.command {
         Command::Run(args) => run(*args),
+        Command::Se(args) => se_cmd(*args),
         Command::Guests { extract } => guests_cmd(extract),
         Command::Doctor { json } => doctor(json),
         Command::Bench(b) => match bench_cmd(b) {
@@ -504,12 +654,32 @@ fn run(a: RunArgs) -> i32 {
     // Before anything slow: Ctrl-C and SIGTERM set a flag that set-up
     // checks between its phases (and while it reads images).
     platform::console::install_interrupt_handler();
-    let interrupted = platform::console::interrupted;
     // Every input is checked before the output folder is touched.
-    let (mut cfg, restore) = match make_config(&a) {
+    let (cfg, restore) = match make_config(&a) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    execute(
+        cfg,
+        restore.as_ref(),
+        &a.outdir,
+        a.config.as_deref(),
+        a.restore.as_deref(),
+        a.dump_on_exit,
+    )
+}
+
+/// Runs a checked config (or a restore) into `outdir`: the common part of
+/// `kvmsim run` and `kvmsim se`.
+fn execute(
+    mut cfg: Config,
+    restore: Option<&platform::simulation::Checkpoint>,
+    outdir: &Path,
+    config_file: Option<&Path>,
+    restored_from: Option<&Path>,
+    dump_on_exit: bool,
+) -> i32 {
+    let interrupted = platform::console::interrupted;
     if restore.is_none() {
         if let Err(e) = Simulation::check_inputs(&cfg) {
             return fail(e);
@@ -520,12 +690,12 @@ fn run(a: RunArgs) -> i32 {
     }
     // Locked for this run; what set-up writes is staged, so a run that
     // fails before it starts leaves an earlier run's results as they were.
-    let out = match OutDir::stage(&a.outdir) {
+    let out = match OutDir::stage(outdir) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
     let host_start = Instant::now();
-    let built = match &restore {
+    let built = match restore {
         None => Simulation::build(&mut cfg, out.clone()),
         Some(c) => Simulation::restore(&mut cfg, out.clone(), c),
     };
@@ -543,8 +713,8 @@ fn run(a: RunArgs) -> i32 {
     }
     let resolved = serde_json::json!({
         "kvmsim_version": env!("CARGO_PKG_VERSION"),
-        "config_file": a.config.as_ref().map(|p| p.display().to_string()),
-        "restored_from": a.restore.as_ref().map(|p| p.display().to_string()),
+        "config_file": config_file.map(|p| p.display().to_string()),
+        "restored_from": restored_from.map(|p| p.display().to_string()),
         "sim": cfg.sim,
         "system": cfg.system,
         "link": cfg.link,
@@ -573,7 +743,7 @@ fn run(a: RunArgs) -> i32 {
     for (name, exit) in names.iter().zip(&exits) {
         let code = if matches!(
             exit.cause,
-            sim::ExitCause::GuestExit | sim::ExitCause::DebugExit
+            sim::ExitCause::GuestExit | sim::ExitCause::DebugExit | sim::ExitCause::ProcessExit
         ) {
             format!(" (code {})", exit.code)
         } else {
@@ -599,7 +769,7 @@ fn run(a: RunArgs) -> i32 {
     if let (true, Some(i)) = (many, deciding) {
         eprintln!("kvmsim: status {st} comes from {}", names[i]);
     }
-    if a.dump_on_exit {
+    if dump_on_exit {
         let mut all = String::new();
         for (name, sys) in names.iter().zip(simulation.systems_mut()) {
             all.push_str(&format!("{name}.cpu:\n{}", sys.dump_cpu()));

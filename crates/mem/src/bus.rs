@@ -41,6 +41,55 @@ pub trait CallArgs {
     fn write_virt(&mut self, _va: u64, _data: &[u8]) -> usize {
         0
     }
+
+    /// The caller's user-mode context (syscall emulation): every general
+    /// register, RIP, RFLAGS, the FS/GS bases, CR2 and CR3. `None` where
+    /// the CPU cannot give it.
+    fn user_context(&mut self) -> Option<UserContext> {
+        None
+    }
+
+    /// Replaces the caller's context with `ctx` and puts it in user mode
+    /// (CPL3, the user code and data selectors), as `sysretq` or `iretq`
+    /// would, before it next runs. A CR3 that differs from the current one
+    /// is loaded (and the CPU's cached translations dropped). False where
+    /// the CPU cannot do it.
+    fn set_user_context(&mut self, _ctx: &UserContext) -> bool {
+        false
+    }
+}
+
+/// A CPU's user-mode context, for devices that emulate an operating
+/// system's kernel (syscall-emulation mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserContext {
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RBP, RSP, R8..R15 (x86-64 order).
+    pub gprs: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    /// The last page-fault address.
+    pub cr2: u64,
+    /// The page-table root.
+    pub cr3: u64,
+    /// The privilege level the CPU was at (the CS selector's RPL).
+    pub cpl: u8,
+}
+
+impl UserContext {
+    pub const RAX: usize = 0;
+    pub const RBX: usize = 1;
+    pub const RCX: usize = 2;
+    pub const RDX: usize = 3;
+    pub const RSI: usize = 4;
+    pub const RDI: usize = 5;
+    pub const RBP: usize = 6;
+    pub const RSP: usize = 7;
+    pub const R8: usize = 8;
+    pub const R9: usize = 9;
+    pub const R10: usize = 10;
+    pub const R11: usize = 11;
 }
 
 /// What a device sees of the world during one access.
@@ -82,6 +131,18 @@ impl<'a> AccessCtx<'a> {
     /// there is no CPU); see [`CallArgs::write_virt`].
     pub fn write_virt(&mut self, va: u64, data: &[u8]) -> usize {
         self.cpu.as_mut().map_or(0, |c| c.write_virt(va, data))
+    }
+
+    /// The calling CPU's user-mode context (none without a CPU); see
+    /// [`CallArgs::user_context`].
+    pub fn user_context(&mut self) -> Option<UserContext> {
+        self.cpu.as_mut().and_then(|c| c.user_context())
+    }
+
+    /// Sets the calling CPU's user-mode context; see
+    /// [`CallArgs::set_user_context`].
+    pub fn set_user_context(&mut self, ctx: &UserContext) -> bool {
+        self.cpu.as_mut().is_some_and(|c| c.set_user_context(ctx))
     }
 }
 

@@ -372,6 +372,55 @@ pub struct SystemConfig {
     /// ELF symbol table (path relative to the config file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symbols: Option<String>,
+    /// Syscall emulation (`platform = "se"`): how the program in `kernel`
+    /// runs (`[system.se]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub se: Option<SeConfig>,
+}
+
+/// `[system.se]`: the program's arguments, environment and the emulated
+/// kernel's timing (syscall-emulation mode).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SeConfig {
+    /// argv[1..] (argv[0] is `argv0`, default: the program's path).
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv0: Option<String>,
+    /// The environment, KEY=VALUE each (default: empty).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Simulated time every system call costs (default 1us).
+    #[serde(default = "default_syscall_latency")]
+    pub syscall_latency: Duration,
+    /// Simulated time a first touch of a page costs (default 1us).
+    #[serde(default = "default_syscall_latency")]
+    pub fault_latency: Duration,
+    /// Seeds AT_RANDOM and getrandom (default 0): runs repeat.
+    #[serde(default)]
+    pub seed: u64,
+    /// CLOCK_REALTIME at tick 0, in Unix seconds (default: now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realtime_start: Option<i64>,
+}
+
+fn default_syscall_latency() -> Duration {
+    Duration(1_000_000)
+}
+
+impl Default for SeConfig {
+    fn default() -> Self {
+        SeConfig {
+            args: vec![],
+            argv0: None,
+            env: vec![],
+            syscall_latency: default_syscall_latency(),
+            fault_latency: default_syscall_latency(),
+            seed: 0,
+            realtime_start: None,
+        }
+    }
 }
 
 /// QEMU's test devices (`[system.qemu]`): each switch defaults to on for
@@ -481,8 +530,8 @@ fn default_platform() -> String {
 }
 
 /// The accepted values of `system.platform` ("auto": "pc" for a Linux
-/// kernel, "bare" otherwise).
-pub const PLATFORMS: &[&str] = &["auto", "bare", "pc"];
+/// kernel, "bare" otherwise; "se": syscall emulation of a Linux program).
+pub const PLATFORMS: &[&str] = &["auto", "bare", "pc", "se"];
 
 fn default_memory() -> Size {
     Size(128 << 20)
@@ -901,6 +950,7 @@ impl Config {
                 qemu: QemuDevices::default(),
                 readfile: None,
                 symbols: None,
+                se: None,
             }],
         }
     }
@@ -1152,6 +1202,60 @@ impl Config {
                     f("platform"),
                     format!("{:?}", s.platform),
                     &format!("unknown platform (one of: {})", PLATFORMS.join(", ")),
+                ));
+            }
+            if s.platform == "se" {
+                let refuse = |field: &str, value: String, why: &str| Err(bad(f(field), value, why));
+                if s.cpus != 1 {
+                    return refuse(
+                        "cpus",
+                        s.cpus.to_string(),
+                        "SE mode runs one thread on one CPU (threads are not supported yet)",
+                    );
+                }
+                if !s.disk.is_empty() {
+                    return refuse(
+                        "disk",
+                        format!("{} disks", s.disk.len()),
+                        "SE mode has no devices: the program's files are the host's",
+                    );
+                }
+                if self.link.iter().any(|l| l.systems.contains(&i)) {
+                    return refuse(
+                        "platform",
+                        "\"se\"".into(),
+                        "SE-mode systems cannot be linked",
+                    );
+                }
+                if self.sim.checkpoint_at.is_some() {
+                    return refuse(
+                        "platform",
+                        "\"se\"".into(),
+                        "SE-mode processes cannot be checkpointed yet (sim.checkpoint_at)",
+                    );
+                }
+                if s.kernel.starts_with("builtin:") {
+                    return refuse(
+                        "kernel",
+                        format!("{:?}", s.kernel),
+                        "SE mode runs a Linux program (a path), not a built-in guest",
+                    );
+                }
+                if let Some(e) =
+                    s.se.as_ref()
+                        .and_then(|c| c.env.iter().find(|e| !e.contains('=')))
+                {
+                    return refuse(
+                        "se.env",
+                        format!("{e:?}"),
+                        "an environment entry is KEY=VALUE",
+                    );
+                }
+            } else if s.se.is_some() {
+                return Err(bad(
+                    f("se"),
+                    "[system.se]".into(),
+                    "needs platform = \"se\"",
                 ));
             }
             if s.cpus == 0 || s.cpus > MAX_CPUS {

@@ -119,6 +119,8 @@ pub fn exit_status(cause: ExitCause, code: i64) -> i32 {
         // The system that ended the run decides the status.
         ExitCause::Stopped => status::OK,
         ExitCause::Checkpoint | ExitCause::PcEvent => status::OK,
+        // The program's own status, as a shell would report it.
+        ExitCause::ProcessExit => (code & 0xff) as i32,
     }
 }
 

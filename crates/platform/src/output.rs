@@ -66,6 +66,8 @@ pub fn is_run_output(name: &str) -> bool {
             | "trace.txt"
             | "cpu-dump.txt"
             | "cpu-samples.txt"
+            | "stdout.txt"
+            | "stderr.txt"
     ) || between("serial.", ".log")
         // A restored run's overlays (crate::disks::restored_overlay_name).
         || name

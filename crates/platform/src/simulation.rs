@@ -514,7 +514,12 @@ impl Simulation {
         for (s, name) in cfg.system.iter().zip(cfg.system_names()) {
             crate::disks::check(&name, s)?;
             if !s.kernel.starts_with("builtin:") {
-                check_file(&s.kernel, "kernel", &Limit::kernel())?;
+                let what = if s.platform == "se" {
+                    "program"
+                } else {
+                    "kernel"
+                };
+                check_file(&s.kernel, what, &Limit::kernel())?;
             }
             if let Some(i) = &s.initrd {
                 for path in crate::multiboot::initrd_paths(i) {

@@ -77,6 +77,11 @@ enum SysEvent {
     Exit {
         code: i64,
     },
+    /// The emulated process ended (SE mode).
+    ProcessExit {
+        code: i64,
+        message: String,
+    },
     /// The guest reset the machine.
     Reset,
     /// The guest wrote `value` to QEMU's isa-debug-exit.
@@ -445,6 +450,12 @@ impl System {
         let name = name.to_string();
         let ncpus = sc.cpus.clamp(1, crate::config::MAX_CPUS) as usize;
         let restoring = from.is_some();
+        let se_mode = sc.platform == "se";
+        if se_mode && restoring {
+            return Err(PlatformError::Setup(format!(
+                "{name}: an SE-mode process cannot be restored from a checkpoint yet"
+            )));
+        }
         // A restored system's kernel is in its RAM already.
         let image = if restoring {
             Vec::new()
@@ -454,9 +465,11 @@ impl System {
         // A Multiboot header in the first 8 KiB (and no bzImage): entered
         // in 32-bit protected mode on a PC (crate::multiboot).
         let is_multiboot = !restoring
+            && !se_mode
             && !crate::linux::is_bzimage(&image)
             && crate::multiboot::is_multiboot(&image);
         let is_linux = !restoring
+            && !se_mode
             && !is_multiboot
             && (crate::linux::is_bzimage(&image) || sc.initrd.is_some() || sc.append.is_some());
         if sc.platform == "auto" {
@@ -484,7 +497,15 @@ impl System {
             None
         };
         let image = kernel.as_ref().map_or(image, |k| k.elf.clone());
-        let (info, multiboot) = if restoring {
+        let se_elf = if se_mode {
+            Some(
+                se::elf::parse(&image, &sc.kernel)
+                    .map_err(|e| PlatformError::Kernel(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let (info, multiboot) = if restoring || se_mode {
             (None, None)
         } else if is_multiboot {
             let k = crate::multiboot::parse(&image, &sc.kernel)?;
@@ -563,8 +584,86 @@ impl System {
             // Protected mode needs only a GDT; low memory stays the guest's.
             boot::write_gdt(ram.memory())?;
             multiboot_info = Some(crate::multiboot::setup(sc, k, &ram, ncpus as u8)?);
-        } else if !restoring {
+        } else if !restoring && !se_mode {
             boot::write_boot_structures(ram.memory())?;
+        }
+        // SE mode: the process image (segments, stack, page tables, the
+        // kernel stub) and the device that services its system calls.
+        let mut se_dev = None;
+        let mut se_entry = None;
+        if let Some(elf) = &se_elf {
+            let cfg = sc.se.get_or_insert_with(Default::default).clone();
+            let hwcap = {
+                use kvm::vcpu::Vcpu as _;
+                vcpus[0]
+                    .cpuid_entries()
+                    .ok()
+                    .and_then(|t| t.iter().find(|e| e.function == 1).map(|e| u64::from(e.edx)))
+                    .unwrap_or(0)
+            };
+            let mut argv = vec![cfg.argv0.clone().unwrap_or_else(|| sc.kernel.clone())];
+            argv.extend(cfg.args.iter().cloned());
+            let pcfg = se::process::ProcessConfig {
+                path: sc.kernel.clone().into(),
+                argv,
+                envp: cfg.env.clone(),
+                seed: cfg.seed,
+                hwcap,
+            };
+            let log = |f: &str| -> Result<Box<dyn std::io::Write + Send>, PlatformError> {
+                Ok(Box::new(out.serial_log(f)?))
+            };
+            let echo_out: Option<Box<dyn std::io::Write + Send>> = sc
+                .serial
+                .stdout
+                .then(|| Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>);
+            let echo_err: Option<Box<dyn std::io::Write + Send>> = sc
+                .serial
+                .stdout
+                .then(|| Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>);
+            let files = se::sys::Files::stdio(
+                sc.serial.stdin,
+                se::sys::Sink {
+                    echo: echo_out,
+                    log: Some(log("stdout.txt")?),
+                },
+                se::sys::Sink {
+                    echo: echo_err,
+                    log: Some(log("stderr.txt")?),
+                },
+            );
+            let regions: Vec<(u64, u64)> = ram
+                .map()
+                .regions()
+                .iter()
+                .map(|r| (r.base, r.size))
+                .collect();
+            let gdt = boot::gdt_with_tss(se::TSS_VA);
+            let (proc, entry) =
+                se::process::Process::load(ram.memory(), &regions, &image, elf, &pcfg, &gdt, files)
+                    .map_err(PlatformError::Kernel)?;
+            let realtime = cfg.realtime_start.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            });
+            if let Some(c) = sc.se.as_mut() {
+                c.realtime_start = Some(realtime);
+            }
+            let timing = se::dev::Timing {
+                syscall_latency: cfg.syscall_latency.0,
+                fault_latency: cfg.fault_latency.0,
+                realtime_base_ns: (realtime.max(0) as u64).saturating_mul(1_000_000_000),
+            };
+            let dev = se::dev::SeDevice::new(
+                proc,
+                ram.memory().clone(),
+                timing,
+                &mut stats,
+                &format!("{name}.se"),
+            )?;
+            se_dev = Some(Arc::new(Mutex::new(dev)));
+            se_entry = Some(entry);
         }
         let args = match (&kernel, &info) {
             (Some(k), Some(info)) => {
@@ -578,7 +677,23 @@ impl System {
         };
         // The repair shares the CPU's guest-debug setting with stepping
         // (max_insts, the trace) and the debugger (kvm::arch::x86_64::guest_debug).
-        let repair = sc.cpu.syscall_repair && kvm::doctor::cached().needs_syscall_repair();
+        let broken_syscall = kvm::doctor::cached().needs_syscall_repair();
+        // SE mode traps system calls itself (one MMIO write at LSTAR,
+        // which works whether SYSCALL enters CPL0 or not): no repair.
+        let repair = sc.cpu.syscall_repair && broken_syscall && !se_mode;
+        if se_mode {
+            tracing::info!(
+                "SE mode: system calls reach kvmsim through the stub at LSTAR {:#x} (one MMIO write \
+                 per call; kvmsim returns as sysretq does); {}; no vDSO (time calls are system calls); \
+                 signals are recorded, not delivered",
+                se::ENTRY_VA,
+                if broken_syscall {
+                    "this host's SYSCALL stays at CPL3 (kvmsim doctor), so the stub runs at CPL3"
+                } else {
+                    "SYSCALL enters CPL0 here, so the stub runs at CPL0"
+                }
+            );
+        }
         // PC events: symbols resolved and slots checked before anything runs.
         let pc_events = if sc.cpu.pc_event.is_empty() {
             None
@@ -627,9 +742,23 @@ impl System {
                 boot::set_boot_msrs(&mut vcpu)?;
             }
             if index == 0 && !restoring {
-                match multiboot_info {
+                match (multiboot_info, se_entry) {
+                    (_, Some(e)) => boot::enter_user_mode(
+                        &mut arch,
+                        &mut vcpu,
+                        &boot::UserEntry {
+                            rip: e.rip,
+                            rsp: e.rsp,
+                            cr3: e.cr3,
+                            gdt_base: se::GDT_VA,
+                            idt_base: se::IDT_VA,
+                            idt_limit: (se::IDT_VECTORS * 16 - 1) as u16,
+                            tss_base: se::TSS_VA,
+                            lstar: se::ENTRY_VA,
+                        },
+                    )?,
                     // The Multiboot state: EAX magic, EBX the information.
-                    Some(ebx) => boot::enter_protected_mode(
+                    (Some(ebx), None) => boot::enter_protected_mode(
                         &mut arch,
                         &mut vcpu,
                         entry as u32,
@@ -637,7 +766,9 @@ impl System {
                         ebx,
                         stack as u32,
                     )?,
-                    None => boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?,
+                    (None, None) => {
+                        boot::enter_long_mode(&mut arch, &mut vcpu, entry, stack, &args)?
+                    }
                 }
             }
             // Repairs the host's KVM needs, as kvmsim doctor's probes found.
@@ -722,7 +853,17 @@ impl System {
         for (cpu, intc) in kcpus.iter_mut().zip(&intcs) {
             cpu.set_interrupt_controller(intc.clone());
         }
-        let input = if sc.serial.stdin {
+        if let Some(dev) = &se_dev {
+            bus.insert(
+                Space::Mmio,
+                se::SE_MMIO_BASE,
+                se::SE_MMIO_SIZE,
+                "se",
+                dev.clone(),
+            )?;
+        }
+        // In SE mode stdin is the program's, not the console's.
+        let input = if sc.serial.stdin && !se_mode {
             console::spawn_stdin_reader()
         } else {
             None
@@ -1887,6 +2028,14 @@ impl CpuThread<'_> {
             SysEvent::Exit { code } => {
                 return Ok(Some(ExitEvent::new(ExitCause::GuestExit, code, tick, "")));
             }
+            SysEvent::ProcessExit { code, message } => {
+                return Ok(Some(ExitEvent::new(
+                    ExitCause::ProcessExit,
+                    code,
+                    tick,
+                    message,
+                )));
+            }
             SysEvent::DebugExit { value } => {
                 let status = devices::qemu::debug_exit_status(value);
                 return Ok(Some(ExitEvent::new(
@@ -2081,6 +2230,10 @@ fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<()
             }
             Request::Reset => {
                 core.queue.schedule(now, SIM_EXIT_PRI, SysEvent::Reset)?;
+            }
+            Request::ProcessExit { code, message } => {
+                core.queue
+                    .schedule(now, SIM_EXIT_PRI, SysEvent::ProcessExit { code, message })?;
             }
             Request::DebugExit { value } => {
                 core.queue

@@ -36,6 +36,9 @@ pub enum ExitCause {
     /// The guest reached a PC event whose action is `exit`
     /// (`[[system.cpu.pc_event]]`).
     PcEvent,
+    /// The emulated process exited or was killed (SE mode); the code is its
+    /// exit status (128 + the signal when killed).
+    ProcessExit,
 }
 
 impl ExitCause {
@@ -54,6 +57,7 @@ impl ExitCause {
             ExitCause::DebugExit => "the guest wrote to isa-debug-exit (QEMU's status v*2+1)",
             ExitCause::Checkpoint => "a checkpoint was taken (sim.checkpoint_exit)",
             ExitCause::PcEvent => "the guest reached a PC event whose action is exit",
+            ExitCause::ProcessExit => "the program exited",
         }
     }
 }

@@ -143,7 +143,9 @@ enum Kind {
     Value(Value),
     /// A value that holds an index into its labels (an enumeration).
     Labelled(Value, Vec<String>),
-    Vector(Vector, Vec<String>),
+    /// Cells with their names; `true`: zero cells are left out of dumps
+    /// (gem5's `nozero` flag).
+    Vector(Vector, Vec<String>, bool),
     Formula(Formula),
 }
 
@@ -568,7 +570,23 @@ impl Stats {
     ) -> Result<Vector, StatsError> {
         let v = Vector::detached(subnames.len());
         let subs = subnames.iter().map(|s| s.to_string()).collect();
-        self.add(name, desc, unit, Kind::Vector(v.clone(), subs))?;
+        self.add(name, desc, unit, Kind::Vector(v.clone(), subs, false))?;
+        Ok(v)
+    }
+
+    /// Registers a vector whose zero cells are left out of dumps (gem5's
+    /// `nozero`): for long vectors of which a run uses few cells, such as
+    /// one cell per system call. The total is always printed.
+    pub fn sparse_vector(
+        &mut self,
+        name: &str,
+        desc: &str,
+        unit: &'static str,
+        subnames: &[&str],
+    ) -> Result<Vector, StatsError> {
+        let v = Vector::detached(subnames.len());
+        let subs = subnames.iter().map(|s| s.to_string()).collect();
+        self.add(name, desc, unit, Kind::Vector(v.clone(), subs, true))?;
         Ok(v)
     }
 
@@ -597,7 +615,7 @@ impl Stats {
             let v = match &e.kind {
                 Kind::Counter(c) | Kind::MaybeCounter(c, _) => SavedStat::Count(c.get()),
                 Kind::Value(v) | Kind::Labelled(v, _) => SavedStat::Bits(v.get().to_bits()),
-                Kind::Vector(v, _) => SavedStat::Vector((0..v.len()).map(|i| v.get(i)).collect()),
+                Kind::Vector(v, ..) => SavedStat::Vector((0..v.len()).map(|i| v.get(i)).collect()),
                 Kind::Formula(_) => continue,
             };
             values.insert(e.name.clone(), v);
@@ -620,7 +638,7 @@ impl Stats {
                 (Kind::Formula(_), _) => continue,
                 (Kind::Counter(_) | Kind::MaybeCounter(..), Some(SavedStat::Count(_))) => true,
                 (Kind::Value(_) | Kind::Labelled(..), Some(SavedStat::Bits(_))) => true,
-                (Kind::Vector(v, _), Some(SavedStat::Vector(x))) => x.len() == v.len(),
+                (Kind::Vector(v, ..), Some(SavedStat::Vector(x))) => x.len() == v.len(),
                 (_, None) => return Err(format!("statistic {} is missing", e.name)),
                 _ => false,
             };
@@ -649,7 +667,7 @@ impl Stats {
                 (Kind::Value(v) | Kind::Labelled(v, _), Some(SavedStat::Bits(b))) => {
                     v.set(f64::from_bits(*b))
                 }
-                (Kind::Vector(v, _), Some(SavedStat::Vector(x))) => {
+                (Kind::Vector(v, ..), Some(SavedStat::Vector(x))) => {
                     for (c, n) in v.cells.iter().zip(x) {
                         c.store(*n, Ordering::Relaxed);
                     }
@@ -672,7 +690,7 @@ impl Stats {
             match &e.kind {
                 Kind::Counter(c) | Kind::MaybeCounter(c, _) => c.reset(),
                 Kind::Value(v) | Kind::Labelled(v, _) => v.reset(),
-                Kind::Vector(v, _) => v.reset(),
+                Kind::Vector(v, ..) => v.reset(),
                 Kind::Formula(_) => {}
             }
         }
@@ -798,11 +816,14 @@ impl Stats {
                     });
                     continue;
                 }
-                Kind::Vector(v, subs) => {
+                Kind::Vector(v, subs, nozero) => {
                     let mut total = 0u64;
                     for (i, sub) in subs.iter().enumerate() {
                         let x = v.get(i);
                         total = total.wrapping_add(x);
+                        if *nozero && x == 0 {
+                            continue;
+                        }
                         entries.push(entry(
                             &format!("{}::{}", e.name, sub),
                             StatValue::Int(x),
@@ -953,6 +974,24 @@ mod tests {
         // Nothing counted over the 5 ticks since the reset: a rate of 0
         // (a rate over zero ticks would be NaN; see nan_is_text_nan_and_json_null).
         assert_eq!(j["stats"]["system.cpu.nPerTick"], 0.0);
+    }
+
+    #[test]
+    fn sparse_vectors_leave_zero_cells_out() {
+        let mut s = Stats::new();
+        let v = s
+            .sparse_vector(
+                "system.se.syscalls",
+                "Calls",
+                "Count",
+                &["read", "write", "open"],
+            )
+            .unwrap();
+        v.add(1, 2);
+        let d = s.dump(1);
+        assert_eq!(d.get("system.se.syscalls::write"), Some(StatValue::Int(2)));
+        assert_eq!(d.get("system.se.syscalls::read"), None);
+        assert_eq!(d.get("system.se.syscalls::total"), Some(StatValue::Int(2)));
     }
 
     #[test]

@@ -97,6 +97,19 @@ pub trait Arch: Send {
     /// convention, read through the lazy context.
     fn call_args(&mut self, vcpu: &mut dyn Vcpu) -> Result<[u64; 6]>;
 
+    /// The guest's user-mode context (syscall emulation); `None` where the
+    /// architecture does not give it.
+    fn user_context(&mut self, _vcpu: &mut dyn Vcpu) -> Result<Option<mem::UserContext>> {
+        Ok(None)
+    }
+
+    /// Sets the guest's context to `ctx` in user mode (as a return from a
+    /// system call would), pushed before the next entry; false where the
+    /// architecture cannot.
+    fn set_user_context(&mut self, _vcpu: &mut dyn Vcpu, _ctx: &mem::UserContext) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Reads guest memory at virtual address `va` through the guest's
     /// current page tables; returns how many bytes could be read (none
     /// without attached memory).

@@ -329,6 +329,111 @@ pub fn enter_sipi(arch: &mut X86_64, vcpu: &mut dyn Vcpu, vector: u8) -> Result<
     Ok(())
 }
 
+/// The GDT of a syscall-emulation process: [`gdt`]'s selectors, with the
+/// TSS descriptor (16 bytes in long mode) at `tss_base`.
+pub fn gdt_with_tss(tss_base: u64) -> [u64; 10] {
+    let mut g = gdt();
+    g[8] = gdt_entry(0x8b, 0, tss_base as u32, (TSS_SIZE - 1) as u32);
+    g[9] = tss_base >> 32;
+    g
+}
+
+/// Where a syscall-emulation process starts: its page tables, descriptor
+/// tables (virtual addresses inside those page tables) and first
+/// instruction. The GDT must be [`gdt_with_tss`]`(tss_base)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserEntry {
+    pub rip: u64,
+    pub rsp: u64,
+    pub cr3: u64,
+    pub gdt_base: u64,
+    pub idt_base: u64,
+    pub idt_limit: u16,
+    pub tss_base: u64,
+    /// Where `syscall` goes (IA32_LSTAR).
+    pub lstar: u64,
+}
+
+/// STAR for Linux's selectors: SYSCALL loads CS 0x10 / SS 0x18, SYSRET
+/// (64-bit) CS 0x33 / SS 0x2b.
+pub const STAR: u64 = (0x23 << 48) | (0x10 << 32);
+/// SFMASK as Linux sets it: TF, DF, IF, IOPL, NT, AC cleared on entry.
+pub const SFMASK: u64 = 0x47700;
+
+/// Puts the vCPU in 64-bit user mode (CPL3) at `e.rip` with RSP =
+/// `e.rsp`, on the process's page tables and descriptor tables, with
+/// SYSCALL enabled (EFER.SCE, LSTAR/STAR/SFMASK), no-execute pages
+/// (EFER.NXE), and XSAVE enabled with every user state component the
+/// vCPU's CPUID offers among x87, SSE, AVX and AVX-512 (as Linux gives a
+/// process). Other registers are zero, RFLAGS = IF, as Linux starts a
+/// process.
+pub fn enter_user_mode(arch: &mut X86_64, vcpu: &mut dyn Vcpu, e: &UserEntry) -> Result<()> {
+    let gdt = gdt_with_tss(e.tss_base);
+    let cpuid = vcpu.cpuid_entries().unwrap_or_default();
+    let leaf = |f: u32, i: u32| cpuid.iter().find(|c| c.function == f && c.index == i);
+    let xsave = leaf(1, 0).is_some_and(|c| c.ecx & (1 << 26) != 0);
+    // x87 | SSE | AVX | opmask | ZMM_Hi256 | Hi16_ZMM, as offered.
+    let xcr0 = leaf(0xd, 0).map_or(0x3, |c| u64::from(c.eax) & 0xe7) | 0x3;
+    let sregs = arch.sregs_mut(vcpu)?;
+    sregs.cs = segment_from_entry(USER_CS, gdt[usize::from(USER_CS / 8)]);
+    let ds = segment_from_entry(USER_DS, gdt[usize::from(USER_DS / 8)]);
+    sregs.ds = ds;
+    sregs.es = ds;
+    sregs.fs = ds;
+    sregs.gs = ds;
+    sregs.ss = ds;
+    sregs.tr = segment_from_entry(TSS_SEL, gdt[usize::from(TSS_SEL / 8)]);
+    sregs.tr.base = e.tss_base;
+    sregs.gdt.base = e.gdt_base;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = e.idt_base;
+    sregs.idt.limit = e.idt_limit;
+    // PE | MP | ET | NE | WP | AM | PG.
+    sregs.cr0 = 0x8005_0033;
+    // PAE | OSFXSR | OSXMMEXCPT (| OSXSAVE).
+    sregs.cr4 = 0x620 | if xsave { 1 << 18 } else { 0 };
+    sregs.cr3 = e.cr3;
+    // SCE | LME | LMA | NXE.
+    sregs.efer = 0xd01;
+    *arch.regs_mut(vcpu)? = kvm_regs {
+        rip: e.rip,
+        rsp: e.rsp,
+        rflags: 0x202,
+        ..Default::default()
+    };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)?;
+    if xsave {
+        let mut x = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].xcr = 0;
+        x.xcrs[0].value = xcr0;
+        // Written now, before the special registers are pushed: KVM checks
+        // XCR0 against CPUID, not against CR4.
+        if let Err(err) = vcpu.set_xcrs(&x) {
+            tracing::warn!("cannot enable XCR0 {xcr0:#x} for the process: {err}");
+        }
+    }
+    let msrs = [
+        (super::syscall_repair::MSR_STAR, STAR),
+        (super::syscall_repair::MSR_LSTAR, e.lstar),
+        (super::syscall_repair::MSR_SFMASK, SFMASK),
+    ];
+    let n = vcpu.set_msrs(&msrs)?;
+    if n != msrs.len() {
+        return Err(KvmError::Setup(format!(
+            "KVM accepted {n} of the 3 SYSCALL MSRs (STAR, LSTAR, SFMASK)"
+        )));
+    }
+    Ok(())
+}
+
 /// The MSRs a booting Linux kernel expects firmware to have set: fast
 /// strings enabled (IA32_MISC_ENABLE) and write-back as the default memory
 /// type with MTRRs enabled (IA32_MTRR_DEF_TYPE).

@@ -571,6 +571,53 @@ impl Arch for X86_64 {
         Ok([r.rdi, r.rsi, r.rdx, r.rcx, r.r8, r.r9])
     }
 
+    fn user_context(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<mem::UserContext>> {
+        let r = *self.regs(vcpu)?;
+        let sr = self.sregs(vcpu)?;
+        Ok(Some(mem::UserContext {
+            gprs: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+                r.r12, r.r13, r.r14, r.r15,
+            ],
+            rip: r.rip,
+            rflags: r.rflags,
+            fs_base: sr.fs.base,
+            gs_base: sr.gs.base,
+            cr2: sr.cr2,
+            cr3: sr.cr3,
+            cpl: (sr.cs.selector & 3) as u8,
+        }))
+    }
+
+    fn set_user_context(&mut self, vcpu: &mut dyn Vcpu, ctx: &mem::UserContext) -> Result<bool> {
+        let g = ctx.gprs;
+        let regs = self.regs_mut(vcpu)?;
+        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (g[0], g[1], g[2], g[3]);
+        (regs.rsi, regs.rdi, regs.rbp, regs.rsp) = (g[4], g[5], g[6], g[7]);
+        (regs.r8, regs.r9, regs.r10, regs.r11) = (g[8], g[9], g[10], g[11]);
+        (regs.r12, regs.r13, regs.r14, regs.r15) = (g[12], g[13], g[14], g[15]);
+        regs.rip = ctx.rip;
+        regs.rflags = ctx.rflags;
+        let sr = self.sregs(vcpu)?;
+        let user = sr.cs.selector == boot::USER_CS
+            && sr.ss.selector == boot::USER_DS
+            && sr.fs.base == ctx.fs_base
+            && sr.gs.base == ctx.gs_base
+            && sr.cr3 == ctx.cr3;
+        // The special registers are pushed (KVM_SET_SREGS) only when they
+        // change: a system call that leaves them alone costs no extra ioctl.
+        if !user {
+            let gdt = boot::gdt();
+            let sr = self.sregs_mut(vcpu)?;
+            sr.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
+            sr.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
+            sr.fs.base = ctx.fs_base;
+            sr.gs.base = ctx.gs_base;
+            sr.cr3 = ctx.cr3;
+        }
+        Ok(true)
+    }
+
     fn read_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &mut [u8]) -> usize {
         X86_64::read_virt(self, vcpu, va, buf)
     }

@@ -1,0 +1,485 @@
+//! Syscall-emulation mode (`kvmsim se`): real programs nobody here wrote
+//! (busybox-static's applets), a static C program compiled here with
+//! `gcc -static`, and bad input. Output is compared with a native run of
+//! the same binary.
+//!
+//! busybox comes from `KVMSIM_BUSYBOX`, `/bin/busybox` (if statically
+//! linked), `target/linux-guest/busybox/bin/busybox`, or is fetched once
+//! into `target/se-cache` with `apt-get download busybox-static` (as
+//! scripts/linux-guest.sh does); where none works the busybox tests say so
+//! on stderr and return (`--nocapture` shows it), or fail with
+//! `KVMSIM_REQUIRE_SE_TOOLS=1`. gcc is needed for the C program.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use common::*;
+
+fn is_static_elf(p: &Path) -> bool {
+    // A static executable has no PT_INTERP: ask the loader-free way, by
+    // looking for the interpreter path in the program headers' region.
+    let Ok(b) = std::fs::read(p) else {
+        return false;
+    };
+    b.starts_with(b"\x7fELF")
+        && b.get(4) == Some(&2)
+        && !b[..b.len().min(4096)]
+            .windows(10)
+            .any(|w| w == b"/lib64/ld-")
+}
+
+/// A static busybox, or why there is none.
+fn busybox() -> Result<PathBuf, String> {
+    static BB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KVMSIM_BUSYBOX") {
+            return Ok(PathBuf::from(p));
+        }
+        let target = repo().join("target");
+        for p in [
+            PathBuf::from("/bin/busybox"),
+            target.join("linux-guest/busybox/bin/busybox"),
+            target.join("se-cache/bb/bin/busybox"),
+        ] {
+            if is_static_elf(&p) {
+                return Ok(p);
+            }
+        }
+        let cache = target.join("se-cache");
+        let tmp = target.join(format!("se-cache.tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+        let fetched = Command::new("sh")
+            .arg("-c")
+            .arg("apt-get download busybox-static && dpkg-deb -x busybox-static_*.deb bb")
+            .current_dir(&tmp)
+            .output()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        if !fetched.status.success() || !is_static_elf(&tmp.join("bb/bin/busybox")) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(format!(
+                "no static busybox here and `apt-get download busybox-static` failed: {}",
+                String::from_utf8_lossy(&fetched.stderr).trim()
+            ));
+        }
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::rename(&tmp, &cache).map_err(|e| e.to_string())?;
+        Ok(cache.join("bb/bin/busybox"))
+    })
+    .clone()
+}
+
+/// The test C program, built once with `gcc -static`.
+fn prog() -> Result<PathBuf, String> {
+    static P: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    P.get_or_init(|| {
+        let src = repo().join("crates/kvmsim/tests/se/prog.c");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("se-prog");
+        let o = Command::new("gcc")
+            .args(["-static", "-O1", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .output()
+            .map_err(|e| format!("cannot run gcc: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "gcc -static failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        Ok(out)
+    })
+    .clone()
+}
+
+fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
+    let o = Command::new(prog)
+        .args(args)
+        .current_dir(cwd)
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+fn se(test: &str, prog: &Path, args: &[&str], extra: &[&str]) -> Run {
+    let out = outdir(test);
+    let mut a = vec!["se", "--quiet", "--no-stdin"];
+    a.extend_from_slice(extra);
+    a.push("--outdir");
+    let o = out.to_string_lossy().into_owned();
+    a.push(&o);
+    let p = prog.to_string_lossy().into_owned();
+    a.push(&p);
+    a.extend_from_slice(args);
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(&a)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    Run {
+        status: r.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+        out: out.to_path_buf(),
+        dir: Some(out),
+    }
+}
+
+/// The prerequisite, or a skip with its reason on stderr (shown with
+/// `--nocapture`); `KVMSIM_REQUIRE_SE_TOOLS=1` (CI) makes it a failure.
+macro_rules! need {
+    ($what:expr, $test:expr) => {
+        match $what {
+            Ok(p) => p,
+            Err(why) if std::env::var("KVMSIM_REQUIRE_SE_TOOLS").as_deref() == Ok("1") => {
+                panic!("{}: {why}", $test)
+            }
+            Err(why) => {
+                eprintln!("{}: skipped: {why}", $test);
+                return;
+            }
+        }
+    };
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn busybox_applets_print_what_they_print_natively() {
+    if !kvm_or_skip("se_busybox") {
+        return;
+    }
+    let bb = need!(busybox(), "se_busybox");
+    let data = outdir("se_busybox_data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    let text: String = (0..2000)
+        .map(|i| format!("line {} {}\n", (i * 7919) % 2000, i % 13))
+        .collect();
+    std::fs::write(data.join("in.txt"), &text).unwrap();
+    std::fs::write(data.join("sub/a"), "a").unwrap();
+    let f = data.join("in.txt").to_string_lossy().into_owned();
+    let d = data.to_string_lossy().into_owned();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["echo", "hello", "from", "SE"],
+        vec!["wc", &f],
+        vec!["md5sum", &f],
+        vec!["sha256sum", &f],
+        vec!["sort", &f],
+        vec!["sort", "-n", "-k", "3", &f],
+        vec!["ls", "-a", &d],
+        vec!["cat", &f],
+        vec!["head", "-n", "3", &f],
+        vec!["false"],
+    ];
+    for (i, args) in cases.iter().enumerate() {
+        let (nst, nout) = native(&bb, args, &data);
+        let r = se(&format!("se_busybox_{i}"), &bb, args, &[]);
+        r.no_panic();
+        assert_eq!(r.status, nst, "busybox {args:?}: status\n{}", r.stderr);
+        assert_eq!(
+            r.file("stdout.txt"),
+            nout,
+            "busybox {args:?}: stdout\n{}",
+            r.stderr
+        );
+        let syscalls = r.stat("system.se.syscalls::total").as_u64().unwrap();
+        assert!(syscalls >= 3, "{args:?}: {syscalls} system calls counted");
+        assert_eq!(r.json("exit.json")["cause"], "process_exit");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn busybox_sleep_takes_simulated_time_not_host_time() {
+    if !kvm_or_skip("se_sleep") {
+        return;
+    }
+    let bb = need!(busybox(), "se_sleep");
+    let r = se("se_sleep", &bb, &["sleep", "2"], &[]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    let sim = r.stat("simSeconds").as_f64().unwrap();
+    let host = r.stat("hostSeconds").as_f64().unwrap();
+    assert!((2.0..2.5).contains(&sim), "simSeconds {sim}");
+    // The sleep is simulated time only: the whole run takes less host time
+    // than the sleep (were it a host sleep, it would take at least 2 s).
+    assert!(host < 2.0, "hostSeconds {host}");
+    let slept = r
+        .stat("system.se.syscallTicks::clock_nanosleep")
+        .as_u64()
+        .or_else(|| r.stat("system.se.syscallTicks::nanosleep").as_u64());
+    assert!(slept.unwrap_or(0) >= 2_000_000_000_000, "{slept:?}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_static_c_program_matches_its_native_run() {
+    if !kvm_or_skip("se_prog") {
+        return;
+    }
+    let p = need!(prog(), "se_prog");
+    let work = outdir("se_prog_work");
+    std::fs::create_dir_all(&work).unwrap();
+    let w = work.to_string_lossy().into_owned();
+    for args in [
+        vec!["hello", "a b", "-x"],
+        vec!["files", &w],
+        vec!["memory"],
+    ] {
+        let (nst, nout) = native(&p, &args, &work);
+        let r = se(&format!("se_prog_{}", args[0]), &p, &args, &[]);
+        r.no_panic();
+        assert_eq!(
+            (r.status, r.file("stdout.txt")),
+            (nst, nout),
+            "{args:?}\n{}",
+            r.stderr
+        );
+    }
+    // The environment is what --env gives.
+    let r = se(
+        "se_prog_env",
+        &p,
+        &["hello"],
+        &["--env", "A=1", "--env", "B=x y"],
+    );
+    assert_eq!(r.file("stdout.txt"), "hello argc=2 env: A=1 B=x y\n");
+    // Sleeping 1.5 s advances the monotonic clock by 1.5 s of simulated time.
+    let r = se("se_prog_time", &p, &["time"], &[]);
+    let ms: i64 = r
+        .file("stdout.txt")
+        .trim()
+        .strip_prefix("slept_ms ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1500..1600).contains(&ms), "slept {ms} ms");
+    // The auxiliary vector, /proc/self/exe, and seeded randomness: the same
+    // seed repeats, another differs.
+    let a = se("se_prog_aux1", &p, &["auxv"], &["--seed", "5"]).file("stdout.txt");
+    let b = se("se_prog_aux2", &p, &["auxv"], &["--seed", "5"]).file("stdout.txt");
+    let c = se("se_prog_aux3", &p, &["auxv"], &["--seed", "6"]).file("stdout.txt");
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    assert!(
+        a.starts_with(&format!(
+            "pagesz 4096 random 1 execfn {} platform x86_64\n",
+            p.display()
+        )),
+        "{a}"
+    );
+    assert!(
+        a.contains(&format!(
+            "exe {} {}\n",
+            p.to_string_lossy().len(),
+            p.display()
+        )),
+        "{a}"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn faults_end_the_run_as_linux_signals_would() {
+    if !kvm_or_skip("se_faults") {
+        return;
+    }
+    let p = need!(prog(), "se_faults");
+    for (mode, status, words, printed) in [
+        (
+            "null",
+            139,
+            "SIGSEGV (11): invalid read at address 0x1234 (not mapped)",
+            "",
+        ),
+        ("jump", 139, "invalid execute at address 0x7fff00001000", ""),
+        ("ud2", 132, "SIGILL (4): invalid opcode", ""),
+        // kvmsim edits the page tables: a page made read-only or unmapped
+        // faults at once (the TLB flush works).
+        ("mprotect", 139, "invalid write at address", "read 1\n"),
+        ("munmap", 139, "invalid write at address", "kept 2\n"),
+    ] {
+        let r = se(&format!("se_fault_{mode}"), &p, &[mode], &[]);
+        r.no_panic();
+        assert_eq!(r.status, status, "{mode}: {}", r.stderr);
+        assert!(r.stderr.contains(words), "{mode}: {}", r.stderr);
+        assert_eq!(r.file("stdout.txt"), printed, "{mode}");
+        let exit = r.json("exit.json");
+        assert_eq!(exit["cause"], "process_exit");
+        assert_eq!(exit["code"], status);
+    }
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn bad_pointers_are_efault_and_unknown_calls_enosys() {
+    if !kvm_or_skip("se_efault") {
+        return;
+    }
+    let p = need!(prog(), "se_efault");
+    let r = se("se_efault", &p, &["efault"], &[]);
+    r.no_panic();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "-1 14 -1 14 -1\n");
+    let r = se("se_unknown", &p, &["unknown"], &[]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(
+        r.file("stdout.txt"),
+        "unknown -1 Function not implemented\nagain -1\nbeyond the table -1\n"
+    );
+    // Reported once by name (number, when it has none), counted each time.
+    assert_eq!(
+        r.stderr
+            .matches("unsupported system call #400 (400)")
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stderr.matches("unsupported system call #100000").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stat("system.se.unsupportedSyscalls"), 3);
+    assert_eq!(r.stat("system.se.syscalls::nr400"), 2);
+    assert_eq!(r.stat("system.se.syscalls::unknown"), 1);
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn sim_ops_work_from_the_program() {
+    if !kvm_or_skip("se_simops") {
+        return;
+    }
+    let p = need!(prog(), "se_simops");
+    let r = se("se_simops", &p, &["simops"], &[]);
+    r.no_panic();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(
+        r.file("stdout.txt"),
+        "dumped stats\n",
+        "the sim-ops exit ends the run at once"
+    );
+    assert_eq!(r.json("exit.json")["cause"], "guest_exit");
+    // A dump from the program, then the final one.
+    let dumps = r.json("stats.json");
+    assert_eq!(dumps.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn programs_kvmsim_cannot_run_are_refused_by_name() {
+    let dir = outdir("se_refused");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("script.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    // A 64-bit ELF with its class byte made 32-bit.
+    let mut elf = std::fs::read(env!("CARGO_BIN_EXE_kvmsim")).unwrap();
+    elf.truncate(4096);
+    elf[4] = 1;
+    let elf32 = dir.join("elf32");
+    std::fs::write(&elf32, &elf).unwrap();
+    let dynamic = env!("CARGO_BIN_EXE_kvmsim");
+    for (path, words) in [
+        (script.to_string_lossy().into_owned(), "not an ELF file"),
+        (elf32.to_string_lossy().into_owned(), "a 32-bit ELF"),
+        (dynamic.to_string(), "dynamically linked (interpreter"),
+        ("/nonexistent/prog".to_string(), "program /nonexistent/prog"),
+    ] {
+        let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+            .args(["se", "--outdir"])
+            .arg(dir.join("out"))
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(254), "{path}: {err}");
+        assert!(err.contains(words) && err.contains(&path), "{path}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !dir.join("out").exists(),
+            "a refused run creates no output folder"
+        );
+    }
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["se", "--env", "NOEQUALS", "/bin/true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(254));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--env"));
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn the_config_form_gives_arguments_environment_and_argv0() {
+    if !kvm_or_skip("se_config") {
+        return;
+    }
+    let p = need!(prog(), "se_config");
+    let (dir, cfg) = config(
+        "se_config",
+        &format!(
+            "[system]\nplatform = \"se\"\nkernel = \"{}\"\nmemory = \"64MiB\"\n\n[system.se]\n\
+             args = [\"hello\", \"x\"]\nargv0 = \"renamed\"\nenv = [\"K=v\"]\nsyscall_latency = \"5us\"\n",
+            p.display()
+        ),
+    );
+    let r = kvmsim(
+        &["se", "--quiet", "--no-stdin", "--config", &cfg],
+        &dir.join("out"),
+    );
+    r.no_panic();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "hello argc=3 [x] env: K=v\n");
+    // Every call cost 5 us of simulated time.
+    let calls = r.stat("system.se.syscalls::total").as_u64().unwrap();
+    let ticks = r.stat("system.se.syscallTicks::total").as_u64().unwrap();
+    assert_eq!(ticks, calls * 5_000_000);
+    let resolved = r.json("config.json");
+    assert_eq!(resolved["system"][0]["se"]["argv0"], "renamed");
+    // A config that is not SE is refused by kvmsim se; checkpoints are refused.
+    let (d2, bare) = config("se_config_bare", "[system]\nkernel = \"builtin:hello\"\n");
+    let r = kvmsim(&["se", "--config", &bare], &d2.join("out"));
+    assert_eq!(r.status, 254);
+    assert!(r.stderr.contains("platform"), "{}", r.stderr);
+    let (d3, ck) = config(
+        "se_config_ckpt",
+        &format!(
+            "[sim]\ncheckpoint_at = \"1ms\"\n[system]\nplatform = \"se\"\nkernel = \"{}\"\n",
+            p.display()
+        ),
+    );
+    let r = kvmsim(&["se", "--config", &ck], &d3.join("out"));
+    assert_eq!(r.status, 254);
+    assert!(r.stderr.contains("checkpoint"), "{}", r.stderr);
+}

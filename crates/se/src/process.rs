@@ -1,0 +1,597 @@
+//! The process image: loading a static ELF, the initial stack, and the
+//! process's state (memory, brk, files, identity, signal dispositions).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::elf::{self, Elf, PF_R, PF_W, PF_X, PT_LOAD};
+use crate::mm::{
+    AddressSpace, Backing, Frames, PhysMem, Vma, MMAP_MIN, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE,
+};
+use crate::sys::Files;
+use crate::*;
+
+/// Auxiliary-vector keys (Linux's values).
+pub const AT_NULL: u64 = 0;
+pub const AT_PHDR: u64 = 3;
+pub const AT_PHENT: u64 = 4;
+pub const AT_PHNUM: u64 = 5;
+pub const AT_PAGESZ: u64 = 6;
+pub const AT_BASE: u64 = 7;
+pub const AT_FLAGS: u64 = 8;
+pub const AT_ENTRY: u64 = 9;
+pub const AT_UID: u64 = 11;
+pub const AT_EUID: u64 = 12;
+pub const AT_GID: u64 = 13;
+pub const AT_EGID: u64 = 14;
+pub const AT_PLATFORM: u64 = 15;
+pub const AT_HWCAP: u64 = 16;
+pub const AT_CLKTCK: u64 = 17;
+pub const AT_SECURE: u64 = 23;
+pub const AT_RANDOM: u64 = 25;
+pub const AT_HWCAP2: u64 = 26;
+pub const AT_EXECFN: u64 = 31;
+
+/// The most bytes of argument and environment strings (Linux: a quarter
+/// of the 8 MiB stack limit).
+pub const MAX_ARG_BYTES: usize = 2 << 20;
+
+/// What a run gives the program.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// The program as given (its path on the host).
+    pub path: PathBuf,
+    pub argv: Vec<String>,
+    pub envp: Vec<String>,
+    /// Seeds AT_RANDOM and getrandom.
+    pub seed: u64,
+    /// CPUID.1:EDX, for AT_HWCAP.
+    pub hwcap: u64,
+}
+
+/// The first state of the process's CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub rip: u64,
+    pub rsp: u64,
+    pub cr3: u64,
+}
+
+/// A splitmix64 generator: AT_RANDOM and getrandom repeat from run to run
+/// for a given seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x6b76_6d73_696d_5345)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// The initial stack as Linux lays it out, below `top`: argc, argv
+/// pointers, NULL, envp pointers, NULL, auxv pairs ending in AT_NULL,
+/// then (higher) the 16 AT_RANDOM bytes, the platform string, the argument
+/// and environment strings and the executable's name. `auxv` holds the
+/// entries that do not point into the stack; AT_RANDOM, AT_PLATFORM and
+/// AT_EXECFN are added here. Returns the stack pointer (16-byte aligned)
+/// and the bytes from there to `top`.
+pub fn build_stack(
+    top: u64,
+    argv: &[Vec<u8>],
+    envp: &[Vec<u8>],
+    execfn: &[u8],
+    auxv: &[(u64, u64)],
+    random: [u8; 16],
+) -> Result<(u64, Vec<u8>), String> {
+    let strings: usize =
+        argv.iter().chain(envp).map(|s| s.len() + 1).sum::<usize>() + execfn.len() + 1;
+    if strings > MAX_ARG_BYTES {
+        return Err(format!(
+            "the arguments and environment take {strings} bytes; at most {MAX_ARG_BYTES} fit (E2BIG)"
+        ));
+    }
+    // Strings from the top down; an 8-byte zero end marker at the very top.
+    let mut p = top - 8;
+    let mut hi: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut push = |p: &mut u64, bytes: &[u8]| -> u64 {
+        *p -= bytes.len() as u64;
+        hi.push((*p, bytes.to_vec()));
+        *p
+    };
+    let z = |s: &[u8]| {
+        let mut v = s.to_vec();
+        v.push(0);
+        v
+    };
+    let execfn_at = push(&mut p, &z(execfn));
+    let env_at: Vec<u64> = envp
+        .iter()
+        .rev()
+        .map(|s| push(&mut p, &z(s)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let arg_at: Vec<u64> = argv
+        .iter()
+        .rev()
+        .map(|s| push(&mut p, &z(s)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let platform_at = push(&mut p, b"x86_64\0");
+    p &= !15;
+    let random_at = push(&mut p, &random);
+    let mut aux: Vec<(u64, u64)> = auxv.to_vec();
+    aux.push((AT_RANDOM, random_at));
+    aux.push((AT_PLATFORM, platform_at));
+    aux.push((AT_EXECFN, execfn_at));
+    aux.push((AT_NULL, 0));
+    let words = 1 + argv.len() + 1 + envp.len() + 1 + 2 * aux.len();
+    let sp = (p - 8 * words as u64) & !15;
+    let mut out = vec![0u8; (top - sp) as usize];
+    let mut put = |at: u64, bytes: &[u8]| {
+        let o = (at - sp) as usize;
+        out[o..o + bytes.len()].copy_from_slice(bytes);
+    };
+    let mut w = sp;
+    let mut word = |v: u64| {
+        let at = w;
+        w += 8;
+        (at, v)
+    };
+    let mut table = vec![word(argv.len() as u64)];
+    table.extend(arg_at.iter().map(|&a| word(a)));
+    table.push(word(0));
+    table.extend(env_at.iter().map(|&a| word(a)));
+    table.push(word(0));
+    for (k, v) in aux {
+        table.push(word(k));
+        table.push(word(v));
+    }
+    for (at, v) in table {
+        put(at, &v.to_le_bytes());
+    }
+    for (at, bytes) in hi {
+        put(at, &bytes);
+    }
+    Ok((sp, out))
+}
+
+/// A process.
+pub struct Process {
+    pub space: AddressSpace,
+    pub brk_start: u64,
+    pub brk: u64,
+    /// The lowest address an mmap was placed at (the next goes below it).
+    pub mmap_low: u64,
+    pub files: Files,
+    /// The program's absolute path (readlink /proc/self/exe).
+    pub exe: PathBuf,
+    pub rng: Rng,
+    pub fs_base: u64,
+    pub sigactions: std::collections::BTreeMap<u64, [u8; 32]>,
+    pub sigmask: u64,
+    pub tid_address: u64,
+    pub robust_list: u64,
+    /// The thread's name (prctl PR_SET_NAME), NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("exe", &self.exe)
+            .field("brk", &self.brk)
+            .finish()
+    }
+}
+
+fn prot_of(flags: u32) -> u32 {
+    let mut p = 0;
+    if flags & PF_R != 0 {
+        p |= PROT_READ;
+    }
+    if flags & PF_W != 0 {
+        p |= PROT_WRITE;
+    }
+    if flags & PF_X != 0 {
+        p |= PROT_EXEC;
+    }
+    p
+}
+
+impl Process {
+    /// Builds the process image of `image` (parsed as `elf`) in `mem`,
+    /// whose RAM is `regions`; the kernel stub's GDT is `gdt` (kvmsim's
+    /// selectors, TSS at [`TSS_VA`]).
+    pub fn load(
+        mem: &dyn PhysMem,
+        regions: &[(u64, u64)],
+        image: &[u8],
+        elf: &Elf,
+        cfg: &ProcessConfig,
+        gdt: &[u64; 10],
+        files: Files,
+    ) -> Result<(Process, Entry), String> {
+        let oom = || "guest RAM is too small for the process image (raise --memory)".to_string();
+        // Page 0 stays unused.
+        let regions: Vec<(u64, u64)> = regions
+            .iter()
+            .map(|&(b, s)| {
+                if b == 0 {
+                    (PAGE, s.saturating_sub(PAGE))
+                } else {
+                    (b, s)
+                }
+            })
+            .collect();
+        let mut frames = Frames::new(&regions);
+        // The kernel stub's pages.
+        let mut kpage = |bytes: &[u8]| -> Result<u64, String> {
+            let f = frames.alloc(mem).ok_or_else(oom)?;
+            mem.write(f, bytes);
+            Ok(f)
+        };
+        let mut gdt_page = vec![0u8; PAGE as usize];
+        for (i, e) in gdt.iter().enumerate() {
+            gdt_page[8 * i..8 * i + 8].copy_from_slice(&e.to_le_bytes());
+        }
+        // TSS: RSP0 at +4, I/O map base past the end.
+        let t = (TSS_VA - GDT_VA) as usize;
+        gdt_page[t + 4..t + 12].copy_from_slice(&KSTACK_TOP.to_le_bytes());
+        gdt_page[t + 0x66..t + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
+        let gdt_f = kpage(&gdt_page)?;
+        let mut idt = vec![0u8; PAGE as usize];
+        for v in 0..IDT_VECTORS {
+            // int3 and into may be used from user mode (SIGTRAP, not SIGSEGV).
+            let dpl = if v == 3 || v == 4 { 3 } else { 0 };
+            idt[16 * v as usize..16 * v as usize + 16]
+                .copy_from_slice(&idt_gate(TRAPS_VA + 16 * v, dpl));
+        }
+        let idt_f = kpage(&idt)?;
+        let traps_f = kpage(&trap_stubs())?;
+        let entry_f = kpage(&entry_page())?;
+        let mut kstack = Vec::new();
+        for _ in 0..4 {
+            kstack.push(kpage(&[0u8; PAGE as usize])?);
+        }
+        let mut space = AddressSpace::new(mem, frames).ok_or_else(oom)?;
+        let fixed = |phys: u64, end: u64, prot: u32, kernel: bool, uncached: bool, name| Vma {
+            end,
+            prot,
+            backing: Backing::Fixed { phys, uncached },
+            kernel,
+            name,
+        };
+        let map = |space: &mut AddressSpace, at: u64, v: Vma| {
+            space
+                .map(mem, at, v)
+                .map_err(|e| format!("cannot map the kernel stub at {at:#x}: errno {e}"))
+        };
+        map(
+            &mut space,
+            GDT_VA,
+            fixed(
+                gdt_f,
+                GDT_VA + PAGE,
+                PROT_READ | PROT_WRITE,
+                true,
+                false,
+                "gdt",
+            ),
+        )?;
+        map(
+            &mut space,
+            IDT_VA,
+            fixed(idt_f, IDT_VA + PAGE, PROT_READ, true, false, "idt"),
+        )?;
+        map(
+            &mut space,
+            TRAPS_VA,
+            fixed(
+                traps_f,
+                TRAPS_VA + PAGE,
+                PROT_READ | PROT_EXEC,
+                true,
+                false,
+                "traps",
+            ),
+        )?;
+        map(
+            &mut space,
+            ENTRY_VA,
+            fixed(
+                entry_f,
+                ENTRY_VA + PAGE,
+                PROT_READ | PROT_EXEC,
+                false,
+                false,
+                "[syscall]",
+            ),
+        )?;
+        for (i, f) in kstack.iter().enumerate() {
+            let va = KSTACK_VA + PAGE * i as u64;
+            map(
+                &mut space,
+                va,
+                fixed(*f, va + PAGE, PROT_READ | PROT_WRITE, true, false, "kstack"),
+            )?;
+        }
+        map(
+            &mut space,
+            MMIO_VA,
+            fixed(
+                SE_MMIO_BASE,
+                MMIO_VA + PAGE,
+                PROT_READ | PROT_WRITE,
+                false,
+                true,
+                "[se]",
+            ),
+        )?;
+        map(
+            &mut space,
+            FAULT_VA,
+            fixed(
+                SE_MMIO_BASE + FAULT_DOORBELL,
+                FAULT_VA + PAGE,
+                PROT_READ | PROT_WRITE,
+                true,
+                true,
+                "[se-fault]",
+            ),
+        )?;
+        map(
+            &mut space,
+            SIMOPS_VA,
+            fixed(
+                SIMOPS_PHYS,
+                SIMOPS_VA + SIMOPS_SIZE,
+                PROT_READ | PROT_WRITE,
+                false,
+                true,
+                "[simops]",
+            ),
+        )?;
+
+        // The program's segments, page by page with the union of the
+        // protections of the segments sharing a page.
+        let bias = if elf.kind == elf::ET_DYN {
+            PIE_BASE - elf.span().0
+        } else {
+            0
+        };
+        let mut pages: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+        for p in elf
+            .phdrs
+            .iter()
+            .filter(|p| p.kind == PT_LOAD && p.memsz > 0)
+        {
+            let lo = (p.vaddr + bias) & !(PAGE - 1);
+            let hi = (p.vaddr + bias + p.memsz + PAGE - 1) & !(PAGE - 1);
+            if lo < MMAP_MIN {
+                return Err(format!(
+                    "{}: segment at {:#x} lies below {MMAP_MIN:#x} (Linux's mmap_min_addr)",
+                    cfg.path.display(),
+                    p.vaddr
+                ));
+            }
+            if hi.saturating_sub(lo) > 1 << 36 {
+                return Err(format!(
+                    "{}: a segment of {:#x} bytes",
+                    cfg.path.display(),
+                    p.memsz
+                ));
+            }
+            for va in (lo..hi).step_by(PAGE as usize) {
+                *pages.entry(va).or_insert(0) |= prot_of(p.flags);
+            }
+        }
+        let mut run: Option<(u64, u64, u32)> = None;
+        let mut runs = Vec::new();
+        for (&va, &prot) in &pages {
+            match &mut run {
+                Some((_, end, p)) if *end == va && *p == prot => *end += PAGE,
+                _ => {
+                    runs.extend(run.take());
+                    run = Some((va, va + PAGE, prot));
+                }
+            }
+        }
+        runs.extend(run);
+        for (start, end, prot) in runs {
+            let v = Vma {
+                end,
+                prot,
+                backing: Backing::Anon,
+                kernel: false,
+                name: "[program]",
+            };
+            space.map(mem, start, v).map_err(|e| {
+                format!(
+                    "{}: cannot map a segment at {start:#x}: errno {e}",
+                    cfg.path.display()
+                )
+            })?;
+        }
+        for p in elf
+            .phdrs
+            .iter()
+            .filter(|p| p.kind == PT_LOAD && p.filesz > 0)
+        {
+            let data = &image[p.offset as usize..(p.offset + p.filesz) as usize];
+            space.poke(mem, p.vaddr + bias, data).map_err(|_| oom())?;
+        }
+        let top = pages.keys().next_back().map_or(0, |&v| v + PAGE);
+        let brk_start = top;
+
+        // The stack: 8 MiB reserved, pages appear as touched.
+        let stack_lo = STACK_TOP + PAGE - STACK_SIZE;
+        let v = Vma {
+            end: STACK_TOP + PAGE,
+            prot: PROT_READ | PROT_WRITE,
+            backing: Backing::Anon,
+            kernel: false,
+            name: "[stack]",
+        };
+        space
+            .map(mem, stack_lo, v)
+            .map_err(|e| format!("cannot map the stack: errno {e}"))?;
+        let mut rng = Rng::new(cfg.seed);
+        let mut random = [0u8; 16];
+        rng.fill(&mut random);
+        let auxv = [
+            (AT_PHDR, elf.phdr_addr(bias)),
+            (AT_PHENT, u64::from(elf.phentsize)),
+            (AT_PHNUM, elf.phdrs.len() as u64),
+            (AT_PAGESZ, PAGE),
+            (AT_BASE, 0),
+            (AT_FLAGS, 0),
+            (AT_ENTRY, elf.entry + bias),
+            (AT_UID, u64::from(crate::sys::UID)),
+            (AT_EUID, u64::from(crate::sys::UID)),
+            (AT_GID, u64::from(crate::sys::GID)),
+            (AT_EGID, u64::from(crate::sys::GID)),
+            (AT_SECURE, 0),
+            (AT_HWCAP, cfg.hwcap),
+            (AT_HWCAP2, 0),
+            (AT_CLKTCK, 100),
+        ];
+        let argv: Vec<Vec<u8>> = cfg.argv.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let envp: Vec<Vec<u8>> = cfg.envp.iter().map(|s| s.as_bytes().to_vec()).collect();
+        let execfn = cfg
+            .argv
+            .first()
+            .map_or(Vec::new(), |s| s.as_bytes().to_vec());
+        let execfn = if execfn.is_empty() {
+            cfg.path.to_string_lossy().as_bytes().to_vec()
+        } else {
+            execfn
+        };
+        let (sp, bytes) = build_stack(STACK_TOP, &argv, &envp, &execfn, &auxv, random)?;
+        space.poke(mem, sp, &bytes).map_err(|_| oom())?;
+        let exe = std::path::absolute(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
+        let cr3 = space.cr3();
+        Ok((
+            Process {
+                space,
+                brk_start,
+                brk: brk_start,
+                mmap_low: MMAP_TOP,
+                files,
+                exe,
+                rng,
+                fs_base: 0,
+                sigactions: Default::default(),
+                sigmask: 0,
+                tid_address: 0,
+                robust_list: 0,
+                comm: {
+                    let mut c = [0u8; 16];
+                    let base = cfg
+                        .path
+                        .file_name()
+                        .map(|n| n.as_encoded_bytes().to_vec())
+                        .unwrap_or_default();
+                    let k = base.len().min(15);
+                    c[..k].copy_from_slice(&base[..k]);
+                    c
+                },
+            },
+            Entry {
+                rip: elf.entry + bias,
+                rsp: sp,
+                cr3,
+            },
+        ))
+    }
+}
+
+/// Keeps `Arc` in scope for users of [`Backing::File`].
+pub type SharedFile = Arc<std::fs::File>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn word(b: &[u8], sp: u64, at: u64) -> u64 {
+        let o = (at - sp) as usize;
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    fn cstr(b: &[u8], sp: u64, at: u64) -> String {
+        let o = (at - sp) as usize;
+        let end = b[o..].iter().position(|&c| c == 0).unwrap();
+        String::from_utf8(b[o..o + end].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_stack_is_laid_out_as_linux_does() {
+        let top = 0x7fff_ffff_e000;
+        let argv = vec![b"prog".to_vec(), b"a b".to_vec()];
+        let envp = vec![b"X=1".to_vec()];
+        let (sp, b) = build_stack(
+            top,
+            &argv,
+            &envp,
+            b"prog",
+            &[(AT_PAGESZ, 4096), (AT_ENTRY, 0x401000)],
+            [7; 16],
+        )
+        .unwrap();
+        assert_eq!(sp % 16, 0);
+        assert_eq!(sp + b.len() as u64, top);
+        assert_eq!(word(&b, sp, sp), 2, "argc");
+        assert_eq!(cstr(&b, sp, word(&b, sp, sp + 8)), "prog");
+        assert_eq!(cstr(&b, sp, word(&b, sp, sp + 16)), "a b");
+        assert_eq!(word(&b, sp, sp + 24), 0, "argv ends");
+        assert_eq!(cstr(&b, sp, word(&b, sp, sp + 32)), "X=1");
+        assert_eq!(word(&b, sp, sp + 40), 0, "envp ends");
+        let mut aux = std::collections::BTreeMap::new();
+        let mut at = sp + 48;
+        loop {
+            let (k, v) = (word(&b, sp, at), word(&b, sp, at + 8));
+            at += 16;
+            if k == AT_NULL {
+                break;
+            }
+            aux.insert(k, v);
+        }
+        assert_eq!(aux[&AT_PAGESZ], 4096);
+        assert_eq!(aux[&AT_ENTRY], 0x401000);
+        assert_eq!(cstr(&b, sp, aux[&AT_PLATFORM]), "x86_64");
+        assert_eq!(cstr(&b, sp, aux[&AT_EXECFN]), "prog");
+        let r = aux[&AT_RANDOM];
+        assert_eq!(&b[(r - sp) as usize..(r - sp) as usize + 16], &[7; 16]);
+        assert_eq!(word(&b, sp, top - 8), 0, "end marker");
+    }
+
+    #[test]
+    fn too_many_argument_bytes_are_refused() {
+        let big = vec![vec![b'x'; MAX_ARG_BYTES]];
+        let e = build_stack(0x7fff_ffff_e000, &big, &[], b"p", &[], [0; 16]).unwrap_err();
+        assert!(e.contains("E2BIG"), "{e}");
+    }
+
+    #[test]
+    fn the_generator_repeats_for_a_seed() {
+        let (mut a, mut b, mut c) = (Rng::new(1), Rng::new(1), Rng::new(2));
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert_ne!(a.next_u64(), c.next_u64());
+    }
+}

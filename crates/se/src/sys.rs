@@ -1,0 +1,1513 @@
+//! The system calls: Linux's x86-64 ABI, serviced on the host.
+//!
+//! Every pointer the program passes is checked against its mappings
+//! ([`AddressSpace::read_user`] / `write_user`): a bad one is EFAULT.
+//! Host memory per call is bounded: reads and writes move at most
+//! [`MAX_IO`] bytes per call (a shorter count, as Linux may return), path
+//! names at most PATH_MAX bytes, vectors at most IOV_MAX entries.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use sim::Tick;
+
+use crate::mm::{Backing, PhysMem, Vma, EINVAL, ENOMEM, MMAP_MIN, PAGE, PROT_READ, PROT_WRITE};
+use crate::process::Process;
+
+pub const EPERM: i64 = 1;
+pub const ENOENT: i64 = 2;
+pub const ESRCH: i64 = 3;
+pub const EBADF: i64 = 9;
+pub const EAGAIN: i64 = 11;
+pub const ENOTDIR: i64 = 20;
+pub const EMFILE: i64 = 24;
+pub const ENOTTY: i64 = 25;
+pub const ESPIPE: i64 = 29;
+pub const ERANGE: i64 = 34;
+pub const ENAMETOOLONG: i64 = 36;
+pub const ENOSYS: i64 = 38;
+
+/// The identity the program sees.
+pub const PID: u32 = 1000;
+pub const PPID: u32 = 999;
+pub const UID: u32 = 1000;
+pub const GID: u32 = 1000;
+
+/// The most bytes one read or write moves.
+pub const MAX_IO: usize = 1 << 20;
+/// File descriptors (RLIMIT_NOFILE).
+pub const MAX_FDS: usize = 1024;
+const PATH_MAX: usize = 4096;
+const IOV_MAX: u64 = 1024;
+
+/// What an open file descriptor refers to.
+#[derive(Debug)]
+pub enum Object {
+    /// kvmsim's stdin (or nothing, when the run does not read stdin).
+    Stdin { enabled: bool },
+    /// The program's stdout (1) or stderr (2): kvmsim's, and a file in the
+    /// output folder.
+    Out(Arc<Mutex<Sink>>),
+    /// A host file or directory.
+    Host(std::fs::File),
+}
+
+/// Where the program's stdout or stderr goes.
+pub struct Sink {
+    pub echo: Option<Box<dyn Write + Send>>,
+    pub log: Option<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink")
+    }
+}
+
+impl Sink {
+    fn write(&mut self, data: &[u8]) {
+        if let Some(e) = &mut self.echo {
+            let _ = e.write_all(data);
+            let _ = e.flush();
+        }
+        if let Some(l) = &mut self.log {
+            let _ = l.write_all(data);
+            let _ = l.flush();
+        }
+    }
+}
+
+/// An open file: the object and the path it was opened by.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub obj: Object,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+struct Fd {
+    file: Arc<OpenFile>,
+    cloexec: bool,
+}
+
+/// The file-descriptor table.
+#[derive(Debug, Default)]
+pub struct Files {
+    fds: Vec<Option<Fd>>,
+}
+
+impl Files {
+    /// Descriptors 0, 1 and 2.
+    pub fn stdio(stdin: bool, out: Sink, err: Sink) -> Files {
+        let mk = |obj, path: &str| {
+            Some(Fd {
+                file: Arc::new(OpenFile {
+                    obj,
+                    path: path.into(),
+                }),
+                cloexec: false,
+            })
+        };
+        Files {
+            fds: vec![
+                mk(Object::Stdin { enabled: stdin }, "/dev/stdin"),
+                mk(Object::Out(Arc::new(Mutex::new(out))), "/dev/stdout"),
+                mk(Object::Out(Arc::new(Mutex::new(err))), "/dev/stderr"),
+            ],
+        }
+    }
+
+    fn get(&self, fd: u64) -> Result<Arc<OpenFile>, i64> {
+        // A descriptor is an int: only the low 32 bits count.
+        usize::try_from(fd as u32)
+            .ok()
+            .and_then(|i| self.fds.get(i))
+            .and_then(|f| f.as_ref())
+            .map(|f| f.file.clone())
+            .ok_or(EBADF)
+    }
+
+    fn install(&mut self, file: Arc<OpenFile>, cloexec: bool, min: usize) -> Result<i64, i64> {
+        let slot = (min..MAX_FDS)
+            .find(|&i| self.fds.get(i).is_none_or(|f| f.is_none()))
+            .ok_or(EMFILE)?;
+        if self.fds.len() <= slot {
+            self.fds.resize(slot + 1, None);
+        }
+        self.fds[slot] = Some(Fd { file, cloexec });
+        Ok(slot as i64)
+    }
+
+    fn close(&mut self, fd: u64) -> Result<i64, i64> {
+        let slot = usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.fds.get_mut(i))
+            .ok_or(EBADF)?;
+        slot.take().map(|_| 0).ok_or(EBADF)
+    }
+}
+
+/// The time a call sees.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// The simulated time of the call.
+    pub now: Tick,
+    /// CLOCK_REALTIME at tick 0, in nanoseconds since the Unix epoch.
+    pub realtime_base_ns: u64,
+}
+
+/// How a call ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flow {
+    /// Return this value (a negative errno for errors) to the program.
+    Return(i64),
+    /// The process ends with this status (0-255, or 128 + signal).
+    Exit { status: i32, message: String },
+}
+
+/// What a call did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    pub flow: Flow,
+    /// Simulated time the call takes beyond the per-call latency (sleeps).
+    pub sleep: Tick,
+}
+
+fn ret(v: Result<i64, i64>) -> Done {
+    Done {
+        flow: Flow::Return(v.unwrap_or_else(|e| -e)),
+        sleep: 0,
+    }
+}
+
+fn host_err(e: std::io::Error) -> i64 {
+    i64::from(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn last_err() -> i64 {
+    host_err(std::io::Error::last_os_error())
+}
+
+/// Calls with their numbers.
+pub mod nr {
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const OPEN: u64 = 2;
+    pub const CLOSE: u64 = 3;
+    pub const STAT: u64 = 4;
+    pub const FSTAT: u64 = 5;
+    pub const LSTAT: u64 = 6;
+    pub const LSEEK: u64 = 8;
+    pub const MMAP: u64 = 9;
+    pub const MPROTECT: u64 = 10;
+    pub const MUNMAP: u64 = 11;
+    pub const BRK: u64 = 12;
+    pub const RT_SIGACTION: u64 = 13;
+    pub const RT_SIGPROCMASK: u64 = 14;
+    pub const IOCTL: u64 = 16;
+    pub const PREAD64: u64 = 17;
+    pub const PWRITE64: u64 = 18;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const ACCESS: u64 = 21;
+    pub const SCHED_YIELD: u64 = 24;
+    pub const MREMAP: u64 = 25;
+    pub const MADVISE: u64 = 28;
+    pub const DUP: u64 = 32;
+    pub const DUP2: u64 = 33;
+    pub const NANOSLEEP: u64 = 35;
+    pub const GETPID: u64 = 39;
+    pub const EXIT: u64 = 60;
+    pub const KILL: u64 = 62;
+    pub const UNAME: u64 = 63;
+    pub const FCNTL: u64 = 72;
+    pub const GETCWD: u64 = 79;
+    pub const READLINK: u64 = 89;
+    pub const UMASK: u64 = 95;
+    pub const GETTIMEOFDAY: u64 = 96;
+    pub const GETRLIMIT: u64 = 97;
+    pub const SETUID: u64 = 105;
+    pub const SETGID: u64 = 106;
+    pub const PRCTL: u64 = 157;
+    pub const GETUID: u64 = 102;
+    pub const GETGID: u64 = 104;
+    pub const GETEUID: u64 = 107;
+    pub const GETEGID: u64 = 108;
+    pub const GETPPID: u64 = 110;
+    pub const SIGALTSTACK: u64 = 131;
+    pub const ARCH_PRCTL: u64 = 158;
+    pub const GETTID: u64 = 186;
+    pub const TIME: u64 = 201;
+    pub const FUTEX: u64 = 202;
+    pub const SCHED_GETAFFINITY: u64 = 204;
+    pub const GETDENTS64: u64 = 217;
+    pub const SET_TID_ADDRESS: u64 = 218;
+    pub const CLOCK_GETTIME: u64 = 228;
+    pub const CLOCK_GETRES: u64 = 229;
+    pub const CLOCK_NANOSLEEP: u64 = 230;
+    pub const EXIT_GROUP: u64 = 231;
+    pub const TGKILL: u64 = 234;
+    pub const OPENAT: u64 = 257;
+    pub const NEWFSTATAT: u64 = 262;
+    pub const READLINKAT: u64 = 267;
+    pub const FACCESSAT: u64 = 269;
+    pub const SET_ROBUST_LIST: u64 = 273;
+    pub const DUP3: u64 = 292;
+    pub const PRLIMIT64: u64 = 302;
+    pub const GETRANDOM: u64 = 318;
+    pub const RSEQ: u64 = 334;
+    pub const FACCESSAT2: u64 = 439;
+}
+
+const AT_FDCWD: i64 = -100;
+const AT_EMPTY_PATH: u64 = 0x1000;
+const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
+
+/// Signal names for messages.
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+impl Process {
+    /// Services call `nr` with arguments `a` (RDI, RSI, RDX, R10, R8, R9).
+    pub fn syscall(
+        &mut self,
+        mem: &dyn PhysMem,
+        nr: u64,
+        a: [u64; 6],
+        clock: Clock,
+    ) -> Option<Done> {
+        use nr::*;
+        let done = match nr {
+            READ => ret(self.read(mem, a[0], a[1], a[2], None)),
+            WRITE => ret(self.write(mem, a[0], a[1], a[2], None)),
+            PREAD64 => ret(self.read(mem, a[0], a[1], a[2], Some(a[3] as i64))),
+            PWRITE64 => ret(self.write(mem, a[0], a[1], a[2], Some(a[3] as i64))),
+            READV => ret(self.vector_io(mem, a[0], a[1], a[2], false)),
+            WRITEV => ret(self.vector_io(mem, a[0], a[1], a[2], true)),
+            OPEN => ret(self.openat(mem, AT_FDCWD as u64, a[0], a[1], a[2])),
+            OPENAT => ret(self.openat(mem, a[0], a[1], a[2], a[3])),
+            CLOSE => ret(self.files.close(a[0])),
+            FSTAT => ret(self.fstat(mem, a[0], a[1])),
+            STAT => ret(self.fstatat(mem, AT_FDCWD as u64, a[0], a[1], 0)),
+            LSTAT => ret(self.fstatat(mem, AT_FDCWD as u64, a[0], a[1], AT_SYMLINK_NOFOLLOW)),
+            NEWFSTATAT => ret(self.fstatat(mem, a[0], a[1], a[2], a[3])),
+            LSEEK => ret(self.lseek(a[0], a[1] as i64, a[2])),
+            GETDENTS64 => ret(self.getdents64(mem, a[0], a[1], a[2])),
+            READLINK => ret(self.readlinkat(mem, AT_FDCWD as u64, a[0], a[1], a[2])),
+            READLINKAT => ret(self.readlinkat(mem, a[0], a[1], a[2], a[3])),
+            GETCWD => ret(self.getcwd(mem, a[0], a[1])),
+            ACCESS => ret(self.faccessat(mem, AT_FDCWD as u64, a[0], a[1])),
+            FACCESSAT | FACCESSAT2 => ret(self.faccessat(mem, a[0], a[1], a[2])),
+            DUP => ret(self
+                .files
+                .get(a[0])
+                .and_then(|f| self.files.install(f, false, 0))),
+            DUP2 | DUP3 => ret(self.dup3(a[0], a[1], if nr == DUP3 { a[2] } else { u64::MAX })),
+            FCNTL => ret(self.fcntl(a[0], a[1], a[2])),
+            IOCTL => ret(self.files.get(a[0]).and(Err(ENOTTY))),
+            BRK => ret(Ok(self.set_brk(mem, a[0]) as i64)),
+            MMAP => ret(self.mmap(mem, a[0], a[1], a[2], a[3], a[4], a[5])),
+            MUNMAP => ret(self.munmap(mem, a[0], a[1])),
+            MPROTECT => ret(self.mprotect(mem, a[0], a[1], a[2])),
+            // Moving a mapping is not supported yet: callers (glibc's
+            // realloc) fall back to mmap + copy + munmap.
+            MREMAP => ret(Err(ENOMEM)),
+            MADVISE => ret(Ok(0)),
+            EXIT | EXIT_GROUP => Done {
+                flow: Flow::Exit {
+                    status: (a[0] & 0xff) as i32,
+                    message: String::new(),
+                },
+                sleep: 0,
+            },
+            KILL | TGKILL => {
+                let (pid, sig) = if nr == KILL {
+                    (a[0], a[1])
+                } else {
+                    (a[1], a[2])
+                };
+                if pid != u64::from(PID) && pid != 0 && pid as i64 != -1 {
+                    ret(Err(ESRCH))
+                } else if sig == 0 {
+                    ret(Ok(0))
+                } else if sig > 64 {
+                    ret(Err(EINVAL))
+                } else {
+                    let sig = sig as i32;
+                    Done {
+                        flow: Flow::Exit {
+                            status: 128 + sig,
+                            message: format!(
+                                "the program sent itself {} ({sig}); signal delivery is not supported yet, so it terminates the process (the default action)",
+                                signal_name(sig)
+                            ),
+                        },
+                        sleep: 0,
+                    }
+                }
+            }
+            ARCH_PRCTL => ret(self.arch_prctl(mem, a[0], a[1])),
+            SET_TID_ADDRESS => {
+                self.tid_address = a[0];
+                ret(Ok(i64::from(PID)))
+            }
+            SET_ROBUST_LIST => {
+                self.robust_list = a[0];
+                ret(if a[1] == 24 { Ok(0) } else { Err(EINVAL) })
+            }
+            RSEQ => ret(Err(ENOSYS)),
+            PRLIMIT64 => ret(self.prlimit(mem, a[0], a[1], a[2], a[3])),
+            GETRLIMIT => ret(self.prlimit(mem, 0, a[0], 0, a[1])),
+            UNAME => ret(self.uname(mem, a[0])),
+            GETPID | GETTID => ret(Ok(i64::from(PID))),
+            GETPPID => ret(Ok(i64::from(PPID))),
+            GETUID | GETEUID => ret(Ok(i64::from(UID))),
+            GETGID | GETEGID => ret(Ok(i64::from(GID))),
+            UMASK => ret(Ok(0o022)),
+            // The identity cannot change: setting it to itself succeeds.
+            SETUID => ret(if a[0] == u64::from(UID) {
+                Ok(0)
+            } else {
+                Err(EPERM)
+            }),
+            SETGID => ret(if a[0] == u64::from(GID) {
+                Ok(0)
+            } else {
+                Err(EPERM)
+            }),
+            PRCTL => ret(self.prctl(mem, a[0], a[1])),
+            GETRANDOM => ret(self.getrandom(mem, a[0], a[1])),
+            CLOCK_GETTIME => ret(self.clock_gettime(mem, a[0], a[1], clock)),
+            CLOCK_GETRES => ret(self.clock_getres(mem, a[0], a[1])),
+            GETTIMEOFDAY => ret(self.gettimeofday(mem, a[0], clock)),
+            TIME => {
+                let t = (clock.realtime_base_ns + clock.now / 1000) / 1_000_000_000;
+                if a[0] != 0 {
+                    if let Err(e) = self.space.write_user(mem, a[0], &t.to_le_bytes()) {
+                        return Some(ret(Err(e)));
+                    }
+                }
+                ret(Ok(t as i64))
+            }
+            NANOSLEEP => self.sleep(mem, 1, 0, a[0], a[1], clock),
+            CLOCK_NANOSLEEP => self.sleep(mem, a[0], a[1], a[2], a[3], clock),
+            SCHED_YIELD => ret(Ok(0)),
+            SCHED_GETAFFINITY => ret(self.getaffinity(mem, a[1], a[2])),
+            RT_SIGACTION => ret(self.sigaction(mem, a[0], a[1], a[2], a[3])),
+            RT_SIGPROCMASK => ret(self.sigprocmask(mem, a[0], a[1], a[2], a[3])),
+            SIGALTSTACK => ret(Ok(0)),
+            FUTEX => ret(self.futex(mem, a[0], a[1], a[2])),
+            _ => return None,
+        };
+        Some(done)
+    }
+
+    fn read(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        buf: u64,
+        count: u64,
+        at: Option<i64>,
+    ) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let n = (count as usize).min(MAX_IO);
+        // The buffer's first byte must be writable before anything is
+        // consumed; the rest is checked as the data is copied (as Linux does,
+        // a count larger than the buffer is fine when the data fits).
+        self.space
+            .check_user(mem, buf, n.min(1) as u64, PROT_WRITE)?;
+        let mut tmp = vec![0u8; n];
+        let got = match (&f.obj, at) {
+            (Object::Stdin { enabled: false }, _) => 0,
+            (Object::Stdin { enabled: true }, None) => {
+                // SAFETY: reads into `tmp`, which holds `n` bytes.
+                let r = unsafe { libc::read(0, tmp.as_mut_ptr().cast(), n) };
+                if r < 0 {
+                    return Err(last_err());
+                }
+                r as usize
+            }
+            (Object::Stdin { .. } | Object::Out(_), Some(_)) => return Err(ESPIPE),
+            (Object::Out(_), None) => return Err(EBADF),
+            (Object::Host(file), None) => {
+                let mut total = 0;
+                while total < n {
+                    match std::io::Read::read(&mut &*file, &mut tmp[total..]) {
+                        Ok(0) => break,
+                        Ok(k) => total += k,
+                        Err(e) if total == 0 => return Err(host_err(e)),
+                        Err(_) => break,
+                    }
+                }
+                total
+            }
+            (Object::Host(file), Some(off)) => {
+                if off < 0 {
+                    return Err(EINVAL);
+                }
+                std::os::unix::fs::FileExt::read_at(file, &mut tmp, off as u64).map_err(host_err)?
+            }
+        };
+        self.space.write_user(mem, buf, &tmp[..got])?;
+        Ok(got as i64)
+    }
+
+    fn write(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        buf: u64,
+        count: u64,
+        at: Option<i64>,
+    ) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let n = (count as usize).min(MAX_IO);
+        let mut tmp = vec![0u8; n];
+        self.space.read_user(mem, buf, &mut tmp)?;
+        self.write_bytes(&f, &tmp, at)
+    }
+
+    fn write_bytes(&mut self, f: &OpenFile, data: &[u8], at: Option<i64>) -> Result<i64, i64> {
+        match (&f.obj, at) {
+            (Object::Out(sink), None) => {
+                mem::lock(sink).write(data);
+                Ok(data.len() as i64)
+            }
+            (Object::Stdin { .. }, _) => Err(EBADF),
+            (Object::Out(_), Some(_)) => Err(ESPIPE),
+            (Object::Host(file), None) => std::io::Write::write(&mut &*file, data)
+                .map(|n| n as i64)
+                .map_err(host_err),
+            (Object::Host(file), Some(off)) => {
+                if off < 0 {
+                    return Err(EINVAL);
+                }
+                std::os::unix::fs::FileExt::write_at(file, data, off as u64)
+                    .map(|n| n as i64)
+                    .map_err(host_err)
+            }
+        }
+    }
+
+    fn vector_io(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        iov: u64,
+        cnt: u64,
+        write: bool,
+    ) -> Result<i64, i64> {
+        if cnt > IOV_MAX {
+            return Err(EINVAL);
+        }
+        self.files.get(fd)?;
+        let mut raw = vec![0u8; 16 * cnt as usize];
+        self.space.read_user(mem, iov, &mut raw)?;
+        let mut total: i64 = 0;
+        for c in raw.chunks(16) {
+            let base = u64::from_le_bytes(c[0..8].try_into().unwrap_or_default());
+            let len = u64::from_le_bytes(c[8..16].try_into().unwrap_or_default());
+            if len == 0 {
+                continue;
+            }
+            if len > isize::MAX as u64 {
+                return Err(EINVAL);
+            }
+            let r = if write {
+                self.write(mem, fd, base, len, None)
+            } else {
+                self.read(mem, fd, base, len, None)
+            };
+            match r {
+                Ok(n) => {
+                    total += n;
+                    if (n as u64) < len {
+                        break;
+                    }
+                }
+                Err(e) if total == 0 => return Err(e),
+                Err(_) => break,
+            }
+            if total as usize >= MAX_IO {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// The host path for `path` relative to `dirfd`, with /proc/self/exe
+    /// meaning the program.
+    fn resolve(&mut self, mem: &dyn PhysMem, dirfd: u64, path: u64) -> Result<PathBuf, i64> {
+        let p = self.space.read_cstr(mem, path, PATH_MAX)?;
+        let p = PathBuf::from(std::ffi::OsStr::from_bytes(&p));
+        if p.as_os_str().is_empty() {
+            return Err(ENOENT);
+        }
+        // Descriptors are C ints: the upper half of the register is not looked at.
+        if p.is_absolute() || dirfd as i32 as i64 == AT_FDCWD {
+            return Ok(self.redirect(p));
+        }
+        let d = self.files.get(dirfd)?;
+        match &d.obj {
+            Object::Host(f) if f.metadata().is_ok_and(|m| m.is_dir()) => Ok(d.path.join(p)),
+            Object::Host(_) => Err(ENOTDIR),
+            _ => Err(ENOTDIR),
+        }
+    }
+
+    /// /proc/self and /proc/PID describe kvmsim on the host: the program's
+    /// own are answered here (exe) or refused.
+    fn redirect(&self, p: PathBuf) -> PathBuf {
+        let s = p.to_string_lossy();
+        let own = ["/proc/self/", &format!("/proc/{PID}/")]
+            .iter()
+            .any(|pre| s.starts_with(pre));
+        if own {
+            if s.ends_with("/exe") {
+                return self.exe.clone();
+            }
+            return PathBuf::from("/nonexistent/kvmsim-se/proc-self-is-not-emulated");
+        }
+        p
+    }
+
+    fn openat(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        mode: u64,
+    ) -> Result<i64, i64> {
+        let p = self.resolve(mem, dirfd, path)?;
+        let cpath = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)?;
+        let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
+        let flags = (flags as i32 & !libc::O_CLOEXEC) | libc::O_CLOEXEC;
+        // SAFETY: a NUL-terminated path; the descriptor returned is owned below.
+        let fd = unsafe { libc::open(cpath.as_ptr(), flags, (mode & 0o7777) as libc::c_uint) };
+        if fd < 0 {
+            return Err(last_err());
+        }
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        self.files.install(
+            Arc::new(OpenFile {
+                obj: Object::Host(file),
+                path: p,
+            }),
+            cloexec,
+            0,
+        )
+    }
+
+    fn dup3(&mut self, old: u64, new: u64, flags: u64) -> Result<i64, i64> {
+        let f = self.files.get(old)?;
+        if new as usize >= MAX_FDS {
+            return Err(EBADF);
+        }
+        if old == new {
+            return if flags == u64::MAX {
+                Ok(new as i64)
+            } else {
+                Err(EINVAL)
+            };
+        }
+        let cloexec = flags != u64::MAX && flags & libc::O_CLOEXEC as u64 != 0;
+        let _ = self.files.close(new);
+        self.files.install(f, cloexec, new as usize)
+    }
+
+    fn fcntl(&mut self, fd: u64, cmd: u64, arg: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        match cmd as i32 {
+            libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => self.files.install(
+                f,
+                cmd as i32 == libc::F_DUPFD_CLOEXEC,
+                (arg as usize).min(MAX_FDS),
+            ),
+            libc::F_GETFD => Ok(i64::from(
+                self.files.fds[fd as usize]
+                    .as_ref()
+                    .is_some_and(|f| f.cloexec),
+            )),
+            libc::F_SETFD => {
+                if let Some(Some(e)) = self.files.fds.get_mut(fd as usize) {
+                    e.cloexec = arg & 1 != 0;
+                }
+                Ok(0)
+            }
+            libc::F_GETFL => match &f.obj {
+                Object::Host(h) => {
+                    // SAFETY: F_GETFL on a descriptor we own.
+                    let r = unsafe { libc::fcntl(h.as_raw_fd(), libc::F_GETFL) };
+                    if r < 0 {
+                        Err(last_err())
+                    } else {
+                        Ok(i64::from(r))
+                    }
+                }
+                Object::Stdin { .. } => Ok(i64::from(libc::O_RDONLY)),
+                Object::Out(_) => Ok(i64::from(libc::O_WRONLY)),
+            },
+            libc::F_SETFL => match &f.obj {
+                Object::Host(h) => {
+                    let keep = (arg as i32) & (libc::O_APPEND | libc::O_NONBLOCK);
+                    // SAFETY: F_SETFL on a descriptor we own.
+                    let r = unsafe { libc::fcntl(h.as_raw_fd(), libc::F_SETFL, keep) };
+                    if r < 0 {
+                        Err(last_err())
+                    } else {
+                        Ok(0)
+                    }
+                }
+                _ => Ok(0),
+            },
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn put_stat(&mut self, mem: &dyn PhysMem, buf: u64, st: &libc::stat) -> Result<i64, i64> {
+        // SAFETY: `libc::stat` is plain data of this size (the host's
+        // x86-64 layout, which is the program's).
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (st as *const libc::stat).cast::<u8>(),
+                std::mem::size_of::<libc::stat>(),
+            )
+        };
+        self.space.write_user(mem, buf, bytes)?;
+        Ok(0)
+    }
+
+    fn fstat(&mut self, mem: &dyn PhysMem, fd: u64, buf: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        // SAFETY: all-zero is a valid `libc::stat`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        match &f.obj {
+            Object::Host(h) => {
+                // SAFETY: fstat writes a `stat` into `st`.
+                if unsafe { libc::fstat(h.as_raw_fd(), &mut st) } < 0 {
+                    return Err(last_err());
+                }
+            }
+            // The standard streams are pipes to the program (not terminals).
+            _ => {
+                st.st_mode = libc::S_IFIFO | 0o600;
+                st.st_blksize = 4096;
+                st.st_uid = UID;
+                st.st_gid = GID;
+                st.st_nlink = 1;
+            }
+        }
+        self.put_stat(mem, buf, &st)
+    }
+
+    fn fstatat(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        buf: u64,
+        flags: u64,
+    ) -> Result<i64, i64> {
+        if flags & AT_EMPTY_PATH != 0 {
+            let p = self.space.read_cstr(mem, path, PATH_MAX)?;
+            if p.is_empty() {
+                return self.fstat(mem, dirfd, buf);
+            }
+        }
+        let p = self.resolve(mem, dirfd, path)?;
+        let cpath = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)?;
+        // SAFETY: all-zero is a valid `libc::stat`.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a `stat` to fill.
+        let r = unsafe {
+            if flags & AT_SYMLINK_NOFOLLOW != 0 {
+                libc::lstat(cpath.as_ptr(), &mut st)
+            } else {
+                libc::stat(cpath.as_ptr(), &mut st)
+            }
+        };
+        if r < 0 {
+            return Err(last_err());
+        }
+        self.put_stat(mem, buf, &st)
+    }
+
+    fn lseek(&mut self, fd: u64, off: i64, whence: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        match &f.obj {
+            Object::Host(h) => {
+                // SAFETY: lseek on a descriptor we own.
+                let r = unsafe { libc::lseek(h.as_raw_fd(), off, whence as i32) };
+                if r < 0 {
+                    Err(last_err())
+                } else {
+                    Ok(r)
+                }
+            }
+            _ => Err(ESPIPE),
+        }
+    }
+
+    fn getdents64(&mut self, mem: &dyn PhysMem, fd: u64, buf: u64, count: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let Object::Host(h) = &f.obj else {
+            return Err(ENOTDIR);
+        };
+        let n = (count as usize).min(64 << 10);
+        self.space.check_user(mem, buf, n as u64, PROT_WRITE)?;
+        let mut tmp = vec![0u8; n];
+        // SAFETY: the host's getdents64 fills at most `n` bytes of `tmp`
+        // with records in the layout the program expects (same ABI).
+        let r = unsafe { libc::syscall(libc::SYS_getdents64, h.as_raw_fd(), tmp.as_mut_ptr(), n) };
+        if r < 0 {
+            return Err(last_err());
+        }
+        self.space.write_user(mem, buf, &tmp[..r as usize])?;
+        Ok(r)
+    }
+
+    fn readlinkat(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        buf: u64,
+        size: u64,
+    ) -> Result<i64, i64> {
+        let raw = self.space.read_cstr(mem, path, PATH_MAX)?;
+        let target = if raw == b"/proc/self/exe" || raw == format!("/proc/{PID}/exe").as_bytes() {
+            self.exe.as_os_str().as_bytes().to_vec()
+        } else {
+            let p = self.resolve(mem, dirfd, path)?;
+            std::fs::read_link(&p)
+                .map_err(host_err)?
+                .as_os_str()
+                .as_bytes()
+                .to_vec()
+        };
+        if size == 0 || size > i32::MAX as u64 {
+            return Err(EINVAL);
+        }
+        let n = target.len().min(size as usize);
+        self.space.write_user(mem, buf, &target[..n])?;
+        Ok(n as i64)
+    }
+
+    fn getcwd(&mut self, mem: &dyn PhysMem, buf: u64, size: u64) -> Result<i64, i64> {
+        let cwd = std::env::current_dir().map_err(host_err)?;
+        let mut b = cwd.as_os_str().as_bytes().to_vec();
+        b.push(0);
+        if (b.len() as u64) > size {
+            return Err(ERANGE);
+        }
+        self.space.write_user(mem, buf, &b)?;
+        Ok(b.len() as i64)
+    }
+
+    fn faccessat(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+    ) -> Result<i64, i64> {
+        let p = self.resolve(mem, dirfd, path)?;
+        let cpath = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)?;
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::access(cpath.as_ptr(), (mode & 7) as i32) } < 0 {
+            return Err(last_err());
+        }
+        Ok(0)
+    }
+
+    /// brk: grows or shrinks the heap after the program's segments; returns
+    /// the new break, or the old one if the request cannot be met.
+    pub fn set_brk(&mut self, mem: &dyn PhysMem, want: u64) -> u64 {
+        if want < self.brk_start || want > self.brk_start + (1 << 40) {
+            return self.brk;
+        }
+        let old_end = (self.brk + PAGE - 1) & !(PAGE - 1);
+        let new_end = (want + PAGE - 1) & !(PAGE - 1);
+        if new_end > old_end {
+            if !self.space.is_free(old_end, new_end) {
+                return self.brk;
+            }
+            // One heap mapping, grown in place (sbrk in small steps makes
+            // no new mapping each time).
+            if old_end > self.brk_start && self.space.extend(old_end, new_end) {
+                self.brk = want;
+                return want;
+            }
+            let v = Vma {
+                end: new_end,
+                prot: PROT_READ | PROT_WRITE,
+                backing: Backing::Anon,
+                kernel: false,
+                name: "[heap]",
+            };
+            if self.space.map(mem, old_end, v).is_err() {
+                return self.brk;
+            }
+        } else if new_end < old_end && self.space.unmap(mem, new_end, old_end).is_err() {
+            return self.brk;
+        }
+        self.brk = want;
+        want
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mmap(
+        &mut self,
+        mem: &dyn PhysMem,
+        addr: u64,
+        len: u64,
+        prot: u64,
+        flags: u64,
+        fd: u64,
+        off: u64,
+    ) -> Result<i64, i64> {
+        const MAP_SHARED: u64 = 1;
+        const MAP_PRIVATE: u64 = 2;
+        const MAP_FIXED: u64 = 0x10;
+        const MAP_ANONYMOUS: u64 = 0x20;
+        const MAP_POPULATE: u64 = 0x8000;
+        const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+        if len == 0 || !off.is_multiple_of(PAGE) || prot & !7 != 0 {
+            return Err(EINVAL);
+        }
+        let len = len.checked_add(PAGE - 1).ok_or(ENOMEM)? & !(PAGE - 1);
+        if len > crate::USER_TOP {
+            return Err(ENOMEM);
+        }
+        let backing = if flags & MAP_ANONYMOUS != 0 {
+            Backing::Anon
+        } else {
+            let f = self.files.get(fd)?;
+            let Object::Host(h) = &f.obj else {
+                return Err(libc::ENODEV as i64);
+            };
+            if flags & 3 == MAP_SHARED && prot & PROT_WRITE as u64 != 0 {
+                // Writes through a shared mapping would have to reach the file.
+                return Err(libc::ENODEV as i64);
+            }
+            Backing::File {
+                file: Arc::new(h.try_clone().map_err(host_err)?),
+                offset: off,
+            }
+        };
+        if flags & 3 != MAP_PRIVATE && flags & 3 != MAP_SHARED {
+            return Err(EINVAL);
+        }
+        let fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE) != 0;
+        let start = if fixed {
+            if !addr.is_multiple_of(PAGE)
+                || addr < MMAP_MIN
+                || addr.checked_add(len).is_none_or(|e| e > crate::USER_TOP)
+            {
+                return Err(if !addr.is_multiple_of(PAGE) {
+                    EINVAL
+                } else {
+                    EPERM
+                });
+            }
+            if !self.space.is_free(addr, addr + len) {
+                if flags & MAP_FIXED_NOREPLACE != 0 {
+                    return Err(libc::EEXIST as i64);
+                }
+                self.space.unmap(mem, addr, addr + len)?;
+            }
+            addr
+        } else {
+            let hint = (addr & !(PAGE - 1)).max(MMAP_MIN);
+            if addr != 0
+                && hint.checked_add(len).is_some_and(|e| e <= crate::USER_TOP)
+                && self.space.is_free(hint, hint + len)
+            {
+                hint
+            } else {
+                // Below the lowest mmap so far first (Linux's old
+                // free-area cache: no walk over every mapping), then anywhere.
+                let floor = self.brk_start.max(MMAP_MIN);
+                self.space
+                    .find_free(len, floor, self.mmap_low)
+                    .or_else(|| self.space.find_free(len, floor, crate::MMAP_TOP))
+                    .ok_or(ENOMEM)?
+            }
+        };
+        let v = Vma {
+            end: start + len,
+            prot: prot as u32,
+            backing,
+            kernel: false,
+            name: "[mmap]",
+        };
+        self.space.map(mem, start, v)?;
+        if !fixed && start < self.mmap_low {
+            self.mmap_low = start;
+        }
+        if flags & MAP_POPULATE != 0 && prot != 0 {
+            for va in (start..start + len).step_by(PAGE as usize) {
+                if let Err(e) = self.space.populate(mem, va) {
+                    // Nothing of a failed mmap stays behind.
+                    let _ = self.space.unmap(mem, start, start + len);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(start as i64)
+    }
+
+    fn user_range(addr: u64, len: u64) -> Result<(u64, u64), i64> {
+        if !addr.is_multiple_of(PAGE) {
+            return Err(EINVAL);
+        }
+        let end = addr
+            .checked_add(len)
+            .and_then(|e| e.checked_add(PAGE - 1))
+            .ok_or(EINVAL)?
+            & !(PAGE - 1);
+        if end > crate::USER_TOP {
+            return Err(EINVAL);
+        }
+        Ok((addr, end))
+    }
+
+    fn munmap(&mut self, mem: &dyn PhysMem, addr: u64, len: u64) -> Result<i64, i64> {
+        if len == 0 {
+            return Err(EINVAL);
+        }
+        let (s, e) = Self::user_range(addr, len)?;
+        self.space.unmap(mem, s, e).map(|_| 0)
+    }
+
+    fn mprotect(&mut self, mem: &dyn PhysMem, addr: u64, len: u64, prot: u64) -> Result<i64, i64> {
+        if prot & !(7 | 0x0100_0000 | 0x0200_0000) != 0 {
+            return Err(EINVAL);
+        }
+        let (s, e) = Self::user_range(addr, len)?;
+        if s == e {
+            return Ok(0);
+        }
+        self.space.protect(mem, s, e, (prot & 7) as u32).map(|_| 0)
+    }
+
+    fn arch_prctl(&mut self, mem: &dyn PhysMem, code: u64, addr: u64) -> Result<i64, i64> {
+        const ARCH_SET_FS: u64 = 0x1002;
+        const ARCH_GET_FS: u64 = 0x1003;
+        match code {
+            ARCH_SET_FS => {
+                if addr >= crate::USER_TOP {
+                    return Err(EPERM);
+                }
+                self.fs_base = addr;
+                Ok(0)
+            }
+            ARCH_GET_FS => {
+                self.space
+                    .write_user(mem, addr, &self.fs_base.to_le_bytes())?;
+                Ok(0)
+            }
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn prlimit(
+        &mut self,
+        mem: &dyn PhysMem,
+        pid: u64,
+        res: u64,
+        new: u64,
+        old: u64,
+    ) -> Result<i64, i64> {
+        if pid != 0 && pid != u64::from(PID) {
+            return Err(ESRCH);
+        }
+        const INF: u64 = u64::MAX;
+        let lim = match res {
+            3 => (crate::STACK_SIZE, INF),         // RLIMIT_STACK
+            7 => (MAX_FDS as u64, MAX_FDS as u64), // RLIMIT_NOFILE
+            0..=15 => (INF, INF),
+            _ => return Err(EINVAL),
+        };
+        if old != 0 {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&lim.0.to_le_bytes());
+            b[8..].copy_from_slice(&lim.1.to_le_bytes());
+            self.space.write_user(mem, old, &b)?;
+        }
+        if new != 0 {
+            let mut b = [0u8; 16];
+            self.space.read_user(mem, new, &mut b)?;
+        }
+        Ok(0)
+    }
+
+    /// prctl: the thread's name (PR_SET_NAME / PR_GET_NAME); nothing else.
+    fn prctl(&mut self, mem: &dyn PhysMem, option: u64, arg: u64) -> Result<i64, i64> {
+        const PR_SET_NAME: u64 = 15;
+        const PR_GET_NAME: u64 = 16;
+        match option {
+            PR_SET_NAME => {
+                let mut n = [0u8; 16];
+                self.space.read_user(mem, arg, &mut n[..1])?;
+                let name = self.space.read_cstr(mem, arg, PATH_MAX).unwrap_or_default();
+                let k = name.len().min(15);
+                n[..k].copy_from_slice(&name[..k]);
+                n[k] = 0;
+                self.comm = n;
+                Ok(0)
+            }
+            PR_GET_NAME => {
+                let c = self.comm;
+                self.space.write_user(mem, arg, &c)?;
+                Ok(0)
+            }
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn uname(&mut self, mem: &dyn PhysMem, buf: u64) -> Result<i64, i64> {
+        let mut u = [0u8; 65 * 6];
+        let fields: [&[u8]; 6] = [
+            b"Linux",
+            b"kvmsim",
+            b"6.1.0-kvmsim-se",
+            b"#1 SMP kvmsim syscall emulation",
+            b"x86_64",
+            b"(none)",
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            u[65 * i..65 * i + f.len()].copy_from_slice(f);
+        }
+        self.space.write_user(mem, buf, &u)?;
+        Ok(0)
+    }
+
+    fn getrandom(&mut self, mem: &dyn PhysMem, buf: u64, len: u64) -> Result<i64, i64> {
+        let n = (len as usize).min(MAX_IO);
+        let mut tmp = vec![0u8; n];
+        self.rng.fill(&mut tmp);
+        self.space.write_user(mem, buf, &tmp)?;
+        Ok(n as i64)
+    }
+
+    fn clock_ns(id: u64, clock: Clock) -> Result<u64, i64> {
+        let mono = clock.now / 1000;
+        match id {
+            // REALTIME, REALTIME_COARSE, TAI
+            0 | 5 | 11 => Ok(clock.realtime_base_ns + mono),
+            // MONOTONIC, PROCESS/THREAD_CPUTIME, MONOTONIC_RAW/COARSE, BOOTTIME
+            1 | 2 | 3 | 4 | 6 | 7 => Ok(mono),
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn put_timespec(&mut self, mem: &dyn PhysMem, at: u64, ns: u64) -> Result<(), i64> {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&(ns / 1_000_000_000).to_le_bytes());
+        b[8..].copy_from_slice(&(ns % 1_000_000_000).to_le_bytes());
+        self.space.write_user(mem, at, &b)
+    }
+
+    fn clock_gettime(
+        &mut self,
+        mem: &dyn PhysMem,
+        id: u64,
+        ts: u64,
+        clock: Clock,
+    ) -> Result<i64, i64> {
+        let ns = Self::clock_ns(id, clock)?;
+        self.put_timespec(mem, ts, ns)?;
+        Ok(0)
+    }
+
+    fn clock_getres(&mut self, mem: &dyn PhysMem, id: u64, ts: u64) -> Result<i64, i64> {
+        Self::clock_ns(
+            id,
+            Clock {
+                now: 0,
+                realtime_base_ns: 0,
+            },
+        )?;
+        if ts != 0 {
+            self.put_timespec(mem, ts, 1)?;
+        }
+        Ok(0)
+    }
+
+    fn gettimeofday(&mut self, mem: &dyn PhysMem, tv: u64, clock: Clock) -> Result<i64, i64> {
+        if tv != 0 {
+            let ns = clock.realtime_base_ns + clock.now / 1000;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&(ns / 1_000_000_000).to_le_bytes());
+            b[8..].copy_from_slice(&((ns % 1_000_000_000) / 1000).to_le_bytes());
+            self.space.write_user(mem, tv, &b)?;
+        }
+        Ok(0)
+    }
+
+    /// nanosleep / clock_nanosleep: the call takes the requested simulated
+    /// time (no host time).
+    fn sleep(
+        &mut self,
+        mem: &dyn PhysMem,
+        id: u64,
+        flags: u64,
+        req: u64,
+        _rem: u64,
+        clock: Clock,
+    ) -> Done {
+        let mut b = [0u8; 16];
+        if let Err(e) = self.space.read_user(mem, req, &mut b) {
+            return ret(Err(e));
+        }
+        let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+        let nsec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+            return ret(Err(EINVAL));
+        }
+        let ns = (sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(nsec as u64);
+        let wait_ns = if flags & 1 != 0 {
+            // TIMER_ABSTIME
+            match Self::clock_ns(id, clock) {
+                Ok(now) => ns.saturating_sub(now),
+                Err(e) => return ret(Err(e)),
+            }
+        } else {
+            if let Err(e) = Self::clock_ns(id, clock) {
+                return ret(Err(e));
+            }
+            ns
+        };
+        Done {
+            flow: Flow::Return(0),
+            sleep: wait_ns.saturating_mul(1000),
+        }
+    }
+
+    fn getaffinity(&mut self, mem: &dyn PhysMem, size: u64, mask: u64) -> Result<i64, i64> {
+        if size < 8 || !size.is_multiple_of(8) {
+            return Err(EINVAL);
+        }
+        let n = (size as usize).min(128);
+        let mut b = vec![0u8; n];
+        b[0] = 1;
+        self.space.write_user(mem, mask, &b)?;
+        Ok(n as i64)
+    }
+
+    fn sigaction(
+        &mut self,
+        mem: &dyn PhysMem,
+        sig: u64,
+        act: u64,
+        old: u64,
+        size: u64,
+    ) -> Result<i64, i64> {
+        if !(1..=64).contains(&sig) || sig == 9 || sig == 19 || size != 8 {
+            return Err(EINVAL);
+        }
+        if old != 0 {
+            let prev = self.sigactions.get(&sig).copied().unwrap_or([0; 32]);
+            self.space.write_user(mem, old, &prev)?;
+        }
+        if act != 0 {
+            let mut a = [0u8; 32];
+            self.space.read_user(mem, act, &mut a)?;
+            self.sigactions.insert(sig, a);
+        }
+        Ok(0)
+    }
+
+    fn sigprocmask(
+        &mut self,
+        mem: &dyn PhysMem,
+        how: u64,
+        set: u64,
+        old: u64,
+        size: u64,
+    ) -> Result<i64, i64> {
+        if size != 8 {
+            return Err(EINVAL);
+        }
+        if old != 0 {
+            self.space
+                .write_user(mem, old, &self.sigmask.to_le_bytes())?;
+        }
+        if set != 0 {
+            let mut b = [0u8; 8];
+            self.space.read_user(mem, set, &mut b)?;
+            let s = u64::from_le_bytes(b) & !((1 << 8) | (1 << 18));
+            self.sigmask = match how {
+                0 => self.sigmask | s,
+                1 => self.sigmask & !s,
+                2 => s,
+                _ => return Err(EINVAL),
+            };
+        }
+        Ok(0)
+    }
+
+    /// futex with one thread: WAKE wakes nobody (0); WAIT on a value that
+    /// differs is EAGAIN, and on an equal one would wait forever (no other
+    /// thread can change it): refused with EDEADLK.
+    fn futex(&mut self, mem: &dyn PhysMem, uaddr: u64, op: u64, val: u64) -> Result<i64, i64> {
+        let cmd = op & 0x7f;
+        match cmd {
+            1 | 10 => Ok(0), // WAKE, WAKE_BITSET
+            0 | 9 => {
+                let mut b = [0u8; 4];
+                self.space.read_user(mem, uaddr, &mut b)?;
+                if u32::from_le_bytes(b) != val as u32 {
+                    Err(EAGAIN)
+                } else {
+                    Err(libc::EDEADLK as i64)
+                }
+            }
+            _ => Err(ENOSYS),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::elf::{self, ET_EXEC};
+    use crate::mm::{VecMem, EFAULT};
+    use crate::process::{Process, ProcessConfig};
+
+    const RAM: usize = 8 << 20;
+
+    fn process() -> (VecMem, Process) {
+        let mem = VecMem::new(RAM);
+        let image = elf::tests::tiny(ET_EXEC, 0x40_0000, &[0xf4; 64], &[]);
+        let e = elf::parse(&image, "tiny").unwrap();
+        let cfg = ProcessConfig {
+            path: "/tiny".into(),
+            argv: vec!["tiny".into()],
+            envp: vec![],
+            seed: 1,
+            hwcap: 0,
+        };
+        let sink = || Sink {
+            echo: None,
+            log: None,
+        };
+        let files = Files::stdio(false, sink(), sink());
+        let (p, _) =
+            Process::load(&mem, &[(0, RAM as u64)], &image, &e, &cfg, &[0; 10], files).unwrap();
+        (mem, p)
+    }
+
+    fn call(p: &mut Process, mem: &VecMem, nr: u64, a: &[u64]) -> i64 {
+        let mut args = [0u64; 6];
+        args[..a.len()].copy_from_slice(a);
+        let clock = Clock {
+            now: 5_000_000_000_000,
+            realtime_base_ns: 1_000_000_000,
+        };
+        match p.syscall(mem, nr, args, clock).expect("supported").flow {
+            Flow::Return(v) => v,
+            Flow::Exit { status, .. } => panic!("exit {status}"),
+        }
+    }
+
+    #[test]
+    fn hostile_pointers_are_efault() {
+        let (mem, mut p) = process();
+        let stack = crate::STACK_TOP - 0x100;
+        for bad in [
+            0,
+            0x1000,
+            0x40_0000,
+            crate::ENTRY_VA + 0x1000,
+            crate::KBASE,
+            u64::MAX - 7,
+            1 << 63,
+        ] {
+            // Into the program: write(1, bad, 8) reads it; clock_gettime writes it.
+            let w = call(&mut p, &mem, nr::WRITE, &[1, bad, 8]);
+            let c = call(&mut p, &mem, nr::CLOCK_GETTIME, &[1, bad]);
+            let u = call(&mut p, &mem, nr::UNAME, &[bad]);
+            let o = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, bad, 0, 0]);
+            // The program's text is readable: only the writes fail there.
+            if bad == 0x40_0000 {
+                assert_eq!((w, c, u), (8, -EFAULT, -EFAULT), "{bad:#x}");
+            } else {
+                assert_eq!(
+                    (w, c, u, o),
+                    (-EFAULT, -EFAULT, -EFAULT, -EFAULT),
+                    "{bad:#x}"
+                );
+            }
+        }
+        // A buffer that runs off the end of the stack, and an enormous count.
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::GETRANDOM,
+                &[crate::STACK_TOP + crate::mm::PAGE - 8, 16]
+            ),
+            -EFAULT
+        );
+        assert_eq!(call(&mut p, &mem, nr::GETRANDOM, &[stack, 16]), 16);
+        assert_eq!(
+            call(&mut p, &mem, nr::READ, &[0, stack, u64::MAX]),
+            0,
+            "stdin is empty, the count is capped"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::WRITEV, &[1, stack, 1 << 40]),
+            -EINVAL
+        );
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[77]), -EBADF);
+        assert_eq!(
+            call(&mut p, &mem, nr::WRITE, &[(1u64 << 32) | 77, stack, 1]),
+            -EBADF
+        );
+        // A path with no NUL within PATH_MAX.
+        let long = vec![b'a'; 2 * PAGE as usize];
+        let at = crate::STACK_TOP - 3 * PAGE;
+        p.space.write_user(&mem, at, &long).unwrap();
+        let r = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, at, 0, 0]);
+        assert!(r == -EFAULT || r == -ENAMETOOLONG, "{r}");
+    }
+
+    #[test]
+    fn memory_calls_keep_the_rules() {
+        let (mem, mut p) = process();
+        let brk0 = call(&mut p, &mem, nr::BRK, &[0]) as u64;
+        assert_eq!(brk0, 0x40_1000, "brk starts after the program");
+        assert_eq!(
+            call(&mut p, &mem, nr::BRK, &[brk0 + 10000]) as u64,
+            brk0 + 10000
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::BRK, &[1]) as u64,
+            brk0 + 10000,
+            "below the start: unchanged"
+        );
+        let m = call(&mut p, &mem, nr::MMAP, &[0, 3 * PAGE, 3, 0x22, u64::MAX, 0]);
+        assert!(
+            m > 0 && (m as u64) < crate::MMAP_TOP && (m as u64).is_multiple_of(PAGE),
+            "{m:#x}"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MMAP, &[0, 0, 3, 0x22, u64::MAX, 0]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MMAP, &[0, 1 << 50, 3, 0x22, u64::MAX, 0]),
+            -ENOMEM
+        );
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::MMAP,
+                &[0x1000, PAGE, 3, 0x32, u64::MAX, 0]
+            ),
+            -EPERM,
+            "fixed below mmap_min_addr"
+        );
+        // The kernel stub and the sim-ops window cannot be unmapped or changed.
+        assert_eq!(
+            call(&mut p, &mem, nr::MUNMAP, &[crate::SIMOPS_VA, PAGE]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MPROTECT, &[crate::KBASE, PAGE, 7]),
+            -EINVAL
+        );
+        assert_eq!(call(&mut p, &mem, nr::MPROTECT, &[m as u64, PAGE, 1]), 0);
+        assert_eq!(p.space.write_user(&mem, m as u64, &[1]), Err(EFAULT));
+        assert_eq!(
+            call(&mut p, &mem, nr::MUNMAP, &[m as u64 + 1, PAGE]),
+            -EINVAL,
+            "unaligned"
+        );
+        assert_eq!(call(&mut p, &mem, nr::MUNMAP, &[m as u64, 3 * PAGE]), 0);
+        assert!(p.space.vma_at(m as u64).is_none());
+        // Filling RAM is ENOMEM, never a panic, and leaves nothing mapped.
+        let maps = p.space.vmas.len();
+        let big = call(
+            &mut p,
+            &mem,
+            nr::MMAP,
+            &[0, 64 << 20, 3, 0x22 | 0x8000, u64::MAX, 0],
+        );
+        assert_eq!(big, -ENOMEM);
+        assert_eq!(p.space.vmas.len(), maps);
+        // sbrk in small steps grows one mapping.
+        let b = call(&mut p, &mem, nr::BRK, &[0]) as u64;
+        for i in 1..100 {
+            call(&mut p, &mem, nr::BRK, &[b + i * PAGE]);
+        }
+        assert_eq!(p.space.vmas.len(), maps);
+        // Mappings are limited in number (each costs host memory).
+        let mut last = 0;
+        for _ in 0..crate::mm::MAX_MAPS + 1 {
+            last = call(&mut p, &mem, nr::MMAP, &[0, PAGE, 0, 0x22, u64::MAX, 0]);
+            if last < 0 {
+                break;
+            }
+        }
+        assert_eq!(last, -ENOMEM);
+        assert!(p.space.vmas.len() <= crate::mm::MAX_MAPS);
+    }
+
+    #[test]
+    fn time_and_sleep_are_simulated() {
+        let (mem, mut p) = process();
+        let ts = crate::STACK_TOP - 0x200;
+        assert_eq!(call(&mut p, &mem, nr::CLOCK_GETTIME, &[1, ts]), 0);
+        let mut b = [0u8; 16];
+        p.space.read_user(&mem, ts, &mut b).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(b[..8].try_into().unwrap()),
+            5,
+            "tick 5e12 is 5 s"
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::TIME, &[0]),
+            6,
+            "realtime starts at 1 s"
+        );
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&2u64.to_le_bytes());
+        req[8..].copy_from_slice(&250_000_000u64.to_le_bytes());
+        p.space.write_user(&mem, ts, &req).unwrap();
+        let clock = Clock {
+            now: 0,
+            realtime_base_ns: 0,
+        };
+        let d = p
+            .syscall(&mem, nr::NANOSLEEP, [ts, 0, 0, 0, 0, 0], clock)
+            .unwrap();
+        assert_eq!(d.sleep, 2_250_000_000_000);
+        req[8..].copy_from_slice(&2_000_000_000u64.to_le_bytes());
+        p.space.write_user(&mem, ts, &req).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::NANOSLEEP, &[ts, 0]), -EINVAL);
+    }
+}
