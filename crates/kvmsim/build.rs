@@ -12,6 +12,15 @@
 //!   tests are ignored; `-- --include-ignored` runs them with the guest in
 //!   `target/linux-guest`.
 //!
+//! - `kvmsim_no_gdb`: `/usr/bin/gdb` is missing and `KVMSIM_REQUIRE_GDB`
+//!   is not 1: the tests that drive the real GDB are ignored.
+//! - `kvmsim_no_se_tools`: gcc is not on PATH, or neither apt-get nor
+//!   `KVMSIM_BUSYBOX` can give a static busybox, and
+//!   `KVMSIM_REQUIRE_SE_TOOLS` is not 1: the SE tests that run busybox or a
+//!   C program compiled here are ignored.
+//!
+//! (After installing a tool, `touch crates/kvmsim/build.rs`.)
+//!
 //! A test that runs anyway (`cargo test -- --include-ignored`, or a test
 //! binary run where KVM has since become unusable) checks its prerequisite
 //! again: it fails with the reason where one is required, else skips with a
@@ -23,6 +32,23 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=../../support/kvm_cfg.rs");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_linux_guest)");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_gdb)");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_se_tools)");
+    println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_GDB");
+    println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_SE_TOOLS");
+    println!("cargo:rerun-if-env-changed=KVMSIM_BUSYBOX");
+    let on_path = |tool: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+    };
+    if !std::path::Path::new("/usr/bin/gdb").is_file() && !env_is("KVMSIM_REQUIRE_GDB", "1") {
+        println!("cargo:rustc-cfg=kvmsim_no_gdb");
+    }
+    let busybox = std::env::var_os("KVMSIM_BUSYBOX").is_some() || on_path("apt-get");
+    let have_tools = on_path("gcc") && busybox;
+    if !have_tools && !env_is("KVMSIM_REQUIRE_SE_TOOLS", "1") {
+        println!("cargo:rustc-cfg=kvmsim_no_se_tools");
+    }
     decide_kvm_cfg();
 
     // Decided by the environment alone, which cargo tracks exactly (a guest
