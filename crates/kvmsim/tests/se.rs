@@ -403,8 +403,23 @@ fn sim_ops_work_from_the_program() {
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert_eq!(
         r.file("stdout.txt"),
-        "dumped stats\n",
+        "dumped stats\nafter checkpoint\n",
         "the sim-ops exit ends the run at once"
+    );
+    // The checkpoint sim-op is declined, by name, and nothing is written.
+    assert!(
+        r.stderr
+            .contains("an SE-mode process cannot be checkpointed yet"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !std::fs::read_dir(&r.out).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("cpt.")),
+        "a checkpoint folder was written"
     );
     assert_eq!(r.json("exit.json")["cause"], "guest_exit");
     // A dump from the program, then the final one.

@@ -592,6 +592,22 @@ impl Simulation {
                         }
                         continue;
                     }
+                    // An SE-mode process (host files, its page tables) is
+                    // not checkpointable yet: the guest's checkpoint sim-op
+                    // is declined (the config refuses the other ways).
+                    if let Some(s) = self.config.system.iter().position(|s| s.platform == "se") {
+                        if crate::console::first_time("se-checkpoint") {
+                            tracing::warn!(
+                                "{}: a checkpoint was asked for, but an SE-mode process cannot \
+                                 be checkpointed yet: none is taken (said once)",
+                                self.names[s]
+                            );
+                        }
+                        for s in &mut self.systems {
+                            s.resume_after_checkpoint()?;
+                        }
+                        continue;
+                    }
                     let dir = self.take_checkpoint()?;
                     if self.config.sim.checkpoint_exit {
                         return Ok(self

@@ -151,6 +151,11 @@ int main(int argc, char **argv, char **envp) {
                          : "=a"(v) : "c"(&ops[0x4100 / 8]) : "rdi", "rsi", "memory");
         printf("dumped stats\n");
         fflush(stdout);
+        /* checkpoint(0, 0): declined in SE mode, the program goes on. */
+        __asm__ volatile("xor %%edi, %%edi; xor %%esi, %%esi; mov (%1), %0"
+                         : "=a"(v) : "c"(&ops[0x4300 / 8]) : "rdi", "rsi", "memory");
+        printf("after checkpoint\n");
+        fflush(stdout);
         __asm__ volatile("xor %%edi, %%edi; mov (%1), %0" : "=a"(v) : "c"(&ops[0x2100 / 8]) : "rdi", "memory");
         printf("still running after sim-ops exit\n");
         return 7;
