@@ -138,6 +138,10 @@ fn run(stepping: bool) -> (Vec<(DebugStop, u64)>, u32) {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn steps_breakpoints_and_a_watchpoint_coexist() {
     if !kvm::usable_or_skip("steps_breakpoints_and_a_watchpoint_coexist") {
         return;
@@ -157,6 +161,10 @@ fn steps_breakpoints_and_a_watchpoint_coexist() {
 /// round (the CPU steps over the instruction with the breakpoint off and
 /// re-arms it), and the guest runs to its hlt.
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn pc_event_fires_once_per_visit() {
     if !kvm::usable_or_skip("pc_event_fires_once_per_visit") {
         return;

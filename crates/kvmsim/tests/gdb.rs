@@ -108,7 +108,11 @@ fn gdb_or_skip(test: &str) -> bool {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_gdb,
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
     ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
 )]
 fn gdb_breaks_reads_steps_and_changes_the_guests_result() {
@@ -261,6 +265,10 @@ fn connect(port: u16) -> TcpStream {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn a_malformed_packet_ends_the_session_and_the_run_goes_on() {
     let test = "gdb_garbage";
     if !kvm_or_skip(test) {
@@ -300,6 +308,10 @@ fn a_malformed_packet_ends_the_session_and_the_run_goes_on() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn a_disconnect_ends_the_run_when_configured() {
     let test = "gdb_disconnect_exit";
     if !kvm_or_skip(test) {
@@ -322,6 +334,10 @@ fn a_disconnect_ends_the_run_when_configured() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn ctrl_c_stops_a_running_guest_and_kill_ends_the_run() {
     let test = "gdb_ctrl_c";
     if !kvm_or_skip(test) {
@@ -361,6 +377,10 @@ fn ctrl_c_stops_a_running_guest_and_kill_ends_the_run() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn an_address_gdb_cannot_reach_is_refused_before_the_run() {
     let test = "gdb_bad_address";
     if !kvm_or_skip(test) {

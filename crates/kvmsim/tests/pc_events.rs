@@ -49,6 +49,10 @@ fn config_text(calls: u64, events: &[(&str, &str)], extra: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn counts_are_exact_and_a_dump_lands_at_the_guests_time() {
     if !kvm_or_skip("pc_events_count_dump") {
         return;
@@ -92,6 +96,10 @@ fn counts_are_exact_and_a_dump_lands_at_the_guests_time() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn dump_and_reset_actions_and_a_system_map() {
     if !kvm_or_skip("pc_events_system_map") {
         return;
@@ -134,6 +142,10 @@ fn dump_and_reset_actions_and_a_system_map() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn exit_action_ends_the_run_there() {
     if !kvm_or_skip("pc_events_exit") {
         return;
@@ -173,6 +185,10 @@ fn checkpoints(out: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn checkpoint_action_restores_past_the_event() {
     if !kvm_or_skip("pc_events_checkpoint") {
         return;
@@ -226,6 +242,10 @@ fn refused(test: &str, text: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn bad_events_are_refused_before_the_guest_starts() {
     if !kvm_or_skip("pc_events_bad") {
         return;

@@ -32,6 +32,10 @@ fn state(dir: &Path) -> serde_json::Value {
 const CKPT_OUT: &str = "ckpt: periods=20 ymm=ok\n";
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn a_guest_checkpointed_in_the_middle_finishes_alike_after_restores() {
     if !kvm_or_skip("restore_ckpt_guest") {
         return;
@@ -118,6 +122,10 @@ fn a_guest_checkpointed_in_the_middle_finishes_alike_after_restores() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn checkpoint_exit_ends_the_run_and_a_restore_takes_a_new_limit() {
     if !kvm_or_skip("restore_checkpoint_exit") {
         return;
@@ -198,6 +206,10 @@ fn checkpoint_exit_ends_the_run_and_a_restore_takes_a_new_limit() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn linked_systems_restore_with_their_messages() {
     if !kvm_or_skip("restore_pingpong") {
         return;
@@ -266,6 +278,10 @@ fn linked_systems_restore_with_their_messages() {
 }
 
 #[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
 fn several_cpus_restore_each_in_its_place() {
     if !kvm_or_skip("restore_smp") {
         return;

@@ -148,7 +148,7 @@ macro_rules! need {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -200,7 +200,7 @@ fn busybox_applets_print_what_they_print_natively() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -229,7 +229,7 @@ fn busybox_sleep_takes_simulated_time_not_host_time() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -303,7 +303,7 @@ fn a_static_c_program_matches_its_native_run() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -342,7 +342,7 @@ fn faults_end_the_run_as_linux_signals_would() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -386,7 +386,7 @@ fn bad_pointers_are_efault_and_unknown_calls_enosys() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
@@ -473,7 +473,7 @@ fn programs_kvmsim_cannot_run_are_refused_by_name() {
 
 #[test]
 #[cfg_attr(
-    kvmsim_no_se_tools,
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
     ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
 )]
 #[cfg_attr(
