@@ -57,35 +57,6 @@ fn example_append() -> String {
         .to_string()
 }
 
-/// Runs kvmsim like [`kvmsim`], killed if this test process ends first (a
-/// boot started in the background must not outlive a filtered test run).
-fn kvmsim_tied(args: &[&str], out: &Path) -> Run {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvmsim"));
-    cmd.args(args)
-        .arg("--outdir")
-        .arg(out)
-        .stdin(std::process::Stdio::null());
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
-    // memory of the parent; it runs in the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let o = cmd.output().expect("cannot start kvmsim");
-    Run {
-        status: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        out: out.to_path_buf(),
-        dir: None,
-    }
-}
-
 /// Boots the guest with examples/linux.toml and `extra` flags into `out`.
 fn boot_into(dir: &Path, out: &Path, extra: &[&str]) -> Run {
     let kernel = dir.join("vmlinuz");
@@ -102,7 +73,7 @@ fn boot_into(dir: &Path, out: &Path, extra: &[&str]) -> Run {
         "--no-stdin",
     ];
     args.extend_from_slice(extra);
-    let r = kvmsim_tied(&args, out);
+    let r = kvmsim(&args, out);
     r.no_panic();
     r
 }

@@ -123,13 +123,26 @@ pub fn kvmsim(args: &[&str], out: &Path) -> Run {
     kvmsim_env(args, out, &[])
 }
 
-/// Like [`kvmsim`], with extra environment variables.
+/// Like [`kvmsim`], with extra environment variables. The run is killed
+/// if the thread that started it ends first (a test process that exits,
+/// say after a filtered run or a failure, leaves no kvmsim behind).
 pub fn kvmsim_env(args: &[&str], out: &Path, env: &[(&str, &str)]) -> Run {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmsim"));
     cmd.args(args)
         .arg("--outdir")
         .arg(out)
         .stdin(std::process::Stdio::null());
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+    // memory of the parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -72,7 +72,7 @@ fn boot(guest: &Path, out: &Path, config: &str, actions: &str, extra: &[&str]) -
         "--no-stdin",
     ];
     args.extend_from_slice(extra);
-    let r = crate::kvmsim_tied(&args, out);
+    let r = kvmsim(&args, out);
     r.no_panic();
     r
 }
@@ -208,7 +208,7 @@ fn root_on_a_disk_keeps_what_the_guest_synced_and_an_overlay_spares_the_image() 
     assert!(extents > 0, "the checkpoint holds written sectors");
     std::fs::remove_file(&overlay).unwrap();
     let out3 = dir.join("out3");
-    let r3 = crate::kvmsim_tied(
+    let r3 = kvmsim(
         &[
             "run",
             "--restore",
