@@ -12,6 +12,8 @@
 set -uo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 guest=${1:-$src/target/linux-guest}
+# The configs live in the output folder: the guest's path must not be relative.
+guest=$(cd "$guest" && pwd) || { echo "smp-boots.sh: no guest folder $1" >&2; exit 2; }
 cpus=${2:-2}
 runs=${3:-3}
 shift $(( $# < 3 ? $# : 3 ))

@@ -467,6 +467,52 @@ pub fn run() -> Report {
     rep
 }
 
+/// The window-cost finding: what each end of a lock-step window costs
+/// (runs of several CPUs or systems; see `probe::forced_exit_cost`). Kept
+/// out of [`run`], whose report every Linux run computes: this probe is
+/// only for `kvmsim doctor` and for runs with windows.
+pub fn window_cost() -> Finding {
+    match crate::probe::forced_exit_cost_cached() {
+        Some(c) => {
+            // Hardware virtualization: a few microseconds.
+            let ok = c.loss_ns < 10_000;
+            Finding {
+                name: "cost of a forced exit",
+                ok,
+                detail: format!(
+                    "{:.1} us of host time lost per run cut by the run timer (median of {} runs \
+                     of {} us)",
+                    c.loss_ns as f64 / 1e3,
+                    c.runs,
+                    c.span_ns / 1000
+                ),
+                consequence: format!(
+                    "runs of several CPUs or systems lose this at every window end: keep \
+                     sim.quantum at {} or more for a loss near 5% (kvmsim warns at run time)",
+                    fmt_us(c.loss_ns.saturating_mul(20))
+                ),
+            }
+        }
+        None => Finding {
+            name: "cost of a forced exit",
+            ok: false,
+            detail: "the probe did not complete".into(),
+            consequence: "kvmsim cannot tell what a window end costs here".into(),
+        },
+    }
+}
+
+/// `ns` as the config would write it, rounded up to a whole microsecond
+/// or millisecond.
+pub fn fmt_us(ns: u64) -> String {
+    let us = ns.div_ceil(1000).max(1);
+    if us >= 1000 {
+        format!("{}ms", us.div_ceil(1000))
+    } else {
+        format!("{us}us")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,5 +541,14 @@ mod tests {
         let mut bits = vec![151];
         hide_dependents(&mut bits);
         assert_eq!(bits, vec![151]);
+    }
+
+    #[test]
+    fn quanta_are_written_as_the_config_takes_them() {
+        assert_eq!(fmt_us(0), "1us");
+        assert_eq!(fmt_us(87_300), "88us");
+        assert_eq!(fmt_us(1_746_000), "2ms");
+        assert_eq!(fmt_us(999_000), "999us");
+        assert_eq!(fmt_us(1_000_000), "1ms");
     }
 }

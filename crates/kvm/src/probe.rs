@@ -218,3 +218,96 @@ pub fn run_snippet(
         regs: [r.rax, r.rbx, r.rcx, r.rdx],
     })
 }
+
+/// What a run loses to each window end where KVM must be left and entered
+/// again (a forced exit: the run timer's signal, the exit, the re-entry).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForcedExitCost {
+    /// Host time per forced exit that the guest did not run (median).
+    pub loss_ns: u64,
+    /// The span each run was given.
+    pub span_ns: u64,
+    /// Runs measured.
+    pub runs: u32,
+}
+
+/// Measures [`ForcedExitCost`]: a guest counts in a CPL3 loop (`inc %rax;
+/// jmp`), first in one long run that gives its rate, then in runs cut by
+/// the run timer after `span_ns`; each short run's loss is its host time
+/// minus the time its count took at the long run's rate.
+pub fn forced_exit_cost(span_ns: u64, runs: u32) -> Result<ForcedExitCost> {
+    use std::time::Instant;
+    // inc %rax; jmp .-3
+    const COUNT: [u8; 5] = [0x48, 0xff, 0xc0, 0xeb, 0xfb];
+    let ProbeVm {
+        mut vcpu,
+        mut arch,
+        vm: _vm,
+        _ram,
+    } = probe_vm(&COUNT, 3)?;
+    let signals = crate::timer::ThreadSignals::setup(
+        vcpu.fd(),
+        crate::timer::TimerKind::Posix,
+        &crate::timer::KickHandle::default(),
+    )
+    .map_err(|e| KvmError::Timer(format!("probe timer: {e}")))?;
+    // One run of `ns`: (host ns, iterations counted).
+    let mut run = |ns: u64| -> Result<(u64, u64)> {
+        let before = arch.regs(&mut vcpu)?.rax;
+        arch.update_kvm_state(&mut vcpu)?;
+        signals
+            .arm_timer_ns(ns)
+            .map_err(|e| KvmError::Timer(format!("probe timer: {e}")))?;
+        let t = Instant::now();
+        let exit = vcpu.run(&mut Vec::new());
+        let host = t.elapsed().as_nanos() as u64;
+        let _ = signals.disarm_timer();
+        crate::sys::discard_pending(crate::timer::kick_signal());
+        arch.kvm_state_changed();
+        if exit != VmExit::Intr {
+            return Err(KvmError::Setup(format!(
+                "forced-exit probe: the counting loop exited with {exit:?}"
+            )));
+        }
+        Ok((host, arch.regs(&mut vcpu)?.rax.wrapping_sub(before)))
+    };
+    // The rate, from the best of three long runs (a busy host only slows
+    // them, which would overstate the loss).
+    let mut rate = 0.0f64;
+    for _ in 0..3 {
+        let (host, n) = run(20_000_000)?;
+        if host > 0 {
+            rate = rate.max(n as f64 / host as f64);
+        }
+    }
+    if rate <= 0.0 {
+        return Err(KvmError::Setup(
+            "forced-exit probe: the counting loop did not count".into(),
+        ));
+    }
+    let mut losses = Vec::with_capacity(runs as usize);
+    for _ in 0..runs.max(1) {
+        let (host, n) = run(span_ns)?;
+        let ran = (n as f64 / rate) as u64;
+        losses.push(host.saturating_sub(ran));
+    }
+    losses.sort_unstable();
+    Ok(ForcedExitCost {
+        loss_ns: losses[losses.len() / 2],
+        span_ns,
+        runs: runs.max(1),
+    })
+}
+
+/// [`forced_exit_cost`] with the settings kvmsim uses (50 us runs, 101 of
+/// them), measured once per process; `None` if the probe failed.
+pub fn forced_exit_cost_cached() -> Option<ForcedExitCost> {
+    static COST: OnceLock<Option<ForcedExitCost>> = OnceLock::new();
+    *COST.get_or_init(|| match forced_exit_cost(50_000, 101) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!("forced-exit probe: {e}");
+            None
+        }
+    })
+}

@@ -784,7 +784,10 @@ fn execute(
 }
 
 fn doctor(json: bool) -> i32 {
-    let rep = kvm::doctor::run();
+    let mut rep = kvm::doctor::run();
+    if rep.findings.first().is_some_and(|f| f.ok) {
+        rep.findings.push(kvm::doctor::window_cost());
+    }
     if json {
         let findings: Vec<serde_json::Value> = rep
             .findings

@@ -71,6 +71,23 @@ fn check_all_started(r: &Run, n: u64, iterations: u64) {
         );
     }
     assert_eq!(r.stat("system.cpu0.numIpisReceived"), n - 1);
+    // Every CPU's thread counts every window it ran: all the same number,
+    // and no more than the simulated time holds windows of the default SMP
+    // quantum (100 us; empty ones are skipped).
+    let windows = r.stat("system.cpu0.numWindows").as_u64().unwrap();
+    assert!(windows > 0, "no window counted");
+    for cpu in 1..n {
+        assert_eq!(
+            r.stat(&format!("system.cpu{cpu}.numWindows")),
+            windows,
+            "cpu{cpu}"
+        );
+    }
+    let sim = r.json("exit.json")["sim_seconds"].as_f64().unwrap();
+    assert!(
+        windows as f64 <= sim / 100e-6 + 2.0,
+        "{windows} windows in {sim} s"
+    );
 }
 
 #[test]
@@ -301,6 +318,49 @@ fn periodic_drains_of_four_cpus_complete_and_change_nothing() {
         drains + 1 >= periods && drains <= periods + 1,
         "{drains} drains in {periods} periods"
     );
+}
+
+/// A run whose windows are short against what a window end costs on
+/// this host (kvmsim doctor: "cost of a forced exit") says so and names a
+/// quantum that fits; one with long windows does not.
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_quantum_too_short_for_this_host_is_named() {
+    if !kvm_or_skip("smp_quantum_warning") {
+        return;
+    }
+    let cost = kvm::probe::forced_exit_cost_cached().expect("the forced-exit probe ran");
+    let run = |quantum: &str| {
+        let (dir, cfg) = config(
+            &format!("smp-quantum-{quantum}"),
+            &format!(
+                "[sim]\nmax_time = \"10s\"\nquantum = \"{quantum}\"\n[system]\n\
+                 kernel = \"builtin:smpboot\"\ncpus = 2\nargs = [2, 100000, 10000]\n\
+                 [system.serial]\nstdout = false\n"
+            ),
+        );
+        let r = kvmsim(&["run", &cfg], &dir.join("out"));
+        r.no_panic();
+        assert_eq!(r.status, 0, "stderr:\n{}", r.stderr);
+        r
+    };
+    // Any host's forced exit costs more than 2 us (a signal, an exit, an
+    // entry): 20% or more of a 10 us window.
+    if cost.loss_ns > 2_000 {
+        let r = run("10us");
+        assert!(
+            r.stderr
+                .contains("sim.quantum 10us: each window end costs about"),
+            "{}",
+            r.stderr
+        );
+    }
+    // No host's costs 100 ms.
+    let r = run("1s");
+    assert!(!r.stderr.contains("each window end costs"), "{}", r.stderr);
 }
 
 /// max_insts with several CPUs: each CPU counts its own instructions (by

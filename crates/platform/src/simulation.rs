@@ -79,17 +79,19 @@ pub(crate) struct LinkRun {
 }
 
 impl LinkRun {
-    /// Writes the frames sent in the last window, in (tick, sender,
-    /// sequence) order: the same file whatever the host threads did. A
+    /// Writes the frames sent before `end` (the last window's), in (tick,
+    /// sender, sequence) order: the same file whatever the host threads did. A
     /// capture that cannot be written is reported once and closed (the
     /// run goes on).
-    fn flush_capture(&self) {
+    fn flush_capture(&self, end: Tick) {
         let Some(c) = &self.capture else {
             return;
         };
         let mut g = c.lock().unwrap_or_else(|p| p.into_inner());
         let (cap, pending) = &mut *g;
-        let mut frames = std::mem::take(pending);
+        let (mut frames, later): (Vec<Captured>, Vec<Captured>) =
+            std::mem::take(pending).into_iter().partition(|f| f.0 < end);
+        *pending = later;
         let Some(w) = cap else {
             return;
         };
@@ -445,6 +447,47 @@ impl Simulation {
         })
     }
 
+    /// Says so when the end of every window of `sim.quantum` costs a large
+    /// part of the window's host time on this host (kvmsim doctor: "cost
+    /// of a forced exit"): the run is then slow for a reason the user can
+    /// change.
+    fn warn_if_windows_dominate(&self) {
+        let Some(cost) = kvm::probe::forced_exit_cost_cached() else {
+            return;
+        };
+        // The window in host time: simulated time over the fastest
+        // host_factor (simulated time per host time inside KVM).
+        let factor = self
+            .config
+            .system
+            .iter()
+            .map(|s| s.cpu.resolved_host_factor())
+            .fold(0.0f64, f64::max);
+        let quantum_ns = self.quantum as f64 / sim::tick::TICKS_PER_NS as f64;
+        if factor <= 0.0 || quantum_ns <= 0.0 {
+            return;
+        }
+        let share = cost.loss_ns as f64 / (quantum_ns / factor);
+        tracing::debug!(
+            "window cost: {} ns per forced exit, quantum {quantum_ns} ns, host_factor {factor}: \
+             {:.1}% of each window",
+            cost.loss_ns,
+            share * 100.0
+        );
+        if share > 0.1 {
+            tracing::warn!(
+                "sim.quantum {}: each window end costs about {:.0} us of host time on this host \
+                 (kvmsim doctor: cost of a forced exit), {:.0}% of a window; a sim.quantum of {} \
+                 or more keeps that near 5%, with CPUs and systems drifting further apart in \
+                 simulated time",
+                kvm::doctor::fmt_us(self.quantum / sim::tick::TICKS_PER_NS),
+                cost.loss_ns as f64 / 1e3,
+                share * 100.0,
+                kvm::doctor::fmt_us((cost.loss_ns as f64 * 20.0 * factor) as u64)
+            );
+        }
+    }
+
     /// The checkpoints this run took (their folders), in order.
     pub fn checkpoints(&self) -> &[std::path::PathBuf] {
         &self.checkpoints
@@ -554,6 +597,9 @@ impl Simulation {
         }
         // Systems that ended before a checkpoint, with their exits.
         let mut ended: Vec<Option<ExitEvent>> = vec![None; self.systems.len()];
+        if self.systems.len() > 1 || self.systems.iter().any(|s| s.cpu_count() > 1) {
+            self.warn_if_windows_dominate();
+        }
         loop {
             let end = if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
                 match self.systems[0].run_until_checkpoint()? {
@@ -750,9 +796,56 @@ struct Run<'a> {
     ckpt_ready: Vec<AtomicBool>,
     /// The run stopped for a checkpoint.
     stopped_for_checkpoint: AtomicBool,
+    /// The last round's decision ([`Run::decide`]).
+    decision: Mutex<Decision>,
+}
+
+/// What every thread does after a window, decided once by the last thread
+/// to reach the window's last barrier.
+#[derive(Clone, Debug, Default)]
+struct Decision {
+    /// Per system: nothing is left that could ever wake it.
+    halted: Vec<bool>,
+    /// The window to run next.
+    skip_to: u64,
+    /// Every system ended, or one ended the whole run.
+    finished: bool,
+    /// Some system asked for a checkpoint.
+    asked: bool,
+    /// Every live system drained for it: the run stops for the checkpoint.
+    checkpoint: bool,
 }
 
 impl Run<'_> {
+    /// The decision after window `window` (ending at `end`), taken by the
+    /// last thread to arrive while all others wait: every thread has
+    /// published its next activity, checkpoint state and messages.
+    fn decide(&self, window: u64, buf: usize, end: Tick) {
+        let (halted, skip_to) = self.plan(window, buf, end);
+        let finished = self.done.load(Ordering::SeqCst) == self.inboxes.len()
+            || self.stop.load(Ordering::SeqCst);
+        let asked = self.ckpt_asked.iter().any(|a| a.load(Ordering::Acquire));
+        // A checkpoint holds every system: once one asks, all drain, and the
+        // run stops when every live one has.
+        let checkpoint =
+            !finished && asked && self.ckpt_ready.iter().all(|r| r.load(Ordering::Acquire));
+        if let Some(net) = self.net {
+            // Nothing changes the links' and switches' statistics until the
+            // next window's posts: their snapshot for guest dumps.
+            if self.net_dirty.swap(false, Ordering::Relaxed) {
+                let entries = net_entries(net.stats, end);
+                *net.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = entries;
+            }
+        }
+        *self.decision.lock().unwrap_or_else(|p| p.into_inner()) = Decision {
+            halted,
+            skip_to,
+            finished,
+            asked,
+            checkpoint,
+        };
+    }
+
     /// After the first barrier of window `window` (ending at `end`), every
     /// thread computes the same two things from what all published: the
     /// systems with nothing left to do at all (no event in any of their
@@ -807,8 +900,9 @@ impl Run<'_> {
 
 /// Runs `systems` with one host thread per CPU, in lock-step windows of
 /// `quantum`: every thread runs its CPU's queue (CPU 0's thread also the
-/// system's) up to the window's end, then all meet at a barrier, exchange
-/// link messages (CPU 0's threads) and decide together whether to go on.
+/// system's) up to the window's end, then all meet at a barrier, where the
+/// last to arrive decides for all whether and where to go on, and CPU 0's
+/// threads exchange link messages.
 /// Returns one exit per system.
 pub(crate) fn run_threads(
     systems: &mut [System],
@@ -860,6 +954,7 @@ pub(crate) fn run_threads(
         ckpt_asked: (0..n).map(|_| AtomicBool::new(false)).collect(),
         ckpt_ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
         stopped_for_checkpoint: AtomicBool::new(false),
+        decision: Mutex::new(Decision::default()),
     };
     let mut slot = 0;
     std::thread::scope(|scope| {
@@ -1087,42 +1182,50 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             run.ckpt_ready[me].store(!live || t.checkpoint_ready(), Ordering::Release);
         }
         // Everyone has finished window `window` and posted its messages.
-        run.barrier.wait();
-        if let Some(net) = run.net.filter(|n| !n.switches.is_empty()) {
-            // Every frame of the window is in the switches: each one's home
-            // thread handles what is due and posts what leaves, then all
-            // wait for the last switch before planning.
-            if lead {
-                for (i, sw) in net.switches.iter().enumerate().filter(|s| s.1.home == me) {
-                    service_switch(run, n + i, sw, &run.switch_next[i], buf, end);
+        // The last thread to arrive at the window's last barrier takes the
+        // round's decision for all; nobody changes what it reads before
+        // every thread has arrived at the next round's barrier, so one
+        // barrier per window is enough (two with switches, which are
+        // serviced once every frame of the window is in them).
+        let waiting = std::time::Instant::now();
+        let decide = || run.decide(window, buf, end);
+        match run.net.filter(|n| !n.switches.is_empty()) {
+            Some(net) => {
+                run.barrier.wait();
+                if lead {
+                    for (i, sw) in net.switches.iter().enumerate().filter(|s| s.1.home == me) {
+                        service_switch(run, n + i, sw, &run.switch_next[i], buf, end);
+                    }
                 }
+                run.barrier.wait_then(decide);
             }
-            run.barrier.wait();
+            None => {
+                run.barrier.wait_then(decide);
+            }
         }
-        let (halted, skip_to) = run.plan(window, buf, end);
-        let finished = run.done.load(Ordering::SeqCst) == n || run.stop.load(Ordering::SeqCst);
+        t.count_window(waiting.elapsed());
+        let Decision {
+            halted,
+            skip_to,
+            finished,
+            asked,
+            checkpoint,
+        } = run
+            .decision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let Some(net) = run.net {
             // Every frame of the window is posted: the lead thread of each
-            // link's first system writes its capture.
+            // link's first system writes its capture (frames of the next
+            // window, which faster threads may post meanwhile, wait for
+            // the next round).
             if lead {
                 for l in net.links.iter().filter(|l| l.systems[0] == me) {
-                    l.flush_capture();
+                    l.flush_capture(end);
                 }
             }
-            // Nothing changes the links' and switches' statistics until the
-            // next window's posts: their snapshot for guest dumps.
-            if slot == 0 && run.net_dirty.swap(false, Ordering::Relaxed) {
-                let entries = net_entries(net.stats, end);
-                *net.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = entries;
-            }
         }
-        let asked = run.ckpt_asked.iter().any(|a| a.load(Ordering::Acquire));
-        // A checkpoint holds every system: once one asks, all drain, and the
-        // run stops when every live one has.
-        let checkpoint =
-            !finished && asked && run.ckpt_ready.iter().all(|r| r.load(Ordering::Acquire));
-        // Everyone has read the decision before anyone changes it.
-        run.barrier.wait();
         if finished {
             break;
         }
@@ -1210,6 +1313,7 @@ mod tests {
             ckpt_asked: (0..systems).map(|_| AtomicBool::new(false)).collect(),
             ckpt_ready: (0..systems).map(|_| AtomicBool::new(false)).collect(),
             stopped_for_checkpoint: AtomicBool::new(false),
+            decision: Mutex::new(Decision::default()),
         }
     }
 

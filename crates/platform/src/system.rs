@@ -266,6 +266,11 @@ struct CpuSlot {
     samples: String,
     progress: Option<Progress>,
     ipis_received: Counter,
+    /// `CPU.numWindows`: lock-step windows this CPU's thread ran.
+    windows: Counter,
+    /// `CPU.windowWaitSeconds`: host time its thread waited for the other
+    /// threads at window ends.
+    window_wait: sim::Value,
     /// A debugger's hold on the CPU (crate::gdb).
     debug: crate::gdb::DebugHook,
     /// The system's PC events and this CPU's counts of them.
@@ -1043,6 +1048,17 @@ impl System {
                 "Inter-processor interrupts that arrived at this CPU",
                 "Count",
             )?;
+            let windows = stats.counter(
+                &format!("{}.numWindows", cpu.name()),
+                "Lock-step windows of sim.quantum this CPU's thread ran (runs of several \
+                 CPUs or systems; 0 when it ran alone)",
+                "Count",
+            )?;
+            let window_wait = stats.value(
+                &format!("{}.windowWaitSeconds", cpu.name()),
+                "Host time this CPU's thread spent at window ends (waiting for the other threads; servicing switches)",
+                "Second",
+            )?;
             let pc = match &pc_events {
                 Some(ev) => Some(PcSlot {
                     counts: stats.vector(
@@ -1082,6 +1098,8 @@ impl System {
                 ),
                 progress,
                 ipis_received,
+                windows,
+                window_wait,
                 posted: Tick::MAX,
                 debug: crate::gdb::DebugHook::default(),
                 pc,
@@ -1376,6 +1394,13 @@ impl CpuThread<'_> {
     /// The CPU's index in its system.
     pub fn index(&self) -> usize {
         self.slot.index
+    }
+
+    /// Counts a lock-step window this thread ran, and the host time it
+    /// then waited for the other threads.
+    pub fn count_window(&self, waited: std::time::Duration) {
+        self.slot.windows.inc();
+        self.slot.window_wait.add(waited.as_secs_f64());
     }
 
     /// The system's name.

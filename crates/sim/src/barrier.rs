@@ -50,8 +50,17 @@ impl SpinBarrier {
     /// Waits until all `n` threads have called `wait`; returns true in
     /// exactly one of them (the last to arrive).
     pub fn wait(&self) -> bool {
+        self.wait_then(|| ())
+    }
+
+    /// Like [`wait`](Self::wait), but the last thread to arrive runs `last`
+    /// before any thread leaves: what it does there happens-before every
+    /// thread's return, and sees everything every thread did before it
+    /// arrived (the decision of a round, taken once for all).
+    pub fn wait_then(&self, last: impl FnOnce()) -> bool {
         let generation = self.generation.load(Ordering::Acquire);
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            last();
             // Nobody can arrive again before the generation moves on.
             self.arrived.store(0, Ordering::Release);
             let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,6 +118,36 @@ mod tests {
         });
         assert_eq!(sum.load(Ordering::SeqCst), (rounds * n) as u64);
         assert_eq!(leaders.load(Ordering::SeqCst), rounds as u64);
+    }
+
+    #[test]
+    fn the_last_arrivals_decision_holds_for_the_whole_round() {
+        // One barrier per round: every thread publishes its value, the last
+        // to arrive sums them, and every thread reads that round's sum after
+        // the barrier, while faster threads already publish the next round's
+        // values (into the other half: rounds alternate).
+        let n = 3;
+        let rounds = 500u64;
+        let b = SpinBarrier::new(n);
+        let values: Vec<[AtomicU64; 2]> = (0..n).map(|_| Default::default()).collect();
+        let sum = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for (i, v) in values.iter().enumerate() {
+                let (b, values, sum) = (&b, &values, &sum);
+                s.spawn(move || {
+                    for r in 0..rounds {
+                        let half = (r % 2) as usize;
+                        v[half].store(r * 10 + i as u64, Ordering::SeqCst);
+                        b.wait_then(|| {
+                            let total = values.iter().map(|v| v[half].load(Ordering::SeqCst)).sum();
+                            sum.store(total, Ordering::SeqCst);
+                        });
+                        let want: u64 = (0..n as u64).map(|j| r * 10 + j).sum();
+                        assert_eq!(sum.load(Ordering::SeqCst), want, "round {r}");
+                    }
+                });
+            }
+        });
     }
 
     #[test]
