@@ -14,6 +14,7 @@ TCP with busybox nc; both check the SHA-256) and reports from its output:
 
     scripts/bench-network.py [--guest DIR] [--mib N] [--latency T]
                              [--bandwidth B] [--outdir DIR]
+    scripts/bench-network.py --results OUT    # a finished run's output folder
 
 The guest comes from scripts/linux-guest.sh (default target/linux-guest).
 KVMSIM names the kvmsim binary (default target/release/kvmsim, else
@@ -67,7 +68,12 @@ def main():
     ap.add_argument("--latency", default="1ms", help="the link's latency (default 1ms)")
     ap.add_argument("--bandwidth", default="1Gbit/s", help="the link's bandwidth")
     ap.add_argument("--outdir", default=None, help="kvmsim's output folder (default: a new one in /tmp)")
+    ap.add_argument("--results", default=None, metavar="OUT",
+                    help="report on the output folder of a run of examples/network.toml instead of running")
     a = ap.parse_args()
+    if a.results:
+        report(a, a.results, None)
+        return
 
     guest = os.path.abspath(a.guest)
     for f in ("vmlinuz", "initrd.gz"):
@@ -107,7 +113,12 @@ def main():
             except OSError:
                 pass
         sys.exit(f"bench-network: kvmsim ended with status {r.returncode}")
+    report(a, res, wall)
 
+
+def report(a, res, wall):
+    """Prints the figures of the run whose output folder is `res` (`wall`:
+    its host seconds, or None to take them from the final dump)."""
     with open(os.path.join(res, "serial.system1.log")) as f:
         client = f.read()
     with open(os.path.join(res, "stats.json")) as f:
@@ -135,6 +146,8 @@ def main():
         print(f"               {host:.1f} host s, {host / secs:.1f} host s per simulated s")
     else:
         print("TCP transfer   the client's dump after the transfer is missing")
+    if wall is None:
+        wall = final["hostSeconds"]
     print(f"whole run      {final['simSeconds']:.3f} simulated s, {wall:.0f} host s "
           f"({wall / final['simSeconds']:.1f} host s per simulated s)")
 
