@@ -11,17 +11,20 @@
 //! a checkpoint there and runs on to its workload's end; every test of a
 //! single-CPU system after /init is a restore of that checkpoint, with its
 //! own script through the readfile sim-op. Only what a checkpoint cannot
-//! give boots on its own: two CPUs, and the root on a disk (`disk` below).
+//! give boots on its own: two CPUs, the root on a disk (`disk` below), and
+//! two systems on Ethernet (`network` below).
 //! The shared boot starts in the background as soon as any boot test runs.
 //! libtest runs tests in name order, as many at once as the host has cores
 //! (2 on ours): the tests that boot on their own sort first (`debian_...`,
-//! `disk::...`) and start the shared boot beside theirs; the tests of the
+//! `disk::...`, `network::...`) and start the shared boot beside theirs; the tests of the
 //! shared boot (`shared_boot_...`) sort last, so their waiting for it never
 //! holds back another boot.
 
 mod common;
 #[path = "linux/disk.rs"]
 mod disk;
+#[path = "linux/network.rs"]
+mod network;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Once};
