@@ -29,6 +29,27 @@ pub const ESPIPE: i64 = 29;
 pub const ERANGE: i64 = 34;
 pub const ENAMETOOLONG: i64 = 36;
 pub const ENOSYS: i64 = 38;
+pub const EOPNOTSUPP: i64 = 95;
+
+/// Calls that change the host file system at one path.
+#[derive(Debug, Clone, Copy)]
+enum PathOp {
+    Unlink,
+    Rmdir,
+    Mkdir,
+}
+
+fn cpath(p: &std::path::Path) -> Result<std::ffi::CString, i64> {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)
+}
+
+fn check(r: libc::c_int) -> Result<i64, i64> {
+    if r < 0 {
+        Err(last_err())
+    } else {
+        Ok(i64::from(r))
+    }
+}
 
 /// The identity the program sees.
 pub const PID: u32 = 1000;
@@ -260,6 +281,30 @@ pub mod nr {
     pub const GETRANDOM: u64 = 318;
     pub const RSEQ: u64 = 334;
     pub const FACCESSAT2: u64 = 439;
+    pub const FSYNC: u64 = 74;
+    pub const FDATASYNC: u64 = 75;
+    pub const FTRUNCATE: u64 = 77;
+    pub const RENAME: u64 = 82;
+    pub const MKDIR: u64 = 83;
+    pub const RMDIR: u64 = 84;
+    pub const UNLINK: u64 = 87;
+    pub const SYSINFO: u64 = 99;
+    pub const STATFS: u64 = 137;
+    pub const FSTATFS: u64 = 138;
+    pub const GETXATTR: u64 = 191;
+    pub const LGETXATTR: u64 = 192;
+    pub const FGETXATTR: u64 = 193;
+    pub const LISTXATTR: u64 = 194;
+    pub const LLISTXATTR: u64 = 195;
+    pub const FLISTXATTR: u64 = 196;
+    pub const FADVISE64: u64 = 221;
+    pub const MKDIRAT: u64 = 258;
+    pub const UNLINKAT: u64 = 263;
+    pub const RENAMEAT: u64 = 264;
+    pub const RENAMEAT2: u64 = 316;
+    pub const STATX: u64 = 332;
+    pub const CHDIR: u64 = 80;
+    pub const FCHDIR: u64 = 81;
 }
 
 const AT_FDCWD: i64 = -100;
@@ -311,6 +356,8 @@ impl Process {
             READLINK => ret(self.readlinkat(mem, AT_FDCWD as u64, a[0], a[1], a[2])),
             READLINKAT => ret(self.readlinkat(mem, a[0], a[1], a[2], a[3])),
             GETCWD => ret(self.getcwd(mem, a[0], a[1])),
+            CHDIR => ret(self.chdir(mem, Some(a[0]), 0)),
+            FCHDIR => ret(self.chdir(mem, None, a[0])),
             ACCESS => ret(self.faccessat(mem, AT_FDCWD as u64, a[0], a[1])),
             FACCESSAT | FACCESSAT2 => ret(self.faccessat(mem, a[0], a[1], a[2])),
             DUP => ret(self
@@ -412,6 +459,38 @@ impl Process {
             RT_SIGPROCMASK => ret(self.sigprocmask(mem, a[0], a[1], a[2], a[3])),
             SIGALTSTACK => ret(Ok(0)),
             FUTEX => ret(self.futex(mem, a[0], a[1], a[2])),
+            STATX => ret(self.statx(mem, a[0], a[1], a[2], a[3], a[4])),
+            STATFS => ret(self.statfs(mem, Some(a[0]), 0, a[1])),
+            FSTATFS => ret(self.statfs(mem, None, a[0], a[1])),
+            // Advice only: nothing to do.
+            FADVISE64 => ret(self.files.get(a[0]).map(|_| 0)),
+            SYSINFO => ret(self.sysinfo(mem, a[0], clock)),
+            UNLINK => ret(self.path_op(mem, PathOp::Unlink, AT_FDCWD as u64, a[0], 0)),
+            UNLINKAT => ret(self.path_op(
+                mem,
+                if a[2] & 0x200 != 0 {
+                    PathOp::Rmdir
+                } else {
+                    PathOp::Unlink
+                },
+                a[0],
+                a[1],
+                0,
+            )),
+            RMDIR => ret(self.path_op(mem, PathOp::Rmdir, AT_FDCWD as u64, a[0], 0)),
+            MKDIR => ret(self.path_op(mem, PathOp::Mkdir, AT_FDCWD as u64, a[0], a[1])),
+            MKDIRAT => ret(self.path_op(mem, PathOp::Mkdir, a[0], a[1], a[2])),
+            RENAME => ret(self.rename(mem, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+            RENAMEAT => ret(self.rename(mem, a[0], a[1], a[2], a[3], 0)),
+            RENAMEAT2 => ret(self.rename(mem, a[0], a[1], a[2], a[3], a[4])),
+            FTRUNCATE => ret(self.ftruncate(a[0], a[1])),
+            FSYNC | FDATASYNC => ret(self.fsync(a[0])),
+            // No extended attributes (as on a file system without them):
+            // ls and cp ask for ACLs and security labels and go on.
+            GETXATTR | LGETXATTR | LISTXATTR | LLISTXATTR => ret(self
+                .resolve(mem, AT_FDCWD as u64, a[0])
+                .and(Err(EOPNOTSUPP))),
+            FGETXATTR | FLISTXATTR => ret(self.files.get(a[0]).and(Err(EOPNOTSUPP))),
             _ => return None,
         };
         Some(done)
@@ -560,8 +639,11 @@ impl Process {
             return Err(ENOENT);
         }
         // Descriptors are C ints: the upper half of the register is not looked at.
-        if p.is_absolute() || dirfd as i32 as i64 == AT_FDCWD {
+        if p.is_absolute() {
             return Ok(self.redirect(p));
+        }
+        if dirfd as i32 as i64 == AT_FDCWD {
+            return Ok(self.cwd.join(p));
         }
         let d = self.files.get(dirfd)?;
         match &d.obj {
@@ -571,8 +653,10 @@ impl Process {
         }
     }
 
-    /// /proc/self and /proc/PID describe kvmsim on the host: the program's
-    /// own are answered here (exe) or refused.
+    /// The host path of the program's absolute path `p`: /proc/self and
+    /// /proc/PID describe kvmsim on the host, so the program's own are
+    /// answered here (exe) or refused; everything else goes through the
+    /// redirects and the sysroot ([`crate::process::PathMap`]).
     fn redirect(&self, p: PathBuf) -> PathBuf {
         let s = p.to_string_lossy();
         let own = ["/proc/self/", &format!("/proc/{PID}/")]
@@ -584,7 +668,7 @@ impl Process {
             }
             return PathBuf::from("/nonexistent/kvmsim-se/proc-self-is-not-emulated");
         }
-        p
+        self.paths.host(&p)
     }
 
     fn openat(
@@ -680,6 +764,201 @@ impl Process {
             },
             _ => Err(EINVAL),
         }
+    }
+
+    fn path_op(
+        &mut self,
+        mem: &dyn PhysMem,
+        op: PathOp,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+    ) -> Result<i64, i64> {
+        let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+        // SAFETY: a NUL-terminated path.
+        check(unsafe {
+            match op {
+                PathOp::Unlink => libc::unlink(p.as_ptr()),
+                PathOp::Rmdir => libc::rmdir(p.as_ptr()),
+                PathOp::Mkdir => libc::mkdir(p.as_ptr(), (mode & 0o7777) as libc::mode_t),
+            }
+        })
+    }
+
+    fn rename(
+        &mut self,
+        mem: &dyn PhysMem,
+        olddir: u64,
+        old: u64,
+        newdir: u64,
+        new: u64,
+        flags: u64,
+    ) -> Result<i64, i64> {
+        let from = cpath(&self.resolve(mem, olddir, old)?)?;
+        let to = cpath(&self.resolve(mem, newdir, new)?)?;
+        // SAFETY: two NUL-terminated paths; renameat2 reads nothing else.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                flags as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(last_err())
+        } else {
+            Ok(0)
+        }
+    }
+
+    fn ftruncate(&mut self, fd: u64, len: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let Object::Host(h) = &f.obj else {
+            return Err(EINVAL);
+        };
+        if len > i64::MAX as u64 {
+            return Err(EINVAL);
+        }
+        // SAFETY: ftruncate on a descriptor we own.
+        check(unsafe { libc::ftruncate(h.as_raw_fd(), len as libc::off_t) })
+    }
+
+    fn fsync(&mut self, fd: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        match &f.obj {
+            Object::Host(h) => h.sync_all().map(|_| 0).map_err(host_err),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// statx: the host's, for a host path or descriptor; the standard
+    /// streams are pipes (as fstat says).
+    fn statx(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        mask: u64,
+        buf: u64,
+    ) -> Result<i64, i64> {
+        let mut out = [0u8; 256];
+        let raw = self.space.read_cstr(mem, path, PATH_MAX)?;
+        let flags = (flags as u32) & !(AT_EMPTY_PATH as u32);
+        let r = if raw.is_empty() {
+            let f = self.files.get(dirfd)?;
+            match &f.obj {
+                Object::Host(h) => {
+                    // SAFETY: an empty NUL-terminated path, a descriptor we
+                    // own and a 256-byte buffer (struct statx's size).
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_statx,
+                            h.as_raw_fd(),
+                            c"".as_ptr(),
+                            flags | AT_EMPTY_PATH as u32,
+                            mask as u32,
+                            out.as_mut_ptr(),
+                        )
+                    }
+                }
+                _ => {
+                    // STATX_BASIC_STATS of a pipe.
+                    out[0..4].copy_from_slice(&0x7ffu32.to_le_bytes());
+                    out[4..8].copy_from_slice(&4096u32.to_le_bytes());
+                    out[16..20].copy_from_slice(&1u32.to_le_bytes());
+                    out[20..24].copy_from_slice(&UID.to_le_bytes());
+                    out[24..28].copy_from_slice(&GID.to_le_bytes());
+                    out[28..30].copy_from_slice(&((libc::S_IFIFO | 0o600) as u16).to_le_bytes());
+                    0
+                }
+            }
+        } else {
+            let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+            // SAFETY: a NUL-terminated path and a 256-byte buffer.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_statx,
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    flags,
+                    mask as u32,
+                    out.as_mut_ptr(),
+                )
+            }
+        };
+        if r < 0 {
+            return Err(last_err());
+        }
+        self.space.write_user(mem, buf, &out)?;
+        Ok(0)
+    }
+
+    /// statfs (a path) or fstatfs (a descriptor): the host file system's.
+    fn statfs(
+        &mut self,
+        mem: &dyn PhysMem,
+        path: Option<u64>,
+        fd: u64,
+        buf: u64,
+    ) -> Result<i64, i64> {
+        // SAFETY: all-zero is a valid `libc::statfs`.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let r = match path {
+            Some(path) => {
+                let p = cpath(&self.resolve(mem, AT_FDCWD as u64, path)?)?;
+                // SAFETY: a NUL-terminated path and a `statfs` to fill.
+                unsafe { libc::statfs(p.as_ptr(), &mut st) }
+            }
+            None => {
+                let f = self.files.get(fd)?;
+                match &f.obj {
+                    // SAFETY: fstatfs on a descriptor we own.
+                    Object::Host(h) => unsafe { libc::fstatfs(h.as_raw_fd(), &mut st) },
+                    _ => {
+                        st.f_type = 0x5049_5045; // PIPEFS_MAGIC
+                        st.f_bsize = 4096;
+                        st.f_namelen = 255;
+                        0
+                    }
+                }
+            }
+        };
+        check(r)?;
+        // SAFETY: `libc::statfs` is plain data in the x86-64 layout the
+        // program expects.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&st as *const libc::statfs).cast::<u8>(),
+                std::mem::size_of::<libc::statfs>(),
+            )
+        };
+        self.space.write_user(mem, buf, bytes)?;
+        Ok(0)
+    }
+
+    /// sysinfo: the process's RAM (guest RAM) and simulated uptime.
+    fn sysinfo(&mut self, mem: &dyn PhysMem, buf: u64, clock: Clock) -> Result<i64, i64> {
+        // SAFETY: all-zero is a valid `libc::sysinfo`.
+        let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+        si.uptime = (clock.now / 1_000_000_000_000) as libc::c_long;
+        let total = self.space.frames.total();
+        si.totalram = total * PAGE;
+        si.freeram = total.saturating_sub(self.space.frames.used()) * PAGE;
+        si.procs = 1;
+        si.mem_unit = 1;
+        // SAFETY: `libc::sysinfo` is plain data in the program's layout.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&si as *const libc::sysinfo).cast::<u8>(),
+                std::mem::size_of::<libc::sysinfo>(),
+            )
+        };
+        self.space.write_user(mem, buf, bytes)?;
+        Ok(0)
     }
 
     fn put_stat(&mut self, mem: &dyn PhysMem, buf: u64, st: &libc::stat) -> Result<i64, i64> {
@@ -811,9 +1090,28 @@ impl Process {
         Ok(n as i64)
     }
 
+    /// chdir / fchdir: the process's own working folder (kvmsim's stays).
+    fn chdir(&mut self, mem: &dyn PhysMem, path: Option<u64>, fd: u64) -> Result<i64, i64> {
+        let p = match path {
+            Some(path) => self.resolve(mem, AT_FDCWD as u64, path)?,
+            None => {
+                let f = self.files.get(fd)?;
+                match &f.obj {
+                    Object::Host(_) => f.path.clone(),
+                    _ => return Err(ENOTDIR),
+                }
+            }
+        };
+        let meta = std::fs::metadata(&p).map_err(host_err)?;
+        if !meta.is_dir() {
+            return Err(ENOTDIR);
+        }
+        self.cwd = std::fs::canonicalize(&p).map_err(host_err)?;
+        Ok(0)
+    }
+
     fn getcwd(&mut self, mem: &dyn PhysMem, buf: u64, size: u64) -> Result<i64, i64> {
-        let cwd = std::env::current_dir().map_err(host_err)?;
-        let mut b = cwd.as_os_str().as_bytes().to_vec();
+        let mut b = self.cwd.as_os_str().as_bytes().to_vec();
         b.push(0);
         if (b.len() as u64) > size {
             return Err(ERANGE);
@@ -1308,6 +1606,8 @@ mod tests {
             envp: vec![],
             seed: 1,
             hwcap: 0,
+            paths: Default::default(),
+            interp: None,
         };
         let sink = || Sink {
             echo: None,
