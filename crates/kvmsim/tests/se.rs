@@ -76,24 +76,33 @@ fn busybox() -> Result<PathBuf, String> {
 /// The test C program, built once with `gcc -static`.
 fn prog() -> Result<PathBuf, String> {
     static P: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    P.get_or_init(|| {
-        let src = repo().join("crates/kvmsim/tests/se/prog.c");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("se-prog");
-        let o = Command::new("gcc")
-            .args(["-static", "-O1", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .output()
-            .map_err(|e| format!("cannot run gcc: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "gcc -static failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        Ok(out)
-    })
-    .clone()
+    P.get_or_init(|| build_c("prog")).clone()
+}
+
+/// The signals test program (tests/se/signals.c), built once.
+fn signals_prog() -> Result<PathBuf, String> {
+    static P: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    P.get_or_init(|| build_c("signals")).clone()
+}
+
+/// Builds tests/se/NAME.c with `gcc -static`.
+fn build_c(name: &str) -> Result<PathBuf, String> {
+    let src = repo().join(format!("crates/kvmsim/tests/se/{name}.c"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("se-{name}"));
+    let o = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-lm")
+        .output()
+        .map_err(|e| format!("cannot run gcc: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "gcc -static failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(out)
 }
 
 fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
@@ -104,10 +113,11 @@ fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    // A process killed by a signal: 128 + the signal, as a shell says.
+    let status = o.status.code().unwrap_or_else(|| {
+        std::os::unix::process::ExitStatusExt::signal(&o.status).map_or(-1, |sig| 128 + sig)
+    });
+    (status, String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn se(test: &str, prog: &Path, args: &[&str], extra: &[&str]) -> Run {
@@ -743,4 +753,86 @@ fn the_sysroot_and_redirects_decide_where_paths_lead() {
     );
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert_eq!(r.file("stdout.txt"), "from the sysroot\n");
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn signal_handlers_run_as_under_linux() {
+    if !kvm_or_skip("se_signals") {
+        return;
+    }
+    let p = need!(signals_prog(), "se_signals");
+    let work = outdir("se_signals_work");
+    std::fs::create_dir_all(&work).unwrap();
+    // Handlers for SIGSEGV (siglongjmp out), SIGFPE, SIGILL; SIGALRM from
+    // alarm() in pause() and in nanosleep(); a periodic ITIMER_REAL that
+    // interrupts a computation (the handler's return restores every
+    // register, the vector ones too); blocked, pending, unblocked and
+    // ignored signals on an alternate stack; default actions (SIGALRM and
+    // SIGABRT end the process with 128 + the signal).
+    for mode in [
+        "faults",
+        "alarm",
+        "sleep",
+        "timer",
+        "altstack",
+        "alarm-default",
+        "abort",
+    ] {
+        let (nst, nout) = native(&p, &[mode], &work);
+        let r = se(&format!("se_signals_{mode}"), &p, &[mode], &[]);
+        r.no_panic();
+        assert_eq!(
+            (r.status, r.file("stdout.txt")),
+            (nst, nout),
+            "{mode}\n{}",
+            r.stderr
+        );
+        let delivered = r.stat("system.se.signalsDelivered").as_u64().unwrap();
+        let want = match mode {
+            "faults" => 4,
+            "alarm" | "sleep" | "altstack" => 1,
+            "timer" => 5,
+            _ => 0,
+        };
+        assert!(
+            delivered >= want && (mode == "timer" || delivered == want),
+            "{mode}: {delivered} signals delivered"
+        );
+        let sim = r.stat("simSeconds").as_f64().unwrap();
+        match mode {
+            // The alarm's 2 s are simulated time, not host time.
+            "alarm" => {
+                assert!((2.0..2.5).contains(&sim), "alarm: simSeconds {sim}");
+                let host = r.stat("hostSeconds").as_f64().unwrap();
+                assert!(host < 2.0, "alarm: hostSeconds {host}");
+            }
+            // The 5 s sleep ends at the 1 s alarm.
+            "sleep" => assert!((1.0..1.5).contains(&sim), "sleep: simSeconds {sim}"),
+            // The uncaught alarm ends the run when it expires, saying so.
+            "alarm-default" => {
+                assert!((1.0..1.5).contains(&sim), "alarm-default: {sim}");
+                assert!(r.stderr.contains("killed by SIGALRM (14)"), "{}", r.stderr);
+            }
+            _ => {}
+        }
+    }
+    // fork (glibc's makes a clone call) is refused with EAGAIN, said once
+    // by name.
+    let r = se("se_signals_fork", &p, &["fork"], &[]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "fork=-1 errno=EAGAIN\n");
+    assert!(
+        r.stderr
+            .contains("unsupported system call clone (56) (SE mode runs one thread of one process"),
+        "{}",
+        r.stderr
+    );
 }

@@ -703,7 +703,7 @@ impl System {
             tracing::info!(
                 "SE mode: system calls reach kvmsim through the stub at LSTAR {:#x} (one MMIO write \
                  per call; kvmsim returns as sysretq does); {}; no vDSO (time calls are system calls); \
-                 signals are recorded, not delivered",
+                 one thread, no fork or execve",
                 se::ENTRY_VA,
                 if broken_syscall {
                     "this host's SYSCALL stays at CPL3 (kvmsim doctor), so the stub runs at CPL3"
@@ -879,6 +879,13 @@ impl System {
                 "se",
                 dev.clone(),
             )?;
+            // Timer signals: due at ITIMER_REAL's expiry, they interrupt
+            // the program through its CPU's controller.
+            let v = vectors.clone();
+            mem::lock(dev).set_kick(Box::new(move || {
+                mem::lock(&v).raise_vector(se::SIGNAL_VECTOR as u8)
+            }));
+            timed.push(dev.clone());
         }
         // In SE mode stdin is the program's, not the console's.
         let input = if sc.serial.stdin && !se_mode {
@@ -2269,9 +2276,16 @@ fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<()
             Request::Reset => {
                 core.queue.schedule(now, SIM_EXIT_PRI, SysEvent::Reset)?;
             }
-            Request::ProcessExit { code, message } => {
-                core.queue
-                    .schedule(now, SIM_EXIT_PRI, SysEvent::ProcessExit { code, message })?;
+            Request::ProcessExit {
+                delay,
+                code,
+                message,
+            } => {
+                core.queue.schedule(
+                    now.saturating_add(delay),
+                    SIM_EXIT_PRI,
+                    SysEvent::ProcessExit { code, message },
+                )?;
             }
             Request::DebugExit { value } => {
                 core.queue

@@ -26,6 +26,7 @@ pub mod elf;
 pub mod mm;
 pub mod names;
 pub mod process;
+pub mod signal;
 pub mod sys;
 
 /// The SE window in guest physical address space (in the MMIO hole, clear
@@ -49,8 +50,12 @@ pub const KSTACK_VA: u64 = KBASE + 0x4000;
 pub const KSTACK_TOP: u64 = KBASE + 0x8000;
 pub const MMIO_VA: u64 = KBASE + 0x10000;
 pub const FAULT_VA: u64 = KBASE + 0x11000;
-/// Exception vectors with a gate (0..31).
-pub const IDT_VECTORS: u64 = 32;
+/// Vectors with a gate: the exceptions (0..31) and [`SIGNAL_VECTOR`].
+pub const IDT_VECTORS: u64 = 33;
+/// The interrupt kvmsim raises when a timer signal is due while the
+/// program runs: its stub reports it like an exception, and the device
+/// delivers the signal.
+pub const SIGNAL_VECTOR: u64 = 32;
 
 /// Where the sim-ops window (gem5's m5 address mode) is mapped in the
 /// process: the same address as its physical one, user-readable and

@@ -351,6 +351,17 @@ pub struct Process {
     pub fs_base: u64,
     pub sigactions: std::collections::BTreeMap<u64, [u8; 32]>,
     pub sigmask: u64,
+    /// Signals sent and not yet delivered (bit `sig - 1`).
+    pub pending: u64,
+    /// The alternate signal stack (sigaltstack): base and size.
+    pub altstack: Option<(u64, u64)>,
+    /// ITIMER_REAL (alarm, setitimer): the next expiry and the interval
+    /// (0: once), in simulated time.
+    pub itimer: Option<(sim::Tick, sim::Tick)>,
+    /// The mask to put back once a handler returns from a sigsuspend.
+    pub suspend_mask: Option<u64>,
+    /// RSP at the system call being serviced.
+    pub user_rsp: u64,
     pub tid_address: u64,
     pub robust_list: u64,
     /// The thread's name (prctl PR_SET_NAME), NUL-padded.
@@ -631,6 +642,11 @@ impl Process {
                 fs_base: 0,
                 sigactions: Default::default(),
                 sigmask: 0,
+                pending: 0,
+                altstack: None,
+                itimer: None,
+                suspend_mask: None,
+                user_rsp: 0,
                 tid_address: 0,
                 robust_list: 0,
                 paths,
