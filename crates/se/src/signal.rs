@@ -245,7 +245,7 @@ pub fn build_frame(
     let i = (8 + UCONTEXT_SIZE) as usize;
     bytes[i..i + 128].copy_from_slice(&info.bytes());
     if let Some(f) = fpu {
-        let o = (fp_at - sp) as usize;
+        let o = fp_at.wrapping_sub(sp) as usize;
         bytes[o..o + f.len()].copy_from_slice(f);
         // The software-reserved bytes of the legacy area (fx_sw_bytes).
         if f.len() >= 576 {
@@ -261,8 +261,8 @@ pub fn build_frame(
     }
     let mut regs = *uc;
     regs.gprs[UserContext::RDI] = info.signo as u64;
-    regs.gprs[UserContext::RSI] = sp + 8 + UCONTEXT_SIZE;
-    regs.gprs[UserContext::RDX] = sp + 8;
+    regs.gprs[UserContext::RSI] = sp.wrapping_add(8 + UCONTEXT_SIZE);
+    regs.gprs[UserContext::RDX] = sp.wrapping_add(8);
     regs.gprs[UserContext::RAX] = 0;
     regs.gprs[UserContext::RSP] = sp;
     regs.rip = act.handler;
@@ -384,6 +384,16 @@ mod tests {
             trap,
         );
         assert!(f.base > 0x50_0000 && f.base + f.bytes.len() as u64 <= 0x50_4000);
+        // A hostile stack pointer (near 0, near the top): a frame of the
+        // usual size, wrapped, that the write then refuses; no panic.
+        for rsp in [0u64, 8, u64::MAX, u64::MAX - 200] {
+            let mut bad = uc;
+            bad.gprs[UserContext::RSP] = rsp;
+            let f = build_frame(&bad, Some(&fpu), &info, &act, 0, None, 0, trap);
+            assert!(f.bytes.len() < 8192);
+            let f = build_frame(&bad, None, &info, &act, 0, Some((rsp, u64::MAX)), 0, trap);
+            assert!(f.bytes.len() < 8192);
+        }
     }
 
     #[test]

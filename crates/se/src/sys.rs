@@ -1694,7 +1694,14 @@ impl Process {
             ((left + SEC / 2) / SEC).max(1)
         };
         let secs = secs as u32;
-        self.itimer = (secs > 0).then(|| (clock.now + u64::from(secs) * SEC, 0));
+        self.itimer = (secs > 0).then(|| {
+            (
+                clock
+                    .now
+                    .saturating_add(u64::from(secs).saturating_mul(SEC)),
+                0,
+            )
+        });
         old as i64
     }
 
@@ -1766,7 +1773,7 @@ impl Process {
             self.space.write_user(mem, old, &b)?;
         }
         if let Some((interval, value)) = set {
-            self.itimer = (value > 0).then(|| (clock.now + value, interval));
+            self.itimer = (value > 0).then(|| (clock.now.saturating_add(value), interval));
         }
         Ok(0)
     }
@@ -2134,6 +2141,12 @@ mod tests {
         let d = p.syscall(&mem, nr::ALARM, [0; 6], later).unwrap();
         assert_eq!(d.flow, Flow::Return(2), "2.4 s left rounds to 2");
         assert_eq!(p.itimer, None, "alarm(0) cancels");
+        // The largest alarm saturates, never overflows.
+        assert_eq!(call(&mut p, &mem, nr::ALARM, &[u64::from(u32::MAX)]), 0);
+        assert_eq!(
+            call(&mut p, &mem, nr::ALARM, &[0]) as u64,
+            u64::MAX / 1_000_000_000_000
+        );
         // setitimer / getitimer round trip (ITIMER_REAL; others EINVAL).
         let at = crate::STACK_TOP - 0x400;
         let mut it = [0u8; 32];
