@@ -393,6 +393,26 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: u32,
     },
+    /// A static Linux program's compute loop in SE mode against the same
+    /// file run natively, side by side.
+    SeCompute {
+        /// Loop iterations.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// One system call (getppid) in SE mode against the same call made
+    /// natively, side by side (the ratio is reported; there is no goal).
+    SeSyscall {
+        /// System calls.
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// MMIO reads at CPL0: kvmsim against a bare KVM loop, side by side.
     Mmio {
         /// MMIO reads.
@@ -914,6 +934,14 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Mmio { reads, runs }) => {
             (w.mmio_reads, w.runs) = (reads, runs);
             bench::Figure::Mmio
+        }
+        Some(Bench::SeCompute { iterations, runs }) => {
+            (w.se_iterations, w.runs) = (iterations, runs);
+            bench::Figure::SeCompute
+        }
+        Some(Bench::SeSyscall { calls, runs }) => {
+            (w.se_calls, w.runs) = (calls, runs);
+            bench::Figure::SeSyscall
         }
     };
     w.runs = w.runs.max(1);
