@@ -76,7 +76,8 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     field(b, off).map(u64::from_le_bytes)
 }
 
-/// Parses `image` (the file `path`) as a static x86-64 Linux executable.
+/// Parses `image` (the file `path`) as an x86-64 Linux executable (static,
+/// or naming its interpreter in PT_INTERP).
 pub fn parse(image: &[u8], path: &str) -> Result<Elf, ElfError> {
     let bad = |what: String| ElfError::Malformed {
         path: path.into(),

@@ -1,5 +1,7 @@
-//! Syscall emulation (SE mode): a static x86-64 Linux program runs at CPL3
-//! on kvmsim's KVM CPU, and every system call it makes is serviced here.
+//! Syscall emulation (SE mode): an x86-64 Linux program (static, or
+//! dynamically linked with its ld.so) runs at CPL3 on kvmsim's KVM CPU,
+//! every system call it makes is serviced here, and signals reach its
+//! handlers ([`signal`]).
 //!
 //! This crate never touches KVM. It builds the process image in guest RAM
 //! ([`process::Process::load`]: the ELF's segments, the initial stack with
