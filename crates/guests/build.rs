@@ -85,6 +85,21 @@ fn main() {
 
     let obj = out.join("compute_loop.o");
     assemble(&asm.join("compute_loop.s"), &obj, &asm);
+
+    // A Linux program (SE mode and native): ET_EXEC at ld's default
+    // address, with the compute loop linked in.
+    let se = out.join("se_bench.o");
+    assemble(&asm.join("se_bench.s"), &se, &asm);
+    run(
+        Command::new("ld")
+            .args(["-nostdlib", "-static", "-no-pie", "--build-id=none"])
+            .args(["-z", "max-page-size=0x1000", "-z", "noexecstack"])
+            .arg("-o")
+            .arg(out.join("se_bench.elf"))
+            .arg(&se)
+            .arg(&obj),
+        "the GNU linker (ld)",
+    );
     let lib = out.join("libkvmsim_compute_loop.a");
     let _ = std::fs::remove_file(&lib);
     run(Command::new("ar").arg("crs").arg(&lib).arg(&obj), "ar");

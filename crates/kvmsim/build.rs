@@ -19,6 +19,12 @@
 //!   `KVMSIM_REQUIRE_SE_TOOLS` is not 1: the SE tests that run busybox or a
 //!   C program compiled here are ignored.
 //!
+//! - `kvmsim_no_host_dynamic`: the host has no glibc loader at
+//!   `/lib64/ld-linux-x86-64.so.2` or lacks one of the coreutils the SE
+//!   tests run (`/usr/bin/{ls,cat,sort,sha256sum,md5sum,wc,mkdir}`), and
+//!   `KVMSIM_REQUIRE_SE_TOOLS` is not 1: the SE tests of dynamically
+//!   linked host programs are ignored.
+//!
 //! (After installing a tool, `touch crates/kvmsim/build.rs`.)
 //!
 //! A test that runs anyway (`cargo test -- --include-ignored`, or a test
@@ -34,6 +40,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(kvmsim_linux_guest)");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_no_gdb)");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_no_se_tools)");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_host_dynamic)");
     println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_GDB");
     println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_SE_TOOLS");
     println!("cargo:rerun-if-env-changed=KVMSIM_BUSYBOX");
@@ -48,6 +55,13 @@ fn main() {
     let have_tools = on_path("gcc") && busybox;
     if !have_tools && !env_is("KVMSIM_REQUIRE_SE_TOOLS", "1") {
         println!("cargo:rustc-cfg=kvmsim_no_se_tools");
+    }
+    let dynamic = std::path::Path::new("/lib64/ld-linux-x86-64.so.2").exists()
+        && ["ls", "cat", "sort", "sha256sum", "md5sum", "wc", "mkdir"]
+            .iter()
+            .all(|t| std::path::Path::new("/usr/bin").join(t).is_file());
+    if !dynamic && !env_is("KVMSIM_REQUIRE_SE_TOOLS", "1") {
+        println!("cargo:rustc-cfg=kvmsim_no_host_dynamic");
     }
     decide_kvm_cfg();
 

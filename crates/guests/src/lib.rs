@@ -305,6 +305,11 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
     GUESTS.iter().find(|(n, _)| *n == name).map(|(_, e)| *e)
 }
 
+/// A static x86-64 Linux program (not a guest) for `kvmsim bench`'s SE
+/// figures: `se_bench N` runs [`compute_loop_native`]'s loop and prints
+/// `result=0x<hex>`; `se_bench N s` makes N getppid calls (asm/se_bench.s).
+pub const SE_BENCH: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/se_bench.elf"));
+
 extern "C" {
     fn kvmsim_compute_loop(n: u64) -> u64;
 }

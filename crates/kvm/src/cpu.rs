@@ -293,6 +293,14 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
                 false
             })
     }
+
+    fn fpu_state(&mut self) -> Option<Vec<u8>> {
+        self.arch.fpu_state(self.vcpu).ok().flatten()
+    }
+
+    fn set_fpu_state(&mut self, area: &[u8]) -> bool {
+        self.arch.set_fpu_state(self.vcpu, area).unwrap_or(false)
+    }
 }
 
 /// Runs `f` with an access context for `now` whose calling CPU is `arch`.

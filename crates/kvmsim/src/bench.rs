@@ -10,6 +10,8 @@
 //! | parallel | aggregate throughput of 2 `compute` systems | 1 system |
 //! | smp | aggregate throughput of `smpboot`'s ring-3 loop on 2 CPUs of one system | 1 CPU |
 //! | window | the barrier two CPU threads meet at per window (`sim::barrier::SpinBarrier`), per window | `std::sync::Barrier` |
+//! | se-compute | `se_bench N` (the compute loop in a static Linux program) in SE mode, whole run | the same file run natively (spawn to exit) |
+//! | se-syscall | `se_bench N s` (getppid N times) in SE mode, per call | getppid from kvmsim's own process, per call |
 //!
 //! kvmsim runs each guest as `kvmsim run` does (`platform::Simulation`);
 //! the bare loops are `kvm::bare` (the same VM set-up, the exits serviced
@@ -32,6 +34,8 @@ const KICK_PERIOD_US: u64 = 100;
 const PARALLEL_ITERATIONS: u64 = 1_000_000_000;
 const WINDOWS: u64 = 20_000;
 const SMP_ITERATIONS: u64 = 1_000_000_000;
+const SE_COMPUTE_ITERATIONS: u64 = 1_000_000_000;
+const SE_SYSCALLS: u64 = 20_000;
 /// The quantum of the SMP figure: 1 ms, or, where a window end costs more
 /// (kvmsim doctor: "cost of a forced exit"), the quantum a run recommends
 /// for this host, 20 times that cost (a loss near 5%). The default for
@@ -58,10 +62,12 @@ pub enum Figure {
     Parallel,
     Smp,
     Window,
+    SeCompute,
+    SeSyscall,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 7] = [
+    pub const ALL: [Figure; 9] = [
         Figure::Compute,
         Figure::Pio,
         Figure::Mmio,
@@ -69,6 +75,8 @@ impl Figure {
         Figure::Parallel,
         Figure::Smp,
         Figure::Window,
+        Figure::SeCompute,
+        Figure::SeSyscall,
     ];
 
     fn key(self) -> &'static str {
@@ -80,6 +88,8 @@ impl Figure {
             Figure::Parallel => "parallel",
             Figure::Window => "window",
             Figure::Smp => "smp",
+            Figure::SeCompute => "se-compute",
+            Figure::SeSyscall => "se-syscall",
         }
     }
 
@@ -92,6 +102,8 @@ impl Figure {
             Figure::Parallel => "2 systems vs 1 on 2 cores",
             Figure::Window => "window barrier, 2 threads",
             Figure::Smp => "2 CPUs vs 1 in one system",
+            Figure::SeCompute => "SE compute loop",
+            Figure::SeSyscall => "SE system call (getppid)",
         }
     }
 
@@ -110,13 +122,19 @@ impl Figure {
             Figure::Window => {
                 "host time per window (one barrier wait whose last arrival decides, as every thread does at each window end) with kvmsim's spin-then-park barrier / std::sync::Barrier"
             }
+            Figure::SeCompute => {
+                "a static Linux program's compute loop in kvmsim se (whole run) / the same file run natively (spawn to exit)"
+            }
+            Figure::SeSyscall => {
+                "host time per getppid call: a static Linux program in kvmsim se (whole run / calls) / kvmsim's own process calling getppid (no goal: reported)"
+            }
         }
     }
 
     fn unit(self) -> &'static str {
         match self {
-            Figure::Compute => "s",
-            Figure::Pio | Figure::Mmio | Figure::Kick | Figure::Window => "us",
+            Figure::Compute | Figure::SeCompute => "s",
+            Figure::Pio | Figure::Mmio | Figure::Kick | Figure::Window | Figure::SeSyscall => "us",
             Figure::Parallel | Figure::Smp => "M iter/s",
         }
     }
@@ -129,6 +147,7 @@ impl Figure {
             Figure::Parallel => ("2 systems", "1 system"),
             Figure::Window => ("spin-then-park", "std Barrier"),
             Figure::Smp => ("2 CPUs", "1 CPU"),
+            Figure::SeCompute | Figure::SeSyscall => ("kvmsim se", "native"),
         }
     }
 
@@ -139,15 +158,19 @@ impl Figure {
         }
     }
 
-    /// The goal: (`<=` or `>=`, value) for the ratio.
-    fn goal(self) -> (&'static str, f64) {
-        match self {
-            Figure::Compute => ("<=", 1.02),
+    /// The goal: (`<=` or `>=`, value) for the ratio; none where the
+    /// ratio is reported only (an emulated system call costs an exit, a
+    /// native one a few hundred nanoseconds).
+    fn goal(self) -> Option<(&'static str, f64)> {
+        Some(match self {
+            // SE: native speed / SE speed >= 0.98, as a time ratio.
+            Figure::Compute | Figure::SeCompute => ("<=", 1.02),
             Figure::Pio | Figure::Mmio | Figure::Kick => ("<=", 1.05),
             Figure::Parallel => (">=", 1.9),
             Figure::Window => ("<=", 0.1),
             Figure::Smp => (">=", 1.8),
-        }
+            Figure::SeSyscall => return None,
+        })
     }
 }
 
@@ -163,6 +186,8 @@ pub struct Work {
     pub parallel_iterations: u64,
     pub windows: u64,
     pub smp_iterations: u64,
+    pub se_iterations: u64,
+    pub se_calls: u64,
 }
 
 impl Work {
@@ -184,6 +209,8 @@ impl Work {
             parallel_iterations: s(PARALLEL_ITERATIONS, 1000),
             windows: s(WINDOWS, 100),
             smp_iterations: s(SMP_ITERATIONS, 1000),
+            se_iterations: s(SE_COMPUTE_ITERATIONS, 1000),
+            se_calls: s(SE_SYSCALLS, 10),
         })
     }
 
@@ -205,6 +232,8 @@ impl Work {
                 "quantum": smp_quantum(),
                 "forced_exit_us": kvm::probe::forced_exit_cost_cached().map(|c| c.loss_ns as f64 / 1e3),
             }),
+            Figure::SeCompute => serde_json::json!({"iterations": self.se_iterations}),
+            Figure::SeSyscall => serde_json::json!({"calls": self.se_calls}),
         }
     }
 }
@@ -239,7 +268,7 @@ impl Measured {
 
     fn met(&self) -> Option<bool> {
         let r = self.ratio()?;
-        Some(match self.figure.goal() {
+        Some(match self.figure.goal()? {
             ("<=", g) => r <= g,
             (_, g) => r >= g,
         })
@@ -323,6 +352,59 @@ fn kvmsim_run(mut cfg: Config, scratch: &Scratch, what: &str) -> Result<SimRun, 
     let stats = sys.stats_dump(sys.cur_tick());
     drop(s);
     let serial = std::fs::read_to_string(dir.join("serial.log")).unwrap_or_default();
+    Ok(SimRun {
+        wall,
+        stats,
+        serial,
+    })
+}
+
+/// The SE bench program, written once into the scratch folder.
+fn se_program(scratch: &Scratch) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = scratch.0.join("se_bench");
+    if !p.exists() {
+        std::fs::write(&p, guests::SE_BENCH)
+            .and_then(|()| std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    Ok(p)
+}
+
+/// Runs the SE bench program with `args` as `kvmsim se --quiet` does;
+/// times `Simulation::run`; returns the time, the stats and its stdout.
+fn se_run(scratch: &Scratch, args: &[String], what: &str) -> Result<SimRun, String> {
+    let prog = se_program(scratch)?;
+    let mut cfg = Config::for_kernel(&prog.to_string_lossy());
+    let sc = &mut cfg.system[0];
+    sc.platform = "se".into();
+    sc.memory = platform::units::Size(64 << 20);
+    sc.serial.stdout = false;
+    sc.serial.stdin = false;
+    sc.se = Some(platform::config::SeConfig {
+        args: args.to_vec(),
+        ..Default::default()
+    });
+    let dir = scratch.0.join(what);
+    let out = OutDir::create(&dir).map_err(text)?;
+    let mut s = Simulation::build(&mut cfg, out).map_err(|e| format!("{what}: {e}"))?;
+    let t = Instant::now();
+    let exits = s.run().map_err(|e| format!("{what}: {e}"))?;
+    let wall = t.elapsed().as_secs_f64();
+    if let Some(e) = exits
+        .iter()
+        .find(|e| e.cause != sim::ExitCause::ProcessExit || e.code != 0)
+    {
+        return Err(format!(
+            "{what}: the program did not exit with 0: {} {}",
+            e.cause.describe(),
+            e.message.trim_end()
+        ));
+    }
+    let sys = s.systems_mut().first_mut().ok_or("no system")?;
+    let stats = sys.stats_dump(sys.cur_tick());
+    drop(s);
+    let serial = std::fs::read_to_string(dir.join("stdout.txt")).unwrap_or_default();
     Ok(SimRun {
         wall,
         stats,
@@ -514,6 +596,61 @@ fn sample(figure: Figure, kvmsim: bool, w: &Work, scratch: &mut Scratch) -> Resu
                 }),
             })
         }
+        (Figure::SeCompute, se) => {
+            let n = w.se_iterations;
+            let want = format!("result=0x{:016x}\n", scratch.compute_result(n));
+            let args = [n.to_string()];
+            let (value, got, exits) = if se {
+                let r = se_run(scratch, &args, "se-compute")?;
+                let calls = stat(&r.stats, "system.se.syscalls::total");
+                (r.wall, r.serial, serde_json::json!({"syscalls": calls}))
+            } else {
+                let prog = se_program(scratch)?;
+                let t = Instant::now();
+                let o = std::process::Command::new(&prog)
+                    .args(&args)
+                    .env_clear()
+                    .output()
+                    .map_err(|e| format!("cannot run {}: {e}", prog.display()))?;
+                let wall = t.elapsed().as_secs_f64();
+                (
+                    wall,
+                    String::from_utf8_lossy(&o.stdout).into_owned(),
+                    serde_json::Value::Null,
+                )
+            };
+            check(got == want, || {
+                format!("se-compute: the program printed {got:?}, expected {want:?}")
+            })?;
+            Ok(Sample { value, exits })
+        }
+        (Figure::SeSyscall, true) => {
+            let n = w.se_calls;
+            let r = se_run(scratch, &[n.to_string(), "s".into()], "se-syscall")?;
+            let calls = stat(&r.stats, "system.se.syscalls::getppid");
+            check(calls == n && r.serial == "calls=done\n", || {
+                format!(
+                    "se-syscall: {calls} getppid calls counted for {n}; stdout {:?}",
+                    r.serial
+                )
+            })?;
+            Ok(Sample {
+                value: r.wall / n as f64 * us,
+                exits: serde_json::json!({"getppid": calls, "exits": stat(&r.stats, "system.cpu.numVMExits")}),
+            })
+        }
+        (Figure::SeSyscall, false) => {
+            let n = w.se_calls;
+            let t = Instant::now();
+            for _ in 0..n {
+                // getppid(2) through the C library: a system call each time.
+                std::hint::black_box(std::os::unix::process::parent_id());
+            }
+            Ok(Sample {
+                value: t.elapsed().as_secs_f64() / n as f64 * us,
+                exits: serde_json::Value::Null,
+            })
+        }
         (Figure::Parallel, two) => {
             let systems = if two { 2 } else { 1 };
             let n = w.parallel_iterations;
@@ -606,7 +743,7 @@ fn table(all: &[Measured], w: &Work) -> String {
     for m in all {
         let f = m.figure;
         let (a, b) = f.sides();
-        let (op, g) = f.goal();
+        let goal = f.goal().map_or("-".into(), |(op, g)| format!("{op} {g}"));
         let side = |name: &str, v: Option<f64>| format!("{} ({name})", fmt_value(v, f.unit()));
         s.push_str(&format!(
             "{:<32} {:<30} {:<34} {:>7}  {:<8} {}\n",
@@ -614,7 +751,7 @@ fn table(all: &[Measured], w: &Work) -> String {
             side(a, m.best(&m.kvmsim)),
             side(b, m.best(&m.reference)),
             m.ratio().map_or("n/a".into(), |r| format!("{r:.3}")),
-            format!("{op} {g}"),
+            goal,
             match m.met() {
                 Some(true) => "yes",
                 Some(false) => "NO",
@@ -659,7 +796,9 @@ fn report_json(
         .map(|m| {
             let f = m.figure;
             let (a, b) = f.sides();
-            let (op, g) = f.goal();
+            let goal = f
+                .goal()
+                .map(|(op, g)| serde_json::json!({"op": op, "value": g}));
             let values = |v: &[Sample]| v.iter().map(|s| num(s.value)).collect::<Vec<_>>();
             let exits = |v: &[Sample]| v.iter().map(|s| s.exits.clone()).collect::<Vec<_>>();
             serde_json::json!({
@@ -672,7 +811,7 @@ fn report_json(
                 "kvmsim": opt(m.best(&m.kvmsim)),
                 "reference": opt(m.best(&m.reference)),
                 "ratio": opt(m.ratio()),
-                "goal": {"op": op, "value": g},
+                "goal": goal,
                 "met": m.met(),
                 "work": w.json(f),
                 "samples": {"kvmsim": values(&m.kvmsim), "reference": values(&m.reference)},

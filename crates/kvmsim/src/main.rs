@@ -160,6 +160,16 @@ struct SeArgs {
     /// Seed of AT_RANDOM and getrandom (default 0).
     #[arg(long)]
     seed: Option<u64>,
+    /// A folder holding the target's root file system: a dynamically
+    /// linked program's interpreter comes from it, and so does every
+    /// absolute path the program names that exists in it (overrides
+    /// se.sysroot).
+    #[arg(long, value_name = "DIR")]
+    sysroot: Option<String>,
+    /// Open the program's paths under GUEST (a folder or file) from HOST
+    /// instead (gem5's --redirects; repeat for more; the longest GUEST wins).
+    #[arg(long = "redirect", value_name = "GUEST=HOST")]
+    redirect: Vec<String>,
     /// Stop after this much simulated time, e.g. 10s.
     #[arg(long)]
     max_time: Option<String>,
@@ -176,7 +186,7 @@ struct SeArgs {
     /// At the end, print the full vCPU state (also written to cpu-dump.txt).
     #[arg(long)]
     dump_on_exit: bool,
-    /// The program: a static x86-64 Linux ELF (ET_EXEC or static-pie).
+    /// The program: an x86-64 Linux ELF, static or dynamically linked.
     program: Option<String>,
     /// Its arguments (argv[1..]).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -245,6 +255,10 @@ fn se_config(a: &SeArgs) -> Result<Config, PlatformError> {
         if let Some(seed) = a.seed {
             se.seed = seed;
         }
+        if let Some(r) = &a.sysroot {
+            se.sysroot = Some(r.clone());
+        }
+        se.redirects.extend(a.redirect.iter().cloned());
         if a.quiet {
             s.serial.stdout = false;
         }
@@ -377,6 +391,26 @@ enum Bench {
         checkpoint: Option<PathBuf>,
         /// Restores (the best is reported).
         #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
+    /// A static Linux program's compute loop in SE mode against the same
+    /// file run natively, side by side.
+    SeCompute {
+        /// Loop iterations.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        iterations: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// One system call (getppid) in SE mode against the same call made
+    /// natively, side by side (the ratio is reported; there is no goal).
+    SeSyscall {
+        /// System calls.
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
         runs: u32,
     },
     /// MMIO reads at CPL0: kvmsim against a bare KVM loop, side by side.
@@ -900,6 +934,14 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Mmio { reads, runs }) => {
             (w.mmio_reads, w.runs) = (reads, runs);
             bench::Figure::Mmio
+        }
+        Some(Bench::SeCompute { iterations, runs }) => {
+            (w.se_iterations, w.runs) = (iterations, runs);
+            bench::Figure::SeCompute
+        }
+        Some(Bench::SeSyscall { calls, runs }) => {
+            (w.se_calls, w.runs) = (calls, runs);
+            bench::Figure::SeSyscall
         }
     };
     w.runs = w.runs.max(1);

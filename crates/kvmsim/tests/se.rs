@@ -76,24 +76,33 @@ fn busybox() -> Result<PathBuf, String> {
 /// The test C program, built once with `gcc -static`.
 fn prog() -> Result<PathBuf, String> {
     static P: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    P.get_or_init(|| {
-        let src = repo().join("crates/kvmsim/tests/se/prog.c");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("se-prog");
-        let o = Command::new("gcc")
-            .args(["-static", "-O1", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .output()
-            .map_err(|e| format!("cannot run gcc: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "gcc -static failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        Ok(out)
-    })
-    .clone()
+    P.get_or_init(|| build_c("prog")).clone()
+}
+
+/// The signals test program (tests/se/signals.c), built once.
+fn signals_prog() -> Result<PathBuf, String> {
+    static P: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    P.get_or_init(|| build_c("signals")).clone()
+}
+
+/// Builds tests/se/NAME.c with `gcc -static`.
+fn build_c(name: &str) -> Result<PathBuf, String> {
+    let src = repo().join(format!("crates/kvmsim/tests/se/{name}.c"));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("se-{name}"));
+    let o = Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-lm")
+        .output()
+        .map_err(|e| format!("cannot run gcc: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "gcc -static failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(out)
 }
 
 fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
@@ -104,10 +113,11 @@ fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-    )
+    // A process killed by a signal: 128 + the signal, as a shell says.
+    let status = o.status.code().unwrap_or_else(|| {
+        std::os::unix::process::ExitStatusExt::signal(&o.status).map_or(-1, |sig| 128 + sig)
+    });
+    (status, String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn se(test: &str, prog: &Path, args: &[&str], extra: &[&str]) -> Run {
@@ -439,16 +449,40 @@ fn programs_kvmsim_cannot_run_are_refused_by_name() {
     elf[4] = 1;
     let elf32 = dir.join("elf32");
     std::fs::write(&elf32, &elf).unwrap();
+    // A dynamically linked program (kvmsim itself) whose interpreter's
+    // folder is redirected to one that does not exist.
     let dynamic = env!("CARGO_BIN_EXE_kvmsim");
-    for (path, words) in [
-        (script.to_string_lossy().into_owned(), "not an ELF file"),
-        (elf32.to_string_lossy().into_owned(), "a 32-bit ELF"),
-        (dynamic.to_string(), "dynamically linked (interpreter"),
-        ("/nonexistent/prog".to_string(), "program /nonexistent/prog"),
+    let image = std::fs::read(dynamic).unwrap();
+    let at = image
+        .windows(5)
+        .position(|w| w == b"/lib6" || w == b"/lib/")
+        .expect("kvmsim names its interpreter");
+    let end = at + image[at..].iter().position(|&b| b == 0).unwrap();
+    let interp = std::str::from_utf8(&image[at..end]).unwrap().to_string();
+    let folder = Path::new(&interp).parent().unwrap().to_string_lossy();
+    let redirect = format!("{folder}=/nonexistent/kvmsim-test");
+    for (path, words, extra) in [
+        (
+            script.to_string_lossy().into_owned(),
+            "not an ELF file",
+            vec![],
+        ),
+        (elf32.to_string_lossy().into_owned(), "a 32-bit ELF", vec![]),
+        (
+            dynamic.to_string(),
+            "its interpreter",
+            vec!["--redirect", &redirect],
+        ),
+        (
+            "/nonexistent/prog".to_string(),
+            "program /nonexistent/prog",
+            vec![],
+        ),
     ] {
         let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
             .args(["se", "--outdir"])
             .arg(dir.join("out"))
+            .args(&extra)
             .arg(&path)
             .stdin(Stdio::null())
             .output()
@@ -462,6 +496,17 @@ fn programs_kvmsim_cannot_run_are_refused_by_name() {
             "a refused run creates no output folder"
         );
     }
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["se", "--redirect", "lib=/x", "/bin/true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(254));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("se.redirects") && err.contains("lib=/x"),
+        "{err}"
+    );
     let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
         .args(["se", "--env", "NOEQUALS", "/bin/true"])
         .stdin(Stdio::null())
@@ -521,4 +566,273 @@ fn the_config_form_gives_arguments_environment_and_argv0() {
     let r = kvmsim(&["se", "--config", &ck], &d3.join("out"));
     assert_eq!(r.status, 254);
     assert!(r.stderr.contains("checkpoint"), "{}", r.stderr);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_host_dynamic),
+    ignore = "needs the host's glibc loader (/lib64/ld-linux-x86-64.so.2) and coreutils, which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn dynamically_linked_host_programs_match_their_native_runs() {
+    if !kvm_or_skip("se_dynamic") {
+        return;
+    }
+    let top = outdir("se_dynamic_data");
+    // A folder of its own: `ls -a` lists `..`, which must not be the
+    // shared /tmp.
+    let data = top.join("data");
+    std::fs::create_dir_all(data.join("sub")).unwrap();
+    let text: String = (0..3000)
+        .map(|i| format!("{} {} w{}\n", (i * 7919) % 3000, i % 13, i % 7))
+        .collect();
+    std::fs::write(data.join("in.txt"), &text).unwrap();
+    std::fs::write(data.join("sub/a"), "a\n").unwrap();
+    std::fs::write(data.join("b"), "bb\n").unwrap();
+    let f = data.join("in.txt").to_string_lossy().into_owned();
+    let d = data.to_string_lossy().into_owned();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("ls", vec!["-l", &d]),
+        ("ls", vec!["-laR", &d]),
+        ("sha256sum", vec![&f]),
+        ("md5sum", vec![&f]),
+        ("sort", vec!["-n", &f]),
+        ("sort", vec!["-k2,2n", "-k1,1nr", &f]),
+        ("cat", vec![&f, "/nonexistent/file"]),
+        ("wc", vec![&f]),
+    ];
+    for (i, (tool, args)) in cases.iter().enumerate() {
+        let prog = Path::new("/usr/bin").join(tool);
+        // Is it dynamically linked? (It is on Debian; the test says so if not.)
+        let image = std::fs::read(&prog).unwrap();
+        assert!(
+            elf_interp(&image).is_some(),
+            "{} is not dynamically linked here",
+            prog.display()
+        );
+        let (nst, nout) = native(&prog, args, &data);
+        let r = se(&format!("se_dynamic_{i}"), &prog, args, &[]);
+        r.no_panic();
+        assert_eq!(r.status, nst, "{tool} {args:?}: status\n{}", r.stderr);
+        assert_eq!(
+            r.file("stdout.txt"),
+            nout,
+            "{tool} {args:?}: stdout\n{}",
+            r.stderr
+        );
+        assert_eq!(r.json("exit.json")["cause"], "process_exit");
+        // ld.so mapped the C library from its file.
+        assert!(
+            r.stat("system.se.syscalls::mmap").as_u64().unwrap() >= 4,
+            "{tool}"
+        );
+        assert!(r.stat("system.se.syscalls::openat").as_u64().unwrap() >= 2);
+    }
+    // Changing the file system, and a working folder of the program's own
+    // (mkdir -p changes into each folder it makes).
+    let r = se(
+        "se_dynamic_mkdir",
+        Path::new("/usr/bin/mkdir"),
+        &["-p", &format!("{d}/m/n/o")],
+        &[],
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert!(data.join("m/n/o").is_dir());
+    let chdirs = r.stat("system.se.syscalls::chdir").as_u64().unwrap_or(0)
+        + r.stat("system.se.syscalls::fchdir").as_u64().unwrap_or(0)
+        + r.stat("system.se.syscalls::mkdirat").as_u64().unwrap_or(0)
+        + r.stat("system.se.syscalls::mkdir").as_u64().unwrap_or(0);
+    assert!(chdirs >= 3, "{chdirs}");
+}
+
+/// PT_INTERP's path, if the ELF has one.
+fn elf_interp(image: &[u8]) -> Option<String> {
+    let u64_at = |o: usize| u64::from_le_bytes(image[o..o + 8].try_into().unwrap());
+    let phoff = u64_at(32) as usize;
+    let phnum = u16::from_le_bytes([image[56], image[57]]) as usize;
+    (0..phnum).find_map(|i| {
+        let p = phoff + 56 * i;
+        (u32::from_le_bytes(image[p..p + 4].try_into().unwrap()) == 3).then(|| {
+            let (off, len) = (u64_at(p + 8) as usize, u64_at(p + 32) as usize);
+            String::from_utf8_lossy(&image[off..off + len])
+                .trim_end_matches('\0')
+                .to_string()
+        })
+    })
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_host_dynamic),
+    ignore = "needs the host's glibc loader (/lib64/ld-linux-x86-64.so.2) and coreutils, which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn the_sysroot_and_redirects_decide_where_paths_lead() {
+    if !kvm_or_skip("se_sysroot") {
+        return;
+    }
+    let cat = Path::new("/usr/bin/cat");
+    let interp = elf_interp(&std::fs::read(cat).unwrap()).unwrap();
+    let root = outdir("se_sysroot_root");
+    // A sysroot with the loader (a copy, behind a symbolic link that is
+    // absolute, as Debian's /lib64 one is: it is followed inside the
+    // sysroot) and a file of its own.
+    let real = root.join("lib/x86_64-linux-gnu/ld-linux-x86-64.so.2");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::copy(&interp, &real).unwrap();
+    let link = root.join(interp.trim_start_matches('/'));
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    if link != real {
+        std::os::unix::fs::symlink("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", &link).unwrap();
+    }
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/kvmsim-sysroot.txt"), "from the sysroot\n").unwrap();
+    let sysroot = root.to_string_lossy().into_owned();
+    let r = se(
+        "se_sysroot",
+        cat,
+        &["/etc/kvmsim-sysroot.txt"],
+        &["--sysroot", &sysroot],
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "from the sysroot\n");
+    // The loader comes from the sysroot: a broken one there is named.
+    let broken = outdir("se_sysroot_broken");
+    let bl = broken.join(interp.trim_start_matches('/'));
+    std::fs::create_dir_all(bl.parent().unwrap()).unwrap();
+    std::fs::write(&bl, "not a loader").unwrap();
+    let r = se(
+        "se_sysroot_bad",
+        cat,
+        &["/etc/hostname"],
+        &["--sysroot", &broken.to_string_lossy()],
+    );
+    assert_eq!(r.status, 254, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("its interpreter")
+            && r.stderr.contains(&*bl.to_string_lossy())
+            && r.stderr.contains("not an ELF"),
+        "{}",
+        r.stderr
+    );
+    // A redirect: a guest folder opened from a host one (the longest wins).
+    let host = outdir("se_redirect_host");
+    std::fs::create_dir_all(host.join("deeper")).unwrap();
+    std::fs::write(host.join("x.txt"), "redirected\n").unwrap();
+    std::fs::write(host.join("deeper/y.txt"), "deeper\n").unwrap();
+    let h = host.to_string_lossy().into_owned();
+    let r = se(
+        "se_redirect",
+        cat,
+        &["/guest/x.txt", "/guest/sub/y.txt"],
+        &[
+            "--redirect",
+            &format!("/guest={h}"),
+            "--redirect",
+            &format!("/guest/sub={h}/deeper"),
+        ],
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "redirected\ndeeper\n");
+    // The config form: a sysroot relative to the config's folder.
+    let (dir, cfg) = config(
+        "se_sysroot_config",
+        "[system]\nplatform = \"se\"\nkernel = \"/usr/bin/cat\"\n\n[system.se]\n\
+             args = [\"/etc/kvmsim-sysroot.txt\"]\nsysroot = \"root\"\n",
+    );
+    std::os::unix::fs::symlink(&*root, dir.join("root")).unwrap();
+    let r = kvmsim(
+        &["se", "--quiet", "--no-stdin", "--config", &cfg],
+        &dir.join("out"),
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "from the sysroot\n");
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn signal_handlers_run_as_under_linux() {
+    if !kvm_or_skip("se_signals") {
+        return;
+    }
+    let p = need!(signals_prog(), "se_signals");
+    let work = outdir("se_signals_work");
+    std::fs::create_dir_all(&work).unwrap();
+    // Handlers for SIGSEGV (siglongjmp out), SIGFPE, SIGILL; SIGALRM from
+    // alarm() in pause() and in nanosleep(); a periodic ITIMER_REAL that
+    // interrupts a computation (the handler's return restores every
+    // register, the vector ones too); blocked, pending, unblocked and
+    // ignored signals on an alternate stack; default actions (SIGALRM and
+    // SIGABRT end the process with 128 + the signal).
+    for mode in [
+        "faults",
+        "alarm",
+        "sleep",
+        "timer",
+        "altstack",
+        "alarm-default",
+        "abort",
+    ] {
+        let (nst, nout) = native(&p, &[mode], &work);
+        let r = se(&format!("se_signals_{mode}"), &p, &[mode], &[]);
+        r.no_panic();
+        assert_eq!(
+            (r.status, r.file("stdout.txt")),
+            (nst, nout),
+            "{mode}\n{}",
+            r.stderr
+        );
+        let delivered = r.stat("system.se.signalsDelivered").as_u64().unwrap();
+        let want = match mode {
+            "faults" => 4,
+            "alarm" | "sleep" | "altstack" => 1,
+            "timer" => 5,
+            _ => 0,
+        };
+        assert!(
+            delivered >= want && (mode == "timer" || delivered == want),
+            "{mode}: {delivered} signals delivered"
+        );
+        let sim = r.stat("simSeconds").as_f64().unwrap();
+        match mode {
+            // The alarm's 2 s are simulated time, not host time.
+            "alarm" => {
+                assert!((2.0..2.5).contains(&sim), "alarm: simSeconds {sim}");
+                let host = r.stat("hostSeconds").as_f64().unwrap();
+                assert!(host < 2.0, "alarm: hostSeconds {host}");
+            }
+            // The 5 s sleep ends at the 1 s alarm.
+            "sleep" => assert!((1.0..1.5).contains(&sim), "sleep: simSeconds {sim}"),
+            // The uncaught alarm ends the run when it expires, saying so.
+            "alarm-default" => {
+                assert!((1.0..1.5).contains(&sim), "alarm-default: {sim}");
+                assert!(r.stderr.contains("killed by SIGALRM (14)"), "{}", r.stderr);
+            }
+            _ => {}
+        }
+    }
+    // fork (glibc's makes a clone call) is refused with EAGAIN, said once
+    // by name.
+    let r = se("se_signals_fork", &p, &["fork"], &[]);
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "fork=-1 errno=EAGAIN\n");
+    assert!(
+        r.stderr
+            .contains("unsupported system call clone (56) (SE mode runs one thread of one process"),
+        "{}",
+        r.stderr
+    );
 }

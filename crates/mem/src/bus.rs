@@ -57,6 +57,20 @@ pub trait CallArgs {
     fn set_user_context(&mut self, _ctx: &UserContext) -> bool {
         false
     }
+
+    /// The caller's floating-point and vector state (x86-64: the XSAVE
+    /// area in the standard format, as KVM gives it), for a signal frame.
+    /// `None` where the CPU cannot give it.
+    fn fpu_state(&mut self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Replaces the caller's floating-point and vector state with `area`
+    /// (as [`CallArgs::fpu_state`] gave it, possibly changed by a guest);
+    /// false if the CPU cannot, or refuses the area (its size or contents).
+    fn set_fpu_state(&mut self, _area: &[u8]) -> bool {
+        false
+    }
 }
 
 /// A CPU's user-mode context, for devices that emulate an operating
@@ -143,6 +157,17 @@ impl<'a> AccessCtx<'a> {
     /// [`CallArgs::set_user_context`].
     pub fn set_user_context(&mut self, ctx: &UserContext) -> bool {
         self.cpu.as_mut().is_some_and(|c| c.set_user_context(ctx))
+    }
+
+    /// The calling CPU's floating-point state; see [`CallArgs::fpu_state`].
+    pub fn fpu_state(&mut self) -> Option<Vec<u8>> {
+        self.cpu.as_mut().and_then(|c| c.fpu_state())
+    }
+
+    /// Sets the calling CPU's floating-point state; see
+    /// [`CallArgs::set_fpu_state`].
+    pub fn set_fpu_state(&mut self, area: &[u8]) -> bool {
+        self.cpu.as_mut().is_some_and(|c| c.set_fpu_state(area))
     }
 }
 

@@ -403,6 +403,16 @@ pub struct SeConfig {
     /// CLOCK_REALTIME at tick 0, in Unix seconds (default: now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realtime_start: Option<i64>,
+    /// A folder holding the target's root file system: a dynamically
+    /// linked program's interpreter is looked up in it, and so is every
+    /// absolute path the program names (the host's own path where the
+    /// sysroot has none). Relative to the config's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sysroot: Option<String>,
+    /// Path redirects, `GUEST=HOST` each (gem5's `--redirects`): a path
+    /// under GUEST is opened under HOST instead (the longest GUEST wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirects: Vec<String>,
 }
 
 fn default_syscall_latency() -> Duration {
@@ -419,6 +429,8 @@ impl Default for SeConfig {
             fault_latency: default_syscall_latency(),
             seed: 0,
             realtime_start: None,
+            sysroot: None,
+            redirects: vec![],
         }
     }
 }
@@ -1038,6 +1050,20 @@ impl Config {
             if let Some(m) = &mut s.symbols {
                 fix(m);
             }
+            if let Some(se) = &mut s.se {
+                if let Some(r) = &mut se.sysroot {
+                    fix(r);
+                }
+                for r in &mut se.redirects {
+                    if let Some((g, h)) = r.split_once('=') {
+                        let mut h = h.to_string();
+                        if !h.is_empty() {
+                            fix(&mut h);
+                        }
+                        *r = format!("{g}={h}");
+                    }
+                }
+            }
             for d in &mut s.disk {
                 fix(&mut d.path);
                 if let Some(o) = &mut d.overlay {
@@ -1250,6 +1276,17 @@ impl Config {
                         format!("{e:?}"),
                         "an environment entry is KEY=VALUE",
                     );
+                }
+                if let Some(c) = &s.se {
+                    if let Err(why) =
+                        se::process::PathMap::from_config(&c.redirects, c.sysroot.as_deref())
+                    {
+                        return if why.starts_with("redirect") {
+                            refuse("se.redirects", format!("{:?}", c.redirects), &why)
+                        } else {
+                            refuse("se.sysroot", format!("{:?}", c.sysroot), &why)
+                        };
+                    }
                 }
             } else if s.se.is_some() {
                 return Err(bad(

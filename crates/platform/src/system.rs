@@ -502,11 +502,17 @@ impl System {
             None
         };
         let image = kernel.as_ref().map_or(image, |k| k.elf.clone());
+        // SE mode: the program, how its paths reach the host, and its
+        // interpreter if it is dynamically linked.
         let se_elf = if se_mode {
-            Some(
-                se::elf::parse(&image, &sc.kernel)
-                    .map_err(|e| PlatformError::Kernel(e.to_string()))?,
-            )
+            let elf = se::elf::parse(&image, &sc.kernel)
+                .map_err(|e| PlatformError::Kernel(e.to_string()))?;
+            let c = sc.se.clone().unwrap_or_default();
+            let paths = se::process::PathMap::from_config(&c.redirects, c.sysroot.as_deref())
+                .map_err(PlatformError::Kernel)?;
+            let interp = se::process::find_interp(&elf, &paths, std::path::Path::new(&sc.kernel))
+                .map_err(PlatformError::Kernel)?;
+            Some((elf, paths, interp))
         } else {
             None
         };
@@ -596,7 +602,7 @@ impl System {
         // kernel stub) and the device that services its system calls.
         let mut se_dev = None;
         let mut se_entry = None;
-        if let Some(elf) = &se_elf {
+        if let Some((elf, paths, interp)) = &se_elf {
             let cfg = sc.se.get_or_insert_with(Default::default).clone();
             let hwcap = {
                 use kvm::vcpu::Vcpu as _;
@@ -614,6 +620,8 @@ impl System {
                 envp: cfg.env.clone(),
                 seed: cfg.seed,
                 hwcap,
+                paths: paths.clone(),
+                interp: interp.clone(),
             };
             let log = |f: &str| -> Result<Box<dyn std::io::Write + Send>, PlatformError> {
                 Ok(Box::new(out.serial_log(f)?))
@@ -647,18 +655,23 @@ impl System {
             let (proc, entry) =
                 se::process::Process::load(ram.memory(), &regions, &image, elf, &pcfg, &gdt, files)
                     .map_err(PlatformError::Kernel)?;
-            let realtime = cfg.realtime_start.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64)
-            });
+            // Default: now, to the nanosecond (a file the program finds
+            // written earlier in this second is not in its future).
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let realtime = cfg.realtime_start.unwrap_or(now.as_secs() as i64);
+            let realtime_ns = match cfg.realtime_start {
+                Some(s) => (s.max(0) as u64).saturating_mul(1_000_000_000),
+                None => u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+            };
             if let Some(c) = sc.se.as_mut() {
                 c.realtime_start = Some(realtime);
             }
             let timing = se::dev::Timing {
                 syscall_latency: cfg.syscall_latency.0,
                 fault_latency: cfg.fault_latency.0,
-                realtime_base_ns: (realtime.max(0) as u64).saturating_mul(1_000_000_000),
+                realtime_base_ns: realtime_ns,
             };
             let dev = se::dev::SeDevice::new(
                 proc,
@@ -690,7 +703,7 @@ impl System {
             tracing::info!(
                 "SE mode: system calls reach kvmsim through the stub at LSTAR {:#x} (one MMIO write \
                  per call; kvmsim returns as sysretq does); {}; no vDSO (time calls are system calls); \
-                 signals are recorded, not delivered",
+                 one thread, no fork or execve",
                 se::ENTRY_VA,
                 if broken_syscall {
                     "this host's SYSCALL stays at CPL3 (kvmsim doctor), so the stub runs at CPL3"
@@ -866,6 +879,13 @@ impl System {
                 "se",
                 dev.clone(),
             )?;
+            // Timer signals: due at ITIMER_REAL's expiry, they interrupt
+            // the program through its CPU's controller.
+            let v = vectors.clone();
+            mem::lock(dev).set_kick(Box::new(move || {
+                mem::lock(&v).raise_vector(se::SIGNAL_VECTOR as u8)
+            }));
+            timed.push(dev.clone());
         }
         // In SE mode stdin is the program's, not the console's.
         let input = if sc.serial.stdin && !se_mode {
@@ -2256,9 +2276,16 @@ fn service_requests(core: &mut Core, now: Tick, reqs: Vec<Request>) -> Result<()
             Request::Reset => {
                 core.queue.schedule(now, SIM_EXIT_PRI, SysEvent::Reset)?;
             }
-            Request::ProcessExit { code, message } => {
-                core.queue
-                    .schedule(now, SIM_EXIT_PRI, SysEvent::ProcessExit { code, message })?;
+            Request::ProcessExit {
+                delay,
+                code,
+                message,
+            } => {
+                core.queue.schedule(
+                    now.saturating_add(delay),
+                    SIM_EXIT_PRI,
+                    SysEvent::ProcessExit { code, message },
+                )?;
             }
             Request::DebugExit { value } => {
                 core.queue

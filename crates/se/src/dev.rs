@@ -9,6 +9,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::mm::{PhysMem, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE};
 use crate::process::Process;
+use crate::signal::{self as sig, bit, Action, Info, Trap};
 use crate::sys::{signal_name, Clock, Done, Flow};
 use crate::*;
 
@@ -37,9 +38,25 @@ pub struct SeDevice {
     unsupported: Counter,
     faults: Counter,
     flushes: Counter,
+    delivered: Counter,
     reported: BTreeSet<u64>,
     last_fault: (u64, u64, u32),
     ended: bool,
+    /// Raises [`SIGNAL_VECTOR`] at the CPU (set by the platform).
+    kick: Option<Box<dyn FnMut() + Send>>,
+    /// The simulated time of the call being serviced: a process that ends
+    /// in it ends that much later (a sleep cut short by a fatal SIGALRM).
+    end_delay: Tick,
+}
+
+/// What became of a signal.
+enum Outcome {
+    /// A handler will run (the context now enters it).
+    Delivered,
+    /// Ignored (SIG_IGN, or a default action of ignoring).
+    Ignored,
+    /// The process ended.
+    Ended,
 }
 
 /// The stats cell of call `nr`: its number, or the last ("unknown") for
@@ -109,15 +126,237 @@ impl SeDevice {
                 "Page-table changes that needed a TLB flush (a CR3 switch)",
                 "Count",
             )?,
+            delivered: stats.counter(
+                &format!("{prefix}.signalsDelivered"),
+                "Signals delivered to a handler of the program",
+                "Count",
+            )?,
             reported: BTreeSet::new(),
             last_fault: (0, 0, 0),
             ended: false,
+            kick: None,
+            end_delay: 0,
         })
+    }
+
+    /// How the device interrupts the running program when a timer signal
+    /// is due: `kick` raises [`SIGNAL_VECTOR`] at its CPU.
+    pub fn set_kick(&mut self, kick: Box<dyn FnMut() + Send>) {
+        self.kick = Some(kick);
+    }
+
+    /// Returns to the program with `uc` (CPL3, the process's FS base and
+    /// page tables).
+    fn resume(&mut self, ctx: &mut AccessCtx, mut uc: UserContext, from: &str) {
+        uc.fs_base = self.proc.fs_base;
+        uc.cr3 = self.cr3();
+        if !ctx.set_user_context(&uc) {
+            self.end(
+                ctx,
+                128 + 11,
+                format!("SE mode: the CPU cannot return from {from}"),
+            );
+        }
+    }
+
+    /// Ends the run as `signal`'s default action would.
+    fn kill(&mut self, ctx: &mut AccessCtx, signal: i32, detail: &str) {
+        self.end(
+            ctx,
+            128 + signal,
+            format!(
+                "the program was killed by {} ({signal}): {detail}; exit status {}",
+                signal_name(signal),
+                128 + signal
+            ),
+        );
+    }
+
+    /// Acts on signal `info.signo` for the program whose context is `uc`:
+    /// runs its handler (a frame on its stack, `uc` entering the handler),
+    /// ignores it, or ends the process. A synchronous one (`forced`: a
+    /// fault) that is blocked or not handled ends the process, as in Linux.
+    fn deliver(
+        &mut self,
+        ctx: &mut AccessCtx,
+        uc: &mut UserContext,
+        info: Info,
+        trap: Trap,
+        forced: bool,
+        detail: &str,
+    ) -> Outcome {
+        let signo = info.signo;
+        let act: Action = self.proc.action(signo);
+        let blocked = self.proc.sigmask & bit(signo) != 0;
+        let handled = act.handler > sig::SIG_IGN;
+        if forced && (blocked || !handled) {
+            let why = if handled {
+                " (its handler is blocked)"
+            } else {
+                ""
+            };
+            self.kill(ctx, signo, &format!("{detail}{why}"));
+            return Outcome::Ended;
+        }
+        if !handled {
+            if act.ignores(signo) {
+                return Outcome::Ignored;
+            }
+            self.kill(ctx, signo, detail);
+            return Outcome::Ended;
+        }
+        if act.handler >= USER_TOP || act.flags & sig::SA_RESTORER == 0 {
+            self.kill(
+                ctx,
+                sig::SIGSEGV,
+                &format!(
+                    "its {} handler at {:#x} cannot be entered (outside user space, or no SA_RESTORER: x86-64 Linux needs one)",
+                    signal_name(signo),
+                    act.handler
+                ),
+            );
+            return Outcome::Ended;
+        }
+        let fpu = ctx.fpu_state();
+        let rsp = uc.gprs[UserContext::RSP];
+        let on_alt = self.proc.on_altstack(rsp);
+        let stack_flags = match self.proc.altstack {
+            None => sig::SS_DISABLE,
+            Some(_) if on_alt => sig::SS_ONSTACK,
+            Some(_) => 0,
+        };
+        let alt = if act.flags & sig::SA_ONSTACK != 0 && !on_alt {
+            self.proc.altstack
+        } else {
+            None
+        };
+        let old_mask = self.proc.suspend_mask.take().unwrap_or(self.proc.sigmask);
+        let frame = sig::build_frame(
+            uc,
+            fpu.as_deref(),
+            &info,
+            &act,
+            old_mask,
+            alt,
+            stack_flags,
+            trap,
+        );
+        if self
+            .proc
+            .space
+            .write_user(&self.mem, frame.base, &frame.bytes)
+            .is_err()
+        {
+            self.kill(
+                ctx,
+                sig::SIGSEGV,
+                &format!(
+                    "the frame for its {} handler does not fit at {:#x} (stack pointer {rsp:#x})",
+                    signal_name(signo),
+                    frame.base
+                ),
+            );
+            return Outcome::Ended;
+        }
+        let defer = if act.flags & sig::SA_NODEFER != 0 {
+            0
+        } else {
+            bit(signo)
+        };
+        self.proc.sigmask = (self.proc.sigmask | act.mask | defer) & !sig::UNBLOCKABLE;
+        if act.flags & sig::SA_RESETHAND != 0 {
+            self.proc.sigactions.remove(&(signo as u64));
+        }
+        *uc = frame.regs;
+        self.delivered.inc();
+        Outcome::Delivered
+    }
+
+    /// Delivers the pending signals that are not blocked (the first with a
+    /// handler enters it); false if the process ended.
+    fn deliver_pending(&mut self, ctx: &mut AccessCtx, uc: &mut UserContext) -> bool {
+        while let Some(signo) = self.proc.next_signal() {
+            self.proc.pending &= !bit(signo);
+            let info = if signo == sig::SIGALRM {
+                Info {
+                    signo,
+                    code: sig::SI_KERNEL,
+                    field: 0,
+                }
+            } else {
+                Info {
+                    signo,
+                    code: sig::SI_TKILL,
+                    field: u64::from(crate::sys::PID) | (u64::from(crate::sys::UID) << 32),
+                }
+            };
+            let detail = if signo == sig::SIGALRM {
+                "its timer (alarm or setitimer) expired".to_string()
+            } else {
+                format!("it sent itself {}", signal_name(signo))
+            };
+            match self.deliver(ctx, uc, info, Trap::default(), false, &detail) {
+                Outcome::Delivered => return true,
+                Outcome::Ignored => continue,
+                Outcome::Ended => return false,
+            }
+        }
+        true
+    }
+
+    /// rt_sigreturn: the registers, mask and FP state from the frame whose
+    /// `ucontext` is at RSP (where the handler's return popped the
+    /// restorer's address).
+    fn sigreturn(&mut self, ctx: &mut AccessCtx, uc: UserContext) {
+        let at = uc.gprs[UserContext::RSP];
+        let mut b = [0u8; sig::UCONTEXT_SIZE as usize];
+        if self.proc.space.read_user(&self.mem, at, &mut b).is_err() {
+            self.kill(
+                ctx,
+                sig::SIGSEGV,
+                &format!("rt_sigreturn finds no signal frame at {at:#x}"),
+            );
+            return;
+        }
+        let r = sig::restore(&b, &uc);
+        if r.regs.rip >= USER_TOP {
+            self.kill(
+                ctx,
+                sig::SIGSEGV,
+                &format!("rt_sigreturn to {:#x}, outside user space", r.regs.rip),
+            );
+            return;
+        }
+        if r.fpstate != 0 {
+            let len = ctx.fpu_state().map_or(0, |f| f.len());
+            let mut area = vec![0u8; len];
+            let ok = len > 0
+                && self
+                    .proc
+                    .space
+                    .read_user(&self.mem, r.fpstate, &mut area)
+                    .is_ok()
+                && ctx.set_fpu_state(&area);
+            if !ok {
+                self.kill(
+                    ctx,
+                    sig::SIGSEGV,
+                    &format!("rt_sigreturn finds no valid FP state at {:#x}", r.fpstate),
+                );
+                return;
+            }
+        }
+        self.proc.sigmask = r.mask;
+        let mut back = r.regs;
+        if self.deliver_pending(ctx, &mut back) {
+            self.resume(ctx, back, "a signal handler");
+        }
     }
 
     fn end(&mut self, ctx: &mut AccessCtx, status: i32, message: String) {
         self.ended = true;
         ctx.requests.push(Request::ProcessExit {
+            delay: self.end_delay,
             code: i64::from(status),
             message,
         });
@@ -133,7 +372,7 @@ impl SeDevice {
     }
 
     fn syscall(&mut self, ctx: &mut AccessCtx) -> Tick {
-        let Some(mut uc) = ctx.user_context() else {
+        let Some(uc) = ctx.user_context() else {
             self.end(
                 ctx,
                 128 + 11,
@@ -155,18 +394,36 @@ impl SeDevice {
             now: ctx.now,
             realtime_base_ns: self.timing.realtime_base_ns,
         };
+        self.proc.user_rsp = g[UserContext::RSP];
+        self.proc.expire(ctx.now);
         let done = match self.proc.syscall(&self.mem, nr, args, clock) {
             Some(d) => d,
             None => {
                 self.unsupported.inc();
+                // New processes and threads: EAGAIN (as when a limit is
+                // reached, which callers report and survive) for the ones
+                // that create them, ENOSYS for exec; said once, by name.
+                let (errno, why) = match nr {
+                    56 | 57 | 58 | 435 => (
+                        crate::sys::EAGAIN,
+                        " (SE mode runs one thread of one process: no fork, vfork or clone)",
+                    ),
+                    59 | 322 => (crate::sys::ENOSYS, " (SE mode runs one program: no execve)"),
+                    _ => (crate::sys::ENOSYS, ""),
+                };
                 if self.reported.insert(nr) {
                     tracing::warn!(
-                        "SE: unsupported system call {} ({nr}): it returns ENOSYS",
-                        call_name(nr)
+                        "SE: unsupported system call {} ({nr}){why}: it returns {}",
+                        call_name(nr),
+                        if errno == crate::sys::EAGAIN {
+                            "EAGAIN"
+                        } else {
+                            "ENOSYS"
+                        }
                     );
                 }
                 Done {
-                    flow: Flow::Return(-crate::sys::ENOSYS),
+                    flow: Flow::Return(-errno),
                     sleep: 0,
                 }
             }
@@ -174,36 +431,51 @@ impl SeDevice {
         let took = self.timing.syscall_latency.saturating_add(done.sleep);
         self.calls.add(cell(nr), 1);
         self.ticks.add(cell(nr), took);
-        match done.flow {
+        self.end_delay = took;
+        self.handle_flow(ctx, nr, done.flow, uc, took);
+        self.end_delay = 0;
+        took
+    }
+
+    fn handle_flow(
+        &mut self,
+        ctx: &mut AccessCtx,
+        nr: u64,
+        flow: Flow,
+        mut uc: UserContext,
+        took: Tick,
+    ) {
+        let g = uc.gprs;
+        match flow {
             Flow::Exit { status, message } => {
                 self.end(ctx, status, message);
+            }
+            Flow::SigReturn => {
+                // The program's flags are in R11 (SYSCALL may have masked IF).
+                uc.rflags = g[UserContext::R11];
+                self.sigreturn(ctx, uc)
             }
             Flow::Return(v) => {
                 let back = g[UserContext::RCX];
                 if back >= USER_TOP {
                     self.end(ctx, 128 + 11, format!("SIGSEGV: system call {} returns to {back:#x}, outside user space (RCX was not set by syscall)", call_name(nr)));
-                    return took;
+                    return;
                 }
                 // sysretq: RIP = RCX, RFLAGS = R11 (RF and VM cleared).
                 uc.gprs[UserContext::RAX] = v as u64;
                 uc.rip = back;
                 uc.rflags = (g[UserContext::R11] & 0x3c_7fd7) | 0x2;
-                uc.fs_base = self.proc.fs_base;
-                uc.cr3 = self.cr3();
-                if !ctx.set_user_context(&uc) {
-                    self.end(
-                        ctx,
-                        128 + 11,
-                        "SE mode: the CPU cannot return from a system call".into(),
-                    );
+                // Signals due by the end of the call are acted on as it returns.
+                self.proc.expire(ctx.now.saturating_add(took));
+                if self.deliver_pending(ctx, &mut uc) {
+                    self.resume(ctx, uc, "a system call");
                 }
             }
         }
-        took
     }
 
     fn fault(&mut self, vector: u64, ctx: &mut AccessCtx) -> Tick {
-        let Some(mut uc) = ctx.user_context() else {
+        let Some(uc) = ctx.user_context() else {
             self.end(
                 ctx,
                 128 + 11,
@@ -231,6 +503,21 @@ impl SeDevice {
         let [err, rip, cs, rflags, rsp, _ss] = frame;
         if cs & 3 != 3 {
             self.end(ctx, 128 + 11, format!("SE mode: the kernel stub itself faulted (vector {vector}, error {err:#x}) at {rip:#x}"));
+            return 0;
+        }
+        // The user context the exception interrupted (the stubs change no
+        // general register).
+        let mut user = uc;
+        user.rip = rip;
+        user.gprs[UserContext::RSP] = rsp;
+        user.rflags = (rflags & 0x3c_7fd7) | 0x2;
+        if vector == SIGNAL_VECTOR {
+            // A timer signal is due: delivered here unless the program was
+            // inside the system-call entry (then at the call's return).
+            self.proc.expire(ctx.now);
+            if rip >= USER_TOP || self.deliver_pending(ctx, &mut user) {
+                self.resume(ctx, user, "an interrupt");
+            }
             return 0;
         }
         let mut latency = 0;
@@ -266,25 +553,16 @@ impl SeDevice {
                         self.last_fault = (key.0, key.1, n);
                         self.proc.space.flush_needed = true;
                         if n > MAX_SPURIOUS {
-                            return self.signal(ctx, 11, format!("page fault at address {addr:#x} that repeats although the page is mapped, at rip {rip:#x}"));
+                            self.kill(ctx, 11, &format!("page fault at address {addr:#x} that repeats although the page is mapped, at rip {rip:#x}"));
+                            return 0;
                         }
                     }
                     Err(_) => {
-                        return self.signal(ctx, 7, format!("out of guest memory mapping address {addr:#x} at rip {rip:#x} (raise --memory)"));
+                        self.kill(ctx, 7, &format!("out of guest memory mapping address {addr:#x} at rip {rip:#x} (raise --memory)"));
+                        return 0;
                     }
                 }
-                uc.rip = rip;
-                uc.gprs[UserContext::RSP] = rsp;
-                uc.rflags = (rflags & 0x3c_7fd7) | 0x2;
-                uc.fs_base = self.proc.fs_base;
-                uc.cr3 = self.cr3();
-                if !ctx.set_user_context(&uc) {
-                    self.end(
-                        ctx,
-                        128 + 11,
-                        "SE mode: the CPU cannot return from a page fault".into(),
-                    );
-                }
+                self.resume(ctx, user, "a page fault");
                 return latency;
             }
             let what = if fetch {
@@ -294,6 +572,7 @@ impl SeDevice {
             } else {
                 "read"
             };
+            let mapped = self.proc.space.vma_at(addr).is_some();
             let why = match self.proc.space.vma_at(addr) {
                 None => "not mapped".to_string(),
                 Some((_, v)) if v.kernel => "kernel memory".to_string(),
@@ -305,50 +584,93 @@ impl SeDevice {
                     if v.prot & PROT_EXEC != 0 { 'x' } else { '-' }
                 ),
             };
-            return self.signal(
-                ctx,
-                11,
-                format!("invalid {what} at address {addr:#x} ({why}) at rip {rip:#x}"),
-            );
+            let info = Info {
+                signo: sig::SIGSEGV,
+                code: if mapped {
+                    sig::SEGV_ACCERR
+                } else {
+                    sig::SEGV_MAPERR
+                },
+                field: addr,
+            };
+            let trap = Trap {
+                err,
+                trapno: vector,
+                cr2: addr,
+            };
+            let detail = format!("invalid {what} at address {addr:#x} ({why}) at rip {rip:#x}");
+            return self.fault_signal(ctx, user, info, trap, &detail);
         }
-        let (sig, what) = match vector {
-            0 => (8, "divide error (#DE)"),
-            1 => (5, "debug exception (#DB)"),
-            3 => (5, "breakpoint (int3)"),
-            4 => (11, "overflow (#OF)"),
-            5 => (11, "bound range exceeded (#BR)"),
-            6 => (4, "invalid opcode (#UD)"),
-            7 => (8, "device not available (#NM)"),
-            12 => (7, "stack-segment fault (#SS)"),
-            13 => (11, "general protection fault (#GP: a privileged instruction or a non-canonical address)"),
-            16 => (8, "x87 floating-point exception (#MF)"),
-            17 => (7, "alignment check (#AC)"),
-            19 => (8, "SIMD floating-point exception (#XM)"),
-            _ => (11, "exception"),
+        // (signal, si_code, si_addr is RIP, what happened), as Linux's traps.
+        let (signo, code, at_rip, what) = match vector {
+            0 => (8, sig::FPE_INTDIV, true, "divide error (#DE)"),
+            1 => (5, sig::SI_KERNEL, false, "debug exception (#DB)"),
+            3 => (5, sig::SI_KERNEL, false, "breakpoint (int3)"),
+            4 => (11, sig::SI_KERNEL, false, "overflow (#OF)"),
+            5 => (11, sig::SI_KERNEL, false, "bound range exceeded (#BR)"),
+            6 => (4, sig::ILL_ILLOPN, true, "invalid opcode (#UD)"),
+            7 => (8, sig::SI_KERNEL, false, "device not available (#NM)"),
+            12 => (7, sig::SI_KERNEL, false, "stack-segment fault (#SS)"),
+            13 => (11, sig::SI_KERNEL, false, "general protection fault (#GP: a privileged instruction or a non-canonical address)"),
+            16 => (8, sig::SI_KERNEL, true, "x87 floating-point exception (#MF)"),
+            17 => (7, sig::BUS_ADRERR, false, "alignment check (#AC)"),
+            19 => (8, sig::FPE_FLTINV, true, "SIMD floating-point exception (#XM)"),
+            _ => (11, sig::SI_KERNEL, false, "exception"),
         };
-        self.signal(
-            ctx,
-            sig,
-            format!("{what}, vector {vector}, error code {err:#x}, at rip {rip:#x}"),
-        )
+        let info = Info {
+            signo,
+            code,
+            field: if at_rip { rip } else { 0 },
+        };
+        let trap = Trap {
+            err,
+            trapno: vector,
+            cr2: uc.cr2,
+        };
+        let detail = format!("{what}, vector {vector}, error code {err:#x}, at rip {rip:#x}");
+        self.fault_signal(ctx, user, info, trap, &detail)
     }
 
-    fn signal(&mut self, ctx: &mut AccessCtx, sig: i32, detail: String) -> Tick {
-        self.end(
-            ctx,
-            128 + sig,
-            format!(
-                "the program was killed by {} ({sig}): {detail}; exit status {} (signal delivery to handlers is not supported yet)",
-                signal_name(sig),
-                128 + sig
-            ),
-        );
+    /// A synchronous signal from an exception: its handler runs, or the
+    /// process ends (no handler, or the signal blocked).
+    fn fault_signal(
+        &mut self,
+        ctx: &mut AccessCtx,
+        mut user: UserContext,
+        info: Info,
+        trap: Trap,
+        detail: &str,
+    ) -> Tick {
+        if let Outcome::Delivered = self.deliver(ctx, &mut user, info, trap, true, detail) {
+            self.resume(ctx, user, "an exception");
+        }
         0
     }
 
     /// The process (tests, reports).
     pub fn process(&self) -> &Process {
         &self.proc
+    }
+}
+
+impl mem::TimedDevice for SeDevice {
+    /// ITIMER_REAL's expiry: SIGALRM is due then.
+    fn next_deadline(&self) -> Option<Tick> {
+        if self.ended {
+            return None;
+        }
+        self.proc.itimer.map(|(d, _)| d)
+    }
+
+    fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.proc.expire(ctx.now);
+        // Interrupt the program, whose CPU then reports SIGNAL_VECTOR; a
+        // blocked signal waits for the call that unblocks it.
+        if self.proc.next_signal().is_some() {
+            if let Some(k) = &mut self.kick {
+                k();
+            }
+        }
     }
 }
 

@@ -13,14 +13,12 @@ pub enum ElfError {
         what: &'static str,
         value: u64,
     },
-    #[error("{path}: ELF type {kind} ({name}); SE mode runs executables (ET_EXEC) and static-pie (ET_DYN without an interpreter)")]
+    #[error("{path}: ELF type {kind} ({name}); SE mode runs executables (ET_EXEC) and position-independent ones (ET_DYN)")]
     BadType {
         path: String,
         kind: u16,
         name: &'static str,
     },
-    #[error("{path}: dynamically linked (interpreter {interp}): SE mode does not support dynamic executables yet; link it with -static (or -static-pie)")]
-    Dynamic { path: String, interp: String },
     #[error("{path}: {what}")]
     Malformed { path: String, what: String },
 }
@@ -56,6 +54,9 @@ pub struct Elf {
     pub phoff: u64,
     pub phentsize: u16,
     pub phdrs: Vec<Phdr>,
+    /// PT_INTERP's path (a dynamically linked program's loader, e.g.
+    /// `/lib64/ld-linux-x86-64.so.2`).
+    pub interp: Option<String>,
 }
 
 /// The most program headers accepted (Linux allows 64 KiB of them).
@@ -75,7 +76,8 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     field(b, off).map(u64::from_le_bytes)
 }
 
-/// Parses `image` (the file `path`) as a static x86-64 Linux executable.
+/// Parses `image` (the file `path`) as an x86-64 Linux executable (static,
+/// or naming its interpreter in PT_INTERP).
 pub fn parse(image: &[u8], path: &str) -> Result<Elf, ElfError> {
     let bad = |what: String| ElfError::Malformed {
         path: path.into(),
@@ -137,6 +139,7 @@ pub fn parse(image: &[u8], path: &str) -> Result<Elf, ElfError> {
         )));
     }
     let mut phdrs = Vec::with_capacity(phnum);
+    let mut interp = None;
     for i in 0..phnum {
         let at = usize::try_from(phoff)
             .ok()
@@ -158,19 +161,25 @@ pub fn parse(image: &[u8], path: &str) -> Result<Elf, ElfError> {
             align: u64_at(image, at + 48).unwrap_or(0),
         };
         if p.kind == PT_INTERP {
-            let interp = usize::try_from(p.offset)
+            let bytes = usize::try_from(p.offset)
                 .ok()
                 .and_then(|o| image.get(o..o.checked_add(usize::try_from(p.filesz).ok()?)?))
-                .map(|b| {
-                    String::from_utf8_lossy(b)
-                        .trim_end_matches('\0')
-                        .to_string()
-                })
-                .unwrap_or_else(|| "(outside the file)".into());
-            return Err(ElfError::Dynamic {
-                path: path.into(),
-                interp,
-            });
+                .ok_or_else(|| {
+                    bad(format!(
+                        "PT_INTERP at offset {:#x}+{:#x} lies outside the file ({} bytes)",
+                        p.offset,
+                        p.filesz,
+                        image.len()
+                    ))
+                })?;
+            let name = bytes.strip_suffix(b"\0").unwrap_or(bytes);
+            if name.is_empty() || name.len() > 4095 || name.contains(&0) || interp.is_some() {
+                return Err(bad(format!(
+                    "PT_INTERP is not one path of 1 to 4095 bytes ({:?})",
+                    String::from_utf8_lossy(&name[..name.len().min(80)])
+                )));
+            }
+            interp = Some(String::from_utf8_lossy(name).into_owned());
         }
         if p.kind == PT_LOAD {
             if p.filesz > p.memsz {
@@ -220,6 +229,7 @@ pub fn parse(image: &[u8], path: &str) -> Result<Elf, ElfError> {
         phoff,
         phentsize,
         phdrs,
+        interp,
     };
     let (lo, hi) = elf.span();
     if !(lo..hi).contains(&entry) && kind == ET_EXEC {
@@ -330,18 +340,23 @@ pub(crate) mod tests {
         let interp = Phdr {
             kind: PT_INTERP,
             flags: PF_R,
-            offset: 120,
+            // The code's offset: after the ELF header and two program headers.
+            offset: 64 + 2 * 56,
             vaddr: 0,
             filesz: 1,
             memsz: 1,
             align: 1,
         };
         let dynamic = tiny(ET_DYN, 0, b"/", &[interp]);
-        let e = parse(&dynamic, "d").unwrap_err().to_string();
-        assert!(
-            e.contains("dynamically linked") && e.contains("not support"),
-            "{e}"
-        );
+        assert_eq!(parse(&dynamic, "d").unwrap().interp.as_deref(), Some("/"));
+        let outside = Phdr {
+            offset: 1 << 20,
+            ..interp
+        };
+        let e = parse(&tiny(ET_DYN, 0, b"/", &[outside]), "d")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PT_INTERP") && e.contains("outside"), "{e}");
         // Truncated headers and segments outside the file.
         assert!(parse(&img[..40], "t").is_err());
         let mut short = tiny(ET_EXEC, 0x40_0000, &[0xf4], &[]);

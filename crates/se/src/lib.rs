@@ -1,5 +1,7 @@
-//! Syscall emulation (SE mode): a static x86-64 Linux program runs at CPL3
-//! on kvmsim's KVM CPU, and every system call it makes is serviced here.
+//! Syscall emulation (SE mode): an x86-64 Linux program (static, or
+//! dynamically linked with its ld.so) runs at CPL3 on kvmsim's KVM CPU,
+//! every system call it makes is serviced here, and signals reach its
+//! handlers ([`signal`]).
 //!
 //! This crate never touches KVM. It builds the process image in guest RAM
 //! ([`process::Process::load`]: the ELF's segments, the initial stack with
@@ -26,6 +28,7 @@ pub mod elf;
 pub mod mm;
 pub mod names;
 pub mod process;
+pub mod signal;
 pub mod sys;
 
 /// The SE window in guest physical address space (in the MMIO hole, clear
@@ -49,8 +52,12 @@ pub const KSTACK_VA: u64 = KBASE + 0x4000;
 pub const KSTACK_TOP: u64 = KBASE + 0x8000;
 pub const MMIO_VA: u64 = KBASE + 0x10000;
 pub const FAULT_VA: u64 = KBASE + 0x11000;
-/// Exception vectors with a gate (0..31).
-pub const IDT_VECTORS: u64 = 32;
+/// Vectors with a gate: the exceptions (0..31) and [`SIGNAL_VECTOR`].
+pub const IDT_VECTORS: u64 = 33;
+/// The interrupt kvmsim raises when a timer signal is due while the
+/// program runs: its stub reports it like an exception, and the device
+/// delivers the signal.
+pub const SIGNAL_VECTOR: u64 = 32;
 
 /// Where the sim-ops window (gem5's m5 address mode) is mapped in the
 /// process: the same address as its physical one, user-readable and

@@ -78,21 +78,24 @@ pub struct Frames {
     /// Former page-table frames: data pages only.
     retired: Vec<u64>,
     used: u64,
+    total: u64,
 }
 
 impl Frames {
     /// Frames from `regions` ([base, base + size) each), page-aligned.
     pub fn new(regions: &[(u64, u64)]) -> Self {
-        let ranges = regions
+        let ranges: Vec<(u64, u64)> = regions
             .iter()
             .map(|&(b, s)| ((b + PAGE - 1) & !(PAGE - 1), (b + s) & !(PAGE - 1)))
             .filter(|(b, e)| b < e)
             .collect();
+        let total = ranges.iter().map(|(b, e)| (e - b) / PAGE).sum();
         Frames {
             ranges,
             free: Vec::new(),
             retired: Vec::new(),
             used: 0,
+            total,
         }
     }
 
@@ -139,6 +142,11 @@ impl Frames {
     /// Frames in use.
     pub fn used(&self) -> u64 {
         self.used
+    }
+
+    /// Frames of RAM in all.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 }
 

@@ -1,7 +1,9 @@
 //! The process image: loading a static ELF, the initial stack, and the
 //! process's state (memory, brk, files, identity, signal dispositions).
 
-use std::path::PathBuf;
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::elf::{self, Elf, PF_R, PF_W, PF_X, PT_LOAD};
@@ -47,6 +49,169 @@ pub struct ProcessConfig {
     pub seed: u64,
     /// CPUID.1:EDX, for AT_HWCAP.
     pub hwcap: u64,
+    /// How the program's paths reach the host (redirects, sysroot).
+    pub paths: PathMap,
+    /// A dynamically linked program's interpreter ([`find_interp`]).
+    pub interp: Option<Interp>,
+}
+
+/// A dynamically linked program's interpreter (ld.so), read from the host.
+#[derive(Debug, Clone)]
+pub struct Interp {
+    /// PT_INTERP's path.
+    pub name: String,
+    /// Where it was found on the host.
+    pub host: PathBuf,
+    pub image: Vec<u8>,
+    pub elf: Elf,
+}
+
+/// Reads and checks the interpreter `program` (parsed as `elf`) names,
+/// looked up through `paths`; `None` for a static program.
+pub fn find_interp(elf: &Elf, paths: &PathMap, program: &Path) -> Result<Option<Interp>, String> {
+    let Some(name) = &elf.interp else {
+        return Ok(None);
+    };
+    let host = paths.host(Path::new(name));
+    let which = if host.as_os_str() == std::ffi::OsStr::new(name) {
+        name.clone()
+    } else {
+        format!("{name} (looked up as {})", host.display())
+    };
+    let image = read_interp(&host).map_err(|e| {
+        format!(
+            "{}: its interpreter {which}: {e}; give the folder that holds it with --sysroot or --redirect",
+            program.display()
+        )
+    })?;
+    let ie = elf::parse(&image, &host.to_string_lossy())
+        .map_err(|e| format!("{}: its interpreter: {e}", program.display()))?;
+    if ie.interp.is_some() || ie.kind != elf::ET_DYN {
+        return Err(format!(
+            "{}: its interpreter {which} is not a position-independent loader without an interpreter of its own",
+            program.display()
+        ));
+    }
+    Ok(Some(Interp {
+        name: name.clone(),
+        host,
+        image,
+        elf: ie,
+    }))
+}
+
+/// How a path the program names becomes a host path (gem5's path
+/// redirects and QEMU's `-L` sysroot): the longest redirect whose guest
+/// folder holds the path replaces that folder by its host folder;
+/// otherwise, with a sysroot, an absolute path that exists inside the
+/// sysroot (symbolic links followed inside it) is taken from there;
+/// otherwise the host's own path is used.
+#[derive(Debug, Clone, Default)]
+pub struct PathMap {
+    /// (guest folder or file, host folder or file), both absolute.
+    pub redirects: Vec<(PathBuf, PathBuf)>,
+    pub sysroot: Option<PathBuf>,
+}
+
+/// The most symbolic links followed resolving one path in the sysroot
+/// (Linux's MAXSYMLINKS).
+const MAX_LINKS: u32 = 40;
+
+impl PathMap {
+    /// From the config's `GUEST=HOST` redirects and sysroot: GUEST must be
+    /// absolute; HOST and the sysroot are taken as given (relative to
+    /// kvmsim's working folder when relative).
+    pub fn from_config(redirects: &[String], sysroot: Option<&str>) -> Result<PathMap, String> {
+        let mut map = PathMap {
+            redirects: Vec::new(),
+            sysroot: sysroot.map(PathBuf::from),
+        };
+        for r in redirects {
+            let Some((g, h)) = r.split_once('=') else {
+                return Err(format!("redirect {r:?}: expected GUEST=HOST"));
+            };
+            if !g.starts_with('/') || h.is_empty() {
+                return Err(format!(
+                    "redirect {r:?}: GUEST must be an absolute path and HOST a path"
+                ));
+            }
+            let host = std::path::absolute(h).unwrap_or_else(|_| PathBuf::from(h));
+            map.redirects.push((PathBuf::from(g), host));
+        }
+        if let Some(root) = &mut map.sysroot {
+            if root.as_os_str().is_empty() {
+                return Err("the sysroot is an empty path".into());
+            }
+            *root = std::path::absolute(&*root).unwrap_or_else(|_| root.clone());
+        }
+        Ok(map)
+    }
+
+    /// The host path for the program's `guest` path.
+    pub fn host(&self, guest: &Path) -> PathBuf {
+        if !guest.is_absolute() {
+            return guest.to_path_buf();
+        }
+        let best = self
+            .redirects
+            .iter()
+            .filter(|(g, _)| guest.starts_with(g))
+            .max_by_key(|(g, _)| g.components().count());
+        if let Some((g, h)) = best {
+            return match guest.strip_prefix(g) {
+                Ok(rest) if !rest.as_os_str().is_empty() => h.join(rest),
+                _ => h.clone(),
+            };
+        }
+        if let Some(root) = &self.sysroot {
+            if let Some(p) = Self::in_root(root, guest) {
+                return p;
+            }
+        }
+        guest.to_path_buf()
+    }
+
+    /// `guest` inside `root`, following symbolic links as if `root` were
+    /// `/`; `None` if some part of it does not exist there.
+    fn in_root(root: &Path, guest: &Path) -> Option<PathBuf> {
+        fn parts(p: &Path) -> VecDeque<OsString> {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    Component::ParentDir => Some("..".into()),
+                    _ => None,
+                })
+                .collect()
+        }
+        let mut todo = parts(guest);
+        let mut cur = PathBuf::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop_front() {
+            if c == ".." {
+                cur.pop();
+                continue;
+            }
+            let cand = cur.join(&c);
+            let full = root.join(&cand);
+            let meta = std::fs::symlink_metadata(&full).ok()?;
+            if meta.file_type().is_symlink() {
+                links += 1;
+                if links > MAX_LINKS {
+                    return None;
+                }
+                let target = std::fs::read_link(&full).ok()?;
+                if target.is_absolute() {
+                    cur = PathBuf::new();
+                }
+                let mut next = parts(&target);
+                next.extend(todo);
+                todo = next;
+            } else {
+                cur = cand;
+            }
+        }
+        Some(root.join(cur))
+    }
 }
 
 /// The first state of the process's CPU.
@@ -186,10 +351,25 @@ pub struct Process {
     pub fs_base: u64,
     pub sigactions: std::collections::BTreeMap<u64, [u8; 32]>,
     pub sigmask: u64,
+    /// Signals sent and not yet delivered (bit `sig - 1`).
+    pub pending: u64,
+    /// The alternate signal stack (sigaltstack): base and size.
+    pub altstack: Option<(u64, u64)>,
+    /// ITIMER_REAL (alarm, setitimer): the next expiry and the interval
+    /// (0: once), in simulated time.
+    pub itimer: Option<(sim::Tick, sim::Tick)>,
+    /// The mask to put back once a handler returns from a sigsuspend.
+    pub suspend_mask: Option<u64>,
+    /// RSP at the system call being serviced.
+    pub user_rsp: u64,
     pub tid_address: u64,
     pub robust_list: u64,
     /// The thread's name (prctl PR_SET_NAME), NUL-padded.
     pub comm: [u8; 16],
+    /// How the program's paths reach the host.
+    pub paths: PathMap,
+    /// The working folder (a host path; kvmsim's own at the start).
+    pub cwd: PathBuf,
 }
 
 impl std::fmt::Debug for Process {
@@ -369,76 +549,34 @@ impl Process {
             ),
         )?;
 
-        // The program's segments, page by page with the union of the
-        // protections of the segments sharing a page.
         let bias = if elf.kind == elf::ET_DYN {
             PIE_BASE - elf.span().0
         } else {
             0
         };
-        let mut pages: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
-        for p in elf
-            .phdrs
-            .iter()
-            .filter(|p| p.kind == PT_LOAD && p.memsz > 0)
-        {
-            let lo = (p.vaddr + bias) & !(PAGE - 1);
-            let hi = (p.vaddr + bias + p.memsz + PAGE - 1) & !(PAGE - 1);
-            if lo < MMAP_MIN {
-                return Err(format!(
-                    "{}: segment at {:#x} lies below {MMAP_MIN:#x} (Linux's mmap_min_addr)",
-                    cfg.path.display(),
-                    p.vaddr
-                ));
+        let brk_start = load_segments(&mut space, mem, image, elf, bias, &cfg.path, "[program]")?;
+        // A dynamically linked program: its interpreter (ld.so) is loaded
+        // too, where an mmap would go, and runs first (AT_BASE says where
+        // it is, AT_PHDR and AT_ENTRY where the program is).
+        let (start_rip, interp_base) = match &cfg.interp {
+            None => (elf.entry + bias, 0),
+            Some(i) => {
+                let (lo, hi) = i.elf.span();
+                let base = space
+                    .find_free(hi - lo, MMAP_MIN, MMAP_TOP)
+                    .ok_or_else(oom)?;
+                load_segments(
+                    &mut space,
+                    mem,
+                    &i.image,
+                    &i.elf,
+                    base - lo,
+                    &i.host,
+                    "[interp]",
+                )?;
+                (i.elf.entry + base - lo, base)
             }
-            if hi.saturating_sub(lo) > 1 << 36 {
-                return Err(format!(
-                    "{}: a segment of {:#x} bytes",
-                    cfg.path.display(),
-                    p.memsz
-                ));
-            }
-            for va in (lo..hi).step_by(PAGE as usize) {
-                *pages.entry(va).or_insert(0) |= prot_of(p.flags);
-            }
-        }
-        let mut run: Option<(u64, u64, u32)> = None;
-        let mut runs = Vec::new();
-        for (&va, &prot) in &pages {
-            match &mut run {
-                Some((_, end, p)) if *end == va && *p == prot => *end += PAGE,
-                _ => {
-                    runs.extend(run.take());
-                    run = Some((va, va + PAGE, prot));
-                }
-            }
-        }
-        runs.extend(run);
-        for (start, end, prot) in runs {
-            let v = Vma {
-                end,
-                prot,
-                backing: Backing::Anon,
-                kernel: false,
-                name: "[program]",
-            };
-            space.map(mem, start, v).map_err(|e| {
-                format!(
-                    "{}: cannot map a segment at {start:#x}: errno {e}",
-                    cfg.path.display()
-                )
-            })?;
-        }
-        for p in elf
-            .phdrs
-            .iter()
-            .filter(|p| p.kind == PT_LOAD && p.filesz > 0)
-        {
-            let data = &image[p.offset as usize..(p.offset + p.filesz) as usize];
-            space.poke(mem, p.vaddr + bias, data).map_err(|_| oom())?;
-        }
-        let top = pages.keys().next_back().map_or(0, |&v| v + PAGE);
-        let brk_start = top;
+        };
 
         // The stack: 8 MiB reserved, pages appear as touched.
         let stack_lo = STACK_TOP + PAGE - STACK_SIZE;
@@ -460,7 +598,7 @@ impl Process {
             (AT_PHENT, u64::from(elf.phentsize)),
             (AT_PHNUM, elf.phdrs.len() as u64),
             (AT_PAGESZ, PAGE),
-            (AT_BASE, 0),
+            (AT_BASE, interp_base),
             (AT_FLAGS, 0),
             (AT_ENTRY, elf.entry + bias),
             (AT_UID, u64::from(crate::sys::UID)),
@@ -487,20 +625,32 @@ impl Process {
         space.poke(mem, sp, &bytes).map_err(|_| oom())?;
         let exe = std::path::absolute(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
         let cr3 = space.cr3();
+        let paths = cfg.paths.clone();
         Ok((
             Process {
                 space,
                 brk_start,
                 brk: brk_start,
-                mmap_low: MMAP_TOP,
+                mmap_low: if interp_base != 0 {
+                    interp_base
+                } else {
+                    MMAP_TOP
+                },
                 files,
                 exe,
                 rng,
                 fs_base: 0,
                 sigactions: Default::default(),
                 sigmask: 0,
+                pending: 0,
+                altstack: None,
+                itimer: None,
+                suspend_mask: None,
+                user_rsp: 0,
                 tid_address: 0,
                 robust_list: 0,
+                paths,
+                cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
                 comm: {
                     let mut c = [0u8; 16];
                     let base = cfg
@@ -514,12 +664,108 @@ impl Process {
                 },
             },
             Entry {
-                rip: elf.entry + bias,
+                rip: start_rip,
                 rsp: sp,
                 cr3,
             },
         ))
     }
+}
+
+/// The largest interpreter read (glibc's ld.so is about 200 KiB).
+const MAX_INTERP: u64 = 64 << 20;
+
+fn read_interp(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_INTERP {
+        return Err(format!(
+            "{} bytes; an interpreter of at most {MAX_INTERP} is loaded",
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| e.to_string())
+}
+
+/// Maps the PT_LOAD segments of `elf` (the file `path`, bytes `image`)
+/// at `bias`, page by page with the union of the protections of the
+/// segments sharing a page, and copies their file bytes in. Returns the
+/// end of the highest page (where brk starts).
+fn load_segments(
+    space: &mut AddressSpace,
+    mem: &dyn PhysMem,
+    image: &[u8],
+    elf: &Elf,
+    bias: u64,
+    path: &Path,
+    name: &'static str,
+) -> Result<u64, String> {
+    let cfg_path = path;
+    let oom = || "guest RAM is too small for the process image (raise --memory)".to_string();
+    let mut pages: std::collections::BTreeMap<u64, u32> = std::collections::BTreeMap::new();
+    for p in elf
+        .phdrs
+        .iter()
+        .filter(|p| p.kind == PT_LOAD && p.memsz > 0)
+    {
+        let lo = (p.vaddr + bias) & !(PAGE - 1);
+        let hi = (p.vaddr + bias + p.memsz + PAGE - 1) & !(PAGE - 1);
+        if lo < MMAP_MIN {
+            return Err(format!(
+                "{}: segment at {:#x} lies below {MMAP_MIN:#x} (Linux's mmap_min_addr)",
+                cfg_path.display(),
+                p.vaddr
+            ));
+        }
+        if hi.saturating_sub(lo) > 1 << 36 {
+            return Err(format!(
+                "{}: a segment of {:#x} bytes",
+                cfg_path.display(),
+                p.memsz
+            ));
+        }
+        for va in (lo..hi).step_by(PAGE as usize) {
+            *pages.entry(va).or_insert(0) |= prot_of(p.flags);
+        }
+    }
+    let mut run: Option<(u64, u64, u32)> = None;
+    let mut runs = Vec::new();
+    for (&va, &prot) in &pages {
+        match &mut run {
+            Some((_, end, p)) if *end == va && *p == prot => *end += PAGE,
+            _ => {
+                runs.extend(run.take());
+                run = Some((va, va + PAGE, prot));
+            }
+        }
+    }
+    runs.extend(run);
+    for (start, end, prot) in runs {
+        let v = Vma {
+            end,
+            prot,
+            backing: Backing::Anon,
+            kernel: false,
+            name,
+        };
+        space.map(mem, start, v).map_err(|e| {
+            format!(
+                "{}: cannot map a segment at {start:#x}: errno {e}",
+                cfg_path.display()
+            )
+        })?;
+    }
+    for p in elf
+        .phdrs
+        .iter()
+        .filter(|p| p.kind == PT_LOAD && p.filesz > 0)
+    {
+        let data = &image[p.offset as usize..(p.offset + p.filesz) as usize];
+        space.poke(mem, p.vaddr + bias, data).map_err(|_| oom())?;
+    }
+    Ok(pages.keys().next_back().map_or(0, |&v| v + PAGE))
 }
 
 /// Keeps `Arc` in scope for users of [`Backing::File`].
@@ -586,6 +832,43 @@ mod tests {
         let big = vec![vec![b'x'; MAX_ARG_BYTES]];
         let e = build_stack(0x7fff_ffff_e000, &big, &[], b"p", &[], [0; 16]).unwrap_err();
         assert!(e.contains("E2BIG"), "{e}");
+    }
+
+    #[test]
+    fn paths_go_through_redirects_then_the_sysroot() {
+        let root = std::env::temp_dir().join(format!("se-pathmap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("lib/real")).unwrap();
+        std::fs::write(root.join("lib/real/ld.so"), "x").unwrap();
+        // An absolute link, as Debian's /lib64 -> /lib/... ones: followed
+        // inside the sysroot, never out to the host's /lib.
+        std::os::unix::fs::symlink("/lib/real", root.join("lib64")).unwrap();
+        std::os::unix::fs::symlink("../lib/real/ld.so", root.join("lib/rel")).unwrap();
+        let m = PathMap::from_config(
+            &[
+                "/g=/h".into(),
+                "/g/deep=/other".into(),
+                "/f=/host/file".into(),
+            ],
+            Some(root.to_str().unwrap()),
+        )
+        .unwrap();
+        let h = |p: &str| m.host(Path::new(p));
+        assert_eq!(h("/g/a/b"), Path::new("/h/a/b"));
+        assert_eq!(h("/g/deep/c"), Path::new("/other/c"), "the longest wins");
+        assert_eq!(h("/gx/a"), Path::new("/gx/a"), "whole components only");
+        assert_eq!(h("/f"), Path::new("/host/file"), "a file, no slash added");
+        assert_eq!(h("/lib64/ld.so"), root.join("lib/real/ld.so"));
+        assert_eq!(h("/lib/rel"), root.join("lib/real/ld.so"));
+        assert_eq!(h("/etc/passwd"), Path::new("/etc/passwd"), "not in it");
+        assert_eq!(h("rel/x"), Path::new("rel/x"), "relative: untouched");
+        // A loop of links is not followed forever.
+        std::os::unix::fs::symlink("/loop", root.join("loop")).unwrap();
+        assert_eq!(h("/loop"), Path::new("/loop"));
+        for bad in ["g=/h", "/g", "/g="] {
+            assert!(PathMap::from_config(&[bad.into()], None).is_err(), "{bad}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -29,6 +29,28 @@ pub const ESPIPE: i64 = 29;
 pub const ERANGE: i64 = 34;
 pub const ENAMETOOLONG: i64 = 36;
 pub const ENOSYS: i64 = 38;
+pub const EINTR: i64 = 4;
+pub const EOPNOTSUPP: i64 = 95;
+
+/// Calls that change the host file system at one path.
+#[derive(Debug, Clone, Copy)]
+enum PathOp {
+    Unlink,
+    Rmdir,
+    Mkdir,
+}
+
+fn cpath(p: &std::path::Path) -> Result<std::ffi::CString, i64> {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)
+}
+
+fn check(r: libc::c_int) -> Result<i64, i64> {
+    if r < 0 {
+        Err(last_err())
+    } else {
+        Ok(i64::from(r))
+    }
+}
 
 /// The identity the program sees.
 pub const PID: u32 = 1000;
@@ -166,6 +188,8 @@ pub enum Flow {
     Return(i64),
     /// The process ends with this status (0-255, or 128 + signal).
     Exit { status: i32, message: String },
+    /// rt_sigreturn: the registers come from the signal frame at RSP.
+    SigReturn,
 }
 
 /// What a call did.
@@ -260,6 +284,38 @@ pub mod nr {
     pub const GETRANDOM: u64 = 318;
     pub const RSEQ: u64 = 334;
     pub const FACCESSAT2: u64 = 439;
+    pub const FSYNC: u64 = 74;
+    pub const FDATASYNC: u64 = 75;
+    pub const FTRUNCATE: u64 = 77;
+    pub const RENAME: u64 = 82;
+    pub const MKDIR: u64 = 83;
+    pub const RMDIR: u64 = 84;
+    pub const UNLINK: u64 = 87;
+    pub const SYSINFO: u64 = 99;
+    pub const STATFS: u64 = 137;
+    pub const FSTATFS: u64 = 138;
+    pub const GETXATTR: u64 = 191;
+    pub const LGETXATTR: u64 = 192;
+    pub const FGETXATTR: u64 = 193;
+    pub const LISTXATTR: u64 = 194;
+    pub const LLISTXATTR: u64 = 195;
+    pub const FLISTXATTR: u64 = 196;
+    pub const FADVISE64: u64 = 221;
+    pub const MKDIRAT: u64 = 258;
+    pub const UNLINKAT: u64 = 263;
+    pub const RENAMEAT: u64 = 264;
+    pub const RENAMEAT2: u64 = 316;
+    pub const STATX: u64 = 332;
+    pub const RT_SIGRETURN: u64 = 15;
+    pub const PAUSE: u64 = 34;
+    pub const GETITIMER: u64 = 36;
+    pub const ALARM: u64 = 37;
+    pub const SETITIMER: u64 = 38;
+    pub const RT_SIGPENDING: u64 = 127;
+    pub const RT_SIGSUSPEND: u64 = 130;
+    pub const TKILL: u64 = 200;
+    pub const CHDIR: u64 = 80;
+    pub const FCHDIR: u64 = 81;
 }
 
 const AT_FDCWD: i64 = -100;
@@ -268,18 +324,44 @@ const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
 
 /// Signal names for messages.
 pub fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        4 => "SIGILL",
-        5 => "SIGTRAP",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        13 => "SIGPIPE",
-        15 => "SIGTERM",
-        _ => "signal",
-    }
+    const NAMES: [&str; 31] = [
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGILL",
+        "SIGTRAP",
+        "SIGABRT",
+        "SIGBUS",
+        "SIGFPE",
+        "SIGKILL",
+        "SIGUSR1",
+        "SIGSEGV",
+        "SIGUSR2",
+        "SIGPIPE",
+        "SIGALRM",
+        "SIGTERM",
+        "SIGSTKFLT",
+        "SIGCHLD",
+        "SIGCONT",
+        "SIGSTOP",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGURG",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGWINCH",
+        "SIGIO",
+        "SIGPWR",
+        "SIGSYS",
+    ];
+    usize::try_from(sig - 1)
+        .ok()
+        .and_then(|i| NAMES.get(i))
+        .copied()
+        .unwrap_or("a real-time signal")
 }
 
 impl Process {
@@ -311,6 +393,8 @@ impl Process {
             READLINK => ret(self.readlinkat(mem, AT_FDCWD as u64, a[0], a[1], a[2])),
             READLINKAT => ret(self.readlinkat(mem, a[0], a[1], a[2], a[3])),
             GETCWD => ret(self.getcwd(mem, a[0], a[1])),
+            CHDIR => ret(self.chdir(mem, Some(a[0]), 0)),
+            FCHDIR => ret(self.chdir(mem, None, a[0])),
             ACCESS => ret(self.faccessat(mem, AT_FDCWD as u64, a[0], a[1])),
             FACCESSAT | FACCESSAT2 => ret(self.faccessat(mem, a[0], a[1], a[2])),
             DUP => ret(self
@@ -335,31 +419,60 @@ impl Process {
                 },
                 sleep: 0,
             },
-            KILL | TGKILL => {
-                let (pid, sig) = if nr == KILL {
-                    (a[0], a[1])
-                } else {
-                    (a[1], a[2])
+            KILL | TGKILL | TKILL => {
+                let (pid, sig) = match nr {
+                    KILL => (a[0], a[1]),
+                    TKILL => (a[0], a[1]),
+                    _ => (a[1], a[2]),
                 };
-                if pid != u64::from(PID) && pid != 0 && pid as i64 != -1 {
+                let other_group = nr == TGKILL && a[0] != u64::from(PID);
+                if other_group || (pid != u64::from(PID) && pid != 0 && pid as i64 != -1) {
                     ret(Err(ESRCH))
-                } else if sig == 0 {
-                    ret(Ok(0))
                 } else if sig > 64 {
                     ret(Err(EINVAL))
                 } else {
-                    let sig = sig as i32;
-                    Done {
-                        flow: Flow::Exit {
-                            status: 128 + sig,
-                            message: format!(
-                                "the program sent itself {} ({sig}); signal delivery is not supported yet, so it terminates the process (the default action)",
-                                signal_name(sig)
-                            ),
-                        },
-                        sleep: 0,
+                    // Sent; delivered (or acted on) when the call returns.
+                    if sig != 0 {
+                        self.send(sig as i32);
                     }
+                    ret(Ok(0))
                 }
+            }
+            RT_SIGRETURN => Done {
+                flow: Flow::SigReturn,
+                sleep: 0,
+            },
+            ALARM => ret(Ok(self.alarm(a[0], clock))),
+            SETITIMER => ret(self.setitimer(mem, a[0], a[1], a[2], clock)),
+            GETITIMER => ret(self.getitimer(mem, a[0], a[1], clock)),
+            PAUSE => self.wait_for_signal(self.sigmask, clock, "pause"),
+            RT_SIGSUSPEND => {
+                let mut b = [0u8; 8];
+                if a[1] != 8 {
+                    return Some(ret(Err(EINVAL)));
+                }
+                if let Err(e) = self.space.read_user(mem, a[0], &mut b) {
+                    return Some(ret(Err(e)));
+                }
+                let mask = u64::from_le_bytes(b) & !crate::signal::UNBLOCKABLE;
+                let done = self.wait_for_signal(mask, clock, "rt_sigsuspend");
+                if done.flow == Flow::Return(-EINTR) {
+                    // The handler runs with the given mask; the old one comes
+                    // back when it returns.
+                    self.suspend_mask = Some(self.sigmask);
+                    self.sigmask = mask;
+                }
+                done
+            }
+            RT_SIGPENDING => {
+                if a[1] > 8 {
+                    return Some(ret(Err(EINVAL)));
+                }
+                let p = (self.pending & self.sigmask).to_le_bytes();
+                ret(self
+                    .space
+                    .write_user(mem, a[0], &p[..a[1] as usize])
+                    .map(|_| 0))
             }
             ARCH_PRCTL => ret(self.arch_prctl(mem, a[0], a[1])),
             SET_TID_ADDRESS => {
@@ -410,8 +523,40 @@ impl Process {
             SCHED_GETAFFINITY => ret(self.getaffinity(mem, a[1], a[2])),
             RT_SIGACTION => ret(self.sigaction(mem, a[0], a[1], a[2], a[3])),
             RT_SIGPROCMASK => ret(self.sigprocmask(mem, a[0], a[1], a[2], a[3])),
-            SIGALTSTACK => ret(Ok(0)),
+            SIGALTSTACK => ret(self.sigaltstack(mem, a[0], a[1])),
             FUTEX => ret(self.futex(mem, a[0], a[1], a[2])),
+            STATX => ret(self.statx(mem, a[0], a[1], a[2], a[3], a[4])),
+            STATFS => ret(self.statfs(mem, Some(a[0]), 0, a[1])),
+            FSTATFS => ret(self.statfs(mem, None, a[0], a[1])),
+            // Advice only: nothing to do.
+            FADVISE64 => ret(self.files.get(a[0]).map(|_| 0)),
+            SYSINFO => ret(self.sysinfo(mem, a[0], clock)),
+            UNLINK => ret(self.path_op(mem, PathOp::Unlink, AT_FDCWD as u64, a[0], 0)),
+            UNLINKAT => ret(self.path_op(
+                mem,
+                if a[2] & 0x200 != 0 {
+                    PathOp::Rmdir
+                } else {
+                    PathOp::Unlink
+                },
+                a[0],
+                a[1],
+                0,
+            )),
+            RMDIR => ret(self.path_op(mem, PathOp::Rmdir, AT_FDCWD as u64, a[0], 0)),
+            MKDIR => ret(self.path_op(mem, PathOp::Mkdir, AT_FDCWD as u64, a[0], a[1])),
+            MKDIRAT => ret(self.path_op(mem, PathOp::Mkdir, a[0], a[1], a[2])),
+            RENAME => ret(self.rename(mem, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+            RENAMEAT => ret(self.rename(mem, a[0], a[1], a[2], a[3], 0)),
+            RENAMEAT2 => ret(self.rename(mem, a[0], a[1], a[2], a[3], a[4])),
+            FTRUNCATE => ret(self.ftruncate(a[0], a[1])),
+            FSYNC | FDATASYNC => ret(self.fsync(a[0])),
+            // No extended attributes (as on a file system without them):
+            // ls and cp ask for ACLs and security labels and go on.
+            GETXATTR | LGETXATTR | LISTXATTR | LLISTXATTR => ret(self
+                .resolve(mem, AT_FDCWD as u64, a[0])
+                .and(Err(EOPNOTSUPP))),
+            FGETXATTR | FLISTXATTR => ret(self.files.get(a[0]).and(Err(EOPNOTSUPP))),
             _ => return None,
         };
         Some(done)
@@ -560,8 +705,11 @@ impl Process {
             return Err(ENOENT);
         }
         // Descriptors are C ints: the upper half of the register is not looked at.
-        if p.is_absolute() || dirfd as i32 as i64 == AT_FDCWD {
+        if p.is_absolute() {
             return Ok(self.redirect(p));
+        }
+        if dirfd as i32 as i64 == AT_FDCWD {
+            return Ok(self.cwd.join(p));
         }
         let d = self.files.get(dirfd)?;
         match &d.obj {
@@ -571,8 +719,10 @@ impl Process {
         }
     }
 
-    /// /proc/self and /proc/PID describe kvmsim on the host: the program's
-    /// own are answered here (exe) or refused.
+    /// The host path of the program's absolute path `p`: /proc/self and
+    /// /proc/PID describe kvmsim on the host, so the program's own are
+    /// answered here (exe) or refused; everything else goes through the
+    /// redirects and the sysroot ([`crate::process::PathMap`]).
     fn redirect(&self, p: PathBuf) -> PathBuf {
         let s = p.to_string_lossy();
         let own = ["/proc/self/", &format!("/proc/{PID}/")]
@@ -584,7 +734,7 @@ impl Process {
             }
             return PathBuf::from("/nonexistent/kvmsim-se/proc-self-is-not-emulated");
         }
-        p
+        self.paths.host(&p)
     }
 
     fn openat(
@@ -680,6 +830,201 @@ impl Process {
             },
             _ => Err(EINVAL),
         }
+    }
+
+    fn path_op(
+        &mut self,
+        mem: &dyn PhysMem,
+        op: PathOp,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+    ) -> Result<i64, i64> {
+        let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+        // SAFETY: a NUL-terminated path.
+        check(unsafe {
+            match op {
+                PathOp::Unlink => libc::unlink(p.as_ptr()),
+                PathOp::Rmdir => libc::rmdir(p.as_ptr()),
+                PathOp::Mkdir => libc::mkdir(p.as_ptr(), (mode & 0o7777) as libc::mode_t),
+            }
+        })
+    }
+
+    fn rename(
+        &mut self,
+        mem: &dyn PhysMem,
+        olddir: u64,
+        old: u64,
+        newdir: u64,
+        new: u64,
+        flags: u64,
+    ) -> Result<i64, i64> {
+        let from = cpath(&self.resolve(mem, olddir, old)?)?;
+        let to = cpath(&self.resolve(mem, newdir, new)?)?;
+        // SAFETY: two NUL-terminated paths; renameat2 reads nothing else.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                flags as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(last_err())
+        } else {
+            Ok(0)
+        }
+    }
+
+    fn ftruncate(&mut self, fd: u64, len: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let Object::Host(h) = &f.obj else {
+            return Err(EINVAL);
+        };
+        if len > i64::MAX as u64 {
+            return Err(EINVAL);
+        }
+        // SAFETY: ftruncate on a descriptor we own.
+        check(unsafe { libc::ftruncate(h.as_raw_fd(), len as libc::off_t) })
+    }
+
+    fn fsync(&mut self, fd: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        match &f.obj {
+            Object::Host(h) => h.sync_all().map(|_| 0).map_err(host_err),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// statx: the host's, for a host path or descriptor; the standard
+    /// streams are pipes (as fstat says).
+    fn statx(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        flags: u64,
+        mask: u64,
+        buf: u64,
+    ) -> Result<i64, i64> {
+        let mut out = [0u8; 256];
+        let raw = self.space.read_cstr(mem, path, PATH_MAX)?;
+        let flags = (flags as u32) & !(AT_EMPTY_PATH as u32);
+        let r = if raw.is_empty() {
+            let f = self.files.get(dirfd)?;
+            match &f.obj {
+                Object::Host(h) => {
+                    // SAFETY: an empty NUL-terminated path, a descriptor we
+                    // own and a 256-byte buffer (struct statx's size).
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_statx,
+                            h.as_raw_fd(),
+                            c"".as_ptr(),
+                            flags | AT_EMPTY_PATH as u32,
+                            mask as u32,
+                            out.as_mut_ptr(),
+                        )
+                    }
+                }
+                _ => {
+                    // STATX_BASIC_STATS of a pipe.
+                    out[0..4].copy_from_slice(&0x7ffu32.to_le_bytes());
+                    out[4..8].copy_from_slice(&4096u32.to_le_bytes());
+                    out[16..20].copy_from_slice(&1u32.to_le_bytes());
+                    out[20..24].copy_from_slice(&UID.to_le_bytes());
+                    out[24..28].copy_from_slice(&GID.to_le_bytes());
+                    out[28..30].copy_from_slice(&((libc::S_IFIFO | 0o600) as u16).to_le_bytes());
+                    0
+                }
+            }
+        } else {
+            let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+            // SAFETY: a NUL-terminated path and a 256-byte buffer.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_statx,
+                    libc::AT_FDCWD,
+                    p.as_ptr(),
+                    flags,
+                    mask as u32,
+                    out.as_mut_ptr(),
+                )
+            }
+        };
+        if r < 0 {
+            return Err(last_err());
+        }
+        self.space.write_user(mem, buf, &out)?;
+        Ok(0)
+    }
+
+    /// statfs (a path) or fstatfs (a descriptor): the host file system's.
+    fn statfs(
+        &mut self,
+        mem: &dyn PhysMem,
+        path: Option<u64>,
+        fd: u64,
+        buf: u64,
+    ) -> Result<i64, i64> {
+        // SAFETY: all-zero is a valid `libc::statfs`.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        let r = match path {
+            Some(path) => {
+                let p = cpath(&self.resolve(mem, AT_FDCWD as u64, path)?)?;
+                // SAFETY: a NUL-terminated path and a `statfs` to fill.
+                unsafe { libc::statfs(p.as_ptr(), &mut st) }
+            }
+            None => {
+                let f = self.files.get(fd)?;
+                match &f.obj {
+                    // SAFETY: fstatfs on a descriptor we own.
+                    Object::Host(h) => unsafe { libc::fstatfs(h.as_raw_fd(), &mut st) },
+                    _ => {
+                        st.f_type = 0x5049_5045; // PIPEFS_MAGIC
+                        st.f_bsize = 4096;
+                        st.f_namelen = 255;
+                        0
+                    }
+                }
+            }
+        };
+        check(r)?;
+        // SAFETY: `libc::statfs` is plain data in the x86-64 layout the
+        // program expects.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&st as *const libc::statfs).cast::<u8>(),
+                std::mem::size_of::<libc::statfs>(),
+            )
+        };
+        self.space.write_user(mem, buf, bytes)?;
+        Ok(0)
+    }
+
+    /// sysinfo: the process's RAM (guest RAM) and simulated uptime.
+    fn sysinfo(&mut self, mem: &dyn PhysMem, buf: u64, clock: Clock) -> Result<i64, i64> {
+        // SAFETY: all-zero is a valid `libc::sysinfo`.
+        let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+        si.uptime = (clock.now / 1_000_000_000_000) as libc::c_long;
+        let total = self.space.frames.total();
+        si.totalram = total * PAGE;
+        si.freeram = total.saturating_sub(self.space.frames.used()) * PAGE;
+        si.procs = 1;
+        si.mem_unit = 1;
+        // SAFETY: `libc::sysinfo` is plain data in the program's layout.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&si as *const libc::sysinfo).cast::<u8>(),
+                std::mem::size_of::<libc::sysinfo>(),
+            )
+        };
+        self.space.write_user(mem, buf, bytes)?;
+        Ok(0)
     }
 
     fn put_stat(&mut self, mem: &dyn PhysMem, buf: u64, st: &libc::stat) -> Result<i64, i64> {
@@ -811,9 +1156,28 @@ impl Process {
         Ok(n as i64)
     }
 
+    /// chdir / fchdir: the process's own working folder (kvmsim's stays).
+    fn chdir(&mut self, mem: &dyn PhysMem, path: Option<u64>, fd: u64) -> Result<i64, i64> {
+        let p = match path {
+            Some(path) => self.resolve(mem, AT_FDCWD as u64, path)?,
+            None => {
+                let f = self.files.get(fd)?;
+                match &f.obj {
+                    Object::Host(_) => f.path.clone(),
+                    _ => return Err(ENOTDIR),
+                }
+            }
+        };
+        let meta = std::fs::metadata(&p).map_err(host_err)?;
+        if !meta.is_dir() {
+            return Err(ENOTDIR);
+        }
+        self.cwd = std::fs::canonicalize(&p).map_err(host_err)?;
+        Ok(0)
+    }
+
     fn getcwd(&mut self, mem: &dyn PhysMem, buf: u64, size: u64) -> Result<i64, i64> {
-        let cwd = std::env::current_dir().map_err(host_err)?;
-        let mut b = cwd.as_os_str().as_bytes().to_vec();
+        let mut b = self.cwd.as_os_str().as_bytes().to_vec();
         b.push(0);
         if (b.len() as u64) > size {
             return Err(ERANGE);
@@ -1172,7 +1536,7 @@ impl Process {
         id: u64,
         flags: u64,
         req: u64,
-        _rem: u64,
+        rem: u64,
         clock: Clock,
     ) -> Done {
         let mut b = [0u8; 16];
@@ -1199,9 +1563,30 @@ impl Process {
             }
             ns
         };
+        let wait = wait_ns.saturating_mul(1000);
+        // A timer signal that would be acted on ends the sleep early (EINTR,
+        // the time left in `rem` for a relative sleep).
+        if let Some(deadline) = self.timer_interrupts(self.sigmask) {
+            let cut = deadline.saturating_sub(clock.now);
+            if cut < wait {
+                if flags & 1 == 0 && rem != 0 {
+                    let left_ns = (wait - cut) / 1000;
+                    let mut b = [0u8; 16];
+                    b[..8].copy_from_slice(&(left_ns / 1_000_000_000).to_le_bytes());
+                    b[8..].copy_from_slice(&(left_ns % 1_000_000_000).to_le_bytes());
+                    if let Err(e) = self.space.write_user(mem, rem, &b) {
+                        return ret(Err(e));
+                    }
+                }
+                return Done {
+                    flow: Flow::Return(-EINTR),
+                    sleep: cut,
+                };
+            }
+        }
         Done {
             flow: Flow::Return(0),
-            sleep: wait_ns.saturating_mul(1000),
+            sleep: wait,
         }
     }
 
@@ -1214,6 +1599,226 @@ impl Process {
         b[0] = 1;
         self.space.write_user(mem, mask, &b)?;
         Ok(n as i64)
+    }
+
+    /// True if `rsp` lies on the alternate signal stack.
+    pub fn on_altstack(&self, rsp: u64) -> bool {
+        self.altstack
+            .is_some_and(|(sp, size)| rsp > sp && rsp <= sp.wrapping_add(size))
+    }
+
+    /// The disposition of `sig`.
+    pub fn action(&self, sig: i32) -> crate::signal::Action {
+        self.sigactions
+            .get(&(sig as u64))
+            .map_or_else(Default::default, crate::signal::Action::from_bytes)
+    }
+
+    /// Sends `sig` to the process: pending until delivered, or dropped at
+    /// once if it would be ignored.
+    pub fn send(&mut self, sig: i32) {
+        if !self.action(sig).ignores(sig) || self.sigmask & crate::signal::bit(sig) != 0 {
+            self.pending |= crate::signal::bit(sig);
+        }
+    }
+
+    /// The lowest pending signal that is not blocked.
+    pub fn next_signal(&self) -> Option<i32> {
+        let ready = self.pending & (!self.sigmask | crate::signal::UNBLOCKABLE);
+        (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
+    }
+
+    /// Makes SIGALRM pending if ITIMER_REAL has expired by `now` (and
+    /// re-arms a periodic timer past `now`).
+    pub fn expire(&mut self, now: Tick) {
+        let Some((deadline, interval)) = self.itimer else {
+            return;
+        };
+        if deadline > now {
+            return;
+        }
+        self.send(crate::signal::SIGALRM);
+        self.itimer = (interval > 0).then(|| {
+            let missed = (now - deadline) / interval + 1;
+            (
+                deadline.saturating_add(missed.saturating_mul(interval)),
+                interval,
+            )
+        });
+    }
+
+    /// When the timer's SIGALRM would end a wait under `mask`: its
+    /// deadline, if it is armed, not blocked and not ignored.
+    fn timer_interrupts(&self, mask: u64) -> Option<Tick> {
+        let sig = crate::signal::SIGALRM;
+        let (deadline, _) = self.itimer?;
+        (mask & crate::signal::bit(sig) == 0 && !self.action(sig).ignores(sig)).then_some(deadline)
+    }
+
+    /// pause / rt_sigsuspend: returns EINTR once a signal is there (a
+    /// pending one at once; otherwise the timer's, after the simulated
+    /// time until it expires). A wait that nothing could end (no timer,
+    /// or its signal blocked or ignored) ends the process as SIGKILL would,
+    /// saying so: one process has nobody else to send it a signal.
+    fn wait_for_signal(&mut self, mask: u64, clock: Clock, what: &str) -> Done {
+        let ready = self.pending & !mask;
+        if ready != 0 {
+            return ret(Err(EINTR));
+        }
+        match self.timer_interrupts(mask) {
+            Some(deadline) => Done {
+                flow: Flow::Return(-EINTR),
+                sleep: deadline.saturating_sub(clock.now),
+            },
+            None => Done {
+                flow: Flow::Exit {
+                    status: 128 + crate::signal::SIGKILL,
+                    message: format!(
+                        "the program waits for a signal ({what}) that nothing can send: no timer is armed, or its signal is blocked or ignored; ended as SIGKILL would"
+                    ),
+                },
+                sleep: 0,
+            },
+        }
+    }
+
+    /// alarm: ITIMER_REAL once, in whole seconds; returns the seconds left
+    /// of the previous one (rounded as Linux does).
+    fn alarm(&mut self, secs: u64, clock: Clock) -> i64 {
+        let left = self.itimer.map_or(0, |(d, _)| d.saturating_sub(clock.now));
+        const SEC: u64 = 1_000_000_000_000;
+        let old = if left == 0 {
+            0
+        } else {
+            // Whole seconds, a half or more rounds up, never 0 when armed.
+            ((left + SEC / 2) / SEC).max(1)
+        };
+        let secs = secs as u32;
+        self.itimer = (secs > 0).then(|| {
+            (
+                clock
+                    .now
+                    .saturating_add(u64::from(secs).saturating_mul(SEC)),
+                0,
+            )
+        });
+        old as i64
+    }
+
+    fn read_timeval(&mut self, mem: &dyn PhysMem, at: u64) -> Result<Tick, i64> {
+        let mut b = [0u8; 16];
+        self.space.read_user(mem, at, &mut b)?;
+        let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+        let usec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        if sec < 0 || !(0..1_000_000).contains(&usec) {
+            return Err(EINVAL);
+        }
+        Ok((sec as u64)
+            .saturating_mul(1_000_000_000_000)
+            .saturating_add(usec as u64 * 1_000_000))
+    }
+
+    /// The itimerval of ITIMER_REAL at `clock`: interval, then value left.
+    fn itimer_bytes(&self, clock: Clock) -> [u8; 32] {
+        let (left, interval) = self
+            .itimer
+            .map_or((0, 0), |(d, i)| (d.saturating_sub(clock.now).max(1), i));
+        let mut b = [0u8; 32];
+        for (i, t) in [interval, left].iter().enumerate() {
+            let us = t / 1_000_000;
+            b[16 * i..16 * i + 8].copy_from_slice(&(us / 1_000_000).to_le_bytes());
+            b[16 * i + 8..16 * i + 16].copy_from_slice(&(us % 1_000_000).to_le_bytes());
+        }
+        b
+    }
+
+    /// getitimer: ITIMER_REAL only (ITIMER_VIRTUAL and ITIMER_PROF, which
+    /// count CPU time, are not kept: EINVAL).
+    fn getitimer(
+        &mut self,
+        mem: &dyn PhysMem,
+        which: u64,
+        out: u64,
+        clock: Clock,
+    ) -> Result<i64, i64> {
+        if which != 0 {
+            return Err(EINVAL);
+        }
+        let b = self.itimer_bytes(clock);
+        self.space.write_user(mem, out, &b)?;
+        Ok(0)
+    }
+
+    fn setitimer(
+        &mut self,
+        mem: &dyn PhysMem,
+        which: u64,
+        new: u64,
+        old: u64,
+        clock: Clock,
+    ) -> Result<i64, i64> {
+        if which != 0 {
+            return Err(EINVAL);
+        }
+        let set = if new != 0 {
+            Some((
+                self.read_timeval(mem, new)?,
+                self.read_timeval(mem, new + 16)?,
+            ))
+        } else {
+            None
+        };
+        if old != 0 {
+            let b = self.itimer_bytes(clock);
+            self.space.write_user(mem, old, &b)?;
+        }
+        if let Some((interval, value)) = set {
+            self.itimer = (value > 0).then(|| (clock.now.saturating_add(value), interval));
+        }
+        Ok(0)
+    }
+
+    /// sigaltstack: the alternate stack for SA_ONSTACK handlers.
+    fn sigaltstack(&mut self, mem: &dyn PhysMem, new: u64, old: u64) -> Result<i64, i64> {
+        use crate::signal::{MINSIGSTKSZ, SS_DISABLE, SS_ONSTACK};
+        let on = self.on_altstack(self.user_rsp);
+        if old != 0 {
+            let (sp, size) = self.altstack.unwrap_or((0, 0));
+            let flags = if self.altstack.is_none() {
+                SS_DISABLE
+            } else if on {
+                SS_ONSTACK
+            } else {
+                0
+            };
+            let mut b = [0u8; 24];
+            b[..8].copy_from_slice(&sp.to_le_bytes());
+            b[8..12].copy_from_slice(&flags.to_le_bytes());
+            b[16..].copy_from_slice(&size.to_le_bytes());
+            self.space.write_user(mem, old, &b)?;
+        }
+        if new != 0 {
+            let mut b = [0u8; 24];
+            self.space.read_user(mem, new, &mut b)?;
+            let sp = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(b[16..].try_into().unwrap_or_default());
+            if on {
+                return Err(EPERM);
+            }
+            // SS_AUTODISARM (1 << 31) is accepted and not kept.
+            match flags & !(1 << 31) {
+                SS_DISABLE => self.altstack = None,
+                0 | SS_ONSTACK => {
+                    if size < MINSIGSTKSZ {
+                        return Err(ENOMEM);
+                    }
+                    self.altstack = Some((sp, size));
+                }
+                _ => return Err(EINVAL),
+            }
+        }
+        Ok(0)
     }
 
     fn sigaction(
@@ -1235,6 +1840,10 @@ impl Process {
             let mut a = [0u8; 32];
             self.space.read_user(mem, act, &mut a)?;
             self.sigactions.insert(sig, a);
+            // A signal now ignored is discarded if pending (as Linux does).
+            if crate::signal::Action::from_bytes(&a).ignores(sig as i32) {
+                self.pending &= !crate::signal::bit(sig as i32);
+            }
         }
         Ok(0)
     }
@@ -1308,6 +1917,8 @@ mod tests {
             envp: vec![],
             seed: 1,
             hwcap: 0,
+            paths: Default::default(),
+            interp: None,
         };
         let sink = || Sink {
             echo: None,
@@ -1329,6 +1940,7 @@ mod tests {
         match p.syscall(mem, nr, args, clock).expect("supported").flow {
             Flow::Return(v) => v,
             Flow::Exit { status, .. } => panic!("exit {status}"),
+            Flow::SigReturn => panic!("sigreturn"),
         }
     }
 
@@ -1509,5 +2121,92 @@ mod tests {
         req[8..].copy_from_slice(&2_000_000_000u64.to_le_bytes());
         p.space.write_user(&mem, ts, &req).unwrap();
         assert_eq!(call(&mut p, &mem, nr::NANOSLEEP, &[ts, 0]), -EINVAL);
+    }
+
+    #[test]
+    fn timers_and_signals_keep_linux_rules() {
+        use crate::signal::{bit, SIGALRM, SIGCHLD, SIGUSR1};
+        let (mem, mut p) = process();
+        let clock = Clock {
+            now: 5_000_000_000_000,
+            realtime_base_ns: 0,
+        };
+        // alarm: none before; 3 s armed, 2.4 s later one is left (rounded).
+        assert_eq!(call(&mut p, &mem, nr::ALARM, &[3]), 0);
+        assert_eq!(p.itimer, Some((8_000_000_000_000, 0)));
+        let later = Clock {
+            now: 5_600_000_000_000,
+            ..clock
+        };
+        let d = p.syscall(&mem, nr::ALARM, [0; 6], later).unwrap();
+        assert_eq!(d.flow, Flow::Return(2), "2.4 s left rounds to 2");
+        assert_eq!(p.itimer, None, "alarm(0) cancels");
+        // The largest alarm saturates, never overflows.
+        assert_eq!(call(&mut p, &mem, nr::ALARM, &[u64::from(u32::MAX)]), 0);
+        assert!(call(&mut p, &mem, nr::ALARM, &[0]) > 18_000_000);
+        // setitimer / getitimer round trip (ITIMER_REAL; others EINVAL).
+        let at = crate::STACK_TOP - 0x400;
+        let mut it = [0u8; 32];
+        it[8..16].copy_from_slice(&250_000u64.to_le_bytes()); // interval 0.25 s
+        it[16..24].copy_from_slice(&1u64.to_le_bytes()); // value 1 s
+        p.space.write_user(&mem, at, &it).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::SETITIMER, &[0, at, 0]), 0);
+        assert_eq!(call(&mut p, &mem, nr::SETITIMER, &[1, at, 0]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::GETITIMER, &[0, at + 64]), 0);
+        let mut back = [0u8; 32];
+        p.space.read_user(&mem, at + 64, &mut back).unwrap();
+        assert_eq!(back, it);
+        // Expiry: SIGALRM pending, the timer re-armed past `now` (missed
+        // periods skipped).
+        p.expire(clock.now + 1_600_000_000_000);
+        assert_eq!(p.pending, bit(SIGALRM));
+        assert_eq!(
+            p.itimer,
+            Some((clock.now + 1_750_000_000_000, 250_000_000_000))
+        );
+        assert_eq!(p.next_signal(), Some(SIGALRM));
+        p.sigmask = bit(SIGALRM);
+        assert_eq!(p.next_signal(), None, "blocked");
+        // A signal whose default is to ignore it is dropped when sent.
+        p.pending = 0;
+        p.sigmask = 0;
+        assert_eq!(
+            call(&mut p, &mem, nr::KILL, &[u64::from(PID), SIGCHLD as u64]),
+            0
+        );
+        assert_eq!(p.pending, 0);
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::TGKILL,
+                &[u64::from(PID), u64::from(PID), SIGUSR1 as u64]
+            ),
+            0
+        );
+        assert_eq!(p.pending, bit(SIGUSR1));
+        assert_eq!(call(&mut p, &mem, nr::KILL, &[4242, 10]), -ESRCH);
+        // pause with nothing that could end it ends the process.
+        p.itimer = None;
+        p.pending = 0;
+        let d = p.syscall(&mem, nr::PAUSE, [0; 6], clock).unwrap();
+        assert!(
+            matches!(&d.flow, Flow::Exit { status: 137, message } if message.contains("nothing can send")),
+            "{d:?}"
+        );
+        // sigaltstack: too small is ENOMEM; the old one reads back.
+        let ss = crate::STACK_TOP - 0x800;
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        b[16..].copy_from_slice(&1024u64.to_le_bytes());
+        p.space.write_user(&mem, ss, &b).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::SIGALTSTACK, &[ss, 0]), -ENOMEM);
+        b[16..].copy_from_slice(&8192u64.to_le_bytes());
+        p.space.write_user(&mem, ss, &b).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::SIGALTSTACK, &[ss, 0]), 0);
+        assert_eq!(call(&mut p, &mem, nr::SIGALTSTACK, &[0, ss + 32]), 0);
+        let mut o = [0u8; 24];
+        p.space.read_user(&mem, ss + 32, &mut o).unwrap();
+        assert_eq!(o, b);
     }
 }

@@ -32,10 +32,15 @@ pub enum Request {
     /// Send `data` out of link port `port`; it arrives at the other end
     /// `delay` later.
     LinkSend { port: u32, delay: Tick, data: u64 },
-    /// The emulated process ended (SE mode): end the run now with status
-    /// `code` (its exit status, or 128 + the signal that killed it) and a
-    /// message saying why, if it did not exit by itself.
-    ProcessExit { code: i64, message: String },
+    /// The emulated process ended (SE mode): end the run after `delay`
+    /// (the simulated time of the call that ended it) with status `code`
+    /// (its exit status, or 128 + the signal that killed it) and a message
+    /// saying why, if it did not exit by itself.
+    ProcessExit {
+        delay: Tick,
+        code: i64,
+        message: String,
+    },
     /// Take a checkpoint after `delay`, then every `period` if it is
     /// non-zero (gem5's `m5 checkpoint`).
     Checkpoint { delay: Tick, period: Tick },

@@ -110,6 +110,19 @@ pub trait Arch: Send {
         Ok(false)
     }
 
+    /// The guest's floating-point and vector state as bytes (x86-64: the
+    /// XSAVE area), for a signal frame; `None` where not available.
+    fn fpu_state(&mut self, _vcpu: &mut dyn Vcpu) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Replaces the floating-point state with `area` (as `fpu_state` gave
+    /// it, possibly changed by the guest), at once; false if the
+    /// architecture cannot or KVM refuses the area.
+    fn set_fpu_state(&mut self, _vcpu: &mut dyn Vcpu, _area: &[u8]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Reads guest memory at virtual address `va` through the guest's
     /// current page tables; returns how many bytes could be read (none
     /// without attached memory).

@@ -618,6 +618,38 @@ impl Arch for X86_64 {
         Ok(true)
     }
 
+    fn fpu_state(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .xsave(vcpu)?
+            .as_ref()
+            .map(|x| x.words().iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+
+    fn set_fpu_state(&mut self, vcpu: &mut dyn Vcpu, area: &[u8]) -> Result<bool> {
+        // A fresh area of this host's size, filled and pushed at once, so
+        // that an area KVM refuses (reserved MXCSR bits, a bad XSAVE
+        // header: the guest wrote it) is a `false` here, not a failed entry.
+        let Some(mut x) = vcpu.xsave()? else {
+            return Ok(false);
+        };
+        if !area.len().is_multiple_of(4) {
+            return Ok(false);
+        }
+        let words: Vec<u32> = area
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if x.load_words(&words).is_err() || vcpu.set_xsave(&x).is_err() {
+            return Ok(false);
+        }
+        self.xsave = Part {
+            value: Some(x),
+            valid: true,
+            dirty: false,
+        };
+        Ok(true)
+    }
+
     fn read_virt(&mut self, vcpu: &mut dyn Vcpu, va: u64, buf: &mut [u8]) -> usize {
         X86_64::read_virt(self, vcpu, va, buf)
     }
