@@ -435,8 +435,7 @@ fn parse_pc_event(v: &str) -> Result<platform::config::PcEventConfig, String> {
             )
         })?;
     if let Some(n) = name {
-        if n.is_empty() || n.len() > 200 || n.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
+        if n.is_empty() || n.len() > 200 || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!(
                 "the name {n:?} must be 1 to 200 characters without spaces (it becomes a \
                  statistic's name)"

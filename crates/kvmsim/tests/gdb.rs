@@ -406,3 +406,304 @@ fn an_address_gdb_cannot_reach_is_refused_before_the_run() {
     // Nothing ran: no output folder.
     assert!(!dir.join("out").exists());
 }
+
+/// The built-in guests with their symbols, as GDB reads them, in DIR/elf.
+fn extract(dir: &Path) -> std::path::PathBuf {
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["guests", "--extract"])
+        .arg(dir.join("elf"))
+        .output()
+        .expect("kvmsim guests runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    dir.join("elf")
+}
+
+/// Runs `/usr/bin/gdb -batch` with `script` (its commands, after
+/// `target remote` to `port`) against `elf`; returns stdout and stderr.
+fn gdb_batch(dir: &Path, port: u16, script: &str, elf: &Path) -> String {
+    let cmds = dir.join("cmds.gdb");
+    std::fs::write(
+        &cmds,
+        format!("set pagination off\ntarget remote 127.0.0.1:{port}\n{script}"),
+    )
+    .unwrap();
+    let gdb = Command::new("/usr/bin/gdb")
+        .args(["-batch", "-nx", "-x"])
+        .arg(&cmds)
+        .arg(elf)
+        .stdin(Stdio::null())
+        .output()
+        .expect("gdb runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&gdb.stdout),
+        String::from_utf8_lossy(&gdb.stderr)
+    )
+}
+
+/// The thread GDB said hit breakpoint `n` ("Thread K hit Breakpoint n").
+fn hit_thread(out: &str, n: u32) -> Option<u32> {
+    out.lines().find_map(|l| {
+        let rest = l.strip_prefix("Thread ")?;
+        let (t, tail) = rest.split_once(' ')?;
+        tail.starts_with(&format!("hit Breakpoint {n},"))
+            .then(|| t.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn every_cpu_is_a_thread_and_an_aps_breakpoint_stops_all() {
+    let test = "gdb_smp";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    // smpboot on 3 CPUs, 1000 ring-3 iterations each.
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "3",
+            "--arg",
+            "3",
+            "--arg",
+            "1000",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    // ap_main runs only on the APs; `record` on every CPU, once each.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "info threads\n\
+         break ap_main\n\
+         continue\n\
+         info threads\n\
+         print/x $rip\n\
+         stepi\n\
+         print/x $rip\n\
+         thread 1\n\
+         print/x $rip\n\
+         print $_thread\n\
+         delete\n\
+         break record\n\
+         continue\n\
+         continue\n\
+         continue\n\
+         delete\n\
+         continue\n",
+        &elf,
+    );
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    // Three threads, one per CPU, before the first instruction: the BSP at
+    // the entry point, the APs at the reset vector waiting for SIPI.
+    assert!(
+        out.contains("Thread 1.1 (CPU 0) 0x0000000000100000 in _start"),
+        "{ctx}"
+    );
+    assert!(out.contains("Thread 1.2 (CPU 1)"), "{ctx}");
+    assert!(out.contains("Thread 1.3 (CPU 2)"), "{ctx}");
+    // The breakpoint only the APs reach reports an AP's thread.
+    let ap = hit_thread(&out, 1).unwrap_or_else(|| panic!("no hit of breakpoint 1\n{ctx}"));
+    assert!(ap == 2 || ap == 3, "{ctx}");
+    let lines: Vec<&str> = out.lines().collect();
+    let values: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.split_once(" = 0x").map(|(_, v)| v.trim()))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .collect();
+    assert!(values.len() >= 3, "{ctx}");
+    let ap_main = values[0];
+    // The AP is at ap_main; a step moves it one instruction (mov %edi,
+    // %ebx: two bytes); the BSP is elsewhere (waiting for the reports).
+    assert_eq!(values[1], ap_main + 2, "{ctx}");
+    assert_ne!(values[2], ap_main, "{ctx}");
+    assert!(out.contains("$4 = 1"), "thread 1 is selected\n{ctx}");
+    // `record` is reached by each CPU once: three hits, three threads.
+    let mut hits: Vec<u32> = out
+        .lines()
+        .filter(|l| l.contains("hit Breakpoint 2,"))
+        .filter_map(|l| l.strip_prefix("Thread ")?.split(' ').next()?.parse().ok())
+        .collect();
+    hits.sort();
+    assert_eq!(hits, [1, 2, 3], "{ctx}");
+    // Then to the end: every CPU reported and the guest exited with 0.
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    assert!(stdout.contains("smpboot: 3 of 3 CPUs started"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn monitor_checkpoint_writes_one_that_restores_to_the_same_end() {
+    let test = "gdb_ckpt";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    let ck = dir.join("ck");
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--quiet",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    // Stopped with the AP at ap_main (GDB's int3 planted there); the
+    // checkpoint must hold neither the breakpoint nor GDB's socket.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        &format!(
+            "break ap_main\n\
+             continue\n\
+             print/x $rip\n\
+             monitor checkpoint {ck}\n\
+             print/x $rip\n\
+             monitor checkpoint {ck}\n\
+             delete\n\
+             continue\n",
+            ck = ck.display()
+        ),
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert!(hit_thread(&out, 1) == Some(2), "{ctx}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("checkpoint at tick "))
+        .unwrap_or_else(|| panic!("no checkpoint\n{ctx}"));
+    assert!(
+        line.ends_with(&format!("written to {}", ck.display())),
+        "{ctx}"
+    );
+    // The drain ran no guest code: the AP is where it stopped.
+    let rips: Vec<&str> = out.lines().filter(|l| l.starts_with("$")).collect();
+    assert_eq!(rips.len(), 2, "{ctx}");
+    assert_eq!(rips[0][4..], rips[1][4..], "{ctx}");
+    // A second one into the same folder is refused, naming it.
+    assert!(
+        out.contains(&format!(
+            "no checkpoint: {} already holds a checkpoint",
+            ck.display()
+        )),
+        "{ctx}"
+    );
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    let orig = std::fs::read_to_string(dir.join("out/serial.log")).unwrap();
+    assert!(orig.contains("smpboot: 2 of 2 CPUs started"), "{orig}");
+    // The restore runs to the same end without a debugger.
+    let r = kvmsim(
+        &[
+            "run",
+            "--no-stdin",
+            "--quiet",
+            "--restore",
+            &ck.to_string_lossy(),
+        ],
+        &dir.join("restored"),
+    );
+    assert_eq!(r.no_panic().status, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("waiting for GDB"), "{}", r.stderr);
+    let serial = r.file("serial.log");
+    assert!(serial.contains("smpboot: 2 of 2 CPUs started"), "{serial}");
+    assert!(serial.contains("apic=1 cpu=1 result="), "{serial}");
+    assert_eq!(r.json("exit.json")["status"], 0);
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn pc_events_count_exactly_with_the_debugger_attached() {
+    let test = "gdb_pcev";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    // A PC event counts `record` (each CPU calls it once) while GDB stops
+    // every CPU at the AP's ap_main, steps it (the BSP held), and lets the
+    // run go on to the end.
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--quiet",
+            "--pc-event",
+            "record:count",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "break ap_main\n\
+         continue\n\
+         stepi\n\
+         delete\n\
+         continue\n",
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert_eq!(hit_thread(&out, 1), Some(2), "{ctx}");
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/stats.json")).unwrap())
+            .unwrap();
+    let last = &stats.as_array().unwrap().last().unwrap()["stats"];
+    assert_eq!(last["system.cpu0.pcEvents::record"], 1, "{ctx}");
+    assert_eq!(last["system.cpu1.pcEvents::record"], 1, "{ctx}");
+}

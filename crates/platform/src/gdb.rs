@@ -2,25 +2,31 @@
 //! `sim.gdb`.
 //!
 //! The run waits for GDB before the first guest instruction. While GDB
-//! holds the machine, the simulation thread is inside the stub: no event
-//! runs, so simulated time does not move. When GDB resumes, the stub runs
-//! the system's event loop ([`System::run_window`]) until one of:
+//! holds the machine, the simulation's main thread is inside the stub: no
+//! event runs, so simulated time does not move. When GDB resumes, the stub
+//! runs the simulation ([`Simulation::run_debug`]: one CPU on this thread,
+//! several in their window threads) until one of:
 //!
-//! * the CPU stops for the debugger ([`DebugHalt::Stop`]: a software or
+//! * a CPU stops for the debugger ([`DebugHalt::Stop`]: a software or
 //!   hardware breakpoint, a watchpoint, the end of a single step), which
 //!   the KVM CPU reports through its one guest-debug owner
-//!   (`kvm::arch::x86_64::guest_debug`);
+//!   (`kvm::arch::x86_64::guest_debug`); it raises the system's debug flag
+//!   and kicks the other CPUs, which stop at their next consistent point
+//!   (all-stop), and every thread leaves at the window's boundary;
 //! * GDB sends something (Ctrl-C, or it went away): a watcher thread sees
-//!   the socket readable, raises the CPU's debug flag and kicks it out of
-//!   KVM; the loop stops at the CPU's next consistent point (no exit in
-//!   flight) with [`DebugHalt::Interrupt`];
-//! * the run ends (GDB is told the guest exited with its code).
+//!   the socket readable, raises the flag and kicks every CPU out of KVM;
+//! * every system drained for a checkpoint (written, then the run goes on);
+//! * the run ends (GDB is told the debugged system's exit code).
+//!
+//! Each CPU of the debugged system (`sim.gdb_system`, default 0) is a GDB
+//! thread. Resume actions are per thread: a step arms single-stepping on
+//! that CPU; CPUs without an action in a packet that has no default one
+//! (scheduler locking) are held: their threads run nothing.
 //!
 //! Registers: x86-64 with SSE and the segment bases (fs_base, gs_base) in
 //! the target description; memory by guest virtual address through the
-//! guest's page tables (the software page walk), physical memory through
-//! `monitor phys`. Each CPU is a GDB thread; the stub serves systems of
-//! one CPU (the config refuses more).
+//! thread's page tables (the software page walk), physical memory through
+//! `monitor phys`; `monitor checkpoint [DIR]` writes a checkpoint.
 //!
 //! A malformed packet gets an error reply from gdbstub; a connection that
 //! fails mid-command ends the session and the run continues without the
@@ -221,7 +227,10 @@ pub fn run(sim: &mut Simulation, l: &GdbListener) -> Result<Vec<ExitEvent>, Plat
             true
         }
         Ok(DisconnectReason::Kill) => {
-            return Ok(target.all_end(ExitCause::UserInterrupt, "killed by the debugger (GDB kill)"))
+            return Ok(target.all_end(
+                ExitCause::UserInterrupt,
+                "killed by the debugger (GDB kill)",
+            ))
         }
         Ok(DisconnectReason::Disconnect) => {
             tracing::info!("GDB detached at tick {now}: the run goes on");
@@ -659,10 +668,12 @@ impl SimTarget<'_> {
                 tracing::warn!("GDB: {e}");
                 for j in 0..i {
                     let cpu = self.cpu(tid(j))?;
-                    cpu.arch_mut()
-                        .0
-                        .debug_mut()
-                        .remove_hw(SlotOwner::Debugger, addr, kind, Some(len));
+                    cpu.arch_mut().0.debug_mut().remove_hw(
+                        SlotOwner::Debugger,
+                        addr,
+                        kind,
+                        Some(len),
+                    );
                 }
                 return Ok(false);
             }

@@ -1362,7 +1362,9 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                 finish(Err(e), &t);
             }
         }
-        if lead && halted[me] && !t.system_exited() {
+        // A system drained for a checkpoint has no CPU tick scheduled
+        // until it resumes: it waits for the checkpoint, it has not halted.
+        if lead && halted[me] && !t.system_exited() && !t.checkpoint_pending() {
             // Counted at the next window's barrier, like any other end.
             let at = t.cur_tick();
             finish(
