@@ -492,6 +492,7 @@ fn every_cpu_is_a_thread_and_an_aps_breakpoint_stops_all() {
         "info threads\n\
          break ap_main\n\
          continue\n\
+         set $ap = $_thread\n\
          info threads\n\
          print/x $rip\n\
          stepi\n\
@@ -499,9 +500,17 @@ fn every_cpu_is_a_thread_and_an_aps_breakpoint_stops_all() {
          thread 1\n\
          print/x $rip\n\
          print $_thread\n\
+         eval \"thread %d\", $ap\n\
          delete\n\
          break record\n\
+         set scheduler-locking on\n\
+         monitor time\n\
          continue\n\
+         print $_thread == $ap\n\
+         thread 1\n\
+         print/x $rip\n\
+         monitor time\n\
+         set scheduler-locking off\n\
          continue\n\
          continue\n\
          delete\n\
@@ -521,19 +530,57 @@ fn every_cpu_is_a_thread_and_an_aps_breakpoint_stops_all() {
     // The breakpoint only the APs reach reports an AP's thread.
     let ap = hit_thread(&out, 1).unwrap_or_else(|| panic!("no hit of breakpoint 1\n{ctx}"));
     assert!(ap == 2 || ap == 3, "{ctx}");
-    let lines: Vec<&str> = out.lines().collect();
-    let values: Vec<u64> = lines
-        .iter()
-        .filter_map(|l| l.split_once(" = 0x").map(|(_, v)| v.trim()))
-        .filter_map(|v| u64::from_str_radix(v, 16).ok())
-        .collect();
-    assert!(values.len() >= 3, "{ctx}");
-    let ap_main = values[0];
+    // GDB's value history: $N = VALUE.
+    let value = |n: u32| -> u64 {
+        let v = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("${n} = ")))
+            .unwrap_or_else(|| panic!("no ${n}\n{ctx}"))
+            .trim();
+        match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+            None => v.parse().unwrap(),
+        }
+    };
+    let ap_main = value(1);
     // The AP is at ap_main; a step moves it one instruction (mov %edi,
     // %ebx: two bytes); the BSP is elsewhere (waiting for the reports).
-    assert_eq!(values[1], ap_main + 2, "{ctx}");
-    assert_ne!(values[2], ap_main, "{ctx}");
-    assert!(out.contains("$4 = 1"), "thread 1 is selected\n{ctx}");
+    assert_eq!(value(2), ap_main + 2, "{ctx}");
+    let bsp = value(3);
+    assert_ne!(bsp, ap_main, "{ctx}");
+    assert_eq!(value(4), 1, "thread 1 is selected\n{ctx}");
+    // With scheduler locking the AP runs alone to `record`: it is the one
+    // reported, and the BSP, held, has not moved.
+    assert_eq!(value(5), 1, "the AP hit record first\n{ctx}");
+    assert_eq!(value(6), bsp, "the held BSP moved\n{ctx}");
+    // Each CPU's time (`monitor time`), before and after: the held CPUs'
+    // stood still, the AP's went on.
+    let times: Vec<Vec<u64>> = out
+        .split("simulated time: tick ")
+        .skip(1)
+        .map(|t| {
+            (0..3)
+                .map(|c| {
+                    let key = format!("CPU {c}: tick ");
+                    let at = t.find(&key).unwrap_or_else(|| panic!("{key}\n{ctx}"));
+                    t[at + key.len()..]
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("{key}\n{ctx}"))
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(times.len(), 2, "{ctx}");
+    let me = ap as usize - 1;
+    let other = 3 - me;
+    assert_eq!(times[1][0], times[0][0], "CPU 0 was held\n{ctx}");
+    assert_eq!(
+        times[1][other], times[0][other],
+        "CPU {other} was held\n{ctx}"
+    );
+    assert!(times[1][me] > times[0][me], "the AP ran\n{ctx}");
     // `record` is reached by each CPU once: three hits, three threads.
     let mut hits: Vec<u32> = out
         .lines()

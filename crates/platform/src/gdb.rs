@@ -1118,11 +1118,21 @@ impl MonitorCmd for SimTarget<'_> {
                     Err(e) => outputln!(out, "no checkpoint: {e}"),
                 }
             }
-            ["time"] => outputln!(
-                out,
-                "simulated time: tick {now} ({:.9} s)",
-                sim::tick::ticks_to_seconds(now)
-            ),
+            ["time"] => {
+                outputln!(
+                    out,
+                    "simulated time: tick {now} ({:.9} s)",
+                    sim::tick::ticks_to_seconds(now)
+                );
+                // Each CPU's own time (they differ by up to a quantum, and
+                // a held CPU stays behind).
+                let n = self.cpus();
+                for i in (0..n).filter(|_| n > 1) {
+                    if let Some(t) = self.sys().cpu_tick(i) {
+                        outputln!(out, "  CPU {i}: tick {t}");
+                    }
+                }
+            }
             ["stats", "dump"] => match self.sys().dump_stats(now) {
                 Ok(()) => outputln!(out, "statistics dumped at tick {now} (stats.txt)"),
                 Err(e) => outputln!(out, "cannot dump the statistics: {e}"),
@@ -1161,7 +1171,10 @@ impl MonitorCmd for SimTarget<'_> {
             }
             _ => {
                 outputln!(out, "kvmsim monitor commands:");
-                outputln!(out, "  time             the simulated time");
+                outputln!(
+                    out,
+                    "  time             the simulated time (and each CPU's)"
+                );
                 outputln!(
                     out,
                     "  stats dump       append a statistics dump (stats.txt)"

@@ -1268,6 +1268,11 @@ impl System {
         Ok(())
     }
 
+    /// The simulated time CPU `i`'s queue has reached.
+    pub fn cpu_tick(&self, i: usize) -> Option<Tick> {
+        self.cpus.get(i).map(|s| s.queue.cur_tick())
+    }
+
     /// CPU `i` (a debugger reads and changes its state between windows).
     pub fn cpu_mut(&mut self, i: usize) -> Option<&mut KvmCpu<X86_64>> {
         self.cpus.get_mut(i).map(|s| &mut s.cpu)
