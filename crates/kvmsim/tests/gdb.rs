@@ -754,3 +754,159 @@ fn pc_events_count_exactly_with_the_debugger_attached() {
     assert_eq!(last["system.cpu0.pcEvents::record"], 1, "{ctx}");
     assert_eq!(last["system.cpu1.pcEvents::record"], 1, "{ctx}");
 }
+
+/// Two `smpboot` systems of 2 CPUs (`iterations` ring-3 loop rounds in
+/// system 1), GDB on system 1.
+fn two_systems(dir: &Path, iterations: u64) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("two.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sim]\ngdb = \"127.0.0.1:0\"\ngdb_system = 1\n\
+             [[system]]\nkernel = \"builtin:smpboot\"\ncpus = 2\nargs = [2, 1000]\n\
+             [system.serial]\nstdout = false\n\
+             [[system]]\nkernel = \"builtin:smpboot\"\ncpus = 2\nargs = [2, {iterations}]\n\
+             [system.serial]\nstdout = false\n"
+        ),
+    )
+    .unwrap();
+    cfg.to_string_lossy().into_owned()
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn with_two_systems_gdb_debugs_the_chosen_one_and_detach_lets_both_finish() {
+    let test = "gdb_two";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let cfg = two_systems(&dir, 1000);
+    let elf = extract(&dir).join("smpboot.elf");
+    let served = Served::start(&[&cfg], &dir.join("out"));
+    // The int3 goes into system 1's memory only: system 0 runs the same
+    // code at the same addresses and must not meet it.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "info threads\n\
+         break ap_main\n\
+         continue\n\
+         monitor time\n\
+         detach\n",
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert!(
+        stderr.contains("GDB debugs system1 (sim.gdb_system = 1)"),
+        "{ctx}"
+    );
+    assert!(out.contains("Thread 1.2 (CPU 1)"), "{ctx}");
+    assert!(!out.contains("Thread 1.3"), "{ctx}");
+    assert_eq!(hit_thread(&out, 1), Some(2), "{ctx}");
+    assert!(out.contains("CPU 1: tick "), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    for sys in ["system0", "system1"] {
+        let serial = std::fs::read_to_string(dir.join(format!("out/serial.{sys}.log"))).unwrap();
+        assert!(
+            serial.contains("smpboot: 2 of 2 CPUs started"),
+            "{sys}: {serial}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn ctrl_c_stops_every_cpu_of_every_system_and_names_a_thread() {
+    let test = "gdb_ctrl_c_smp";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    // System 1's CPUs loop at ring 3 for far longer than the test.
+    let cfg = two_systems(&dir, 1 << 40);
+    let served = Served::start(&[&cfg], &dir.join("out"));
+    let mut s = connect(served.port);
+    s.write_all(&packet("qfThreadInfo")).unwrap();
+    let got = read_until(&mut s, "#", Duration::from_secs(30));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    assert!(
+        got.contains("$m1,2#") || got.contains("$m01,02#"),
+        "{got:?}"
+    );
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("vCont;c")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.write_all(b"\x03").unwrap();
+    let got = read_until(&mut s, "T02", Duration::from_secs(60));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    assert!(
+        got.contains("$T02thread:"),
+        "no SIGINT stop with a thread: {got:?}"
+    );
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("k")).unwrap();
+    let (status, _, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status, 130, "{stderr}");
+    assert!(stderr.contains("killed by the debugger"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_resume_of_threads_that_do_not_exist_ends_the_session_not_the_run() {
+    let test = "gdb_bad_thread";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir,
+    );
+    let mut s = connect(served.port);
+    // Registers of a thread that does not exist: an error reply, the
+    // session lives.
+    s.write_all(&packet("Hg9")).unwrap();
+    let got = read_until(&mut s, "#", Duration::from_secs(30));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    s.write_all(b"+").unwrap();
+    assert!(got.contains('$'), "{got:?}");
+    // A step of thread 7 alone would hold both CPUs with nothing to run:
+    // refused, which ends the session; the run goes on without GDB.
+    s.write_all(&packet("vCont;s:7")).unwrap();
+    let _ = read_until(&mut s, "#", Duration::from_secs(5));
+    drop(s);
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("names none of the 2 threads"), "{stderr}");
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("smpboot: 2 of 2 CPUs started"), "{stdout}");
+}

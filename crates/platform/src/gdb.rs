@@ -947,7 +947,15 @@ impl MultiThreadResume for SimTarget<'_> {
     /// runs none of its events (with CPU 0 that includes the system's
     /// devices) until a later resume lets it go.
     fn resume(&mut self) -> Result<(), Self::Error> {
-        for i in 0..self.cpus() {
+        let n = self.cpus();
+        if self.locked && !self.actions.iter().any(|&a| a != Resume::Default) {
+            // Every CPU held (the packet named only threads that do not
+            // exist): nothing could run, nor stop again.
+            return Err(format!(
+                "a resume that names none of the {n} threads (1 to {n}) of the system"
+            ));
+        }
+        for i in 0..n {
             let a = self.actions.get(i).copied().unwrap_or(Resume::Default);
             let held = self.locked && a == Resume::Default;
             let sys = self.sys();
