@@ -712,8 +712,9 @@ fn pc_events_count_exactly_with_the_debugger_attached() {
     std::fs::create_dir_all(&dir).unwrap();
     let elf = extract(&dir).join("smpboot.elf");
     // A PC event counts `record` (each CPU calls it once) while GDB stops
-    // every CPU at the AP's ap_main, steps it (the BSP held), and lets the
-    // run go on to the end.
+    // every CPU at the AP's ap_main, steps it (the BSP held), then stops
+    // each CPU at `record` itself (GDB's int3 where the event's debug
+    // register points), and lets the run go on to the end.
     let served = Served::start(
         &[
             "--kernel",
@@ -739,12 +740,24 @@ fn pc_events_count_exactly_with_the_debugger_attached() {
          continue\n\
          stepi\n\
          delete\n\
+         break record\n\
+         continue\n\
+         continue\n\
+         delete\n\
          continue\n",
         &elf,
     );
     let (status, _, stderr) = served.finish(Duration::from_secs(180));
     let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
     assert_eq!(hit_thread(&out, 1), Some(2), "{ctx}");
+    // GDB's breakpoint on the event's own address: both stop there once.
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("hit Breakpoint 2,"))
+            .count(),
+        2,
+        "{ctx}"
+    );
     assert!(out.contains("exited normally"), "{ctx}");
     assert_eq!(status, 0, "{ctx}");
     let stats: serde_json::Value =
