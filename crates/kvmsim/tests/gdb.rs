@@ -420,11 +420,15 @@ fn extract(dir: &Path) -> std::path::PathBuf {
 
 /// Runs `/usr/bin/gdb -batch` with `script` (its commands, after
 /// `target remote` to `port`) against `elf`; returns stdout and stderr.
+/// GDB waits up to 60 s for a reply (not 2 s: a debug build writing a
+/// checkpoint on a loaded host takes longer).
 fn gdb_batch(dir: &Path, port: u16, script: &str, elf: &Path) -> String {
     let cmds = dir.join("cmds.gdb");
     std::fs::write(
         &cmds,
-        format!("set pagination off\ntarget remote 127.0.0.1:{port}\n{script}"),
+        format!(
+            "set pagination off\nset remotetimeout 60\ntarget remote 127.0.0.1:{port}\n{script}"
+        ),
     )
     .unwrap();
     let gdb = Command::new("/usr/bin/gdb")

@@ -685,7 +685,15 @@ impl SimTarget<'_> {
     /// `monitor checkpoint [DIR]`: every CPU of every system drains (no
     /// breakpoint of GDB's in the guest meanwhile, none in the saved RAM),
     /// the checkpoint is written, and the machine stays stopped.
-    fn checkpoint(&mut self, dir: Option<std::path::PathBuf>) -> Result<String, String> {
+    ///
+    /// Progress lines go to GDB as they happen: each one restarts GDB's
+    /// wait for the reply (`set remotetimeout`, 2 s by default), which a
+    /// drain and a write on a loaded host can exceed.
+    fn checkpoint(
+        &mut self,
+        dir: Option<std::path::PathBuf>,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<String, String> {
         if let Some(d) = &dir {
             if d.join(ckpt::STATE_FILE).exists() {
                 return Err(format!("{} already holds a checkpoint", d.display()));
@@ -707,7 +715,9 @@ impl SimTarget<'_> {
                     .set_step(Stepper::Debugger, false);
             }
         }
-        let r = self.drain_and_save(dir);
+        outputln!(out, "draining every CPU for a checkpoint (tick {before})");
+        out.flush();
+        let r = self.drain_and_save(dir, out);
         self.replant();
         let (dir, at) = r?;
         let moved = if at > before {
@@ -724,6 +734,7 @@ impl SimTarget<'_> {
     fn drain_and_save(
         &mut self,
         dir: Option<std::path::PathBuf>,
+        out: &mut ConsoleOutput<'_>,
     ) -> Result<(Option<std::path::PathBuf>, Tick), String> {
         self.sim.request_checkpoint().map_err(|e| e.to_string())?;
         // Nothing of GDB's can stop a CPU now (breakpoints lifted, no step,
@@ -733,6 +744,8 @@ impl SimTarget<'_> {
             match self.sim.run_debug().map_err(|e| e.to_string())? {
                 RunEnd::Checkpoint => {
                     let at = self.sys().cur_tick();
+                    outputln!(out, "drained at tick {at}: writing the checkpoint");
+                    out.flush();
                     let taken = self.sim.checkpoints().len();
                     self.sim
                         .checkpoint_now(dir, false)
@@ -1121,7 +1134,7 @@ impl MonitorCmd for SimTarget<'_> {
         let now = self.sys().cur_tick();
         match words.as_slice() {
             ["checkpoint", rest @ ..] if rest.len() <= 1 => {
-                match self.checkpoint(rest.first().map(std::path::PathBuf::from)) {
+                match self.checkpoint(rest.first().map(std::path::PathBuf::from), &mut out) {
                     Ok(msg) => outputln!(out, "{msg}"),
                     Err(e) => outputln!(out, "no checkpoint: {e}"),
                 }
