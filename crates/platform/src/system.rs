@@ -1589,16 +1589,18 @@ impl CpuThread<'_> {
             None => None,
         };
         let r = self.run_events();
-        if !matches!(r, Ok(None))
-            || self.system_exited()
-            || self.checkpoint_ready()
-            || self.slot.debug.stopped.is_some()
-        {
+        if !matches!(r, Ok(None)) || self.system_exited() || self.checkpoint_ready() {
             if let Some(id) = window {
                 let _ = self.slot.queue.deschedule(id);
             }
             if let Some(p) = &mut self.slot.progress {
                 p.finish();
+            }
+        } else if self.slot.debug.stopped.is_some() {
+            // Stopped mid-window for the debugger: the window is run again
+            // when GDB resumes, with a window end of its own.
+            if let Some(id) = window {
+                let _ = self.slot.queue.deschedule(id);
             }
         }
         r
