@@ -131,13 +131,20 @@ struct RunArgs {
     /// The config comes from the checkpoint; --max-time, --outdir,
     /// --quiet, --no-stdin, --readfile and the checkpoint flags may change
     /// it.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "memory", "cpus", "initrd", "append", "disks", "args", "trace"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "memory", "cpus", "initrd", "append", "disks", "args", "trace", "pc_events"])]
     restore: Option<PathBuf>,
     /// Debug the guest with GDB: serve the remote protocol on HOST:PORT
     /// (port 0: a free one, printed) and wait for GDB before the first
     /// guest instruction (overrides the config's sim.gdb).
     #[arg(long, value_name = "HOST:PORT")]
     gdb: Option<String>,
+    /// A PC event, as `[[system.cpu.pc_event]]` (repeat for more; added to
+    /// every system's, after the config's): AT is an address (0x... or
+    /// decimal) or a symbol, ACTION one of dump_stats, reset_stats,
+    /// dump_reset_stats, exit, checkpoint, count; NAME the event's name in
+    /// the statistics (default AT).
+    #[arg(long = "pc-event", value_name = "AT:ACTION[:NAME]")]
+    pc_events: Vec<String>,
 }
 
 /// `kvmsim se`.
@@ -435,6 +442,48 @@ fn parse_trace(t: &str) -> Result<platform::config::TraceConfig, String> {
     Ok(platform::config::TraceConfig { from, insts })
 }
 
+/// A `--pc-event AT:ACTION[:NAME]` value.
+fn parse_pc_event(v: &str) -> Result<platform::config::PcEventConfig, String> {
+    use platform::config::{PcAction, PcAddr, PcEventConfig};
+    let parts: Vec<&str> = v.split(':').collect();
+    let (at, action, name) = match parts.as_slice() {
+        [at, action] => (*at, *action, None),
+        [at, action, name] => (*at, *action, Some(*name)),
+        _ => return Err("expected AT:ACTION or AT:ACTION:NAME".into()),
+    };
+    if at.is_empty() || at.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{at:?} is not an address (0x... or decimal) or a symbol name"
+        ));
+    }
+    let at = match at.parse::<u64>() {
+        Ok(n) => PcAddr::Number(n),
+        Err(_) => PcAddr::Text(at.to_string()),
+    };
+    at.literal()?;
+    let action: PcAction = serde_json::from_value(serde_json::Value::String(action.into()))
+        .map_err(|_| {
+            format!(
+                "{action:?} is not an action (dump_stats, reset_stats, dump_reset_stats, exit, \
+                 checkpoint, count)"
+            )
+        })?;
+    if let Some(n) = name {
+        if n.is_empty() || n.len() > 200 || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "the name {n:?} must be 1 to 200 characters without spaces (it becomes a \
+                 statistic's name)"
+            ));
+        }
+    }
+    Ok(PcEventConfig {
+        at,
+        action,
+        name: name.map(String::from),
+        address: None,
+    })
+}
+
 fn main() -> ExitCode {
     // Usage errors are kvmsim errors (254, as the README says); --help
     // and --version succeed.
@@ -593,12 +642,18 @@ fn make_config(
     if let Some(g) = &a.gdb {
         cfg.sim.gdb = Some(g.clone());
     }
+    let pc_events = a
+        .pc_events
+        .iter()
+        .map(|v| parse_pc_event(v).map_err(|e| bad("--pc-event", v, e)))
+        .collect::<Result<Vec<_>, _>>()?;
     let trace = a
         .trace
         .as_deref()
         .map(|t| parse_trace(t).map_err(|e| bad("--trace", t, e)))
         .transpose()?;
     for s in &mut cfg.system {
+        s.cpu.pc_event.extend(pc_events.iter().cloned());
         if trace.is_some() {
             s.cpu.trace = trace.clone();
         }

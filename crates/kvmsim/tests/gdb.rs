@@ -406,3 +406,524 @@ fn an_address_gdb_cannot_reach_is_refused_before_the_run() {
     // Nothing ran: no output folder.
     assert!(!dir.join("out").exists());
 }
+
+/// The built-in guests with their symbols, as GDB reads them, in DIR/elf.
+fn extract(dir: &Path) -> std::path::PathBuf {
+    let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+        .args(["guests", "--extract"])
+        .arg(dir.join("elf"))
+        .output()
+        .expect("kvmsim guests runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    dir.join("elf")
+}
+
+/// Runs `/usr/bin/gdb -batch` with `script` (its commands, after
+/// `target remote` to `port`) against `elf`; returns stdout and stderr.
+/// GDB waits up to 60 s for a reply (not 2 s: a debug build writing a
+/// checkpoint on a loaded host takes longer).
+fn gdb_batch(dir: &Path, port: u16, script: &str, elf: &Path) -> String {
+    let cmds = dir.join("cmds.gdb");
+    std::fs::write(
+        &cmds,
+        format!(
+            "set pagination off\nset remotetimeout 60\ntarget remote 127.0.0.1:{port}\n{script}"
+        ),
+    )
+    .unwrap();
+    let gdb = Command::new("/usr/bin/gdb")
+        .args(["-batch", "-nx", "-x"])
+        .arg(&cmds)
+        .arg(elf)
+        .stdin(Stdio::null())
+        .output()
+        .expect("gdb runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&gdb.stdout),
+        String::from_utf8_lossy(&gdb.stderr)
+    )
+}
+
+/// The thread GDB said hit breakpoint `n` ("Thread K hit Breakpoint n").
+fn hit_thread(out: &str, n: u32) -> Option<u32> {
+    out.lines().find_map(|l| {
+        let rest = l.strip_prefix("Thread ")?;
+        let (t, tail) = rest.split_once(' ')?;
+        tail.starts_with(&format!("hit Breakpoint {n},"))
+            .then(|| t.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn every_cpu_is_a_thread_and_an_aps_breakpoint_stops_all() {
+    let test = "gdb_smp";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    // smpboot on 3 CPUs, 1000 ring-3 iterations each.
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "3",
+            "--arg",
+            "3",
+            "--arg",
+            "1000",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    // ap_main runs only on the APs; `record` on every CPU, once each.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "info threads\n\
+         break ap_main\n\
+         continue\n\
+         set $ap = $_thread\n\
+         info threads\n\
+         print/x $rip\n\
+         stepi\n\
+         print/x $rip\n\
+         thread 1\n\
+         print/x $rip\n\
+         print $_thread\n\
+         eval \"thread %d\", $ap\n\
+         delete\n\
+         break record\n\
+         set scheduler-locking on\n\
+         monitor time\n\
+         continue\n\
+         print $_thread == $ap\n\
+         thread 1\n\
+         print/x $rip\n\
+         monitor time\n\
+         set scheduler-locking off\n\
+         continue\n\
+         continue\n\
+         delete\n\
+         continue\n",
+        &elf,
+    );
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    // Three threads, one per CPU, before the first instruction: the BSP at
+    // the entry point, the APs at the reset vector waiting for SIPI.
+    assert!(
+        out.contains("Thread 1.1 (CPU 0) 0x0000000000100000 in _start"),
+        "{ctx}"
+    );
+    assert!(out.contains("Thread 1.2 (CPU 1)"), "{ctx}");
+    assert!(out.contains("Thread 1.3 (CPU 2)"), "{ctx}");
+    // The breakpoint only the APs reach reports an AP's thread.
+    let ap = hit_thread(&out, 1).unwrap_or_else(|| panic!("no hit of breakpoint 1\n{ctx}"));
+    assert!(ap == 2 || ap == 3, "{ctx}");
+    // GDB's value history: $N = VALUE.
+    let value = |n: u32| -> u64 {
+        let v = out
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("${n} = ")))
+            .unwrap_or_else(|| panic!("no ${n}\n{ctx}"))
+            .trim();
+        match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).unwrap(),
+            None => v.parse().unwrap(),
+        }
+    };
+    let ap_main = value(1);
+    // The AP is at ap_main; a step moves it one instruction (mov %edi,
+    // %ebx: two bytes); the BSP is elsewhere (waiting for the reports).
+    assert_eq!(value(2), ap_main + 2, "{ctx}");
+    let bsp = value(3);
+    assert_ne!(bsp, ap_main, "{ctx}");
+    assert_eq!(value(4), 1, "thread 1 is selected\n{ctx}");
+    // With scheduler locking the AP runs alone to `record`: it is the one
+    // reported, and the BSP, held, has not moved.
+    assert_eq!(value(5), 1, "the AP hit record first\n{ctx}");
+    assert_eq!(value(6), bsp, "the held BSP moved\n{ctx}");
+    // Each CPU's time (`monitor time`), before and after: the held CPUs'
+    // stood still, the AP's went on.
+    let times: Vec<Vec<u64>> = out
+        .split("simulated time: tick ")
+        .skip(1)
+        .map(|t| {
+            (0..3)
+                .map(|c| {
+                    let key = format!("CPU {c}: tick ");
+                    let at = t.find(&key).unwrap_or_else(|| panic!("{key}\n{ctx}"));
+                    t[at + key.len()..]
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("{key}\n{ctx}"))
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(times.len(), 2, "{ctx}");
+    let me = ap as usize - 1;
+    let other = 3 - me;
+    assert_eq!(times[1][0], times[0][0], "CPU 0 was held\n{ctx}");
+    assert_eq!(
+        times[1][other], times[0][other],
+        "CPU {other} was held\n{ctx}"
+    );
+    assert!(times[1][me] > times[0][me], "the AP ran\n{ctx}");
+    // `record` is reached by each CPU once: three hits, three threads.
+    let mut hits: Vec<u32> = out
+        .lines()
+        .filter(|l| l.contains("hit Breakpoint 2,"))
+        .filter_map(|l| l.strip_prefix("Thread ")?.split(' ').next()?.parse().ok())
+        .collect();
+    hits.sort();
+    assert_eq!(hits, [1, 2, 3], "{ctx}");
+    // Then to the end: every CPU reported and the guest exited with 0.
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    assert!(stdout.contains("smpboot: 3 of 3 CPUs started"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn monitor_checkpoint_writes_one_that_restores_to_the_same_end() {
+    let test = "gdb_ckpt";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    let ck = dir.join("ck");
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--quiet",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    // Stopped with the AP at ap_main (GDB's int3 planted there); the
+    // checkpoint must hold neither the breakpoint nor GDB's socket.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        &format!(
+            "break ap_main\n\
+             continue\n\
+             print/x $rip\n\
+             monitor checkpoint {ck}\n\
+             print/x $rip\n\
+             monitor checkpoint {ck}\n\
+             delete\n\
+             continue\n",
+            ck = ck.display()
+        ),
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert!(hit_thread(&out, 1) == Some(2), "{ctx}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("checkpoint at tick "))
+        .unwrap_or_else(|| panic!("no checkpoint\n{ctx}"));
+    assert!(
+        line.ends_with(&format!("written to {}", ck.display())),
+        "{ctx}"
+    );
+    // The drain ran no guest code: the AP is where it stopped.
+    let rips: Vec<&str> = out.lines().filter(|l| l.starts_with("$")).collect();
+    assert_eq!(rips.len(), 2, "{ctx}");
+    assert_eq!(rips[0][4..], rips[1][4..], "{ctx}");
+    // A second one into the same folder is refused, naming it.
+    assert!(
+        out.contains(&format!(
+            "no checkpoint: {} already holds a checkpoint",
+            ck.display()
+        )),
+        "{ctx}"
+    );
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    let orig = std::fs::read_to_string(dir.join("out/serial.log")).unwrap();
+    assert!(orig.contains("smpboot: 2 of 2 CPUs started"), "{orig}");
+    // The restore runs to the same end without a debugger.
+    let r = kvmsim(
+        &[
+            "run",
+            "--no-stdin",
+            "--quiet",
+            "--restore",
+            &ck.to_string_lossy(),
+        ],
+        &dir.join("restored"),
+    );
+    assert_eq!(r.no_panic().status, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("waiting for GDB"), "{}", r.stderr);
+    let serial = r.file("serial.log");
+    assert!(serial.contains("smpboot: 2 of 2 CPUs started"), "{serial}");
+    assert!(serial.contains("apic=1 cpu=1 result="), "{serial}");
+    assert_eq!(r.json("exit.json")["status"], 0);
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn pc_events_count_exactly_with_the_debugger_attached() {
+    let test = "gdb_pcev";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = extract(&dir).join("smpboot.elf");
+    // A PC event counts `record` (each CPU calls it once) while GDB stops
+    // every CPU at the AP's ap_main, steps it (the BSP held), then stops
+    // each CPU at `record` itself (GDB's int3 where the event's debug
+    // register points), and lets the run go on to the end.
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--quiet",
+            "--pc-event",
+            "record:count",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir.join("out"),
+    );
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "break ap_main\n\
+         continue\n\
+         stepi\n\
+         delete\n\
+         break record\n\
+         continue\n\
+         continue\n\
+         delete\n\
+         continue\n",
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert_eq!(hit_thread(&out, 1), Some(2), "{ctx}");
+    // GDB's breakpoint on the event's own address: both stop there once.
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("hit Breakpoint 2,"))
+            .count(),
+        2,
+        "{ctx}"
+    );
+    assert!(out.contains("exited normally"), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/stats.json")).unwrap())
+            .unwrap();
+    let last = &stats.as_array().unwrap().last().unwrap()["stats"];
+    assert_eq!(last["system.cpu0.pcEvents::record"], 1, "{ctx}");
+    assert_eq!(last["system.cpu1.pcEvents::record"], 1, "{ctx}");
+}
+
+/// Two `smpboot` systems of 2 CPUs (`iterations` ring-3 loop rounds in
+/// system 1), GDB on system 1.
+fn two_systems(dir: &Path, iterations: u64) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("two.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[sim]\ngdb = \"127.0.0.1:0\"\ngdb_system = 1\n\
+             [[system]]\nkernel = \"builtin:smpboot\"\ncpus = 2\nargs = [2, 1000]\n\
+             [system.serial]\nstdout = false\n\
+             [[system]]\nkernel = \"builtin:smpboot\"\ncpus = 2\nargs = [2, {iterations}]\n\
+             [system.serial]\nstdout = false\n"
+        ),
+    )
+    .unwrap();
+    cfg.to_string_lossy().into_owned()
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_gdb),
+    ignore = "needs /usr/bin/gdb (Debian: apt-get install gdb), which was not there when this test was built"
+)]
+fn with_two_systems_gdb_debugs_the_chosen_one_and_detach_lets_both_finish() {
+    let test = "gdb_two";
+    if !kvm_or_skip(test) || !gdb_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let cfg = two_systems(&dir, 1000);
+    let elf = extract(&dir).join("smpboot.elf");
+    let served = Served::start(&[&cfg], &dir.join("out"));
+    // The int3 goes into system 1's memory only: system 0 runs the same
+    // code at the same addresses and must not meet it.
+    let out = gdb_batch(
+        &dir,
+        served.port,
+        "info threads\n\
+         break ap_main\n\
+         continue\n\
+         monitor time\n\
+         detach\n",
+        &elf,
+    );
+    let (status, _, stderr) = served.finish(Duration::from_secs(180));
+    let ctx = format!("gdb:\n{out}\nkvmsim:\n{stderr}");
+    assert!(
+        stderr.contains("GDB debugs system1 (sim.gdb_system = 1)"),
+        "{ctx}"
+    );
+    assert!(out.contains("Thread 1.2 (CPU 1)"), "{ctx}");
+    assert!(!out.contains("Thread 1.3"), "{ctx}");
+    assert_eq!(hit_thread(&out, 1), Some(2), "{ctx}");
+    assert!(out.contains("CPU 1: tick "), "{ctx}");
+    assert_eq!(status, 0, "{ctx}");
+    for sys in ["system0", "system1"] {
+        let serial = std::fs::read_to_string(dir.join(format!("out/serial.{sys}.log"))).unwrap();
+        assert!(
+            serial.contains("smpboot: 2 of 2 CPUs started"),
+            "{sys}: {serial}"
+        );
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn ctrl_c_stops_every_cpu_of_every_system_and_names_a_thread() {
+    let test = "gdb_ctrl_c_smp";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    // System 1's CPUs loop at ring 3 for far longer than the test.
+    let cfg = two_systems(&dir, 1 << 40);
+    let served = Served::start(&[&cfg], &dir.join("out"));
+    let mut s = connect(served.port);
+    s.write_all(&packet("qfThreadInfo")).unwrap();
+    let got = read_until(&mut s, "#", Duration::from_secs(30));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    assert!(
+        got.contains("$m1,2#") || got.contains("$m01,02#"),
+        "{got:?}"
+    );
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("vCont;c")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.write_all(b"\x03").unwrap();
+    let got = read_until(&mut s, "T02", Duration::from_secs(60));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    assert!(
+        got.contains("$T02thread:"),
+        "no SIGINT stop with a thread: {got:?}"
+    );
+    s.write_all(b"+").unwrap();
+    s.write_all(&packet("k")).unwrap();
+    let (status, _, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(status, 130, "{stderr}");
+    assert!(stderr.contains("killed by the debugger"), "{stderr}");
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_resume_of_threads_that_do_not_exist_ends_the_session_not_the_run() {
+    let test = "gdb_bad_thread";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let dir = outdir(test);
+    let served = Served::start(
+        &[
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "2",
+            "--arg",
+            "2",
+            "--arg",
+            "1000",
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        &dir,
+    );
+    let mut s = connect(served.port);
+    // Registers of a thread that does not exist: an error reply, the
+    // session lives.
+    s.write_all(&packet("Hg9")).unwrap();
+    let got = read_until(&mut s, "#", Duration::from_secs(30));
+    let got = finish_packet(&mut s, got, Duration::from_secs(30));
+    s.write_all(b"+").unwrap();
+    assert!(got.contains('$'), "{got:?}");
+    // A step of thread 7 alone would hold both CPUs with nothing to run:
+    // refused, which ends the session; the run goes on without GDB.
+    s.write_all(&packet("vCont;s:7")).unwrap();
+    let _ = read_until(&mut s, "#", Duration::from_secs(5));
+    drop(s);
+    let (status, stdout, stderr) = served.finish(Duration::from_secs(120));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("names none of the 2 threads"), "{stderr}");
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stdout.contains("smpboot: 2 of 2 CPUs started"), "{stdout}");
+}

@@ -344,3 +344,97 @@ fn malformed_events_name_file_field_and_value() {
         r.stderr
     );
 }
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn several_cpus_count_their_own_hits_from_command_line_events() {
+    if !kvm_or_skip("pc_events_smp") {
+        return;
+    }
+    // smpboot on 3 CPUs: every CPU calls `record` once, only the APs run
+    // `ap_main`. The events come from --pc-event (no config file).
+    let d = outdir("pcev-smp");
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:smpboot",
+            "--cpus",
+            "3",
+            "--arg",
+            "3",
+            "--arg",
+            "1000",
+            "--no-stdin",
+            "--quiet",
+            "--pc-event",
+            "record:count",
+            "--pc-event",
+            "ap_main:count:ap",
+        ],
+        &d.join("out"),
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    assert!(r
+        .file("serial.log")
+        .contains("smpboot: 3 of 3 CPUs started"));
+    let count = |cpu: usize, name: &str| {
+        r.stat(&format!("system.cpu{cpu}.pcEvents::{name}"))
+            .as_u64()
+            .unwrap_or_else(|| panic!("cpu{cpu} {name}: {}", r.file("stats.txt")))
+    };
+    assert_eq!(
+        [count(0, "record"), count(1, "record"), count(2, "record")],
+        [1, 1, 1]
+    );
+    assert_eq!([count(0, "ap"), count(1, "ap"), count(2, "ap")], [0, 1, 1]);
+    let total: u64 = (0..3).map(|c| count(c, "total")).sum();
+    assert_eq!(total, 3 + 2, "{}", r.file("stats.txt"));
+    // config.json holds them as [[system.cpu.pc_event]] entries.
+    let c = r.json("config.json");
+    let ev = &c["system"][0]["cpu"]["pc_event"];
+    assert_eq!(ev[0]["at"], "record");
+    assert_eq!(ev[0]["action"], "count");
+    assert_eq!(ev[1]["name"], "ap");
+}
+
+#[test]
+fn bad_command_line_events_name_the_flag_and_value() {
+    // Flag checks only: refused before anything is built.
+    let cases: &[(&str, &[&str])] = &[
+        ("marker", &["AT:ACTION"]),
+        ("marker:explode", &["\"explode\"", "dump_reset_stats"]),
+        ("0xZZ:count", &["hex"]),
+        ("marker:count:", &["name"]),
+        ("a:b:c:d", &["AT:ACTION"]),
+        ("two words:count", &["symbol name"]),
+    ];
+    for (i, (value, want)) in cases.iter().enumerate() {
+        let d = outdir(&format!("pcev-flag{i}"));
+        let r = kvmsim(
+            &[
+                "run",
+                "--kernel",
+                "builtin:pcevents",
+                "--no-stdin",
+                "--pc-event",
+                value,
+            ],
+            &d.join("out"),
+        );
+        assert_eq!(r.no_panic().status, 254, "{value}: {}", r.stderr);
+        assert!(r.stderr.contains("--pc-event"), "{value}: {}", r.stderr);
+        assert!(r.stderr.contains(value), "{value}: {}", r.stderr);
+        for w in *want {
+            assert!(
+                r.stderr.contains(w),
+                "{value}: {w:?} missing from {}",
+                r.stderr
+            );
+        }
+        assert!(!d.join("out").exists(), "{value}: nothing is written");
+    }
+}

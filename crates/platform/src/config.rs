@@ -290,9 +290,14 @@ pub struct SimConfig {
     pub checkpoint_exit: bool,
     /// Serve a GDB remote stub on this address (HOST:PORT; port 0 picks a
     /// free one, printed on stderr): the run waits for GDB before the first
-    /// guest instruction. One system of one CPU.
+    /// guest instruction. Each CPU of the debugged system is a GDB thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gdb: Option<String>,
+    /// With several systems: the index of the one GDB debugs (default 0).
+    /// The others run in the same lock-step windows and stand still with
+    /// it while GDB holds the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gdb_system: Option<usize>,
     /// When the debugger's connection fails: "continue" (default: the run
     /// goes on without it) or "exit" (the run ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1131,12 +1136,15 @@ impl Config {
                 "at least one system is needed",
             ));
         }
-        if let Some(g) = &self.sim.gdb {
-            if self.system.len() != 1 || self.system[0].cpus > 1 {
+        if let Some(i) = self.sim.gdb_system {
+            if i >= self.system.len() {
                 return Err(bad(
-                    "sim.gdb".into(),
-                    format!("{g:?}"),
-                    "the GDB stub serves one system of one CPU (this config has more)",
+                    "sim.gdb_system".into(),
+                    i.to_string(),
+                    &format!(
+                        "no such system: the config has {} (numbered from 0)",
+                        self.system.len()
+                    ),
                 ));
             }
         }
@@ -2061,18 +2069,27 @@ mod tests {
     }
 
     #[test]
-    fn the_gdb_stub_needs_one_system_of_one_cpu_and_a_known_disconnect_action() {
+    fn the_gdb_stub_serves_an_existing_system_and_knows_its_disconnect_action() {
         let one = "[[system]]\nkernel = \"builtin:hello\"\n";
         let c = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}")).unwrap();
         assert_eq!(c.sim.gdb.as_deref(), Some("127.0.0.1:0"));
-        let e = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}cpus = 2\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sim.gdb") && e.contains("one CPU"), "{e}");
-        let e = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}{one}"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sim.gdb"), "{e}");
+        // Several CPUs and several systems are served (one system each run).
+        let c = parse(&format!("[sim]\ngdb = \"127.0.0.1:0\"\n{one}cpus = 2\n")).unwrap();
+        assert_eq!(c.system[0].cpus, 2);
+        let c = parse(&format!(
+            "[sim]\ngdb = \"127.0.0.1:0\"\ngdb_system = 1\n{one}{one}"
+        ))
+        .unwrap();
+        assert_eq!(c.sim.gdb_system, Some(1));
+        let e = parse(&format!(
+            "[sim]\ngdb = \"127.0.0.1:0\"\ngdb_system = 2\n{one}{one}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sim.gdb_system") && e.contains("no such system"),
+            "{e}"
+        );
         let e = parse(&format!("[sim]\ngdb_on_disconnect = \"explode\"\n{one}"))
             .unwrap_err()
             .to_string();

@@ -2,25 +2,31 @@
 //! `sim.gdb`.
 //!
 //! The run waits for GDB before the first guest instruction. While GDB
-//! holds the machine, the simulation thread is inside the stub: no event
-//! runs, so simulated time does not move. When GDB resumes, the stub runs
-//! the system's event loop ([`System::run_window`]) until one of:
+//! holds the machine, the simulation's main thread is inside the stub: no
+//! event runs, so simulated time does not move. When GDB resumes, the stub
+//! runs the simulation ([`Simulation::run_debug`]: one CPU on this thread,
+//! several in their window threads) until one of:
 //!
-//! * the CPU stops for the debugger ([`DebugHalt::Stop`]: a software or
+//! * a CPU stops for the debugger ([`DebugHalt::Stop`]: a software or
 //!   hardware breakpoint, a watchpoint, the end of a single step), which
 //!   the KVM CPU reports through its one guest-debug owner
-//!   (`kvm::arch::x86_64::guest_debug`);
+//!   (`kvm::arch::x86_64::guest_debug`); it raises the system's debug flag
+//!   and kicks the other CPUs, which stop at their next consistent point
+//!   (all-stop), and every thread leaves at the window's boundary;
 //! * GDB sends something (Ctrl-C, or it went away): a watcher thread sees
-//!   the socket readable, raises the CPU's debug flag and kicks it out of
-//!   KVM; the loop stops at the CPU's next consistent point (no exit in
-//!   flight) with [`DebugHalt::Interrupt`];
-//! * the run ends (GDB is told the guest exited with its code).
+//!   the socket readable, raises the flag and kicks every CPU out of KVM;
+//! * every system drained for a checkpoint (written, then the run goes on);
+//! * the run ends (GDB is told the debugged system's exit code).
+//!
+//! Each CPU of the debugged system (`sim.gdb_system`, default 0) is a GDB
+//! thread. Resume actions are per thread: a step arms single-stepping on
+//! that CPU; CPUs without an action in a packet that has no default one
+//! (scheduler locking) are held: their threads run nothing.
 //!
 //! Registers: x86-64 with SSE and the segment bases (fs_base, gs_base) in
 //! the target description; memory by guest virtual address through the
-//! guest's page tables (the software page walk), physical memory through
-//! `monitor phys`. Each CPU is a GDB thread; the stub serves systems of
-//! one CPU (the config refuses more).
+//! thread's page tables (the software page walk), physical memory through
+//! `monitor phys`; `monitor checkpoint [DIR]` writes a checkpoint.
 //!
 //! A malformed packet gets an error reply from gdbstub; a connection that
 //! fails mid-command ends the session and the run continues without the
@@ -48,13 +54,15 @@ use gdbstub::target::ext::breakpoints::{
     SwBreakpoint, SwBreakpointOps, WatchKind,
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
+use gdbstub::target::ext::thread_extra_info::{ThreadExtraInfo, ThreadExtraInfoOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use kvm::arch::x86_64::guest_debug::{HwBreakpoint as KvmHwBreakpoint, SlotOwner};
 use kvm::arch::{Arch as _, BreakKind, DebugStop, Stepper};
 use kvm::CpuState;
-use sim::{ExitCause, ExitEvent};
+use sim::{ExitCause, ExitEvent, Tick};
 
+use crate::simulation::{RunEnd, Simulation};
 use crate::system::System;
 use crate::PlatformError;
 
@@ -74,6 +82,9 @@ pub struct DebugHook {
     pub interrupt: Option<Arc<AtomicBool>>,
     /// Why the CPU stopped (the run loop returned for it).
     pub stopped: Option<DebugHalt>,
+    /// The debugger holds the CPU while others run (scheduler locking):
+    /// its thread runs none of its events.
+    pub held: bool,
 }
 
 impl DebugHook {
@@ -87,8 +98,9 @@ impl DebugHook {
         let Some(flag) = &self.interrupt else {
             return false;
         };
-        if matches!(state, CpuState::Running | CpuState::Idle) && flag.swap(false, Ordering::AcqRel)
-        {
+        // The flag stays raised for every CPU of the system (all-stop);
+        // the stub lowers it before it lets them run again.
+        if matches!(state, CpuState::Running | CpuState::Idle) && flag.load(Ordering::Acquire) {
             self.stopped = Some(DebugHalt::Interrupt);
             return true;
         }
@@ -136,21 +148,36 @@ impl GdbListener {
     }
 }
 
-/// Waits for GDB, then runs `sys` under its control to the end of the run.
-pub fn run(sys: &mut System, l: &GdbListener) -> Result<ExitEvent, PlatformError> {
+/// Waits for GDB, then runs the simulation under its control to the end
+/// of the run (one exit per system). GDB debugs system
+/// [`Simulation::gdb_system`]; every other system runs in the same windows
+/// and stands still with it.
+pub fn run(sim: &mut Simulation, l: &GdbListener) -> Result<Vec<ExitEvent>, PlatformError> {
     eprintln!(
         "kvmsim: waiting for GDB on {} (in GDB: target remote {})",
         l.addr, l.addr
     );
+    let at = sim.gdb_system();
     let Some(stream) = accept(l)? else {
-        return Ok(ExitEvent::new(
-            ExitCause::UserInterrupt,
-            0,
-            sys.cur_tick(),
-            "interrupted by the user while waiting for GDB",
-        ));
+        let n = sim.names().len();
+        return Ok((0..n)
+            .map(|i| {
+                ExitEvent::new(
+                    ExitCause::UserInterrupt,
+                    0,
+                    sim.system_mut(i).cur_tick(),
+                    "interrupted by the user while waiting for GDB",
+                )
+            })
+            .collect());
     };
     tracing::info!("GDB connected from {:?}", stream.peer_addr().ok());
+    if sim.names().len() > 1 {
+        tracing::info!(
+            "GDB debugs {} (sim.gdb_system = {at}); the other systems stand still with it",
+            sim.names()[at]
+        );
+    }
     let io = |e: std::io::Error| PlatformError::Setup(format!("the GDB connection: {e}"));
     stream.set_nodelay(true).map_err(io)?;
     // Reads wake up now and then (Ctrl-C at kvmsim's terminal, the watcher).
@@ -158,7 +185,10 @@ pub fn run(sys: &mut System, l: &GdbListener) -> Result<ExitEvent, PlatformError
         .set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(io)?;
     let flag = Arc::new(AtomicBool::new(false));
-    sys.set_debug_interrupt(0, flag.clone());
+    let cpus = sim.system_mut(at).cpu_count();
+    for i in 0..cpus {
+        sim.system_mut(at).set_debug_interrupt(i, flag.clone());
+    }
     let watch = Arc::new(Watch {
         running: Mutex::new(false),
         cv: Condvar::new(),
@@ -168,36 +198,37 @@ pub fn run(sys: &mut System, l: &GdbListener) -> Result<ExitEvent, PlatformError
     let watcher = {
         let w = watch.clone();
         let peer = stream.try_clone().map_err(io)?;
-        let kick = sys.kick_handle();
+        let kicks = sim.system_mut(at).kick_handles();
         std::thread::Builder::new()
             .name("kvmsim-gdb-watch".into())
-            .spawn(move || w.watch(peer, kick))
+            .spawn(move || w.watch(peer, kicks))
             .map_err(io)?
     };
     let mut target = SimTarget {
-        sys,
+        sim,
+        at,
         watch: watch.clone(),
-        step: false,
+        actions: vec![Resume::Default; cpus],
+        locked: false,
         sw: Vec::new(),
-        exit: None,
+        hw: Vec::new(),
+        exits: None,
     };
     let result = GdbStub::new(Conn(stream)).run_blocking::<EventLoop<'_>>(&mut target);
     watch.stop();
     let _ = watcher.join();
-    let exit = target.exit.take();
-    let now = target.sys.cur_tick();
+    let exits = target.exits.take();
+    let now = target.sys().cur_tick();
     let go_on = match result {
         Ok(DisconnectReason::TargetExited(_)) | Ok(DisconnectReason::TargetTerminated(_)) => {
-            if let Some(e) = exit {
+            if let Some(e) = exits {
                 return Ok(e);
             }
             true
         }
         Ok(DisconnectReason::Kill) => {
-            return Ok(ExitEvent::new(
+            return Ok(target.all_end(
                 ExitCause::UserInterrupt,
-                0,
-                now,
                 "killed by the debugger (GDB kill)",
             ))
         }
@@ -206,7 +237,7 @@ pub fn run(sys: &mut System, l: &GdbListener) -> Result<ExitEvent, PlatformError
             true
         }
         Err(e) => {
-            if let Some(e) = exit {
+            if let Some(e) = exits {
                 return Ok(e);
             }
             tracing::warn!("the GDB connection ended at tick {now}: {e}");
@@ -215,18 +246,18 @@ pub fn run(sys: &mut System, l: &GdbListener) -> Result<ExitEvent, PlatformError
     };
     target.release();
     if !go_on {
-        return Ok(ExitEvent::new(
+        return Ok(target.all_end(
             ExitCause::UserInterrupt,
-            0,
-            now,
             "the debugger went away (sim.gdb_on_disconnect = \"exit\")",
         ));
     }
-    target
-        .sys
-        .set_debug_interrupt(0, Arc::new(AtomicBool::new(false)));
-    let _ = target.sys.take_debug_halt(0);
-    target.sys.run()
+    let sys = target.sys();
+    for i in 0..cpus {
+        sys.set_debug_interrupt(i, Arc::new(AtomicBool::new(false)));
+        sys.set_debug_held(i, false);
+        let _ = sys.take_debug_halt(i);
+    }
+    target.sim.run_free()
 }
 
 /// Accepts GDB's connection; `None` if the user interrupted the wait.
@@ -252,7 +283,7 @@ fn accept(l: &GdbListener) -> Result<Option<TcpStream>, PlatformError> {
 }
 
 /// Watches the socket while the guest runs: data from GDB (or its end)
-/// raises the CPU's debug flag and kicks the CPU out of KVM.
+/// raises the CPUs' debug flag and kicks every CPU out of KVM.
 struct Watch {
     running: Mutex<bool>,
     cv: Condvar,
@@ -271,7 +302,7 @@ impl Watch {
         self.set_running(false);
     }
 
-    fn watch(&self, peer: TcpStream, kick: kvm::timer::KickHandle) {
+    fn watch(&self, peer: TcpStream, kicks: Vec<kvm::timer::KickHandle>) {
         let mut byte = [0u8; 1];
         loop {
             {
@@ -298,7 +329,9 @@ impl Watch {
                 _ => {
                     *mem::lock(&self.running) = false;
                     self.flag.store(true, Ordering::Release);
-                    kick.kick();
+                    for k in &kicks {
+                        k.kick();
+                    }
                 }
             }
         }
@@ -462,16 +495,33 @@ const TARGET_XML: &str = concat!(
     r#"</feature></target>"#
 );
 
-/// The system as GDB sees it.
+/// What GDB asked one thread (CPU) to do at the next resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// No action of its own: the default (continue), or held if the
+    /// packet had no default action (scheduler locking).
+    Default,
+    Continue,
+    Step,
+}
+
+/// The debugged system (and the simulation around it) as GDB sees it.
 struct SimTarget<'a> {
-    sys: &'a mut System,
+    sim: &'a mut Simulation,
+    /// The system GDB debugs.
+    at: usize,
     watch: Arc<Watch>,
-    /// GDB asked for a single step at the next resume.
-    step: bool,
+    /// Per CPU, what the next resume does with it.
+    actions: Vec<Resume>,
+    /// The resume packet had no default action: CPUs without one of their
+    /// own are held.
+    locked: bool,
     /// Software breakpoints: address and the byte the int3 replaced.
     sw: Vec<(u64, u8)>,
-    /// How the run ended while GDB was attached.
-    exit: Option<ExitEvent>,
+    /// Hardware breakpoints and watchpoints (on every CPU).
+    hw: Vec<(u64, BreakKind, u8)>,
+    /// How the run ended while GDB was attached (one exit per system).
+    exits: Option<Vec<ExitEvent>>,
 }
 
 /// The GDB thread of CPU `i`.
@@ -480,46 +530,249 @@ fn tid(i: usize) -> Tid {
 }
 
 impl SimTarget<'_> {
+    fn sys(&mut self) -> &mut System {
+        self.sim.system_mut(self.at)
+    }
+
+    fn cpus(&mut self) -> usize {
+        self.sys().cpu_count()
+    }
+
     fn cpu(
         &mut self,
         tid: Tid,
     ) -> Result<&mut kvm::KvmCpu<kvm::arch::x86_64::X86_64>, TargetError<String>> {
-        self.sys.cpu_mut(tid.get() - 1).ok_or(TargetError::NonFatal)
+        self.sys()
+            .cpu_mut(tid.get() - 1)
+            .ok_or(TargetError::NonFatal)
     }
 
-    /// Takes the debugger's breakpoints and steps out of the guest.
+    /// Every system's end: its kept exit if it ended before, else one of
+    /// `cause` now.
+    fn all_end(&mut self, cause: ExitCause, msg: &str) -> Vec<ExitEvent> {
+        let ended = self.sim.ended().to_vec();
+        ended
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.unwrap_or_else(|| {
+                    ExitEvent::new(cause, 0, self.sim.system_mut(i).cur_tick(), msg)
+                })
+            })
+            .collect()
+    }
+
+    /// Reads the byte at guest virtual address `addr` through the first
+    /// CPU whose page tables map it.
+    fn peek(&mut self, addr: u64) -> Option<u8> {
+        let sys = self.sim.system_mut(self.at);
+        (0..sys.cpu_count()).find_map(|i| {
+            let (arch, vcpu) = sys.cpu_mut(i)?.arch_mut();
+            let mut b = [0u8; 1];
+            (arch.read_virt(vcpu, addr, &mut b) == 1).then_some(b[0])
+        })
+    }
+
+    /// Writes `byte` at guest virtual address `addr` (RAM is shared: one
+    /// CPU's mapping does).
+    fn poke(&mut self, addr: u64, byte: u8) -> bool {
+        let sys = self.sim.system_mut(self.at);
+        (0..sys.cpu_count()).any(|i| {
+            sys.cpu_mut(i).is_some_and(|c| {
+                let (arch, vcpu) = c.arch_mut();
+                arch.write_virt(vcpu, addr, &[byte]) == 1
+            })
+        })
+    }
+
+    /// Takes the debugger's breakpoints and steps out of the guest for
+    /// good.
     fn release(&mut self) {
-        let sw = std::mem::take(&mut self.sw);
-        if let Some(cpu) = self.sys.cpu_mut(0) {
-            let (arch, vcpu) = cpu.arch_mut();
-            for (addr, orig) in sw {
-                arch.write_virt(vcpu, addr, &[orig]);
-                arch.debug_mut().remove_sw(addr);
+        self.lift();
+        self.sw.clear();
+        self.hw.clear();
+        let sys = self.sys();
+        for i in 0..sys.cpu_count() {
+            if let Some(cpu) = sys.cpu_mut(i) {
+                cpu.arch_mut()
+                    .0
+                    .debug_mut()
+                    .set_step(Stepper::Debugger, false);
             }
-            arch.debug_mut().clear_owner(SlotOwner::Debugger);
-            arch.debug_mut().set_step(Stepper::Debugger, false);
         }
     }
 
-    fn hw(&mut self, add: bool, addr: u64, kind: BreakKind, len: u8) -> TargetResult<bool, Self> {
-        let cpu = self.cpu(tid(0))?;
-        let (arch, _) = cpu.arch_mut();
-        let d = arch.debug_mut();
-        if !add {
-            return Ok(d.remove_hw(SlotOwner::Debugger, addr, kind, Some(len)));
+    /// Takes the debugger's breakpoints out of the guest (memory and debug
+    /// registers), keeping the list: a checkpoint must not hold GDB's
+    /// int3 bytes, and a drain must not stop at a breakpoint.
+    fn lift(&mut self) {
+        for (addr, orig) in self.sw.clone() {
+            self.poke(addr, orig);
         }
-        match d.add_hw(KvmHwBreakpoint {
+        let sw: Vec<u64> = self.sw.iter().map(|&(a, _)| a).collect();
+        self.for_each_cpu(|d| {
+            for &addr in &sw {
+                d.remove_sw(addr);
+            }
+            d.clear_owner(SlotOwner::Debugger);
+        });
+    }
+
+    /// Puts lifted breakpoints back.
+    fn replant(&mut self) {
+        for (addr, _) in self.sw.clone() {
+            if self.poke(addr, 0xcc) {
+                self.for_each_cpu(|d| d.add_sw(addr));
+            }
+        }
+        for (addr, kind, len) in self.hw.clone() {
+            self.for_each_cpu(|d| {
+                let _ = d.add_hw(KvmHwBreakpoint {
+                    addr,
+                    kind,
+                    len,
+                    owner: SlotOwner::Debugger,
+                });
+            });
+        }
+    }
+
+    fn for_each_cpu(&mut self, mut f: impl FnMut(&mut kvm::arch::x86_64::guest_debug::GuestDebug)) {
+        let sys = self.sys();
+        for i in 0..sys.cpu_count() {
+            if let Some(cpu) = sys.cpu_mut(i) {
+                f(cpu.arch_mut().0.debug_mut());
+            }
+        }
+    }
+
+    /// Adds or removes a hardware breakpoint or watchpoint on every CPU
+    /// (all or none).
+    fn hw(&mut self, add: bool, addr: u64, kind: BreakKind, len: u8) -> TargetResult<bool, Self> {
+        let n = self.cpus();
+        if !add {
+            let mut found = false;
+            self.for_each_cpu(|d| found |= d.remove_hw(SlotOwner::Debugger, addr, kind, Some(len)));
+            self.hw.retain(|&h| h != (addr, kind, len));
+            return Ok(found);
+        }
+        let bp = KvmHwBreakpoint {
             addr,
             kind,
             len,
             owner: SlotOwner::Debugger,
-        }) {
-            Ok(_) => Ok(true),
-            Err(e) => {
+        };
+        for i in 0..n {
+            let cpu = self.cpu(tid(i))?;
+            if let Err(e) = cpu.arch_mut().0.debug_mut().add_hw(bp) {
                 tracing::warn!("GDB: {e}");
-                Ok(false)
+                for j in 0..i {
+                    let cpu = self.cpu(tid(j))?;
+                    cpu.arch_mut().0.debug_mut().remove_hw(
+                        SlotOwner::Debugger,
+                        addr,
+                        kind,
+                        Some(len),
+                    );
+                }
+                return Ok(false);
             }
         }
+        self.hw.push((addr, kind, len));
+        Ok(true)
+    }
+
+    /// `monitor checkpoint [DIR]`: every CPU of every system drains (no
+    /// breakpoint of GDB's in the guest meanwhile, none in the saved RAM),
+    /// the checkpoint is written, and the machine stays stopped.
+    ///
+    /// Progress lines go to GDB as they happen: each one restarts GDB's
+    /// wait for the reply (`set remotetimeout`, 2 s by default), which a
+    /// drain and a write on a loaded host can exceed.
+    fn checkpoint(
+        &mut self,
+        dir: Option<std::path::PathBuf>,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<String, String> {
+        if let Some(d) = &dir {
+            if d.join(ckpt::STATE_FILE).exists() {
+                return Err(format!("{} already holds a checkpoint", d.display()));
+            }
+        }
+        if self.exits.is_some() {
+            return Err("the run has ended".into());
+        }
+        let before = self.sys().cur_tick();
+        self.lift();
+        let n = self.cpus();
+        for i in 0..n {
+            let sys = self.sys();
+            sys.set_debug_held(i, false);
+            if let Some(cpu) = sys.cpu_mut(i) {
+                cpu.arch_mut()
+                    .0
+                    .debug_mut()
+                    .set_step(Stepper::Debugger, false);
+            }
+        }
+        outputln!(out, "draining every CPU for a checkpoint (tick {before})");
+        out.flush();
+        let r = self.drain_and_save(dir, out);
+        self.replant();
+        let (dir, at) = r?;
+        let moved = if at > before {
+            format!(" (draining ran the guest from tick {before})")
+        } else {
+            String::new()
+        };
+        Ok(match dir {
+            Some(d) => format!("checkpoint at tick {at}{moved} written to {}", d.display()),
+            None => format!("no checkpoint taken at tick {at}: see kvmsim's log"),
+        })
+    }
+
+    fn drain_and_save(
+        &mut self,
+        dir: Option<std::path::PathBuf>,
+        out: &mut ConsoleOutput<'_>,
+    ) -> Result<(Option<std::path::PathBuf>, Tick), String> {
+        self.sim.request_checkpoint().map_err(|e| e.to_string())?;
+        // Nothing of GDB's can stop a CPU now (breakpoints lifted, no step,
+        // the flag lowered): the loop ends when every CPU drained.
+        for _ in 0..1000 {
+            self.watch.flag.store(false, Ordering::Release);
+            match self.sim.run_debug().map_err(|e| e.to_string())? {
+                RunEnd::Checkpoint => {
+                    let at = self.sys().cur_tick();
+                    outputln!(out, "drained at tick {at}: writing the checkpoint");
+                    out.flush();
+                    let taken = self.sim.checkpoints().len();
+                    self.sim
+                        .checkpoint_now(dir, false)
+                        .map_err(|e| e.to_string())?;
+                    return Ok((self.sim.checkpoints().get(taken).cloned(), at));
+                }
+                RunEnd::Exits(e) => {
+                    self.exits = Some(e);
+                    return Err("the run ended before every CPU drained".into());
+                }
+                RunEnd::Debug => {
+                    for i in 0..self.cpus() {
+                        let _ = self.sys().take_debug_halt(i);
+                    }
+                }
+            }
+        }
+        Err("the CPUs did not drain".into())
+    }
+}
+
+impl ThreadExtraInfo for SimTarget<'_> {
+    fn thread_extra_info(&self, tid: Tid, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let text = format!("CPU {}", tid.get() - 1);
+        let n = text.len().min(buf.len());
+        buf[..n].copy_from_slice(&text.as_bytes()[..n]);
+        Ok(n)
     }
 }
 
@@ -677,13 +930,17 @@ impl MultiThreadBase for SimTarget<'_> {
     }
 
     fn list_active_threads(&mut self, active: &mut dyn FnMut(Tid)) -> Result<(), Self::Error> {
-        for i in 0..self.sys.cpu_count() {
+        for i in 0..self.cpus() {
             active(tid(i));
         }
         Ok(())
     }
 
     fn support_resume(&mut self) -> Option<MultiThreadResumeOps<'_, Self>> {
+        Some(self)
+    }
+
+    fn support_thread_extra_info(&mut self) -> Option<ThreadExtraInfoOps<'_, Self>> {
         Some(self)
     }
 }
@@ -698,24 +955,47 @@ fn full_tag(abridged: u32) -> u32 {
 }
 
 impl MultiThreadResume for SimTarget<'_> {
+    /// Each CPU steps, continues or is held as the packet says: a step
+    /// arms the debugger's single-step on that CPU; a held CPU's thread
+    /// runs none of its events (with CPU 0 that includes the system's
+    /// devices) until a later resume lets it go.
     fn resume(&mut self) -> Result<(), Self::Error> {
-        let step = self.step;
-        let cpu = self.sys.cpu_mut(0).ok_or("no CPU")?;
-        let (arch, vcpu) = cpu.arch_mut();
-        arch.set_step(vcpu, Stepper::Debugger, step)
-            .map_err(|e| e.to_string())
+        let n = self.cpus();
+        if self.locked && !self.actions.iter().any(|&a| a != Resume::Default) {
+            // Every CPU held (the packet named only threads that do not
+            // exist): nothing could run, nor stop again.
+            return Err(format!(
+                "a resume that names none of the {n} threads (1 to {n}) of the system"
+            ));
+        }
+        for i in 0..n {
+            let a = self.actions.get(i).copied().unwrap_or(Resume::Default);
+            let held = self.locked && a == Resume::Default;
+            let sys = self.sys();
+            sys.set_debug_held(i, held);
+            let cpu = sys.cpu_mut(i).ok_or("no such CPU")?;
+            let (arch, vcpu) = cpu.arch_mut();
+            arch.set_step(vcpu, Stepper::Debugger, a == Resume::Step)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     fn clear_resume_actions(&mut self) -> Result<(), Self::Error> {
-        self.step = false;
+        let n = self.cpus();
+        self.actions = vec![Resume::Default; n];
+        self.locked = false;
         Ok(())
     }
 
     fn set_resume_action_continue(
         &mut self,
-        _tid: Tid,
+        tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
+        if let Some(a) = self.actions.get_mut(tid.get() - 1) {
+            *a = Resume::Continue;
+        }
         Ok(())
     }
 
@@ -730,8 +1010,8 @@ impl MultiThreadResume for SimTarget<'_> {
 
 impl MultiThreadSchedulerLocking for SimTarget<'_> {
     fn set_resume_action_scheduler_lock(&mut self) -> Result<(), Self::Error> {
-        // Every CPU of the system is stopped while GDB holds it, and a
-        // step runs only the stepped CPU's thread (the only one served).
+        // The CPUs without an action of their own stay where they are.
+        self.locked = true;
         Ok(())
     }
 }
@@ -739,10 +1019,12 @@ impl MultiThreadSchedulerLocking for SimTarget<'_> {
 impl MultiThreadSingleStep for SimTarget<'_> {
     fn set_resume_action_step(
         &mut self,
-        _tid: Tid,
+        tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
-        self.step = true;
+        if let Some(a) = self.actions.get_mut(tid.get() - 1) {
+            *a = Resume::Step;
+        }
         Ok(())
     }
 }
@@ -762,18 +1044,20 @@ impl Breakpoints for SimTarget<'_> {
 }
 
 impl SwBreakpoint for SimTarget<'_> {
+    /// An int3 in the (shared) guest memory, known as the debugger's to
+    /// every CPU's guest-debug owner.
     fn add_sw_breakpoint(&mut self, addr: u64, _kind: usize) -> TargetResult<bool, Self> {
         if self.sw.iter().any(|&(a, _)| a == addr) {
             return Ok(true);
         }
-        let cpu = self.cpu(tid(0))?;
-        let (arch, vcpu) = cpu.arch_mut();
-        let mut orig = [0u8; 1];
-        if arch.read_virt(vcpu, addr, &mut orig) != 1 || arch.write_virt(vcpu, addr, &[0xcc]) != 1 {
+        let Some(orig) = self.peek(addr) else {
+            return Ok(false);
+        };
+        if !self.poke(addr, 0xcc) {
             return Ok(false);
         }
-        arch.debug_mut().add_sw(addr);
-        self.sw.push((addr, orig[0]));
+        self.for_each_cpu(|d| d.add_sw(addr));
+        self.sw.push((addr, orig));
         Ok(true)
     }
 
@@ -782,10 +1066,10 @@ impl SwBreakpoint for SimTarget<'_> {
             return Ok(false);
         };
         let (_, orig) = self.sw.remove(i);
-        let cpu = self.cpu(tid(0))?;
-        let (arch, vcpu) = cpu.arch_mut();
-        arch.debug_mut().remove_sw(addr);
-        Ok(arch.write_virt(vcpu, addr, &[orig]) == 1)
+        self.for_each_cpu(|d| {
+            d.remove_sw(addr);
+        });
+        Ok(self.poke(addr, orig))
     }
 }
 
@@ -847,19 +1131,35 @@ impl MonitorCmd for SimTarget<'_> {
     ) -> Result<(), Self::Error> {
         let cmd = String::from_utf8_lossy(cmd);
         let words: Vec<&str> = cmd.split_whitespace().collect();
-        let now = self.sys.cur_tick();
+        let now = self.sys().cur_tick();
         match words.as_slice() {
-            ["time"] => outputln!(
-                out,
-                "simulated time: tick {now} ({:.9} s)",
-                sim::tick::ticks_to_seconds(now)
-            ),
-            ["stats", "dump"] => match self.sys.dump_stats(now) {
+            ["checkpoint", rest @ ..] if rest.len() <= 1 => {
+                match self.checkpoint(rest.first().map(std::path::PathBuf::from), &mut out) {
+                    Ok(msg) => outputln!(out, "{msg}"),
+                    Err(e) => outputln!(out, "no checkpoint: {e}"),
+                }
+            }
+            ["time"] => {
+                outputln!(
+                    out,
+                    "simulated time: tick {now} ({:.9} s)",
+                    sim::tick::ticks_to_seconds(now)
+                );
+                // Each CPU's own time (they differ by up to a quantum, and
+                // a held CPU stays behind).
+                let n = self.cpus();
+                for i in (0..n).filter(|_| n > 1) {
+                    if let Some(t) = self.sys().cpu_tick(i) {
+                        outputln!(out, "  CPU {i}: tick {t}");
+                    }
+                }
+            }
+            ["stats", "dump"] => match self.sys().dump_stats(now) {
                 Ok(()) => outputln!(out, "statistics dumped at tick {now} (stats.txt)"),
                 Err(e) => outputln!(out, "cannot dump the statistics: {e}"),
             },
             ["stats", "reset"] => {
-                self.sys.reset_stats(now);
+                self.sys().reset_stats(now);
                 outputln!(out, "statistics reset at tick {now}");
             }
             ["phys", addr, rest @ ..] if rest.len() <= 1 => {
@@ -878,7 +1178,7 @@ impl MonitorCmd for SimTarget<'_> {
                 };
                 let len = len.min(PHYS_MAX) as usize;
                 let mut buf = vec![0u8; len];
-                let mem = self.sys.guest_memory();
+                let mem = self.sim.system_mut(self.at).guest_memory();
                 if vm_memory::Bytes::read_slice(mem, &mut buf, vm_memory::GuestAddress(addr))
                     .is_err()
                 {
@@ -892,12 +1192,19 @@ impl MonitorCmd for SimTarget<'_> {
             }
             _ => {
                 outputln!(out, "kvmsim monitor commands:");
-                outputln!(out, "  time             the simulated time");
+                outputln!(
+                    out,
+                    "  time             the simulated time (and each CPU's)"
+                );
                 outputln!(
                     out,
                     "  stats dump       append a statistics dump (stats.txt)"
                 );
                 outputln!(out, "  stats reset      reset the statistics");
+                outputln!(
+                    out,
+                    "  checkpoint [DIR] drain every CPU and write a checkpoint (default OUTDIR/cpt.TICK)"
+                );
                 outputln!(
                     out,
                     "  phys ADDR [LEN]  guest physical memory (at most {PHYS_MAX} bytes)"
@@ -920,61 +1227,88 @@ impl<'a> BlockingEventLoop for EventLoop<'a> {
         target: &mut SimTarget<'a>,
         conn: &mut Conn,
     ) -> Result<Event<Self::StopReason>, WaitForStopReasonError<String, std::io::Error>> {
+        if let Some(exits) = &target.exits {
+            // The run ended while GDB held it (a monitor command's drain).
+            let code = exits[target.at].code.clamp(0, 255) as u8;
+            return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
+        }
+        let err = |e: PlatformError| WaitForStopReasonError::Target(e.to_string());
         loop {
             target.watch.flag.store(false, Ordering::Release);
             target.watch.set_running(true);
-            let r = target.sys.run_window(None);
+            let r = target.sim.run_debug();
             target.watch.set_running(false);
-            let exit = r.map_err(|e| WaitForStopReasonError::Target(e.to_string()))?;
-            if let Some(exit) = exit {
-                let code = exit.code.clamp(0, 255) as u8;
-                target.exit = Some(exit);
-                return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
-            }
-            if target.sys.checkpoint_ready() {
-                // The run under the debugger writes none (System::run says
-                // so too): every CPU drained for it goes on.
-                if crate::console::first_time("gdb-checkpoint") {
-                    tracing::warn!(
-                        "a checkpoint was asked for while debugging: none is written under --gdb"
-                    );
+            match r.map_err(err)? {
+                RunEnd::Exits(exits) => {
+                    let code = exits[target.at].code.clamp(0, 255) as u8;
+                    target.exits = Some(exits);
+                    return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
                 }
-                target
-                    .sys
-                    .resume_after_checkpoint()
-                    .map_err(|e| WaitForStopReasonError::Target(e.to_string()))?;
-            }
-            match target.sys.take_debug_halt(0) {
-                Some(DebugHalt::Stop(s)) => return Ok(Event::TargetStopped(stop_reason(s))),
-                Some(DebugHalt::Interrupt) | None => {
-                    if conn
-                        .peek()
-                        .map_err(WaitForStopReasonError::Connection)?
-                        .is_some()
-                    {
-                        let b = conn.read().map_err(WaitForStopReasonError::Connection)?;
-                        return Ok(Event::IncomingData(b));
+                RunEnd::Checkpoint => {
+                    // The guest (or the config) asked for one: it is written
+                    // without GDB's breakpoints in the guest's memory.
+                    target.lift();
+                    let r = target.sim.checkpoint_now(None, true);
+                    target.replant();
+                    if let Some(exits) = r.map_err(err)? {
+                        let code = exits[target.at].code.clamp(0, 255) as u8;
+                        target.exits = Some(exits);
+                        return Ok(Event::TargetStopped(MultiThreadStopReason::Exited(code)));
                     }
-                    if crate::console::interrupted() {
-                        return Err(WaitForStopReasonError::Target(
-                            "interrupted by the user (SIGINT/SIGTERM)".into(),
-                        ));
-                    }
+                    continue;
                 }
+                RunEnd::Debug => {}
+            }
+            // Every CPU stopped; the lowest one that stopped for a reason
+            // of its own is reported (another one's breakpoint is met again
+            // when it runs on: its instruction did not execute).
+            let mut stop = None;
+            for i in 0..target.cpus() {
+                if let Some(DebugHalt::Stop(s)) = target.sys().take_debug_halt(i) {
+                    stop = stop.or(Some((i, s)));
+                }
+            }
+            if let Some((i, s)) = stop {
+                return Ok(Event::TargetStopped(stop_reason(i, s)));
+            }
+            if conn
+                .peek()
+                .map_err(WaitForStopReasonError::Connection)?
+                .is_some()
+            {
+                let b = conn.read().map_err(WaitForStopReasonError::Connection)?;
+                return Ok(Event::IncomingData(b));
+            }
+            if crate::console::interrupted() {
+                return Err(WaitForStopReasonError::Target(
+                    "interrupted by the user (SIGINT/SIGTERM)".into(),
+                ));
             }
         }
     }
 
     fn on_interrupt(target: &mut SimTarget<'a>) -> Result<Option<Self::StopReason>, String> {
-        let _ = target;
-        Ok(Some(MultiThreadStopReason::Signal(Signal::SIGINT)))
+        // Reported on the first CPU that was running.
+        let i = target
+            .actions
+            .iter()
+            .position(|&a| !(target.locked && a == Resume::Default))
+            .unwrap_or(0);
+        Ok(Some(MultiThreadStopReason::SignalWithThread {
+            tid: tid(i),
+            signal: Signal::SIGINT,
+        }))
     }
 }
 
-fn stop_reason(s: DebugStop) -> MultiThreadStopReason<u64> {
-    let t = tid(0);
+/// What GDB is told when CPU `i` stopped for `s`.
+fn stop_reason(i: usize, s: DebugStop) -> MultiThreadStopReason<u64> {
+    let t = tid(i);
     match s {
-        DebugStop::Step => MultiThreadStopReason::DoneStep,
+        DebugStop::Step => MultiThreadStopReason::SignalWithThread {
+            tid: t,
+            signal: Signal::SIGTRAP,
+        },
         DebugStop::SwBreak => MultiThreadStopReason::SwBreak(t),
         DebugStop::HwBreak(_) => MultiThreadStopReason::HwBreak(t),
         DebugStop::Watch(kind, addr) => MultiThreadStopReason::Watch {

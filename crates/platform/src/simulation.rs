@@ -152,6 +152,9 @@ pub struct Simulation {
     checkpoints: Vec<std::path::PathBuf>,
     /// The GDB stub's socket (`sim.gdb`), bound at build time.
     gdb: Option<crate::gdb::GdbListener>,
+    /// Systems that ended while the run stopped (for a checkpoint or the
+    /// debugger), with their exits.
+    ended: Vec<Option<ExitEvent>>,
 }
 
 /// How a run of the threads ended.
@@ -160,6 +163,9 @@ pub(crate) enum RunEnd {
     Exits(Vec<ExitEvent>),
     /// Every system drained for a checkpoint; the run can resume.
     Checkpoint,
+    /// A CPU stopped for the debugger (crate::gdb); every thread left at
+    /// the window boundary after it.
+    Debug,
 }
 
 /// A checkpoint's config and state, read and checked.
@@ -444,6 +450,7 @@ impl Simulation {
             config: cfg.clone(),
             checkpoints: Vec::new(),
             gdb,
+            ended: vec![None; n],
         })
     }
 
@@ -495,7 +502,10 @@ impl Simulation {
 
     /// Writes a checkpoint of every system (all drained) into
     /// OUTDIR/cpt.TICK; returns its folder.
-    fn take_checkpoint(&mut self) -> Result<std::path::PathBuf, PlatformError> {
+    fn take_checkpoint(
+        &mut self,
+        into: Option<std::path::PathBuf>,
+    ) -> Result<std::path::PathBuf, PlatformError> {
         let start = std::time::Instant::now();
         let tick = self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0);
         if let Some(i) = self.systems.iter().position(System::has_ended) {
@@ -505,7 +515,7 @@ impl Simulation {
                 self.names[i]
             )));
         }
-        let dir = self.out.file(&format!("cpt.{tick}"));
+        let dir = into.unwrap_or_else(|| self.out.file(&format!("cpt.{tick}")));
         ckpt::create_dir(&dir)?;
         let mut states = Vec::with_capacity(self.systems.len());
         let mut pages = 0;
@@ -514,7 +524,13 @@ impl Simulation {
             pages += w.pages_written;
             states.push(st);
         }
-        let config = serde_json::to_value(&self.config)
+        // The debugger belongs to this run, not to the machine: a restore
+        // waits for none unless it asks (--gdb).
+        let mut saved = self.config.clone();
+        saved.sim.gdb = None;
+        saved.sim.gdb_on_disconnect = None;
+        saved.sim.gdb_system = None;
+        let config = serde_json::to_value(&saved)
             .map_err(|e| PlatformError::Checkpoint(format!("saving the configuration: {e}")))?;
         let network = NetworkSaved {
             stats: self.link_stats.save(),
@@ -590,91 +606,174 @@ impl Simulation {
         &mut self.systems
     }
 
-    /// Runs every system to its exit; returns one exit per system.
+    /// Runs every system to its exit; returns one exit per system. With
+    /// `sim.gdb`, under the debugger ([`crate::gdb::run`]).
     pub fn run(&mut self) -> Result<Vec<ExitEvent>, PlatformError> {
-        if let (Some(l), [sys]) = (&self.gdb, self.systems.as_mut_slice()) {
-            return Ok(vec![crate::gdb::run(sys, l)?]);
-        }
-        // Systems that ended before a checkpoint, with their exits.
-        let mut ended: Vec<Option<ExitEvent>> = vec![None; self.systems.len()];
         if self.systems.len() > 1 || self.systems.iter().any(|s| s.cpu_count() > 1) {
             self.warn_if_windows_dominate();
         }
+        if let Some(l) = self.gdb.take() {
+            let r = crate::gdb::run(self, &l);
+            self.gdb = Some(l);
+            return r;
+        }
+        self.run_free()
+    }
+
+    /// Runs every system to its exit without a debugger.
+    pub(crate) fn run_free(&mut self) -> Result<Vec<ExitEvent>, PlatformError> {
         loop {
-            let end = if self.systems.len() == 1 && self.systems[0].cpu_count() == 1 {
+            let end = if self.single() {
                 match self.systems[0].run_until_checkpoint()? {
                     Some(exit) => RunEnd::Exits(vec![exit]),
                     None => RunEnd::Checkpoint,
                 }
             } else {
-                run_threads(
-                    &mut self.systems,
-                    self.quantum,
-                    self.stop_on_fault,
-                    Some(Net {
-                        route: &self.route,
-                        links: &self.links,
-                        switches: &self.switches,
-                        stats: &self.link_stats,
-                        snapshot: &self.net_snapshot,
-                    }),
-                    &mut ended,
-                )?
+                self.run_threads()?
             };
             match end {
                 RunEnd::Exits(exits) => return Ok(exits),
+                // No debugger: nothing stops for one.
+                RunEnd::Debug => {}
                 RunEnd::Checkpoint => {
-                    // A checkpoint holds systems that still run: with one
-                    // ended, none is taken, and the run goes on.
-                    if let Some(i) = self.systems.iter().position(System::has_ended) {
-                        tracing::warn!(
-                            "checkpoint at tick {} not taken: {} has already ended (a \
-                             checkpoint holds systems that still run); the run goes on",
-                            self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0),
-                            self.names[i]
-                        );
-                        for s in &mut self.systems {
-                            s.resume_after_checkpoint()?;
-                        }
-                        continue;
-                    }
-                    // An SE-mode process (host files, its page tables) is
-                    // not checkpointable yet: the guest's checkpoint sim-op
-                    // is declined (the config refuses the other ways).
-                    if let Some(s) = self.config.system.iter().position(|s| s.platform == "se") {
-                        if crate::console::first_time("se-checkpoint") {
-                            tracing::warn!(
-                                "{}: a checkpoint was asked for, but an SE-mode process cannot \
-                                 be checkpointed yet: none is taken (said once)",
-                                self.names[s]
-                            );
-                        }
-                        for s in &mut self.systems {
-                            s.resume_after_checkpoint()?;
-                        }
-                        continue;
-                    }
-                    let dir = self.take_checkpoint()?;
-                    if self.config.sim.checkpoint_exit {
-                        return Ok(self
-                            .systems
-                            .iter()
-                            .map(|s| {
-                                ExitEvent::new(
-                                    ExitCause::Checkpoint,
-                                    0,
-                                    s.cur_tick(),
-                                    format!("checkpoint written to {}", dir.display()),
-                                )
-                            })
-                            .collect());
-                    }
-                    for s in &mut self.systems {
-                        s.resume_after_checkpoint()?;
+                    if let Some(exits) = self.checkpoint_now(None, true)? {
+                        return Ok(exits);
                     }
                 }
             }
         }
+    }
+
+    /// One system of one CPU: it runs on the calling thread.
+    fn single(&self) -> bool {
+        self.systems.len() == 1 && self.systems[0].cpu_count() == 1
+    }
+
+    /// Every CPU of every system on a thread of its own, in windows.
+    fn run_threads(&mut self) -> Result<RunEnd, PlatformError> {
+        run_threads(
+            &mut self.systems,
+            self.quantum,
+            self.stop_on_fault,
+            Some(Net {
+                route: &self.route,
+                links: &self.links,
+                switches: &self.switches,
+                stats: &self.link_stats,
+                snapshot: &self.net_snapshot,
+            }),
+            &mut self.ended,
+        )
+    }
+
+    /// Runs until the run ends (every system's exit), every system drained
+    /// for a checkpoint, or a CPU stopped for the debugger (or was
+    /// interrupted by it: [`crate::gdb::DebugHook`]). Held CPUs run
+    /// nothing; with one system of one CPU it runs on this thread.
+    pub(crate) fn run_debug(&mut self) -> Result<RunEnd, PlatformError> {
+        if !self.single() {
+            return self.run_threads();
+        }
+        let sys = &mut self.systems[0];
+        Ok(match sys.run_window(None)? {
+            Some(exit) => RunEnd::Exits(vec![exit]),
+            None if sys.checkpoint_ready() => RunEnd::Checkpoint,
+            None => RunEnd::Debug,
+        })
+    }
+
+    /// Every system drained for a checkpoint: writes it (into `dir`, or
+    /// OUTDIR/cpt.TICK) and resumes every system, or ends the run if
+    /// `sim.checkpoint_exit` (and `may_exit`) says so (`Some`: the exits).
+    /// A checkpoint that cannot hold the run (a system ended, SE mode) is
+    /// declined with a warning and the run goes on.
+    pub(crate) fn checkpoint_now(
+        &mut self,
+        dir: Option<std::path::PathBuf>,
+        may_exit: bool,
+    ) -> Result<Option<Vec<ExitEvent>>, PlatformError> {
+        // A checkpoint holds systems that still run: with one ended, none
+        // is taken, and the run goes on.
+        if let Some(i) = self.systems.iter().position(System::has_ended) {
+            tracing::warn!(
+                "checkpoint at tick {} not taken: {} has already ended (a checkpoint holds \
+                 systems that still run); the run goes on",
+                self.systems.iter().map(|s| s.cur_tick()).max().unwrap_or(0),
+                self.names[i]
+            );
+            self.resume_all()?;
+            return Ok(None);
+        }
+        // An SE-mode process (host files, its page tables) is not
+        // checkpointable yet: the guest's checkpoint sim-op is declined
+        // (the config refuses the other ways).
+        if let Some(s) = self.config.system.iter().position(|s| s.platform == "se") {
+            if crate::console::first_time("se-checkpoint") {
+                tracing::warn!(
+                    "{}: a checkpoint was asked for, but an SE-mode process cannot be \
+                     checkpointed yet: none is taken (said once)",
+                    self.names[s]
+                );
+            }
+            self.resume_all()?;
+            return Ok(None);
+        }
+        let dir = self.take_checkpoint(dir)?;
+        if may_exit && self.config.sim.checkpoint_exit {
+            return Ok(Some(
+                self.systems
+                    .iter()
+                    .map(|s| {
+                        ExitEvent::new(
+                            ExitCause::Checkpoint,
+                            0,
+                            s.cur_tick(),
+                            format!("checkpoint written to {}", dir.display()),
+                        )
+                    })
+                    .collect(),
+            ));
+        }
+        self.resume_all()?;
+        Ok(None)
+    }
+
+    /// After a checkpoint: every system goes on.
+    fn resume_all(&mut self) -> Result<(), PlatformError> {
+        for s in &mut self.systems {
+            s.resume_after_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Asks every system for a checkpoint now (each drains; the run stops
+    /// when all have: [`Simulation::run_debug`] returns
+    /// [`RunEnd::Checkpoint`]).
+    pub(crate) fn request_checkpoint(&mut self) -> Result<(), PlatformError> {
+        for s in self.systems.iter_mut().filter(|s| !s.has_ended()) {
+            s.request_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// The system the debugger serves (`sim.gdb_system`, default 0).
+    pub(crate) fn gdb_system(&self) -> usize {
+        self.config
+            .sim
+            .gdb_system
+            .unwrap_or(0)
+            .min(self.systems.len().saturating_sub(1))
+    }
+
+    /// System `i`.
+    pub(crate) fn system_mut(&mut self, i: usize) -> &mut System {
+        &mut self.systems[i]
+    }
+
+    /// The systems' exits kept while the run is stopped (a system that
+    /// ended before a checkpoint or a debugger's stop), by system.
+    pub(crate) fn ended(&self) -> &[Option<ExitEvent>] {
+        &self.ended
     }
 
     /// The process status for `exits`: the first failing system's (earliest
@@ -796,6 +895,10 @@ struct Run<'a> {
     ckpt_ready: Vec<AtomicBool>,
     /// The run stopped for a checkpoint.
     stopped_for_checkpoint: AtomicBool,
+    /// A CPU stopped for the debugger in the window under way.
+    debug_stop: AtomicBool,
+    /// The run stopped for the debugger.
+    stopped_for_debug: AtomicBool,
     /// The last round's decision ([`Run::decide`]).
     decision: Mutex<Decision>,
 }
@@ -814,6 +917,11 @@ struct Decision {
     asked: bool,
     /// Every live system drained for it: the run stops for the checkpoint.
     checkpoint: bool,
+    /// A CPU stopped for the debugger (crate::gdb): every thread leaves at
+    /// this boundary (the stopped CPU mid-window, the others at its end or
+    /// at their next consistent point, kicked by it), and simulated time
+    /// stands still while GDB holds the machine.
+    debug: bool,
 }
 
 impl Run<'_> {
@@ -829,6 +937,7 @@ impl Run<'_> {
         // run stops when every live one has.
         let checkpoint =
             !finished && asked && self.ckpt_ready.iter().all(|r| r.load(Ordering::Acquire));
+        let debug = !finished && !checkpoint && self.debug_stop.load(Ordering::SeqCst);
         if let Some(net) = self.net {
             // Nothing changes the links' and switches' statistics until the
             // next window's posts: their snapshot for guest dumps.
@@ -843,6 +952,7 @@ impl Run<'_> {
             finished,
             asked,
             checkpoint,
+            debug,
         };
     }
 
@@ -954,6 +1064,8 @@ pub(crate) fn run_threads(
         ckpt_asked: (0..n).map(|_| AtomicBool::new(false)).collect(),
         ckpt_ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
         stopped_for_checkpoint: AtomicBool::new(false),
+        debug_stop: AtomicBool::new(false),
+        stopped_for_debug: AtomicBool::new(false),
         decision: Mutex::new(Decision::default()),
     };
     let mut slot = 0;
@@ -979,8 +1091,10 @@ pub(crate) fn run_threads(
             }
         }
     });
-    if run.stopped_for_checkpoint.load(Ordering::SeqCst) {
-        // Kept for the run that goes on after the checkpoint.
+    let debug = run.stopped_for_debug.load(Ordering::SeqCst);
+    if run.stopped_for_checkpoint.load(Ordering::SeqCst) || debug {
+        // Kept for the run that goes on after the checkpoint (or the
+        // debugger's stop).
         for (i, slot) in ended.iter_mut().enumerate().take(n) {
             if let Some(Ok(e)) = run.results[i]
                 .lock()
@@ -989,6 +1103,13 @@ pub(crate) fn run_threads(
             {
                 *slot = Some(e);
             }
+        }
+        if debug && !run.stopped_for_checkpoint.load(Ordering::SeqCst) {
+            // New threads run the CPUs next: each binds its run timer again.
+            for s in systems.iter_mut() {
+                s.startup_threads()?;
+            }
+            return Ok(RunEnd::Debug);
         }
         return Ok(RunEnd::Checkpoint);
     }
@@ -1087,10 +1208,16 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
     loop {
         let end = (window + 1).saturating_mul(run.quantum);
         if !t.system_exited() {
-            match t.run_window(Some(end)) {
-                Ok(Some(e)) => finish(Ok(e), &t),
-                Ok(None) => {}
-                Err(e) => finish(Err(e), &t),
+            // A CPU the debugger holds runs nothing (crate::gdb).
+            if !t.debug_held() {
+                match t.run_window(Some(end)) {
+                    Ok(Some(e)) => finish(Ok(e), &t),
+                    Ok(None) => {}
+                    Err(e) => finish(Err(e), &t),
+                }
+                if t.debug_stopped() {
+                    run.debug_stop.store(true, Ordering::SeqCst);
+                }
             }
             if lead {
                 for o in t.take_outgoing() {
@@ -1210,6 +1337,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             finished,
             asked,
             checkpoint,
+            debug,
         } = run
             .decision
             .lock()
@@ -1234,7 +1362,9 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                 finish(Err(e), &t);
             }
         }
-        if lead && halted[me] && !t.system_exited() {
+        // A system drained for a checkpoint has no CPU tick scheduled
+        // until it resumes: it waits for the checkpoint, it has not halted.
+        if lead && halted[me] && !t.system_exited() && !t.checkpoint_pending() {
             // Counted at the next window's barrier, like any other end.
             let at = t.cur_tick();
             finish(
@@ -1288,6 +1418,12 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             }
             break;
         }
+        if debug {
+            if slot == 0 {
+                run.stopped_for_debug.store(true, Ordering::SeqCst);
+            }
+            break;
+        }
         window = skip_to;
         buf ^= 1;
     }
@@ -1313,6 +1449,8 @@ mod tests {
             ckpt_asked: (0..systems).map(|_| AtomicBool::new(false)).collect(),
             ckpt_ready: (0..systems).map(|_| AtomicBool::new(false)).collect(),
             stopped_for_checkpoint: AtomicBool::new(false),
+            debug_stop: AtomicBool::new(false),
+            stopped_for_debug: AtomicBool::new(false),
             decision: Mutex::new(Decision::default()),
         }
     }

@@ -1251,6 +1251,48 @@ impl System {
         self.cpus[0].cpu.kick_handle()
     }
 
+    /// Handles that force each CPU out of KVM from any thread.
+    pub fn kick_handles(&self) -> Vec<KickHandle> {
+        self.cpus.iter().map(|s| s.cpu.kick_handle()).collect()
+    }
+
+    /// Holds CPU `i` (`true`: its thread runs none of its events, see
+    /// [`crate::gdb`]) or lets it run.
+    pub fn set_debug_held(&mut self, i: usize, held: bool) {
+        if let Some(s) = self.cpus.get_mut(i) {
+            s.debug.held = held;
+        }
+    }
+
+    /// Before the CPUs run in new threads again (after a debugger's stop):
+    /// each thread binds its CPU's run timer to itself, as at the start.
+    pub fn startup_threads(&mut self) -> Result<(), PlatformError> {
+        for slot in &mut self.cpus {
+            let at = slot.queue.cur_tick();
+            slot.queue.schedule(at, STARTUP_PRI, CpuEvent::Startup)?;
+        }
+        Ok(())
+    }
+
+    /// Asks for a checkpoint of this system at its current tick (every CPU
+    /// drains; the run stops when all have).
+    pub fn request_checkpoint(&mut self) -> Result<(), PlatformError> {
+        let cpu0 = self.cpus[0].queue.cur_tick();
+        let mut core = self.core();
+        if !core.checkpoint_pending && !self.shared.ckpt_ready.load(Ordering::Acquire) {
+            // CPU 0's thread runs the system's queue: now, in its time.
+            let at = cpu0.max(core.queue.cur_tick());
+            core.queue
+                .schedule(at, DEFAULT_PRI, SysEvent::Checkpoint { period: 0 })?;
+        }
+        Ok(())
+    }
+
+    /// The simulated time CPU `i`'s queue has reached.
+    pub fn cpu_tick(&self, i: usize) -> Option<Tick> {
+        self.cpus.get(i).map(|s| s.queue.cur_tick())
+    }
+
     /// CPU `i` (a debugger reads and changes its state between windows).
     pub fn cpu_mut(&mut self, i: usize) -> Option<&mut KvmCpu<X86_64>> {
         self.cpus.get_mut(i).map(|s| &mut s.cpu)
@@ -1301,6 +1343,8 @@ impl System {
                 )? {
                     crate::simulation::RunEnd::Exits(mut v) => v.pop(),
                     crate::simulation::RunEnd::Checkpoint => None,
+                    // No debugger here: nothing stops for one.
+                    crate::simulation::RunEnd::Debug => continue,
                 }
             } else {
                 self.run_until_checkpoint()?
@@ -1426,6 +1470,17 @@ impl CpuThread<'_> {
     /// The system's name.
     pub fn system_name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// True if the CPU stopped for the debugger in its last window.
+    pub fn debug_stopped(&self) -> bool {
+        self.slot.debug.stopped.is_some()
+    }
+
+    /// True while the debugger holds this CPU (it runs nothing while
+    /// another CPU of the system steps or continues alone).
+    pub fn debug_held(&self) -> bool {
+        self.slot.debug.held
     }
 
     /// True once some thread of this system ended the run.
@@ -1560,6 +1615,12 @@ impl CpuThread<'_> {
             }
             if let Some(p) = &mut self.slot.progress {
                 p.finish();
+            }
+        } else if self.slot.debug.stopped.is_some() {
+            // Stopped mid-window for the debugger: the window is run again
+            // when GDB resumes, with a window end of its own.
+            if let Some(id) = window {
+                let _ = self.slot.queue.deschedule(id);
             }
         }
         r
@@ -1776,6 +1837,17 @@ impl CpuThread<'_> {
             TickOutcome::DebugStop { next, stop } => {
                 self.schedule_cpu(next)?;
                 self.slot.debug.stopped = Some(crate::gdb::DebugHalt::Stop(stop));
+                // Every CPU of the system stops with it (all-stop): the
+                // others see the debugger's flag at their next consistent
+                // point.
+                if let Some(flag) = &self.slot.debug.interrupt {
+                    flag.store(true, Ordering::Release);
+                    for (j, inbox) in self.shared.inboxes.iter().enumerate() {
+                        if j != self.slot.index {
+                            inbox.kick.kick();
+                        }
+                    }
+                }
             }
             TickOutcome::Idle => self.wake_if_pending(tick)?,
             TickOutcome::Drained => self.cpu_drained(tick),
