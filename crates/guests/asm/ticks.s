@@ -4,7 +4,9 @@
 # loop at ring 3 with interrupts on (each tick is taken by a ring-0 handler
 # that counts it), returns to ring 0 by a page fault, stops the timer and
 # prints: interrupts taken, the timer's COUNT, the simulated ns elapsed, the
-# period and the loop result; then sim-ops exit.
+# period, the loop result and the least time the timer can have run when
+# COUNT was read (least_ns: from the first clock read after the start to
+# the last before COUNT); then sim-ops exit.
         .code64
         .include "macros.s"
         .text
@@ -36,6 +38,8 @@ _start:
         mov     %rax, %r14              # start time
         mov     %rbp, %rdx
         MMIO_WR TIMER_CTRL
+        MMIO_RD TIMER_NOW
+        mov     %rax, started(%rip)     # the timer started before this
         lea     user(%rip), %rax
         mov     $0x202, %esi            # interrupts on at ring 3
         call    to_user
@@ -48,6 +52,9 @@ user:
         ud2
 
 back_in_ring0:                          # interrupts are off (interrupt gate)
+        MMIO_RD TIMER_NOW
+        sub     started(%rip), %rax
+        mov     %rax, least(%rip)       # COUNT is read after this
         MMIO_RD TIMER_COUNT
         mov     %rax, %rbx
         MMIO_RD TIMER_NOW
@@ -75,6 +82,10 @@ back_in_ring0:                          # interrupts are off (interrupt gate)
         call    puts
         mov     %r15, %rax
         call    puthex
+        lea     m_least(%rip), %rsi
+        call    puts
+        mov     least(%rip), %rax
+        call    putdec
         lea     nl(%rip), %rsi
         call    puts
         xor     %edi, %edi
@@ -92,9 +103,12 @@ on_tick:
         .data
         .balign 8
 ticks:  .quad   0
+started: .quad  0
+least:  .quad   0
 m_int:  .asciz  "ticks: interrupts="
 m_count: .asciz " count="
 m_elapsed: .asciz " elapsed_ns="
 m_period: .asciz " period_ns="
 m_result: .asciz " result="
+m_least: .asciz " least_ns="
 nl:     .asciz  "\n"

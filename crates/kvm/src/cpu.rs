@@ -26,7 +26,6 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use mem::{AccessCtx, CallArgs, IoBus, Space};
 use sim::intr::InterruptController;
@@ -228,7 +227,7 @@ impl CpuStats {
             )?,
             kvm_host_seconds: stats.value(
                 &format!("{p}.kvmHostSeconds"),
-                "Host time spent inside KVM_RUN",
+                "Host time spent inside KVM_RUN (by the host's TSC: simulated time is this times host_factor, unless an event cut a run short)",
                 "Second",
             )?,
             completed: stats.vector(
@@ -958,10 +957,8 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             t.arm(armed, &self.cfg, start)
                 .map_err(|e| KvmError::Timer(format!("{}: arming: {e}", self.name)))?;
         }
-        let host_start = Instant::now();
         let exit = self.vcpu.run(&mut self.io_buf);
         let end = self.vcpu.host_cycles();
-        let elapsed = host_start.elapsed();
         let cycles = match end.checked_sub(start) {
             Some(c) => c,
             None => {
@@ -986,7 +983,11 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         if let Some(intc) = &self.intc {
             self.arch.after_run(&mut self.vcpu, &mut *mem::lock(intc));
         }
-        self.stats.kvm_host_seconds.add(elapsed.as_secs_f64());
+        // The same interval simulated time is charged for (the host's
+        // TSC, not a second clock read a preemption apart).
+        self.stats
+            .kvm_host_seconds
+            .add(cycles as f64 / self.cfg.host_freq_hz);
         self.stats.num_vm_exits.inc();
 
         // A debugger's int3 that this host's emulator fails on.

@@ -38,9 +38,17 @@ fn check_periodic(r: &Run, line: &str, period_ns: u64, nmi: bool) {
         field(line, "result"),
         guests::compute_loop_reference(20_000_000)
     );
-    // Interrupts arrive at the rate the timer sets, in simulated time...
+    // Interrupts arrive at the rate the timer sets, in simulated time: the
+    // guest read COUNT after at least `least_ns` and at most `elapsed_ns`
+    // of the timer's running (how much simulated time passes between its
+    // clock reads and the COUNT read depends on the host: a vCPU thread
+    // preempted in KVM charges that time to the guest)...
+    let least = field(line, "least_ns");
     assert!(count >= 20, "too few periods for a meaningful test: {line}");
-    assert!(count.abs_diff(elapsed / period_ns) <= 1, "{line}");
+    assert!(
+        count + 1 >= least / period_ns && count <= elapsed / period_ns + 1,
+        "{line}"
+    );
     // ...the device raises one per period: as many as the guest counted,
     // plus those that ended between its COUNT read and its stop (two MMIO
     // exits later). How many that is depends on the host (a vCPU thread
@@ -60,15 +68,24 @@ fn check_periodic(r: &Run, line: &str, period_ns: u64, nmi: bool) {
     // handler still runs depends on the host's speed: a raise that finds
     // its vector still pending merges with it, as on hardware, so `taken`
     // is not compared with `count`.)
+    // (NMIs go on being injected until the guest stops the timer, after
+    // its COUNT read; KVM merges an NMI into one already pending, so the
+    // guest may take fewer than were injected.)
     let injected = r.stat("system.cpu.numInterrupts").as_u64().unwrap();
-    assert!(
-        injected == taken || injected == taken + 1,
-        "injected {injected}, taken {taken}"
-    );
-    // An NMI, which ignores the interrupt flag, may even land between the
-    // guest's COUNT read and its own counter read.
-    let extra = u64::from(nmi);
-    assert!(taken >= 1 && taken <= count + extra, "{line}");
+    if nmi {
+        assert!(injected >= taken, "injected {injected}, taken {taken}");
+    } else {
+        assert!(
+            injected == taken || injected == taken + 1,
+            "injected {injected}, taken {taken}"
+        );
+    }
+    // Interrupts are off from the guest's return to ring 0 on, before it
+    // reads COUNT. NMIs ignore that: they land until the guest stops the
+    // timer, as many as the host lets periods pass meanwhile, and are
+    // bounded only by what the device raised.
+    let most = if nmi { raised } else { count };
+    assert!(taken >= 1 && taken <= most, "raised {raised}: {line}");
     assert!(injected <= raised, "injected {injected}, raised {raised}");
     // Ring 3 never exits by itself: forced exits end its runs. (How many a
     // period costs depends on the host: a timer kept armed across entries
