@@ -301,6 +301,31 @@ pub fn run() -> Report {
         );
     }
 
+    // Interrupt-window exits where CPL0 code sets IF.
+    let window = crate::probe::irq_window_exits();
+    let assist = crate::probe::window_assist();
+    add(
+        &mut rep.findings,
+        "interrupt-window exit at CPL0",
+        matches!(window, Ok(true)),
+        match &window {
+            Ok(true) => "KVM_EXIT_IRQ_WINDOW_OPEN after `sti` with a window requested".into(),
+            Ok(false) => "`sti` with a window requested runs on without KVM_EXIT_IRQ_WINDOW_OPEN".into(),
+            Err(e) => format!("the probe failed: {e}"),
+        },
+        if assist.iret_breakpoint {
+            "kvmsim single-steps CPL0 code while an interrupt waits for IF, with an execution \
+             breakpoint on an iret's return address (a step there stopped one instruction late \
+             on the software-assisted host we measured): system.cpu.irqWindowSteps"
+        } else if assist.step {
+            "kvmsim single-steps CPL0 code while an interrupt waits for IF; after an iret it \
+             stops one instruction late: system.cpu.irqWindowSteps"
+        } else {
+            "an interrupt that waits for IF is injected at the next exit with IF set, which may \
+             be long after the guest opened its window"
+        },
+    );
+
     // CPUID as the guest sees it (leaf 1 ECX, leaf 7 EBX) against KVM's table.
     let guest = |leaf: u64| {
         run_snippet(&snippet(&[0x0f, 0xa2]), 0, [leaf, 0, 0, 0], &[], 5_000)
