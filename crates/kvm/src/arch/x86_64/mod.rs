@@ -235,15 +235,27 @@ impl X86_64 {
         if !waiting {
             self.window_steps = 0;
         }
-        let step = waiting
+        let mut step = waiting
             && self.window_assist.step
             && self.window_steps < WINDOW_STEP_LIMIT
             && self.sregs(vcpu)?.cs.dpl == 0;
+        let bytes = if step {
+            self.instruction_bytes(vcpu)?
+        } else {
+            Vec::new()
+        };
+        // `hlt` is not stepped: this host's step over it returns with the
+        // vCPU halted inside KVM, which then exits with HLT at the next
+        // entry instead of taking what was injected. Run, KVM exits at the
+        // `hlt`, and the waiting interrupt wakes the CPU as any would.
+        if bytes.first() == Some(&0xf4) {
+            step = false;
+        }
         self.debug.set_step(Stepper::IrqWindow, step);
         if step {
             self.window_steps += 1;
             if self.window_assist.iret_breakpoint {
-                if let Some(target) = self.iret_return_address(vcpu)? {
+                if let Some(target) = self.iret_return_address(vcpu, &bytes)? {
                     // No free slot (a debugger's or PC events' breakpoints
                     // fill them): the step alone, one instruction late.
                     let _ = self.debug.add_hw(guest_debug::HwBreakpoint {
@@ -259,19 +271,18 @@ impl X86_64 {
         Ok(step)
     }
 
-    /// If the instruction at RIP is an `iret`, the linear address it
+    /// If the instruction at RIP (`bytes`) is an `iret`, the linear address it
     /// returns to (the instruction pointer on top of the stack, in the
     /// current code segment; a return to another segment's base is not
     /// foreseen), else none. Unreadable memory gives none.
-    fn iret_return_address(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<u64>> {
-        let bytes = self.instruction_bytes(vcpu)?;
+    fn iret_return_address(&mut self, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<Option<u64>> {
         let sr = *self.sregs(vcpu)?;
         let r = *self.regs(vcpu)?;
         let long = sr.cs.l != 0;
         let wide = long || sr.cs.db != 0;
         let mut size: usize = if wide { 4 } else { 2 };
         let mut iret = false;
-        for &b in &bytes {
+        for &b in bytes {
             match b {
                 0x66 => size = if wide { 2 } else { 4 },
                 0x40..=0x4f if long => {
