@@ -202,6 +202,9 @@ pub struct Lapic {
     window: Option<MovableBase>,
     interrupts: Counter,
     timer_irqs: Counter,
+    nmis_received: Counter,
+    nmis_collapsed: Counter,
+    nmis_taken: Counter,
 }
 
 fn bit(regs: &[u32; 8], v: u8) -> bool {
@@ -271,6 +274,23 @@ impl Lapic {
             interrupts: stats.counter(
                 &format!("{prefix}.interrupts"),
                 "Interrupts delivered to the CPU by the local APIC",
+                "Count",
+            )?,
+            nmis_received: stats.counter(
+                &format!("{prefix}.nmisReceived"),
+                "NMIs that reached the local APIC (IPIs, LINT1, its own LVT entries)",
+                "Count",
+            )?,
+            nmis_collapsed: stats.counter(
+                &format!("{prefix}.nmisCollapsed"),
+                "NMIs that arrived with two already waiting for the CPU (merged into those, as \
+                 hardware merges them)",
+                "Count",
+            )?,
+            nmis_taken: stats.counter(
+                &format!("{prefix}.nmisTaken"),
+                "NMIs the CPU took from the local APIC (handed to KVM, which runs one and holds \
+                 at most one more behind a running handler)",
                 "Count",
             )?,
             timer_irqs: stats.counter(
@@ -431,6 +451,10 @@ impl Lapic {
     /// runs, the other waits behind it, as on hardware, where an NMI that
     /// arrives while one is being serviced is latched); more collapse.
     pub fn deliver_nmi(&mut self) {
+        self.nmis_received.inc();
+        if self.nmis >= MAX_PENDING_NMIS {
+            self.nmis_collapsed.inc();
+        }
         self.nmis = (self.nmis + 1).min(MAX_PENDING_NMIS);
         self.doorbell = true;
     }
@@ -670,6 +694,9 @@ impl InterruptController for Lapic {
     fn take_nmi(&mut self) -> bool {
         let had = self.nmis > 0;
         self.nmis = self.nmis.saturating_sub(1);
+        if had {
+            self.nmis_taken.inc();
+        }
         had
     }
 
@@ -1304,11 +1331,14 @@ mod tests {
             a.deliver_nmi();
         }
         assert_eq!(a.pending_nmis(), MAX_PENDING_NMIS);
+        assert_eq!(a.nmis_received.get(), 10);
+        assert_eq!(a.nmis_collapsed.get(), 8, "all but two merge");
         assert_eq!(a.pending(), Pending::Nmi);
         assert!(a.take_nmi());
         assert_eq!(a.pending(), Pending::Nmi, "the second waits");
         assert!(a.take_nmi());
         assert!(!a.take_nmi());
+        assert_eq!(a.nmis_taken.get(), 2);
         assert_eq!(a.pending(), Pending::None);
         // NMI IPIs to self count the same way.
         w(&mut a, 0, 0xf0, 0x1ff);
