@@ -1302,7 +1302,9 @@ mod tests {
         assert_eq!(read(LAPIC_BASE + 0x30), LAPIC_VERSION);
         // kvm-unit-tests' "relocate apic": disable, then enable elsewhere.
         let moved = 0xfed4_0000;
-        a.lock().unwrap().msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_BSP);
+        a.lock()
+            .unwrap()
+            .msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_BSP);
         a.lock()
             .unwrap()
             .msr_written(APIC_BASE_MSR, moved | APIC_BASE_BSP | APIC_BASE_ENABLE);

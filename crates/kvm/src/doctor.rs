@@ -310,7 +310,9 @@ pub fn run() -> Report {
         matches!(window, Ok(true)),
         match &window {
             Ok(true) => "KVM_EXIT_IRQ_WINDOW_OPEN after `sti` with a window requested".into(),
-            Ok(false) => "`sti` with a window requested runs on without KVM_EXIT_IRQ_WINDOW_OPEN".into(),
+            Ok(false) => {
+                "`sti` with a window requested runs on without KVM_EXIT_IRQ_WINDOW_OPEN".into()
+            }
             Err(e) => format!("the probe failed: {e}"),
         },
         if assist.iret_breakpoint {

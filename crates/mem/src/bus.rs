@@ -824,12 +824,25 @@ mod tests {
         // CPU 0 moves its bank over the other device.
         bases[0].set(0xfed4_0000);
         assert_eq!(read(0, 0xfed4_0030), 1, "CPU 0's bank at its new base");
-        assert_eq!(read(0, 0xfee0_0030), UNCLAIMED_LATENCY, "nothing at the old");
+        assert_eq!(
+            read(0, 0xfee0_0030),
+            UNCLAIMED_LATENCY,
+            "nothing at the old"
+        );
         assert_eq!(read(1, 0xfee0_0020), 1, "CPU 1's bank stays");
         assert_eq!(read(1, 0xfed4_0040), 5, "CPU 1 reaches the other device");
-        assert_eq!(banks[0].lock().unwrap().log, vec![(Space::Mmio, 0x30, 4, false)]);
-        assert_eq!(banks[1].lock().unwrap().log, vec![(Space::Mmio, 0x20, 4, false)]);
-        assert_eq!(other.lock().unwrap().log, vec![(Space::Mmio, 0x40, 4, false)]);
+        assert_eq!(
+            banks[0].lock().unwrap().log,
+            vec![(Space::Mmio, 0x30, 4, false)]
+        );
+        assert_eq!(
+            banks[1].lock().unwrap().log,
+            vec![(Space::Mmio, 0x20, 4, false)]
+        );
+        assert_eq!(
+            other.lock().unwrap().log,
+            vec![(Space::Mmio, 0x40, 4, false)]
+        );
         // An access across the moved range's end is not the bank's.
         assert_eq!(read(0, 0xfed4_0ffe), UNCLAIMED_LATENCY);
         assert_eq!(banks[0].lock().unwrap().log.len(), 1);

@@ -312,7 +312,11 @@ impl X86_64 {
             return Ok(None);
         }
         let ip = u64::from_le_bytes(buf);
-        Ok(Some(if long { ip } else { sr.cs.base.wrapping_add(ip) }))
+        Ok(Some(if long {
+            ip
+        } else {
+            sr.cs.base.wrapping_add(ip)
+        }))
     }
 
     /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
