@@ -129,6 +129,17 @@ fn loop_speed(cpl: u8, n: u64) -> Option<f64> {
     (r.exit == ProbeExit::Mmio).then(|| r.host_ns as f64 / n as f64)
 }
 
+fn cpuinfo_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("vendor_id"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
 fn cpuinfo_flags() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -326,6 +337,42 @@ pub fn run() -> Report {
             "an interrupt that waits for IF is injected at the next exit with IF set, which may \
              be long after the guest opened its window"
         },
+    );
+
+    // A hypercall at CPL0 (KVM answers an unknown one with -KVM_ENOSYS and
+    // moves on): `vmcall` (Intel) or `vmmcall` (AMD), RAX = 10
+    // (KVM_HC_SEND_IPI, what kvm-unit-tests' apic test calls).
+    let amd = cpuinfo_vendor().contains("AuthenticAMD");
+    let call: &[u8] = if amd {
+        &[0x0f, 0x01, 0xd9]
+    } else {
+        &[0x0f, 0x01, 0xc1]
+    };
+    let hc = run_snippet(&snippet(call), 0, [10, u64::MAX, 0, u64::MAX], &[], 2_000).ok();
+    add(
+        &mut rep.findings,
+        "hypercall at CPL0 returns",
+        hc.as_ref().is_some_and(|r| r.exit == ProbeExit::Mmio),
+        match &hc {
+            Some(r) if r.exit == ProbeExit::Mmio => {
+                format!(
+                    "{} returned RAX {}",
+                    if amd { "vmmcall" } else { "vmcall" },
+                    r.regs[0] as i64
+                )
+            }
+            Some(r) => format!(
+                "{} at CPL0: {:?} after {} ms, RIP still at the instruction: {}",
+                if amd { "vmmcall" } else { "vmcall" },
+                r.exit,
+                r.host_ns / 1_000_000,
+                r.rip == PROBE_CODE
+            ),
+            None => "the probe did not run".into(),
+        },
+        "a guest's hypercall never returns: the CPU spins on it (kvm-unit-tests' apic test \
+         does one for its PV IPI sub-test: run it with TEST_DEVICE=0, as the suite does \
+         without its test device)",
     );
 
     // CPUID as the guest sees it (leaf 1 ECX, leaf 7 EBX) against KVM's table.

@@ -75,6 +75,7 @@ fn doctor_reports_every_probe() {
         "emulator: popcnt",
         "syscall from CPL3 enters CPL0",
         "interrupt-window exit at CPL0",
+        "hypercall at CPL0 returns",
     ] {
         assert!(names.contains(&probe), "{probe} missing: {names:?}");
     }
