@@ -22,7 +22,7 @@ use crate::{KvmError, Result};
 /// ([`X86_64::assist_window`]): a guest that keeps interrupts off longer
 /// (early boot, a long critical section) runs at full speed again, and the
 /// interrupt waits for the next exit with IF set, as without the assist.
-pub const WINDOW_STEP_LIMIT: u64 = 20_000;
+pub const WINDOW_STEP_LIMIT: u64 = 1_000;
 
 /// The MSRs kept in the thread context (those a bare-metal or Linux guest
 /// sets up; KVM holds the rest).
