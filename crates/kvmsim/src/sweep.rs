@@ -208,9 +208,10 @@ fn set_in_value(
 /// Parses and checks a config table as `kvmsim run` would a file at
 /// `path` (relative paths resolved against its folder).
 fn config_of(table: &toml::Table, path: &Path) -> Result<Config, String> {
-    let mut cfg: Config = table.clone().try_into().map_err(|e: toml::de::Error| {
-        e.message().trim_end().to_string()
-    })?;
+    let mut cfg: Config = table
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().trim_end().to_string())?;
     cfg.resolve_paths(path.parent().unwrap_or(Path::new("")));
     cfg.validate(path).map_err(|e| e.to_string())?;
     Ok(cfg)
@@ -283,7 +284,10 @@ fn read_sweep(
         (Some(c), None) => {
             let path = base_dir.join(c);
             let text = std::fs::read_to_string(&path).map_err(|e| {
-                bad(format!("{p}: config = {c:?}: cannot read {}: {e}", path.display()))
+                bad(format!(
+                    "{p}: config = {c:?}: cannot read {}: {e}",
+                    path.display()
+                ))
             })?;
             let table: toml::Table = toml::from_str(&text)
                 .map_err(|e| bad(format!("{p}: config = {c:?}: {}: {e}", path.display())))?;
@@ -302,11 +306,9 @@ fn read_sweep(
             }
             None
         }
-        _ => {
-            return Err(bad(format!(
-                "{p}: give either config = \"BASE.toml\" or restore = \"CHECKPOINT-DIR\" (one of them)"
-            )))
-        }
+        _ => return Err(bad(format!(
+            "{p}: give either config = \"BASE.toml\" or restore = \"CHECKPOINT-DIR\" (one of them)"
+        ))),
     };
     let mut params = Vec::new();
     let mut names = BTreeSet::new();
@@ -340,7 +342,8 @@ fn read_sweep(
             ParamKind::Key(k) => k.clone(),
             ParamKind::Flag(f) => f.trim_start_matches('-').replace('-', "_"),
         });
-        if matches!(name.as_str(), "run" | "exit_status" | "exit_cause") || !names.insert(name.clone())
+        if matches!(name.as_str(), "run" | "exit_status" | "exit_cause")
+            || !names.insert(name.clone())
         {
             return Err(bad(format!(
                 "{p}: param {n}: the name {name:?} is taken (by another param or a column of \
@@ -348,7 +351,9 @@ fn read_sweep(
             )));
         }
         if spec.values.is_empty() {
-            return Err(bad(format!("{p}: param {n} ({name}): values = []: give at least one value")));
+            return Err(bad(format!(
+                "{p}: param {n} ({name}): values = []: give at least one value"
+            )));
         }
         let param = Param {
             name,
@@ -508,7 +513,11 @@ fn write_runs(prep: &Prepared, base: Option<&(PathBuf, toml::Table)>) -> Result<
                 "# {} of the sweep {sweep}: {} with {}\n",
                 r.dir.file_name().unwrap_or_default().to_string_lossy(),
                 base_path.display(),
-                if settings.is_empty() { "no changes" } else { &settings }
+                if settings.is_empty() {
+                    "no changes"
+                } else {
+                    &settings
+                }
             );
             std::fs::write(&path, header + &text)
                 .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
@@ -521,8 +530,11 @@ fn write_runs(prep: &Prepared, base: Option<&(PathBuf, toml::Table)>) -> Result<
             "command": std::iter::once("run".to_string()).chain(r.args.iter().cloned()).collect::<Vec<_>>(),
         });
         let pj = r.dir.join("params.json");
-        std::fs::write(&pj, serde_json::to_string_pretty(&params).unwrap_or_default() + "\n")
-            .map_err(|e| bad(format!("cannot write {}: {e}", pj.display())))?;
+        std::fs::write(
+            &pj,
+            serde_json::to_string_pretty(&params).unwrap_or_default() + "\n",
+        )
+        .map_err(|e| bad(format!("cannot write {}: {e}", pj.display())))?;
         // The run's whole command line, checked by kvmsim run's own code.
         let argv = ["kvmsim", "run"]
             .into_iter()
@@ -596,6 +608,9 @@ fn write_summary(prep: &Prepared, outcomes: &[Outcome], slurm: Option<&Path>) {
 
 /// `kvmsim sweep`.
 pub fn sweep_cmd(a: SweepArgs) -> i32 {
+    // Ctrl-C reaches the runs too (one process group): they end with
+    // their statistics, and no further run starts.
+    platform::console::install_interrupt_handler();
     let prep = match prepare(&a.sweep, &a.outdir) {
         Ok(p) => p,
         Err(e) => return crate::fail(e),
@@ -666,7 +681,10 @@ pub fn sweep_cmd(a: SweepArgs) -> i32 {
     }
     match failed.first() {
         None => {
-            eprintln!("kvmsim: all {n} runs succeeded; kvmsim collect {}", prep.outdir.display());
+            eprintln!(
+                "kvmsim: all {n} runs succeeded; kvmsim collect {}",
+                prep.outdir.display()
+            );
             0
         }
         Some(&i) => {
@@ -776,7 +794,8 @@ fn find_runs(dir: &Path, depth: u32, found: &mut Vec<PathBuf>) -> Result<(), Str
     if depth > 16 {
         return Ok(());
     }
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     let mut subs: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -821,7 +840,11 @@ fn read_row(dir: &Path) -> Result<Row, String> {
     let order = pv
         .get("param_order")
         .and_then(|o| o.as_array())
-        .map(|o| o.iter().filter_map(|n| n.as_str().map(String::from)).collect())
+        .map(|o| {
+            o.iter()
+                .filter_map(|n| n.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let exit = read_json(&dir.join("exit.json"))?;
     let sj = dir.join("stats.json");
@@ -895,10 +918,17 @@ fn collect(a: &CollectArgs) -> Result<usize, String> {
     if found.is_empty() {
         return Err(format!(
             "no run folders (a folder holding params.json, as kvmsim sweep writes) under {}",
-            a.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+            a.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
-    let rows = found.iter().map(|d| read_row(d)).collect::<Result<Vec<_>, _>>()?;
+    let rows = found
+        .iter()
+        .map(|d| read_row(d))
+        .collect::<Result<Vec<_>, _>>()?;
     // Columns in first-seen order.
     let mut params: Vec<String> = Vec::new();
     let mut stats: Vec<String> = Vec::new();
@@ -942,22 +972,28 @@ fn collect(a: &CollectArgs) -> Result<usize, String> {
         rec.extend(stats.iter().map(|s| cell(r.stats.get(s))));
         w.write_record(&rec).map_err(werr)?;
     }
-    w.flush().map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
+    w.flush()
+        .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
     let mut types = vec![serde_json::json!({"name": "run", "dtype": "string"})];
     for p in &params {
         let t = dtype(rows.iter().map(|r| r.params.get(p)));
         types.push(serde_json::json!({"name": p, "dtype": t}));
     }
     let st: Vec<_> = rows.iter().map(|r| exit_field(r, "status")).collect();
-    types.push(serde_json::json!({"name": "exit_status", "dtype": dtype(st.iter().map(|v| v.as_ref()))}));
+    types.push(
+        serde_json::json!({"name": "exit_status", "dtype": dtype(st.iter().map(|v| v.as_ref()))}),
+    );
     types.push(serde_json::json!({"name": "exit_cause", "dtype": "string"}));
     for s in &stats {
         let t = dtype(rows.iter().map(|r| r.stats.get(s)));
         types.push(serde_json::json!({"name": s, "dtype": t}));
     }
     let tp = types_path(&a.out);
-    std::fs::write(&tp, serde_json::to_string_pretty(&types).unwrap_or_default() + "\n")
-        .map_err(|e| format!("cannot write {}: {e}", tp.display()))?;
+    std::fs::write(
+        &tp,
+        serde_json::to_string_pretty(&types).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| format!("cannot write {}: {e}", tp.display()))?;
     Ok(rows.len())
 }
 

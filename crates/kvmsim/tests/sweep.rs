@@ -202,7 +202,9 @@ fn a_six_run_sweep_runs_locally_and_as_a_slurm_array_and_collect_tabulates_it() 
     let text = read(&script);
     assert!(text.starts_with("#!/bin/bash\n"), "{text}");
     assert_eq!(
-        text.lines().filter(|l| l.starts_with("#SBATCH --array=")).collect::<Vec<_>>(),
+        text.lines()
+            .filter(|l| l.starts_with("#SBATCH --array="))
+            .collect::<Vec<_>>(),
         ["#SBATCH --array=0-5"],
         "{text}"
     );
@@ -240,8 +242,14 @@ fn a_six_run_sweep_runs_locally_and_as_a_slurm_array_and_collect_tabulates_it() 
         );
         check_run(&b, i);
         assert_eq!(read(&a.join("serial.log")), read(&b.join("serial.log")));
-        assert_eq!(json(&a.join("params.json"))["params"], json(&b.join("params.json"))["params"]);
-        assert_eq!(json(&a.join("config.json"))["system"], json(&b.join("config.json"))["system"]);
+        assert_eq!(
+            json(&a.join("params.json"))["params"],
+            json(&b.join("params.json"))["params"]
+        );
+        assert_eq!(
+            json(&a.join("config.json"))["system"],
+            json(&b.join("config.json"))["system"]
+        );
         assert!(read(&b.join("kvmsim.log")).contains("exiting @ tick"));
     }
     let st = Command::new("bash")
@@ -256,7 +264,12 @@ fn a_six_run_sweep_runs_locally_and_as_a_slurm_array_and_collect_tabulates_it() 
     let rows2 = table(&csv2);
     assert_eq!(rows2.len(), 6);
     for (a, b) in rows.iter().zip(&rows2) {
-        for k in ["system.cpu.host_factor", "iterations", "exit_status", "system.uart.txBytes"] {
+        for k in [
+            "system.cpu.host_factor",
+            "iterations",
+            "exit_status",
+            "system.uart.txBytes",
+        ] {
             assert_eq!(a[k], b[k], "{k}");
         }
     }
@@ -416,13 +429,24 @@ fn bad_sweep_files_are_refused_before_anything_runs() {
         ]);
         if !ok {
             assert_eq!(st, 254, "{err}");
-            assert!(err.contains("system.2: the config has 2 system entries"), "{err}");
+            assert!(
+                err.contains("system.2: the config has 2 system entries"),
+                "{err}"
+            );
             continue;
         }
         assert_eq!(st, 0, "{key}: {err}");
         let cfg = read(&out.join("run-000/config.toml"));
         let factors = cfg.lines().filter(|l| *l == "host_factor = 3.0").count();
-        assert_eq!(factors, if key == "system.cpu.host_factor" { 2 } else { 1 }, "{cfg}");
+        assert_eq!(
+            factors,
+            if key == "system.cpu.host_factor" {
+                2
+            } else {
+                1
+            },
+            "{cfg}"
+        );
         std::fs::remove_dir_all(&out).unwrap();
     }
     // A folder that holds something is not overwritten.
@@ -438,4 +462,122 @@ fn bad_sweep_files_are_refused_before_anything_runs() {
     assert_eq!(st, 254, "{err}");
     assert!(err.contains("no run folders"), "{err}");
     assert!(!dir.join("t.csv").exists());
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_sweep_restores_a_checkpoint_with_each_runs_flags() {
+    if !kvm_or_skip("sweep_restore") {
+        return;
+    }
+    let dir = outdir("sweep-restore");
+    let orig = dir.join("orig");
+    let r = kvmsim(
+        &[
+            "run",
+            "--kernel",
+            "builtin:ckpt",
+            "--checkpoint-at",
+            "1500us",
+            "--checkpoint-exit",
+            "--quiet",
+        ],
+        &orig,
+    );
+    assert_eq!(r.no_panic().status, 0, "stderr:\n{}", r.stderr);
+    let cpt = std::fs::read_dir(&orig)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| n.starts_with("cpt."))
+        .expect("no checkpoint");
+    let sweep = dir.join("sweep.toml");
+    let grid = |limits: &str| {
+        format!(
+            "restore = \"orig/{cpt}\"\n\
+             [[param]]\nflag = \"--host-factor\"\nvalues = [1.0, 2.0]\n\
+             [[param]]\nflag = \"--max-time\"\nvalues = [{limits}]\n"
+        )
+    };
+    // A limit before the checkpoint's time is refused, naming the run.
+    std::fs::write(&sweep, grid("\"10s\", \"1ms\"")).unwrap();
+    let out = dir.join("out");
+    let (st, err) = kvmsim_cmd(&["sweep", s(&sweep), "--outdir", s(&out)]);
+    assert_eq!(st, 254, "{err}");
+    assert!(
+        err.contains("run-001")
+            && err.contains("--max-time \"1ms\"")
+            && err.contains("checkpoint is at tick"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused sweep leaves no folder");
+
+    std::fs::write(&sweep, grid("\"10s\", \"20s\"")).unwrap();
+    let (st, err) = kvmsim_cmd(&["sweep", s(&sweep), "--jobs", "2", "--outdir", s(&out)]);
+    assert_eq!(st, 0, "{err}");
+    for i in 0..4 {
+        let run = out.join(format!("run-{i:03}"));
+        assert!(
+            !run.join("config.toml").exists(),
+            "a restore has no config file"
+        );
+        let cfg = json(&run.join("config.json"));
+        assert_eq!(cfg["restored_from"], s(&orig.join(&cpt)), "{cfg}");
+        let factor = [1.0, 2.0][i / 2];
+        assert_eq!(cfg["system"][0]["cpu"]["host_factor"], factor);
+        assert_eq!(
+            cfg["sim"]["max_time"],
+            ["10000000000000ps", "20000000000000ps"][i % 2],
+            "{cfg}"
+        );
+        assert_eq!(
+            read(&run.join("serial.log")),
+            "ckpt: periods=20 ymm=ok\n",
+            "{}",
+            run.display()
+        );
+        assert_eq!(json(&run.join("exit.json"))["status"], 0);
+    }
+    let csv_path = dir.join("t.csv");
+    let (st, err) = kvmsim_cmd(&["collect", s(&out), "--out", s(&csv_path)]);
+    assert_eq!(st, 0, "{err}");
+    let rows = table(&csv_path);
+    let got: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["host_factor"].as_str(), r["max_time"].as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("1.0", "10s"),
+            ("1.0", "20s"),
+            ("2.0", "10s"),
+            ("2.0", "20s")
+        ]
+    );
+}
+
+#[test]
+fn the_example_sweep_is_a_good_sweep_of_six_runs() {
+    let dir = outdir("sweep-example");
+    let script = dir.join("example.sbatch");
+    std::fs::create_dir_all(&*dir).unwrap();
+    let ex = repo().join("examples/sweep.toml");
+    let (st, err) = kvmsim_cmd(&[
+        "sweep",
+        s(&ex),
+        "--outdir",
+        s(&dir.join("out")),
+        "--slurm",
+        s(&script),
+    ]);
+    assert_eq!(st, 0, "{err}");
+    let text = read(&script);
+    assert!(text.contains("\n#SBATCH --array=0-5\n"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains(") exec ")).count(), 6);
+    let cfg = read(&dir.join("out/run-005/config.toml"));
+    assert!(cfg.contains("\nhost_factor = 2.0\n"), "{cfg}");
+    assert!(cfg.contains("\nargs = [10000000]\n"), "{cfg}");
 }
