@@ -306,9 +306,10 @@ fn read_sweep(
             }
             None
         }
-        _ => return Err(bad(format!(
-            "{p}: give either config = \"BASE.toml\" or restore = \"CHECKPOINT-DIR\" (one of them)"
-        ))),
+        _ => {
+            let want = "config = \"BASE.toml\" or restore = \"CHECKPOINT-DIR\"";
+            return Err(bad(format!("{p}: give either {want} (one of them)")));
+        }
     };
     let mut params = Vec::new();
     let mut names = BTreeSet::new();
