@@ -10,6 +10,7 @@ use platform::{status, Config, OutDir, PlatformError, Simulation};
 use sim::tick::ticks_to_seconds;
 
 mod bench;
+mod sweep;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,12 @@ enum Command {
     /// Checkpoints (folders holding a whole simulated machine).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// Run a parameter grid (SWEEP.toml): one `kvmsim run` per point,
+    /// each into OUTDIR/run-NNN, locally or as a Slurm array job.
+    Sweep(sweep::SweepArgs),
+    /// Gather the run folders under DIR... (parameters, exit and final
+    /// statistics) into one CSV table.
+    Collect(sweep::CollectArgs),
 }
 
 #[derive(Subcommand)]
@@ -525,6 +532,8 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         },
         Command::Checkpoint(CheckpointCmd::Info { dir, json }) => checkpoint_info(&dir, json),
+        Command::Sweep(a) => sweep::sweep_cmd(a),
+        Command::Collect(a) => sweep::collect_cmd(a),
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
