@@ -33,7 +33,6 @@ const GUESTS: &[&str] = &[
     "gdbdemo",
     "readfile",
     "pcevents",
-    "irqwin",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

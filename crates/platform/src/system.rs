@@ -555,8 +555,8 @@ impl System {
             && console::first_time("apic-base-filter")
         {
             tracing::warn!(
-                "this host's KVM has no user-space MSR filter: a guest that disables or moves its \
-                 local APIC through IA32_APIC_BASE keeps kvmsim's APIC enabled, at 0xFEE00000"
+                "this host's KVM has no user-space MSR filter: a guest that disables its local \
+                 APIC through IA32_APIC_BASE keeps kvmsim's APIC enabled"
             );
         }
         let mut vcpus = Vec::with_capacity(ncpus);
@@ -2406,8 +2406,7 @@ struct Pc {
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
 
 /// A local APIC per CPU (IDs 0..), all at 0xFEE00000, each CPU reaching its
-/// own (at the address its IA32_APIC_BASE names, once the guest moves it):
-/// CPU 0's has `pic` behind LINT0. Statistics go under `{cpu}.apic`
+/// own: CPU 0's has `pic` behind LINT0. Statistics go under `{cpu}.apic`
 /// (`{system}.apic` with one CPU).
 fn build_lapics(
     name: &str,
@@ -2435,17 +2434,7 @@ fn build_lapics(
         .iter()
         .map(|l| l.clone() as mem::DeviceHandle)
         .collect();
-    // Each APIC moves its own registers when its CPU writes another
-    // address to IA32_APIC_BASE.
-    let bases: Vec<mem::MovableBase> = lapics
-        .iter()
-        .map(|l| {
-            let w = mem::MovableBase::new(LAPIC_BASE);
-            mem::lock(l).set_window(w.clone());
-            w
-        })
-        .collect();
-    bus.insert_banked_movable(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", banks, bases)?;
+    bus.insert_banked(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", banks)?;
     Ok(lapics)
 }
 
