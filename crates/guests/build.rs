@@ -33,6 +33,7 @@ const GUESTS: &[&str] = &[
     "gdbdemo",
     "readfile",
     "pcevents",
+    "irqwin",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

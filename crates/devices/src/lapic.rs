@@ -10,14 +10,15 @@
 //! CPUs are queued for the platform ([`Lapic::take_ipis`]); this APIC
 //! handles those addressed to itself. TSC-deadline mode is not offered
 //! (the CPUID bit is cleared). IA32_APIC_BASE writes (when the platform
-//! learns of them) disable and re-enable the APIC globally
-//! ([`Lapic::set_apic_base`]); up to two NMIs wait for the CPU.
+//! learns of them) disable and re-enable the APIC globally and move its
+//! registers to another address ([`Lapic::set_apic_base`], with the bus
+//! range of [`Lapic::set_window`]); up to two NMIs wait for the CPU.
 //!
 //! The APIC is the CPU's [`InterruptController`].
 
 use std::sync::{Arc, Mutex};
 
-use mem::{AccessCtx, BusDevice, RestoreError, SavedState, Space, TimedDevice};
+use mem::{AccessCtx, BusDevice, MovableBase, RestoreError, SavedState, Space, TimedDevice};
 use serde::{Deserialize, Serialize};
 use sim::intr::{InterruptController, Pending};
 use sim::tick::TICKS_PER_SECOND;
@@ -78,6 +79,8 @@ pub const APIC_BASE_MSR: u32 = 0x1b;
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// IA32_APIC_BASE: the APIC is enabled (globally).
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// IA32_APIC_BASE: the register page's physical address (bits 12-51).
+pub const APIC_BASE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// IPIs an APIC holds for the platform at most.
 const MAX_HELD_IPIS: usize = 256;
@@ -194,8 +197,14 @@ pub struct Lapic {
     sipi_vector: Option<u8>,
     /// Something was delivered since the last [`Lapic::take_doorbell`].
     doorbell: bool,
+    /// Where the bus reaches the registers, if the platform mapped them
+    /// movable ([`Lapic::set_window`]).
+    window: Option<MovableBase>,
     interrupts: Counter,
     timer_irqs: Counter,
+    nmis_received: Counter,
+    nmis_collapsed: Counter,
+    nmis_taken: Counter,
 }
 
 fn bit(regs: &[u32; 8], v: u8) -> bool {
@@ -261,9 +270,27 @@ impl Lapic {
             init_received: false,
             sipi_vector: None,
             doorbell: false,
+            window: None,
             interrupts: stats.counter(
                 &format!("{prefix}.interrupts"),
                 "Interrupts delivered to the CPU by the local APIC",
+                "Count",
+            )?,
+            nmis_received: stats.counter(
+                &format!("{prefix}.nmisReceived"),
+                "NMIs that reached the local APIC (IPIs, LINT1, its own LVT entries)",
+                "Count",
+            )?,
+            nmis_collapsed: stats.counter(
+                &format!("{prefix}.nmisCollapsed"),
+                "NMIs that arrived with two already waiting for the CPU (merged into those, as \
+                 hardware merges them)",
+                "Count",
+            )?,
+            nmis_taken: stats.counter(
+                &format!("{prefix}.nmisTaken"),
+                "NMIs the CPU took from the local APIC (handed to KVM, which runs one and holds \
+                 at most one more behind a running handler)",
                 "Count",
             )?,
             timer_irqs: stats.counter(
@@ -358,11 +385,15 @@ impl Lapic {
     /// nothing but NMIs and, with an 8259 behind LINT0, the 8259's INTR
     /// (the pins then reach the CPU directly). Setting it again brings the
     /// APIC back in its power-on state (INIT's, keeping the APIC ID).
-    /// Moving the base is recorded but the registers stay at 0xFEE00000
-    /// (reported once by the caller).
+    /// A new address moves the registers there (with a window from
+    /// [`Lapic::set_window`]; the old address then reaches nothing of this
+    /// APIC).
     pub fn set_apic_base(&mut self, value: u64) {
         let was = self.hw_enabled();
         self.apic_base = value;
+        if let Some(w) = &self.window {
+            w.set(value & APIC_BASE_ADDR);
+        }
         if was && !self.hw_enabled() {
             let id = self.id;
             self.init_reset();
@@ -376,6 +407,14 @@ impl Lapic {
                 self.lvt[LVT_LINT1] = 0x400;
             }
         }
+    }
+
+    /// Hands the APIC the base of its bus range (mapped with
+    /// [`mem::IoBus::insert_banked_movable`]): a write of IA32_APIC_BASE
+    /// with another address moves the registers there.
+    pub fn set_window(&mut self, window: MovableBase) {
+        window.set(self.apic_base & APIC_BASE_ADDR);
+        self.window = Some(window);
     }
 
     /// IA32_APIC_BASE as last written.
@@ -412,6 +451,10 @@ impl Lapic {
     /// runs, the other waits behind it, as on hardware, where an NMI that
     /// arrives while one is being serviced is latched); more collapse.
     pub fn deliver_nmi(&mut self) {
+        self.nmis_received.inc();
+        if self.nmis >= MAX_PENDING_NMIS {
+            self.nmis_collapsed.inc();
+        }
         self.nmis = (self.nmis + 1).min(MAX_PENDING_NMIS);
         self.doorbell = true;
     }
@@ -651,6 +694,9 @@ impl InterruptController for Lapic {
     fn take_nmi(&mut self) -> bool {
         let had = self.nmis > 0;
         self.nmis = self.nmis.saturating_sub(1);
+        if had {
+            self.nmis_taken.inc();
+        }
         had
     }
 
@@ -752,6 +798,9 @@ impl BusDevice for Lapic {
         )?;
         self.id = s.id;
         self.apic_base = s.apic_base;
+        if let Some(w) = &self.window {
+            w.set(s.apic_base & APIC_BASE_ADDR);
+        }
         self.tpr = s.tpr;
         self.ldr = s.ldr;
         self.dfr = s.dfr;
@@ -1229,17 +1278,69 @@ mod tests {
     }
 
     #[test]
+    fn writing_another_base_moves_the_registers_on_the_bus() {
+        let mut stats = Stats::new();
+        let mut bus = mem::IoBus::new(&mut stats, "iobus").unwrap();
+        let a = Arc::new(Mutex::new(lapic()));
+        let window = MovableBase::new(LAPIC_BASE);
+        a.lock().unwrap().set_window(window.clone());
+        bus.insert_banked_movable(
+            Space::Mmio,
+            LAPIC_BASE,
+            LAPIC_SIZE,
+            "lapic",
+            vec![a.clone() as mem::DeviceHandle],
+            vec![window.clone()],
+        )
+        .unwrap();
+        let read = |addr: u64| {
+            let mut reqs = vec![];
+            let mut d = [0u8; 4];
+            bus.read(Space::Mmio, addr, &mut d, &mut AccessCtx::new(0, &mut reqs));
+            u32::from_le_bytes(d)
+        };
+        assert_eq!(read(LAPIC_BASE + 0x30), LAPIC_VERSION);
+        // kvm-unit-tests' "relocate apic": disable, then enable elsewhere.
+        let moved = 0xfed4_0000;
+        a.lock()
+            .unwrap()
+            .msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_BSP);
+        a.lock()
+            .unwrap()
+            .msr_written(APIC_BASE_MSR, moved | APIC_BASE_BSP | APIC_BASE_ENABLE);
+        assert_eq!(window.get(), moved);
+        assert_eq!(read(moved + 0x30), LAPIC_VERSION, "the registers moved");
+        assert_eq!(read(LAPIC_BASE + 0x30), u32::MAX, "nothing left behind");
+        // A restored APIC puts its registers where its state says.
+        let saved = a.lock().unwrap().save();
+        let mut b = lapic();
+        let w2 = MovableBase::new(LAPIC_BASE);
+        b.set_window(w2.clone());
+        b.restore(&saved).unwrap();
+        assert_eq!(w2.get(), moved);
+        // Moving back.
+        a.lock()
+            .unwrap()
+            .msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_BSP | APIC_BASE_ENABLE);
+        assert_eq!(read(LAPIC_BASE + 0x30), LAPIC_VERSION);
+        assert_eq!(read(moved + 0x30), u32::MAX);
+    }
+
+    #[test]
     fn two_nmis_wait_and_more_collapse() {
         let mut a = lapic();
         for _ in 0..10 {
             a.deliver_nmi();
         }
         assert_eq!(a.pending_nmis(), MAX_PENDING_NMIS);
+        assert_eq!(a.nmis_received.get(), 10);
+        assert_eq!(a.nmis_collapsed.get(), 8, "all but two merge");
         assert_eq!(a.pending(), Pending::Nmi);
         assert!(a.take_nmi());
         assert_eq!(a.pending(), Pending::Nmi, "the second waits");
         assert!(a.take_nmi());
         assert!(!a.take_nmi());
+        assert_eq!(a.nmis_taken.get(), 2);
         assert_eq!(a.pending(), Pending::None);
         // NMI IPIs to self count the same way.
         w(&mut a, 0, 0xf0, 0x1ff);

@@ -83,6 +83,13 @@
 //!   times (10), reads the simulated time, calls `marker` (which reads it
 //!   again first), prints "pcevents: calls=N before=T0 at=T1" (ns) and
 //!   exits with 0.
+//! * `irqwin` (platform "pc"): interrupts that wait while IF is clear
+//!   (self-IPIs) are taken at the first instruction boundary that accepts
+//!   them: two at a `sti; nop; cli` (the second right after the first's
+//!   `iretq`), one after a `popf` that sets IF, and one its handler's
+//!   `iretq` leaves waiting; prints "irqwin: sti=2 order=0x..6160 popf=1
+//!   iret=2" and exits with 0, else fails with the bits of the cases that
+//!   went wrong.
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -124,6 +131,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("gdbdemo"),
     guest!("readfile"),
     guest!("pcevents"),
+    guest!("irqwin"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -292,6 +300,13 @@ pub const ABOUT: &[About] = &[
         about: "a PC events' target with symbols (counted, marker): calls counted N times, reads \
                 the simulated time, calls marker (which reads it first), prints \"pcevents: \
                 calls=N before=T0 at=T1\" (ns), exits with 0",
+    },
+    About {
+        name: "irqwin",
+        args: "- (platform \"pc\")",
+        about: "self-IPIs waiting while IF is clear must run at the first boundary that accepts \
+                them (sti; nop; cli, popf, a handler's iretq); prints \"irqwin: sti=2 \
+                order=0x..6160 popf=1 iret=2\"; fails with the bits of the cases that went wrong",
     },
 ];
 

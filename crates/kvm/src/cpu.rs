@@ -50,6 +50,11 @@ pub struct CpuOptions {
     pub coalesced_mmio: bool,
     /// The CPU's index in its system (selects per-CPU devices on the bus).
     pub index: usize,
+    /// Single-step kernel-mode code to find the guest's interrupt window on
+    /// a host whose KVM does not exit there ([`crate::probe::window_assist`]);
+    /// without it a waiting interrupt is taken at the next exit where the
+    /// guest accepts it.
+    pub irq_window_step: bool,
 }
 
 impl Default for CpuOptions {
@@ -59,6 +64,7 @@ impl Default for CpuOptions {
             max_insts: None,
             coalesced_mmio: false,
             index: 0,
+            irq_window_step: true,
         }
     }
 }
@@ -153,6 +159,7 @@ struct CpuStats {
     num_coalesced_mmio: Counter,
     num_halt: Counter,
     num_interrupts: Counter,
+    irq_window_steps: Counter,
     num_hypercalls: Counter,
     num_cycles: Counter,
     num_insts: Counter,
@@ -211,6 +218,12 @@ impl CpuStats {
             )?,
             num_halt: c(stats, "numHalt", "HLT exits")?,
             num_interrupts: c(stats, "numInterrupts", "Interrupts and NMIs injected")?,
+            irq_window_steps: c(
+                stats,
+                "irqWindowSteps",
+                "Entries single-stepped to find the guest's interrupt window (hosts whose KVM \
+                 does not exit there; see kvmsim doctor)",
+            )?,
             num_hypercalls: c(stats, "numHypercalls", "Hypercall exits")?,
             num_cycles: stats.counter(
                 &format!("{p}.numCycles"),
@@ -509,6 +522,14 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
             .thread_setup(self.opts.timer, &self.kick)
             .map_err(|e| KvmError::Timer(format!("{}: {e}", self.name)))?;
         self.timer = Some(timer);
+        // Where KVM does not exit when the guest opens an interrupt window
+        // (this host's emulated CPL0), the architecture steps to find it.
+        let assist = if self.opts.irq_window_step {
+            self.vcpu.window_assist()
+        } else {
+            crate::probe::WindowAssist::default()
+        };
+        self.arch.set_window_assist(assist);
         if self.vcpu.has_pmu() {
             let mut c =
                 InstCounter::new(PerfEvent::GuestInstructions, sys::gettid(), kick_signal())
@@ -936,10 +957,15 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         // instruction's exception, pushed after an injection, would discard
         // the injected interrupt.
         self.arch.update_kvm_state(&mut self.vcpu)?;
+        let mut window_step = false;
         if let Some(intc) = &self.intc {
             let mut intc = mem::lock(intc);
             let d = self.arch.deliver_interrupts(&mut self.vcpu, &mut *intc)?;
             self.stats.num_interrupts.add(u64::from(d.injected));
+            if d.window_step {
+                self.stats.irq_window_steps.inc();
+                window_step = true;
+            }
             self.injected_since_timer_exit |= d.injected > 0;
         }
         // While single-stepping each entry should stop after one
@@ -1031,6 +1057,16 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
         let ticks = match span {
             Some(s) => measured.min(s.saturating_add(1)),
             None => measured,
+        };
+        // A step that only looks for the guest's interrupt window (a host
+        // without window exits) runs one instruction, and its host time is
+        // nearly all the exit, which the guest would not have paid running
+        // on: it is charged one CPU cycle, so that kernel code stepped while
+        // an interrupt waits does not look slower in simulated time.
+        let ticks = if window_step {
+            ticks.min(self.cfg.clock.period())
+        } else {
+            ticks
         };
         self.stats
             .num_cycles

@@ -129,6 +129,17 @@ fn loop_speed(cpl: u8, n: u64) -> Option<f64> {
     (r.exit == ProbeExit::Mmio).then(|| r.host_ns as f64 / n as f64)
 }
 
+fn cpuinfo_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("vendor_id"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
 fn cpuinfo_flags() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -300,6 +311,33 @@ pub fn run() -> Report {
             "exact max_insts impossible at that privilege level without a PMU",
         );
     }
+
+    // Interrupt-window exits where CPL0 code sets IF.
+    let window = crate::probe::irq_window_exits();
+    let assist = crate::probe::window_assist();
+    add(
+        &mut rep.findings,
+        "interrupt-window exit at CPL0",
+        matches!(window, Ok(true)),
+        match &window {
+            Ok(true) => "KVM_EXIT_IRQ_WINDOW_OPEN after `sti` with a window requested".into(),
+            Ok(false) => {
+                "`sti` with a window requested runs on without KVM_EXIT_IRQ_WINDOW_OPEN".into()
+            }
+            Err(e) => format!("the probe failed: {e}"),
+        },
+        if assist.iret_breakpoint {
+            "kvmsim single-steps CPL0 code while an interrupt waits for IF, with an execution \
+             breakpoint on an iret's return address (a step there stopped one instruction late \
+             on the software-assisted host we measured): system.cpu.irqWindowSteps"
+        } else if assist.step {
+            "kvmsim single-steps CPL0 code while an interrupt waits for IF; after an iret it \
+             stops one instruction late: system.cpu.irqWindowSteps"
+        } else {
+            "an interrupt that waits for IF is injected at the next exit with IF set, which may \
+             be long after the guest opened its window"
+        },
+    );
 
     // CPUID as the guest sees it (leaf 1 ECX, leaf 7 EBX) against KVM's table.
     let guest = |leaf: u64| {
@@ -510,6 +548,48 @@ pub fn fmt_us(ns: u64) -> String {
         format!("{}ms", us.div_ceil(1000))
     } else {
         format!("{us}us")
+    }
+}
+
+/// Whether a hypercall at CPL0 returns (`kvmsim doctor` only: where it
+/// does not, the probe waits out its 2 s limit, too long for every run's
+/// cached report).
+pub fn hypercall() -> Finding {
+    // A hypercall at CPL0 (KVM answers an unknown one with -KVM_ENOSYS and
+    // moves on): `vmcall` (Intel) or `vmmcall` (AMD), RAX = 10
+    // (KVM_HC_SEND_IPI, what kvm-unit-tests' apic test calls).
+    let amd = cpuinfo_vendor().contains("AuthenticAMD");
+    let call: &[u8] = if amd {
+        &[0x0f, 0x01, 0xd9]
+    } else {
+        &[0x0f, 0x01, 0xc1]
+    };
+    let hc = run_snippet(&snippet(call), 0, [10, u64::MAX, 0, u64::MAX], &[], 2_000).ok();
+    Finding {
+        name: "hypercall at CPL0 returns",
+        ok: hc.as_ref().is_some_and(|r| r.exit == ProbeExit::Mmio),
+        detail: match &hc {
+            Some(r) if r.exit == ProbeExit::Mmio => {
+                format!(
+                    "{} returned RAX {}",
+                    if amd { "vmmcall" } else { "vmcall" },
+                    r.regs[0] as i64
+                )
+            }
+            Some(r) => format!(
+                "{} at CPL0: {:?} after {} ms, RIP still at the instruction: {}",
+                if amd { "vmmcall" } else { "vmcall" },
+                r.exit,
+                r.host_ns / 1_000_000,
+                r.rip == PROBE_CODE
+            ),
+            None => "the probe did not run".into(),
+        },
+        consequence:
+            "a guest's hypercall never returns: the CPU spins on it (kvm-unit-tests' apic test \
+         does one for its PV IPI sub-test: run it with TEST_DEVICE=0, as the suite does \
+         without its test device)"
+                .into(),
     }
 }
 

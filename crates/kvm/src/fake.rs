@@ -137,6 +137,8 @@ pub struct FakeVcpu {
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The guest-debug setting last given (KVM_SET_GUEST_DEBUG).
     pub guest_debug: kvm_guest_debug,
+    /// What the CPU is told this host needs (no window exits: steps).
+    pub window_assist: crate::probe::WindowAssist,
     events: kvm_vcpu_events,
     record: Record,
     timer: Arc<Mutex<TimerState>>,
@@ -178,6 +180,7 @@ impl FakeVcpu {
             mp_state: kvm_mp_state::default(),
             cpuid: Vec::new(),
             guest_debug: kvm_guest_debug::default(),
+            window_assist: crate::probe::WindowAssist::default(),
             events: kvm_vcpu_events::default(),
             record: Record::default(),
             timer: Arc::default(),
@@ -289,6 +292,10 @@ impl Vcpu for FakeVcpu {
 
     fn has_pmu(&self) -> bool {
         false
+    }
+
+    fn window_assist(&self) -> crate::probe::WindowAssist {
+        self.window_assist
     }
 
     fn regs(&self) -> Result<kvm_regs> {

@@ -311,3 +311,68 @@ pub fn forced_exit_cost_cached() -> Option<ForcedExitCost> {
         }
     })
 }
+
+/// How kvmsim makes up for a host whose KVM does not exit when the guest
+/// opens an interrupt window (see [`irq_window_exits`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowAssist {
+    /// Single-step CPL0 code while an interrupt waits for the guest to
+    /// accept it (IF clear, or an interrupt shadow), and inject it at the
+    /// first instruction boundary where it can.
+    pub step: bool,
+    /// An execution breakpoint on the return address of an `iret` stepped
+    /// over: this host's step after an `iret` stops one instruction late.
+    pub iret_breakpoint: bool,
+}
+
+/// What this host's KVM needs to deliver a waiting interrupt at the
+/// instruction boundary where the guest opens its window (probed once).
+pub fn window_assist() -> WindowAssist {
+    static CELL: OnceLock<WindowAssist> = OnceLock::new();
+    *CELL.get_or_init(|| {
+        let exits = irq_window_exits().unwrap_or(true);
+        if exits {
+            return WindowAssist::default();
+        }
+        let step = single_step_works(0).unwrap_or(false);
+        WindowAssist {
+            step,
+            iret_breakpoint: step && hw_breakpoint_works(0).unwrap_or(false),
+        }
+    })
+}
+
+/// Whether KVM exits with KVM_EXIT_IRQ_WINDOW_OPEN when CPL0 code sets IF
+/// (`sti`) while kvmsim asked for an interrupt window: the exit comes after
+/// the instruction that follows `sti` (its interrupt shadow) on hardware
+/// virtualization.
+pub fn irq_window_exits() -> Result<bool> {
+    static CELL: OnceLock<std::result::Result<bool, String>> = OnceLock::new();
+    CELL.get_or_init(|| probe_irq_window().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(KvmError::Setup)
+}
+
+/// `sti`, eight `nop`s, then an MMIO read (`mov 0xffff0000, %rax`).
+const STI_NOPS: [u8; 17] = [
+    0xfb, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0xb8, 0x00, 0x00, 0xff, 0xff, 0x48, 0x8b,
+    0x00,
+];
+
+fn probe_irq_window() -> Result<bool> {
+    let ProbeVm {
+        mut vcpu,
+        mut arch,
+        vm: _vm,
+        _ram,
+    } = probe_vm(&STI_NOPS, 0)?;
+    arch.regs_mut(&mut vcpu)?.rflags = 0x2; // IF clear
+    arch.update_kvm_state(&mut vcpu)?;
+    vcpu.request_interrupt_window(true);
+    let exit = vcpu.run(&mut Vec::new());
+    arch.kvm_state_changed();
+    let rip = arch.regs(&mut vcpu)?.rip;
+    let exits = matches!(exit, VmExit::IrqWindowOpen);
+    tracing::debug!("interrupt-window probe: {exit:?} at rip {rip:#x}: {exits}");
+    Ok(exits)
+}

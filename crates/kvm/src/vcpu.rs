@@ -181,6 +181,12 @@ pub trait Vcpu: Send {
         crate::perf::pmu_available()
     }
 
+    /// How kvmsim makes up for missing interrupt-window exits on this host
+    /// (nothing where KVM has them).
+    fn window_assist(&self) -> crate::probe::WindowAssist {
+        crate::probe::window_assist()
+    }
+
     fn regs(&self) -> Result<kvm_regs>;
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<()>;
     fn sregs(&self) -> Result<kvm_sregs>;

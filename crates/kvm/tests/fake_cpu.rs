@@ -62,6 +62,10 @@ struct Rig {
 
 impl Rig {
     fn new(script: Vec<Step>) -> Rig {
+        Rig::with_vcpu(FakeVcpu::new(script))
+    }
+
+    fn with_vcpu(vcpu: FakeVcpu) -> Rig {
         let mut stats = Stats::new();
         let cfg = CpuConfig {
             clock: ClockDomain::from_hz(1e9),
@@ -70,7 +74,7 @@ impl Rig {
         };
         let mut cpu = KvmCpu::new(
             "system.cpu",
-            FakeVcpu::new(script),
+            vcpu,
             X86_64::new(),
             cfg,
             CpuOptions::default(),
@@ -603,4 +607,87 @@ fn the_syscall_repair_and_stepping_share_one_guest_debug_setting() {
     }
     assert_eq!(rig.cpu.vcpu().record().exceptions, vec![3]);
     rig.run(None, 10);
+}
+
+/// A CPU on a host whose KVM does not exit at interrupt windows, with an
+/// interrupt waiting while IF is clear, at CPL0 in 64-bit mode, with guest
+/// memory (code at the fake's RIP, 1 MiB; stack at 0x80000).
+fn window_rig(script: Vec<Step>) -> (Rig, vm_memory::GuestMemoryMmap) {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    let mut vcpu = FakeVcpu::new(script);
+    vcpu.window_assist = kvm::probe::WindowAssist {
+        step: true,
+        iret_breakpoint: true,
+    };
+    vcpu.regs.rflags = 0x2;
+    vcpu.sregs.cs.l = 1;
+    let mut rig = Rig::with_vcpu(vcpu);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    rig.cpu.set_guest_memory(mem.clone());
+    rig.intc.lock().unwrap().pending.push_back(0x40);
+    (rig, mem)
+}
+
+/// The step flag and the first breakpoint the last entry gave KVM.
+fn entry_debug(rig: &Rig) -> (bool, Option<u64>) {
+    use kvm_bindings::{KVM_GUESTDBG_SINGLESTEP as SS, KVM_GUESTDBG_USE_HW_BP as HW};
+    let d = rig.cpu.vcpu().guest_debug;
+    (
+        d.control & SS != 0,
+        (d.control & HW != 0 && d.arch.debugreg[7] & 1 != 0).then_some(d.arch.debugreg[0]),
+    )
+}
+
+#[test]
+fn without_window_exits_cpl0_code_is_stepped_to_the_window() {
+    use vm_memory::{Bytes, GuestAddress};
+    let step = || debug_exit(1, 0, 1 << 14);
+    let (mut rig, mem) = window_rig(vec![
+        Step::new(100, step()),
+        Step::new(100, step()),
+        Step::new(100, step()),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    // A nop, then an iretq (the fake moves RIP one byte per exit) whose
+    // frame returns to 0x1234.
+    mem.write_slice(&[0x90, 0x48, 0xcf], GuestAddress(0x10_0000))
+        .unwrap();
+    mem.write_obj(0x1234u64, GuestAddress(0x8_0000)).unwrap();
+    // Window steps are no one's stops (a debugger's step would be).
+    assert!(matches!(rig.tick(None), TickOutcome::Next(_)));
+    assert_eq!(entry_debug(&rig), (true, None), "IF clear: steps");
+    assert!(rig.cpu.vcpu().record().injected.is_empty());
+    assert!(matches!(rig.tick(None), TickOutcome::Next(_)));
+    assert_eq!(
+        entry_debug(&rig),
+        (true, Some(0x1234)),
+        "an iret: a breakpoint on its return address"
+    );
+    // The guest set IF: the interrupt goes in, stepping ends.
+    rig.cpu.vcpu_mut().regs.rflags = 0x202;
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (false, None));
+    assert_eq!(rig.cpu.vcpu().record().taken, vec![0x40]);
+    rig.run(None, 10);
+    assert_eq!(rig.stat("system.cpu.irqWindowSteps"), 2.0);
+}
+
+#[test]
+fn window_steps_leave_hlt_and_cpl3_alone() {
+    use vm_memory::{Bytes, GuestAddress};
+    let (mut rig, mem) = window_rig(vec![Step::new(100, VmExit::Hlt)]);
+    mem.write_slice(&[0xf4], GuestAddress(0x10_0000)).unwrap();
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (false, None), "hlt is left to KVM");
+    let (mut rig, _mem) = window_rig(vec![Step::new(100, VmExit::Hlt)]);
+    rig.cpu.vcpu_mut().sregs.cs.dpl = 3;
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (false, None), "CPL3 is not stepped");
+    // A host with window exits needs no steps.
+    let (mut rig, _mem) = window_rig(vec![Step::new(100, VmExit::Hlt)]);
+    rig.cpu.vcpu_mut().window_assist = kvm::probe::WindowAssist::default();
+    rig.cpu.startup_thread().unwrap();
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (false, None));
+    assert!(rig.cpu.vcpu().window_requested());
 }

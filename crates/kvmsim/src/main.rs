@@ -885,6 +885,7 @@ fn doctor(json: bool) -> i32 {
     let mut rep = kvm::doctor::run();
     if rep.findings.first().is_some_and(|f| f.ok) {
         rep.findings.push(kvm::doctor::window_cost());
+        rep.findings.push(kvm::doctor::hypercall());
     }
     if json {
         let findings: Vec<serde_json::Value> = rep

@@ -74,6 +74,8 @@ fn doctor_reports_every_probe() {
         "emulator: lock cmpxchg16b",
         "emulator: popcnt",
         "syscall from CPL3 enters CPL0",
+        "interrupt-window exit at CPL0",
+        "hypercall at CPL0 returns",
     ] {
         assert!(names.contains(&probe), "{probe} missing: {names:?}");
     }
@@ -106,5 +108,52 @@ fn doctor_reports_every_probe() {
                 .any(|f| f.starts_with("clearcpuid=") && f.contains("141")),
             "{flags:?}"
         );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn waiting_interrupts_are_taken_at_the_first_open_boundary() {
+    if !kvm_or_skip("irqwin") {
+        return;
+    }
+    let (dir, cfg) = config(
+        "irqwin",
+        "[sim]\nmax_time = \"1s\"\n[system]\nkernel = \"builtin:irqwin\"\nplatform = \"pc\"\n\
+         serial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    let line = r.file("serial.log");
+    // The guest checks itself (status 0 only if every case held); the
+    // line says which case went wrong if one did.
+    assert_eq!(r.no_panic().status, 0, "{line}\nstderr:\n{}", r.stderr);
+    assert!(
+        line.contains("sti=2 order=0x0000000000006160 popf=1 iret=2"),
+        "{line}"
+    );
+    // Where KVM does not exit at the window, kvmsim stepped to find it.
+    let assist = kvm::probe::window_assist();
+    let steps = r.statf("system.cpu.irqWindowSteps");
+    assert_eq!(assist.step, steps > 0.0, "{assist:?}: {steps} window steps");
+
+    // The switch: with stepping off, a host without window exits misses
+    // the `sti; nop; cli` and `popf` windows (the guest says which), and
+    // nothing is stepped; a host with them still passes.
+    let (dir, cfg) = config(
+        "irqwin-nostep",
+        "[sim]\nmax_time = \"1s\"\n[system]\nkernel = \"builtin:irqwin\"\nplatform = \"pc\"\n\
+         serial = { stdout = false }\n[system.cpu]\nirq_window_step = false\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    let line = r.file("serial.log");
+    assert_eq!(r.statf("system.cpu.irqWindowSteps"), 0.0, "{line}");
+    if assist.step {
+        assert_ne!(r.no_panic().status, 0, "{line}");
+        assert!(line.contains("sti=0"), "{line}");
+    } else {
+        assert_eq!(r.no_panic().status, 0, "{line}\nstderr:\n{}", r.stderr);
     }
 }

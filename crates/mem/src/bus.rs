@@ -7,6 +7,7 @@
 //! returns the access latency in ticks.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sim::{Counter, Request, Stats, Tick};
@@ -319,6 +320,31 @@ struct Mapping {
     devs: Vec<DeviceHandle>,
     /// How many of `devs` are real devices (the rest answer as unclaimed).
     real: usize,
+    /// Per bank, where the guest moved it ([`IoBus::insert_banked_movable`]).
+    bases: Vec<MovableBase>,
+}
+
+/// Where a movable per-CPU range currently starts, shared by the device
+/// that moves it (the guest programs the address) and the bus that routes
+/// to it (a local APIC whose IA32_APIC_BASE the guest rewrites).
+#[derive(Debug, Clone)]
+pub struct MovableBase(Arc<AtomicU64>);
+
+impl MovableBase {
+    /// A range at `base`.
+    pub fn new(base: u64) -> Self {
+        MovableBase(Arc::new(AtomicU64::new(base)))
+    }
+
+    /// Where the range starts now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Moves the range to `base` (from the next access on).
+    pub fn set(&self, base: u64) {
+        self.0.store(base, Ordering::Release)
+    }
 }
 
 impl Mapping {
@@ -348,6 +374,8 @@ pub const UNCLAIMED_LATENCY: Tick = 100 * sim::tick::TICKS_PER_NS;
 /// clock never changes an access's tick (its accesses come in tick order).
 pub struct IoBus {
     maps: BTreeMap<(Space, u64), Mapping>,
+    /// The keys in `maps` of the movable per-CPU ranges.
+    movable: Vec<(Space, u64)>,
     unclaimed_pio: Counter,
     unclaimed_mmio: Counter,
     clock: Mutex<Tick>,
@@ -361,6 +389,7 @@ impl IoBus {
     pub fn new(stats: &mut Stats, prefix: &str) -> Result<Self, sim::stats::StatsError> {
         Ok(IoBus {
             maps: BTreeMap::new(),
+            movable: Vec::new(),
             unclaimed_pio: stats.counter(
                 &format!("{prefix}.unclaimedPio"),
                 "Port-IO accesses no device claims (reads return all-ones, writes are dropped)",
@@ -422,6 +451,37 @@ impl IoBus {
         self.insert_devs(space, base, len, name, devs, real)
     }
 
+    /// Like [`IoBus::insert_banked`], with each bank at the address its
+    /// [`MovableBase`] holds (`bases[k]` for `devs[k]`, all at `base` to
+    /// start with): a CPU whose bank moved reaches it at its new address,
+    /// before any fixed device there, and no longer at `base`. Checkpoints
+    /// name the banks as [`IoBus::insert_banked`]'s. Only MMIO addresses
+    /// outside guest RAM reach the bus at all: a bank moved onto RAM is not
+    /// reachable until it moves again.
+    pub fn insert_banked_movable(
+        &mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        name: &str,
+        devs: Vec<DeviceHandle>,
+        bases: Vec<MovableBase>,
+    ) -> Result<(), BusError> {
+        if bases.len() != devs.len() {
+            return Err(BusError::BadRange {
+                space,
+                base,
+                name: format!("{name} ({} banks, {} bases)", devs.len(), bases.len()),
+            });
+        }
+        self.insert_banked(space, base, len, name, devs)?;
+        if let Some(m) = self.maps.get_mut(&(space, base)) {
+            m.bases = bases;
+            self.movable.push((space, base));
+        }
+        Ok(())
+    }
+
     /// Attaches `dev` at `[base, base+len)` in `space`.
     pub fn insert(
         &mut self,
@@ -472,6 +532,7 @@ impl IoBus {
                 name: name.into(),
                 devs,
                 real,
+                bases: Vec::new(),
             },
         );
         Ok(())
@@ -481,6 +542,45 @@ impl IoBus {
         let (&(s, base), m) = self.maps.range(..=(space, addr)).next_back()?;
         let last = addr.checked_add(len.max(1) - 1)?;
         (s == space && last < m.end).then_some((base, m))
+    }
+
+    /// The bank CPU `cpu` reaches at `addr` (its base and device) if a
+    /// movable range ([`IoBus::insert_banked_movable`]) claims it for that
+    /// CPU; `Err(())` if `addr` is where a movable range of this CPU
+    /// started but it moved away (nothing of it answers there).
+    fn find_movable(
+        &self,
+        space: Space,
+        addr: u64,
+        len: u64,
+        cpu: usize,
+    ) -> Result<Option<(u64, &DeviceHandle)>, ()> {
+        let last = addr.checked_add(len.max(1) - 1).ok_or(())?;
+        let mut moved_away = false;
+        for key in &self.movable {
+            let Some(m) = self.maps.get(key) else {
+                continue;
+            };
+            let (Some(b), Some(dev)) = (m.bases.get(cpu), m.devs.get(cpu)) else {
+                continue;
+            };
+            if cpu >= m.real {
+                continue;
+            }
+            let size = m.end - key.1;
+            let now = b.get();
+            if key.0 == space && addr >= now && last - now < size {
+                return Ok(Some((now, dev)));
+            }
+            if now != key.1 && key.0 == space && addr >= key.1 && last < m.end {
+                moved_away = true;
+            }
+        }
+        if moved_away {
+            Err(())
+        } else {
+            Ok(None)
+        }
     }
 
     /// Every device whose state a checkpoint holds, once each, named by
@@ -564,6 +664,16 @@ impl IoBus {
         ctx: &mut AccessCtx,
         f: impl FnOnce(&mut dyn BusDevice, u64, &mut AccessCtx) -> Tick,
     ) -> Option<Tick> {
+        if !self.movable.is_empty() {
+            match self.find_movable(space, addr, len, ctx.cpu_index) {
+                Ok(Some((base, dev))) => return Some(f(&mut *lock(dev), addr - base, ctx)),
+                Ok(None) => {}
+                Err(()) => {
+                    self.unclaimed(space).inc();
+                    return None;
+                }
+            }
+        }
         let found = self
             .find(space, addr, len)
             .and_then(|(base, m)| Some((base, m.device(ctx.cpu_index)?)));
@@ -684,6 +794,69 @@ mod tests {
         fn restore(&mut self, state: &SavedState) -> Result<(), RestoreError> {
             null_state(state)
         }
+    }
+
+    #[test]
+    fn a_movable_bank_answers_its_cpu_at_its_new_base_only() {
+        let mut stats = Stats::new();
+        let mut bus = IoBus::new(&mut stats, "b").unwrap();
+        let banks = [probe(1), probe(1)];
+        let bases = [MovableBase::new(0xfee0_0000), MovableBase::new(0xfee0_0000)];
+        bus.insert_banked_movable(
+            Space::Mmio,
+            0xfee0_0000,
+            0x1000,
+            "lapic",
+            banks.iter().map(|b| b.clone() as DeviceHandle).collect(),
+            bases.to_vec(),
+        )
+        .unwrap();
+        let other = probe(5);
+        bus.insert(Space::Mmio, 0xfed4_0000, 0x1000, "other", other.clone())
+            .unwrap();
+        let read = |cpu: usize, addr: u64| {
+            let mut reqs = vec![];
+            let mut ctx = AccessCtx::new(0, &mut reqs);
+            ctx.cpu_index = cpu;
+            let mut d = [0u8; 4];
+            bus.read(Space::Mmio, addr, &mut d, &mut ctx)
+        };
+        // CPU 0 moves its bank over the other device.
+        bases[0].set(0xfed4_0000);
+        assert_eq!(read(0, 0xfed4_0030), 1, "CPU 0's bank at its new base");
+        assert_eq!(
+            read(0, 0xfee0_0030),
+            UNCLAIMED_LATENCY,
+            "nothing at the old"
+        );
+        assert_eq!(read(1, 0xfee0_0020), 1, "CPU 1's bank stays");
+        assert_eq!(read(1, 0xfed4_0040), 5, "CPU 1 reaches the other device");
+        assert_eq!(
+            banks[0].lock().unwrap().log,
+            vec![(Space::Mmio, 0x30, 4, false)]
+        );
+        assert_eq!(
+            banks[1].lock().unwrap().log,
+            vec![(Space::Mmio, 0x20, 4, false)]
+        );
+        assert_eq!(
+            other.lock().unwrap().log,
+            vec![(Space::Mmio, 0x40, 4, false)]
+        );
+        // An access across the moved range's end is not the bank's.
+        assert_eq!(read(0, 0xfed4_0ffe), UNCLAIMED_LATENCY);
+        assert_eq!(banks[0].lock().unwrap().log.len(), 1);
+        // Back home.
+        bases[0].set(0xfee0_0000);
+        assert_eq!(read(0, 0xfee0_0030), 1);
+        // Checkpoints name the banks as before.
+        let names: Vec<String> = bus.state_owners().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&"lapic.0".to_string()) && names.contains(&"lapic.1".to_string()));
+        // Bases must match the banks.
+        let mut bus2 = IoBus::new(&mut stats, "c").unwrap();
+        assert!(bus2
+            .insert_banked_movable(Space::Mmio, 0, 0x10, "x", vec![probe(1)], vec![])
+            .is_err());
     }
 
     #[test]

@@ -11,6 +11,6 @@ pub mod ram;
 
 pub use bus::{
     lock, null_state, service_tick, AccessCtx, BusDevice, BusError, CallArgs, DeviceHandle, IoBus,
-    Rebased, RestoreError, SavedState, Space, TimedDevice, TimedHandle, UserContext,
+    MovableBase, Rebased, RestoreError, SavedState, Space, TimedDevice, TimedHandle, UserContext,
 };
 pub use ram::{GuestRam, MemoryMap, RamError, Region};

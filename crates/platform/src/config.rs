@@ -583,6 +583,17 @@ pub struct CpuConfig {
     /// (default true; never needed on a host with VMX/SVM).
     #[serde(default = "default_true")]
     pub syscall_repair: bool,
+    /// On a host whose KVM does not exit when kernel-mode guest code opens an
+    /// interrupt window (`kvmsim doctor`: "interrupt-window exit at CPL0"),
+    /// single-step that code while an interrupt waits, so that it is taken at
+    /// the exact instruction where the guest can take it. Default: on for
+    /// bare-metal and Multiboot kernels (tests such as kvm-unit-tests' look
+    /// for that instruction), off for Linux kernels (a waiting interrupt is
+    /// then taken at the next exit where interrupts are enabled; stepping
+    /// nearly doubles a boot's host time there). Nothing is stepped on hosts
+    /// with the exit (VMX/SVM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq_window_step: Option<bool>,
     /// An instruction trace into trace.txt (by single-stepping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceConfig>,
@@ -780,6 +791,7 @@ impl Default for CpuConfig {
             timer: default_timer(),
             max_insts: None,
             syscall_repair: true,
+            irq_window_step: None,
             trace: None,
             pc_event: Vec::new(),
         }

@@ -555,8 +555,8 @@ impl System {
             && console::first_time("apic-base-filter")
         {
             tracing::warn!(
-                "this host's KVM has no user-space MSR filter: a guest that disables its local \
-                 APIC through IA32_APIC_BASE keeps kvmsim's APIC enabled"
+                "this host's KVM has no user-space MSR filter: a guest that disables or moves its \
+                 local APIC through IA32_APIC_BASE keeps kvmsim's APIC enabled, at 0xFEE00000"
             );
         }
         let mut vcpus = Vec::with_capacity(ncpus);
@@ -712,6 +712,26 @@ impl System {
                 }
             );
         }
+        // Where this host's KVM does not exit at kernel-mode interrupt
+        // windows, stepping finds them exactly; Linux does not need the exact
+        // instruction, and stepping its interrupts-off sections nearly
+        // doubles a boot's host time.
+        let irq_window_step = sc.cpu.irq_window_step.unwrap_or(kernel.is_none());
+        if !irq_window_step
+            && kvm::probe::window_assist().step
+            && console::first_time("irq-window-step-off")
+        {
+            tracing::info!(
+                "{name}: this host's KVM does not exit when kernel-mode code enables interrupts \
+                 (kvmsim doctor); a waiting interrupt is taken at the next exit where the guest \
+                 accepts it{} (system.cpu.irq_window_step = true steps to the exact instruction)",
+                if kernel.is_some() {
+                    ", as suits Linux"
+                } else {
+                    ""
+                }
+            );
+        }
         // PC events: symbols resolved and slots checked before anything runs.
         let pc_events = if sc.cpu.pc_event.is_empty() {
             None
@@ -819,6 +839,7 @@ impl System {
                     max_insts: sc.cpu.max_insts,
                     coalesced_mmio: !sc.coalesced_mmio.is_empty(),
                     index,
+                    irq_window_step,
                 },
                 &mut stats,
             )?;
@@ -2406,7 +2427,8 @@ struct Pc {
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
 
 /// A local APIC per CPU (IDs 0..), all at 0xFEE00000, each CPU reaching its
-/// own: CPU 0's has `pic` behind LINT0. Statistics go under `{cpu}.apic`
+/// own (at the address its IA32_APIC_BASE names, once the guest moves it):
+/// CPU 0's has `pic` behind LINT0. Statistics go under `{cpu}.apic`
 /// (`{system}.apic` with one CPU).
 fn build_lapics(
     name: &str,
@@ -2434,7 +2456,17 @@ fn build_lapics(
         .iter()
         .map(|l| l.clone() as mem::DeviceHandle)
         .collect();
-    bus.insert_banked(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", banks)?;
+    // Each APIC moves its own registers when its CPU writes another
+    // address to IA32_APIC_BASE.
+    let bases: Vec<mem::MovableBase> = lapics
+        .iter()
+        .map(|l| {
+            let w = mem::MovableBase::new(LAPIC_BASE);
+            mem::lock(l).set_window(w.clone());
+            w
+        })
+        .collect();
+    bus.insert_banked_movable(Space::Mmio, LAPIC_BASE, LAPIC_SIZE, "lapic", banks, bases)?;
     Ok(lapics)
 }
 

@@ -22,6 +22,9 @@ pub enum Stepper {
     /// Stepping over the instruction at a PC event's address with its
     /// breakpoint off (so that it does not fire again there).
     PcEvent = 16,
+    /// Waiting for the guest to accept an interrupt on a host whose KVM
+    /// does not exit when it can ([`crate::probe::WindowAssist`]).
+    IrqWindow = 32,
 }
 
 /// What a hardware breakpoint watches.
@@ -69,6 +72,9 @@ pub struct Delivery {
     pub injected: u32,
     /// An interrupt waits for the guest to accept it (window requested).
     pub waiting: bool,
+    /// The entry single-steps to find the guest's interrupt window (a host
+    /// without window exits, [`crate::probe::WindowAssist`]).
+    pub window_step: bool,
 }
 
 /// What the generic KVM CPU needs from an architecture.
@@ -153,6 +159,10 @@ pub trait Arch: Send {
         vcpu: &mut dyn Vcpu,
         intc: &mut dyn InterruptController,
     ) -> Result<Delivery>;
+
+    /// How to find the guest's interrupt window on this host (nothing to
+    /// do where KVM exits there); set once, before the first entry.
+    fn set_window_assist(&mut self, _assist: crate::probe::WindowAssist) {}
 
     /// After an exit: picks up what the guest changed that the interrupt
     /// controller mirrors (x86: CR8 = TPR >> 4).

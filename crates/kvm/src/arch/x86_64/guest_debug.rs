@@ -37,6 +37,9 @@ pub enum SlotOwner {
     Debugger,
     /// A PC event's execution breakpoint (held for the whole run).
     PcEvent,
+    /// The return address of an `iret` the CPU steps over while an
+    /// interrupt waits (held for one entry).
+    IrqWindow,
 }
 
 /// One hardware breakpoint or watchpoint (a debug-register slot).
@@ -97,6 +100,11 @@ impl GuestDebug {
     /// True if `who` asked for single-stepping.
     pub fn is_stepping(&self, who: Stepper) -> bool {
         self.steppers & who as u8 != 0
+    }
+
+    /// True if `who` is the only one single-stepping.
+    pub fn only_stepper(&self, who: Stepper) -> bool {
+        self.steppers == who as u8
     }
 
     /// True if anyone single-steps.

@@ -14,8 +14,16 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs};
 use sim::intr::{InterruptController, Pending};
 
 use super::{Arch, BreakKind, DebugOutcome, DebugStop, Delivery, Stepper};
+use crate::probe::WindowAssist;
 use crate::vcpu::{DebugExit, Vcpu, XsaveArea};
 use crate::{KvmError, Result};
+
+/// The most entries single-stepped in one wait for an interrupt window
+/// ([`X86_64::assist_window`]; a handler that prints with IF clear, as
+/// kvm-unit-tests' do, takes thousands): a guest that keeps interrupts off longer
+/// (early boot, a long critical section) runs at full speed again, and the
+/// interrupt waits for the next exit with IF set, as without the assist.
+pub const WINDOW_STEP_LIMIT: u64 = 20_000;
 
 /// The MSRs kept in the thread context (those a bare-metal or Linux guest
 /// sets up; KVM holds the rest).
@@ -78,6 +86,11 @@ pub struct X86_64 {
     mem: Option<vm_memory::GuestMemoryMmap>,
     /// The host's KVM ignores guest TSC writes (found, and said, once).
     tsc_writes_ignored: bool,
+    /// How to find the guest's interrupt window on a host whose KVM does
+    /// not exit there (see [`X86_64::assist_window`]).
+    window_assist: WindowAssist,
+    /// Entries single-stepped in the current wait for a window.
+    window_steps: u64,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -203,6 +216,110 @@ impl X86_64 {
         }
     }
 
+    /// Before an entry on a host without interrupt-window exits
+    /// ([`WindowAssist`]): while an interrupt waits for the guest to accept
+    /// it (`waiting`) and the guest runs at CPL0, single-step it, so that
+    /// the CPU comes back at the first instruction boundary where IF is set
+    /// and no shadow blocks (after `sti` and the instruction after it,
+    /// `popf`, `iret`) and injects there, as hardware takes it. KVM would
+    /// otherwise run on past the window (a `sti; nop; cli` hides it
+    /// completely) and the interrupt would wait for the next exit where IF
+    /// happens to be set. This host's step after an `iret` stops one
+    /// instruction late (after the instruction at the return address), so
+    /// an `iret` is not stepped over blind: an execution breakpoint on its
+    /// return address stops the CPU there. Returns true if this entry
+    /// steps. Stepping ends when the wait does, at CPL3 (which this host
+    /// does not step), and after [`WINDOW_STEP_LIMIT`] steps in one wait
+    /// (the interrupt then waits for the next exit with IF set).
+    fn assist_window(&mut self, vcpu: &mut dyn Vcpu, waiting: bool) -> Result<bool> {
+        self.debug.clear_owner(guest_debug::SlotOwner::IrqWindow);
+        if !waiting {
+            self.window_steps = 0;
+        }
+        let mut step = waiting
+            && self.window_assist.step
+            && self.window_steps < WINDOW_STEP_LIMIT
+            && self.sregs(vcpu)?.cs.dpl == 0;
+        let bytes = if step {
+            self.instruction_bytes(vcpu)?
+        } else {
+            Vec::new()
+        };
+        // `hlt` is not stepped: this host's step over it returns with the
+        // vCPU halted inside KVM, which then exits with HLT at the next
+        // entry instead of taking what was injected. Run, KVM exits at the
+        // `hlt`, and the waiting interrupt wakes the CPU as any would.
+        if bytes.first() == Some(&0xf4) {
+            step = false;
+        }
+        self.debug.set_step(Stepper::IrqWindow, step);
+        if step {
+            self.window_steps += 1;
+            if self.window_assist.iret_breakpoint {
+                if let Some(target) = self.iret_return_address(vcpu, &bytes)? {
+                    // No free slot (a debugger's or PC events' breakpoints
+                    // fill them): the step alone, one instruction late.
+                    let _ = self.debug.add_hw(guest_debug::HwBreakpoint {
+                        addr: target,
+                        kind: BreakKind::Exec,
+                        len: 1,
+                        owner: guest_debug::SlotOwner::IrqWindow,
+                    });
+                }
+            }
+        }
+        self.debug.apply(vcpu)?;
+        Ok(step)
+    }
+
+    /// If the instruction at RIP (`bytes`) is an `iret`, the linear address it
+    /// returns to (the instruction pointer on top of the stack, in the
+    /// current code segment; a return to another segment's base is not
+    /// foreseen), else none. Unreadable memory gives none.
+    fn iret_return_address(&mut self, vcpu: &mut dyn Vcpu, bytes: &[u8]) -> Result<Option<u64>> {
+        let sr = *self.sregs(vcpu)?;
+        let r = *self.regs(vcpu)?;
+        let long = sr.cs.l != 0;
+        let wide = long || sr.cs.db != 0;
+        let mut size: usize = if wide { 4 } else { 2 };
+        let mut iret = false;
+        for &b in bytes {
+            match b {
+                0x66 => size = if wide { 2 } else { 4 },
+                0x40..=0x4f if long => {
+                    if b & 8 != 0 {
+                        size = 8;
+                    }
+                }
+                0xcf => {
+                    iret = true;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if !iret {
+            return Ok(None);
+        }
+        let sp = if long {
+            r.rsp
+        } else if sr.ss.db != 0 {
+            sr.ss.base.wrapping_add(r.rsp & 0xffff_ffff)
+        } else {
+            sr.ss.base.wrapping_add(r.rsp & 0xffff)
+        };
+        let mut buf = [0u8; 8];
+        if self.read_virt(vcpu, sp, &mut buf[..size]) != size {
+            return Ok(None);
+        }
+        let ip = u64::from_le_bytes(buf);
+        Ok(Some(if long {
+            ip
+        } else {
+            sr.cs.base.wrapping_add(ip)
+        }))
+    }
+
     /// Enables the SYSCALL-entry repair (see [`syscall_repair`]); needs
     /// guest memory ([`Arch::attach_memory`]) to read the IDT and frames.
     pub fn enable_syscall_repair(&mut self, vcpu: &mut dyn Vcpu) -> Result<()> {
@@ -310,6 +427,7 @@ impl Arch for X86_64 {
             // to the instruction and fires the event again).
             vcpu.request_interrupt_window(false);
             d.waiting = intc.pending() != Pending::None;
+            self.assist_window(vcpu, false)?;
             return Ok(d);
         }
         match intc.pending() {
@@ -343,7 +461,12 @@ impl Arch for X86_64 {
                 }
             }
         }
+        d.window_step = self.assist_window(vcpu, d.waiting)?;
         Ok(d)
+    }
+
+    fn set_window_assist(&mut self, assist: WindowAssist) {
+        self.window_assist = assist;
     }
 
     fn after_run(&mut self, vcpu: &mut dyn Vcpu, intc: &mut dyn InterruptController) {
@@ -415,7 +538,10 @@ impl Arch for X86_64 {
             self.end_pc_step();
         }
         out.completed = syscall_repair::debug_exit(self, vcpu, &hit)?;
-        out.stepped = hit.step;
+        // A step (or the breakpoint after an `iret`) that only looked for
+        // an interrupt window is no one's step: the CPU enters again and
+        // injects if the window is open.
+        out.stepped = hit.step && !self.debug.only_stepper(Stepper::IrqWindow);
         for i in 0..guest_debug::HW_SLOTS {
             let Some(b) = self.debug.slot(i) else {
                 continue;
