@@ -88,6 +88,8 @@ pub struct Record {
     pub injected_beside_exception: u64,
     /// Exceptions delivered to the guest (vector numbers).
     pub exceptions: Vec<u32>,
+    /// Their error codes (none where the exception has none).
+    pub error_codes: Vec<Option<u32>>,
     pub nmis: u64,
     /// Reads completed (bytes given), in order.
     pub completions: Vec<Vec<u8>>,
@@ -202,6 +204,20 @@ impl FakeVcpu {
     }
 
     /// Whether the guest had asked for an interrupt window at the last entry.
+    /// Puts the guest in its NMI handler (NMIs masked) or out of it (its
+    /// `iret`: an NMI KVM held is then taken).
+    pub fn set_in_nmi_handler(&mut self, inside: bool) {
+        self.events.nmi.masked = u8::from(inside);
+        if !inside {
+            self.events.nmi.pending = 0;
+        }
+    }
+
+    /// An NMI KVM holds for the end of the guest's handler.
+    pub fn nmi_held(&self) -> bool {
+        self.events.nmi.pending != 0
+    }
+
     pub fn window_requested(&self) -> bool {
         self.window_requested
     }
@@ -218,6 +234,10 @@ impl FakeVcpu {
             self.record
                 .exceptions
                 .push(u32::from(self.events.exception.nr));
+            self.record.error_codes.push(
+                (self.events.exception.has_error_code != 0)
+                    .then_some(self.events.exception.error_code),
+            );
             self.events.exception.injected = 0;
         }
         if self.events.interrupt.injected != 0 {
@@ -410,6 +430,10 @@ impl Vcpu for FakeVcpu {
     }
     fn nmi(&mut self) -> Result<()> {
         self.record.nmis += 1;
+        // KVM holds an NMI that arrives during the guest's NMI handler.
+        if self.events.nmi.masked != 0 {
+            self.events.nmi.pending = 1;
+        }
         Ok(())
     }
     fn interrupt(&mut self, vector: u8) -> Result<()> {

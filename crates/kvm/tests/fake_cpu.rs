@@ -502,6 +502,82 @@ fn int_n_at_cpl0_is_completed_as_an_injected_interrupt() {
     assert_eq!(rig.stat("system.cpu.completedInstructions::int-n"), 1.0);
 }
 
+#[test]
+fn int_n_through_a_gate_whose_code_segment_is_absent_raises_np() {
+    // eventinj of kvm-unit-tests: `int $33` whose gate names a code segment
+    // marked not present raises #NP(selector) at the `int`; once the handler
+    // points the gate back at a present segment, the `int` runs again and
+    // the vector is taken.
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    let int = || VmExit::EmulationFailure(Some(vec![0xcd, 0x21]));
+    let mut rig = Rig::new(vec![
+        Step::new(100, int()),
+        Step::new(100, int()),
+        Step::new(100, int()),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    // GDT at 0x2000: 0x08 a present 64-bit code segment, 0x18 the same
+    // marked not present; IDT at 0x1000, gate 0x21 through 0x18.
+    let code: u64 = 0x00af_9a00_0000_ffff;
+    mem.write_obj(code, GuestAddress(0x2008)).unwrap();
+    mem.write_obj(code & !(0x80 << 40), GuestAddress(0x2018))
+        .unwrap();
+    let gate = |sel: u16, access: u8| {
+        let mut g = [0u8; 16];
+        g[2..4].copy_from_slice(&sel.to_le_bytes());
+        g[5] = access;
+        g
+    };
+    mem.write_slice(&gate(0x18, 0x8e), GuestAddress(0x1000 + 0x21 * 16))
+        .unwrap();
+    rig.cpu.set_guest_memory(mem.clone());
+    {
+        let v = rig.cpu.vcpu_mut();
+        // Protection on, paging off (linear addresses are physical here).
+        v.sregs.cr0 = 0x11;
+        v.sregs.efer = 0x500;
+        v.sregs.cs.l = 1;
+        v.sregs.idt.base = 0x1000;
+        v.sregs.idt.limit = 0xfff;
+        v.sregs.gdt.base = 0x2000;
+        v.sregs.gdt.limit = 0x1f;
+    }
+    // Ticks until the next entry is made (the CPU may wait for time to
+    // catch up with it first).
+    let enter = |rig: &mut Rig| {
+        let entries = rig.cpu.vcpu().record().entries;
+        for _ in 0..10 {
+            rig.tick(None);
+            if rig.cpu.vcpu().record().entries > entries {
+                return;
+            }
+        }
+        panic!("no entry");
+    };
+    enter(&mut rig);
+    enter(&mut rig);
+    // The #NP went in at the next entry, naming the selector.
+    assert_eq!(rig.cpu.vcpu().record().exceptions, vec![11]);
+    assert_eq!(rig.cpu.vcpu().record().error_codes, vec![Some(0x18)]);
+    assert!(rig.cpu.vcpu().record().taken.is_empty());
+    // A gate that is itself not present: #NP naming the IDT entry.
+    mem.write_slice(&gate(0x08, 0x0e), GuestAddress(0x1000 + 0x21 * 16))
+        .unwrap();
+    enter(&mut rig);
+    assert_eq!(
+        rig.cpu.vcpu().record().error_codes,
+        vec![Some(0x18), Some(0x21 * 8 + 2)]
+    );
+    // The handler fixed the gate: the vector is taken.
+    mem.write_slice(&gate(0x08, 0x8e), GuestAddress(0x1000 + 0x21 * 16))
+        .unwrap();
+    rig.run(None, 100);
+    assert_eq!(rig.cpu.vcpu().record().taken, vec![0x21]);
+    assert_eq!(rig.cpu.vcpu().record().exceptions, vec![11, 11]);
+    assert_eq!(rig.stat("system.cpu.completedInstructions::int-n"), 3.0);
+}
+
 /// A debug exit as KVM reports it.
 fn debug_exit(exception: u32, pc: u64, dr6: u64) -> VmExit {
     VmExit::Debug(kvm::vcpu::DebugExit {
@@ -670,6 +746,49 @@ fn without_window_exits_cpl0_code_is_stepped_to_the_window() {
     assert_eq!(rig.cpu.vcpu().record().taken, vec![0x40]);
     rig.run(None, 10);
     assert_eq!(rig.stat("system.cpu.irqWindowSteps"), 2.0);
+}
+
+#[test]
+fn an_nmi_held_for_the_handlers_iret_is_stepped_to() {
+    // eventinj's "NMI that will fault on IRET": the handler sends itself an
+    // NMI, which KVM holds until the handler's `iret`. A host without
+    // window exits would run on past the `iret`; the handler is stepped to
+    // it instead (a breakpoint on the `iret`'s return address).
+    use vm_memory::{Bytes, GuestAddress};
+    let step = || debug_exit(1, 0, 1 << 14);
+    let (mut rig, mem) = window_rig(vec![
+        Step::new(100, step()),
+        Step::new(100, step()),
+        Step::new(100, step()),
+        Step::new(100, VmExit::Hlt),
+    ]);
+    rig.intc.lock().unwrap().pending.clear();
+    rig.intc.lock().unwrap().nmis = 1;
+    rig.cpu.vcpu_mut().set_in_nmi_handler(true);
+    // A nop, then an iretq returning to 0x1234.
+    mem.write_slice(&[0x90, 0x48, 0xcf], GuestAddress(0x10_0000))
+        .unwrap();
+    mem.write_obj(0x1234u64, GuestAddress(0x8_0000)).unwrap();
+    rig.tick(None);
+    assert_eq!(rig.cpu.vcpu().record().nmis, 1);
+    assert!(rig.cpu.vcpu().nmi_held());
+    assert_eq!(entry_debug(&rig), (true, None), "held: the handler steps");
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (true, Some(0x1234)), "its iret");
+    // The iret ran: KVM delivered the held NMI; stepping ends.
+    rig.cpu.vcpu_mut().set_in_nmi_handler(false);
+    rig.tick(None);
+    assert_eq!(entry_debug(&rig), (false, None));
+    rig.run(None, 10);
+    assert_eq!(rig.stat("system.cpu.irqWindowSteps"), 2.0);
+
+    // An NMI given outside a handler is taken at once: nothing steps.
+    let (mut rig, _mem) = window_rig(vec![Step::new(100, VmExit::Hlt)]);
+    rig.intc.lock().unwrap().pending.clear();
+    rig.intc.lock().unwrap().nmis = 1;
+    rig.tick(None);
+    assert_eq!(rig.cpu.vcpu().record().nmis, 1);
+    assert_eq!(entry_debug(&rig), (false, None));
 }
 
 #[test]
