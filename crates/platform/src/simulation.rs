@@ -26,6 +26,10 @@ use crate::nics::NicEnd;
 use crate::output::OutDir;
 use crate::pcap::Capture;
 use crate::switch::Switch;
+
+/// A window at least this long in host time (ns) is not worth probing the
+/// cost of a forced exit for ([`Simulation::warn_if_windows_dominate`]).
+const LONG_WINDOW_NS: f64 = 10_000_000.0;
 use crate::system::{CpuThread, LinkEnd, System};
 use crate::PlatformError;
 
@@ -459,9 +463,6 @@ impl Simulation {
     /// of a forced exit"): the run is then slow for a reason the user can
     /// change.
     fn warn_if_windows_dominate(&self) {
-        let Some(cost) = kvm::probe::forced_exit_cost_cached() else {
-            return;
-        };
         // The window in host time: simulated time over the fastest
         // host_factor (simulated time per host time inside KVM).
         let factor = self
@@ -474,6 +475,14 @@ impl Simulation {
         if factor <= 0.0 || quantum_ns <= 0.0 {
             return;
         }
+        // A window this long in host time would need a forced exit of a
+        // millisecond to lose 10%: no probe (it costs about 75 ms here).
+        if quantum_ns / factor >= LONG_WINDOW_NS {
+            return;
+        }
+        let Some(cost) = kvm::probe::forced_exit_cost_cached() else {
+            return;
+        };
         let share = cost.loss_ns as f64 / (quantum_ns / factor);
         tracing::debug!(
             "window cost: {} ns per forced exit, quantum {quantum_ns} ns, host_factor {factor}: \
