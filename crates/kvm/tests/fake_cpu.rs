@@ -749,11 +749,13 @@ fn without_window_exits_cpl0_code_is_stepped_to_the_window() {
 }
 
 #[test]
-fn an_nmi_held_for_the_handlers_iret_is_stepped_to() {
+fn an_nmi_during_the_nmi_handler_waits_for_its_iret() {
     // eventinj's "NMI that will fault on IRET": the handler sends itself an
-    // NMI, which KVM holds until the handler's `iret`. A host without
-    // window exits would run on past the `iret`; the handler is stepped to
-    // it instead (a breakpoint on the `iret`'s return address).
+    // NMI. Given to KVM, it would be held until the handler's `iret`, which
+    // a host without window exits runs past (and a delivery inside a
+    // stepped run would push the step's TF into the NMI's frame). It waits
+    // in the controller instead while the handler is stepped to its `iret`
+    // (a breakpoint on the return address), and goes in after it.
     use vm_memory::{Bytes, GuestAddress};
     let step = || debug_exit(1, 0, 1 << 14);
     let (mut rig, mem) = window_rig(vec![
@@ -770,22 +772,25 @@ fn an_nmi_held_for_the_handlers_iret_is_stepped_to() {
         .unwrap();
     mem.write_obj(0x1234u64, GuestAddress(0x8_0000)).unwrap();
     rig.tick(None);
-    assert_eq!(rig.cpu.vcpu().record().nmis, 1);
-    assert!(rig.cpu.vcpu().nmi_held());
-    assert_eq!(entry_debug(&rig), (true, None), "held: the handler steps");
+    assert_eq!(rig.cpu.vcpu().record().nmis, 0, "not given to KVM");
+    assert_eq!(rig.intc.lock().unwrap().nmis, 1);
+    assert_eq!(entry_debug(&rig), (true, None), "the handler steps");
     rig.tick(None);
     assert_eq!(entry_debug(&rig), (true, Some(0x1234)), "its iret");
-    // The iret ran: KVM delivered the held NMI; stepping ends.
+    // The iret ran: the NMI goes in at an entry that does not step.
     rig.cpu.vcpu_mut().set_in_nmi_handler(false);
     rig.tick(None);
+    assert_eq!(rig.cpu.vcpu().record().nmis, 1);
+    assert!(!rig.cpu.vcpu().nmi_held());
     assert_eq!(entry_debug(&rig), (false, None));
     rig.run(None, 10);
     assert_eq!(rig.stat("system.cpu.irqWindowSteps"), 2.0);
 
-    // An NMI given outside a handler is taken at once: nothing steps.
+    // Outside a handler an NMI goes in at once, one per entry: nothing
+    // steps.
     let (mut rig, _mem) = window_rig(vec![Step::new(100, VmExit::Hlt)]);
     rig.intc.lock().unwrap().pending.clear();
-    rig.intc.lock().unwrap().nmis = 1;
+    rig.intc.lock().unwrap().nmis = 2;
     rig.tick(None);
     assert_eq!(rig.cpu.vcpu().record().nmis, 1);
     assert_eq!(entry_debug(&rig), (false, None));

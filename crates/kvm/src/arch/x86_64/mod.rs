@@ -91,11 +91,6 @@ pub struct X86_64 {
     window_assist: WindowAssist,
     /// Entries single-stepped in the current wait for a window.
     window_steps: u64,
-    /// An NMI was given to KVM while the guest was in its NMI handler: KVM
-    /// holds it until the handler's `iret`, which a host without window
-    /// exits does not end a run at (the NMI would wait for the next exit).
-    /// With the assist on, the handler is stepped to its `iret` meanwhile.
-    nmi_held: bool,
 }
 
 impl std::fmt::Debug for X86_64 {
@@ -435,29 +430,38 @@ impl Arch for X86_64 {
             self.assist_window(vcpu, false)?;
             return Ok(d);
         }
-        let mut nmi_given = false;
         match intc.pending() {
             Pending::None => vcpu.request_interrupt_window(false),
             Pending::Nmi => {
                 if exception {
                     vcpu.request_interrupt_window(true);
                     d.waiting = true;
+                } else if self.window_assist.step {
+                    // A host without window exits: KVM, holding an NMI
+                    // for the end of the guest's NMI handler, would not
+                    // end the run at its `iret`, and delivering it inside
+                    // a stepped run pushes the step's TF into the NMI's
+                    // frame. So the NMI waits here while the guest is in
+                    // its handler (stepped to the `iret`, as an interrupt
+                    // waits for IF), and goes to KVM one at a time.
+                    if self.events(vcpu)?.nmi.masked != 0 {
+                        d.waiting = true;
+                    } else if intc.take_nmi() {
+                        vcpu.nmi()?;
+                        d.injected += 1;
+                        // KVM's NMI state changed under the cached block.
+                        self.events.valid = false;
+                    }
                 } else {
                     // Every NMI waiting goes to KVM now (the controller
                     // keeps at most two): KVM injects one and holds the
                     // other until the guest's handler returns, as hardware
                     // latches an NMI that arrives during one.
-                    let masked = self.window_assist.step && self.events(vcpu)?.nmi.masked != 0;
-                    let mut given = 0;
                     while intc.take_nmi() {
                         vcpu.nmi()?;
-                        given += 1;
+                        d.injected += 1;
                     }
-                    d.injected += given;
-                    nmi_given = given > 0;
-                    // KVM's NMI state changed under the cached block.
                     self.events.valid = false;
-                    self.nmi_held |= self.window_assist.step && (masked || given > 1);
                 }
             }
             Pending::Maskable => {
@@ -474,14 +478,7 @@ impl Arch for X86_64 {
                 }
             }
         }
-        // An NMI KVM held for the end of a handler: still held? (Read at
-        // the entries after the one that gave it: KVM's block is current.)
-        if self.nmi_held && !nmi_given {
-            let e = self.events(vcpu)?;
-            self.nmi_held = e.nmi.pending != 0 && e.nmi.masked != 0;
-        }
-        let wait = d.waiting || self.nmi_held;
-        d.window_step = self.assist_window(vcpu, wait)?;
+        d.window_step = self.assist_window(vcpu, d.waiting)?;
         Ok(d)
     }
 
