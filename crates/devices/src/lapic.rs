@@ -167,6 +167,9 @@ impl LapicState {
 /// One CPU's local APIC.
 pub struct Lapic {
     id: u8,
+    /// The APIC ID the CPU was built with (CPUID's initial APIC ID): the
+    /// one a global re-enable restores. Configuration, not saved state.
+    initial_id: u8,
     /// IA32_APIC_BASE as the guest last wrote it (kvmsim learns of writes
     /// through [`InterruptController::msr_written`]).
     apic_base: u64,
@@ -247,6 +250,7 @@ impl Lapic {
     ) -> Result<Self, sim::stats::StatsError> {
         let mut a = Lapic {
             id,
+            initial_id: id,
             apic_base: LAPIC_BASE | APIC_BASE_ENABLE | if id == 0 { APIC_BASE_BSP } else { 0 },
             tpr: 0,
             ldr: 0,
@@ -283,8 +287,8 @@ impl Lapic {
             )?,
             nmis_collapsed: stats.counter(
                 &format!("{prefix}.nmisCollapsed"),
-                "NMIs that arrived with two already waiting for the CPU (merged into those, as \
-                 hardware merges them)",
+                "NMIs merged into others, as hardware merges them: arrived with two already \
+                 waiting for the CPU, or one while the CPU is in its NMI handler",
                 "Count",
             )?,
             nmis_taken: stats.counter(
@@ -384,7 +388,8 @@ impl Lapic {
     /// that is not there), it accepts no interrupt messages and delivers
     /// nothing but NMIs and, with an 8259 behind LINT0, the 8259's INTR
     /// (the pins then reach the CPU directly). Setting it again brings the
-    /// APIC back in its power-on state (INIT's, keeping the APIC ID).
+    /// APIC back in its power-on state, its APIC ID the initial one (a
+    /// guest-written xAPIC ID is lost, as KVM does).
     /// A new address moves the registers there (with a window from
     /// [`Lapic::set_window`]; the old address then reaches nothing of this
     /// APIC).
@@ -399,9 +404,8 @@ impl Lapic {
             self.init_reset();
             self.id = id;
         } else if !was && self.hw_enabled() {
-            let id = self.id;
             self.init_reset();
-            self.id = id;
+            self.id = self.initial_id;
             if self.pic.is_some() {
                 self.lvt[LVT_LINT0] = 0x700;
                 self.lvt[LVT_LINT1] = 0x400;
@@ -548,11 +552,10 @@ impl Lapic {
             _ if ipi.logical => self.accepts(ipi.dest, true),
             _ => ipi.dest == self.id || ipi.dest == 0xff,
         };
-        let to_others = match ipi.shorthand {
-            1 => false,
-            2 | 3 => true,
-            _ => ipi.dest != self.id || ipi.logical,
-        };
+        // Without a shorthand the platform finds every other APIC the
+        // message is for: in physical mode too, since the guest may have
+        // given several APICs the same xAPIC ID (they all accept it).
+        let to_others = ipi.shorthand != 1;
         // Lowest priority without a shorthand is arbitrated by the platform
         // among every APIC that accepts it, this one included.
         if ipi.mode == 1 && ipi.shorthand == 0 {
@@ -698,6 +701,13 @@ impl InterruptController for Lapic {
             self.nmis_taken.inc();
         }
         had
+    }
+
+    fn merge_nmis(&mut self) {
+        if self.nmis > 1 {
+            self.nmis_collapsed.add(u64::from(self.nmis - 1));
+            self.nmis = 1;
+        }
     }
 
     fn task_priority(&self) -> u8 {
@@ -1324,6 +1334,39 @@ mod tests {
             .msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_BSP | APIC_BASE_ENABLE);
         assert_eq!(read(LAPIC_BASE + 0x30), LAPIC_VERSION);
         assert_eq!(read(moved + 0x30), u32::MAX);
+    }
+
+    #[test]
+    fn a_physical_ipi_to_its_own_id_also_goes_to_apics_sharing_it() {
+        // kvm-unit-tests' "IPI to aliased xAPIC physical IDs": two CPUs
+        // given xAPIC ID 0; a fixed IPI to ID 0 from one of them reaches
+        // both (the platform routes the other copy by `accepts`).
+        let mut stats = Stats::new();
+        let mut a = lapic();
+        let mut b = Lapic::new(1, 1_000_000_000, None, &mut stats, "apic1").unwrap();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut b, 0, 0xf0, 0x1ff);
+        w(&mut b, 0, 0x20, 0);
+        assert_eq!(b.id(), 0);
+        w(&mut a, 0, 0x310, 0);
+        w(&mut a, 0, 0x300, 0xf1);
+        assert_eq!(a.acknowledge(), Some(0xf1), "to itself");
+        let sent = a.take_ipis();
+        assert_eq!(sent.len(), 1, "handed to the platform for the others");
+        assert!(b.accepts(sent[0].dest, sent[0].logical));
+    }
+
+    #[test]
+    fn a_global_re_enable_restores_the_initial_apic_id() {
+        // kvm-unit-tests' "correct xapic id after reset".
+        let mut stats = Stats::new();
+        let mut a = Lapic::new(1, 1_000_000_000, None, &mut stats, "apic1").unwrap();
+        w(&mut a, 0, 0x20, 2 << 24);
+        assert_eq!(a.id(), 2);
+        a.msr_written(APIC_BASE_MSR, LAPIC_BASE);
+        assert_eq!(a.id(), 2, "kept while disabled");
+        a.msr_written(APIC_BASE_MSR, LAPIC_BASE | APIC_BASE_ENABLE);
+        assert_eq!(a.id(), 1);
     }
 
     #[test]

@@ -25,6 +25,12 @@ pub trait InterruptController: Send {
     /// Takes a pending NMI; true if there was one.
     fn take_nmi(&mut self) -> bool;
 
+    /// The CPU is in its NMI handler and the NMIs wait here for its end:
+    /// as the CPU latches one NMI during a handler, at most one stays
+    /// pending (the others merge into it). Controllers without NMIs need
+    /// nothing.
+    fn merge_nmis(&mut self) {}
+
     /// The task priority (x86: the local APIC's TPR, mirrored in CR8 as
     /// TPR >> 4). Controllers without one report 0.
     fn task_priority(&self) -> u8 {

@@ -445,6 +445,8 @@ impl Arch for X86_64 {
                     // its handler (stepped to the `iret`, as an interrupt
                     // waits for IF), and goes to KVM one at a time.
                     if self.events(vcpu)?.nmi.masked != 0 {
+                        // One NMI is latched during a handler; more merge.
+                        intc.merge_nmis();
                         d.waiting = true;
                     } else if intc.take_nmi() {
                         vcpu.nmi()?;
