@@ -1,0 +1,203 @@
+/* SE-mode threads test: 4 POSIX threads (clone on CPUs of their own)
+ * share work through an atomic counter, a mutex and a condition variable,
+ * and are joined with pthread_join (the clear-child-tid futex). Modes:
+ *
+ *   work     4 threads sum 1..N in slices, each adding into an atomic
+ *            and, under a mutex, into a plain total; the main thread
+ *            waits on a condition variable until all 4 reported, then
+ *            joins them. Prints the totals and thread-id facts.
+ *   toomany  tries to create 8 threads; prints how many it could
+ *            (pthread_create's error for the rest).
+ *   timeout  a timed wait on a condition variable nobody signals (a
+ *            futex timeout in simulated time), then a thread that sleeps
+ *            before signalling.
+ *   deadlock 2 threads and the main thread each wait forever.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NT 4
+#define N 4000000ULL
+
+static atomic_ullong asum;
+static unsigned long long total;
+static int reported;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
+static pid_t tids[NT];
+static __thread int mine = -1; /* TLS: each thread its own */
+
+static void *worker(void *arg) {
+    long i = (long)arg;
+    mine = (int)i;
+    tids[i] = (pid_t)syscall(SYS_gettid);
+    unsigned long long lo = i * (N / NT) + 1, hi = (i + 1) * (N / NT), s = 0;
+    for (unsigned long long v = lo; v <= hi; v++) {
+        s += v;
+        if ((v & 0xffff) == 0)
+            atomic_fetch_add(&asum, 0); /* contended cache line */
+    }
+    for (int k = 0; k < 1000; k++) {
+        atomic_fetch_add(&asum, 1);
+        pthread_mutex_lock(&lock);
+        total += 1;
+        pthread_mutex_unlock(&lock);
+    }
+    atomic_fetch_add(&asum, s);
+    pthread_mutex_lock(&lock);
+    total += s;
+    reported++;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+    return (void *)(long)(mine * 10 + 1);
+}
+
+static int work(void) {
+    pthread_t t[NT];
+    for (long i = 0; i < NT; i++) {
+        int e = pthread_create(&t[i], NULL, worker, (void *)i);
+        if (e) {
+            printf("pthread_create %ld: %s\n", i, strerror(e));
+            return 1;
+        }
+    }
+    pthread_mutex_lock(&lock);
+    while (reported < NT)
+        pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+    long rets = 0;
+    for (int i = 0; i < NT; i++) {
+        void *r;
+        if (pthread_join(t[i], &r))
+            return 2;
+        rets += (long)r;
+    }
+    unsigned long long want = N * (N + 1) / 2;
+    printf("threads %d\n", NT);
+    printf("atomic %llu (want %llu)\n", (unsigned long long)atomic_load(&asum),
+           want + NT * 1000ULL);
+    printf("locked %llu (want %llu)\n", total, want + NT * 1000ULL);
+    printf("returns %ld\n", rets);
+    int distinct = 1;
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < i; j++)
+            distinct &= tids[i] != tids[j];
+    for (int i = 0; i < NT; i++)
+        distinct &= tids[i] != getpid();
+    printf("tids distinct from each other and the pid: %s\n", distinct ? "yes" : "no");
+    printf("main tls %d\n", mine);
+    return 0;
+}
+
+static void *hold(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&lock);
+    while (!reported)
+        pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+static int toomany(void) {
+    pthread_t t[8];
+    int made = 0, err = 0;
+    for (int i = 0; i < 8; i++) {
+        int e = pthread_create(&t[i], NULL, hold, NULL);
+        if (e) {
+            err = e;
+            break;
+        }
+        made++;
+    }
+    printf("created %d, then %s\n", made, err ? strerror(err) : "no error");
+    pthread_mutex_lock(&lock);
+    reported = 1;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < made; i++)
+        pthread_join(t[i], NULL);
+    printf("joined %d\n", made);
+    return 0;
+}
+
+static void *late(void *arg) {
+    (void)arg;
+    struct timespec d = {0, 300000000};
+    nanosleep(&d, NULL);
+    pthread_mutex_lock(&lock);
+    reported = 1;
+    pthread_cond_signal(&cond);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+static int timeout(void) {
+    struct timespec t0, t1, until;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 200000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&lock);
+    int e = pthread_cond_timedwait(&cond, &lock, &until);
+    pthread_mutex_unlock(&lock);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    printf("timedwait: %s after at least 200 ms: %s\n", e == ETIMEDOUT ? "ETIMEDOUT" : "other",
+           ms >= 200 ? "yes" : "no");
+    pthread_t t;
+    pthread_create(&t, NULL, late, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pthread_mutex_lock(&lock);
+    while (!reported)
+        pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    pthread_join(t, NULL);
+    printf("woken by a sleeping thread after at least 300 ms: %s\n", ms >= 300 ? "yes" : "no");
+    return 0;
+}
+
+static void *forever(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&lock);
+    for (;;)
+        pthread_cond_wait(&cond, &lock);
+    return NULL;
+}
+
+static int deadlock(void) {
+    pthread_t a, b;
+    pthread_create(&a, NULL, forever, NULL);
+    pthread_create(&b, NULL, forever, NULL);
+    printf("waiting\n");
+    fflush(stdout);
+    pthread_join(a, NULL);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *m = argc > 1 ? argv[1] : "work";
+    if (!strcmp(m, "work"))
+        return work();
+    if (!strcmp(m, "toomany"))
+        return toomany();
+    if (!strcmp(m, "timeout"))
+        return timeout();
+    if (!strcmp(m, "deadlock"))
+        return deadlock();
+    fprintf(stderr, "unknown mode %s\n", m);
+    return 64;
+}
