@@ -101,6 +101,9 @@ const CLONE_PARENT_SETTID: u64 = 0x10_0000;
 const CLONE_CHILD_CLEARTID: u64 = 0x20_0000;
 const CLONE_CHILD_SETTID: u64 = 0x100_0000;
 const ETIMEDOUT: i64 = 110;
+/// The key of a wait for a signal (pause, rt_sigsuspend with other
+/// threads running): no futex word has it (they are 4-byte aligned).
+const SIGNAL_KEY: u64 = u64::MAX;
 
 /// The device that services the process's system calls and exceptions.
 pub struct SeDevice {
@@ -666,6 +669,9 @@ impl SeDevice {
         let took = self.timing.syscall_latency.saturating_add(done.sleep);
         self.calls.add(cell(nr), 1);
         self.ticks.add(cell(nr), took);
+        if self.slots.len() > 1 {
+            self.route_process_signals();
+        }
         self.end_delay = took;
         self.handle_flow(ctx, nr, done.flow, uc, took);
         self.end_delay = 0;
@@ -729,6 +735,7 @@ impl SeDevice {
                 Threaded::Away
             }
             FUTEX => self.futex(ctx, uc, a),
+            PAUSE | RT_SIGSUSPEND if self.live() > 1 => self.wait_signal(ctx, uc, nr, a),
             TGKILL | TKILL => {
                 let (tgid, tid, signo) = if nr == TGKILL {
                     (a[0], a[1], a[2])
@@ -1031,6 +1038,77 @@ impl SeDevice {
         }
     }
 
+    /// pause / rt_sigsuspend while other threads run (one of them may
+    /// send the signal): the thread waits, its CPU parked, until a signal
+    /// it does not block arrives; the call returns EINTR as the handler
+    /// runs (rt_sigsuspend's mask in force until the handler returns).
+    fn wait_signal(
+        &mut self,
+        ctx: &mut AccessCtx,
+        uc: &UserContext,
+        nr: u64,
+        a: [u64; 6],
+    ) -> Threaded {
+        let old = self.proc.t.sigmask;
+        let mask = if nr == crate::sys::nr::RT_SIGSUSPEND {
+            if a[1] != 8 {
+                return Threaded::Ret(-crate::mm::EINVAL);
+            }
+            let mut b = [0u8; 8];
+            if let Err(e) = self.proc.space.read_user(&self.mem, a[0], &mut b) {
+                return Threaded::Ret(-e);
+            }
+            self.proc.t.suspend_mask = Some(old);
+            u64::from_le_bytes(b) & !sig::UNBLOCKABLE
+        } else {
+            old
+        };
+        self.proc.t.sigmask = mask;
+        if self.proc.next_signal().is_some() {
+            return Threaded::Ret(-crate::sys::EINTR);
+        }
+        let Some(back) = Self::return_ctx(uc, -crate::sys::EINTR) else {
+            return Threaded::Ret(-crate::mm::EFAULT);
+        };
+        self.wait_seq += 1;
+        let k = self.cur;
+        self.slots[k].saved = back;
+        self.slots[k].run = Run::Waiting(Wait {
+            key: SIGNAL_KEY,
+            bitset: 0,
+            deadline: None,
+            since: ctx.now.saturating_add(self.timing.syscall_latency),
+            seq: self.wait_seq,
+        });
+        self.park(ctx);
+        self.check_deadlock(ctx);
+        Threaded::Away
+    }
+
+    /// Signals sent to the process go to a thread that does not block
+    /// them: the one being serviced takes them as its call returns; another
+    /// running one is interrupted, a waiting one's wait ends with EINTR.
+    fn route_process_signals(&mut self) {
+        let pending = self.proc.pending;
+        if pending == 0 {
+            return;
+        }
+        let n = self.slots.len();
+        for i in 0..n {
+            let j = (self.cur + i) % n;
+            if self.slots[j].run == Run::Free {
+                continue;
+            }
+            let mask = self.ts(j).sigmask;
+            if pending & (!mask | sig::UNBLOCKABLE) != 0 {
+                if j != self.cur || self.slots[j].run != Run::Running {
+                    self.interrupt(j);
+                }
+                return;
+            }
+        }
+    }
+
     /// tgkill/tkill to another thread of the process.
     fn kill_thread(&mut self, tid: u64, signo: u64) -> i64 {
         let Some(j) = (0..self.slots.len()).find(|&j| {
@@ -1086,7 +1164,11 @@ impl SeDevice {
                     } else {
                         s.t.tid
                     };
-                    waits.push(format!("thread {tid} on {:#x}", w.key));
+                    waits.push(if w.key == SIGNAL_KEY {
+                        format!("thread {tid} waits for a signal")
+                    } else {
+                        format!("thread {tid} on the futex at {:#x}", w.key)
+                    });
                 }
                 _ => return,
             }
@@ -1098,8 +1180,8 @@ impl SeDevice {
             ctx,
             128 + sig::SIGKILL,
             format!(
-                "deadlock: every thread of the program waits on a futex with no timeout ({}), \
-                 and no timer is armed: nothing can wake them; ended as SIGKILL would",
+                "deadlock: every thread of the program waits with no timeout ({}), and no \
+                 timer is armed: nothing can wake them; ended as SIGKILL would",
                 waits.join(", ")
             ),
         );
@@ -1343,11 +1425,18 @@ impl mem::TimedDevice for SeDevice {
             }
         }
         self.proc.expire(ctx.now);
-        // The timer's signal goes to a thread that does not block it
-        // (the one serviced last first): a running one is interrupted and
-        // its CPU reports SIGNAL_VECTOR, a waiting one's wait ends with
-        // EINTR; a signal every thread blocks waits for the call that
-        // unblocks it.
+        // The timer's signal goes to a thread that does not block it: a
+        // running one is interrupted and its CPU reports SIGNAL_VECTOR, a
+        // waiting one's wait ends with EINTR; a signal every thread blocks
+        // waits for the call that unblocks it.
+        if self.live() == 1 && self.slots[self.cur].run == Run::Running {
+            // One thread: as before threads, its CPU is interrupted.
+            if self.proc.next_signal().is_some() {
+                let k = self.cur;
+                self.raise(k, SIGNAL_VECTOR);
+            }
+            return;
+        }
         let pending = self.proc.pending;
         if pending == 0 {
             return;

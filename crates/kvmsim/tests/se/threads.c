@@ -12,9 +12,14 @@
  *            futex timeout in simulated time), then a thread that sleeps
  *            before signalling.
  *   deadlock 2 threads and the main thread each wait forever.
+ *   signals  pthread_kill to a thread waiting on a condition variable
+ *            (its handler runs on that thread), a process-directed signal
+ *            that the other thread blocks (taken by the main thread), and
+ *            a thread in sigsuspend woken by pthread_kill.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -187,6 +192,101 @@ static int deadlock(void) {
     return 0;
 }
 
+static volatile pid_t usr1_on, usr2_on;
+static volatile int usr1_count;
+static int ready, go;
+static pthread_cond_t cond2 = PTHREAD_COND_INITIALIZER;
+
+static void on_usr1(int s) {
+    (void)s;
+    usr1_on = (pid_t)syscall(SYS_gettid);
+    usr1_count++;
+}
+
+static void on_usr2(int s) {
+    (void)s;
+    usr2_on = (pid_t)syscall(SYS_gettid);
+}
+
+static pid_t waiter_tid;
+
+static void *waiter(void *arg) {
+    (void)arg;
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGUSR2);
+    pthread_sigmask(SIG_BLOCK, &s, NULL);
+    pthread_mutex_lock(&lock);
+    waiter_tid = (pid_t)syscall(SYS_gettid);
+    ready = 1;
+    pthread_cond_broadcast(&cond);
+    while (!go)
+        pthread_cond_wait(&cond2, &lock);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+static volatile int suspended_ret, suspended_errno;
+
+static void *suspender(void *arg) {
+    (void)arg;
+    sigset_t block, none;
+    sigemptyset(&block);
+    sigaddset(&block, SIGUSR1);
+    pthread_sigmask(SIG_BLOCK, &block, NULL);
+    pthread_mutex_lock(&lock);
+    waiter_tid = (pid_t)syscall(SYS_gettid);
+    ready = 2;
+    pthread_cond_broadcast(&cond);
+    pthread_mutex_unlock(&lock);
+    sigemptyset(&none);
+    suspended_ret = sigsuspend(&none);
+    suspended_errno = errno;
+    return NULL;
+}
+
+static void wait_ready(int want) {
+    pthread_mutex_lock(&lock);
+    while (ready != want)
+        pthread_cond_wait(&cond, &lock);
+    pthread_mutex_unlock(&lock);
+}
+
+static int signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigaction(SIGUSR1, &sa, NULL);
+    sa.sa_handler = on_usr2;
+    sigaction(SIGUSR2, &sa, NULL);
+    pthread_t t;
+    pthread_create(&t, NULL, waiter, NULL);
+    wait_ready(1);
+    pthread_kill(t, SIGUSR1);
+    struct timespec ms = {0, 1000000};
+    for (int i = 0; i < 1000 && !usr1_count; i++)
+        nanosleep(&ms, NULL);
+    printf("SIGUSR1 handled on the target thread: %s\n", usr1_on == waiter_tid ? "yes" : "no");
+    kill(getpid(), SIGUSR2);
+    printf("SIGUSR2, blocked by the other thread, handled on main: %s\n",
+           usr2_on == getpid() ? "yes" : "no");
+    pthread_mutex_lock(&lock);
+    go = 1;
+    pthread_cond_broadcast(&cond2);
+    pthread_mutex_unlock(&lock);
+    pthread_join(t, NULL);
+    pthread_create(&t, NULL, suspender, NULL);
+    wait_ready(2);
+    nanosleep(&ms, NULL);
+    usr1_on = 0;
+    pthread_kill(t, SIGUSR1);
+    pthread_join(t, NULL);
+    printf("sigsuspend in a thread ended by pthread_kill: %s (returned %d, %s), handler on it: %s\n",
+           suspended_ret == -1 && suspended_errno == EINTR ? "yes" : "no", suspended_ret,
+           strerror(suspended_errno), usr1_on == waiter_tid ? "yes" : "no");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *m = argc > 1 ? argv[1] : "work";
@@ -198,6 +298,8 @@ int main(int argc, char **argv) {
         return timeout();
     if (!strcmp(m, "deadlock"))
         return deadlock();
+    if (!strcmp(m, "signals"))
+        return signals();
     fprintf(stderr, "unknown mode %s\n", m);
     return 64;
 }
