@@ -767,6 +767,7 @@ impl SeDevice {
     ) -> i64 {
         let need = CLONE_VM | CLONE_THREAD | CLONE_SIGHAND;
         if flags & need != need || flags & CLONE_VFORK != 0 {
+            self.unsupported.inc();
             if self.reported.insert(u64::MAX - 1) {
                 tracing::warn!(
                     "SE: clone with flags {flags:#x} makes a new process (not CLONE_VM | \

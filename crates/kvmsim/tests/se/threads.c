@@ -2,7 +2,8 @@
  * share work through an atomic counter, a mutex and a condition variable,
  * and are joined with pthread_join (the clear-child-tid futex). Modes:
  *
- *   work     4 threads sum 1..N in slices, each adding into an atomic
+ *   work     4 threads (all alive at once: a barrier) sum 1..N in
+ *            slices, each adding into an atomic
  *            and, under a mutex, into a plain total; the main thread
  *            waits on a condition variable until all 4 reported, then
  *            joins them. Prints the totals and thread-id facts.
@@ -39,11 +40,14 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
 static pid_t tids[NT];
 static __thread int mine = -1; /* TLS: each thread its own */
+static pthread_barrier_t all_started;
 
 static void *worker(void *arg) {
     long i = (long)arg;
     mine = (int)i;
     tids[i] = (pid_t)syscall(SYS_gettid);
+    /* All 4 exist at once (each on a CPU of its own in SE mode). */
+    pthread_barrier_wait(&all_started);
     unsigned long long lo = i * (N / NT) + 1, hi = (i + 1) * (N / NT), s = 0;
     for (unsigned long long v = lo; v <= hi; v++) {
         s += v;
@@ -67,6 +71,7 @@ static void *worker(void *arg) {
 
 static int work(void) {
     pthread_t t[NT];
+    pthread_barrier_init(&all_started, NULL, NT);
     for (long i = 0; i < NT; i++) {
         int e = pthread_create(&t[i], NULL, worker, (void *)i);
         if (e) {
