@@ -842,7 +842,8 @@ fn signal_handlers_run_as_under_linux() {
     assert_eq!(r.file("stdout.txt"), "fork=-1 errno=EAGAIN\n");
     assert!(
         r.stderr.contains("clone with flags")
-            && r.stderr.contains("SE mode runs threads of one process only"),
+            && r.stderr
+                .contains("SE mode runs threads of one process only"),
         "{}",
         r.stderr
     );
@@ -887,7 +888,10 @@ fn threads_work(dynamic: bool) {
         "{}",
         r.stderr
     );
-    assert!(nout.contains("atomic 8000002004000 (want 8000002004000)"), "{nout}");
+    assert!(
+        nout.contains("atomic 8000002004000 (want 8000002004000)"),
+        "{nout}"
+    );
     assert_eq!(r.stat("system.se.threadsCreated").as_u64(), Some(4));
     // Each worker made its calls on a CPU of its own.
     for cpu in 1..=4 {
@@ -900,7 +904,10 @@ fn threads_work(dynamic: bool) {
             .stat(&format!("system.cpu{cpu}.numMMIO"))
             .as_u64()
             .unwrap();
-        assert!(exits >= calls, "cpu{cpu}: {exits} MMIO exits, {calls} calls");
+        assert!(
+            exits >= calls,
+            "cpu{cpu}: {exits} MMIO exits, {calls} calls"
+        );
     }
     assert!(r.stat("system.se.futexWaits").as_u64().unwrap() >= 1);
 }
@@ -954,7 +961,10 @@ fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
     // More threads than CPUs: with 3 CPUs the main thread and 2 more run;
     // the third pthread_create gets EAGAIN, said once by name.
     let (r, (nst, nout)) = threads_run("se_threads_toomany", &p, "toomany", 3);
-    assert_eq!((nst, nout.as_str()), (0, "created 8, then no error\njoined 8\n"));
+    assert_eq!(
+        (nst, nout.as_str()),
+        (0, "created 8, then no error\njoined 8\n")
+    );
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert_eq!(
         r.file("stdout.txt"),
@@ -989,7 +999,8 @@ fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
     assert_eq!(r.status, 137, "{}", r.stderr);
     assert_eq!(r.file("stdout.txt"), "waiting\n");
     assert!(
-        r.stderr.contains("deadlock: every thread of the program waits")
+        r.stderr
+            .contains("deadlock: every thread of the program waits")
             && r.stderr.contains("thread 1001 on the futex at"),
         "{}",
         r.stderr

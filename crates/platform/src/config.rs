@@ -1751,6 +1751,29 @@ mod tests {
     }
 
     #[test]
+    fn se_cpus_sets_the_system_cpus_once() {
+        let se = |extra: &str, se: &str| {
+            parse(&format!(
+                "[system]\nplatform = \"se\"\nkernel = \"/bin/true\"\n{extra}[system.se]\n{se}"
+            ))
+        };
+        let c = se("", "cpus = 4\n").unwrap();
+        assert_eq!(c.system[0].cpus, 4);
+        assert_eq!(c.system[0].se.as_ref().unwrap().cpus, Some(4));
+        // Given as system.cpus alone, or both the same: accepted.
+        assert_eq!(se("cpus = 3\n", "").unwrap().system[0].cpus, 3);
+        assert_eq!(se("cpus = 3\n", "cpus = 3\n").unwrap().system[0].cpus, 3);
+        for (extra, sec, field, why) in [
+            ("cpus = 2\n", "cpus = 4\n", "se.cpus", "system.cpus is 2"),
+            ("", "cpus = 65\n", "cpus", "1 to 64 CPUs"),
+            ("", "cpus = 0\n", "cpus", "1 to 64 CPUs"),
+        ] {
+            let e = se(extra, sec).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{extra}{sec}: {e}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c = parse("[system]\nkernel = \"builtin:hello\"\n").unwrap();
         assert_eq!(c.system.len(), 1);

@@ -445,7 +445,12 @@ impl SeDevice {
         } else {
             None
         };
-        let old_mask = self.proc.t.suspend_mask.take().unwrap_or(self.proc.t.sigmask);
+        let old_mask = self
+            .proc
+            .t
+            .suspend_mask
+            .take()
+            .unwrap_or(self.proc.t.sigmask);
         let frame = sig::build_frame(
             uc,
             fpu.as_deref(),
@@ -804,7 +809,13 @@ impl SeDevice {
         let tid = self.next_tid;
         let tid_bytes = tid.to_le_bytes();
         for (flag, at) in [(CLONE_PARENT_SETTID, ptid), (CLONE_CHILD_SETTID, ctid)] {
-            if flags & flag != 0 && self.proc.space.write_user(&self.mem, at, &tid_bytes).is_err() {
+            if flags & flag != 0
+                && self
+                    .proc
+                    .space
+                    .write_user(&self.mem, at, &tid_bytes)
+                    .is_err()
+            {
                 return -crate::mm::EFAULT;
             }
         }
@@ -886,7 +897,10 @@ impl SeDevice {
             .collect();
         waiting.sort_unstable();
         let mut woken = 0;
-        for (_, j) in waiting.into_iter().take(usize::try_from(n).unwrap_or(usize::MAX)) {
+        for (_, j) in waiting
+            .into_iter()
+            .take(usize::try_from(n).unwrap_or(usize::MAX))
+        {
             self.end_wait(j, now, 0);
             self.futex_wakes.inc();
             woken += 1;
@@ -1001,9 +1015,7 @@ impl SeDevice {
                 if cmd == 4 {
                     match read(self, uaddr) {
                         Err(e) => return Threaded::Ret(-e),
-                        Ok(v) if v != a[5] as u32 => {
-                            return Threaded::Ret(-crate::sys::EAGAIN)
-                        }
+                        Ok(v) if v != a[5] as u32 => return Threaded::Ret(-crate::sys::EAGAIN),
                         Ok(_) => {}
                     }
                 }
@@ -1113,9 +1125,7 @@ impl SeDevice {
     /// tgkill/tkill to another thread of the process.
     fn kill_thread(&mut self, tid: u64, signo: u64) -> i64 {
         let Some(j) = (0..self.slots.len()).find(|&j| {
-            j != self.cur
-                && self.slots[j].run != Run::Free
-                && u64::from(self.slots[j].t.tid) == tid
+            j != self.cur && self.slots[j].run != Run::Free && u64::from(self.slots[j].t.tid) == tid
         }) else {
             return -crate::sys::ESRCH;
         };
@@ -1413,7 +1423,12 @@ impl mem::TimedDevice for SeDevice {
             Run::Waiting(w) => w.deadline,
             _ => None,
         });
-        self.proc.itimer.map(|(d, _)| d).into_iter().chain(waits).min()
+        self.proc
+            .itimer
+            .map(|(d, _)| d)
+            .into_iter()
+            .chain(waits)
+            .min()
     }
 
     fn on_deadline(&mut self, ctx: &mut AccessCtx) {
@@ -1495,5 +1510,420 @@ impl BusDevice for SeDevice {
         Err(RestoreError(
             "an SE-mode process cannot be restored from a checkpoint yet".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The thread machinery against a fake CPU and a fake interrupt link:
+    //! clone, wake interrupts, futex wait/wake/timeout, exit with
+    //! clear-child-tid, more threads than CPUs, deadlock.
+    use super::*;
+    use crate::elf::{self, ET_EXEC};
+    use crate::process::ProcessConfig;
+    use crate::sys::{nr, Files, Sink};
+    use mem::CallArgs;
+    use std::sync::{Arc, Mutex};
+    use vm_memory::GuestAddress;
+
+    const RAM: usize = 16 << 20;
+    const RET: u64 = 0x40_0010;
+
+    #[derive(Default)]
+    struct Cpu {
+        uc: UserContext,
+        kernel: bool,
+    }
+
+    impl CallArgs for Cpu {
+        fn call_args(&mut self) -> [u64; 6] {
+            [0; 6]
+        }
+        fn user_context(&mut self) -> Option<UserContext> {
+            Some(self.uc)
+        }
+        fn set_user_context(&mut self, c: &UserContext) -> bool {
+            self.uc = *c;
+            self.kernel = false;
+            true
+        }
+        fn set_kernel_context(&mut self, c: &UserContext) -> bool {
+            self.uc = *c;
+            self.kernel = true;
+            true
+        }
+        fn fpu_state(&mut self) -> Option<Vec<u8>> {
+            Some(vec![0; 512])
+        }
+        fn set_fpu_state(&mut self, _: &[u8]) -> bool {
+            true
+        }
+    }
+
+    type Raised = Arc<Mutex<Vec<(usize, u8)>>>;
+
+    struct Link(Raised);
+
+    impl CpuLink for Link {
+        fn raise(&mut self, cpu: usize, vector: u8) {
+            self.0.lock().unwrap().push((cpu, vector));
+        }
+        fn eoi(&mut self, _cpu: usize) {}
+    }
+
+    fn device(cpus: usize) -> (SeDevice, Raised) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM");
+        let image = elf::tests::tiny(ET_EXEC, 0x40_0000, &[0xf4; 64], &[]);
+        let e = elf::parse(&image, "tiny").unwrap();
+        let cfg = ProcessConfig {
+            path: "/tiny".into(),
+            argv: vec!["tiny".into()],
+            envp: vec![],
+            seed: 1,
+            hwcap: 0,
+            paths: Default::default(),
+            interp: None,
+            cpus,
+        };
+        let sink = || Sink {
+            echo: None,
+            log: None,
+        };
+        let files = Files::stdio(false, sink(), sink());
+        let (p, _) =
+            Process::load(&mem, &[(0, RAM as u64)], &image, &e, &cfg, &[0; 10], files).unwrap();
+        let timing = Timing {
+            syscall_latency: 1_000_000,
+            fault_latency: 1_000_000,
+            realtime_base_ns: 0,
+        };
+        let mut stats = Stats::new();
+        let mut d = SeDevice::new(p, mem, timing, &mut stats, "system.se").unwrap();
+        let raised = Raised::default();
+        d.set_link(Box::new(Link(raised.clone())));
+        (d, raised)
+    }
+
+    /// Writes `vector` to the fault doorbell (or, with `call`, makes the
+    /// system call in the CPU's registers) from CPU `index` at `now`.
+    fn bell(d: &mut SeDevice, cpu: &mut Cpu, index: usize, now: Tick, call: bool) -> Vec<Request> {
+        let mut reqs = Vec::new();
+        let mut ctx = AccessCtx {
+            now,
+            cpu: Some(cpu),
+            requests: &mut reqs,
+            cpu_index: index,
+        };
+        if call {
+            d.write(Space::Mmio, SYSCALL_DOORBELL, &[0; 4], &mut ctx);
+        } else {
+            d.write(Space::Mmio, FAULT_DOORBELL, &[WAKE_VECTOR as u8], &mut ctx);
+        }
+        reqs
+    }
+
+    /// System call `n` with `args` from CPU `index`; the context after it.
+    fn call(
+        d: &mut SeDevice,
+        cpu: &mut Cpu,
+        index: usize,
+        now: Tick,
+        n: u64,
+        a: &[u64],
+    ) -> Vec<Request> {
+        let mut g = [0u64; 16];
+        g[UserContext::RAX] = n;
+        for (i, r) in [
+            UserContext::RDI,
+            UserContext::RSI,
+            UserContext::RDX,
+            UserContext::R10,
+            UserContext::R8,
+            UserContext::R9,
+        ]
+        .iter()
+        .enumerate()
+        {
+            g[*r] = a.get(i).copied().unwrap_or(0);
+        }
+        g[UserContext::RCX] = RET;
+        g[UserContext::R11] = 0x202;
+        g[UserContext::RSP] = STACK_TOP - 0x100;
+        cpu.uc = UserContext {
+            gprs: g,
+            rip: ENTRY_VA + 6,
+            rflags: 0x2,
+            cpl: 3,
+            ..Default::default()
+        };
+        bell(d, cpu, index, now, true)
+    }
+
+    fn rax(cpu: &Cpu) -> i64 {
+        cpu.uc.gprs[UserContext::RAX] as i64
+    }
+
+    fn word(d: &mut SeDevice, at: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.proc.space.read_user(&d.mem, at, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+
+    fn set_word(d: &mut SeDevice, at: u64, v: u32) {
+        d.proc
+            .space
+            .write_user(&d.mem, at, &v.to_le_bytes())
+            .unwrap();
+    }
+
+    const PTHREAD_FLAGS: u64 = 0x3d0f00; // glibc's pthread_create
+
+    #[test]
+    fn threads_wait_and_wake_across_cpus() {
+        let (mut d, raised) = device(2);
+        let (mut c0, mut c1) = (Cpu::default(), Cpu::default());
+        let data = STACK_TOP - 0x2000;
+        let (ptid, ctid, futex) = (data, data + 8, data + 16);
+        let stack = STACK_TOP - 0x10_0000;
+        // clone: the child's id back in the parent and at ptid, a wake
+        // interrupt raised at CPU 1.
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            1000,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, stack, ptid, ctid, 0x7000_0000],
+        );
+        assert_eq!(rax(&c0), 1001);
+        assert_eq!(c0.uc.rip, RET);
+        assert_eq!(word(&mut d, ptid), 1001);
+        assert_eq!(raised.lock().unwrap().as_slice(), &[(1, WAKE_VECTOR as u8)]);
+        // CPU 1's wake starts the child: the call's return with RAX 0, its
+        // own stack and TLS.
+        bell(&mut d, &mut c1, 1, 2000, false);
+        assert!(!c1.kernel);
+        assert_eq!((rax(&c1), c1.uc.rip), (0, RET));
+        assert_eq!(c1.uc.gprs[UserContext::RSP], stack);
+        assert_eq!(c1.uc.fs_base, 0x7000_0000);
+        call(&mut d, &mut c1, 1, 3000, nr::GETTID, &[]);
+        assert_eq!(rax(&c1), 1001);
+        call(&mut d, &mut c0, 0, 3000, nr::GETTID, &[]);
+        assert_eq!(rax(&c0), 1000);
+
+        // WAIT on a word that changed: EAGAIN; on the expected value: the
+        // CPU parks (kernel mode, idle loop, its own kernel stack).
+        set_word(&mut d, futex, 5);
+        call(&mut d, &mut c0, 0, 4000, nr::FUTEX, &[futex, 128, 4]);
+        assert_eq!(rax(&c0), -crate::sys::EAGAIN);
+        call(&mut d, &mut c0, 0, 5000, nr::FUTEX, &[futex, 128, 5]);
+        assert!(c0.kernel);
+        assert_eq!(c0.uc.rip, IDLE_VA);
+        assert_eq!(c0.uc.gprs[UserContext::RSP], kstack_top(0));
+        assert_eq!(c0.uc.rflags & 0x200, 0x200, "interrupts enabled");
+        // A wake interrupt with nothing to run parks it again.
+        bell(&mut d, &mut c0, 0, 5500, false);
+        assert!(c0.kernel);
+        // WAKE_BITSET with a disjoint bitset wakes nobody; WAKE wakes it.
+        raised.lock().unwrap().clear();
+        call(
+            &mut d,
+            &mut c1,
+            1,
+            6000,
+            nr::FUTEX,
+            &[futex, 128 | 10, 1, 0, 0, 0],
+        );
+        assert_eq!(rax(&c1), -crate::mm::EINVAL, "bitset 0");
+        call(
+            &mut d,
+            &mut c1,
+            1,
+            6000,
+            nr::FUTEX,
+            &[futex, 128 | 10, 1, 0, 0, 2],
+        );
+        assert_eq!(rax(&c1), 1, "WAIT is WAIT_BITSET with every bit");
+        // ... so that one woke it: wait again and wake with WAKE.
+        bell(&mut d, &mut c0, 0, 6500, false);
+        assert_eq!(rax(&c0), 0);
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            7000,
+            nr::FUTEX,
+            &[futex, 128 | 9, 5, 0, 0, 1],
+        );
+        assert!(c0.kernel);
+        call(
+            &mut d,
+            &mut c1,
+            1,
+            8000,
+            nr::FUTEX,
+            &[futex, 128 | 10, 1, 0, 0, 2],
+        );
+        assert_eq!(rax(&c1), 0, "disjoint bitsets");
+        raised.lock().unwrap().clear();
+        call(
+            &mut d,
+            &mut c1,
+            1,
+            3_000_000,
+            nr::FUTEX,
+            &[futex, 128 | 1, 10],
+        );
+        assert_eq!(rax(&c1), 1);
+        assert_eq!(raised.lock().unwrap().as_slice(), &[(0, WAKE_VECTOR as u8)]);
+        bell(&mut d, &mut c0, 0, 3_100_000, false);
+        assert!(!c0.kernel);
+        assert_eq!((rax(&c0), c0.uc.rip), (0, RET));
+        // Waits from each call's end to its wake.
+        let first = 6000u64.saturating_sub(5000 + 1_000_000);
+        let second = 3_000_000 - (7000 + 1_000_000);
+        assert_eq!(d.cpu_wait_ticks.get(0), first + second);
+
+        // A relative timeout of 1 ms: the deadline is the device's; at it
+        // the wait ends with ETIMEDOUT.
+        let ts = data + 64;
+        d.proc
+            .space
+            .write_user(
+                &d.mem,
+                ts,
+                &[0u64.to_le_bytes(), 1_000_000u64.to_le_bytes()].concat(),
+            )
+            .unwrap();
+        let now = 10_000_000;
+        call(&mut d, &mut c0, 0, now, nr::FUTEX, &[futex, 0, 5, ts]);
+        assert!(c0.kernel);
+        let due = now + 1_000_000_000;
+        assert_eq!(mem::TimedDevice::next_deadline(&d), Some(due));
+        let mut reqs = Vec::new();
+        mem::TimedDevice::on_deadline(&mut d, &mut AccessCtx::new(due, &mut reqs));
+        bell(&mut d, &mut c0, 0, due + 10, false);
+        assert_eq!(rax(&c0), -ETIMEDOUT);
+        assert_eq!(mem::TimedDevice::next_deadline(&d), None);
+
+        // pthread_join: CPU 0 waits on the child's tid word; the child's
+        // exit zeroes it and wakes CPU 0; CPU 1 parks, free again.
+        set_word(&mut d, ctid, 1001);
+        call(&mut d, &mut c0, 0, due + 20, nr::FUTEX, &[ctid, 0, 1001]);
+        assert!(c0.kernel);
+        let reqs = call(&mut d, &mut c1, 1, due + 30, nr::EXIT, &[0]);
+        assert!(reqs.is_empty(), "one thread's exit ends nothing: {reqs:?}");
+        assert!(c1.kernel);
+        assert_eq!(word(&mut d, ctid), 0);
+        bell(&mut d, &mut c0, 0, due + 40, false);
+        assert_eq!(rax(&c0), 0);
+        assert_eq!(d.live(), 1);
+
+        // A new thread takes the free CPU; one more finds none: EAGAIN.
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            due + 50,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, stack, ptid, ctid, 0],
+        );
+        assert_eq!(rax(&c0), 1002);
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            due + 60,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, stack, ptid, ctid, 0],
+        );
+        assert_eq!(rax(&c0), -crate::sys::EAGAIN);
+        // fork (no CLONE_VM) is not a thread: EAGAIN too.
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            due + 60,
+            nr::CLONE,
+            &[0x1200011, 0, 0, ctid, 0],
+        );
+        assert_eq!(rax(&c0), -crate::sys::EAGAIN);
+        bell(&mut d, &mut c1, 1, due + 70, false);
+        call(&mut d, &mut c1, 1, due + 80, nr::GETTID, &[]);
+        assert_eq!(rax(&c1), 1002);
+
+        // Both threads wait forever: the run ends, naming the waits.
+        let reqs = call(&mut d, &mut c0, 0, due + 90, nr::FUTEX, &[futex, 128, 5]);
+        assert!(reqs.is_empty());
+        let reqs = call(&mut d, &mut c1, 1, due + 100, nr::FUTEX, &[futex, 128, 5]);
+        match reqs.as_slice() {
+            [Request::ProcessExit {
+                code: 137, message, ..
+            }] => {
+                assert!(message.contains("deadlock"), "{message}");
+                assert!(message.contains("thread 1002 on the futex at"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tgkill_to_a_waiting_thread_ends_its_wait_with_eintr() {
+        let (mut d, _raised) = device(2);
+        let (mut c0, mut c1) = (Cpu::default(), Cpu::default());
+        let futex = STACK_TOP - 0x2000;
+        let tids = futex + 64;
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            1000,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, STACK_TOP - 0x10_0000, tids, tids, 0],
+        );
+        assert_eq!(rax(&c0), 1001);
+        bell(&mut d, &mut c1, 1, 2000, false);
+        call(&mut d, &mut c1, 1, 3000, nr::FUTEX, &[futex, 128, 0]);
+        assert!(c1.kernel);
+        // No such thread: ESRCH. A signal the thread blocks leaves its
+        // wait alone; one it does not block ends it with EINTR.
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            4000,
+            nr::TGKILL,
+            &[u64::from(crate::sys::PID), 4242, 10],
+        );
+        assert_eq!(rax(&c0), -crate::sys::ESRCH);
+        d.slots[1].t.sigmask = bit(sig::SIGUSR1);
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            4000,
+            nr::TGKILL,
+            &[u64::from(crate::sys::PID), 1001, 10],
+        );
+        assert_eq!(rax(&c0), 0);
+        assert!(
+            matches!(d.slots[1].run, Run::Waiting(_)),
+            "blocked: still waiting"
+        );
+        d.slots[1].t.sigmask = 0;
+        d.slots[1].t.pending = 0;
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            5000,
+            nr::TGKILL,
+            &[u64::from(crate::sys::PID), 1001, 10],
+        );
+        assert_eq!(d.slots[1].run, Run::Ready);
+        assert_eq!(
+            d.slots[1].saved.gprs[UserContext::RAX] as i64,
+            -crate::sys::EINTR
+        );
     }
 }

@@ -791,6 +791,35 @@ mod tests {
     }
 
     #[test]
+    fn with_several_cpus_freed_frames_wait_until_every_cpu_reloaded() {
+        let (mem, mut s) = space();
+        s.frames.set_hold(true);
+        s.map(&mem, 0x10_0000, anon(0x10_2000, PROT_READ | PROT_WRITE))
+            .unwrap();
+        s.write_user(&mem, 0x10_0000, &[7u8; 0x2000]).unwrap();
+        let data = s.translate(&mem, 0x10_0000).unwrap() & !(PAGE - 1);
+        s.unmap(&mem, 0x10_0000, 0x10_2000).unwrap();
+        assert_eq!(s.frames.held(), 2, "the two data frames");
+        let tables_before = s.cr3();
+        s.flush(&mem);
+        assert_eq!(s.frames.epoch, 1);
+        let held = s.frames.held();
+        assert!(held > 2, "the old tables too: {held}");
+        // A CPU still on generation 0 may reach them: nothing comes back.
+        s.frames.release(0);
+        assert_eq!(s.frames.held(), held);
+        s.map(&mem, 0x20_0000, anon(0x20_1000, PROT_READ | PROT_WRITE))
+            .unwrap();
+        s.write_user(&mem, 0x20_0000, &[1]).unwrap();
+        let fresh = s.translate(&mem, 0x20_0000).unwrap() & !(PAGE - 1);
+        assert_ne!(fresh, data, "a held frame is not handed out");
+        assert_ne!(fresh, tables_before);
+        // Every CPU runs on generation 1: all of them come back.
+        s.frames.release(1);
+        assert_eq!(s.frames.held(), 0);
+    }
+
+    #[test]
     fn unmap_and_protect_split_mappings_and_free_frames() {
         let (mem, mut s) = space();
         s.map(&mem, 0x10_0000, anon(0x10_4000, PROT_READ | PROT_WRITE))

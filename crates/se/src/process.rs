@@ -726,15 +726,15 @@ impl Process {
                 t: ThreadState {
                     tid: crate::sys::PID,
                     comm: {
-                    let mut c = [0u8; 16];
-                    let base = cfg
-                        .path
-                        .file_name()
-                        .map(|n| n.as_encoded_bytes().to_vec())
-                        .unwrap_or_default();
-                    let k = base.len().min(15);
-                    c[..k].copy_from_slice(&base[..k]);
-                    c
+                        let mut c = [0u8; 16];
+                        let base = cfg
+                            .path
+                            .file_name()
+                            .map(|n| n.as_encoded_bytes().to_vec())
+                            .unwrap_or_default();
+                        let k = base.len().min(15);
+                        c[..k].copy_from_slice(&base[..k]);
+                        c
                     },
                     ..Default::default()
                 },

@@ -1619,7 +1619,8 @@ impl Process {
 
     /// True if `rsp` lies on the alternate signal stack.
     pub fn on_altstack(&self, rsp: u64) -> bool {
-        self.t.altstack
+        self.t
+            .altstack
             .is_some_and(|(sp, size)| rsp > sp && rsp <= sp.wrapping_add(size))
     }
 
@@ -1648,7 +1649,8 @@ impl Process {
     /// The lowest signal pending for the thread being serviced (its own
     /// or the process's) that it does not block.
     pub fn next_signal(&self) -> Option<i32> {
-        let ready = (self.pending | self.t.pending) & (!self.t.sigmask | crate::signal::UNBLOCKABLE);
+        let ready =
+            (self.pending | self.t.pending) & (!self.t.sigmask | crate::signal::UNBLOCKABLE);
         (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
     }
 

@@ -775,11 +775,7 @@ impl Arch for X86_64 {
         self.set_context(vcpu, ctx, boot::USER_CS, boot::USER_DS)
     }
 
-    fn set_kernel_context(
-        &mut self,
-        vcpu: &mut dyn Vcpu,
-        ctx: &mem::UserContext,
-    ) -> Result<bool> {
+    fn set_kernel_context(&mut self, vcpu: &mut dyn Vcpu, ctx: &mem::UserContext) -> Result<bool> {
         self.set_context(vcpu, ctx, boot::KERNEL_CS, boot::KERNEL_DS)
     }
 
