@@ -993,6 +993,11 @@ fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
     // signal the other thread blocks, sigsuspend ended by pthread_kill.
     let (r, native) = threads_run("se_threads_signals", &p, "signals", 2);
     assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    // Page tables change under running threads (mmap, mprotect, munmap on
+    // 3 CPUs at once): every check holds, the others reload the tables.
+    let (r, native) = threads_run("se_threads_memory", &p, "memory", 4);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    assert!(r.stat("system.se.tlbFlushes").as_u64().unwrap() > 100);
     // Every thread waits forever: the run ends at once, saying so.
     let r = se("se_threads_deadlock", &p, &["deadlock"], &["--cpus", "3"]);
     r.no_panic();

@@ -13,6 +13,10 @@
  *            futex timeout in simulated time), then a thread that sleeps
  *            before signalling.
  *   deadlock 2 threads and the main thread each wait forever.
+ *   memory   3 threads map, fill, protect, check and unmap memory at
+ *            once (page tables change under running threads: TLB
+ *            shootdowns; freed frames are not reused while another CPU
+ *            may reach them); prints the checks that failed (none).
  *   signals  pthread_kill to a thread waiting on a condition variable
  *            (its handler runs on that thread), a process-directed signal
  *            that the other thread blocks (taken by the main thread), and
@@ -26,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -292,6 +297,44 @@ static int signals(void) {
     return 0;
 }
 
+static atomic_int bad;
+
+static void *churn(void *arg) {
+    long id = (long)arg;
+    unsigned char *keep = malloc(1 << 20);
+    memset(keep, (int)id, 1 << 20);
+    for (int round = 0; round < 50; round++) {
+        size_t len = (size_t)(1 + (round + id) % 8) * 4096 * 4;
+        unsigned char *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            atomic_fetch_add(&bad, 1);
+            continue;
+        }
+        for (size_t i = 0; i < len; i += 512)
+            p[i] = (unsigned char)(id * 31 + round + i / 512);
+        mprotect(p, len / 2, PROT_READ);
+        for (size_t i = 0; i < len; i += 512)
+            if (p[i] != (unsigned char)(id * 31 + round + i / 512))
+                atomic_fetch_add(&bad, 1);
+        munmap(p, len);
+        for (size_t i = 0; i < (1 << 20); i += 4096)
+            if (keep[i] != (unsigned char)id)
+                atomic_fetch_add(&bad, 1);
+    }
+    free(keep);
+    return NULL;
+}
+
+static int memory(void) {
+    pthread_t t[3];
+    for (long i = 0; i < 3; i++)
+        pthread_create(&t[i], NULL, churn, (void *)(i + 1));
+    for (int i = 0; i < 3; i++)
+        pthread_join(t[i], NULL);
+    printf("memory checks failed: %d\n", atomic_load(&bad));
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *m = argc > 1 ? argv[1] : "work";
@@ -305,6 +348,8 @@ int main(int argc, char **argv) {
         return deadlock();
     if (!strcmp(m, "signals"))
         return signals();
+    if (!strcmp(m, "memory"))
+        return memory();
     fprintf(stderr, "unknown mode %s\n", m);
     return 64;
 }
