@@ -807,6 +807,10 @@ impl SeDevice {
             self.proc.t.fs_base
         };
         let tid = self.next_tid;
+        if tid == u32::MAX {
+            // Thread ids are never reused: after 4 billion threads, none.
+            return -crate::sys::EAGAIN;
+        }
         let tid_bytes = tid.to_le_bytes();
         for (flag, at) in [(CLONE_PARENT_SETTID, ptid), (CLONE_CHILD_SETTID, ctid)] {
             if flags & flag != 0
