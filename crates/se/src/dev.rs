@@ -41,18 +41,18 @@ pub trait CpuLink: Send {
 /// What a CPU's thread is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {
-    /// No thread: the CPU idles on the park page.
+    /// No thread: the CPU is parked (see `SeDevice::park`).
     Free,
     /// The thread's context is in the CPU.
     Running,
-    /// The thread waits on a futex; the CPU idles on the park page.
+    /// The thread waits on a futex (or for a signal); the CPU is parked.
     Waiting(Wait),
     /// The thread may run: its context (`Slot::saved`) goes into the CPU
     /// at its next wake interrupt.
     Ready,
 }
 
-/// A futex wait.
+/// A futex wait (or, keyed [`SIGNAL_KEY`], a wait for a signal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Wait {
     /// The futex word's address (one process, one address space: private
