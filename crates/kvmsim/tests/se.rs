@@ -998,6 +998,11 @@ fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
     let (r, native) = threads_run("se_threads_memory", &p, "memory", 4);
     assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
     assert!(r.stat("system.se.tlbFlushes").as_u64().unwrap() > 100);
+    // One CPU, one thread: a futex timeout parks and wakes the only CPU.
+    let (r, native) = threads_run("se_threads_alone", &p, "alone", 1);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    let sim = r.stat("simSeconds").as_f64().unwrap();
+    assert!((0.05..0.1).contains(&sim), "simSeconds {sim}");
     // Every thread waits forever: the run ends at once, saying so.
     let r = se("se_threads_deadlock", &p, &["deadlock"], &["--cpus", "3"]);
     r.no_panic();

@@ -538,7 +538,8 @@ impl Process {
             RT_SIGACTION => ret(self.sigaction(mem, a[0], a[1], a[2], a[3])),
             RT_SIGPROCMASK => ret(self.sigprocmask(mem, a[0], a[1], a[2], a[3])),
             SIGALTSTACK => ret(self.sigaltstack(mem, a[0], a[1])),
-            FUTEX => ret(self.futex(mem, a[0], a[1], a[2])),
+            // futex, clone, clone3, a thread's exit, signals to other
+            // threads: the device's (dev::SeDevice), which knows them all.
             STATX => ret(self.statx(mem, a[0], a[1], a[2], a[3], a[4])),
             STATFS => ret(self.statfs(mem, Some(a[0]), 0, a[1])),
             FSTATFS => ret(self.statfs(mem, None, a[0], a[1])),
@@ -1912,26 +1913,6 @@ impl Process {
             };
         }
         Ok(0)
-    }
-
-    /// futex with one thread: WAKE wakes nobody (0); WAIT on a value that
-    /// differs is EAGAIN, and on an equal one would wait forever (no other
-    /// thread can change it): refused with EDEADLK.
-    fn futex(&mut self, mem: &dyn PhysMem, uaddr: u64, op: u64, val: u64) -> Result<i64, i64> {
-        let cmd = op & 0x7f;
-        match cmd {
-            1 | 10 => Ok(0), // WAKE, WAKE_BITSET
-            0 | 9 => {
-                let mut b = [0u8; 4];
-                self.space.read_user(mem, uaddr, &mut b)?;
-                if u32::from_le_bytes(b) != val as u32 {
-                    Err(EAGAIN)
-                } else {
-                    Err(libc::EDEADLK as i64)
-                }
-            }
-            _ => Err(ENOSYS),
-        }
     }
 }
 

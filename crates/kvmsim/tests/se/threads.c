@@ -17,6 +17,8 @@
  *            once (page tables change under running threads: TLB
  *            shootdowns; freed frames are not reused while another CPU
  *            may reach them); prints the checks that failed (none).
+ *   alone    one thread: a futex wait with a 50 ms timeout (ETIMEDOUT,
+ *            in simulated time), a wait on a changed word (EAGAIN).
  *   signals  pthread_kill to a thread waiting on a condition variable
  *            (its handler runs on that thread), a process-directed signal
  *            that the other thread blocks (taken by the main thread), and
@@ -30,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -335,6 +338,21 @@ static int memory(void) {
     return 0;
 }
 
+static int alone(void) {
+    int w = 0;
+    struct timespec ts = {0, 50000000}, a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    long r = syscall(SYS_futex, &w, FUTEX_WAIT, 0, &ts, 0, 0);
+    int e = errno;
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    long ms = (b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
+    printf("timed wait: %ld %s, at least 50 ms: %s\n", r, e == ETIMEDOUT ? "ETIMEDOUT" : "other",
+           ms >= 50 ? "yes" : "no");
+    r = syscall(SYS_futex, &w, FUTEX_WAIT, 1, 0, 0, 0);
+    printf("changed word: %ld %s\n", r, errno == EAGAIN ? "EAGAIN" : "other");
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *m = argc > 1 ? argv[1] : "work";
@@ -350,6 +368,8 @@ int main(int argc, char **argv) {
         return signals();
     if (!strcmp(m, "memory"))
         return memory();
+    if (!strcmp(m, "alone"))
+        return alone();
     fprintf(stderr, "unknown mode %s\n", m);
     return 64;
 }
