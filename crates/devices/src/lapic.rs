@@ -577,6 +577,14 @@ impl Lapic {
         }
     }
 
+    /// An EOI from something other than the guest's write (a device that
+    /// services the interrupt for it, as SE mode's does): the highest
+    /// in-service vector ends (an edge-triggered one: no I/O APIC EOI).
+    pub fn end_of_interrupt(&mut self) {
+        let mut ignored = Vec::new();
+        self.eoi(&mut ignored);
+    }
+
     fn eoi(&mut self, requests: &mut Vec<Request>) {
         if let Some(v) = highest(&self.isr) {
             set_bit(&mut self.isr, v, false);

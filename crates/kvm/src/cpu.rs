@@ -306,6 +306,15 @@ impl<A: Arch> CallArgs for ArgsView<'_, A> {
             })
     }
 
+    fn set_kernel_context(&mut self, ctx: &mem::UserContext) -> bool {
+        self.arch
+            .set_kernel_context(self.vcpu, ctx)
+            .unwrap_or_else(|e| {
+                tracing::error!("cannot set the guest's registers: {e}");
+                false
+            })
+    }
+
     fn fpu_state(&mut self) -> Option<Vec<u8>> {
         self.arch.fpu_state(self.vcpu).ok().flatten()
     }

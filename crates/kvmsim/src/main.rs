@@ -174,6 +174,10 @@ struct SeArgs {
     /// Seed of AT_RANDOM and getrandom (default 0).
     #[arg(long)]
     seed: Option<u64>,
+    /// CPUs of the process, one per thread: at most this many threads
+    /// exist at once (se.cpus; default 1).
+    #[arg(long)]
+    cpus: Option<u32>,
     /// A folder holding the target's root file system: a dynamically
     /// linked program's interpreter comes from it, and so does every
     /// absolute path the program names that exists in it (overrides
@@ -269,6 +273,10 @@ fn se_config(a: &SeArgs) -> Result<Config, PlatformError> {
         if let Some(seed) = a.seed {
             se.seed = seed;
         }
+        if let Some(n) = a.cpus {
+            se.cpus = Some(n);
+            s.cpus = n;
+        }
         if let Some(r) = &a.sysroot {
             se.sysroot = Some(r.clone());
         }
@@ -281,6 +289,7 @@ fn se_config(a: &SeArgs) -> Result<Config, PlatformError> {
         }
     }
     let source = a.config.as_deref().unwrap_or(cli);
+    cfg.apply_se_cpus();
     if cfg.system.iter().any(|s| s.platform != "se") {
         return Err(bad(
             "platform",

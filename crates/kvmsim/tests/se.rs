@@ -87,10 +87,20 @@ fn signals_prog() -> Result<PathBuf, String> {
 
 /// Builds tests/se/NAME.c with `gcc -static`.
 fn build_c(name: &str) -> Result<PathBuf, String> {
+    build_c_with(name, true)
+}
+
+/// Builds tests/se/NAME.c with gcc, statically linked or not.
+fn build_c_with(name: &str, static_link: bool) -> Result<PathBuf, String> {
     let src = repo().join(format!("crates/kvmsim/tests/se/{name}.c"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("se-{name}"));
-    let o = Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
+    let kind = if static_link { "" } else { "-dyn" };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("se-{name}{kind}"));
+    let mut cmd = Command::new("gcc");
+    if static_link {
+        cmd.arg("-static");
+    }
+    let o = cmd
+        .args(["-O1", "-pthread", "-o"])
         .arg(&out)
         .arg(&src)
         .arg("-lm")
@@ -98,7 +108,8 @@ fn build_c(name: &str) -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run gcc: {e}"))?;
     if !o.status.success() {
         return Err(format!(
-            "gcc -static failed: {}",
+            "gcc {}failed: {}",
+            if static_link { "-static " } else { "" },
             String::from_utf8_lossy(&o.stderr)
         ));
     }
@@ -830,9 +841,180 @@ fn signal_handlers_run_as_under_linux() {
     assert_eq!(r.status, 0, "{}", r.stderr);
     assert_eq!(r.file("stdout.txt"), "fork=-1 errno=EAGAIN\n");
     assert!(
-        r.stderr
-            .contains("unsupported system call clone (56) (SE mode runs one thread of one process"),
+        r.stderr.contains("clone with flags")
+            && r.stderr
+                .contains("SE mode runs threads of one process only"),
         "{}",
         r.stderr
     );
+}
+
+/// The threads test program (tests/se/threads.c), static and dynamic.
+fn threads_prog(dynamic: bool) -> Result<PathBuf, String> {
+    static S: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    static D: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    if dynamic {
+        D.get_or_init(|| build_c_with("threads", false)).clone()
+    } else {
+        S.get_or_init(|| build_c_with("threads", true)).clone()
+    }
+}
+
+/// A run of threads.c in SE mode with `cpus` CPUs next to its native run.
+fn threads_run(test: &str, p: &Path, mode: &str, cpus: u32) -> (Run, (i32, String)) {
+    let work = outdir(&format!("{test}_work"));
+    std::fs::create_dir_all(&work).unwrap();
+    let native = native(p, &[mode], &work);
+    let n = cpus.to_string();
+    let r = se(test, p, &[mode], &["--cpus", &n]);
+    r.no_panic();
+    (r, native)
+}
+
+/// 4 threads on 4 more CPUs share work through an atomic counter, a
+/// mutex and a condition variable, and are joined; statically linked and
+/// dynamically linked against the host's glibc, as the native run.
+fn threads_work(dynamic: bool) {
+    let test = if dynamic {
+        "se_threads_dynamic"
+    } else {
+        "se_threads_static"
+    };
+    let p = need!(threads_prog(dynamic), test);
+    let (r, (nst, nout)) = threads_run(test, &p, "work", 5);
+    assert_eq!(
+        (r.status, r.file("stdout.txt")),
+        (nst, nout.clone()),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        nout.contains("atomic 8000002004000 (want 8000002004000)"),
+        "{nout}"
+    );
+    assert_eq!(r.stat("system.se.threadsCreated").as_u64(), Some(4));
+    // Each worker made its calls on a CPU of its own.
+    for cpu in 1..=4 {
+        let calls = r
+            .stat(&format!("system.se.cpuSyscalls::cpu{cpu}"))
+            .as_u64()
+            .unwrap();
+        assert!(calls > 0, "cpu{cpu} made no system call\n{}", r.stderr);
+        let exits = r
+            .stat(&format!("system.cpu{cpu}.numMMIO"))
+            .as_u64()
+            .unwrap();
+        assert!(
+            exits >= calls,
+            "cpu{cpu}: {exits} MMIO exits, {calls} calls"
+        );
+    }
+    assert!(r.stat("system.se.futexWaits").as_u64().unwrap() >= 1);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn threads_run_on_cpus_of_their_own_static() {
+    if !kvm_or_skip("se_threads_static") {
+        return;
+    }
+    threads_work(false);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), any(kvmsim_no_se_tools, kvmsim_no_host_dynamic)),
+    ignore = "needs gcc and the host's dynamically linked glibc, which were not found when this test was built"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn threads_run_on_cpus_of_their_own_dynamic() {
+    if !kvm_or_skip("se_threads_dynamic") {
+        return;
+    }
+    threads_work(true);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
+    if !kvm_or_skip("se_threads_more") {
+        return;
+    }
+    let p = need!(threads_prog(false), "se_threads_more");
+    // More threads than CPUs: with 3 CPUs the main thread and 2 more run;
+    // the third pthread_create gets EAGAIN, said once by name.
+    let (r, (nst, nout)) = threads_run("se_threads_toomany", &p, "toomany", 3);
+    assert_eq!(
+        (nst, nout.as_str()),
+        (0, "created 8, then no error\njoined 8\n")
+    );
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    assert_eq!(
+        r.file("stdout.txt"),
+        "created 2, then Resource temporarily unavailable\njoined 2\n"
+    );
+    assert_eq!(
+        r.stderr
+            .matches("more threads than it has CPUs (se.cpus = 3")
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    // A timed condition-variable wait times out in simulated time, and a
+    // thread that sleeps 300 ms wakes the main thread from another CPU.
+    let (r, native) = threads_run("se_threads_timeout", &p, "timeout", 2);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    let sim = r.stat("simSeconds").as_f64().unwrap();
+    assert!((0.5..0.6).contains(&sim), "simSeconds {sim}");
+    let waited = r
+        .stat("system.se.cpuFutexWaitTicks::cpu0")
+        .as_u64()
+        .unwrap();
+    assert!(waited >= 450_000_000_000, "cpu0 waited {waited} ticks");
+    // Signals to threads: pthread_kill to a waiting thread, a process
+    // signal the other thread blocks, sigsuspend ended by pthread_kill.
+    let (r, native) = threads_run("se_threads_signals", &p, "signals", 2);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    // Page tables change under running threads (mmap, mprotect, munmap on
+    // 3 CPUs at once): every check holds, the others reload the tables.
+    let (r, native) = threads_run("se_threads_memory", &p, "memory", 4);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    assert!(r.stat("system.se.tlbFlushes").as_u64().unwrap() > 100);
+    // One CPU, one thread: a futex timeout parks and wakes the only CPU.
+    let (r, native) = threads_run("se_threads_alone", &p, "alone", 1);
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    let sim = r.stat("simSeconds").as_f64().unwrap();
+    assert!((0.05..0.1).contains(&sim), "simSeconds {sim}");
+    // Every thread waits forever: the run ends at once, saying so.
+    let r = se("se_threads_deadlock", &p, &["deadlock"], &["--cpus", "3"]);
+    r.no_panic();
+    assert_eq!(r.status, 137, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "waiting\n");
+    assert!(
+        r.stderr
+            .contains("deadlock: every thread of the program waits")
+            && r.stderr.contains("thread 1001 on the futex at"),
+        "{}",
+        r.stderr
+    );
+    let sim = r.stat("simSeconds").as_f64().unwrap();
+    assert!(sim < 0.1, "simSeconds {sim}");
 }

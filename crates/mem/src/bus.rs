@@ -59,6 +59,13 @@ pub trait CallArgs {
         false
     }
 
+    /// As [`CallArgs::set_user_context`], but in kernel mode (CPL0, the
+    /// kernel code and data selectors): for an emulated kernel that idles
+    /// a CPU in its own code (`sti; hlt`). False where the CPU cannot.
+    fn set_kernel_context(&mut self, _ctx: &UserContext) -> bool {
+        false
+    }
+
     /// The caller's floating-point and vector state (x86-64: the XSAVE
     /// area in the standard format, as KVM gives it), for a signal frame.
     /// `None` where the CPU cannot give it.
@@ -158,6 +165,12 @@ impl<'a> AccessCtx<'a> {
     /// [`CallArgs::set_user_context`].
     pub fn set_user_context(&mut self, ctx: &UserContext) -> bool {
         self.cpu.as_mut().is_some_and(|c| c.set_user_context(ctx))
+    }
+
+    /// Sets the calling CPU's context in kernel mode; see
+    /// [`CallArgs::set_kernel_context`].
+    pub fn set_kernel_context(&mut self, ctx: &UserContext) -> bool {
+        self.cpu.as_mut().is_some_and(|c| c.set_kernel_context(ctx))
     }
 
     /// The calling CPU's floating-point state; see [`CallArgs::fpu_state`].

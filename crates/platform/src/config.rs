@@ -418,6 +418,11 @@ pub struct SeConfig {
     /// under GUEST is opened under HOST instead (the longest GUEST wins).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redirects: Vec<String>,
+    /// CPUs of the process: each thread runs on one of its own, so this
+    /// many threads may exist at once (a clone beyond them is EAGAIN).
+    /// Sets system.cpus (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
 }
 
 fn default_syscall_latency() -> Duration {
@@ -436,6 +441,7 @@ impl Default for SeConfig {
             realtime_start: None,
             sysroot: None,
             redirects: vec![],
+            cpus: None,
         }
     }
 }
@@ -1031,8 +1037,21 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        cfg.apply_se_cpus();
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// An SE system's `se.cpus` becomes its `system.cpus` (where that was
+    /// left at 1; [`Config::validate`] refuses two different counts).
+    pub fn apply_se_cpus(&mut self) {
+        for s in &mut self.system {
+            if let Some(n) = s.se.as_ref().and_then(|c| c.cpus) {
+                if s.platform == "se" && s.cpus == 1 {
+                    s.cpus = n;
+                }
+            }
+        }
     }
 
     /// Reads and parses the config file at `path`.
@@ -1252,11 +1271,26 @@ impl Config {
             }
             if s.platform == "se" {
                 let refuse = |field: &str, value: String, why: &str| Err(bad(f(field), value, why));
-                if s.cpus != 1 {
+                if let Some(n) = s.se.as_ref().and_then(|c| c.cpus) {
+                    if n != s.cpus {
+                        return refuse(
+                            "se.cpus",
+                            n.to_string(),
+                            &format!(
+                                "system.cpus is {}: give the SE process's CPUs once (se.cpus)",
+                                s.cpus
+                            ),
+                        );
+                    }
+                }
+                if s.cpus == 0 || s.cpus as usize > se::MAX_SE_CPUS {
                     return refuse(
                         "cpus",
                         s.cpus.to_string(),
-                        "SE mode runs one thread on one CPU (threads are not supported yet)",
+                        &format!(
+                            "an SE process runs on 1 to {} CPUs (one thread each)",
+                            se::MAX_SE_CPUS
+                        ),
                     );
                 }
                 if !s.disk.is_empty() {
@@ -1714,6 +1748,29 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(t, Path::new("dir/test.toml"))
+    }
+
+    #[test]
+    fn se_cpus_sets_the_system_cpus_once() {
+        let se = |extra: &str, se: &str| {
+            parse(&format!(
+                "[system]\nplatform = \"se\"\nkernel = \"/bin/true\"\n{extra}[system.se]\n{se}"
+            ))
+        };
+        let c = se("", "cpus = 4\n").unwrap();
+        assert_eq!(c.system[0].cpus, 4);
+        assert_eq!(c.system[0].se.as_ref().unwrap().cpus, Some(4));
+        // Given as system.cpus alone, or both the same: accepted.
+        assert_eq!(se("cpus = 3\n", "").unwrap().system[0].cpus, 3);
+        assert_eq!(se("cpus = 3\n", "cpus = 3\n").unwrap().system[0].cpus, 3);
+        for (extra, sec, field, why) in [
+            ("cpus = 2\n", "cpus = 4\n", "se.cpus", "system.cpus is 2"),
+            ("", "cpus = 65\n", "cpus", "1 to 64 CPUs"),
+            ("", "cpus = 0\n", "cpus", "1 to 64 CPUs"),
+        ] {
+            let e = se(extra, sec).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(why), "{extra}{sec}: {e}");
+        }
     }
 
     #[test]

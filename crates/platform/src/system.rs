@@ -59,6 +59,30 @@ type Controllers = (
     Option<Vec<IrqLine>>,
 );
 
+/// How the SE device reaches the process's CPUs.
+struct SeCpus {
+    /// One CPU: its controller.
+    vectors: IntcHandle,
+    /// Several: their local APICs.
+    lapics: Vec<Arc<Mutex<Lapic>>>,
+}
+
+impl se::dev::CpuLink for SeCpus {
+    fn raise(&mut self, cpu: usize, vector: u8) {
+        match self.lapics.get(cpu) {
+            Some(l) => mem::lock(l).deliver(vector, false),
+            None if cpu == 0 => mem::lock(&self.vectors).raise_vector(vector),
+            None => {}
+        }
+    }
+
+    fn eoi(&mut self, cpu: usize) {
+        if let Some(l) = self.lapics.get(cpu) {
+            mem::lock(l).end_of_interrupt();
+        }
+    }
+}
+
 /// Priority of a CPU's startup event: before anything else at tick 0.
 const STARTUP_PRI: i32 = i32::MIN;
 /// Priority of a window's end: first in its tick (that tick belongs to the
@@ -602,6 +626,7 @@ impl System {
         // kernel stub) and the device that services its system calls.
         let mut se_dev = None;
         let mut se_entry = None;
+        let mut se_park_cr3 = 0;
         if let Some((elf, paths, interp)) = &se_elf {
             let cfg = sc.se.get_or_insert_with(Default::default).clone();
             let hwcap = {
@@ -622,6 +647,7 @@ impl System {
                 hwcap,
                 paths: paths.clone(),
                 interp: interp.clone(),
+                cpus: ncpus,
             };
             let log = |f: &str| -> Result<Box<dyn std::io::Write + Send>, PlatformError> {
                 Ok(Box::new(out.serial_log(f)?))
@@ -680,6 +706,7 @@ impl System {
                 &mut stats,
                 &format!("{name}.se"),
             )?;
+            se_park_cr3 = dev.process().park_cr3;
             se_dev = Some(Arc::new(Mutex::new(dev)));
             se_entry = Some(entry);
         }
@@ -703,13 +730,14 @@ impl System {
             tracing::info!(
                 "SE mode: system calls reach kvmsim through the stub at LSTAR {:#x} (one MMIO write \
                  per call; kvmsim returns as sysretq does); {}; no vDSO (time calls are system calls); \
-                 one thread, no fork or execve",
+                 {} CPU(s), one thread each (no time-slicing); no fork or execve",
                 se::ENTRY_VA,
                 if broken_syscall {
                     "this host's SYSCALL stays at CPL3 (kvmsim doctor), so the stub runs at CPL3"
                 } else {
                     "SYSCALL enters CPL0 here, so the stub runs at CPL0"
-                }
+                },
+                ncpus
             );
         }
         // Where this host's KVM does not exit at kernel-mode interrupt
@@ -809,6 +837,24 @@ impl System {
                     }
                 }
             }
+            // SE mode: every other CPU waits on the park page, on the park
+            // tables, with a TSS and kernel stack of its own, for a thread.
+            if index > 0 && !restoring && se_entry.is_some() {
+                boot::enter_user_mode(
+                    &mut arch,
+                    &mut vcpu,
+                    &boot::UserEntry {
+                        rip: se::PARK_VA,
+                        rsp: 0,
+                        cr3: se_park_cr3,
+                        gdt_base: se::GDT_VA,
+                        idt_base: se::IDT_VA,
+                        idt_limit: (se::IDT_VECTORS * 16 - 1) as u16,
+                        tss_base: se::tss_va(index),
+                        lstar: se::ENTRY_VA,
+                    },
+                )?;
+            }
             // Repairs the host's KVM needs, as kvmsim doctor's probes found.
             if repair {
                 arch.enable_syscall_repair(&mut vcpu)?;
@@ -900,11 +946,25 @@ impl System {
                 "se",
                 dev.clone(),
             )?;
-            // Timer signals: due at ITIMER_REAL's expiry, they interrupt
-            // the program through its CPU's controller.
-            let v = vectors.clone();
-            mem::lock(dev).set_kick(Box::new(move || {
-                mem::lock(&v).raise_vector(se::SIGNAL_VECTOR as u8)
+            // Timer signals, thread wakes and starts, TLB shootdowns: an
+            // interrupt at the thread's CPU (its local APIC with several
+            // CPUs, which then also takes the EOI).
+            // No kernel enables the APICs: kvmsim does (SVR's enable bit,
+            // spurious vector 0xff), as a kernel would at boot.
+            for l in &lapics {
+                let mut reqs = Vec::new();
+                let mut ctx = AccessCtx::new(0, &mut reqs);
+                mem::BusDevice::write(
+                    &mut *mem::lock(l),
+                    Space::Mmio,
+                    0xf0,
+                    &0x1ffu32.to_le_bytes(),
+                    &mut ctx,
+                );
+            }
+            mem::lock(dev).set_link(Box::new(SeCpus {
+                vectors: vectors.clone(),
+                lapics: lapics.clone(),
             }));
             timed.push(dev.clone());
         }
@@ -1121,7 +1181,8 @@ impl System {
                 lapic: lapics.get(index).cloned(),
                 timer_event: None,
                 requests: Vec::new(),
-                waiting_sipi: index > 0,
+                // SE mode's other CPUs are idle, not waiting for SIPI.
+                waiting_sipi: index > 0 && !se_mode,
                 drain_stopped: false,
                 // cpu-samples[.SYSTEM][.cpuK].txt
                 samples: format!(

@@ -52,12 +52,51 @@ pub const KSTACK_VA: u64 = KBASE + 0x4000;
 pub const KSTACK_TOP: u64 = KBASE + 0x8000;
 pub const MMIO_VA: u64 = KBASE + 0x10000;
 pub const FAULT_VA: u64 = KBASE + 0x11000;
-/// Vectors with a gate: the exceptions (0..31) and [`SIGNAL_VECTOR`].
-pub const IDT_VECTORS: u64 = 33;
+/// Vectors with a gate: the exceptions (0..31), [`SIGNAL_VECTOR`] and
+/// [`WAKE_VECTOR`].
+pub const IDT_VECTORS: u64 = 34;
 /// The interrupt kvmsim raises when a timer signal is due while the
 /// program runs: its stub reports it like an exception, and the device
 /// delivers the signal.
 pub const SIGNAL_VECTOR: u64 = 32;
+/// The interrupt kvmsim raises at a thread's CPU when something changed
+/// for it (a futex wake, a new thread to start, page tables to reload):
+/// its stub reports it, and the device decides what the CPU runs next.
+pub const WAKE_VECTOR: u64 = 33;
+/// Where a CPU with no thread to run (or whose thread waits) idles: in
+/// kernel mode, `hlt` with interrupts enabled, then `jmp` back to it (in
+/// the trap stubs' page, after the stubs). It idles in simulated time
+/// until [`WAKE_VECTOR`] or [`SIGNAL_VECTOR`] arrives.
+pub const IDLE_VA: u64 = TRAPS_VA + 0x800;
+/// Where the other CPUs start (user-executable): `ud2`. Their first wake
+/// interrupt is taken before it runs; if it ever ran, its #UD is taken
+/// as a wake.
+pub const PARK_VA: u64 = KBASE + 0x12000;
+/// Task-state segments of CPUs 1 and up ([`tss_va`]), 128 bytes each.
+pub const TSS_AREA_VA: u64 = KBASE + 0x10_0000;
+/// Kernel stacks of CPUs 1 and up ([`kstack_top`]): 8 KiB each, with an
+/// unmapped 8 KiB guard below each.
+pub const KSTACKS_VA: u64 = KBASE + 0x20_0000;
+/// The most CPUs (threads running at once) an SE process may have.
+pub const MAX_SE_CPUS: usize = 64;
+
+/// The TSS of CPU `cpu` (CPU 0's is [`TSS_VA`], beside the GDT).
+pub fn tss_va(cpu: usize) -> u64 {
+    if cpu == 0 {
+        TSS_VA
+    } else {
+        TSS_AREA_VA + 0x80 * cpu as u64
+    }
+}
+
+/// The top of CPU `cpu`'s kernel stack (RSP0 in its TSS).
+pub fn kstack_top(cpu: usize) -> u64 {
+    if cpu == 0 {
+        KSTACK_TOP
+    } else {
+        KSTACKS_VA + 0x4000 * cpu as u64 + 0x4000
+    }
+}
 
 /// Where the sim-ops window (gem5's m5 address mode) is mapped in the
 /// process: the same address as its physical one, user-readable and
@@ -112,6 +151,16 @@ pub fn trap_stubs() -> Vec<u8> {
         code.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
         page[at..at + code.len()].copy_from_slice(&code);
     }
+    // The idle loop.
+    let idle = (IDLE_VA - TRAPS_VA) as usize;
+    page[idle..idle + 3].copy_from_slice(&[0xf4, 0xeb, 0xfd]);
+    page
+}
+
+/// The park page: `ud2`.
+pub fn park_page() -> Vec<u8> {
+    let mut page = vec![0xccu8; 4096];
+    page[0..2].copy_from_slice(&[0x0f, 0x0b]);
     page
 }
 

@@ -79,6 +79,16 @@ pub struct Frames {
     retired: Vec<u64>,
     used: u64,
     total: u64,
+    /// Several CPUs share the tables ([`Frames::set_hold`]): freed frames
+    /// wait in `held` until every CPU has loaded page tables that no
+    /// longer reach them.
+    hold: bool,
+    /// (frame, held a page table, the table generation from which on it
+    /// is unreachable).
+    held: Vec<(u64, bool, u64)>,
+    /// The generation of the current tables ([`AddressSpace::flush`]
+    /// counts them).
+    pub epoch: u64,
 }
 
 impl Frames {
@@ -96,7 +106,42 @@ impl Frames {
             retired: Vec::new(),
             used: 0,
             total,
+            hold: false,
+            held: Vec::new(),
+            epoch: 0,
         }
+    }
+
+    /// With several CPUs on the same tables, a frame freed by one may
+    /// still be reached by another through translations it cached, or
+    /// through the old tables it runs on until it loads the new ones:
+    /// such frames are held until [`Frames::release`] says no CPU can.
+    pub fn set_hold(&mut self, hold: bool) {
+        self.hold = hold;
+    }
+
+    /// Every CPU now runs on tables of generation `loaded` or later:
+    /// frames unreachable from those are handed out again.
+    pub fn release(&mut self, loaded: u64) {
+        let mut i = 0;
+        while i < self.held.len() {
+            let (f, table, from) = self.held[i];
+            if from <= loaded {
+                self.held.swap_remove(i);
+                if table {
+                    self.retired.push(f);
+                } else {
+                    self.free.push(f);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Frames held for other CPUs (tests, reports).
+    pub fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// A zeroed frame for data, or `None` when RAM is exhausted.
@@ -130,13 +175,23 @@ impl Frames {
 
     pub fn free(&mut self, f: u64) {
         self.used = self.used.saturating_sub(1);
-        self.free.push(f);
+        if self.hold {
+            // Unreachable from the tables of the next flush on.
+            self.held.push((f, false, self.epoch + 1));
+        } else {
+            self.free.push(f);
+        }
     }
 
     /// Gives back a frame that held a page table: data only from now on.
     pub fn retire_table(&mut self, f: u64) {
         self.used = self.used.saturating_sub(1);
-        self.retired.push(f);
+        if self.hold {
+            // Called by a flush after it counted the new generation.
+            self.held.push((f, true, self.epoch));
+        } else {
+            self.retired.push(f);
+        }
     }
 
     /// Frames in use.
@@ -247,6 +302,7 @@ impl AddressSpace {
         match self.copy_tree(mem, self.root, 4, &mut old) {
             Some(new) => {
                 self.root = new;
+                self.frames.epoch += 1;
                 for f in old {
                     self.frames.retire_table(f);
                 }
@@ -254,6 +310,22 @@ impl AddressSpace {
             None => tracing::warn!("SE: out of guest RAM copying the page tables for a TLB flush"),
         }
         self.root
+    }
+
+    /// Page tables that map only the top 512 GiB (the kernel stub, the
+    /// park page, the SE window) as they are now, in frames of their own
+    /// that no flush ever copies or frees: a CPU with no thread to run
+    /// idles on them, so that the process's tables may change and their
+    /// old frames be reused without that CPU ever reaching them.
+    pub fn park_root(&mut self, mem: &dyn PhysMem) -> Option<u64> {
+        let top = Self::entry(mem, self.root, 511);
+        let root = self.frames.alloc_table(mem)?;
+        if top & PTE_P != 0 {
+            let mut ignored = Vec::new();
+            let copy = self.copy_tree(mem, top & ADDR_MASK, 3, &mut ignored)?;
+            self.set_entry(mem, root, 511, copy | (top & !ADDR_MASK));
+        }
+        Some(root)
     }
 
     /// Copies the table at `table` (of `level`, 4 = PML4) and the tables
@@ -716,6 +788,35 @@ mod tests {
             Err(EFAULT),
             "wraps"
         );
+    }
+
+    #[test]
+    fn with_several_cpus_freed_frames_wait_until_every_cpu_reloaded() {
+        let (mem, mut s) = space();
+        s.frames.set_hold(true);
+        s.map(&mem, 0x10_0000, anon(0x10_2000, PROT_READ | PROT_WRITE))
+            .unwrap();
+        s.write_user(&mem, 0x10_0000, &[7u8; 0x2000]).unwrap();
+        let data = s.translate(&mem, 0x10_0000).unwrap() & !(PAGE - 1);
+        s.unmap(&mem, 0x10_0000, 0x10_2000).unwrap();
+        assert_eq!(s.frames.held(), 2, "the two data frames");
+        let tables_before = s.cr3();
+        s.flush(&mem);
+        assert_eq!(s.frames.epoch, 1);
+        let held = s.frames.held();
+        assert!(held > 2, "the old tables too: {held}");
+        // A CPU still on generation 0 may reach them: nothing comes back.
+        s.frames.release(0);
+        assert_eq!(s.frames.held(), held);
+        s.map(&mem, 0x20_0000, anon(0x20_1000, PROT_READ | PROT_WRITE))
+            .unwrap();
+        s.write_user(&mem, 0x20_0000, &[1]).unwrap();
+        let fresh = s.translate(&mem, 0x20_0000).unwrap() & !(PAGE - 1);
+        assert_ne!(fresh, data, "a held frame is not handed out");
+        assert_ne!(fresh, tables_before);
+        // Every CPU runs on generation 1: all of them come back.
+        s.frames.release(1);
+        assert_eq!(s.frames.held(), 0);
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct ProcessConfig {
     pub paths: PathMap,
     /// A dynamically linked program's interpreter ([`find_interp`]).
     pub interp: Option<Interp>,
+    /// CPUs (threads that may run at once), 1 to [`MAX_SE_CPUS`]: each
+    /// gets a TSS and a kernel stack of its own.
+    pub cpus: usize,
 }
 
 /// A dynamically linked program's interpreter (ld.so), read from the host.
@@ -348,28 +351,50 @@ pub struct Process {
     /// The program's absolute path (readlink /proc/self/exe).
     pub exe: PathBuf,
     pub rng: Rng,
-    pub fs_base: u64,
     pub sigactions: std::collections::BTreeMap<u64, [u8; 32]>,
-    pub sigmask: u64,
-    /// Signals sent and not yet delivered (bit `sig - 1`).
+    /// Signals sent to the process (kill, the timer) and not yet
+    /// delivered (bit `sig - 1`); any thread that does not block one may
+    /// take it.
     pub pending: u64,
-    /// The alternate signal stack (sigaltstack): base and size.
-    pub altstack: Option<(u64, u64)>,
     /// ITIMER_REAL (alarm, setitimer): the next expiry and the interval
     /// (0: once), in simulated time.
     pub itimer: Option<(sim::Tick, sim::Tick)>,
-    /// The mask to put back once a handler returns from a sigsuspend.
-    pub suspend_mask: Option<u64>,
-    /// RSP at the system call being serviced.
-    pub user_rsp: u64,
-    pub tid_address: u64,
-    pub robust_list: u64,
-    /// The thread's name (prctl PR_SET_NAME), NUL-padded.
-    pub comm: [u8; 16],
+    /// The thread whose system call or exception is being serviced (the
+    /// device swaps the others in and out: `dev::SeDevice`).
+    pub t: ThreadState,
     /// How the program's paths reach the host.
     pub paths: PathMap,
     /// The working folder (a host path; kvmsim's own at the start).
     pub cwd: PathBuf,
+    /// CPUs the process may run threads on (sched_getaffinity).
+    pub cpus: usize,
+    /// The tables a CPU with no thread to run idles on
+    /// ([`AddressSpace::park_root`]).
+    pub park_cr3: u64,
+}
+
+/// What each thread has of its own.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadState {
+    /// Its thread id (the main thread's is the process id).
+    pub tid: u32,
+    /// FS base (arch_prctl, CLONE_SETTLS): its TLS.
+    pub fs_base: u64,
+    pub sigmask: u64,
+    /// Signals sent to this thread (tgkill, tkill) and not yet delivered.
+    pub pending: u64,
+    /// The alternate signal stack (sigaltstack): base and size.
+    pub altstack: Option<(u64, u64)>,
+    /// The mask to put back once a handler returns from a sigsuspend.
+    pub suspend_mask: Option<u64>,
+    /// RSP at the system call being serviced.
+    pub user_rsp: u64,
+    /// set_tid_address / CLONE_CHILD_CLEARTID: zeroed and woken (futex)
+    /// when the thread exits.
+    pub tid_address: u64,
+    pub robust_list: u64,
+    /// The thread's name (prctl PR_SET_NAME), NUL-padded.
+    pub comm: [u8; 16],
 }
 
 impl std::fmt::Debug for Process {
@@ -450,6 +475,30 @@ impl Process {
         for _ in 0..4 {
             kstack.push(kpage(&[0u8; PAGE as usize])?);
         }
+        // Threads: the park page, and for CPUs 1 and up a TSS each (RSP0
+        // = its own kernel stack) and a kernel stack of 2 pages.
+        let cpus = cfg.cpus.clamp(1, MAX_SE_CPUS);
+        let park_f = kpage(&park_page())?;
+        let tss_bytes = 0x80 * cpus;
+        let mut tss_area = vec![0u8; tss_bytes.div_ceil(PAGE as usize) * PAGE as usize];
+        for c in 1..cpus {
+            let o = (tss_va(c) - TSS_AREA_VA) as usize;
+            tss_area[o + 4..o + 12].copy_from_slice(&kstack_top(c).to_le_bytes());
+            tss_area[o + 0x66..o + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
+        }
+        let mut tss_frames = Vec::new();
+        if cpus > 1 {
+            for chunk in tss_area.chunks(PAGE as usize) {
+                tss_frames.push(kpage(chunk)?);
+            }
+        }
+        let mut ap_stacks = Vec::new();
+        for c in 1..cpus {
+            let top = kstack_top(c);
+            for i in 0..2u64 {
+                ap_stacks.push((top - PAGE * (2 - i), kpage(&[0u8; PAGE as usize])?));
+            }
+        }
         let mut space = AddressSpace::new(mem, frames).ok_or_else(oom)?;
         let fixed = |phys: u64, end: u64, prot: u32, kernel: bool, uncached: bool, name| Vma {
             end,
@@ -510,6 +559,33 @@ impl Process {
                 &mut space,
                 va,
                 fixed(*f, va + PAGE, PROT_READ | PROT_WRITE, true, false, "kstack"),
+            )?;
+        }
+        map(
+            &mut space,
+            PARK_VA,
+            fixed(
+                park_f,
+                PARK_VA + PAGE,
+                PROT_READ | PROT_EXEC,
+                false,
+                false,
+                "[park]",
+            ),
+        )?;
+        for (i, f) in tss_frames.iter().enumerate() {
+            let va = TSS_AREA_VA + PAGE * i as u64;
+            map(
+                &mut space,
+                va,
+                fixed(*f, va + PAGE, PROT_READ | PROT_WRITE, true, false, "tss"),
+            )?;
+        }
+        for &(va, f) in &ap_stacks {
+            map(
+                &mut space,
+                va,
+                fixed(f, va + PAGE, PROT_READ | PROT_WRITE, true, false, "kstack"),
             )?;
         }
         map(
@@ -624,6 +700,7 @@ impl Process {
         let (sp, bytes) = build_stack(STACK_TOP, &argv, &envp, &execfn, &auxv, random)?;
         space.poke(mem, sp, &bytes).map_err(|_| oom())?;
         let exe = std::path::absolute(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
+        let park_cr3 = space.park_root(mem).ok_or_else(oom)?;
         let cr3 = space.cr3();
         let paths = cfg.paths.clone();
         Ok((
@@ -639,28 +716,27 @@ impl Process {
                 files,
                 exe,
                 rng,
-                fs_base: 0,
                 sigactions: Default::default(),
-                sigmask: 0,
                 pending: 0,
-                altstack: None,
                 itimer: None,
-                suspend_mask: None,
-                user_rsp: 0,
-                tid_address: 0,
-                robust_list: 0,
                 paths,
                 cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
-                comm: {
-                    let mut c = [0u8; 16];
-                    let base = cfg
-                        .path
-                        .file_name()
-                        .map(|n| n.as_encoded_bytes().to_vec())
-                        .unwrap_or_default();
-                    let k = base.len().min(15);
-                    c[..k].copy_from_slice(&base[..k]);
-                    c
+                cpus,
+                park_cr3,
+                t: ThreadState {
+                    tid: crate::sys::PID,
+                    comm: {
+                        let mut c = [0u8; 16];
+                        let base = cfg
+                            .path
+                            .file_name()
+                            .map(|n| n.as_encoded_bytes().to_vec())
+                            .unwrap_or_default();
+                        let k = base.len().min(15);
+                        c[..k].copy_from_slice(&base[..k]);
+                        c
+                    },
+                    ..Default::default()
                 },
             },
             Entry {

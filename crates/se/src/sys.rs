@@ -245,6 +245,8 @@ pub mod nr {
     pub const NANOSLEEP: u64 = 35;
     pub const GETPID: u64 = 39;
     pub const EXIT: u64 = 60;
+    pub const CLONE: u64 = 56;
+    pub const CLONE3: u64 = 435;
     pub const KILL: u64 = 62;
     pub const UNAME: u64 = 63;
     pub const FCNTL: u64 = 72;
@@ -426,14 +428,25 @@ impl Process {
                     _ => (a[1], a[2]),
                 };
                 let other_group = nr == TGKILL && a[0] != u64::from(PID);
-                if other_group || (pid != u64::from(PID) && pid != 0 && pid as i64 != -1) {
+                let me = if nr == KILL {
+                    u64::from(PID)
+                } else {
+                    u64::from(self.t.tid)
+                };
+                if other_group || (pid != me && (nr != KILL || (pid != 0 && pid as i64 != -1))) {
                     ret(Err(ESRCH))
                 } else if sig > 64 {
                     ret(Err(EINVAL))
                 } else {
                     // Sent; delivered (or acted on) when the call returns.
+                    // tgkill/tkill to another thread are the device's
+                    // (dev::SeDevice), which knows the other threads.
                     if sig != 0 {
-                        self.send(sig as i32);
+                        if nr == KILL {
+                            self.send(sig as i32);
+                        } else {
+                            self.send_thread(sig as i32);
+                        }
                     }
                     ret(Ok(0))
                 }
@@ -445,7 +458,7 @@ impl Process {
             ALARM => ret(Ok(self.alarm(a[0], clock))),
             SETITIMER => ret(self.setitimer(mem, a[0], a[1], a[2], clock)),
             GETITIMER => ret(self.getitimer(mem, a[0], a[1], clock)),
-            PAUSE => self.wait_for_signal(self.sigmask, clock, "pause"),
+            PAUSE => self.wait_for_signal(self.t.sigmask, clock, "pause"),
             RT_SIGSUSPEND => {
                 let mut b = [0u8; 8];
                 if a[1] != 8 {
@@ -459,8 +472,8 @@ impl Process {
                 if done.flow == Flow::Return(-EINTR) {
                     // The handler runs with the given mask; the old one comes
                     // back when it returns.
-                    self.suspend_mask = Some(self.sigmask);
-                    self.sigmask = mask;
+                    self.t.suspend_mask = Some(self.t.sigmask);
+                    self.t.sigmask = mask;
                 }
                 done
             }
@@ -468,7 +481,7 @@ impl Process {
                 if a[1] > 8 {
                     return Some(ret(Err(EINVAL)));
                 }
-                let p = (self.pending & self.sigmask).to_le_bytes();
+                let p = ((self.pending | self.t.pending) & self.t.sigmask).to_le_bytes();
                 ret(self
                     .space
                     .write_user(mem, a[0], &p[..a[1] as usize])
@@ -476,18 +489,19 @@ impl Process {
             }
             ARCH_PRCTL => ret(self.arch_prctl(mem, a[0], a[1])),
             SET_TID_ADDRESS => {
-                self.tid_address = a[0];
-                ret(Ok(i64::from(PID)))
+                self.t.tid_address = a[0];
+                ret(Ok(i64::from(self.t.tid)))
             }
             SET_ROBUST_LIST => {
-                self.robust_list = a[0];
+                self.t.robust_list = a[0];
                 ret(if a[1] == 24 { Ok(0) } else { Err(EINVAL) })
             }
             RSEQ => ret(Err(ENOSYS)),
             PRLIMIT64 => ret(self.prlimit(mem, a[0], a[1], a[2], a[3])),
             GETRLIMIT => ret(self.prlimit(mem, 0, a[0], 0, a[1])),
             UNAME => ret(self.uname(mem, a[0])),
-            GETPID | GETTID => ret(Ok(i64::from(PID))),
+            GETPID => ret(Ok(i64::from(PID))),
+            GETTID => ret(Ok(i64::from(self.t.tid))),
             GETPPID => ret(Ok(i64::from(PPID))),
             GETUID | GETEUID => ret(Ok(i64::from(UID))),
             GETGID | GETEGID => ret(Ok(i64::from(GID))),
@@ -524,7 +538,8 @@ impl Process {
             RT_SIGACTION => ret(self.sigaction(mem, a[0], a[1], a[2], a[3])),
             RT_SIGPROCMASK => ret(self.sigprocmask(mem, a[0], a[1], a[2], a[3])),
             SIGALTSTACK => ret(self.sigaltstack(mem, a[0], a[1])),
-            FUTEX => ret(self.futex(mem, a[0], a[1], a[2])),
+            // futex, clone, clone3, a thread's exit, signals to other
+            // threads: the device's (dev::SeDevice), which knows them all.
             STATX => ret(self.statx(mem, a[0], a[1], a[2], a[3], a[4])),
             STATFS => ret(self.statfs(mem, Some(a[0]), 0, a[1])),
             FSTATFS => ret(self.statfs(mem, None, a[0], a[1])),
@@ -1381,12 +1396,12 @@ impl Process {
                 if addr >= crate::USER_TOP {
                     return Err(EPERM);
                 }
-                self.fs_base = addr;
+                self.t.fs_base = addr;
                 Ok(0)
             }
             ARCH_GET_FS => {
                 self.space
-                    .write_user(mem, addr, &self.fs_base.to_le_bytes())?;
+                    .write_user(mem, addr, &self.t.fs_base.to_le_bytes())?;
                 Ok(0)
             }
             _ => Err(EINVAL),
@@ -1436,11 +1451,11 @@ impl Process {
                 let k = name.len().min(15);
                 n[..k].copy_from_slice(&name[..k]);
                 n[k] = 0;
-                self.comm = n;
+                self.t.comm = n;
                 Ok(0)
             }
             PR_GET_NAME => {
-                let c = self.comm;
+                let c = self.t.comm;
                 self.space.write_user(mem, arg, &c)?;
                 Ok(0)
             }
@@ -1566,7 +1581,7 @@ impl Process {
         let wait = wait_ns.saturating_mul(1000);
         // A timer signal that would be acted on ends the sleep early (EINTR,
         // the time left in `rem` for a relative sleep).
-        if let Some(deadline) = self.timer_interrupts(self.sigmask) {
+        if let Some(deadline) = self.timer_interrupts(self.t.sigmask) {
             let cut = deadline.saturating_sub(clock.now);
             if cut < wait {
                 if flags & 1 == 0 && rem != 0 {
@@ -1596,14 +1611,17 @@ impl Process {
         }
         let n = (size as usize).min(128);
         let mut b = vec![0u8; n];
-        b[0] = 1;
+        for c in 0..self.cpus.min(8 * n) {
+            b[c / 8] |= 1 << (c % 8);
+        }
         self.space.write_user(mem, mask, &b)?;
         Ok(n as i64)
     }
 
     /// True if `rsp` lies on the alternate signal stack.
     pub fn on_altstack(&self, rsp: u64) -> bool {
-        self.altstack
+        self.t
+            .altstack
             .is_some_and(|(sp, size)| rsp > sp && rsp <= sp.wrapping_add(size))
     }
 
@@ -1617,15 +1635,34 @@ impl Process {
     /// Sends `sig` to the process: pending until delivered, or dropped at
     /// once if it would be ignored.
     pub fn send(&mut self, sig: i32) {
-        if !self.action(sig).ignores(sig) || self.sigmask & crate::signal::bit(sig) != 0 {
+        if !self.action(sig).ignores(sig) || self.t.sigmask & crate::signal::bit(sig) != 0 {
             self.pending |= crate::signal::bit(sig);
         }
     }
 
-    /// The lowest pending signal that is not blocked.
+    /// Sends `sig` to the thread being serviced (tgkill, tkill).
+    pub fn send_thread(&mut self, sig: i32) {
+        if !self.action(sig).ignores(sig) || self.t.sigmask & crate::signal::bit(sig) != 0 {
+            self.t.pending |= crate::signal::bit(sig);
+        }
+    }
+
+    /// The lowest signal pending for the thread being serviced (its own
+    /// or the process's) that it does not block.
     pub fn next_signal(&self) -> Option<i32> {
-        let ready = self.pending & (!self.sigmask | crate::signal::UNBLOCKABLE);
+        let ready =
+            (self.pending | self.t.pending) & (!self.t.sigmask | crate::signal::UNBLOCKABLE);
         (ready != 0).then(|| ready.trailing_zeros() as i32 + 1)
+    }
+
+    /// Takes `sig` off the pending sets (the thread's first).
+    pub fn take_signal(&mut self, sig: i32) {
+        let b = crate::signal::bit(sig);
+        if self.t.pending & b != 0 {
+            self.t.pending &= !b;
+        } else {
+            self.pending &= !b;
+        }
     }
 
     /// Makes SIGALRM pending if ITIMER_REAL has expired by `now` (and
@@ -1661,7 +1698,7 @@ impl Process {
     /// or its signal blocked or ignored) ends the process as SIGKILL would,
     /// saying so: one process has nobody else to send it a signal.
     fn wait_for_signal(&mut self, mask: u64, clock: Clock, what: &str) -> Done {
-        let ready = self.pending & !mask;
+        let ready = (self.pending | self.t.pending) & !mask;
         if ready != 0 {
             return ret(Err(EINTR));
         }
@@ -1781,10 +1818,10 @@ impl Process {
     /// sigaltstack: the alternate stack for SA_ONSTACK handlers.
     fn sigaltstack(&mut self, mem: &dyn PhysMem, new: u64, old: u64) -> Result<i64, i64> {
         use crate::signal::{MINSIGSTKSZ, SS_DISABLE, SS_ONSTACK};
-        let on = self.on_altstack(self.user_rsp);
+        let on = self.on_altstack(self.t.user_rsp);
         if old != 0 {
-            let (sp, size) = self.altstack.unwrap_or((0, 0));
-            let flags = if self.altstack.is_none() {
+            let (sp, size) = self.t.altstack.unwrap_or((0, 0));
+            let flags = if self.t.altstack.is_none() {
                 SS_DISABLE
             } else if on {
                 SS_ONSTACK
@@ -1808,12 +1845,12 @@ impl Process {
             }
             // SS_AUTODISARM (1 << 31) is accepted and not kept.
             match flags & !(1 << 31) {
-                SS_DISABLE => self.altstack = None,
+                SS_DISABLE => self.t.altstack = None,
                 0 | SS_ONSTACK => {
                     if size < MINSIGSTKSZ {
                         return Err(ENOMEM);
                     }
-                    self.altstack = Some((sp, size));
+                    self.t.altstack = Some((sp, size));
                 }
                 _ => return Err(EINVAL),
             }
@@ -1843,6 +1880,7 @@ impl Process {
             // A signal now ignored is discarded if pending (as Linux does).
             if crate::signal::Action::from_bytes(&a).ignores(sig as i32) {
                 self.pending &= !crate::signal::bit(sig as i32);
+                self.t.pending &= !crate::signal::bit(sig as i32);
             }
         }
         Ok(0)
@@ -1861,40 +1899,20 @@ impl Process {
         }
         if old != 0 {
             self.space
-                .write_user(mem, old, &self.sigmask.to_le_bytes())?;
+                .write_user(mem, old, &self.t.sigmask.to_le_bytes())?;
         }
         if set != 0 {
             let mut b = [0u8; 8];
             self.space.read_user(mem, set, &mut b)?;
             let s = u64::from_le_bytes(b) & !((1 << 8) | (1 << 18));
-            self.sigmask = match how {
-                0 => self.sigmask | s,
-                1 => self.sigmask & !s,
+            self.t.sigmask = match how {
+                0 => self.t.sigmask | s,
+                1 => self.t.sigmask & !s,
                 2 => s,
                 _ => return Err(EINVAL),
             };
         }
         Ok(0)
-    }
-
-    /// futex with one thread: WAKE wakes nobody (0); WAIT on a value that
-    /// differs is EAGAIN, and on an equal one would wait forever (no other
-    /// thread can change it): refused with EDEADLK.
-    fn futex(&mut self, mem: &dyn PhysMem, uaddr: u64, op: u64, val: u64) -> Result<i64, i64> {
-        let cmd = op & 0x7f;
-        match cmd {
-            1 | 10 => Ok(0), // WAKE, WAKE_BITSET
-            0 | 9 => {
-                let mut b = [0u8; 4];
-                self.space.read_user(mem, uaddr, &mut b)?;
-                if u32::from_le_bytes(b) != val as u32 {
-                    Err(EAGAIN)
-                } else {
-                    Err(libc::EDEADLK as i64)
-                }
-            }
-            _ => Err(ENOSYS),
-        }
     }
 }
 
@@ -1919,6 +1937,7 @@ mod tests {
             hwcap: 0,
             paths: Default::default(),
             interp: None,
+            cpus: 1,
         };
         let sink = || Sink {
             echo: None,
@@ -2165,11 +2184,11 @@ mod tests {
             Some((clock.now + 1_750_000_000_000, 250_000_000_000))
         );
         assert_eq!(p.next_signal(), Some(SIGALRM));
-        p.sigmask = bit(SIGALRM);
+        p.t.sigmask = bit(SIGALRM);
         assert_eq!(p.next_signal(), None, "blocked");
         // A signal whose default is to ignore it is dropped when sent.
         p.pending = 0;
-        p.sigmask = 0;
+        p.t.sigmask = 0;
         assert_eq!(
             call(&mut p, &mem, nr::KILL, &[u64::from(PID), SIGCHLD as u64]),
             0
@@ -2184,7 +2203,8 @@ mod tests {
             ),
             0
         );
-        assert_eq!(p.pending, bit(SIGUSR1));
+        assert_eq!(p.t.pending, bit(SIGUSR1), "tgkill: the thread's own");
+        p.t.pending = 0;
         assert_eq!(call(&mut p, &mem, nr::KILL, &[4242, 10]), -ESRCH);
         // pause with nothing that could end it ends the process.
         p.itimer = None;

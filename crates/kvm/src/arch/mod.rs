@@ -116,6 +116,15 @@ pub trait Arch: Send {
         Ok(false)
     }
 
+    /// As [`Arch::set_user_context`], in kernel mode.
+    fn set_kernel_context(
+        &mut self,
+        _vcpu: &mut dyn Vcpu,
+        _ctx: &mem::UserContext,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+
     /// The guest's floating-point and vector state as bytes (x86-64: the
     /// XSAVE area), for a signal frame; `None` where not available.
     fn fpu_state(&mut self, _vcpu: &mut dyn Vcpu) -> Result<Option<Vec<u8>>> {

@@ -148,6 +148,43 @@ fn set_msr(vcpu: &mut dyn Vcpu, index: u32, data: u64) -> Result<()> {
 }
 
 impl X86_64 {
+    /// Puts `ctx` in the CPU with code selector `cs` and stack selector
+    /// `ds` (kvmsim's user or kernel pair), before the next entry.
+    fn set_context(
+        &mut self,
+        vcpu: &mut dyn Vcpu,
+        ctx: &mem::UserContext,
+        cs: u16,
+        ds: u16,
+    ) -> Result<bool> {
+        let g = ctx.gprs;
+        let regs = self.regs_mut(vcpu)?;
+        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (g[0], g[1], g[2], g[3]);
+        (regs.rsi, regs.rdi, regs.rbp, regs.rsp) = (g[4], g[5], g[6], g[7]);
+        (regs.r8, regs.r9, regs.r10, regs.r11) = (g[8], g[9], g[10], g[11]);
+        (regs.r12, regs.r13, regs.r14, regs.r15) = (g[12], g[13], g[14], g[15]);
+        regs.rip = ctx.rip;
+        regs.rflags = ctx.rflags;
+        let sr = self.sregs(vcpu)?;
+        let user = sr.cs.selector == cs
+            && sr.ss.selector == ds
+            && sr.fs.base == ctx.fs_base
+            && sr.gs.base == ctx.gs_base
+            && sr.cr3 == ctx.cr3;
+        // The special registers are pushed (KVM_SET_SREGS) only when they
+        // change: a system call that leaves them alone costs no extra ioctl.
+        if !user {
+            let gdt = boot::gdt();
+            let sr = self.sregs_mut(vcpu)?;
+            sr.cs = boot::segment_from_entry(cs, gdt[usize::from(cs / 8)]);
+            sr.ss = boot::segment_from_entry(ds, gdt[usize::from(ds / 8)]);
+            sr.fs.base = ctx.fs_base;
+            sr.gs.base = ctx.gs_base;
+            sr.cr3 = ctx.cr3;
+        }
+        Ok(true)
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -735,32 +772,11 @@ impl Arch for X86_64 {
     }
 
     fn set_user_context(&mut self, vcpu: &mut dyn Vcpu, ctx: &mem::UserContext) -> Result<bool> {
-        let g = ctx.gprs;
-        let regs = self.regs_mut(vcpu)?;
-        (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (g[0], g[1], g[2], g[3]);
-        (regs.rsi, regs.rdi, regs.rbp, regs.rsp) = (g[4], g[5], g[6], g[7]);
-        (regs.r8, regs.r9, regs.r10, regs.r11) = (g[8], g[9], g[10], g[11]);
-        (regs.r12, regs.r13, regs.r14, regs.r15) = (g[12], g[13], g[14], g[15]);
-        regs.rip = ctx.rip;
-        regs.rflags = ctx.rflags;
-        let sr = self.sregs(vcpu)?;
-        let user = sr.cs.selector == boot::USER_CS
-            && sr.ss.selector == boot::USER_DS
-            && sr.fs.base == ctx.fs_base
-            && sr.gs.base == ctx.gs_base
-            && sr.cr3 == ctx.cr3;
-        // The special registers are pushed (KVM_SET_SREGS) only when they
-        // change: a system call that leaves them alone costs no extra ioctl.
-        if !user {
-            let gdt = boot::gdt();
-            let sr = self.sregs_mut(vcpu)?;
-            sr.cs = boot::segment_from_entry(boot::USER_CS, gdt[usize::from(boot::USER_CS / 8)]);
-            sr.ss = boot::segment_from_entry(boot::USER_DS, gdt[usize::from(boot::USER_DS / 8)]);
-            sr.fs.base = ctx.fs_base;
-            sr.gs.base = ctx.gs_base;
-            sr.cr3 = ctx.cr3;
-        }
-        Ok(true)
+        self.set_context(vcpu, ctx, boot::USER_CS, boot::USER_DS)
+    }
+
+    fn set_kernel_context(&mut self, vcpu: &mut dyn Vcpu, ctx: &mem::UserContext) -> Result<bool> {
+        self.set_context(vcpu, ctx, boot::KERNEL_CS, boot::KERNEL_DS)
     }
 
     fn fpu_state(&mut self, vcpu: &mut dyn Vcpu) -> Result<Option<Vec<u8>>> {
