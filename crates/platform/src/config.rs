@@ -596,7 +596,10 @@ pub struct CpuConfig {
     /// bare-metal and Multiboot kernels (tests such as kvm-unit-tests' look
     /// for that instruction), off for Linux kernels (a waiting interrupt is
     /// then taken at the next exit where interrupts are enabled; stepping
-    /// nearly doubles a boot's host time there). Nothing is stepped on hosts
+    /// nearly doubles a boot's host time there), and off under the GDB stub
+    /// (the assist's steps and the debugger's share the guest-debug state;
+    /// a breakpoint hit on one of several CPUs was seen to go missing with
+    /// both). Nothing is stepped on hosts
     /// with the exit (VMX/SVM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub irq_window_step: Option<bool>,

@@ -744,7 +744,16 @@ impl System {
         // windows, stepping finds them exactly; Linux does not need the exact
         // instruction, and stepping its interrupts-off sections nearly
         // doubles a boot's host time.
-        let irq_window_step = sc.cpu.irq_window_step.unwrap_or(kernel.is_none());
+        // Under the GDB stub it is off too unless asked for: its steps and
+        // the debugger's breakpoints and steps share the guest-debug state,
+        // and with several CPUs a breakpoint hit was seen to go missing
+        // (once in 14 runs of gdb.rs's tests on a busy host; none in 10
+        // without the assist). The cause is not found yet.
+        let debugged = sim.gdb.is_some();
+        let irq_window_step = sc
+            .cpu
+            .irq_window_step
+            .unwrap_or(kernel.is_none() && !debugged);
         if !irq_window_step
             && kvm::probe::window_assist().step
             && console::first_time("irq-window-step-off")
@@ -755,6 +764,8 @@ impl System {
                  accepts it{} (system.cpu.irq_window_step = true steps to the exact instruction)",
                 if kernel.is_some() {
                     ", as suits Linux"
+                } else if debugged {
+                    ", as under the GDB stub"
                 } else {
                     ""
                 }
