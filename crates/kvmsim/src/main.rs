@@ -843,6 +843,21 @@ fn execute(
         },
     };
     let rank = dist.as_ref().map_or(0, |d| d.rank());
+    if let Some(d) = &dist {
+        let mine: Vec<String> = cfg
+            .system_names()
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, _)| d.is_local(i))
+            .map(|(_, n)| n)
+            .collect();
+        tracing::info!(
+            "distributed run: rank {rank} of {} runs {} (quantum {} ticks)",
+            d.size(),
+            mine.join(", "),
+            cfg.quantum()
+        );
+    }
     // In a distributed run, every process takes each step only once all
     // did the one before (one failing process stops all).
     let all_ok = |ok: bool| dist.as_ref().is_none_or(|d| d.all_ok(ok));
