@@ -408,6 +408,25 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// A distributed run's window between 2 MPI ranks (exchange + sum)
+    /// against the window of 2 threads of one process, and the simulated
+    /// time per host second of a 2-rank run against one process (the
+    /// `mpi` feature; starts `mpirun -np 2` itself).
+    #[cfg(feature = "mpi")]
+    Mpi {
+        /// Windows timed.
+        #[arg(long, default_value_t = 20_000)]
+        windows: u64,
+        /// Round trips of the netpong pair whose throughput is compared.
+        #[arg(long, default_value_t = 200)]
+        rounds: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// One rank of the window measurement (started by the figure).
+        #[arg(long, hide = true)]
+        worker: bool,
+    },
     /// Restore latency: reading a checkpoint to the first guest
     /// instruction, and the checkpoint's size on disk.
     Restore {
@@ -1109,6 +1128,19 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Window { windows, runs }) => {
             (w.windows, w.runs) = (windows, runs);
             bench::Figure::Window
+        }
+        #[cfg(feature = "mpi")]
+        Some(Bench::Mpi {
+            windows,
+            rounds,
+            runs,
+            worker,
+        }) => {
+            return if worker {
+                mpi::bench::worker(windows, runs)
+            } else {
+                mpi::bench::driver(windows, rounds, runs)
+            };
         }
         Some(Bench::Restore { checkpoint, runs }) => {
             return bench::restore(checkpoint.as_deref(), runs);

@@ -3,7 +3,6 @@
 //! ([`platform::distributed`] does the rest).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
 use mpi::datatype::{Partition, PartitionMut};
@@ -53,9 +52,6 @@ struct Buffers {
     comm: SimpleCommunicator,
     send: Vec<u8>,
     recv: Vec<u8>,
-    /// Exchanges and sums so far, and the host time spent in them.
-    calls: u64,
-    spent: Duration,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED (checked in
@@ -91,19 +87,11 @@ impl Mpi {
                 comm,
                 send: vec![0; 1],
                 recv: vec![0; 1],
-                calls: 0,
-                spent: Duration::ZERO,
             }),
             rank,
             size,
             _universe: universe,
         })
-    }
-
-    /// Collective calls made so far, and the host time spent in them.
-    pub fn spent(&self) -> (u64, Duration) {
-        let b = self.world.lock().unwrap_or_else(|p| p.into_inner());
-        (b.calls, b.spent)
     }
 
     /// Waits for every process.
@@ -136,7 +124,6 @@ impl Transport for Mpi {
     fn exchange(&self, to: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
         let mut g = self.world.lock().unwrap_or_else(|p| p.into_inner());
         let b = &mut *g;
-        let start = Instant::now();
         let n = self.size;
         // The counts first.
         let send_counts: Vec<i32> = (0..n)
@@ -175,14 +162,11 @@ impl Transport for Mpi {
                 b.recv[d..d + c].to_vec()
             })
             .collect();
-        b.calls += 1;
-        b.spent += start.elapsed();
         out
     }
 
     fn sum(&self, v: &mut [u64]) {
-        let mut g = self.world.lock().unwrap_or_else(|p| p.into_inner());
-        let start = Instant::now();
+        let g = self.world.lock().unwrap_or_else(|p| p.into_inner());
         // Never empty (see Buffers).
         let mut send = v.to_vec();
         send.push(0);
@@ -190,7 +174,268 @@ impl Transport for Mpi {
         g.comm
             .all_reduce_into(&send[..], &mut recv[..], SystemOperation::sum());
         v.copy_from_slice(&recv[..v.len()]);
-        g.calls += 1;
-        g.spent += start.elapsed();
+    }
+}
+
+/// `kvmsim bench mpi`: what a window costs between 2 MPI ranks against two
+/// threads of one process, and the simulated-time throughput of a
+/// distributed run against the same config in one process.
+pub mod bench {
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Instant;
+
+    use platform::distributed::Transport;
+
+    /// The window of a distributed run with `systems` systems, `n` times:
+    /// one exchange (each rank sends `bytes` to the other) and one sum of
+    /// `systems + 4` values, as `Run::decide_distributed` does. Returns
+    /// seconds per window, and per exchange and per sum alone.
+    fn mpi_windows(m: &super::Mpi, n: u64, bytes: usize, systems: usize) -> [f64; 3] {
+        let size = m.size();
+        let msg = vec![0x5au8; bytes];
+        let mut v = vec![0u64; systems + 4];
+        let window = |m: &super::Mpi, v: &mut [u64]| {
+            let to = (0..size)
+                .map(|r| if r == m.rank() { Vec::new() } else { msg.clone() })
+                .collect();
+            std::hint::black_box(m.exchange(to));
+            m.sum(v);
+        };
+        // Warm-up: connections are made on first use.
+        for _ in 0..100 {
+            window(m, &mut v);
+        }
+        m.barrier();
+        let t = Instant::now();
+        for _ in 0..n {
+            window(m, &mut v);
+        }
+        let both = t.elapsed().as_secs_f64() / n as f64;
+        m.barrier();
+        let t = Instant::now();
+        for _ in 0..n {
+            let to = (0..size)
+                .map(|r| if r == m.rank() { Vec::new() } else { msg.clone() })
+                .collect();
+            std::hint::black_box(m.exchange(to));
+        }
+        let exchange = t.elapsed().as_secs_f64() / n as f64;
+        m.barrier();
+        let t = Instant::now();
+        for _ in 0..n {
+            m.sum(&mut v);
+        }
+        let sum = t.elapsed().as_secs_f64() / n as f64;
+        [both, exchange, sum]
+    }
+
+    /// One rank of `mpirun -np 2 kvmsim bench mpi --worker`: rank 0 prints
+    /// `window exchange sum` in seconds, best of `runs`.
+    pub fn worker(windows: u64, runs: u32) -> Result<(), String> {
+        let m = super::Mpi::init()?;
+        if m.size() < 2 {
+            return Err("the window figure needs 2 or more MPI ranks".into());
+        }
+        let mut best = [f64::INFINITY; 3];
+        for _ in 0..runs.max(1) {
+            let r = mpi_windows(&m, windows, 64, 2);
+            for (b, x) in best.iter_mut().zip(r) {
+                *b = b.min(x);
+            }
+        }
+        if m.rank() == 0 {
+            println!("{} {} {}", best[0], best[1], best[2]);
+        }
+        Ok(())
+    }
+
+    /// The in-process window: two threads at `SpinBarrier::wait_then`, as a
+    /// run's CPU threads meet; seconds per window, best of `runs`.
+    fn local_window(n: u64, runs: u32) -> f64 {
+        let mut best = f64::INFINITY;
+        for _ in 0..runs.max(1) {
+            let b = sim::barrier::SpinBarrier::new(2);
+            let decided = std::sync::atomic::AtomicU64::new(0);
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..n {
+                            b.wait_then(|| {
+                                decided.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            });
+                        }
+                    });
+                }
+            });
+            best = best.min(t.elapsed().as_secs_f64() / n as f64);
+        }
+        best
+    }
+
+    /// `mpirun -np 2` with what a shared host needs: as root (CI), and
+    /// oversubscribed when fewer than 2 cores are free to bind.
+    fn mpirun(np: usize) -> Command {
+        let mut c = Command::new("mpirun");
+        c.args(["-np", &np.to_string()]);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 * np {
+            // Each rank has a CPU thread and MPI's progress: with fewer
+            // cores than that, bound ranks starve each other.
+            c.args(["--oversubscribe", "--bind-to", "none"]);
+            c.args(["--mca", "mpi_yield_when_idle", "1"]);
+        } else {
+            c.args(["--bind-to", "core"]);
+        }
+        c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        c
+    }
+
+    /// simSeconds per hostSecond of the final stats of the run in `out`.
+    fn throughput(out: &Path) -> Result<(f64, f64), String> {
+        let text = std::fs::read_to_string(out.join("stats.json"))
+            .map_err(|e| format!("{}: {e}", out.join("stats.json").display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        let last = v
+            .as_array()
+            .and_then(|a| a.last())
+            .ok_or("no stats dump")?;
+        let sim = last["stats"]["simSeconds"].as_f64().ok_or("no simSeconds")?;
+        let host = last["stats"]["hostSeconds"]
+            .as_f64()
+            .ok_or("no hostSeconds")?;
+        Ok((sim, host))
+    }
+
+    /// Runs `kvmsim run CONFIG` alone or under `mpirun -np 2`; (simulated
+    /// seconds, host seconds).
+    fn run(cfg: &Path, out: &Path, ranks: usize) -> Result<(f64, f64), String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut c = if ranks > 1 {
+            let mut c = mpirun(ranks);
+            c.arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        c.args(["run", "--quiet"])
+            .arg(cfg)
+            .arg("--outdir")
+            .arg(out)
+            .env("KVMSIM_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        let o = c.output().map_err(|e| format!("cannot start {c:?}: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "{c:?} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim_end()
+            ));
+        }
+        throughput(out)
+    }
+
+    /// The whole figure (run outside mpirun: it starts the ranks itself).
+    pub fn driver(windows: u64, rounds: u64, runs: u32) -> Result<(), String> {
+        if Command::new("mpirun").arg("--version").output().is_err() {
+            return Err("mpirun is not on PATH (Debian: apt-get install openmpi-bin)".into());
+        }
+        let local = local_window(windows, runs);
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut c = mpirun(2);
+        c.arg(&exe).args([
+            "bench",
+            "mpi",
+            "--worker",
+            "--windows",
+            &windows.to_string(),
+            "--runs",
+            &runs.to_string(),
+        ]);
+        let o = c.output().map_err(|e| format!("cannot start mpirun: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "{c:?} failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim_end()
+            ));
+        }
+        let line = String::from_utf8_lossy(&o.stdout);
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let [window, exchange, sum] = f[..] else {
+            return Err(format!("the MPI ranks reported {line:?}"));
+        };
+        let dir = std::env::temp_dir().join(format!("kvmsim-bench-mpi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let cfg = dir.join("netpong.toml");
+        // Two netpong systems on a 100 us link, host time counted as
+        // simulated time (host_factor 1): a round trip is two windows at
+        // least, so the window's cost shows.
+        let text = format!(
+            "[sim]\nquantum = \"100us\"\n\
+             [[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:netpong\"\nplatform = \"pc\"\n\
+             args = [0, {rounds}, 1000]\nserial = {{ stdout = false, stdin = false }}\n\
+             [[system]]\nmemory = \"32MiB\"\nkernel = \"builtin:netpong\"\nplatform = \"pc\"\n\
+             args = [1, {rounds}, 1000]\nserial = {{ stdout = false, stdin = false }}\n\
+             [[link]]\nkind = \"ethernet\"\nsystems = [0, 1]\nlatency = \"100us\"\n\
+             bandwidth = \"1Gbit/s\"\n"
+        );
+        std::fs::write(&cfg, text).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let mut best = [f64::INFINITY; 2];
+        let mut sims = [0.0; 2];
+        for _ in 0..runs.max(1) {
+            for (k, ranks) in [1usize, 2].into_iter().enumerate() {
+                let (sim, host) = run(&cfg, &dir.join(format!("out{ranks}")), ranks)?;
+                if host < best[k] {
+                    best[k] = host;
+                    sims[k] = sim;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let us = 1e6;
+        println!(
+            "window, 2 threads of one process (SpinBarrier):   {:>9.2} us",
+            local * us
+        );
+        println!(
+            "window, 2 MPI ranks (exchange + sum):            {:>9.2} us ({:.1}x)",
+            window * us,
+            window / local
+        );
+        println!(
+            "  exchange alone (Alltoall + Alltoallv, 64 B):   {:>9.2} us",
+            exchange * us
+        );
+        println!(
+            "  sum alone (Allreduce of 6 values):             {:>9.2} us",
+            sum * us
+        );
+        let rate = |k: usize| sims[k] / best[k];
+        println!(
+            "netpong, {rounds} round trips ({:.6} s simulated): 1 process {:.3} s host, 2 ranks \
+             {:.3} s host",
+            sims[0], best[0], best[1]
+        );
+        println!(
+            "simulated time per host second: 1 process {:.6}, 2 ranks {:.6} ({:.2}x)",
+            rate(0),
+            rate(1),
+            rate(1) / rate(0)
+        );
+        println!(
+            "(best of {runs}; host: {} cores, load {})",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(())
     }
 }
