@@ -227,6 +227,97 @@ mod with_mpi {
     }
 
     #[test]
+    fn an_srun_without_pmi_is_refused_instead_of_running_the_config_twice() {
+        if !mpirun_or_skip("mpi_no_pmi") {
+            return;
+        }
+        // What each of `srun -n 2` without PMI's processes sees: Slurm's
+        // task count, and MPI's world of one (a singleton).
+        let (dir, cfg) = config("mpi-no-pmi", &netpong_config(1, 60));
+        let r = kvmsim_env(
+            &["run", &cfg],
+            &dir.join("out"),
+            &[
+                ("SLURM_NTASKS", "2"),
+                ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+                ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+            ],
+        );
+        assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
+        assert!(
+            r.stderr.contains("Slurm started 2 tasks, but MPI sees a world of 1 process")
+                && r.stderr.contains("srun --mpi=pmix"),
+            "{}",
+            r.stderr
+        );
+        assert!(!dir.join("out").exists(), "nothing is written");
+    }
+
+    /// examples/mpi.slurm's command line, run here: `srun` is a stand-in
+    /// that starts the same command under `mpirun -np $SLURM_NTASKS` (no
+    /// Slurm on this machine).
+    #[test]
+    #[cfg_attr(
+        kvmsim_no_kvm,
+        ignore = "needs KVM, which was not usable when this test was built"
+    )]
+    fn the_slurm_job_script_runs_netpong_on_two_ranks() {
+        if !kvm_or_skip("mpi_slurm") || !mpirun_or_skip("mpi_slurm") {
+            return;
+        }
+        let script = repo().join("examples/mpi.slurm");
+        let text = std::fs::read_to_string(&script).unwrap();
+        for line in ["#SBATCH --ntasks=2", "#SBATCH --nodes=2", "srun --mpi=pmix"] {
+            assert!(text.contains(line), "{line} missing from examples/mpi.slurm");
+        }
+        let (dir, cfg) = config("mpi-slurm", &netpong_config(2, 60));
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let srun = bin.join("srun");
+        std::fs::write(
+            &srun,
+            "#!/bin/sh\n# srun --mpi=X --cpu-bind=Y CMD...: CMD under mpirun\n\
+             while [ \"${1#--}\" != \"$1\" ]; do shift; done\n\
+             exec mpirun -np \"$SLURM_NTASKS\" --oversubscribe --bind-to none \
+             --mca mpi_yield_when_idle 1 \"$@\"\n",
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&srun)
+            .status()
+            .unwrap();
+        let out = dir.join("out");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let o = Command::new("bash")
+            .arg(&script)
+            .env("PATH", path)
+            .env("SLURM_JOB_ID", "7")
+            .env("SLURM_NTASKS", "2")
+            .env("KVMSIM", env!("CARGO_BIN_EXE_kvmsim"))
+            .env("CONFIG", &cfg)
+            .env("OUTDIR", &out)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(stderr.contains("rank 1 of 2 runs system1 "), "{stderr}");
+        let exit: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("exit.json")).unwrap())
+                .unwrap();
+        assert_eq!(exit["status"], 0);
+        assert!(std::fs::read_to_string(out.join("serial.system1.log"))
+            .unwrap()
+            .contains("netpong"));
+    }
+
+    #[test]
     fn a_placement_on_a_missing_rank_is_refused_by_every_rank() {
         if !mpirun_or_skip("mpi_placement") {
             return;
