@@ -902,7 +902,9 @@ fn execute(
             all_ok(false);
             return fail(e);
         }
-        (Ok(_), false) => return fail("another process of the run could not take the output folder"),
+        (Ok(_), false) => {
+            return fail("another process of the run could not take the output folder")
+        }
     };
     let host_start = Instant::now();
     let built = match (restore, &dist) {
@@ -932,7 +934,11 @@ fn execute(
     // commit first: it removes them).
     let committed = if rank == 0 { out.commit() } else { Ok(()) };
     if !all_ok(committed.is_ok()) {
-        return fail(committed.err().map_or(others.to_string(), |e| e.to_string()));
+        return fail(
+            committed
+                .err()
+                .map_or(others.to_string(), |e| e.to_string()),
+        );
     }
     if let Err(e) = out.commit() {
         return fail(e);

@@ -130,7 +130,8 @@ impl Transport for Mpi {
             .map(|r| count(to.get(r).map_or(0, Vec::len)))
             .collect();
         let mut recv_counts = vec![0i32; n];
-        b.comm.all_to_all_into(&send_counts[..], &mut recv_counts[..]);
+        b.comm
+            .all_to_all_into(&send_counts[..], &mut recv_counts[..]);
         // Then the bytes.
         let displs = |c: &[i32]| -> Vec<i32> {
             c.iter()
@@ -156,13 +157,12 @@ impl Transport for Mpi {
             let mut recv = PartitionMut::new(&mut b.recv[..], &recv_counts[..], &recv_displs[..]);
             b.comm.all_to_all_varcount_into(&send, &mut recv);
         }
-        let out = (0..n)
+        (0..n)
             .map(|r| {
                 let (d, c) = (recv_displs[r] as usize, recv_counts[r] as usize);
                 b.recv[d..d + c].to_vec()
             })
-            .collect();
-        out
+            .collect()
     }
 
     fn sum(&self, v: &mut [u64]) {
@@ -197,7 +197,13 @@ pub mod bench {
         let mut v = vec![0u64; systems + 4];
         let window = |m: &super::Mpi, v: &mut [u64]| {
             let to = (0..size)
-                .map(|r| if r == m.rank() { Vec::new() } else { msg.clone() })
+                .map(|r| {
+                    if r == m.rank() {
+                        Vec::new()
+                    } else {
+                        msg.clone()
+                    }
+                })
                 .collect();
             std::hint::black_box(m.exchange(to));
             m.sum(v);
@@ -216,7 +222,13 @@ pub mod bench {
         let t = Instant::now();
         for _ in 0..n {
             let to = (0..size)
-                .map(|r| if r == m.rank() { Vec::new() } else { msg.clone() })
+                .map(|r| {
+                    if r == m.rank() {
+                        Vec::new()
+                    } else {
+                        msg.clone()
+                    }
+                })
                 .collect();
             std::hint::black_box(m.exchange(to));
         }
@@ -298,11 +310,10 @@ pub mod bench {
         let text = std::fs::read_to_string(out.join("stats.json"))
             .map_err(|e| format!("{}: {e}", out.join("stats.json").display()))?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        let last = v
-            .as_array()
-            .and_then(|a| a.last())
-            .ok_or("no stats dump")?;
-        let sim = last["stats"]["simSeconds"].as_f64().ok_or("no simSeconds")?;
+        let last = v.as_array().and_then(|a| a.last()).ok_or("no stats dump")?;
+        let sim = last["stats"]["simSeconds"]
+            .as_f64()
+            .ok_or("no simSeconds")?;
         let host = last["stats"]["hostSeconds"]
             .as_f64()
             .ok_or("no hostSeconds")?;
@@ -353,7 +364,9 @@ pub mod bench {
             "--runs",
             &runs.to_string(),
         ]);
-        let o = c.output().map_err(|e| format!("cannot start mpirun: {e}"))?;
+        let o = c
+            .output()
+            .map_err(|e| format!("cannot start mpirun: {e}"))?;
         if !o.status.success() {
             return Err(format!(
                 "{c:?} failed: {}",

@@ -85,7 +85,13 @@ mod with_mpi {
     /// wait); root is allowed (CI runs as root).
     fn mpirun(np: usize, args: &[&str], out: &Path) -> Run {
         let o = Command::new("mpirun")
-            .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+            .args([
+                "-np",
+                &np.to_string(),
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ])
             .args(["--mca", "mpi_yield_when_idle", "1"])
             .arg(env!("CARGO_BIN_EXE_kvmsim"))
             .args(args)
@@ -245,7 +251,8 @@ mod with_mpi {
         );
         assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
         assert!(
-            r.stderr.contains("Slurm started 2 tasks, but MPI sees a world of 1 process")
+            r.stderr
+                .contains("Slurm started 2 tasks, but MPI sees a world of 1 process")
                 && r.stderr.contains("srun --mpi=pmix"),
             "{}",
             r.stderr
@@ -268,7 +275,10 @@ mod with_mpi {
         let script = repo().join("examples/mpi.slurm");
         let text = std::fs::read_to_string(&script).unwrap();
         for line in ["#SBATCH --ntasks=2", "#SBATCH --nodes=2", "srun --mpi=pmix"] {
-            assert!(text.contains(line), "{line} missing from examples/mpi.slurm");
+            assert!(
+                text.contains(line),
+                "{line} missing from examples/mpi.slurm"
+            );
         }
         let (dir, cfg) = config("mpi-slurm", &netpong_config(2, 60));
         let bin = dir.join("bin");
@@ -309,8 +319,7 @@ mod with_mpi {
         assert!(o.status.success(), "{stderr}");
         assert!(stderr.contains("rank 1 of 2 runs system1 "), "{stderr}");
         let exit: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("exit.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("exit.json")).unwrap()).unwrap();
         assert_eq!(exit["status"], 0);
         assert!(std::fs::read_to_string(out.join("serial.system1.log"))
             .unwrap()
@@ -322,16 +331,14 @@ mod with_mpi {
         if !mpirun_or_skip("mpi_placement") {
             return;
         }
-        let text = netpong_config(1, 60).replacen(
-            "args = [1, 1, 60]",
-            "args = [1, 1, 60]\nrank = 2",
-            1,
-        );
+        let text =
+            netpong_config(1, 60).replacen("args = [1, 1, 60]", "args = [1, 1, 60]\nrank = 2", 1);
         let (dir, cfg) = config("mpi-placement", &text);
         let r = mpirun(2, &["run", &cfg], &dir.join("out"));
         assert_ne!(r.status, 0);
         assert!(
-            r.stderr.contains("system[1].rank = 2: the run has 2 processes"),
+            r.stderr
+                .contains("system[1].rank = 2: the run has 2 processes"),
             "{}",
             r.stderr
         );

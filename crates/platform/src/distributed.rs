@@ -211,7 +211,15 @@ impl Wire {
                 frame,
             } => {
                 b.push(0);
-                for v in [*to as u64, *at, *src as u64, *seq, u64::from(*port), *data, *sent] {
+                for v in [
+                    *to as u64,
+                    *at,
+                    *src as u64,
+                    *seq,
+                    u64::from(*port),
+                    *data,
+                    *sent,
+                ] {
                     put(b, v);
                 }
                 put_frame(b, frame.as_deref());
@@ -236,9 +244,7 @@ impl Wire {
     /// Every message in `b` (what one process sent).
     pub(crate) fn decode_all(mut b: &[u8]) -> Result<Vec<Wire>, String> {
         fn take(b: &mut &[u8]) -> Result<u64, String> {
-            let (h, t) = b
-                .split_first_chunk::<8>()
-                .ok_or("a message ends early")?;
+            let (h, t) = b.split_first_chunk::<8>().ok_or("a message ends early")?;
             *b = t;
             Ok(u64::from_le_bytes(*h))
         }
@@ -383,7 +389,11 @@ impl DumpWire {
     pub(crate) fn into_dump(self) -> Dump {
         Dump {
             tick: self.tick,
-            entries: self.entries.into_iter().map(EntryWire::into_entry).collect(),
+            entries: self
+                .entries
+                .into_iter()
+                .map(EntryWire::into_entry)
+                .collect(),
         }
     }
 }
@@ -438,7 +448,9 @@ pub(crate) fn merge_final(now: Tick, parts: Vec<FinalPart>) -> Dump {
             match net.iter_mut().find(|n| n.name == e.name) {
                 Some(n) => {
                     n.value = match (n.value, e.value) {
-                        (StatValue::Int(a), StatValue::Int(b)) => StatValue::Int(a.saturating_add(b)),
+                        (StatValue::Int(a), StatValue::Int(b)) => {
+                            StatValue::Int(a.saturating_add(b))
+                        }
                         (a, b) => StatValue::Float(a.as_f64() + b.as_f64()),
                     }
                 }
@@ -600,7 +612,7 @@ mod tests {
         a.counter("system0.x", "x", "Count").unwrap().add(3);
         let mut b = sim::Stats::new();
         b.counter("system1.x", "x", "Count").unwrap().add(4);
-        let mut net = |v: u64| {
+        let net = |v: u64| {
             let mut s = sim::Stats::new();
             s.counter("link0.frames0to1", "f", "Count").unwrap().add(v);
             s.dump(10)
@@ -612,7 +624,7 @@ mod tests {
         let (n0, n1) = (net(5), net(0));
         let (da, db) = (a.dump(10), b.dump(10));
         // Process 1 owns system 1 and reports first: the order is the systems'.
-        let parts = vec![
+        let parts = [
             FinalPart::new(vec![(1, &db)], &n1),
             FinalPart::new(vec![(0, &da)], &n0),
         ];

@@ -695,7 +695,10 @@ impl Simulation {
             .enumerate()
             .map(|(i, e)| {
                 e.ok_or_else(|| {
-                    PlatformError::Setup(format!("no process reported the exit of {}", self.names[i]))
+                    PlatformError::Setup(format!(
+                        "no process reported the exit of {}",
+                        self.names[i]
+                    ))
                 })
             })
             .collect()
@@ -1696,7 +1699,8 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             // window with the other processes (switches included) and
             // decides: one barrier.
             _ if run.dist.is_some() => {
-                run.barrier.wait_then(|| run.decide_distributed(window, buf, end));
+                run.barrier
+                    .wait_then(|| run.decide_distributed(window, buf, end));
             }
             Some(net) => {
                 run.barrier.wait();
