@@ -1193,7 +1193,7 @@ impl Run<'_> {
             return self.decide(window, buf, end);
         };
         let n = self.inboxes.len();
-        let ok = self.exchange(dist, buf);
+        let mut ok = self.exchange(dist, buf);
         if let Some(net) = self.net.filter(|n| !n.switches.is_empty()) {
             for (i, sw) in net.switches.iter().enumerate() {
                 if dist.is_local(sw.home) {
@@ -1201,7 +1201,8 @@ impl Run<'_> {
                 }
             }
             // Every process exchanges again, whatever happened before.
-            let _ = self.exchange(dist, buf) && ok;
+            let again = self.exchange(dist, buf);
+            ok = ok && again;
         }
         // [next activity per system, per switch; ended; stop; asked; ready]:
         // each value comes from the one process that owns it, 0 from the
