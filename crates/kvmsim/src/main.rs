@@ -858,7 +858,12 @@ fn execute(
         None => None,
         Some(t) => match platform::distributed::Dist::new(t, &cfg) {
             Ok(d) => Some(d),
-            Err(e) => return fail(e),
+            Err(e) => {
+                return fail(match config_file {
+                    Some(f) => format!("{}: {e}", f.display()),
+                    None => e.to_string(),
+                })
+            }
         },
     };
     let rank = dist.as_ref().map_or(0, |d| d.rank());

@@ -338,7 +338,7 @@ mod with_mpi {
         assert_ne!(r.status, 0);
         assert!(
             r.stderr
-                .contains("system[1].rank = 2: the run has 2 processes"),
+                .contains("config.toml: system[1].rank = 2: the run has 2 processes"),
             "{}",
             r.stderr
         );
