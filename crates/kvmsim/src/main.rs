@@ -10,6 +10,8 @@ use platform::{status, Config, OutDir, PlatformError, Simulation};
 use sim::tick::ticks_to_seconds;
 
 mod bench;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod sweep;
 
 #[derive(Parser)]
@@ -320,6 +322,7 @@ fn se_cmd(a: SeArgs) -> i32 {
         a.config.as_deref(),
         None,
         a.dump_on_exit,
+        None,
     )
 }
 
@@ -404,6 +407,25 @@ enum Bench {
         /// Repetitions of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
+    },
+    /// A distributed run's window between 2 MPI ranks (exchange + sum)
+    /// against the window of 2 threads of one process, and the simulated
+    /// time per host second of a 2-rank run against one process (the
+    /// `mpi` feature; starts `mpirun -np 2` itself).
+    #[cfg(feature = "mpi")]
+    Mpi {
+        /// Windows timed.
+        #[arg(long, default_value_t = 20_000)]
+        windows: u64,
+        /// Round trips of the netpong pair whose throughput is compared.
+        #[arg(long, default_value_t = 200)]
+        rounds: u64,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// One rank of the window measurement (started by the figure).
+        #[arg(long, hide = true)]
+        worker: bool,
     },
     /// Restore latency: reading a checkpoint to the first guest
     /// instruction, and the checkpoint's size on disk.
@@ -766,6 +788,17 @@ fn run(a: RunArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    let transport = match join_mpi() {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    if let (Some(_), Some(r)) = (&transport, &a.restore) {
+        return fail(format!(
+            "--restore {}: a distributed (MPI) run takes and restores no checkpoint; restore it \
+             in one process",
+            r.display()
+        ));
+    }
     execute(
         cfg,
         restore.as_ref(),
@@ -773,7 +806,40 @@ fn run(a: RunArgs) -> i32 {
         a.config.as_deref(),
         a.restore.as_deref(),
         a.dump_on_exit,
+        transport,
     )
+}
+
+/// The other processes of a distributed run: under mpirun or srun (with
+/// PMI) and more than one process, MPI's (the `mpi` feature).
+#[cfg(feature = "mpi")]
+fn join_mpi() -> Result<Option<std::sync::Arc<dyn platform::distributed::Transport>>, String> {
+    if !mpi::launched() {
+        return Ok(None);
+    }
+    let m = mpi::Mpi::init()?;
+    if platform::distributed::Transport::size(&m) == 1 {
+        return Ok(None);
+    }
+    Ok(Some(std::sync::Arc::new(m)))
+}
+
+/// Without the `mpi` feature: a launch of several MPI processes is refused
+/// (each would run the whole config alone).
+#[cfg(not(feature = "mpi"))]
+fn join_mpi() -> Result<Option<std::sync::Arc<dyn platform::distributed::Transport>>, String> {
+    let size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .find_map(|v| v.trim().parse::<usize>().ok());
+    match size {
+        Some(n) if n > 1 => Err(format!(
+            "started as one of {n} MPI processes, but this kvmsim was built without MPI: \
+             build it with `cargo build --release --features mpi` (needs an MPI library such as \
+             Debian's libopenmpi-dev, and libclang) to spread a config's systems over them"
+        )),
+        _ => Ok(None),
+    }
 }
 
 /// Runs a checked config (or a restore) into `outdir`: the common part of
@@ -785,8 +851,40 @@ fn execute(
     config_file: Option<&Path>,
     restored_from: Option<&Path>,
     dump_on_exit: bool,
+    transport: Option<std::sync::Arc<dyn platform::distributed::Transport>>,
 ) -> i32 {
     let interrupted = platform::console::interrupted;
+    let dist = match transport {
+        None => None,
+        Some(t) => match platform::distributed::Dist::new(t, &cfg) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                return fail(match config_file {
+                    Some(f) => format!("{}: {e}", f.display()),
+                    None => e.to_string(),
+                })
+            }
+        },
+    };
+    let rank = dist.as_ref().map_or(0, |d| d.rank());
+    if let Some(d) = &dist {
+        let mine: Vec<String> = cfg
+            .system_names()
+            .into_iter()
+            .enumerate()
+            .filter(|&(i, _)| d.is_local(i))
+            .map(|(_, n)| n)
+            .collect();
+        tracing::info!(
+            "distributed run: rank {rank} of {} runs {} (quantum {} ticks)",
+            d.size(),
+            mine.join(", "),
+            cfg.quantum()
+        );
+    }
+    // In a distributed run, every process takes each step only once all
+    // did the one before (one failing process stops all).
+    let all_ok = |ok: bool| dist.as_ref().is_none_or(|d| d.all_ok(ok));
     if restore.is_none() {
         if let Err(e) = Simulation::check_inputs(&cfg) {
             return fail(e);
@@ -797,14 +895,37 @@ fn execute(
     }
     // Locked for this run; what set-up writes is staged, so a run that
     // fails before it starts leaves an earlier run's results as they were.
-    let out = match OutDir::stage(outdir) {
-        Ok(o) => o,
-        Err(e) => return fail(e),
+    // A distributed run's process 0 holds the folder; the others add
+    // their systems' files to it once process 0 has committed.
+    let staged = match rank {
+        0 => OutDir::stage(outdir),
+        r => OutDir::stage_rank(outdir, r),
+    };
+    let out = match (staged, all_ok(true)) {
+        (Ok(o), true) => o,
+        (Err(e), _) => {
+            all_ok(false);
+            return fail(e);
+        }
+        (Ok(_), false) => {
+            return fail("another process of the run could not take the output folder")
+        }
     };
     let host_start = Instant::now();
-    let built = match restore {
-        None => Simulation::build(&mut cfg, out.clone()),
-        Some(c) => Simulation::restore(&mut cfg, out.clone(), c),
+    let built = match (restore, &dist) {
+        (None, None) => Simulation::build(&mut cfg, out.clone()),
+        (None, Some(d)) => Simulation::build_distributed(&mut cfg, out.clone(), d.clone()),
+        (Some(c), _) => Simulation::restore(&mut cfg, out.clone(), c),
+    };
+    let others = "another process of the run failed during set-up (its error above)";
+    let built = match built {
+        Ok(s) if all_ok(!interrupted()) => Ok(s),
+        Ok(_) if interrupted() => return interrupted_in_setup(),
+        Ok(_) => return fail(others),
+        Err(e) => {
+            all_ok(false);
+            Err(e)
+        }
     };
     let mut simulation = match built {
         Ok(s) => s,
@@ -814,7 +935,16 @@ fn execute(
     if interrupted() {
         return interrupted_in_setup();
     }
-    // The run starts: its files replace the earlier run's.
+    // The run starts: its files replace the earlier run's (process 0's
+    // commit first: it removes them).
+    let committed = if rank == 0 { out.commit() } else { Ok(()) };
+    if !all_ok(committed.is_ok()) {
+        return fail(
+            committed
+                .err()
+                .map_or(others.to_string(), |e| e.to_string()),
+        );
+    }
     if let Err(e) = out.commit() {
         return fail(e);
     }
@@ -827,8 +957,10 @@ fn execute(
         "link": cfg.link,
         "switch": cfg.switch,
     });
-    if let Err(e) = out.write_json("config.json", &resolved) {
-        return fail(e);
+    if rank == 0 {
+        if let Err(e) = out.write_json("config.json", &resolved) {
+            return fail(e);
+        }
     }
     let exits = match simulation.run() {
         Ok(e) => e,
@@ -847,7 +979,9 @@ fn execute(
     }
     let names = simulation.names().to_vec();
     let many = names.len() > 1;
-    for (name, exit) in names.iter().zip(&exits) {
+    // Process 0 reports for all.
+    let report = if rank == 0 { exits.as_slice() } else { &[] };
+    for (name, exit) in names.iter().zip(report) {
         let code = if matches!(
             exit.cause,
             sim::ExitCause::GuestExit | sim::ExitCause::DebugExit | sim::ExitCause::ProcessExit
@@ -873,15 +1007,19 @@ fn execute(
             eprintln!("{}", exit.message.trim_end());
         }
     }
-    if let (true, Some(i)) = (many, deciding) {
+    if let (true, Some(i), 0) = (many, deciding, rank) {
         eprintln!("kvmsim: status {st} comes from {}", names[i]);
     }
     if dump_on_exit {
         let mut all = String::new();
-        for (name, sys) in names.iter().zip(simulation.systems_mut()) {
+        let local = simulation.local_names();
+        for (name, sys) in local.iter().zip(simulation.systems_mut()) {
             all.push_str(&format!("{name}.cpu:\n{}", sys.dump_cpu()));
         }
-        let path = out.file("cpu-dump.txt");
+        let path = out.file(&match rank {
+            0 => "cpu-dump.txt".to_string(),
+            r => format!("cpu-dump.rank{r}.txt"),
+        });
         if let Err(e) = std::fs::write(&path, &all) {
             return fail(format!("cannot write {}: {e}", path.display()));
         }
@@ -1001,6 +1139,19 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
         Some(Bench::Window { windows, runs }) => {
             (w.windows, w.runs) = (windows, runs);
             bench::Figure::Window
+        }
+        #[cfg(feature = "mpi")]
+        Some(Bench::Mpi {
+            windows,
+            rounds,
+            runs,
+            worker,
+        }) => {
+            return if worker {
+                mpi::bench::worker(windows, runs)
+            } else {
+                mpi::bench::driver(windows, rounds, runs)
+            };
         }
         Some(Bench::Restore { checkpoint, runs }) => {
             return bench::restore(checkpoint.as_deref(), runs);

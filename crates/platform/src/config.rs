@@ -334,6 +334,11 @@ pub struct SystemConfig {
     /// a Linux kernel, "bare" otherwise).
     #[serde(default = "default_platform")]
     pub platform: String,
+    /// In a distributed run (`mpirun -np N kvmsim run`), the process (MPI
+    /// rank) that runs this system; default: system i on rank i mod N. A
+    /// run in one process ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
     /// An initramfs for a Linux kernel (path relative to the config file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
@@ -978,6 +983,7 @@ impl Config {
                 serial: SerialConfig::default(),
                 coalesced_mmio: vec![],
                 platform: default_platform(),
+                rank: None,
                 rtc_start: None,
                 disk: vec![],
                 initrd: None,

@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod config;
 pub mod console;
 pub mod disks;
+pub mod distributed;
 pub mod firmware;
 pub mod gdb;
 pub mod input;

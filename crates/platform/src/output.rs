@@ -77,6 +77,10 @@ pub fn is_run_output(name: &str) -> bool {
                 !sys.is_empty() && !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())
             })
         || between("trace.", ".txt")
+        // A distributed run's other processes' dumps (OutDir::stage_rank).
+        || between("stats.rank", ".txt")
+        || between("stats.rank", ".json")
+        || between("cpu-dump.rank", ".txt")
         || (name.starts_with('.') && name.ends_with(".json.tmp"))
 }
 
@@ -94,8 +98,11 @@ struct Inner {
     staging: Mutex<Option<PathBuf>>,
     dumps: Mutex<Vec<serde_json::Value>>,
     /// The lock file, locked for as long as this folder is in use (closing
-    /// it releases the lock).
-    _lock: File,
+    /// it releases the lock); none for the other processes of a
+    /// distributed run, whose process 0 holds it.
+    lock: Option<File>,
+    /// The process of a distributed run (0 otherwise).
+    rank: usize,
     /// True if this run created `dir`.
     created: bool,
 }
@@ -186,7 +193,8 @@ impl OutDir {
                 dir: dir.into(),
                 staging: Mutex::new(None),
                 dumps: Default::default(),
-                _lock: lock,
+                lock: Some(lock),
+                rank: 0,
                 created,
             }),
         };
@@ -208,6 +216,28 @@ impl OutDir {
         Ok(out)
     }
 
+    /// Joins `dir` for process `rank` (> 0) of a distributed run whose
+    /// process 0 holds the folder ([`OutDir::stage`]): what it writes is
+    /// staged in a sub-folder of its own until [`OutDir::commit`], which
+    /// (called after process 0's) moves it in without removing anything.
+    /// Its stats dumps go to stats.rank{rank}.txt and .json.
+    pub fn stage_rank(dir: &Path, rank: usize) -> Result<Self, OutDirError> {
+        std::fs::create_dir_all(dir).map_err(err(dir))?;
+        let staging = dir.join(format!("{STAGING_DIR}.rank{rank}"));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir(&staging).map_err(err(&staging))?;
+        Ok(OutDir {
+            inner: Arc::new(Inner {
+                dir: dir.into(),
+                staging: Mutex::new(Some(staging)),
+                dumps: Default::default(),
+                lock: None,
+                rank,
+                created: false,
+            }),
+        })
+    }
+
     /// Takes `dir` for a run and commits at once: the earlier run's files
     /// are removed.
     pub fn create(dir: &Path) -> Result<Self, OutDirError> {
@@ -225,7 +255,14 @@ impl OutDir {
             return Ok(());
         };
         let dir = &self.inner.dir;
-        for e in std::fs::read_dir(dir).map_err(err(dir))? {
+        // The other processes of a distributed run add their files to
+        // what process 0 committed.
+        let entries: Vec<std::io::Result<std::fs::DirEntry>> = if self.inner.lock.is_some() {
+            std::fs::read_dir(dir).map_err(err(dir))?.collect()
+        } else {
+            Vec::new()
+        };
+        for e in entries {
             let e = e.map_err(err(dir))?;
             let name = e.file_name();
             if is_run_output(&name.to_string_lossy()) {
@@ -273,7 +310,11 @@ impl OutDir {
     /// Appends a stats dump to stats.txt and rewrites stats.json.
     pub fn write_dump(&self, dump: &Dump) -> Result<(), OutputError> {
         let mut dumps = locked(&self.inner.dumps);
-        let path = self.file("stats.txt");
+        let (txt, json) = match self.inner.rank {
+            0 => ("stats.txt".to_string(), "stats.json".to_string()),
+            r => (format!("stats.rank{r}.txt"), format!("stats.rank{r}.json")),
+        };
+        let path = self.file(&txt);
         let mut f = OpenOptions::new()
             .append(true)
             .create(true)
@@ -281,7 +322,7 @@ impl OutDir {
             .map_err(err(&path))?;
         f.write_all(dump.to_text().as_bytes()).map_err(err(&path))?;
         dumps.push(dump.to_json());
-        self.write_json("stats.json", &serde_json::Value::Array(dumps.clone()))
+        self.write_json(&json, &serde_json::Value::Array(dumps.clone()))
     }
 
     /// Creates (truncating) a console log for a system.
@@ -300,7 +341,9 @@ impl Drop for Inner {
         }
         // Removed while still locked; a run that opened the old file finds
         // out after locking it (see take_lock).
-        let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+        if self.lock.is_some() {
+            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+        }
         if staged && self.created {
             let _ = std::fs::remove_dir(&self.dir);
         }
@@ -382,6 +425,36 @@ mod tests {
     }
 
     #[test]
+    fn other_processes_add_their_files_after_process_0_commits() {
+        let dir = tmp("ranks");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("serial.system1.log"), "old").unwrap();
+        let zero = OutDir::stage(&dir).unwrap();
+        let one = OutDir::stage_rank(&dir, 1).unwrap();
+        let mut a = zero.serial_log("serial.system0.log").unwrap();
+        let mut b = one.serial_log("serial.system1.log").unwrap();
+        a.write_all(b"zero").unwrap();
+        b.write_all(b"one").unwrap();
+        zero.commit().unwrap();
+        one.commit().unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("serial.system0.log"), "zero");
+        assert_eq!(read("serial.system1.log"), "one");
+        // Process 1's dumps have files of their own.
+        let mut stats = sim::Stats::new();
+        stats.counter("system1.x", "x", "Count").unwrap().inc();
+        one.write_dump(&stats.dump(5)).unwrap();
+        assert!(read("stats.rank1.txt").contains("system1.x"));
+        assert!(!dir.join("stats.txt").exists());
+        // Only process 0 holds (and removes) the lock.
+        drop(one);
+        assert!(dir.join(LOCK_FILE).exists());
+        drop(zero);
+        assert!(!dir.join(LOCK_FILE).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_folder_created_for_a_run_that_never_committed_is_removed() {
         let dir = tmp("created");
         drop(OutDir::stage(&dir).unwrap());
@@ -419,6 +492,8 @@ mod tests {
             ".stats.json.tmp",
             "system.disk0.cow",
             "system1.disk7.cow",
+            "stats.rank1.txt",
+            "stats.rank12.json",
         ] {
             assert!(is_run_output(n), "{n}");
         }

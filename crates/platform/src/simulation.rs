@@ -22,6 +22,7 @@ use sim::stats::Dump;
 use sim::{Counter, ExitCause, ExitEvent, Stats, Tick};
 
 use crate::config::{Config, LinkKind, NicOwner, DEFAULT_ETHERNET_BANDWIDTH};
+use crate::distributed::{Dist, FinalPart, Outbox, Wire};
 use crate::nics::NicEnd;
 use crate::output::OutDir;
 use crate::pcap::Capture;
@@ -159,6 +160,11 @@ pub struct Simulation {
     /// Systems that ended while the run stopped (for a checkpoint or the
     /// debugger), with their exits.
     ended: Vec<Option<ExitEvent>>,
+    /// The numbers (in the config) of the systems this process runs, in
+    /// the order of `systems`: all of them unless the run is distributed.
+    ids: Vec<usize>,
+    /// The other processes of a distributed run ([`crate::distributed`]).
+    dist: Option<Dist>,
 }
 
 /// How a run of the threads ended.
@@ -229,7 +235,34 @@ impl Checkpoint {
 impl Simulation {
     /// Builds every system of `cfg` (filling in host-dependent defaults).
     pub fn build(cfg: &mut Config, out: OutDir) -> Result<Self, PlatformError> {
-        Self::build_from(cfg, out, None)
+        Self::build_from(cfg, out, None, None)
+    }
+
+    /// Builds the systems of `cfg` that `dist` places on this process, for
+    /// a run spread over processes ([`crate::distributed`]): links and
+    /// switches are known whole; a capture is written by the process of
+    /// the link's first system (of the switch's lowest system). A
+    /// distributed run takes no checkpoint and serves no debugger.
+    pub fn build_distributed(
+        cfg: &mut Config,
+        out: OutDir,
+        dist: Dist,
+    ) -> Result<Self, PlatformError> {
+        if cfg.sim.gdb.is_some() {
+            return Err(PlatformError::Setup(
+                "sim.gdb: a distributed (MPI) run serves no debugger; run the config in one \
+                 process to debug it"
+                    .into(),
+            ));
+        }
+        if let Some(t) = cfg.sim.checkpoint_at {
+            return Err(PlatformError::Setup(format!(
+                "sim.checkpoint_at = {} ticks: a distributed (MPI) run takes no checkpoint; \
+                 take it with the config in one process",
+                t.0
+            )));
+        }
+        Self::build_from(cfg, out, None, Some(dist))
     }
 
     /// Builds every system of checkpoint `from` with its saved state;
@@ -239,16 +272,18 @@ impl Simulation {
         out: OutDir,
         from: &Checkpoint,
     ) -> Result<Self, PlatformError> {
-        Self::build_from(cfg, out, Some(from))
+        Self::build_from(cfg, out, Some(from), None)
     }
 
     fn build_from(
         cfg: &mut Config,
         out: OutDir,
         from: Option<&Checkpoint>,
+        dist: Option<Dist>,
     ) -> Result<Self, PlatformError> {
         let names = cfg.system_names();
         let n = cfg.system.len();
+        let local = |i: usize| dist.as_ref().is_none_or(|d| d.is_local(i));
         let mut ends: Vec<Vec<LinkEnd>> = vec![Vec::new(); n];
         let mut peers: Vec<Vec<Peer>> = vec![Vec::new(); n];
         let mut link_stats = Stats::new();
@@ -327,7 +362,7 @@ impl Simulation {
             } else {
                 None
             };
-            let capture = if l.pcap {
+            let capture = if l.pcap && local(l.systems[0]) {
                 let path = out.file(&format!("link{i}.pcap"));
                 let c = Capture::create(&path).map_err(|e| {
                     PlatformError::Setup(format!("link[{i}].pcap: {}: {e}", path.display()))
@@ -347,6 +382,8 @@ impl Simulation {
             let ports: Vec<_> = (0..sc.port.len()).map(|p| sc.resolved(p)).collect();
             let mut targets = Vec::with_capacity(ports.len());
             let mut captures = Vec::with_capacity(ports.len());
+            // The switch lives with its lowest system (its home).
+            let home_local = local(ports.iter().map(|p| p.system).min().unwrap_or(0));
             for (p, port) in ports.iter().enumerate() {
                 let sys = port.system;
                 let mac = macs[sys]
@@ -368,7 +405,7 @@ impl Simulation {
                 });
                 peers[sys].push(Peer::Switch { switch: i, port: p });
                 targets.push((sys, sys_port));
-                captures.push(if port.pcap {
+                captures.push(if port.pcap && home_local {
                     let path = out.file(&format!("{}.port{p}.pcap", sc.name));
                     let c = Capture::create(&path).map_err(|e| {
                         PlatformError::Setup(format!(
@@ -401,7 +438,12 @@ impl Simulation {
         let quantum = cfg.quantum();
         let sim = cfg.sim.clone();
         let mut systems = Vec::with_capacity(n);
+        let mut ids = Vec::with_capacity(n);
         for (i, sc) in cfg.system.iter_mut().enumerate() {
+            if !local(i) {
+                continue;
+            }
+            ids.push(i);
             // Set-up takes time (images, decompression, probes): Ctrl-C ends it.
             if crate::console::interrupted() {
                 return Err(PlatformError::Interrupted);
@@ -455,6 +497,8 @@ impl Simulation {
             checkpoints: Vec::new(),
             gdb,
             ended: vec![None; n],
+            ids,
+            dist,
         })
     }
 
@@ -626,7 +670,49 @@ impl Simulation {
             self.gdb = Some(l);
             return r;
         }
-        self.run_free()
+        let r = self.run_free();
+        let Some(dist) = &self.dist else {
+            return r;
+        };
+        // Every process learns every system's exit (or the first error).
+        let mine: Result<Vec<(usize, ExitEvent)>, String> = r
+            .map(|e| self.ids.iter().copied().zip(e).collect())
+            .map_err(|e| e.to_string());
+        let all = dist.all_gather(&mine)?;
+        let mut exits: Vec<Option<ExitEvent>> = vec![None; self.names.len()];
+        for (rank, part) in all.into_iter().enumerate() {
+            let part = part.map_err(|e| {
+                PlatformError::Setup(format!("process (rank) {rank} of the run failed: {e}"))
+            })?;
+            for (i, e) in part {
+                if let Some(slot) = exits.get_mut(i) {
+                    *slot = Some(e);
+                }
+            }
+        }
+        exits
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                e.ok_or_else(|| {
+                    PlatformError::Setup(format!(
+                        "no process reported the exit of {}",
+                        self.names[i]
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The distributed run this process is part of, if any.
+    pub fn dist(&self) -> Option<&Dist> {
+        self.dist.as_ref()
+    }
+
+    /// The names of the systems this process runs (all unless the run is
+    /// distributed), in the order of [`Simulation::systems_mut`].
+    pub fn local_names(&self) -> Vec<String> {
+        self.ids.iter().map(|&i| self.names[i].clone()).collect()
     }
 
     /// Runs every system to its exit without a debugger.
@@ -655,13 +741,14 @@ impl Simulation {
 
     /// One system of one CPU: it runs on the calling thread.
     fn single(&self) -> bool {
-        self.systems.len() == 1 && self.systems[0].cpu_count() == 1
+        self.dist.is_none() && self.systems.len() == 1 && self.systems[0].cpu_count() == 1
     }
 
     /// Every CPU of every system on a thread of its own, in windows.
     fn run_threads(&mut self) -> Result<RunEnd, PlatformError> {
-        run_threads(
+        run_threads_on(
             &mut self.systems,
+            &self.ids,
             self.quantum,
             self.stop_on_fault,
             Some(Net {
@@ -672,6 +759,7 @@ impl Simulation {
                 snapshot: &self.net_snapshot,
             }),
             &mut self.ended,
+            self.dist.as_ref(),
         )
     }
 
@@ -701,6 +789,18 @@ impl Simulation {
         dir: Option<std::path::PathBuf>,
         may_exit: bool,
     ) -> Result<Option<Vec<ExitEvent>>, PlatformError> {
+        // A distributed run writes no checkpoint (each process would hold
+        // part of it): every process declines it at the same window.
+        if self.dist.is_some() {
+            if crate::console::first_time("mpi-checkpoint") {
+                tracing::warn!(
+                    "a guest asked for a checkpoint, but a distributed (MPI) run takes none: \
+                     none is taken and the run goes on (said once)"
+                );
+            }
+            self.resume_all()?;
+            return Ok(None);
+        }
         // A checkpoint holds systems that still run: with one ended, none
         // is taken, and the run goes on.
         if let Some(i) = self.systems.iter().position(System::has_ended) {
@@ -793,6 +893,9 @@ impl Simulation {
 
     /// Final statistics (one block with every system) and exit.json.
     pub fn finish(&mut self, exits: &[ExitEvent], status: i32) -> Result<(), PlatformError> {
+        if let Some(dist) = self.dist.clone() {
+            return self.finish_distributed(&dist, exits, status);
+        }
         if self.systems.len() == 1 {
             return self.systems[0].finish(&exits[0], status);
         }
@@ -807,6 +910,43 @@ impl Simulation {
         let dumps = self.systems.iter().map(|s| s.stats_dump(now)).collect();
         let mut dump = Dump::combine(now, dumps);
         dump.entries.extend(net_entries(&self.link_stats, now));
+        self.out.write_dump(&dump)?;
+        let named: Vec<(String, ExitEvent)> = self
+            .names
+            .iter()
+            .cloned()
+            .zip(exits.iter().cloned())
+            .collect();
+        crate::report::write_exit_json(&self.out, &named, status)
+    }
+}
+
+impl Simulation {
+    /// [`Simulation::finish`] of a distributed run: each process sends
+    /// its systems' final statistics and its count of the network's to
+    /// process 0, which writes one merged block to stats.txt
+    /// ([`crate::distributed::merge_final`]) and exit.json.
+    fn finish_distributed(
+        &mut self,
+        dist: &Dist,
+        exits: &[ExitEvent],
+        status: i32,
+    ) -> Result<(), PlatformError> {
+        let now = exits.iter().map(|e| e.tick).max().unwrap_or(0);
+        for s in &self.switches {
+            s.switch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_captures(Tick::MAX);
+        }
+        let dumps: Vec<Dump> = self.systems.iter().map(|s| s.stats_dump(now)).collect();
+        let net = net_entries(&self.link_stats, now);
+        let part = FinalPart::new(self.ids.iter().copied().zip(dumps.iter()).collect(), &net);
+        let parts = dist.all_gather(&part)?;
+        if dist.rank() != 0 {
+            return Ok(());
+        }
+        let dump = crate::distributed::merge_final(now, parts);
         self.out.write_dump(&dump)?;
         let named: Vec<(String, ExitEvent)> = self
             .names
@@ -877,6 +1017,11 @@ fn restore_network(
 /// What the threads of a run share.
 struct Run<'a> {
     net: Option<Net<'a>>,
+    /// The other processes of a distributed run.
+    dist: Option<&'a Dist>,
+    /// Messages for systems (and switches) of other processes, sent at the
+    /// window's end.
+    outbox: Outbox,
     /// Per switch: the tick by which it must be serviced next
     /// ([`Switch::next_activity`]), published by its home thread before
     /// the plan.
@@ -934,6 +1079,181 @@ struct Decision {
 }
 
 impl Run<'_> {
+    /// Puts `msg` into system `to`'s inbox, or sends it to the process that
+    /// runs `to` (with `sent`, when a frame's first byte left, for the
+    /// link's capture there).
+    fn post(&self, to: usize, buf: usize, msg: Message, sent: Tick) {
+        match self.dist {
+            Some(d) if !d.is_local(to) => self.outbox.push(
+                d.owner(to),
+                &Wire::Inbox {
+                    to,
+                    at: msg.at,
+                    src: msg.src,
+                    seq: msg.seq,
+                    port: msg.port,
+                    data: msg.data,
+                    sent,
+                    frame: msg.frame,
+                },
+            ),
+            _ => {
+                if let Some(inbox) = self.inboxes.get(to) {
+                    inbox[buf]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(msg);
+                }
+            }
+        }
+    }
+
+    /// Sends the outbox to the other processes and takes in what they
+    /// sent: messages into the inboxes (a frame into its link's capture
+    /// if this process writes it), frames into the switches that live
+    /// here. False (and the run stops) if what came does not decode.
+    fn exchange(&self, dist: &Dist, buf: usize) -> bool {
+        let got = match self.outbox.exchange(dist.transport()) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("distributed run: {e}; the run stops");
+                self.stop.store(true, Ordering::SeqCst);
+                return false;
+            }
+        };
+        for w in got.into_iter().flatten() {
+            match w {
+                Wire::Inbox {
+                    to,
+                    at,
+                    src,
+                    seq,
+                    port,
+                    data,
+                    sent,
+                    frame,
+                } => {
+                    if !dist.is_local(to) {
+                        continue;
+                    }
+                    if let (Some(f), Some(net)) = (&frame, self.net) {
+                        let link = match net.route.peers.get(to).and_then(|p| p.get(port as usize))
+                        {
+                            Some(&Peer::System { link, .. }) => net.links.get(link),
+                            _ => None,
+                        };
+                        if let Some(c) = link.and_then(|l| l.capture.as_ref()) {
+                            c.lock().unwrap_or_else(|p| p.into_inner()).1.push((
+                                sent,
+                                src,
+                                seq,
+                                f.clone(),
+                            ));
+                        }
+                    }
+                    self.inboxes[to][buf]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Message {
+                            at,
+                            src,
+                            seq,
+                            port,
+                            data,
+                            frame,
+                        });
+                }
+                Wire::Switch {
+                    switch,
+                    port,
+                    order,
+                    sent,
+                    at,
+                    frame,
+                } => {
+                    if let Some(sw) = self.net.and_then(|n| n.switches.get(switch)) {
+                        sw.switch
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .post(port, order, sent, at, frame);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// [`Run::decide`] across processes, by the last thread of this
+    /// process to arrive: the window's messages are exchanged (a second
+    /// time after the switches that live here are serviced, if the run
+    /// has switches), then one sum gives every process the same view,
+    /// from which each takes the same decision.
+    fn decide_distributed(&self, window: u64, buf: usize, end: Tick) {
+        let Some(dist) = self.dist else {
+            return self.decide(window, buf, end);
+        };
+        let n = self.inboxes.len();
+        let mut ok = self.exchange(dist, buf);
+        if let Some(net) = self.net.filter(|n| !n.switches.is_empty()) {
+            for (i, sw) in net.switches.iter().enumerate() {
+                if dist.is_local(sw.home) {
+                    service_switch(self, n + i, sw, &self.switch_next[i], buf, end);
+                }
+            }
+            // Every process exchanges again, whatever happened before.
+            let again = self.exchange(dist, buf);
+            ok = ok && again;
+        }
+        // [next activity per system, per switch; ended; stop; asked; ready]:
+        // each value comes from the one process that owns it, 0 from the
+        // others.
+        let switches = self.switch_next.len();
+        let mut v = vec![0u64; n + switches + 4];
+        let local_next = self.local_next(buf);
+        for (i, x) in v.iter_mut().take(n).enumerate() {
+            if dist.is_local(i) {
+                *x = local_next[i];
+            }
+        }
+        if let Some(net) = self.net {
+            for (i, sw) in net.switches.iter().enumerate() {
+                if dist.is_local(sw.home) {
+                    v[n + i] = self.switch_next[i].load(Ordering::Acquire);
+                }
+            }
+        }
+        let base = n + switches;
+        v[base] = self.done.load(Ordering::SeqCst) as u64;
+        v[base + 1] = u64::from(self.stop.load(Ordering::SeqCst) || !ok);
+        let locals = || (0..n).filter(|&i| dist.is_local(i));
+        v[base + 2] = locals()
+            .filter(|&i| self.ckpt_asked[i].load(Ordering::Acquire))
+            .count() as u64;
+        v[base + 3] = locals()
+            .filter(|&i| self.ckpt_ready[i].load(Ordering::Acquire))
+            .count() as u64;
+        dist.transport().sum(&mut v);
+        let switch_min = v[n..base].iter().copied().min().unwrap_or(Tick::MAX);
+        let (halted, skip_to) = self.plan_with(v[..n].to_vec(), switch_min, window, end);
+        let finished = v[base] as usize == n || v[base + 1] > 0;
+        let asked = v[base + 2] > 0;
+        let checkpoint = !finished && asked && v[base + 3] as usize == n;
+        if let Some(net) = self.net {
+            if self.net_dirty.swap(false, Ordering::Relaxed) {
+                let entries = net_entries(net.stats, end);
+                *net.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = entries;
+            }
+        }
+        *self.decision.lock().unwrap_or_else(|p| p.into_inner()) = Decision {
+            halted,
+            skip_to,
+            finished,
+            asked,
+            checkpoint,
+            debug: false,
+        };
+    }
+
     /// The decision after window `window` (ending at `end`), taken by the
     /// last thread to arrive while all others wait: every thread has
     /// published its next activity, checkpoint state and messages.
@@ -973,6 +1293,20 @@ impl Run<'_> {
     /// the window to run next: the one holding the earliest next activity
     /// of any live system (windows with nothing in them are skipped).
     fn plan(&self, window: u64, buf: usize, end: Tick) -> (Vec<bool>, u64) {
+        let next = self.local_next(buf);
+        // A frame inside a switch is due to be handled by then.
+        let switches = self
+            .switch_next
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .min()
+            .unwrap_or(Tick::MAX);
+        self.plan_with(next, switches, window, end)
+    }
+
+    /// Each system's next activity as this process sees it: its threads'
+    /// next events and the link messages in its inbox (`Tick::MAX`: none).
+    fn local_next(&self, buf: usize) -> Vec<Tick> {
         let n = self.inboxes.len();
         let mut next = vec![Tick::MAX; n];
         for (sys, t) in &self.next {
@@ -984,13 +1318,18 @@ impl Run<'_> {
                 next[i] = next[i].min(at);
             }
         }
-        // A frame inside a switch is due to be handled by then.
-        let switches = self
-            .switch_next
-            .iter()
-            .map(|t| t.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(Tick::MAX);
+        next
+    }
+
+    /// [`Run::plan`] from every system's next activity and the switches'.
+    fn plan_with(
+        &self,
+        next: Vec<Tick>,
+        switches: Tick,
+        window: u64,
+        end: Tick,
+    ) -> (Vec<bool>, u64) {
+        let n = next.len();
         let earliest = next
             .iter()
             .copied()
@@ -1030,20 +1369,42 @@ pub(crate) fn run_threads(
     net: Option<Net<'_>>,
     ended: &mut [Option<ExitEvent>],
 ) -> Result<RunEnd, PlatformError> {
-    let n = systems.len();
+    let ids: Vec<usize> = (0..systems.len()).collect();
+    run_threads_on(systems, &ids, quantum, stop_on_fault, net, ended, None)
+}
+
+/// [`run_threads`] for the systems of this process (`ids`: their numbers
+/// among all of the run's; `ended` is by number), with the other
+/// processes of a distributed run. Returns the exits of these systems.
+fn run_threads_on(
+    systems: &mut [System],
+    ids: &[usize],
+    quantum: Tick,
+    stop_on_fault: bool,
+    net: Option<Net<'_>>,
+    ended: &mut [Option<ExitEvent>],
+    dist: Option<&Dist>,
+) -> Result<RunEnd, PlatformError> {
+    let n = ended.len().max(systems.len());
     // A run resumed after a checkpoint (or restored from one) starts with
     // the window that holds the least far any system has come (a system
     // further on waits in the windows before its time).
-    let start = systems.iter().map(|s| s.cur_tick()).min().unwrap_or(0) / quantum.max(1);
+    let mut start = systems.iter().map(|s| s.cur_tick()).min().unwrap_or(0) / quantum.max(1);
+    if let Some(d) = dist {
+        // Every process starts with the same window.
+        start = d.all_gather(&start)?.into_iter().min().unwrap_or(start);
+    }
     let threads: usize = systems.iter().map(|s| s.cpu_count()).sum();
     let next = systems
         .iter()
-        .enumerate()
-        .flat_map(|(i, s)| (0..s.cpu_count()).map(move |_| (i, AtomicU64::new(0))))
+        .zip(ids)
+        .flat_map(|(s, &i)| (0..s.cpu_count()).map(move |_| (i, AtomicU64::new(0))))
         .collect();
     let switches = net.map_or(0, |n| n.switches.len());
     let run = Run {
         net,
+        dist,
+        outbox: Outbox::new(dist.map_or(0, Dist::size)),
         switch_next: (0..switches)
             .map(|i| {
                 let next = net
@@ -1080,7 +1441,7 @@ pub(crate) fn run_threads(
     let mut slot = 0;
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for (i, sys) in systems.iter_mut().enumerate() {
+        for (sys, &i) in systems.iter_mut().zip(ids) {
             for t in sys.threads() {
                 let run = &run;
                 let name = format!("kvmsim-{}-cpu{}", t.system_name(), t.index());
@@ -1123,7 +1484,7 @@ pub(crate) fn run_threads(
         return Ok(RunEnd::Checkpoint);
     }
     let mut exits = Vec::with_capacity(n);
-    for (i, sys) in systems.iter().enumerate() {
+    for (sys, &i) in systems.iter().zip(ids) {
         let r = run.results[i]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1167,17 +1528,19 @@ fn service_switch(
         let Some(&(system, port)) = sw.targets.get(e.port) else {
             continue;
         };
-        run.inboxes[system][buf]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Message {
+        run.post(
+            system,
+            buf,
+            Message {
                 at: e.at,
                 src,
                 seq: e.seq,
                 port,
                 data: 0,
                 frame: Some(e.frame),
-            });
+            },
+            0,
+        );
     }
     next.store(s.next_activity().unwrap_or(Tick::MAX), Ordering::Release);
 }
@@ -1246,10 +1609,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         frame: None,
                     };
                     seq += 1;
-                    run.inboxes[system][buf]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(msg);
+                    run.post(system, buf, msg, 0);
                 }
                 for (port, f) in t.take_frames() {
                     let Some(net) = run.net else {
@@ -1263,11 +1623,24 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                     let (peer, peer_port, link) = match peer {
                         Peer::System { system, port, link } => (system, port, link),
                         Peer::Switch { switch, port } => {
-                            if let Some(sw) = net.switches.get(switch) {
-                                sw.switch
+                            match (net.switches.get(switch), run.dist) {
+                                (Some(sw), Some(d)) if !d.is_local(sw.home) => run.outbox.push(
+                                    d.owner(sw.home),
+                                    &Wire::Switch {
+                                        switch,
+                                        port,
+                                        order: seq,
+                                        sent: f.sent,
+                                        at: f.at,
+                                        frame: f.data,
+                                    },
+                                ),
+                                (Some(sw), _) => sw
+                                    .switch
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
-                                    .post(port, seq, f.sent, f.at, f.data);
+                                    .post(port, seq, f.sent, f.at, f.data),
+                                (None, _) => {}
                             }
                             seq += 1;
                             continue;
@@ -1297,10 +1670,7 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
                         frame: Some(f.data),
                     };
                     seq += 1;
-                    run.inboxes[peer][buf]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(msg);
+                    run.post(peer, buf, msg, f.sent);
                 }
             }
         }
@@ -1326,6 +1696,13 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
         let waiting = std::time::Instant::now();
         let decide = || run.decide(window, buf, end);
         match run.net.filter(|n| !n.switches.is_empty()) {
+            // Across processes, the last thread here exchanges the
+            // window with the other processes (switches included) and
+            // decides: one barrier.
+            _ if run.dist.is_some() => {
+                run.barrier
+                    .wait_then(|| run.decide_distributed(window, buf, end));
+            }
             Some(net) => {
                 run.barrier.wait();
                 if lead {
@@ -1445,6 +1822,8 @@ mod tests {
     fn run_with<'a>(next: &[(usize, Tick)], systems: usize, quantum: Tick) -> Run<'a> {
         Run {
             net: None,
+            dist: None,
+            outbox: Outbox::new(0),
             switch_next: Vec::new(),
             net_dirty: AtomicBool::new(false),
             quantum,

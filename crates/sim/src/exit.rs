@@ -1,11 +1,11 @@
 //! Why a simulation stopped.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tick::Tick;
 
 /// The cause of a simulation exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitCause {
     /// The guest asked to stop (sim-ops exit or fail); the code is the guest's.
@@ -63,7 +63,7 @@ impl ExitCause {
 }
 
 /// A simulation exit: cause, code and the tick at which it happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitEvent {
     pub cause: ExitCause,
     /// The guest's exit code for [`ExitCause::GuestExit`]; 0 otherwise.
