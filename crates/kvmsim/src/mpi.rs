@@ -195,8 +195,9 @@ pub mod bench {
         let size = m.size();
         let msg = vec![0x5au8; bytes];
         let mut v = vec![0u64; systems + 4];
-        let window = |m: &super::Mpi, v: &mut [u64]| {
-            let to = (0..size)
+        // One message for every other rank (none to itself).
+        let messages = |m: &super::Mpi| -> Vec<Vec<u8>> {
+            (0..size)
                 .map(|r| {
                     if r == m.rank() {
                         Vec::new()
@@ -204,8 +205,10 @@ pub mod bench {
                         msg.clone()
                     }
                 })
-                .collect();
-            std::hint::black_box(m.exchange(to));
+                .collect()
+        };
+        let window = |m: &super::Mpi, v: &mut [u64]| {
+            std::hint::black_box(m.exchange(messages(m)));
             m.sum(v);
         };
         // Warm-up: connections are made on first use.
@@ -221,16 +224,7 @@ pub mod bench {
         m.barrier();
         let t = Instant::now();
         for _ in 0..n {
-            let to = (0..size)
-                .map(|r| {
-                    if r == m.rank() {
-                        Vec::new()
-                    } else {
-                        msg.clone()
-                    }
-                })
-                .collect();
-            std::hint::black_box(m.exchange(to));
+            std::hint::black_box(m.exchange(messages(m)));
         }
         let exchange = t.elapsed().as_secs_f64() / n as f64;
         m.barrier();
