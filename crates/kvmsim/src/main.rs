@@ -366,6 +366,10 @@ enum Bench {
         /// Repetitions of each measurement (the best is reported).
         #[arg(long, default_value_t = 3)]
         runs: u32,
+        /// sim.quantum of both sides, e.g. 1ms [default: 1ms, or 100 times
+        /// this host's forced-exit cost (kvmsim doctor) if more]
+        #[arg(long, value_parser = parse_quantum)]
+        quantum: Option<Duration>,
     },
     /// Cost of one window's barrier (two threads): kvmsim's spin-then-park
     /// barrier against std::sync::Barrier, side by side.
@@ -1132,8 +1136,13 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
             (w.pio_reads, w.runs) = (reads, runs);
             bench::Figure::Pio
         }
-        Some(Bench::Smp { iterations, runs }) => {
+        Some(Bench::Smp {
+            iterations,
+            runs,
+            quantum,
+        }) => {
             (w.smp_iterations, w.runs) = (iterations, runs);
+            w.smp_quantum_ns = quantum.map(|q| q.0 / 1000); // ps to ns
             bench::Figure::Smp
         }
         Some(Bench::Window { windows, runs }) => {
@@ -1171,4 +1180,13 @@ fn bench_cmd(b: BenchArgs) -> Result<(), String> {
     };
     w.runs = w.runs.max(1);
     bench::one(figure, &w)
+}
+
+/// `--quantum` of `kvmsim bench smp`: a simulated duration above zero.
+fn parse_quantum(s: &str) -> Result<Duration, String> {
+    match platform::units::parse_duration(s.trim()) {
+        Ok(ps) if ps < 1_000_000 => Err("the quantum must be at least 1us".into()),
+        Ok(ns) => Ok(Duration(ns)),
+        Err(e) => Err(e.to_string()),
+    }
 }
