@@ -111,6 +111,11 @@ pub struct LapicState {
     pub timer_start: Tick,
     /// Periods of the timer already delivered.
     pub timer_fired: u64,
+    /// An expired one-shot timer switched to periodic mode: the count
+    /// stays 0 until the initial count is written (absent in older
+    /// checkpoints: false).
+    #[serde(default)]
+    pub timer_stopped: bool,
     /// NMIs waiting for the CPU (at most 2).
     pub nmis: u8,
     /// Messages for other CPUs not yet taken by the platform.
@@ -189,6 +194,8 @@ pub struct Lapic {
     timer_start: Tick,
     /// Periods of a periodic timer already delivered.
     timer_fired: u64,
+    /// The count is held at 0 until TMICT is written (see `LapicState`).
+    timer_stopped: bool,
     /// The timer's input clock (before the divider).
     bus_hz: u64,
     pic: Option<Arc<Mutex<PicPair>>>,
@@ -267,6 +274,7 @@ impl Lapic {
             timer_divide: 0,
             timer_start: 0,
             timer_fired: 0,
+            timer_stopped: false,
             bus_hz: bus_hz.max(1),
             pic,
             nmis: 0,
@@ -329,6 +337,7 @@ impl Lapic {
         self.timer_initial = 0;
         self.timer_divide = 0;
         self.timer_fired = 0;
+        self.timer_stopped = false;
         self.nmis = 0;
         self.ipis.clear();
         self.init_received = false;
@@ -503,7 +512,7 @@ impl Lapic {
     }
 
     fn timer_current(&self, now: Tick) -> u32 {
-        if self.timer_initial == 0 {
+        if self.timer_initial == 0 || self.timer_stopped {
             return 0;
         }
         let per = self.count_ticks().max(1);
@@ -645,16 +654,22 @@ impl Lapic {
                 if !self.enabled() {
                     v |= LVT_MASKED;
                 }
-                self.lvt[i] = v;
                 if i == LVT_TIMER {
-                    self.timer_fired = 0;
-                    self.timer_start = now;
+                    // Periods that ended before this write are delivered
+                    // under the entry they ended with.
+                    self.timer_catch_up(now);
+                }
+                let was_periodic = self.timer_periodic();
+                self.lvt[i] = v;
+                if i == LVT_TIMER && was_periodic != self.timer_periodic() {
+                    self.timer_mode_changed(now);
                 }
             }
             0x380 => {
                 self.timer_initial = v;
                 self.timer_start = now;
                 self.timer_fired = 0;
+                self.timer_stopped = false;
             }
             0x3e0 => self.timer_divide = v & 0xb,
             _ => {}
@@ -792,6 +807,7 @@ impl BusDevice for Lapic {
             timer_divide: self.timer_divide,
             timer_start: self.timer_start,
             timer_fired: self.timer_fired,
+            timer_stopped: self.timer_stopped,
             nmis: self.nmis,
             ipis: self.ipis.clone(),
             init_received: self.init_received,
@@ -834,6 +850,7 @@ impl BusDevice for Lapic {
         self.timer_divide = s.timer_divide;
         self.timer_start = s.timer_start;
         self.timer_fired = s.timer_fired;
+        self.timer_stopped = s.timer_stopped;
         self.nmis = s.nmis;
         self.ipis = s.ipis;
         self.init_received = s.init_received;
@@ -846,23 +863,53 @@ impl BusDevice for Lapic {
 impl TimedDevice for Lapic {
     fn next_deadline(&self) -> Option<Tick> {
         // A one-shot timer fires once per start.
-        if !self.timer_periodic() && self.timer_fired > 0 {
+        if self.timer_stopped || (!self.timer_periodic() && self.timer_fired > 0) {
             return None;
         }
         self.timer_expiry(self.timer_fired.saturating_add(1))
     }
 
     fn on_deadline(&mut self, ctx: &mut AccessCtx) {
+        self.timer_catch_up(ctx.now);
+    }
+}
+
+impl Lapic {
+    /// A write to LVTT that changed the timer's mode, after the periods
+    /// that ended were delivered. As on Intel's APIC (and KVM's, which
+    /// kvm-unit-tests' `apic` checks), the change neither restarts the
+    /// count nor resets it: periodic to one-shot counts down from where
+    /// the period was, to 0, and stops; a one-shot count still running
+    /// goes on and then reloads; a one-shot count that already reached 0
+    /// stays 0 in periodic mode until the guest writes TMICT.
+    fn timer_mode_changed(&mut self, now: Tick) {
+        if self.timer_initial == 0 || self.timer_stopped {
+            return;
+        }
+        if self.timer_periodic() {
+            // From one-shot: `timer_catch_up` delivered it if it expired.
+            self.timer_stopped = self.timer_fired > 0;
+        } else {
+            // From periodic: the current period becomes the one-shot count.
+            let phase = u128::from(now.saturating_sub(self.timer_start)) % self.timer_period();
+            self.timer_start = now - phase as u64;
+            self.timer_fired = 0;
+        }
+    }
+
+    /// Delivers the timer's interrupt if a period ended by `now` that was
+    /// not yet delivered.
+    fn timer_catch_up(&mut self, now: Tick) {
         let Some(at) = self.next_deadline() else {
             return;
         };
-        if at > ctx.now {
+        if at > now {
             return;
         }
         // Every period that ended by now counts: a deadline can be far in
         // the past when serviced (the guest changed the divider of a
         // running timer), and the missed interrupts merge into one.
-        let ended = u128::from(ctx.now.saturating_sub(self.timer_start)) / self.timer_period();
+        let ended = u128::from(now.saturating_sub(self.timer_start)) / self.timer_period();
         self.timer_fired = u64::try_from(ended)
             .unwrap_or(u64::MAX)
             .max(self.timer_fired.saturating_add(1));
@@ -1026,11 +1073,87 @@ mod tests {
         assert_eq!(r(&mut a, 54_000_000, 0x390), 500);
         assert_eq!(a.acknowledge(), Some(0x31));
         w(&mut a, 54_000_000, 0xb0, 0);
+        a.on_deadline(&mut AccessCtx::new(62_000_000, &mut reqs));
+        assert_eq!(a.acknowledge(), Some(0x31));
+        w(&mut a, 62_000_000, 0xb0, 0);
         // Masked: counts but delivers nothing.
         w(&mut a, 70_000_000, 0x320, 0x30031);
         w(&mut a, 70_000_000, 0x380, 10);
         a.on_deadline(&mut AccessCtx::new(70_160_000, &mut reqs));
         assert_eq!(a.irr, [0; 8]);
+    }
+
+    /// The sequence of kvm-unit-tests' `apic` "change mode" test, with
+    /// simulated time: a change of mode by LVTT keeps the count.
+    #[test]
+    fn a_timer_mode_change_keeps_the_count_and_an_expired_one_shot_stays_stopped() {
+        let mut a = lapic();
+        let mut reqs = vec![];
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x3e0, 0xb); // divide by 1: a count is 1 ns
+        w(&mut a, 0, 0x320, 0x30); // one-shot, vector 0x30
+        w(&mut a, 0, 0x380, 1000);
+        // Periodic to one-shot at 2.5 periods: 500 counts left, then 0.
+        w(&mut a, 0, 0x320, 0x20030);
+        a.on_deadline(&mut AccessCtx::new(1_000_000, &mut reqs));
+        a.on_deadline(&mut AccessCtx::new(2_000_000, &mut reqs));
+        assert_eq!(r(&mut a, 2_500_000, 0x390), 500);
+        w(&mut a, 2_500_000, 0x320, 0x30);
+        assert_eq!(r(&mut a, 2_500_000, 0x390), 500, "not reset to TMICT");
+        assert_eq!(r(&mut a, 2_900_000, 0x390), 100);
+        assert_eq!(a.next_deadline(), Some(3_000_000));
+        a.on_deadline(&mut AccessCtx::new(3_000_000, &mut reqs));
+        assert_eq!(a.next_deadline(), None, "one-shot from then on");
+        assert_eq!(r(&mut a, 3_500_000, 0x390), 0);
+        // A running one-shot count to periodic: it goes on, then reloads.
+        w(&mut a, 4_000_000, 0x380, 1000);
+        w(&mut a, 4_600_000, 0x320, 0x20030);
+        assert_eq!(r(&mut a, 4_600_000, 0x390), 400, "not reset to TMICT");
+        a.on_deadline(&mut AccessCtx::new(5_000_000, &mut reqs));
+        assert_eq!(r(&mut a, 5_100_000, 0x390), 900, "reloaded");
+        assert_eq!(a.next_deadline(), Some(6_000_000));
+        // Periodic to one-shot with a period ended but not yet serviced:
+        // it is delivered first, and the count goes on from its phase.
+        w(&mut a, 6_200_000, 0x320, 0x30);
+        assert_eq!(a.timer_irqs.get(), 5);
+        assert_eq!(r(&mut a, 6_200_000, 0x390), 800);
+        // An expired one-shot to periodic: stays at 0, no interrupt, until
+        // TMICT is written.
+        a.on_deadline(&mut AccessCtx::new(7_000_000, &mut reqs));
+        assert_eq!(a.timer_irqs.get(), 6);
+        w(&mut a, 7_500_000, 0x320, 0x20030);
+        assert_eq!(r(&mut a, 7_500_000, 0x390), 0, "stays at zero");
+        assert_eq!(a.next_deadline(), None);
+        assert_eq!(r(&mut a, 7_500_000, 0x380), 1000, "TMICT kept");
+        w(&mut a, 8_000_000, 0x380, 1000);
+        assert_eq!(r(&mut a, 8_500_000, 0x390), 500);
+        assert_eq!(a.next_deadline(), Some(9_000_000));
+        // A write that keeps the mode (unmask, vector) restarts nothing.
+        w(&mut a, 8_600_000, 0x320, 0x20031);
+        assert_eq!(r(&mut a, 8_600_000, 0x390), 400);
+        assert_eq!(a.next_deadline(), Some(9_000_000));
+    }
+
+    #[test]
+    fn a_stopped_timer_is_saved() {
+        let mut a = lapic();
+        w(&mut a, 0, 0xf0, 0x1ff);
+        w(&mut a, 0, 0x3e0, 0xb);
+        w(&mut a, 0, 0x320, 0x30);
+        w(&mut a, 0, 0x380, 1000);
+        a.on_deadline(&mut AccessCtx::new(1_000_000, &mut vec![]));
+        w(&mut a, 2_000_000, 0x320, 0x20030);
+        let saved = a.save();
+        let mut b = lapic();
+        b.restore(&saved).unwrap();
+        assert_eq!(r(&mut b, 3_000_000, 0x390), 0);
+        assert_eq!(b.next_deadline(), None);
+        // A checkpoint written before the field existed restores running.
+        let mut old = saved.clone();
+        old.as_object_mut().unwrap().remove("timer_stopped");
+        let mut c = lapic();
+        c.restore(&old).unwrap();
+        assert!(!c.timer_stopped);
     }
 
     #[test]
