@@ -527,6 +527,9 @@ fn parse_pc_event(v: &str) -> Result<platform::config::PcEventConfig, String> {
 }
 
 fn main() -> ExitCode {
+    // Test builds only: FAILPOINTS arms fault injection (tests/failpoints.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     // Usage errors are kvmsim errors (254, as the README says); --help
     // and --version succeed.
     let cli = match Cli::try_parse() {

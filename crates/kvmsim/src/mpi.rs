@@ -165,6 +165,15 @@ impl Transport for Mpi {
             .collect()
     }
 
+    fn abort(&self, code: i32) {
+        // The thread that failed may have held the lock (poisoned, free
+        // again after its unwind); no other thread of this process is in
+        // MPI then: the exchange is made by the last thread to reach the
+        // window's end, and the failed one never reaches it.
+        let g = self.world.lock().unwrap_or_else(|p| p.into_inner());
+        g.comm.abort(code)
+    }
+
     fn sum(&self, v: &mut [u64]) {
         let g = self.world.lock().unwrap_or_else(|p| p.into_inner());
         // Never empty (see Buffers).

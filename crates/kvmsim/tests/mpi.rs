@@ -59,57 +59,7 @@ fn a_build_without_mpi_refuses_to_be_one_of_several_mpi_processes() {
 #[cfg(feature = "mpi")]
 mod with_mpi {
     use super::*;
-    use std::path::Path;
     use std::process::Command;
-
-    /// True if `mpirun` is here; false (the test is skipped) if not, unless
-    /// KVMSIM_REQUIRE_MPI=1 makes that a failure.
-    fn mpirun_or_skip(test: &str) -> bool {
-        let ok = Command::new("mpirun")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            assert!(
-                std::env::var("KVMSIM_REQUIRE_MPI").as_deref() != Ok("1"),
-                "KVMSIM_REQUIRE_MPI=1 but mpirun is missing (apt-get install openmpi-bin \
-                 libopenmpi-dev)"
-            );
-            eprintln!("{test}: skipped: no mpirun on this host");
-        }
-        ok
-    }
-
-    /// `mpirun -np N kvmsim ARGS --outdir OUT`: two ranks share this
-    /// busy host's cores (oversubscribed, unbound, yielding while they
-    /// wait); root is allowed (CI runs as root).
-    fn mpirun(np: usize, args: &[&str], out: &Path) -> Run {
-        let o = Command::new("mpirun")
-            .args([
-                "-np",
-                &np.to_string(),
-                "--oversubscribe",
-                "--bind-to",
-                "none",
-            ])
-            .args(["--mca", "mpi_yield_when_idle", "1"])
-            .arg(env!("CARGO_BIN_EXE_kvmsim"))
-            .args(args)
-            .arg("--outdir")
-            .arg(out)
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("cannot start mpirun");
-        Run {
-            status: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-            out: out.to_path_buf(),
-            dir: None,
-        }
-    }
 
     /// The last block of stats.txt without what depends on the host.
     fn final_stats(r: &Run) -> Vec<String> {

@@ -41,6 +41,13 @@ pub trait Transport: Send + Sync {
     fn exchange(&self, to: Vec<Vec<u8>>) -> Vec<Vec<u8>>;
     /// Element-wise sum of `v` over every process, into `v` on each.
     fn sum(&self, v: &mut [u64]);
+    /// Ends every process of the run at once with status `code`: this
+    /// one can no longer take part (one of its threads panicked), and the
+    /// others would wait for it at the next collective forever. Not
+    /// collective. The default ends this process only.
+    fn abort(&self, code: i32) {
+        std::process::exit(code)
+    }
 }
 
 /// A distributed run: the transport and which process owns each system.
@@ -93,6 +100,11 @@ impl Dist {
 
     pub(crate) fn transport(&self) -> &dyn Transport {
         &*self.transport
+    }
+
+    /// Ends every process at once ([`Transport::abort`]).
+    pub fn abort(&self, code: i32) {
+        self.transport.abort(code)
     }
 
     /// True on every process if `ok` is true on every process (a failure

@@ -1449,8 +1449,15 @@ fn run_threads_on(
                 slot += 1;
                 handles.push(
                     std::thread::Builder::new()
-                        .name(name)
-                        .spawn_scoped(scope, move || run_windows(i, me, t, run, start))
+                        .name(name.clone())
+                        .spawn_scoped(scope, move || {
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                run_windows(i, me, t, run, start)
+                            }));
+                            if let Err(payload) = r {
+                                thread_panicked(run, i, &name, &*payload);
+                            }
+                        })
                         .expect("spawning a CPU thread"),
                 );
             }
@@ -1547,6 +1554,42 @@ fn service_switch(
 
 /// The body of the thread of CPU `t` of system `me` (thread number
 /// `slot` of the run).
+/// A CPU thread panicked (a bug in kvmsim): its system ends with an error
+/// naming the thread, and the barrier is abandoned so that the other
+/// threads stop at their next window end instead of waiting for it
+/// forever; their systems end as stopped, and the run's output is written
+/// as for any error. The other processes of a distributed run wait for
+/// this one at every window: they are ended at once (MPI_Abort).
+fn thread_panicked(
+    run: &Run<'_>,
+    system: usize,
+    thread: &str,
+    payload: &(dyn std::any::Any + Send),
+) {
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    tracing::error!("{thread}: kvmsim's thread panicked ({what}); the run stops");
+    *run.results[system]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(Err(PlatformError::Setup(format!(
+        "kvmsim's thread {thread} panicked: {what} (a bug in kvmsim: please report it with \
+             the run's config)"
+    ))));
+    run.stop.store(true, Ordering::SeqCst);
+    run.barrier.abandon();
+    if let Some(d) = run.dist {
+        tracing::error!(
+            "{thread}: the other {} process(es) of this distributed run wait for this one: \
+             ending them all",
+            d.size().saturating_sub(1)
+        );
+        d.abort(crate::status::SIM_ERROR);
+    }
+}
+
 fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, start: u64) {
     let n = run.inboxes.len();
     let lead = t.index() == 0;
@@ -1687,6 +1730,9 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             run.ckpt_asked[me].store(live && t.checkpoint_pending(), Ordering::Release);
             run.ckpt_ready[me].store(!live || t.checkpoint_ready(), Ordering::Release);
         }
+        // Fault injection (tests/failpoints.rs): a panic in the second
+        // thread of the run, as a bug would raise one.
+        fail::fail_point!("cpu-thread-window-end", slot == 1, |_| {});
         // Everyone has finished window `window` and posted its messages.
         // The last thread to arrive at the window's last barrier takes the
         // round's decision for all; nobody changes what it reads before
@@ -1717,6 +1763,10 @@ fn run_windows(me: usize, slot: usize, mut t: CpuThread<'_>, run: &Run<'_>, star
             }
         }
         t.count_window(waiting.elapsed());
+        if run.barrier.is_broken() {
+            // Another thread panicked (`thread_panicked`): nothing is decided.
+            break;
+        }
         let Decision {
             halted,
             skip_to,

@@ -8,7 +8,7 @@
 //! costs well under a microsecond when the threads arrive together, and an
 //! idle thread does not burn a core for long when they do not.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 /// Spins this many times (yielding now and then) before parking, when
@@ -25,6 +25,8 @@ pub struct SpinBarrier {
     spins: u32,
     arrived: AtomicUsize,
     generation: AtomicUsize,
+    /// A thread left for good ([`SpinBarrier::abandon`]): nobody waits.
+    broken: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -42,6 +44,7 @@ impl SpinBarrier {
             },
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
+            broken: AtomicBool::new(false),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         }
@@ -57,8 +60,14 @@ impl SpinBarrier {
     /// before any thread leaves: what it does there happens-before every
     /// thread's return, and sees everything every thread did before it
     /// arrived (the decision of a round, taken once for all).
+    ///
+    /// Once the barrier is [abandoned](Self::abandon) every wait returns
+    /// false at once, without running `last`.
     pub fn wait_then(&self, last: impl FnOnce()) -> bool {
         let generation = self.generation.load(Ordering::Acquire);
+        if self.is_broken() {
+            return false;
+        }
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
             last();
             // Nobody can arrive again before the generation moves on.
@@ -85,12 +94,59 @@ impl SpinBarrier {
         }
         false
     }
+
+    /// Breaks the barrier for good, for a thread that will never arrive
+    /// again (it panicked): every thread waiting now is released, and
+    /// every later wait returns at once; callers check
+    /// [`is_broken`](Self::is_broken) after a wait and stop.
+    pub fn abandon(&self) {
+        self.broken.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cv.notify_all();
+    }
+
+    /// Whether [`abandon`](Self::abandon) was called.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn an_abandoned_barrier_releases_every_waiter_and_holds_nobody_again() {
+        // Three of four threads wait (spinning, then parked); the fourth
+        // never comes and abandons the barrier instead.
+        let b = SpinBarrier::new(4);
+        let released = AtomicUsize::new(0);
+        let ran_last = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let last = b.wait_then(|| ran_last.store(true, Ordering::SeqCst));
+                    assert!(!last, "nobody is last at a broken barrier");
+                    assert!(b.is_broken());
+                    // Later rounds do not wait for anyone.
+                    for _ in 0..100 {
+                        assert!(!b.wait());
+                    }
+                    released.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            // Let them park (past the spins) before abandoning.
+            while b.arrived.load(Ordering::SeqCst) < 3 {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            b.abandon();
+        });
+        assert_eq!(released.load(Ordering::SeqCst), 3);
+        assert!(!ran_last.load(Ordering::SeqCst));
+    }
 
     #[test]
     fn no_thread_passes_before_all_arrive() {

@@ -260,3 +260,109 @@ pub fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// True if `mpirun` is here; false (the test is skipped) if not, unless
+/// KVMSIM_REQUIRE_MPI=1 makes that a failure.
+pub fn mpirun_or_skip(test: &str) -> bool {
+    let ok = std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("KVMSIM_REQUIRE_MPI").as_deref() != Ok("1"),
+            "KVMSIM_REQUIRE_MPI=1 but mpirun is missing (apt-get install openmpi-bin \
+             libopenmpi-dev)"
+        );
+        eprintln!("{test}: skipped: no mpirun on this host");
+    }
+    ok
+}
+
+/// `mpirun -np N kvmsim ARGS --outdir OUT`: two ranks share this
+/// busy host's cores (oversubscribed, unbound, yielding while they
+/// wait); root is allowed (CI runs as root).
+pub fn mpirun(np: usize, args: &[&str], out: &Path) -> Run {
+    mpirun_env(np, args, out, &[], std::time::Duration::from_secs(3600))
+}
+
+/// [`mpirun`] with extra environment variables (every rank gets them),
+/// killed and failing the test if it runs longer than `limit`.
+pub fn mpirun_env(
+    np: usize,
+    args: &[&str],
+    out: &Path,
+    env: &[(&str, &str)],
+    limit: std::time::Duration,
+) -> Run {
+    let mut cmd = std::process::Command::new("mpirun");
+    cmd.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .args(["--mca", "mpi_yield_when_idle", "1"])
+    .arg(env!("CARGO_BIN_EXE_kvmsim"))
+    .args(args)
+    .arg("--outdir")
+    .arg(out)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (status, stdout, stderr) = run_bounded(cmd, limit);
+    Run {
+        status,
+        stdout,
+        stderr,
+        out: out.to_path_buf(),
+        dir: None,
+    }
+}
+
+/// Runs `cmd` with stdin closed and its output captured; kills it and
+/// fails the test if it runs longer than `limit`.
+pub fn run_bounded(
+    mut cmd: std::process::Command,
+    limit: std::time::Duration,
+) -> (i32, String, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start the command");
+    let reader = |mut p: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = p.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let so = reader(Box::new(child.stdout.take().unwrap()));
+    let se = reader(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} was still running after {limit:?}; stderr so far:\n{}",
+                se.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (
+        status.code().unwrap_or(-1),
+        so.join().unwrap(),
+        se.join().unwrap(),
+    )
+}
