@@ -195,44 +195,18 @@ impl Run {
 /// must be refused promptly. A run that takes longer is killed and fails
 /// the test.
 pub fn kvmsim_bounded(args: &[&str], out: &Path, limit: std::time::Duration) -> Run {
-    use std::io::Read;
-    let mut child = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg("ulimit -v 2097152 && exec \"$0\" \"$@\"")
         .arg(env!("CARGO_BIN_EXE_kvmsim"))
         .args(args)
         .arg("--outdir")
-        .arg(out)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("cannot start kvmsim");
-    let reader = |mut p: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = p.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let so = reader(Box::new(child.stdout.take().unwrap()));
-    let se = reader(Box::new(child.stderr.take().unwrap()));
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kvmsim {args:?} was still running after {limit:?}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+        .arg(out);
+    let (status, stdout, stderr) = run_bounded(cmd, limit);
     Run {
-        status: status.code().unwrap_or(-1),
-        stdout: so.join().unwrap(),
-        stderr: se.join().unwrap(),
+        status,
+        stdout,
+        stderr,
         out: out.to_path_buf(),
         dir: dir_of(out),
     }
