@@ -1,7 +1,8 @@
 //! Syscall-emulation mode (`kvmsim se`): real programs nobody here wrote
-//! (busybox-static's applets), a static C program compiled here with
-//! `gcc -static`, and bad input. Output is compared with a native run of
-//! the same binary.
+//! (busybox-static's applets, the host's coreutils), C programs compiled
+//! here (tests/se/*.c: `gcc -static`, gcc against the host's glibc, and
+//! `musl-gcc -static`), and bad input. Output is compared with a native
+//! run of the same binary.
 //!
 //! busybox comes from `KVMSIM_BUSYBOX`, `/bin/busybox` (if statically
 //! linked), `target/linux-guest/busybox/bin/busybox`, or is fetched once
@@ -9,7 +10,8 @@
 //! scripts/linux-guest.sh does). gcc is needed for the C program. Where
 //! gcc, or both apt-get and `KVMSIM_BUSYBOX`, were missing when the tests
 //! were built, the tests that need them are ignored with the reason (see
-//! build.rs); otherwise a tool that cannot be had is a failure.
+//! build.rs), and so are the musl tests where musl-gcc (musl-tools) was
+//! missing; otherwise a tool that cannot be had is a failure.
 
 mod common;
 
