@@ -25,6 +25,10 @@
 //!   `KVMSIM_REQUIRE_SE_TOOLS` is not 1: the SE tests of dynamically
 //!   linked host programs are ignored.
 //!
+//! - `kvmsim_no_musl`: musl-gcc (Debian's musl-tools) is not on PATH, and
+//!   neither `KVMSIM_REQUIRE_SE_TOOLS=1` nor `CI=true`: the SE tests of
+//!   programs linked with musl are ignored.
+//!
 //! (After installing a tool, `touch crates/kvmsim/build.rs`.)
 //!
 //! A test that runs anyway (`cargo test -- --include-ignored`, or a test
@@ -41,6 +45,8 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(kvmsim_no_gdb)");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_no_se_tools)");
     println!("cargo:rustc-check-cfg=cfg(kvmsim_no_host_dynamic)");
+    println!("cargo:rustc-check-cfg=cfg(kvmsim_no_musl)");
+    println!("cargo:rerun-if-env-changed=CI");
     println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_GDB");
     println!("cargo:rerun-if-env-changed=KVMSIM_REQUIRE_SE_TOOLS");
     println!("cargo:rerun-if-env-changed=KVMSIM_BUSYBOX");
@@ -55,6 +61,9 @@ fn main() {
     let have_tools = on_path("gcc") && busybox;
     if !have_tools && !env_is("KVMSIM_REQUIRE_SE_TOOLS", "1") {
         println!("cargo:rustc-cfg=kvmsim_no_se_tools");
+    }
+    if !on_path("musl-gcc") && !env_is("KVMSIM_REQUIRE_SE_TOOLS", "1") && !env_is("CI", "true") {
+        println!("cargo:rustc-cfg=kvmsim_no_musl");
     }
     let dynamic = std::path::Path::new("/lib64/ld-linux-x86-64.so.2").exists()
         && ["ls", "cat", "sort", "sha256sum", "md5sum", "wc", "mkdir"]

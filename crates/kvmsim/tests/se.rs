@@ -1,7 +1,8 @@
 //! Syscall-emulation mode (`kvmsim se`): real programs nobody here wrote
-//! (busybox-static's applets), a static C program compiled here with
-//! `gcc -static`, and bad input. Output is compared with a native run of
-//! the same binary.
+//! (busybox-static's applets, the host's coreutils), C programs compiled
+//! here (tests/se/*.c: `gcc -static`, gcc against the host's glibc, and
+//! `musl-gcc -static`), and bad input. Output is compared with a native
+//! run of the same binary.
 //!
 //! busybox comes from `KVMSIM_BUSYBOX`, `/bin/busybox` (if statically
 //! linked), `target/linux-guest/busybox/bin/busybox`, or is fetched once
@@ -9,7 +10,8 @@
 //! scripts/linux-guest.sh does). gcc is needed for the C program. Where
 //! gcc, or both apt-get and `KVMSIM_BUSYBOX`, were missing when the tests
 //! were built, the tests that need them are ignored with the reason (see
-//! build.rs); otherwise a tool that cannot be had is a failure.
+//! build.rs), and so are the musl tests where musl-gcc (musl-tools) was
+//! missing; otherwise a tool that cannot be had is a failure.
 
 mod common;
 
@@ -92,28 +94,56 @@ fn build_c(name: &str) -> Result<PathBuf, String> {
 
 /// Builds tests/se/NAME.c with gcc, statically linked or not.
 fn build_c_with(name: &str, static_link: bool) -> Result<PathBuf, String> {
+    build_c_as(name, if static_link { Cc::Static } else { Cc::Dynamic })
+}
+
+/// How a test program is compiled and linked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Cc {
+    /// `gcc -static` (glibc).
+    Static,
+    /// gcc, dynamically linked against the host's glibc.
+    Dynamic,
+    /// `musl-gcc -static` (Debian's musl-tools).
+    Musl,
+}
+
+/// Builds tests/se/NAME.c as `cc` says.
+fn build_c_as(name: &str, cc: Cc) -> Result<PathBuf, String> {
     let src = repo().join(format!("crates/kvmsim/tests/se/{name}.c"));
-    let kind = if static_link { "" } else { "-dyn" };
+    let (compiler, kind, flags): (&str, &str, &[&str]) = match cc {
+        Cc::Static => ("gcc", "", &["-static"]),
+        Cc::Dynamic => ("gcc", "-dyn", &[]),
+        Cc::Musl => ("musl-gcc", "-musl", &["-static"]),
+    };
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("se-{name}{kind}"));
-    let mut cmd = Command::new("gcc");
-    if static_link {
-        cmd.arg("-static");
-    }
-    let o = cmd
+    let o = Command::new(compiler)
+        .args(flags)
         .args(["-O1", "-pthread", "-o"])
         .arg(&out)
         .arg(&src)
         .arg("-lm")
         .output()
-        .map_err(|e| format!("cannot run gcc: {e}"))?;
+        .map_err(|e| format!("cannot run {compiler}: {e}"))?;
     if !o.status.success() {
         return Err(format!(
-            "gcc {}failed: {}",
-            if static_link { "-static " } else { "" },
+            "{compiler} {}failed: {}",
+            flags.join(" "),
             String::from_utf8_lossy(&o.stderr)
         ));
     }
     Ok(out)
+}
+
+/// tests/se/NAME.c built as `cc` says, once per test binary.
+fn c_prog(name: &str, cc: Cc) -> Result<PathBuf, String> {
+    type Built = std::collections::HashMap<(String, Cc), Result<PathBuf, String>>;
+    static BUILT: std::sync::Mutex<Option<Built>> = std::sync::Mutex::new(None);
+    let mut b = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    b.get_or_insert_with(Default::default)
+        .entry((name.to_string(), cc))
+        .or_insert_with(|| build_c_as(name, cc))
+        .clone()
 }
 
 fn native(prog: &Path, args: &[&str], cwd: &Path) -> (i32, String) {
@@ -1017,4 +1047,226 @@ fn threads_beyond_the_cpus_timeouts_signals_and_deadlock() {
     );
     let sim = r.stat("simSeconds").as_f64().unwrap();
     assert!(sim < 0.1, "simSeconds {sim}");
+}
+
+/// A run of pipes.c (`mode`) in SE mode with `cpus` CPUs next to its native run.
+fn pipes_run(test: &str, p: &Path, mode: &str, cpus: u32) -> (Run, (i32, String)) {
+    let work = outdir(&format!("{test}_work"));
+    std::fs::create_dir_all(&work).unwrap();
+    let native = native(p, &[mode], &work);
+    let n = cpus.to_string();
+    let r = se(test, p, &[mode], &["--cpus", &n]);
+    r.no_panic();
+    (r, native)
+}
+
+/// tests/se/pipes.c built as `cc` says: 4 MiB from a producer thread to a
+/// consumer thread through a pipe (checksummed on both sides), readers
+/// and writers woken by the other end's close; one thread writing and
+/// reading its own pipe with O_NONBLOCK, dup, EOF, EPIPE and SIGPIPE;
+/// SIGPIPE's default action. Each against its native run.
+fn pipes(cc: Cc) {
+    let test = format!("se_pipes_{cc:?}").to_lowercase();
+    let p = need!(c_prog("pipes", cc), test);
+    let (r, (nst, nout)) = pipes_run(&format!("{test}_stream"), &p, "stream", 3);
+    assert_eq!(
+        (nst, nout.contains("checksums")),
+        (0, true),
+        "native: {nout}"
+    );
+    assert_eq!(
+        (r.status, r.file("stdout.txt")),
+        (nst, nout.clone()),
+        "{}",
+        r.stderr
+    );
+    assert!(nout.contains("passed 4194304 bytes of 4194304") && nout.contains("match"));
+    assert!(nout.contains("blocked reader: read returned 0"), "{nout}");
+    // Writes of more than the pipe holds (64 KiB) cannot finish without
+    // waiting for the reader: the writer's CPU parked at least once.
+    assert!(r.stat("system.se.pipeWaits").as_u64().unwrap() >= 1);
+    assert_eq!(r.stat("system.se.unsupportedSyscalls").as_u64(), Some(0));
+    let (r, (nst, nout)) = pipes_run(&format!("{test}_self"), &p, "self", 1);
+    assert!(
+        nst == 0 && nout.ends_with("self done\n") && !nout.contains("FAILED"),
+        "native: {nout}"
+    );
+    assert_eq!(
+        (r.status, r.file("stdout.txt")),
+        (nst, nout),
+        "{}",
+        r.stderr
+    );
+    let (r, native) = pipes_run(&format!("{test}_sigpipe"), &p, "sigpipe", 1);
+    assert_eq!(native, (141, "writing\n".to_string()));
+    assert_eq!((r.status, r.file("stdout.txt")), native, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("killed by SIGPIPE (13): it wrote to a pipe whose read ends are all closed"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn pipes_between_threads_and_within_one_static() {
+    if !kvm_or_skip("se_pipes_static") {
+        return;
+    }
+    pipes(Cc::Static);
+    // One thread reads an empty pipe, the other polls one: the run ends
+    // at once, naming the waits.
+    let p = need!(c_prog("pipes", Cc::Static), "se_pipes_deadlock");
+    let r = se("se_pipes_deadlock", &p, &["deadlock"], &["--cpus", "2"]);
+    r.no_panic();
+    assert_eq!(r.status, 137, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "waiting\n");
+    assert!(
+        r.stderr
+            .contains("deadlock: every thread of the program waits")
+            && r.stderr
+                .contains("thread 1000 polls 1 descriptor(s) with no timeout")
+            && r.stderr
+                .contains("thread 1001 reads from the empty pipe at fd 3"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stat("simSeconds").as_f64().unwrap() < 0.1);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), any(kvmsim_no_se_tools, kvmsim_no_host_dynamic)),
+    ignore = "needs gcc and the host's dynamically linked glibc, which were not found when this test was built"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn pipes_between_threads_and_within_one_dynamic() {
+    if !kvm_or_skip("se_pipes_dynamic") {
+        return;
+    }
+    pipes(Cc::Dynamic);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_musl),
+    ignore = "needs musl-gcc (Debian's musl-tools), which was not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1 or CI=true: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn musl_programs_threads_and_pipes() {
+    if !kvm_or_skip("se_musl") {
+        return;
+    }
+    pipes(Cc::Musl);
+    let p = need!(c_prog("threads", Cc::Musl), "se_musl_threads");
+    for (mode, cpus) in [("work", 5), ("timeout", 2), ("signals", 2), ("memory", 4)] {
+        let (r, (nst, nout)) = threads_run(&format!("se_musl_threads_{mode}"), &p, mode, cpus);
+        assert_eq!(nst, 0, "native {mode}: {nout}");
+        assert_eq!(
+            (r.status, r.file("stdout.txt")),
+            (nst, nout.clone()),
+            "{mode}: {}",
+            r.stderr
+        );
+        assert_eq!(r.stat("system.se.unsupportedSyscalls").as_u64(), Some(0));
+        if mode == "work" {
+            assert!(nout.contains("atomic 8000002004000 (want 8000002004000)"));
+            assert_eq!(r.stat("system.se.threadsCreated").as_u64(), Some(4));
+        }
+    }
+}
+
+/// The CPU count a program is told (`cpus` mode of threads.c) in SE mode
+/// with `n` CPUs.
+fn told_cpus(test: &str, p: &Path, n: u32) -> String {
+    let r = se(test, p, &["cpus"], &["--cpus", &n.to_string()]);
+    r.no_panic();
+    assert_eq!(r.status, 0, "{}", r.stderr);
+    r.file("stdout.txt")
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn the_program_is_told_its_own_cpu_count() {
+    if !kvm_or_skip("se_nproc") {
+        return;
+    }
+    // Two counts, so that at least one differs from the host's.
+    let p = need!(c_prog("threads", Cc::Static), "se_nproc");
+    for n in [3, 7] {
+        assert_eq!(
+            told_cpus(&format!("se_nproc_glibc{n}"), &p, n),
+            format!("online {n} configured {n} get_nprocs {n} get_nprocs_conf {n}\n")
+        );
+    }
+    let bb = need!(busybox(), "se_nproc");
+    let r = se("se_nproc_busybox", &bb, &["nproc"], &["--cpus", "3"]);
+    assert_eq!(
+        (r.status, r.file("stdout.txt").as_str()),
+        (0, "3\n"),
+        "{}",
+        r.stderr
+    );
+    // Debian's coreutils nproc (glibc, dynamically linked).
+    if Path::new("/usr/bin/nproc").is_file() && Path::new("/lib64/ld-linux-x86-64.so.2").exists() {
+        let r = se(
+            "se_nproc_coreutils",
+            Path::new("/usr/bin/nproc"),
+            &[],
+            &["--cpus", "3"],
+        );
+        assert_eq!(
+            (r.status, r.file("stdout.txt").as_str()),
+            (0, "3\n"),
+            "{}",
+            r.stderr
+        );
+    } else {
+        eprintln!(
+            "se_nproc: this host has no /usr/bin/nproc with its glibc loader: that case is skipped"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_musl),
+    ignore = "needs musl-gcc (Debian's musl-tools), which was not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1 or CI=true: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_musl_program_is_told_its_own_cpu_count() {
+    if !kvm_or_skip("se_nproc_musl") {
+        return;
+    }
+    let p = need!(c_prog("threads", Cc::Musl), "se_nproc_musl");
+    for n in [3, 7] {
+        assert_eq!(
+            told_cpus(&format!("se_nproc_musl{n}"), &p, n),
+            format!("online {n} configured {n} get_nprocs {n} get_nprocs_conf {n}\n")
+        );
+    }
 }

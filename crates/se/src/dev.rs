@@ -65,6 +65,12 @@ struct Wait {
     since: Tick,
     /// Waiters are woken in the order they came (FIFO).
     seq: u64,
+    /// A call that would block (a pipe read or write; `key` is the pipe's,
+    /// `crate::pipe::key`): woken, it is made again from the start; the
+    /// saved context is the call as it was made.
+    restart: bool,
+    /// The descriptor of a restarting call (messages).
+    fd: u32,
 }
 
 /// A CPU and the thread on it.
@@ -80,6 +86,10 @@ struct Slot {
     fpu: Option<Vec<u8>>,
     /// The page-table generation the CPU last loaded.
     gen: u64,
+    /// The Ready context makes a blocked call again (at [`ENTRY_VA`]).
+    restart: bool,
+    /// The call being made is one made again: not counted twice.
+    again: bool,
 }
 
 /// What a thread call did.
@@ -129,6 +139,7 @@ pub struct SeDevice {
     threads: Counter,
     futex_waits: Counter,
     futex_wakes: Counter,
+    pipe_waits: Counter,
     cpu_calls: Vector,
     cpu_wait_ticks: Vector,
     /// The simulated time of the call being serviced: a process that ends
@@ -194,6 +205,8 @@ impl SeDevice {
                 saved: UserContext::default(),
                 fpu: None,
                 gen: 0,
+                restart: false,
+                again: false,
             };
             ncpus
         ];
@@ -255,6 +268,11 @@ impl SeDevice {
             futex_wakes: stats.counter(
                 &format!("{prefix}.futexWakes"),
                 "Threads woken from a futex wait by another thread",
+                "Count",
+            )?,
+            pipe_waits: stats.counter(
+                &format!("{prefix}.pipeWaits"),
+                "Pipe reads and writes that put a thread to sleep (an empty or full pipe)",
                 "Count",
             )?,
             cpu_calls: stats.vector(
@@ -512,6 +530,8 @@ impl SeDevice {
             };
             let detail = if signo == sig::SIGALRM {
                 "its timer (alarm or setitimer) expired".to_string()
+            } else if signo == sig::SIGPIPE && std::mem::take(&mut self.proc.t.sigpipe) {
+                "it wrote to a pipe whose read ends are all closed".to_string()
             } else {
                 format!("it sent itself {}", signal_name(signo))
             };
@@ -625,11 +645,13 @@ impl SeDevice {
         };
         self.proc.t.user_rsp = g[UserContext::RSP];
         self.proc.expire(ctx.now);
-        self.cpu_calls.add(self.cur, 1);
+        // A call made again after a wait (a pipe) counts once.
+        let count = u64::from(!std::mem::take(&mut self.slots[self.cur].again));
+        self.cpu_calls.add(self.cur, count);
         let threaded = match self.thread_call(ctx, nr, args, &uc) {
             Some(Threaded::Away) => {
                 let took = self.timing.syscall_latency;
-                self.calls.add(cell(nr), 1);
+                self.calls.add(cell(nr), count);
                 self.ticks.add(cell(nr), took);
                 return took;
             }
@@ -639,7 +661,16 @@ impl SeDevice {
             }),
             None => None,
         };
-        let done = match threaded.or_else(|| self.proc.syscall(&self.mem, nr, args, clock)) {
+        let done = threaded.or_else(|| self.proc.syscall(&self.mem, nr, args, clock));
+        // Pipes that changed wake their waiters (who make their call again).
+        let keys: Vec<u64> = mem::lock(&self.proc.pipe_events).drain(..).collect();
+        if !keys.is_empty() {
+            self.wake(ctx.now, crate::pipe::POLL_KEY, u64::MAX, u32::MAX);
+        }
+        for key in keys {
+            self.wake(ctx.now, key, u64::MAX, u32::MAX);
+        }
+        let done = match done {
             Some(d) => d,
             None => {
                 self.unsupported.inc();
@@ -672,7 +703,7 @@ impl SeDevice {
             }
         };
         let took = self.timing.syscall_latency.saturating_add(done.sleep);
-        self.calls.add(cell(nr), 1);
+        self.calls.add(cell(nr), count);
         self.ticks.add(cell(nr), took);
         if self.slots.len() > 1 {
             self.route_process_signals();
@@ -700,6 +731,37 @@ impl SeDevice {
                 // The program's flags are in R11 (SYSCALL may have masked IF).
                 uc.rflags = g[UserContext::R11];
                 self.sigreturn(ctx, uc)
+            }
+            Flow::Block { key, fd, deadline } => {
+                // A signal that would be delivered ends the wait at once:
+                // EINTR, or what a write already wrote.
+                if self.proc.next_signal().is_some() || Self::return_ctx(&uc, 0).is_none() {
+                    let v = Self::interrupted(&mut self.proc.t);
+                    return self.handle_flow(ctx, nr, Flow::Return(v), uc, took);
+                }
+                // A poll whose timeout ends with the call: nothing ready.
+                let end = ctx.now.saturating_add(took);
+                if deadline.is_some_and(|d| d <= end) {
+                    self.proc.t.poll_deadline = None;
+                    return self.handle_flow(ctx, nr, Flow::Return(0), uc, took);
+                }
+                self.wait_seq += 1;
+                let k = self.cur;
+                // The call as it was made (RAX = its number): made again
+                // at the entry when the pipe changes.
+                self.slots[k].saved = uc;
+                self.slots[k].run = Run::Waiting(Wait {
+                    key,
+                    bitset: u32::MAX,
+                    deadline,
+                    since: end,
+                    seq: self.wait_seq,
+                    restart: true,
+                    fd,
+                });
+                self.pipe_waits.inc();
+                self.park(ctx);
+                self.check_deadlock(ctx);
             }
             Flow::Return(v) => {
                 let back = g[UserContext::RCX];
@@ -906,7 +968,9 @@ impl SeDevice {
             .take(usize::try_from(n).unwrap_or(usize::MAX))
         {
             self.end_wait(j, now, 0);
-            self.futex_wakes.inc();
+            if key < USER_TOP {
+                self.futex_wakes.inc();
+            }
             woken += 1;
         }
         woken
@@ -916,10 +980,34 @@ impl SeDevice {
     /// runs at its CPU's next wake interrupt.
     fn end_wait(&mut self, j: usize, now: Tick, v: i64) {
         if let Run::Waiting(w) = self.slots[j].run {
-            self.cpu_wait_ticks.add(j, now.saturating_sub(w.since));
-            self.slots[j].saved.gprs[UserContext::RAX] = v as u64;
+            if w.restart {
+                if v == 0 || v == -ETIMEDOUT {
+                    // Woken, or poll's timeout: the call is made again
+                    // from the entry (a poll past its deadline returns).
+                    self.slots[j].saved.rip = ENTRY_VA;
+                    self.slots[j].restart = true;
+                } else {
+                    let carry = std::mem::take(&mut self.ts(j).pipe_done);
+                    let v = if carry > 0 { carry as i64 } else { v };
+                    let saved = self.slots[j].saved;
+                    self.slots[j].saved = Self::return_ctx(&saved, v).unwrap_or(saved);
+                }
+            } else {
+                self.cpu_wait_ticks.add(j, now.saturating_sub(w.since));
+                self.slots[j].saved.gprs[UserContext::RAX] = v as u64;
+            }
             self.slots[j].run = Run::Ready;
             self.raise(j, WAKE_VECTOR);
+        }
+    }
+
+    /// What a blocked pipe call returns when a signal ends its wait: the
+    /// bytes a write already wrote, or EINTR.
+    fn interrupted(t: &mut crate::process::ThreadState) -> i64 {
+        t.poll_deadline = None;
+        match std::mem::take(&mut t.pipe_done) {
+            0 => -crate::sys::EINTR,
+            n => n as i64,
         }
     }
 
@@ -936,6 +1024,10 @@ impl SeDevice {
         };
         if uaddr % 4 != 0 {
             return Threaded::Ret(-crate::mm::EINVAL);
+        }
+        // Keys above user space are kvmsim's own (pipes, signal waits).
+        if uaddr >= USER_TOP || (matches!(cmd, 3 | 4) && a[4] >= USER_TOP) {
+            return Threaded::Ret(-crate::mm::EFAULT);
         }
         match cmd {
             // WAIT, WAIT_BITSET
@@ -995,6 +1087,8 @@ impl SeDevice {
                     deadline,
                     since: end,
                     seq: self.wait_seq,
+                    restart: false,
+                    fd: 0,
                 });
                 self.futex_waits.inc();
                 self.park(ctx);
@@ -1096,6 +1190,8 @@ impl SeDevice {
             deadline: None,
             since: ctx.now.saturating_add(self.timing.syscall_latency),
             seq: self.wait_seq,
+            restart: false,
+            fd: 0,
         });
         self.park(ctx);
         self.check_deadlock(ctx);
@@ -1179,8 +1275,21 @@ impl SeDevice {
                     } else {
                         s.t.tid
                     };
+                    let pipe = crate::pipe::parse_key(w.key);
                     waits.push(if w.key == SIGNAL_KEY {
                         format!("thread {tid} waits for a signal")
+                    } else if w.key == crate::pipe::POLL_KEY {
+                        format!("thread {tid} polls {} descriptor(s) with no timeout", w.fd)
+                    } else if let Some((_, writer)) = pipe {
+                        if writer {
+                            format!("thread {tid} writes to the full pipe at fd {}", w.fd)
+                        } else {
+                            format!(
+                                "thread {tid} reads from the empty pipe at fd {} (a write end is \
+                                 open)",
+                                w.fd
+                            )
+                        }
                     } else {
                         format!("thread {tid} on the futex at {:#x}", w.key)
                     });
@@ -1217,6 +1326,17 @@ impl SeDevice {
             Run::Ready => {
                 let mut uc = self.slots[k].saved;
                 self.slots[k].run = Run::Running;
+                if std::mem::take(&mut self.slots[k].restart) {
+                    self.proc.expire(ctx.now);
+                    if self.proc.next_signal().is_some() {
+                        // A signal came with the wake: the call returns
+                        // (EINTR or what it wrote) and the handler runs.
+                        let v = Self::interrupted(&mut self.proc.t);
+                        uc = Self::return_ctx(&uc, v).unwrap_or(uc);
+                    } else {
+                        self.slots[k].again = true;
+                    }
+                }
                 if let Some(area) = self.slots[k].fpu.take() {
                     // A new thread starts with its parent's FP state; one
                     // this CPU refuses leaves the CPU's own.
@@ -1869,6 +1989,113 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A pipe between two threads on two CPUs: a read of the empty pipe
+    /// parks its CPU, a write from the other CPU wakes it and the read is
+    /// made again from the entry; a write larger than the pipe waits for
+    /// the reader and returns all of it; two threads waiting on empty
+    /// pipes are a deadlock, named.
+    #[test]
+    fn pipe_waits_park_and_are_made_again() {
+        let (mut d, raised) = device(2);
+        let (mut c0, mut c1) = (Cpu::default(), Cpu::default());
+        let data = STACK_TOP - 0x4_0000;
+        let stack = STACK_TOP - 0x10_0000;
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            1000,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, stack, data, data + 8, 0],
+        );
+        bell(&mut d, &mut c1, 1, 2000, false);
+        call(&mut d, &mut c0, 0, 3000, nr::PIPE2, &[data + 16, 0]);
+        assert_eq!(rax(&c0), 0);
+        let (r, w) = (
+            u64::from(word(&mut d, data + 16)),
+            u64::from(word(&mut d, data + 20)),
+        );
+        let buf = data + 0x1000;
+        call(&mut d, &mut c0, 0, 4000, nr::READ, &[r, buf, 100]);
+        assert!(c0.kernel, "the reader's CPU parks");
+        assert_eq!(c0.uc.rip, IDLE_VA);
+        raised.lock().unwrap().clear();
+        d.proc
+            .space
+            .write_user(&d.mem, buf + 0x100, b"hello")
+            .unwrap();
+        call(&mut d, &mut c1, 1, 5000, nr::WRITE, &[w, buf + 0x100, 5]);
+        assert_eq!(rax(&c1), 5);
+        assert_eq!(raised.lock().unwrap().as_slice(), &[(0, WAKE_VECTOR as u8)]);
+        // The wake puts the call back at the entry, as it was made.
+        bell(&mut d, &mut c0, 0, 6000, false);
+        assert!(!c0.kernel);
+        assert_eq!(c0.uc.rip, ENTRY_VA);
+        assert_eq!(c0.uc.gprs[UserContext::RAX], nr::READ);
+        assert_eq!(c0.uc.gprs[UserContext::RDI], r);
+        bell(&mut d, &mut c0, 0, 6500, true);
+        assert_eq!((rax(&c0), c0.uc.rip), (5, RET));
+        let mut b = [0u8; 5];
+        d.proc.space.read_user(&d.mem, buf, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        assert!(!d.slots[0].again);
+        // 100 KiB into a 64 KiB pipe: the writer waits with 64 KiB in;
+        // a read of 64 KiB wakes it, and its call, made again, writes the
+        // rest and returns the whole count.
+        let big = 100 << 10;
+        call(&mut d, &mut c1, 1, 7000, nr::WRITE, &[w, buf, big]);
+        assert!(c1.kernel, "the writer's CPU parks");
+        assert_eq!(d.ts(1).pipe_done, 64 << 10);
+        call(&mut d, &mut c0, 0, 8000, nr::READ, &[r, buf, 1 << 20]);
+        assert_eq!(rax(&c0), 64 << 10);
+        bell(&mut d, &mut c1, 1, 9000, false);
+        assert_eq!(c1.uc.rip, ENTRY_VA);
+        bell(&mut d, &mut c1, 1, 9500, true);
+        assert_eq!(rax(&c1), big as i64);
+        assert_eq!(d.ts(1).pipe_done, 0);
+        call(&mut d, &mut c0, 0, 10_000, nr::READ, &[r, buf, 1 << 20]);
+        assert_eq!(rax(&c0), (36 << 10) as i64);
+        // A signal for a waiting reader ends its wait with EINTR.
+        call(&mut d, &mut c0, 0, 11_000, nr::READ, &[r, buf, 1]);
+        assert!(c0.kernel);
+        call(
+            &mut d,
+            &mut c1,
+            1,
+            12_000,
+            nr::TGKILL,
+            &[u64::from(crate::sys::PID), 1000, 10],
+        );
+        assert_eq!(d.slots[0].run, Run::Ready);
+        assert_eq!(
+            d.slots[0].saved.gprs[UserContext::RAX] as i64,
+            -crate::sys::EINTR
+        );
+        assert_eq!(d.slots[0].saved.rip, RET);
+        d.proc.t.pending = 0;
+        d.slots[0].t.pending = 0;
+        bell(&mut d, &mut c0, 0, 12_500, false);
+        // Both threads read empty pipes: nothing can wake them.
+        call(&mut d, &mut c0, 0, 13_000, nr::READ, &[r, buf, 1]);
+        assert!(!d.ended);
+        let reqs = call(&mut d, &mut c1, 1, 14_000, nr::READ, &[r, buf, 1]);
+        assert!(d.ended);
+        let msg = reqs
+            .iter()
+            .find_map(|q| match q {
+                Request::ProcessExit {
+                    code: 137, message, ..
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .expect("ended as SIGKILL");
+        assert!(
+            msg.contains(&format!("thread 1000 reads from the empty pipe at fd {r}"))
+                && msg.contains("thread 1001 reads from the empty pipe"),
+            "{msg}"
+        );
     }
 
     #[test]

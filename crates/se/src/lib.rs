@@ -27,6 +27,7 @@ pub mod dev;
 pub mod elf;
 pub mod mm;
 pub mod names;
+pub mod pipe;
 pub mod process;
 pub mod signal;
 pub mod sys;

@@ -371,6 +371,14 @@ pub struct Process {
     /// The tables a CPU with no thread to run idles on
     /// ([`AddressSpace::park_root`]).
     pub park_cr3: u64,
+    /// Wait keys of pipes that changed (data, room, an end closed): the
+    /// device wakes their waiters after the call.
+    pub pipe_events: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    /// The id of the next pipe.
+    pub next_pipe: u64,
+    /// What the call being serviced would block on (wait key, descriptor),
+    /// with [`crate::sys::ERESTARTSYS`].
+    pub blocked: Option<(u64, u32, Option<sim::Tick>)>,
 }
 
 /// What each thread has of its own.
@@ -395,6 +403,13 @@ pub struct ThreadState {
     pub robust_list: u64,
     /// The thread's name (prctl PR_SET_NAME), NUL-padded.
     pub comm: [u8; 16],
+    /// Bytes a blocking pipe write already wrote before it waited: the
+    /// call, made again, goes on after them and returns them too.
+    pub pipe_done: u64,
+    /// Its pending SIGPIPE came from a write to a pipe without readers.
+    pub sigpipe: bool,
+    /// The deadline of a poll that waits (kept when it is made again).
+    pub poll_deadline: Option<sim::Tick>,
 }
 
 impl std::fmt::Debug for Process {
@@ -723,6 +738,9 @@ impl Process {
                 cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
                 cpus,
                 park_cr3,
+                pipe_events: Default::default(),
+                next_pipe: 0,
+                blocked: None,
                 t: ThreadState {
                     tid: crate::sys::PID,
                     comm: {

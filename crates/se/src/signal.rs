@@ -19,6 +19,7 @@ pub const SIGKILL: i32 = 9;
 pub const SIGSEGV: i32 = 11;
 pub const SIGALRM: i32 = 14;
 pub const SIGUSR1: i32 = 10;
+pub const SIGPIPE: i32 = 13;
 pub const SIGCHLD: i32 = 17;
 pub const SIGCONT: i32 = 18;
 pub const SIGSTOP: i32 = 19;

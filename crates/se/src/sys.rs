@@ -31,6 +31,12 @@ pub const ENAMETOOLONG: i64 = 36;
 pub const ENOSYS: i64 = 38;
 pub const EINTR: i64 = 4;
 pub const EOPNOTSUPP: i64 = 95;
+pub const EPIPE: i64 = 32;
+pub const EACCES: i64 = 13;
+/// Not an errno the program sees: the call would block (a pipe), and
+/// [`Process::blocked`] says on what. The device parks the thread and
+/// makes the call again when the pipe changes.
+pub const ERESTARTSYS: i64 = 512;
 
 /// Calls that change the host file system at one path.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +81,28 @@ pub enum Object {
     Out(Arc<Mutex<Sink>>),
     /// A host file or directory.
     Host(std::fs::File),
+    /// An end of a pipe inside the process.
+    Pipe(crate::pipe::PipeEnd),
+    /// A read-only file whose contents kvmsim gives (the CPU lists under
+    /// /sys/devices/system/cpu), and the read position.
+    Synthetic { data: Vec<u8>, pos: Mutex<usize> },
+}
+
+/// The files kvmsim answers itself (the program's absolute path, its
+/// contents for `cpus` CPUs): the CPUs online and possible, so that
+/// glibc's get_nprocs and sysconf(_SC_NPROCESSORS_*) give the process's
+/// CPU count, not the host's.
+pub fn synthetic_file(path: &[u8], cpus: usize) -> Option<Vec<u8>> {
+    match path {
+        b"/sys/devices/system/cpu/online" | b"/sys/devices/system/cpu/possible" => {
+            Some(if cpus <= 1 {
+                b"0\n".to_vec()
+            } else {
+                format!("0-{}\n", cpus - 1).into_bytes()
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Where the program's stdout or stderr goes.
@@ -190,6 +218,15 @@ pub enum Flow {
     Exit { status: i32, message: String },
     /// rt_sigreturn: the registers come from the signal frame at RSP.
     SigReturn,
+    /// The call would block on wait key `key` (a pipe, or poll; `fd` the
+    /// descriptor, or poll's descriptor count, for messages): the thread
+    /// waits until the key is woken or `deadline` (poll's timeout) passes,
+    /// then makes the call again; a deadline already past returns 0.
+    Block {
+        key: u64,
+        fd: u32,
+        deadline: Option<Tick>,
+    },
 }
 
 /// What a call did.
@@ -285,6 +322,10 @@ pub mod nr {
     pub const PRLIMIT64: u64 = 302;
     pub const GETRANDOM: u64 = 318;
     pub const RSEQ: u64 = 334;
+    pub const PIPE: u64 = 22;
+    pub const PIPE2: u64 = 293;
+    pub const POLL: u64 = 7;
+    pub const PPOLL: u64 = 271;
     pub const FACCESSAT2: u64 = 439;
     pub const FSYNC: u64 = 74;
     pub const FDATASYNC: u64 = 75;
@@ -405,7 +446,16 @@ impl Process {
                 .and_then(|f| self.files.install(f, false, 0))),
             DUP2 | DUP3 => ret(self.dup3(a[0], a[1], if nr == DUP3 { a[2] } else { u64::MAX })),
             FCNTL => ret(self.fcntl(a[0], a[1], a[2])),
-            IOCTL => ret(self.files.get(a[0]).and(Err(ENOTTY))),
+            IOCTL => ret(self.ioctl(mem, a[0], a[1], a[2])),
+            PIPE => ret(self.pipe2(mem, a[0], 0)),
+            PIPE2 => ret(self.pipe2(mem, a[0], a[1])),
+            POLL => {
+                // A negative timeout is none; milliseconds otherwise.
+                let ms = a[2] as i32;
+                let timeout = (ms >= 0).then(|| u64::from(ms as u32) * 1_000_000_000);
+                ret(self.poll(mem, a[0], a[1], timeout, clock, &mut None))
+            }
+            PPOLL => ret(self.ppoll(mem, a, clock)),
             BRK => ret(Ok(self.set_brk(mem, a[0]) as i64)),
             MMAP => ret(self.mmap(mem, a[0], a[1], a[2], a[3], a[4], a[5])),
             MUNMAP => ret(self.munmap(mem, a[0], a[1])),
@@ -574,6 +624,13 @@ impl Process {
             FGETXATTR | FLISTXATTR => ret(self.files.get(a[0]).and(Err(EOPNOTSUPP))),
             _ => return None,
         };
+        let mut done = done;
+        if done.flow == Flow::Return(-ERESTARTSYS) {
+            done.flow = match self.blocked.take() {
+                Some((key, fd, deadline)) => Flow::Block { key, fd, deadline },
+                None => Flow::Return(-EINTR),
+            };
+        }
         Some(done)
     }
 
@@ -586,6 +643,12 @@ impl Process {
         at: Option<i64>,
     ) -> Result<i64, i64> {
         let f = self.files.get(fd)?;
+        if let Object::Pipe(end) = &f.obj {
+            if at.is_some() {
+                return Err(ESPIPE);
+            }
+            return self.pipe_read(mem, fd, end, &[(buf, count)]);
+        }
         let n = (count as usize).min(MAX_IO);
         // The buffer's first byte must be writable before anything is
         // consumed; the rest is checked as the data is copied (as Linux does,
@@ -605,6 +668,23 @@ impl Process {
             }
             (Object::Stdin { .. } | Object::Out(_), Some(_)) => return Err(ESPIPE),
             (Object::Out(_), None) => return Err(EBADF),
+            (Object::Pipe(_), _) => return Err(EBADF),
+            (Object::Synthetic { data, pos }, at) => {
+                let mut p = mem::lock(pos);
+                let from = match at {
+                    Some(off) if off < 0 => return Err(EINVAL),
+                    Some(off) => usize::try_from(off).unwrap_or(usize::MAX),
+                    None => *p,
+                };
+                let k = data.len().saturating_sub(from).min(n);
+                if k > 0 {
+                    tmp[..k].copy_from_slice(&data[from..from + k]);
+                }
+                if at.is_none() {
+                    *p = from + k;
+                }
+                k
+            }
             (Object::Host(file), None) => {
                 let mut total = 0;
                 while total < n {
@@ -637,6 +717,12 @@ impl Process {
         at: Option<i64>,
     ) -> Result<i64, i64> {
         let f = self.files.get(fd)?;
+        if let Object::Pipe(end) = &f.obj {
+            if at.is_some() {
+                return Err(ESPIPE);
+            }
+            return self.pipe_write(mem, fd, end, &[(buf, count)]);
+        }
         let n = (count as usize).min(MAX_IO);
         let mut tmp = vec![0u8; n];
         self.space.read_user(mem, buf, &mut tmp)?;
@@ -649,7 +735,7 @@ impl Process {
                 mem::lock(sink).write(data);
                 Ok(data.len() as i64)
             }
-            (Object::Stdin { .. }, _) => Err(EBADF),
+            (Object::Stdin { .. } | Object::Pipe(_) | Object::Synthetic { .. }, _) => Err(EBADF),
             (Object::Out(_), Some(_)) => Err(ESPIPE),
             (Object::Host(file), None) => std::io::Write::write(&mut &*file, data)
                 .map(|n| n as i64)
@@ -676,7 +762,17 @@ impl Process {
         if cnt > IOV_MAX {
             return Err(EINVAL);
         }
-        self.files.get(fd)?;
+        let f = self.files.get(fd)?;
+        if let Object::Pipe(end) = &f.obj {
+            // All the vector at once: a pipe write of it is one write
+            // (atomic up to PIPE_BUF), a read takes what is there.
+            let segs = self.iovecs(mem, iov, cnt)?;
+            return if write {
+                self.pipe_write(mem, fd, end, &segs)
+            } else {
+                self.pipe_read(mem, fd, end, &segs)
+            };
+        }
         let mut raw = vec![0u8; 16 * cnt as usize];
         self.space.read_user(mem, iov, &mut raw)?;
         let mut total: i64 = 0;
@@ -709,6 +805,310 @@ impl Process {
             }
         }
         Ok(total)
+    }
+
+    /// The (base, length) pairs of an iovec array of `cnt` entries.
+    fn iovecs(&mut self, mem: &dyn PhysMem, iov: u64, cnt: u64) -> Result<Vec<(u64, u64)>, i64> {
+        let mut raw = vec![0u8; 16 * cnt.min(IOV_MAX) as usize];
+        self.space.read_user(mem, iov, &mut raw)?;
+        let mut segs = Vec::with_capacity(raw.len() / 16);
+        let mut total: u64 = 0;
+        for c in raw.chunks(16) {
+            let base = u64::from_le_bytes(c[0..8].try_into().unwrap_or_default());
+            let len = u64::from_le_bytes(c[8..16].try_into().unwrap_or_default());
+            total = total.checked_add(len).ok_or(EINVAL)?;
+            if total > isize::MAX as u64 {
+                return Err(EINVAL);
+            }
+            segs.push((base, len));
+        }
+        Ok(segs)
+    }
+
+    /// The call waits on `key` (see [`ERESTARTSYS`]).
+    fn block(&mut self, key: u64, fd: u64) -> Result<i64, i64> {
+        self.blocked = Some((key, fd as u32, None));
+        Err(ERESTARTSYS)
+    }
+
+    /// read/readv of a pipe: what is there (at most the buffers' size and
+    /// [`MAX_IO`]), end of file once every write end is closed, else a
+    /// wait (EAGAIN if non-blocking).
+    fn pipe_read(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        end: &crate::pipe::PipeEnd,
+        segs: &[(u64, u64)],
+    ) -> Result<i64, i64> {
+        use crate::pipe::Ready;
+        if end.is_writer() {
+            return Err(EBADF);
+        }
+        let want = segs
+            .iter()
+            .fold(0u64, |t, s| t.saturating_add(s.1))
+            .min(MAX_IO as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let data = match end.peek(want) {
+            Ready::Now(d) => d,
+            Ready::Wait if end.nonblock() => return Err(EAGAIN),
+            Ready::Wait => return self.block(end.key(), fd),
+        };
+        // Copied out before it is taken: a bad buffer is EFAULT and the
+        // data stays for the next read.
+        let mut done = 0usize;
+        for &(base, len) in segs {
+            if done == data.len() {
+                break;
+            }
+            let k = (len as usize).min(data.len() - done);
+            if let Err(e) = self.space.write_user(mem, base, &data[done..done + k]) {
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+            done += k;
+        }
+        end.consume(done);
+        Ok(done as i64)
+    }
+
+    /// write/writev to a pipe: EPIPE and SIGPIPE once every read end is
+    /// closed; up to PIPE_BUF bytes go in at once or not at all, more go
+    /// in as room allows. A blocking write returns once all is written
+    /// (waiting for readers as often as needed: `ThreadState::pipe_done`
+    /// carries what is written across the waits); a non-blocking one
+    /// writes what fits, or EAGAIN.
+    fn pipe_write(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        end: &crate::pipe::PipeEnd,
+        segs: &[(u64, u64)],
+    ) -> Result<i64, i64> {
+        use crate::pipe::Ready;
+        if !end.is_writer() {
+            return Err(EBADF);
+        }
+        let total = segs
+            .iter()
+            .fold(0u64, |t, s| t.saturating_add(s.1))
+            .min(MAX_IO as u64) as usize;
+        let done = (std::mem::take(&mut self.t.pipe_done) as usize).min(total);
+        let so_far = |e: i64| if done > 0 { Ok(done as i64) } else { Err(e) };
+        if done == total {
+            return Ok(total as i64);
+        }
+        let k = match end.room(total - done) {
+            Err(()) => {
+                self.send_thread(crate::signal::SIGPIPE);
+                self.t.sigpipe = true;
+                return so_far(EPIPE);
+            }
+            Ok(Ready::Wait) if end.nonblock() => return so_far(EAGAIN),
+            Ok(Ready::Wait) => {
+                self.t.pipe_done = done as u64;
+                return self.block(end.key(), fd);
+            }
+            Ok(Ready::Now(k)) => k,
+        };
+        // Gather bytes done..done + k of the segments.
+        let mut data = vec![0u8; k];
+        let (mut skip, mut got) = (done, 0usize);
+        for &(base, len) in segs {
+            if got == k {
+                break;
+            }
+            let len = len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(k - got);
+            let at = base.wrapping_add(skip as u64);
+            if let Err(e) = self.space.read_user(mem, at, &mut data[got..got + n]) {
+                if got == 0 {
+                    return so_far(e);
+                }
+                break;
+            }
+            got += n;
+            skip = 0;
+        }
+        end.push(&data[..got]);
+        let done = done + got;
+        if done == total || end.nonblock() || got < k {
+            return Ok(done as i64);
+        }
+        self.t.pipe_done = done as u64;
+        self.block(end.key(), fd)
+    }
+
+    /// poll / ppoll: the descriptors' states (pipes as Linux gives them;
+    /// host files, the standard streams and kvmsim's own files always
+    /// ready), or a wait until a pipe changes, the timeout (`timeout`,
+    /// relative, in ticks; `None`: none) passes or a signal comes. A call
+    /// made again after a wake keeps its first deadline
+    /// (`ThreadState::poll_deadline`).
+    fn poll(
+        &mut self,
+        mem: &dyn PhysMem,
+        fds: u64,
+        nfds: u64,
+        timeout: Option<Tick>,
+        clock: Clock,
+        deadline_out: &mut Option<Tick>,
+    ) -> Result<i64, i64> {
+        if nfds > MAX_FDS as u64 {
+            return Err(EINVAL);
+        }
+        let mut raw = vec![0u8; 8 * nfds as usize];
+        self.space.read_user(mem, fds, &mut raw)?;
+        let mut ready = 0;
+        for e in raw.chunks_mut(8) {
+            let fd = i32::from_le_bytes(e[0..4].try_into().unwrap_or_default());
+            let events = i16::from_le_bytes(e[4..6].try_into().unwrap_or_default());
+            let revents = if fd < 0 {
+                0
+            } else {
+                match self.files.get(fd as u64) {
+                    Err(_) => libc::POLLNVAL,
+                    Ok(f) => {
+                        let (r, w) = (
+                            libc::POLLIN | libc::POLLRDNORM,
+                            libc::POLLOUT | libc::POLLWRNORM,
+                        );
+                        let state = match &f.obj {
+                            Object::Pipe(end) => end.poll(),
+                            Object::Stdin { .. } | Object::Synthetic { .. } => r,
+                            Object::Out(_) => w,
+                            Object::Host(_) => r | w,
+                        };
+                        // POLLERR, POLLHUP (and POLLNVAL) come unasked.
+                        state & (events | libc::POLLERR | libc::POLLHUP)
+                    }
+                }
+            };
+            e[6..8].copy_from_slice(&revents.to_le_bytes());
+            ready += i64::from(revents != 0);
+        }
+        self.space.write_user(mem, fds, &raw)?;
+        let deadline = match self.t.poll_deadline.take() {
+            Some(d) => Some(d),
+            None => timeout.map(|t| clock.now.saturating_add(t)),
+        };
+        *deadline_out = deadline;
+        if ready > 0 || deadline.is_some_and(|d| d <= clock.now) {
+            return Ok(ready);
+        }
+        self.t.poll_deadline = deadline;
+        self.blocked = Some((crate::pipe::POLL_KEY, nfds as u32, deadline));
+        Err(ERESTARTSYS)
+    }
+
+    /// ppoll: poll with a timespec timeout (the time left written back)
+    /// and a signal mask in force while it waits.
+    fn ppoll(&mut self, mem: &dyn PhysMem, a: [u64; 6], clock: Clock) -> Result<i64, i64> {
+        let timeout = if a[2] == 0 {
+            None
+        } else {
+            let mut b = [0u8; 16];
+            self.space.read_user(mem, a[2], &mut b)?;
+            let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let nsec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+            if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+                return Err(EINVAL);
+            }
+            let ns = (sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(nsec as u64);
+            Some(ns.saturating_mul(1000))
+        };
+        if a[3] != 0 {
+            if a[4] != 8 {
+                return Err(EINVAL);
+            }
+            let mut b = [0u8; 8];
+            self.space.read_user(mem, a[3], &mut b)?;
+            // The mask to put back when the call returns (or when a
+            // handler it let in returns).
+            if self.t.suspend_mask.is_none() {
+                self.t.suspend_mask = Some(self.t.sigmask);
+            }
+            self.t.sigmask = u64::from_le_bytes(b) & !crate::signal::UNBLOCKABLE;
+        }
+        let mut deadline = None;
+        let r = self.poll(mem, a[0], a[1], timeout, clock, &mut deadline);
+        if r == Err(ERESTARTSYS) {
+            return r;
+        }
+        if a[3] != 0 {
+            if let Some(old) = self.t.suspend_mask.take() {
+                self.t.sigmask = old;
+            }
+        }
+        if let (Some(d), Ok(_)) = (deadline, r) {
+            // The time left, as Linux writes it back.
+            let left_ns = d.saturating_sub(clock.now) / 1000;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&(left_ns / 1_000_000_000).to_le_bytes());
+            b[8..].copy_from_slice(&(left_ns % 1_000_000_000).to_le_bytes());
+            self.space.write_user(mem, a[2], &b)?;
+        }
+        r
+    }
+
+    /// pipe / pipe2: two descriptors, the read end first.
+    fn pipe2(&mut self, mem: &dyn PhysMem, fds: u64, flags: u64) -> Result<i64, i64> {
+        let (cloexec, nonblock) = (libc::O_CLOEXEC as u64, libc::O_NONBLOCK as u64);
+        if flags & !(cloexec | nonblock) != 0 {
+            return Err(EINVAL);
+        }
+        self.space.check_user(mem, fds, 8, PROT_WRITE)?;
+        self.next_pipe += 1;
+        let id = self.next_pipe;
+        let (r, w) = crate::pipe::Pipe::open(id, self.pipe_events.clone(), flags & nonblock != 0);
+        let c = flags & cloexec != 0;
+        let mk = |obj, side: &str| {
+            Arc::new(OpenFile {
+                obj,
+                path: PathBuf::from(format!("pipe:[{id}] ({side} end)")),
+            })
+        };
+        let rfd = self.files.install(mk(Object::Pipe(r), "read"), c, 0)?;
+        let wfd = match self.files.install(mk(Object::Pipe(w), "write"), c, 0) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = self.files.close(rfd as u64);
+                return Err(e);
+            }
+        };
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&(rfd as i32).to_le_bytes());
+        b[4..].copy_from_slice(&(wfd as i32).to_le_bytes());
+        if let Err(e) = self.space.write_user(mem, fds, &b) {
+            let _ = self.files.close(rfd as u64);
+            let _ = self.files.close(wfd as u64);
+            return Err(e);
+        }
+        Ok(0)
+    }
+
+    /// ioctl: FIONREAD on a pipe; anything else is ENOTTY (no terminals).
+    fn ioctl(&mut self, mem: &dyn PhysMem, fd: u64, req: u64, arg: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        match (&f.obj, req) {
+            (Object::Pipe(end), 0x541b) => {
+                let n = end.available() as i32;
+                self.space.write_user(mem, arg, &n.to_le_bytes())?;
+                Ok(0)
+            }
+            _ => Err(ENOTTY),
+        }
     }
 
     /// The host path for `path` relative to `dirfd`, with /proc/self/exe
@@ -760,6 +1160,26 @@ impl Process {
         flags: u64,
         mode: u64,
     ) -> Result<i64, i64> {
+        let raw = self.space.read_cstr(mem, path, PATH_MAX)?;
+        if let Some(data) = synthetic_file(&raw, self.cpus) {
+            if flags & libc::O_ACCMODE as u64 != libc::O_RDONLY as u64 {
+                return Err(EACCES);
+            }
+            if flags & libc::O_DIRECTORY as u64 != 0 {
+                return Err(ENOTDIR);
+            }
+            return self.files.install(
+                Arc::new(OpenFile {
+                    obj: Object::Synthetic {
+                        data,
+                        pos: Mutex::new(0),
+                    },
+                    path: PathBuf::from(std::ffi::OsStr::from_bytes(&raw)),
+                }),
+                flags & libc::O_CLOEXEC as u64 != 0,
+                0,
+            );
+        }
         let p = self.resolve(mem, dirfd, path)?;
         let cpath = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| EINVAL)?;
         let cloexec = flags & libc::O_CLOEXEC as u64 != 0;
@@ -827,8 +1247,15 @@ impl Process {
                         Ok(i64::from(r))
                     }
                 }
-                Object::Stdin { .. } => Ok(i64::from(libc::O_RDONLY)),
+                Object::Stdin { .. } | Object::Synthetic { .. } => Ok(i64::from(libc::O_RDONLY)),
                 Object::Out(_) => Ok(i64::from(libc::O_WRONLY)),
+                Object::Pipe(end) => Ok(i64::from(
+                    if end.is_writer() {
+                        libc::O_WRONLY
+                    } else {
+                        libc::O_RDONLY
+                    } | if end.nonblock() { libc::O_NONBLOCK } else { 0 },
+                )),
             },
             libc::F_SETFL => match &f.obj {
                 Object::Host(h) => {
@@ -840,6 +1267,10 @@ impl Process {
                     } else {
                         Ok(0)
                     }
+                }
+                Object::Pipe(end) => {
+                    end.set_nonblock(arg as i32 & libc::O_NONBLOCK != 0);
+                    Ok(0)
                 }
                 _ => Ok(0),
             },
@@ -1066,7 +1497,15 @@ impl Process {
                     return Err(last_err());
                 }
             }
-            // The standard streams are pipes to the program (not terminals).
+            Object::Synthetic { .. } => {
+                // As sysfs gives it: a read-only file of one page.
+                st.st_mode = libc::S_IFREG | 0o444;
+                st.st_size = 4096;
+                st.st_blksize = 4096;
+                st.st_nlink = 1;
+            }
+            // The standard streams are pipes to the program (not
+            // terminals), and pipes are pipes.
             _ => {
                 st.st_mode = libc::S_IFIFO | 0o600;
                 st.st_blksize = 4096;
@@ -1121,6 +1560,18 @@ impl Process {
                 } else {
                     Ok(r)
                 }
+            }
+            Object::Synthetic { data, pos } => {
+                let mut p = mem::lock(pos);
+                let base = match whence {
+                    0 => 0,
+                    1 => *p as i64,
+                    2 => data.len() as i64,
+                    _ => return Err(EINVAL),
+                };
+                let to = base.checked_add(off).filter(|&t| t >= 0).ok_or(EINVAL)?;
+                *p = usize::try_from(to).map_err(|_| EINVAL)?;
+                Ok(to)
             }
             _ => Err(ESPIPE),
         }
@@ -1960,7 +2411,272 @@ mod tests {
             Flow::Return(v) => v,
             Flow::Exit { status, .. } => panic!("exit {status}"),
             Flow::SigReturn => panic!("sigreturn"),
+            Flow::Block { key, .. } => panic!("blocks on {key:#x}"),
         }
+    }
+
+    #[test]
+    fn pipes_in_one_thread_keep_linux_rules() {
+        let (mem, mut p) = process();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        let rd = |p: &mut Process, at: u64, n: usize| {
+            let mut b = vec![0u8; n];
+            p.space.read_user(&mem, at, &mut b).unwrap();
+            b
+        };
+        // Bad flags, a bad pointer.
+        assert_eq!(call(&mut p, &mem, nr::PIPE2, &[buf, 0x4000]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::PIPE, &[0x10]), -crate::mm::EFAULT);
+        assert_eq!(
+            call(&mut p, &mem, nr::PIPE2, &[buf, libc::O_CLOEXEC as u64]),
+            0
+        );
+        let fds = rd(&mut p, buf, 8);
+        let (r, w) = (
+            i32::from_le_bytes(fds[..4].try_into().unwrap()) as u64,
+            i32::from_le_bytes(fds[4..].try_into().unwrap()) as u64,
+        );
+        assert_eq!((r, w), (3, 4));
+        assert_eq!(call(&mut p, &mem, nr::FCNTL, &[r, libc::F_GETFD as u64]), 1);
+        assert_eq!(
+            call(&mut p, &mem, nr::FCNTL, &[w, libc::F_GETFL as u64]),
+            i64::from(libc::O_WRONLY)
+        );
+        // Write then read in one thread; the wrong end is EBADF, a
+        // positional call ESPIPE.
+        p.space.write_user(&mem, buf + 64, b"hello pipe").unwrap();
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf + 64, 10]), 10);
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[r, buf + 64, 10]), -EBADF);
+        assert_eq!(call(&mut p, &mem, nr::PREAD64, &[r, buf, 1, 0]), -ESPIPE);
+        assert_eq!(call(&mut p, &mem, nr::LSEEK, &[r, 0, 0]), -ESPIPE);
+        let avail = buf + 200;
+        assert_eq!(call(&mut p, &mem, nr::IOCTL, &[r, 0x541b, avail]), 0);
+        assert_eq!(rd(&mut p, avail, 4), 10u32.to_le_bytes());
+        assert_eq!(
+            call(&mut p, &mem, nr::READ, &[r, 0x10, 5]),
+            -crate::mm::EFAULT
+        );
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf + 128, 5]), 5);
+        assert_eq!(rd(&mut p, buf + 128, 5), b"hello");
+        // readv takes the rest across two buffers.
+        let iov = buf + 256;
+        let mut v = Vec::new();
+        for (base, len) in [(buf + 300, 2u64), (buf + 400, 10)] {
+            v.extend_from_slice(&base.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+        }
+        p.space.write_user(&mem, iov, &v).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::READV, &[r, iov, 2]), 5);
+        assert_eq!(rd(&mut p, buf + 300, 2), b" p");
+        assert_eq!(rd(&mut p, buf + 400, 3), b"ipe");
+        // Empty with a write end open: a blocking read would wait (the
+        // device parks the thread); non-blocking, EAGAIN.
+        let d = p.syscall(
+            &mem,
+            nr::READ,
+            [r, buf, 5, 0, 0, 0],
+            Clock {
+                now: 0,
+                realtime_base_ns: 0,
+            },
+        );
+        assert!(
+            matches!(d.unwrap().flow, Flow::Block { key, fd: 3, deadline: None } if crate::pipe::parse_key(key).is_some())
+        );
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::FCNTL,
+                &[r, libc::F_SETFL as u64, libc::O_NONBLOCK as u64]
+            ),
+            0
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::FCNTL, &[r, libc::F_GETFL as u64]),
+            i64::from(libc::O_RDONLY | libc::O_NONBLOCK)
+        );
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf, 5]), -EAGAIN);
+        // Full: a non-blocking write takes what fits, then EAGAIN.
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::FCNTL,
+                &[w, libc::F_SETFL as u64, libc::O_NONBLOCK as u64]
+            ),
+            0
+        );
+        let big = 48 << 10;
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, big]), big as i64);
+        assert_eq!(
+            call(&mut p, &mem, nr::WRITE, &[w, buf, big]),
+            (16 << 10) as i64
+        );
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, 1]), -EAGAIN);
+        // dup keeps the write end open; closing both gives end of file
+        // after the data.
+        let w2 = call(&mut p, &mem, nr::DUP, &[w]) as u64;
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[w]), 0);
+        assert_eq!(
+            call(&mut p, &mem, nr::READ, &[r, buf, 1 << 20]),
+            (64 << 10) as i64
+        );
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf, 1]), -EAGAIN);
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[w2]), 0);
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf, 1]), 0);
+        // Every read end closed: EPIPE, and SIGPIPE for the thread.
+        assert_eq!(call(&mut p, &mem, nr::PIPE2, &[buf, 0]), 0);
+        let fds = rd(&mut p, buf, 8);
+        let (r, w) = (u64::from(fds[0]), u64::from(fds[4]));
+        assert_eq!(call(&mut p, &mem, nr::DUP2, &[w, 10]), 10);
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[r]), 0);
+        assert_eq!(p.t.pending, 0);
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[10, buf, 1]), -EPIPE);
+        assert_eq!(p.t.pending, crate::signal::bit(crate::signal::SIGPIPE));
+    }
+
+    #[test]
+    fn poll_gives_pipe_states_and_waits_with_a_deadline() {
+        let (mem, mut p) = process();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        assert_eq!(call(&mut p, &mem, nr::PIPE2, &[buf, 0]), 0);
+        let (r, w) = (3u64, 4u64);
+        let pfd = buf + 0x100;
+        let set = |p: &mut Process, fds: &[(i32, i16)]| {
+            let mut b = Vec::new();
+            for &(fd, ev) in fds {
+                b.extend_from_slice(&fd.to_le_bytes());
+                b.extend_from_slice(&ev.to_le_bytes());
+                b.extend_from_slice(&0i16.to_le_bytes());
+            }
+            p.space.write_user(&mem, pfd, &b).unwrap();
+        };
+        let revents = |p: &mut Process, i: u64| {
+            let mut b = [0u8; 2];
+            p.space.read_user(&mem, pfd + 8 * i + 6, &mut b).unwrap();
+            i16::from_le_bytes(b)
+        };
+        let (pin, pout) = (libc::POLLIN, libc::POLLOUT);
+        // Empty: the read end is not ready, the write end is; a bad
+        // descriptor is POLLNVAL, a negative one is skipped.
+        set(
+            &mut p,
+            &[(r as i32, pin), (w as i32, pout), (77, pin), (-1, pin)],
+        );
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 4, 0]), 2);
+        assert_eq!(revents(&mut p, 0), 0);
+        assert_eq!(revents(&mut p, 1), pout, "only the events asked for");
+        assert_eq!(revents(&mut p, 2), libc::POLLNVAL);
+        assert_eq!(revents(&mut p, 3), 0);
+        // Nothing ready with a timeout: a wait until the deadline (100 ms
+        // from the call's time), on the poll key.
+        set(&mut p, &[(r as i32, pin)]);
+        let clock = Clock {
+            now: 7_000,
+            realtime_base_ns: 0,
+        };
+        let d = p
+            .syscall(&mem, nr::POLL, [pfd, 1, 100, 0, 0, 0], clock)
+            .unwrap();
+        assert_eq!(
+            d.flow,
+            Flow::Block {
+                key: crate::pipe::POLL_KEY,
+                fd: 1,
+                deadline: Some(7_000 + 100_000_000_000)
+            }
+        );
+        // Made again after a wake, it keeps that deadline; past it, 0.
+        let later = Clock {
+            now: 7_000 + 100_000_000_000,
+            realtime_base_ns: 0,
+        };
+        let d = p
+            .syscall(&mem, nr::POLL, [pfd, 1, 100, 0, 0, 0], later)
+            .unwrap();
+        assert_eq!(d.flow, Flow::Return(0));
+        assert_eq!(p.t.poll_deadline, None);
+        // Data: POLLIN; the write end closed: POLLHUP too, unasked.
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, 3]), 3);
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 1, u64::MAX]), 1);
+        assert_eq!(revents(&mut p, 0), pin);
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[w]), 0);
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 1, 0]), 1);
+        assert_eq!(revents(&mut p, 0), pin | libc::POLLHUP);
+        // ppoll: the time left is written back; its mask is in force only
+        // during the call.
+        let ts = buf + 0x200;
+        let mut t = Vec::new();
+        t.extend_from_slice(&2i64.to_le_bytes());
+        t.extend_from_slice(&0i64.to_le_bytes());
+        p.space.write_user(&mem, ts, &t).unwrap();
+        let mask = buf + 0x300;
+        p.space
+            .write_user(&mem, mask, &u64::MAX.to_le_bytes())
+            .unwrap();
+        p.t.sigmask = 0;
+        assert_eq!(call(&mut p, &mem, nr::PPOLL, &[pfd, 1, ts, mask, 8]), 1);
+        assert_eq!(p.t.sigmask, 0);
+        assert_eq!(p.t.suspend_mask, None);
+        let mut b = [0u8; 16];
+        p.space.read_user(&mem, ts, &mut b).unwrap();
+        assert_eq!(&b[..8], &2i64.to_le_bytes());
+        assert_eq!(
+            call(&mut p, &mem, nr::PPOLL, &[pfd, 1, ts, mask, 4]),
+            -EINVAL
+        );
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 5000, 0]), -EINVAL);
+    }
+
+    #[test]
+    fn the_cpu_lists_give_the_process_cpus() {
+        let (mem, mut p) = process();
+        p.cpus = 3;
+        let path = crate::STACK_TOP - 0x1_0000;
+        let buf = path + 0x100;
+        for name in [
+            "/sys/devices/system/cpu/online",
+            "/sys/devices/system/cpu/possible",
+        ] {
+            p.space
+                .write_user(&mem, path, format!("{name}\0").as_bytes())
+                .unwrap();
+            let fd = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, path, 0]);
+            assert!(fd >= 3, "{name}: {fd}");
+            assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 100]), 4);
+            let mut b = [0u8; 4];
+            p.space.read_user(&mem, buf, &mut b).unwrap();
+            assert_eq!(&b, b"0-2\n");
+            assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 100]), 0);
+            assert_eq!(call(&mut p, &mem, nr::LSEEK, &[fd as u64, 2, 0]), 2);
+            assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 100]), 2);
+            assert_eq!(call(&mut p, &mem, nr::WRITE, &[fd as u64, buf, 1]), -EBADF);
+            assert_eq!(call(&mut p, &mem, nr::CLOSE, &[fd as u64]), 0);
+            assert_eq!(
+                call(
+                    &mut p,
+                    &mem,
+                    nr::OPENAT,
+                    &[AT_FDCWD as u64, path, libc::O_WRONLY as u64]
+                ),
+                -EACCES
+            );
+        }
+        // sched_getaffinity: the same 3 CPUs.
+        assert_eq!(
+            call(&mut p, &mem, nr::SCHED_GETAFFINITY, &[0, 128, buf]),
+            128
+        );
+        let mut b = [0u8; 2];
+        p.space.read_user(&mem, buf, &mut b).unwrap();
+        assert_eq!(b, [0b111, 0]);
+        p.cpus = 1;
+        p.space
+            .write_user(&mem, path, b"/sys/devices/system/cpu/online\0")
+            .unwrap();
+        let fd = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, path, 0]);
+        assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 100]), 2);
     }
 
     #[test]

@@ -23,6 +23,10 @@
  *            (its handler runs on that thread), a process-directed signal
  *            that the other thread blocks (taken by the main thread), and
  *            a thread in sigsuspend woken by pthread_kill.
+ *   cpus     how many CPUs the C library says there are: sysconf
+ *            (_SC_NPROCESSORS_ONLN, _CONF), get_nprocs, get_nprocs_conf
+ *            (glibc reads /sys/devices/system/cpu/online and possible,
+ *            musl asks sched_getaffinity).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -32,9 +36,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if __has_include(<linux/futex.h>)
 #include <linux/futex.h>
+#else
+/* musl-gcc's include path has no kernel headers. */
+#define FUTEX_WAIT 0
+#endif
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/sysinfo.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -353,6 +363,13 @@ static int alone(void) {
     return 0;
 }
 
+static int cpus(void) {
+    printf("online %ld configured %ld get_nprocs %d get_nprocs_conf %d\n",
+           sysconf(_SC_NPROCESSORS_ONLN), sysconf(_SC_NPROCESSORS_CONF), get_nprocs(),
+           get_nprocs_conf());
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *m = argc > 1 ? argv[1] : "work";
@@ -370,6 +387,8 @@ int main(int argc, char **argv) {
         return memory();
     if (!strcmp(m, "alone"))
         return alone();
+    if (!strcmp(m, "cpus"))
+        return cpus();
     fprintf(stderr, "unknown mode %s\n", m);
     return 64;
 }
