@@ -355,7 +355,7 @@ pub fn run() -> Report {
     // TSC-deadline, the KVM paravirt leaves).
     let filtered = supported
         .as_ref()
-        .map(|c| crate::arch::x86_64::cpuid::filter(c, 0, 1));
+        .map(|c| crate::arch::x86_64::cpuid::filter(c, 0, 1, false));
     let table = |leaf: u32, reg: usize| {
         filtered.as_ref().map(|c| {
             // A leaf missing from the table supports nothing.

@@ -371,6 +371,13 @@ pub struct SystemConfig {
     /// QEMU (see [`QemuDevices`]).
     #[serde(default, skip_serializing_if = "QemuDevices::is_unset")]
     pub qemu: QemuDevices,
+    /// Offer x2APIC (CPUID.1:ECX bit 21) and give the local APICs their
+    /// x2APIC mode (default false). Needs local APICs (platform "pc", or
+    /// several CPUs) and a host whose KVM honours the user-space MSR
+    /// filter (`kvmsim doctor`). Off by default: Linux switches to x2APIC
+    /// when offered, and every APIC access then becomes an MSR exit.
+    #[serde(default)]
+    pub x2apic: bool,
     /// The host file the guest reads with the `readfile` sim-op (gem5's
     /// `m5 readfile`, 0x50), relative to the config file; without it the
     /// guest reads nothing. A restore may name another (`--readfile`), so
@@ -992,6 +999,7 @@ impl Config {
                 cpus: default_cpus(),
                 ipi_latency: default_ipi_latency(),
                 qemu: QemuDevices::default(),
+                x2apic: false,
                 readfile: None,
                 symbols: None,
                 se: None,
@@ -1375,6 +1383,17 @@ impl Config {
                         ));
                     }
                 }
+            }
+            if s.x2apic && (s.platform == "se" || (s.platform == "bare" && s.cpus == 1)) {
+                return Err(bad(
+                    f("x2apic"),
+                    "true".into(),
+                    &format!(
+                        "needs local APICs: platform \"pc\" or \"auto\", or more than one CPU \
+                         (platform is \"{}\" with {} CPU)",
+                        s.platform, s.cpus
+                    ),
+                ));
             }
             if s.ipi_latency.0 == 0 {
                 return Err(bad(

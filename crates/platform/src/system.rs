@@ -572,9 +572,27 @@ impl System {
         for &[base, size] in &sc.coalesced_mmio {
             vm.register_coalesced_mmio(base, size)?;
         }
+        let has_lapics = sc.platform == "pc" || ncpus > 1;
+        if sc.x2apic && !has_lapics {
+            return Err(PlatformError::Setup(format!(
+                "{name}: system.x2apic = true needs local APICs: platform \"pc\" or more than \
+                 one CPU (platform is \"{}\" with 1 CPU)",
+                sc.platform
+            )));
+        }
+        // x2APIC mode: the APICs' MSRs must reach kvmsim, which only the
+        // user-space MSR filter's exits can do.
+        if sc.x2apic && !vm.trap_apic_msrs(true)? {
+            return Err(PlatformError::Setup(format!(
+                "{name}: system.x2apic = true needs a host whose KVM honours the user-space MSR \
+                 filter (`kvmsim doctor`: \"user-space MSR filter (IA32_APIC_BASE)\" fails here: \
+                 KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER missing); set it to false"
+            )));
+        }
         // Local APICs (a PC, or several CPUs) learn of IA32_APIC_BASE
         // writes where the host can tell (kvmsim doctor says).
-        if (sc.platform == "pc" || ncpus > 1)
+        if has_lapics
+            && !sc.x2apic
             && !vm.trap_apic_base_writes()?
             && console::first_time("apic-base-filter")
         {
@@ -589,6 +607,7 @@ impl System {
                 id: id as u64,
                 cpus: ncpus as u8,
                 coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+                x2apic: sc.x2apic,
             })?);
         }
 
@@ -946,6 +965,9 @@ impl System {
             vector_intc = Some(v.clone());
             (vec![v.clone()], Vec::new(), v, None, None)
         };
+        for l in &lapics {
+            mem::lock(l).offer_x2apic(sc.x2apic);
+        }
         for (cpu, intc) in kcpus.iter_mut().zip(&intcs) {
             cpu.set_interrupt_controller(intc.clone());
         }
