@@ -2322,6 +2322,29 @@ mod tests {
     }
 
     #[test]
+    fn x2apic_is_off_by_default_and_needs_local_apics() {
+        let sys = |extra: &str| parse(&format!("[system]\nkernel = \"builtin:hello\"\n{extra}"));
+        let c = sys("").unwrap();
+        assert!(!c.system[0].x2apic);
+        // config.json says which was used.
+        let json = serde_json::to_value(&c.system[0]).unwrap();
+        assert_eq!(json["x2apic"], serde_json::json!(false));
+        assert!(sys("x2apic = true\nplatform = \"pc\"\n").unwrap().system[0].x2apic);
+        assert!(sys("x2apic = true\ncpus = 2\nplatform = \"bare\"\n").is_ok());
+        // "auto" may become a PC: the run checks it once resolved.
+        assert!(sys("x2apic = true\n").is_ok());
+        let e = sys("x2apic = true\nplatform = \"bare\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("system.x2apic = true") && e.contains("needs local APICs"),
+            "{e}"
+        );
+        let e = sys("x2apic = 1\n").unwrap_err().to_string();
+        assert!(e.contains("x2apic") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
     fn bad_value_names_line_and_problem() {
         let e = parse("[system]\nkernel = \"builtin:hello\"\nmemory = \"12XB\"\n")
             .unwrap_err()
