@@ -181,7 +181,8 @@ for t in "${tests[@]}"; do
     fi
     echo "   ${summary:-no SUMMARY line} -> $result (status $st, ${secs}s host)"
     grep -aE "^(FAIL|XFAIL): " "$log" | sed 's/^/   /'
-    rows+=("$t|$file|$smp|$result|$pass|$fail|$skip|$xfail|${secs}s|${notes#; }")
+    notes=${notes#; }
+    rows+=("$t|$file|$smp|$result|$pass|$fail|$skip|$xfail|${secs}s|${notes%; }")
 done
 
 echo
