@@ -157,6 +157,8 @@ for t in "${tests[@]}"; do
     while IFS= read -r line; do
         for k in "${known[@]}"; do
             pat=${k%%|*}
+            # With x2APIC offered, its sub-tests say something about kvmsim.
+            [ "$x2apic" = true ] && [ "$pat" = x2apic ] && continue
             if [[ "${line,,}" == *"${pat,,}"* ]]; then
                 notes="$notes; '${line#*: }': ${k#*|}"
             fi
