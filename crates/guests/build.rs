@@ -34,6 +34,7 @@ const GUESTS: &[&str] = &[
     "readfile",
     "pcevents",
     "irqwin",
+    "x2apic",
 ];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -34,6 +34,7 @@ fn vcpu(vm: &KvmVm) -> KvmVcpu {
         id: 0,
         cpus: 1,
         coalesced_mmio: false,
+        x2apic: false,
     })
     .unwrap()
 }

@@ -110,7 +110,7 @@ impl IoApic {
                 .iter()
                 .filter_map(|l| {
                     let a = mem::lock(l);
-                    a.accepts(dest, logical)
+                    a.accepts_from_ioapic(dest, logical)
                         .then(|| (a.arbitration_priority(), l.clone()))
                 })
                 .min_by_key(|(p, _)| *p);
@@ -121,7 +121,7 @@ impl IoApic {
         } else {
             for lapic in &self.lapics {
                 let mut a = mem::lock(lapic);
-                if !a.accepts(dest, logical) {
+                if !a.accepts_from_ioapic(dest, logical) {
                     continue;
                 }
                 hit = true;
@@ -592,6 +592,53 @@ mod tests {
             .filter(|&i| mem::lock(&lapics[i]).acknowledge() == Some(0x91))
             .collect();
         assert_eq!(got, vec![3]);
+    }
+
+    #[test]
+    fn logical_and_broadcast_messages_reach_x2apic_targets() {
+        // kvm-unit-tests' ioapic test with x2APIC: 4 CPUs in x2APIC mode,
+        // logical destination 0xd (cluster 0, bits 0, 2, 3), level-triggered.
+        use sim::intr::InterruptController;
+        let mut stats = Stats::new();
+        let lapics: Vec<Arc<Mutex<Lapic>>> = (0..4u8)
+            .map(|id| {
+                let mut a =
+                    Lapic::new(id, 1_000_000_000, None, &mut stats, &format!("apic{id}")).unwrap();
+                a.offer_x2apic(true);
+                let base = a.apic_base() | crate::lapic::APIC_BASE_EXTD;
+                a.msr_written(crate::lapic::APIC_BASE_MSR, base);
+                assert!(a.x2apic_write(0x80f, 0x1ff, 0, &mut vec![]));
+                Arc::new(Mutex::new(a))
+            })
+            .collect();
+        let mut io = IoApic::new(4, lapics.clone(), &mut stats, "ioapic").unwrap();
+        reg(&mut io, 0x10 + 2 * 14, Some(0x0000_8886)); // logical, level, 0x86
+        reg(&mut io, 0x11 + 2 * 14, Some(0x0d00_0000));
+        io.set_line(14, true);
+        let got: Vec<bool> = lapics
+            .iter()
+            .map(|l| mem::lock(l).acknowledge() == Some(0x86))
+            .collect();
+        assert_eq!(got, [true, false, true, true]);
+        io.set_line(14, false);
+        // Physical 0xFF from the I/O APIC is the broadcast for x2APIC
+        // targets too; physical 2 is the CPU with x2APIC ID 2.
+        reg(&mut io, 0x10 + 2 * 5, Some(0x0000_0095));
+        reg(&mut io, 0x11 + 2 * 5, Some(0xff00_0000));
+        io.set_line(5, true);
+        io.set_line(5, false);
+        for l in &lapics {
+            let mut a = mem::lock(l);
+            assert_eq!(a.acknowledge(), Some(0x95));
+            assert!(a.x2apic_write(0x80b, 0, 0, &mut vec![]), "EOI");
+        }
+        reg(&mut io, 0x11 + 2 * 5, Some(0x0200_0000));
+        io.set_line(5, true);
+        let got: Vec<bool> = lapics
+            .iter()
+            .map(|l| mem::lock(l).acknowledge() == Some(0x95))
+            .collect();
+        assert_eq!(got, [false, false, true, false]);
     }
 
     #[test]

@@ -14,13 +14,25 @@
 //! registers to another address ([`Lapic::set_apic_base`], with the bus
 //! range of [`Lapic::set_window`]); up to two NMIs wait for the CPU.
 //!
+//! x2APIC mode, when the platform offers it ([`Lapic::offer_x2apic`]):
+//! IA32_APIC_BASE's EXTD bit switches the APIC to its MSR interface
+//! (0x800 + register offset / 16, [`Lapic::x2apic_read`] and
+//! [`Lapic::x2apic_write`]) with the transitions the Intel SDM (vol. 3,
+//! 11.12.5) allows; the register page is then not decoded, the APIC ID is
+//! the CPU's 32-bit one, LDR is derived from it (cluster and bit), there
+//! is no DFR, the ICR is one 64-bit register with a 32-bit destination,
+//! and SELF IPI sends a fixed interrupt to itself. Destinations follow
+//! KVM's matching (`kvm_apic_match_dest`): 32-bit in x2APIC mode, with
+//! 0xFFFFFFFF the broadcast; an I/O APIC's broadcast 0xFF reaches x2APIC
+//! targets too ([`Lapic::accepts_from_ioapic`]).
+//!
 //! The APIC is the CPU's [`InterruptController`].
 
 use std::sync::{Arc, Mutex};
 
 use mem::{AccessCtx, BusDevice, MovableBase, RestoreError, SavedState, Space, TimedDevice};
 use serde::{Deserialize, Serialize};
-use sim::intr::{InterruptController, Pending};
+use sim::intr::{InterruptController, MsrWrite, Pending};
 use sim::tick::TICKS_PER_SECOND;
 use sim::{Counter, Request, Stats, Tick};
 
@@ -54,8 +66,9 @@ pub struct Ipi {
     /// 0 fixed, 1 lowest priority, 4 NMI, 5 INIT, 6 SIPI.
     pub mode: u8,
     pub vector: u8,
-    /// Destination APIC ID (physical) or logical mask, per `logical`.
-    pub dest: u8,
+    /// Destination APIC ID (physical) or logical mask, per `logical`:
+    /// 8 bits from an xAPIC, 32 from an x2APIC.
+    pub dest: u32,
     pub logical: bool,
     /// Shorthand: 0 none, 2 all including self, 3 all excluding self.
     pub shorthand: u8,
@@ -79,6 +92,17 @@ pub const APIC_BASE_MSR: u32 = 0x1b;
 pub const APIC_BASE_BSP: u64 = 1 << 8;
 /// IA32_APIC_BASE: the APIC is enabled (globally).
 pub const APIC_BASE_ENABLE: u64 = 1 << 11;
+/// IA32_APIC_BASE: x2APIC mode (EXTD; with the enable bit).
+pub const APIC_BASE_EXTD: u64 = 1 << 10;
+/// The first x2APIC register MSR (0x800 + register offset / 16).
+pub const X2APIC_MSR_BASE: u32 = 0x800;
+/// The x2APIC MSR range, inclusive.
+pub const X2APIC_MSRS: std::ops::RangeInclusive<u32> = 0x800..=0x8ff;
+/// The physical broadcast destination in x2APIC mode.
+pub const X2APIC_BROADCAST: u32 = 0xffff_ffff;
+/// Reserved bits of the x2APIC ICR (a write with any set is #GP; bit 12,
+/// delivery status, is ignored as Intel does).
+const X2APIC_ICR_RESERVED: u64 = 0xfff0_0000 | (3 << 16) | (1 << 13);
 /// IA32_APIC_BASE: the register page's physical address (bits 12-51).
 pub const APIC_BASE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 
@@ -158,6 +182,14 @@ impl LapicState {
                 format_args!("{v:#x} has bits the register cannot hold"),
             )
         };
+        check(
+            self.apic_base & (APIC_BASE_EXTD | APIC_BASE_ENABLE) != APIC_BASE_EXTD,
+            "apic_base",
+            format_args!(
+                "{:#x} has x2APIC mode (bit 10) without the enable bit (11)",
+                self.apic_base
+            ),
+        )?;
         bits(self.svr & !0x13ff == 0, "svr", self.svr)?;
         bits(self.ldr & 0x00ff_ffff == 0, "ldr", self.ldr)?;
         bits(self.dfr & 0x0fff_ffff == 0x0fff_ffff, "dfr", self.dfr)?;
@@ -198,6 +230,9 @@ pub struct Lapic {
     timer_stopped: bool,
     /// The timer's input clock (before the divider).
     bus_hz: u64,
+    /// The CPU offers x2APIC mode (CPUID.1:ECX bit 21): IA32_APIC_BASE may
+    /// set EXTD. Configuration, not saved state.
+    x2apic_offered: bool,
     pic: Option<Arc<Mutex<PicPair>>>,
     /// NMIs waiting for the CPU (at most [`MAX_PENDING_NMIS`]).
     nmis: u8,
@@ -276,6 +311,7 @@ impl Lapic {
             timer_fired: 0,
             timer_stopped: false,
             bus_hz: bus_hz.max(1),
+            x2apic_offered: false,
             pic,
             nmis: 0,
             ipis: Vec::new(),
@@ -362,13 +398,34 @@ impl Lapic {
         self.id
     }
 
-    /// True if a message for `dest` (logical or physical) reaches this APIC.
-    pub fn accepts(&self, dest: u8, logical: bool) -> bool {
+    /// The 32-bit x2APIC ID: the CPU's initial APIC ID.
+    pub fn x2apic_id(&self) -> u32 {
+        u32::from(self.initial_id)
+    }
+
+    /// True if an inter-processor message for `dest` (logical or physical)
+    /// reaches this APIC. The destination is compared as KVM does: in
+    /// x2APIC mode as 32 bits (0xFFFFFFFF the broadcast, logical: cluster
+    /// in bits 31-16, a bitmap in 15-0, against the derived LDR); in xAPIC
+    /// mode as 8 bits (0xFF the broadcast), a wider physical destination
+    /// naming nobody.
+    pub fn accepts(&self, dest: u32, logical: bool) -> bool {
         if !self.hw_enabled() {
             return false;
         }
+        if self.x2apic_mode() {
+            if dest == X2APIC_BROADCAST {
+                return true;
+            }
+            return if logical {
+                let ldr = self.x2apic_ldr();
+                ldr >> 16 == dest >> 16 && ldr & dest & 0xffff != 0
+            } else {
+                dest == self.x2apic_id()
+            };
+        }
         if logical {
-            let id = (self.ldr >> 24) as u8;
+            let id = self.ldr >> 24;
             if dest == 0xff || self.dfr >> 28 == 0xf {
                 // Flat model: a bit per APIC.
                 dest & id != 0
@@ -377,7 +434,57 @@ impl Lapic {
                 dest >> 4 == id >> 4 && dest & id & 0xf != 0
             }
         } else {
-            dest == self.id || dest == 0xff
+            dest == u32::from(self.id) || dest == 0xff
+        }
+    }
+
+    /// True if an I/O APIC message for the 8-bit `dest` reaches this APIC:
+    /// as KVM does without interrupt remapping, 0xFF is the broadcast for
+    /// x2APIC targets too; any other value is taken as the 32-bit
+    /// destination ([`Lapic::accepts`]).
+    pub fn accepts_from_ioapic(&self, dest: u8, logical: bool) -> bool {
+        let dest = if dest == 0xff && self.x2apic_mode() {
+            X2APIC_BROADCAST
+        } else {
+            u32::from(dest)
+        };
+        self.accepts(dest, logical)
+    }
+
+    /// Offers x2APIC mode to the guest (or not, the default): the CPU
+    /// says so in CPUID and traps the x2APIC MSRs.
+    pub fn offer_x2apic(&mut self, on: bool) {
+        self.x2apic_offered = on;
+    }
+
+    /// True in x2APIC mode (IA32_APIC_BASE's enable and EXTD bits set).
+    pub fn x2apic_mode(&self) -> bool {
+        self.apic_base & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == APIC_BASE_ENABLE | APIC_BASE_EXTD
+    }
+
+    /// The logical ID in x2APIC mode, derived from the x2APIC ID: the
+    /// cluster (ID / 16) in bits 31-16 and bit ID % 16 of the bitmap.
+    pub fn x2apic_ldr(&self) -> u32 {
+        let id = self.x2apic_id();
+        ((id >> 4) << 16) | (1 << (id & 0xf))
+    }
+
+    /// True if the guest may write `value` to IA32_APIC_BASE: the Intel
+    /// SDM's legal transitions (vol. 3, 11.12.5). EXTD needs the CPU to
+    /// offer x2APIC and the enable bit with it; x2APIC mode leaves only to
+    /// disabled (not straight to xAPIC), and disabled goes to xAPIC first.
+    pub fn apic_base_write_allowed(&self, value: u64) -> bool {
+        let extd = value & APIC_BASE_EXTD != 0;
+        let en = value & APIC_BASE_ENABLE != 0;
+        if extd && (!self.x2apic_offered || !en) {
+            return false;
+        }
+        match (self.hw_enabled(), self.x2apic_mode(), en, extd) {
+            // x2APIC -> xAPIC.
+            (_, true, true, false) => false,
+            // Disabled -> x2APIC.
+            (false, _, true, true) => false,
+            _ => true,
         }
     }
 
@@ -543,10 +650,15 @@ impl Lapic {
 
     fn send_ipi(&mut self) {
         let lo = self.icr_lo;
+        let dest = if self.x2apic_mode() {
+            self.icr_hi
+        } else {
+            self.icr_hi >> 24
+        };
         let ipi = Ipi {
             mode: ((lo >> 8) & 7) as u8,
             vector: lo as u8,
-            dest: (self.icr_hi >> 24) as u8,
+            dest,
             logical: lo & (1 << 11) != 0,
             shorthand: ((lo >> 18) & 3) as u8,
             assert: lo & (1 << 14) != 0,
@@ -558,8 +670,7 @@ impl Lapic {
         let to_self = match ipi.shorthand {
             1 | 2 => true,
             3 => false,
-            _ if ipi.logical => self.accepts(ipi.dest, true),
-            _ => ipi.dest == self.id || ipi.dest == 0xff,
+            _ => self.accepts(ipi.dest, ipi.logical),
         };
         // Without a shorthand the platform finds every other APIC the
         // message is for: in physical mode too, since the guest may have
@@ -676,6 +787,80 @@ impl Lapic {
         }
     }
 
+    /// The guest reads x2APIC register MSR `index` at `now`: its value,
+    /// or None for #GP (not in x2APIC mode, a write-only or reserved
+    /// register).
+    pub fn x2apic_read(&mut self, index: u32, now: Tick) -> Option<u64> {
+        if !self.x2apic_mode() || !X2APIC_MSRS.contains(&index) {
+            return None;
+        }
+        let reg = u64::from(index - X2APIC_MSR_BASE) << 4;
+        let v = match reg {
+            0x20 => self.x2apic_id(),
+            0xd0 => self.x2apic_ldr(),
+            0x300 => {
+                return Some((u64::from(self.icr_hi) << 32) | u64::from(self.icr_lo & !(1 << 12)))
+            }
+            0x30
+            | 0x80
+            | 0xa0
+            | 0xf0
+            | 0x100..=0x270
+            | 0x280
+            | 0x320..=0x370
+            | 0x380
+            | 0x390
+            | 0x3e0 => self.read_reg(reg, now),
+            // APR, EOI, RRD, DFR, ICR high, SELF IPI, CMCI and the
+            // reserved ones.
+            _ => return None,
+        };
+        Some(u64::from(v))
+    }
+
+    /// The guest writes `value` to x2APIC register MSR `index` at `now`;
+    /// false for #GP (nothing changes): not in x2APIC mode, a read-only or
+    /// reserved register, bits 63-32 set outside the ICR, a non-zero EOI
+    /// or ESR write, reserved ICR bits.
+    pub fn x2apic_write(
+        &mut self,
+        index: u32,
+        value: u64,
+        now: Tick,
+        requests: &mut Vec<Request>,
+    ) -> bool {
+        if !self.x2apic_mode() || !X2APIC_MSRS.contains(&index) {
+            return false;
+        }
+        let reg = u64::from(index - X2APIC_MSR_BASE) << 4;
+        if reg == 0x300 {
+            if value & X2APIC_ICR_RESERVED != 0 {
+                return false;
+            }
+            self.icr_hi = (value >> 32) as u32;
+            self.icr_lo = value as u32;
+            self.send_ipi();
+            return true;
+        }
+        if value >> 32 != 0 {
+            return false;
+        }
+        let v = value as u32;
+        match reg {
+            0xb0 | 0x280 if v != 0 => false,
+            0x80 | 0xb0 | 0xf0 | 0x280 | 0x320..=0x370 | 0x380 | 0x3e0 => {
+                self.write_reg(reg, v, now, requests);
+                true
+            }
+            0x3f0 => {
+                // SELF IPI: a fixed, edge-triggered interrupt to itself.
+                self.deliver(v as u8, false);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn extint_pending(&self) -> bool {
         let lint0 = self.lvt[LVT_LINT0];
         // A globally disabled APIC passes the 8259's INTR straight on.
@@ -741,6 +926,36 @@ impl InterruptController for Lapic {
         self.tpr = tpr;
     }
 
+    fn msr_write(
+        &mut self,
+        index: u32,
+        value: u64,
+        now: Tick,
+        requests: &mut Vec<Request>,
+    ) -> MsrWrite {
+        if index == APIC_BASE_MSR {
+            return if self.apic_base_write_allowed(value) {
+                MsrWrite::ToCpu
+            } else {
+                MsrWrite::Fault
+            };
+        }
+        if X2APIC_MSRS.contains(&index) {
+            return if self.x2apic_write(index, value, now, requests) {
+                MsrWrite::Done {
+                    latency: LAPIC_LATENCY,
+                }
+            } else {
+                MsrWrite::Fault
+            };
+        }
+        MsrWrite::ToCpu
+    }
+
+    fn msr_read(&mut self, index: u32, now: Tick) -> Option<(u64, Tick)> {
+        self.x2apic_read(index, now).map(|v| (v, LAPIC_LATENCY))
+    }
+
     fn msr_written(&mut self, index: u32, value: u64) {
         if index == APIC_BASE_MSR {
             self.set_apic_base(value);
@@ -764,7 +979,8 @@ impl InterruptController for Lapic {
 
 impl BusDevice for Lapic {
     fn read(&mut self, _: Space, offset: u64, data: &mut [u8], ctx: &mut AccessCtx) -> Tick {
-        if !self.hw_enabled() {
+        // Globally disabled, or in x2APIC mode: the page is not decoded.
+        if !self.hw_enabled() || self.x2apic_mode() {
             data.fill(0xff);
             return LAPIC_LATENCY;
         }
@@ -775,7 +991,7 @@ impl BusDevice for Lapic {
     }
 
     fn write(&mut self, _: Space, offset: u64, data: &[u8], ctx: &mut AccessCtx) -> Tick {
-        if !self.hw_enabled() {
+        if !self.hw_enabled() || self.x2apic_mode() {
             return LAPIC_LATENCY;
         }
         // Registers are 32-bit at 16-byte boundaries; other writes are ignored.
@@ -828,6 +1044,14 @@ impl BusDevice for Lapic {
             format_args!(
                 "{} periods of {period} ticks end past the end of simulated time",
                 s.timer_fired
+            ),
+        )?;
+        check(
+            s.apic_base & APIC_BASE_EXTD == 0 || self.x2apic_offered,
+            "apic_base",
+            format_args!(
+                "{:#x} is in x2APIC mode, which this system does not offer (system.x2apic)",
+                s.apic_base
             ),
         )?;
         self.id = s.id;
@@ -1559,5 +1783,213 @@ mod tests {
         w(&mut a, start, 0x380, 100);
         assert_eq!(r(&mut a, start + 15 * sim::tick::TICKS_PER_NS, 0x390), 100);
         assert_eq!(r(&mut a, start + 16 * sim::tick::TICKS_PER_NS, 0x390), 99);
+    }
+
+    /// An APIC of CPU `id` that offers x2APIC, switched to x2APIC mode
+    /// (BSP if id 0) and software-enabled through SVR.
+    fn x2apic(id: u8, stats: &mut Stats) -> Lapic {
+        let mut a = Lapic::new(id, 1_000_000_000, None, stats, &format!("apic{id}")).unwrap();
+        a.offer_x2apic(true);
+        let base = a.apic_base();
+        assert_eq!(
+            a.msr_write(APIC_BASE_MSR, base | APIC_BASE_EXTD, 0, &mut vec![]),
+            MsrWrite::ToCpu
+        );
+        a.msr_written(APIC_BASE_MSR, base | APIC_BASE_EXTD);
+        assert!(a.x2apic_mode());
+        assert!(a.x2apic_write(0x80f, 0x1ff, 0, &mut vec![]));
+        a
+    }
+
+    #[test]
+    fn x2apic_mode_transitions_follow_the_sdm() {
+        let mut a = lapic();
+        let base = a.apic_base();
+        let (en, extd) = (APIC_BASE_ENABLE, APIC_BASE_EXTD);
+        // Not offered: EXTD is refused.
+        assert!(!a.apic_base_write_allowed(base | extd));
+        assert_eq!(
+            a.msr_write(APIC_BASE_MSR, base | extd, 0, &mut vec![]),
+            MsrWrite::Fault
+        );
+        a.offer_x2apic(true);
+        let off = base & !(en | extd);
+        // xAPIC -> x2APIC is legal; EXTD without EN is not.
+        assert!(a.apic_base_write_allowed(base | extd));
+        assert!(!a.apic_base_write_allowed(off | extd));
+        a.msr_written(APIC_BASE_MSR, base | extd);
+        assert!(a.x2apic_mode());
+        // x2APIC -> xAPIC directly is #GP (and changes nothing).
+        assert_eq!(
+            a.msr_write(APIC_BASE_MSR, base, 0, &mut vec![]),
+            MsrWrite::Fault
+        );
+        assert!(a.x2apic_mode());
+        assert!(
+            !a.apic_base_write_allowed(off | extd),
+            "to the invalid state"
+        );
+        // x2APIC -> disabled is legal, disabled -> x2APIC is not.
+        assert!(a.apic_base_write_allowed(off));
+        a.msr_written(APIC_BASE_MSR, off);
+        assert!(!a.x2apic_mode() && !a.hw_enabled());
+        assert!(!a.apic_base_write_allowed(off | en | extd));
+        assert!(a.apic_base_write_allowed(off | en));
+        a.msr_written(APIC_BASE_MSR, off | en);
+        assert!(a.hw_enabled() && !a.x2apic_mode());
+        assert_eq!(
+            r(&mut a, 0, 0x30),
+            LAPIC_VERSION,
+            "xAPIC registers are back"
+        );
+    }
+
+    #[test]
+    fn x2apic_registers_are_msrs_and_the_page_is_not_decoded() {
+        let mut stats = Stats::new();
+        let mut a = x2apic(0x13, &mut stats);
+        let rd = |a: &mut Lapic, i: u32| a.x2apic_read(i, 0);
+        // ID: the 32-bit x2APIC ID, read-only; LDR derived, read-only.
+        assert_eq!(rd(&mut a, 0x802), Some(0x13));
+        assert!(!a.x2apic_write(0x802, 0x5, 0, &mut vec![]));
+        assert_eq!(rd(&mut a, 0x802), Some(0x13));
+        assert_eq!(rd(&mut a, 0x80d), Some((1 << 16) | (1 << 3)));
+        assert!(!a.x2apic_write(0x80d, 0, 0, &mut vec![]));
+        assert_eq!(rd(&mut a, 0x803), Some(u64::from(LAPIC_VERSION)));
+        assert_eq!(rd(&mut a, 0x80f), Some(0x1ff));
+        // No DFR, no APR, no ICR high half; EOI and SELF IPI write-only.
+        for i in [
+            0x80e, 0x809, 0x831, 0x80b, 0x83f, 0x80c, 0x82f, 0x840, 0x8ff,
+        ] {
+            assert_eq!(rd(&mut a, i), None, "read of {i:#x}");
+        }
+        assert!(!a.x2apic_write(0x80e, 0xffff_ffff, 0, &mut vec![]), "DFR");
+        // Writes of read-only registers, or bits 63-32 outside the ICR.
+        for i in [0x803, 0x80a, 0x810, 0x818, 0x820, 0x839] {
+            assert!(!a.x2apic_write(i, 0, 0, &mut vec![]), "write of {i:#x}");
+        }
+        assert!(!a.x2apic_write(0x808, 1 << 32, 0, &mut vec![]));
+        // TPR works through its MSR.
+        assert!(a.x2apic_write(0x808, 0x20, 0, &mut vec![]));
+        assert_eq!(rd(&mut a, 0x808), Some(0x20));
+        // The MMIO page is not decoded.
+        assert_eq!(r(&mut a, 0, 0x30), 0xffff_ffff);
+        w(&mut a, 0, 0x80, 0x40);
+        assert_eq!(rd(&mut a, 0x808), Some(0x20));
+        // Not in x2APIC mode: every MSR access is #GP.
+        let mut b = lapic();
+        b.offer_x2apic(true);
+        assert_eq!(b.x2apic_read(0x802, 0), None);
+        assert!(!b.x2apic_write(0x808, 0, 0, &mut vec![]));
+        assert_eq!(b.msr_read(0x803, 0), None);
+    }
+
+    #[test]
+    fn x2apic_eoi_self_ipi_and_the_64_bit_icr() {
+        let mut stats = Stats::new();
+        let mut a = x2apic(2, &mut stats);
+        // SELF IPI: a fixed interrupt to itself.
+        assert!(a.x2apic_write(0x83f, 0x61, 0, &mut vec![]));
+        assert_eq!(a.acknowledge(), Some(0x61));
+        // EOI with a non-zero value is #GP and ends nothing.
+        assert!(!a.x2apic_write(0x80b, 1, 0, &mut vec![]));
+        assert_eq!(a.x2apic_read(0x810 + 3, 0), Some(1 << 1), "0x61 in service");
+        assert!(a.x2apic_write(0x80b, 0, 0, &mut vec![]));
+        assert_eq!(a.x2apic_read(0x813, 0), Some(0));
+        // A level-triggered vector's EOI reaches the I/O APIC.
+        a.deliver(0x72, true);
+        assert_eq!(a.acknowledge(), Some(0x72));
+        let mut reqs = vec![];
+        assert_eq!(
+            a.msr_write(0x80b, 0, 0, &mut reqs),
+            MsrWrite::Done {
+                latency: LAPIC_LATENCY
+            }
+        );
+        assert_eq!(reqs, vec![Request::Eoi { vector: 0x72 }]);
+        // ICR: one 64-bit write with a 32-bit destination.
+        let icr = (0x0001_0004u64 << 32) | 0x0840; // logical, cluster 1 bit 2
+        assert!(a.x2apic_write(0x830, icr, 0, &mut vec![]));
+        assert_eq!(a.x2apic_read(0x830, 0), Some(icr));
+        let ipis = a.take_ipis();
+        assert_eq!(ipis.len(), 1);
+        assert_eq!(
+            (ipis[0].dest, ipis[0].logical, ipis[0].vector),
+            (0x0001_0004, true, 0x40)
+        );
+        // Reserved ICR bits (13, 16-17, 20-31) are #GP and send nothing.
+        for bit in [13, 16, 17, 20, 31] {
+            assert!(
+                !a.x2apic_write(0x830, 0x40 | (1 << bit), 0, &mut vec![]),
+                "bit {bit}"
+            );
+        }
+        assert!(a.take_ipis().is_empty());
+        // Physical 0xFFFFFFFF with the all-but-self shorthand absent: a
+        // broadcast that includes this APIC.
+        assert!(a.x2apic_write(0x830, (0xffff_ffffu64 << 32) | 0x45, 0, &mut vec![]));
+        assert_eq!(a.acknowledge(), Some(0x45));
+        assert_eq!(a.take_ipis()[0].dest, X2APIC_BROADCAST);
+    }
+
+    #[test]
+    fn x2apic_logical_destinations_name_clusters_of_sixteen() {
+        let mut stats = Stats::new();
+        let apics: Vec<Lapic> = (0..4).map(|i| x2apic(i, &mut stats)).collect();
+        // kvm-unit-tests' ioapic logical test: 0xd names IDs 0, 2 and 3.
+        let got: Vec<bool> = apics.iter().map(|a| a.accepts(0xd, true)).collect();
+        assert_eq!(got, vec![true, false, true, true]);
+        // Another cluster names nobody here; the broadcast names all.
+        assert!(apics.iter().all(|a| !a.accepts(0x1_000f, true)));
+        assert!(apics.iter().all(|a| a.accepts(X2APIC_BROADCAST, true)));
+        assert!(apics.iter().all(|a| a.accepts(X2APIC_BROADCAST, false)));
+        // 0xFF is no broadcast for an x2APIC IPI: physical ID 0xff only.
+        assert!(apics.iter().all(|a| !a.accepts(0xff, false)));
+        // From the I/O APIC (8 bits): 0xFF is the broadcast, logical 0xd
+        // is cluster 0's bits 0, 2 and 3.
+        assert!(apics.iter().all(|a| a.accepts_from_ioapic(0xff, false)));
+        let got: Vec<bool> = apics
+            .iter()
+            .map(|a| a.accepts_from_ioapic(0xd, true))
+            .collect();
+        assert_eq!(got, vec![true, false, true, true]);
+        assert!(apics[3].accepts_from_ioapic(3, false) && !apics[2].accepts_from_ioapic(3, false));
+        // A mixed system: an xAPIC APIC takes 8-bit destinations only.
+        let mut x = Lapic::new(4, 1_000_000_000, None, &mut stats, "x").unwrap();
+        w(&mut x, 0, 0xf0, 0x1ff);
+        assert!(x.accepts(4, false) && x.accepts(0xff, false));
+        assert!(!x.accepts(X2APIC_BROADCAST, false));
+        assert!(!x.accepts(0x104, false));
+    }
+
+    #[test]
+    fn x2apic_state_is_saved_and_refused_where_not_offered() {
+        use crate::state::tests::*;
+        use serde_json::json;
+        let mut stats = Stats::new();
+        let mut a = x2apic(1, &mut stats);
+        assert!(a.x2apic_write(0x808, 0x30, 0, &mut vec![]));
+        let saved = a.save();
+        let mut b = Lapic::new(1, 1_000_000_000, None, &mut stats, "b").unwrap();
+        b.offer_x2apic(true);
+        b.restore(&saved).unwrap();
+        assert!(b.x2apic_mode());
+        assert_eq!(b.x2apic_read(0x808, 0), Some(0x30));
+        // Restored into a system without x2APIC: refused, naming the field.
+        let mut c = Lapic::new(1, 1_000_000_000, None, &mut stats, "c").unwrap();
+        let e = c.restore(&saved).unwrap_err().to_string();
+        assert!(e.contains("apic_base") && e.contains("x2apic"), "{e}");
+        // EXTD without EN is no state an APIC can be in.
+        let mut d = Lapic::new(1, 1_000_000_000, None, &mut stats, "d").unwrap();
+        d.offer_x2apic(true);
+        refused_edit(&mut d, &["apic_base"], json!(0xfee0_0400u64), "apic_base");
+        // A checkpoint from before 32-bit destinations restores.
+        let mut e2 = lapic();
+        w(&mut e2, 0, 0xf0, 0x1ff);
+        w(&mut e2, 0, 0x310, 3 << 24);
+        w(&mut e2, 0, 0x300, 0x4500);
+        let old = e2.save();
+        assert_eq!(old["ipis"][0]["dest"], json!(3));
+        lapic().restore(&old).unwrap();
     }
 }

@@ -90,6 +90,12 @@
 //!   `iretq` leaves waiting; prints "irqwin: sti=2 order=0x..6160 popf=1
 //!   iret=2" and exits with 0, else fails with the bits of the cases that
 //!   went wrong.
+//! * `x2apic` (platform "pc", `system.x2apic = true`): switches its local
+//!   APIC to x2APIC mode and checks it through the MSRs: ID (0) and derived
+//!   LDR (1), the xAPIC page reading all-ones, #GP for an ID write, a DFR
+//!   read and a switch straight back to xAPIC, a SELF IPI with its EOI;
+//!   prints "x2apic: id=0 ldr=1 mmio=0x00000000ffffffff gp=3 selfipi=1
+//!   mode=1"; fails with the bits of the checks that went wrong.
 //!
 //! [`ABOUT`] has a line and the arguments of each (`kvmsim guests` prints it).
 
@@ -132,6 +138,7 @@ pub const GUESTS: &[(&str, &[u8])] = &[
     guest!("readfile"),
     guest!("pcevents"),
     guest!("irqwin"),
+    guest!("x2apic"),
 ];
 
 /// What a built-in guest does, for `kvmsim guests`.
@@ -307,6 +314,14 @@ pub const ABOUT: &[About] = &[
         about: "self-IPIs waiting while IF is clear must run at the first boundary that accepts \
                 them (sti; nop; cli, popf, a handler's iretq); prints \"irqwin: sti=2 \
                 order=0x..6160 popf=1 iret=2\"; fails with the bits of the cases that went wrong",
+    },
+    About {
+        name: "x2apic",
+        args: "- (platform \"pc\", system.x2apic = true)",
+        about: "switches the local APIC to x2APIC mode and checks it through its MSRs (ID, \
+                derived LDR, #GP cases, a SELF IPI and its EOI, the xAPIC page gone); prints \
+                \"x2apic: id=0 ldr=1 mmio=0x00000000ffffffff gp=3 selfipi=1 mode=1\"; fails \
+                with the bits of the checks that went wrong",
     },
 ];
 

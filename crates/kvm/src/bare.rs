@@ -77,6 +77,7 @@ impl<'a> BareVm<'a> {
             cpus: 1,
             id: 0,
             coalesced_mmio: false,
+            x2apic: false,
         })?;
         boot::write_boot_structures(ram.memory())?;
         let mut arch = X86_64::new();

@@ -1303,17 +1303,51 @@ impl<A: Arch, V: Vcpu> KvmCpu<A, V> {
                     }
                 }
             }
-            Exit::MsrWrite {
-                index,
-                value,
-                accepted,
-            } => {
-                if accepted {
-                    if let Some(intc) = &self.intc {
-                        mem::lock(intc).msr_written(index, value);
+            Exit::MsrWrite { index, value } => {
+                use sim::intr::MsrWrite;
+                let verdict = match &self.intc {
+                    Some(intc) => mem::lock(intc).msr_write(index, value, now, requests),
+                    None => MsrWrite::ToCpu,
+                };
+                let (failed, latency) = match verdict {
+                    MsrWrite::Fault => (true, 0),
+                    MsrWrite::Done { latency } => (false, latency),
+                    MsrWrite::ToCpu => {
+                        // KVM keeps its own copy (IA32_APIC_BASE drives the
+                        // CPUID APIC bit): a host-initiated write, which the
+                        // filter does not stop, checks and stores the value.
+                        let accepted = self.vcpu.set_msrs(&[(index, value)]).is_ok_and(|n| n == 1);
+                        if accepted {
+                            if let Some(intc) = &self.intc {
+                                mem::lock(intc).msr_written(index, value);
+                            }
+                        }
+                        (!accepted, 0)
                     }
+                };
+                if !self.vcpu.complete_msr(failed, 0) {
+                    return Err(KvmError::Completion(format!(
+                        "{}: cannot complete the guest's write of MSR {index:#x}",
+                        self.name
+                    )));
                 }
-                0
+                completion = true;
+                latency
+            }
+            Exit::MsrRead { index } => {
+                let got = self
+                    .intc
+                    .as_ref()
+                    .and_then(|intc| mem::lock(intc).msr_read(index, now));
+                let (value, latency) = got.unwrap_or((0, 0));
+                if !self.vcpu.complete_msr(got.is_none(), value) {
+                    return Err(KvmError::Completion(format!(
+                        "{}: cannot complete the guest's read of MSR {index:#x}",
+                        self.name
+                    )));
+                }
+                completion = true;
+                latency
             }
             Exit::Hypercall(nr) => {
                 self.stats.num_hypercalls.inc();

@@ -248,13 +248,14 @@ pub fn run() -> Report {
         matches!(filter, Ok(true)),
         match &filter {
             Ok(true) => "KVM_X86_SET_MSR_FILTER with KVM_CAP_X86_USER_SPACE_MSR: writes of \
-                         MSR 0x1B exit to kvmsim, which hands them on to KVM and to the local APIC"
+                         MSR 0x1B exit to kvmsim, which hands them on to KVM and to the local APIC \
+                         (system.x2apic can be used)"
                 .into(),
             Ok(false) => "KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER missing".into(),
             Err(e) => format!("setting the filter failed: {e}"),
         },
         "a guest that disables its local APIC through IA32_APIC_BASE keeps kvmsim's APIC \
-         enabled (KVM alone handles the MSR)",
+         enabled (KVM alone handles the MSR), and system.x2apic = true is refused",
     );
 
     let pmu = perf::pmu_available();
@@ -355,7 +356,7 @@ pub fn run() -> Report {
     // TSC-deadline, the KVM paravirt leaves).
     let filtered = supported
         .as_ref()
-        .map(|c| crate::arch::x86_64::cpuid::filter(c, 0, 1));
+        .map(|c| crate::arch::x86_64::cpuid::filter(c, 0, 1, false));
     let table = |leaf: u32, reg: usize| {
         filtered.as_ref().map(|c| {
             // A leaf missing from the table supports nothing.

@@ -93,6 +93,9 @@ pub struct Record {
     pub nmis: u64,
     /// Reads completed (bytes given), in order.
     pub completions: Vec<Vec<u8>>,
+    /// MSR accesses completed: (#GP, the value a read returns; 0 for a
+    /// write), in order.
+    pub msr_completions: Vec<(bool, u64)>,
     /// Entries made while a read was still waiting for its data.
     pub uncompleted_entries: u64,
     /// Completions attempted with no read pending.
@@ -283,7 +286,10 @@ impl Vcpu for FakeVcpu {
             VmExit::IoOut { size, count, .. } => {
                 io_out.resize(usize::from(*size) * *count as usize, 0xab);
             }
-            VmExit::IoIn { .. } | VmExit::MmioRead { .. } => {
+            VmExit::IoIn { .. }
+            | VmExit::MmioRead { .. }
+            | VmExit::MsrRead { .. }
+            | VmExit::MsrWrite { .. } => {
                 self.pending_read = Some(step.exit.clone());
             }
             _ => {}
@@ -473,6 +479,19 @@ impl Vcpu for FakeVcpu {
             {
                 self.pending_read = None;
                 self.record.completions.push(data.to_vec());
+                true
+            }
+            _ => {
+                self.record.stray_completions += 1;
+                false
+            }
+        }
+    }
+    fn complete_msr(&mut self, failed: bool, data: u64) -> bool {
+        match &self.pending_read {
+            Some(VmExit::MsrRead { .. } | VmExit::MsrWrite { .. }) => {
+                self.pending_read = None;
+                self.record.msr_completions.push((failed, data));
                 true
             }
             _ => {

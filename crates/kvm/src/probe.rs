@@ -168,9 +168,9 @@ pub fn run_snippet(
         .kvm()
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
     {
-        if let Ok(t) =
-            kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(&cpuid, 0, 1))
-        {
+        if let Ok(t) = kvm_bindings::CpuId::from_entries(&crate::arch::x86_64::cpuid::filter(
+            &cpuid, 0, 1, false,
+        )) {
             let _ = vcpu.set_cpuid(&t);
         }
     }

@@ -72,18 +72,24 @@ pub fn complete_mmio_read(vcpu: &mut VcpuFd, data: &[u8]) -> bool {
     true
 }
 
-/// Completes an MSR write that exited to user space (KVM_EXIT_X86_WRMSR):
-/// `failed` makes KVM inject #GP on the next entry, else it finishes the
-/// instruction. Returns false if the last exit was not such a write.
-pub fn complete_msr_write(vcpu: &mut VcpuFd, failed: bool) -> bool {
+/// Completes an MSR access that exited to user space (KVM_EXIT_X86_WRMSR
+/// or KVM_EXIT_X86_RDMSR): `failed` makes KVM inject #GP on the next
+/// entry, else it finishes the instruction (a read with `data`). Returns
+/// false if the last exit was not such an access.
+pub fn complete_msr(vcpu: &mut VcpuFd, failed: bool, data: u64) -> bool {
     let run = vcpu.get_kvm_run();
-    if run.exit_reason != kvm_bindings::KVM_EXIT_X86_WRMSR {
+    let read = run.exit_reason == kvm_bindings::KVM_EXIT_X86_RDMSR;
+    if !read && run.exit_reason != kvm_bindings::KVM_EXIT_X86_WRMSR {
         return false;
     }
-    // SAFETY: exit_reason is KVM_EXIT_X86_WRMSR, so `msr` is the live union
-    // member; it is plain old data and we hold the only reference to kvm_run.
+    // SAFETY: exit_reason is KVM_EXIT_X86_RDMSR or _WRMSR, so `msr` is the
+    // live union member; it is plain old data and we hold the only
+    // reference to kvm_run.
     let msr = unsafe { &mut run.__bindgen_anon_1.msr };
     msr.error = u8::from(failed);
+    if read && !failed {
+        msr.data = data;
+    }
     true
 }
 

@@ -56,14 +56,18 @@ pub enum VmExit {
     /// KVM could not emulate an instruction (its bytes, when KVM gave them).
     EmulationFailure(Option<Vec<u8>>),
     Hypercall(u64),
-    /// The guest wrote an MSR kvmsim traps ([`crate::KvmVm::trap_apic_base_writes`]).
-    /// The write was handed on to KVM at once (so KVM's own state, such as
-    /// the CPUID APIC bit, follows it); `accepted` is false when KVM
-    /// refused the value, and the guest then gets #GP.
+    /// The guest wrote an MSR kvmsim traps ([`crate::KvmVm::trap_apic_msrs`]):
+    /// IA32_APIC_BASE, or an x2APIC register. The instruction waits for
+    /// [`Vcpu::complete_msr`] (#GP or done) before the next entry.
     MsrWrite {
         index: u32,
         value: u64,
-        accepted: bool,
+    },
+    /// The guest read an x2APIC register (MSR 0x800-0x8FF), which KVM
+    /// without its own local APIC cannot: the value (or #GP) goes back with
+    /// [`Vcpu::complete_msr`] before the next entry.
+    MsrRead {
+        index: u32,
     },
     /// Anything the CPU cannot continue from (explained).
     Fatal(String),
@@ -239,6 +243,11 @@ pub trait Vcpu: Send {
     fn complete_io_in(&mut self, data: &[u8]) -> bool;
     /// Completes the pending MMIO read of the last exit with `data`.
     fn complete_mmio_read(&mut self, data: &[u8]) -> bool;
+    /// Completes the MSR access of the last exit ([`VmExit::MsrWrite`],
+    /// [`VmExit::MsrRead`]): `failed` makes KVM inject #GP at the next
+    /// entry; else a read returns `data`. False if the last exit was not
+    /// an MSR access.
+    fn complete_msr(&mut self, failed: bool, data: u64) -> bool;
     /// The next write buffered in the coalesced-MMIO ring: address, bytes
     /// and length.
     fn coalesced_mmio_read(&mut self) -> Option<(u64, [u8; 8], usize)>;
@@ -382,6 +391,11 @@ enum Decoded {
     Exception,
 }
 
+/// An x2APIC register (MSRs 0x800-0x8FF).
+pub fn is_x2apic_msr(index: u32) -> bool {
+    (0x800..=0x8ff).contains(&index)
+}
+
 /// The exit as kvm-ioctls reports it; exits whose details are in the
 /// `kvm_run` union are marked for [`KvmVcpu::decode_run_area`].
 fn decode(
@@ -426,13 +440,23 @@ fn decode(
             dr7: d.dr7,
         }),
         Ok(VcpuExit::Hypercall(h)) => VmExit::Hypercall(h.nr),
-        Ok(VcpuExit::X86Wrmsr(w)) => VmExit::MsrWrite {
-            index: w.index,
-            value: w.data,
-            accepted: false,
-        },
+        // Filtered writes (IA32_APIC_BASE) and x2APIC registers go to the
+        // CPU; any other MSR KVM found invalid (an exit asked for so that
+        // the x2APIC registers come here) gets the #GP KVM would give.
+        Ok(VcpuExit::X86Wrmsr(w))
+            if w.reason == kvm_ioctls::MsrExitReason::Filter || is_x2apic_msr(w.index) =>
+        {
+            VmExit::MsrWrite {
+                index: w.index,
+                value: w.data,
+            }
+        }
+        Ok(VcpuExit::X86Wrmsr(w)) => {
+            *w.error = 1;
+            VmExit::Retry
+        }
+        Ok(VcpuExit::X86Rdmsr(r)) if is_x2apic_msr(r.index) => VmExit::MsrRead { index: r.index },
         Ok(VcpuExit::X86Rdmsr(r)) => {
-            // kvmsim traps writes only; a read here is answered with #GP.
             *r.error = 1;
             VmExit::Retry
         }
@@ -461,25 +485,7 @@ impl Vcpu for KvmVcpu {
         io_out.clear();
         sys::count_syscall();
         let exit = decode(self.fd.run(), io_out);
-        match self.decode_run_area(exit) {
-            VmExit::MsrWrite { index, value, .. } => {
-                // KVM keeps its own copy (IA32_APIC_BASE drives the CPUID
-                // APIC bit): a host-initiated write, which the filter does
-                // not stop, checks and stores the value.
-                let accepted = self.set_msrs(&[(index, value)]).is_ok_and(|n| n == 1);
-                if !sys::complete_msr_write(&mut self.fd, !accepted) {
-                    return VmExit::Fatal(format!(
-                        "cannot complete the guest's write of MSR {index:#x}"
-                    ));
-                }
-                VmExit::MsrWrite {
-                    index,
-                    value,
-                    accepted,
-                }
-            }
-            e => e,
-        }
+        self.decode_run_area(exit)
     }
 
     fn half_entry(&mut self) -> Result<()> {
@@ -724,6 +730,10 @@ impl Vcpu for KvmVcpu {
             Some(pio) => sys::complete_pio_in(&mut self.fd, self.mmap_size, &pio, data),
             None => false,
         }
+    }
+
+    fn complete_msr(&mut self, failed: bool, data: u64) -> bool {
+        sys::complete_msr(&mut self.fd, failed, data)
     }
 
     fn complete_mmio_read(&mut self, data: &[u8]) -> bool {

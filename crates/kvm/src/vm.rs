@@ -194,6 +194,17 @@ impl KvmVm {
     /// nobody. Returns false (and changes nothing) where the host lacks
     /// either capability. Call before any vCPU runs.
     pub fn trap_apic_base_writes(&self) -> Result<bool> {
+        self.trap_apic_msrs(false)
+    }
+
+    /// As [`KvmVm::trap_apic_base_writes`]; with `x2apic`, reads and
+    /// writes of the x2APIC registers (MSRs 0x800-0x8FF) exit to user space
+    /// too. KVM never filters those (its API says so), but without an
+    /// in-kernel local APIC it finds every access to them invalid: asking
+    /// for the exits of invalid accesses (KVM_MSR_EXIT_REASON_INVAL) brings
+    /// them to kvmsim ([`crate::vcpu::VmExit::MsrRead`], `MsrWrite`); other
+    /// invalid accesses get the #GP KVM would give.
+    pub fn trap_apic_msrs(&self, x2apic: bool) -> Result<bool> {
         use kvm_ioctls::{
             MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
         };
@@ -204,7 +215,16 @@ impl KvmVm {
         }
         let cap = kvm_bindings::kvm_enable_cap {
             cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-            args: [u64::from(MsrExitReason::Filter.bits()), 0, 0, 0],
+            args: [
+                u64::from(if x2apic {
+                    (MsrExitReason::Filter | MsrExitReason::Inval).bits()
+                } else {
+                    MsrExitReason::Filter.bits()
+                }),
+                0,
+                0,
+                0,
+            ],
             ..Default::default()
         };
         self.vm.enable_cap(&cap).map_err(KvmError::ioctl(
@@ -237,6 +257,7 @@ impl KvmVm {
             &supported,
             spec.id as u8,
             spec.cpus.max(1),
+            spec.x2apic,
         ))
         .map_err(|e| KvmError::Setup(format!("CPUID table: {e:?}")))?;
         vcpu.set_cpuid(&table)?;
@@ -256,4 +277,7 @@ pub struct VcpuSpec {
     pub cpus: u8,
     /// Map the coalesced-MMIO ring (some range was registered).
     pub coalesced_mmio: bool,
+    /// Offer x2APIC (CPUID.1:ECX bit 21): the simulated local APIC has an
+    /// x2APIC mode and the VM traps its MSRs ([`KvmVm::trap_apic_msrs`]).
+    pub x2apic: bool,
 }

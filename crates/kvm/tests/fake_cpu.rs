@@ -53,6 +53,23 @@ impl InterruptController for Queue {
     fn msr_written(&mut self, index: u32, value: u64) {
         self.msrs.push((index, value));
     }
+    // A register 0x802 that reads 7 and takes only 0.
+    fn msr_write(
+        &mut self,
+        index: u32,
+        value: u64,
+        _now: u64,
+        _requests: &mut Vec<sim::Request>,
+    ) -> sim::intr::MsrWrite {
+        match (index, value) {
+            (0x802, 0) => sim::intr::MsrWrite::Done { latency: 5 },
+            (0x802, _) => sim::intr::MsrWrite::Fault,
+            _ => sim::intr::MsrWrite::ToCpu,
+        }
+    }
+    fn msr_read(&mut self, index: u32, _now: u64) -> Option<(u64, u64)> {
+        (index == 0x802).then_some((7, 5))
+    }
 }
 
 struct Rig {
@@ -452,28 +469,59 @@ fn a_halted_cpu_is_restored_halted() {
 
 #[test]
 fn accepted_msr_writes_reach_the_interrupt_controller() {
+    let write = |value| Step::new(100, VmExit::MsrWrite { index: 0x1b, value });
+    let mut rig = Rig::new(vec![write(0xfee0_0100), Step::new(10, VmExit::Hlt)]);
+    rig.run(None, 20);
+    assert_eq!(rig.intc.lock().unwrap().msrs, vec![(0x1b, 0xfee0_0100)]);
+    assert_eq!(rig.cpu.vcpu().record().msr_completions, vec![(false, 0)]);
+    assert_eq!(rig.cpu.vcpu().record().uncompleted_entries, 0);
+    // KVM refuses the value (the guest gets #GP): the APIC never sees it.
+    let mut rig = Rig::new(vec![write(0xfee0_0901), Step::new(10, VmExit::Hlt)]);
+    rig.cpu.vcpu_mut().refused_msrs.push(0x1b);
+    rig.run(None, 20);
+    assert!(rig.intc.lock().unwrap().msrs.is_empty());
+    assert_eq!(rig.cpu.vcpu().record().msr_completions, vec![(true, 0)]);
+}
+
+#[test]
+fn x2apic_register_accesses_are_answered_by_the_interrupt_controller() {
     let mut rig = Rig::new(vec![
+        Step::new(100, VmExit::MsrRead { index: 0x802 }),
+        Step::new(100, VmExit::MsrRead { index: 0x809 }),
         Step::new(
             100,
             VmExit::MsrWrite {
-                index: 0x1b,
-                value: 0xfee0_0100,
-                accepted: true,
+                index: 0x802,
+                value: 0,
             },
         ),
-        // KVM refused this one (the guest gets #GP): the APIC never sees it.
         Step::new(
             100,
             VmExit::MsrWrite {
-                index: 0x1b,
-                value: 0xfee0_0901,
-                accepted: false,
+                index: 0x802,
+                value: 1,
+            },
+        ),
+        // Not the controller's and not KVM's (no in-kernel APIC): #GP.
+        Step::new(
+            100,
+            VmExit::MsrWrite {
+                index: 0x808,
+                value: 0,
             },
         ),
         Step::new(10, VmExit::Hlt),
     ]);
+    rig.cpu.vcpu_mut().refused_msrs.push(0x808);
     rig.run(None, 20);
-    assert_eq!(rig.intc.lock().unwrap().msrs, vec![(0x1b, 0xfee0_0100)]);
+    let rec = rig.cpu.vcpu().record();
+    assert_eq!(
+        rec.msr_completions,
+        vec![(false, 7), (true, 0), (false, 0), (true, 0), (true, 0)]
+    );
+    assert_eq!(rec.uncompleted_entries, 0);
+    assert_eq!(rec.stray_completions, 0);
+    assert!(rig.intc.lock().unwrap().msrs.is_empty());
 }
 
 #[test]

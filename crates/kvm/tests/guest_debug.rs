@@ -31,6 +31,7 @@ fn run(stepping: bool) -> (Vec<(DebugStop, u64)>, u32) {
             id: 0,
             cpus: 1,
             coalesced_mmio: false,
+            x2apic: false,
         })
         .unwrap();
     let mut arch = X86_64::new();
@@ -186,6 +187,7 @@ fn pc_event_fires_once_per_visit() {
             id: 0,
             cpus: 1,
             coalesced_mmio: false,
+            x2apic: false,
         })
         .unwrap();
     let mut arch = X86_64::new();

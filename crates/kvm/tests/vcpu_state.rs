@@ -59,6 +59,7 @@ fn machine(ram: GuestRam) -> Machine {
             id: 0,
             cpus: 1,
             coalesced_mmio: false,
+            x2apic: false,
         })
         .unwrap();
     Machine {

@@ -157,3 +157,49 @@ fn waiting_interrupts_are_taken_at_the_first_open_boundary() {
         assert_eq!(r.no_panic().status, 0, "{line}\nstderr:\n{}", r.stderr);
     }
 }
+
+#[test]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn a_guest_switches_its_local_apic_to_x2apic_mode() {
+    if !kvm_or_skip("x2apic") {
+        return;
+    }
+    let doctor_filter = kvm::KvmVm::new()
+        .and_then(|vm| vm.trap_apic_base_writes())
+        .unwrap_or(false);
+    let (dir, cfg) = config(
+        "x2apic",
+        "[sim]\nmax_time = \"1s\"\n[system]\nkernel = \"builtin:x2apic\"\nplatform = \"pc\"\n\
+         x2apic = true\nserial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    if !doctor_filter {
+        // No user-space MSR filter: a configuration error naming the key.
+        assert_eq!(r.no_panic().status, 254, "stderr:\n{}", r.stderr);
+        assert!(r.stderr.contains("system.x2apic"), "{}", r.stderr);
+        return;
+    }
+    let line = r.file("serial.log");
+    // The guest checks itself (status 0 only if every check held).
+    assert_eq!(r.no_panic().status, 0, "{line}\nstderr:\n{}", r.stderr);
+    assert!(
+        line.contains("x2apic: id=0 ldr=1 mmio=0x00000000ffffffff gp=3 selfipi=1 mode=1"),
+        "{line}"
+    );
+    assert_eq!(r.stat("system.apic.interrupts"), 1, "the SELF IPI");
+    let used = r.file("config.json");
+    assert!(used.contains("\"x2apic\": true"), "{used}");
+
+    // Off (the default): CPUID does not offer x2APIC and the guest says so.
+    let (dir, cfg) = config(
+        "x2apic-off",
+        "[sim]\nmax_time = \"1s\"\n[system]\nkernel = \"builtin:x2apic\"\nplatform = \"pc\"\n\
+         serial = { stdout = false }\n",
+    );
+    let r = kvmsim(&["run", &cfg], &dir.join("out"));
+    assert_ne!(r.no_panic().status, 0);
+    assert!(r.file("serial.log").contains("x2apic: id=0"));
+}

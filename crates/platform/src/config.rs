@@ -371,6 +371,13 @@ pub struct SystemConfig {
     /// QEMU (see [`QemuDevices`]).
     #[serde(default, skip_serializing_if = "QemuDevices::is_unset")]
     pub qemu: QemuDevices,
+    /// Offer x2APIC (CPUID.1:ECX bit 21) and give the local APICs their
+    /// x2APIC mode (default false). Needs local APICs (platform "pc", or
+    /// several CPUs) and a host whose KVM honours the user-space MSR
+    /// filter (`kvmsim doctor`). Off by default: Linux switches to x2APIC
+    /// when offered, and every APIC access then becomes an MSR exit.
+    #[serde(default)]
+    pub x2apic: bool,
     /// The host file the guest reads with the `readfile` sim-op (gem5's
     /// `m5 readfile`, 0x50), relative to the config file; without it the
     /// guest reads nothing. A restore may name another (`--readfile`), so
@@ -992,6 +999,7 @@ impl Config {
                 cpus: default_cpus(),
                 ipi_latency: default_ipi_latency(),
                 qemu: QemuDevices::default(),
+                x2apic: false,
                 readfile: None,
                 symbols: None,
                 se: None,
@@ -1375,6 +1383,17 @@ impl Config {
                         ));
                     }
                 }
+            }
+            if s.x2apic && (s.platform == "se" || (s.platform == "bare" && s.cpus == 1)) {
+                return Err(bad(
+                    f("x2apic"),
+                    "true".into(),
+                    &format!(
+                        "needs local APICs: platform \"pc\" or \"auto\", or more than one CPU \
+                         (platform is \"{}\" with {} CPU)",
+                        s.platform, s.cpus
+                    ),
+                ));
             }
             if s.ipi_latency.0 == 0 {
                 return Err(bad(
@@ -2300,6 +2319,29 @@ mod tests {
         assert!(e.starts_with("dir/test.toml: "), "{e}");
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("memroy"), "{e}");
+    }
+
+    #[test]
+    fn x2apic_is_off_by_default_and_needs_local_apics() {
+        let sys = |extra: &str| parse(&format!("[system]\nkernel = \"builtin:hello\"\n{extra}"));
+        let c = sys("").unwrap();
+        assert!(!c.system[0].x2apic);
+        // config.json says which was used.
+        let json = serde_json::to_value(&c.system[0]).unwrap();
+        assert_eq!(json["x2apic"], serde_json::json!(false));
+        assert!(sys("x2apic = true\nplatform = \"pc\"\n").unwrap().system[0].x2apic);
+        assert!(sys("x2apic = true\ncpus = 2\nplatform = \"bare\"\n").is_ok());
+        // "auto" may become a PC: the run checks it once resolved.
+        assert!(sys("x2apic = true\n").is_ok());
+        let e = sys("x2apic = true\nplatform = \"bare\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("system.x2apic = true") && e.contains("needs local APICs"),
+            "{e}"
+        );
+        let e = sys("x2apic = 1\n").unwrap_err().to_string();
+        assert!(e.contains("x2apic") && e.contains("line 3"), "{e}");
     }
 
     #[test]

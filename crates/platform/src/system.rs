@@ -572,9 +572,27 @@ impl System {
         for &[base, size] in &sc.coalesced_mmio {
             vm.register_coalesced_mmio(base, size)?;
         }
+        let has_lapics = sc.platform == "pc" || ncpus > 1;
+        if sc.x2apic && !has_lapics {
+            return Err(PlatformError::Setup(format!(
+                "{name}: system.x2apic = true needs local APICs: platform \"pc\" or more than \
+                 one CPU (platform is \"{}\" with 1 CPU)",
+                sc.platform
+            )));
+        }
+        // x2APIC mode: the APICs' MSRs must reach kvmsim, which only the
+        // user-space MSR filter's exits can do.
+        if sc.x2apic && !vm.trap_apic_msrs(true)? {
+            return Err(PlatformError::Setup(format!(
+                "{name}: system.x2apic = true needs a host whose KVM honours the user-space MSR \
+                 filter (`kvmsim doctor`: \"user-space MSR filter (IA32_APIC_BASE)\" fails here: \
+                 KVM_CAP_X86_USER_SPACE_MSR or KVM_CAP_X86_MSR_FILTER missing); set it to false"
+            )));
+        }
         // Local APICs (a PC, or several CPUs) learn of IA32_APIC_BASE
         // writes where the host can tell (kvmsim doctor says).
-        if (sc.platform == "pc" || ncpus > 1)
+        if has_lapics
+            && !sc.x2apic
             && !vm.trap_apic_base_writes()?
             && console::first_time("apic-base-filter")
         {
@@ -589,6 +607,7 @@ impl System {
                 id: id as u64,
                 cpus: ncpus as u8,
                 coalesced_mmio: !sc.coalesced_mmio.is_empty(),
+                x2apic: sc.x2apic,
             })?);
         }
 
@@ -946,6 +965,9 @@ impl System {
             vector_intc = Some(v.clone());
             (vec![v.clone()], Vec::new(), v, None, None)
         };
+        for l in &lapics {
+            mem::lock(l).offer_x2apic(sc.x2apic);
+        }
         for (cpu, intc) in kcpus.iter_mut().zip(&intcs) {
             cpu.set_interrupt_controller(intc.clone());
         }
@@ -2061,27 +2083,7 @@ impl CpuThread<'_> {
 
     /// Posts `ipi` to every CPU it is for, to arrive after the IPI latency.
     fn send_ipi(&mut self, now: Tick, ipi: &Ipi) {
-        let me = self.slot.index;
-        let lapics = &self.shared.lapics;
-        let mut targets: Vec<usize> = match ipi.shorthand {
-            // Self only: the APIC delivered it.
-            1 => Vec::new(),
-            // All, or all but self: the APIC delivered to itself already.
-            2 | 3 => (0..lapics.len()).filter(|&j| j != me).collect(),
-            _ => (0..lapics.len())
-                .filter(|&j| mem::lock(&lapics[j]).accepts(ipi.dest, ipi.logical))
-                // A fixed or NMI message to self was delivered by the APIC;
-                // lowest priority is arbitrated here, self included.
-                .filter(|&j| j != me || ipi.mode == 1)
-                .collect(),
-        };
-        if ipi.mode == 1 && ipi.shorthand == 0 && targets.len() > 1 {
-            let best = targets
-                .iter()
-                .copied()
-                .min_by_key(|&j| mem::lock(&lapics[j]).arbitration_priority());
-            targets = best.into_iter().collect();
-        }
+        let targets = ipi_targets(&self.shared.lapics, self.slot.index, ipi);
         let at = now.saturating_add(self.shared.ipi_latency);
         for j in targets {
             self.shared.ipis_sent.inc();
@@ -2495,6 +2497,34 @@ struct Pc {
     isa: Vec<IrqLine>,
 }
 
+/// The CPUs (indexes into `lapics`) that `ipi`, sent by CPU `me`'s APIC,
+/// goes to from the platform: the APIC delivered its own copy already,
+/// except for lowest priority, arbitrated here among every APIC that
+/// accepts it (this one included). Destinations are matched by each
+/// target ([`Lapic::accepts`]: 8-bit xAPIC or 32-bit x2APIC).
+fn ipi_targets(lapics: &[Arc<Mutex<Lapic>>], me: usize, ipi: &Ipi) -> Vec<usize> {
+    let mut targets: Vec<usize> = match ipi.shorthand {
+        // Self only: the APIC delivered it.
+        1 => Vec::new(),
+        // All, or all but self: the APIC delivered to itself already.
+        2 | 3 => (0..lapics.len()).filter(|&j| j != me).collect(),
+        _ => (0..lapics.len())
+            .filter(|&j| mem::lock(&lapics[j]).accepts(ipi.dest, ipi.logical))
+            // A fixed or NMI message to self was delivered by the APIC;
+            // lowest priority is arbitrated here, self included.
+            .filter(|&j| j != me || ipi.mode == 1)
+            .collect(),
+    };
+    if ipi.mode == 1 && ipi.shorthand == 0 && targets.len() > 1 {
+        let best = targets
+            .iter()
+            .copied()
+            .min_by_key(|&j| mem::lock(&lapics[j]).arbitration_priority());
+        targets = best.into_iter().collect();
+    }
+    targets
+}
+
 /// The local APIC timer's input clock.
 pub const APIC_BUS_HZ: u64 = 1_000_000_000;
 
@@ -2746,4 +2776,96 @@ fn setup_linux(
     fw::write_acpi_with_devices(ram.memory(), cpus, cpus, &virtio).map_err(fwerr)?;
     sc.cmdline = Some(line.clone());
     Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sim::intr::{InterruptController, MsrWrite};
+
+    /// `n` APICs (IDs 0..n), software-enabled, the first `x2` of them
+    /// switched to x2APIC mode through IA32_APIC_BASE.
+    fn apics(n: u8, x2: u8, stats: &mut Stats) -> Vec<Arc<Mutex<Lapic>>> {
+        (0..n)
+            .map(|id| {
+                let mut a = Lapic::new(id, APIC_BUS_HZ, None, stats, &format!("cpu{id}")).unwrap();
+                a.offer_x2apic(true);
+                let mut reqs = Vec::new();
+                if id < x2 {
+                    let base = a.apic_base() | devices::lapic::APIC_BASE_EXTD;
+                    let msr = devices::lapic::APIC_BASE_MSR;
+                    assert_eq!(a.msr_write(msr, base, 0, &mut reqs), MsrWrite::ToCpu);
+                    a.msr_written(msr, base);
+                    assert!(a.x2apic_write(0x80f, 0x1ff, 0, &mut reqs));
+                } else {
+                    mem::BusDevice::write(
+                        &mut a,
+                        Space::Mmio,
+                        0xf0,
+                        &0x1ffu32.to_le_bytes(),
+                        &mut AccessCtx::new(0, &mut reqs),
+                    );
+                }
+                Arc::new(Mutex::new(a))
+            })
+            .collect()
+    }
+
+    /// The message CPU `me` sends by writing `icr` to its x2APIC ICR.
+    fn x2apic_ipi(lapics: &[Arc<Mutex<Lapic>>], me: usize, icr: u64) -> Ipi {
+        let mut a = mem::lock(&lapics[me]);
+        assert!(a.x2apic_write(0x830, icr, 0, &mut Vec::new()));
+        let mut sent = a.take_ipis();
+        assert_eq!(sent.len(), 1);
+        sent.remove(0)
+    }
+
+    #[test]
+    fn x2apic_cluster_ipis_reach_the_named_cpus() {
+        let mut stats = Stats::new();
+        let lapics = apics(4, 4, &mut stats);
+        // Logical cluster 0, bits 0, 2 and 3 from CPU 1: CPUs 0, 2 and 3.
+        let ipi = x2apic_ipi(&lapics, 1, (0xd << 32) | 0x0850);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![0, 2, 3]);
+        // The same from CPU 0: it took its own copy.
+        let ipi = x2apic_ipi(&lapics, 0, (0xd << 32) | 0x0850);
+        assert_eq!(ipi_targets(&lapics, 0, &ipi), vec![2, 3]);
+        assert_eq!(mem::lock(&lapics[0]).acknowledge(), Some(0x50));
+        // Cluster 1 has nobody here; physical 0xFFFFFFFF is everyone else.
+        let ipi = x2apic_ipi(&lapics, 1, (0x1_000f << 32) | 0x0850);
+        assert!(ipi_targets(&lapics, 1, &ipi).is_empty());
+        let ipi = x2apic_ipi(&lapics, 1, (0xffff_ffff << 32) | 0x51);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![0, 2, 3]);
+        // Physical ID 3, and 0xFF, which in x2APIC mode is an ID nobody has.
+        let ipi = x2apic_ipi(&lapics, 1, (3 << 32) | 0x52);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![3]);
+        let ipi = x2apic_ipi(&lapics, 1, (0xff << 32) | 0x52);
+        assert!(ipi_targets(&lapics, 1, &ipi).is_empty());
+    }
+
+    #[test]
+    fn mixed_xapic_and_x2apic_cpus_match_as_kvm_does() {
+        let mut stats = Stats::new();
+        // CPUs 0 and 1 in x2APIC mode, 2 and 3 in xAPIC mode (flat model,
+        // logical ID bit `id`).
+        let lapics = apics(4, 2, &mut stats);
+        for (id, l) in lapics.iter().enumerate().skip(2) {
+            mem::BusDevice::write(
+                &mut *mem::lock(l),
+                Space::Mmio,
+                0xd0,
+                &(1u32 << (24 + id)).to_le_bytes(),
+                &mut AccessCtx::new(0, &mut Vec::new()),
+            );
+        }
+        // An x2APIC broadcast reaches the x2APIC CPUs only; physical 2 is
+        // CPU 2 whatever its mode; logical 0xd: bits 0 of cluster 0 (CPU 0,
+        // x2APIC) and, for the flat xAPIC CPUs, bits 2 and 3.
+        let ipi = x2apic_ipi(&lapics, 1, (0xffff_ffff << 32) | 0x60);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![0]);
+        let ipi = x2apic_ipi(&lapics, 1, (2 << 32) | 0x60);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![2]);
+        let ipi = x2apic_ipi(&lapics, 1, (0xd << 32) | 0x0860);
+        assert_eq!(ipi_targets(&lapics, 1, &ipi), vec![0, 2, 3]);
+    }
 }

@@ -16,6 +16,21 @@ pub enum Pending {
     Nmi,
 }
 
+/// What a controller does with the guest's write of a model-specific
+/// register ([`InterruptController::msr_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsrWrite {
+    /// The write is refused: the guest gets #GP, nothing changed.
+    Fault,
+    /// The controller took the write, which cost `latency` ticks.
+    Done { latency: crate::Tick },
+    /// The write is legal as far as the controller is concerned; the CPU
+    /// hands it on (x86: to KVM, which checks it too) and, if the CPU
+    /// accepts it, tells the controller with
+    /// [`InterruptController::msr_written`].
+    ToCpu,
+}
+
 /// An interrupt controller as a CPU sees it.
 pub trait InterruptController: Send {
     /// What is pending, without changing anything.
@@ -41,8 +56,30 @@ pub trait InterruptController: Send {
     /// (x86: `mov %reg, %cr8`).
     fn set_task_priority(&mut self, _tpr: u8) {}
 
+    /// The guest writes model-specific register `index` (one the CPU
+    /// traps: x86's IA32_APIC_BASE, and the x2APIC registers 0x800-0x8FF
+    /// when x2APIC is offered) at `now`; requests for the simulator go to
+    /// `requests`. The default leaves every write to the CPU.
+    fn msr_write(
+        &mut self,
+        _index: u32,
+        _value: u64,
+        _now: crate::Tick,
+        _requests: &mut Vec<crate::Request>,
+    ) -> MsrWrite {
+        MsrWrite::ToCpu
+    }
+
+    /// The guest reads model-specific register `index`, one the CPU could
+    /// not read itself (x86: an x2APIC register): its value and the
+    /// latency in ticks, or None for #GP (the default).
+    fn msr_read(&mut self, _index: u32, _now: crate::Tick) -> Option<(u64, crate::Tick)> {
+        None
+    }
+
     /// The guest wrote a model-specific register the controller owns (x86:
-    /// IA32_APIC_BASE, 0x1B), and the CPU accepted the value.
+    /// IA32_APIC_BASE, 0x1B), the controller let it through
+    /// ([`MsrWrite::ToCpu`]) and the CPU accepted the value.
     fn msr_written(&mut self, _index: u32, _value: u64) {}
 
     /// A one-line description of the controller's state (for samples and dumps).

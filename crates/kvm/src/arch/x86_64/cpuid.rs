@@ -6,7 +6,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 /// First and last leaf of the hypervisor range (KVM's paravirt interface:
 /// kvmclock, steal time, PV EOI, ...).
 pub const HYPERVISOR_LEAVES: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
-/// CPUID.1:ECX bit of x2APIC (the simulated LAPIC is xAPIC only).
+/// CPUID.1:ECX bit of x2APIC (offered only with `system.x2apic`).
 pub const ECX_X2APIC: u32 = 1 << 21;
 /// CPUID.1:ECX bit of the TSC-deadline timer (not modelled).
 pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -15,13 +15,13 @@ pub const ECX_TSC_DEADLINE: u32 = 1 << 24;
 pub const EDX_HTT: u32 = 1 << 28;
 
 /// Filters `supported` for a vCPU with APIC ID `apic_id` in a system of
-/// `cpus` CPUs: removes the KVM paravirt leaves, clears x2APIC and
-/// TSC-deadline, and describes the topology: one package of `cpus` cores,
+/// `cpus` CPUs: removes the KVM paravirt leaves, clears TSC-deadline and
+/// sets x2APIC as `x2apic` says, and describes the topology: one package of `cpus` cores,
 /// one thread each, APIC IDs 0..cpus (leaf 1's initial APIC ID and logical
 /// count, leaf 4's cores per package, leaf 0xB's SMT and core levels with
 /// the x2APIC ID, AMD's leaf 0x80000008 core count; leaf 0x1F is removed so
 /// that leaf 0xB is the one read).
-pub fn filter(supported: &CpuId, apic_id: u8, cpus: u8) -> Vec<kvm_cpuid_entry2> {
+pub fn filter(supported: &CpuId, apic_id: u8, cpus: u8, x2apic: bool) -> Vec<kvm_cpuid_entry2> {
     let cpus = cpus.max(1);
     // Bits of the APIC ID that number the cores of the package.
     let core_bits = u32::BITS - u32::from(cpus - 1).leading_zeros();
@@ -35,6 +35,9 @@ pub fn filter(supported: &CpuId, apic_id: u8, cpus: u8) -> Vec<kvm_cpuid_entry2>
             match e.function {
                 1 => {
                     e.ecx &= !(ECX_X2APIC | ECX_TSC_DEADLINE);
+                    if x2apic {
+                        e.ecx |= ECX_X2APIC;
+                    }
                     e.ebx = (e.ebx & 0x0000_ffff)
                         | (u32::from(apic_id) << 24)
                         | (u32::from(cpus) << 16);
@@ -100,10 +103,20 @@ mod tests {
             entry(0x8000_0001, 0, 0),
         ])
         .unwrap();
-        let out = filter(&table, 3, 1);
+        let out = filter(&table, 3, 1, false);
         let leaves: Vec<u32> = out.iter().map(|e| e.function).collect();
         assert_eq!(leaves, vec![0, 1, 0x4000_0100, 0x8000_0001]);
         assert_eq!(out[1].ecx, 1);
         assert_eq!(out[1].ebx, 0x0301_0800);
+    }
+
+    #[test]
+    fn x2apic_is_offered_only_when_asked_for() {
+        // KVM lists x2APIC as supported even where the host CPU lacks it.
+        let table = CpuId::from_entries(&[entry(0, 0, 0), entry(1, 0, 1)]).unwrap();
+        let out = filter(&table, 0, 4, true);
+        assert_eq!(out[1].ecx, ECX_X2APIC | 1);
+        let table = CpuId::from_entries(&[entry(0, 0, 0), entry(1, 0, ECX_X2APIC)]).unwrap();
+        assert_eq!(filter(&table, 0, 4, false)[1].ecx, 0);
     }
 }
