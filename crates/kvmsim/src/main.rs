@@ -29,8 +29,9 @@ struct Cli {
 enum Command {
     /// Run a simulation from a config file, or from --kernel.
     Run(Box<RunArgs>),
-    /// Syscall emulation: run a static x86-64 Linux program at CPL3 with
-    /// its system calls serviced by kvmsim, in simulated time.
+    /// Syscall emulation: run an x86-64 Linux program (static or dynamically
+    /// linked) at CPL3 with its system calls serviced by kvmsim, in
+    /// simulated time.
     Se(Box<SeArgs>),
     /// List the built-in guests, or write them out as ELF files.
     Guests {
@@ -190,6 +191,12 @@ struct SeArgs {
     /// instead (gem5's --redirects; repeat for more; the longest GUEST wins).
     #[arg(long = "redirect", value_name = "GUEST=HOST")]
     redirect: Vec<String>,
+    /// With several CPUs: how far apart in simulated time their threads may
+    /// run before they meet (sim.quantum; default 100us), e.g. 1ms. Longer
+    /// windows cost fewer forced exits; a futex wake or signal from another
+    /// thread may arrive up to one window late.
+    #[arg(long)]
+    quantum: Option<String>,
     /// Stop after this much simulated time, e.g. 10s.
     #[arg(long)]
     max_time: Option<String>,
@@ -256,6 +263,13 @@ fn se_config(a: &SeArgs) -> Result<Config, PlatformError> {
         cfg.sim.max_time = Some(Duration(
             platform::units::parse_duration(t).map_err(|e| bad("--max-time", t, e))?,
         ));
+    }
+    if let Some(t) = &a.quantum {
+        let q = platform::units::parse_duration(t).map_err(|e| bad("--quantum", t, e))?;
+        if q == 0 {
+            return Err(bad("--quantum", t, "the quantum must be longer than 0".into()).into());
+        }
+        cfg.sim.quantum = Some(Duration(q));
     }
     for s in &mut cfg.system {
         if let Some(p) = &a.program {

@@ -555,6 +555,16 @@ fn programs_kvmsim_cannot_run_are_refused_by_name() {
         .unwrap();
     assert_eq!(r.status.code(), Some(254));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--env"));
+    for q in ["0", "soon"] {
+        let r = Command::new(env!("CARGO_BIN_EXE_kvmsim"))
+            .args(["se", "--quantum", q, "/bin/true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(254));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("--quantum") && err.contains(q), "{err}");
+    }
 }
 
 #[test]
@@ -892,18 +902,32 @@ fn threads_prog(dynamic: bool) -> Result<PathBuf, String> {
 
 /// A run of threads.c in SE mode with `cpus` CPUs next to its native run.
 fn threads_run(test: &str, p: &Path, mode: &str, cpus: u32) -> (Run, (i32, String)) {
+    threads_run_with(test, p, mode, cpus, &[])
+}
+
+/// As [`threads_run`], with more `kvmsim se` options.
+fn threads_run_with(
+    test: &str,
+    p: &Path,
+    mode: &str,
+    cpus: u32,
+    extra: &[&str],
+) -> (Run, (i32, String)) {
     let work = outdir(&format!("{test}_work"));
     std::fs::create_dir_all(&work).unwrap();
     let native = native(p, &[mode], &work);
     let n = cpus.to_string();
-    let r = se(test, p, &[mode], &["--cpus", &n]);
+    let mut opts = vec!["--cpus", &n];
+    opts.extend_from_slice(extra);
+    let r = se(test, p, &[mode], &opts);
     r.no_panic();
     (r, native)
 }
 
 /// 4 threads on 4 more CPUs share work through an atomic counter, a
 /// mutex and a condition variable, and are joined; statically linked and
-/// dynamically linked against the host's glibc, as the native run.
+/// dynamically linked against the host's glibc, as the native run. The
+/// static run has 1 ms windows (`--quantum`), the dynamic one the default.
 fn threads_work(dynamic: bool) {
     let test = if dynamic {
         "se_threads_dynamic"
@@ -911,7 +935,14 @@ fn threads_work(dynamic: bool) {
         "se_threads_static"
     };
     let p = need!(threads_prog(dynamic), test);
-    let (r, (nst, nout)) = threads_run(test, &p, "work", 5);
+    let extra: &[&str] = if dynamic { &[] } else { &["--quantum", "1ms"] };
+    let (r, (nst, nout)) = threads_run_with(test, &p, "work", 5, extra);
+    let config = r.json("config.json");
+    assert_eq!(
+        config["sim"].get("quantum").and_then(|q| q.as_str()),
+        (!dynamic).then_some("1000000000ps"),
+        "{config}"
+    );
     assert_eq!(
         (r.status, r.file("stdout.txt")),
         (nst, nout.clone()),
