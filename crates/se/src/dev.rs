@@ -140,6 +140,8 @@ pub struct SeDevice {
     futex_waits: Counter,
     futex_wakes: Counter,
     pipe_waits: Counter,
+    poll_waits: Counter,
+    eventfd_waits: Counter,
     cpu_calls: Vector,
     cpu_wait_ticks: Vector,
     /// The simulated time of the call being serviced: a process that ends
@@ -273,6 +275,18 @@ impl SeDevice {
             pipe_waits: stats.counter(
                 &format!("{prefix}.pipeWaits"),
                 "Pipe reads and writes that put a thread to sleep (an empty or full pipe)",
+                "Count",
+            )?,
+            poll_waits: stats.counter(
+                &format!("{prefix}.pollWaits"),
+                "poll, ppoll, select, pselect6 and epoll_wait/epoll_pwait calls that put a thread to \
+                 sleep (nothing ready; each sleep counts, also after a wake that found nothing)",
+                "Count",
+            )?,
+            eventfd_waits: stats.counter(
+                &format!("{prefix}.eventfdWaits"),
+                "eventfd reads and writes that put a thread to sleep (a counter of 0, or one a \
+                 write would overflow)",
                 "Count",
             )?,
             cpu_calls: stats.vector(
@@ -739,11 +753,18 @@ impl SeDevice {
                     let v = Self::interrupted(&mut self.proc.t);
                     return self.handle_flow(ctx, nr, Flow::Return(v), uc, took);
                 }
-                // A poll whose timeout ends with the call: nothing ready.
+                // A wait whose timeout ends with the call: the call is made
+                // again at once (it keeps its deadline, now past, and
+                // returns what it returns then: select's emptied sets,
+                // the time left written back).
                 let end = ctx.now.saturating_add(took);
                 if deadline.is_some_and(|d| d <= end) {
-                    self.proc.t.poll_deadline = None;
-                    return self.handle_flow(ctx, nr, Flow::Return(0), uc, took);
+                    // Due now: made again at any later time, it returns.
+                    self.proc.t.poll_deadline = Some(ctx.now);
+                    self.slots[self.cur].again = true;
+                    uc.rip = ENTRY_VA;
+                    self.resume(ctx, uc, "a wait");
+                    return;
                 }
                 self.wait_seq += 1;
                 let k = self.cur;
@@ -759,7 +780,13 @@ impl SeDevice {
                     restart: true,
                     fd,
                 });
-                self.pipe_waits.inc();
+                if key == crate::pipe::POLL_KEY {
+                    self.poll_waits.inc();
+                } else if crate::eventfd::parse_key(key).is_some() {
+                    self.eventfd_waits.inc();
+                } else {
+                    self.pipe_waits.inc();
+                }
                 self.park(ctx);
                 self.check_deadlock(ctx);
             }
@@ -1276,10 +1303,42 @@ impl SeDevice {
                         s.t.tid
                     };
                     let pipe = crate::pipe::parse_key(w.key);
+                    let efd = crate::eventfd::parse_key(w.key);
+                    // A restarting call's saved context is the call as made.
+                    let call = s.saved.gprs[UserContext::RAX];
                     waits.push(if w.key == SIGNAL_KEY {
                         format!("thread {tid} waits for a signal")
                     } else if w.key == crate::pipe::POLL_KEY {
-                        format!("thread {tid} polls {} descriptor(s) with no timeout", w.fd)
+                        use crate::sys::nr;
+                        match call {
+                            nr::SELECT | nr::PSELECT6 => format!(
+                                "thread {tid} waits in {} on descriptors below {} with no timeout",
+                                call_name(call),
+                                w.fd
+                            ),
+                            nr::EPOLL_WAIT | nr::EPOLL_PWAIT | nr::EPOLL_PWAIT2 => format!(
+                                "thread {tid} waits in {} on the epoll instance at fd {} with no \
+                                 timeout",
+                                call_name(call),
+                                w.fd
+                            ),
+                            _ => {
+                                format!("thread {tid} polls {} descriptor(s) with no timeout", w.fd)
+                            }
+                        }
+                    } else if let Some((_, writer)) = efd {
+                        if writer {
+                            format!(
+                                "thread {tid} writes to the eventfd at fd {} (its counter would \
+                                 pass 0xfffffffffffffffe)",
+                                w.fd
+                            )
+                        } else {
+                            format!(
+                                "thread {tid} reads the eventfd at fd {} (its counter is 0)",
+                                w.fd
+                            )
+                        }
                     } else if let Some((_, writer)) = pipe {
                         if writer {
                             format!("thread {tid} writes to the full pipe at fd {}", w.fd)

@@ -25,6 +25,8 @@
 
 pub mod dev;
 pub mod elf;
+pub mod epoll;
+pub mod eventfd;
 pub mod mm;
 pub mod names;
 pub mod pipe;

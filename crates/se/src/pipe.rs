@@ -11,7 +11,7 @@
 //! most `MAX_FDS` descriptors.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bytes a pipe holds (Linux's default, 16 pages).
@@ -20,8 +20,11 @@ pub const CAPACITY: usize = 64 << 10;
 pub const PIPE_BUF: usize = 4096;
 /// Wait keys of pipes have this bit: futex keys are user addresses, below
 /// it, and the signal wait's key (`u64::MAX`) is odd with every bit set,
-/// which no pipe key is (ids stay below 2^61).
+/// which no pipe key is (ids stay below 2^60).
 pub const KEY_BIT: u64 = 1 << 63;
+/// Wait keys of eventfds (`crate::eventfd::key`) have this bit beside
+/// [`KEY_BIT`]; pipes' keys do not.
+pub const EVENTFD_BIT: u64 = 1 << 62;
 
 /// The key a thread in poll waits on: every pipe's change wakes it.
 pub const POLL_KEY: u64 = u64::MAX - 1;
@@ -30,12 +33,12 @@ pub const POLL_KEY: u64 = u64::MAX - 1;
 /// the last write end to close, writers for room or for the last read
 /// end to close.
 pub fn key(id: u64, writer: bool) -> u64 {
-    KEY_BIT | ((id & ((1 << 61) - 1)) << 1) | u64::from(writer)
+    KEY_BIT | ((id & ((1 << 60) - 1)) << 1) | u64::from(writer)
 }
 
 /// The pipe id and side of a wait key, or `None` for another key.
 pub fn parse_key(key: u64) -> Option<(u64, bool)> {
-    (key & KEY_BIT != 0 && key < POLL_KEY).then_some(((key & !KEY_BIT) >> 1, key & 1 != 0))
+    (key & KEY_BIT != 0 && key & EVENTFD_BIT == 0).then_some(((key & !KEY_BIT) >> 1, key & 1 != 0))
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +55,9 @@ pub struct Pipe {
     state: Mutex<State>,
     /// The process's list of wait keys whose waiters must be woken.
     events: Arc<Mutex<Vec<u64>>>,
+    /// How many times the readers' side and the writers' side were woken
+    /// (epoll's edge-triggered mode reports a change since it last looked).
+    gens: [AtomicU64; 2],
 }
 
 /// An open end of a pipe (one open file description; dup shares it).
@@ -81,6 +87,7 @@ impl Pipe {
                 writers: 1,
             }),
             events,
+            gens: Default::default(),
         });
         let end = |writer| PipeEnd {
             pipe: pipe.clone(),
@@ -91,6 +98,7 @@ impl Pipe {
     }
 
     fn event(&self, writer: bool) {
+        self.gens[usize::from(writer)].fetch_add(1, Ordering::Relaxed);
         mem::lock(&self.events).push(key(self.id, writer));
     }
 }
@@ -111,6 +119,12 @@ impl PipeEnd {
     /// The key this end's caller waits on.
     pub fn key(&self) -> u64 {
         key(self.pipe.id, self.writer)
+    }
+
+    /// How many times this end's waiters were woken (data or room came,
+    /// the other side closed).
+    pub fn gen(&self) -> u64 {
+        self.pipe.gens[usize::from(self.writer)].load(Ordering::Relaxed)
     }
 
     /// Bytes waiting to be read (FIONREAD).

@@ -374,8 +374,11 @@ pub struct Process {
     /// Wait keys of pipes that changed (data, room, an end closed): the
     /// device wakes their waiters after the call.
     pub pipe_events: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
-    /// The id of the next pipe.
+    /// The id of the last pipe or eventfd made.
     pub next_pipe: u64,
+    /// Items in all the process's epoll sets (bounded by
+    /// [`crate::epoll::MAX_WATCHES`]).
+    pub epoll_watches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// What the call being serviced would block on (wait key, descriptor),
     /// with [`crate::sys::ERESTARTSYS`].
     pub blocked: Option<(u64, u32, Option<sim::Tick>)>,
@@ -740,6 +743,7 @@ impl Process {
                 park_cr3,
                 pipe_events: Default::default(),
                 next_pipe: 0,
+                epoll_watches: Default::default(),
                 blocked: None,
                 t: ThreadState {
                     tid: crate::sys::PID,

@@ -33,6 +33,8 @@ pub const EINTR: i64 = 4;
 pub const EOPNOTSUPP: i64 = 95;
 pub const EPIPE: i64 = 32;
 pub const EACCES: i64 = 13;
+pub const EEXIST: i64 = 17;
+pub const ENOSPC: i64 = 28;
 /// Not an errno the program sees: the call would block (a pipe), and
 /// [`Process::blocked`] says on what. The device parks the thread and
 /// makes the call again when the pipe changes.
@@ -83,6 +85,10 @@ pub enum Object {
     Host(std::fs::File),
     /// An end of a pipe inside the process.
     Pipe(crate::pipe::PipeEnd),
+    /// An eventfd (eventfd, eventfd2).
+    EventFd(crate::eventfd::EventFd),
+    /// An epoll instance (epoll_create, epoll_create1).
+    Epoll(crate::epoll::Epoll),
     /// A read-only file whose contents kvmsim gives (the CPU lists under
     /// /sys/devices/system/cpu), and the read position.
     Synthetic { data: Vec<u8>, pos: Mutex<usize> },
@@ -102,6 +108,31 @@ pub fn synthetic_file(path: &[u8], cpus: usize) -> Option<Vec<u8>> {
             })
         }
         _ => None,
+    }
+}
+
+/// poll's events for an open file now: pipes and eventfds as Linux gives
+/// them, an epoll instance readable while a wait would report something,
+/// host files, the standard streams and kvmsim's own files always ready
+/// (as regular files are).
+pub fn poll_state(obj: &Object) -> i16 {
+    let (r, w) = (
+        libc::POLLIN | libc::POLLRDNORM,
+        libc::POLLOUT | libc::POLLWRNORM,
+    );
+    match obj {
+        Object::Pipe(end) => end.poll(),
+        Object::EventFd(e) => e.poll(),
+        Object::Epoll(ep) => {
+            if ep.ready(1).is_empty() {
+                0
+            } else {
+                r
+            }
+        }
+        Object::Stdin { .. } | Object::Synthetic { .. } => r,
+        Object::Out(_) => w,
+        Object::Host(_) => r | w,
     }
 }
 
@@ -326,6 +357,16 @@ pub mod nr {
     pub const PIPE2: u64 = 293;
     pub const POLL: u64 = 7;
     pub const PPOLL: u64 = 271;
+    pub const SELECT: u64 = 23;
+    pub const PSELECT6: u64 = 270;
+    pub const EVENTFD: u64 = 284;
+    pub const EVENTFD2: u64 = 290;
+    pub const EPOLL_CREATE: u64 = 213;
+    pub const EPOLL_CREATE1: u64 = 291;
+    pub const EPOLL_CTL: u64 = 233;
+    pub const EPOLL_WAIT: u64 = 232;
+    pub const EPOLL_PWAIT: u64 = 281;
+    pub const EPOLL_PWAIT2: u64 = 441;
     pub const FACCESSAT2: u64 = 439;
     pub const FSYNC: u64 = 74;
     pub const FDATASYNC: u64 = 75;
@@ -456,6 +497,18 @@ impl Process {
                 ret(self.poll(mem, a[0], a[1], timeout, clock, &mut None))
             }
             PPOLL => ret(self.ppoll(mem, a, clock)),
+            SELECT => ret(self.select(mem, a, clock, false)),
+            PSELECT6 => ret(self.select(mem, a, clock, true)),
+            EVENTFD => ret(self.eventfd2(a[0], 0)),
+            EVENTFD2 => ret(self.eventfd2(a[0], a[1])),
+            EPOLL_CREATE => ret(if a[0] as i32 <= 0 {
+                Err(EINVAL)
+            } else {
+                self.epoll_create1(0)
+            }),
+            EPOLL_CREATE1 => ret(self.epoll_create1(a[0])),
+            EPOLL_CTL => ret(self.epoll_ctl(mem, a[0], a[1], a[2], a[3])),
+            EPOLL_WAIT | EPOLL_PWAIT | EPOLL_PWAIT2 => ret(self.epoll_wait(mem, nr, a, clock)),
             BRK => ret(Ok(self.set_brk(mem, a[0]) as i64)),
             MMAP => ret(self.mmap(mem, a[0], a[1], a[2], a[3], a[4], a[5])),
             MUNMAP => ret(self.munmap(mem, a[0], a[1])),
@@ -649,6 +702,15 @@ impl Process {
             }
             return self.pipe_read(mem, fd, end, &[(buf, count)]);
         }
+        if let Object::EventFd(e) = &f.obj {
+            if at.is_some() {
+                return Err(ESPIPE);
+            }
+            return self.eventfd_read(mem, fd, e, buf, count);
+        }
+        if let Object::Epoll(_) = &f.obj {
+            return Err(EINVAL);
+        }
         let n = (count as usize).min(MAX_IO);
         // The buffer's first byte must be writable before anything is
         // consumed; the rest is checked as the data is copied (as Linux does,
@@ -668,7 +730,7 @@ impl Process {
             }
             (Object::Stdin { .. } | Object::Out(_), Some(_)) => return Err(ESPIPE),
             (Object::Out(_), None) => return Err(EBADF),
-            (Object::Pipe(_), _) => return Err(EBADF),
+            (Object::Pipe(_) | Object::EventFd(_) | Object::Epoll(_), _) => return Err(EBADF),
             (Object::Synthetic { data, pos }, at) => {
                 let mut p = mem::lock(pos);
                 let from = match at {
@@ -723,6 +785,15 @@ impl Process {
             }
             return self.pipe_write(mem, fd, end, &[(buf, count)]);
         }
+        if let Object::EventFd(e) = &f.obj {
+            if at.is_some() {
+                return Err(ESPIPE);
+            }
+            return self.eventfd_write(mem, fd, e, buf, count);
+        }
+        if let Object::Epoll(_) = &f.obj {
+            return Err(EINVAL);
+        }
         let n = (count as usize).min(MAX_IO);
         let mut tmp = vec![0u8; n];
         self.space.read_user(mem, buf, &mut tmp)?;
@@ -735,7 +806,14 @@ impl Process {
                 mem::lock(sink).write(data);
                 Ok(data.len() as i64)
             }
-            (Object::Stdin { .. } | Object::Pipe(_) | Object::Synthetic { .. }, _) => Err(EBADF),
+            (
+                Object::Stdin { .. }
+                | Object::Pipe(_)
+                | Object::Synthetic { .. }
+                | Object::EventFd(_)
+                | Object::Epoll(_),
+                _,
+            ) => Err(EBADF),
             (Object::Out(_), Some(_)) => Err(ESPIPE),
             (Object::Host(file), None) => std::io::Write::write(&mut &*file, data)
                 .map(|n| n as i64)
@@ -798,7 +876,12 @@ impl Process {
                     }
                 }
                 Err(e) if total == 0 => return Err(e),
-                Err(_) => break,
+                Err(_) => {
+                    // What is done is returned; a later segment's wait
+                    // (an eventfd) is not made.
+                    self.blocked = None;
+                    break;
+                }
             }
             if total as usize >= MAX_IO {
                 break;
@@ -977,80 +1060,104 @@ impl Process {
             } else {
                 match self.files.get(fd as u64) {
                     Err(_) => libc::POLLNVAL,
-                    Ok(f) => {
-                        let (r, w) = (
-                            libc::POLLIN | libc::POLLRDNORM,
-                            libc::POLLOUT | libc::POLLWRNORM,
-                        );
-                        let state = match &f.obj {
-                            Object::Pipe(end) => end.poll(),
-                            Object::Stdin { .. } | Object::Synthetic { .. } => r,
-                            Object::Out(_) => w,
-                            Object::Host(_) => r | w,
-                        };
-                        // POLLERR, POLLHUP (and POLLNVAL) come unasked.
-                        state & (events | libc::POLLERR | libc::POLLHUP)
-                    }
+                    // POLLERR, POLLHUP (and POLLNVAL) come unasked.
+                    Ok(f) => poll_state(&f.obj) & (events | libc::POLLERR | libc::POLLHUP),
                 }
             };
             e[6..8].copy_from_slice(&revents.to_le_bytes());
             ready += i64::from(revents != 0);
         }
         self.space.write_user(mem, fds, &raw)?;
+        *deadline_out = self.poll_wait(ready > 0, timeout, clock, nfds as u32)?;
+        Ok(ready)
+    }
+
+    /// The end of a poll, select or epoll wait that found `ready` (or
+    /// not): the call returns now (`Ok`, with its deadline, if it has
+    /// one) if something is ready or its deadline (`timeout` from its
+    /// first making, kept in `ThreadState::poll_deadline` while it is made
+    /// again) has passed; otherwise it waits on the poll key, woken by
+    /// any pipe or eventfd change. `what` is the descriptor count (or the
+    /// epoll descriptor) for messages.
+    fn poll_wait(
+        &mut self,
+        ready: bool,
+        timeout: Option<Tick>,
+        clock: Clock,
+        what: u32,
+    ) -> Result<Option<Tick>, i64> {
         let deadline = match self.t.poll_deadline.take() {
             Some(d) => Some(d),
             None => timeout.map(|t| clock.now.saturating_add(t)),
         };
-        *deadline_out = deadline;
-        if ready > 0 || deadline.is_some_and(|d| d <= clock.now) {
-            return Ok(ready);
+        if ready || deadline.is_some_and(|d| d <= clock.now) {
+            return Ok(deadline);
         }
         self.t.poll_deadline = deadline;
-        self.blocked = Some((crate::pipe::POLL_KEY, nfds as u32, deadline));
+        self.blocked = Some((crate::pipe::POLL_KEY, what, deadline));
         Err(ERESTARTSYS)
+    }
+
+    /// A timespec timeout at `at` (`None` for a null pointer): EINVAL if
+    /// it is not one (negative, or 10^9 nanoseconds or more), in ticks.
+    fn read_timeout(&mut self, mem: &dyn PhysMem, at: u64) -> Result<Option<Tick>, i64> {
+        if at == 0 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 16];
+        self.space.read_user(mem, at, &mut b)?;
+        let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+        let nsec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
+            return Err(EINVAL);
+        }
+        let ns = (sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(nsec as u64);
+        Ok(Some(ns.saturating_mul(1000)))
+    }
+
+    /// A wait's signal mask (ppoll, pselect6, epoll_pwait): the 8-byte
+    /// set at `set` (none if null) is in force while the call waits; the
+    /// mask to put back is kept for when it returns (or when a handler it
+    /// let in returns). Returns whether a mask was set.
+    fn wait_mask(&mut self, mem: &dyn PhysMem, set: u64, size: u64) -> Result<bool, i64> {
+        if set == 0 {
+            return Ok(false);
+        }
+        if size != 8 {
+            return Err(EINVAL);
+        }
+        let mut b = [0u8; 8];
+        self.space.read_user(mem, set, &mut b)?;
+        if self.t.suspend_mask.is_none() {
+            self.t.suspend_mask = Some(self.t.sigmask);
+        }
+        self.t.sigmask = u64::from_le_bytes(b) & !crate::signal::UNBLOCKABLE;
+        Ok(true)
+    }
+
+    /// The call that set a wait mask returns (not to a handler): the old
+    /// mask is back.
+    fn end_wait_mask(&mut self, set: bool) {
+        if set {
+            if let Some(old) = self.t.suspend_mask.take() {
+                self.t.sigmask = old;
+            }
+        }
     }
 
     /// ppoll: poll with a timespec timeout (the time left written back)
     /// and a signal mask in force while it waits.
     fn ppoll(&mut self, mem: &dyn PhysMem, a: [u64; 6], clock: Clock) -> Result<i64, i64> {
-        let timeout = if a[2] == 0 {
-            None
-        } else {
-            let mut b = [0u8; 16];
-            self.space.read_user(mem, a[2], &mut b)?;
-            let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-            let nsec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
-            if sec < 0 || !(0..1_000_000_000).contains(&nsec) {
-                return Err(EINVAL);
-            }
-            let ns = (sec as u64)
-                .saturating_mul(1_000_000_000)
-                .saturating_add(nsec as u64);
-            Some(ns.saturating_mul(1000))
-        };
-        if a[3] != 0 {
-            if a[4] != 8 {
-                return Err(EINVAL);
-            }
-            let mut b = [0u8; 8];
-            self.space.read_user(mem, a[3], &mut b)?;
-            // The mask to put back when the call returns (or when a
-            // handler it let in returns).
-            if self.t.suspend_mask.is_none() {
-                self.t.suspend_mask = Some(self.t.sigmask);
-            }
-            self.t.sigmask = u64::from_le_bytes(b) & !crate::signal::UNBLOCKABLE;
-        }
+        let timeout = self.read_timeout(mem, a[2])?;
+        let masked = self.wait_mask(mem, a[3], a[4])?;
         let mut deadline = None;
         let r = self.poll(mem, a[0], a[1], timeout, clock, &mut deadline);
         if r == Err(ERESTARTSYS) {
             return r;
         }
-        if a[3] != 0 {
-            if let Some(old) = self.t.suspend_mask.take() {
-                self.t.sigmask = old;
-            }
-        }
+        self.end_wait_mask(masked);
         if let (Some(d), Ok(_)) = (deadline, r) {
             // The time left, as Linux writes it back.
             let left_ns = d.saturating_sub(clock.now) / 1000;
@@ -1058,6 +1165,311 @@ impl Process {
             b[..8].copy_from_slice(&(left_ns / 1_000_000_000).to_le_bytes());
             b[8..].copy_from_slice(&(left_ns % 1_000_000_000).to_le_bytes());
             self.space.write_user(mem, a[2], &b)?;
+        }
+        r
+    }
+
+    /// select (`pselect` false: a timeval timeout, written back with the
+    /// time left as Linux does) and pselect6 (a timespec timeout, written
+    /// back too, and a signal mask in force while it waits, given as
+    /// {pointer, size}). Readiness is poll's: a descriptor is readable
+    /// with POLLIN, POLLHUP or POLLERR, writable with POLLOUT or POLLERR,
+    /// exceptional with POLLPRI (which nothing here has). A set
+    /// descriptor that is not open is EBADF. `nfds` above the descriptor
+    /// limit counts as the limit, as Linux clamps it to its table.
+    fn select(
+        &mut self,
+        mem: &dyn PhysMem,
+        a: [u64; 6],
+        clock: Clock,
+        pselect: bool,
+    ) -> Result<i64, i64> {
+        let n = a[0] as i32;
+        if n < 0 {
+            return Err(EINVAL);
+        }
+        let n = (n as usize).min(MAX_FDS);
+        let timeout = if pselect {
+            self.read_timeout(mem, a[4])?
+        } else if a[4] == 0 {
+            None
+        } else {
+            // A timeval: microseconds beyond a second carry over, and a
+            // negative result is EINVAL (as Linux checks it).
+            let mut b = [0u8; 16];
+            self.space.read_user(mem, a[4], &mut b)?;
+            let sec = i64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let usec = i64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+            let sec = sec.saturating_add(usec / 1_000_000);
+            let nsec = (usec % 1_000_000) * 1000;
+            if sec < 0 || nsec < 0 {
+                return Err(EINVAL);
+            }
+            let ns = (sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(nsec as u64);
+            Some(ns.saturating_mul(1000))
+        };
+        let mut masked = false;
+        if pselect && a[5] != 0 {
+            let mut b = [0u8; 16];
+            self.space.read_user(mem, a[5], &mut b)?;
+            let set = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+            let size = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+            masked = self.wait_mask(mem, set, size)?;
+        }
+        let r = self.select_sets(mem, n, [a[1], a[2], a[3]], timeout, clock);
+        if r.as_ref().is_err_and(|&e| e == ERESTARTSYS) {
+            return r.map(|(v, _)| v);
+        }
+        self.end_wait_mask(masked);
+        let (v, deadline) = r?;
+        if let (Some(d), Some(t)) = (deadline, timeout) {
+            if t > 0 {
+                // The time left; a pointer that cannot take it is no error
+                // (Linux ignores it: the call succeeded).
+                let left_ns = d.saturating_sub(clock.now) / 1000;
+                let (sec, frac) = (left_ns / 1_000_000_000, left_ns % 1_000_000_000);
+                let frac = if pselect { frac } else { frac / 1000 };
+                let mut b = [0u8; 16];
+                b[..8].copy_from_slice(&sec.to_le_bytes());
+                b[8..].copy_from_slice(&frac.to_le_bytes());
+                let _ = self.space.write_user(mem, a[4], &b);
+            }
+        }
+        Ok(v)
+    }
+
+    /// select's sets (`sets`: read, write, except; null pointers are
+    /// empty) for descriptors below `n`: the count of bits set in the
+    /// result and the deadline, or a wait.
+    fn select_sets(
+        &mut self,
+        mem: &dyn PhysMem,
+        n: usize,
+        sets: [u64; 3],
+        timeout: Option<Tick>,
+        clock: Clock,
+    ) -> Result<(i64, Option<Tick>), i64> {
+        // Linux reads and writes the sets in whole longs.
+        let bytes = n.div_ceil(64) * 8;
+        let mut want = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        for (buf, &at) in want.iter_mut().zip(&sets) {
+            if at != 0 {
+                self.space.read_user(mem, at, buf)?;
+            }
+        }
+        let mut got = [vec![0u8; bytes], vec![0u8; bytes], vec![0u8; bytes]];
+        let in_set =
+            libc::POLLIN | libc::POLLRDNORM | libc::POLLRDBAND | libc::POLLHUP | libc::POLLERR;
+        let out_set = libc::POLLOUT | libc::POLLWRNORM | libc::POLLWRBAND | libc::POLLERR;
+        let ex_set = libc::POLLPRI;
+        let mut ready = 0i64;
+        for fd in 0..n {
+            let (byte, bit) = (fd / 8, 1u8 << (fd % 8));
+            if want.iter().all(|w| w[byte] & bit == 0) {
+                continue;
+            }
+            let state = poll_state(&self.files.get(fd as u64)?.obj);
+            for (i, mask) in [in_set, out_set, ex_set].into_iter().enumerate() {
+                if want[i][byte] & bit != 0 && state & mask != 0 {
+                    got[i][byte] |= bit;
+                    ready += 1;
+                }
+            }
+        }
+        let deadline = self.poll_wait(ready > 0, timeout, clock, n as u32)?;
+        // Ready, or the timeout passed (the sets come back empty).
+        for (buf, &at) in got.iter().zip(&sets) {
+            if at != 0 {
+                self.space.write_user(mem, at, buf)?;
+            }
+        }
+        Ok((ready, deadline))
+    }
+
+    /// eventfd / eventfd2: a counter file starting at `init` (an unsigned
+    /// int), with EFD_SEMAPHORE, EFD_NONBLOCK and EFD_CLOEXEC.
+    fn eventfd2(&mut self, init: u64, flags: u64) -> Result<i64, i64> {
+        use crate::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE};
+        if flags & !(EFD_SEMAPHORE | EFD_NONBLOCK | EFD_CLOEXEC) != 0 {
+            return Err(EINVAL);
+        }
+        self.next_pipe += 1;
+        let e = EventFd::new(
+            self.next_pipe,
+            u64::from(init as u32),
+            flags & EFD_SEMAPHORE != 0,
+            flags & EFD_NONBLOCK != 0,
+            self.pipe_events.clone(),
+        );
+        let file = Arc::new(OpenFile {
+            obj: Object::EventFd(e),
+            path: PathBuf::from("anon_inode:[eventfd]"),
+        });
+        self.files.install(file, flags & EFD_CLOEXEC != 0, 0)
+    }
+
+    /// read of an eventfd: 8 bytes (EINVAL for fewer), the counter (or 1
+    /// in semaphore mode); while it is 0, a wait (EAGAIN if non-blocking).
+    fn eventfd_read(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        e: &crate::eventfd::EventFd,
+        buf: u64,
+        count: u64,
+    ) -> Result<i64, i64> {
+        use crate::pipe::Ready;
+        if count < 8 {
+            return Err(EINVAL);
+        }
+        // A bad buffer is EFAULT before anything is taken.
+        self.space.check_user(mem, buf, 8, PROT_WRITE)?;
+        match e.read() {
+            Ready::Now(v) => {
+                self.space.write_user(mem, buf, &v.to_le_bytes())?;
+                Ok(8)
+            }
+            Ready::Wait if e.nonblock() => Err(EAGAIN),
+            Ready::Wait => self.block(e.key(false), fd),
+        }
+    }
+
+    /// write to an eventfd: 8 bytes (EINVAL for fewer, or for the value
+    /// u64::MAX) added to the counter; a wait (EAGAIN if non-blocking)
+    /// while that would take it past 0xfffffffffffffffe.
+    fn eventfd_write(
+        &mut self,
+        mem: &dyn PhysMem,
+        fd: u64,
+        e: &crate::eventfd::EventFd,
+        buf: u64,
+        count: u64,
+    ) -> Result<i64, i64> {
+        use crate::pipe::Ready;
+        if count < 8 {
+            return Err(EINVAL);
+        }
+        let mut b = [0u8; 8];
+        self.space.read_user(mem, buf, &mut b)?;
+        let v = u64::from_le_bytes(b);
+        if v == u64::MAX {
+            return Err(EINVAL);
+        }
+        match e.write(v) {
+            Ready::Now(()) => Ok(8),
+            Ready::Wait if e.nonblock() => Err(EAGAIN),
+            Ready::Wait => self.block(e.key(true), fd),
+        }
+    }
+
+    /// epoll_create1 (and epoll_create): a new epoll instance.
+    fn epoll_create1(&mut self, flags: u64) -> Result<i64, i64> {
+        let cloexec = libc::O_CLOEXEC as u64;
+        if flags & !cloexec != 0 {
+            return Err(EINVAL);
+        }
+        let file = Arc::new(OpenFile {
+            obj: Object::Epoll(crate::epoll::Epoll::new(self.epoll_watches.clone())),
+            path: PathBuf::from("anon_inode:[eventpoll]"),
+        });
+        self.files.install(file, flags & cloexec != 0, 0)
+    }
+
+    /// epoll_ctl: ADD, MOD, DEL of `fd` in the set of `epfd` (see
+    /// [`crate::epoll`]; the checks in Linux's order).
+    fn epoll_ctl(
+        &mut self,
+        mem: &dyn PhysMem,
+        epfd: u64,
+        op: u64,
+        fd: u64,
+        event: u64,
+    ) -> Result<i64, i64> {
+        let ev = if op == crate::epoll::EPOLL_CTL_DEL {
+            None
+        } else {
+            // struct epoll_event is packed on x86-64: 4 + 8 bytes.
+            let mut b = [0u8; 12];
+            self.space.read_user(mem, event, &mut b)?;
+            Some((
+                u32::from_le_bytes(b[..4].try_into().unwrap_or_default()),
+                u64::from_le_bytes(b[4..].try_into().unwrap_or_default()),
+            ))
+        };
+        let ef = self.files.get(epfd)?;
+        let tf = self.files.get(fd)?;
+        match &tf.obj {
+            // Host files are regular files and directories here: Linux
+            // cannot poll those.
+            Object::Host(_) => return Err(EPERM),
+            // Nesting is not supported (said in the docs).
+            Object::Epoll(_) => return Err(EINVAL),
+            _ => {}
+        }
+        let Object::Epoll(ep) = &ef.obj else {
+            return Err(EINVAL);
+        };
+        ep.ctl(op, fd as i32, &tf, ev)?;
+        Ok(0)
+    }
+
+    /// epoll_wait, epoll_pwait (a signal mask in force while it waits)
+    /// and epoll_pwait2 (a timespec timeout): the ready items, at most
+    /// `maxevents`, or a wait until one is ready or the timeout passes.
+    fn epoll_wait(
+        &mut self,
+        mem: &dyn PhysMem,
+        nr: u64,
+        a: [u64; 6],
+        clock: Clock,
+    ) -> Result<i64, i64> {
+        let (epfd, events, max) = (a[0], a[1], a[2] as i32);
+        if max <= 0 || max > i32::MAX / 12 {
+            return Err(EINVAL);
+        }
+        // As Linux's access_ok: the array must lie in user space.
+        let len = 12 * max as u64;
+        if events
+            .checked_add(len)
+            .is_none_or(|end| end > crate::USER_TOP)
+        {
+            return Err(crate::mm::EFAULT);
+        }
+        let f = self.files.get(epfd)?;
+        let Object::Epoll(ep) = &f.obj else {
+            return Err(EINVAL);
+        };
+        let timeout = match nr {
+            nr::EPOLL_PWAIT2 => self.read_timeout(mem, a[3])?,
+            // Milliseconds; negative: none.
+            _ => {
+                let ms = a[3] as i32;
+                (ms >= 0).then(|| u64::from(ms as u32) * 1_000_000_000)
+            }
+        };
+        let masked = if nr == nr::EPOLL_WAIT {
+            false
+        } else {
+            self.wait_mask(mem, a[4], a[5])?
+        };
+        let ready = ep.ready((max as usize).min(crate::epoll::MAX_WATCHES));
+        let mut b = Vec::with_capacity(12 * ready.len());
+        for e in &ready {
+            b.extend_from_slice(&e.events.to_le_bytes());
+            b.extend_from_slice(&e.data.to_le_bytes());
+        }
+        let r = self
+            .space
+            .write_user(mem, events, &b)
+            .and_then(|()| {
+                ep.commit(&ready);
+                self.poll_wait(!ready.is_empty(), timeout, clock, epfd as u32)
+            })
+            .map(|_| ready.len() as i64);
+        if r != Err(ERESTARTSYS) {
+            self.end_wait_mask(masked);
         }
         r
     }
@@ -1249,6 +1661,10 @@ impl Process {
                 }
                 Object::Stdin { .. } | Object::Synthetic { .. } => Ok(i64::from(libc::O_RDONLY)),
                 Object::Out(_) => Ok(i64::from(libc::O_WRONLY)),
+                Object::EventFd(e) => Ok(i64::from(
+                    libc::O_RDWR | if e.nonblock() { libc::O_NONBLOCK } else { 0 },
+                )),
+                Object::Epoll(_) => Ok(i64::from(libc::O_RDWR)),
                 Object::Pipe(end) => Ok(i64::from(
                     if end.is_writer() {
                         libc::O_WRONLY
@@ -1270,6 +1686,10 @@ impl Process {
                 }
                 Object::Pipe(end) => {
                     end.set_nonblock(arg as i32 & libc::O_NONBLOCK != 0);
+                    Ok(0)
+                }
+                Object::EventFd(e) => {
+                    e.set_nonblock(arg as i32 & libc::O_NONBLOCK != 0);
                     Ok(0)
                 }
                 _ => Ok(0),
@@ -1504,6 +1924,14 @@ impl Process {
                 st.st_blksize = 4096;
                 st.st_nlink = 1;
             }
+            // Anonymous inodes, as Linux gives them: no file type.
+            Object::EventFd(_) | Object::Epoll(_) => {
+                st.st_mode = 0o600;
+                st.st_blksize = 4096;
+                st.st_uid = UID;
+                st.st_gid = GID;
+                st.st_nlink = 1;
+            }
             // The standard streams are pipes to the program (not
             // terminals), and pipes are pipes.
             _ => {
@@ -1573,6 +2001,8 @@ impl Process {
                 *p = usize::try_from(to).map_err(|_| EINVAL)?;
                 Ok(to)
             }
+            // Linux's noop_llseek: the position, which stays 0.
+            Object::EventFd(_) | Object::Epoll(_) => Ok(0),
             _ => Err(ESPIPE),
         }
     }
