@@ -3059,6 +3059,482 @@ mod tests {
         assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 5000, 0]), -EINVAL);
     }
 
+    /// Runs call `nr` at `now` (ps), returning its flow.
+    fn flow_at(p: &mut Process, mem: &VecMem, nr: u64, a: &[u64], now: Tick) -> Flow {
+        let mut args = [0u64; 6];
+        args[..a.len()].copy_from_slice(a);
+        let clock = Clock {
+            now,
+            realtime_base_ns: 0,
+        };
+        p.syscall(mem, nr, args, clock).expect("supported").flow
+    }
+
+    fn put(p: &mut Process, mem: &VecMem, at: u64, b: &[u8]) {
+        p.space.write_user(mem, at, b).unwrap();
+    }
+
+    fn get(p: &mut Process, mem: &VecMem, at: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        p.space.read_user(mem, at, &mut b).unwrap();
+        b
+    }
+
+    fn two(a: i64, b: i64) -> Vec<u8> {
+        [a.to_le_bytes(), b.to_le_bytes()].concat()
+    }
+
+    #[test]
+    fn select_gives_states_waits_and_writes_the_time_left() {
+        let (mem, mut p) = process();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        assert_eq!(call(&mut p, &mem, nr::PIPE2, &[buf, 0]), 0);
+        let (r, w) = (3u64, 4u64);
+        put(&mut p, &mem, buf, b"/dev/null\0");
+        let host = call(&mut p, &mem, nr::OPEN, &[buf, 2]) as u64;
+        assert_eq!(host, 5);
+        let (rs, ws, es, tv) = (buf + 0x100, buf + 0x200, buf + 0x300, buf + 0x400);
+        let set = |p: &mut Process, at: u64, fds: &[u64]| {
+            let mut b = [0u8; 128];
+            for &fd in fds {
+                b[fd as usize / 8] |= 1 << (fd % 8);
+            }
+            p.space.write_user(&mem, at, &b).unwrap();
+        };
+        let bits = |p: &mut Process, at: u64| -> Vec<u64> {
+            let b = get(p, &mem, at, 128);
+            (0..1024)
+                .filter(|&i| b[i / 8] & (1 << (i % 8)) != 0)
+                .map(|i| i as u64)
+                .collect()
+        };
+        // A regular file is always ready; an empty pipe's read end is
+        // not, its write end is; nothing is exceptional.
+        set(&mut p, rs, &[r, host]);
+        set(&mut p, ws, &[w, host]);
+        set(&mut p, es, &[r, w]);
+        put(&mut p, &mem, tv, &two(0, 0));
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[6, rs, ws, es, tv]), 3);
+        assert_eq!(bits(&mut p, rs), [host]);
+        assert_eq!(bits(&mut p, ws), [w, host]);
+        assert_eq!(bits(&mut p, es), Vec::<u64>::new());
+        // Descriptors at or above nfds are not looked at; a closed one in
+        // a set is EBADF; nfds beyond the table counts as the table.
+        set(&mut p, rs, &[r, 9]);
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[9, rs, 0, 0, tv]), 0);
+        set(&mut p, rs, &[r, 9]);
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[10, rs, 0, 0, tv]), -EBADF);
+        set(&mut p, rs, &[host]);
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[5000, rs, 0, 0, tv]), 1);
+        assert_eq!(
+            call(&mut p, &mem, nr::SELECT, &[u64::MAX, rs, 0, 0, tv]),
+            -EINVAL
+        );
+        // Bad pointers, bad timevals (microseconds carry over; a negative
+        // time is EINVAL).
+        assert_eq!(
+            call(&mut p, &mem, nr::SELECT, &[6, 0x10, 0, 0, tv]),
+            -EFAULT
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, 0x10]),
+            -EFAULT
+        );
+        put(&mut p, &mem, tv, &two(0, -1));
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv]), -EINVAL);
+        put(&mut p, &mem, tv, &two(-1, 0));
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv]), -EINVAL);
+        put(&mut p, &mem, tv, &two(0, 1_500_000));
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv]), 1);
+        assert_eq!(get(&mut p, &mem, tv, 16), two(1, 500_000), "time left");
+        // Nothing ready: a wait on the poll key until the deadline, the
+        // sets as they were given (the call is made again).
+        set(&mut p, rs, &[r]);
+        let now = 1_000_000_000_000;
+        let s = 1_000_000_000_000u64;
+        assert_eq!(
+            flow_at(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv], now),
+            Flow::Block {
+                key: crate::pipe::POLL_KEY,
+                fd: 6,
+                deadline: Some(now + 3 * s / 2)
+            }
+        );
+        assert_eq!(bits(&mut p, rs), [r]);
+        // Data came: made again half a second later, it returns with one
+        // second left.
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, 1]), 1);
+        assert_eq!(
+            flow_at(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv], now + s / 2),
+            Flow::Return(1)
+        );
+        assert_eq!(get(&mut p, &mem, tv, 16), two(1, 0));
+        assert_eq!(bits(&mut p, rs), [r]);
+        let mut b = [0u8; 1];
+        p.space.read_user(&mem, buf, &mut b).unwrap();
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf + 0x800, 1]), 1);
+        // The deadline passes: 0, the sets emptied, no time left.
+        set(&mut p, rs, &[r]);
+        put(&mut p, &mem, tv, &two(0, 1000));
+        assert!(matches!(
+            flow_at(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv], now),
+            Flow::Block { .. }
+        ));
+        assert_eq!(
+            flow_at(&mut p, &mem, nr::SELECT, &[6, rs, 0, 0, tv], now + s),
+            Flow::Return(0)
+        );
+        assert_eq!(bits(&mut p, rs), Vec::<u64>::new());
+        assert_eq!(get(&mut p, &mem, tv, 16), two(0, 0));
+        assert_eq!(p.t.poll_deadline, None);
+        // pselect6: a timespec (written back), and a mask in force only
+        // while it waits ({pointer, size}; a size other than 8: EINVAL).
+        let (ts, sig, mask) = (buf + 0x500, buf + 0x600, buf + 0x700);
+        put(&mut p, &mem, ts, &two(2, 5));
+        put(&mut p, &mem, mask, &u64::MAX.to_le_bytes());
+        put(
+            &mut p,
+            &mem,
+            sig,
+            &[mask.to_le_bytes(), 8u64.to_le_bytes()].concat(),
+        );
+        set(&mut p, ws, &[w]);
+        p.t.sigmask = 0;
+        assert_eq!(call(&mut p, &mem, nr::PSELECT6, &[6, 0, ws, 0, ts, sig]), 1);
+        assert_eq!(get(&mut p, &mem, ts, 16), two(2, 5));
+        assert_eq!((p.t.sigmask, p.t.suspend_mask), (0, None));
+        set(&mut p, rs, &[r]);
+        assert!(matches!(
+            flow_at(&mut p, &mem, nr::PSELECT6, &[6, rs, 0, 0, ts, sig], now),
+            Flow::Block { .. }
+        ));
+        assert_eq!(p.t.sigmask, u64::MAX & !crate::signal::UNBLOCKABLE);
+        assert_eq!(p.t.suspend_mask, Some(0));
+        assert_eq!(
+            flow_at(
+                &mut p,
+                &mem,
+                nr::PSELECT6,
+                &[6, rs, 0, 0, ts, sig],
+                now + 3 * s
+            ),
+            Flow::Return(0)
+        );
+        assert_eq!((p.t.sigmask, p.t.suspend_mask), (0, None));
+        put(
+            &mut p,
+            &mem,
+            sig,
+            &[mask.to_le_bytes(), 4u64.to_le_bytes()].concat(),
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::PSELECT6, &[6, 0, ws, 0, ts, sig]),
+            -EINVAL
+        );
+        put(&mut p, &mem, ts, &two(0, 1_000_000_000));
+        assert_eq!(
+            call(&mut p, &mem, nr::PSELECT6, &[6, 0, ws, 0, ts, 0]),
+            -EINVAL
+        );
+        // A write end whose readers are gone is ready both ways (POLLERR).
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[r]), 0);
+        set(&mut p, rs, &[w]);
+        set(&mut p, ws, &[w]);
+        assert_eq!(call(&mut p, &mem, nr::SELECT, &[6, rs, ws, 0, 0]), 2);
+    }
+
+    #[test]
+    fn eventfd_counts_waits_and_keeps_linux_rules() {
+        use crate::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EFD_SEMAPHORE};
+        let (mem, mut p) = process();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        assert_eq!(call(&mut p, &mem, nr::EVENTFD2, &[0, 0x10]), -EINVAL);
+        let e = call(&mut p, &mem, nr::EVENTFD2, &[3, EFD_NONBLOCK | EFD_CLOEXEC]) as u64;
+        assert_eq!(e, 3);
+        assert_eq!(call(&mut p, &mem, nr::FCNTL, &[e, libc::F_GETFD as u64]), 1);
+        assert_eq!(
+            call(&mut p, &mem, nr::FCNTL, &[e, libc::F_GETFL as u64]),
+            i64::from(libc::O_RDWR | libc::O_NONBLOCK)
+        );
+        // Reads take 8 bytes or nothing; the counter goes to 0.
+        assert_eq!(call(&mut p, &mem, nr::READ, &[e, buf, 7]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::READ, &[e, 0x10, 8]), -EFAULT);
+        assert_eq!(call(&mut p, &mem, nr::PREAD64, &[e, buf, 8, 0]), -ESPIPE);
+        assert_eq!(call(&mut p, &mem, nr::READ, &[e, buf, 100]), 8);
+        assert_eq!(get(&mut p, &mem, buf, 8), 3u64.to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::READ, &[e, buf, 8]), -EAGAIN);
+        // Writes add; u64::MAX and short buffers are EINVAL; past
+        // 0xfffffffffffffffe a write waits (EAGAIN here).
+        put(&mut p, &mem, buf, &u64::MAX.to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf, 8]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf, 4]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, 0x10, 8]), -EFAULT);
+        put(&mut p, &mem, buf, &(u64::MAX - 2).to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf, 8]), 8);
+        put(&mut p, &mem, buf, &2u64.to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf, 8]), -EAGAIN);
+        put(&mut p, &mem, buf, &1u64.to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf, 8]), 8);
+        // Full: readable only.
+        let pfd = buf + 0x100;
+        put(
+            &mut p,
+            &mem,
+            pfd,
+            &[(e as i32).to_le_bytes(), [5, 0, 0, 0]].concat(),
+        );
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 1, 0]), 1);
+        assert_eq!(
+            get(&mut p, &mem, pfd + 6, 2),
+            libc::POLLIN.to_le_bytes().to_vec()
+        );
+        assert_eq!(call(&mut p, &mem, nr::READ, &[e, buf, 8]), 8);
+        assert_eq!(get(&mut p, &mem, buf, 8), (u64::MAX - 1).to_le_bytes());
+        // Semaphore mode: one at a time.
+        let s = call(
+            &mut p,
+            &mem,
+            nr::EVENTFD2,
+            &[2, EFD_SEMAPHORE | EFD_NONBLOCK],
+        ) as u64;
+        for want in [8, 8, -EAGAIN] {
+            assert_eq!(call(&mut p, &mem, nr::READ, &[s, buf, 8]), want);
+        }
+        assert_eq!(get(&mut p, &mem, buf, 8), 1u64.to_le_bytes());
+        // Blocking: a read of 0 waits on the eventfd's reader key; a
+        // write waits on its writer key; fcntl makes it non-blocking.
+        let b = call(&mut p, &mem, nr::EVENTFD, &[0]) as u64;
+        let Flow::Block { key, fd, deadline } = flow_at(&mut p, &mem, nr::READ, &[b, buf, 8], 0)
+        else {
+            panic!("a read of 0 waits");
+        };
+        assert_eq!((fd as u64, deadline), (b, None));
+        let id = crate::eventfd::parse_key(key).expect("an eventfd key");
+        assert!(!id.1);
+        put(&mut p, &mem, buf, &(u64::MAX - 1).to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[b, buf, 8]), 8);
+        assert_eq!(
+            mem::lock(&p.pipe_events).last().copied(),
+            Some(crate::eventfd::key(id.0, false)),
+            "readers are woken"
+        );
+        let Flow::Block { key, .. } = flow_at(&mut p, &mem, nr::WRITE, &[b, buf, 8], 0) else {
+            panic!("an overflowing write waits");
+        };
+        assert_eq!(key, crate::eventfd::key(id.0, true));
+        let setfl = libc::F_SETFL as u64;
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::FCNTL,
+                &[b, setfl, libc::O_NONBLOCK as u64]
+            ),
+            0
+        );
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[b, buf, 8]), -EAGAIN);
+        // An anonymous inode: mode 0600, no file type; lseek stays at 0.
+        assert_eq!(call(&mut p, &mem, nr::FSTAT, &[b, buf]), 0);
+        let st = get(&mut p, &mem, buf + 24, 4);
+        assert_eq!(u32::from_le_bytes(st.try_into().unwrap()), 0o600);
+        assert_eq!(call(&mut p, &mem, nr::LSEEK, &[b, 5, 0]), 0);
+    }
+
+    #[test]
+    fn epoll_reports_ready_items_and_keeps_linux_rules() {
+        use crate::epoll::*;
+        let (mem, mut p) = process();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        let ev = buf + 0x100;
+        let out = buf + 0x200;
+        let ctl = |p: &mut Process, ep: u64, op: u64, fd: u64, events: u32, data: u64| {
+            p.space
+                .write_user(
+                    &mem,
+                    ev,
+                    &[&events.to_le_bytes()[..], &data.to_le_bytes()].concat(),
+                )
+                .unwrap();
+            call(p, &mem, nr::EPOLL_CTL, &[ep, op, fd, ev])
+        };
+        let wait = |p: &mut Process, ep: u64, max: u64| -> Vec<(u32, u64)> {
+            let n = call(p, &mem, nr::EPOLL_WAIT, &[ep, out, max, 0]);
+            assert!(n >= 0, "epoll_wait: {n}");
+            let b = get(p, &mem, out, 12 * n as usize);
+            b.chunks(12)
+                .map(|c| {
+                    (
+                        u32::from_le_bytes(c[..4].try_into().unwrap()),
+                        u64::from_le_bytes(c[4..].try_into().unwrap()),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(call(&mut p, &mem, nr::EPOLL_CREATE, &[0]), -EINVAL);
+        assert_eq!(call(&mut p, &mem, nr::EPOLL_CREATE1, &[1]), -EINVAL);
+        let ep = call(&mut p, &mem, nr::EPOLL_CREATE1, &[libc::O_CLOEXEC as u64]) as u64;
+        assert_eq!(ep, 3);
+        assert_eq!(call(&mut p, &mem, nr::EPOLL_CREATE, &[1]), 4);
+        assert_eq!(call(&mut p, &mem, nr::PIPE2, &[buf, 0]), 0);
+        let (r, w) = (5u64, 6u64);
+        let e = call(
+            &mut p,
+            &mem,
+            nr::EVENTFD2,
+            &[0, crate::eventfd::EFD_NONBLOCK],
+        ) as u64;
+        put(&mut p, &mem, buf + 0x800, b"/dev/null\0");
+        let host = call(&mut p, &mem, nr::OPEN, &[buf + 0x800, 0]) as u64;
+        // The errors, in Linux's order.
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, r, EPOLLIN, 1), 0);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, r, EPOLLIN, 1), -EEXIST);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_MOD, w, EPOLLOUT, 1), -ENOENT);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_DEL, w, 0, 0), -ENOENT);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, host, EPOLLIN, 0), -EPERM);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, ep, EPOLLIN, 0), -EINVAL);
+        assert_eq!(
+            ctl(&mut p, ep, EPOLL_CTL_ADD, 4, EPOLLIN, 0),
+            -EINVAL,
+            "nesting"
+        );
+        assert_eq!(ctl(&mut p, r, EPOLL_CTL_ADD, w, EPOLLIN, 0), -EINVAL);
+        assert_eq!(ctl(&mut p, 99, EPOLL_CTL_ADD, w, EPOLLIN, 0), -EBADF);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, 99, EPOLLIN, 0), -EBADF);
+        assert_eq!(ctl(&mut p, ep, 7, w, EPOLLIN, 0), -EINVAL);
+        assert_eq!(
+            ctl(&mut p, ep, EPOLL_CTL_MOD, r, EPOLLIN | EPOLLEXCLUSIVE, 0),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::EPOLL_CTL, &[ep, EPOLL_CTL_ADD, w, 0x10]),
+            -EFAULT
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::EPOLL_WAIT, &[ep, out, 0, 0]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(
+                &mut p,
+                &mem,
+                nr::EPOLL_WAIT,
+                &[ep, crate::USER_TOP - 12, 2, 0]
+            ),
+            -EFAULT
+        );
+        assert_eq!(call(&mut p, &mem, nr::EPOLL_WAIT, &[r, out, 1, 0]), -EINVAL);
+        // Level-triggered: nothing, then the pipe's data at every wait.
+        assert_eq!(wait(&mut p, ep, 8), []);
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, 2]), 2);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLIN, 1)]);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLIN, 1)]);
+        // Two ready with room for one: they take turns.
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, e, EPOLLIN | EPOLLOUT, 2), 0);
+        assert_eq!(wait(&mut p, ep, 1), [(EPOLLIN, 1)]);
+        assert_eq!(wait(&mut p, ep, 1), [(EPOLLOUT, 2)]);
+        assert_eq!(wait(&mut p, ep, 1), [(EPOLLIN, 1)]);
+        // One-shot: reported once, until MOD arms it again.
+        assert_eq!(
+            ctl(&mut p, ep, EPOLL_CTL_MOD, e, EPOLLOUT | EPOLLONESHOT, 3),
+            0
+        );
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_DEL, r, 0, 0), 0);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLOUT, 3)]);
+        assert_eq!(wait(&mut p, ep, 8), []);
+        assert_eq!(
+            ctl(&mut p, ep, EPOLL_CTL_MOD, e, EPOLLIN | EPOLLONESHOT, 4),
+            0
+        );
+        assert_eq!(wait(&mut p, ep, 8), []);
+        put(&mut p, &mem, buf + 0x10, &5u64.to_le_bytes());
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[e, buf + 0x10, 8]), 8);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLIN, 4)]);
+        assert_eq!(wait(&mut p, ep, 8), []);
+        // Edge-triggered: once per wake that concerns it.
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_DEL, e, 0, 0), 0);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, r, EPOLLIN | EPOLLET, 5), 0);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLIN, 5)]);
+        assert_eq!(wait(&mut p, ep, 8), [], "still data, no new wake");
+        assert_eq!(call(&mut p, &mem, nr::READ, &[r, buf + 0x20, 1]), 1);
+        assert_eq!(wait(&mut p, ep, 8), [], "a read wakes writers only");
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[w, buf, 1]), 1);
+        assert_eq!(wait(&mut p, ep, 8), [(EPOLLIN, 5)]);
+        // The epoll descriptor polls readable while a wait would report.
+        let pfd = buf + 0x300;
+        put(
+            &mut p,
+            &mem,
+            pfd,
+            &[(ep as i32).to_le_bytes(), [1, 0, 0, 0]].concat(),
+        );
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 1, 0]), 0);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, w, EPOLLOUT, 6), 0);
+        assert_eq!(call(&mut p, &mem, nr::POLL, &[pfd, 1, 0]), 1);
+        // Nothing ready and no timeout: a wait on the poll key, named by
+        // the epoll descriptor; epoll_pwait's mask as ppoll's.
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_DEL, w, 0, 0), 0);
+        assert_eq!(
+            flow_at(&mut p, &mem, nr::EPOLL_WAIT, &[ep, out, 4, u64::MAX], 0),
+            Flow::Block {
+                key: crate::pipe::POLL_KEY,
+                fd: ep as u32,
+                deadline: None
+            }
+        );
+        p.t.poll_deadline = None;
+        let mask = buf + 0x400;
+        put(&mut p, &mem, mask, &(1u64 << 9).to_le_bytes());
+        p.t.sigmask = 0;
+        assert!(matches!(
+            flow_at(&mut p, &mem, nr::EPOLL_PWAIT, &[ep, out, 4, 10, mask, 8], 0),
+            Flow::Block {
+                deadline: Some(10_000_000_000),
+                ..
+            }
+        ));
+        assert_eq!(p.t.suspend_mask, Some(0));
+        assert_eq!(
+            flow_at(
+                &mut p,
+                &mem,
+                nr::EPOLL_PWAIT,
+                &[ep, out, 4, 10, mask, 8],
+                10_000_000_000
+            ),
+            Flow::Return(0)
+        );
+        assert_eq!((p.t.sigmask, p.t.suspend_mask), (0, None));
+        let ts = buf + 0x500;
+        put(&mut p, &mem, ts, &two(0, 0));
+        assert_eq!(
+            call(&mut p, &mem, nr::EPOLL_PWAIT2, &[ep, out, 4, ts, 0, 0]),
+            0
+        );
+        // A closed file's item goes with it (its last descriptor).
+        assert_eq!(
+            p.epoll_watches.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[r]), 0);
+        assert_eq!(wait(&mut p, ep, 8), []);
+        assert_eq!(
+            p.epoll_watches.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        // Bounded: past MAX_WATCHES items in all, ENOSPC.
+        p.epoll_watches
+            .store(MAX_WATCHES, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, w, EPOLLOUT, 6), -ENOSPC);
+        p.epoll_watches
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ctl(&mut p, ep, EPOLL_CTL_ADD, w, EPOLLOUT, 6), 0);
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[ep]), 0);
+        assert_eq!(
+            p.epoll_watches.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+
     #[test]
     fn the_cpu_lists_give_the_process_cpus() {
         let (mem, mut p) = process();
