@@ -2157,6 +2157,149 @@ mod tests {
         );
     }
 
+    /// An eventfd read and an epoll_wait park their CPU and are made again
+    /// when the other CPU writes the eventfd; a select whose timeout ends
+    /// within the call is made again at once and empties its sets; the
+    /// waits are counted apart from pipe waits and named in a deadlock.
+    #[test]
+    fn eventfd_epoll_and_select_waits_park_and_are_made_again() {
+        let (mut d, raised) = device(2);
+        let (mut c0, mut c1) = (Cpu::default(), Cpu::default());
+        let data = STACK_TOP - 0x4_0000;
+        let stack = STACK_TOP - 0x10_0000;
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            1000,
+            nr::CLONE,
+            &[PTHREAD_FLAGS, stack, data, data + 8, 0],
+        );
+        bell(&mut d, &mut c1, 1, 2000, false);
+        call(&mut d, &mut c0, 0, 3000, nr::EVENTFD2, &[0, 0]);
+        let efd = rax(&c0) as u64;
+        call(&mut d, &mut c0, 0, 3100, nr::EPOLL_CREATE1, &[0]);
+        let ep = rax(&c0) as u64;
+        assert_eq!((efd, ep), (3, 4));
+        let (ev, buf, out) = (data + 0x100, data + 0x200, data + 0x300);
+        let mut e = crate::epoll::EPOLLIN.to_le_bytes().to_vec();
+        e.extend_from_slice(&7u64.to_le_bytes());
+        d.proc.space.write_user(&d.mem, ev, &e).unwrap();
+        call(&mut d, &mut c0, 0, 3200, nr::EPOLL_CTL, &[ep, 1, efd, ev]);
+        assert_eq!(rax(&c0), 0);
+        // A read of 0 parks; a write from CPU 1 wakes it; made again, it
+        // reads what was written.
+        call(&mut d, &mut c0, 0, 4000, nr::READ, &[efd, buf, 8]);
+        assert!(c0.kernel, "the reader's CPU parks");
+        assert_eq!(d.eventfd_waits.get(), 1);
+        raised.lock().unwrap().clear();
+        d.proc
+            .space
+            .write_user(&d.mem, buf + 8, &2u64.to_le_bytes())
+            .unwrap();
+        call(&mut d, &mut c1, 1, 5000, nr::WRITE, &[efd, buf + 8, 8]);
+        assert_eq!(rax(&c1), 8);
+        assert_eq!(raised.lock().unwrap().as_slice(), &[(0, WAKE_VECTOR as u8)]);
+        bell(&mut d, &mut c0, 0, 6000, false);
+        assert_eq!(
+            (c0.uc.rip, c0.uc.gprs[UserContext::RAX]),
+            (ENTRY_VA, nr::READ)
+        );
+        bell(&mut d, &mut c0, 0, 6500, true);
+        assert_eq!((rax(&c0), c0.uc.rip), (8, RET));
+        assert_eq!(u64::from(word(&mut d, buf)), 2);
+        // epoll_wait with no timeout parks on the poll key; the eventfd's
+        // write wakes it.
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            7000,
+            nr::EPOLL_WAIT,
+            &[ep, out, 4, u64::MAX],
+        );
+        assert!(c0.kernel);
+        assert_eq!(d.poll_waits.get(), 1);
+        raised.lock().unwrap().clear();
+        call(&mut d, &mut c1, 1, 8000, nr::WRITE, &[efd, buf + 8, 8]);
+        assert_eq!(raised.lock().unwrap().as_slice(), &[(0, WAKE_VECTOR as u8)]);
+        bell(&mut d, &mut c0, 0, 9000, false);
+        bell(&mut d, &mut c0, 0, 9500, true);
+        assert_eq!(rax(&c0), 1);
+        assert_eq!(word(&mut d, out), crate::epoll::EPOLLIN);
+        assert_eq!(word(&mut d, out + 4), 7);
+        call(&mut d, &mut c0, 0, 10_000, nr::READ, &[efd, buf, 8]);
+        assert_eq!(rax(&c0), 8);
+        // select for 1 us, the call's own latency: not parked, made again
+        // at once; then it returns 0 with its set emptied and no time left.
+        let (rs, tv) = (data + 0x400, data + 0x500);
+        set_word(&mut d, rs, 1 << efd);
+        d.proc
+            .space
+            .write_user(
+                &d.mem,
+                tv,
+                &[0u64.to_le_bytes(), 1u64.to_le_bytes()].concat(),
+            )
+            .unwrap();
+        call(
+            &mut d,
+            &mut c0,
+            0,
+            11_000,
+            nr::SELECT,
+            &[efd + 1, rs, 0, 0, tv],
+        );
+        assert!(!c0.kernel, "not parked");
+        assert_eq!(
+            (c0.uc.rip, c0.uc.gprs[UserContext::RAX]),
+            (ENTRY_VA, nr::SELECT)
+        );
+        assert_eq!(word(&mut d, rs), 1 << efd, "the set as given");
+        bell(&mut d, &mut c0, 0, 11_000 + 1_000_000, true);
+        assert_eq!((rax(&c0), c0.uc.rip), (0, RET));
+        assert_eq!((word(&mut d, rs), word(&mut d, tv + 8)), (0, 0));
+        assert_eq!(d.pipe_waits.get(), 0, "no pipe waited");
+        // Both threads wait with no timeout: the eventfd read and the
+        // epoll wait are named.
+        call(&mut d, &mut c0, 0, 2_000_000, nr::READ, &[efd, buf, 8]);
+        assert!(!d.ended);
+        let reqs = call(
+            &mut d,
+            &mut c1,
+            1,
+            2_100_000,
+            nr::EPOLL_WAIT,
+            &[ep, out, 4, u64::MAX],
+        );
+        assert!(d.ended);
+        let msg = reqs
+            .iter()
+            .find_map(|q| match q {
+                Request::ProcessExit {
+                    code: 137, message, ..
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .expect("ended as SIGKILL");
+        assert!(
+            msg.contains("thread 1000 reads the eventfd at fd 3 (its counter is 0)")
+                && msg.contains(
+                    "thread 1001 waits in epoll_wait on the epoll instance at fd 4 with no timeout"
+                ),
+            "{msg}"
+        );
+        // One thread in select with nothing to wait for.
+        let (mut d, _) = device(1);
+        let mut c0 = Cpu::default();
+        let reqs = call(&mut d, &mut c0, 0, 1000, nr::SELECT, &[0, 0, 0, 0, 0]);
+        assert!(
+            reqs.iter().any(|q| matches!(q, Request::ProcessExit { message, .. }
+                if message.contains("thread 1000 waits in select on descriptors below 0 with no timeout"))),
+            "{reqs:?}"
+        );
+    }
+
     #[test]
     fn tgkill_to_a_waiting_thread_ends_its_wait_with_eintr() {
         let (mut d, _raised) = device(2);
