@@ -1189,6 +1189,105 @@ fn pipes_between_threads_and_within_one_dynamic() {
     pipes(Cc::Dynamic);
 }
 
+/// A run of events.c (`mode`) in SE mode with `cpus` CPUs next to its native run.
+fn events_run(test: &str, p: &Path, mode: &str, cpus: u32) -> (Run, (i32, String)) {
+    pipes_run(test, p, mode, cpus)
+}
+
+/// tests/se/events.c built as `cc` says: eventfd, epoll and select between
+/// threads (blocked readers and writers woken, a semaphore shared by two
+/// consumers, epoll_wait and select woken by producer threads, timeouts)
+/// and in one thread (each call's rules and errors). Each against its
+/// native run, byte for byte.
+fn events(cc: Cc) {
+    let test = format!("se_events_{cc:?}").to_lowercase();
+    let p = need!(c_prog("events", cc), test);
+    let (r, (nst, nout)) = events_run(&format!("{test}_threads"), &p, "threads", 4);
+    assert!(
+        nst == 0 && nout.ends_with("threads done\n") && !nout.contains("FAILED"),
+        "native: {nout}"
+    );
+    assert_eq!(
+        (r.status, r.file("stdout.txt")),
+        (nst, nout.clone()),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        nout.contains("consumers took 50 and 50 tokens")
+            && nout.contains("epoll_wait got \"msg0;msg1;msg2;msg3;msg4;\""),
+        "{nout}"
+    );
+    // The blocked reader, writer and consumers slept on the eventfds;
+    // epoll_wait, select and the timeouts slept on the poll key.
+    assert!(r.stat("system.se.eventfdWaits").as_u64().unwrap() >= 1);
+    assert!(r.stat("system.se.pollWaits").as_u64().unwrap() >= 4);
+    assert_eq!(r.stat("system.se.unsupportedSyscalls").as_u64(), Some(0));
+    let (r, (nst, nout)) = events_run(&format!("{test}_self"), &p, "self", 1);
+    assert!(
+        nst == 0 && nout.ends_with("self done\n") && !nout.contains("FAILED"),
+        "native: {nout}"
+    );
+    assert_eq!(
+        (r.status, r.file("stdout.txt")),
+        (nst, nout),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stat("system.se.unsupportedSyscalls").as_u64(), Some(0));
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), kvmsim_no_se_tools),
+    ignore = "needs gcc and a static busybox (apt-get download busybox-static), which were not found when this test was built (KVMSIM_REQUIRE_SE_TOOLS=1: required)"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn eventfd_epoll_and_select_static() {
+    if !kvm_or_skip("se_events_static") {
+        return;
+    }
+    events(Cc::Static);
+    // A thread reads an eventfd of 0, the main thread waits in epoll_wait
+    // on an empty pipe: the run ends at once, naming the waits.
+    let p = need!(c_prog("events", Cc::Static), "se_events_deadlock");
+    let r = se("se_events_deadlock", &p, &["deadlock"], &["--cpus", "2"]);
+    r.no_panic();
+    assert_eq!(r.status, 137, "{}", r.stderr);
+    assert_eq!(r.file("stdout.txt"), "waiting\n");
+    assert!(
+        r.stderr
+            .contains("deadlock: every thread of the program waits")
+            && r.stderr.contains(
+                "thread 1000 waits in epoll_wait on the epoll instance at fd 6 with no timeout"
+            )
+            && r.stderr
+                .contains("thread 1001 reads the eventfd at fd 3 (its counter is 0)"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stat("simSeconds").as_f64().unwrap() < 0.1);
+}
+
+#[test]
+#[cfg_attr(
+    all(not(kvmsim_no_kvm), any(kvmsim_no_se_tools, kvmsim_no_host_dynamic)),
+    ignore = "needs gcc and the host's dynamically linked glibc, which were not found when this test was built"
+)]
+#[cfg_attr(
+    kvmsim_no_kvm,
+    ignore = "needs KVM, which was not usable when this test was built"
+)]
+fn eventfd_epoll_and_select_dynamic() {
+    if !kvm_or_skip("se_events_dynamic") {
+        return;
+    }
+    events(Cc::Dynamic);
+}
+
 #[test]
 #[cfg_attr(
     all(not(kvmsim_no_kvm), kvmsim_no_musl),
@@ -1198,11 +1297,12 @@ fn pipes_between_threads_and_within_one_dynamic() {
     kvmsim_no_kvm,
     ignore = "needs KVM, which was not usable when this test was built"
 )]
-fn musl_programs_threads_and_pipes() {
+fn musl_programs_threads_pipes_and_events() {
     if !kvm_or_skip("se_musl") {
         return;
     }
     pipes(Cc::Musl);
+    events(Cc::Musl);
     let p = need!(c_prog("threads", Cc::Musl), "se_musl_threads");
     for (mode, cpus) in [("work", 5), ("timeout", 2), ("signals", 2), ("memory", 4)] {
         let (r, (nst, nout)) = threads_run(&format!("se_musl_threads_{mode}"), &p, mode, cpus);
