@@ -134,17 +134,17 @@ impl PipeEnd {
 
     /// poll's events for this end: a read end is readable with data, and
     /// hung up (POLLHUP) with no write end open; a write end is writable
-    /// with room, in error (POLLERR) with no read end open.
+    /// with room, and in error (POLLERR) too with no read end open (as
+    /// Linux gives them: both at once when there is room).
     pub fn poll(&self) -> i16 {
         let s = mem::lock(&self.pipe.state);
         if self.writer {
-            if s.readers == 0 {
-                libc::POLLERR
-            } else if CAPACITY - s.buf.len().min(CAPACITY) >= PIPE_BUF {
+            let room = if CAPACITY - s.buf.len().min(CAPACITY) >= PIPE_BUF {
                 libc::POLLOUT | libc::POLLWRNORM
             } else {
                 0
-            }
+            };
+            room | if s.readers == 0 { libc::POLLERR } else { 0 }
         } else {
             let data = if s.buf.is_empty() {
                 0
@@ -268,6 +268,7 @@ mod tests {
         assert!(r.nonblock() && w.is_writer() && !r.is_writer());
         drop(r);
         assert_eq!(w.room(1), Err(()));
+        assert_eq!(w.poll(), libc::POLLOUT | libc::POLLWRNORM | libc::POLLERR);
         assert_eq!(parse_key(w.key()), Some((8, true)));
         assert_eq!(parse_key(u64::MAX), None);
         assert_eq!(parse_key(0x7fff_0000), None);

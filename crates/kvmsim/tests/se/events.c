@@ -347,6 +347,9 @@ static int self(const char *prog) {
     n = select(q[1] + 1, &rs, &ws, NULL, &tv);
     printf("a write end without readers: %d ready (read %d write %d)\n", n, FD_ISSET(q[1], &rs),
            FD_ISSET(q[1], &ws));
+    struct pollfd qf = {q[1], POLLOUT, 0};
+    CHECK(poll(&qf, 1, 0) == 1);
+    printf("and its poll events: %#x\n", qf.revents);
     close(q[1]);
 
     /* epoll */
