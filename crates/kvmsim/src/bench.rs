@@ -10,7 +10,7 @@
 //! | parallel | aggregate throughput of 2 `compute` systems | 1 system |
 //! | smp | aggregate throughput of `smpboot`'s ring-3 loop on 2 CPUs of one system | 1 CPU |
 //! | window | the barrier two CPU threads meet at per window (`sim::barrier::SpinBarrier`), per window | `std::sync::Barrier` |
-//! | se-compute | `se_bench N` (the compute loop in a static Linux program) in SE mode, whole run | the same file run natively (spawn to exit) |
+//! | se-compute | `se_bench N` (the compute loop in a static Linux program) in SE mode, from its first instruction to its exit (the VM built beforehand) | the same file run natively (spawn to exit) |
 //! | se-syscall | `se_bench N s` (getppid N times) in SE mode, per call | getppid from kvmsim's own process, per call |
 //!
 //! kvmsim runs each guest as `kvmsim run` does (`platform::Simulation`);
@@ -125,7 +125,7 @@ impl Figure {
                 "host time per window (one barrier wait whose last arrival decides, as every thread does at each window end) with kvmsim's spin-then-park barrier / std::sync::Barrier"
             }
             Figure::SeCompute => {
-                "a static Linux program's compute loop in kvmsim se (whole run) / the same file run natively (spawn to exit)"
+                "a static Linux program's compute loop in kvmsim se (first instruction to exit; the VM built beforehand) / the same file run natively (spawn to exit)"
             }
             Figure::SeSyscall => {
                 "host time per getppid call: a static Linux program in kvmsim se (whole run / calls) / kvmsim's own process calling getppid (no goal: reported)"
