@@ -697,6 +697,46 @@ fn dynamically_linked_host_programs_match_their_native_runs() {
         + r.stat("system.se.syscalls::mkdirat").as_u64().unwrap_or(0)
         + r.stat("system.se.syscalls::mkdir").as_u64().unwrap_or(0);
     assert!(chdirs >= 3, "{chdirs}");
+    // coreutils that change names, modes and times, and grep (which asks
+    // mincore): each does its work with no unsupported call.
+    let t = format!("{d}/t");
+    let (sl, hl) = (format!("{d}/s"), format!("{d}/h"));
+    let steps: Vec<(&str, Vec<&str>)> = vec![
+        ("touch", vec!["-d", "@1234567890", &t]),
+        ("ln", vec!["-s", "in.txt", &sl]),
+        ("ln", vec![&f, &hl]),
+        ("chmod", vec!["640", &t]),
+        ("grep", vec!["-c", "w3", &f]),
+    ];
+    for (i, (tool, args)) in steps.iter().enumerate() {
+        let r = se(
+            &format!("se_dynamic_fs_{i}"),
+            &Path::new("/usr/bin").join(tool),
+            args,
+            &[],
+        );
+        assert_eq!(r.status, 0, "{tool} {args:?}\n{}", r.stderr);
+        assert!(
+            !r.stderr.contains("unsupported system call"),
+            "{tool} {args:?}\n{}",
+            r.stderr
+        );
+        if *tool == "grep" {
+            assert_eq!(
+                r.file("stdout.txt"),
+                format!("{}\n", text.matches("w3\n").count())
+            );
+        }
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = std::fs::metadata(&t).unwrap();
+    assert_eq!(md.mtime(), 1234567890);
+    assert_eq!(md.permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        std::fs::read_link(data.join("s")).unwrap(),
+        Path::new("in.txt")
+    );
+    assert_eq!(std::fs::metadata(data.join("h")).unwrap().nlink(), 2);
 }
 
 /// PT_INTERP's path, if the ELF has one.

@@ -308,6 +308,18 @@ pub mod nr {
     pub const SCHED_YIELD: u64 = 24;
     pub const MREMAP: u64 = 25;
     pub const MADVISE: u64 = 28;
+    pub const MINCORE: u64 = 27;
+    pub const CREAT: u64 = 85;
+    pub const LINK: u64 = 86;
+    pub const SYMLINK: u64 = 88;
+    pub const CHMOD: u64 = 90;
+    pub const FCHMOD: u64 = 91;
+    pub const GETGROUPS: u64 = 115;
+    pub const LINKAT: u64 = 265;
+    pub const SYMLINKAT: u64 = 266;
+    pub const FCHMODAT: u64 = 268;
+    pub const UTIMENSAT: u64 = 280;
+    pub const FCHMODAT2: u64 = 452;
     pub const DUP: u64 = 32;
     pub const DUP2: u64 = 33;
     pub const NANOSLEEP: u64 = 35;
@@ -467,6 +479,14 @@ impl Process {
             WRITEV => ret(self.vector_io(mem, a[0], a[1], a[2], true)),
             OPEN => ret(self.openat(mem, AT_FDCWD as u64, a[0], a[1], a[2])),
             OPENAT => ret(self.openat(mem, a[0], a[1], a[2], a[3])),
+            // creat(path, mode) is open(path, O_CREAT | O_WRONLY | O_TRUNC, mode).
+            CREAT => ret(self.openat(
+                mem,
+                AT_FDCWD as u64,
+                a[0],
+                (libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC) as u64,
+                a[1],
+            )),
             CLOSE => ret(self.files.close(a[0])),
             FSTAT => ret(self.fstat(mem, a[0], a[1])),
             STAT => ret(self.fstatat(mem, AT_FDCWD as u64, a[0], a[1], 0)),
@@ -517,6 +537,7 @@ impl Process {
             // realloc) fall back to mmap + copy + munmap.
             MREMAP => ret(Err(ENOMEM)),
             MADVISE => ret(Ok(0)),
+            MINCORE => ret(self.mincore(mem, a[0], a[1], a[2])),
             EXIT | EXIT_GROUP => Done {
                 flow: Flow::Exit {
                     status: (a[0] & 0xff) as i32,
@@ -665,6 +686,24 @@ impl Process {
             MKDIR => ret(self.path_op(mem, PathOp::Mkdir, AT_FDCWD as u64, a[0], a[1])),
             MKDIRAT => ret(self.path_op(mem, PathOp::Mkdir, a[0], a[1], a[2])),
             RENAME => ret(self.rename(mem, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+            LINK => ret(self.link(mem, AT_FDCWD as u64, a[0], AT_FDCWD as u64, a[1], 0)),
+            LINKAT => ret(self.link(mem, a[0], a[1], a[2], a[3], a[4])),
+            SYMLINK => ret(self.symlink(mem, a[0], AT_FDCWD as u64, a[1])),
+            SYMLINKAT => ret(self.symlink(mem, a[0], a[1], a[2])),
+            CHMOD => ret(self.chmod(mem, AT_FDCWD as u64, a[0], a[1], 0)),
+            FCHMODAT => ret(self.chmod(mem, a[0], a[1], a[2], 0)),
+            FCHMODAT2 => ret(self.chmod(mem, a[0], a[1], a[2], a[3])),
+            FCHMOD => ret(self.fchmod(a[0], a[1])),
+            UTIMENSAT => ret(self.utimensat(mem, a, clock)),
+            // One group, the process's own (as `id` shows it).
+            GETGROUPS => ret(match a[0] as i32 {
+                0 => Ok(1),
+                n if n < 0 => Err(EINVAL),
+                _ => self
+                    .space
+                    .write_user(mem, a[1], &GID.to_le_bytes())
+                    .map(|()| 1),
+            }),
             RENAMEAT => ret(self.rename(mem, a[0], a[1], a[2], a[3], 0)),
             RENAMEAT2 => ret(self.rename(mem, a[0], a[1], a[2], a[3], a[4])),
             FTRUNCATE => ret(self.ftruncate(a[0], a[1])),
@@ -1746,6 +1785,153 @@ impl Process {
         }
     }
 
+    /// link / linkat: a hard link on the host (AT_SYMLINK_FOLLOW as
+    /// Linux's; AT_EMPTY_PATH, which needs a capability there, is EINVAL
+    /// here).
+    fn link(
+        &mut self,
+        mem: &dyn PhysMem,
+        olddir: u64,
+        old: u64,
+        newdir: u64,
+        new: u64,
+        flags: u64,
+    ) -> Result<i64, i64> {
+        const AT_SYMLINK_FOLLOW: u64 = 0x400;
+        if flags & !AT_SYMLINK_FOLLOW != 0 {
+            return Err(EINVAL);
+        }
+        let from = cpath(&self.resolve(mem, olddir, old)?)?;
+        let to = cpath(&self.resolve(mem, newdir, new)?)?;
+        // SAFETY: two NUL-terminated paths.
+        check(unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                flags as libc::c_int,
+            )
+        })
+    }
+
+    /// symlink / symlinkat: the link holds `target` as the program wrote
+    /// it (not redirected: a link's text is data); the link's own path is
+    /// resolved as every path is.
+    fn symlink(
+        &mut self,
+        mem: &dyn PhysMem,
+        target: u64,
+        newdir: u64,
+        link: u64,
+    ) -> Result<i64, i64> {
+        let t = self.space.read_cstr(mem, target, PATH_MAX)?;
+        if t.is_empty() {
+            return Err(ENOENT);
+        }
+        let t = std::ffi::CString::new(t).map_err(|_| EINVAL)?;
+        let to = cpath(&self.resolve(mem, newdir, link)?)?;
+        // SAFETY: two NUL-terminated strings.
+        check(unsafe { libc::symlink(t.as_ptr(), to.as_ptr()) })
+    }
+
+    /// chmod / fchmodat / fchmodat2 (flags: AT_SYMLINK_NOFOLLOW, which the
+    /// host may refuse for a link, as Linux does).
+    fn chmod(
+        &mut self,
+        mem: &dyn PhysMem,
+        dirfd: u64,
+        path: u64,
+        mode: u64,
+        flags: u64,
+    ) -> Result<i64, i64> {
+        if flags & !AT_SYMLINK_NOFOLLOW != 0 {
+            return Err(EINVAL);
+        }
+        let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+        // SAFETY: a NUL-terminated path.
+        check(unsafe {
+            libc::fchmodat(
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                (mode & 0o7777) as libc::mode_t,
+                flags as libc::c_int,
+            )
+        })
+    }
+
+    /// fchmod: a host file's mode; pipes, eventfds and epoll instances
+    /// have no file to keep it in (EINVAL).
+    fn fchmod(&mut self, fd: u64, mode: u64) -> Result<i64, i64> {
+        let f = self.files.get(fd)?;
+        let Object::Host(h) = &f.obj else {
+            return Err(EINVAL);
+        };
+        // SAFETY: fchmod on a descriptor we own.
+        check(unsafe { libc::fchmod(h.as_raw_fd(), (mode & 0o7777) as libc::mode_t) })
+    }
+
+    /// utimensat: a file's access and modification times. UTIME_NOW is
+    /// the simulated wall clock (what clock_gettime(CLOCK_REALTIME) gives
+    /// the program), so a file the program touches and then stats agrees
+    /// with its own clock; UTIME_OMIT leaves a time alone. A null path
+    /// means the file open at `dirfd` (futimens).
+    fn utimensat(&mut self, mem: &dyn PhysMem, a: [u64; 6], clock: Clock) -> Result<i64, i64> {
+        const UTIME_NOW: i64 = (1 << 30) - 1;
+        const UTIME_OMIT: i64 = (1 << 30) - 2;
+        let (dirfd, path, times, flags) = (a[0], a[1], a[2], a[3]);
+        if flags & !(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH) != 0 {
+            return Err(EINVAL);
+        }
+        let now_ns = clock.realtime_base_ns + clock.now / 1000;
+        let now = libc::timespec {
+            tv_sec: (now_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (now_ns % 1_000_000_000) as libc::c_long,
+        };
+        let mut ts = [now, now];
+        if times != 0 {
+            let mut b = [0u8; 32];
+            self.space.read_user(mem, times, &mut b)?;
+            for (i, t) in ts.iter_mut().enumerate() {
+                let sec = i64::from_le_bytes(b[16 * i..16 * i + 8].try_into().unwrap_or_default());
+                let nsec =
+                    i64::from_le_bytes(b[16 * i + 8..16 * i + 16].try_into().unwrap_or_default());
+                match nsec {
+                    UTIME_NOW => {}
+                    UTIME_OMIT => t.tv_nsec = UTIME_OMIT as libc::c_long,
+                    0..=999_999_999 => {
+                        *t = libc::timespec {
+                            tv_sec: sec as libc::time_t,
+                            tv_nsec: nsec as libc::c_long,
+                        }
+                    }
+                    _ => return Err(EINVAL),
+                }
+            }
+        }
+        let empty = path != 0
+            && flags & AT_EMPTY_PATH != 0
+            && self.space.read_cstr(mem, path, PATH_MAX)?.is_empty();
+        if path == 0 || empty {
+            let f = self.files.get(dirfd)?;
+            let Object::Host(h) = &f.obj else {
+                return Err(EINVAL);
+            };
+            // SAFETY: futimens on a descriptor we own, with two timespecs.
+            return check(unsafe { libc::futimens(h.as_raw_fd(), ts.as_ptr()) });
+        }
+        let p = cpath(&self.resolve(mem, dirfd, path)?)?;
+        // SAFETY: a NUL-terminated path and two timespecs.
+        check(unsafe {
+            libc::utimensat(
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                ts.as_ptr(),
+                (flags & AT_SYMLINK_NOFOLLOW) as libc::c_int,
+            )
+        })
+    }
+
     fn ftruncate(&mut self, fd: u64, len: u64) -> Result<i64, i64> {
         let f = self.files.get(fd)?;
         let Object::Host(h) = &f.obj else {
@@ -2256,6 +2442,46 @@ impl Process {
         }
         let (s, e) = Self::user_range(addr, len)?;
         self.space.unmap(mem, s, e).map(|_| 0)
+    }
+
+    /// mincore: one byte per page of [addr, addr + len), 1 where the page
+    /// is present in the process's memory (touched), 0 where it is mapped
+    /// but not yet touched; ENOMEM if a page of the range is not mapped, as
+    /// Linux gives it. The bytes are written in bounded chunks.
+    fn mincore(&mut self, mem: &dyn PhysMem, addr: u64, len: u64, vec: u64) -> Result<i64, i64> {
+        if !addr.is_multiple_of(PAGE) {
+            return Err(EINVAL);
+        }
+        let end = addr
+            .checked_add(len)
+            .and_then(|e| e.checked_add(PAGE - 1))
+            .ok_or(ENOMEM)?
+            & !(PAGE - 1);
+        if end > crate::USER_TOP {
+            return Err(ENOMEM);
+        }
+        // Every page must be mapped: check the mappings before writing.
+        let mut va = addr;
+        while va < end {
+            match self.space.vma_at(va) {
+                Some((_, v)) if !v.kernel => va = v.end,
+                _ => return Err(ENOMEM),
+            }
+        }
+        const CHUNK: u64 = 4096;
+        let mut out = Vec::with_capacity(CHUNK as usize);
+        let mut at = vec;
+        let mut va = addr;
+        while va < end {
+            out.clear();
+            while va < end && (out.len() as u64) < CHUNK {
+                out.push(u8::from(self.space.translate(mem, va).is_some()));
+                va += PAGE;
+            }
+            self.space.write_user(mem, at, &out)?;
+            at = at.wrapping_add(out.len() as u64);
+        }
+        Ok(0)
     }
 
     fn mprotect(&mut self, mem: &dyn PhysMem, addr: u64, len: u64, prot: u64) -> Result<i64, i64> {
@@ -3638,6 +3864,160 @@ mod tests {
             .unwrap();
         let fd = call(&mut p, &mem, nr::OPENAT, &[AT_FDCWD as u64, path, 0]);
         assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 100]), 2);
+    }
+
+    #[test]
+    fn mincore_tells_touched_pages_and_creat_truncates() {
+        let (mem, mut p) = process();
+        let m = call(&mut p, &mem, nr::MMAP, &[0, 4 * PAGE, 3, 0x22, u64::MAX, 0]);
+        assert!(m > 0, "{m}");
+        let m = m as u64;
+        p.space.write_user(&mem, m + PAGE, &[7]).unwrap();
+        let buf = crate::STACK_TOP - 0x1_0000;
+        p.space.write_user(&mem, buf, &[9; 5]).unwrap();
+        // 3 pages and a part of the 4th: 4 bytes, one per page.
+        assert_eq!(call(&mut p, &mem, nr::MINCORE, &[m, 3 * PAGE + 1, buf]), 0);
+        let mut b = [0u8; 5];
+        p.space.read_user(&mem, buf, &mut b).unwrap();
+        assert_eq!(b, [0, 1, 0, 0, 9]);
+        assert_eq!(
+            call(&mut p, &mem, nr::MINCORE, &[m + 1, PAGE, buf]),
+            -EINVAL
+        );
+        // A range reaching past the mapping, or not mapped at all.
+        assert_eq!(
+            call(&mut p, &mem, nr::MINCORE, &[m, 5 * PAGE, buf]),
+            -ENOMEM
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MINCORE, &[0x1000, PAGE, buf]),
+            -ENOMEM
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::MINCORE, &[m, u64::MAX - m, buf]),
+            -ENOMEM
+        );
+        assert_eq!(call(&mut p, &mem, nr::MINCORE, &[m, PAGE, 0]), -EFAULT);
+        // creat: write-only, created, truncated.
+        let dir = std::env::temp_dir().join(format!("kvmsim-se-creat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f");
+        std::fs::write(&file, b"old contents").unwrap();
+        let path = buf + 0x100;
+        p.space
+            .write_user(&mem, path, format!("{}\0", file.display()).as_bytes())
+            .unwrap();
+        let fd = call(&mut p, &mem, nr::CREAT, &[path, 0o644]);
+        assert!(fd >= 3, "{fd}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"");
+        p.space.write_user(&mem, buf, b"new").unwrap();
+        assert_eq!(call(&mut p, &mem, nr::WRITE, &[fd as u64, buf, 3]), 3);
+        assert_eq!(call(&mut p, &mem, nr::READ, &[fd as u64, buf, 3]), -EBADF);
+        assert_eq!(call(&mut p, &mem, nr::CLOSE, &[fd as u64]), 0);
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn links_modes_and_times_reach_the_host_file_system() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let (mem, mut p) = process();
+        let dir = std::env::temp_dir().join(format!("kvmsim-se-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), b"x").unwrap();
+        let base = crate::STACK_TOP - 0x1_0000;
+        let mut at = base;
+        let mut put = |p: &mut Process, s: &str| {
+            let va = at;
+            p.space
+                .write_user(&mem, va, format!("{s}\0").as_bytes())
+                .unwrap();
+            at += 0x200;
+            va
+        };
+        let f = put(&mut p, &dir.join("f").to_string_lossy());
+        let target = put(&mut p, "f");
+        let sl = put(&mut p, &dir.join("s").to_string_lossy());
+        let hl = put(&mut p, &dir.join("h").to_string_lossy());
+        let times = at;
+        let fd = AT_FDCWD as u64;
+        // symlink keeps the target's text; link makes a second name.
+        assert_eq!(call(&mut p, &mem, nr::SYMLINKAT, &[target, fd, sl]), 0);
+        assert_eq!(
+            std::fs::read_link(dir.join("s")).unwrap(),
+            std::path::Path::new("f")
+        );
+        assert_eq!(call(&mut p, &mem, nr::SYMLINK, &[target, sl]), -EEXIST);
+        assert_eq!(call(&mut p, &mem, nr::LINK, &[f, hl]), 0);
+        assert_eq!(std::fs::metadata(dir.join("h")).unwrap().nlink(), 2);
+        assert_eq!(call(&mut p, &mem, nr::LINKAT, &[fd, f, fd, hl, 1]), -EINVAL);
+        // chmod, fchmodat, fchmod.
+        assert_eq!(call(&mut p, &mem, nr::CHMOD, &[f, 0o600]), 0);
+        let mode = |d: &std::path::Path| {
+            std::fs::metadata(d.join("f")).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&dir), 0o600);
+        assert_eq!(call(&mut p, &mem, nr::FCHMODAT, &[fd, f, 0o640]), 0);
+        assert_eq!(mode(&dir), 0o640);
+        let ffd = call(&mut p, &mem, nr::OPENAT, &[fd, f, 0]);
+        assert!(ffd >= 3);
+        assert_eq!(call(&mut p, &mem, nr::FCHMOD, &[ffd as u64, 0o604]), 0);
+        assert_eq!(mode(&dir), 0o604);
+        assert_eq!(
+            call(&mut p, &mem, nr::FCHMODAT2, &[fd, f, 0o600, 2]),
+            -EINVAL
+        );
+        // utimensat: given times, UTIME_OMIT, and UTIME_NOW as the
+        // simulated wall clock (1 s + 5 s of simulated time in `call`).
+        let ts = |p: &mut Process, a: (i64, i64), m: (i64, i64)| {
+            let mut b = Vec::new();
+            for v in [a.0, a.1, m.0, m.1] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            p.space.write_user(&mem, times, &b).unwrap();
+        };
+        let (now, omit) = ((1 << 30) - 1, (1 << 30) - 2);
+        ts(&mut p, (100, 5), (200, 7));
+        assert_eq!(call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, times, 0]), 0);
+        let md = std::fs::metadata(dir.join("f")).unwrap();
+        assert_eq!(
+            (md.atime(), md.atime_nsec(), md.mtime(), md.mtime_nsec()),
+            (100, 5, 200, 7)
+        );
+        ts(&mut p, (0, omit), (0, now));
+        assert_eq!(call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, times, 0]), 0);
+        let md = std::fs::metadata(dir.join("f")).unwrap();
+        assert_eq!((md.atime(), md.mtime(), md.mtime_nsec()), (100, 6, 0));
+        // A null path: the open file (futimens); times null: both now.
+        ts(&mut p, (300, 0), (0, omit));
+        assert_eq!(
+            call(&mut p, &mem, nr::UTIMENSAT, &[ffd as u64, 0, times, 0]),
+            0
+        );
+        assert_eq!(std::fs::metadata(dir.join("f")).unwrap().atime(), 300);
+        assert_eq!(call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, 0, 0]), 0);
+        assert_eq!(std::fs::metadata(dir.join("f")).unwrap().atime(), 6);
+        ts(&mut p, (0, 1_000_000_000), (0, 0));
+        assert_eq!(
+            call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, times, 0]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, times, 4]),
+            -EINVAL
+        );
+        assert_eq!(
+            call(&mut p, &mem, nr::UTIMENSAT, &[fd, f, 0x1000, 0]),
+            -EFAULT
+        );
+        // getgroups: the process's one group.
+        assert_eq!(call(&mut p, &mem, nr::GETGROUPS, &[0, 0]), 1);
+        assert_eq!(call(&mut p, &mem, nr::GETGROUPS, &[4, times]), 1);
+        let mut g = [0u8; 4];
+        p.space.read_user(&mem, times, &mut g).unwrap();
+        assert_eq!(u32::from_le_bytes(g), GID);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
