@@ -1,7 +1,8 @@
-//! x86-64 Linux system call names by number (from Linux's unistd_64.h).
+//! x86-64 Linux system call names by number (from Linux's
+//! arch/x86/entry/syscalls/syscall_64.tbl, up to removexattrat, 466).
 
 /// Names indexed by number; empty where no call has the number.
-pub const NAMES: [&str; 451] = [
+pub const NAMES: [&str; 467] = [
     "read",
     "write",
     "open",
@@ -453,6 +454,22 @@ pub const NAMES: [&str; 451] = [
     "process_mrelease",
     "futex_waitv",
     "set_mempolicy_home_node",
+    "cachestat",
+    "fchmodat2",
+    "map_shadow_stack",
+    "futex_wake",
+    "futex_wait",
+    "futex_requeue",
+    "statmount",
+    "listmount",
+    "lsm_get_self_attr",
+    "lsm_set_self_attr",
+    "lsm_list_modules",
+    "mseal",
+    "setxattrat",
+    "getxattrat",
+    "listxattrat",
+    "removexattrat",
 ];
 
 /// The name of call `nr`, if it has one.
