@@ -391,7 +391,7 @@ pub fn run() -> Report {
                 extra.len()
             )
         },
-        "features (including x2APIC and the TSC-deadline timer, which kvmsim does not model) are hidden from Linux with clearcpuid=/noxsave/nofsgsbase",
+        "these features are hidden from Linux with clearcpuid=/noxsave/nofsgsbase; kvmsim also hides the TSC-deadline timer, which it does not model, and x2APIC unless system.x2apic is set",
     );
 
     // Instructions the emulator lacks (at CPL0, where it emulates).
