@@ -538,8 +538,8 @@ impl Simulation {
             tracing::warn!(
                 "sim.quantum {}: each window end costs about {:.0} us of host time on this host \
                  (kvmsim doctor: cost of a forced exit), {:.0}% of a window; a sim.quantum of {} \
-                 or more keeps that near 5%, with CPUs and systems drifting further apart in \
-                 simulated time",
+                 or more (`kvmsim se --quantum`, or [sim] quantum in the config) keeps that \
+                 near 5%, with CPUs and systems drifting further apart in simulated time",
                 kvm::doctor::fmt_us(self.quantum / sim::tick::TICKS_PER_NS),
                 cost.loss_ns as f64 / 1e3,
                 share * 100.0,
