@@ -325,7 +325,7 @@ def restore_seeds(devices):
     return seeds
 
 
-def ckpt_state(systems=1, cpus=1, xsave_words=0, version=3, disks=False):
+def ckpt_state(systems=1, cpus=1, xsave_words=0, version=4, disks=False):
     """A checkpoint state file (crates/ckpt): header, then the JSON body."""
     import json
     import zlib

@@ -65,7 +65,9 @@ pub const MAGIC: [u8; 8] = *b"KVMSIMCP";
 ///
 /// 3: disks ([`SystemState::disks`], sector files) and the network
 /// ([`CheckpointState::network`]: links' and switches' state).
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: the local APIC's `timer_stopped` (an expired one-shot timer switched
+/// to periodic mode).
+pub const FORMAT_VERSION: u32 = 4;
 /// The state file's name in the folder.
 pub const STATE_FILE: &str = "state.ckpt";
 /// The state file's header length.

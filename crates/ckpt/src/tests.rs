@@ -156,7 +156,7 @@ fn older_and_newer_versions_are_refused_not_misread() {
     // Version 2 had no disks: refused, saying what to do.
     let e = decode(&with_version(&body, 2)).unwrap_err().to_string();
     assert!(
-        e.contains("version 2, older than the version 3")
+        e.contains("version 2, older than the version 4")
             && e.contains("take the checkpoint again"),
         "{e}"
     );
